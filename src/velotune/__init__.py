@@ -1,0 +1,37 @@
+"""velotune: fast, exact LLM fine-tuning.
+
+    from velotune import FastLanguageModel
+    model, tokenizer = FastLanguageModel.from_pretrained("path/or/hub-id", max_seq_length=2048)
+    model = FastLanguageModel.get_peft_model(model, r=16)
+
+Heavy submodules are imported lazily so `import velotune` stays cheap and a user's import order
+never matters.
+"""
+from __future__ import annotations
+
+import importlib
+
+from velotune.device import is_bfloat16_supported
+from velotune.loader import FastLanguageModel
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "get_chat_template": "velotune.data.chat_templates",
+    "standardize_sharegpt": "velotune.data.formats",
+    "to_sharegpt": "velotune.data.formats",
+    "load_dataset_file": "velotune.data.formats",
+    "train_on_responses_only": "velotune.data.masking",
+    "PatchDPOTrainer": "velotune.train.trl_glue",
+    "report": "velotune.models.patch",
+    "unpatch": "velotune.models.patch",
+}
+
+__all__ = ["FastLanguageModel", "is_bfloat16_supported", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'velotune' has no attribute {name!r}")

@@ -1,0 +1,227 @@
+"""`FastLanguageModel`: the entry point users know (from_pretrained -> get_peft_model -> train).
+
+The objects returned are real transformers / PEFT objects. Fast paths (fused kernels, 4-bit,
+offloaded checkpointing, export and inference helpers) are attached per instance by the modules
+that own them, so `unpatch(model)` can always return stock behaviour.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from velotune.device import resolve_dtype
+from velotune.errors import ModelLoadError
+
+log = logging.getLogger("velotune")
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Families that fuse projections under other names (Phi-3: qkv_proj, gate_up_proj).
+_FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_local_folder(path: Path) -> None:
+    """Refuse folders that hold only pickled weights: we load safetensors and never unpickle."""
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a folder")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} has no config.json: is it a transformers model folder?")
+    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+        pickled = [p.name for p in path.iterdir() if p.suffix in _UNSAFE_WEIGHT_SUFFIXES]
+        hint = f" (found pickled files {pickled}; convert them to safetensors first)" if pickled else ""
+        raise ModelLoadError(f"{path} has no *.safetensors weights{hint}; velotune loads only safetensors")
+
+
+def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revision: str | None) -> str:
+    path = Path(model_name).expanduser()
+    if path.exists():
+        _check_local_folder(path)
+        return str(path)
+    name = str(model_name)
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise ModelLoadError(f"model folder {name!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        # Fetch only what we load: config, tokenizer and safetensors weights.
+        return snapshot_download(name, token=token, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    except Exception as e:  # network errors, offline mode, missing repo, gated repo
+        raise ModelLoadError(
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Without network access, pass a local model folder instead.") from None
+
+
+class FastLanguageModel:
+    """Namespace of static constructors, as in the libraries users switch from."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str | os.PathLike,
+        max_seq_length: int = 2048,
+        dtype: Any = None,
+        load_in_4bit: bool = False,
+        *,
+        full_finetuning: bool = False,
+        fast: bool = True,
+        device_map: Any = None,
+        token: str | None = None,
+        revision: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ):
+        """Load a causal LM and its tokenizer.
+
+        Returns `(model, tokenizer)`. `dtype=None` picks bf16 where supported, fp16 on older GPUs
+        and float32 on CPU; an explicit dtype is honoured everywhere. `fast=False` keeps the stock
+        transformers forward (useful for A/B checks).
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        compute_dtype = resolve_dtype(dtype)
+        path = _resolve_model_path(model_name, token, revision)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        load_kwargs: dict[str, Any] = dict(dtype=compute_dtype, use_safetensors=True,
+                                           trust_remote_code=trust_remote_code, **kwargs)
+        if attn_implementation is not None:  # None: transformers picks (SDPA where the family allows it)
+            load_kwargs["attn_implementation"] = attn_implementation
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
+        if load_in_4bit:
+            from velotune.quant import quantization_config_for
+
+            load_kwargs.update(quantization_config_for(compute_dtype, config))
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **load_kwargs)
+        if device_map is None and not load_in_4bit and torch.cuda.is_available():
+            model = model.to("cuda")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.max_seq_length = max_seq_length
+        model.velotune_compute_dtype = compute_dtype
+        if fast:
+            from velotune.models import prepare_model
+
+            prepare_model(model, max_seq_length=max_seq_length, full_finetuning=full_finetuning)
+        if full_finetuning:
+            model.requires_grad_(True)
+        _attach_methods(model)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model,
+        r: int = 16,
+        target_modules: Sequence[str] | str | None = DEFAULT_TARGET_MODULES,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        use_gradient_checkpointing: bool | str = True,
+        random_state: int = 3407,
+        max_seq_length: int | None = None,
+        use_rslora: bool = False,
+        loftq_config: Any = None,
+        *,
+        modules_to_save: Sequence[str] | None = None,
+        use_dora: bool = False,
+        init_lora_weights: Any = True,
+        **kwargs,
+    ):
+        """Wrap `model` in a real `peft.PeftModel` with LoRA adapters.
+
+        `use_gradient_checkpointing`: False, True (non-reentrant, per decoder layer), or
+        "unsloth"/"offload" (per-layer inputs offloaded to CPU memory).
+        """
+        from peft import LoraConfig, get_peft_model
+
+        if max_seq_length is not None:
+            model.max_seq_length = max_seq_length
+        torch.manual_seed(random_state)
+        random.seed(random_state)
+        targets = _resolve_target_modules(model, target_modules)
+        if loftq_config:
+            init_lora_weights = "loftq"
+        config = LoraConfig(
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=targets,
+            use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights,
+            loftq_config=loftq_config or {}, modules_to_save=list(modules_to_save) if modules_to_save else None,
+            task_type="CAUSAL_LM", **kwargs)
+        base_dtype = getattr(model, "velotune_compute_dtype", None)
+        peft_model = get_peft_model(model, config)
+        if base_dtype is not None and getattr(model, "is_loaded_in_4bit", False) is False:
+            # Adapters in the compute dtype (stock PEFT keeps fp32 copies and casts every step).
+            _cast_trainable(peft_model, base_dtype)
+        _enable_checkpointing(peft_model, use_gradient_checkpointing)
+        from velotune.models import prepare_peft_model
+
+        prepare_peft_model(peft_model)
+        _attach_methods(peft_model)
+        return peft_model
+
+    @staticmethod
+    def for_inference(model):
+        """Switch to the decoding path (eval mode, KV cache)."""
+        from velotune.infer import for_inference
+
+        return for_inference(model)
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing: bool | str = True):
+        """Switch back to training mode."""
+        from velotune.infer import for_training
+
+        return for_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
+
+
+def _resolve_target_modules(model, target_modules) -> list[str] | str:
+    if target_modules is None:
+        target_modules = DEFAULT_TARGET_MODULES
+    if isinstance(target_modules, str):
+        return target_modules  # "all-linear" or a regex: PEFT interprets it
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    resolved: list[str] = []
+    for name in target_modules:
+        if name not in leaf_names and _FUSED_NAMES.get(name) in leaf_names:
+            name = _FUSED_NAMES[name]
+        if name not in leaf_names:
+            raise ValueError(f"target module {name!r} not found in {type(model).__name__}; "
+                             f"linear layers there: {sorted(n for n in leaf_names if n.endswith('proj'))}")
+        if name not in resolved:
+            resolved.append(name)
+    return resolved
+
+
+def _cast_trainable(model, dtype: torch.dtype) -> None:
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def _enable_checkpointing(model, mode: bool | str) -> None:
+    if mode in (False, None, "none", "false"):
+        return
+    if mode in ("unsloth", "offload"):
+        from velotune.train.checkpointing import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model)
+        return
+    if mode is not True and mode != "true":
+        raise ValueError(f"use_gradient_checkpointing={mode!r}: use True, False, 'unsloth' or 'offload'")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def _attach_methods(model) -> None:
+    """Bind save_pretrained_merged / save_pretrained_gguf / push_to_hub_* onto this instance."""
+    try:
+        from velotune.export import attach_export_methods
+    except ImportError:  # export layer not installed yet in this build
+        return
+    attach_export_methods(model)

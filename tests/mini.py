@@ -1,0 +1,123 @@
+"""Random-weight mini models of every supported family, built from real transformers configs.
+
+    path = save_mini_model("llama", tmp_path)          # folder with config, safetensors, tokenizer
+    model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
+
+Shapes are tiny (hidden 64, 2 layers) so everything, the Triton interpreter included, runs on CPU.
+Sliding windows are shorter than the test sequences so that masking is really exercised.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2")
+VOCAB = 384
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0)
+
+
+def mini_config(family: str, **overrides):
+    """A real transformers config of `family` at toy size."""
+    import transformers as tf
+
+    kw = dict(_COMMON)
+    if family == "llama":
+        cls = tf.LlamaConfig
+        kw.update(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64})
+    elif family == "mistral":
+        cls = tf.MistralConfig
+        kw.update(sliding_window=8, head_dim=16)
+    elif family == "qwen2":
+        cls = tf.Qwen2Config
+        kw.update(use_sliding_window=False)
+    elif family == "phi3":
+        cls = tf.Phi3Config
+        kw.update(num_key_value_heads=4)
+    elif family == "gemma2":
+        cls = tf.Gemma2Config
+        kw.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=30.0,
+                  attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    kw.update(overrides)
+    return cls(**kw)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    """A byte-level BPE trained on a few sentences (well under a second), with special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["The quick brown fox jumps over the lazy dog.", "Hello world! How are you today?",
+            "velotune fine-tunes language models fast and exactly.", "0123456789 + - * / = ( ) [ ] { }",
+            "Question: what is two plus two? Answer: four."] * 20
+    tok.train_from_iterator(text, trainer)
+    return tok.to_str()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def mini_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer.from_str(_tokenizer_json()),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def mini_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
+    """A random-weight transformers model (stock class) of `family`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = mini_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # non-trivial norm weights so a wrong norm formula shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_mini_model(family: str, folder: str | Path, seed: int = 0, **overrides) -> Path:
+    """Save a mini model + tokenizer (safetensors) to `folder/family` and return the path."""
+    path = Path(folder) / family
+    model = mini_model(family, seed=seed, **overrides)
+    model.save_pretrained(path)
+    mini_tokenizer().save_pretrained(path)
+    return path
+
+
+def fixed_batch(batch: int = 2, seq: int = 12, seed: int = 1, pad_last: int = 3):
+    """input_ids/attention_mask/labels with right padding on the last row and some ignored labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad_last:
+        mask[-1, -pad_last:] = 0
+        ids[-1, -pad_last:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :2] = -100  # an ignored "prompt"
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
