@@ -1,0 +1,171 @@
+"""Fused LoRA autograd functions with hand-written backward passes.
+
+Every projection here is `Y = X @ W^T + b + s * (X @ A^T) @ B^T` with W frozen (LoRA) or trainable
+(full fine-tuning), A [r, in], B [out, r], r small. Shapes: X [N, in] with N = batch * seq.
+
+Forward, for a group of projections that read the same X (q/k/v, or gate/up):
+    XA = X @ cat(A_i)^T                    [N, sum r_i]   one GEMM for every adapter of the group
+    Y_i = X @ W_i^T + b_i                  [N, out_i]     the base GEMM
+    Y_i += s_i * XA_i @ B_i^T                             addmm_ into Y_i (no temporary [N, out])
+
+Backward (derivation: dL/dX of X@M^T is dY@M; dL/dM is dY^T@X), ordered so that every product
+with a large dimension goes through the rank r:
+    dB_i  = s_i * dY_i^T @ XA_i            [out, r]   (uses the saved XA, not X)
+    dXA_i = s_i * dY_i @ B_i               [N, r]
+    dA    = dXA^T @ X                      [sum r, in]  one GEMM for the group
+    dX    = sum_i dY_i @ W_i  +  dXA @ cat(A_i)          (addmm_ accumulation, one [N, in] buffer)
+    dW_i  = dY_i^T @ X,  db_i = sum_N dY_i               (only when W_i / b_i require grad)
+Saved: X and XA (N x sum r) per group. W is never saved: it is re-read with `get_base_weight` in
+backward, so 4-bit layers dequantise into a shared buffer instead of keeping a copy alive.
+
+The MLP function also keeps gate and up (needed by the activation's backward) and recomputes
+h = act(gate) * up in backward instead of saving it (one elementwise pass, saves N x I).
+Everything runs in X's dtype (the compute dtype): no fp32 casts of the LoRA branch.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from velotune.lora.layers import Proj
+from velotune.quant import get_base_weight
+
+
+def _weight(p: Proj, dtype: torch.dtype) -> torch.Tensor:
+    w = get_base_weight(p.base)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def _cat_A(projs: Sequence[Proj], dtype: torch.dtype) -> torch.Tensor | None:
+    As = [p.A for p in projs if p.A is not None]
+    if not As:
+        return None
+    A = As[0] if len(As) == 1 else torch.cat(As, 0)
+    return A if A.dtype == dtype else A.to(dtype)
+
+
+def group_forward(X: torch.Tensor, projs: Sequence[Proj]):
+    """X [N, in] -> ([Y_i [N, out_i]], XA [N, sum r] or None)."""
+    A = _cat_A(projs, X.dtype)
+    XA = X @ A.t() if A is not None else None
+    outs, off = [], 0
+    for p in projs:
+        bias = p.bias if p.bias is None or p.bias.dtype == X.dtype else p.bias.to(X.dtype)
+        Y = F.linear(X, _weight(p, X.dtype), bias)
+        if p.A is not None:
+            r = p.A.shape[0]
+            Y.addmm_(XA[:, off:off + r], p.B.to(X.dtype).t(), alpha=p.scaling)
+            off += r
+        outs.append(Y)
+    return outs, XA
+
+
+def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], need_dX: bool = True):
+    """Gradients of `group_forward`. needs: 4 flags per projection (W, b, A, B).
+
+    Returns (dX or None, [dW, db, dA, dB] * len(projs)), None where not needed.
+    """
+    grads: list = []
+    dX = None
+    dXAs = []
+    for i, (p, dY) in enumerate(zip(projs, dYs)):
+        need_W, need_b, need_A, need_B = needs[4 * i: 4 * i + 4]
+        if need_dX:
+            W = _weight(p, dY.dtype)
+            dX = dY @ W if dX is None else dX.addmm_(dY, W)
+        dW = (dY.t() @ X).to(p.base.weight.dtype) if need_W else None
+        db = dY.sum(0).to(p.bias.dtype) if need_b else None
+        dB = None
+        if p.A is not None:
+            r = p.A.shape[0]
+            off = sum(q.A.shape[0] for q in projs[:i] if q.A is not None)
+            if need_B:
+                dB = (dY.t() @ XA[:, off:off + r]).mul_(p.scaling).to(p.B.dtype)
+            dXAs.append((dY @ p.B.to(dY.dtype)).mul_(p.scaling))
+        grads += [dW, db, None, dB]
+    if dXAs:
+        dXA = dXAs[0] if len(dXAs) == 1 else torch.cat(dXAs, 1)          # [N, sum r]
+        A = _cat_A(projs, X.dtype)
+        if need_dX:
+            dX.addmm_(dXA, A)
+        dA = dXA.t() @ X                                                   # [sum r, in]
+        off = 0
+        for i, p in enumerate(projs):
+            if p.A is not None:
+                r = p.A.shape[0]
+                if needs[4 * i + 2]:
+                    grads[4 * i + 2] = dA[off:off + r].to(p.A.dtype)
+                off += r
+    return dX, grads
+
+
+def _flat_params(projs: Sequence[Proj]) -> list:
+    """The tensors autograd must see as inputs (so it routes their gradients): W, b, A, B each."""
+    out = []
+    for p in projs:
+        out += [p.base.weight, p.bias, p.A, p.B]
+    return out
+
+
+class LoRAProjections(torch.autograd.Function):
+    """Several projections of one input (q/k/v, or just o): returns one output per projection."""
+
+    @staticmethod
+    def forward(ctx, X, projs, *params):
+        outs, XA = group_forward(X, projs)
+        ctx.projs = projs
+        ctx.save_for_backward(X, XA)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dYs):
+        X, XA = ctx.saved_tensors
+        dX, grads = group_backward(X, XA, ctx.projs, dYs, ctx.needs_input_grad[2:], ctx.needs_input_grad[0])
+        return (dX, None, *grads)
+
+
+def lora_projections(X: torch.Tensor, projs: Sequence[Proj]) -> tuple[torch.Tensor, ...]:
+    """X [N, in] -> tuple of Y_i [N, out_i], through the fused function."""
+    return LoRAProjections.apply(X, tuple(projs), *_flat_params(projs))
+
+
+class LoRAMLP(torch.autograd.Function):
+    """down(act(gate(X)) * up(X)) with adapters on any of the three, in one function.
+
+    gate_up: two projections (gate, up), or one fused projection whose output is [gate | up]
+    (Phi-3's gate_up_proj). act in {"silu", "gelu", "gelu_tanh"}.
+    """
+
+    @staticmethod
+    def forward(ctx, X, gate_up, down, act, *params):
+        from velotune.kernels.glu import glu_forward
+
+        gu, XA = group_forward(X, gate_up)
+        gate, up = gu if len(gu) == 2 else gu[0].chunk(2, dim=-1)
+        h = glu_forward(gate, up, act)
+        (out,), hA = group_forward(h, (down,))
+        ctx.gate_up, ctx.down, ctx.act = gate_up, down, act
+        ctx.save_for_backward(X, XA, gate, up, hA)
+        return out
+
+    @staticmethod
+    def backward(ctx, dOut):
+        from velotune.kernels.glu import glu_backward, glu_forward
+
+        X, XA, gate, up, hA = ctx.saved_tensors
+        n_gu = 4 * len(ctx.gate_up)
+        needs = ctx.needs_input_grad[4:]
+        h = glu_forward(gate, up, ctx.act)  # recomputed, not saved
+        dh, grads_down = group_backward(h, hA, (ctx.down,), (dOut,), needs[n_gu:])
+        del h
+        dgate, dup = glu_backward(dh, gate, up, ctx.act)  # may overwrite gate / up
+        dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (torch.cat((dgate, dup), dim=-1),)
+        dX, grads_gu = group_backward(X, XA, ctx.gate_up, dYs, needs[:n_gu], ctx.needs_input_grad[0])
+        return (dX, None, None, None, *grads_gu, *grads_down)
+
+
+def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str) -> torch.Tensor:
+    """X [N, H] -> [N, H] through the fused MLP function."""
+    return LoRAMLP.apply(X, tuple(gate_up), down, act, *_flat_params(gate_up), *_flat_params((down,)))

@@ -1,0 +1,88 @@
+"""Reading projections: a plain `nn.Linear`, a 4-bit base layer, or a PEFT LoRA `Linear`.
+
+`resolve(module)` turns one projection module into a `Proj` the fused functions understand, or
+returns None when the module cannot take the fused path *right now* (LoRA dropout in training,
+DoRA or another LoRA variant, several active adapters, `lora_bias`, hooks...). The check runs on
+every call, so `disable_adapter()`, `merge_adapter()` and `set_adapter()` keep working: the fused
+path always computes exactly what the module's own forward would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Proj:
+    """One projection `Y = X @ W^T + b + s * (X @ A^T) @ B^T`.
+
+    base: the module holding W (nn.Linear or a bitsandbytes 4-bit layer). The fused functions read W
+    through `velotune.quant.get_base_weight(base)` in forward and again in backward (never saved);
+    `base.weight` itself is handed to autograd only so full fine-tuning receives dW.
+    bias: [out] or None.  A: [r, in] or None.  B: [out, r] or None.  scaling: s.
+    """
+
+    base: nn.Module
+    bias: torch.Tensor | None
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+    scaling: float
+
+
+def _is_plain_linear(m: nn.Module) -> bool:
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    if type(m) is nn.Linear:
+        return True
+    return type(m).__name__ in ("Linear4bit",)  # bitsandbytes NF4 (read via get_base_weight)
+
+
+def _is_lora_layer(m: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # peft not installed: nothing can be a LoRA layer
+        return False
+    return isinstance(m, LoraLinear) or (hasattr(m, "lora_A") and hasattr(m, "base_layer") and hasattr(m, "scaling"))
+
+
+def _dropout_is_identity(d: nn.Module) -> bool:
+    return isinstance(d, nn.Identity) or (isinstance(d, nn.Dropout) and (d.p == 0.0 or not d.training))
+
+
+def resolve(module: nn.Module) -> Proj | None:
+    """`Proj` for the fused path, or None: then call `module(x)` (the stock path, always correct)."""
+    if _is_plain_linear(module):
+        return Proj(module, module.bias, None, None, 0.0)
+    if not _is_lora_layer(module) or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    base = module.base_layer
+    if not _is_plain_linear(base) or getattr(module, "fan_in_fan_out", False):
+        return None
+    if module.disable_adapters:
+        if module.merged:
+            return None  # PEFT unmerges on this call; let it
+        return Proj(base, base.bias, None, None, 0.0)
+    if module.merged:
+        return Proj(base, base.bias, None, None, 0.0)
+    active = [a for a in module.active_adapters if a in module.lora_A.keys()]
+    if not active:
+        return Proj(base, base.bias, None, None, 0.0)
+    if len(active) > 1:
+        return None
+    name = active[0]
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+        return None  # DoRA and other variants: stock PEFT path
+    if getattr(module, "lora_bias", {}).get(name, False):
+        return None
+    if not _dropout_is_identity(module.lora_dropout[name]):
+        return None
+    lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+        return None
+    return Proj(base, base.bias, lora_A.weight, lora_B.weight, float(module.scaling[name]))
+
+
+def is_fusable(module: nn.Module) -> bool:
+    return resolve(module) is not None

@@ -1,0 +1,111 @@
+"""The fused LoRA functions against autograd on the plain formula, and against PEFT's own layers."""
+import pytest
+import torch
+from torch import nn
+
+from velotune.lora import Proj, lora_mlp, lora_projections, resolve
+
+
+def _proj(n_in, n_out, r, *, bias=False, lora=True, train_w=False, dtype=torch.float64, s=0.7):
+    base = nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
+    base.weight.requires_grad_(train_w)
+    if base.bias is not None:
+        base.bias.requires_grad_(train_w)
+    A = nn.Parameter(torch.randn(r, n_in, dtype=dtype) / n_in**0.5) if lora else None
+    B = nn.Parameter(torch.randn(n_out, r, dtype=dtype) / r**0.5) if lora else None
+    return Proj(base, base.bias, A, B, s)
+
+
+def _reference(X, p):
+    y = nn.functional.linear(X, p.base.weight, p.bias)
+    if p.A is not None:
+        y = y + (X @ p.A.t()) @ p.B.t() * p.scaling
+    return y
+
+
+def _leaves(projs):
+    out = []
+    for p in projs:
+        out += [t for t in (p.base.weight, p.bias, p.A, p.B) if t is not None and t.requires_grad]
+    return out
+
+
+@pytest.mark.parametrize("train_w", [False, True])
+def test_projections_match_autograd(train_w):
+    projs = [_proj(12, 8, 3, bias=True, train_w=train_w), _proj(12, 4, 5, train_w=train_w),
+             _proj(12, 4, 1, lora=False, train_w=train_w)]
+    X = torch.randn(10, 12, dtype=torch.float64, requires_grad=True)
+    outs = lora_projections(X, projs)
+    ref = [_reference(X, p) for p in projs]
+    gs = [torch.randn_like(o) for o in outs]
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    leaves = [X, *_leaves(projs)]
+    got = torch.autograd.grad(outs, leaves, gs)
+    want = torch.autograd.grad(ref, leaves, gs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    if train_w:
+        assert len(leaves) == 1 + 4 + 3 + 1  # dW and db are really checked
+
+
+@pytest.mark.parametrize("fused_gate_up", [False, True])
+def test_mlp_matches_autograd(fused_gate_up):
+    H, I = 12, 10
+    if fused_gate_up:
+        gate_up = [_proj(H, 2 * I, 4)]
+    else:
+        gate_up = [_proj(H, I, 4), _proj(H, I, 2, lora=False)]
+    down = _proj(I, H, 3, train_w=True)
+    X = torch.randn(7, H, dtype=torch.float64, requires_grad=True)
+    out = lora_mlp(X, gate_up, down, "silu")
+    gu = [_reference(X, p) for p in gate_up]
+    gate, up = gu if len(gu) == 2 else gu[0].chunk(2, -1)
+    ref = _reference(nn.functional.silu(gate) * up, down)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    leaves = [X, *_leaves(gate_up), *_leaves([down])]
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_resolve_reads_peft_layers_and_refuses_what_it_cannot_fuse():
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+            self.k_proj = nn.Linear(8, 8)
+
+    m = get_peft_model(Tiny(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_rslora=True))
+    q = m.base_model.model.q_proj
+    p = resolve(q)
+    assert p.A is q.lora_A["default"].weight and p.scaling == pytest.approx(4 / 2**0.5)
+    assert resolve(m.base_model.model.k_proj).A is None  # plain base layer
+    with m.disable_adapter():
+        assert resolve(q).A is None
+    q.lora_dropout["default"] = nn.Dropout(0.1)
+    assert resolve(q) is None  # dropout in training: stock path
+    q.lora_dropout["default"].eval()
+    assert resolve(q) is not None
+    d = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert resolve(d.base_model.model.q_proj) is None  # DoRA: stock path
+
+
+def test_projection_matches_peft_forward_and_grads():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(16, 24, bias=True))
+    m = get_peft_model(lin, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    layer = m.base_model.model[0]
+    nn.init.normal_(layer.lora_B["default"].weight)
+    X = torch.randn(5, 16, requires_grad=True)
+    (y,) = lora_projections(X, [resolve(layer)])
+    ref = layer(X)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    leaves = [X, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
