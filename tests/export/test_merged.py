@@ -1,0 +1,92 @@
+"""save_pretrained_merged: adapters load in stock PEFT, merged weights load in stock transformers,
+both reproduce the training model's logits; saves are atomic."""
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from helpers import logits, lora_model, rel_err
+from mini import VOCAB
+
+IDS = torch.randint(7, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma2"])
+def test_merged_matches_unmerged_in_stock_transformers(family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = lora_model(family)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = logits(model, IDS)
+    out = model.save_pretrained_merged(tmp_path / "merged", tok, save_method="merged_16bit", quiet=True)
+    for n, p in model.named_parameters():  # the training model is untouched
+        assert torch.equal(p, before[n]), n
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    got = logits(merged, IDS)
+    assert rel_err(got, expected) <= 1e-5
+    # LoRA really changed the model (the test would be vacuous otherwise)
+    with model.disable_adapter():
+        assert rel_err(logits(model, IDS), expected) > 1e-3
+    tok2 = AutoTokenizer.from_pretrained(out)
+    assert tok2.chat_template == tok.chat_template and tok2.eos_token == tok.eos_token
+    assert (out / "generation_config.json").exists()
+
+
+def test_lora_loaded_by_stock_peft_identical_logits(tmp_path):
+    from peft import PeftModel
+
+    from mini import mini_model
+
+    model, tok = lora_model("qwen2")
+    expected = logits(model, IDS)
+    out = model.save_pretrained_merged(tmp_path / "lora", tok, save_method="lora", quiet=True)
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    stock = PeftModel.from_pretrained(mini_model("qwen2"), out).eval()
+    assert torch.equal(logits(stock, IDS), expected)
+    base_only = logits(mini_model("qwen2"), IDS)
+    assert rel_err(base_only, expected) > 1e-3  # adapters are not a no-op
+
+
+def test_sharded_and_bf16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = lora_model("mistral")
+    out = model.save_pretrained_merged(tmp_path / "m", tok, dtype="bfloat16", max_shard_size="40KB", quiet=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and all((out / s).exists() for s in shards)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16
+    expected = logits(model, IDS)
+    assert rel_err(logits(merged.float(), IDS), expected) < 2e-2  # bf16 rounding of the weights only
+
+
+def test_failed_save_leaves_previous_output_intact(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from velotune.export import ExportError
+
+    model, tok = lora_model("llama")
+    out = model.save_pretrained_merged(tmp_path / "m", tok, max_shard_size="40KB", quiet=True)
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = safetensors.torch.save_file, []
+
+    def failing_save(tensors, filename, metadata=None):  # the disk fills up on the 3rd shard
+        calls.append(filename)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with torch.no_grad():
+        model.base_model.model.lm_head.weight.add_(1.0)  # a different model, so a new save would differ
+    with pytest.raises(ExportError, match="disk is full.*previous output.*intact"):
+        model.save_pretrained_merged(tmp_path / "m", tok, max_shard_size="40KB", quiet=True)
+    assert len(calls) == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
