@@ -97,7 +97,7 @@ class FastLanguageModel:
         if load_in_4bit:
             from velotune.quant import quantization_config_for
 
-            load_kwargs.update(quantization_config_for(compute_dtype, config))
+            load_kwargs = {**quantization_config_for(compute_dtype, config), **load_kwargs}  # caller's win
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **load_kwargs)
         if device_map is None and not load_in_4bit and torch.cuda.is_available():
             model = model.to("cuda")
@@ -106,6 +106,7 @@ class FastLanguageModel:
             tokenizer.pad_token = tokenizer.eos_token
         model.max_seq_length = max_seq_length
         model.velotune_compute_dtype = compute_dtype
+        model.velotune_fast = fast
         if fast:
             from velotune.models import prepare_model
 

@@ -1,27 +1,30 @@
-"""4-bit NF4 quantisation (bitsandbytes format) and the weight accessor the fused LoRA paths use."""
+"""4-bit NF4 quantisation (bitsandbytes format) and the weight accessor the fused LoRA paths use.
+
+    get_base_weight(layer)            -> [out, in] compute-dtype weight (4-bit: velotune's NF4 kernel
+                                         into a reused buffer; plain: the weight itself)
+    dequantize_weight(layer, dtype)   -> fresh copy (for merging in fp32)
+    dequantize_model_weights(model)   -> {name: weight} for every 4-bit layer
+    quantization_config_for(...)      -> from_pretrained kwargs for load_in_4bit=True
+
+Files: `nf4.py` (format, code book, quantise, reference dequantise), `dequant_kernel.py` (Triton),
+`weights.py` (accessors, buffers), `loading.py` (transformers/bitsandbytes loading config).
+"""
 from __future__ import annotations
 
-import torch
+from velotune.quant.loading import quantization_config_for
+from velotune.quant.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference, quantize_nf4
+from velotune.quant.weights import (
+    base_layer,
+    dequantize_model_weights,
+    dequantize_weight,
+    get_base_weight,
+    is_4bit,
+    iter_dequantized_weights,
+    nf4_weight,
+)
 
-
-def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
-    """The base layer's weight `[out_features, in_features]` in its compute dtype.
-
-    Plain `nn.Linear`: the weight itself (no copy). 4-bit layers: dequantised (the memory issue
-    replaces this with velotune's NF4 kernel writing into a reusable per-device buffer).
-    """
-    weight = linear.weight
-    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes Params4bit
-        import bitsandbytes.functional as bnbF
-
-        return bnbF.dequantize_4bit(weight.data, weight.quant_state)
-    return weight
-
-
-def quantization_config_for(compute_dtype: torch.dtype, config) -> dict:
-    """`from_pretrained` kwargs that load `config`'s model in NF4 with double quantisation."""
-    from transformers import BitsAndBytesConfig
-
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype)}
+__all__ = [
+    "NF4Weight", "base_layer", "dequantize_model_weights", "dequantize_nf4", "dequantize_nf4_reference",
+    "dequantize_weight", "get_base_weight", "is_4bit", "iter_dequantized_weights", "nf4_weight",
+    "quantization_config_for", "quantize_nf4",
+]

@@ -1,0 +1,82 @@
+"""Triton NF4 dequantisation: packed nibbles + (double-quantised) absmax -> bf16 / fp16 / fp32.
+
+One program handles BYTES packed bytes = 2 * BYTES output elements. Per byte i (elements 2i, 2i+1,
+always in the same absmax block because blocksize is even):
+
+    blk     = 2i // blocksize
+    absmax  = fp32(code2[qa[blk]] * absmax2[blk // blocksize2]) + offset      (nested)
+            = absmax[blk]                                                      (plain)
+    out[2i]   = dtype(NF4[byte >> 4] * absmax)         high nibble first
+    out[2i+1] = dtype(NF4[byte & 15] * absmax)
+
+The kernel is memory bound: it reads 0.5 B and writes 2 B per bf16 element (the absmax and code
+loads hit L1/L2: 32 consecutive bytes share one absmax). Bit-exactness with bitsandbytes needs
+the nested absmax to be a product rounded to fp32 THEN a sum: the launch passes
+`enable_fp_fusion=False` so the compiler never contracts them into one fused multiply-add.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from velotune.quant.nf4 import NF4Weight, nf4_code
+
+BYTES = 1024  # packed bytes per program: 2048 output elements
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, nf4_ptr, out_ptr,
+    n_elements,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid * BYTES + tl.arange(0, BYTES)                  # byte index (int64: 70B-parameter safe)
+    in_range = 2 * i < n_elements
+    byte = tl.load(packed_ptr + i, mask=in_range, other=0).to(tl.int32)
+    blk = (2 * i) // BLOCKSIZE
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=in_range, other=0.0)
+        absmax = tl.load(code2_ptr + qa, mask=in_range, other=0.0) * scale2
+        absmax = absmax + tl.load(offset_ptr)               # separate rounding (no FMA, see above)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
+    hi = tl.load(nf4_ptr + (byte >> 4)) * absmax
+    lo = tl.load(nf4_ptr + (byte & 15)) * absmax
+    vals = tl.interleave(hi, lo)                            # [2 * BYTES]: hi0, lo0, hi1, lo1, ...
+    e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    if OUT_BF16:
+        # fp32 -> bf16 with round-to-nearest-even written out on the bits (what the hardware
+        # conversion does; the Triton interpreter would truncate instead). Values are finite.
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = vals.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + e, out, mask=e < n_elements)
+
+
+def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor) -> torch.Tensor:
+    """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16)."""
+    n = nf4.numel
+    assert out.is_contiguous() and out.numel() == n and nf4.packed.is_contiguous()
+    if nf4.blocksize % 2:
+        raise ValueError(f"blocksize must be even, got {nf4.blocksize}")
+    code = nf4_code(nf4.device)
+    absmax = nf4.absmax
+    if nf4.nested:
+        code2, absmax2, offset = nf4.code2, nf4.absmax2, nf4.offset.reshape(1).float()
+    else:
+        absmax = absmax.float()
+        code2 = absmax2 = offset = absmax  # unused (NESTED=False); any valid pointer
+    grid = (triton.cdiv(triton.cdiv(n, 2), BYTES),)
+    _nf4_dequant_kernel[grid](
+        nf4.packed, absmax, code2, absmax2, offset, code, out, n,
+        BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, BYTES=BYTES,
+        OUT_BF16=out.dtype == torch.bfloat16,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,146 @@
+"""Reading base weights of (possibly 4-bit) linear layers: the accessor the fused LoRA paths use,
+and fresh dequantised copies for merging/export.
+
+    W = get_base_weight(layer)          # [out, in], compute dtype; 4-bit: a reused buffer (see below)
+    W = dequantize_weight(layer)        # [out, in], fp32 by default; always a fresh tensor
+    for name, W in iter_dequantized_weights(model): ...   # every 4-bit weight, one at a time
+
+A 4-bit layer is a bitsandbytes `Linear4bit` (its `weight` a `Params4bit` carrying `quant_state`),
+or a PEFT LoRA layer wrapping one. The values are bit-for-bit what bitsandbytes' own forward uses:
+dequantised to `quant_state.dtype` (the dtype the weight was quantised from), then cast to the
+requested dtype if that differs.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import torch
+
+from velotune.quant.nf4 import NF4Weight, dequantize_nf4
+
+# How many dequantised weights may be alive at once per (device, dtype): a fused Function that
+# holds W_q, W_k and W_v together still gets three distinct buffers. Each slot grows to the largest
+# weight it has held (for Llama-3.1-8B in bf16: 3 x 117 MiB).
+BUFFER_SLOTS = 3
+
+
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The layer holding the base weight: PEFT LoRA layers wrap it as `base_layer`."""
+    get = getattr(module, "get_base_layer", None)
+    return get() if callable(get) else module
+
+
+def is_4bit(module_or_weight) -> bool:
+    """A bitsandbytes 4-bit layer (or its `Params4bit` weight), directly or under a PEFT wrapper."""
+    w = module_or_weight
+    if isinstance(w, torch.nn.Module):
+        w = getattr(base_layer(w), "weight", None)
+    return getattr(w, "quant_state", None) is not None
+
+
+def nf4_weight(module_or_weight) -> NF4Weight:
+    """The `NF4Weight` view (no copies) of a 4-bit layer's weight."""
+    w = module_or_weight
+    if isinstance(w, torch.nn.Module):
+        w = base_layer(w).weight
+    return NF4Weight.from_bnb(w.data, w.quant_state)
+
+
+def _compute_dtype(layer: torch.nn.Module, nf4: NF4Weight) -> torch.dtype:
+    return getattr(layer, "compute_dtype", None) or nf4.dtype
+
+
+class _WeightBuffers:
+    """Per (device, dtype): BUFFER_SLOTS flat tensors used round-robin, grown on demand.
+
+    Each write bumps the slot's autograd version counter, so a buffer view that autograd saved
+    for backward (a misuse: see `get_base_weight`) raises autograd's "modified by an inplace
+    operation" error instead of silently giving wrong gradients.
+    """
+
+    def __init__(self):
+        self._slots: dict[tuple[torch.device, torch.dtype], list[torch.Tensor | None]] = {}
+        self._next: dict[tuple[torch.device, torch.dtype], int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        with self._lock:
+            slots = self._slots.setdefault(key, [None] * BUFFER_SLOTS)
+            i = self._next.get(key, 0)
+            self._next[key] = (i + 1) % BUFFER_SLOTS
+            buf = slots[i]
+            if buf is None or buf.numel() < numel:
+                slots[i] = buf = None  # free the smaller one before allocating
+                slots[i] = buf = torch.empty(numel, device=device, dtype=dtype)
+        torch.autograd.graph.increment_version(buf)
+        return buf[:numel]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._slots.clear()
+            self._next.clear()
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for s in self._slots.values() for b in s if b is not None)
+
+
+WEIGHT_BUFFERS = _WeightBuffers()
+
+
+def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The base layer's weight `[out_features, in_features]` in its compute dtype.
+
+    Plain `nn.Linear` (or a PEFT layer over one): the weight itself, no copy.
+    4-bit layer: dequantised by velotune's NF4 kernel (Triton on CUDA, the PyTorch reference on
+    CPU) into a reusable per-device buffer, so training steps allocate no full-size weights.
+
+    Contract for 4-bit layers: the tensor is valid until BUFFER_SLOTS (3) further calls for the same
+    device and dtype. Use it within one autograd Function's forward or backward and let it go: never
+    save it for backward (`ctx.save_for_backward`) or keep it across calls; call again in backward.
+    It does not require grad. Plain autograd ops that save it are caught (see `_WeightBuffers`).
+    """
+    layer = base_layer(linear)
+    weight = layer.weight
+    if getattr(weight, "quant_state", None) is None:
+        return weight
+    nf4 = NF4Weight.from_bnb(weight.data, weight.quant_state)
+    dtype = _compute_dtype(layer, nf4)
+    buf = WEIGHT_BUFFERS.take(nf4.numel, nf4.device, nf4.dtype)
+    w = dequantize_nf4(nf4, nf4.dtype, out=buf)
+    # bitsandbytes' own forward: dequantise to the stored dtype, then cast to the input's dtype.
+    return w if dtype == nf4.dtype else w.to(dtype)
+
+
+def dequantize_weight(module_or_weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fresh `[out, in]` tensor of the layer's base weight in `dtype` (fp32 by default, for merging).
+
+    4-bit: exactly the values the forward pass uses (dequantised to `quant_state.dtype`), then cast
+    (an exact widening for fp32). Plain layers: a copy of the weight in `dtype`.
+    """
+    w = module_or_weight
+    if isinstance(w, torch.nn.Module):
+        w = base_layer(w).weight
+    if getattr(w, "quant_state", None) is None:
+        return w.detach().to(dtype, copy=True)
+    nf4 = NF4Weight.from_bnb(w.data, w.quant_state)
+    return dequantize_nf4(nf4, nf4.dtype).to(dtype)
+
+
+def iter_dequantized_weights(model: torch.nn.Module, dtype: torch.dtype = torch.float32
+                             ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(parameter name as in `model.state_dict()`, fresh dequantised weight) for each 4-bit layer.
+
+    One weight at a time (an 8B model never needs all of them in fp32 at once). The name is that
+    of the quantised parameter, e.g. `...q_proj.base_layer.weight` under PEFT.
+    """
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and getattr(w, "quant_state", None) is not None:
+            yield (f"{name}.weight" if name else "weight"), dequantize_weight(w, dtype)
+
+
+def dequantize_model_weights(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """All 4-bit weights dequantised, {parameter name: [out, in] tensor in `dtype`} (see iter_...)."""
+    return dict(iter_dequantized_weights(model, dtype))
