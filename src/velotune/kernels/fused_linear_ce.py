@@ -1,0 +1,152 @@
+"""Fused lm_head + cross-entropy: the loss from hidden states without ever materialising [N, V].
+
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias=None, softcap=None,
+                                      logit_scale=None, ignore_index=-100, reduction="mean",
+                                      num_items_in_batch=None, memory_budget_bytes=512 * 2**20)
+
+hidden [N, H], weight [V, H] (lm_head layout), bias [V] or None, labels [N] ALREADY shifted.
+Same loss as `cross_entropy(hidden @ weight.T + bias, labels, ...)` (see cross_entropy.py for the
+softcap / scale / reduction semantics).
+
+Algorithm: the rows are processed in chunks of C rows, C = memory_budget_bytes // (V * itemsize)
+(deterministic: the budget is an argument, never read from free memory). For each chunk, in forward:
+    logits_c = hidden_c @ weight.T (+ bias)        [C, V] in the compute dtype, fp32 accumulation (cuBLAS)
+    loss_c, lse_c = CE forward kernel on logits_c  (fp32 math)
+    logits_c <- coef * dloss/dlogits_c              (CE backward kernel, IN PLACE over logits_c)
+    d_hidden_c = logits_c @ weight                  [C, H]
+    dW += logits_c.T @ hidden_c                     fp32 accumulator, only if weight.requires_grad
+    db += logits_c.sum(0)                           fp32, only if bias.requires_grad
+coef = 1 / denominator (#non-ignored rows, num_items_in_batch or 1), a device tensor: no host sync.
+Backward only multiplies the stored gradients by grad_output. So one [C, V] buffer is ever alive,
+and the three matmuls of stock lm_head training happen exactly once each.
+
+Ignored rows: their loss and gradient rows are exact zeros, so they add nothing to d_hidden/dW.
+They still pass through the chunk matmuls: physically dropping them needs their count on the host,
+i.e. a device->host sync per call, which this path avoids by design (the issue's requirement).
+"""
+from __future__ import annotations
+
+import torch
+
+from velotune.kernels import triton_enabled
+from velotune.kernels.cross_entropy import (ce_backward_rows, ce_forward_rows, cross_entropy_reference,
+                                            loss_denominator, transform_logits_reference)
+
+DEFAULT_BUDGET = 512 * 2**20
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, labels, *, bias=None, softcap=None,
+                                         logit_scale=None, ignore_index=-100, reduction="mean",
+                                         num_items_in_batch=None, memory_budget_bytes=DEFAULT_BUDGET):
+    """Stock path: full logits from F.linear, then the cross-entropy reference (materialises [N, V])."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return cross_entropy_reference(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                   logit_scale=logit_scale, reduction=reduction,
+                                   num_items_in_batch=num_items_in_batch)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=None,
+                               ignore_index=-100, reduction="mean", num_items_in_batch=None,
+                               memory_budget_bytes=DEFAULT_BUDGET):
+    """Scalar fp32 loss; grads for hidden, and for weight / bias only when they require grad."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy: need hidden [N, H] and weight [V, H], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_linear_cross_entropy: labels {tuple(labels.shape)} != [N={hidden.shape[0]}]")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"fused_linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"fused_linear_cross_entropy: bias {tuple(bias.shape)} != [V={weight.shape[0]}]")
+    if memory_budget_bytes <= 0:
+        raise ValueError("fused_linear_cross_entropy: memory_budget_bytes must be positive")
+    return _FusedLinearCE.apply(hidden, weight, labels, bias, softcap, logit_scale, ignore_index,
+                                reduction, num_items_in_batch, int(memory_budget_bytes))
+
+
+def chunk_rows(n_rows: int, vocab: int, itemsize: int, budget: int) -> int:
+    """Rows per chunk so that one [C, V] logits chunk fits the byte budget (at least 1)."""
+    return max(1, min(n_rows, budget // max(1, vocab * itemsize)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the per-chunk loss/gradient pass: Triton on CUDA, the same math in torch on CPU
+# ----------------------------------------------------------------------------------------------------
+def _chunk_loss_and_grad(logits, labels, coef, ignore_index, softcap, logit_scale, want_grad):
+    """logits [C, V] -> loss rows [C] fp32; if want_grad, logits is overwritten by coef * dloss/dlogits."""
+    if triton_enabled(logits):
+        loss, lse = ce_forward_rows(logits, labels, ignore_index, softcap, logit_scale)
+        if want_grad:
+            ce_backward_rows(logits, labels, lse, coef, ignore_index, softcap, logit_scale, out=logits)
+        return loss
+    z = transform_logits_reference(logits, softcap, logit_scale)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    lse = torch.logsumexp(z, dim=-1)
+    loss = torch.where(valid, lse - z.gather(1, safe[:, None])[:, 0], torch.zeros_like(lse))
+    if want_grad:
+        p = torch.exp(z - lse[:, None])
+        p[torch.arange(len(labels)), safe] -= 1.0
+        dz = torch.ones_like(z)
+        if softcap is not None:
+            dz = 1.0 - (z / softcap) ** 2
+        if logit_scale is not None:
+            dz = dz * logit_scale
+        g = torch.where(valid[:, None], coef * p * dz, torch.zeros_like(p))
+        logits.copy_(g)
+    return loss
+
+
+def _accumulate_fp32(acc, a, b):
+    """acc (fp32) += a @ b with fp32 accumulation and no rounding of the partial product."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, softcap, logit_scale, ignore_index, reduction,
+                num_items, budget):
+        N, H = hidden.shape
+        V = weight.shape[0]
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[3]
+        want_grad = need_dh or need_dw or need_db
+        labels = labels.contiguous()
+        denom = loss_denominator(labels, ignore_index, reduction, num_items)
+        coef = (1.0 / denom).reshape(())
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        d_hidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
+        d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device) if need_dw else None
+        d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_db else None
+        loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        step = chunk_rows(N, V, torch.finfo(dtype).bits // 8, budget)
+        w = weight.to(dtype)
+        for s in range(0, N, step):
+            e = min(s + step, N)
+            h = hidden[s:e].to(dtype)
+            logits = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else h @ w.t()
+            loss_rows[s:e] = _chunk_loss_and_grad(logits, labels[s:e], coef, ignore_index, softcap,
+                                                  logit_scale, want_grad)
+            if need_dh:
+                d_hidden[s:e] = logits @ w
+            if need_dw:
+                _accumulate_fp32(d_weight, logits.t(), h)
+            if need_db:
+                d_bias += logits.float().sum(0)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss_rows.sum() / denom
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        dh = d_hidden * grad.to(d_hidden.dtype) if d_hidden is not None else None
+        dw = (d_weight * grad).to(w_dtype) if d_weight is not None else None
+        db = (d_bias * grad).to(b_dtype) if d_bias is not None else None
+        return dh, dw, None, db, None, None, None, None, None, None

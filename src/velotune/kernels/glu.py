@@ -1,0 +1,210 @@
+"""Gated linear units: SwiGLU and GeGLU (exact erf and tanh approximation), recomputing in backward.
+
+    h = swiglu(gate, up)                       # silu(gate) * up
+    h = geglu(gate, up, approximate="none")    # gelu(gate) * up   ("tanh": gelu_pytorch_tanh)
+    h = glu_forward(gate, up, act)             # raw pair for fused MLP functions (no autograd)
+    dgate, dup = glu_backward(dh, gate, up, act)   # OVERWRITES the gate / up buffers with the grads
+
+gate, up, h: [..., I], same shape. act in {"silu", "gelu", "gelu_tanh"} (transformers' names
+"swish", "gelu_pytorch_tanh" are accepted too). Semantics equal `ACT2FN[act](gate) * up`.
+Backward recomputes act(gate) from the saved gate instead of storing it.
+
+Derivations (a = act(g), h = a * u):  dup = dh * a,  dgate = dh * u * a'(g)
+    silu:      a = g * s, s = sigmoid(g);          a' = s * (1 + g * (1 - s))
+    gelu:      a = g * P, P = (1 + erf(g/sqrt2))/2; a' = P + g * exp(-g^2/2) / sqrt(2 pi)
+    gelu_tanh: a = g * S, S = sigmoid(2y), y = sqrt(2/pi) * (g + 0.044715 g^3)
+               (since (1 + tanh y)/2 = sigmoid(2y); no tanh needed, no cancellation)
+               a' = S + g * 2 * S * (1 - S) * sqrt(2/pi) * (1 + 3 * 0.044715 g^2)
+All math is fp32 and rounds once to the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from velotune.kernels import triton_enabled
+
+ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "gelu_pytorch_tanh": 2}
+_CANON = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
+          "gelu_pytorch_tanh": "gelu_tanh"}
+BLOCK = 1024
+
+
+def _act_id(act: str) -> int:
+    if act not in ACTS:
+        raise ValueError(f"glu: unknown activation {act!r}; expected one of {sorted(ACTS)}")
+    return ACTS[act]
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference (plain PyTorch, what transformers' MLPs compute)
+# ----------------------------------------------------------------------------------------------------
+def act_reference(x: torch.Tensor, act: str) -> torch.Tensor:
+    """ACT2FN[act](x): F.silu, exact F.gelu, or F.gelu(approximate='tanh')."""
+    kind = _CANON.get(act)
+    if kind is None:
+        _act_id(act)
+    if kind == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def glu_reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    return act_reference(gate, act) * up
+
+
+def _glu_backward_torch(dh, gate, up, act):
+    """The hand-derived backward in fp32 torch ops (the CPU path of glu_backward)."""
+    g, u, d = gate.float(), up.float(), dh.float()
+    kind = _CANON[act]
+    if kind == "silu":
+        s = torch.sigmoid(g)
+        a, da = g * s, s * (1 + g * (1 - s))
+    elif kind == "gelu":
+        p = 0.5 * (1 + torch.erf(g * (1 / math.sqrt(2))))
+        a, da = g * p, p + g * torch.exp(-0.5 * g * g) * (1 / math.sqrt(2 * math.pi))
+    else:
+        k = math.sqrt(2 / math.pi)
+        s = torch.sigmoid(2 * k * (g + 0.044715 * g * g * g))
+        a = g * s
+        da = s + g * 2 * s * (1 - s) * k * (1 + 3 * 0.044715 * g * g)
+    return d * u * da, d * a
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels (elementwise over the flattened, contiguous tensors)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32."""
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        p = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        a = g * p
+        da = p + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+    else:
+        k = 0.7978845608028654  # sqrt(2/pi)
+        s = tl.sigmoid(2.0 * k * (g + 0.044715 * g * g * g))
+        a = g * s
+        da = s + g * 2.0 * s * (1.0 - s) * k * (1.0 + 3.0 * 0.044715 * g * g)
+    return a, da
+
+
+@triton.jit
+def _glu_fwd_kernel(G, U, Hout, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act_and_grad(g, ACT)
+    tl.store(Hout + offs, (a * u).to(Hout.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(DH, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # DG / DU may alias G / U: every element is read before it is written, by the same program.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    tl.store(DG + offs, (dh * u * da).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, (dh * a).to(DU.dtype.element_ty), mask=mask)
+
+
+def _check(gate, up):
+    if gate.shape != up.shape:
+        raise ValueError(f"glu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+
+
+def _fwd_triton(gate, up, act):
+    g, u = gate.contiguous(), up.contiguous()
+    h = torch.empty_like(g, dtype=torch.promote_types(g.dtype, u.dtype))
+    n = g.numel()
+    if n:
+        _glu_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, h, n, ACT=_act_id(act), BLOCK=BLOCK,
+                                                  num_warps=4)
+    return h
+
+
+def _bwd_triton(dh, gate, up, act, dgate, dup):
+    n = gate.numel()
+    if n:
+        _glu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dh.contiguous(), gate, up, dgate, dup, n,
+                                                  ACT=_act_id(act), BLOCK=BLOCK, num_warps=4)
+    return dgate, dup
+
+
+# ----------------------------------------------------------------------------------------------------
+# raw pair (for fused MLP functions that own their buffers)
+# ----------------------------------------------------------------------------------------------------
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """h = act(gate) * up, no autograd. [..., I] x2 -> [..., I]."""
+    _check(gate, up)
+    _act_id(act)
+    if triton_enabled(gate):
+        return _fwd_triton(gate, up, act)
+    return glu_reference(gate, up, act)
+
+
+def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str):
+    """(dgate, dup) for h = act(gate) * up; the results are written INTO gate and up when they are
+    contiguous (the caller gives up those buffers), else into new tensors."""
+    _check(gate, up)
+    _act_id(act)
+    if triton_enabled(gate):
+        dg = gate if gate.is_contiguous() else torch.empty_like(gate, memory_format=torch.contiguous_format)
+        du = up if up.is_contiguous() else torch.empty_like(up, memory_format=torch.contiguous_format)
+        return _bwd_triton(dh, gate.contiguous(), up.contiguous(), act, dg, du)
+    dg, du = _glu_backward_torch(dh, gate, up, act)
+    return gate.copy_(dg), up.copy_(du)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------
+class _GLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        g, u = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(g, u)
+        ctx.act = act
+        return _fwd_triton(g, u, act)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        # gate/up may still be referenced by the caller (or by a retained graph): fresh outputs here;
+        # fused MLP functions that own the buffers call glu_backward to reuse them instead.
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        _bwd_triton(dh, g, u, ctx.act, dg, du)
+        return dg, du, None
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up with autograd. gate, up [..., I] -> [..., I]."""
+    _check(gate, up)
+    _act_id(act)
+    if not triton_enabled(gate):
+        return glu_reference(gate, up, act)
+    return _GLU.apply(gate, up, act)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up. [..., I] x2 -> [..., I]."""
+    return glu(gate, up, "silu")
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """gelu(gate) * up, exact erf (approximate="none") or tanh approximation ("tanh")."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return glu(gate, up, "gelu" if approximate == "none" else "gelu_tanh")

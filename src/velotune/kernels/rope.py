@@ -1,0 +1,237 @@
+"""Rotary position embeddings: Q and K rotated together, in place, with an in-place inverse backward.
+
+    q, k = apply_rope(q, k, cos, sin)            # q [B, Hq, T, D], k [B, Hk, T, D]
+    cos, sin = rope_cos_sin(config, position_ids, device)   # [B, T, R] fp32, R = rotary dims <= D
+
+cos/sin follow transformers' convention: halves duplicated, `rotate_half` pairing of dim i with
+i + R/2, attention scaling already folded in, one row per token (so packed sequences whose
+position ids restart at 0 just work). When R < D (partial rotary, Phi-style) only the first R dims
+rotate and the rest pass through untouched.
+
+Derivation. Per token and head, with x1 = x[:R/2], x2 = x[R/2:R], c = cos, s = sin (split the same way):
+    y1 = x1 * c1 - x2 * s1
+    y2 = x2 * c2 + x1 * s2
+  This is a linear map y = A x; its transpose gives the backward (for c1 = c2, s1 = s2 it is the
+  rotation by -theta, i.e. the inverse rotation):
+    dx1 = dy1 * c1 + dy2 * s2
+    dx2 = dy2 * c2 - dy1 * s1
+  Backward therefore needs nothing but cos/sin and rewrites dq/dk in place.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from velotune.kernels import triton_enabled
+
+
+# ----------------------------------------------------------------------------------------------------
+# cos / sin caches
+# ----------------------------------------------------------------------------------------------------
+def _default_inv_freq(config, device):
+    """Plain RoPE frequencies (transformers' `compute_default_rope_parameters`)."""
+    params = config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return inv_freq.to(device), 1.0
+
+
+def rope_inv_freq(config, position_ids: torch.Tensor, device=None):
+    """(inv_freq [R/2] fp32, attention_scaling) exactly as a freshly built transformers rotary embedding
+    uses them for `position_ids`; frequencies come from transformers' own ROPE_INIT_FUNCTIONS.
+
+    dynamic / longrope depend on the sequence length seen (max position id + 1). Both candidate
+    frequency sets are computed and picked with `torch.where` on the device: no host sync.
+    (transformers' module additionally caches the longest length seen so far; a fresh module
+    behaves as here.)
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        return _default_inv_freq(config, device)
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_cos_sin: unsupported rope_type {rope_type!r}")
+    init = ROPE_INIT_FUNCTIONS[rope_type]
+    inv_freq, scaling = init(config, device)
+    seq_len = position_ids.max() + 1
+    if rope_type == "dynamic":
+        grown, _ = init(config, device, seq_len=seq_len)
+        inv_freq = torch.where(seq_len > config.max_position_embeddings, grown, inv_freq.to(device))
+    elif rope_type == "longrope":
+        original = params["original_max_position_embeddings"]
+        long_inv, _ = init(config, device, seq_len=original + 1)
+        inv_freq = torch.where(seq_len > original, long_inv.to(device), inv_freq.to(device))
+    return inv_freq.to(device=device, dtype=torch.float32), scaling
+
+
+def rope_cos_sin(config, position_ids: torch.Tensor, device=None, dtype=torch.float32):
+    """position_ids [B, T] (or [T]) -> (cos, sin) each [B, T, R] (or [T, R]) in `dtype`,
+    computed in fp32 like transformers' rotary embedding classes (attention scaling included)."""
+    device = position_ids.device if device is None else device
+    position_ids = position_ids.to(device)
+    inv_freq, scaling = rope_inv_freq(config, position_ids, device)
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------------
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope_reference(q, k, cos, sin):
+    """transformers' `apply_rotary_pos_emb` (unsqueeze_dim=1), plus Phi-style partial rotary."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    R = cos.shape[-1]
+
+    def rot(x):
+        if R == x.shape[-1]:
+            return ((x * cos) + (_rotate_half(x) * sin)).to(x.dtype)
+        xr, xp = x[..., :R], x[..., R:]
+        return torch.cat((((xr * cos) + (_rotate_half(xr) * sin)).to(x.dtype), xp), dim=-1)
+
+    return rot(q), rot(k)
+
+
+def apply_rope(q, k, cos, sin):
+    """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] with cos/sin [B, T, R] or [T, R] (R <= D, even).
+
+    On CUDA the rotation happens in place (q and k are returned, marked dirty for autograd) unless
+    their last dim is strided, in which case rotated copies are returned. Backward rotates the
+    incoming gradients in place (nothing saved but cos/sin): it assumes, as attention's backward
+    guarantees, that those gradient buffers belong to this op alone.
+    """
+    _check_rope(q, k, cos, sin)
+    if not triton_enabled(q):
+        return apply_rope_reference(q, k, cos, sin)
+    return _RoPE.apply(q, k, cos, sin)
+
+
+def _check_rope(q, k, cos, sin):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"apply_rope: q and k must be [B, H, T, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, _, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"apply_rope: k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    if cos.shape != sin.shape or cos.dim() not in (2, 3) or cos.shape[-2] != T:
+        raise ValueError(f"apply_rope: cos/sin must be [B, T, R] or [T, R] with T={T}, got {tuple(cos.shape)}")
+    if cos.dim() == 3 and cos.shape[0] not in (1, B):
+        raise ValueError(f"apply_rope: cos batch {cos.shape[0]} does not match q batch {B}")
+    R = cos.shape[-1]
+    if R % 2 or R > D:
+        raise ValueError(f"apply_rope: rotary dim {R} must be even and <= head_dim {D}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernel: one program per token (b, t) rotates all Hq + Hk heads of that token.
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _rotate_heads(X, sb, sh, st, b, t, n_heads, c1, c2, s1, s2, half,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    base = X + b * sb + t * st
+    for h0 in range(0, n_heads, BLOCK_H):
+        mask = (h0 + heads < n_heads) & (dims < half)
+        p1 = base + (h0 + heads) * sh + dims
+        x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(p1 + half, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:   # transpose of the forward map (see module docstring)
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 - x1 * s1
+        else:
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        tl.store(p1, y1.to(X.dtype.element_ty), mask=mask)
+        tl.store(p1 + half, y2.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(Q, sqb, sqh, sqt, K, skb, skh, skt, C, S, scb, sct, T, HQ, HK, half,
+                 HAS_Q: tl.constexpr, HAS_K: tl.constexpr, BACKWARD: tl.constexpr,
+                 BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    t = pid % T
+    d = tl.arange(0, BLOCK_D)[None, :]
+    dmask = d < half
+    cs = b * scb + t * sct
+    c1 = tl.load(C + cs + d, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(C + cs + half + d, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(S + cs + d, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(S + cs + half + d, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_Q:
+        _rotate_heads(Q, sqb, sqh, sqt, b, t, HQ, c1, c2, s1, s2, half, BLOCK_HQ, BLOCK_D, BACKWARD)
+    if HAS_K:
+        _rotate_heads(K, skb, skh, skt, b, t, HK, c1, c2, s1, s2, half, BLOCK_HK, BLOCK_D, BACKWARD)
+
+
+def _launch(q, k, cos, sin, backward):
+    """Rotate q and/or k (either may be None) in place. cos/sin [B|1, T, R] or [T, R]."""
+    x = q if q is not None else k
+    B, _, T, _ = x.shape
+    if cos.dim() == 2:
+        scb, sct = 0, cos.stride(0)
+    else:
+        scb = 0 if cos.shape[0] == 1 else cos.stride(0)
+        sct = cos.stride(1)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+        return _launch(q, k, cos, sin, backward)
+    half = cos.shape[-1] // 2
+    hq = q.shape[1] if q is not None else 1
+    hk = k.shape[1] if k is not None else 1
+    block_d = triton.next_power_of_2(max(half, 1))
+    # keep each head tile around 2K elements
+    bhq = min(triton.next_power_of_2(hq), max(1, 2048 // block_d))
+    bhk = min(triton.next_power_of_2(hk), max(1, 2048 // block_d))
+    qq = q if q is not None else x
+    kk = k if k is not None else x
+    if B * T == 0:
+        return
+    _rope_kernel[(B * T,)](qq, qq.stride(0), qq.stride(1), qq.stride(2),
+                           kk, kk.stride(0), kk.stride(1), kk.stride(2),
+                           cos, sin, scb, sct, T, hq, hk, half,
+                           HAS_Q=q is not None, HAS_K=k is not None, BACKWARD=backward,
+                           BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_D=block_d, num_warps=4)
+
+
+def _writable(g: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    """g itself when it may be rewritten in place (unit last stride, no internal or mutual overlap)."""
+    no_overlap = all(s != 0 or n == 1 for s, n in zip(g.stride(), g.shape))
+    shares = other is not None and other.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
+    if g.stride(-1) == 1 and no_overlap and not shares:
+        return g
+    return g.contiguous() if not shares else g.clone(memory_format=torch.contiguous_format)
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        qw = q if q.stride(-1) == 1 else q.contiguous()
+        kw = k if k.stride(-1) == 1 else k.contiguous()
+        _launch(qw, kw, cos, sin, backward=False)
+        dirty = [t for t, w in ((q, qw), (k, kw)) if t is w]
+        if dirty:
+            ctx.mark_dirty(*dirty)
+        ctx.save_for_backward(cos, sin)
+        return qw, kw
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq = _writable(dq, None) if dq is not None else None
+        dk = _writable(dk, dq) if dk is not None else None
+        if dq is not None or dk is not None:
+            _launch(dq, dk, cos, sin, backward=True)
+        return dq, dk, None, None
