@@ -77,7 +77,7 @@ class TrainingSection(_Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                           "polynomial", "inverse_sqrt"] = "linear"
     warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warmup as a fraction of all steps")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
     optimizer: str = Field("adamw_torch", description="a transformers `optim` name, e.g. adamw_8bit, sgd")
@@ -90,7 +90,6 @@ class TrainingSection(_Section):
     resume_from_checkpoint: Union[bool, str, None] = Field(
         None, description="true: the latest checkpoint in output_dir; or a checkpoint folder")
     beta: float = Field(0.1, gt=0, description="DPO beta / ORPO lambda")
-    max_prompt_length: int | None = Field(None, gt=0, description="DPO/ORPO prompt budget (default: half)")
     use_cpu: bool = Field(False, description="train on the CPU even when a GPU is present")
 
 
@@ -112,6 +111,8 @@ class TrainConfig(_Section):
             raise ValueError("data.format: 'preference' data needs method dpo or orpo, not sft")
         if self.method != "sft" and self.data.packing:
             raise ValueError(f"data.packing: packing is supported for sft only, not {self.method}")
+        if self.training.warmup_steps and self.training.warmup_ratio:
+            raise ValueError("training.warmup_ratio: set warmup_steps or warmup_ratio, not both")
         if self.training.embedding_learning_rate is not None and not (
                 self.model.full_finetuning or self.lora.modules_to_save):
             raise ValueError("training.embedding_learning_rate: set lora.modules_to_save (e.g. [embed_tokens, lm_head]) "

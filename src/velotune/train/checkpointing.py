@@ -1,0 +1,187 @@
+"""Offloaded gradient checkpointing: each decoder layer is checkpointed, and the one tensor it keeps
+(its input hidden states) waits in pinned CPU memory instead of on the GPU.
+
+    enable_offloaded_checkpointing(model)     # use_gradient_checkpointing="unsloth" / "offload"
+    disable_offloaded_checkpointing(model)    # back to stock (no checkpointing)
+
+How (PyTorch's own mechanisms only, per model instance, nothing global):
+
+* Decoder layers are transformers `GradientCheckpointingLayer`s: their forward already calls
+  `self._gradient_checkpointing_func(forward, *args)` when `gradient_checkpointing` is set. We set
+  both attributes on each layer instance (what `model.gradient_checkpointing_enable` does) with our
+  function, which runs `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` inside a
+  `torch.autograd.graph.saved_tensors_hooks` context.
+* Non-reentrant checkpointing saves the layer's inputs through the saved-tensor hooks active
+  around it (its own hooks then take over for everything the layer saves, which is dropped and
+  recomputed). So our hooks see exactly the layer inputs; the hidden states (the first positional
+  argument, [B, T, H]) are offloaded, other inputs (masks, rotary tables shared by all layers)
+  are kept as they are.
+* Forward, pack: a side "d2h" stream waits for the compute stream, copies the hidden states into
+  pinned host memory (`non_blocking`), records an event; `record_stream` keeps the allocator from
+  reusing the GPU memory before the copy has read it. The compute stream never waits.
+* Backward, unpack (when the checkpoint recomputes layer i): wait for layer i's host-to-device copy
+  (started earlier, or now if not), then start the "h2d" copy of layer i-1's input on a second side
+  stream, so it overlaps layer i's recompute and backward: one layer ahead.
+* Numerics: the tensor that comes back is a bit copy, and the checkpoint (RNG state, recompute)
+  is torch's, so losses and gradients equal plain non-reentrant checkpointing exactly.
+* DDP: nothing here touches parameters, gradient hooks or the graph's shape; non-reentrant
+  checkpointing composes with DistributedDataParallel (no `static_graph` needed).
+* CPU tensors (tests, CPU training): the same code runs with a host "target" that is a plain CPU
+  copy and no streams.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class OffloadStats:
+    """Counters, per model (tests use them to check the offload path really ran)."""
+
+    packed: int = 0          # layer inputs moved to host memory
+    unpacked: int = 0        # layer inputs brought back for a recompute
+    prefetched: int = 0      # ... of which the copy had been started one layer ahead
+    bytes_offloaded: int = 0
+
+
+class _Saved:
+    """One offloaded layer input: host copy + the events ordering the copies."""
+
+    __slots__ = ("host", "device", "d2h_done", "gpu", "h2d_done", "prev", "__weakref__")
+
+    def __init__(self, host, device, d2h_done, prev):
+        self.host = host                  # CPU tensor (pinned when the source is on CUDA)
+        self.device = device              # where the tensor lives during compute
+        self.d2h_done = d2h_done          # event: host copy complete (None on CPU)
+        self.gpu = None                   # prefetched device tensor, if started
+        self.h2d_done = None
+        self.prev = prev                  # weakref to the input saved just before (previous layer)
+
+
+@dataclass
+class _Offloader:
+    """Per-model state: side streams per device, the last saved input, counters."""
+
+    stats: OffloadStats = field(default_factory=OffloadStats)
+    _streams: dict = field(default_factory=dict)
+    _last: "weakref.ref | None" = None
+
+    def streams(self, device: torch.device):
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]  # (d2h, h2d)
+
+    # -- forward --------------------------------------------------------------------------------
+    def offload(self, t: torch.Tensor) -> _Saved:
+        prev = self._last
+        if t.is_cuda:
+            d2h, _ = self.streams(t.device)
+            d2h.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(d2h):
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(d2h)
+            t.record_stream(d2h)
+        else:
+            host, done = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t), None
+        saved = _Saved(host, t.device, done, prev)
+        self._last = weakref.ref(saved)
+        self.stats.packed += 1
+        self.stats.bytes_offloaded += t.numel() * t.element_size()
+        return saved
+
+    # -- backward -------------------------------------------------------------------------------
+    def _start_h2d(self, saved: _Saved) -> None:
+        if saved.gpu is not None or saved.device.type != "cuda":
+            return
+        _, h2d = self.streams(saved.device)
+        h2d.wait_event(saved.d2h_done)
+        with torch.cuda.stream(h2d):
+            saved.gpu = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
+            saved.gpu.copy_(saved.host, non_blocking=True)
+            saved.h2d_done = torch.cuda.Event()
+            saved.h2d_done.record(h2d)
+
+    def restore(self, saved: _Saved) -> torch.Tensor:
+        if saved.device.type != "cuda":
+            out = saved.host  # CPU target: the host copy is the tensor
+        else:
+            if saved.gpu is not None:
+                self.stats.prefetched += 1
+            self._start_h2d(saved)
+            out, saved.gpu = saved.gpu, None         # hand it over; a second backward copies again
+            compute = torch.cuda.current_stream(saved.device)
+            compute.wait_event(saved.h2d_done)
+            out.record_stream(compute)
+        self.stats.unpacked += 1
+        prev = saved.prev() if saved.prev is not None else None
+        if prev is not None:
+            self._start_h2d(prev)                    # one layer ahead: overlaps this layer's backward
+        return out
+
+
+def _offloaded_checkpoint(offloader: _Offloader, fn, *args, **kwargs):
+    """Drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`."""
+    if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    hidden = args[0]
+
+    def pack(t: torch.Tensor):
+        if t.data_ptr() == hidden.data_ptr() and t.shape == hidden.shape and t.dtype == hidden.dtype:
+            return offloader.offload(t)
+        return t
+
+    def unpack(obj):
+        return offloader.restore(obj) if isinstance(obj, _Saved) else obj
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_offloaded_checkpointing(model: torch.nn.Module) -> OffloadStats:
+    """Checkpoint every decoder layer of `model` (a transformers or PEFT model), offloading the
+    saved layer inputs to pinned host memory. Per instance, idempotent; returns the live counters
+    (also at `model.velotune_offload_stats`)."""
+    layers = _decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no transformers decoder layers "
+                         "(GradientCheckpointingLayer) to checkpoint")
+    offloader = _Offloader()
+    fn = functools.partial(_offloaded_checkpoint, offloader)
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = fn
+    for m in model.modules():  # model-level flags (LlamaModel.gradient_checkpointing), as transformers sets them
+        if m not in layers and isinstance(getattr(m, "gradient_checkpointing", None), bool):
+            m.gradient_checkpointing = True
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = False
+    model.velotune_offload_stats = offloader.stats
+    return offloader.stats
+
+
+def disable_offloaded_checkpointing(model: torch.nn.Module) -> None:
+    """Undo `enable_offloaded_checkpointing` (layers run without checkpointing)."""
+    layers = _decoder_layers(model)
+    for m in model.modules():
+        fn = m.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(fn, functools.partial) and fn.func is _offloaded_checkpoint:
+            m.gradient_checkpointing = False
+            del m._gradient_checkpointing_func
+        elif m not in layers and isinstance(getattr(m, "gradient_checkpointing", None), bool):
+            m.gradient_checkpointing = False
+    if hasattr(model, "velotune_offload_stats"):
+        del model.velotune_offload_stats

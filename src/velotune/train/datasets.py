@@ -1,0 +1,109 @@
+"""From `cfg.data` to the datasets a TRL trainer takes, with a DataReport of every row not used as given.
+
+    train_ds, eval_ds, report = prepare_datasets(cfg, tokenizer)
+
+- sft + messages/sharegpt/alpaca: velotune.data's `tokenize_conversations` (chat template, response-only
+  labels, long rows truncated or skipped) -> input_ids + labels, which SFTTrainer uses as they are.
+- sft + text (continued pretraining): every row's text + EOS, concatenated and cut into blocks of
+  max_seq_length tokens, all tokens trained.
+- dpo / orpo + preference: velotune.data's `validate_preference_rows`; TRL tokenizes prompt/chosen/rejected.
+
+The format is detected from the columns when `data.format` is auto.
+"""
+from __future__ import annotations
+
+from velotune.errors import ConfigError, DataError
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+CONVERSATION_COLUMNS = ("messages", "conversations", "conversation", "instruction")
+
+
+def detect_format(columns: list[str], text_field: str = "text") -> str:
+    if all(c in columns for c in PREFERENCE_COLUMNS):
+        return "preference"
+    if any(c in columns for c in CONVERSATION_COLUMNS):
+        return "messages"
+    if text_field in columns:
+        return "text"
+    raise DataError(f"cannot tell the data format from the columns {columns}: expected messages / conversations "
+                    f"(chat), instruction/input/output (alpaca), prompt/chosen/rejected (preference) or "
+                    f"{text_field!r} (raw text); set data.format")
+
+
+def tokenize_text(dataset, tokenizer, *, max_seq_length: int, text_field: str = "text"):
+    """Continued pretraining: concatenate `text + eos` of all rows, cut into max_seq_length blocks.
+
+    Returns (Dataset with input_ids and labels [= input_ids], DataReport). Rows without a text string
+    are reported as missing_field, blank rows as empty. The last block may be shorter; a final block of
+    one token (nothing to predict) is dropped.
+    """
+    from datasets import Dataset
+
+    from velotune.data.report import DataReport
+
+    report = DataReport(total=len(dataset))
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for i, row in enumerate(dataset):
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            report.add("missing_field", i, f"row {i}: no {text_field!r} string")
+            continue
+        if not text.strip():
+            report.add("empty", i, f"row {i}: blank text")
+            continue
+        stream.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    blocks = [stream[i:i + max_seq_length] for i in range(0, len(stream), max_seq_length)]
+    blocks = [b for b in blocks if len(b) > 1]
+    report.raise_if_empty()
+    return Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]}), report
+
+
+def _load(path: str):
+    from velotune.data.formats import load_dataset_file
+
+    return load_dataset_file(path)
+
+
+def _prepare_one(cfg, tokenizer, path: str, progress: bool):
+    data = cfg.data
+    raw = _load(path)
+    fmt = data.format if data.format != "auto" else detect_format(list(raw.column_names), data.text_field)
+    if cfg.method in ("dpo", "orpo"):
+        if fmt != "preference":
+            raise ConfigError(f"data.path: method {cfg.method} needs prompt/chosen/rejected columns; "
+                              f"{path} has {list(raw.column_names)}")
+        from velotune.data.prepare import validate_preference_rows
+
+        ds, report = validate_preference_rows(raw, max_seq_length=cfg.model.max_seq_length, on_long=data.on_long,
+                                              tokenizer=tokenizer, progress=progress)
+    elif fmt == "preference":
+        raise ConfigError(f"data.path: {path} holds preference pairs (prompt/chosen/rejected): "
+                          "use method dpo or orpo")
+    elif fmt == "text":
+        ds, report = tokenize_text(raw, tokenizer, max_seq_length=cfg.model.max_seq_length,
+                                   text_field=data.text_field)
+    else:
+        from velotune.data.prepare import tokenize_conversations
+
+        ds, report = tokenize_conversations(raw, tokenizer, max_seq_length=cfg.model.max_seq_length,
+                                            on_long=data.on_long, train_on=data.train_on, progress=progress)
+    report.raise_if_empty()
+    return ds, report, fmt
+
+
+def prepare_datasets(cfg, tokenizer, progress: bool = True):
+    """(train dataset, eval dataset or None, DataReport of the training file, detected format)."""
+    train_ds, report, fmt = _prepare_one(cfg, tokenizer, cfg.data.path, progress)
+    eval_ds = None
+    if cfg.data.eval_path:
+        eval_ds, _, _ = _prepare_one(cfg, tokenizer, cfg.data.eval_path, progress)
+    if cfg.data.packing:
+        from velotune.data.packing import pack_dataset
+
+        train_ds = pack_dataset(train_ds, cfg.model.max_seq_length)
+        if eval_ds is not None:
+            eval_ds = pack_dataset(eval_ds, cfg.model.max_seq_length)
+    return train_ds, eval_ds, report, fmt

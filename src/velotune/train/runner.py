@@ -1,0 +1,257 @@
+"""One training run from a TrainConfig: load -> data -> LoRA -> TRL trainer -> save -> curve + summary.
+
+    from velotune.train.config import load_config
+    from velotune.train.runner import run_training
+    result = run_training(load_config("examples/sft.yaml"))
+    result.adapter_path, result.losses, result.summary_path, result.png_path
+
+The trainers are TRL's (SFTTrainer, DPOTrainer, ORPOTrainer) with velotune's glue mixed in
+(train/trl_glue.py). What lands in `output_dir`:
+
+    adapter_config.json, adapter_model.safetensors   the LoRA adapter, PEFT format (full fine-tuning:
+                                                     config.json + model.safetensors)
+    tokenizer files                                  with the chat template used in training
+    loss_curve.png, summary.json                     the curve and the run summary
+    checkpoint-N/                                    resumable checkpoints (training.save_steps)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from velotune.errors import ConfigError
+from velotune.train.callbacks import ProgressCallback, loss_points, summarize, write_json, write_loss_curve
+from velotune.train.config import TrainConfig, check_paths
+from velotune.train.trl_glue import orpo_classes, velotune_trainer_class
+
+log = logging.getLogger("velotune")
+
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapter_path: Path           # the folder holding the adapter (or the full model) and the tokenizer
+    summary_path: Path
+    png_path: Path
+    steps: list[int]             # logged optimizer steps
+    losses: list[float]          # training loss at those steps
+    summary: dict
+    data_report: Any = None      # velotune.data.report.DataReport of the training file
+    model: Any = field(default=None, repr=False)      # the trained model (PEFT model for LoRA)
+    tokenizer: Any = field(default=None, repr=False)
+    trainer: Any = field(default=None, repr=False)
+
+
+def load_model(cfg: TrainConfig):
+    """(model, tokenizer) through velotune.FastLanguageModel, with the config's chat template."""
+    from velotune import FastLanguageModel
+
+    m = cfg.model
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        m.name, max_seq_length=m.max_seq_length, dtype=_DTYPES[m.dtype], load_in_4bit=m.load_in_4bit,
+        full_finetuning=m.full_finetuning, fast=m.fast)
+    if cfg.data.chat_template:
+        from velotune.data.chat_templates import get_chat_template
+
+        tokenizer = get_chat_template(tokenizer, chat_template=cfg.data.chat_template)
+    return model, tokenizer
+
+
+def add_adapters(model, cfg: TrainConfig):
+    """LoRA adapters (a real peft.PeftModel), unless the config asks for full fine-tuning."""
+    from velotune import FastLanguageModel
+
+    if cfg.model.full_finetuning:
+        return model
+    lo = cfg.lora
+    return FastLanguageModel.get_peft_model(
+        model, r=lo.r, target_modules=lo.target_modules, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+        bias=lo.bias, use_gradient_checkpointing=lo.gradient_checkpointing, random_state=lo.random_state,
+        max_seq_length=cfg.model.max_seq_length, use_rslora=lo.use_rslora, use_dora=lo.use_dora,
+        modules_to_save=lo.modules_to_save or None)
+
+
+def _compute_dtype(model) -> torch.dtype:
+    dtype = getattr(model, "velotune_compute_dtype", None)
+    if dtype is None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        dtype = getattr(base, "velotune_compute_dtype", None) or next(base.parameters()).dtype
+    return dtype
+
+
+def training_arguments(cfg: TrainConfig, model, *, has_eval: bool) -> dict:
+    """Keyword arguments shared by SFTConfig / DPOConfig / ORPOConfig."""
+    t = cfg.training
+    dtype = _compute_dtype(model)
+    report_to = t.report_to if isinstance(t.report_to, list) else [t.report_to]
+    report_to = [r for r in report_to if r != "none"] or "none"
+    eval_every = t.eval_steps or t.save_steps
+    return dict(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,  # a float < 1 is a ratio
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval and eval_every else ("epoch" if has_eval else "no"),
+        eval_steps=eval_every,
+        report_to=report_to,
+        use_cpu=t.use_cpu,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # velotune's ProgressCallback draws the bar
+        # Mixed precision follows the model's dtype: an explicit float32 model trains in float32 (TRL's
+        # configs default to bf16=True, which would autocast a float32 model).
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Checkpointing is set up by get_peft_model (lora.gradient_checkpointing), not by the trainer.
+        gradient_checkpointing=False,
+    )
+
+
+def make_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, *, callbacks: Sequence = ()):
+    """The TRL trainer for cfg.method, with velotune's glue (exact token normalisation, embedding lr, tok/s)."""
+    common = training_arguments(cfg, model, has_eval=eval_ds is not None)
+    kwargs = dict(model=model, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                  callbacks=list(callbacks), embedding_learning_rate=cfg.training.embedding_learning_rate)
+    if cfg.method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        # velotune.data already tokenized, labelled (and packed) every row and reported the bad ones
+        args = SFTConfig(**common, max_length=cfg.model.max_seq_length, packing=False,
+                         dataset_kwargs={"skip_prepare_dataset": True})
+        if cfg.data.packing:  # padding-free rows: position ids restart per sample, no attention mask
+            from velotune.data.packing import PaddingFreeCollator
+
+            kwargs["data_collator"] = PaddingFreeCollator()
+        return velotune_trainer_class(SFTTrainer)(args=args, **kwargs)
+    if cfg.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=cfg.training.beta, max_length=cfg.model.max_seq_length)
+        return velotune_trainer_class(DPOTrainer)(args=args, ref_model=None, **kwargs)
+    ORPOConfig, ORPOTrainer = orpo_classes()
+    args = ORPOConfig(**common, beta=cfg.training.beta, max_length=cfg.model.max_seq_length)
+    return velotune_trainer_class(ORPOTrainer)(args=args, **kwargs)
+
+
+def _resume_arg(cfg: TrainConfig):
+    resume = cfg.training.resume_from_checkpoint
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = Path(cfg.output_dir)
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise ConfigError(f"training.resume_from_checkpoint: no checkpoint-N folder in {out} to resume from "
+                              "(checkpoints are written every training.save_steps steps)")
+        return last
+    return resume or None
+
+
+def save_final(model, tokenizer, output_dir: Path) -> Path:
+    """Adapter (or full model) + tokenizer into output_dir; each file lands by an atomic rename."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".save-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for src in sorted(tmp.rglob("*")):
+            dst = output_dir / src.relative_to(tmp)
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokenizer=None,
+                 callbacks: Sequence = ()) -> RunResult:
+    """Train as `cfg` says and save adapter, tokenizer, loss curve and summary into cfg.output_dir.
+
+    `model`/`tokenizer`: an already loaded pair from FastLanguageModel.from_pretrained (e.g. the demo,
+    which shows answers before training); LoRA is added here unless `model` is already a PEFT model.
+    `progress=False`: no bar and no log lines (the logs still reach report_to and the summary).
+    """
+    from transformers import set_seed
+
+    check_paths(cfg)
+    out = Path(cfg.output_dir)
+    resume = _resume_arg(cfg)
+    set_seed(cfg.training.seed)
+    if model is None:
+        model, tokenizer = load_model(cfg)
+    elif tokenizer is None:
+        raise ValueError("run_training: pass the tokenizer together with the model")
+
+    from velotune.train.datasets import prepare_datasets
+
+    train_ds, eval_ds, report, fmt = prepare_datasets(cfg, tokenizer, progress=progress)
+    if progress:  # (skipped / truncated rows are listed by velotune.data's own warning)
+        print(f"data ({fmt}): {report.summary().splitlines()[0]}")
+    if not hasattr(model, "peft_config"):
+        model = add_adapters(model, cfg)
+
+    cbs = [ProgressCallback(desc=f"{cfg.method} training")] if progress else []
+    trainer = make_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks=[*cbs, *callbacks])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints readable lines
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - start
+
+    save_final(trainer.model, tokenizer, out)
+    history = trainer.state.log_history
+    png = write_loss_curve(history, out / "loss_curve.png", title=f"{cfg.method} loss - {Path(cfg.model.name).name}")
+    summary = summarize(
+        history, global_step=trainer.state.global_step, train_seconds=seconds, method=cfg.method,
+        model=cfg.model.name, data_path=cfg.data.path, data_format=fmt, rows_used=len(train_ds),
+        data_report={"summary": report.summary(), "counts": report.counts, "total": report.total,
+                     "kept": report.num_kept},
+        resumed_from=str(resume) if resume else None, output_dir=str(out), adapter_path=str(out),
+        loss_curve=str(png), config=cfg.model_dump(), versions=_versions())
+    summary_path = write_json(out / "summary.json", summary)
+    steps, losses = loss_points(history)
+    if progress:
+        first, last = summary["first_loss"], summary["last_loss"]
+        loss_s = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no loss logged"
+        print(f"done: {summary['steps']} steps in {seconds:.1f} s, {loss_s}; saved to {out}")
+    return RunResult(output_dir=out, adapter_path=out, summary_path=summary_path, png_path=png, steps=steps,
+                     losses=losses, summary=summary, data_report=report, model=trainer.model,
+                     tokenizer=tokenizer, trainer=trainer)
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+    import trl
+
+    from velotune import __version__
+
+    return {"velotune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "trl": trl.__version__}

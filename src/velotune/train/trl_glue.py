@@ -1,0 +1,152 @@
+"""Glue between TRL's trainers and velotune models. TRL's own classes are used unchanged.
+
+    from trl import SFTTrainer
+    trainer = velotune_trainer_class(SFTTrainer)(model=model, args=args, ...)   # a real SFTTrainer subclass
+
+What the glue adds, per trainer instance, without touching TRL or transformers globals:
+
+1. Exact loss normalisation under gradient accumulation (SFT). TRL's SFT loss is
+   `sum(token losses) / num_items_in_batch`, where transformers counts the trainable (shifted) labels of
+   ALL micro-batches of one optimizer step. transformers only passes that count when it believes the
+   model "accepts loss kwargs" (it inspects `model.forward` for **kwargs); a patched forward without
+   **kwargs would silently fall back to mean-per-micro-batch / accumulation steps, which weighs a
+   micro-batch of 3 trainable tokens like one of 300. SFTTrainer.compute_loss divides by the count
+   itself (it does not rely on the model's forward), so the flags are set true for it.
+2. A separate learning rate for trainable embeddings (`embed_tokens` / `lm_head` in `modules_to_save`,
+   continued pretraining): their parameters move into their own optimizer param groups.
+3. A `tokens_per_second` entry in every training log (non-padding tokens seen since the last log).
+
+`PatchDPOTrainer()` exists for scripts written for other libraries: TRL's DPOTrainer works with
+velotune models as they are, so it patches nothing.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("velotune")
+
+
+def PatchDPOTrainer() -> None:  # noqa: N802 (the name users know)
+    """Compatibility no-op: kept so that `from velotune import PatchDPOTrainer; PatchDPOTrainer()` runs.
+
+    Other libraries patch TRL's DPOTrainer (its notebook logging and the model forward it calls).
+    velotune returns real transformers/PEFT models whose fast paths are bound per instance, and TRL's
+    DPOTrainer (and ORPOTrainer) call them through the ordinary forward, so there is nothing to patch.
+    It checks that TRL's DPOTrainer imports, changes nothing, and may be called any number of times.
+    """
+    from trl import DPOTrainer  # noqa: F401  (an ImportError here says TRL is missing or too old)
+
+
+def orpo_classes():
+    """(ORPOConfig, ORPOTrainer): TRL 1.x keeps ORPO in `trl.experimental.orpo` (1.15 and 1.16 alike)."""
+    try:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    except ImportError:  # older TRL: top-level
+        from trl import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer
+
+
+def embedding_parameters(model) -> list[torch.nn.Parameter]:
+    """Trainable parameters of the input and output embeddings (also inside PEFT's modules_to_save copies)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings = [m for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None]
+    prefixes = [name + "." for name, m in base.named_modules() if any(m is e for e in embeddings)]
+    seen, params = set(), []
+    for name, p in base.named_parameters():
+        if p.requires_grad and any(name.startswith(pre) for pre in prefixes) and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
+def split_embedding_groups(optimizer: torch.optim.Optimizer, embed_params, lr: float) -> None:
+    """Move `embed_params` out of each param group into a copy of that group with learning rate `lr`.
+
+    Run before the first step (the optimizer has no state yet). Groups keep their order, so a checkpoint's
+    optimizer state loads back into the same layout on resume.
+    """
+    ids = {id(p) for p in embed_params}
+    kept, moved = [], []
+    for group in optimizer.param_groups:
+        own = [p for p in group["params"] if id(p) not in ids]
+        emb = [p for p in group["params"] if id(p) in ids]
+        if own:
+            kept.append({**group, "params": own})
+        if emb:
+            moved.append({**group, "params": emb, "lr": lr, "initial_lr": lr, "velotune_group": "embeddings"})
+    optimizer.param_groups[:] = kept + moved
+
+
+def _count_tokens(inputs) -> int:
+    """Non-padding tokens in a batch: attention-mask sums, else the input ids (padding-free batches)."""
+    if not isinstance(inputs, dict):
+        return 0
+    masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
+    if masks:
+        return int(sum(int(m.sum()) for m in masks))
+    return int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
+
+
+class VelotuneTrainerMixin:
+    """Mixed in front of a TRL trainer class by `velotune_trainer_class` (see the module docstring)."""
+
+    velotune_embedding_learning_rate: float | None = None
+
+    def __init__(self, *args, embedding_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.velotune_embedding_learning_rate = embedding_learning_rate
+        self._vt_tokens = 0
+        self._vt_clock = None
+        exact_token_normalisation(self)
+
+    def create_optimizer(self, *args, **kwargs):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        lr = self.velotune_embedding_learning_rate
+        if fresh and lr is not None:
+            params = embedding_parameters(self.model)
+            if not params:
+                from velotune.errors import ConfigError
+
+                raise ConfigError("embedding_learning_rate is set but no embedding parameter is trainable: "
+                                  "add embed_tokens / lm_head to lora.modules_to_save")
+            split_embedding_groups(optimizer, params, lr)
+            log.info("embedding learning rate %.3g for %d tensors", lr, len(params))
+        return optimizer
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self._vt_clock is None:
+            self._vt_clock = time.perf_counter()
+        self._vt_tokens += _count_tokens(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self._vt_clock is not None:
+            now = time.perf_counter()
+            logs["tokens_per_second"] = round(self._vt_tokens / max(now - self._vt_clock, 1e-9), 1)
+            logs["tokens"] = self._vt_tokens
+            self._vt_tokens, self._vt_clock = 0, now
+        return super().log(logs, *args, **kwargs)
+
+
+def exact_token_normalisation(trainer) -> None:
+    """SFT: make transformers pass the exact trainable-token count of the whole accumulated step."""
+    from trl import SFTTrainer
+
+    if isinstance(trainer, SFTTrainer) and trainer.compute_loss_func is None:
+        # SFTTrainer.compute_loss divides by num_items_in_batch itself, whatever the model forward accepts.
+        trainer.model_accepts_loss_kwargs = True
+        # Its fused LM head shifts labels, so the count is taken over labels[..., 1:] (as transformers does
+        # for ForCausalLMLoss); a patched model must not change that.
+        if hasattr(trainer, "_loss_shifts_labels"):
+            trainer._loss_shifts_labels = True
+
+
+@functools.lru_cache(maxsize=None)
+def velotune_trainer_class(trainer_cls: type) -> type:
+    """A subclass of `trainer_cls` (e.g. trl.SFTTrainer) with the velotune glue mixed in."""
+    return type(f"Velotune{trainer_cls.__name__}", (VelotuneTrainerMixin, trainer_cls), {})
