@@ -1,0 +1,255 @@
+"""The decode engine: prefill a prompt into a static KV cache, then one token per step.
+
+    engine = DecodeEngine(spec)
+    engine.reserve(batch, max_length)              # preallocate (rounded up to a 256-slot chunk)
+    logits = engine.prefill(input_ids, mask, pos)  # [B, V] for the last prompt token
+    logits = engine.decode(next_tokens)            # [B, V], one step
+
+On CUDA the decode step (every layer, the cache writes, the final norm and lm_head) is captured
+once per (batch, capacity) in a CUDA graph and replayed: a step is then one launch from Python
+instead of hundreds, which is what bounds stock generation at batch 1. On CPU it runs eagerly.
+
+The layer arithmetic mirrors transformers' modules operation for operation (see ops.py).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from velotune.infer import ops
+from velotune.infer.cache import CHUNK, KVCache, round_up
+from velotune.infer.spec import DYNAMIC_ROPE, DecoderSpec
+
+log = logging.getLogger("velotune")
+
+
+class DecodeEngine:
+    def __init__(self, spec: DecoderSpec, *, cuda_graphs: bool = True):
+        self.spec = spec
+        self.cache: KVCache | None = None
+        self.static_rope = spec.rope_type not in DYNAMIC_ROPE
+        self.cuda_graphs = cuda_graphs and spec.device.type == "cuda" and self.static_rope
+        self._graphs: dict = {}  # (batch, capacity) -> (graph, ids buffer, t buffer, logits buffer)
+        self._pool = None
+        self.graph_failures = 0
+
+    # ------------------------------------------------------------------ cache management
+    def reserve(self, batch: int, length: int) -> None:
+        """Make sure a cache for `batch` rows and at least `length` slots exists (reused when it fits)."""
+        c = self.cache
+        if c is not None and c.batch == batch and c.capacity >= length:
+            c.length = 0
+            return
+        self.release()
+        s = self.spec
+        self.cache = KVCache(len(s.layers), batch, s.n_kv_heads, s.head_dim, round_up(length), s.dtype, s.device)
+        self._fill_rope_table(self.cache)
+
+    def release(self) -> None:
+        """Free the cache and every captured graph."""
+        self.cache = None
+        self._graphs.clear()
+        self._pool = None
+
+    def _grow(self) -> None:
+        old = self.cache
+        self._graphs.clear()
+        self._pool = None
+        self.cache = old.grown(old.capacity + CHUNK)
+        self._fill_rope_table(self.cache)
+
+    def _fill_rope_table(self, cache: KVCache) -> None:
+        if not self.static_rope:
+            return
+        # The model's own rotary module at positions 0..S-1: identical values to its per-step call.
+        dummy = torch.empty(1, dtype=self.spec.dtype, device=self.spec.device)
+        cos, sin = self.spec.rotary(dummy, cache.arange.unsqueeze(0))
+        cache.cos, cache.sin = cos[0], sin[0]
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor):
+        """positions [B, T] -> cos, sin [B, T, R]."""
+        c = self.cache
+        if self.static_rope:
+            return c.cos[positions], c.sin[positions]
+        return self.spec.rotary(h, positions)
+
+    # ------------------------------------------------------------------ the model
+    def _proj(self, layer, name, x):
+        return ops.linear(getattr(layer, name), x, layer.plans[name])
+
+    def _layer(self, i: int, layer, h, cos, sin, allowed, write, t=None):
+        """One decoder layer. h [B, T, H]; `write(cache_tensor, new)` stores K or V for these tokens."""
+        s, c = self.spec, self.cache
+        B, T, _ = h.shape
+        x = ops.rms_norm(h, layer.input_norm.weight, layer.input_norm.eps, layer.input_norm.offset)
+        if layer.qkv is not None:
+            qkv = self._proj(layer, "qkv", x)
+            nq, nk = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        else:
+            q, k, v = self._proj(layer, "q", x), self._proj(layer, "k", x), self._proj(layer, "v", x)
+        q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
+        k = k.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        q, k = ops.apply_rope(q, k, cos, sin)
+        keys, values = write(c.k[i], k), write(c.v[i], v)
+        mask = allowed[layer.sliding_window]
+        if T > 1 and s.attn_softcap is None:
+            a = ops.sdpa_attention(q, keys, values, mask, s.scaling)
+        else:
+            a = ops.attention(q, keys, values, mask, s.scaling, s.attn_softcap)
+        a = self._proj(layer, "o", a)
+        if layer.pre_ffn_norm is not None:  # Gemma 2 sandwich
+            n = layer.post_attn_norm
+            h = h + ops.rms_norm(a, n.weight, n.eps, n.offset)
+            n = layer.pre_ffn_norm
+            x = ops.rms_norm(h, n.weight, n.eps, n.offset)
+        else:
+            h = h + a
+            n = layer.post_attn_norm
+            x = ops.rms_norm(h, n.weight, n.eps, n.offset)
+        if layer.gate_up is not None:
+            gu = self._proj(layer, "gate_up", x)
+            gate, up = gu.chunk(2, dim=-1)
+            m = self._proj(layer, "down", up * layer.act(gate))
+        else:
+            m = self._proj(layer, "down", layer.act(self._proj(layer, "gate", x)) * self._proj(layer, "up", x))
+        if layer.post_ffn_norm is not None:
+            n = layer.post_ffn_norm
+            m = ops.rms_norm(m, n.weight, n.eps, n.offset)
+        return h + m
+
+    def _head(self, h_last: torch.Tensor) -> torch.Tensor:
+        """h_last [B, H] -> logits [B, V]."""
+        s = self.spec
+        n = s.final_norm
+        logits = ops.linear(s.lm_head, ops.rms_norm(h_last, n.weight, n.eps, n.offset))
+        if s.final_softcap is not None:
+            logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+        return logits
+
+    def _windows(self):
+        return {layer.sliding_window for layer in self.spec.layers}
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] (left padded) -> logits [B, V] of the last position; fills slots 0..T-1."""
+        c = self.cache
+        B, T = input_ids.shape
+        if c is None or c.batch != B or c.capacity < T + 1:
+            self.reserve(B, T + 1)
+            c = self.cache
+        c.length = 0
+        dev = self.spec.device
+        input_ids = input_ids.to(dev)
+        mask = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.to(dev).bool()
+        if position_ids is None:
+            position_ids = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
+        position_ids = position_ids.to(dev).long()
+        c.valid.fill_(True)
+        c.valid[:, :T].copy_(mask)
+        c.offset.copy_((T - 1) - position_ids[:, -1])  # decode: position = slot - offset
+        idx = c.arange[:T]
+        causal = idx.view(1, T, 1) >= idx.view(1, 1, T)  # [1, Tq, Tk]
+        diag = torch.eye(T, dtype=torch.bool, device=dev).unsqueeze(0)
+        allowed = {}
+        for w in self._windows():
+            a = causal & mask.unsqueeze(1)
+            if w is not None:
+                a = a & (idx.view(1, 1, T) > idx.view(1, T, 1) - w)
+            allowed[w] = a | diag  # a padding query sees itself: no NaN rows (its output is never used)
+
+        def write(buf, new):
+            buf[:, :, :T].copy_(new)
+            return buf[:, :, :T]
+
+        h = self.spec.embed(input_ids)
+        cos, sin = self._rope(h, position_ids)
+        for i, layer in enumerate(self.spec.layers):
+            h = self._layer(i, layer, h, cos, sin, allowed, write)
+        c.length = T
+        return self._head(h[:, -1])
+
+    # ------------------------------------------------------------------ decode
+    def _step(self, ids: torch.Tensor, t: torch.Tensor, used: int | None = None) -> torch.Tensor:
+        """ids [B, 1], t [1] long (the slot to write) -> logits [B, V]. No host sync: graph-capturable.
+
+        The graph reads all S slots under the mask (fixed shapes); eager steps pass `used` = t + 1
+        and read only the filled slots.
+        """
+        c = self.cache
+        S = used or c.capacity
+        arange, valid = c.arange[:S], c.valid[:, :S]
+        positions = (t - c.offset).unsqueeze(1)  # [B, 1]
+        seen = valid & (arange <= t)  # [B, S]
+        allowed = {}
+        for w in self._windows():
+            a = seen if w is None else seen & (arange > t - w)
+            allowed[w] = a.unsqueeze(1)  # [B, 1, S]
+
+        def write(buf, new):
+            buf.index_copy_(2, t, new)
+            return buf[:, :, :S]
+
+        h = self.spec.embed(ids)
+        cos, sin = self._rope(h, positions)
+        for i, layer in enumerate(self.spec.layers):
+            h = self._layer(i, layer, h, cos, sin, allowed, write)
+        return self._head(h[:, -1])
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] -> logits [B, V] after appending them at slot `length`."""
+        if self.cache.length >= self.cache.capacity:
+            self._grow()
+        c = self.cache
+        t = c.length
+        ids = tokens.to(self.spec.device).view(c.batch, 1)
+        out = None
+        if self.cuda_graphs:
+            out = self._replay(ids, t)
+        if out is None:
+            out = self._step(ids, torch.tensor([t], device=self.spec.device), used=t + 1)
+        c.length = t + 1
+        return out
+
+    def _replay(self, ids: torch.Tensor, t: int):
+        c = self.cache
+        key = (c.batch, c.capacity)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(ids, t)
+            if entry is None:
+                return None
+            self._graphs[key] = entry
+        graph, ids_buf, t_buf, out_buf = entry
+        ids_buf.copy_(ids)
+        t_buf.fill_(t)
+        graph.replay()
+        return out_buf.clone()
+
+    def _capture(self, ids: torch.Tensor, t: int):
+        ids_buf = ids.clone()
+        t_buf = torch.full((1,), t, dtype=torch.long, device=ids.device)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up (writes this step's K/V: the replay rewrites the same values)
+                    self._step(ids_buf, t_buf)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out_buf = self._step(ids_buf, t_buf)
+        except Exception as e:  # an op that cannot be captured: stay correct, run eagerly
+            self.graph_failures += 1
+            self.cuda_graphs = False
+            log.warning("velotune: CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            torch.cuda.synchronize()
+            return None
+        return graph, ids_buf, t_buf, out_buf
