@@ -1,1 +1,10 @@
-"""velotune.data"""
+"""velotune.data: chat templates, data set formats, tokenization with counted bad rows, response-only
+labels and padding-free packing.
+
+    chat_templates.py  get_chat_template, CHAT_TEMPLATES (Jinja bodies in templates/*.jinja)
+    formats.py         load_dataset_file, standardize_sharegpt, to_sharegpt, to_messages
+    prepare.py         tokenize_conversations, validate_preference_rows -> (Dataset, DataReport)
+    report.py          DataReport (counts and row indices per reason)
+    masking.py         train_on_responses_only, response_labels
+    packing.py         pack_dataset, PaddingFreeCollator
+"""

@@ -1,0 +1,213 @@
+"""Chat templates as data: one Jinja file per format, one table row per name.
+
+    tokenizer = get_chat_template(tokenizer, "llama-3.1")                  # role/content messages
+    tokenizer = get_chat_template(tokenizer, "chatml",
+                                  mapping={"role": "from", "content": "value", "user": "human", "assistant": "gpt"})
+
+Every template wraps the assistant's content *and its stop token* in `{% generation %}` markers, so
+`tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the tokens the
+model must learn to produce (velotune.data.prepare and velotune.data.masking rely on that).
+
+The final template is `header + _prelude.jinja + <format>.jinja`: the header holds the mapping
+(which keys hold role and content, which role names mean user/assistant/system) and the default system
+message as Jinja `set` statements; the prelude normalises messages to canonical roles and splits off a
+leading system message. So a mapping never edits template text.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from velotune.errors import ConfigError
+
+log = logging.getLogger("velotune")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One chat format.
+
+    file: template body in data/templates/. stop: the token that ends an assistant turn (None: the
+    tokenizer's own eos_token, which the template writes as `eos_token`). special_tokens: strings the
+    format needs as single special tokens (added to the tokenizer when missing). default_system: the
+    system message used when a conversation has none (None: no system block).
+    """
+    file: str
+    stop: str | None = None
+    special_tokens: tuple[str, ...] = ()
+    default_system: str | None = None
+
+
+_LLAMA3 = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_CHATML = ("<|im_start|>", "<|im_end|>")
+
+CHAT_TEMPLATES: dict[str, ChatTemplate] = {
+    "llama-3": ChatTemplate("llama-3.jinja", stop="<|eot_id|>", special_tokens=_LLAMA3),
+    "llama-3.1": ChatTemplate("llama-3.1.jinja", stop="<|eot_id|>", special_tokens=_LLAMA3),
+    "chatml": ChatTemplate("chatml.jinja", stop="<|im_end|>", special_tokens=_CHATML),
+    "qwen-2.5": ChatTemplate("chatml.jinja", stop="<|im_end|>", special_tokens=_CHATML,
+                             default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    "mistral": ChatTemplate("mistral.jinja"),
+    "zephyr": ChatTemplate("zephyr.jinja"),
+    "alpaca": ChatTemplate("alpaca.jinja", default_system=(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.")),
+    "vicuna": ChatTemplate("vicuna.jinja", default_system=(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.")),
+    "gemma": ChatTemplate("gemma.jinja", stop="<end_of_turn>", special_tokens=("<start_of_turn>", "<end_of_turn>")),
+    "phi-3": ChatTemplate("phi-3.jinja", stop="<|end|>",
+                          special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
+    "default": ChatTemplate("default.jinja"),
+}
+
+ALIASES = {
+    "llama3": "llama-3", "llama-3.0": "llama-3", "llama3.1": "llama-3.1", "llama-31": "llama-3.1",
+    "llama-3.2": "llama-3.1", "llama3.2": "llama-3.1", "llama-3.3": "llama-3.1",
+    "qwen2.5": "qwen-2.5", "qwen-2": "qwen-2.5", "qwen2": "qwen-2.5", "qwen25": "qwen-2.5",
+    "gemma2": "gemma", "gemma-2": "gemma", "phi3": "phi-3", "phi-3.5": "phi-3", "phi35": "phi-3",
+    "unsloth": "default", "plain": "default", "mistral-instruct": "mistral",
+}
+
+# mapping keys understood by get_chat_template: which message keys hold role/content, and the data's
+# names for the canonical roles.
+_MAPPING_KEYS = ("role", "content", "user", "assistant", "system")
+
+
+def resolve_name(name: str) -> str:
+    key = name.strip().lower().replace("_", "-")
+    key = ALIASES.get(key, key)
+    if key not in CHAT_TEMPLATES:
+        raise ConfigError(f"unknown chat_template {name!r}; choose from {sorted(CHAT_TEMPLATES)} "
+                          f"(aliases: {sorted(ALIASES)}) or pass a Jinja template string")
+    return key
+
+
+@lru_cache(maxsize=None)
+def _read(file: str) -> str:
+    return resources.files("velotune.data").joinpath("templates", file).read_text(encoding="utf-8")
+
+
+def _jinja_str(value) -> str:
+    """A Python str/None as a Jinja literal (Jinja reads string escapes like Python's)."""
+    return "none" if value is None else json.dumps(value)
+
+
+def render_template_source(name: str, mapping: dict | None = None, system_message: str | None = None) -> str:
+    """The full Jinja source for table entry `name` with `mapping` and the default system message."""
+    spec = CHAT_TEMPLATES[resolve_name(name)]
+    mapping = dict(mapping or {})
+    unknown = set(mapping) - set(_MAPPING_KEYS)
+    if unknown:
+        raise ConfigError(f"mapping keys {sorted(unknown)} not understood; use {list(_MAPPING_KEYS)} "
+                          "(e.g. {'role': 'from', 'content': 'value', 'user': 'human', 'assistant': 'gpt'})")
+    role_names = {r: r for r in ("user", "assistant", "system")}
+    for canonical in ("user", "assistant", "system"):
+        if canonical in mapping:
+            role_names[mapping[canonical]] = canonical
+    default_system = system_message if system_message is not None else spec.default_system
+    names = "{" + ", ".join(f"{_jinja_str(k)}: {_jinja_str(v)}" for k, v in role_names.items()) + "}"
+    header = (
+        f"{{%- set role_key = {_jinja_str(mapping.get('role', 'role'))} -%}}\n"
+        f"{{%- set content_key = {_jinja_str(mapping.get('content', 'content'))} -%}}\n"
+        f"{{%- set role_names = {names} -%}}\n"
+        f"{{%- set default_system = {_jinja_str(default_system)} -%}}\n"
+    )
+    return header + _read("_prelude.jinja") + _read(spec.file)
+
+
+def stop_token(tokenizer, chat_template: str) -> str:
+    """The token string that ends an assistant turn for this format on this tokenizer."""
+    return CHAT_TEMPLATES[resolve_name(chat_template)].stop or tokenizer.eos_token
+
+
+def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | None = None,
+                      map_eos_token: bool = True, system_message: str | None = None, *, model=None):
+    """Set `tokenizer.chat_template` to a known format (or a Jinja string) and make generation stop right.
+
+    - Special tokens the format needs (e.g. <|eot_id|>) are added to the tokenizer when missing. The
+      model's embeddings must then grow: pass `model=` and velotune resizes them
+      (`model.resize_token_embeddings(len(tokenizer))`), otherwise a warning says so and
+      `tokenizer.velotune_added_tokens` lists them.
+    - `map_eos_token=True`: `tokenizer.eos_token` becomes the format's stop token, so generation and
+      EOS-appending code stop where the assistant turn ends; with `model=` the stop token is also added
+      to `model.generation_config.eos_token_id`. A pad token equal to the stop token is replaced (a
+      collator that masks pad ids would otherwise hide the stop token from the loss).
+    - `mapping`: keys/roles used by the data, e.g. ShareGPT {"role": "from", "content": "value",
+      "user": "human", "assistant": "gpt"}; canonical role/content messages keep working too.
+    - `system_message`: the default system message when a conversation has none.
+    Returns the same tokenizer object, modified.
+    """
+    if not isinstance(chat_template, str):
+        raise ConfigError(f"chat_template must be a name or a Jinja string, got {type(chat_template).__name__}")
+    if "{%" in chat_template or "{{" in chat_template:  # a user-written Jinja template
+        if mapping or system_message is not None:
+            raise ConfigError("mapping/system_message only apply to velotune's named templates; "
+                              "write them into your own Jinja template instead")
+        tokenizer.chat_template = chat_template
+        return tokenizer
+    name = resolve_name(chat_template)
+    spec = CHAT_TEMPLATES[name]
+    added = _add_missing_special_tokens(tokenizer, spec.special_tokens + ((spec.stop,) if spec.stop else ()))
+    tokenizer.chat_template = render_template_source(name, mapping, system_message)
+    tokenizer.velotune_chat_template = name
+    stop = spec.stop or tokenizer.eos_token
+    if stop is None:
+        raise ConfigError(f"template {name!r} ends turns with the tokenizer's eos_token, but this tokenizer has none; "
+                          "set tokenizer.eos_token first")
+    old_eos = tokenizer.eos_token
+    if map_eos_token and spec.stop and tokenizer.eos_token != spec.stop:
+        tokenizer.eos_token = spec.stop
+        log.info("chat template %s: eos_token %r -> %r (the end of an assistant turn)", name, old_eos, spec.stop)
+    if tokenizer.pad_token is None or tokenizer.pad_token == stop:
+        _pick_pad_token(tokenizer, stop, old_eos)
+    tokenizer.velotune_added_tokens = added
+    if model is not None:
+        _update_model(model, tokenizer, stop, added)
+    elif added:
+        log.warning("chat template %s: added special tokens %s to the tokenizer; the model's embeddings must grow "
+                    "to %d rows: call model.resize_token_embeddings(len(tokenizer)) or pass model= to "
+                    "get_chat_template", name, added, len(tokenizer))
+    return tokenizer
+
+
+def _add_missing_special_tokens(tokenizer, tokens) -> list[str]:
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return missing
+
+
+def _pick_pad_token(tokenizer, stop: str, old_eos: str | None) -> None:
+    """A pad token distinct from the stop token (reusing one the vocabulary has where possible)."""
+    vocab = tokenizer.get_vocab()
+    for candidate in ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>", tokenizer.unk_token):
+        if candidate and candidate in vocab and candidate != stop:
+            tokenizer.pad_token = candidate
+            return
+    if old_eos and old_eos != stop:
+        tokenizer.pad_token = old_eos
+    else:
+        _add_missing_special_tokens(tokenizer, ["<|velotune_pad|>"])
+        tokenizer.pad_token = "<|velotune_pad|>"
+
+
+def _update_model(model, tokenizer, stop: str, added: list[str]) -> None:
+    emb = model.get_input_embeddings()
+    if emb.weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+        log.info("resized the model's embeddings to %d rows for %s", len(tokenizer), added)
+    stop_id = tokenizer.convert_tokens_to_ids(stop)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        ids = gen.eos_token_id
+        ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+        if stop_id not in ids:
+            gen.eos_token_id = [stop_id, *ids]
+        if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+            gen.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,203 @@
+"""Data set formats: loading local files and turning rows into chat messages.
+
+    ds = load_dataset_file("data/train.jsonl")                     # json / jsonl / parquet / csv / a datasets object
+    ds = to_sharegpt(ds, merged_prompt="{instruction}[[\\nInput: {input}]]", output_column_name="output")
+    ds = standardize_sharegpt(ds)                                  # from/value -> role/content
+    messages = to_messages(ds[0])                                  # [{'role': 'user', 'content': ...}, ...]
+
+Row formats `to_messages` recognises (first match wins):
+  messages / conversations   list of {role, content} or ShareGPT {from, value} dicts
+  instruction + output       alpaca (optional input, optional system)
+  prompt + completion        strings or message lists (TRL's prompt-completion format)
+"""
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from velotune.errors import DataError
+
+ROLE_ALIASES = {
+    "human": "user", "user": "user", "prompter": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant",
+    "system": "system",
+}
+CONVERSATION_COLUMNS = ("messages", "conversations")
+_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class RowError(DataError):
+    """A row that cannot be used; `reason` is one of velotune.data.report.REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_dataset_file(path_or_dataset: Any, split: str = "train"):
+    """A `datasets.Dataset` from a local .json/.jsonl/.parquet/.csv file, a list of dicts, or a datasets object.
+
+    A DatasetDict gives its `split`. Missing files, unknown suffixes and unreadable files raise DataError.
+    """
+    import datasets
+
+    obj = path_or_dataset
+    if isinstance(obj, (datasets.Dataset, datasets.IterableDataset)):
+        return obj
+    if isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in obj:
+            raise DataError(f"the DatasetDict has no split {split!r}; splits: {list(obj)}")
+        return obj[split]
+    if isinstance(obj, list):
+        if not all(isinstance(r, dict) for r in obj):
+            raise DataError("a list data set must hold one dict per row")
+        keys = list(dict.fromkeys(k for r in obj for k in r))  # from_list alone keeps only the first row's keys
+        return datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in obj])
+    if not isinstance(obj, (str, Path)):
+        raise DataError(f"cannot load a data set from {type(obj).__name__}: pass a file path or a datasets object")
+    path = Path(obj).expanduser()
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise DataError(f"{str(path)!r} is a folder: pass one .json/.jsonl/.parquet/.csv file")
+    kind = _LOADERS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path.name}: unknown data file type {path.suffix!r}; use one of {sorted(_LOADERS)}")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow / json errors: say which file and why, keep it one line
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        cause = e.__cause__ or e.__context__
+        if cause is not None and str(cause):
+            first += f" ({str(cause).splitlines()[0][:200]})"
+        raise DataError(f"could not read {path.name} as {kind}: {type(e).__name__}: {first}") from None
+    return ds
+
+
+def normalize_messages(messages: Any, aliases: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """role/content or from/value dicts -> [{'role': canonical, 'content': str}]; RowError when unusable."""
+    aliases = {**ROLE_ALIASES, **(aliases or {})}
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RowError("empty", "no messages")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RowError("missing_field", f"message {k} is a {type(m).__name__}, not a dict")
+        role = m.get("role") if m.get("role") is not None else m.get("from")
+        content = m.get("content") if m.get("content") is not None else m.get("value")
+        if role is None:
+            raise RowError("missing_field", f"message {k} has no 'role' (or 'from'); keys: {sorted(m)}")
+        if content is None:
+            raise RowError("missing_field", f"message {k} has no 'content' (or 'value'); keys: {sorted(m)}")
+        canonical = aliases.get(str(role).strip().lower())
+        if canonical is None:
+            raise RowError("unknown_role", f"message {k} has unknown role {role!r}; known: {sorted(set(aliases))}")
+        if not isinstance(content, str):
+            raise RowError("missing_field", f"message {k}'s content is a {type(content).__name__}, not text")
+        out.append({"role": canonical, "content": content})
+    return out
+
+
+def to_messages(row: dict) -> list[dict[str, str]]:
+    """Detect the row's format and return canonical messages (see module docstring); RowError if none fits."""
+    for col in CONVERSATION_COLUMNS:
+        if row.get(col) is not None:
+            return normalize_messages(row[col])
+    if "instruction" in row or "output" in row:
+        instruction, output = row.get("instruction"), row.get("output")
+        if instruction is None or output is None:
+            missing = "instruction" if instruction is None else "output"
+            raise RowError("missing_field", f"alpaca row lacks {missing!r}")
+        extra = row.get("input") or ""
+        user = f"{instruction}\n\n{extra}" if str(extra).strip() else str(instruction)
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": str(output)}]
+        if row.get("system"):
+            msgs.insert(0, {"role": "system", "content": str(row["system"])})
+        return msgs
+    if "prompt" in row or "completion" in row:
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if prompt is None or completion is None:
+            missing = "prompt" if prompt is None else "completion"
+            raise RowError("missing_field", f"prompt-completion row lacks {missing!r}")
+        p = normalize_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        c = (normalize_messages(completion) if isinstance(completion, list)
+             else [{"role": "assistant", "content": str(completion)}])
+        return p + c
+    raise RowError("missing_field", "no conversation found: expected 'messages' or 'conversations', alpaca "
+                   f"'instruction'+'output', or 'prompt'+'completion'; row has {sorted(row)}")
+
+
+def standardize_sharegpt(dataset, aliases: dict[str, str] | None = None, num_proc: int | None = None):
+    """ShareGPT `from`/`value` -> `role`/`content` with roles human/gpt/system -> user/assistant/system.
+
+    Works on the 'conversations' (or 'messages') column in place. Unknown roles are kept (lower-cased)
+    so that tokenize_conversations can count and report them instead of failing here.
+    """
+    column = next((c for c in CONVERSATION_COLUMNS if c in dataset.column_names), None)
+    if column is None:
+        raise DataError(f"standardize_sharegpt: no 'conversations' or 'messages' column; columns: "
+                        f"{dataset.column_names}")
+    table = {**ROLE_ALIASES, **(aliases or {})}
+
+    def convert(batch):
+        out = []
+        for conv in batch[column]:
+            msgs = []
+            for m in conv or []:
+                role = m.get("role") if m.get("role") is not None else m.get("from")
+                content = m.get("content") if m.get("content") is not None else m.get("value")
+                role = None if role is None else table.get(str(role).strip().lower(), str(role).strip().lower())
+                msgs.append({"role": role, "content": content})
+            out.append(msgs)
+        return {column: out}
+
+    kwargs = {"num_proc": num_proc} if num_proc else {}
+    return dataset.map(convert, batched=True, desc="Standardizing ShareGPT", **kwargs)
+
+
+_FIELD = re.compile(r"\{(\w+)\}")
+_OPTIONAL = re.compile(r"\[\[(.*?)\]\]", re.S)
+
+
+def _merge(prompt: str, row: dict) -> str:
+    """Fill {column} fields; an optional [[...]] block is kept only if all its fields are non-empty."""
+    def optional(m):
+        block = m.group(1)
+        names = _FIELD.findall(block)
+        return block if all(str(row.get(n) or "").strip() for n in names) else ""
+
+    text = _OPTIONAL.sub(optional, prompt)
+    return _FIELD.sub(lambda m: str(row.get(m.group(1)) if row.get(m.group(1)) is not None else ""), text)
+
+
+def to_sharegpt(dataset, merged_prompt: str = "{instruction}[[\nInput:\n{input}]]", output_column_name: str = "output",
+                merged_column_name: str = "instruction", conversation_extension: int = 1,
+                random_state: int = 3407):
+    """Merge alpaca-style columns into a ShareGPT 'conversations' column ({from, value}; Unsloth-compatible).
+
+    merged_prompt: text with {column} fields; [[...]] blocks are dropped when any field inside is empty.
+    conversation_extension=n > 1 joins n randomly chosen rows into one multi-turn conversation.
+    Follow with standardize_sharegpt for role/content messages.
+    """
+    import datasets
+
+    names = set(_FIELD.findall(merged_prompt)) | {output_column_name}
+    missing = sorted(n for n in names if n not in dataset.column_names)
+    if missing:
+        raise DataError(f"to_sharegpt: columns {missing} not in the data set; columns: {dataset.column_names}")
+    del merged_column_name  # accepted for Unsloth compatibility; the merged text goes straight into the turn
+    turns = [[{"from": "human", "value": _merge(merged_prompt, row)},
+              {"from": "gpt", "value": str(row[output_column_name] if row[output_column_name] is not None else "")}]
+             for row in dataset]
+    if conversation_extension > 1:
+        rng = random.Random(random_state)
+        order = list(range(len(turns)))
+        convs = []
+        for i in range(len(turns)):
+            others = rng.sample(order, min(conversation_extension - 1, len(order)))
+            convs.append(turns[i] + [t for j in others for t in turns[j]])
+    else:
+        convs = turns
+    return datasets.Dataset.from_dict({"conversations": convs})

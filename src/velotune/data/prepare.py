@@ -1,0 +1,163 @@
+"""Rows -> token ids and labels, with every unusable row counted (never a silent drop).
+
+    ds, report = tokenize_conversations(raw, tokenizer, max_seq_length=2048, on_long="truncate")
+    print(report.summary()); report.raise_if_empty()
+    # ds columns: input_ids [T], attention_mask [T], labels [T] (-100 outside assistant replies)
+
+Assistant tokens come from the chat template's `{% generation %}` markers
+(`return_assistant_tokens_mask`), so they are exact: no text search. velotune's templates
+(get_chat_template) all carry the markers.
+"""
+from __future__ import annotations
+
+import logging
+
+from velotune.data.formats import RowError, normalize_messages, to_messages
+from velotune.data.masking import require_chat_template
+from velotune.data.report import DataReport
+from velotune.errors import ConfigError, DataError
+
+log = logging.getLogger("velotune")
+
+
+def _check_options(on_long: str, train_on: str | None = None) -> None:
+    if on_long not in ("truncate", "skip"):
+        raise ConfigError(f"on_long={on_long!r}: use 'truncate' or 'skip'")
+    if train_on is not None and train_on not in ("responses", "all"):
+        raise ConfigError(f"train_on={train_on!r}: use 'responses' or 'all'")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="row", leave=False)
+
+
+def _validate_messages(msgs: list[dict]) -> None:
+    if all(not m["content"].strip() for m in msgs):
+        raise RowError("empty", "every message is blank")
+    replies = [m for m in msgs if m["role"] == "assistant"]
+    if not replies:
+        raise RowError("missing_field", "no assistant message to learn from")
+    if all(not m["content"].strip() for m in replies):
+        raise RowError("empty", "every assistant reply is blank")
+
+
+def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: str = "truncate",
+                           train_on: str = "responses", progress: bool = True):
+    """Tokenize chat rows with the tokenizer's chat template -> (Dataset, DataReport).
+
+    dataset: anything load_dataset_file accepts; rows in a format to_messages recognises.
+    on_long: "truncate" keeps the first max_seq_length tokens, "skip" drops the row (both counted).
+    train_on: "responses" (labels only on assistant replies and their stop token) or "all".
+    A row whose reply is cut away entirely by truncation is skipped as "no_trainable_tokens".
+    """
+    import datasets
+
+    from velotune.data.formats import load_dataset_file
+
+    _check_options(on_long, train_on)
+    if max_seq_length < 2:
+        raise ConfigError(f"max_seq_length={max_seq_length} is too small")
+    dataset = load_dataset_file(dataset)
+    require_chat_template(tokenizer)
+    if train_on == "responses" and "generation" not in tokenizer.chat_template:
+        raise DataError("the tokenizer's chat template has no {% generation %} markers, so assistant tokens cannot "
+                        "be found exactly; use velotune.get_chat_template(tokenizer, NAME) or train_on='all'")
+    report = DataReport(total=len(dataset))
+    cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for i, row in enumerate(_progress(dataset, len(dataset), "Tokenizing", progress)):
+        try:
+            msgs = to_messages(row)
+            _validate_messages(msgs)
+        except RowError as e:
+            report.add(e.reason, i, f"row {i}: {e}")
+            continue
+        out = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=train_on == "responses")
+        ids = list(out["input_ids"])
+        labels = ids if train_on == "all" else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
+        if train_on == "responses" and all(v == -100 for v in labels):
+            report.add("no_trainable_tokens", i, f"row {i}: the chat template marked no assistant token")
+            continue
+        if len(ids) > max_seq_length:
+            if on_long == "skip":
+                report.add("too_long", i, f"row {i}: {len(ids)} tokens > max_seq_length={max_seq_length}")
+                continue
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+            if all(v == -100 for v in labels[1:]):  # label 0 is never predicted (labels shift by one)
+                report.add("no_trainable_tokens", i, f"row {i}: truncation to {max_seq_length} tokens cut the "
+                           "whole reply")
+                continue
+            report.add("too_long", i, f"row {i}: truncated from {len(out['input_ids'])} to {max_seq_length} tokens",
+                       truncated=True)
+        cols["input_ids"].append(ids)
+        cols["attention_mask"].append([1] * len(ids))
+        cols["labels"].append(labels)
+    if report.num_skipped or report.num_truncated:
+        log.warning("tokenize_conversations: %s", report.summary())
+    return datasets.Dataset.from_dict(cols), report
+
+
+def _text_of(value) -> str:
+    if isinstance(value, str):
+        return value
+    return "".join(m["content"] for m in normalize_messages(value))
+
+
+def _length(tokenizer, prompt, completion) -> int:
+    """Tokens of prompt + completion as the trainer will see them (chat template when conversational)."""
+    if isinstance(completion, list):
+        msgs = (normalize_messages(prompt) if isinstance(prompt, list) else []) + normalize_messages(completion)
+        return len(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    return len(tokenizer(_text_of(prompt or "") + completion, add_special_tokens=True)["input_ids"])
+
+
+def validate_preference_rows(dataset, *, max_seq_length: int, on_long: str = "truncate", tokenizer=None,
+                             progress: bool = True):
+    """Check DPO/ORPO rows (prompt, chosen, rejected) -> (Dataset of kept rows, DataReport).
+
+    Rows are kept as they are (TRL tokenizes them); this only finds the unusable ones: a missing or
+    empty field, an unknown role in conversational rows, chosen == rejected, or (with `tokenizer=`)
+    prompt + chosen/rejected longer than max_seq_length: "skip" drops, "truncate" keeps and counts
+    (the trainer truncates). The prompt may be omitted when chosen/rejected are conversations that
+    share it (TRL's implicit prompt). Without a tokenizer lengths are not checked.
+    """
+    from velotune.data.formats import load_dataset_file
+
+    _check_options(on_long)
+    dataset = load_dataset_file(dataset)
+    report = DataReport(total=len(dataset))
+    keep = []
+    for i, row in enumerate(_progress(dataset, len(dataset), "Checking preference rows", progress)):
+        try:
+            for key in ("chosen", "rejected"):
+                if row.get(key) is None:
+                    raise RowError("missing_field", f"no {key!r} field; row has {sorted(row)}")
+            prompt = row.get("prompt")
+            if prompt is None and not isinstance(row["chosen"], list):
+                raise RowError("missing_field", f"no 'prompt' field; row has {sorted(row)}")
+            texts = {k: _text_of(row[k]) for k in ("chosen", "rejected")}
+            if prompt is not None:
+                texts["prompt"] = _text_of(prompt)
+            blank = [k for k, v in texts.items() if not v.strip()]
+            if blank:
+                raise RowError("empty", f"blank {', '.join(blank)}")
+            if row["chosen"] == row["rejected"]:
+                raise RowError("identical_pair", "chosen equals rejected")
+            if tokenizer is not None:
+                longest = max(_length(tokenizer, prompt, row[k]) for k in ("chosen", "rejected"))
+                if longest > max_seq_length:
+                    if on_long == "skip":
+                        raise RowError("too_long", f"{longest} tokens > max_seq_length={max_seq_length}")
+                    report.add("too_long", i, f"row {i}: {longest} tokens, the trainer truncates to "
+                               f"{max_seq_length}", truncated=True)
+        except RowError as e:
+            report.add(e.reason, i, f"row {i}: {e}")
+            continue
+        keep.append(i)
+    if report.num_skipped or report.num_truncated:
+        log.warning("validate_preference_rows: %s", report.summary())
+    return (dataset if len(keep) == len(dataset) else dataset.select(keep)), report
