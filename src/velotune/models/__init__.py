@@ -1,14 +1,52 @@
 """Model families and the fast decoder path.
 
 `prepare_model` is called by `FastLanguageModel.from_pretrained`; `prepare_peft_model` by
-`get_peft_model`. Until the fast path lands they leave the stock transformers forward in place.
+`get_peft_model`. Both patch module instances only (see patch.py); `unpatch(model)` reverts.
 """
 from __future__ import annotations
 
+import logging
 
-def prepare_model(model, *, max_seq_length: int, full_finetuning: bool = False) -> None:
-    """Bind velotune's fused forwards onto a freshly loaded transformers model (per instance)."""
+from velotune.models.families import SPECS, spec_for
+from velotune.models.patch import is_patched, patch, report, unpatch
+from velotune.models.spec import FamilySpec
+
+log = logging.getLogger("velotune")
+
+__all__ = ["FamilySpec", "SPECS", "prepare_model", "prepare_peft_model", "report", "spec_for", "unpatch"]
 
 
-def prepare_peft_model(peft_model) -> None:
-    """Bind fused LoRA forwards onto the LoRA layers of a PeftModel (per instance)."""
+def prepare_model(model, *, max_seq_length: int, full_finetuning: bool = False) -> bool:
+    """Bind velotune's fused forwards onto a freshly loaded transformers model (per instance).
+
+    Returns True when the fused path is active, False for an unsupported architecture (stock path,
+    with a one-line warning naming it). full_finetuning needs nothing special here: the fused
+    functions produce dW whenever a base weight requires grad.
+    """
+    spec = spec_for(model.config)
+    if spec is None:
+        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        log.warning("velotune: %s (model_type=%r) is not supported by the fused path; using stock transformers",
+                    arch, getattr(model.config, "model_type", None))
+        return False
+    from velotune.models.rope_scaling import extend_context
+
+    if max_seq_length:
+        extend_context(model, max_seq_length)
+    patch(model, spec)
+    return True
+
+
+def prepare_peft_model(peft_model) -> bool:
+    """Make sure the PeftModel's base runs fused. LoRA layers need no binding: the fused attention
+    and MLP forwards read PEFT's layers on every call (so adapter switching/disabling just works)."""
+    base = peft_model.get_base_model()
+    if getattr(base, "velotune_fast", True) is False:
+        return False
+    if any(is_patched(m) for m in base.modules()):
+        return True
+    spec = spec_for(base.config)
+    if spec is None:
+        return False
+    patch(base, spec)
+    return True

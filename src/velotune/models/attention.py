@@ -1,0 +1,99 @@
+"""Fused self-attention forward (bound per instance onto the family's attention module).
+
+    x [B, T, H] --LoRA-QKV--> q [B, Hq, T, D], k, v [B, Hk, T, D] --RoPE--> attention --LoRA-O--> [B, T, H]
+
+The mask is the one transformers' own model forward built for this layer (padding, sliding window,
+packed sequences as a block-diagonal causal mask), so masking semantics are exactly stock:
+  None           -> causal; SDPA with is_causal (flash / cuDNN) and enable_gqa (no K/V repeat)
+  bool [B,1,T,S] -> True = attend (SDPA masks); float -> additive (eager masks, e.g. Gemma 2)
+Gemma 2's score softcap t*tanh(s/t) is not offered by the SDPA backends, so it runs the explicit
+math path (the same operations as transformers' eager attention).
+Falls back to the stock forward for anything this path does not cover: a KV cache (generation),
+output_attentions, attention dropout in training, or a non-SDPA/eager attention implementation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from velotune.lora import lora_projections, resolve
+
+_OWN_IMPLEMENTATIONS = ("sdpa", "eager", None)
+
+
+def _project(X, modules):
+    """Run a list of projection modules on X [N, in]: fusable ones in one LoRA function, others stock."""
+    projs = [resolve(m) for m in modules]
+    fused_idx = [i for i, p in enumerate(projs) if p is not None]
+    outs = [None] * len(modules)
+    if fused_idx:
+        for i, y in zip(fused_idx, lora_projections(X, [projs[i] for i in fused_idx])):
+            outs[i] = y
+    for i, p in enumerate(projs):
+        if p is None:
+            outs[i] = modules[i](X)
+    return outs
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hk, S, D] -> [B, Hk * n_rep, S, D] (each K/V head serves n_rep query heads)."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def attend(q, k, v, mask, *, scaling: float, n_rep: int, softcap: float | None = None):
+    """q [B, Hq, T, D], k/v [B, Hk, S, D], mask None | bool | additive float -> [B, Hq, T, D]."""
+    if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scaling,
+                                                  enable_gqa=n_rep > 1)
+        # Masked SDPA: the CUDA mem-efficient backend lacks GQA, so K/V are repeated (as stock does).
+        return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
+                                              scale=scaling)
+    # Softcapped scores: explicit math (matches transformers' eager Gemma 2 attention op for op).
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        t, s = q.shape[2], k.shape[2]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """Replacement for `<Family>Attention.forward`; returns (output [B, T, H], None) like stock."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    impl = getattr(self.config, "_attn_implementation", None)
+    if (cache is not None or kwargs.get("output_attentions") or impl not in _OWN_IMPLEMENTATIONS
+            or (self.training and self.attention_dropout > 0) or position_embeddings is None):
+        return self._velotune_stock_forward(hidden_states, position_embeddings=position_embeddings,
+                                            attention_mask=attention_mask, **kwargs)
+    from velotune.kernels.rope import apply_rope
+
+    spec = self._velotune_spec
+    B, T, H = hidden_states.shape
+    D = self.head_dim
+    X = hidden_states.reshape(B * T, H)
+    if spec.qkv == "fused":
+        (qkv,) = _project(X, [self.qkv_proj])
+        nq, nk = self.config.num_attention_heads * D, self.config.num_key_value_heads * D
+        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+    else:
+        q, k, v = _project(X, [self.q_proj, self.k_proj, self.v_proj])
+    q = q.view(B, T, -1, D).transpose(1, 2)
+    k = k.view(B, T, -1, D).transpose(1, 2)
+    v = v.view(B, T, -1, D).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rope(q, k, cos, sin)
+    softcap = getattr(self.config, spec.attn_softcap_attr) if spec.attn_softcap_attr else None
+    o = attend(q, k, v, attention_mask, scaling=self.scaling, n_rep=self.num_key_value_groups, softcap=softcap)
+    o = o.transpose(1, 2).reshape(B * T, -1)
+    (out,) = _project(o, [self.o_proj])
+    return out.view(B, T, -1), None

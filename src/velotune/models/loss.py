@@ -1,0 +1,66 @@
+"""Causal-LM forward with the fused linear cross-entropy: the [N, vocab] logits never exist.
+
+Contract (documented in docs/architecture.md):
+  * labels given            -> loss through `fused_linear_cross_entropy`; `.logits` is None.
+  * labels None, or `return_logits=True` passed to forward, or `model.velotune_return_logits = True`
+                             -> the stock forward (full logits, transformers' own loss when labels).
+  * `num_items_in_batch`    -> sum of token losses / num_items_in_batch (exact gradient accumulation,
+                               as transformers' ForCausalLMLoss); `shift_labels` is honoured too.
+Labels are shifted exactly as ForCausalLMLoss does: pad one -100 on the right, drop the first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+def resolve_lm_head(head: nn.Module) -> nn.Linear | None:
+    """The plain Linear the LM head currently computes with (through PEFT's modules_to_save), or None."""
+    if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):  # PEFT ModulesToSaveWrapper
+        active = list(getattr(head, "active_adapters", []))
+        adapters = getattr(head, "_adapters", head.modules_to_save.keys())
+        if head.disable_adapters or not active or any(a not in adapters for a in active):
+            head = head.original_module
+        elif len(active) == 1:
+            head = head.modules_to_save[active[0]]
+        else:
+            return None
+    if type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks:
+        return head
+    return None
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                      labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """Replacement for `<Family>ForCausalLM.forward`."""
+    return_logits = kwargs.pop("return_logits", False) or getattr(self, "velotune_return_logits", False)
+    shift_labels = kwargs.get("shift_labels")
+    head = resolve_lm_head(self.lm_head)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if (labels is None and shift_labels is None) or return_logits or head is None or cache is not None \
+            or kwargs.get("return_dict") is False:
+        return self._velotune_stock_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                            position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
+                                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from velotune.kernels.fused_linear_ce import fused_linear_cross_entropy
+
+    kwargs.pop("shift_labels", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("return_dict", None)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+    hidden = outputs.last_hidden_state                                   # [B, T, H]
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]        # token t predicts t + 1
+    shift_labels = shift_labels.reshape(-1).to(hidden.device)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(hidden.device)
+    spec = self._velotune_spec
+    softcap = getattr(self.config, spec.final_softcap_attr, None) if spec.final_softcap_attr else None
+    loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels,
+                                      bias=head.bias, softcap=softcap, ignore_index=-100,
+                                      num_items_in_batch=num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions)

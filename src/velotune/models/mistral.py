@@ -1,0 +1,6 @@
+"""Mistral: Llama plus a sliding attention window on every layer (when config.sliding_window is set)."""
+from velotune.models.spec import FamilySpec
+
+SPEC = FamilySpec(name="mistral", model_types=("mistral",), causal_lm="MistralForCausalLM",
+                  attention="MistralAttention", mlp="MistralMLP", norm="MistralRMSNorm",
+                  sliding_window="all")

@@ -1,0 +1,23 @@
+"""Fused gated MLP forward: down(act(gate(x)) * up(x)) with LoRA on any of the three, one function.
+
+Falls back to the stock forward when a projection cannot be fused (LoRA dropout in training, DoRA,
+several active adapters...) or the activation is not one the GLU kernels implement exactly.
+"""
+from __future__ import annotations
+
+from velotune.lora import lora_mlp, resolve
+
+
+def mlp_forward(self, x):
+    """Replacement for `<Family>MLP.forward`: x [..., H] -> [..., H]."""
+    spec = self._velotune_spec
+    act = spec.activation(self.config)
+    if spec.gate_up == "fused":
+        gate_up = [resolve(self.gate_up_proj)]
+    else:
+        gate_up = [resolve(self.gate_proj), resolve(self.up_proj)]
+    down = resolve(self.down_proj)
+    if act is None or down is None or any(p is None for p in gate_up):
+        return self._velotune_stock_forward(x)
+    shape = x.shape
+    return lora_mlp(x.reshape(-1, shape[-1]), gate_up, down, act).view(shape)
