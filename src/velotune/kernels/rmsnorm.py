@@ -99,7 +99,7 @@ def _rms_bwd_kernel(DY, sdy, X, sx, DX, sdx, W, RSTD, DWP, M, H, rows_per_prog, 
     # partials are summed over programs afterwards -- deterministic, no atomics.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    row0 = pid * rows_per_prog
+    row0 = pid.to(tl.int64) * rows_per_prog
     row1 = tl.minimum(row0 + rows_per_prog, M)
     DWP += pid.to(tl.int64) * H
     if SINGLE:
@@ -107,7 +107,6 @@ def _rms_bwd_kernel(DY, sdy, X, sx, DX, sdx, W, RSTD, DWP, M, H, rows_per_prog, 
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         for row in range(row0, row1):
-            row = row.to(tl.int64)
             dy = tl.load(DY + row * sdy + cols, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(X + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
             r = tl.load(RSTD + row)
@@ -128,7 +127,6 @@ def _rms_bwd_kernel(DY, sdy, X, sx, DX, sdx, W, RSTD, DWP, M, H, rows_per_prog, 
             tl.store(DWP + cols, dw, mask=mask)
     else:
         for row in range(row0, row1):
-            row = row.to(tl.int64)
             r = tl.load(RSTD + row)
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, H, BLOCK):

@@ -106,15 +106,17 @@ def apply_rope_reference(q, k, cos, sin):
 def apply_rope(q, k, cos, sin):
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] with cos/sin [B, T, R] or [T, R] (R <= D, even).
 
-    On CUDA the rotation happens in place (q and k are returned, marked dirty for autograd) unless
-    their last dim is strided, in which case rotated copies are returned. Backward rotates the
-    incoming gradients in place (nothing saved but cos/sin): it assumes, as attention's backward
-    guarantees, that those gradient buffers belong to this op alone.
+    On CUDA the rotation happens in place, Q and K in one launch (q and k are returned, marked dirty
+    for autograd) unless their last dim is strided, in which case rotated copies are returned.
+    Backward saves nothing but cos/sin; it writes the inverse rotation into NEW gradient buffers:
+    autograd may hand one gradient tensor to several consumers (e.g. `q + k` passes the same grad
+    to both), so rewriting it in place would be silently wrong. Fused functions that own their
+    gradient buffers use `rope_backward_` (in place, one launch) instead.
     """
     _check_rope(q, k, cos, sin)
     if not triton_enabled(q):
         return apply_rope_reference(q, k, cos, sin)
-    return _RoPE.apply(q, k, cos, sin)
+    return _apply_rope_triton(q, k, cos, sin)
 
 
 def _check_rope(q, k, cos, sin):
@@ -136,28 +138,29 @@ def _check_rope(q, k, cos, sin):
 # Triton kernel: one program per token (b, t) rotates all Hq + Hk heads of that token.
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _rotate_heads(X, sb, sh, st, b, t, n_heads, c1, c2, s1, s2, half,
+def _rotate_heads(X, sb, sh, st, Y, yb, yh, yt, b, t, n_heads, c1, c2, s1, s2, half,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
-    base = X + b * sb + t * st
     for h0 in range(0, n_heads, BLOCK_H):
         mask = (h0 + heads < n_heads) & (dims < half)
-        p1 = base + (h0 + heads) * sh + dims
-        x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(p1 + half, mask=mask, other=0.0).to(tl.float32)
+        px = X + b * sb + t * st + (h0 + heads) * sh + dims
+        py = Y + b * yb + t * yt + (h0 + heads) * yh + dims
+        x1 = tl.load(px, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(px + half, mask=mask, other=0.0).to(tl.float32)
         if BACKWARD:   # transpose of the forward map (see module docstring)
             y1 = x1 * c1 + x2 * s2
             y2 = x2 * c2 - x1 * s1
         else:
             y1 = x1 * c1 - x2 * s1
             y2 = x2 * c2 + x1 * s2
-        tl.store(p1, y1.to(X.dtype.element_ty), mask=mask)
-        tl.store(p1 + half, y2.to(X.dtype.element_ty), mask=mask)
+        tl.store(py, y1.to(Y.dtype.element_ty), mask=mask)
+        tl.store(py + half, y2.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_kernel(Q, sqb, sqh, sqt, K, skb, skh, skt, C, S, scb, sct, T, HQ, HK, half,
+def _rope_kernel(Q, sqb, sqh, sqt, QO, oqb, oqh, oqt, K, skb, skh, skt, KO, okb, okh, okt,
+                 C, S, scb, sct, T, HQ, HK, half,
                  HAS_Q: tl.constexpr, HAS_K: tl.constexpr, BACKWARD: tl.constexpr,
                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -171,23 +174,29 @@ def _rope_kernel(Q, sqb, sqh, sqt, K, skb, skh, skt, C, S, scb, sct, T, HQ, HK, 
     s1 = tl.load(S + cs + d, mask=dmask, other=0.0).to(tl.float32)
     s2 = tl.load(S + cs + half + d, mask=dmask, other=0.0).to(tl.float32)
     if HAS_Q:
-        _rotate_heads(Q, sqb, sqh, sqt, b, t, HQ, c1, c2, s1, s2, half, BLOCK_HQ, BLOCK_D, BACKWARD)
+        _rotate_heads(Q, sqb, sqh, sqt, QO, oqb, oqh, oqt, b, t, HQ, c1, c2, s1, s2, half,
+                      BLOCK_HQ, BLOCK_D, BACKWARD)
     if HAS_K:
-        _rotate_heads(K, skb, skh, skt, b, t, HK, c1, c2, s1, s2, half, BLOCK_HK, BLOCK_D, BACKWARD)
+        _rotate_heads(K, skb, skh, skt, KO, okb, okh, okt, b, t, HK, c1, c2, s1, s2, half,
+                      BLOCK_HK, BLOCK_D, BACKWARD)
 
 
-def _launch(q, k, cos, sin, backward):
-    """Rotate q and/or k (either may be None) in place. cos/sin [B|1, T, R] or [T, R]."""
+def _launch(q, k, cos, sin, backward, q_out=None, k_out=None):
+    """Rotate q and/or k (either may be None; last dim unit-stride) into q_out / k_out (default: in
+    place; an output may be the input itself). cos/sin [B|1, T, R] or [T, R]."""
+    q_out = q if q_out is None else q_out
+    k_out = k if k_out is None else k_out
     x = q if q is not None else k
     B, _, T, _ = x.shape
+    if B * T == 0:
+        return
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
     if cos.dim() == 2:
         scb, sct = 0, cos.stride(0)
     else:
         scb = 0 if cos.shape[0] == 1 else cos.stride(0)
         sct = cos.stride(1)
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-        return _launch(q, k, cos, sin, backward)
     half = cos.shape[-1] // 2
     hq = q.shape[1] if q is not None else 1
     hk = k.shape[1] if k is not None else 1
@@ -195,43 +204,92 @@ def _launch(q, k, cos, sin, backward):
     # keep each head tile around 2K elements
     bhq = min(triton.next_power_of_2(hq), max(1, 2048 // block_d))
     bhk = min(triton.next_power_of_2(hk), max(1, 2048 // block_d))
-    qq = q if q is not None else x
-    kk = k if k is not None else x
-    if B * T == 0:
-        return
+    qq, qo = (q, q_out) if q is not None else (x, x)
+    kk, ko = (k, k_out) if k is not None else (x, x)
     _rope_kernel[(B * T,)](qq, qq.stride(0), qq.stride(1), qq.stride(2),
+                           qo, qo.stride(0), qo.stride(1), qo.stride(2),
                            kk, kk.stride(0), kk.stride(1), kk.stride(2),
+                           ko, ko.stride(0), ko.stride(1), ko.stride(2),
                            cos, sin, scb, sct, T, hq, hk, half,
                            HAS_Q=q is not None, HAS_K=k is not None, BACKWARD=backward,
                            BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_D=block_d, num_warps=4)
 
 
-def _writable(g: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
-    """g itself when it may be rewritten in place (unit last stride, no internal or mutual overlap)."""
-    no_overlap = all(s != 0 or n == 1 for s, n in zip(g.stride(), g.shape))
-    shares = other is not None and other.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
-    if g.stride(-1) == 1 and no_overlap and not shares:
-        return g
-    return g.contiguous() if not shares else g.clone(memory_format=torch.contiguous_format)
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _RoPE(torch.autograd.Function):
+def _inverse_rotation(g, cos, sin):
+    """Backward of one operand: a new gradient tensor (see apply_rope's note on in-place)."""
+    g = _unit_last(g)
+    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    R = cos.shape[-1]
+    if R < g.shape[-1]:           # pass-through dims of partial rotary
+        out[..., R:] = g[..., R:]
+    if g.shape[1] == 0:
+        return out
+    _launch(g, None, cos, sin, backward=True, q_out=out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# raw in-place pair (no autograd), for fused attention functions that own their buffers
+# ----------------------------------------------------------------------------------------------------
+def rope_forward_(q, k, cos, sin):
+    """Rotate q and k in place, one launch. Last dims must be unit-stride."""
+    _check_rope(q, k, cos, sin)
+    _launch(q, k, cos, sin, backward=False)
+    return q, k
+
+
+def rope_backward_(dq, dk, cos, sin):
+    """Inverse rotation of dq and dk in place, one launch (the caller owns both buffers)."""
+    _check_rope(dq, dk, cos, sin)
+    _launch(dq, dk, cos, sin, backward=True)
+    return dq, dk
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------
+class _RoPEPair(torch.autograd.Function):
+    """Rotates q AND k in one launch, in place; owns q's autograd history (k's is claimed by
+    _RoPEClaim right after). Two Functions because autograd refuses a Function that modifies a view
+    input in place and returns more than one tensor -- and q, k are typically views."""
+
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        qw = q if q.stride(-1) == 1 else q.contiguous()
-        kw = k if k.stride(-1) == 1 else k.contiguous()
-        _launch(qw, kw, cos, sin, backward=False)
-        dirty = [t for t, w in ((q, qw), (k, kw)) if t is w]
-        if dirty:
-            ctx.mark_dirty(*dirty)
+        _launch(q, k, cos, sin, backward=False)
+        ctx.mark_dirty(q)
         ctx.save_for_backward(cos, sin)
-        return qw, kw
+        return q
 
     @staticmethod
-    def backward(ctx, dq, dk):
+    def backward(ctx, dq):
         cos, sin = ctx.saved_tensors
-        dq = _writable(dq, None) if dq is not None else None
-        dk = _writable(dk, dq) if dk is not None else None
-        if dq is not None or dk is not None:
-            _launch(dq, dk, cos, sin, backward=True)
-        return dq, dk, None, None
+        return _inverse_rotation(dq, cos, sin), None, None, None
+
+
+class _RoPEClaim(torch.autograd.Function):
+    """k was already rotated in place by _RoPEPair: record that for autograd; backward rotates dk."""
+
+    @staticmethod
+    def forward(ctx, k, cos, sin):
+        ctx.mark_dirty(k)
+        ctx.save_for_backward(cos, sin)
+        return k
+
+    @staticmethod
+    def backward(ctx, dk):
+        cos, sin = ctx.saved_tensors
+        return _inverse_rotation(dk, cos, sin), None, None
+
+
+def _apply_rope_triton(q, k, cos, sin):
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1 or k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr() and \
+            k.data_ptr() == q.data_ptr():
+        k = k.clone(memory_format=torch.contiguous_format)
+    q = _RoPEPair.apply(q, k, cos, sin)
+    return q, _RoPEClaim.apply(k, cos, sin)
