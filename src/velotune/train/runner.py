@@ -175,7 +175,11 @@ def save_final(model, tokenizer, output_dir: Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".save-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(model, "peft_config"):
+            # Only the trained adapter (TRL's DPO may hold a frozen "ref" copy next to it).
+            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[model.active_adapter])
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for src in sorted(tmp.rglob("*")):
             dst = output_dir / src.relative_to(tmp)
