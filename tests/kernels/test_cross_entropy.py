@@ -1,0 +1,128 @@
+"""Cross-entropy and fused linear cross-entropy Triton paths (interpreter) vs torch and float64."""
+import math
+
+import pytest
+import torch
+
+import velotune.kernels.cross_entropy as ce_mod
+from kernel_checks import assert_close, grads, leaf
+from velotune.kernels import force_triton
+from velotune.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from velotune.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+
+V = 37  # odd; MAX_BLOCK is patched to 16 so every row spans 3 vocab chunks
+
+
+@pytest.fixture(autouse=True)
+def _small_vocab_chunks(monkeypatch):
+    monkeypatch.setattr(ce_mod, "MAX_BLOCK", 16)
+
+
+def _labels(n, ignored):
+    labels = torch.randint(0, V, (n,))
+    labels[list(ignored)] = -100
+    return labels
+
+
+def _check_all(got, ref, ref64, names):
+    for name, a, r, r64 in zip(names, got, ref, ref64):
+        if r is None:
+            assert a is None, f"{name}: gradient computed for a frozen tensor"
+            continue
+        if r.isnan().any():
+            assert torch.equal(a.isnan(), r.isnan()), f"{name}: NaN pattern differs"
+            continue
+        assert_close(a, r, what=f"{name} vs torch")
+        assert_close(a, r64.float(), what=f"{name} vs float64")
+
+
+CE_CASES = [  # (rows, ignored rows, kwargs, non-contiguous)
+    (1, [], {}, False),                                                   # batch 1
+    (5, [1, 3], {"softcap": 3.0}, True),                                  # Gemma 2 softcap, strided rows
+    (4, [0], {"logit_scale": 0.25, "softcap": 2.0, "reduction": "sum"}, False),
+    (4, [2], {"num_items_in_batch": 9}, False),                           # gradient-accumulation count
+    (3, [0, 1, 2], {}, False),                                            # all ignored, mean: NaN loss
+    (3, [0, 1, 2], {"num_items_in_batch": 4}, False),                     # all ignored, sum: zero loss
+]
+
+
+@pytest.mark.parametrize("n,ignored,kw,noncontig", CE_CASES)
+def test_cross_entropy_kernel(n, ignored, kw, noncontig):
+    base = torch.randn(n, V + 5 if noncontig else V) * 4
+    labels = _labels(n, ignored)
+    dloss = torch.tensor(1.7)
+
+    def run(fn, dtype):
+        x = leaf(base, dtype)
+        logits = x[:, :V]
+        loss = fn(logits, labels, **kw)
+        (g,) = grads(loss, [x], dloss.to(loss.dtype))
+        return loss, g
+
+    with force_triton():
+        got = run(cross_entropy, torch.float32)
+    assert got[0].dtype == torch.float32
+    _check_all(got, run(cross_entropy_reference, torch.float32), run(cross_entropy_reference, torch.float64),
+               ("loss", "dlogits"))
+
+
+FLCE_CASES = [  # (rows, ignored, kwargs, weight trainable, bias)
+    (9, [0, 4], {}, True, False),
+    (7, [6], {"softcap": 2.5, "logit_scale": 1.5, "num_items_in_batch": 10}, False, True),
+    (1, [], {"reduction": "sum"}, True, True),
+    (5, [0, 1, 2, 3, 4], {"num_items_in_batch": 3}, True, False),   # all rows ignored
+    (5, [0, 1, 2, 3, 4], {}, False, False),                         # all ignored, mean: NaN like torch
+]
+
+
+@pytest.mark.parametrize("n,ignored,kw,train_w,with_bias", FLCE_CASES)
+def test_fused_linear_cross_entropy(n, ignored, kw, train_w, with_bias):
+    H = 8
+    h0, w0, b0 = torch.randn(n, H), torch.randn(V, H) * 0.5, torch.randn(V)
+    labels = _labels(n, ignored)
+    dloss = torch.tensor(0.6)
+
+    def run(fn, dtype, **extra):
+        h, w = leaf(h0, dtype), leaf(w0, dtype, grad=train_w)
+        b = leaf(b0, dtype) if with_bias else None
+        loss = fn(h, w, labels, bias=b, **kw, **extra)
+        return (loss, *grads(loss, [h, w, b], dloss.to(loss.dtype)))
+
+    # budget of 2 rows of logits: chunks of 2 rows, last one partial
+    budget = 2 * V * 4
+    with force_triton():
+        got = run(fused_linear_cross_entropy, torch.float32, memory_budget_bytes=budget)
+    cpu = run(fused_linear_cross_entropy, torch.float32, memory_budget_bytes=budget)
+    ref = run(fused_linear_cross_entropy_reference, torch.float32)
+    ref64 = run(fused_linear_cross_entropy_reference, torch.float64)
+    names = ("loss", "dhidden", "dweight", "dbias")
+    _check_all(got, ref, ref64, names)
+    _check_all(cpu, ref, ref64, names)  # the CPU chunked path too
+
+
+def test_fused_linear_ce_never_builds_full_logits(monkeypatch):
+    """Every matmul output the fused path creates is at most one budget-sized chunk."""
+    import velotune.kernels.fused_linear_ce as fl
+    seen = []
+    real = fl._chunk_loss_and_grad
+
+    def spy(logits, *a, **k):
+        seen.append(tuple(logits.shape))
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(fl, "_chunk_loss_and_grad", spy)
+    h, w = torch.randn(10, 4, requires_grad=True), torch.randn(V, 4)
+    loss = fused_linear_cross_entropy(h, w, torch.randint(0, V, (10,)), memory_budget_bytes=3 * V * 4)
+    loss.backward()
+    assert seen == [(3, V), (3, V), (3, V), (1, V)]
+    assert w.grad is None and h.grad is not None and not math.isnan(loss.item())
+
+
+def test_fused_linear_ce_rejects_bad_input():
+    h, w = torch.randn(3, 4), torch.randn(V, 4)
+    with pytest.raises(ValueError, match="labels"):
+        fused_linear_cross_entropy(h, w, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(h, w, torch.zeros(3, dtype=torch.long), reduction="none")
+    with pytest.raises(ValueError, match="hidden"):
+        fused_linear_cross_entropy(h, torch.randn(V, 5), torch.zeros(3, dtype=torch.long))
