@@ -154,11 +154,9 @@ class FastLanguageModel:
             use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights,
             loftq_config=loftq_config or {}, modules_to_save=list(modules_to_save) if modules_to_save else None,
             task_type="CAUSAL_LM", **kwargs)
-        base_dtype = getattr(model, "velotune_compute_dtype", None)
+        # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
+        # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         peft_model = get_peft_model(model, config)
-        if base_dtype is not None and getattr(model, "is_loaded_in_4bit", False) is False:
-            # Adapters in the compute dtype (stock PEFT keeps fp32 copies and casts every step).
-            _cast_trainable(peft_model, base_dtype)
         _enable_checkpointing(peft_model, use_gradient_checkpointing)
         from velotune.models import prepare_peft_model
 
@@ -197,12 +195,6 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
         if name not in resolved:
             resolved.append(name)
     return resolved
-
-
-def _cast_trainable(model, dtype: torch.dtype) -> None:
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != dtype and p.is_floating_point():
-            p.data = p.data.to(dtype)
 
 
 def _enable_checkpointing(model, mode: bool | str) -> None:
