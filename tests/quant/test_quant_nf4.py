@@ -1,0 +1,164 @@
+"""NF4 format: code book, quantise, dequantise (reference and Triton under the interpreter).
+
+Bit-exact everywhere: against bitsandbytes' own CPU implementation, and against a float64
+evaluation of the code book rounded to fp32 after each operation (what the format defines).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from velotune.kernels import force_triton
+from velotune.quant.nf4 import (NF4_LEVELS, NF4Weight, absmax_reference, dequantize_nf4,
+                                dequantize_nf4_reference, dynamic_map, quantize_nf4)
+
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (shape, blocksize): odd block counts, a partial last block, > 256 blocks (so the nested absmax has
+# two second-level blocks, the second one partial). ODD adds an odd element count, which our code
+# handles but bitsandbytes' CPU backend sends through torch.compile (a minute per shape): kept out
+# of the comparisons with bitsandbytes.
+SHAPES = [((96, 192), 64), ((5, 70), 64), ((33, 192), 64), ((300, 64), 64), ((24, 40), 32), ((3, 512), 128)]
+ODD = [((7, 9), 64)]
+
+
+def _weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g).mul(3)  # uneven block scales
+    return w.to(dtype)
+
+
+def _float64_dequant(nf4: NF4Weight, dtype) -> torch.Tensor:
+    """The format's definition evaluated in float64, rounded to fp32 after each operation."""
+    f32 = lambda x: x.float().double()  # noqa: E731  round a float64 value to fp32 (exact products stay exact)
+    code = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+    n = nf4.numel
+    q = torch.stack([nf4.packed >> 4, nf4.packed & 15], 1).reshape(-1)[:n].long()
+    if nf4.nested:
+        a2 = nf4.absmax2.double().repeat_interleave(nf4.blocksize2)[: nf4.absmax.numel()]
+        absmax = f32(f32(nf4.code2.double()[nf4.absmax.long()] * a2) + nf4.offset.double())
+    else:
+        absmax = nf4.absmax.double()
+    w = f32(code[q] * absmax.repeat_interleave(nf4.blocksize)[:n])
+    return w.to(dtype).reshape(nf4.shape)
+
+
+def test_code_book_is_bitsandbytes_and_the_normal_quantiles():
+    ours = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    assert torch.equal(ours, bnbF.get_4bit_type("nf4", device="cpu"))
+    # Rebuilt from N(0,1) quantiles in float64 (QLoRA's construction: 8 positive, 7 negative, 0),
+    # stored in fp32, normalised by the largest: bit for bit the table.
+    off = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(off, 0.5, 9)[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(off, 0.5, 8)[:-1].double())
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+    assert torch.equal(v / v.max(), ours)
+    assert torch.equal(dynamic_map(), bnbF.create_dynamic_map())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_matches_bitsandbytes(dtype):
+    """4-bit codes and fp32 absmax: bit-exact with bitsandbytes' CPU implementation.
+
+    The nested (8-bit) absmax codes: ours is the nearest code of the dynamic map; bitsandbytes' CPU
+    C kernel uses a fast search that picks a neighbour of the nearest code for ~0.1% of values (its
+    PyTorch and CUDA backends pick the nearest). So there we check nearest-ness and adjacency.
+    """
+    for i, (shape, bs) in enumerate(SHAPES):
+        w = _weight(shape, dtype, seed=i)
+        for double_quant in (False, True):
+            ref_q, ref_s = bnbF.quantize_4bit(w, blocksize=bs, compress_statistics=double_quant, quant_type="nf4")
+            ours = quantize_nf4(w, blocksize=bs, double_quant=double_quant)
+            assert torch.equal(ours.packed, ref_q.reshape(-1)), shape
+            assert ours.nested == ref_s.nested
+            if not double_quant:
+                assert torch.equal(ours.absmax, ref_s.absmax), shape
+                continue
+            assert torch.equal(ours.absmax2, ref_s.state2.absmax) and torch.equal(ours.offset, ref_s.offset)
+            assert torch.equal(ours.code2, ref_s.state2.code)
+            # nearest code, in float64, of the scaled absmax
+            am = w.reshape(-1).float()
+            am = torch.nn.functional.pad(am, (0, (-am.numel()) % bs)).view(-1, bs).abs().amax(1).double()
+            x = (am - ours.offset.double()) / ours.absmax2.double().repeat_interleave(256)[: am.numel()]
+            dist = lambda q: (x - ours.code2.double()[q.long()]).abs()  # noqa: E731
+            assert (dist(ours.absmax) <= dist(ref_s.absmax) + 1e-7).all()
+            diff = ours.absmax.long() - ref_s.absmax.long()
+            assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_is_nearest_code_float64(dtype):
+    """Round trip vs a float64 reference: each value maps to its nearest NF4 level (ties aside)."""
+    code = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+    for i, (shape, bs) in enumerate(SHAPES + ODD):
+        w = _weight(shape, dtype, seed=30 + i)
+        nf4 = quantize_nf4(w, blocksize=bs, double_quant=False)
+        x = w.reshape(-1).double()
+        absmax = nf4.absmax.double().repeat_interleave(bs)[: x.numel()]
+        scaled = x / absmax
+        d = (scaled[:, None] - code[None, :]).abs()                  # [n, 16]
+        q = torch.stack([nf4.packed >> 4, nf4.packed & 15], 1).reshape(-1)[: x.numel()].long()
+        best = d.min(1).values
+        assert (d.gather(1, q[:, None])[:, 0] <= best + 1e-6).all()  # nearest, up to fp32 rounding of ties
+        assert (q == d.argmin(1)).float().mean() > 0.999
+        # and the dequantised value is that level times the block's absmax, rounded once
+        assert torch.equal(dequantize_nf4(nf4), _float64_dequant(nf4, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_reference_bit_exact(dtype):
+    """bitsandbytes' own states (nested and plain) read through from_bnb: equal to bitsandbytes'
+    CPU dequantisation and to the float64 evaluation of the format."""
+    for i, (shape, bs) in enumerate(SHAPES):
+        w = _weight(shape, dtype, seed=10 + i)
+        for double_quant in (True, False):
+            q, state = bnbF.quantize_4bit(w, blocksize=bs, compress_statistics=double_quant, quant_type="nf4")
+            nf4 = NF4Weight.from_bnb(q, state)
+            ours = dequantize_nf4(nf4)                    # CPU tensors: the reference path
+            assert ours.dtype == dtype and ours.shape == w.shape
+            assert torch.equal(ours, bnbF.dequantize_4bit(q, state)), shape
+            assert torch.equal(ours, _float64_dequant(nf4, dtype)), shape
+            assert torch.equal(absmax_reference(nf4), bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+                               if double_quant else state.absmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_kernel_bit_exact_under_interpreter(dtype):
+    for i, (shape, bs) in enumerate(SHAPES + ODD):
+        for double_quant in (True, False):
+            w = _weight(shape, torch.float32, seed=20 + i)
+            nf4 = quantize_nf4(w, blocksize=bs, double_quant=double_quant)
+            nf4.dtype = dtype
+            ref = dequantize_nf4_reference(nf4)
+            out = torch.full((w.numel() + 5,), float("nan"), dtype=dtype)  # poisoned, oversized
+            with force_triton():
+                got = dequantize_nf4(nf4, out=out)
+            assert got.data_ptr() == out.data_ptr() and got.shape == w.shape
+            assert torch.equal(got, ref), (shape, double_quant)
+            assert torch.isnan(out[w.numel():]).all()  # nothing written past the weight
+
+
+def test_triton_kernel_matches_bitsandbytes_on_its_own_states():
+    """States produced by bitsandbytes itself (bf16 weight, nested absmax), read through from_bnb."""
+    w = _weight((40, 192), torch.bfloat16, seed=3)
+    q, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    with force_triton():
+        got = dequantize_nf4(NF4Weight.from_bnb(q, state))
+    assert torch.equal(got, bnbF.dequantize_4bit(q, state))
+
+
+def test_to_bnb_round_trip_and_errors():
+    w = _weight((8, 64), torch.bfloat16)
+    nf4 = quantize_nf4(w)
+    q, state = nf4.to_bnb()
+    assert torch.equal(bnbF.dequantize_4bit(q, state), dequantize_nf4(nf4))
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_nf4(w, blocksize=48)
+    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
+        quantize_nf4(w.to(torch.float64))
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize_nf4(nf4, out=torch.empty(10, dtype=torch.bfloat16))
+    fq, fstate = bnbF.quantize_4bit(w, blocksize=64, quant_type="fp4")
+    with pytest.raises(ValueError, match="NF4 only"):
+        NF4Weight.from_bnb(fq, fstate)
