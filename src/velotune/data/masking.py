@@ -229,7 +229,7 @@ def _relabel(dataset, parts, max_length, num_proc, on_empty, name, report, empty
     for i in bad:
         why = _why_empty(dataset[i]["input_ids"], parts, max_length)
         report.add("no_trainable_tokens", i, f"{name} row {i}: {why}")
-        empty[hash(tuple(dataset[i]["input_ids"]))] = f"{name} row {i} ({why})"
+        empty.setdefault(hash(tuple(dataset[i]["input_ids"])), []).append(f"{name} row {i} ({why})")
     if bad:
         msg = (f"{len(bad)} of {len(counts)} {name} rows have no trainable token after masking: "
                + "; ".join(report.details_for("no_trainable_tokens")[:5]))
@@ -247,7 +247,7 @@ def _relabel(dataset, parts, max_length, num_proc, on_empty, name, report, empty
 class _EmptyBatchGuard:
     """Wraps a collator: a batch without any trainable label gets a warning naming its rows and why."""
 
-    def __init__(self, collator, empty_rows: dict[int, str]):
+    def __init__(self, collator, empty_rows: dict[int, list[str]]):
         self.collator = collator
         self.empty_rows = empty_rows
 
@@ -258,7 +258,8 @@ class _EmptyBatchGuard:
         batch = self.collator(features, *args, **kwargs)
         labels = batch.get("labels") if hasattr(batch, "get") else None
         if labels is not None and not bool((labels != -100).any()):
-            rows = [self.empty_rows.get(hash(tuple(int(t) for t in f["input_ids"])), "a row with no assistant reply")
+            rows = [" = ".join(self.empty_rows.get(hash(tuple(int(t) for t in f["input_ids"])),
+                                                   ["a row with no assistant reply"])[:3])
                     for f in features if "input_ids" in f]
             log.warning("a batch has no trainable token (its loss is 0/0): %s", "; ".join(rows[:8]))
         return batch

@@ -1,0 +1,165 @@
+"""Chat templates render each family's official format, end turns with the right stop token, and mark
+exactly the assistant's reply (plus its stop token) as assistant tokens."""
+from __future__ import annotations
+
+import pytest
+from jinja2.exceptions import TemplateError
+from mini import mini_model, mini_tokenizer
+
+from velotune.data.chat_templates import CHAT_TEMPLATES, get_chat_template
+from velotune.errors import ConfigError
+
+CONV = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+]
+
+# (bos, eos) of each family's own tokenizer, set on the mini tokenizer before applying the template
+FAMILY_TOKENS = {
+    "llama-3": ("<|begin_of_text|>", "<|end_of_text|>"), "llama-3.1": ("<|begin_of_text|>", "<|end_of_text|>"),
+    "chatml": (None, "<|endoftext|>"), "qwen-2.5": (None, "<|endoftext|>"),
+    "mistral": ("<s>", "</s>"), "zephyr": ("<s>", "</s>"), "alpaca": ("<s>", "</s>"), "vicuna": ("<s>", "</s>"),
+    "gemma": ("<bos>", "<eos>"), "phi-3": ("<s>", "<|endoftext|>"), "default": ("<s>", "</s>"),
+}
+STOP = {"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>",
+        "mistral": "</s>", "zephyr": "</s>", "alpaca": "</s>", "vicuna": "</s>", "gemma": "<end_of_turn>",
+        "phi-3": "<|end|>", "default": "</s>"}
+
+_L3_TURNS = ("<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+             "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>")
+_CHATML_TURNS = ("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+                 "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n")
+_L31_SYSTEM = ("<|start_header_id|>system<|end_header_id|>\n\n"
+               "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+
+# Written from each family's published format (model cards / tokenizer_config chat templates / FastChat).
+REFERENCE = {
+    "llama-3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are helpful.<|eot_id|>" + _L3_TURNS,
+    "llama-3.1": "<|begin_of_text|>" + _L31_SYSTEM + "You are helpful.<|eot_id|>" + _L3_TURNS,
+    "chatml": "<|im_start|>system\nYou are helpful.<|im_end|>\n" + _CHATML_TURNS,
+    "qwen-2.5": "<|im_start|>system\nYou are helpful.<|im_end|>\n" + _CHATML_TURNS,
+    "mistral": "<s>[INST] You are helpful.\n\nHi! [/INST]Hello.</s>[INST] What is 2+2? [/INST]4</s>",
+    "zephyr": ("<|system|>\nYou are helpful.</s>\n<|user|>\nHi!</s>\n<|assistant|>\nHello.</s>\n"
+               "<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4</s>\n"),
+    "alpaca": ("<s>You are helpful.\n\n### Instruction:\nHi!\n\n### Response:\nHello.</s>\n\n"
+               "### Instruction:\nWhat is 2+2?\n\n### Response:\n4</s>\n\n"),
+    "vicuna": "<s>You are helpful. USER: Hi! ASSISTANT: Hello.</s>USER: What is 2+2? ASSISTANT: 4</s>",
+    "gemma": ("<bos><start_of_turn>user\nYou are helpful.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+              "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n"),
+    "phi-3": ("<|system|>\nYou are helpful.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\nHello.<|end|>\n"
+              "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4<|end|>\n"),
+    "default": "<s>You are helpful.\n>>> User: Hi!\n>>> Assistant: Hello.</s>\n>>> User: What is 2+2?\n>>> Assistant: 4</s>\n",
+}
+
+# [user "Hi!"] with add_generation_prompt=True: what the model sees before it answers (default system messages too)
+PROMPT = {
+    "llama-3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "llama-3.1": ("<|begin_of_text|>" + _L31_SYSTEM + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "chatml": "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+    "qwen-2.5": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                 "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"),
+    "mistral": "<s>[INST] Hi! [/INST]",
+    "zephyr": "<|user|>\nHi!</s>\n<|assistant|>\n",
+    "alpaca": ("<s>Below is an instruction that describes a task. Write a response that appropriately completes "
+               "the request.\n\n### Instruction:\nHi!\n\n### Response:\n"),
+    "vicuna": ("<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+               "helpful, detailed, and polite answers to the user's questions. USER: Hi! ASSISTANT:"),
+    "gemma": "<bos><start_of_turn>user\nHi!<end_of_turn>\n<start_of_turn>model\n",
+    "phi-3": "<|user|>\nHi!<|end|>\n<|assistant|>\n",
+    "default": "<s>>>> User: Hi!\n>>> Assistant: ",
+}
+
+
+def family_tokenizer(name: str, **kwargs):
+    """The mini tokenizer dressed with the family's bos/eos, then given the template."""
+    tok = mini_tokenizer()
+    bos, eos = FAMILY_TOKENS[name]
+    tok.add_special_tokens({"bos_token": bos or "<s>", "eos_token": eos})
+    if bos is None:
+        tok.bos_token = None
+    return get_chat_template(tok, name, **kwargs)
+
+
+def test_table_covers_the_issue():
+    assert set(REFERENCE) == set(CHAT_TEMPLATES)
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_renders_the_reference_string(name):
+    tok = family_tokenizer(name)
+    assert tok.apply_chat_template(CONV, tokenize=False) == REFERENCE[name]
+    assert tok.apply_chat_template(CONV[1:2], tokenize=False, add_generation_prompt=True) == PROMPT[name]
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_stop_token_and_assistant_tokens(name):
+    tok = family_tokenizer(name)
+    stop = STOP[name]
+    assert tok.eos_token == stop
+    stop_id = tok.convert_tokens_to_ids(stop)
+    assert tok.pad_token != stop and tok.pad_token_id != stop_id
+    out = tok.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    assert ids.count(stop_id) >= 2
+    # each assistant turn ends with the stop token as a single special token, and only replies are marked
+    assistant = [t for t, m in zip(ids, mask) if m]
+    assert tok.decode(assistant).replace(" ", "") == f"Hello.{stop}4{stop}"
+    ends = [i for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
+    assert [ids[i] for i in ends] == [stop_id, stop_id]
+
+
+def test_mapping_sharegpt_keys_and_roles():
+    sharegpt = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                for m in CONV]
+    tok = family_tokenizer("llama-3", mapping={"role": "from", "content": "value", "user": "human", "assistant": "gpt"})
+    assert tok.apply_chat_template(sharegpt, tokenize=False) == REFERENCE["llama-3"]
+    assert tok.apply_chat_template(CONV, tokenize=False) == REFERENCE["llama-3"]  # canonical messages still work
+    with pytest.raises(ConfigError, match="mapping keys"):
+        get_chat_template(mini_tokenizer(), "chatml", mapping={"speaker": "from"})
+
+
+def test_unknown_role_and_name_are_clear_errors():
+    tok = family_tokenizer("chatml")
+    with pytest.raises(TemplateError, match="unknown role robot"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+    with pytest.raises(ConfigError, match="unknown chat_template 'llama-9'"):
+        get_chat_template(mini_tokenizer(), "llama-9")
+
+
+def test_aliases_system_message_and_custom_jinja():
+    tok = family_tokenizer("qwen-2.5", system_message="Be terse.")
+    assert tok.apply_chat_template(CONV[1:2], tokenize=False).startswith("<|im_start|>system\nBe terse.<|im_end|>")
+    tok = get_chat_template(mini_tokenizer(), "llama3")
+    assert tok.velotune_chat_template == "llama-3"
+    tok = get_chat_template(mini_tokenizer(), "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert tok.apply_chat_template(CONV[1:3], tokenize=False) == "Hi!Hello."
+
+
+def test_missing_tokens_grow_the_model_and_generation_stops():
+    model = mini_model("llama")
+    tok = mini_tokenizer()
+    n = len(tok)
+    get_chat_template(tok, "llama-3.1", model=model)
+    assert tok.velotune_added_tokens == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    assert len(tok) == n + 3
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+    assert model.get_output_embeddings().weight.shape[0] >= len(tok)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in model.generation_config.eos_token_id and tok.eos_token_id == eot
+    ids = tok.apply_chat_template(CONV, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] >= len(tok)  # new ids embed without an index error
+    # a tokenizer that already has the tokens adds nothing
+    assert get_chat_template(tok, "llama-3").velotune_added_tokens == []
+
+
+def test_map_eos_token_false_keeps_eos():
+    tok = mini_tokenizer()
+    get_chat_template(tok, "chatml", map_eos_token=False)
+    assert tok.eos_token == "</s>"
