@@ -42,8 +42,9 @@ def _check(logits, labels, reduction):
 
 
 def transform_logits_reference(logits, softcap=None, logit_scale=None):
-    """fp32 logits after logit scaling and softcapping (Gemma2: tanh(x / cap) * cap)."""
-    z = logits.float()
+    """fp32 logits after logit scaling and softcapping (Gemma2: tanh(x / cap) * cap).
+    (float64 logits stay float64, for references.)"""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if logit_scale is not None:
         z = z * logit_scale
     if softcap is not None:

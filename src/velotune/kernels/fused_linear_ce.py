@@ -97,14 +97,23 @@ def _chunk_loss_and_grad(logits, labels, coef, ignore_index, softcap, logit_scal
     return loss
 
 
+_OUT_DTYPE_ADDMM = [True]  # cuBLAS bf16/fp16 x bf16/fp16 -> fp32 addmm available (checked on first use)
+
+
 def _accumulate_fp32(acc, a, b):
-    """acc (fp32) += a @ b with fp32 accumulation and no rounding of the partial product."""
+    """acc (fp32) += a @ b with fp32 accumulation and no rounding of the partial product:
+    cuBLAS' low-precision GEMM with an fp32 output (torch's addmm out_dtype) where available,
+    else the operands upcast to fp32."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
+        return
+    if acc.is_cuda and _OUT_DTYPE_ADDMM[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_ADDMM[0] = False
+    acc.addmm_(a.float(), b.float())
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -140,13 +149,19 @@ class _FusedLinearCE(torch.autograd.Function):
                 d_bias += logits.float().sum(0)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.used = False
         return loss_rows.sum() / denom
 
     @staticmethod
     def backward(ctx, grad):
+        # The gradients were computed in forward; scale them by grad_output IN PLACE (no second
+        # [V, H] fp32 buffer), so this backward can run only once.
+        if ctx.used:
+            raise RuntimeError("fused_linear_cross_entropy: backward can run only once (no retain_graph)")
+        ctx.used = True
         d_hidden, d_weight, d_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        dh = d_hidden * grad.to(d_hidden.dtype) if d_hidden is not None else None
-        dw = (d_weight * grad).to(w_dtype) if d_weight is not None else None
-        db = (d_bias * grad).to(b_dtype) if d_bias is not None else None
+        dh = d_hidden.mul_(grad.to(d_hidden.dtype)) if d_hidden is not None else None
+        dw = d_weight.mul_(grad).to(w_dtype) if d_weight is not None else None
+        db = d_bias.mul_(grad).to(b_dtype) if d_bias is not None else None
         return dh, dw, None, db, None, None, None, None, None, None

@@ -28,12 +28,13 @@ MAX_BLOCK = 16384
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0):
-    """Plain PyTorch, op for op what LlamaRMSNorm (offset=0) / Gemma2RMSNorm (offset=1) compute."""
-    xf = x.to(torch.float32)
+    """Plain PyTorch, op for op what LlamaRMSNorm (offset=0) / Gemma2RMSNorm (offset=1) compute
+    (float64 inputs stay float64, for references)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if offset == 0.0:
         return weight * n.to(x.dtype)
-    return (n * (offset + weight.float())).to(x.dtype)
+    return (n * (offset + weight.to(xf.dtype))).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0) -> torch.Tensor:
