@@ -24,12 +24,13 @@ def _config_of(model):
     return getattr(causal_lm_of(model), "config", None)
 
 
-def for_inference(model, *, cuda_graphs: bool = True):
+def for_inference(model, *, cuda_graphs: bool = True, fused: bool | None = None):
     """Eval mode, KV cache on, and `model.generate` on the static-cache decode engine.
 
     Supported families (llama, mistral, qwen2, phi3, gemma2) with plain, LoRA (unmerged) or
     bitsandbytes 4-bit weights take the fast path; anything else keeps stock generate in eval mode.
-    `cuda_graphs=False` decodes eagerly on the GPU (for debugging).
+    `cuda_graphs=False` decodes eagerly on the GPU; `fused=False` uses plain torch ops instead of
+    velotune's Triton kernels for norm, RoPE and activation (default: fused on CUDA). Both for A/B checks.
     """
     if _STATE in model.__dict__:
         return model
@@ -45,7 +46,7 @@ def for_inference(model, *, cuda_graphs: bool = True):
     if config is not None:
         config.use_cache = True
     spec = build_spec(model)
-    engine = DecodeEngine(spec, cuda_graphs=cuda_graphs) if spec is not None else None
+    engine = DecodeEngine(spec, cuda_graphs=cuda_graphs, fused=fused) if spec is not None else None
     if engine is None:
         log.info("velotune: %s is not on the fast decode path; generate stays stock", type(model).__name__)
     stock_generate = state["generate"] or type(model).generate.__get__(model)

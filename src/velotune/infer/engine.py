@@ -20,13 +20,19 @@ import torch
 from velotune.infer import ops
 from velotune.infer.cache import CHUNK, KVCache, round_up
 from velotune.infer.spec import DYNAMIC_ROPE, DecoderSpec
+from velotune.kernels.glu import glu_forward
+from velotune.kernels.rmsnorm import rms_norm as fused_rms_norm
+from velotune.kernels.rope import rope_forward_
 
 log = logging.getLogger("velotune")
 
 
 class DecodeEngine:
-    def __init__(self, spec: DecoderSpec, *, cuda_graphs: bool = True):
+    def __init__(self, spec: DecoderSpec, *, cuda_graphs: bool = True, fused: bool | None = None):
         self.spec = spec
+        # fused: velotune's Triton kernels for RMSNorm, RoPE (q and k in one launch, in place) and the
+        # gated activation. Default on CUDA; on CPU the torch ops mirror transformers exactly.
+        self.fused = spec.device.type == "cuda" if fused is None else fused
         self.cache: KVCache | None = None
         self.static_rope = spec.rope_type not in DYNAMIC_ROPE
         self.cuda_graphs = cuda_graphs and spec.device.type == "cuda" and self.static_rope
@@ -75,6 +81,21 @@ class DecodeEngine:
         return self.spec.rotary(h, positions)
 
     # ------------------------------------------------------------------ the model
+    def _norm(self, x, n):
+        if self.fused:
+            return fused_rms_norm(x, n.weight, n.eps, offset=1.0 if n.offset else 0.0)
+        return ops.rms_norm(x, n.weight, n.eps, n.offset)
+
+    def _rotate(self, q, k, cos, sin):
+        if self.fused:
+            return rope_forward_(q, k, cos, sin)  # in place, one launch for q and k
+        return ops.apply_rope(q, k, cos, sin)
+
+    def _glu(self, layer, gate, up):
+        if self.fused and self.spec.act_name is not None:
+            return glu_forward(gate, up, self.spec.act_name)
+        return layer.act(gate) * up
+
     def _proj(self, layer, name, x):
         return ops.linear(getattr(layer, name), x, layer.plans[name])
 
@@ -82,7 +103,7 @@ class DecodeEngine:
         """One decoder layer. h [B, T, H]; `write(cache_tensor, new)` stores K or V for these tokens."""
         s, c = self.spec, self.cache
         B, T, _ = h.shape
-        x = ops.rms_norm(h, layer.input_norm.weight, layer.input_norm.eps, layer.input_norm.offset)
+        x = self._norm(h, layer.input_norm)
         if layer.qkv is not None:
             qkv = self._proj(layer, "qkv", x)
             nq, nk = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
@@ -92,7 +113,7 @@ class DecodeEngine:
         q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
         k = k.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = ops.apply_rope(q, k, cos, sin)
+        q, k = self._rotate(q, k, cos, sin)
         keys, values = write(c.k[i], k), write(c.v[i], v)
         mask = allowed[layer.sliding_window]
         if T > 1 and s.attn_softcap is None:
@@ -101,30 +122,24 @@ class DecodeEngine:
             a = ops.attention(q, keys, values, mask, s.scaling, s.attn_softcap)
         a = self._proj(layer, "o", a)
         if layer.pre_ffn_norm is not None:  # Gemma 2 sandwich
-            n = layer.post_attn_norm
-            h = h + ops.rms_norm(a, n.weight, n.eps, n.offset)
-            n = layer.pre_ffn_norm
-            x = ops.rms_norm(h, n.weight, n.eps, n.offset)
+            h = h + self._norm(a, layer.post_attn_norm)
+            x = self._norm(h, layer.pre_ffn_norm)
         else:
             h = h + a
-            n = layer.post_attn_norm
-            x = ops.rms_norm(h, n.weight, n.eps, n.offset)
+            x = self._norm(h, layer.post_attn_norm)
         if layer.gate_up is not None:
-            gu = self._proj(layer, "gate_up", x)
-            gate, up = gu.chunk(2, dim=-1)
-            m = self._proj(layer, "down", up * layer.act(gate))
+            gate, up = self._proj(layer, "gate_up", x).chunk(2, dim=-1)
         else:
-            m = self._proj(layer, "down", layer.act(self._proj(layer, "gate", x)) * self._proj(layer, "up", x))
+            gate, up = self._proj(layer, "gate", x), self._proj(layer, "up", x)
+        m = self._proj(layer, "down", self._glu(layer, gate, up))
         if layer.post_ffn_norm is not None:
-            n = layer.post_ffn_norm
-            m = ops.rms_norm(m, n.weight, n.eps, n.offset)
+            m = self._norm(m, layer.post_ffn_norm)
         return h + m
 
     def _head(self, h_last: torch.Tensor) -> torch.Tensor:
         """h_last [B, H] -> logits [B, V]."""
         s = self.spec
-        n = s.final_norm
-        logits = ops.linear(s.lm_head, ops.rms_norm(h_last, n.weight, n.eps, n.offset))
+        logits = ops.linear(s.lm_head, self._norm(h_last, s.final_norm))
         if s.final_softcap is not None:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
         return logits
@@ -246,10 +261,15 @@ class DecodeEngine:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 out_buf = self._step(ids_buf, t_buf)
-        except Exception as e:  # an op that cannot be captured: stay correct, run eagerly
+        except Exception as e:  # an op that cannot be captured: stay correct
             self.graph_failures += 1
+            torch.cuda.synchronize()
+            if self.fused:  # try again with plain torch ops
+                log.warning("velotune: CUDA graph capture failed with fused kernels (%s: %s); retrying unfused",
+                            type(e).__name__, e)
+                self.fused = False
+                return self._capture(ids, t)
             self.cuda_graphs = False
             log.warning("velotune: CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            torch.cuda.synchronize()
             return None
         return graph, ids_buf, t_buf, out_buf

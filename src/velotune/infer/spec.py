@@ -67,6 +67,7 @@ class DecoderSpec:
     device: torch.device
     dtype: torch.dtype
     vocab_size: int
+    act_name: str | None  # for the fused GLU kernel (None: use the module's activation)
 
 
 def causal_lm_of(model):
@@ -137,4 +138,11 @@ def build_spec(model) -> DecoderSpec | None:
         n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
         scaling=float(attn0.scaling), attn_softcap=getattr(config, "attn_logit_softcapping", None),
         final_softcap=getattr(config, "final_logit_softcapping", None), device=next(iter(devices)),
-        dtype=dtype, vocab_size=config.vocab_size)
+        dtype=dtype, vocab_size=config.vocab_size, act_name=_act_name(config))
+
+
+def _act_name(config) -> str | None:
+    from velotune.kernels.glu import ACTS
+
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    return name if name in ACTS else None
