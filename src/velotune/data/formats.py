@@ -54,7 +54,11 @@ def load_dataset_file(path_or_dataset: Any, split: str = "train"):
         if not all(isinstance(r, dict) for r in obj):
             raise DataError("a list data set must hold one dict per row")
         keys = list(dict.fromkeys(k for r in obj for k in r))  # from_list alone keeps only the first row's keys
-        return datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in obj])
+        try:
+            return datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in obj])
+        except Exception as e:  # pyarrow: one column holding e.g. text in some rows and lists in others
+            raise DataError(f"the rows do not share one type per column ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(obj, (str, Path)):
         raise DataError(f"cannot load a data set from {type(obj).__name__}: pass a file path or a datasets object")
     path = Path(obj).expanduser()
