@@ -45,10 +45,11 @@ def apply_overrides(cfg, args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from velotune.train.config import check_paths, load_config
-    from velotune.train.runner import run_training
 
     cfg = apply_overrides(load_config(args.config), args)
     check_paths(cfg, source=args.config)
+    from velotune.train.runner import run_training  # heavy imports (torch, transformers, TRL) only now
+
     result = run_training(cfg, progress=not args.no_progress)
     print(f"adapter and tokenizer: {result.adapter_path}")
     print(f"loss curve:            {result.png_path}")

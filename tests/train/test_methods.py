@@ -1,0 +1,82 @@
+"""SFT, DPO, ORPO and continued pretraining each train a few steps on the shipped toy data and lower
+their loss; the run leaves a PEFT adapter, a loss-curve PNG and a summary JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from velotune.train.runner import run_training
+
+from conftest import make_config, toy_slice
+
+
+def decreasing(losses):
+    return len(losses) >= 3 and losses[-1] < losses[0] - 1e-3
+
+
+def test_sft_lowers_loss_and_saves_a_stock_peft_adapter(mini_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out")
+    result = run_training(cfg, progress=False)
+    assert decreasing(result.losses), result.losses
+    assert result.steps == [1, 2, 3, 4]
+
+    # The artefacts: PNG, summary, adapter + tokenizer.
+    assert result.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["steps"] == 4 and summary["first_loss"] == result.losses[0]
+    assert summary["last_loss"] == result.losses[-1] and summary["tokens_per_second"] > 0
+    assert summary["data_report"]["total"] == 4 and summary["data_report"]["kept"] == 4
+    assert summary["method"] == "sft" and summary["data_format"] == "messages"
+    out = result.adapter_path
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    assert not list(out.glob(".save-*"))  # the temp folder of the atomic save is gone
+
+    # Stock PEFT reloads the adapter and gives the trained model's logits.
+    ids = torch.tensor([[5, 9, 40, 77, 12, 3]])
+    trained = result.model.eval()
+    base = AutoModelForCausalLM.from_pretrained(mini_llama, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_preference_methods_lower_loss(mini_llama, tmp_path, method):
+    cfg = make_config(mini_llama, toy_slice("preferences.jsonl", 4, tmp_path), tmp_path / "out", method,
+                      training={"beta": 0.5, "learning_rate": 2e-2 if method == "dpo" else 5e-3})
+    result = run_training(cfg, progress=False)
+    assert decreasing(result.losses), result.losses
+    if method == "dpo":  # the policy starts equal to the reference (adapter off): loss = log 2
+        assert result.losses[0] == pytest.approx(0.6931, abs=1e-3)
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
+    assert not (result.output_dir / "ref").exists()  # only the trained adapter is saved
+    assert json.loads(result.summary_path.read_text())["method"] == method
+
+
+def test_continued_pretraining_trains_embeddings_with_their_own_lr(mini_llama, tmp_path):
+    cfg = make_config(mini_llama, toy_slice("corpus.jsonl", 6, tmp_path), tmp_path / "out",
+                      lora={"modules_to_save": ["embed_tokens", "lm_head"]},
+                      training={"embedding_learning_rate": 1e-3}, format="text", train_on="all")
+    result = run_training(cfg, progress=False)
+    assert decreasing(result.losses), result.losses
+
+    groups = result.trainer.optimizer.param_groups
+    embed = [g for g in groups if g.get("velotune_group") == "embeddings"]
+    other = [g for g in groups if g.get("velotune_group") != "embeddings"]
+    assert embed and other
+    assert {g["initial_lr"] for g in embed} == {1e-3} and {g["initial_lr"] for g in other} == {1e-2}
+    embed_params = {id(p) for g in embed for p in g["params"]}
+    named = dict(result.model.named_parameters())
+    save_names = [n for n in named if "modules_to_save" in n]
+    assert len(save_names) == 2 and {id(named[n]) for n in save_names} == embed_params
+    lora_ids = {id(p) for n, p in named.items() if "lora_" in n}
+    assert lora_ids and lora_ids.isdisjoint(embed_params)
+    # The trained copies moved away from the frozen originals.
+    emb = result.model.base_model.model.model.embed_tokens
+    assert not torch.equal(emb.modules_to_save["default"].weight, emb.original_module.weight)
