@@ -39,6 +39,9 @@ class DecodeEngine:
         self._graphs: dict = {}  # (batch, capacity) -> (graph, ids buffer, t buffer, logits buffer)
         self._pool = None
         self.graph_failures = 0
+        self.chunk = CHUNK  # slots added per growth
+        self.reserve_ahead = 2048  # generate() preallocates up to this many new tokens; beyond, grow in chunks
+        self.growths = 0
 
     # ------------------------------------------------------------------ cache management
     def reserve(self, batch: int, length: int) -> None:
@@ -49,7 +52,8 @@ class DecodeEngine:
             return
         self.release()
         s = self.spec
-        self.cache = KVCache(len(s.layers), batch, s.n_kv_heads, s.head_dim, round_up(length), s.dtype, s.device)
+        self.cache = KVCache(len(s.layers), batch, s.n_kv_heads, s.head_dim, round_up(length, self.chunk), s.dtype,
+                             s.device)
         self._fill_rope_table(self.cache)
 
     def release(self) -> None:
@@ -62,7 +66,8 @@ class DecodeEngine:
         old = self.cache
         self._graphs.clear()
         self._pool = None
-        self.cache = old.grown(old.capacity + CHUNK)
+        self.cache = old.grown(old.capacity + self.chunk)
+        self.growths += 1
         self._fill_rope_table(self.cache)
 
     def _fill_rope_table(self, cache: KVCache) -> None:

@@ -65,7 +65,7 @@ def decode_loop(model, input_ids, logits_processor, stopping_criteria, generatio
         pad_token_id = pad_token_id.to(input_ids.device)
 
     max_length = generation_config.max_length or (T + 1)
-    engine.reserve(B, min(max_length, T + 2048))  # grows in chunks beyond that
+    engine.reserve(B, min(max_length, T + 1 + engine.reserve_ahead))  # grows in chunks beyond
     logits = engine.prefill(input_ids, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"))
     while True:
         next_token_logits = logits.to(copy=True, dtype=torch.float32, device=input_ids.device)
