@@ -205,15 +205,16 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty((M, H), dtype=x2.dtype, device=x2.device)
         has_dw = ctx.needs_input_grad[1]
         block, single = _block(H)
-        if x2.is_cuda:
-            progs = torch.cuda.get_device_properties(x2.device).multi_processor_count * 2
+        if x2.is_cuda:  # enough programs in flight to hide each row's load -> reduce -> store latency
+            progs = torch.cuda.get_device_properties(x2.device).multi_processor_count * 8
         else:
             progs = 4
         progs = max(1, min(progs, M))
         rows_per_prog = triton.cdiv(M, progs) if M > 0 else 1
         progs = triton.cdiv(M, rows_per_prog) if M > 0 else 0
-        dwp = torch.zeros((max(progs, 1), H) if has_dw else (1, 1), dtype=torch.float32,
-                          device=x2.device)
+        # single-block rows: every program stores its whole partial row, so no zero-fill is needed
+        alloc = torch.empty if single else torch.zeros
+        dwp = alloc((max(progs, 1), H) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
         if M > 0:
             _rms_bwd_kernel[(progs,)](dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight,
                                       rstd, dwp, M, H, rows_per_prog, ctx.offset,

@@ -1,6 +1,7 @@
-"""Rotary position embeddings: Q and K rotated together, in place, with an in-place inverse backward.
+"""Rotary position embeddings: Q and K rotated in one launch; backward is the inverse rotation.
 
-    q, k = apply_rope(q, k, cos, sin)            # q [B, Hq, T, D], k [B, Hk, T, D]
+    q, k = apply_rope(q, k, cos, sin)            # q [B, Hq, T, D], k [B, Hk, T, D], autograd
+    rope_forward_(q, k, cos, sin); rope_backward_(dq, dk, cos, sin)   # raw, in place, no autograd
     cos, sin = rope_cos_sin(config, position_ids, device)   # [B, T, R] fp32, R = rotary dims <= D
 
 cos/sin follow transformers' convention: halves duplicated, `rotate_half` pairing of dim i with
@@ -106,12 +107,12 @@ def apply_rope_reference(q, k, cos, sin):
 def apply_rope(q, k, cos, sin):
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] with cos/sin [B, T, R] or [T, R] (R <= D, even).
 
-    On CUDA the rotation happens in place, Q and K in one launch (q and k are returned, marked dirty
-    for autograd) unless their last dim is strided, in which case rotated copies are returned.
-    Backward saves nothing but cos/sin; it writes the inverse rotation into NEW gradient buffers:
-    autograd may hand one gradient tensor to several consumers (e.g. `q + k` passes the same grad
-    to both), so rewriting it in place would be silently wrong. Fused functions that own their
-    gradient buffers use `rope_backward_` (in place, one launch) instead.
+    On CUDA: one Triton launch rotates Q and K into new tensors of the same layout; backward (one
+    launch) applies the inverse rotation, saving nothing but cos/sin. See _RoPE for why the autograd
+    path is out of place (views + in place = CopySlices, 2x slower), and why backward must not
+    rewrite its incoming gradients (autograd may hand one gradient tensor to several consumers,
+    e.g. `q + k`). Fused code that owns its buffers calls rope_forward_ / rope_backward_, which
+    rotate in place.
     """
     _check_rope(q, k, cos, sin)
     if not triton_enabled(q):
@@ -219,17 +220,19 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _inverse_rotation(g, cos, sin):
-    """Backward of one operand: a new gradient tensor (see apply_rope's note on in-place)."""
-    g = _unit_last(g)
-    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+def _rotated(q, k, cos, sin, backward):
+    """New tensors (same layouts as the inputs; either may be None) holding the (inverse) rotation."""
+    q = _unit_last(q) if q is not None else None
+    k = _unit_last(k) if k is not None else None
+    qo = torch.empty_like(q) if q is not None else None
+    ko = torch.empty_like(k) if k is not None else None
     R = cos.shape[-1]
-    if R < g.shape[-1]:           # pass-through dims of partial rotary
-        out[..., R:] = g[..., R:]
-    if g.shape[1] == 0:
-        return out
-    _launch(g, None, cos, sin, backward=True, q_out=out)
-    return out
+    for x, o in ((q, qo), (k, ko)):
+        if x is not None and R < x.shape[-1]:   # pass-through dims of partial rotary
+            o[..., R:] = x[..., R:]
+    if q is not None or k is not None:
+        _launch(q, k, cos, sin, backward, q_out=qo, k_out=ko)
+    return qo, ko
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,44 +255,27 @@ def rope_backward_(dq, dk, cos, sin):
 # ----------------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------------
-class _RoPEPair(torch.autograd.Function):
-    """Rotates q AND k in one launch, in place; owns q's autograd history (k's is claimed by
-    _RoPEClaim right after). Two Functions because autograd refuses a Function that modifies a view
-    input in place and returns more than one tensor -- and q, k are typically views."""
+class _RoPE(torch.autograd.Function):
+    """Q and K in one launch each way; saves only cos/sin.
+
+    Out of place on purpose: q and k are normally views (the transposed projection output), and an
+    in-place update of a view makes autograd wrap the backward in CopySlices, which copies the whole
+    gradient three more times -- measured on an H200 to make fwd+bwd 2x slower than writing new
+    tensors. The old q/k buffers die with the caller's references (linear layers do not save their
+    outputs), so peak memory is unchanged. Fused code that owns its buffers uses rope_forward_ /
+    rope_backward_ to rotate in place."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        _launch(q, k, cos, sin, backward=False)
-        ctx.mark_dirty(q)
         ctx.save_for_backward(cos, sin)
-        return q
+        return _rotated(q, k, cos, sin, backward=False)
 
     @staticmethod
-    def backward(ctx, dq):
+    def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        return _inverse_rotation(dq, cos, sin), None, None, None
-
-
-class _RoPEClaim(torch.autograd.Function):
-    """k was already rotated in place by _RoPEPair: record that for autograd; backward rotates dk."""
-
-    @staticmethod
-    def forward(ctx, k, cos, sin):
-        ctx.mark_dirty(k)
-        ctx.save_for_backward(cos, sin)
-        return k
-
-    @staticmethod
-    def backward(ctx, dk):
-        cos, sin = ctx.saved_tensors
-        return _inverse_rotation(dk, cos, sin), None, None
+        dq, dk = _rotated(dq, dk, cos, sin, backward=True)
+        return dq, dk, None, None
 
 
 def _apply_rope_triton(q, k, cos, sin):
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1 or k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr() and \
-            k.data_ptr() == q.data_ptr():
-        k = k.clone(memory_format=torch.contiguous_format)
-    q = _RoPEPair.apply(q, k, cos, sin)
-    return q, _RoPEClaim.apply(k, cos, sin)
+    return _RoPE.apply(q, k, cos, sin)
