@@ -36,7 +36,8 @@ def _is_plain_linear(m: nn.Module) -> bool:
         return False
     if type(m) is nn.Linear:
         return True
-    return type(m).__name__ in ("Linear4bit",)  # bitsandbytes NF4 (read via get_base_weight)
+    # bitsandbytes NF4 (read via get_base_weight). Not PEFT's LoRA wrapper of it, also named Linear4bit.
+    return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
 
 
 def _is_lora_layer(m: nn.Module) -> bool:
