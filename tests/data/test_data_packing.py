@@ -5,7 +5,7 @@ import pytest
 import torch
 from mini import FAMILIES, VOCAB, mini_model, save_mini_model
 
-from velotune.data.packing import PaddingFreeCollator, _pack_indices, pack_dataset
+from velotune.data.packing import PaddingFreeCollator, pack_indices, pack_dataset
 from velotune.errors import DataError
 
 LENGTHS = (13, 5, 21, 9)  # longer than the mini models' sliding window (8), so windows are exercised
@@ -115,6 +115,19 @@ def test_pack_dataset_rows_and_collation():
     torch.testing.assert_close(model(**batch).loss, model(**_padded(members)).loss, rtol=1e-5, atol=0)
 
 
+def test_keep_rows_equals_padded():
+    model = mini_model("mistral")  # sliding window 8: windows must stay inside each segment
+    samples = _samples(seed=5)
+    rows = [{"input_ids": samples[0]["input_ids"] + samples[1]["input_ids"],
+             "labels": samples[0]["labels"] + samples[1]["labels"], "seq_lengths": [13, 5]},
+            {"input_ids": samples[2]["input_ids"], "labels": samples[2]["labels"]}]
+    batch = PaddingFreeCollator(keep_rows=True)(rows)
+    assert batch["input_ids"].shape == (2, 21)
+    assert batch["position_ids"][0].tolist() == list(range(13)) + list(range(5)) + [0, 1, 2]
+    assert (batch["labels"][0, 18:] == -100).all()
+    _assert_same(model, batch, _padded(samples[:3]))
+
+
 def _split(row):
     out, start = [], 0
     for n in row["seq_lengths"]:
@@ -123,9 +136,9 @@ def _split(row):
     return out
 
 
-def test_pack_indices_fit():
+def testpack_indices_fit():
     lengths = [7, 3, 9, 1, 10, 4, 4, 2]
-    bins = _pack_indices(lengths, 10)
+    bins = pack_indices(lengths, 10)
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
     assert len(bins) == 4  # 40 tokens in bins of 10: best-fit decreasing is optimal here

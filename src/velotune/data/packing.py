@@ -23,7 +23,7 @@ from typing import Any
 from velotune.errors import DataError
 
 
-def _pack_indices(lengths: list[int], capacity: int) -> list[list[int]]:
+def pack_indices(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing bin packing: lists of sample indices whose lengths sum to <= capacity."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins: list[list[int]] = []
@@ -62,7 +62,7 @@ def pack_dataset(dataset, max_seq_length: int):
     if empty:
         raise DataError(f"{len(empty)} rows have no tokens (rows {empty[:5]}); remove them before packing")
     out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lengths": []}
-    for members in _pack_indices(lengths, max_seq_length):
+    for members in pack_indices(lengths, max_seq_length):
         members.sort()  # keep the data set's order inside a row
         out["input_ids"].append([t for i in members for t in ids[i]])
         out["labels"].append([t for i in members for t in labels[i]])
@@ -99,28 +99,53 @@ def _split_row(feature: dict[str, Any]) -> list[dict[str, list[int]]]:
 
 
 class PaddingFreeCollator:
-    """Features (single samples or pre-packed rows) -> one padding-free row.
+    """Features (single samples or pre-packed rows) -> a padding-free batch.
 
-    Returns input_ids [1, total], labels [1, total] (-100 at each sample's first token),
-    position_ids [1, total] (0 at each sample's start), use_cache=False (with a KV cache transformers does
-    not detect packed sequences and would let samples attend to each other); with return_flash_attn_kwargs also
-    cu_seq_lens_q/k [n+1] int32 and max_length_q/k (for flash-attention varlen kernels).
+    Default: everything in one row. input_ids [1, total], labels [1, total] (-100 at each sample's first
+    token), position_ids [1, total] (0 at each sample's start), use_cache=False (with a KV cache
+    transformers does not detect packed sequences and would let samples attend to each other); with
+    return_flash_attn_kwargs also cu_seq_lens_q/k [n+1] int32 and max_length_q/k (flash-attention varlen).
+
+    keep_rows=True: each feature stays one row, [R, T_max]; a shorter row is filled with pad_token_id as
+    one more segment (its own position_ids from 0, labels -100), so it never attends to real tokens.
+    With SDPA/eager, whose packed mask is dense [T, T], R rows of length T cost R*T^2 attention instead of
+    (R*T)^2 for one long row.
     """
 
-    def __init__(self, return_flash_attn_kwargs: bool = False):
+    def __init__(self, return_flash_attn_kwargs: bool = False, *, keep_rows: bool = False, pad_token_id: int = 0):
         from transformers import DataCollatorWithFlattening
 
+        if keep_rows and return_flash_attn_kwargs:
+            raise ValueError("keep_rows=True gives a [R, T] batch; flash-attention kwargs need one row")
+        self.keep_rows = keep_rows
+        self.pad_token_id = pad_token_id
         self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
                                                   return_flash_attn_kwargs=return_flash_attn_kwargs)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        samples = [s for f in features for s in _split_row(f)]
+        rows = [_split_row(f) for f in features]
+        samples = [s for r in rows for s in r]
         if not samples or any(len(s["input_ids"]) == 0 for s in samples):
             raise DataError("PaddingFreeCollator got an empty sample; remove empty rows before training")
         if any("labels" in s for s in samples) and not all("labels" in s for s in samples):
             raise DataError("PaddingFreeCollator: some rows have labels and some do not")
+        if self.keep_rows:
+            return self._rows(rows)
         batch = self.flatten(samples)
-        # A KV cache disables transformers' packed-sequence detection (the mask would then be plain causal and
-        # samples would attend to each other); training never needs the cache, so the batch turns it off.
         batch["use_cache"] = False
         return batch
+
+    def _rows(self, rows: list[list[dict[str, list[int]]]]) -> dict[str, Any]:
+        import torch
+
+        flat = [self.flatten(r) for r in rows]  # each: [1, T_r]
+        width = max(b["input_ids"].shape[1] for b in flat)
+        out = {k: torch.full((len(flat), width), fill, dtype=torch.long)
+               for k, fill in (("input_ids", self.pad_token_id), ("labels", -100), ("position_ids", 0))}
+        for i, b in enumerate(flat):
+            n = b["input_ids"].shape[1]
+            for k in out:
+                out[k][i, :n] = b[k][0]
+            out["position_ids"][i, n:] = torch.arange(width - n)  # the fill is a segment of its own
+        out["use_cache"] = False
+        return out
