@@ -215,7 +215,9 @@ def bench(fn, leaves, ex, rep_ms):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     ms = triton.testing.do_bench(step, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
-    return ms, peak / 2**30
+    fwd = triton.testing.do_bench(lambda: fn(leaves, ex), warmup=max(25, rep_ms // 4), rep=rep_ms // 2,
+                                  return_mode="median")
+    return ms, peak / 2**30, fwd
 
 
 def main():
@@ -272,7 +274,7 @@ def main():
                 print(f"  {case.name}/compile failed: {e!r}", flush=True)
             compile_spent += time.time() - t
         results["timings"].append(row)
-        print(f"time {case.name}: " + ", ".join(f"{k} {v[0]:.3f} ms {v[1]:.2f} GiB"
+        print(f"time {case.name}: " + ", ".join(f"{k} {v[0]:.3f} ms (fwd {v[2]:.3f}) {v[1]:.2f} GiB"
                                                  for k, v in row.items() if k != "case"), flush=True)
         del leaves, ex
         torch.cuda.empty_cache()
