@@ -1,0 +1,100 @@
+"""Patching machinery: per-instance, revertible, reported; generation; RoPE scaling; unsupported models."""
+import logging
+
+import pytest
+import torch
+from mini import fixed_batch, mini_model, save_mini_model
+
+from velotune import FastLanguageModel
+from velotune.models import SPECS, prepare_model, report, spec_for, unpatch
+from velotune.models.patch import is_patched
+
+
+def test_every_family_has_a_spec_that_names_real_classes():
+    import transformers
+
+    for spec in SPECS:
+        for cls in (spec.causal_lm, spec.attention, spec.mlp, spec.norm):
+            assert hasattr(transformers.models, spec.name) or cls
+        model = mini_model(spec.name)
+        names = {type(m).__name__ for m in model.modules()}
+        assert {spec.causal_lm, spec.attention, spec.mlp, spec.norm} <= names, spec.name
+        assert spec_for(model.config) is spec and spec.activation(model.config) is not None
+
+
+def test_patch_is_per_instance_and_unpatch_restores_stock(tmp_path):
+    path = save_mini_model("llama", tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=128)
+    other = mini_model("llama")  # same class, never patched
+    assert not any(is_patched(m) for m in other.modules())
+    attn = model.model.layers[0].self_attn
+    assert "attention" in report(model) and "forward" in attn.__dict__  # bound on the instance...
+    assert type(attn).forward is type(other.model.layers[0].self_attn).forward  # ...the class is untouched
+    batch = fixed_batch()
+    fused_loss = model(**batch).loss
+    n = unpatch(model)
+    assert n == 1 + 2 + 2 + 5 and "stock" in report(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    stock_loss = model(**batch).loss
+    torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=0)
+    assert model(**batch).logits is not None  # stock forward returns logits again
+
+
+def test_logits_returned_when_asked(tmp_path):
+    path = save_mini_model("gemma2", tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=128)
+    batch = fixed_batch()
+    fused = model(**batch)
+    assert fused.logits is None and fused.loss is not None
+    full = model(**batch, return_logits=True)
+    assert full.logits.shape == (2, 12, 384)
+    torch.testing.assert_close(full.loss, fused.loss, rtol=1e-5, atol=0)
+    no_labels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(no_labels.logits, full.logits)
+    assert full.logits.abs().max() <= 30.0  # final-logit softcap applied
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generate_matches_stock(family, tmp_path):
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = save_mini_model(family, tmp_path)
+    fast, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=128)
+    fast = FastLanguageModel.get_peft_model(fast, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for p in fast.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    stock = get_peft_model(stock, copy.deepcopy(fast.peft_config["default"]))
+    stock.load_state_dict(fast.state_dict())
+    fast.eval(), stock.eval()
+    ids = fixed_batch(batch=1, seq=6, pad_last=0)["input_ids"]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out_fast = fast.generate(input_ids=ids, **kw)
+    out_stock = stock.generate(input_ids=ids, **kw)
+    assert torch.equal(out_fast, out_stock)
+
+
+def test_rope_scaled_beyond_native_context(tmp_path):
+    path = save_mini_model("mistral", tmp_path)  # max_position_embeddings 256, default RoPE
+    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=1024)
+    rp = model.config.rope_parameters
+    assert rp["rope_type"] == "linear" and rp["factor"] == pytest.approx(4.0)
+    native, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=128)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, native.model.rotary_emb.inv_freq / 4)
+    unpatch(model)
+    assert model.config.max_position_embeddings == 256 and model.config.rope_parameters["rope_type"] == "default"
+
+
+def test_unsupported_architecture_warns_and_stays_stock(caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
+    with caplog.at_level(logging.WARNING, logger="velotune"):
+        assert prepare_model(model, max_seq_length=32) is False
+    lines = [r.getMessage() for r in caplog.records if r.name == "velotune"]
+    assert len(lines) == 1 and "GPT2LMHeadModel" in lines[0] and "stock" in lines[0]
+    assert not any(is_patched(m) for m in model.modules())
