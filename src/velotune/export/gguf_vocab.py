@@ -5,9 +5,10 @@ Two tokenizer kinds cover the five families:
     byte-level BPE (GPT-2 style: Llama 3, Qwen2, the mini/demo models)  -> tokenizer.ggml.model "gpt2",
         merges, and the pre-tokenizer name llama.cpp knows for the tokenizer's split regex
     SentencePiece BPE (Llama 2, Mistral, Phi-3, Gemma 2)                 -> tokenizer.ggml.model "llama",
-        per-piece scores (from the .model file when the tokenizer has one, else from the merge ranks
-        of tokenizer.json: SentencePiece merges the highest-scoring piece first, transformers the
-        lowest-ranked merge, and its converter ranks merges by piece score, so score = -rank)
+        per-piece scores from the merge ranks of tokenizer.json: llama.cpp merges the highest-scoring
+        piece first, transformers the lowest-ranked merge, so score = -rank reproduces transformers.
+        (The original .model scores are NOT used: they give whitespace pieces such as "\u2581\u2581" a
+        score of -1e9, so llama.cpp would split runs of spaces differently from transformers.)
 
 Special tokens and add_bos/add_eos are taken from what the tokenizer actually does when encoding.
 """
@@ -87,30 +88,19 @@ def _spm_vocab(tokenizer, tok_json: dict, n_vocab: int) -> tuple[list[bytes], li
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [T.UNUSED] * n_vocab
-    sp_file = getattr(tokenizer, "vocab_file", None)
-    if sp_file and Path(sp_file).is_file():
-        from sentencepiece import SentencePieceProcessor
-
-        sp = SentencePieceProcessor()
-        sp.LoadFromFile(str(sp_file))
-        for i in range(min(sp.vocab_size(), n_vocab)):
-            tokens[i], scores[i] = sp.IdToPiece(i).encode(), sp.GetScore(i)
-            types[i] = (T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else
-                        T.UNUSED if sp.IsUnused(i) else T.BYTE if sp.IsByte(i) else T.NORMAL)
-    else:
-        model = tok_json["model"]
-        rank: dict[str, int] = {}
-        for r, m in enumerate(model.get("merges", [])):
-            a, b = m.split(" ", 1) if isinstance(m, str) else m
-            rank.setdefault(a + b, r)
-        unk = model.get("unk_token")
-        for text, i in model["vocab"].items():
-            if i >= n_vocab:
-                continue
-            tokens[i] = text.encode()
-            scores[i] = -float(rank[text]) if text in rank else 0.0
-            is_byte = len(text) == 6 and text.startswith("<0x") and text.endswith(">")
-            types[i] = T.UNKNOWN if text == unk else T.BYTE if is_byte else T.NORMAL
+    model = tok_json["model"]
+    rank: dict[str, int] = {}
+    for r, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    unk = model.get("unk_token")
+    for text, i in model["vocab"].items():
+        if i >= n_vocab:
+            continue
+        tokens[i] = text.encode()
+        scores[i] = -float(rank[text]) if text in rank else 0.0
+        is_byte = len(text) == 6 and text.startswith("<0x") and text.endswith(">")
+        types[i] = T.UNKNOWN if text == unk else T.BYTE if is_byte else T.NORMAL
     for i, added in tokenizer.added_tokens_decoder.items():
         if i >= n_vocab:
             raise ExportError(f"tokenizer token {added.content!r} has id {i} >= the model's vocab_size {n_vocab}")

@@ -1,0 +1,172 @@
+"""GGUF files written by velotune, read back by llama.cpp (llama-cpp-python).
+
+Bounds (stated, with the measured values on these toys in brackets):
+  f32 GGUF + f32 KV cache, Llama/Phi-3: max|dlogit| <= 1e-5 * max|logit|        [~5e-7]
+  f16 GGUF (llama.cpp defaults), each family: max|dlogit| <= tol = 3e-3 * max|logit| [<= 1.2e-3],
+      top-1 equal at every position whose top-2 margin exceeds 2 * tol (>= 75% of positions are;
+      at the near-ties random weights produce, llama.cpp's pick is within 2 * tol of the best)
+  k-quant toy (hidden 256 so that k-quant blocks of 256 fit), vs the fp32 model:
+      q8_0: max|dlogit| <= 0.05 * max|logit|, top-1 >= 90% of positions             [0.018, 96%]
+      q4_k_m: max|dlogit| <= 0.30 * max|logit|, top-1 >= 60%                          [0.16, 79%]
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import lora_model
+from mini import FAMILIES, VOCAB
+
+pytest.importorskip("llama_cpp")
+import gguf  # noqa: E402
+
+from velotune.errors import ConfigError  # noqa: E402
+from velotune.export import ExportError, attach_export_methods  # noqa: E402
+from velotune.export.llama_cpp_io import open_gguf  # noqa: E402
+from velotune.export.modelfile import parse_modelfile  # noqa: E402
+
+# Mistral's mini window (8) is shorter than the prompts, and llama.cpp's llama graph has no sliding
+# window (the exporter warns): give the mistral toy a window longer than the prompts.
+OVERRIDES = {"mistral": {"sliding_window": 64}}
+
+
+def prompts(tok) -> list[list[int]]:
+    chat = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Hello world! How are you today?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    g = torch.Generator().manual_seed(5)
+    return [tok(chat, add_special_tokens=False)["input_ids"],
+            tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"],
+            torch.randint(7, VOCAB, (20,), generator=g).tolist()]
+
+
+def llama_cpp_logits(path, ids, **kw) -> np.ndarray:
+    llm = open_gguf(path, n_ctx=64, logits_all=True, **kw)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f16_logits_match_transformers(family, tmp_path):
+    model, tok = lora_model(family, **OVERRIDES.get(family, {}))
+    (path,) = model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)
+    assert path.name == "model.F16.gguf" and (tmp_path / "Modelfile").exists()
+    for ids in prompts(tok):
+        ref, got = hf_logits(model, ids), llama_cpp_logits(path, ids)
+        tol = 3e-3 * np.abs(ref).max()
+        assert np.abs(got - ref).max() <= tol
+        assert_top1_agrees(ref, got, tol)
+
+
+def assert_top1_agrees(ref: np.ndarray, got: np.ndarray, tol: float) -> None:
+    """Same argmax wherever the reference's top-2 margin exceeds the error bound (2 * tol); at the
+    remaining near-ties (random weights have some) llama.cpp's pick must be within 2 * tol of the best."""
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 2 * tol
+    pick = got.argmax(-1)
+    assert (pick == ref.argmax(-1))[decisive].all()
+    assert (ref[np.arange(len(ref)), pick] >= ref.max(-1) - 2 * tol).all()
+    assert decisive.mean() >= 0.75  # the check is not vacuous
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_f32_is_exact(family, tmp_path):
+    """f32 weights and KV cache: equal to float32 rounding (proves the Q/K permutation, rope factors, fused tensors)."""
+    model, tok = lora_model(family)
+    (path,) = model.save_pretrained_gguf(tmp_path, tok, "f32", quiet=True, modelfile=False)
+    ids = prompts(tok)[2]
+    ref, got = hf_logits(model, ids), llama_cpp_logits(path, ids, f32_kv_cache=True)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_quantized_within_bounds(tmp_path):
+    model, tok = lora_model("llama", hidden_size=256, intermediate_size=512)
+    paths = model.save_pretrained_gguf(tmp_path, tok, ["q8_0", "q4_k_m"], quiet=True)
+    assert [p.name for p in paths] == ["model.Q8_0.gguf", "model.Q4_K_M.gguf"]
+    assert not list(tmp_path.glob(".*"))  # the 16-bit intermediate is gone
+    types = [{t.tensor_type for t in gguf.GGUFReader(p).tensors} for p in paths]
+    Q = gguf.GGMLQuantizationType
+    assert Q.Q8_0 in types[0] and Q.Q4_K in types[1] and Q.Q6_K in types[1]  # real k-quants, not fallbacks
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, VOCAB, (24,), generator=g).tolist()
+    ref = hf_logits(model, ids)
+    errors = {}
+    for path, (bound, top1) in zip(paths, [(0.05, 0.9), (0.30, 0.6)]):
+        got = llama_cpp_logits(path, ids)
+        errors[path.name] = np.abs(got - ref).max() / np.abs(ref).max()
+        assert errors[path.name] <= bound
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= top1
+    assert errors["model.Q8_0.gguf"] < errors["model.Q4_K_M.gguf"]
+
+
+MIXED = ("<|system|>Be brief.<|end|><|user|>Hello world!  Two  spaces,\ttab\n\nnew lines; "
+         "ünïcödé 日本語 🚀 1234567 don't<|end|><|assistant|>4</s><s>x<pad>")
+
+
+def test_bpe_tokenizer_round_trip(tmp_path):
+    model, tok = lora_model("qwen2")
+    (path,) = model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
+    llm = open_gguf(path, n_ctx=64, vocab_only=True)
+    try:
+        for add in (False, True):
+            assert llm.tokenize(MIXED.encode(), add_bos=add, special=True) == tok(MIXED, add_special_tokens=add)["input_ids"]
+        ids = tok(MIXED, add_special_tokens=False)["input_ids"]
+        assert llm.detokenize(ids, special=True).decode() == tok.decode(ids)
+    finally:
+        llm.close()
+    fields = gguf.GGUFReader(path).fields
+    assert bytes(fields["tokenizer.chat_template"].parts[-1]).decode() == tok.chat_template
+    assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == tok.eos_token_id
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "gpt-2"
+
+
+def test_sentencepiece_tokenizer_round_trip(tmp_path):
+    """A real SentencePiece model (Mistral's, shipped by mistral-common) through tokenizer.json scores."""
+    mistral_common = pytest.importorskip("mistral_common")
+    import shutil
+    from pathlib import Path
+
+    from transformers import LlamaTokenizer
+
+    from mini import mini_model
+
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", tmp_path / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(tmp_path, legacy=True)
+    model = attach_export_methods(mini_model("llama", vocab_size=32000))  # a plain transformers model
+    (path,) = model.save_pretrained_gguf(tmp_path / "gguf", tok, "q8_0", quiet=True, modelfile=False)
+    text = ("<s>[INST] Hello world!  Two  spaces,\ttab\n\nnew lines; ünïcödé 日本語 🚀 1234567 don't</s>"
+            "x<unk>y   [/INST]")
+    llm = open_gguf(path, n_ctx=64, vocab_only=True)
+    try:
+        for add in (False, True):
+            assert llm.tokenize(text.encode(), add_bos=add, special=True) == tok(text, add_special_tokens=add)["input_ids"]
+    finally:
+        llm.close()
+
+
+def test_modelfile_beside_gguf(tmp_path):
+    model, tok = lora_model("llama")
+    model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
+    mf = parse_modelfile((tmp_path / "Modelfile").read_text())
+    assert mf["from"] == "./model.Q8_0.gguf" and "<|assistant|>" in mf["template"]
+    assert mf["stop"] == ["<|end|>", "<|user|>", "</s>"]
+
+
+def test_bad_requests_are_clear(tmp_path):
+    model, tok = lora_model("llama")
+    with pytest.raises(ConfigError, match="q4_k_m"):
+        model.save_pretrained_gguf(tmp_path, tok, "q7_x")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        model.save_pretrained_gguf(tmp_path, None)
+    model.get_base_model().config.model_type = "gpt_neox"
+    with pytest.raises(ExportError, match="supports llama"):
+        model.save_pretrained_gguf(tmp_path, tok)
+    assert list(tmp_path.iterdir()) == []
