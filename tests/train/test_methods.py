@@ -17,13 +17,21 @@ def decreasing(losses):
 
 
 def test_sft_lowers_loss_and_saves_a_stock_peft_adapter(mini_llama, tmp_path):
+    import importlib.util
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out")
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # the [tensorboard] extra
+    cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out",
+                      eval_path=str(toy_slice("sft.jsonl", 2, tmp_path)),
+                      training={"eval_steps": 4, "report_to": "tensorboard" if tensorboard else "none"})
     result = run_training(cfg, progress=False)
     assert decreasing(result.losses), result.losses
     assert result.steps == [1, 2, 3, 4]
+    assert result.summary["last_eval_loss"] is not None
+    if tensorboard:
+        assert list((result.output_dir / "runs").rglob("events.out.tfevents.*"))
 
     # The artefacts: PNG, summary, adapter + tokenizer.
     assert result.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -80,3 +88,29 @@ def test_continued_pretraining_trains_embeddings_with_their_own_lr(mini_llama, t
     # The trained copies moved away from the frozen originals.
     emb = result.model.base_model.model.model.embed_tokens
     assert not torch.equal(emb.modules_to_save["default"].weight, emb.original_module.weight)
+
+
+def test_cli_trains_with_overrides_and_reports_missing_checkpoints(mini_llama, tmp_path, capsys):
+    import yaml
+
+    from velotune import PatchDPOTrainer
+    from velotune.cli import main
+
+    assert PatchDPOTrainer() is None and PatchDPOTrainer() is None  # a harmless, repeatable no-op
+
+    data = toy_slice("sft.jsonl", 2, tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": str(mini_llama), "dtype": "float32", "max_seq_length": 64},
+        "data": {"path": data.name}, "lora": {"r": 4, "gradient_checkpointing": False},
+        "training": {"max_steps": 50, "batch_size": 2, "gradient_accumulation_steps": 1, "use_cpu": True},
+        "output_dir": "from-yaml"}))
+    out = tmp_path / "from-cli"
+    assert main(["train", str(path), "--max-steps", "2", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"summary:               {out / 'summary.json'}" in printed
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert not (tmp_path / "from-yaml").exists()
+
+    assert main(["train", str(path), "--resume", "--output-dir", str(tmp_path / "empty")]) == 2
+    assert "training.resume_from_checkpoint: no checkpoint-N folder in" in capsys.readouterr().err

@@ -110,6 +110,9 @@ def write_loss_curve(log_history: list[dict], path: str | Path, title: str = "tr
     ax.plot(steps, losses, marker="o" if len(steps) < 30 else None, markersize=3, label="train loss")
     if eval_pts:
         ax.plot(*zip(*eval_pts), marker="s", markersize=4, label="eval loss")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -126,6 +129,7 @@ def summarize(log_history: list[dict], *, global_step: int, train_seconds: float
     tps = [e["tokens_per_second"] for e in log_history if "tokens_per_second" in e]
     tokens = sum(int(e.get("tokens", 0)) for e in log_history)
     grad = [e["grad_norm"] for e in log_history if isinstance(e.get("grad_norm"), (int, float))]
+    evals = [e["eval_loss"] for e in log_history if "eval_loss" in e]
     summary = {
         "steps": global_step,
         "first_loss": losses[0] if losses else None,
@@ -134,6 +138,7 @@ def summarize(log_history: list[dict], *, global_step: int, train_seconds: float
         "tokens": tokens,
         "tokens_per_second": round(sum(tps) / len(tps), 1) if tps else None,
         "last_grad_norm": grad[-1] if grad else None,
+        "last_eval_loss": evals[-1] if evals else None,
         "train_seconds": round(train_seconds, 2),
     }
     summary.update(extra)

@@ -95,6 +95,7 @@ def training_arguments(cfg: TrainConfig, model, *, has_eval: bool) -> dict:
     dtype = _compute_dtype(model)
     report_to = t.report_to if isinstance(t.report_to, list) else [t.report_to]
     report_to = [r for r in report_to if r != "none"] or "none"
+    _check_loggers(report_to)
     eval_every = t.eval_steps or t.save_steps
     return dict(
         output_dir=cfg.output_dir,
@@ -128,6 +129,16 @@ def training_arguments(cfg: TrainConfig, model, *, has_eval: bool) -> dict:
         # Checkpointing is set up by get_peft_model (lora.gradient_checkpointing), not by the trainer.
         gradient_checkpointing=False,
     )
+
+
+def _check_loggers(report_to) -> None:
+    import importlib.util
+
+    needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    for name in report_to if isinstance(report_to, list) else []:
+        if not any(importlib.util.find_spec(m) for m in needs[name]):
+            extra = ' (pip install "velotune[tensorboard]")' if name == "tensorboard" else " (pip install wandb)"
+            raise ConfigError(f"training.report_to: {name} is not installed{extra}; or set report_to: none")
 
 
 def make_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, *, callbacks: Sequence = ()):
