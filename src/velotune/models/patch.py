@@ -44,10 +44,13 @@ def _bind(module: nn.Module, role: str, spec: FamilySpec) -> None:
 
 def _release(module: nn.Module) -> None:
     attr, saved, had_instance = module._velotune_saved
-    if had_instance:
-        setattr(module, attr, saved)
-    else:
-        module.__dict__.pop(attr, None)
+    current = module.__dict__.get(attr)
+    if getattr(current, "__func__", None) is FUSED_FORWARDS[module._velotune_role]:
+        if had_instance:
+            setattr(module, attr, saved)
+        else:
+            module.__dict__.pop(attr, None)
+    # else: someone wrapped our forward after us (e.g. TRL's add_fused_lm_head); leave their wrapper in place.
     for name in ("_velotune_saved", "_velotune_stock_forward", "_velotune_spec", "_velotune_role"):
         module.__dict__.pop(name, None)
 
