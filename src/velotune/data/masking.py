@@ -220,6 +220,11 @@ def _relabel(dataset, parts, max_length, num_proc, on_empty, name, report, empty
         labels = [response_labels(ids, parts=parts) for ids in batch["input_ids"]]
         return {"labels": labels, "_velotune_trainable": [sum(v != -100 for v in lab) for lab in labels]}
 
+    if not hasattr(dataset, "__len__"):  # an IterableDataset: relabel lazily; only the collator guard can report
+        log.warning("train_on_responses_only: the %s dataset is iterable, so rows without trainable tokens can "
+                    "only be reported per batch", name)
+        return dataset.map(lambda b: {"labels": [response_labels(ids, parts=parts) for ids in b["input_ids"]]},
+                           batched=True)
     kwargs = {"num_proc": num_proc} if num_proc else {}
     dataset = dataset.map(add_labels, batched=True, desc=f"Masking non-response tokens ({name})", **kwargs)
     counts = dataset["_velotune_trainable"]
