@@ -1,0 +1,103 @@
+"""`velotune export` from a training output folder, push_to_hub up to the network call, the demo export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import logits, rel_err
+from mini import VOCAB, save_mini_model
+
+from velotune.cli import main
+from velotune.errors import ConfigError
+
+IDS = torch.randint(7, VOCAB, (1, 12), generator=torch.Generator().manual_seed(9))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A training output as the trainer leaves it: run/adapter/ (PEFT) whose config points at the base."""
+    from velotune import FastLanguageModel
+
+    tmp = tmp_path_factory.mktemp("export_cli")
+    base = save_mini_model("llama", tmp)
+    model, tok = FastLanguageModel.from_pretrained(base, dtype=torch.float32, fast=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    run = tmp / "run"
+    model.save_pretrained(run / "adapter")  # PEFT's own save_pretrained stays for adapters
+    tok.save_pretrained(run / "adapter")
+    (run / "checkpoint-5").mkdir()
+    return run, logits(model, IDS)
+
+
+def test_export_cli_all_formats(run_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from velotune.export.llama_cpp_io import open_gguf
+
+    run, expected = run_dir
+    assert main(["export", str(run), "--to", "lora", "merged_16bit", "gguf", "--quant", "q8_0", "q4_0"]) == 0
+    out = run / "export"
+    assert (out / "lora" / "adapter_config.json").exists()
+    assert json.loads((out / "merged_16bit" / "config.json").read_text())["dtype"] == "float32"
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged_16bit", dtype=torch.float32)
+    assert rel_err(logits(merged, IDS), expected) <= 1e-5
+    assert {p.name for p in (out / "gguf").iterdir()} == {"model.Q8_0.gguf", "model.Q4_0.gguf", "Modelfile"}
+    llm = open_gguf(out / "gguf" / "model.Q8_0.gguf", n_ctx=32, vocab_only=True)
+    assert llm.n_vocab() == VOCAB
+    llm.close()
+    printed = capsys.readouterr().out
+    assert "ollama create" in printed and "merged_16bit" in printed
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--quant", "q9"]) == 2
+    assert "quantization_method" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_help_lists_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = capsys.readouterr().out
+    for method in ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k", "f16", "bf16", "q4_0"):
+        assert f"  {method} " in text
+
+
+def test_push_to_hub_everything_but_the_network(monkeypatch):
+    from helpers import lora_model
+
+    from velotune.export import hub
+
+    sent = []
+    monkeypatch.setattr(hub, "_network", lambda plan, token: sent.append((plan, token)) or "https://hub/x")
+    model, tok = lora_model("llama")
+    plan = model.push_to_hub_merged("me/merged", tok, token="t0k")
+    assert plan["url"] == "https://hub/x" and sent[0][1] == "t0k"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(plan["files"])
+    plan = model.push_to_hub_merged("me/adapter", tok, save_method="lora")
+    assert "adapter_model.safetensors" in plan["files"] and "model.safetensors" not in plan["files"]
+    plan = model.push_to_hub_gguf("me/gguf", tok, quantization_method="q8_0")
+    assert plan["files"] == ["Modelfile", "model.Q8_0.gguf"]
+    with pytest.raises(ConfigError, match="owner"):
+        model.push_to_hub_gguf("no-owner", tok)
+    assert len(sent) == 3
+
+
+def test_export_demo(tmp_path):
+    from helpers import lora_model
+
+    from velotune.export import export_demo
+
+    model, tok = lora_model("gemma2")
+    result = export_demo(model, tok, tmp_path)
+    assert (result["merged_dir"] / "model.safetensors").exists()
+    assert result["gguf_path"].name == "model.Q8_0.gguf" and result["modelfile"].exists()
+    assert isinstance(result["answer"], str) and result["question"]
