@@ -48,14 +48,16 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, float32 (tests the code path)")
-    p.add_argument("--samples", type=int, default=384, help="pool size (every mode runs the whole pool)")
+    p.add_argument("--samples", type=int, default=512, help="pool size (every mode runs the whole pool)")
     p.add_argument("--batch", type=int, default=8, help="samples per padded batch")
     p.add_argument("--max-len", type=int, default=2048, help="longest sample (the log-normal is clipped here)")
     p.add_argument("--median-len", type=float, default=350.0)
     p.add_argument("--sigma", type=float, default=0.9, help="log-normal sigma (tail weight)")
     p.add_argument("--row-len", type=int, default=4096, help="packed row capacity")
-    p.add_argument("--tokens-per-step", type=int, default=16384, help="budget per step, pads included")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per mode (not timed)")
+    p.add_argument("--tokens-per-step", type=int, default=12288, help="budget per step, pads included")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per mode (not timed)")
+    p.add_argument("--max-seconds", type=float, default=100.0,
+                   help="skip the remaining modes once this much time has passed since the start")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA r=16")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flex_attention, ...)")
     p.add_argument("--velotune", action="store_true", help="apply velotune's fast path (models.prepare_model)")
@@ -66,6 +68,10 @@ def parse_args(argv=None):
     if args.cpu_smoke:
         args.samples, args.batch, args.max_len, args.median_len = min(args.samples, 24), 4, 64, 12.0
         args.row_len, args.tokens_per_step, args.warmup = 128, 256, 1
+    if args.max_len > args.row_len:
+        p.error(f"--max-len {args.max_len} must fit in --row-len {args.row_len}")
+    if args.tokens_per_step < args.max_len:
+        p.error(f"--tokens-per-step {args.tokens_per_step} must hold one --max-len {args.max_len} sample")
     return args
 
 
@@ -179,6 +185,7 @@ def run_mode(model, batches, device, warmup: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    t0 = time.perf_counter()
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.float32
     else:
@@ -194,12 +201,15 @@ def main(argv=None) -> int:
     real = sum(lengths)
     print(f"pool: {len(s)} samples, {real} tokens; length median {s[len(s) // 2]}, mean {real / len(s):.0f}, "
           f"p90 {s[int(0.9 * len(s))]}, max {s[-1]}")
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     model = build_model(args, device, dtype)
-    print(f"model built in {time.perf_counter() - t0:.1f}s ({'full' if args.full else 'LoRA r=16'}, {dtype}, "
+    print(f"model built in {time.perf_counter() - t1:.1f}s ({'full' if args.full else 'LoRA r=16'}, {dtype}, "
           f"attn={args.attn}, velotune={args.velotune}, device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})")
     results = []
     for mode in args.modes.split(","):
+        if time.perf_counter() - t0 > args.max_seconds:
+            print(f"  {mode:15s} skipped: --max-seconds={args.max_seconds:.0f} reached")
+            continue
         batches = build_batches(mode, pool, args)
         processed = sum(int(b["input_ids"].numel()) for b in batches)
         if device.type == "cuda":
@@ -212,6 +222,9 @@ def main(argv=None) -> int:
         print(f"  {mode:15s} {len(batches):4d} steps  {secs:7.2f}s  {real / secs:10.0f} real tok/s  "
               f"pad {100 * (1 - real / processed):5.1f}%  loss {loss_sum / n_loss:.5f}  peak {peak:.1f} GiB",
               flush=True)
+    if not results:
+        print("no mode ran", file=sys.stderr)
+        return 1
     base = next((r for r in results if r["mode"] == "padded"), results[0])
     ref_loss = results[0]["pool_loss"]
     print("\n| mode | steps | pad tokens | real tokens/s | speed-up vs padded | pool loss | peak GiB |")
