@@ -93,11 +93,13 @@ def test_fused_linear_cross_entropy(n, ignored, kw, train_w, with_bias):
     with force_triton():
         got = run(fused_linear_cross_entropy, torch.float32, memory_budget_bytes=budget)
     cpu = run(fused_linear_cross_entropy, torch.float32, memory_budget_bytes=budget)
+    dropped = run(fused_linear_cross_entropy, torch.float32, memory_budget_bytes=budget, drop_ignored=True)
     ref = run(fused_linear_cross_entropy_reference, torch.float32)
     ref64 = run(fused_linear_cross_entropy_reference, torch.float64)
     names = ("loss", "dhidden", "dweight", "dbias")
     _check_all(got, ref, ref64, names)
-    _check_all(cpu, ref, ref64, names)  # the CPU chunked path too
+    _check_all(cpu, ref, ref64, names)      # the CPU chunked path too
+    _check_all(dropped, ref, ref64, names)  # ignored rows gathered out before the matmuls
 
 
 def test_fused_linear_ce_never_builds_full_logits(monkeypatch):
@@ -116,6 +118,28 @@ def test_fused_linear_ce_never_builds_full_logits(monkeypatch):
     loss.backward()
     assert seen == [(3, V), (3, V), (3, V), (1, V)]
     assert w.grad is None and h.grad is not None and not math.isnan(loss.item())
+
+
+def test_fused_linear_ce_drop_ignored_skips_rows(monkeypatch):
+    """drop_ignored=True feeds only the non-ignored rows to the chunk matmuls."""
+    import velotune.kernels.fused_linear_ce as fl
+    seen = []
+    real = fl._chunk_loss_and_grad
+    monkeypatch.setattr(fl, "_chunk_loss_and_grad", lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
+    labels = torch.randint(0, V, (10,))
+    labels[::2] = -100
+    h = torch.randn(10, 4, requires_grad=True)
+    fused_linear_cross_entropy(h, torch.randn(V, 4), labels, drop_ignored=True).backward()
+    assert sum(seen) == 5
+    assert torch.all(h.grad[::2] == 0) and torch.all(h.grad[1::2].abs().sum(1) > 0)
+
+
+def test_fused_linear_ce_backward_runs_once():
+    h = torch.randn(3, 4, requires_grad=True)
+    loss = fused_linear_cross_entropy(h, torch.randn(V, 4), torch.randint(0, V, (3,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
 
 
 def test_fused_linear_ce_rejects_bad_input():

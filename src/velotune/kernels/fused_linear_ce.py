@@ -21,8 +21,9 @@ Backward only multiplies the stored gradients by grad_output. So one [C, V] buff
 and the three matmuls of stock lm_head training happen exactly once each.
 
 Ignored rows: their loss and gradient rows are exact zeros, so they add nothing to d_hidden/dW.
-They still pass through the chunk matmuls: physically dropping them needs their count on the host,
-i.e. a device->host sync per call, which this path avoids by design (the issue's requirement).
+By default they still pass through the chunk matmuls: physically dropping them needs their count on
+the host, i.e. a device->host sync per call, which the default path avoids (the issue's
+requirement). `drop_ignored=True` opts into that one sync to gather the non-ignored rows first.
 """
 from __future__ import annotations
 
@@ -47,8 +48,13 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, *, bias=None, s
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=None,
                                ignore_index=-100, reduction="mean", num_items_in_batch=None,
-                               memory_budget_bytes=DEFAULT_BUDGET):
-    """Scalar fp32 loss; grads for hidden, and for weight / bias only when they require grad."""
+                               memory_budget_bytes=DEFAULT_BUDGET, drop_ignored=False):
+    """Scalar fp32 loss; grads for hidden, and for weight / bias only when they require grad.
+
+    drop_ignored=True gathers the non-ignored rows first so the matmuls skip ignored ones (worth it
+    when many labels are masked, e.g. training on responses only) at the price of ONE device->host
+    sync per call (the row count). The default keeps the hot path sync-free.
+    """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: need hidden [N, H] and weight [V, H], got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -61,7 +67,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=Non
     if memory_budget_bytes <= 0:
         raise ValueError("fused_linear_cross_entropy: memory_budget_bytes must be positive")
     return _FusedLinearCE.apply(hidden, weight, labels, bias, softcap, logit_scale, ignore_index,
-                                reduction, num_items_in_batch, int(memory_budget_bytes))
+                                reduction, num_items_in_batch, int(memory_budget_bytes), bool(drop_ignored))
 
 
 def chunk_rows(n_rows: int, vocab: int, itemsize: int, budget: int) -> int:
@@ -119,7 +125,7 @@ def _accumulate_fp32(acc, a, b):
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, softcap, logit_scale, ignore_index, reduction,
-                num_items, budget):
+                num_items, budget, drop_ignored):
         N, H = hidden.shape
         V = weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -129,14 +135,19 @@ class _FusedLinearCE(torch.autograd.Function):
         denom = loss_denominator(labels, ignore_index, reduction, num_items)
         coef = (1.0 / denom).reshape(())
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        d_hidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
+        rows = None
+        if drop_ignored:   # the one host sync of this option: nonzero() needs the count
+            rows = (labels != ignore_index).nonzero().squeeze(1)
+            hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+        M = hidden.shape[0]
+        d_hidden = torch.empty((M, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
         d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device) if need_dw else None
         d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_db else None
-        loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        step = chunk_rows(N, V, torch.finfo(dtype).bits // 8, budget)
+        loss_rows = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        step = chunk_rows(M, V, torch.finfo(dtype).bits // 8, budget)
         w = weight.to(dtype)
-        for s in range(0, N, step):
-            e = min(s + step, N)
+        for s in range(0, M, step):
+            e = min(s + step, M)
             h = hidden[s:e].to(dtype)
             logits = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else h @ w.t()
             loss_rows[s:e] = _chunk_loss_and_grad(logits, labels[s:e], coef, ignore_index, softcap,
@@ -147,6 +158,9 @@ class _FusedLinearCE(torch.autograd.Function):
                 _accumulate_fp32(d_weight, logits.t(), h)
             if need_db:
                 d_bias += logits.float().sum(0)
+        if rows is not None and need_dh:   # scatter back; ignored rows get exact zeros
+            d_hidden = torch.zeros((N, H), dtype=d_hidden.dtype, device=d_hidden.device).index_copy_(
+                0, rows, d_hidden)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.used = False
@@ -164,4 +178,4 @@ class _FusedLinearCE(torch.autograd.Function):
         dh = d_hidden.mul_(grad.to(d_hidden.dtype)) if d_hidden is not None else None
         dw = d_weight.mul_(grad).to(w_dtype) if d_weight is not None else None
         db = d_bias.mul_(grad).to(b_dtype) if d_bias is not None else None
-        return dh, dw, None, db, None, None, None, None, None, None
+        return dh, dw, None, db, None, None, None, None, None, None, None

@@ -109,7 +109,7 @@ def apply_rope(q, k, cos, sin):
 
     On CUDA: one Triton launch rotates Q and K into new tensors of the same layout; backward (one
     launch) applies the inverse rotation, saving nothing but cos/sin. See _RoPE for why the autograd
-    path is out of place (views + in place = CopySlices, 2x slower), and why backward must not
+    path is out of place (views + in place = CopySlices copies), and why backward must not
     rewrite its incoming gradients (autograd may hand one gradient tensor to several consumers,
     e.g. `q + k`). Fused code that owns its buffers calls rope_forward_ / rope_backward_, which
     rotate in place.
@@ -260,8 +260,8 @@ class _RoPE(torch.autograd.Function):
 
     Out of place on purpose: q and k are normally views (the transposed projection output), and an
     in-place update of a view makes autograd wrap the backward in CopySlices, which copies the whole
-    gradient three more times -- measured on an H200 to make fwd+bwd 2x slower than writing new
-    tensors. The old q/k buffers die with the caller's references (linear layers do not save their
+    gradient three more times (H200, 16k tokens, Llama-3-8B heads: 0.97 ms fwd+bwd in place vs
+    0.70 ms out of place, BENCHMARKS.md). The old q/k buffers die with the caller's references (linear layers do not save their
     outputs), so peak memory is unchanged. Fused code that owns its buffers uses rope_forward_ /
     rope_backward_ to rotate in place."""
 
