@@ -49,10 +49,26 @@ def _is_4bit(module) -> bool:
 
 
 def _base(module, x: torch.Tensor) -> torch.Tensor:
-    """A base layer: plain nn.Linear read directly; bitsandbytes 4-bit and anything else via its forward."""
+    """A base layer: plain nn.Linear and bitsandbytes 4-bit read directly; anything else via its forward."""
     if type(module) is torch.nn.Linear:
         return F.linear(x, module.weight, module.bias)
-    return module(x)  # bnb Linear4bit: its fused 4-bit GEMV at one token, dequantise + GEMM otherwise
+    if _is_4bit(module):
+        return _nf4_linear(module, x)
+    return module(x)
+
+
+def _nf4_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes Linear4bit's arithmetic (4-bit GEMV at one token, GEMM otherwise), called directly.
+
+    Linear4bit.forward would also, on CPUs with AVX512-BF16 and in eval mode, repack the weight in
+    place into a CPU-only layout; the decode path never changes the model's weights.
+    """
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    compute = getattr(module, "compute_dtype", None) or x.dtype
+    bias = None if module.bias is None else module.bias.to(compute)
+    return bnb.matmul_4bit(x.to(compute), weight, bias=bias, quant_state=weight.quant_state).to(x.dtype)
 
 
 def lora_plan(module):

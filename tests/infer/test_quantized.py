@@ -1,0 +1,87 @@
+"""4-bit (bitsandbytes NF4, CPU) models on the decode path: against the dequantised stock model."""
+import pytest
+import torch
+
+from mini import save_mini_model
+from test_generate import GREEDY, add_lora, left_padded, stock_generate
+from velotune.infer import _STATE, for_inference
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dequantised_copy(q_model, path):
+    """A stock float32 model whose linear weights are the NF4 model's dequantised weights."""
+    import bitsandbytes.functional as bnbF
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref_modules = dict(ref.named_modules())
+    n = 0
+    with torch.no_grad():
+        for name, m in q_model.named_modules():
+            w = getattr(m, "weight", None)
+            if getattr(w, "quant_state", None) is not None:
+                ref_modules[name].weight.copy_(bnbF.dequantize_4bit(w.data, w.quant_state).float())
+                n += 1
+    assert n > 0, "the model was not quantised"
+    return ref
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_nf4_greedy_equals_dequantised_stock(tmp_path, family):
+    from velotune import FastLanguageModel
+
+    path = save_mini_model(family, tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
+    ref = dequantised_copy(model, path)
+    ids, mask = left_padded()
+    expected = stock_generate(ref, input_ids=ids, attention_mask=mask, **GREEDY)
+    FastLanguageModel.for_inference(model)
+    assert model.__dict__[_STATE]["engine"] is not None
+    got = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(got, expected)
+
+
+def test_qlora_greedy_equals_stock_peft(tmp_path):
+    """NF4 base + unmerged LoRA adapters (PEFT's bnb layers) against stock PEFT generate."""
+    from velotune import FastLanguageModel
+
+    path = save_mini_model("qwen2", tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True, fast=False)
+    model = add_lora(model)
+    ids, mask = left_padded()
+    # Stock in training mode (no dropout: same arithmetic): in eval mode bitsandbytes' CPU forward repacks
+    # the weights for AVX512-BF16 and fails at these toy shapes.
+    model.train()
+    expected = stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
+    for_inference(model)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+
+
+def test_velotune_loader_with_fast_training_patches(tmp_path):
+    """FastLanguageModel (fused training forwards bound) + get_peft_model: decode path unaffected."""
+    from velotune import FastLanguageModel
+
+    path = save_mini_model("llama", tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    stock = add_lora(__import__("mini").mini_model("llama"))  # same seed: same base weights
+    stock.load_state_dict(model.state_dict())
+    ids, mask = left_padded()
+    expected = stock_generate(stock, input_ids=ids, attention_mask=mask, **GREEDY)
+    FastLanguageModel.for_inference(model)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+    FastLanguageModel.for_training(model)
+    assert model.training
