@@ -213,7 +213,7 @@ class _RMSNorm(torch.autograd.Function):
         rows_per_prog = triton.cdiv(M, progs) if M > 0 else 1
         progs = triton.cdiv(M, rows_per_prog) if M > 0 else 0
         # single-block rows: every program stores its whole partial row, so no zero-fill is needed
-        alloc = torch.empty if single else torch.zeros
+        alloc = torch.empty if single and M > 0 else torch.zeros
         dwp = alloc((max(progs, 1), H) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
         if M > 0:
             _rms_bwd_kernel[(progs,)](dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight,
