@@ -90,3 +90,45 @@ def test_failed_save_leaves_previous_output_intact(tmp_path, monkeypatch):
     assert len(calls) == 3
     assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+
+
+@pytest.fixture(scope="module")
+def qlora_model(tmp_path_factory):
+    """A QLoRA model: NF4 (bitsandbytes, CPU) base + LoRA. intermediate 128: bitsandbytes' CPU kernels
+    need in_features divisible by the 64-value block."""
+    from mini import mini_tokenizer, save_mini_model
+
+    from velotune import FastLanguageModel
+
+    base = save_mini_model("llama", tmp_path_factory.mktemp("qlora"), intermediate_size=128)
+    model, _ = FastLanguageModel.from_pretrained(base, dtype=torch.float32, load_in_4bit=True, fast=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.train()  # dropout is 0; bitsandbytes' CPU eval path would repack the NF4 weights in place
+    return model, mini_tokenizer(), logits(model, IDS)
+
+
+def test_4bit_base_is_dequantised_before_merging(qlora_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, expected = qlora_model
+    out = model.save_pretrained_merged(tmp_path / "m", tok, quiet=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert rel_err(logits(merged, IDS), expected) <= 1e-5
+
+
+def test_merged_4bit_loads_as_nf4(qlora_model, tmp_path):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    model, tok, expected = qlora_model
+    out = model.save_pretrained_merged(tmp_path / "m4", tok, save_method="merged_4bit", quiet=True)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    m4 = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(m4.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert rel_err(logits(m4, IDS), expected) <= 0.35  # NF4 re-quantisation of random weights [~0.2]
