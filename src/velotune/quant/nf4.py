@@ -116,13 +116,18 @@ class NF4Weight:
     @classmethod
     def from_bnb(cls, data: torch.Tensor, quant_state) -> "NF4Weight":
         """Wrap bitsandbytes' packed data (any `quant_storage` dtype) and its `QuantState`."""
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes' CPU inference (eval mode, no grad, AVX512-BF16 CPUs) repacks the weight in
+            # place into its own layout with a bf16 absmax; that is no longer the NF4 format.
+            raise ValueError("this 4-bit weight was repacked by bitsandbytes' CPU inference path (an eval-mode "
+                             "forward without gradients); reload the model, or run it in train mode")
         if quant_state.quant_type != "nf4":
             raise ValueError(f"velotune dequantises NF4 only, got quant_type={quant_state.quant_type!r}")
         packed = data.reshape(-1)
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)
         nested = bool(quant_state.nested)
-        s2 = quant_state.state2
+        s2 = quant_state.state2 if nested else None
         return cls(packed=packed, absmax=quant_state.absmax, shape=torch.Size(quant_state.shape),
                    dtype=quant_state.dtype, blocksize=int(quant_state.blocksize),
                    code2=s2.code if nested else None, absmax2=s2.absmax if nested else None,
