@@ -177,7 +177,7 @@ def test_beam_search_and_unsupported_models_stay_stock():
     assert torch.equal(gpt2.generate(input_ids=ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0), expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["gemma2"])
 def test_fused_triton_decode_path_equals_stock(family):
     """The kernels the GPU decode step uses (norm, RoPE, GLU), run through the Triton interpreter."""
     from velotune.kernels import force_triton
