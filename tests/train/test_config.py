@@ -109,3 +109,17 @@ def test_python_construction_has_defaults():
     assert cfg.method == "sft" and cfg.lora.r == 16 and cfg.training.gradient_accumulation_steps == 4
     with pytest.raises(ValueError):
         TrainConfig(model={"name": "m"}, data={"path": "d.jsonl"}, extra=1)
+
+
+def test_data_format_detection_and_mismatch():
+    from velotune.errors import DataError
+    from velotune.train.datasets import check_format, detect_format
+
+    assert detect_format(["messages"]) == "messages" and detect_format(["prompt", "completion"]) == "messages"
+    assert detect_format(["instruction", "input", "output"]) == "alpaca"
+    assert detect_format(["prompt", "chosen", "rejected"]) == "preference" and detect_format(["text"]) == "text"
+    with pytest.raises(DataError, match="cannot tell the data format from the columns"):
+        detect_format(["question", "answer"])
+    with pytest.raises(DataError, match="data.format is 'alpaca' but d.jsonl has columns \\['messages'\\]"):
+        check_format("alpaca", ["messages"], "d.jsonl")
+    check_format("sharegpt", ["conversations"], "d.jsonl")

@@ -102,7 +102,7 @@ def test_cli_trains_with_overrides_and_reports_missing_checkpoints(mini_llama, t
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"name": str(mini_llama), "dtype": "float32", "max_seq_length": 64},
-        "data": {"path": data.name}, "lora": {"r": 4, "gradient_checkpointing": False},
+        "data": {"path": data.name, "packing": True}, "lora": {"r": 4, "gradient_checkpointing": False},
         "training": {"max_steps": 50, "batch_size": 2, "gradient_accumulation_steps": 1, "use_cpu": True},
         "output_dir": "from-yaml"}))
     out = tmp_path / "from-cli"

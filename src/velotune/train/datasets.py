@@ -15,19 +15,35 @@ from __future__ import annotations
 from velotune.errors import ConfigError, DataError
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-CONVERSATION_COLUMNS = ("messages", "conversations", "conversation", "instruction")
+CONVERSATION_COLUMNS = ("messages", "conversations", "conversation")
+_NEEDS = {  # format -> (column sets, any of which is enough; what to tell the user)
+    "messages": ([{c} for c in CONVERSATION_COLUMNS] + [{"prompt", "completion"}],
+                 "'messages' / 'conversations', or 'prompt' + 'completion'"),
+    "sharegpt": ([{c} for c in CONVERSATION_COLUMNS], "'conversations' (from/value) or 'messages'"),
+    "alpaca": ([{"instruction", "output"}], "'instruction' and 'output' (and optionally 'input')"),
+    "preference": ([{"chosen", "rejected"}], "'prompt', 'chosen' and 'rejected'"),
+}
 
 
 def detect_format(columns: list[str], text_field: str = "text") -> str:
-    if all(c in columns for c in PREFERENCE_COLUMNS):
+    if {"chosen", "rejected"} <= set(columns):
         return "preference"
-    if any(c in columns for c in CONVERSATION_COLUMNS):
+    if any(c in columns for c in CONVERSATION_COLUMNS) or {"prompt", "completion"} <= set(columns):
         return "messages"
+    if {"instruction", "output"} <= set(columns):
+        return "alpaca"
     if text_field in columns:
         return "text"
     raise DataError(f"cannot tell the data format from the columns {columns}: expected messages / conversations "
                     f"(chat), instruction/input/output (alpaca), prompt/chosen/rejected (preference) or "
                     f"{text_field!r} (raw text); set data.format")
+
+
+def check_format(fmt: str, columns: list[str], path: str, text_field: str = "text") -> None:
+    """An explicit data.format must match the file's columns (rows are then read by velotune.data)."""
+    sets, wanted = _NEEDS.get(fmt, ([{text_field}], repr(text_field)))
+    if not any(s <= set(columns) for s in sets):
+        raise DataError(f"data.format is {fmt!r} but {path} has columns {columns}; {fmt} data needs {wanted}")
 
 
 def tokenize_text(dataset, tokenizer, *, max_seq_length: int, text_field: str = "text"):
@@ -70,7 +86,9 @@ def _load(path: str):
 def _prepare_one(cfg, tokenizer, path: str, progress: bool):
     data = cfg.data
     raw = _load(path)
-    fmt = data.format if data.format != "auto" else detect_format(list(raw.column_names), data.text_field)
+    columns = list(raw.column_names)
+    fmt = data.format if data.format != "auto" else detect_format(columns, data.text_field)
+    check_format(fmt, columns, path, data.text_field)
     if cfg.method in ("dpo", "orpo"):
         if fmt != "preference":
             raise ConfigError(f"data.path: method {cfg.method} needs prompt/chosen/rejected columns; "
