@@ -92,25 +92,41 @@ def _tensor_type(name: str, arr: np.ndarray, qtype: Q) -> Q:
 
 
 def write_gguf(model, tokenizer, path: Path, method: str, *, name: str | None = None, quiet: bool = True) -> Path:
-    """Write `model` (merged on the fly) as a Python-quantised GGUF file at `path`."""
+    """Write `model` (merged on the fly) as a Python-quantised GGUF file at `path`.
+
+    Two passes over the model keep memory at one tensor: the first records every tensor's name,
+    shape and type for the header (merging is a cheap rank-r product per layer), the second
+    converts, quantises and streams each tensor to the file.
+    """
+    from tqdm.auto import tqdm
+
     file_type, qtype, _ = PY_METHODS[method]
     base = base_model_of(model)
     config = base.config
     family = family_of(config)
+
+    def converted():
+        with torch.no_grad():
+            for tname, arr in gguf_tensors(config, family, iter_merged_tensors(model, torch.float32)):
+                yield tname, arr, _tensor_type(tname, arr, qtype)
+
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.arch])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or Path(getattr(config, "_name_or_path", "") or "model").name or "model")
     add_metadata(w, config, family, int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(w, tokenizer, config.vocab_size)
-    with torch.no_grad():
-        for tname, arr in gguf_tensors(config, family, iter_merged_tensors(model, torch.float32)):
-            ttype = _tensor_type(tname, arr, qtype)
-            data = arr.astype(np.float32) if ttype == Q.F32 else gguf.quants.quantize(arr, ttype)
-            w.add_tensor(tname, data, raw_dtype=ttype)
+    n = 0
+    for tname, arr, ttype in converted():
+        block, type_size = gguf.GGML_QUANT_SIZES[ttype]
+        w.add_tensor_info(tname, arr.shape, np.dtype(np.float32), arr.size // block * type_size, raw_dtype=ttype)
+        n += 1
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=not quiet)
+    w.write_ti_data_to_file()
+    for tname, arr, ttype in tqdm(converted(), total=n, desc=f"writing {method} GGUF", unit="tensor",
+                                  disable=quiet, leave=False):
+        w.write_tensor_data(arr.astype(np.float32) if ttype == Q.F32 else gguf.quants.quantize(arr, ttype))
     w.close()
     return path
 
