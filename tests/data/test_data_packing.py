@@ -150,3 +150,17 @@ def test_pack_dataset_rejects_too_long_rows():
     ds = datasets.Dataset.from_list([{"input_ids": [5] * 30}, {"input_ids": [5] * 3}])
     with pytest.raises(DataError, match="longer than max_seq_length=20.*rows \\[0\\]"):
         pack_dataset(ds, max_seq_length=20)
+
+
+def test_bench_cpu_smoke(capsys):
+    """bench/packing.py's whole code path (tiny model, CPU): it must run the first time on the GPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "packing.py"
+    spec = importlib.util.spec_from_file_location("velotune_bench_packing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--cpu-smoke", "--samples", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "| packed-flat |" in out and "pool loss agrees across modes" in out
