@@ -163,3 +163,14 @@ def test_map_eos_token_false_keeps_eos():
     tok = mini_tokenizer()
     get_chat_template(tok, "chatml", map_eos_token=False)
     assert tok.eos_token == "</s>"
+
+
+def test_template_survives_save_and_load(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = family_tokenizer("llama-3.1", mapping={"role": "from", "content": "value", "user": "human",
+                                                 "assistant": "gpt"})
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.apply_chat_template(CONV, tokenize=False) == REFERENCE["llama-3.1"]
+    assert again.eos_token == "<|eot_id|>" and again.pad_token == tok.pad_token

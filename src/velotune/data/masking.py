@@ -256,7 +256,9 @@ class _EmptyBatchGuard:
         self.collator = collator
         self.empty_rows = empty_rows
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only called for names not found on the guard itself
+        if name.startswith("__") or name in ("collator", "empty_rows"):  # pickling / half-built instances
+            raise AttributeError(name)
         return getattr(self.collator, name)
 
     def __call__(self, features, *args, **kwargs):
