@@ -14,7 +14,9 @@ def answer_with_llama_cpp(gguf_path: Path, tokenizer, question: str = DEMO_QUEST
                                            add_generation_prompt=True)
     llm = open_gguf(gguf_path, n_ctx=256)
     try:
-        tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        # the rendered template may already start with BOS (then llama.cpp must not add another)
+        has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+        tokens = llm.tokenize(prompt.encode(), add_bos=not has_bos, special=True)
         out: list[int] = []
         for tok in llm.generate(tokens, temp=0.0, top_k=1):
             if tok == llm.token_eos() or len(out) >= max_tokens:
