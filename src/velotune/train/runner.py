@@ -230,6 +230,12 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
         print(f"data ({fmt}): {report.summary().splitlines()[0]}")
     if not hasattr(model, "peft_config"):
         model = add_adapters(model, cfg)
+    if _compute_dtype(model) == torch.float16:
+        # fp16 training runs under a GradScaler, which refuses fp16 gradients: keep float32 master copies of
+        # the trained weights (velotune's fused LoRA casts A/B to the compute dtype on the fly).
+        for p in model.parameters():
+            if p.requires_grad and p.dtype == torch.float16:
+                p.data = p.data.float()
 
     cbs = [ProgressCallback(desc=f"{cfg.method} training")] if progress else []
     trainer = make_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks=[*cbs, *callbacks])
