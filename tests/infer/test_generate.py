@@ -141,6 +141,25 @@ def test_streamer_and_growth_in_chunks(capsys):
     assert printed.strip() == tok.decode(expected[0, ids.shape[1]:]).strip()
 
 
+def test_disabled_and_rescaled_adapters_are_honoured():
+    model = mini_model("phi3").eval()
+    ids, mask = left_padded()
+    base_expected = stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
+    model = add_lora(model)
+    for_inference(model)
+    with_lora = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    with model.disable_adapter():
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), base_expected)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), with_lora)
+    assert not torch.equal(with_lora, base_expected)
+    for module in model.modules():  # a new scaling (graphs would be recaptured on CUDA)
+        if hasattr(module, "scaling") and "default" in getattr(module, "scaling", {}):
+            module.scaling["default"] *= 3
+    rescaled = stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), rescaled)
+    assert not torch.equal(rescaled, with_lora)
+
+
 def test_for_training_restores_everything():
     model = add_lora(mini_model("qwen2"))
     model.train()

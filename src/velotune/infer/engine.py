@@ -27,6 +27,11 @@ from velotune.kernels.rope import rope_forward_
 log = logging.getLogger("velotune")
 
 
+def _adapter_key(plan):
+    """Identity of a projection's adapters: which tensors and which scalings."""
+    return None if plan[1] is None else tuple((id(a), id(b), float(sc)) for a, b, sc in plan[1])
+
+
 class DecodeEngine:
     def __init__(self, spec: DecoderSpec, *, cuda_graphs: bool = True, fused: bool | None = None):
         self.spec = spec
@@ -42,6 +47,23 @@ class DecodeEngine:
         self.chunk = CHUNK  # slots added per growth
         self.reserve_ahead = 2048  # generate() preallocates up to this many new tokens; beyond, grow in chunks
         self.growths = 0
+
+    def refresh_plans(self) -> None:
+        """Re-read how each projection applies its adapters (PEFT's disable_adapter(), set_adapter() or a
+        changed scaling take effect at the next generate); captured graphs are dropped if it changed."""
+        from velotune.infer.ops import lora_plan
+
+        changed = False
+        for layer in self.spec.layers:
+            for name in layer.plans:
+                plan = lora_plan(getattr(layer, name))
+                old = layer.plans[name]
+                if plan[0] != old[0] or _adapter_key(plan) != _adapter_key(old):
+                    layer.plans[name] = plan
+                    changed = True
+        if changed:
+            self._graphs.clear()
+            self._pool = None
 
     # ------------------------------------------------------------------ cache management
     def reserve(self, batch: int, length: int) -> None:

@@ -64,6 +64,7 @@ def decode_loop(model, input_ids, logits_processor, stopping_criteria, generatio
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
 
+    engine.refresh_plans()
     max_length = generation_config.max_length or (T + 1)
     engine.reserve(B, min(max_length, T + 1 + engine.reserve_ahead))  # grows in chunks beyond
     logits = engine.prefill(input_ids, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"))
