@@ -53,6 +53,19 @@ def test_each_bad_row_kind_is_counted_and_named(tok):
     assert report.skipped["too_long"] == [5, 6] and not report.truncated
 
 
+def test_rows_the_template_rejects_are_counted():
+    logging.disable(logging.WARNING)
+    try:
+        tok = get_chat_template(mini_tokenizer(), "mistral")
+    finally:
+        logging.disable(logging.NOTSET)
+    mid_system = [GOOD[0], GOOD[1], {"role": "system", "content": "Now be rude."}, GOOD[0], GOOD[1]]
+    rows = [{"messages": GOOD}, {"messages": mid_system}, {"messages": GOOD}]
+    ds, report = tokenize_conversations(rows, tok, max_seq_length=64, progress=False)
+    assert len(ds) == 2 and report.skipped == {"template_error": [1]}
+    assert "one leading system message" in report.summary()
+
+
 def test_labels_are_the_replies(tok):
     ds, report = tokenize_conversations([{"messages": GOOD}], tok, max_seq_length=256, progress=False)
     row = ds[0]

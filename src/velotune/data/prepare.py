@@ -45,6 +45,51 @@ def _validate_messages(msgs: list[dict]) -> None:
         raise RowError("empty", "every assistant reply is blank")
 
 
+_CHUNK = 256  # conversations rendered and tokenized per call (one batched encode in the Rust tokenizer)
+
+
+def _encode(tokenizer, chunk, with_mask: bool, report: DataReport):
+    """[(row index, {"input_ids", "assistant_masks"?})] for a chunk; a row the template rejects is reported."""
+    from jinja2.exceptions import TemplateError
+
+    if not chunk:
+        return []
+    kwargs = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=with_mask)
+    try:
+        out = tokenizer.apply_chat_template([m for _, m in chunk], **kwargs)
+        keys = [k for k in ("input_ids", "assistant_masks") if k in out]
+        return [(i, {k: out[k][n] for k in keys}) for n, (i, _) in enumerate(chunk)]
+    except TemplateError:  # find the rows to blame, one by one
+        results = []
+        for i, msgs in chunk:
+            try:
+                results.append((i, tokenizer.apply_chat_template(msgs, **kwargs)))
+            except TemplateError as e:
+                report.add("template_error", i, f"row {i}: the chat template rejected it: {e}")
+        return results
+
+
+def _add_row(cols, report: DataReport, i: int, out, max_seq_length: int, on_long: str, train_on: str) -> None:
+    ids = list(out["input_ids"])
+    labels = ids if train_on == "all" else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
+    if train_on == "responses" and all(v == -100 for v in labels):
+        report.add("no_trainable_tokens", i, f"row {i}: the chat template marked no assistant token")
+        return
+    if len(ids) > max_seq_length:
+        if on_long == "skip":
+            report.add("too_long", i, f"row {i}: {len(ids)} tokens > max_seq_length={max_seq_length}")
+            return
+        n = len(ids)
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        if all(v == -100 for v in labels[1:]):  # label 0 is never predicted (labels shift by one)
+            report.add("no_trainable_tokens", i, f"row {i}: truncation to {max_seq_length} tokens cut the whole reply")
+            return
+        report.add("too_long", i, f"row {i}: truncated from {n} to {max_seq_length} tokens", truncated=True)
+    cols["input_ids"].append(ids)
+    cols["attention_mask"].append([1] * len(ids))
+    cols["labels"].append(labels)
+
+
 def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: str = "truncate",
                            train_on: str = "responses", progress: bool = True):
     """Tokenize chat rows with the tokenizer's chat template -> (Dataset, DataReport).
@@ -68,6 +113,13 @@ def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: 
                         "be found exactly; use velotune.get_chat_template(tokenizer, NAME) or train_on='all'")
     report = DataReport(total=len(dataset))
     cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    chunk: list[tuple[int, list[dict]]] = []
+
+    def flush():
+        for i, out in _encode(tokenizer, chunk, train_on == "responses", report):
+            _add_row(cols, report, i, out, max_seq_length, on_long, train_on)
+        chunk.clear()
+
     for i, row in enumerate(_progress(dataset, len(dataset), "Tokenizing", progress)):
         try:
             msgs = to_messages(row)
@@ -75,27 +127,10 @@ def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: 
         except RowError as e:
             report.add(e.reason, i, f"row {i}: {e}")
             continue
-        out = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=train_on == "responses")
-        ids = list(out["input_ids"])
-        labels = ids if train_on == "all" else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
-        if train_on == "responses" and all(v == -100 for v in labels):
-            report.add("no_trainable_tokens", i, f"row {i}: the chat template marked no assistant token")
-            continue
-        if len(ids) > max_seq_length:
-            if on_long == "skip":
-                report.add("too_long", i, f"row {i}: {len(ids)} tokens > max_seq_length={max_seq_length}")
-                continue
-            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            if all(v == -100 for v in labels[1:]):  # label 0 is never predicted (labels shift by one)
-                report.add("no_trainable_tokens", i, f"row {i}: truncation to {max_seq_length} tokens cut the "
-                           "whole reply")
-                continue
-            report.add("too_long", i, f"row {i}: truncated from {len(out['input_ids'])} to {max_seq_length} tokens",
-                       truncated=True)
-        cols["input_ids"].append(ids)
-        cols["attention_mask"].append([1] * len(ids))
-        cols["labels"].append(labels)
+        chunk.append((i, msgs))
+        if len(chunk) == _CHUNK:
+            flush()
+    flush()
     if report.num_skipped or report.num_truncated:
         log.warning("tokenize_conversations: %s", report.summary())
     return datasets.Dataset.from_dict(cols), report

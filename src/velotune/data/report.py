@@ -14,6 +14,7 @@ Reasons (stable strings, so code can test for them):
   too_long             longer than max_seq_length (skipped with on_long="skip", else truncated)
   no_trainable_tokens  nothing left to learn, e.g. truncation cut the whole reply away
   identical_pair       a preference row whose chosen equals rejected
+  template_error       the chat template rejected the row (e.g. a system turn mid-conversation for mistral/gemma)
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 
 from velotune.errors import DataError
 
-REASONS = ("missing_field", "unknown_role", "empty", "too_long", "no_trainable_tokens", "identical_pair")
+REASONS = ("missing_field", "unknown_role", "empty", "too_long", "no_trainable_tokens", "identical_pair",
+           "template_error")
 
 
 @dataclass
