@@ -153,7 +153,7 @@ def test_disabled_and_rescaled_adapters_are_honoured():
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), with_lora)
     assert not torch.equal(with_lora, base_expected)
     for module in model.modules():  # a new scaling (graphs would be recaptured on CUDA)
-        if hasattr(module, "scaling") and "default" in getattr(module, "scaling", {}):
+        if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
             module.scaling["default"] *= 3
     rescaled = stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), rescaled)
