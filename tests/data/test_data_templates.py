@@ -140,6 +140,9 @@ def test_aliases_system_message_and_custom_jinja():
     assert tok.velotune_chat_template == "llama-3"
     tok = get_chat_template(mini_tokenizer(), "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert tok.apply_chat_template(CONV[1:3], tokenize=False) == "Hi!Hello."
+    tok = get_chat_template(mini_tokenizer(), ("{% for m in messages %}{{ m['content'] }}<|stop|>{% endfor %}",
+                                               "<|stop|>"))  # Unsloth's (template, stop token) form
+    assert tok.eos_token == "<|stop|>" and tok.velotune_added_tokens == ["<|stop|>"]
 
 
 def test_missing_tokens_grow_the_model_and_generation_stops():

@@ -140,14 +140,17 @@ def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | 
     - `system_message`: the default system message when a conversation has none.
     Returns the same tokenizer object, modified.
     """
+    stop_for_custom = None
+    if isinstance(chat_template, (tuple, list)) and len(chat_template) == 2:  # Unsloth's (jinja, stop token)
+        chat_template, stop_for_custom = chat_template
     if not isinstance(chat_template, str):
-        raise ConfigError(f"chat_template must be a name or a Jinja string, got {type(chat_template).__name__}")
+        raise ConfigError(f"chat_template must be a name, a Jinja string or (Jinja string, stop token), got "
+                          f"{type(chat_template).__name__}")
     if "{%" in chat_template or "{{" in chat_template:  # a user-written Jinja template
         if mapping or system_message is not None:
             raise ConfigError("mapping/system_message only apply to velotune's named templates; "
                               "write them into your own Jinja template instead")
-        tokenizer.chat_template = chat_template
-        return tokenizer
+        return _set_custom(tokenizer, chat_template, stop_for_custom, map_eos_token, model)
     name = resolve_name(chat_template)
     spec = CHAT_TEMPLATES[name]
     added = _add_missing_special_tokens(tokenizer, spec.special_tokens + ((spec.stop,) if spec.stop else ()))
@@ -170,6 +173,25 @@ def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | 
         log.warning("chat template %s: added special tokens %s to the tokenizer; the model's embeddings must grow "
                     "to %d rows: call model.resize_token_embeddings(len(tokenizer)) or pass model= to "
                     "get_chat_template", name, added, len(tokenizer))
+    return tokenizer
+
+
+def _set_custom(tokenizer, template: str, stop: str | None, map_eos_token: bool, model):
+    added = _add_missing_special_tokens(tokenizer, [stop]) if stop else []
+    tokenizer.chat_template = template
+    tokenizer.velotune_chat_template = None
+    tokenizer.velotune_added_tokens = added
+    old_eos = tokenizer.eos_token
+    if stop and map_eos_token and tokenizer.eos_token != stop:
+        tokenizer.eos_token = stop
+    stop = stop or tokenizer.eos_token
+    if stop and (tokenizer.pad_token is None or tokenizer.pad_token == stop):
+        _pick_pad_token(tokenizer, stop, old_eos)
+    if model is not None and stop:
+        _update_model(model, tokenizer, stop, added)
+    elif added:
+        log.warning("chat template: added special token %s; call model.resize_token_embeddings(len(tokenizer)) "
+                    "or pass model= to get_chat_template", added)
     return tokenizer
 
 
