@@ -170,3 +170,64 @@ def test_bad_requests_are_clear(tmp_path):
     with pytest.raises(ExportError, match="supports llama"):
         model.save_pretrained_gguf(tmp_path, tok)
     assert list(tmp_path.iterdir()) == []
+
+
+def _regex_bpe_tokenizer(regex: str):
+    """A byte-level BPE whose pre-tokenizer is a Split regex, as in Llama 3 and Qwen2 tokenizer.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mini import CHAT_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. I'm sure you've 1234567 apples."] * 20,
+                            trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_split_regex_bpe_tokenizers(pre, tmp_path):
+    """Llama 3 / Qwen2 style pre-tokenizers map to llama.cpp's native ones (digits split 3 by 3 vs 1 by 1)."""
+    from velotune.export.gguf_vocab import _PRE_BY_REGEX
+
+    regex = next(r for r, name in _PRE_BY_REGEX.items() if name == pre)
+    tok = _regex_bpe_tokenizer(regex)
+    model, _ = lora_model("llama")
+    (path,) = model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True, modelfile=False)
+    assert bytes(gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].parts[-1]).decode() == pre
+    llm = open_gguf(path, n_ctx=64, vocab_only=True)
+    try:
+        assert llm.tokenize(MIXED.encode(), add_bos=False, special=True) == tok(MIXED, add_special_tokens=False)["input_ids"]
+    finally:
+        llm.close()
+
+
+def test_failed_gguf_write_keeps_previous_file(tmp_path, monkeypatch):
+    model, tok = lora_model("llama")
+    (path,) = model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
+    before = path.read_bytes()
+    calls = []
+    real = gguf.GGUFWriter.write_tensor_data
+
+    def disk_full(self, tensor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
+    with pytest.raises(ExportError, match="disk is full.*previous file is intact"):
+        model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "model.Q8_0.gguf"]

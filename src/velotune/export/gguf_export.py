@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from velotune.errors import ConfigError
-from velotune.export.atomic import ExportError
+from velotune.export.atomic import ExportError, _describe
 from velotune.export.gguf_arch import add_metadata, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
 from velotune.export.merge import base_model_of, iter_merged_tensors
@@ -73,7 +73,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         state = "the previous file is intact" if path.exists() else "no file was written"
-        raise ExportError(f"writing {path} failed ({type(e).__name__}: {e}); {state}") from e
+        raise ExportError(f"writing {path} failed: {_describe(e)}; {state} (the partial file was removed)") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
