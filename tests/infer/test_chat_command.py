@@ -10,7 +10,8 @@ import torch
 
 from mini import mini_model, save_mini_model
 from test_generate import add_lora
-from velotune.infer.command import run, stop_token_ids
+from velotune.infer import stop_token_ids
+from velotune.infer.command import run
 
 
 def expected_reply(model, tok, messages, max_new_tokens):
@@ -68,3 +69,14 @@ def test_chat_adapter_folder_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(conversation reset)" in proc.stdout
     assert reply.strip() and proc.stdout.count(reply.strip()) == 2, (reply, proc.stdout)
+
+
+def test_chat_bad_folder_is_a_clear_error(tmp_path, capsys):
+    from velotune.cli import main
+
+    assert main(["chat", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["chat", str(tmp_path / "adapter")]) == 2
+    assert "base_model_name_or_path" in capsys.readouterr().err

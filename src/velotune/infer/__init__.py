@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from velotune.infer.stops import stop_token_ids  # noqa: F401  (public helper)
+
 log = logging.getLogger("velotune")
 _STATE = "_velotune_inference_state"
 
