@@ -51,12 +51,14 @@ def test_auto_parts_equal_generation_mask_every_template():
 
 
 @pytest.fixture(scope="module")
-def mistral_sentencepiece(request):
+def mistral_sentencepiece(request, tmp_path_factory):
     """Mistral's real SentencePiece tokenizer (shipped by mistral-common), converted once and cached."""
     import mistral_common
     from transformers import AutoTokenizer, LlamaTokenizer
 
-    cache = Path(request.config.cache.mkdir("velotune-mistral-v1-tokenizer"))
+    cache_plugin = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    cache = Path(cache_plugin.mkdir("velotune-mistral-v1-tokenizer") if cache_plugin
+                 else tmp_path_factory.mktemp("mistral-v1-tokenizer"))
     if not (cache / "tokenizer.json").exists():
         src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
         (cache / "tokenizer.model").write_bytes(src.read_bytes())
