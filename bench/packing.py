@@ -203,8 +203,9 @@ def main(argv=None) -> int:
           f"p90 {s[int(0.9 * len(s))]}, max {s[-1]}")
     t1 = time.perf_counter()
     model = build_model(args, device, dtype)
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"model built in {time.perf_counter() - t1:.1f}s ({'full' if args.full else 'LoRA r=16'}, {dtype}, "
-          f"attn={args.attn}, velotune={args.velotune}, device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})")
+          f"attn={args.attn}, velotune={args.velotune}, device={card}, torch {torch.__version__})")
     results = []
     for mode in args.modes.split(","):
         if time.perf_counter() - t0 > args.max_seconds:

@@ -6,7 +6,7 @@
     messages = to_messages(ds[0])                                  # [{'role': 'user', 'content': ...}, ...]
 
 Row formats `to_messages` recognises (first match wins):
-  messages / conversations   list of {role, content} or ShareGPT {from, value} dicts
+  messages / conversations / conversation   list of {role, content} or ShareGPT {from, value} dicts
   instruction + output       alpaca (optional input, optional system)
   prompt + completion        strings or message lists (TRL's prompt-completion format)
 """
@@ -24,7 +24,7 @@ ROLE_ALIASES = {
     "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant",
     "system": "system",
 }
-CONVERSATION_COLUMNS = ("messages", "conversations")
+CONVERSATION_COLUMNS = ("messages", "conversations", "conversation")
 _LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -136,12 +136,12 @@ def to_messages(row: dict) -> list[dict[str, str]]:
 def standardize_sharegpt(dataset, aliases: dict[str, str] | None = None, num_proc: int | None = None):
     """ShareGPT `from`/`value` -> `role`/`content` with roles human/gpt/system -> user/assistant/system.
 
-    Works on the 'conversations' (or 'messages') column in place. Unknown roles are kept (lower-cased)
-    so that tokenize_conversations can count and report them instead of failing here.
+    Works on the 'conversations' (or 'messages' / 'conversation') column in place. Unknown roles are kept
+    (lower-cased) so that tokenize_conversations can count and report them instead of failing here.
     """
     column = next((c for c in CONVERSATION_COLUMNS if c in dataset.column_names), None)
     if column is None:
-        raise DataError(f"standardize_sharegpt: no 'conversations' or 'messages' column; columns: "
+        raise DataError(f"standardize_sharegpt: no {' / '.join(CONVERSATION_COLUMNS)} column; columns: "
                         f"{dataset.column_names}")
     table = {**ROLE_ALIASES, **(aliases or {})}
 
