@@ -110,3 +110,16 @@ def test_export_demo(tmp_path):
         out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert expected and result["answer"].startswith(expected)
+
+
+def test_export_cli_push_to_hub(run_dir, monkeypatch, tmp_path):
+    from velotune.export import hub
+
+    sent = []
+    monkeypatch.setattr(hub, "_network", lambda plan, token: sent.append((plan, token)) or "https://hub/x")
+    run, _ = run_dir
+    assert main(["export", str(run), "--to", "lora", "gguf", "-o", str(tmp_path / "o"),
+                 "--push-to-hub", "me/run1", "--token", "t"]) == 0
+    assert sorted(p["path_in_repo"] for p, _ in sent) == ["gguf", "lora"]
+    assert {t for _, t in sent} == {"t"}
+    assert main(["export", str(run), "--push-to-hub", "bad id!"]) == 2  # refused before any work

@@ -135,8 +135,11 @@ def run(args) -> int:
     if args.push_to_hub:
         from velotune.export.hub import upload_folder
 
-        for sub in sorted({p if p.is_dir() else p.parent for _, p in written}):
-            upload_folder(sub, args.push_to_hub, token=args.token)
+        folders = sorted({p if p.is_dir() else p.parent for _, p in written})
+        for sub in folders:  # one format: the repo root; several: one subfolder each (lora/, gguf/, ...)
+            plan = upload_folder(sub, args.push_to_hub, token=args.token,
+                                 path_in_repo=sub.name if len(folders) > 1 else None)
+            print(f"velotune export: uploaded {len(plan['files'])} files from {sub} to {plan['url']}")
     print("\nvelotune export: done")
     for label, path in written:
         print(f"  {label:<28} {path}")

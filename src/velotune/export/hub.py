@@ -25,13 +25,14 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def upload_folder(folder: Path, repo_id: str, *, token: str | None = None, private: bool | None = None,
-                  commit_message: str | None = None) -> dict:
-    """Upload every file under `folder` to the model repo `repo_id`; returns what was sent."""
+                  commit_message: str | None = None, path_in_repo: str | None = None) -> dict:
+    """Upload every file under `folder` to the model repo `repo_id` (into `path_in_repo`, default the
+    repo root); returns what was sent."""
     check_repo_id(repo_id)
     files = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
     if not files:
         raise ConfigError(f"nothing to upload in {folder}")
-    plan = {"repo_id": repo_id, "folder": str(folder), "files": files, "private": private,
+    plan = {"repo_id": repo_id, "folder": str(folder), "files": files, "private": private, "path_in_repo": path_in_repo,
             "commit_message": commit_message or f"velotune export ({len(files)} files)"}
     plan["url"] = _network(plan, token)
     return plan
@@ -42,7 +43,8 @@ def _network(plan: dict, token: str | None) -> str:  # the only untested code: i
 
     api = HfApi(token=token)
     api.create_repo(plan["repo_id"], private=plan["private"], exist_ok=True, repo_type="model")
-    return str(api.upload_folder(folder_path=plan["folder"], repo_id=plan["repo_id"], commit_message=plan["commit_message"]))
+    return str(api.upload_folder(folder_path=plan["folder"], repo_id=plan["repo_id"], path_in_repo=plan["path_in_repo"],
+                                 commit_message=plan["commit_message"]))
 
 
 def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit", *,
