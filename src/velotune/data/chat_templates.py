@@ -153,13 +153,14 @@ def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | 
         return _set_custom(tokenizer, chat_template, stop_for_custom, map_eos_token, model)
     name = resolve_name(chat_template)
     spec = CHAT_TEMPLATES[name]
-    added = _add_missing_special_tokens(tokenizer, spec.special_tokens + ((spec.stop,) if spec.stop else ()))
-    tokenizer.chat_template = render_template_source(name, mapping, system_message)
-    tokenizer.velotune_chat_template = name
     stop = spec.stop or tokenizer.eos_token
     if stop is None:
         raise ConfigError(f"template {name!r} ends turns with the tokenizer's eos_token, but this tokenizer has none; "
                           "set tokenizer.eos_token first")
+    source = render_template_source(name, mapping, system_message)  # validates mapping before any change
+    added = _add_missing_special_tokens(tokenizer, spec.special_tokens + ((spec.stop,) if spec.stop else ()))
+    tokenizer.chat_template = source
+    tokenizer.velotune_chat_template = name
     old_eos = tokenizer.eos_token
     if map_eos_token and spec.stop and tokenizer.eos_token != spec.stop:
         tokenizer.eos_token = spec.stop
