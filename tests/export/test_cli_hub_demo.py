@@ -123,3 +123,16 @@ def test_export_cli_push_to_hub(run_dir, monkeypatch, tmp_path):
     assert sorted(p["path_in_repo"] for p, _ in sent) == ["gguf", "lora"]
     assert {t for _, t in sent} == {"t"}
     assert main(["export", str(run), "--push-to-hub", "bad id!"]) == 2  # refused before any work
+
+
+def test_export_cli_full_model_folder(tmp_path):
+    """A full fine-tuning output (no adapter) exports too; asking it for 'lora' is a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    from mini import mini_model
+
+    base = save_mini_model("qwen2", tmp_path)
+    assert main(["export", str(base), "--to", "merged_16bit", "-o", str(tmp_path / "o")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "merged_16bit", dtype=torch.float32)
+    assert torch.equal(logits(merged, IDS), logits(mini_model("qwen2"), IDS))
+    assert main(["export", str(base), "--to", "lora", "-o", str(tmp_path / "o2")]) == 2

@@ -132,3 +132,19 @@ def test_merged_4bit_loads_as_nf4(qlora_model, tmp_path):
     m4 = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(m4.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert rel_err(logits(m4, IDS), expected) <= 0.35  # NF4 re-quantisation of random weights [~0.2]
+
+
+def test_qlora_to_gguf_dequantises_the_base(qlora_model, tmp_path):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("llama_cpp")
+    from velotune.export.llama_cpp_io import open_gguf
+
+    model, tok, expected = qlora_model
+    (path,) = model.save_pretrained_gguf(tmp_path, tok, "f32", quiet=True, modelfile=False)
+    llm = open_gguf(path, n_ctx=32, logits_all=True, f32_kv_cache=True)
+    ids = IDS[0].tolist()
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    llm.close()
+    ref = expected[0].numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
