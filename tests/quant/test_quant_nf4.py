@@ -180,3 +180,16 @@ def test_to_bnb_round_trip_and_errors():
     fq, fstate = bnbF.quantize_4bit(w, blocksize=64, quant_type="fp4")
     with pytest.raises(ValueError, match="NF4 only"):
         NF4Weight.from_bnb(fq, fstate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
+    """On the GPU: bitsandbytes' CUDA quantiser and dequantiser vs our Triton kernel (and our reference)."""
+    for i, (shape, bs) in enumerate(SHAPES + RAGGED + [((1024, 4096), 64), ((4096, 1408), 64)]):
+        w = _weight(shape, dtype, seed=50 + i).cuda()
+        q, state = bnbF.quantize_4bit(w, blocksize=bs, compress_statistics=True, quant_type="nf4")
+        nf4 = NF4Weight.from_bnb(q, state)
+        ours = dequantize_nf4(nf4)
+        assert torch.equal(ours, bnbF.dequantize_4bit(q, state)), (shape, dtype)
+        assert torch.equal(ours, dequantize_nf4_reference(nf4)), (shape, dtype)

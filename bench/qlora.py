@@ -1,0 +1,388 @@
+"""QLoRA (NF4) throughput, memory and maximum context: velotune vs stock transformers+bitsandbytes+PEFT.
+
+Random-weight Llama-3.1-8B shape built on the GPU in bf16; for the 4-bit contenders every decoder
+linear is quantised there to NF4 with double quantisation (bitsandbytes' `Params4bit`, what
+`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`
+produces). LoRA r=16 alpha=16 on all 7 projections, fused AdamW on the LoRA parameters, batch 2 x 2048
+random token ids. Each contender runs in its own process (clean peak-memory figures).
+
+  velotune-qlora   FastLanguageModel path on the 4-bit model, use_gradient_checkpointing="unsloth"
+  velotune-lora    the same on the bf16 model (the 16-bit reference QLoRA must keep up with)
+  stock-qlora      prepare_model_for_kbit_training (non-reentrant checkpointing) + get_peft_model
+  stock-lora       bf16 model + get_peft_model + non-reentrant checkpointing
+
+    python bench/qlora.py                                   # throughput table (all four contenders)
+    python bench/qlora.py --dequant                         # NF4 dequant: bit-exact vs bitsandbytes, timing
+    python bench/qlora.py --max-context --time-box 300      # longest trainable sequence, batch 1
+    python bench/qlora.py --cpu-smoke                       # every code path on a tiny config, on CPU
+
+Peak memory is torch.cuda.max_memory_allocated over the timed steps (after building the model;
+reset before the first step). Max context: per contender, sequence lengths double from --ctx-start
+until a step runs out of memory, then bisect (to --ctx-resolution tokens) inside the time box; each
+length runs in a fresh process (one step + one timed step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+try:  # shapes and FLOP counts shared with the LoRA benchmark
+    from train import SHAPES, TARGETS, _config, _flops_per_token  # type: ignore
+except Exception:  # standalone copy (bench/train.py missing or not importable)
+    TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    _R = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192, "factor": 8.0}
+    SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         tie_word_embeddings=False, rope_parameters=_R),
+              "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
+                           tie_word_embeddings=False)}
+
+    def _config(shape):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
+
+    def _flops_per_token(config, seq):
+        h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+        d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+        q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+        n = L * (h * q + 2 * h * kv + q * h + 3 * h * i) + config.vocab_size * h
+        return 4 * n + 12 * L * h * seq
+
+IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora")
+# For the CPU smoke test: the tiny shape with the block-friendly intermediate size (a multiple of 64).
+SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 20, tie_word_embeddings=False)
+
+
+# ------------------------------------------------------------------ building the contenders
+def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
+    """Replace every decoder projection (an nn.Linear named in TARGETS) by a bitsandbytes NF4
+    `Linear4bit` quantised on the weight's own device; frees each 16-bit weight as it goes."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGETS and type(child) is torch.nn.Linear:
+                dev = child.weight.device
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                      quant_storage=torch.uint8, device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", blocksize=64, quant_storage=torch.uint8, module=q
+                                             ).to(dev)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, child_name, q)
+                del child
+                n += 1
+    model.is_loaded_in_4bit = True  # what transformers sets on a bitsandbytes-4-bit model
+    return n
+
+
+def build(impl: str, config, device: str, dtype: torch.dtype, seq: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if impl.endswith("qlora"):
+        quantize_linears_(model, dtype)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if impl.startswith("velotune"):
+        from velotune import FastLanguageModel
+        from velotune.models import prepare_model
+
+        model.velotune_compute_dtype = dtype
+        model.max_seq_length = seq
+        prepare_model(model, max_seq_length=seq)
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
+                                                use_gradient_checkpointing="unsloth", random_state=3407)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if impl == "stock-qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    torch.manual_seed(3407)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
+                                            bias="none", task_type="CAUSAL_LM"))
+
+
+# ------------------------------------------------------------------ one contender, in its own process
+def worker(args) -> dict:
+    device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
+    cuda = device.startswith("cuda")
+    t_build = time.perf_counter()
+    model = build(args.impl, config, device, dtype, args.seq)
+    t_build = time.perf_counter() - t_build
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
+    batch = {"input_ids": ids, "labels": ids}
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
+    first_loss = None
+    try:
+        for i in range(args.warmup):
+            loss = step()
+            if i == 0:
+                first_loss = loss.item()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        if cuda:
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        return {"impl": args.impl, "seq": args.seq, "oom": True}
+    elapsed = time.perf_counter() - t0
+    tokens = args.batch * args.seq * args.steps
+    out = {"impl": args.impl, "shape": args.shape, "seq": args.seq, "batch": args.batch, "oom": False,
+           "tokens_per_s": tokens / elapsed, "ms_per_step": 1000 * elapsed / args.steps, "first_loss": first_loss,
+           "last_loss": loss.item(), "build_s": t_build, "weights_gib": weights_gib,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "flops_per_token": _flops_per_token(config, args.seq), "n_trainable": sum(p.numel() for p in params)}
+    if args.impl.startswith("velotune"):
+        from velotune.models import report
+
+        out["report"] = report(model)
+        stats = getattr(model, "velotune_offload_stats", None)
+        if stats is not None:
+            out["offloaded_gib_per_step"] = stats.bytes_offloaded / 2**30 / (args.warmup + args.steps)
+    return out
+
+
+def _smoke_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SMOKE_SHAPE, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
+
+
+def _run_worker(argv: list[str], timeout: float | None = None) -> dict | None:
+    try:
+        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"worker {argv} timed out after {timeout:.0f} s", flush=True)
+        return {"timeout": True}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    if "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr:
+        return {"oom": True}
+    print(f"worker {argv} failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}", flush=True)
+    return None
+
+
+# ------------------------------------------------------------------ NF4 dequantisation check + timing
+def dequant_bench(device: str) -> list[dict]:
+    """Bit-exactness vs bitsandbytes and time per weight for the 8B projections; plus the cost of a
+    separate dequantisation next to the matmul that consumes it (an upper bound on what fusing
+    dequantisation into the matmul could save)."""
+    import bitsandbytes.functional as bnbF
+
+    from velotune.quant.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
+
+    cuda = device.startswith("cuda")
+    shapes = ({"q/o [4096,4096]": (4096, 4096), "k/v [1024,4096]": (1024, 4096),
+               "gate/up [14336,4096]": (14336, 4096), "down [4096,14336]": (4096, 14336)} if cuda
+              else {"[128,192]": (128, 192), "[64,256]": (64, 256)})
+    tokens = 4096 if cuda else 16
+    if cuda:
+        from triton.testing import do_bench
+
+        bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731  ms
+    else:
+        bench = lambda fn: (lambda t0: (fn(), (time.perf_counter() - t0) * 1000)[1])(time.perf_counter())  # noqa: E731
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for label, shape in shapes.items():
+            g = torch.Generator(device=device).manual_seed(len(rows))
+            w = (torch.randn(shape, device=device, generator=g) * 0.02).to(dtype)
+            q, st = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            nf4 = NF4Weight.from_bnb(q, st)
+            ref = bnbF.dequantize_4bit(q, st)
+            ours = dequantize_nf4(nf4)
+            exact = torch.equal(ours, ref) and torch.equal(ours, dequantize_nf4_reference(nf4))
+            row = {"dtype": str(dtype).split(".")[-1], "weight": label, "bit_exact": exact,
+                   "mismatches": int((ours != ref).sum())}
+            if dtype != torch.float32:
+                buf = torch.empty_like(ours)
+                n = w.numel()
+                t_ours = bench(lambda: dequantize_nf4(nf4, out=buf))
+                t_bnb = bench(lambda: bnbF.dequantize_4bit(q, st, out=buf if cuda else None))  # CPU: no out= variant
+                x = torch.randn(tokens, shape[1], device=device, dtype=dtype)
+                t_mm = bench(lambda: x @ buf.t())
+                t_both = bench(lambda: x @ dequantize_nf4(nf4, out=buf).t())
+                moved = n // 2 + n * buf.element_size() + st.absmax.numel()
+                row.update(ours_us=1000 * t_ours, bnb_us=1000 * t_bnb, ours_GBps=moved / (t_ours * 1e6),
+                           matmul_us=1000 * t_mm, dequant_plus_matmul_us=1000 * t_both,
+                           overhead_pct=100 * (t_both - t_mm) / t_mm)
+            rows.append(row)
+    return rows
+
+
+def print_dequant(rows: list[dict]) -> None:
+    print("NF4 dequantisation (double-quantised absmax, blocksize 64): velotune Triton vs bitsandbytes")
+    print(f"{'dtype':<9}{'weight':<22}{'bit-exact':<11}{'ours us':>9}{'bnb us':>9}{'GB/s':>8}"
+          f"{'matmul us':>11}{'deq+mm us':>11}{'overhead':>10}")
+    for r in rows:
+        t = (f"{r['ours_us']:>9.1f}{r['bnb_us']:>9.1f}{r['ours_GBps']:>8.0f}{r['matmul_us']:>11.1f}"
+             f"{r['dequant_plus_matmul_us']:>11.1f}{r['overhead_pct']:>9.1f}%") if "ours_us" in r else ""
+        print(f"{r['dtype']:<9}{r['weight']:<22}{str(r['bit_exact']) + ('' if r['bit_exact'] else ' (' + str(r['mismatches']) + ')'):<11}{t}")
+
+
+# ------------------------------------------------------------------ max context search
+def max_context(impl: str, common: list[str], start: int, resolution: int, deadline: float) -> dict:
+    """Longest seq (batch 1) that trains: double until OOM, then bisect, until `deadline`."""
+    ok, bad, best = 0, None, None
+    seq = start
+    while time.time() < deadline:
+        left = deadline - time.time()
+        r = _run_worker(["--worker", impl, *common, "--batch", "1", "--seq", str(seq), "--steps", "1",
+                         "--warmup", "1"], timeout=left)
+        if r is None or r.get("timeout"):
+            break
+        if r.get("oom"):
+            bad = seq
+        else:
+            ok, best = seq, r
+        if r.get("oom"):
+            what = "OOM"
+        else:
+            what = f"ok, {r['tokens_per_s']:.0f} tok/s" + (f", peak {r['peak_gib']:.1f} GiB" if r.get("peak_gib") else "")
+        print(f"  [{impl}] seq {seq:>8}: {what}", flush=True)
+        if bad is None:
+            seq *= 2
+        elif bad - ok <= resolution:
+            break
+        else:
+            seq = (ok + bad) // 2 // resolution * resolution or resolution
+            if seq <= ok:
+                break
+    return {"impl": impl, "max_seq": ok, "first_oom": bad, "complete": bad is not None and bad - ok <= resolution,
+            "tokens_per_s": best and best["tokens_per_s"], "peak_gib": best and best["peak_gib"]}
+
+
+# ------------------------------------------------------------------ orchestration
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--shape", default="8b", choices=[*SHAPES, "smoke"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dequant", action="store_true", help="NF4 dequant bit-exactness and timing (8B shapes)")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the throughput table")
+    ap.add_argument("--max-context", action="store_true", help="max trainable seq (batch 1) per contender")
+    ap.add_argument("--ctx-impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--ctx-start", type=int, default=16384)
+    ap.add_argument("--ctx-resolution", type=int, default=4096)
+    ap.add_argument("--time-box", type=float, default=600.0, help="seconds for the whole max-context search")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU through every code path")
+    ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
+    ap.add_argument("--json", type=Path, help="also write all results to this file")
+    ap.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.cpu_smoke:
+        args.device, args.shape, args.dtype = "cpu", "smoke", "fp32"
+        args.steps, args.warmup, args.batch, args.seq = 2, 1, 2, 32
+        args.dequant = args.max_context = True
+        args.ctx_start, args.ctx_resolution, args.time_box = 64, 64, 240.0
+    if args.worker:
+        args.impl = args.worker
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+
+    cuda = args.device.startswith("cuda")
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    results: dict = {"card": card, "date": date, "commit": args.commit, "shape": args.shape}
+    print(f"{card}  {date}  commit {args.commit}  shape {args.shape}", flush=True)
+    if args.dequant:
+        rows = dequant_bench(args.device)
+        results["dequant"] = rows
+        print_dequant(rows)
+    common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype]
+    if not args.no_throughput:
+        res = {}
+        for impl in args.impls:
+            r = _run_worker(["--worker", impl, *common, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                             "--batch", str(args.batch), "--seq", str(args.seq)])
+            if r is None or r.get("oom"):
+                print(f"{impl}: {'OOM' if r else 'failed'}", flush=True)
+                continue
+            res[impl] = r
+            peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "-"
+            print(f"{impl:<15} {r['tokens_per_s']:>9.0f} tok/s {r['ms_per_step']:>8.1f} ms/step  peak {peak}  "
+                  f"first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}  (build {r['build_s']:.0f} s)", flush=True)
+        results["throughput"] = res
+        rows = []
+        for base in ("stock-qlora", "velotune-lora"):
+            v, s = res.get("velotune-qlora"), res.get(base)
+            if v and s:
+                mem = v["peak_gib"] / s["peak_gib"] if v["peak_gib"] and s["peak_gib"] else float("nan")
+                print(f"velotune-qlora / {base}: {v['tokens_per_s'] / s['tokens_per_s']:.2f}x tokens/s, "
+                      f"{mem:.2f}x peak memory", flush=True)
+                if v["peak_gib"]:
+                    rows.append(f"| {card} | {date} | {args.commit} | {args.shape} QLoRA {args.batch}x{args.seq} vs "
+                                f"{base} | {s['tokens_per_s']:.0f} | {v['tokens_per_s']:.0f} | "
+                                f"{v['tokens_per_s'] / s['tokens_per_s']:.2f}x | {s['peak_gib']:.2f} | "
+                                f"{v['peak_gib']:.2f} | {mem:.2f}x |")
+        if rows:
+            print("\nBENCHMARKS.md rows:\n" + "\n".join(rows), flush=True)
+    if args.max_context:
+        deadline = time.time() + args.time_box
+        ctx = []
+        impls = args.ctx_impls
+        for i, impl in enumerate(impls):  # an equal share of what is left for each contender
+            share = (deadline - time.time()) / (len(impls) - i)
+            ctx.append(max_context(impl, common, args.ctx_start, args.ctx_resolution, time.time() + share))
+        results["max_context"] = ctx
+        print("\nmax context (batch 1):")
+        for c in ctx:
+            tps = f"{c['tokens_per_s']:.0f} tok/s" if c["tokens_per_s"] else "-"
+            pk = f"{c['peak_gib']:.1f} GiB" if c["peak_gib"] else "-"
+            print(f"  {c['impl']:<15} {c['max_seq']:>8} tokens ({'bisected' if c['complete'] else 'time box hit'}; "
+                  f"first OOM {c['first_oom']})  {tps}  peak {pk}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
