@@ -32,7 +32,7 @@ def _padded(samples, pad_id: int = 0) -> dict:
         ids[i, :n] = torch.tensor(s["input_ids"])
         labels[i, :n] = torch.tensor(s["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}  # no cache: as in training
 
 
 def _loss_and_grads(model, batch):
