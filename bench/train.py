@@ -70,7 +70,7 @@ def _build(impl: str, shape: str, device: str, dtype: torch.dtype, seq: int):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(_config(shape), dtype=dtype, attn_implementation="sdpa")
-    if impl == "velotune":
+    if impl in ("velotune", "velotune_offload"):
         from velotune import FastLanguageModel
         from velotune.models import prepare_model
 
@@ -78,7 +78,8 @@ def _build(impl: str, shape: str, device: str, dtype: torch.dtype, seq: int):
         model.max_seq_length = seq
         prepare_model(model, max_seq_length=seq)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
-                                                use_gradient_checkpointing=True, random_state=3407)
+                                                use_gradient_checkpointing="unsloth" if impl == "velotune_offload"
+                                                else True, random_state=3407)
     from peft import LoraConfig, get_peft_model
 
     if impl == "liger":
@@ -180,9 +181,16 @@ def worker(args) -> dict:
            "ms_per_step": 1000 * elapsed / args.steps, "first_loss": first_loss, "last_loss": loss.item(),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
            "flops_per_token": _flops_per_token(config, args.seq), "n_trainable": sum(p.numel() for p in params)}
+    if device.startswith("cuda"):  # where the peak is: end of forward vs during backward
+        torch.cuda.reset_peak_memory_stats()
+        loss = model(**batch).loss
+        out["peak_fwd_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        out["after_step_gib"] = torch.cuda.memory_allocated() / 2**30
     if args.profile and device.startswith("cuda"):
         out["profile"] = _profile(step, 3)
-    if args.impl == "velotune":
+    if args.impl.startswith("velotune"):
         from velotune.models import report
 
         out["report"] = report(model)
@@ -351,7 +359,8 @@ def main() -> int:
             res[impl] = r
             mfu = r["flops_per_token"] * r["tokens_per_s"] / (peak * 1e12) if peak else None
             r["mfu"] = mfu
-            peak_s = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "-"
+            peak_s = (f"{r['peak_gib']:.2f} GiB (fwd {r['peak_fwd_gib']:.2f}, resting {r['after_step_gib']:.2f})"
+                      if r["peak_gib"] is not None else "-")
             print(f"[{shape}] {impl:<9} {r['tokens_per_s']:>9.0f} tok/s  {r['ms_per_step']:>7.1f} ms/step  "
                   f"peak {peak_s}  MFU {mfu * 100 if mfu else float('nan'):.1f}%  "
                   f"first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}", flush=True)
@@ -367,13 +376,15 @@ def main() -> int:
                 for ms, k in r["profile"]["top_kernels"]:
                     print(f"     {ms:>7.2f}  {k}")
         all_results[shape] = res
-        if "velotune" in res and "stock" in res:
-            v, s = res["velotune"], res["stock"]
+        for name in [k for k in res if k.startswith("velotune")]:
+            if "stock" not in res:
+                break
+            v, s = res[name], res["stock"]
             speed = v["tokens_per_s"] / s["tokens_per_s"]
             mem = v["peak_gib"] / s["peak_gib"] if v["peak_gib"] and s["peak_gib"] else float("nan")
-            print(f"[{shape}] velotune / stock: {speed:.2f}x tokens/s, {mem:.2f}x peak memory; first-step losses "
+            print(f"[{shape}] {name} / stock: {speed:.2f}x tokens/s, {mem:.2f}x peak memory; first-step losses "
                   f"{v['first_loss']:.4f} vs {s['first_loss']:.4f}", flush=True)
-            rows.append(f"| {card} | {all_results['date']} | {args.commit} | {shape} | {s['tokens_per_s']:.0f} | "
+            rows.append(f"| {card} | {all_results['date']} | {args.commit} | {shape} ({name}) | {s['tokens_per_s']:.0f} | "
                         f"{v['tokens_per_s']:.0f} | {speed:.2f}x | {s['peak_gib']:.2f} | {v['peak_gib']:.2f} | "
                         f"{mem:.2f}x |" if v["peak_gib"] else f"| {card} | {shape} | {speed:.2f}x |")
     if rows:

@@ -78,11 +78,12 @@ def test_packing_is_not_a_no_op():
     assert not torch.allclose(loss_leaky, loss_padded, rtol=1e-5, atol=0)
 
 
-def test_packed_equals_padded_velotune_model(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])  # plain, sliding window, softcap + window
+def test_packed_equals_padded_velotune_model(tmp_path, family):
     """The same check through FastLanguageModel (velotune's patched forward must honour packing)."""
     from velotune import FastLanguageModel
 
-    path = save_mini_model("llama", tmp_path)
+    path = save_mini_model(family, tmp_path)
     model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=64)
     model.float()
     samples = _samples(seed=3)

@@ -3,8 +3,9 @@ weights, AdamW on a fixed batch with padding and ignored labels. Every step's lo
 gradient must match to relative error 1e-5 (per-tensor norm: ||g_fast - g_stock|| / ||g_stock||).
 
 Over many AdamW steps fp32 rounding differences are amplified (Adam turns tiny gradient entries into
-full-size updates), so the drift depends on the setting. Where it exceeds 1e-5, stock itself drifts as
-much: test_rslora_drift_no_worse_than_stock measures stock SDPA vs stock eager on the same run.
+full-size updates): free-running, stock SDPA and stock eager attention drift apart by ~1e-4 in gradient
+norm after 20 rsLoRA steps. So gradients are compared step by step at the same weights (after each
+step the fast model takes the stock model's weights), and the free-running loss curves separately.
 """
 import copy
 
@@ -48,29 +49,62 @@ def _load_pair(family, tmp_path, *, full_finetuning=False, lora=True, attn_imple
     return fast, stock
 
 
-def _train(model, batches, steps, *, seed=None, lr=1e-3, num_items=None):
-    """AdamW steps; each step accumulates over `batches`. Returns (losses, grads per step)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in params], lr=lr)
-    losses, grads = [], []
+def _step(model, opt, params, batches, *, seed=None, num_items=None):
+    """One AdamW step accumulated over `batches`. Returns (loss, {name: grad})."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    total = 0.0
+    for b in batches:
+        kw = {"num_items_in_batch": num_items} if num_items is not None else {}
+        loss = model(**b, **kw).loss
+        loss.backward()
+        total += loss.item()
+    grads = {n: p.grad.clone() for n, p in params}
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, grads
+
+
+def _trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _train_pair(fast, stock, steps, fast_batches, stock_batches=None, *, seed=None, lr=1e-3, fast_items=None,
+                stock_items=None, resync=True):
+    """AdamW steps on both models. Returns ((losses, grads), (losses, grads)) per step.
+
+    resync=True: after every step the fast model's trainable weights are set to the stock model's, so
+    each step's loss and gradients are compared at the same point (fp32 rounding differences of one
+    step are not amplified by Adam into the next step's weights). resync=False: free-running.
+    """
+    runs = []
+    pf, ps = _trainable(fast), _trainable(stock)
+    assert [n for n, _ in pf] == [n for n, _ in ps] and pf
+    of, os_ = torch.optim.AdamW([p for _, p in pf], lr=lr), torch.optim.AdamW([p for _, p in ps], lr=lr)
+    lf, gf, ls, gs = [], [], [], []
     for _ in range(steps):
-        if seed is not None:
-            torch.manual_seed(seed)
-        total = 0.0
-        for b in batches:
-            kw = {"num_items_in_batch": num_items} if num_items is not None else {}
-            loss = model(**b, **kw).loss
-            loss.backward()
-            total += loss.item()
-        losses.append(total)
-        grads.append({n: p.grad.clone() for n, p in params})
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return losses, grads
+        loss, grads = _step(fast, of, pf, fast_batches, seed=seed, num_items=fast_items)
+        lf.append(loss), gf.append(grads)
+        loss, grads = _step(stock, os_, ps, stock_batches or fast_batches, seed=seed, num_items=stock_items)
+        ls.append(loss), gs.append(grads)
+        if resync:
+            with torch.no_grad():
+                for (_, a), (_, b) in zip(pf, ps):
+                    a.copy_(b)
+    runs = ((lf, gf), (ls, gs))
+    return runs
 
 
-def _assert_same_training(fast_run, stock_run, tol=TOL):
-    (lf, gf), (ls, gs) = fast_run, stock_run
+def _train(model, batches, steps, *, seed=None, lr=1e-3, num_items=None):
+    """Free-running AdamW steps of one model. Returns (losses, grads per step)."""
+    params = _trainable(model)
+    opt = torch.optim.AdamW([p for _, p in params], lr=lr)
+    out = [_step(model, opt, params, batches, seed=seed, num_items=num_items) for _ in range(steps)]
+    return [o[0] for o in out], [o[1] for o in out]
+
+
+def _assert_same_training(runs, tol=TOL):
+    (lf, gf), (ls, gs) = runs
     assert len(gf[0]) == len(gs[0]) and len(gf[0]) > 0
     for step, (a, b) in enumerate(zip(lf, ls)):
         assert abs(a - b) <= tol * abs(b), f"step {step}: loss {a} vs stock {b}"
@@ -79,6 +113,12 @@ def _assert_same_training(fast_run, stock_run, tol=TOL):
             assert ga[name].abs().sum() > 0 or g.abs().sum() == 0, name
             err = _rel(ga[name], g)
             assert err <= tol, f"step {step}: grad {name} rel err {err:.2e}"
+
+
+def _assert_same_losses(runs, tol=TOL):
+    (lf, _), (ls, _) = runs
+    for step, (a, b) in enumerate(zip(lf, ls)):
+        assert abs(a - b) <= tol * abs(b), f"step {step}: loss {a} vs stock {b} (free-running)"
 
 
 def _held_out():
@@ -93,7 +133,7 @@ def test_lora_training_matches_stock(family, tmp_path):
     assert "lora" in report(fast) and "0 on the stock PEFT path" in report(fast)
     assert base.forward.__func__.__name__ == "causal_lm_forward"
     batch = fixed_batch()
-    _assert_same_training(_train(fast, [batch], 20), _train(stock, [batch], 20))
+    _assert_same_training(_train_pair(fast, stock, 20, [batch]))
     with torch.no_grad():
         lf, ls = fast(**_held_out()).logits, stock(**_held_out()).logits
     assert _rel(lf, ls) <= TOL
@@ -103,7 +143,7 @@ def test_lora_training_matches_stock(family, tmp_path):
 def test_full_finetuning_matches_stock(family, tmp_path):
     fast, stock = _load_pair(family, tmp_path, full_finetuning=True, lora=False)
     batch = fixed_batch()
-    _assert_same_training(_train(fast, [batch], 4), _train(stock, [batch], 4))
+    _assert_same_training(_train_pair(fast, stock, 4, [batch]))
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
@@ -112,7 +152,7 @@ def test_gradient_checkpointing_matches_stock(family, tmp_path):
     assert fast.get_base_model().is_gradient_checkpointing
     fast.train()
     batch = fixed_batch()
-    _assert_same_training(_train(fast, [batch], 4), _train(stock, [batch], 4))
+    _assert_same_training(_train_pair(fast, stock, 4, [batch]))
 
 
 def test_lora_dropout_same_seed_same_result(tmp_path):
@@ -120,20 +160,20 @@ def test_lora_dropout_same_seed_same_result(tmp_path):
     fast.train(), stock.train()
     assert "14 on the stock PEFT path" in report(fast)  # dropout: the correct (stock PEFT) path
     batch = fixed_batch()
-    _assert_same_training(_train(fast, [batch], 3, seed=5), _train(stock, [batch], 3, seed=5))
+    _assert_same_training(_train_pair(fast, stock, 3, [batch], seed=5))
 
 
 def test_dora_falls_back_correctly(tmp_path):
     fast, stock = _load_pair("qwen2", tmp_path, use_dora=True)
     batch = fixed_batch()
-    _assert_same_training(_train(fast, [batch], 2), _train(stock, [batch], 2))
+    _assert_same_training(_train_pair(fast, stock, 2, [batch]))
 
 
 def test_target_subset_rank_and_modules_to_save(tmp_path):
     fast, stock = _load_pair("mistral", tmp_path, r=3, target_modules=["q_proj", "v_proj", "down_proj"],
                              modules_to_save=["lm_head", "embed_tokens"])
     batch = fixed_batch()
-    _assert_same_training(_train(fast, [batch], 3), _train(stock, [batch], 3))
+    _assert_same_training(_train_pair(fast, stock, 3, [batch]))
     names = list(_train(fast, [batch], 1)[1][0])
     assert any("lm_head" in n for n in names) and any("embed_tokens" in n for n in names)
 
@@ -143,9 +183,7 @@ def test_gradient_accumulation_4x1_equals_1x4(tmp_path):
     big = fixed_batch(batch=4, seq=12, seed=3, pad_last=4)
     n_items = int((big["labels"][:, 1:] != -100).sum())
     rows = [{k: v[i:i + 1] for k, v in big.items()} for i in range(4)]
-    accumulated = _train(fast, rows, 3, num_items=n_items)
-    one_batch = _train(stock, [big], 3)
-    _assert_same_training(accumulated, one_batch)
+    _assert_same_training(_train_pair(fast, stock, 3, rows, [big], fast_items=n_items))
 
 
 def _packed(batch):
@@ -167,28 +205,23 @@ def test_packed_equals_padded(family, tmp_path):
     padded["labels"][:, 0] = -100
     packed = _packed(padded)
     # Same tokens, same targets: the packed loss equals the padded loss only if attention stays per sample.
-    _assert_same_training(_train(fast, [packed], 3), _train(stock, [padded], 3))
+    _assert_same_training(_train_pair(fast, stock, 3, [packed], [padded]))
 
 
 def test_rslora_matches_stock(tmp_path):
     fast, stock = _load_pair("qwen2", tmp_path, use_rslora=True)
     assert fast.get_base_model().model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(16 / 8**0.5)
     batch = fixed_batch()
-    _assert_same_training(_train(fast, [batch], 6), _train(stock, [batch], 6))
+    _assert_same_training(_train_pair(fast, stock, 20, [batch]))
 
 
-def test_rslora_drift_no_worse_than_stock(tmp_path):
-    """20 steps of rsLoRA (scaling 5.7) on Qwen2 amplify fp32 rounding beyond 1e-5 (measured ~1e-4):
-    stock SDPA and stock eager attention drift apart as much, and ours stays within 1.5x of that."""
-    fast, sdpa = _load_pair("qwen2", tmp_path / "a", attn_implementation="sdpa", use_rslora=True)
-    _, eager = _load_pair("qwen2", tmp_path / "b", attn_implementation="eager", use_rslora=True)
-    batch = fixed_batch()
-    runs = [_train(m, [batch], 20) for m in (fast, sdpa, eager)]
+@pytest.mark.parametrize("family,peft_kw", [(f, {}) for f in FAMILIES] + [("qwen2", {"use_rslora": True})])
+def test_free_running_losses_match_stock(family, peft_kw, tmp_path):
+    """20 AdamW steps without resynchronising the weights: the loss curves still agree to 1e-5.
 
-    def worst(x, y):
-        return max(_rel(a[n], b[n]) for a, b in zip(x[1], y[1]) for n in b)
-
-    stock_drift = worst(runs[1], runs[2])
-    assert stock_drift > TOL  # the premise: stock differs from itself by more than TOL here
-    assert worst(runs[0], runs[1]) <= 1.5 * stock_drift
-    assert max(abs(a - b) / b for a, b in zip(runs[0][0], runs[1][0])) <= TOL  # losses still agree
+    (Gradients are compared per step at the same weights in the tests above; free-running, Adam turns
+    fp32 rounding differences into full-size updates of tiny gradient entries, and stock SDPA vs stock
+    eager attention drift apart by ~1e-4 in gradient norm on rsLoRA, so gradients are not compared here.)
+    """
+    fast, stock = _load_pair(family, tmp_path, **peft_kw)
+    _assert_same_losses(_train_pair(fast, stock, 20, [fixed_batch()], resync=False))

@@ -126,7 +126,7 @@ class DecodeEngine:
     def _proj(self, layer, name, x):
         return ops.linear(getattr(layer, name), x, layer.plans[name])
 
-    def _layer(self, i: int, layer, h, cos, sin, allowed, write, t=None):
+    def _layer(self, i: int, layer, h, cos, sin, allowed, write):
         """One decoder layer. h [B, T, H]; `write(cache_tensor, new)` stores K or V for these tokens."""
         s, c = self.spec, self.cache
         B, T, _ = h.shape

@@ -18,8 +18,9 @@ with a large dimension goes through the rank r:
 Saved: X and XA (N x sum r) per group. W is never saved: it is re-read with `get_base_weight` in
 backward, so 4-bit layers dequantise into a shared buffer instead of keeping a copy alive.
 
-The MLP function also keeps gate and up (needed by the activation's backward) and recomputes
-h = act(gate) * up in backward instead of saving it (one elementwise pass, saves N x I).
+The MLP keeps gate and up (needed by the activation's backward) and recomputes h = act(gate) * up
+in backward instead of saving it (one elementwise pass, saves N x I). It is split into three
+functions ordered so that checkpoint recomputation can skip the down projection (see lora_mlp).
 Everything runs in X's dtype (the compute dtype): no fp32 casts of the LoRA branch.
 """
 from __future__ import annotations
@@ -131,41 +132,104 @@ def lora_projections(X: torch.Tensor, projs: Sequence[Proj]) -> tuple[torch.Tens
     return LoRAProjections.apply(X, tuple(projs), *_flat_params(projs))
 
 
-class LoRAMLP(torch.autograd.Function):
-    """down(act(gate(X)) * up(X)) with adapters on any of the three, in one function.
+class _MLPIn(torch.autograd.Function):
+    """X -> (h = act(gate) * up, hA = h @ A_down^T): the gate/up group, the GLU, and the down adapter's A.
 
-    gate_up: two projections (gate, up), or one fused projection whose output is [gate | up]
-    (Phi-3's gate_up_proj). act in {"silu", "gelu", "gelu_tanh"}.
+    Saves X, XA (gate/up adapters), gate and up; h is recomputed in backward, never saved.
     """
 
     @staticmethod
-    def forward(ctx, X, gate_up, down, act, *params):
+    def forward(ctx, X, gate_up, act, A_down, *params):
         from velotune.kernels.glu import glu_forward
 
         gu, XA = group_forward(X, gate_up)
         gate, up = gu if len(gu) == 2 else gu[0].chunk(2, dim=-1)
         h = glu_forward(gate, up, act)
-        (out,), hA = group_forward(h, (down,))
-        ctx.gate_up, ctx.down, ctx.act = gate_up, down, act
-        ctx.save_for_backward(X, XA, gate, up, hA)
-        return out
+        ctx.gate_up, ctx.act = gate_up, act
+        ctx.save_for_backward(X, XA, gate, up, A_down)
+        if A_down is None:
+            return h, None
+        return h, h @ A_down.to(h.dtype).t()
 
     @staticmethod
-    def backward(ctx, dOut):
+    def backward(ctx, dh, dhA):
         from velotune.kernels.glu import glu_backward, glu_forward
 
-        X, XA, gate, up, hA = ctx.saved_tensors
-        n_gu = 4 * len(ctx.gate_up)
-        needs = ctx.needs_input_grad[4:]
-        h = glu_forward(gate, up, ctx.act)  # recomputed, not saved
-        dh, grads_down = group_backward(h, hA, (ctx.down,), (dOut,), needs[n_gu:])
-        del h
-        dgate, dup = glu_backward(dh, gate, up, ctx.act)  # may overwrite gate / up
+        X, XA, gate, up, A_down = ctx.saved_tensors
+        dA_down = None
+        if A_down is not None and dhA is not None:
+            A = A_down.to(dh.dtype)
+            if ctx.needs_input_grad[3]:
+                h = glu_forward(gate, up, ctx.act)                 # recomputed, not saved
+                dA_down = (dhA.t() @ h).to(A_down.dtype)           # [r, I]
+                del h
+            dh = torch.addmm(dh, dhA, A)                           # dh += dhA @ A_down
+        dgate, dup = glu_backward(dh, gate, up, ctx.act)           # may overwrite gate / up
         dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (torch.cat((dgate, dup), dim=-1),)
-        dX, grads_gu = group_backward(X, XA, ctx.gate_up, dYs, needs[:n_gu], ctx.needs_input_grad[0])
-        return (dX, None, None, None, *grads_gu, *grads_down)
+        dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[4:], ctx.needs_input_grad[0])
+        return (dX, None, None, dA_down, *grads)
+
+
+class _LoRAUp(torch.autograd.Function):
+    """hA [N, r] -> s * hA @ B^T [N, out]. Saves hA (N x r)."""
+
+    @staticmethod
+    def forward(ctx, hA, B, scaling):
+        ctx.scaling = scaling
+        ctx.save_for_backward(hA, B)
+        return torch.mm(hA, B.to(hA.dtype).t()).mul_(scaling)
+
+    @staticmethod
+    def backward(ctx, dY):
+        hA, B = ctx.saved_tensors
+        s = ctx.scaling
+        dhA = (dY @ B.to(dY.dtype)).mul_(s) if ctx.needs_input_grad[0] else None
+        dB = (dY.t() @ hA).mul_(s).to(B.dtype) if ctx.needs_input_grad[1] else None
+        return dhA, dB, None
+
+
+class _BaseDown(torch.autograd.Function):
+    """(h, c) -> c + h @ W^T + b: the frozen down projection, plus whatever c the adapter produced.
+
+    Saves nothing unless W or b is trainable (full fine-tuning: then h). So under non-reentrant
+    checkpointing this is the layer's last op that saves anything only in full fine-tuning; with LoRA
+    the recomputation stops after _LoRAUp and this GEMM (2*N*I*H flops) is never recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, h, c, down, weight, bias):
+        W = _weight(down, h.dtype)
+        b = None if bias is None else bias.to(h.dtype)
+        if c is None:
+            Y = F.linear(h, W, b)
+        else:
+            Y = torch.addmm(c, h, W.t())
+            if b is not None:
+                Y.add_(b)
+        ctx.down = down
+        ctx.has_c = c is not None
+        trainable = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        ctx.save_for_backward(h if trainable else None)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        (h,) = ctx.saved_tensors
+        down = ctx.down
+        dh = dY @ _weight(down, dY.dtype) if ctx.needs_input_grad[0] else None
+        dW = (dY.t() @ h).to(down.base.weight.dtype) if ctx.needs_input_grad[3] else None
+        db = dY.sum(0).to(down.bias.dtype) if ctx.needs_input_grad[4] else None
+        return dh, (dY if ctx.has_c else None), None, dW, db
 
 
 def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str) -> torch.Tensor:
-    """X [N, H] -> [N, H] through the fused MLP function."""
-    return LoRAMLP.apply(X, tuple(gate_up), down, act, *_flat_params(gate_up), *_flat_params((down,)))
+    """X [N, H] -> [N, H]: down(act(gate(X)) * up(X)) with adapters on any of the three.
+
+    gate_up: two projections (gate, up), or one fused projection whose output is [gate | up]
+    (Phi-3's gate_up_proj). act in {"silu", "gelu", "gelu_tanh"}.
+    Three functions, in this order: _MLPIn (gate/up/GLU, and h @ A_down^T), _LoRAUp (the down
+    adapter's B), _BaseDown (h @ W_down^T added to it) -- see _BaseDown for why this order.
+    """
+    h, hA = _MLPIn.apply(X, tuple(gate_up), act, down.A, *_flat_params(gate_up))
+    c = _LoRAUp.apply(hA, down.B, down.scaling) if down.A is not None else None
+    return _BaseDown.apply(h, c, down, down.base.weight, down.bias)

@@ -40,12 +40,18 @@ def _is_plain_linear(m: nn.Module) -> bool:
     return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
 
 
+_LORA_LINEAR: list = []  # peft.tuners.lora.Linear, imported once (peft is optional)
+
+
 def _is_lora_layer(m: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # peft not installed: nothing can be a LoRA layer
-        return False
-    return isinstance(m, LoraLinear) or (hasattr(m, "lora_A") and hasattr(m, "base_layer") and hasattr(m, "scaling"))
+    if not _LORA_LINEAR:
+        try:
+            from peft.tuners.lora import Linear as LoraLinear
+        except ImportError:  # peft not installed: nothing can be a LoRA layer
+            LoraLinear = ()
+        _LORA_LINEAR.append(LoraLinear)
+    return isinstance(m, _LORA_LINEAR[0]) or ("lora_A" in m._modules and "base_layer" in m._modules
+                                               and hasattr(m, "scaling"))
 
 
 def _dropout_is_identity(d: nn.Module) -> bool:
@@ -53,36 +59,51 @@ def _dropout_is_identity(d: nn.Module) -> bool:
 
 
 def resolve(module: nn.Module) -> Proj | None:
-    """`Proj` for the fused path, or None: then call `module(x)` (the stock path, always correct)."""
+    """`Proj` for the fused path, or None: then call `module(x)` (the stock path, always correct).
+
+    Runs on every projection call, so it reads PEFT's per-instance state directly from `__dict__` /
+    `_modules` (the attributes behind PEFT's `disable_adapters`, `merged`, `active_adapter`
+    properties) instead of going through nn.Module.__getattr__ and properties: ~5x less CPU time.
+    """
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
     if _is_plain_linear(module):
         return Proj(module, module.bias, None, None, 0.0)
-    if not _is_lora_layer(module) or module._forward_hooks or module._forward_pre_hooks:
+    if not _is_lora_layer(module):
         return None
-    base = module.base_layer
-    if not _is_plain_linear(base) or getattr(module, "fan_in_fan_out", False):
+    d, mods = module.__dict__, module._modules
+    base = mods["base_layer"]
+    if not _is_plain_linear(base) or d.get("fan_in_fan_out", False):
         return None
-    if module.disable_adapters:
-        if module.merged:
-            return None  # PEFT unmerges on this call; let it
-        return Proj(base, base.bias, None, None, 0.0)
-    if module.merged:
-        return Proj(base, base.bias, None, None, 0.0)
-    active = [a for a in module.active_adapters if a in module.lora_A.keys()]
-    if not active:
-        return Proj(base, base.bias, None, None, 0.0)
-    if len(active) > 1:
-        return None
-    name = active[0]
-    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+    base_proj = Proj(base, base.bias, None, None, 0.0)
+    merged = bool(d.get("merged_adapters"))
+    if d.get("_disable_adapters", False):
+        return None if merged else base_proj  # merged + disabled: PEFT unmerges on this call; let it
+    if merged:
+        return base_proj
+    active = d.get("_active_adapter", "default")
+    lora_A_mods = mods["lora_A"]._modules
+    if isinstance(active, str):
+        if active not in lora_A_mods:
+            return base_proj
+        name = active
+    else:
+        present = [a for a in active if a in lora_A_mods]
+        if not present:
+            return base_proj
+        if len(present) > 1:
+            return None
+        name = present[0]
+    if name in d.get("lora_variant", ()) or d.get("use_dora", {}).get(name, False):
         return None  # DoRA and other variants: stock PEFT path
-    if getattr(module, "lora_bias", {}).get(name, False):
+    if d.get("lora_bias", {}).get(name, False):
         return None
-    if not _dropout_is_identity(module.lora_dropout[name]):
+    if not _dropout_is_identity(mods["lora_dropout"]._modules[name]):
         return None
-    lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+    lora_A, lora_B = lora_A_mods[name], mods["lora_B"]._modules[name]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return None
-    return Proj(base, base.bias, lora_A.weight, lora_B.weight, float(module.scaling[name]))
+    return Proj(base, base.bias, lora_A.weight, lora_B.weight, float(d["scaling"][name]))
 
 
 def is_fusable(module: nn.Module) -> bool:

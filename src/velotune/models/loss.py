@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# Bytes of logits one chunk of the fused linear cross-entropy may hold (its peak-memory share).
+# 256 MiB = ~1000 rows of a 128k vocabulary in bf16: the chunk GEMMs stay large enough to run at speed.
+CE_MEMORY_BUDGET = 256 * 2**20
+
 
 def resolve_lm_head(head: nn.Module) -> nn.Linear | None:
     """The plain Linear the LM head currently computes with (through PEFT's modules_to_save), or None."""
@@ -61,6 +65,6 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     softcap = getattr(self.config, spec.final_softcap_attr, None) if spec.final_softcap_attr else None
     loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels,
                                       bias=head.bias, softcap=softcap, ignore_index=-100,
-                                      num_items_in_batch=num_items_in_batch)
+                                      num_items_in_batch=num_items_in_batch, memory_budget_bytes=CE_MEMORY_BUDGET)
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
