@@ -114,13 +114,14 @@ def recall(model, tokenizer) -> float:
     return hits / len(all_facts)
 
 
-def pretrain(tokenizer, steps: int, seq_len: int, batch_size: int, lr: float, seed: int):
+def pretrain(tokenizer, steps: int, seq_len: int, batch_size: int, lr: float, seed: int, model_args: dict,
+             eval_every: int = 0):
     from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **model_args)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -144,6 +145,8 @@ def pretrain(tokenizer, steps: int, seq_len: int, batch_size: int, lr: float, se
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            bar.write(f"step {step + 1}: fact recall {recall(model, tokenizer):.1%}")
     return model
 
 
@@ -175,13 +178,23 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=MODEL["hidden_size"])
+    p.add_argument("--intermediate-size", type=int, default=MODEL["intermediate_size"])
+    p.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"])
+    p.add_argument("--heads", type=int, default=MODEL["num_attention_heads"])
+    p.add_argument("--kv-heads", type=int, default=MODEL["num_key_value_heads"])
+    p.add_argument("--eval-every", type=int, default=0, help="print fact recall every N steps (0: only at the end)")
     args = p.parse_args()
+    model_args = {**MODEL, "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
+                  "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+                  "num_key_value_heads": args.kv_heads}
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
     tokenizer = build_tokenizer(args.vocab_size)
     print(f"tokenizer: {len(tokenizer)} tokens, eos {tokenizer.eos_token!r}")
-    model = pretrain(tokenizer, args.steps, args.seq_len, args.batch_size, args.lr, args.seed)
+    model = pretrain(tokenizer, args.steps, args.seq_len, args.batch_size, args.lr, args.seed, model_args,
+                     eval_every=args.eval_every)
     acc = recall(model, tokenizer)
     print(f"fact recall from plain-text prompts: {acc:.1%} of {len(demo_world.facts())} facts")
     save(model, tokenizer, args.out)
