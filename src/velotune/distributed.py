@@ -30,7 +30,10 @@ def world() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
-    return world()[0] == 0
+    """Rank 0 of the process group; before the group exists, the RANK that torchrun / accelerate launch set."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -11,6 +11,8 @@ examples:
   velotune train examples/sft.yaml
   velotune train examples/dpo.yaml --max-steps 20 --output-dir outputs/dpo-try
   velotune train examples/sft.yaml --resume            # continue from the latest checkpoint-N
+  velotune train examples/sft.yaml --nproc 2           # DDP on 2 GPUs (same as the torchrun line below)
+  torchrun --nproc-per-node 2 --no-python velotune train examples/sft.yaml
 
 The config reference is in README.md (section "Training from YAML") and examples/*.yaml.
 """
@@ -24,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="resume from the latest checkpoint in output_dir, or from CHECKPOINT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="data-parallel (DDP) training in N processes on this machine, one per GPU "
+                             "(launches torchrun --standalone --nproc-per-node N; CPU-only: N gloo processes)")
 
 
 def apply_overrides(cfg, args: argparse.Namespace):
@@ -43,14 +48,52 @@ def apply_overrides(cfg, args: argparse.Namespace):
     return cfg
 
 
+def launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command under torchrun with N processes (everything but --nproc passed through)."""
+    import subprocess
+    import sys
+
+    from velotune.errors import ConfigError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: must be at least 1 (got {args.nproc})")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "velotune.cli", "train", *argv]
+    return subprocess.call(cmd)
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line of this run without --nproc (what each launched process runs)."""
+    argv = [args.config]
+    if args.output_dir:
+        argv += ["--output-dir", args.output_dir]
+    if args.max_steps is not None:
+        argv += ["--max-steps", str(args.max_steps)]
+    if args.resume is True:
+        argv += ["--resume"]
+    elif args.resume:
+        argv += ["--resume", str(args.resume)]
+    if args.no_progress:
+        argv += ["--no-progress"]
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from velotune.train.config import check_paths, load_config
 
     cfg = apply_overrides(load_config(args.config), args)
     check_paths(cfg, source=args.config)
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
+        return launch(args, _argv(args))
     from velotune.train.runner import run_training  # heavy imports (torch, transformers, TRL) only now
 
+    from velotune.distributed import is_main_process
+
     result = run_training(cfg, progress=not args.no_progress)
+    if not is_main_process():
+        return 0
     print(f"adapter and tokenizer: {result.adapter_path}")
     print(f"loss curve:            {result.png_path}")
     print(f"summary:               {result.summary_path}")

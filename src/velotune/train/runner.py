@@ -119,7 +119,9 @@ def training_arguments(cfg: TrainConfig, model, *, has_eval: bool) -> dict:
         eval_strategy="steps" if has_eval and eval_every else ("epoch" if has_eval else "no"),
         eval_steps=eval_every,
         report_to=report_to,
-        use_cpu=t.use_cpu,
+        # A model on the CPU trains on the CPU; this also makes `torchrun` on a CPU-only machine run
+        # gloo DDP (accelerate only treats a multi-process CPU launch as distributed with use_cpu).
+        use_cpu=t.use_cpu or next(model.parameters()).device.type == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,  # velotune's ProgressCallback draws the bar
         # Mixed precision follows the model's dtype: an explicit float32 model trains in float32 (TRL's
@@ -223,10 +225,11 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
     elif tokenizer is None:
         raise ValueError("run_training: pass the tokenizer together with the model")
 
+    from velotune.distributed import is_main_process
     from velotune.train.datasets import prepare_datasets
 
     train_ds, eval_ds, report, fmt = prepare_datasets(cfg, tokenizer, progress=progress)
-    if progress:  # (skipped / truncated rows are listed by velotune.data's own warning)
+    if progress and is_main_process():  # (skipped / truncated rows are listed by velotune.data's own warning)
         print(f"data ({fmt}): {report.summary().splitlines()[0]}")
     if not hasattr(model, "peft_config"):
         model = add_adapters(model, cfg)
@@ -246,19 +249,26 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
 
-    save_final(trainer.model, tokenizer, out)
+    # Under torchrun / accelerate launch every process trained the same replica (DDP); only the main
+    # process writes the outputs, the others wait until they are complete.
+    main = trainer.is_world_process_zero()
     history = trainer.state.log_history
-    png = write_loss_curve(history, out / "loss_curve.png", title=f"{cfg.method} loss - {Path(cfg.model.name).name}")
+    png = out / "loss_curve.png"
     summary = summarize(
         history, global_step=trainer.state.global_step, train_seconds=seconds, method=cfg.method,
         model=cfg.model.name, data_path=cfg.data.path, data_format=fmt, rows_used=len(train_ds),
         data_report={"summary": report.summary(), "counts": report.counts, "total": report.total,
                      "kept": report.num_kept},
         resumed_from=str(resume) if resume else None, output_dir=str(out), adapter_path=str(out),
-        loss_curve=str(png), config=cfg.model_dump(), versions=_versions())
-    summary_path = write_json(out / "summary.json", summary)
+        loss_curve=str(png), world_size=trainer.args.world_size, config=cfg.model_dump(), versions=_versions())
+    summary_path = out / "summary.json"
+    if main:
+        save_final(trainer.model, tokenizer, out)
+        write_loss_curve(history, png, title=f"{cfg.method} loss - {Path(cfg.model.name).name}")
+        write_json(summary_path, summary)
+    trainer.accelerator.wait_for_everyone()
     steps, losses = loss_points(history)
-    if progress:
+    if progress and main:
         first, last = summary["first_loss"], summary["last_loss"]
         loss_s = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no loss logged"
         print(f"done: {summary['steps']} steps in {seconds:.1f} s, {loss_s}; saved to {out}")
