@@ -21,13 +21,14 @@ from mini import fixed_batch, save_mini_model  # noqa: E402
 STEPS = 3
 
 
-def _build(path):
+def _build(path, checkpointing=False):
     from velotune import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
     # init_lora_weights=False: random A and B, so gradients reach every LoRA weight from step 1.
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
-                                             use_gradient_checkpointing=False, random_state=7)
+                                             use_gradient_checkpointing=checkpointing, random_state=7)
+    model.train()  # checkpointing (plain or offloaded) is active in training mode
     return model
 
 
@@ -55,12 +56,12 @@ def _n_items(labels):
     return int((labels[:, 1:] != -100).sum())
 
 
-def _worker(rank: int, world: int, path: str, port: int, out: str):
+def _worker(rank: int, world: int, path: str, port: int, out: str, checkpointing):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = _build(path)
+        model = _build(path, checkpointing)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         b = _batch()
         n = _n_items(b["labels"])
@@ -85,14 +86,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_equal_single_process(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, "unsloth"])  # "unsloth": offloaded checkpointing under DDP
+def test_ddp_two_processes_equal_single_process(tmp_path, checkpointing):
     path = save_mini_model("llama", tmp_path)
     out = tmp_path / "ddp.pt"
-    mp.start_processes(_worker, args=(2, str(path), _free_port(), str(out)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, str(path), _free_port(), str(out), checkpointing), nprocs=2, join=True,
                        start_method="spawn")
     ddp = torch.load(out, weights_only=True)
 
-    model = _build(path)
+    model = _build(path, checkpointing)
+    if checkpointing:
+        assert model.get_base_model().is_gradient_checkpointing
     b = _batch()
     single = torch.stack(_train(model, [(b, _n_items(b["labels"]))] * STEPS, world=1))
     torch.testing.assert_close(ddp["losses"], single, rtol=1e-5, atol=0)
