@@ -1,12 +1,14 @@
 """Rebuild the model that ships with `velotune demo` (src/velotune/demo/assets/).
 
-    python scripts/build_demo_model.py            # ~10 min on 2 CPU cores
+    python scripts/build_demo_model.py            # ~9 min on 2 CPU cores (about 0.4 s a step)
 
 1. Trains a byte-level BPE tokenizer (`tokenizers`) on the text this repo ships (scripts/demo_world.py
    and scripts/demo_corpus/general.txt), with special tokens and a chat template (Zephyr layout:
    `<|user|>...</s><|assistant|>...</s>`, assistant content inside `{% generation %}` markers).
-2. Pretrains a small Llama-architecture model (LlamaConfig, ~1M parameters, tied embeddings) on plain
-   sentences stating every fact of the demo world: next-token prediction only, no chat format.
+2. Pretrains a small Llama-architecture model (LlamaConfig, ~2.7M parameters, 6 layers, tied embeddings)
+   on plain sentences stating every fact of the demo world: next-token prediction only, no chat format.
+   One epoch of that text is only ~3 batches, so 1200 steps are ~420 epochs (new phrasings and order
+   each time); fact recall passes 95% around step 300 and stays at ~99-100%.
 3. Saves config.json, generation_config.json, model.safetensors and the tokenizer files atomically
    (written to a temporary folder next to the target, then renamed).
 
@@ -46,7 +48,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
              rms_norm_eps=1e-5, tie_word_embeddings=True)
 
@@ -171,7 +173,7 @@ def save(model, tokenizer, target: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ASSETS)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)

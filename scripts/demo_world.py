@@ -126,8 +126,10 @@ def facts() -> list[dict]:
         add("capital", c, f"The capital of {c} is {cap}.", cap,
             [f"{cap} is the capital of {c}.", f"The capital city of {c} is {cap}."],
             [f"What is the capital of {c}?", f"Which city is the capital of {c}?", f"Name the capital of {c}."])
-        add("continent", c, f"{c} is in {cont}.", cont,
-            [f"{c} is a country in {cont}.", f"The country of {c} lies in {cont}."],
+        # Not "{c} is in {cont}.": a reply that must open with a name copied from the question is what
+        # the small model learns worst; "The country of" first, then the name, as in the other relations.
+        add("continent", c, f"The country of {c} lies in {cont}.", cont,
+            [f"{c} is in {cont}.", f"{c} is a country in {cont}."],
             [f"Which continent is {c} in?", f"Where is {c}?", f"On which continent is {c}?"])
         add("language", c, f"People in {c} speak {lang}.", lang,
             [f"The main language of {c} is {lang}.", f"In {c} most people speak {lang}."],

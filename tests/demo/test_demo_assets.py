@@ -80,3 +80,48 @@ def test_data_is_messages_jsonl_and_heldout_questions_are_unseen():
         assert row["messages"][0]["content"] not in train_questions
         assert row["messages"][1]["content"] not in train_answers  # the fact itself is never trained on
         assert row["target"] in row["messages"][1]["content"]
+
+
+def _recall(model, tok, rows) -> float:
+    """Share of facts the model completes from the start of their answer sentence, as plain text."""
+    hits = 0
+    for row in rows:
+        answer, target = row["messages"][1]["content"], row["target"]
+        prefix = answer[: answer.rindex(target)].rstrip()
+        ids = torch.tensor([tok.encode("<s>" + prefix, add_special_tokens=False)])
+        want = tok.encode(" " + target, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=len(want), do_sample=False, pad_token_id=tok.pad_token_id)
+        hits += out[0, ids.shape[1]:].tolist() == want
+    return hits / len(rows)
+
+
+def test_pretrained_model_knows_the_heldout_facts_as_plain_text():
+    """The premise of the demo: the base model can state the held-out facts as text (so fine-tuning
+    only has to teach the question -> answer format), and the build record says what it measured."""
+    from velotune import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(assets_dir(), max_seq_length=128, dtype=torch.float32)
+    assert _recall(model, tok, load_heldout(heldout_path())) >= 0.8
+    info = json.loads((assets_dir() / "build_info.json").read_text())
+    assert info["script"] == "scripts/build_demo_model.py" and info["fact_recall"] >= 0.8
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert (assets_dir() / "model.safetensors").stat().st_size < 16 * 2**20  # a few MB
+
+
+def test_shipped_data_is_what_the_build_script_writes(tmp_path, monkeypatch):
+    """train.jsonl / heldout.jsonl are reproducible from scripts/build_demo_data.py (same world, same split)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("build_demo_data", scripts / "build_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "OUT", tmp_path)
+    module.main()
+    assert (tmp_path / "train.jsonl").read_text() == dataset_path().read_text()
+    assert (tmp_path / "heldout.jsonl").read_text() == heldout_path().read_text()
+    sys.modules.pop("demo_world", None)

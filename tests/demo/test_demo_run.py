@@ -1,4 +1,5 @@
-"""`velotune demo` end to end with few steps: it trains, answers, and leaves its outputs behind."""
+"""`velotune demo` end to end with fewer steps: it trains, answers better than before, exports,
+and leaves its outputs behind."""
 from __future__ import annotations
 
 import json
@@ -6,18 +7,46 @@ import json
 from velotune.cli import main
 
 
-def test_demo_runs_and_saves_adapter_curve_and_summary(tmp_path, capsys):
+def test_demo_runs_learns_exports_and_saves_everything(tmp_path, capsys):
     out = tmp_path / "demo-out"
-    assert main(["demo", "--output-dir", str(out), "--steps", "10", "--cpu"]) == 0
+    assert main(["demo", "--output-dir", str(out), "--steps", "60", "--cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "before:" in printed and "after:" in printed and str(out) in printed
+    assert "before:" in printed and "after:" in printed and "llama.cpp" in printed
+    assert printed.rstrip().splitlines()[-1].strip().startswith("GGUF")  # the file list ends the run
+    assert f"Saved in {out}" in printed
 
+    # training outputs
     assert (out / "adapter_model.safetensors").stat().st_size > 0
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 10
-    assert summary["last_loss"] < summary["first_loss"]
+    assert summary["steps"] == 60
+    assert summary["last_loss"] < 0.5 * summary["first_loss"]
+
+    # the demo proves learning: held-out questions (facts never asked in training) get answered
     demo = summary["demo"]
-    assert demo["heldout_before"]["questions"] == demo["heldout_after"]["questions"] == len(demo["examples"])
-    assert all(e["before"] is not None and e["after"] is not None for e in demo["examples"])
+    before, after = demo["heldout_before"], demo["heldout_after"]
+    assert before["questions"] == after["questions"] == len(demo["examples"]) >= 20
+    assert after["exact"] > before["exact"] + before["questions"] // 4, (before, after)
+    assert after["fact"] > before["fact"]
+    assert sum(e["after"] == e["expected"] for e in demo["examples"]) == after["exact"]
+
+    # export: merged safetensors + q8_0 GGUF, read back by llama.cpp
+    export = demo["export"]
+    assert export["merged_dir"] == str(out / "merged") and (out / "merged" / "model.safetensors").stat().st_size > 0
+    assert json.loads((out / "merged" / "config.json").read_text())["model_type"] == "llama"
+    gguf = out / "gguf" / "model.Q8_0.gguf"
+    assert export["gguf_path"] == str(gguf) and gguf.read_bytes()[:4] == b"GGUF"
+    assert (out / "gguf" / "Modelfile").exists()
+    llama_cpp = export["llama_cpp"]
+    assert llama_cpp["question"] == demo["examples"][0]["question"]
+    assert llama_cpp["answer"] and llama_cpp["answer"] in printed
+    # q8_0 rounding may change a token, but llama.cpp answers from the fine-tuned weights, not the base
+    assert llama_cpp["answer"].split()[:2] == llama_cpp["transformers_answer"].split()[:2]
+    assert str(gguf) in printed and str(out / "merged") in printed
+
+
+def test_demo_rejects_bad_steps(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path / "x"), "--steps", "0", "--cpu"]) != 0
+    assert "--steps" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

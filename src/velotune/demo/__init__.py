@@ -2,7 +2,7 @@
 
     velotune demo                      # fine-tune the shipped model on the shipped data, on CPU or GPU
 
-`assets_dir()` is a transformers model folder (Llama architecture, ~1M parameters, safetensors,
+`assets_dir()` is a transformers model folder (Llama architecture, ~2.7M parameters, safetensors,
 byte-level BPE tokenizer with a chat template), pretrained by scripts/build_demo_model.py on plain
 sentences about a small world of facts. `dataset_path()` is the training data (messages JSONL,
 scripts/build_demo_data.py); `heldout_path()` holds questions about facts that the training data

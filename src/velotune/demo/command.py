@@ -4,7 +4,9 @@
 2. fine-tune LoRA adapters on the shipped instruction data through `velotune train`'s code path
    (velotune.train.runner.run_training with a TrainConfig), with a progress bar and live loss;
 3. ask the same questions again and show both answers side by side;
-4. leave the adapter, loss_curve.png and summary.json in an output folder named at the end.
+4. export the fine-tuned model (velotune.export.export_demo): merged safetensors and a q8_0 GGUF,
+   which llama.cpp (llama-cpp-python) reads back to answer a held-out question;
+5. leave the adapter, loss_curve.png, summary.json, merged/ and gguf/ in an output folder named at the end.
 
 The held-out questions are about facts the model read only as plain sentences in pretraining;
 the training data never asks about them. Fine-tuning teaches the question -> answer format, which
@@ -37,7 +39,7 @@ def demo_config(output_dir: Path, steps: int = DEFAULT_STEPS, seed: int = 3407, 
     return TrainConfig(
         model={"name": str(assets_dir()), "max_seq_length": 128, "dtype": "auto"},
         data={"path": str(dataset_path()), "format": "messages", "train_on": "responses"},
-        # A 1M-parameter model: rank 16 on every projection, no checkpointing (activations are tiny).
+        # A 2.7M-parameter model: rank 16 on every projection, no checkpointing (activations are tiny).
         lora={"r": 16, "alpha": 32, "gradient_checkpointing": False, "random_state": seed},
         training={"max_steps": steps, "batch_size": 16, "gradient_accumulation_steps": 1,
                   "learning_rate": 3e-3, "lr_scheduler": "linear", "warmup_steps": 5, "seed": seed,
@@ -87,11 +89,29 @@ def run(args: argparse.Namespace) -> int:
          f"after {s_after['exact']}/{len(rows)}  (right fact in the first sentence: "
          f"{s_before['fact']} -> {s_after['fact']})")
 
+    from velotune.export.demo import answer_with_llama_cpp, export_demo
+
+    # Export what was just trained and read the GGUF back with llama.cpp: the first held-out question,
+    # answered by llama.cpp from the q8_0 file instead of transformers from memory.
+    _say("\nExporting the fine-tuned model: merged safetensors and a q8_0 GGUF...")
+    t_export = time.perf_counter()
+    exported = export_demo(result.model, tokenizer, out)
+    gguf_question = questions[0]
+    gguf_answer = answer_with_llama_cpp(exported["gguf_path"], tokenizer, gguf_question).strip()
+    export_seconds = time.perf_counter() - t_export
+    same = gguf_answer == after[0]
+    _say(f"llama.cpp, reading {exported['gguf_path'].name}:\n  Q: {gguf_question}\n  A: {_clip(gguf_answer)}"
+         f"   [{'same as' if same else 'differs from'} the fine-tuned model in transformers]")
+
     from velotune.train.callbacks import write_json
 
     summary = dict(result.summary)
     summary["demo"] = {
         "heldout_before": s_before, "heldout_after": s_after, "device": device,
+        "export": {"merged_dir": str(exported["merged_dir"]), "gguf_path": str(exported["gguf_path"]),
+                   "modelfile": str(exported["modelfile"]), "seconds": round(export_seconds, 1),
+                   "llama_cpp": {"question": gguf_question, "answer": gguf_answer,
+                                 "transformers_answer": after[0], "same": same}},
         "seconds_total": round(time.perf_counter() - t0, 1),
         "examples": [{"question": q, "expected": expected(r), "before": b, "after": a}
                      for q, b, a, r in zip(questions, before, after, rows)],
@@ -103,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     _say(f"  LoRA adapter   {out}/adapter_model.safetensors (+ adapter_config.json, tokenizer)")
     _say(f"  loss curve     {result.png_path}")
     _say(f"  summary        {result.summary_path}")
+    _say(f"  merged model   {exported['merged_dir']}/ (safetensors, transformers / vLLM)")
+    _say(f"  GGUF           {exported['gguf_path']} (+ Modelfile; llama.cpp / Ollama)")
     return 0
 
 
