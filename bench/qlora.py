@@ -37,30 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-try:  # shapes and FLOP counts shared with the LoRA benchmark
-    from train import SHAPES, TARGETS, _config, _flops_per_token  # type: ignore
-except Exception:  # standalone copy (bench/train.py missing or not importable)
-    TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    _R = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192, "factor": 8.0}
-    SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                         tie_word_embeddings=False, rope_parameters=_R),
-              "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
-                           tie_word_embeddings=False)}
-
-    def _config(shape):
-        from transformers import LlamaConfig
-
-        return LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
-
-    def _flops_per_token(config, seq):
-        h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-        d = getattr(config, "head_dim", None) or h // config.num_attention_heads
-        q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-        n = L * (h * q + 2 * h * kv + q * h + 3 * h * i) + config.vocab_size * h
-        return 4 * n + 12 * L * h * seq
+# shapes, FLOP counts and the timed step are shared with the LoRA benchmark
+from train import SHAPES, TARGETS, _config, _flops_per_token, training_step  # noqa: E402
 
 IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora")
 # For the CPU smoke test: the tiny shape with the block-friendly intermediate size (a multiple of 64).
@@ -134,19 +112,7 @@ def worker(args) -> dict:
     t_build = time.perf_counter()
     model = build(args.impl, config, device, dtype, args.seq)
     t_build = time.perf_counter() - t_build
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
-    g = torch.Generator(device=device).manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
-    batch = {"input_ids": ids, "labels": ids}
-
-    def step():
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    step, params, _, _ = training_step(model, args.batch, args.seq, device)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()

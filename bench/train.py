@@ -144,16 +144,13 @@ def _profile(step, n_steps: int) -> dict:
     return {"categories": per_cat, "top_kernels": [(round(ms, 2), k[:110]) for ms, k in kernels[:25]]}
 
 
-# ------------------------------------------------------------------ one contender, in its own process
-def worker(args) -> dict:
-    device, dtype = args.device, torch.bfloat16
-    model = _build(args.impl, args.shape, device, dtype, args.seq)
+def training_step(model, batch_size: int, seq: int, device: str):
+    """(step, trainable params, optimizer, batch): one fused-AdamW step on a fixed random batch."""
     model.train()
-    config = model.config
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
     g = torch.Generator(device=device).manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq), device=device, generator=g)
     batch = {"input_ids": ids, "labels": ids}
 
     def step():
@@ -162,6 +159,16 @@ def worker(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
+    return step, params, opt, batch
+
+
+# ------------------------------------------------------------------ one contender, in its own process
+def worker(args) -> dict:
+    device, dtype = args.device, torch.bfloat16
+    model = _build(args.impl, args.shape, device, dtype, args.seq)
+    config = model.config
+    step, params, opt, batch = training_step(model, args.batch, args.seq, device)
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

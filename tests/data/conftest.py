@@ -5,8 +5,6 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every data test runs with one intra-op thread (tests/conftest.py: one_thread)."""
     yield
-    torch.set_num_threads(before)

@@ -11,13 +11,7 @@ from mini import FAMILIES, VOCAB, mini_model
 from velotune.infer import _STATE, for_inference, for_training
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: OpenMP hand-offs cost more than the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def left_padded(batch=3, seq=10, pads=(0, 3, 6), seed=3):

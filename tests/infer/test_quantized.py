@@ -9,12 +9,7 @@ from velotune.infer import _STATE, for_inference
 pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def dequantised_copy(q_model, path):
