@@ -21,6 +21,11 @@ from pathlib import Path
 from velotune.demo import assets_dir, dataset_path, heldout_path
 
 DEFAULT_STEPS = 120
+# Torch threads on the CPU. The model is so small that a second thread buys little (120 steps: ~11 s
+# with 2 threads, ~13 s with 1, on 2 idle cores), while on a busy machine every tiny op's thread barrier
+# waits for a descheduled thread: with one other 2-thread torch process running, 20 steps took 48 s with
+# 2 threads and 6 s with 1. One thread keeps the demo well inside its time on a shared or CI machine.
+CPU_THREADS = 1
 SHOWN = 6  # held-out questions printed before/after (all of them are scored)
 
 
@@ -51,10 +56,6 @@ def demo_config(output_dir: Path, steps: int = DEFAULT_STEPS, seed: int = 3407, 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from velotune import FastLanguageModel
-    from velotune.demo.answers import answer, expected, load_heldout, question, score
-    from velotune.train.runner import run_training
-
     out = args.output_dir or Path(f"velotune-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out = out.resolve()
     if args.steps <= 0:
@@ -62,6 +63,20 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--steps must be positive, got {args.steps}")
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    try:
+        return _run(args, out, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, out: Path, device: str) -> int:
+    from velotune import FastLanguageModel
+    from velotune.demo.answers import answer, expected, load_heldout, question, score
+    from velotune.train.runner import run_training
+
     cfg = demo_config(out, steps=args.steps, seed=args.seed, use_cpu=device == "cpu")
     t0 = time.perf_counter()
 
@@ -108,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     summary = dict(result.summary)
     summary["demo"] = {
         "heldout_before": s_before, "heldout_after": s_after, "device": device,
+        "cpu_threads": CPU_THREADS if device == "cpu" else None,
         "export": {"merged_dir": str(exported["merged_dir"]), "gguf_path": str(exported["gguf_path"]),
                    "modelfile": str(exported["modelfile"]), "seconds": round(export_seconds, 1),
                    "llama_cpp": {"question": gguf_question, "answer": gguf_answer,
