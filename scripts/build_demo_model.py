@@ -5,7 +5,7 @@
 Time goes into the training steps (tokenizer ~1 s, one recall check ~2 s). Two torch threads are ~1.8x
 faster than one on idle cores, but next to other torch processes their per-op barriers wait for
 descheduled threads and a step can take ten times longer: the first (1M-parameter) build's 816 s for
-200 steps was such a run (0.15 s a step idle); the shipped build took 653 s beside a test run.
+200 steps was most likely such a run (0.15 s a step idle); the shipped build took 653 s beside a test run.
 
 1. Trains a byte-level BPE tokenizer (`tokenizers`) on the text this repo ships (scripts/demo_world.py
    and scripts/demo_corpus/general.txt), with special tokens and a chat template (Zephyr layout:
