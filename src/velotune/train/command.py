@@ -91,10 +91,23 @@ def run(args: argparse.Namespace) -> int:
 
     from velotune.distributed import is_main_process
 
-    result = run_training(cfg, progress=not args.no_progress)
-    if not is_main_process():
+    try:
+        result = run_training(cfg, progress=not args.no_progress)
+        main = is_main_process()
+    finally:
+        _close_process_group()
+    if not main:
         return 0
     print(f"adapter and tokenizer: {result.adapter_path}")
     print(f"loss curve:            {result.png_path}")
     print(f"summary:               {result.summary_path}")
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun the Trainer opened a process group; close it before exit (a gloo group left to the
+    interpreter's teardown can abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -122,6 +122,9 @@ def training_arguments(cfg: TrainConfig, model, *, has_eval: bool) -> dict:
         # A model on the CPU trains on the CPU; this also makes `torchrun` on a CPU-only machine run
         # gloo DDP (accelerate only treats a multi-process CPU launch as distributed with use_cpu).
         use_cpu=t.use_cpu or next(model.parameters()).device.type == "cpu",
+        # Every trainable weight (LoRA, modules_to_save, or all in full fine-tuning) takes part in each
+        # forward: no extra autograd-graph traversal per step under DDP.
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         disable_tqdm=True,  # velotune's ProgressCallback draws the bar
         # Mixed precision follows the model's dtype: an explicit float32 model trains in float32 (TRL's
