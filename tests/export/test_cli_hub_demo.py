@@ -112,6 +112,19 @@ def test_export_demo(tmp_path):
     assert expected and result["answer"].startswith(expected)
 
 
+def test_export_demo_without_llama_cpp_still_exports(tmp_path, monkeypatch):
+    """Without llama-cpp-python the demo's export writes the same files and says it did not read them back."""
+    from velotune import FastLanguageModel
+    from velotune.demo import assets_dir
+    from velotune.export import demo as export_demo_module
+
+    monkeypatch.setattr(export_demo_module, "llama_cpp_available", lambda: False)
+    model, tok = FastLanguageModel.from_pretrained(assets_dir(), dtype=torch.float32, fast=False)
+    result = export_demo_module.export_demo(model, tok, tmp_path, question="Which continent is Chile in?")
+    assert result["answer"] is None and result["question"] == "Which continent is Chile in?"
+    assert (result["merged_dir"] / "model.safetensors").exists() and result["gguf_path"].stat().st_size > 0
+
+
 def test_export_cli_push_to_hub(run_dir, monkeypatch, tmp_path):
     from velotune.export import hub
 

@@ -104,19 +104,24 @@ def _run(args: argparse.Namespace, out: Path, device: str) -> int:
          f"after {s_after['exact']}/{len(rows)}  (right fact in the first sentence: "
          f"{s_before['fact']} -> {s_after['fact']})")
 
-    from velotune.export.demo import answer_with_llama_cpp, export_demo
+    from velotune.export.demo import export_demo
 
     # Export what was just trained and read the GGUF back with llama.cpp: the first held-out question,
     # answered by llama.cpp from the q8_0 file instead of transformers from memory.
     _say("\nExporting the fine-tuned model: merged safetensors and a q8_0 GGUF...")
     t_export = time.perf_counter()
-    exported = export_demo(result.model, tokenizer, out)
     gguf_question = questions[0]
-    gguf_answer = answer_with_llama_cpp(exported["gguf_path"], tokenizer, gguf_question).strip()
+    exported = export_demo(result.model, tokenizer, out, question=gguf_question)
     export_seconds = time.perf_counter() - t_export
-    same = gguf_answer == after[0]
-    _say(f"llama.cpp, reading {exported['gguf_path'].name}:\n  Q: {gguf_question}\n  A: {_clip(gguf_answer)}"
-         f"   [{'same as' if same else 'differs from'} the fine-tuned model in transformers]")
+    if exported["answer"] is None:
+        gguf_answer, same = None, None
+        _say(f"wrote {exported['gguf_path'].name}; llama-cpp-python is not installed, so it was not read back "
+             '(pip install "velotune[llamacpp]")')
+    else:
+        gguf_answer = exported["answer"].strip()
+        same = gguf_answer == after[0]
+        _say(f"llama.cpp, reading {exported['gguf_path'].name}:\n  Q: {gguf_question}\n  A: {_clip(gguf_answer)}"
+             f"   [{'same as' if same else 'differs from'} the fine-tuned model in transformers]")
 
     from velotune.train.callbacks import write_json
 

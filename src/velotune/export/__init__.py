@@ -47,11 +47,11 @@ def push_to_hub_gguf(model, *args, **kwargs):
     return impl(model, *args, **kwargs)
 
 
-def export_demo(model, tokenizer, out_dir):
+def export_demo(model, tokenizer, out_dir, **kwargs):
     """See `velotune.export.demo.export_demo`."""
     from velotune.export.demo import export_demo as impl
 
-    return impl(model, tokenizer, out_dir)
+    return impl(model, tokenizer, out_dir, **kwargs)
 
 
 _METHODS = {"save_pretrained_merged": save_pretrained_merged, "save_pretrained_gguf": save_pretrained_gguf,

@@ -27,15 +27,22 @@ def answer_with_llama_cpp(gguf_path: Path, tokenizer, question: str = DEMO_QUEST
         llm.close()
 
 
-def export_demo(model, tokenizer, out_dir) -> dict:
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def export_demo(model, tokenizer, out_dir, question: str = DEMO_QUESTION) -> dict:
     """Export the demo model: `out_dir/merged` (safetensors) and `out_dir/gguf/model.Q8_0.gguf` (+ Modelfile),
-    then read the GGUF back with llama.cpp and answer one prompt. Returns paths, the prompt and the answer."""
+    then read the GGUF back with llama.cpp and answer `question`. Returns paths, the question and the
+    answer (None when llama-cpp-python is not installed: `pip install "velotune[llamacpp]"`)."""
     from velotune.export.gguf_export import save_pretrained_gguf
     from velotune.export.merged import save_pretrained_merged
 
     out_dir = Path(out_dir)
     merged = save_pretrained_merged(model, out_dir / "merged", tokenizer, "merged_16bit", quiet=True)
     (gguf_path,) = save_pretrained_gguf(model, out_dir / "gguf", tokenizer, "q8_0", quiet=True)
-    answer = answer_with_llama_cpp(gguf_path, tokenizer)
+    answer = answer_with_llama_cpp(gguf_path, tokenizer, question) if llama_cpp_available() else None
     return {"merged_dir": merged, "gguf_path": gguf_path, "modelfile": out_dir / "gguf" / "Modelfile",
-            "question": DEMO_QUESTION, "answer": answer}
+            "question": question, "answer": answer}
