@@ -24,14 +24,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _load_pair(family, tmp_path, *, full_finetuning=False, lora=True, attn_implementation=None, seed=1,
-               **peft_kw):
-    """(fast, stock) with identical weights; with lora, identical non-zero adapters."""
+               ref_dtype=torch.float64, **peft_kw):
+    """(fast, stock) with identical weights; with lora, identical non-zero adapters.
+
+    fast runs in float32. stock (transformers + PEFT) is the reference, run in `ref_dtype`: float64 by
+    default, so the comparison measures velotune's float32 error, not the sum of two float32 errors."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     path = save_mini_model(family, tmp_path)
     fast, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=128,
                                                 full_finetuning=full_finetuning)
+    if family == "gemma2" and attn_implementation is None:
+        # Gemma 2's attention softcapping exists only in stock's eager attention: transformers 5.17 defaults
+        # Gemma 2 to SDPA, which silently drops the softcap (velotune applies it; newer releases pick eager).
+        attn_implementation = "eager"
     stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
     if full_finetuning:
         stock.requires_grad_(True)
@@ -46,7 +53,7 @@ def _load_pair(family, tmp_path, *, full_finetuning=False, lora=True, attn_imple
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         missing = fast.load_state_dict(stock.state_dict(), strict=False)
         assert not missing.unexpected_keys
-    return fast, stock
+    return fast, stock.to(ref_dtype)
 
 
 def _step(model, opt, params, batches, *, seed=None, num_items=None):
@@ -71,28 +78,35 @@ def _trainable(model):
 
 def _train_pair(fast, stock, steps, fast_batches, stock_batches=None, *, seed=None, lr=1e-3, fast_items=None,
                 stock_items=None, resync=True):
-    """AdamW steps on both models. Returns ((losses, grads), (losses, grads)) per step.
+    """AdamW steps on fast and stock. Returns {"fast": (losses, grads), "stock": ..., "stock32": ...} per step.
 
     resync=True: after every step the fast model's trainable weights are set to the stock model's, so
     each step's loss and gradients are compared at the same point (fp32 rounding differences of one
     step are not amplified by Adam into the next step's weights). resync=False: free-running.
+    With a float64 stock reference, a float32 copy of stock ("stock32", resynchronised the same way)
+    measures stock's own float32 error at each step: the yardstick where fp32 rounding alone nears 1e-5.
     """
-    runs = []
-    pf, ps = _trainable(fast), _trainable(stock)
-    assert [n for n, _ in pf] == [n for n, _ in ps] and pf
-    of, os_ = torch.optim.AdamW([p for _, p in pf], lr=lr), torch.optim.AdamW([p for _, p in ps], lr=lr)
-    lf, gf, ls, gs = [], [], [], []
+    models = {"fast": fast, "stock": stock}
+    if next(stock.parameters()).dtype == torch.float64:
+        models["stock32"] = copy.deepcopy(stock).float()
+    params = {k: _trainable(m) for k, m in models.items()}
+    names = [n for n, _ in params["stock"]]
+    assert names and all([n for n, _ in p] == names for p in params.values())
+    opts = {k: torch.optim.AdamW([p for _, p in ps], lr=lr) for k, ps in params.items()}
+    out = {k: ([], []) for k in models}
     for _ in range(steps):
-        loss, grads = _step(fast, of, pf, fast_batches, seed=seed, num_items=fast_items)
-        lf.append(loss), gf.append(grads)
-        loss, grads = _step(stock, os_, ps, stock_batches or fast_batches, seed=seed, num_items=stock_items)
-        ls.append(loss), gs.append(grads)
+        for k, m in models.items():
+            batches = fast_batches if k == "fast" else (stock_batches or fast_batches)
+            items = fast_items if k == "fast" else stock_items
+            loss, grads = _step(m, opts[k], params[k], batches, seed=seed, num_items=items)
+            out[k][0].append(loss), out[k][1].append(grads)
         if resync:
             with torch.no_grad():
-                for (_, a), (_, b) in zip(pf, ps):
-                    a.copy_(b)
-    runs = ((lf, gf), (ls, gs))
-    return runs
+                for k in models:
+                    if k != "stock":
+                        for (_, a), (_, b) in zip(params[k], params["stock"]):
+                            a.copy_(b)
+    return out
 
 
 def _train(model, batches, steps, *, seed=None, lr=1e-3, num_items=None):
@@ -104,7 +118,10 @@ def _train(model, batches, steps, *, seed=None, lr=1e-3, num_items=None):
 
 
 def _assert_same_training(runs, tol=TOL):
-    (lf, gf), (ls, gs) = runs
+    """Every step's loss and every trainable gradient: relative error <= tol against the stock reference.
+    Where velotune's error exceeds tol, it must stay within 1.5x of stock's own float32 error there."""
+    (lf, gf), (ls, gs) = runs["fast"], runs["stock"]
+    g32 = runs["stock32"][1] if "stock32" in runs else None
     assert len(gf[0]) == len(gs[0]) and len(gf[0]) > 0
     for step, (a, b) in enumerate(zip(lf, ls)):
         assert abs(a - b) <= tol * abs(b), f"step {step}: loss {a} vs stock {b}"
@@ -112,11 +129,16 @@ def _assert_same_training(runs, tol=TOL):
         for name, g in gb.items():
             assert ga[name].abs().sum() > 0 or g.abs().sum() == 0, name
             err = _rel(ga[name], g)
-            assert err <= tol, f"step {step}: grad {name} rel err {err:.2e}"
+            if err > tol and g32 is not None:
+                own = _rel(g32[step][name], g)
+                assert err <= 1.5 * own, (f"step {step}: grad {name} rel err {err:.2e} vs float64 stock; "
+                                          f"stock's own float32 error there {own:.2e}")
+            else:
+                assert err <= tol, f"step {step}: grad {name} rel err {err:.2e}"
 
 
 def _assert_same_losses(runs, tol=TOL):
-    (lf, _), (ls, _) = runs
+    (lf, _), (ls, _) = runs["fast"], runs["stock"]
     for step, (a, b) in enumerate(zip(lf, ls)):
         assert abs(a - b) <= tol * abs(b), f"step {step}: loss {a} vs stock {b} (free-running)"
 
@@ -156,7 +178,8 @@ def test_gradient_checkpointing_matches_stock(family, tmp_path):
 
 
 def test_lora_dropout_same_seed_same_result(tmp_path):
-    fast, stock = _load_pair("llama", tmp_path, lora_dropout=0.1)
+    # float32 reference: dropout masks come from the same seed only for the same dtype
+    fast, stock = _load_pair("llama", tmp_path, lora_dropout=0.1, ref_dtype=torch.float32)
     fast.train(), stock.train()
     assert "14 on the stock PEFT path" in report(fast)  # dropout: the correct (stock PEFT) path
     batch = fixed_batch()
