@@ -1,5 +1,6 @@
-"""`velotune train CONFIG --nproc 2` (torchrun, 2 gloo processes on CPU) through TRL's SFTTrainer equals
-one process on the same global batch: same losses, same adapter, outputs written once by rank 0."""
+"""`velotune train CONFIG --nproc 2` (torchrun) and `accelerate launch -m velotune.cli train CONFIG` (2 gloo
+processes on CPU) through TRL's SFTTrainer equal one process on the same global batch: same losses, same
+adapter, outputs written once by rank 0."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -33,13 +34,18 @@ def _config(folder: Path, model: Path, data: Path, batch_size: int) -> Path:
     return path
 
 
-def _train(folder: Path, model: Path, data: Path, *, nproc: int | None) -> tuple[dict, dict]:
+def _train(folder: Path, model: Path, data: Path, *, nproc: int | None, launcher: str = "nproc") -> tuple[dict, dict]:
     folder.mkdir()
     # One process of batch 2, or two processes of batch 1: the same global batch of 2 x 2 accumulation.
     cfg = _config(folder, model, data, batch_size=2 if nproc is None else 1)
     cmd = [sys.executable, "-m", "velotune.cli", "train", str(cfg), "--no-progress"]
-    if nproc:
+    if nproc and launcher == "nproc":
         cmd += ["--nproc", str(nproc)]
+    elif nproc and launcher == "accelerate":
+        # accelerate's --multi_gpu launcher is torchrun underneath; on a CPU-only machine velotune's
+        # Trainer arguments (use_cpu for a model on the CPU) make it gloo DDP.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", *cmd[2:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,12 +56,19 @@ def _train(folder: Path, model: Path, data: Path, *, nproc: int | None) -> tuple
     return summary, load_file(out / "adapter_model.safetensors")
 
 
-def test_velotune_train_nproc_2_equals_one_process(tmp_path):
-    model = save_mini_model("llama", tmp_path / "models")
-    data = tmp_path / "sft.jsonl"
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    model = save_mini_model("llama", tmp / "models")
+    data = tmp / "sft.jsonl"
     data.write_text("\n".join(TOY.read_text(encoding="utf-8").splitlines()[:24]) + "\n", encoding="utf-8")
-    one, w_one = _train(tmp_path / "one", model, data, nproc=None)
-    two, w_two = _train(tmp_path / "two", model, data, nproc=2)
+    return model, data, _train(tmp / "one", model, data, nproc=None)
+
+
+@pytest.mark.parametrize("launcher", ["nproc", "accelerate"])  # velotune train --nproc 2 / accelerate launch
+def test_velotune_train_two_processes_equal_one_process(tmp_path, single_run, launcher):
+    model, data, (one, w_one) = single_run
+    two, w_two = _train(tmp_path / "two", model, data, nproc=2, launcher=launcher)
     assert one["world_size"] == 1 and two["world_size"] == 2  # really distributed
     assert one["steps"] == two["steps"] == 3
     for a, b in ((one["first_loss"], two["first_loss"]), (one["last_loss"], two["last_loss"])):
