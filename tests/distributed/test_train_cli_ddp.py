@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,9 +48,18 @@ def _train(folder: Path, model: Path, data: Path, *, nproc: int | None, launcher
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", *cmd[2:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("summary:") == 1  # rank 0 prints, rank 1 does not
+    env["PYTHONFAULTHANDLER"] = "1"
+    # Own process group: on a timeout the launcher and both workers are killed, none is left running.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)  # faulthandler prints every worker's Python stack
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[2:5])} did not finish in 400 s:\n{stderr[-6000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("summary:") == 1  # rank 0 prints, rank 1 does not
     out = folder / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "loss_curve.png").stat().st_size > 0
