@@ -87,27 +87,30 @@ def run(args: argparse.Namespace) -> int:
     check_paths(cfg, source=args.config)
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
         return launch(args, _argv(args))
+    from velotune.distributed import is_main_process
     from velotune.train.runner import run_training  # heavy imports (torch, transformers, TRL) only now
 
-    from velotune.distributed import is_main_process
-
-    try:
-        result = run_training(cfg, progress=not args.no_progress)
-        main = is_main_process()
-    finally:
-        _close_process_group()
-    if not main:
-        return 0
-    print(f"adapter and tokenizer: {result.adapter_path}")
-    print(f"loss curve:            {result.png_path}")
-    print(f"summary:               {result.summary_path}")
+    result = run_training(cfg, progress=not args.no_progress)  # ends with a barrier: outputs are written
+    if is_main_process():
+        print(f"adapter and tokenizer: {result.adapter_path}")
+        print(f"loss curve:            {result.png_path}")
+        print(f"summary:               {result.summary_path}")
+    if "LOCAL_RANK" in os.environ:
+        _exit_launched_worker()
     return 0
 
 
-def _close_process_group() -> None:
-    """Under torchrun the Trainer opened a process group; close it before exit (a gloo group left to the
-    interpreter's teardown can abort the process)."""
-    import torch.distributed as dist
+def _exit_launched_worker() -> None:
+    """A worker under torchrun / accelerate launch leaves without interpreter teardown.
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    Tearing down a gloo process group from Python's exit can deadlock (the DDP reducer's destructor joins
+    gloo's run-loop thread while holding the GIL, and that thread needs the GIL to free a tensor of a
+    finished all-gather; seen with torch 2.13) or abort ("terminate called without an active exception").
+    Everything is saved and every rank has passed the final barrier, so nothing is lost by skipping it.
+    """
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
