@@ -87,7 +87,7 @@ def _train_pair(fast, stock, steps, fast_batches, stock_batches=None, *, seed=No
     measures stock's own float32 error at each step: the yardstick where fp32 rounding alone nears 1e-5.
     """
     models = {"fast": fast, "stock": stock}
-    if next(stock.parameters()).dtype == torch.float64:
+    if resync and next(stock.parameters()).dtype == torch.float64:  # (free-running compares losses only)
         models["stock32"] = copy.deepcopy(stock).float()
     params = {k: _trainable(m) for k, m in models.items()}
     names = [n for n, _ in params["stock"]]

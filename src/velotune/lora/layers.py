@@ -8,6 +8,8 @@ path always computes exactly what the module's own forward would.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -40,18 +42,19 @@ def _is_plain_linear(m: nn.Module) -> bool:
     return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
 
 
-_LORA_LINEAR: list = []  # peft.tuners.lora.Linear, imported once (peft is optional)
+@functools.cache
+def _lora_linear_class() -> type | tuple:
+    """peft.tuners.lora.Linear, imported once; () when peft is not installed (nothing is a LoRA layer)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return ()
+    return LoraLinear
 
 
 def _is_lora_layer(m: nn.Module) -> bool:
-    if not _LORA_LINEAR:
-        try:
-            from peft.tuners.lora import Linear as LoraLinear
-        except ImportError:  # peft not installed: nothing can be a LoRA layer
-            LoraLinear = ()
-        _LORA_LINEAR.append(LoraLinear)
-    return isinstance(m, _LORA_LINEAR[0]) or ("lora_A" in m._modules and "base_layer" in m._modules
-                                               and hasattr(m, "scaling"))
+    return isinstance(m, _lora_linear_class()) or ("lora_A" in m._modules and "base_layer" in m._modules
+                                                  and hasattr(m, "scaling"))
 
 
 def _dropout_is_identity(d: nn.Module) -> bool:
