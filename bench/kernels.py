@@ -28,7 +28,7 @@ from velotune.kernels.cross_entropy import cross_entropy, cross_entropy_referenc
 from velotune.kernels.fused_linear_ce import fused_linear_cross_entropy
 from velotune.kernels.glu import geglu, glu_reference, swiglu
 from velotune.kernels.rmsnorm import rms_norm, rms_norm_reference
-from velotune.kernels.rope import apply_rope, apply_rope_reference
+from velotune.kernels.rope import apply_rope, apply_rope_, apply_rope_reference
 
 try:
     from liger_kernel.transformers import functional as liger
@@ -43,9 +43,11 @@ DEV = "cuda"
 # cases: inputs(dtype, tokens) -> (leaves, extras); each contender fn(leaves, extras) -> outputs
 # ----------------------------------------------------------------------------------------------------
 class Case:
-    def __init__(self, name, inputs, stock, ours, liger_fn=None, compile_ok=True, time_it=True):
-        self.name, self.inputs, self.stock, self.ours = name, inputs, stock, ours
+    def __init__(self, name, inputs, stock, ours, liger_fn=None, compile_ok=True, time_it=True, variants=None,
+                 graphs=True):
+        self.name, self.inputs, self.stock, self.ours, self.graphs = name, inputs, stock, ours, graphs
         self.liger, self.compile_ok, self.time_it = liger_fn, compile_ok, time_it
+        self.variants = variants or {}   # extra velotune paths, timed and logged (not in the table)
 
 
 def rand(*shape, dtype, scale=1.0, grad=True):
@@ -79,6 +81,13 @@ def _qk(leaves, ex):
     q = leaves[0].clone().view(B, T, Hq, D).transpose(1, 2)
     k = leaves[1].clone().view(B, T, Hk, D).transpose(1, 2)
     return q, k
+
+
+def _rope_in_place(leaves, ex):
+    """velotune's model path: the (cloned) projection outputs rotated in place, then viewed as heads."""
+    B, T, Hq, Hk, D = ex["shape"]
+    q, k = apply_rope_(leaves[0].clone(), leaves[1].clone(), ex["cos"], ex["sin"], D)
+    return q.view(B, T, Hq, D).transpose(1, 2), k.view(B, T, Hk, D).transpose(1, 2)
 
 
 def glu_inputs(I):
@@ -125,8 +134,9 @@ def build_cases(args):
              if liger else None, time_it=False),
         Case("rope", rope_inputs,
              lambda L, e: apply_rope_reference(*_qk(L, e), e["cos"], e["sin"]),
-             lambda L, e: apply_rope(*_qk(L, e), e["cos"], e["sin"]),
-             (lambda L, e: liger.liger_rope(*_qk(L, e), e["cos"], e["sin"])) if liger else None),
+             _rope_in_place,
+             (lambda L, e: liger.liger_rope(*_qk(L, e), e["cos"], e["sin"])) if liger else None,
+             variants={"ours_out_of_place": lambda L, e: apply_rope(*_qk(L, e), e["cos"], e["sin"])}),
         Case("swiglu", glu_inputs(I),
              lambda L, e: glu_reference(L[0], L[1], "silu"),
              lambda L, e: swiglu(L[0], L[1]),
@@ -141,7 +151,7 @@ def build_cases(args):
         Case("cross_entropy", ce_inputs(V),
              lambda L, e: stock_ce(L[0], e["labels"]),
              lambda L, e: cross_entropy(L[0], e["labels"]),
-             (lambda L, e: liger.liger_cross_entropy(L[0], e["labels"])) if liger else None),
+             (lambda L, e: liger.liger_cross_entropy(L[0], e["labels"])) if liger else None, graphs=False),
         Case("ce_softcap30", ce_inputs(V),
              lambda L, e: stock_ce(L[0], e["labels"], softcap=30.0),
              lambda L, e: cross_entropy(L[0], e["labels"], softcap=30.0), None, time_it=False),
@@ -149,12 +159,12 @@ def build_cases(args):
              lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
              lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"]),
              (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
-             compile_ok=False),
+             compile_ok=False, graphs=False),
         Case("flce_trainW", flce_inputs(H, V, True),
              lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
              lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"]),
              (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
-             compile_ok=False),
+             compile_ok=False, graphs=False),
     ]
     if args.only:
         cases = [c for c in cases if c.name in args.only.split(",")]
@@ -192,15 +202,17 @@ def check(case, dtype, n):
     ref, gouts = fwd_bwd(case.stock, fresh(leaves, torch.float64), ex64)
     gouts = [g.double() for g in gouts]
     stock, _ = fwd_bwd(case.stock, fresh(leaves), ex, gouts)
-    ours, _ = fwd_bwd(case.ours, fresh(leaves), ex, gouts)
     e_stock = max(rel(a, r) for a, r in zip(stock, ref))
-    e_ours = max(rel(a, r) for a, r in zip(ours, ref))
+    e_ours = 0.0
+    for fn in (case.ours, *case.variants.values()):   # every velotune path must pass
+        ours, _ = fwd_bwd(fn, fresh(leaves), ex, gouts)
+        e_ours = max(e_ours, max(rel(a, r) for a, r in zip(ours, ref)))
     ok = e_ours <= 1.5 * e_stock or e_ours <= 1e-6
     return {"case": case.name, "dtype": str(dtype).split(".")[-1], "err_stock": e_stock,
             "err_ours": e_ours, "ok": ok}
 
 
-def bench(fn, leaves, ex, rep_ms):
+def bench(fn, leaves, ex, rep_ms, graphs=True):
     gouts = None
 
     def step():
@@ -217,7 +229,14 @@ def bench(fn, leaves, ex, rep_ms):
     ms = triton.testing.do_bench(step, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
     fwd = triton.testing.do_bench(lambda: fn(leaves, ex), warmup=max(25, rep_ms // 4), rep=rep_ms // 2,
                                   return_mode="median")
-    return ms, peak / 2**30, fwd
+    graph = float("nan")
+    if graphs:  # GPU time alone: fwd+bwd captured in a CUDA graph, replayed (no host overhead)
+        try:
+            graph = triton.testing.do_bench_cudagraph(step, rep=rep_ms, return_mode="median")
+        except Exception as e:  # noqa: BLE001 - e.g. a host sync inside the contender
+            print(f"    (no CUDA graph timing: {type(e).__name__}: {str(e)[:120]})", flush=True)
+            torch.cuda.synchronize()
+    return ms, peak / 2**30, fwd, graph
 
 
 def main():
@@ -230,6 +249,7 @@ def main():
     ap.add_argument("--compile-budget", type=float, default=60.0, help="seconds for torch.compile; 0 skips")
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU time only) timing")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     t0 = time.time()
@@ -255,13 +275,15 @@ def main():
         leaves, ex = case.inputs(torch.bfloat16, args.tokens)
         rep = 400 if case.name.startswith("flce") else 150
         row = {"case": case.name}
-        contenders = [("stock", case.stock), ("liger", case.liger), ("ours", case.ours)]
+        contenders = [("stock", case.stock), ("liger", case.liger), ("ours", case.ours), *case.variants.items()]
         for name, fn in contenders:
             if fn is None:
                 continue
             torch.cuda.empty_cache()
             try:
-                row[name] = bench(fn, leaves, ex, rep)
+                # CUDA-graph timing for the sub-millisecond kernels only (host overhead matters there;
+                # some contenders of the large cases sync with the host and cannot be captured)
+                row[name] = bench(fn, leaves, ex, rep, graphs=case.graphs and not args.no_graphs)
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"  {case.name}/{name} failed: {e!r}", flush=True)
         if case.compile_ok and compile_spent < args.compile_budget:
@@ -269,29 +291,33 @@ def main():
             try:
                 compiled = torch.compile(case.stock, dynamic=False)
                 torch.cuda.empty_cache()
-                row["compile"] = bench(compiled, leaves, ex, rep)
+                row["compile"] = bench(compiled, leaves, ex, rep, graphs=case.graphs and not args.no_graphs)
             except Exception as e:  # noqa: BLE001
                 print(f"  {case.name}/compile failed: {e!r}", flush=True)
             compile_spent += time.time() - t
         results["timings"].append(row)
-        print(f"time {case.name}: " + ", ".join(f"{k} {v[0]:.3f} ms (fwd {v[2]:.3f}) {v[1]:.2f} GiB"
+        print(f"time {case.name}: " + ", ".join(f"{k} {v[0]:.3f} ms (fwd {v[2]:.3f}, graph {v[3]:.3f}) {v[1]:.2f} GiB"
                                                  for k, v in row.items() if k != "case"), flush=True)
         del leaves, ex
         torch.cuda.empty_cache()
 
     print(f"\n{results['device']}, torch {torch.__version__}, triton {triton.__version__}, "
           f"tokens {args.tokens}, {time.time() - t0:.0f}s")
-    print("| kernel | stock ms | compile ms | liger ms | velotune ms | vs stock | vs liger | peak GiB stock/liger/ours |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | stock ms | compile ms | liger ms | velotune ms | vs stock | vs liger | graph ms stock/compile/liger/ours | peak GiB stock/liger/ours |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["timings"]:
         def ms(k):
             return f"{r[k][0]:.3f}" if k in r else "-"
 
         def gib(k):
             return f"{r[k][1]:.2f}" if k in r else "-"
+
+        def gms(k):
+            return f"{r[k][3]:.3f}" if k in r and r[k][3] == r[k][3] else "-"
         vs = f"{r['ours'][0] / r['stock'][0]:.2f}x" if "ours" in r and "stock" in r else "-"
         vl = f"{r['ours'][0] / r['liger'][0]:.2f}x" if "ours" in r and "liger" in r else "-"
         print(f"| {r['case']} | {ms('stock')} | {ms('compile')} | {ms('liger')} | {ms('ours')} | {vs} | {vl} | "
+              f"{gms('stock')}/{gms('compile')}/{gms('liger')}/{gms('ours')} | "
               f"{gib('stock')}/{gib('liger')}/{gib('ours')} |")
     bad = [c for c in results["checks"] if not c["ok"]]
     print(f"correctness: {len(results['checks']) - len(bad)}/{len(results['checks'])} ok"

@@ -98,3 +98,60 @@ def test_rope_raw_in_place_pair():
         rope_backward_(q, k, cos, sin)  # a rotation's transpose is its inverse
     assert_close(q, q0)
     assert_close(k, k0)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hk,D,flat", [(2, 3, 4, 2, 64, True), (1, 4, 2, 1, 32, False)])
+def test_rope_in_place_token_major(B, T, Hq, Hk, D, flat):
+    """apply_rope_ rotates fresh projection outputs in place (autograd-aware) and equals stock."""
+    from velotune.kernels.rope import apply_rope_
+    pos = torch.tensor([[0, 1, 0, 1][:T], [2, 0, 1, 2][:T]][:B])
+    cos, sin = _cos_sin(D, pos)
+    shape_q = (B * T, Hq * D) if flat else (B, T, Hq * D)
+    shape_k = (B * T, Hk * D) if flat else (B, T, Hk * D)
+    qp, kp = torch.randn(shape_q), torch.randn(shape_k)
+    dq, dk = torch.randn(shape_q), torch.randn(shape_k)
+
+    def run(fn, dtype):
+        a, b = leaf(qp, dtype), leaf(kp, dtype)
+        q, k = a * 1, b * 1          # non-leaf, not views: what a projection returns
+        ptr = q.data_ptr()
+        qr, kr = fn(q, k, cos.to(dtype), sin.to(dtype))
+        ga, gb = torch.autograd.grad([qr, kr], [a, b], [dq.to(dtype), dk.to(dtype)])
+        return (qr, kr, ga, gb), qr.data_ptr() == ptr
+
+    def stock(q, k, c, s):
+        q4, k4 = (x.reshape(B, T, -1, D).transpose(1, 2) for x in (q, k))
+        qr, kr = apply_rope_reference(q4, k4, c, s)
+        return qr.transpose(1, 2).reshape(q.shape), kr.transpose(1, 2).reshape(k.shape)
+
+    with force_triton():
+        got, in_place = run(lambda q, k, c, s: apply_rope_(q, k, c, s, D), torch.float32)
+    assert in_place, "fresh, contiguous projection outputs are rotated in place"
+    ref, _ = run(stock, torch.float32)
+    ref64, _ = run(stock, torch.float64)
+    for name, a, r, r64 in zip(("q", "k", "dq", "dk"), got, ref, ref64):
+        assert a.shape == r.shape
+        assert_close(a, r, what=f"{name} vs torch")
+        assert_close(a, r64.float(), what=f"{name} vs float64")
+
+
+def test_rope_in_place_falls_back_for_views_and_leaves():
+    """Slices of a fused QKV output (views) and leaves get new tensors; the input is untouched."""
+    from velotune.kernels.rope import apply_rope_
+    B, T, H, D = 1, 3, 2, 16
+    cos, sin = _cos_sin(D, torch.arange(T)[None])
+    qkv = torch.randn(B * T, 3 * H * D)
+    q, k = qkv[:, :H * D], qkv[:, H * D:2 * H * D]
+    before = qkv.clone()
+    with force_triton():
+        qr, kr = apply_rope_(q, k, cos, sin, D)
+        leaf_q = leaf(q)
+        qr2, _ = apply_rope_(leaf_q, k.clone(), cos, sin, D)
+    assert torch.equal(qkv, before) and qr.data_ptr() != q.data_ptr()
+    assert qr2.data_ptr() != leaf_q.data_ptr()
+    ref_q, ref_k = apply_rope_reference(q.reshape(B, T, H, D).transpose(1, 2), k.reshape(B, T, H, D).transpose(1, 2),
+                                        cos, sin)
+    assert_close(qr, ref_q.transpose(1, 2).reshape(B * T, H * D))
+    assert_close(kr, ref_k.transpose(1, 2).reshape(B * T, H * D))
+    with pytest.raises(ValueError, match="token-major"):
+        apply_rope_(torch.randn(5, H * D), torch.randn(5, H * D), cos, sin, D)

@@ -1,6 +1,7 @@
 """Rotary position embeddings: Q and K rotated in one launch; backward is the inverse rotation.
 
     q, k = apply_rope(q, k, cos, sin)            # q [B, Hq, T, D], k [B, Hk, T, D], autograd
+    q, k = apply_rope_(q, k, cos, sin, head_dim) # token-major q [N, Hq*D], k [N, Hk*D], in place
     rope_forward_(q, k, cos, sin); rope_backward_(dq, dk, cos, sin)   # raw, in place, no autograd
     cos, sin = rope_cos_sin(config, position_ids, device)   # [B, T, R] fp32, R = rotary dims <= D
 
@@ -137,60 +138,64 @@ def _check_rope(q, k, cos, sin):
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernel: one program per token (b, t) rotates all Hq + Hk heads of that token.
+# Outputs share their input's strides (in place, or an `empty_like` of a dense input), so each tensor
+# passes one stride triple; head counts and the half width are compile-time constants (few launch
+# arguments: the launch cost matters at ~0.1 ms kernels).
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _rotate_heads(X, sb, sh, st, Y, yb, yh, yt, b, t, n_heads, c1, c2, s1, s2, half,
+def _rotate_heads(X, Y, sb, sh, st, b, t, c1, c2, s1, s2,
+                  N_HEADS: tl.constexpr, HALF: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
-    for h0 in range(0, n_heads, BLOCK_H):
-        mask = (h0 + heads < n_heads) & (dims < half)
-        px = X + b * sb + t * st + (h0 + heads) * sh + dims
-        py = Y + b * yb + t * yt + (h0 + heads) * yh + dims
-        x1 = tl.load(px, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(px + half, mask=mask, other=0.0).to(tl.float32)
+    base = b * sb + t * st
+    for h0 in tl.static_range(0, N_HEADS, BLOCK_H):
+        mask = (h0 + heads < N_HEADS) & (dims < HALF)
+        off = base + (h0 + heads) * sh + dims
+        x1 = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + off + HALF, mask=mask, other=0.0).to(tl.float32)
         if BACKWARD:   # transpose of the forward map (see module docstring)
             y1 = x1 * c1 + x2 * s2
             y2 = x2 * c2 - x1 * s1
         else:
             y1 = x1 * c1 - x2 * s1
             y2 = x2 * c2 + x1 * s2
-        tl.store(py, y1.to(Y.dtype.element_ty), mask=mask)
-        tl.store(py + half, y2.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + off, y1.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + off + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_kernel(Q, sqb, sqh, sqt, QO, oqb, oqh, oqt, K, skb, skh, skt, KO, okb, okh, okt,
-                 C, S, scb, sct, T, HQ, HK, half,
-                 HAS_Q: tl.constexpr, HAS_K: tl.constexpr, BACKWARD: tl.constexpr,
+def _rope_kernel(Q, QO, sqb, sqh, sqt, K, KO, skb, skh, skt, C, S, scb, sct, T,
+                 HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, BACKWARD: tl.constexpr,
                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
     d = tl.arange(0, BLOCK_D)[None, :]
-    dmask = d < half
+    dmask = d < HALF
     cs = b * scb + t * sct
     c1 = tl.load(C + cs + d, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(C + cs + half + d, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(C + cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)
     s1 = tl.load(S + cs + d, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(S + cs + half + d, mask=dmask, other=0.0).to(tl.float32)
-    if HAS_Q:
-        _rotate_heads(Q, sqb, sqh, sqt, QO, oqb, oqh, oqt, b, t, HQ, c1, c2, s1, s2, half,
-                      BLOCK_HQ, BLOCK_D, BACKWARD)
-    if HAS_K:
-        _rotate_heads(K, skb, skh, skt, KO, okb, okh, okt, b, t, HK, c1, c2, s1, s2, half,
-                      BLOCK_HK, BLOCK_D, BACKWARD)
+    s2 = tl.load(S + cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+    if HQ > 0:
+        _rotate_heads(Q, QO, sqb, sqh, sqt, b, t, c1, c2, s1, s2, HQ, HALF, BLOCK_HQ, BLOCK_D, BACKWARD)
+    if HK > 0:
+        _rotate_heads(K, KO, skb, skh, skt, b, t, c1, c2, s1, s2, HK, HALF, BLOCK_HK, BLOCK_D, BACKWARD)
 
 
 def _launch(q, k, cos, sin, backward, q_out=None, k_out=None):
-    """Rotate q and/or k (either may be None; last dim unit-stride) into q_out / k_out (default: in
-    place; an output may be the input itself). cos/sin [B|1, T, R] or [T, R]."""
+    """Rotate q and/or k [B, H, T, D] views (either may be None; last dim unit-stride) into q_out /
+    k_out (default: in place). An output must have its input's strides. cos/sin [B|1, T, R] or [T, R]."""
     q_out = q if q_out is None else q_out
     k_out = k if k_out is None else k_out
     x = q if q is not None else k
     B, _, T, _ = x.shape
     if B * T == 0:
         return
+    for a, o in ((q, q_out), (k, k_out)):
+        if a is not None and o.stride() != a.stride():
+            raise ValueError("rope: an output must have its input's strides")
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     if cos.dim() == 2:
@@ -199,33 +204,38 @@ def _launch(q, k, cos, sin, backward, q_out=None, k_out=None):
         scb = 0 if cos.shape[0] == 1 else cos.stride(0)
         sct = cos.stride(1)
     half = cos.shape[-1] // 2
-    hq = q.shape[1] if q is not None else 1
-    hk = k.shape[1] if k is not None else 1
+    hq = q.shape[1] if q is not None else 0
+    hk = k.shape[1] if k is not None else 0
     block_d = triton.next_power_of_2(max(half, 1))
     # keep each head tile around 2K elements
-    bhq = min(triton.next_power_of_2(hq), max(1, 2048 // block_d))
-    bhk = min(triton.next_power_of_2(hk), max(1, 2048 // block_d))
+    bhq = min(triton.next_power_of_2(max(hq, 1)), max(1, 2048 // block_d))
+    bhk = min(triton.next_power_of_2(max(hk, 1)), max(1, 2048 // block_d))
     qq, qo = (q, q_out) if q is not None else (x, x)
     kk, ko = (k, k_out) if k is not None else (x, x)
-    _rope_kernel[(B * T,)](qq, qq.stride(0), qq.stride(1), qq.stride(2),
-                           qo, qo.stride(0), qo.stride(1), qo.stride(2),
-                           kk, kk.stride(0), kk.stride(1), kk.stride(2),
-                           ko, ko.stride(0), ko.stride(1), ko.stride(2),
-                           cos, sin, scb, sct, T, hq, hk, half,
-                           HAS_Q=q is not None, HAS_K=k is not None, BACKWARD=backward,
+    _rope_kernel[(B * T,)](qq, qo, qq.stride(0), qq.stride(1), qq.stride(2),
+                           kk, ko, kk.stride(0), kk.stride(1), kk.stride(2),
+                           cos, sin, scb, sct, T, HQ=hq, HK=hk, HALF=half, BACKWARD=backward,
                            BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_D=block_d, num_warps=4)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _like(x: torch.Tensor | None):
+    """(input, output) with unit-stride last dims and equal strides (empty_like keeps the strides of
+    a dense tensor; anything else is made contiguous first)."""
+    if x is None:
+        return None, None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty_like(x)
+    if out.stride() != x.stride():
+        x = x.contiguous()
+        out = torch.empty_like(x)
+    return x, out
 
 
 def _rotated(q, k, cos, sin, backward):
     """New tensors (same layouts as the inputs; either may be None) holding the (inverse) rotation."""
-    q = _unit_last(q) if q is not None else None
-    k = _unit_last(k) if k is not None else None
-    qo = torch.empty_like(q) if q is not None else None
-    ko = torch.empty_like(k) if k is not None else None
+    q, qo = _like(q)
+    k, ko = _like(k)
     R = cos.shape[-1]
     for x, o in ((q, qo), (k, ko)):
         if x is not None and R < x.shape[-1]:   # pass-through dims of partial rotary
@@ -261,9 +271,10 @@ class _RoPE(torch.autograd.Function):
     Out of place on purpose: q and k are normally views (the transposed projection output), and an
     in-place update of a view makes autograd wrap the backward in CopySlices, which copies the whole
     gradient three more times (H200, 16k tokens, Llama-3-8B heads: 0.97 ms fwd+bwd in place vs
-    0.70 ms out of place, BENCHMARKS.md). The old q/k buffers die with the caller's references (linear layers do not save their
-    outputs), so peak memory is unchanged. Fused code that owns its buffers uses rope_forward_ /
-    rope_backward_ to rotate in place."""
+    0.70 ms out of place, BENCHMARKS.md). The old q/k buffers die with the caller's references
+    (linear layers do not save their outputs), so peak memory is unchanged. apply_rope_ rotates
+    the projection outputs themselves (not views) in place; fused code that owns its buffers uses
+    rope_forward_ / rope_backward_."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
@@ -279,3 +290,60 @@ class _RoPE(torch.autograd.Function):
 
 def _apply_rope_triton(q, k, cos, sin):
     return _RoPE.apply(q, k, cos, sin)
+
+
+class _RoPEInPlace(torch.autograd.Function):
+    """Token-major q [N, Hq*D] / k [N, Hk*D] (not views) rotated IN PLACE, one launch; autograd is
+    told (mark_dirty), and since the inputs are not views no CopySlices is involved. Backward writes
+    the inverse rotation into fresh tensors: an incoming gradient may be shared with other consumers
+    (see apply_rope), so it is never overwritten."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, B, T, D):
+        _launch(_heads(q, B, T, D), _heads(k, B, T, D), cos, sin, backward=False)
+        ctx.mark_dirty(q, k)
+        ctx.save_for_backward(cos, sin)
+        ctx.shape = (B, T, D)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        B, T, D = ctx.shape
+        gq, gk = _rotated(_heads(dq, B, T, D), _heads(dk, B, T, D), cos, sin, backward=True)
+        return _tokens(gq, dq.shape), _tokens(gk, dk.shape), None, None, None, None, None
+
+
+def _heads(x, B, T, D):
+    """Token-major [N = B*T, H*D] (or [B, T, H*D]) -> the [B, H, T, D] view attention uses."""
+    return x.reshape(B, T, -1, D).transpose(1, 2)
+
+
+def _tokens(x, shape):
+    """[B, H, T, D] -> token-major `shape` (a view when x is [B, T, H, D] underneath)."""
+    return x.transpose(1, 2).reshape(shape)
+
+
+def apply_rope_(q, k, cos, sin, head_dim: int):
+    """RoPE on token-major projection outputs, in place where that is safe; returns (q, k).
+
+    q [N, Hq*D] or [B, T, Hq*D], k likewise with Hk heads (token n = b*T + t, T = cos.shape[-2]),
+    cos/sin as for apply_rope, D = head_dim. On CUDA, a contiguous q and k that are not views (fresh
+    projection outputs) are rotated in place in one launch, autograd-aware; anything else (views
+    such as slices of a fused QKV output, leaves that require grad, CPU) takes apply_rope's
+    out-of-place path and gets new tensors of the same shapes.
+    """
+    T = cos.shape[-2]
+    if q.numel() % (T * head_dim) or k.numel() % (T * head_dim):
+        raise ValueError(f"apply_rope_: q {tuple(q.shape)} / k {tuple(k.shape)} are not token-major "
+                         f"with T={T} tokens per row and head_dim {head_dim}")
+    B = q.numel() // (q.shape[-1] * T)
+    q4, k4 = _heads(q, B, T, head_dim), _heads(k, B, T, head_dim)
+    _check_rope(q4, k4, cos, sin)
+    in_place = (triton_enabled(q) and q.is_contiguous() and k.is_contiguous()
+                and q._base is None and k._base is None
+                and not ((q.is_leaf and q.requires_grad) or (k.is_leaf and k.requires_grad)))
+    if in_place:
+        return _RoPEInPlace.apply(q, k, cos, sin, B, T, head_dim)
+    qr, kr = apply_rope(q4, k4, cos, sin)
+    return _tokens(qr, q.shape), _tokens(kr, k.shape)

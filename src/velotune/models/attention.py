@@ -75,7 +75,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
             or (self.training and self.attention_dropout > 0) or position_embeddings is None):
         return self._velotune_stock_forward(hidden_states, position_embeddings=position_embeddings,
                                             attention_mask=attention_mask, **kwargs)
-    from velotune.kernels.rope import apply_rope
+    from velotune.kernels.rope import apply_rope_
 
     spec = self._velotune_spec
     B, T, H = hidden_states.shape
@@ -87,11 +87,11 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
     else:
         q, k, v = _project(X, [self.q_proj, self.k_proj, self.v_proj])
+    cos, sin = position_embeddings
+    q, k = apply_rope_(q, k, cos, sin, D)   # in place on fresh projection outputs, else out of place
     q = q.view(B, T, -1, D).transpose(1, 2)
     k = k.view(B, T, -1, D).transpose(1, 2)
     v = v.view(B, T, -1, D).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = apply_rope(q, k, cos, sin)
     softcap = getattr(self.config, spec.attn_softcap_attr) if spec.attn_softcap_attr else None
     o = attend(q, k, v, attention_mask, scaling=self.scaling, n_rep=self.num_key_value_groups, softcap=softcap)
     o = o.transpose(1, 2).reshape(B * T, -1)
