@@ -13,13 +13,22 @@ random token ids. Each contender runs in its own process (clean peak-memory figu
 
     python bench/qlora.py                                   # throughput table (all four contenders)
     python bench/qlora.py --dequant                         # NF4 dequant: bit-exact vs bitsandbytes, timing
-    python bench/qlora.py --max-context --time-box 300      # longest trainable sequence, batch 1
+    python bench/qlora.py --max-context --card-gib 78 --gpus 2   # longest trainable sequence, batch 1
+    python bench/qlora.py --mem-trace --impls velotune-qlora   # what is alive at the peak
     python bench/qlora.py --cpu-smoke                       # every code path on a tiny config, on CPU
 
 Peak memory is torch.cuda.max_memory_allocated over the timed steps (after building the model;
-reset before the first step). Max context: per contender, sequence lengths double from --ctx-start
-until a step runs out of memory, then bisect (to --ctx-resolution tokens) inside the time box; each
-length runs in a fresh process (one step + one timed step).
+reset before the first step).
+
+Max context (batch 1), per contender in one process: one training step at each of --ctx-probes
+lengths; peak memory is linear in the length (flash/cuDNN attention, no [T, T] or [T, V] tensors in
+velotune), so a least-squares line through the probes predicts the longest length that fits the
+allocator cap (--card-gib emulates a smaller card with `set_per_process_memory_fraction`), and for
+offloaded checkpointing also the host RAM the pinned layer inputs need. Then ONE step runs at that
+length (rounded down to 1024; on OOM 4% shorter, up to 3 times): the reported maximum is a length
+that trained, with the tokens/s of that step. A step predicted (quadratic fit of the probe times)
+to overrun the time box is shortened and marked time-boxed. --gpus N runs contenders side by side,
+one GPU each.
 """
 from __future__ import annotations
 
@@ -133,12 +142,19 @@ def worker(args) -> dict:
     except torch.OutOfMemoryError:
         return {"impl": args.impl, "seq": args.seq, "oom": True}
     elapsed = time.perf_counter() - t0
+    trace = None
+    if args.mem_trace and cuda:
+        try:
+            trace = peak_composition(step)
+        except Exception as e:  # noqa: BLE001 - a diagnostic; never lose the timing for it
+            print(f"mem trace failed: {e!r}", flush=True)
     tokens = args.batch * args.seq * args.steps
     out = {"impl": args.impl, "shape": args.shape, "seq": args.seq, "batch": args.batch, "oom": False,
            "tokens_per_s": tokens / elapsed, "ms_per_step": 1000 * elapsed / args.steps, "first_loss": first_loss,
            "last_loss": loss.item(), "build_s": t_build, "weights_gib": weights_gib,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "flops_per_token": _flops_per_token(config, args.seq), "n_trainable": sum(p.numel() for p in params)}
+           "flops_per_token": _flops_per_token(config, args.seq), "n_trainable": sum(p.numel() for p in params),
+           "mem_trace": trace}
     if args.impl.startswith("velotune"):
         from velotune.models import report
 
@@ -147,6 +163,52 @@ def worker(args) -> dict:
         if stats is not None:
             out["offloaded_gib_per_step"] = stats.bytes_offloaded / 2**30 / (args.warmup + args.steps)
     return out
+
+
+def peak_composition(step, top: int = 14) -> dict:
+    """Run one more step with allocation history on; return what is alive at its peak, grouped by
+    the first velotune / transformers / peft / bench source line that allocated it."""
+    from collections import Counter
+
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=500_000)
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for e in snap["device_traces"][0] if e["action"] in ("alloc", "free_completed")]
+    cur = best = best_i = 0
+    sizes: dict = {}
+    for i, e in enumerate(events):            # pass 1: where is the peak
+        if e["action"] == "alloc":
+            sizes[e["addr"]] = e["size"]
+            cur += e["size"]
+            if cur > best:
+                best, best_i = cur, i
+        else:
+            cur -= sizes.pop(e["addr"], 0)
+    live: dict = {}
+    for e in events[:best_i + 1]:             # pass 2: who is alive there
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+
+    def site(frames):
+        for f in frames:
+            name = f.get("filename", "")
+            if any(k in name for k in ("velotune", "transformers", "peft", "bench/")) and "torch/" not in name:
+                return f"{name.split('site-packages/')[-1].split('/src/')[-1]}:{f.get('line')} {f.get('name')}"
+        return "other"
+
+    groups = Counter()
+    for e in live.values():
+        groups[site(e.get("frames", []))] += e["size"]
+    rows = [{"site": k, "gib": v / 2**30} for k, v in groups.most_common(top)]
+    print(f"peak of one step: {base / 2**30:.2f} GiB before the step + {best / 2**30:.2f} GiB allocated in it", flush=True)
+    for r in rows:
+        print(f"  {r['gib']:7.3f} GiB  {r['site']}", flush=True)
+    return {"before_gib": base / 2**30, "step_peak_gib": best / 2**30, "sites": rows}
 
 
 def _smoke_config():
@@ -228,36 +290,139 @@ def print_dequant(rows: list[dict]) -> None:
         print(f"{r['dtype']:<9}{r['weight']:<22}{str(r['bit_exact']) + ('' if r['bit_exact'] else ' (' + str(r['mismatches']) + ')'):<11}{t}")
 
 
-# ------------------------------------------------------------------ max context search
-def max_context(impl: str, common: list[str], start: int, resolution: int, deadline: float) -> dict:
-    """Longest seq (batch 1) that trains: double until OOM, then bisect, until `deadline`."""
-    ok, bad, best = 0, None, None
-    seq = start
-    while time.time() < deadline:
-        left = deadline - time.time()
-        r = _run_worker(["--worker", impl, *common, "--batch", "1", "--seq", str(seq), "--steps", "1",
-                         "--warmup", "1"], timeout=left)
-        if r is None or r.get("timeout"):
+# ------------------------------------------------------------------ max context: probe, fit, verify
+def _host_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _free_cached():
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    host_empty = getattr(torch._C, "_host_emptyCache", None)   # cached pinned host blocks
+    if host_empty is not None:
+        host_empty()
+
+
+def context_worker(args) -> dict:
+    """Longest batch-1 sequence for args.impl; see the module docstring."""
+    device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    cuda = device.startswith("cuda")
+    config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
+    deadline = time.time() + args.time_box
+    out: dict = {"impl": args.impl, "probes": [], "verify": []}
+    if cuda and args.card_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * 2**30 / total))
+        out["cap_gib"] = args.card_gib
+    cap = args.card_gib * 2**30 if args.card_gib else (torch.cuda.get_device_properties(device).total_memory
+                                                        if cuda else None)
+    model = build(args.impl, config, device, dtype, max(args.ctx_probes))
+
+    def one_step(L):
+        step, _, opt, _ = training_step(model, 1, L, device)
+        _free_cached()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        loss = step()
+        loss = loss.item()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() if cuda else None
+        del step, opt
+        return {"seq": L, "s": dt, "tokens_per_s": L / dt, "peak_gib": peak / 2**30 if peak else None,
+                "loss": loss}
+
+    one_step(args.ctx_probes[0])                      # warm-up: kernels compiled, buffers allocated
+    for L in args.ctx_probes:
+        r = one_step(L)
+        out["probes"].append(r)
+        print(f"  [{args.impl}] probe {L:>7}: {r['s']:.2f} s, {r['tokens_per_s']:.0f} tok/s"
+              + (f", peak {r['peak_gib']:.2f} GiB" if cuda else ""), flush=True)
+    if not cuda:
+        return out
+    Ls = torch.tensor([p["seq"] for p in out["probes"]], dtype=torch.float64)
+    peaks = torch.tensor([p["peak_gib"] * 2**30 for p in out["probes"]], dtype=torch.float64)
+    times = torch.tensor([p["s"] for p in out["probes"]], dtype=torch.float64)
+    slope = float(((Ls - Ls.mean()) * (peaks - peaks.mean())).sum() / ((Ls - Ls.mean()) ** 2).sum())
+    intercept = float(peaks.mean() - slope * Ls.mean())
+    limits = {"gpu": (cap - intercept) / slope}
+    offload = getattr(model, "velotune_offload_stats", None) is not None
+    if offload:   # every decoder layer's input waits in pinned host memory
+        per_token = config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8
+        limits["host"] = (_host_available_bytes() - 16 * 2**30) / per_token
+    V = torch.stack([torch.ones_like(Ls), Ls, Ls ** 2], 1)
+    coef = torch.linalg.lstsq(V, times[:, None]).solution[:, 0].tolist()
+
+    def predicted_s(L):
+        return coef[0] + coef[1] * L + coef[2] * L * L
+
+    bound = min(limits, key=limits.get)
+    L = int(min(limits.values()) * 0.98) // 1024 * 1024
+    out.update(bytes_per_token=slope, intercept_gib=intercept / 2**30, limits={k: int(v) for k, v in limits.items()},
+               bound_by=bound, time_boxed=False)
+    print(f"  [{args.impl}] fit: {slope / 1024:.1f} KiB/token + {intercept / 2**30:.2f} GiB; limits "
+          + ", ".join(f"{k} {int(v)}" for k, v in limits.items()) + f" tokens -> try {L}", flush=True)
+    for attempt in range(4):
+        left = deadline - time.time() - 30
+        while L > args.ctx_probes[-1] and predicted_s(L) > left:
+            L = int(L * 0.9) // 1024 * 1024
+            out["time_boxed"] = True
+        if L <= args.ctx_probes[-1]:
             break
-        if r.get("oom"):
-            bad = seq
-        else:
-            ok, best = seq, r
-        if r.get("oom"):
-            what = "OOM"
-        else:
-            what = f"ok, {r['tokens_per_s']:.0f} tok/s" + (f", peak {r['peak_gib']:.1f} GiB" if r.get("peak_gib") else "")
-        print(f"  [{impl}] seq {seq:>8}: {what}", flush=True)
-        if bad is None:
-            seq *= 2
-        elif bad - ok <= resolution:
-            break
-        else:
-            seq = (ok + bad) // 2 // resolution * resolution or resolution
-            if seq <= ok:
-                break
-    return {"impl": impl, "max_seq": ok, "first_oom": bad, "complete": bad is not None and bad - ok <= resolution,
-            "tokens_per_s": best and best["tokens_per_s"], "peak_gib": best and best["peak_gib"]}
+        print(f"  [{args.impl}] verify {L}: predicted {predicted_s(L):.0f} s", flush=True)
+        try:
+            r = one_step(L)
+        except torch.OutOfMemoryError:
+            out["verify"].append({"seq": L, "oom": True})
+            print(f"  [{args.impl}] verify {L}: OOM", flush=True)
+            _free_cached()
+            L = int(L * 0.96) // 1024 * 1024
+            continue
+        out["verify"].append(r)
+        out["max_seq"], out["tokens_per_s"], out["peak_gib"] = L, r["tokens_per_s"], r["peak_gib"]
+        print(f"  [{args.impl}] verify {L}: ok, {r['s']:.0f} s, {r['tokens_per_s']:.0f} tok/s, "
+              f"peak {r['peak_gib']:.2f} GiB", flush=True)
+        break
+    return out
+
+
+def run_max_context(args, common: list[str]) -> list[dict]:
+    """Each contender in its own process; with --gpus N, N at a time (one GPU each)."""
+    import threading
+
+    queues = [args.ctx_impls[i::args.gpus] for i in range(args.gpus)]
+    results: list[dict] = []
+
+    def lane(gpu: int, impls: list[str]):
+        for impl in impls:
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)} if args.gpus > 1 else None
+            argv = [sys.executable, __file__, "--worker", impl, "--ctx-worker", *common,
+                    "--time-box", str(args.time_box), "--ctx-probes", *map(str, args.ctx_probes)]
+            if args.card_gib:
+                argv += ["--card-gib", str(args.card_gib)]
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    results.append(json.loads(line[len("RESULT "):]))
+                else:
+                    print(f"[gpu{gpu}] {line}", end="", flush=True)
+            proc.wait()
+
+    threads = [threading.Thread(target=lane, args=(g, q)) for g, q in enumerate(queues)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(results, key=lambda r: args.ctx_impls.index(r["impl"]))
 
 
 # ------------------------------------------------------------------ orchestration
@@ -275,23 +440,26 @@ def main() -> int:
     ap.add_argument("--no-throughput", action="store_true", help="skip the throughput table")
     ap.add_argument("--max-context", action="store_true", help="max trainable seq (batch 1) per contender")
     ap.add_argument("--ctx-impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    ap.add_argument("--ctx-start", type=int, default=16384)
-    ap.add_argument("--ctx-resolution", type=int, default=4096)
-    ap.add_argument("--time-box", type=float, default=600.0, help="seconds for the whole max-context search")
+    ap.add_argument("--ctx-probes", type=int, nargs="+", default=[8192, 16384, 32768])
+    ap.add_argument("--card-gib", type=float, default=0.0, help="cap the allocator at this many GiB (0: whole card)")
+    ap.add_argument("--gpus", type=int, default=1, help="max-context contenders run side by side, one GPU each")
+    ap.add_argument("--time-box", type=float, default=480.0, help="seconds per max-context contender")
+    ap.add_argument("--mem-trace", action="store_true", help="record one step's allocations; list what is alive at the peak")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU through every code path")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     ap.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
+    ap.add_argument("--ctx-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.cpu_smoke:
         args.device, args.shape, args.dtype = "cpu", "smoke", "fp32"
         args.steps, args.warmup, args.batch, args.seq = 2, 1, 2, 32
         args.dequant = args.max_context = True
-        args.ctx_start, args.ctx_resolution, args.time_box = 64, 64, 240.0
+        args.ctx_probes, args.time_box = [32, 64], 240.0
     if args.worker:
         args.impl = args.worker
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print("RESULT " + json.dumps(context_worker(args) if args.ctx_worker else worker(args)), flush=True)
         return 0
 
     cuda = args.device.startswith("cuda")
@@ -308,7 +476,8 @@ def main() -> int:
         res = {}
         for impl in args.impls:
             r = _run_worker(["--worker", impl, *common, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                             "--batch", str(args.batch), "--seq", str(args.seq)])
+                             "--batch", str(args.batch), "--seq", str(args.seq)]
+                            + (["--mem-trace"] if args.mem_trace else []))
             if r is None or r.get("oom"):
                 print(f"{impl}: {'OOM' if r else 'failed'}", flush=True)
                 continue
@@ -332,19 +501,16 @@ def main() -> int:
         if rows:
             print("\nBENCHMARKS.md rows:\n" + "\n".join(rows), flush=True)
     if args.max_context:
-        deadline = time.time() + args.time_box
-        ctx = []
-        impls = args.ctx_impls
-        for i, impl in enumerate(impls):  # an equal share of what is left for each contender
-            share = (deadline - time.time()) / (len(impls) - i)
-            ctx.append(max_context(impl, common, args.ctx_start, args.ctx_resolution, time.time() + share))
+        ctx = run_max_context(args, common)
         results["max_context"] = ctx
-        print("\nmax context (batch 1):")
+        print("\nmax context (batch 1" + (f", allocator capped at {args.card_gib:g} GiB" if args.card_gib else "") + "):")
         for c in ctx:
-            tps = f"{c['tokens_per_s']:.0f} tok/s" if c["tokens_per_s"] else "-"
-            pk = f"{c['peak_gib']:.1f} GiB" if c["peak_gib"] else "-"
-            print(f"  {c['impl']:<15} {c['max_seq']:>8} tokens ({'bisected' if c['complete'] else 'time box hit'}; "
-                  f"first OOM {c['first_oom']})  {tps}  peak {pk}")
+            if "max_seq" in c:
+                print(f"  {c['impl']:<15} {c['max_seq']:>8} tokens trained, {c['tokens_per_s']:.0f} tok/s, peak "
+                      f"{c['peak_gib']:.1f} GiB; bound by {c['bound_by']}{' (time-boxed)' if c['time_boxed'] else ''}; "
+                      f"fit {c['bytes_per_token'] / 1024:.1f} KiB/token")
+            else:
+                print(f"  {c['impl']:<15} not verified: {json.dumps({k: c.get(k) for k in ('limits', 'verify')})}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -145,3 +145,20 @@ def test_qlora_matches_stock_peft_on_dequantised_weights(llama_dir, checkpointin
         torch.testing.assert_close(grads[0][n].float(), g.float(), rtol=1e-5, atol=1e-6, msg=n)
     if checkpointing:
         assert peft4.velotune_offload_stats.packed == 2 == peft4.velotune_offload_stats.unpacked
+
+
+def test_nf4_view_is_cached_per_weight_and_follows_its_storage(llama_dir):
+    from velotune.quant import nf4_weight
+
+    model, _ = _load4(llama_dir, dtype=torch.bfloat16)
+    q = model.model.layers[0].self_attn.q_proj
+    first = nf4_weight(q)
+    assert nf4_weight(q) is first                       # no re-wrapping per training-step read
+    before = get_base_weight(q).clone()
+    # New packed data (as after moving the weight): the cache notices and the values follow it.
+    flipped = (q.weight.data ^ 0x11).clone()
+    q.weight.data = flipped
+    again = nf4_weight(q)
+    assert again is not first and again.packed.data_ptr() == flipped.data_ptr()
+    assert not torch.equal(get_base_weight(q), before)
+    assert torch.equal(get_base_weight(q), bnbF.dequantize_4bit(q.weight.data, q.weight.quant_state))

@@ -59,19 +59,27 @@ def _nf4_dequant_kernel(
     tl.store(out_ptr + e, out, mask=e < n_elements)
 
 
+def _kernel_args(nf4: NF4Weight):
+    """(absmax, code2, absmax2, offset, code) as the kernel takes them; built once per NF4Weight."""
+    args = nf4.__dict__.get("_kernel_args")
+    if args is None:
+        code = nf4_code(nf4.device)
+        if nf4.nested:
+            args = (nf4.absmax, nf4.code2, nf4.absmax2, nf4.offset.reshape(1).float(), code)
+        else:
+            absmax = nf4.absmax.float()
+            args = (absmax, absmax, absmax, absmax, code)  # unused pointers when NESTED=False
+        nf4.__dict__["_kernel_args"] = args
+    return args
+
+
 def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor) -> torch.Tensor:
     """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16)."""
     n = nf4.numel
     assert out.is_contiguous() and out.numel() == n and nf4.packed.is_contiguous()
     if nf4.blocksize % 2:
         raise ValueError(f"blocksize must be even, got {nf4.blocksize}")
-    code = nf4_code(nf4.device)
-    absmax = nf4.absmax
-    if nf4.nested:
-        code2, absmax2, offset = nf4.code2, nf4.absmax2, nf4.offset.reshape(1).float()
-    else:
-        absmax = absmax.float()
-        code2 = absmax2 = offset = absmax  # unused (NESTED=False); any valid pointer
+    absmax, code2, absmax2, offset, code = _kernel_args(nf4)
     grid = (triton.cdiv(triton.cdiv(n, 2), BYTES),)
     _nf4_dequant_kernel[grid](
         nf4.packed, absmax, code2, absmax2, offset, code, out, n,

@@ -19,10 +19,11 @@ import torch
 
 from velotune.quant.nf4 import NF4Weight, dequantize_nf4
 
-# How many dequantised weights may be alive at once per (device, dtype): a fused Function that
-# holds W_q, W_k and W_v together still gets three distinct buffers. Each slot grows to the largest
-# weight it has held (for Llama-3.1-8B in bf16: 3 x 117 MiB).
-BUFFER_SLOTS = 3
+# How many dequantised weights may be alive at once per (device, dtype). velotune's fused functions
+# use each weight right after reading it (one GEMM; the next dequantisation is stream-ordered after
+# it), so one would do; two leave room for a caller that holds a pair. Each slot grows to the
+# largest weight it has held (for Llama-3.1-8B in bf16: 2 x 117 MiB).
+BUFFER_SLOTS = 2
 
 
 def base_layer(module: torch.nn.Module) -> torch.nn.Module:
@@ -40,11 +41,25 @@ def is_4bit(module_or_weight) -> bool:
 
 
 def nf4_weight(module_or_weight) -> NF4Weight:
-    """The `NF4Weight` view (no copies) of a 4-bit layer's weight."""
+    """The `NF4Weight` view (no copies) of a 4-bit layer's weight.
+
+    Cached on the weight object (the training loop reads each 4-bit weight 3 times per step), keyed
+    by what would change it: its storage, its quant state, and bitsandbytes' CPU repacking flag.
+    """
     w = module_or_weight
     if isinstance(w, torch.nn.Module):
         w = base_layer(w).weight
-    return NF4Weight.from_bnb(w.data, w.quant_state)
+    qs = w.quant_state
+    key = (w.data_ptr(), id(qs), getattr(qs, "packing_format_for_cpu", False))
+    cached = getattr(w, "_velotune_nf4", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    nf4 = NF4Weight.from_bnb(w.data, qs)
+    try:
+        w._velotune_nf4 = (key, nf4)
+    except AttributeError:  # a weight type that takes no attributes: just do not cache
+        pass
+    return nf4
 
 
 def _compute_dtype(layer: torch.nn.Module, nf4: NF4Weight) -> torch.dtype:
@@ -105,7 +120,7 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     weight = layer.weight
     if getattr(weight, "quant_state", None) is None:
         return weight
-    nf4 = NF4Weight.from_bnb(weight.data, weight.quant_state)
+    nf4 = nf4_weight(weight)
     dtype = _compute_dtype(layer, nf4)
     buf = WEIGHT_BUFFERS.take(nf4.numel, nf4.device, nf4.dtype)
     w = dequantize_nf4(nf4, nf4.dtype, out=buf)
