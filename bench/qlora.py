@@ -358,7 +358,7 @@ def context_worker(args) -> dict:
     offload = getattr(model, "velotune_offload_stats", None) is not None
     if offload:   # every decoder layer's input waits in pinned host memory
         per_token = config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8
-        limits["host"] = (_host_available_bytes() - 16 * 2**30) / per_token
+        limits["host"] = (_host_available_bytes() * args.host_share - 16 * 2**30) / per_token
     V = torch.stack([torch.ones_like(Ls), Ls, Ls ** 2], 1)
     coef = torch.linalg.lstsq(V, times[:, None]).solution[:, 0].tolist()
 
@@ -409,6 +409,7 @@ def run_max_context(args, common: list[str]) -> list[dict]:
                     "--time-box", str(args.time_box), "--ctx-probes", *map(str, args.ctx_probes)]
             if args.card_gib:
                 argv += ["--card-gib", str(args.card_gib)]
+            argv += ["--host-share", str(1.0 / len(queues))]   # side-by-side workers share the host RAM
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for line in proc.stdout:
                 if line.startswith("RESULT "):
@@ -443,6 +444,7 @@ def main() -> int:
     ap.add_argument("--ctx-probes", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--card-gib", type=float, default=0.0, help="cap the allocator at this many GiB (0: whole card)")
     ap.add_argument("--gpus", type=int, default=1, help="max-context contenders run side by side, one GPU each")
+    ap.add_argument("--host-share", type=float, default=0.0, help=argparse.SUPPRESS)  # of host RAM, per worker
     ap.add_argument("--time-box", type=float, default=480.0, help="seconds per max-context contender")
     ap.add_argument("--mem-trace", action="store_true", help="record one step's allocations; list what is alive at the peak")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU through every code path")
