@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 # shapes, FLOP counts and the timed step are shared with the LoRA benchmark
-from train import SHAPES, TARGETS, _config, _flops_per_token, training_step  # noqa: E402
+from train import SHAPES, TARGETS, _config, _flops_per_token, _profile, training_step  # noqa: E402
 
 IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora")
 # For the CPU smoke test: the tiny shape with the block-friendly intermediate size (a multiple of 64).
@@ -142,19 +142,25 @@ def worker(args) -> dict:
     except torch.OutOfMemoryError:
         return {"impl": args.impl, "seq": args.seq, "oom": True}
     elapsed = time.perf_counter() - t0
+    if args.profile and cuda:
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        prof = _profile(step, 3)
+        prof["wall_ms_per_step"] = (time.perf_counter() - t1) * 1000 / 3
+        prof["gpu_ms_per_step"] = sum(prof["categories"].values())
     trace = None
     if args.mem_trace and cuda:
         try:
             trace = peak_composition(step)
         except Exception as e:  # noqa: BLE001 - a diagnostic; never lose the timing for it
-            print(f"mem trace failed: {e!r}", flush=True)
+            trace = {"error": repr(e)[:500]}
     tokens = args.batch * args.seq * args.steps
     out = {"impl": args.impl, "shape": args.shape, "seq": args.seq, "batch": args.batch, "oom": False,
            "tokens_per_s": tokens / elapsed, "ms_per_step": 1000 * elapsed / args.steps, "first_loss": first_loss,
            "last_loss": loss.item(), "build_s": t_build, "weights_gib": weights_gib,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "flops_per_token": _flops_per_token(config, args.seq), "n_trainable": sum(p.numel() for p in params),
-           "mem_trace": trace}
+           "mem_trace": trace, "profile": prof if args.profile and cuda else None}
     if args.impl.startswith("velotune"):
         from velotune.models import report
 
@@ -197,17 +203,16 @@ def peak_composition(step, top: int = 14) -> dict:
     def site(frames):
         for f in frames:
             name = f.get("filename", "")
-            if any(k in name for k in ("velotune", "transformers", "peft", "bench/")) and "torch/" not in name:
+            if (any(k in name for k in ("velotune", "transformers", "peft", "bench/"))
+                    and "site-packages/torch/" not in name):
                 return f"{name.split('site-packages/')[-1].split('/src/')[-1]}:{f.get('line')} {f.get('name')}"
-        return "other"
+        # no Python frame of ours (e.g. autograd's engine thread): the innermost named C++ frames
+        return "C++: " + " < ".join(f.get("name", "?")[:60] for f in frames[:3])
 
     groups = Counter()
     for e in live.values():
         groups[site(e.get("frames", []))] += e["size"]
     rows = [{"site": k, "gib": v / 2**30} for k, v in groups.most_common(top)]
-    print(f"peak of one step: {base / 2**30:.2f} GiB before the step + {best / 2**30:.2f} GiB allocated in it", flush=True)
-    for r in rows:
-        print(f"  {r['gib']:7.3f} GiB  {r['site']}", flush=True)
     return {"before_gib": base / 2**30, "step_peak_gib": best / 2**30, "sites": rows}
 
 
@@ -343,11 +348,16 @@ def context_worker(args) -> dict:
 
     one_step(args.ctx_probes[0])                      # warm-up: kernels compiled, buffers allocated
     for L in args.ctx_probes:
-        r = one_step(L)
+        try:
+            r = one_step(L)
+        except torch.OutOfMemoryError:
+            print(f"  [{args.impl}] probe {L:>7}: OOM", flush=True)
+            _free_cached()
+            break
         out["probes"].append(r)
         print(f"  [{args.impl}] probe {L:>7}: {r['s']:.2f} s, {r['tokens_per_s']:.0f} tok/s"
               + (f", peak {r['peak_gib']:.2f} GiB" if cuda else ""), flush=True)
-    if not cuda:
+    if not cuda or len(out["probes"]) < 2:
         return out
     Ls = torch.tensor([p["seq"] for p in out["probes"]], dtype=torch.float64)
     peaks = torch.tensor([p["peak_gib"] * 2**30 for p in out["probes"]], dtype=torch.float64)
@@ -359,11 +369,11 @@ def context_worker(args) -> dict:
     if offload:   # every decoder layer's input waits in pinned host memory
         per_token = config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8
         limits["host"] = (_host_available_bytes() * args.host_share - 16 * 2**30) / per_token
-    V = torch.stack([torch.ones_like(Ls), Ls, Ls ** 2], 1)
+    V = torch.stack([torch.ones_like(Ls), Ls, Ls ** 2][:len(Ls)], 1)
     coef = torch.linalg.lstsq(V, times[:, None]).solution[:, 0].tolist()
 
     def predicted_s(L):
-        return coef[0] + coef[1] * L + coef[2] * L * L
+        return sum(c * L ** i for i, c in enumerate(coef))
 
     bound = min(limits, key=limits.get)
     L = int(min(limits.values()) * 0.98) // 1024 * 1024
@@ -373,10 +383,10 @@ def context_worker(args) -> dict:
           + ", ".join(f"{k} {int(v)}" for k, v in limits.items()) + f" tokens -> try {L}", flush=True)
     for attempt in range(4):
         left = deadline - time.time() - 30
-        while L > args.ctx_probes[-1] and predicted_s(L) > left:
+        while L > out["probes"][-1]["seq"] and predicted_s(L) > left:
             L = int(L * 0.9) // 1024 * 1024
             out["time_boxed"] = True
-        if L <= args.ctx_probes[-1]:
+        if L <= out["probes"][-1]["seq"]:
             break
         print(f"  [{args.impl}] verify {L}: predicted {predicted_s(L):.0f} s", flush=True)
         try:
@@ -396,17 +406,30 @@ def context_worker(args) -> dict:
 
 
 def run_max_context(args, common: list[str]) -> list[dict]:
-    """Each contender in its own process; with --gpus N, N at a time (one GPU each)."""
+    """Each contender in its own process. --gpus N: N lanes side by side (one GPU each), filled
+    round-robin or as --lanes says; every lane ends within --time-box of the start."""
     import threading
 
-    queues = [args.ctx_impls[i::args.gpus] for i in range(args.gpus)]
+    if args.lanes:
+        queues = [lane.split(",") for lane in args.lanes]
+    else:
+        queues = [args.ctx_impls[i::args.gpus] for i in range(args.gpus)]
+    order = [impl for q in queues for impl in q]
     results: list[dict] = []
+    lane_deadline = time.time() + args.time_box
 
     def lane(gpu: int, impls: list[str]):
         for impl in impls:
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)} if args.gpus > 1 else None
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)} if len(queues) > 1 else None
+            stock = impl.startswith("stock")   # stock runs out of memory ~10x sooner: shorter probes
+            probes = [max(256, p // 4) for p in args.ctx_probes] if stock else args.ctx_probes
+            left = lane_deadline - time.time()
+            box = min(left, args.stock_time_box) if stock else left
+            if box < 60:
+                print(f"[gpu{gpu}] {impl}: skipped, lane time box spent", flush=True)
+                continue
             argv = [sys.executable, __file__, "--worker", impl, "--ctx-worker", *common,
-                    "--time-box", str(args.time_box), "--ctx-probes", *map(str, args.ctx_probes)]
+                    "--time-box", str(box), "--ctx-probes", *map(str, probes)]
             if args.card_gib:
                 argv += ["--card-gib", str(args.card_gib)]
             argv += ["--host-share", str(1.0 / len(queues))]   # side-by-side workers share the host RAM
@@ -414,7 +437,9 @@ def run_max_context(args, common: list[str]) -> list[dict]:
             for line in proc.stdout:
                 if line.startswith("RESULT "):
                     results.append(json.loads(line[len("RESULT "):]))
-                else:
+                    if args.json:   # partial results survive a cut-off run
+                        args.json.with_suffix(".partial.json").write_text(json.dumps(results, indent=1))
+                elif "warn" not in line.lower():
                     print(f"[gpu{gpu}] {line}", end="", flush=True)
             proc.wait()
 
@@ -423,7 +448,7 @@ def run_max_context(args, common: list[str]) -> list[dict]:
         t.start()
     for t in threads:
         t.join()
-    return sorted(results, key=lambda r: args.ctx_impls.index(r["impl"]))
+    return sorted(results, key=lambda r: order.index(r["impl"]))
 
 
 # ------------------------------------------------------------------ orchestration
@@ -444,8 +469,11 @@ def main() -> int:
     ap.add_argument("--ctx-probes", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--card-gib", type=float, default=0.0, help="cap the allocator at this many GiB (0: whole card)")
     ap.add_argument("--gpus", type=int, default=1, help="max-context contenders run side by side, one GPU each")
+    ap.add_argument("--lanes", nargs="+", help="max-context lanes, e.g. velotune-qlora stock-qlora,velotune-lora")
     ap.add_argument("--host-share", type=float, default=0.0, help=argparse.SUPPRESS)  # of host RAM, per worker
     ap.add_argument("--time-box", type=float, default=480.0, help="seconds per max-context contender")
+    ap.add_argument("--stock-time-box", type=float, default=120.0, help="seconds per stock max-context contender")
+    ap.add_argument("--profile", action="store_true", help="per-category GPU ms/step (3 profiled steps)")
     ap.add_argument("--mem-trace", action="store_true", help="record one step's allocations; list what is alive at the peak")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU through every code path")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
@@ -484,6 +512,16 @@ def main() -> int:
                 print(f"{impl}: {'OOM' if r else 'failed'}", flush=True)
                 continue
             res[impl] = r
+            if r.get("profile"):
+                pr = r["profile"]
+                print(f"  profile {impl}: GPU {pr['gpu_ms_per_step']:.1f} ms/step (profiled wall "
+                      f"{pr['wall_ms_per_step']:.1f}): " + ", ".join(
+                          f"{k} {v:.1f}" for k, v in sorted(pr["categories"].items(), key=lambda kv: -kv[1])), flush=True)
+            if r.get("mem_trace"):
+                mt = r["mem_trace"]
+                print(f"  memory at the peak, {impl}: " + (mt["error"] if "error" in mt else
+                      f"{mt['before_gib']:.2f} GiB before the step + {mt['step_peak_gib']:.2f} GiB:\n" + "\n".join(
+                          f"    {x['gib']:7.3f} GiB  {x['site']}" for x in mt["sites"])), flush=True)
             peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "-"
             print(f"{impl:<15} {r['tokens_per_s']:>9.0f} tok/s {r['ms_per_step']:>8.1f} ms/step  peak {peak}  "
                   f"first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}  (build {r['build_s']:.0f} s)", flush=True)

@@ -109,6 +109,7 @@ _CATEGORIES = (
     ("bf16 GEMMs", ("nvjet", "gemm", "xmma", "cutlass", "wgmma")),
     ("optimizer", ("adam", "multi_tensor")),
     ("copies and casts", ("copy", "cast", "to_copy", "memcpy", "memset", "fill", "cat_")),
+    ("4-bit dequant", ("nf4", "dequantize")),
     ("triton (norm/rope/glu/CE)", ("triton", "_kernel")),
     ("elementwise and reductions", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "index")),
 )

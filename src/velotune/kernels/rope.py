@@ -191,11 +191,19 @@ def _launch(q, k, cos, sin, backward, q_out=None, k_out=None):
     k_out = k if k_out is None else k_out
     x = q if q is not None else k
     B, _, T, _ = x.shape
-    if B * T == 0:
-        return
     for a, o in ((q, q_out), (k, k_out)):
         if a is not None and o.stride() != a.stride():
             raise ValueError("rope: an output must have its input's strides")
+    qq, qo = (q, q_out) if q is not None else (x, x)
+    kk, ko = (k, k_out) if k is not None else (x, x)
+    _launch_raw(qq, qo, qq.stride()[:3], q.shape[1] if q is not None else 0,
+                kk, ko, kk.stride()[:3], k.shape[1] if k is not None else 0, cos, sin, B, T, backward)
+
+
+def _launch_raw(q, qo, q_strides, hq, k, ko, k_strides, hk, cos, sin, B, T, backward):
+    """The launch itself: strides (batch, head, token) of q/qo and k/ko, hq / hk heads (0: skip)."""
+    if B * T == 0:
+        return
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     if cos.dim() == 2:
@@ -204,16 +212,11 @@ def _launch(q, k, cos, sin, backward, q_out=None, k_out=None):
         scb = 0 if cos.shape[0] == 1 else cos.stride(0)
         sct = cos.stride(1)
     half = cos.shape[-1] // 2
-    hq = q.shape[1] if q is not None else 0
-    hk = k.shape[1] if k is not None else 0
     block_d = triton.next_power_of_2(max(half, 1))
     # keep each head tile around 2K elements
     bhq = min(triton.next_power_of_2(max(hq, 1)), max(1, 2048 // block_d))
     bhk = min(triton.next_power_of_2(max(hk, 1)), max(1, 2048 // block_d))
-    qq, qo = (q, q_out) if q is not None else (x, x)
-    kk, ko = (k, k_out) if k is not None else (x, x)
-    _rope_kernel[(B * T,)](qq, qo, qq.stride(0), qq.stride(1), qq.stride(2),
-                           kk, ko, kk.stride(0), kk.stride(1), kk.stride(2),
+    _rope_kernel[(B * T,)](q, qo, *q_strides, k, ko, *k_strides,
                            cos, sin, scb, sct, T, HQ=hq, HK=hk, HALF=half, BACKWARD=backward,
                            BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_D=block_d, num_warps=4)
 
@@ -293,14 +296,15 @@ def _apply_rope_triton(q, k, cos, sin):
 
 
 class _RoPEInPlace(torch.autograd.Function):
-    """Token-major q [N, Hq*D] / k [N, Hk*D] (not views) rotated IN PLACE, one launch; autograd is
-    told (mark_dirty), and since the inputs are not views no CopySlices is involved. Backward writes
-    the inverse rotation into fresh tensors: an incoming gradient may be shared with other consumers
-    (see apply_rope), so it is never overwritten."""
+    """Token-major q [N, Hq*D] / k [N, Hk*D] (contiguous, not views) rotated IN PLACE, one launch;
+    autograd is told (mark_dirty), and since the inputs are not views no CopySlices is involved.
+    Backward writes the inverse rotation into fresh tensors: an incoming gradient may be shared with
+    other consumers (see apply_rope), so it is never overwritten. Strides are computed from the
+    token-major layout (batch T*H*D, head D, token H*D): no view objects on the hot path."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, B, T, D):
-        _launch(_heads(q, B, T, D), _heads(k, B, T, D), cos, sin, backward=False)
+        _rows(q, q, k, k, cos, sin, B, T, D, backward=False)
         ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin)
         ctx.shape = (B, T, D)
@@ -310,13 +314,16 @@ class _RoPEInPlace(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         B, T, D = ctx.shape
-        gq, gk = _rotated(_heads(dq, B, T, D), _heads(dk, B, T, D), cos, sin, backward=True)
-        return _tokens(gq, dq.shape), _tokens(gk, dk.shape), None, None, None, None, None
+        dq, dk = dq.contiguous(), dk.contiguous()
+        gq, gk = torch.empty_like(dq), torch.empty_like(dk)
+        _rows(dq, gq, dk, gk, cos, sin, B, T, D, backward=True)
+        return gq, gk, None, None, None, None, None
 
 
-def _heads(x, B, T, D):
-    """Token-major [N = B*T, H*D] (or [B, T, H*D]) -> the [B, H, T, D] view attention uses."""
-    return x.reshape(B, T, -1, D).transpose(1, 2)
+def _rows(q, qo, k, ko, cos, sin, B, T, D, backward):
+    """Launch on contiguous token-major tensors (outputs contiguous too)."""
+    nq, nk = q.shape[-1], k.shape[-1]
+    _launch_raw(q, qo, (T * nq, D, nq), nq // D, k, ko, (T * nk, D, nk), nk // D, cos, sin, B, T, backward)
 
 
 def _tokens(x, shape):
@@ -333,17 +340,18 @@ def apply_rope_(q, k, cos, sin, head_dim: int):
     such as slices of a fused QKV output, leaves that require grad, CPU) takes apply_rope's
     out-of-place path and gets new tensors of the same shapes.
     """
-    T = cos.shape[-2]
-    if q.numel() % (T * head_dim) or k.numel() % (T * head_dim):
+    T, D = cos.shape[-2], head_dim
+    nq, nk = q.shape[-1], k.shape[-1]
+    if nq % D or nk % D or q.numel() % (T * nq) or k.numel() != q.numel() // nq * nk:
         raise ValueError(f"apply_rope_: q {tuple(q.shape)} / k {tuple(k.shape)} are not token-major "
                          f"with T={T} tokens per row and head_dim {head_dim}")
-    B = q.numel() // (q.shape[-1] * T)
-    q4, k4 = _heads(q, B, T, head_dim), _heads(k, B, T, head_dim)
-    _check_rope(q4, k4, cos, sin)
-    in_place = (triton_enabled(q) and q.is_contiguous() and k.is_contiguous()
-                and q._base is None and k._base is None
-                and not ((q.is_leaf and q.requires_grad) or (k.is_leaf and k.requires_grad)))
-    if in_place:
-        return _RoPEInPlace.apply(q, k, cos, sin, B, T, head_dim)
-    qr, kr = apply_rope(q4, k4, cos, sin)
+    B = q.numel() // (T * nq)
+    R = cos.shape[-1]
+    if (triton_enabled(q) and q._base is None and k._base is None and q.is_contiguous() and k.is_contiguous()
+            and not ((q.is_leaf and q.requires_grad) or (k.is_leaf and k.requires_grad))
+            and R % 2 == 0 and R <= D and cos.shape == sin.shape and cos.dim() in (2, 3)
+            and (cos.dim() == 2 or cos.shape[0] in (1, B))):
+        return _RoPEInPlace.apply(q, k, cos, sin, B, T, D)
+    q4, k4 = q.reshape(B, T, -1, D).transpose(1, 2), k.reshape(B, T, -1, D).transpose(1, 2)
+    qr, kr = apply_rope(q4, k4, cos, sin)   # validates shapes and raises the clear errors
     return _tokens(qr, q.shape), _tokens(kr, k.shape)
