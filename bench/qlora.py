@@ -177,7 +177,7 @@ def peak_composition(step, top: int = 14) -> dict:
     from collections import Counter
 
     base = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=500_000)
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
     step()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
@@ -507,7 +507,7 @@ def main() -> int:
         for impl in args.impls:
             r = _run_worker(["--worker", impl, *common, "--steps", str(args.steps), "--warmup", str(args.warmup),
                              "--batch", str(args.batch), "--seq", str(args.seq)]
-                            + (["--mem-trace"] if args.mem_trace else []))
+                            + (["--mem-trace"] if args.mem_trace else []) + (["--profile"] if args.profile else []))
             if r is None or r.get("oom"):
                 print(f"{impl}: {'OOM' if r else 'failed'}", flush=True)
                 continue
