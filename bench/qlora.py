@@ -173,11 +173,12 @@ def worker(args) -> dict:
 
 def peak_composition(step, top: int = 14) -> dict:
     """Run one more step with allocation history on; return what is alive at its peak, grouped by
-    the first velotune / transformers / peft / bench source line that allocated it."""
+    block size (in units of one [tokens, hidden] bf16 tensor) with counts: stack capture is off
+    (torch 2.11 fails inside custom autograd Functions with it on)."""
     from collections import Counter
 
     base = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    torch.cuda.memory._record_memory_history(max_entries=500_000, context=None, stacks="python")
     step()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
@@ -196,24 +197,16 @@ def peak_composition(step, top: int = 14) -> dict:
     live: dict = {}
     for e in events[:best_i + 1]:             # pass 2: who is alive there
         if e["action"] == "alloc":
-            live[e["addr"]] = e
+            live[e["addr"]] = e["size"]
         else:
             live.pop(e["addr"], None)
-
-    def site(frames):
-        for f in frames:
-            name = f.get("filename", "")
-            if (any(k in name for k in ("velotune", "transformers", "peft", "bench/"))
-                    and "site-packages/torch/" not in name):
-                return f"{name.split('site-packages/')[-1].split('/src/')[-1]}:{f.get('line')} {f.get('name')}"
-        # no Python frame of ours (e.g. autograd's engine thread): the innermost named C++ frames
-        return "C++: " + " < ".join(f.get("name", "?")[:60] for f in frames[:3])
-
-    groups = Counter()
-    for e in live.values():
-        groups[site(e.get("frames", []))] += e["size"]
-    rows = [{"site": k, "gib": v / 2**30} for k, v in groups.most_common(top)]
-    return {"before_gib": base / 2**30, "step_peak_gib": best / 2**30, "sites": rows}
+    by_size = Counter()
+    for size in live.values():
+        by_size[size] += 1
+    rows = [{"site": f"{n} x {size / 2**20:.1f} MiB", "gib": n * size / 2**30}
+            for size, n in sorted(by_size.items(), key=lambda kv: -kv[0] * kv[1])[:top]]
+    return {"before_gib": base / 2**30, "step_peak_gib": best / 2**30, "sites": rows,
+            "peak_event": best_i, "events": len(events)}
 
 
 def _smoke_config():
