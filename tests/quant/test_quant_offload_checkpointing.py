@@ -80,6 +80,29 @@ def test_disable_and_repeated_steps():
         enable_offloaded_checkpointing(torch.nn.Linear(2, 2))
 
 
+def test_offloaded_layer_inputs_are_released_after_forward():
+    """The point of offloading: once a layer's input is copied out, nothing keeps the original
+    alive until backward (a pack hook closing over it once did, for every layer: the GPU held all
+    of them while the host held copies)."""
+    import gc
+    import weakref
+
+    batch = fixed_batch()
+    model = _peft()
+    enable_offloaded_checkpointing(model)
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+             for layer in model.base_model.model.model.layers]
+    loss = model(**batch).loss
+    for h in hooks:
+        h.remove()
+    gc.collect()
+    assert len(inputs) == N_LAYERS and model.velotune_offload_stats.packed == N_LAYERS
+    assert [r() is None for r in inputs] == [True] * N_LAYERS
+    loss.backward()   # and backward still finds every input (restored from the host copies)
+    assert model.velotune_offload_stats.unpacked == N_LAYERS
+
+
 @pytest.mark.gpu
 def test_offload_streams_on_gpu():
     """Real pinned-memory copies on side streams, prefetching one layer ahead: bit-identical to plain

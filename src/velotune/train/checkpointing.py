@@ -130,10 +130,13 @@ def _offloaded_checkpoint(offloader: _Offloader, fn, *args, **kwargs):
     """Drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`."""
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    hidden = args[0]
+    # Identify the hidden states by value, never by reference: the pack hook outlives this call
+    # (autograd keeps it with the graph until backward), and a closure over the tensor itself would
+    # keep every layer's input alive on the GPU for the whole step, offloaded or not.
+    key = (args[0].data_ptr(), args[0].shape, args[0].dtype)
 
     def pack(t: torch.Tensor):
-        if t.data_ptr() == hidden.data_ptr() and t.shape == hidden.shape and t.dtype == hidden.dtype:
+        if (t.data_ptr(), t.shape, t.dtype) == key:
             return offloader.offload(t)
         return t
 
