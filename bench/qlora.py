@@ -425,7 +425,8 @@ def run_max_context(args, common: list[str]) -> list[dict]:
                     "--time-box", str(box), "--ctx-probes", *map(str, probes)]
             if args.card_gib:
                 argv += ["--card-gib", str(args.card_gib)]
-            argv += ["--host-share", str(1.0 / len(queues))]   # side-by-side workers share the host RAM
+            # side-by-side workers share the host RAM (--host-share: when other jobs use the machine too)
+            argv += ["--host-share", str(args.host_share or 1.0 / len(queues))]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for line in proc.stdout:
                 if line.startswith("RESULT "):
