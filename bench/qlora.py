@@ -25,7 +25,7 @@ lengths; peak memory is linear in the length (flash/cuDNN attention, no [T, T] o
 velotune), so a least-squares line through the probes predicts the longest length that fits the
 allocator cap (--card-gib emulates a smaller card with `set_per_process_memory_fraction`), and for
 offloaded checkpointing also the host RAM the pinned layer inputs need. Then ONE step runs at that
-length (rounded down to 1024; on OOM 4% shorter, up to 3 times): the reported maximum is a length
+length (5% under the fit, rounded down to 1024; on OOM 4% shorter, up to 3 times): the reported maximum is a length
 that trained, with the tokens/s of that step. A step predicted (quadratic fit of the probe times)
 to overrun the time box is shortened and marked time-boxed. --gpus N runs contenders side by side,
 one GPU each.
@@ -369,7 +369,7 @@ def context_worker(args) -> dict:
         return sum(c * L ** i for i, c in enumerate(coef))
 
     bound = min(limits, key=limits.get)
-    L = int(min(limits.values()) * 0.98) // 1024 * 1024
+    L = int(min(limits.values()) * 0.95) // 1024 * 1024   # allocator fragmentation near a full card
     out.update(bytes_per_token=slope, intercept_gib=intercept / 2**30, limits={k: int(v) for k, v in limits.items()},
                bound_by=bound, time_boxed=False)
     print(f"  [{args.impl}] fit: {slope / 1024:.1f} KiB/token + {intercept / 2**30:.2f} GiB; limits "

@@ -80,6 +80,20 @@ def test_disable_and_repeated_steps():
         enable_offloaded_checkpointing(torch.nn.Linear(2, 2))
 
 
+def test_offload_in_host_chunks_is_exact(monkeypatch):
+    """Host copies split into many chunks (as for a long context) come back bit-identical."""
+    import velotune.train.checkpointing as ckpt
+
+    batch = fixed_batch()
+    ref = _step(_peft(), "plain", batch)
+    monkeypatch.setattr(ckpt, "HOST_CHUNK_BYTES", 1000)   # not a multiple of the row size either
+    model = _peft()
+    loss, grads = _step(model, "offload", batch)
+    assert model.velotune_offload_stats.unpacked == N_LAYERS
+    assert torch.equal(loss, ref[0]) and all(torch.equal(grads[k], ref[1][k]) for k in ref[1])
+    assert ckpt._chunks(torch.arange(600.0)) == [(0, 250), (250, 500), (500, 600)]   # 1000 B / 4 B
+
+
 def test_offloaded_layer_inputs_are_released_after_forward():
     """The point of offloading: once a layer's input is copied out, nothing keeps the original
     alive until backward (a pack hook closing over it once did, for every layer: the GPU held all

@@ -17,7 +17,7 @@ How (PyTorch's own mechanisms only, per model instance, nothing global):
   argument, [B, T, H]) are offloaded, other inputs (masks, rotary tables shared by all layers)
   are kept as they are.
 * Forward, pack: a side "d2h" stream waits for the compute stream, copies the hidden states into
-  pinned host memory (`non_blocking`), records an event; `record_stream` keeps the allocator from
+  pinned host memory (`non_blocking`, in chunks: see HOST_CHUNK_BYTES), records an event; `record_stream` keeps the allocator from
   reusing the GPU memory before the copy has read it. The compute stream never waits.
 * Backward, unpack (when the checkpoint recomputes layer i): wait for layer i's host-to-device copy
   (started earlier, or now if not), then start the "h2d" copy of layer i-1's input on a second side
@@ -52,10 +52,11 @@ class OffloadStats:
 class _Saved:
     """One offloaded layer input: host copy + the events ordering the copies."""
 
-    __slots__ = ("host", "device", "d2h_done", "gpu", "h2d_done", "prev", "__weakref__")
+    __slots__ = ("host", "device", "d2h_done", "gpu", "h2d_done", "prev", "shape", "__weakref__")
 
-    def __init__(self, host, device, d2h_done, prev):
-        self.host = host                  # CPU tensor (pinned when the source is on CUDA)
+    def __init__(self, host, device, d2h_done, prev, shape):
+        self.host = host                  # flat CPU chunks (pinned when the source is on CUDA), see _chunks
+        self.shape = shape                # the tensor's shape (contiguous layout when it comes back)
         self.device = device              # where the tensor lives during compute
         self.d2h_done = d2h_done          # event: host copy complete (None on CPU)
         self.gpu = None                   # prefetched device tensor, if started
@@ -79,18 +80,19 @@ class _Offloader:
     # -- forward --------------------------------------------------------------------------------
     def offload(self, t: torch.Tensor) -> _Saved:
         prev = self._last
+        flat = t.reshape(-1)
         if t.is_cuda:
             d2h, _ = self.streams(t.device)
             d2h.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(d2h):
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host.copy_(t, non_blocking=True)
+                host = [torch.empty(b - a, dtype=t.dtype, pin_memory=True).copy_(flat[a:b], non_blocking=True)
+                        for a, b in _chunks(flat)]
                 done = torch.cuda.Event()
                 done.record(d2h)
-            t.record_stream(d2h)
+            flat.record_stream(d2h)
         else:
-            host, done = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t), None
-        saved = _Saved(host, t.device, done, prev)
+            host, done = [flat[a:b].clone() for a, b in _chunks(flat)], None
+        saved = _Saved(host, t.device, done, prev, t.shape)
         self._last = weakref.ref(saved)
         self.stats.packed += 1
         self.stats.bytes_offloaded += t.numel() * t.element_size()
@@ -103,14 +105,15 @@ class _Offloader:
         _, h2d = self.streams(saved.device)
         h2d.wait_event(saved.d2h_done)
         with torch.cuda.stream(h2d):
-            saved.gpu = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
-            saved.gpu.copy_(saved.host, non_blocking=True)
+            saved.gpu = torch.empty(saved.shape, dtype=saved.host[0].dtype, device=saved.device)
+            _copy_back(saved, saved.gpu, non_blocking=True)
             saved.h2d_done = torch.cuda.Event()
             saved.h2d_done.record(h2d)
 
     def restore(self, saved: _Saved) -> torch.Tensor:
         if saved.device.type != "cuda":
-            out = saved.host  # CPU target: the host copy is the tensor
+            out = torch.empty(saved.shape, dtype=saved.host[0].dtype)   # CPU target: reassemble
+            _copy_back(saved, out)
         else:
             if saved.gpu is not None:
                 self.stats.prefetched += 1
@@ -124,6 +127,25 @@ class _Offloader:
         if prev is not None:
             self._start_h2d(prev)                    # one layer ahead: overlaps this layer's backward
         return out
+
+
+# Host copies are made of chunks of at most this many bytes. PyTorch's pinned-memory allocator rounds
+# every request up to a power of two: one 3 GiB layer input (400K tokens of an 8B model) would pin
+# 4 GiB. Chunks of a power-of-two size waste at most one partial chunk per layer, and the allocator
+# caches and reuses them from step to step.
+HOST_CHUNK_BYTES = 64 * 2**20
+
+
+def _chunks(flat: torch.Tensor) -> list[tuple[int, int]]:
+    step = max(1, HOST_CHUNK_BYTES // flat.element_size())
+    return [(a, min(a + step, flat.numel())) for a in range(0, flat.numel(), step)] or [(0, 0)]
+
+
+def _copy_back(saved: _Saved, out: torch.Tensor, non_blocking: bool = False) -> None:
+    flat, a = out.view(-1), 0
+    for chunk in saved.host:
+        flat[a:a + chunk.numel()].copy_(chunk, non_blocking=non_blocking)
+        a += chunk.numel()
 
 
 def _offloaded_checkpoint(offloader: _Offloader, fn, *args, **kwargs):
