@@ -248,3 +248,29 @@ def test_free_running_losses_match_stock(family, peft_kw, tmp_path):
     """
     fast, stock = _load_pair(family, tmp_path, **peft_kw)
     _assert_same_losses(_train_pair(fast, stock, 20, [fixed_batch()], resync=False))
+
+
+@pytest.mark.parametrize("hook_q", [False, True])
+def test_triton_path_matches_stock(hook_q, tmp_path):
+    """The Triton kernels themselves (interpreter) inside the model: RMSNorm, RoPE rotated in place on
+    the fused q/k projection outputs, GLU, fused linear CE. With a forward hook on a q projection
+    (that module then runs stock), the output the hook holds is not rotated under it."""
+    from velotune.kernels import force_triton
+
+    fast, stock = _load_pair("llama", tmp_path)
+    batch = fixed_batch()
+    held = []
+    if hook_q:
+        q_proj = fast.base_model.model.model.layers[0].self_attn.q_proj
+        q_proj.register_forward_hook(lambda m, args, out: held.append((out, out.detach().clone())))
+    with force_triton():
+        loss = fast(**batch).loss
+        loss.backward()
+    ref = stock(**{k: v for k, v in batch.items()}).loss
+    ref.backward()
+    assert _rel(loss.detach().double(), ref.detach()) <= TOL
+    fast_grads = dict(_trainable(fast))
+    for n, p in _trainable(stock):
+        assert _rel(fast_grads[n].grad.double(), p.grad) <= TOL, n
+    if hook_q:
+        assert len(held) == 1 and torch.equal(held[0][0], held[0][1])

@@ -331,14 +331,14 @@ def _tokens(x, shape):
     return x.transpose(1, 2).reshape(shape)
 
 
-def apply_rope_(q, k, cos, sin, head_dim: int):
+def apply_rope_(q, k, cos, sin, head_dim: int, in_place: bool = True):
     """RoPE on token-major projection outputs, in place where that is safe; returns (q, k).
 
     q [N, Hq*D] or [B, T, Hq*D], k likewise with Hk heads (token n = b*T + t, T = cos.shape[-2]),
     cos/sin as for apply_rope, D = head_dim. On CUDA, a contiguous q and k that are not views (fresh
     projection outputs) are rotated in place in one launch, autograd-aware; anything else (views
-    such as slices of a fused QKV output, leaves that require grad, CPU) takes apply_rope's
-    out-of-place path and gets new tensors of the same shapes.
+    such as slices of a fused QKV output, leaves that require grad, CPU), or in_place=False (the
+    caller does not own q and k), takes apply_rope's out-of-place path: new tensors, same shapes.
     """
     T, D = cos.shape[-2], head_dim
     nq, nk = q.shape[-1], k.shape[-1]
@@ -347,7 +347,7 @@ def apply_rope_(q, k, cos, sin, head_dim: int):
                          f"with T={T} tokens per row and head_dim {head_dim}")
     B = q.numel() // (T * nq)
     R = cos.shape[-1]
-    if (triton_enabled(q) and q._base is None and k._base is None and q.is_contiguous() and k.is_contiguous()
+    if (in_place and triton_enabled(q) and q._base is None and k._base is None and q.is_contiguous() and k.is_contiguous()
             and not ((q.is_leaf and q.requires_grad) or (k.is_leaf and k.requires_grad))
             and R % 2 == 0 and R <= D and cos.shape == sin.shape and cos.dim() in (2, 3)
             and (cos.dim() == 2 or cos.shape[0] in (1, B))):

@@ -22,7 +22,10 @@ _OWN_IMPLEMENTATIONS = ("sdpa", "eager", None)
 
 
 def _project(X, modules):
-    """Run a list of projection modules on X [N, in]: fusable ones in one LoRA function, others stock."""
+    """Run a list of projection modules on X [N, in]: fusable ones in one LoRA function, others stock.
+
+    Returns (outputs, owned): owned[i] is True when output i came from the fused function, so no
+    one else (a forward hook, say) holds it and it may be overwritten in place."""
     projs = [resolve(m) for m in modules]
     fused_idx = [i for i, p in enumerate(projs) if p is not None]
     outs = [None] * len(modules)
@@ -32,7 +35,7 @@ def _project(X, modules):
     for i, p in enumerate(projs):
         if p is None:
             outs[i] = modules[i](X)
-    return outs
+    return outs, [p is not None for p in projs]
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -82,18 +85,22 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     D = self.head_dim
     X = hidden_states.reshape(B * T, H)
     if spec.qkv == "fused":
-        (qkv,) = _project(X, [self.qkv_proj])
+        (qkv,), _ = _project(X, [self.qkv_proj])
         nq, nk = self.config.num_attention_heads * D, self.config.num_key_value_heads * D
-        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]   # views: rotated out of place
+        owned = False
     else:
-        q, k, v = _project(X, [self.q_proj, self.k_proj, self.v_proj])
+        (q, k, v), (own_q, own_k, _) = _project(X, [self.q_proj, self.k_proj, self.v_proj])
+        owned = own_q and own_k
     cos, sin = position_embeddings
-    q, k = apply_rope_(q, k, cos, sin, D)   # in place on fresh projection outputs, else out of place
+    # In place only on our own fresh outputs: a stock module's output may be held elsewhere (by a
+    # forward hook, say), and must not change under it.
+    q, k = apply_rope_(q, k, cos, sin, D, in_place=owned)
     q = q.view(B, T, -1, D).transpose(1, 2)
     k = k.view(B, T, -1, D).transpose(1, 2)
     v = v.view(B, T, -1, D).transpose(1, 2)
     softcap = getattr(self.config, spec.attn_softcap_attr) if spec.attn_softcap_attr else None
     o = attend(q, k, v, attention_mask, scaling=self.scaling, n_rep=self.num_key_value_groups, softcap=softcap)
     o = o.transpose(1, 2).reshape(B * T, -1)
-    (out,) = _project(o, [self.o_proj])
+    (out,), _ = _project(o, [self.o_proj])
     return out.view(B, T, -1), None
