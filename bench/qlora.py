@@ -12,7 +12,8 @@ random token ids. Each contender runs in its own process (clean peak-memory figu
   stock-lora       bf16 model + get_peft_model + non-reentrant checkpointing
 
     python bench/qlora.py                                   # throughput table (all four contenders)
-    python bench/qlora.py --dequant                         # NF4 dequant: bit-exact vs bitsandbytes, timing
+    python bench/qlora.py --dequant                         # NF4 dequant: bit-exact vs bitsandbytes, timing,
+                                                            # separate vs fused into the GEMM (M=4096 and 1)
     python bench/qlora.py --max-context --card-gib 78 --gpus 2   # longest trainable sequence, batch 1
     python bench/qlora.py --mem-trace --impls velotune-qlora   # what is alive at the peak
     python bench/qlora.py --cpu-smoke                       # every code path on a tiny config, on CPU
@@ -235,6 +236,7 @@ def dequant_bench(device: str) -> list[dict]:
     """Bit-exactness vs bitsandbytes and time per weight for the 8B projections; plus the cost of a
     separate dequantisation next to the matmul that consumes it (an upper bound on what fusing
     dequantisation into the matmul could save)."""
+    import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
     from velotune.quant.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
@@ -274,6 +276,14 @@ def dequant_bench(device: str) -> list[dict]:
                 row.update(ours_us=1000 * t_ours, bnb_us=1000 * t_bnb, ours_GBps=moved / (t_ours * 1e6),
                            matmul_us=1000 * t_mm, dequant_plus_matmul_us=1000 * t_both,
                            overhead_pct=100 * (t_both - t_mm) / t_mm)
+                if cuda:   # dequantisation fused into the GEMM (quant/nf4_matmul.py), training and decode M
+                    from velotune.quant.nf4_matmul import nf4_linear
+
+                    x1 = x[:1].contiguous()
+                    row.update(fused_us=1000 * bench(lambda: nf4_linear(x, nf4)),
+                               m1_separate_us=1000 * bench(lambda: x1 @ dequantize_nf4(nf4, out=buf).t()),
+                               m1_fused_us=1000 * bench(lambda: nf4_linear(x1, nf4)),
+                               m1_bnb_us=1000 * bench(lambda: bnb.matmul_4bit(x1, q.t(), quant_state=st)))
             rows.append(row)
     return rows
 
@@ -281,10 +291,14 @@ def dequant_bench(device: str) -> list[dict]:
 def print_dequant(rows: list[dict]) -> None:
     print("NF4 dequantisation (double-quantised absmax, blocksize 64): velotune Triton vs bitsandbytes")
     print(f"{'dtype':<9}{'weight':<22}{'bit-exact':<11}{'ours us':>9}{'bnb us':>9}{'GB/s':>8}"
-          f"{'matmul us':>11}{'deq+mm us':>11}{'overhead':>10}")
+          f"{'matmul us':>11}{'deq+mm us':>11}{'overhead':>10}{'fused us':>10}"
+          f"{'M=1 deq+mm':>12}{'M=1 fused':>11}{'M=1 bnb':>9}")
     for r in rows:
         t = (f"{r['ours_us']:>9.1f}{r['bnb_us']:>9.1f}{r['ours_GBps']:>8.0f}{r['matmul_us']:>11.1f}"
              f"{r['dequant_plus_matmul_us']:>11.1f}{r['overhead_pct']:>9.1f}%") if "ours_us" in r else ""
+        if "fused_us" in r:
+            t += (f"{r['fused_us']:>10.1f}{r['m1_separate_us']:>12.1f}{r['m1_fused_us']:>11.1f}"
+                  f"{r['m1_bnb_us']:>9.1f}")
         print(f"{r['dtype']:<9}{r['weight']:<22}{str(r['bit_exact']) + ('' if r['bit_exact'] else ' (' + str(r['mismatches']) + ')'):<11}{t}")
 
 
