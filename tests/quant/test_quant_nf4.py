@@ -157,6 +157,25 @@ def test_triton_kernel_bit_exact_under_interpreter(dtype):
             assert torch.isnan(out[w.numel():]).all()  # nothing written past the weight
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_kernel_bit_exact_under_interpreter(dtype):
+    """The row-tiled layout of the kernel (one absmax per row, paired code-book loads): same bits."""
+    from velotune.quant.dequant_kernel import dequantize_nf4_triton
+
+    for i, (shape, bs) in enumerate(SHAPES + ODD + RAGGED):
+        for double_quant in (True, False):
+            w = _weight(shape, torch.float32, seed=40 + i)
+            nf4 = quantize_nf4(w, blocksize=bs, double_quant=double_quant)
+            nf4.dtype = dtype
+            out = torch.full((w.numel() + 5,), float("nan"), dtype=dtype)
+            with force_triton():
+                dequantize_nf4_triton(nf4, out[:w.numel()], kernel="rows")
+            assert torch.equal(out[:w.numel()].view(shape), dequantize_nf4_reference(nf4)), (shape, double_quant)
+            assert torch.isnan(out[w.numel():]).all()
+    with pytest.raises(ValueError, match="kernel must be"):
+        dequantize_nf4_triton(nf4, out[:w.numel()], kernel="fast")
+
+
 def test_triton_kernel_matches_bitsandbytes_on_its_own_states():
     """States produced by bitsandbytes itself (bf16 weight, nested absmax), read through from_bnb."""
     w = _weight((40, 192), torch.bfloat16, seed=3)
@@ -193,3 +212,7 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
         ours = dequantize_nf4(nf4)
         assert torch.equal(ours, bnbF.dequantize_4bit(q, state)), (shape, dtype)
         assert torch.equal(ours, dequantize_nf4_reference(nf4)), (shape, dtype)
+        from velotune.quant.dequant_kernel import dequantize_nf4_triton
+
+        rows = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel="rows").view(ours.shape)
+        assert torch.equal(rows, ours), (shape, dtype)

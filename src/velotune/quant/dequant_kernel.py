@@ -10,11 +10,21 @@ always in the same absmax block because blocksize is even):
     out[2i+1] = dtype(NF4[byte & 15] * absmax)
 
 The kernel is memory bound: it reads 0.5 B and writes 2 B per bf16 element (the absmax and code
-loads hit L1/L2: 32 consecutive bytes share one absmax). Bit-exactness with bitsandbytes needs
+loads hit L1/L2: 32 consecutive bytes share one absmax).
+
+Two layouts of the same arithmetic (identical bits), `kernel=` picks one:
+  "bytes" (default)  a 1-D run of bytes per program; the absmax chain and two code-book lookups per byte.
+  "rows"             a [ROWS, blocksize/2] tile of bytes, one row per absmax block: the nested-absmax
+                     chain runs once per block instead of once per byte, and both nibbles come from
+                     ONE 8-byte load of a 256-entry pair table (fp32 NF4[b >> 4] | NF4[b & 15] << 32).
+                     Fewer load instructions per byte; to replace the default once the card says so
+                     (`bench/qlora.py --dequant` times both). Bit-exactness with bitsandbytes needs
 the nested absmax to be a product rounded to fp32 THEN a sum: the launch passes
 `enable_fp_fusion=False` so the compiler never contracts them into one fused multiply-add.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -59,6 +69,49 @@ def _nf4_dequant_kernel(
     tl.store(out_ptr + e, out, mask=e < n_elements)
 
 
+@triton.jit
+def _nf4_dequant_rows_kernel(
+    packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, pairs_ptr, out_ptr,
+    n_elements,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    HB: tl.constexpr = BLOCKSIZE // 2                       # packed bytes per absmax block
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * ROWS + tl.arange(0, ROWS)                    # [ROWS] absmax blocks of this program
+    blk_ok = blk * BLOCKSIZE < n_elements
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=blk_ok, other=0.0)
+        absmax = tl.load(code2_ptr + qa, mask=blk_ok, other=0.0) * scale2
+        absmax = absmax + tl.load(offset_ptr)                # separate rounding (no FMA)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+    i = blk[:, None] * HB + tl.arange(0, HB)[None, :]        # [ROWS, HB] byte indices
+    byte = tl.load(packed_ptr + i, mask=2 * i < n_elements, other=0).to(tl.int32)
+    pair = tl.load(pairs_ptr + byte)                         # int64: NF4[hi nibble] bits | NF4[lo] << 32
+    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+    lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+    vals = tl.interleave(hi, lo)                             # [ROWS, BLOCKSIZE], element order
+    e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    if OUT_BF16:
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = vals.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + e, out, mask=e < n_elements)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """int64 [256]: for byte b, the fp32 bits of NF4[b >> 4] in the low word, of NF4[b & 15] in the high."""
+    bits = nf4_code("cpu").view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256)
+    pairs = bits[b >> 4] | (bits[b & 15] << 32)              # may set bit 63: wraps to a negative int64
+    return pairs.to(device)
+
+
 def _kernel_args(nf4: NF4Weight):
     """(absmax, code2, absmax2, offset, code) as the kernel takes them; built once per NF4Weight."""
     args = nf4.__dict__.get("_kernel_args")
@@ -73,13 +126,25 @@ def _kernel_args(nf4: NF4Weight):
     return args
 
 
-def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor) -> torch.Tensor:
-    """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16)."""
+def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str = "bytes") -> torch.Tensor:
+    """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16).
+    kernel: "bytes" (default) or "rows" (see the module docstring); the bits are the same."""
     n = nf4.numel
     assert out.is_contiguous() and out.numel() == n and nf4.packed.is_contiguous()
     if nf4.blocksize % 2:
         raise ValueError(f"blocksize must be even, got {nf4.blocksize}")
     absmax, code2, absmax2, offset, code = _kernel_args(nf4)
+    if kernel == "rows":
+        rows = max(1, 2048 // nf4.blocksize)
+        grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
+        _nf4_dequant_rows_kernel[grid](
+            nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n,
+            BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
+            OUT_BF16=out.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False,
+        )
+        return out
+    if kernel != "bytes":
+        raise ValueError(f"kernel must be 'bytes' or 'rows', got {kernel!r}")
     grid = (triton.cdiv(triton.cdiv(n, 2), BYTES),)
     _nf4_dequant_kernel[grid](
         nf4.packed, absmax, code2, absmax2, offset, code, out, n,
