@@ -141,8 +141,11 @@ def test_dequantize_matches_bitsandbytes_pytorch_backend():
             assert torch.equal(dequantize_nf4(nf4), _float64_dequant(nf4, dtype)), (shape, dtype)
 
 
+@pytest.mark.parametrize("kernel", ["bytes", "rows"])   # the two layouts of dequant_kernel.py
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_kernel_bit_exact_under_interpreter(dtype):
+def test_triton_kernel_bit_exact_under_interpreter(dtype, kernel):
+    from velotune.quant.dequant_kernel import dequantize_nf4_triton
+
     for i, (shape, bs) in enumerate(SHAPES + ODD + RAGGED):
         for double_quant in (True, False):
             w = _weight(shape, torch.float32, seed=20 + i)
@@ -151,27 +154,13 @@ def test_triton_kernel_bit_exact_under_interpreter(dtype):
             ref = dequantize_nf4_reference(nf4)
             out = torch.full((w.numel() + 5,), float("nan"), dtype=dtype)  # poisoned, oversized
             with force_triton():
-                got = dequantize_nf4(nf4, out=out)
+                if kernel == "bytes":
+                    got = dequantize_nf4(nf4, out=out)
+                else:
+                    got = dequantize_nf4_triton(nf4, out[:w.numel()], kernel="rows").view(shape)
             assert got.data_ptr() == out.data_ptr() and got.shape == w.shape
             assert torch.equal(got, ref), (shape, double_quant)
             assert torch.isnan(out[w.numel():]).all()  # nothing written past the weight
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rows_kernel_bit_exact_under_interpreter(dtype):
-    """The row-tiled layout of the kernel (one absmax per row, paired code-book loads): same bits."""
-    from velotune.quant.dequant_kernel import dequantize_nf4_triton
-
-    for i, (shape, bs) in enumerate(SHAPES + ODD + RAGGED):
-        for double_quant in (True, False):
-            w = _weight(shape, torch.float32, seed=40 + i)
-            nf4 = quantize_nf4(w, blocksize=bs, double_quant=double_quant)
-            nf4.dtype = dtype
-            out = torch.full((w.numel() + 5,), float("nan"), dtype=dtype)
-            with force_triton():
-                dequantize_nf4_triton(nf4, out[:w.numel()], kernel="rows")
-            assert torch.equal(out[:w.numel()].view(shape), dequantize_nf4_reference(nf4)), (shape, double_quant)
-            assert torch.isnan(out[w.numel():]).all()
     with pytest.raises(ValueError, match="kernel must be"):
         dequantize_nf4_triton(nf4, out[:w.numel()], kernel="fast")
 

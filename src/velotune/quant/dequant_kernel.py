@@ -36,6 +36,29 @@ BYTES = 1024  # packed bytes per program: 2048 output elements
 
 
 @triton.jit
+def nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask,
+               BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+    """fp32 absmax of blocks `blk` (any shape): code2[qa] * absmax2, then + offset, two roundings."""
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
+        absmax = tl.load(code2_ptr + qa, mask=mask, other=0.0) * scale2
+        return absmax + tl.load(offset_ptr)                  # separate rounding (no FMA, see above)
+    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def to_out_dtype(vals, OUT_TY: tl.constexpr, OUT_BF16: tl.constexpr):
+    """fp32 -> the output dtype; bf16 with round-to-nearest-even written out on the bits (what the
+    hardware conversion does; the Triton interpreter would truncate instead). Values are finite."""
+    if OUT_BF16:
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return vals.to(OUT_TY)
+
+
+@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, nf4_ptr, out_ptr,
     n_elements,
@@ -46,27 +69,13 @@ def _nf4_dequant_kernel(
     i = pid * BYTES + tl.arange(0, BYTES)                  # byte index (int64: 70B-parameter safe)
     in_range = 2 * i < n_elements
     byte = tl.load(packed_ptr + i, mask=in_range, other=0).to(tl.int32)
-    blk = (2 * i) // BLOCKSIZE
-    if NESTED:
-        qa = tl.load(absmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=in_range, other=0.0)
-        absmax = tl.load(code2_ptr + qa, mask=in_range, other=0.0) * scale2
-        absmax = absmax + tl.load(offset_ptr)               # separate rounding (no FMA, see above)
-    else:
-        absmax = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
+    absmax = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (2 * i) // BLOCKSIZE, in_range,
+                        BLOCKSIZE2, NESTED)
     hi = tl.load(nf4_ptr + (byte >> 4)) * absmax
     lo = tl.load(nf4_ptr + (byte & 15)) * absmax
     vals = tl.interleave(hi, lo)                            # [2 * BYTES]: hi0, lo0, hi1, lo1, ...
     e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-    if OUT_BF16:
-        # fp32 -> bf16 with round-to-nearest-even written out on the bits (what the hardware
-        # conversion does; the Triton interpreter would truncate instead). Values are finite.
-        bits = vals.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = vals.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + e, out, mask=e < n_elements)
+    tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
 
 
 @triton.jit
@@ -79,14 +88,8 @@ def _nf4_dequant_rows_kernel(
     HB: tl.constexpr = BLOCKSIZE // 2                       # packed bytes per absmax block
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * ROWS + tl.arange(0, ROWS)                    # [ROWS] absmax blocks of this program
-    blk_ok = blk * BLOCKSIZE < n_elements
-    if NESTED:
-        qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=blk_ok, other=0.0)
-        absmax = tl.load(code2_ptr + qa, mask=blk_ok, other=0.0) * scale2
-        absmax = absmax + tl.load(offset_ptr)                # separate rounding (no FMA)
-    else:
-        absmax = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+    absmax = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, blk * BLOCKSIZE < n_elements,
+                        BLOCKSIZE2, NESTED)
     i = blk[:, None] * HB + tl.arange(0, HB)[None, :]        # [ROWS, HB] byte indices
     byte = tl.load(packed_ptr + i, mask=2 * i < n_elements, other=0).to(tl.int32)
     pair = tl.load(pairs_ptr + byte)                         # int64: NF4[hi nibble] bits | NF4[lo] << 32
@@ -94,13 +97,7 @@ def _nf4_dequant_rows_kernel(
     lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
     vals = tl.interleave(hi, lo)                             # [ROWS, BLOCKSIZE], element order
     e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    if OUT_BF16:
-        bits = vals.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = vals.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + e, out, mask=e < n_elements)
+    tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
 
 
 @functools.lru_cache(maxsize=None)

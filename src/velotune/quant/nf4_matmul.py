@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
+from velotune.quant.dequant_kernel import nf4_absmax, to_out_dtype
 from velotune.quant.nf4 import NF4Weight, dequantize_nf4, nf4_code
 
 
@@ -49,20 +50,9 @@ def _expand(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, nf4_ptr,
     # one absmax per (row, blocksize-long run of k): BLOCK_K is a multiple of BLOCKSIZE
     NB: tl.constexpr = BLOCK_K // BLOCKSIZE
     blk = offs_n[:, None].to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE + tl.arange(0, NB)[None, :]
-    if NESTED:
-        qa = tl.load(absmax_ptr + blk, mask=nmask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=nmask, other=0.0)
-        absmax = tl.load(code2_ptr + qa) * scale2
-        absmax = absmax + tl.load(offset_ptr)                         # product, then sum: no FMA
-    else:
-        absmax = tl.load(absmax_ptr + blk, mask=nmask, other=0.0)
+    absmax = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, nmask, BLOCKSIZE2, NESTED)
     vals = tl.reshape(vals, (BLOCK_N, NB, BLOCKSIZE)) * absmax[:, :, None]
-    vals = tl.reshape(vals, (BLOCK_N, BLOCK_K))
-    if OUT_BF16:   # round to nearest even on the bits (the interpreter's cast truncates)
-        bits = vals.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return vals.to(OUT_TY)
+    return to_out_dtype(tl.reshape(vals, (BLOCK_N, BLOCK_K)), OUT_TY, OUT_BF16)
 
 
 @triton.jit
