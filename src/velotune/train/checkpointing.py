@@ -17,8 +17,10 @@ How (PyTorch's own mechanisms only, per model instance, nothing global):
   argument, [B, T, H]) are offloaded, other inputs (masks, rotary tables shared by all layers)
   are kept as they are.
 * Forward, pack: a side "d2h" stream waits for the compute stream, copies the hidden states into
-  pinned host memory (`non_blocking`, in chunks: see HOST_CHUNK_BYTES), records an event; `record_stream` keeps the allocator from
-  reusing the GPU memory before the copy has read it. The compute stream never waits.
+  pinned host memory (`non_blocking`, in chunks: see HOST_CHUNK_BYTES), records an event;
+  `record_stream` keeps the allocator from reusing the GPU memory before the copy has read it. The
+  compute stream never waits. The pack hook recognises the hidden states by value (address, shape,
+  dtype), never by holding them: the hook lives as long as the graph.
 * Backward, unpack (when the checkpoint recomputes layer i): wait for layer i's host-to-device copy
   (started earlier, or now if not), then start the "h2d" copy of layer i-1's input on a second side
   stream, so it overlaps layer i's recompute and backward: one layer ahead.
