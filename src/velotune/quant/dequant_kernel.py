@@ -18,9 +18,15 @@ Two layouts of the same arithmetic (identical bits), `kernel=` picks one:
                      chain runs once per block instead of once per byte, and both nibbles come from
                      ONE 8-byte load of a 256-entry pair table (fp32 NF4[b >> 4] | NF4[b & 15] << 32).
                      Fewer load instructions per byte; to replace the default once the card says so
-                     (`bench/qlora.py --dequant` times both). Bit-exactness with bitsandbytes needs
-the nested absmax to be a product rounded to fp32 THEN a sum: the launch passes
-`enable_fp_fusion=False` so the compiler never contracts them into one fused multiply-add.
+                     (`bench/qlora.py --dequant` times both).
+
+Bit-exactness with bitsandbytes needs the nested absmax to be a product rounded to fp32 THEN a sum:
+the launch passes `enable_fp_fusion=False` so the compiler never contracts them into one fused
+multiply-add.
+
+The default kernel keeps its arithmetic inline, as verified on the GPU (bit-exact vs bitsandbytes,
+H200, 2026-11-30); the helpers below serve the experimental "rows" layout and the fused GEMM
+(`nf4_matmul.py`), and the default moves onto them with its next GPU check.
 """
 from __future__ import annotations
 
@@ -69,13 +75,27 @@ def _nf4_dequant_kernel(
     i = pid * BYTES + tl.arange(0, BYTES)                  # byte index (int64: 70B-parameter safe)
     in_range = 2 * i < n_elements
     byte = tl.load(packed_ptr + i, mask=in_range, other=0).to(tl.int32)
-    absmax = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (2 * i) // BLOCKSIZE, in_range,
-                        BLOCKSIZE2, NESTED)
+    blk = (2 * i) // BLOCKSIZE
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=in_range, other=0.0)
+        absmax = tl.load(code2_ptr + qa, mask=in_range, other=0.0) * scale2
+        absmax = absmax + tl.load(offset_ptr)               # separate rounding (no FMA, see above)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
     hi = tl.load(nf4_ptr + (byte >> 4)) * absmax
     lo = tl.load(nf4_ptr + (byte & 15)) * absmax
     vals = tl.interleave(hi, lo)                            # [2 * BYTES]: hi0, lo0, hi1, lo1, ...
     e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-    tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
+    if OUT_BF16:
+        # fp32 -> bf16 with round-to-nearest-even written out on the bits (what the hardware
+        # conversion does; the Triton interpreter would truncate instead). Values are finite.
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = vals.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + e, out, mask=e < n_elements)
 
 
 @triton.jit
