@@ -534,6 +534,7 @@ def main() -> int:
                 print(f"  profile {impl}: GPU {pr['gpu_ms_per_step']:.1f} ms/step (profiled wall "
                       f"{pr['wall_ms_per_step']:.1f}): " + ", ".join(
                           f"{k} {v:.1f}" for k, v in sorted(pr["categories"].items(), key=lambda kv: -kv[1])), flush=True)
+                print("\n".join(f"    {ms:7.2f} ms  {name}" for ms, name in pr["top_kernels"]), flush=True)
             if r.get("mem_trace"):
                 mt = r["mem_trace"]
                 print(f"  memory at the peak, {impl}: " + (mt["error"] if "error" in mt else
