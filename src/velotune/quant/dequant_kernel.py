@@ -49,8 +49,10 @@ def nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask,
         qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
         absmax = tl.load(code2_ptr + qa, mask=mask, other=0.0) * scale2
-        return absmax + tl.load(offset_ptr)                  # separate rounding (no FMA, see above)
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        absmax = absmax + tl.load(offset_ptr)                # separate rounding (no FMA, see above)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+    return absmax                                            # one return: the compiler types both branches
 
 
 @triton.jit
@@ -60,8 +62,10 @@ def to_out_dtype(vals, OUT_TY: tl.constexpr, OUT_BF16: tl.constexpr):
     if OUT_BF16:
         bits = vals.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return vals.to(OUT_TY)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = vals.to(OUT_TY)
+    return out
 
 
 @triton.jit
