@@ -1,0 +1,125 @@
+"""Is a training step bound by the host (Python launching kernels) or by the GPU?
+
+    PYTHONPATH=.devsite:src python bench/host_overhead.py --impls velotune-qlora velotune-lora
+
+For each contender (8B shape, 2 x 2048 tokens, as bench/qlora.py builds it), after warm-up:
+  * enqueue ms: time until `step()` returns (the host has queued everything), vs wall ms after a
+    synchronize: when they are equal, the GPU waited for the host;
+  * GPU busy ms: the sum of kernel times on the compute stream (torch.profiler, copies on the side
+    streams excluded), and the kernel count per step;
+  * the host functions that take the time (cProfile of one step, by own time).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from qlora import build  # noqa: E402
+from train import _config, training_step  # noqa: E402
+
+
+def measure(impl: str, args) -> None:
+    config = _config("8b")
+    model = build(impl, config, "cuda", torch.bfloat16, args.seq)
+    step, *_ = training_step(model, args.batch, args.seq, "cuda")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    enq, wall = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        enq.append(t1 - t0)
+        wall.append(t2 - t0)
+    n_tok = args.batch * args.seq
+    print(f"{impl}: enqueue {1e3 * sum(enq) / len(enq):.1f} ms, wall {1e3 * sum(wall) / len(wall):.1f} ms/step "
+          f"({n_tok * len(wall) / sum(wall):.0f} tok/s)", flush=True)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    busy = copies = 0.0
+    n = 0
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0.0) or 0.0
+        if not us:
+            continue
+        if "Memcpy DtoH" in e.key or "Memcpy HtoD" in e.key:
+            copies += us
+        else:
+            busy += us
+            n += e.count
+    print(f"  GPU kernels on the compute stream: {busy / 1e3:.1f} ms, {n} launches/step; "
+          f"offload copies (side streams) {copies / 1e3:.1f} ms", flush=True)
+
+    pr = cProfile.Profile()
+    torch.cuda.synchronize()
+    pr.enable()
+    step()
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    st = pstats.Stats(pr, stream=s)
+    st.sort_stats("tottime").print_stats(args.top)
+    st.sort_stats("cumulative").print_stats(args.top)
+    text = s.getvalue()
+    print("\n".join(line[:160] for line in text.splitlines() if line.strip()), flush=True)
+    del model, step
+    torch.cuda.empty_cache()
+
+
+def launch_cost() -> None:
+    """Host µs per launch: a tiny Triton kernel through its JIT launcher, and a tiny torch op."""
+    from velotune.quant.dequant_kernel import dequantize_nf4_triton
+    from velotune.quant.nf4 import quantize_nf4
+
+    w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    nf4 = quantize_nf4(w)
+    out = torch.empty_like(w)
+    x = torch.randn(64, device="cuda")
+    for name, fn in [("torch add_", lambda: x.add_(1.0)),
+                     ("triton dequant (JIT launcher)", lambda: dequantize_nf4_triton(nf4, out.view(-1)))]:
+        if fn is None:
+            continue
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        print(f"  host cost per launch, {name}: {1e6 * (t1 - t0) / 2000:.1f} us", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impls", nargs="+", default=["velotune-qlora", "velotune-lora"])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    launch_cost()
+    for impl in args.impls:
+        measure(impl, args)
+
+
+if __name__ == "__main__":
+    main()
