@@ -154,10 +154,10 @@ def test_triton_kernel_bit_exact_under_interpreter(dtype, kernel):
             ref = dequantize_nf4_reference(nf4)
             out = torch.full((w.numel() + 5,), float("nan"), dtype=dtype)  # poisoned, oversized
             with force_triton():
-                if kernel == "bytes":
+                if kernel == "rows":      # the default, through the public entry point
                     got = dequantize_nf4(nf4, out=out)
                 else:
-                    got = dequantize_nf4_triton(nf4, out[:w.numel()], kernel="rows").view(shape)
+                    got = dequantize_nf4_triton(nf4, out[:w.numel()], kernel="bytes").view(shape)
             assert got.data_ptr() == out.data_ptr() and got.shape == w.shape
             assert torch.equal(got, ref), (shape, double_quant)
             assert torch.isnan(out[w.numel():]).all()  # nothing written past the weight
@@ -203,5 +203,14 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
         assert torch.equal(ours, dequantize_nf4_reference(nf4)), (shape, dtype)
         from velotune.quant.dequant_kernel import dequantize_nf4_triton
 
-        rows = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel="rows").view(ours.shape)
-        assert torch.equal(rows, ours), (shape, dtype)
+        other = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel="bytes").view(ours.shape)
+        assert torch.equal(other, ours), (shape, dtype)
+        # the cached launch path (velotune.kernels.launch): a second call with the same key, then an
+        # output 2 bytes off 16-byte alignment (a different specialisation key), both still exact
+        for layout in ("rows", "bytes"):
+            again = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel=layout)
+            assert torch.equal(again.view(ours.shape), ours), (shape, dtype, layout)
+            buf = torch.empty(ours.numel() + 8, dtype=ours.dtype, device=ours.device)
+            for _ in range(2):
+                odd = dequantize_nf4_triton(nf4, buf[1:1 + ours.numel()], kernel=layout)
+                assert torch.equal(odd.view(ours.shape), ours), (shape, dtype, layout)

@@ -39,6 +39,13 @@ def _weight(p: Proj, dtype: torch.dtype) -> torch.Tensor:
     return w if w.dtype == dtype else w.to(dtype)
 
 
+def _scale(t: torch.Tensor, s: float) -> torch.Tensor:
+    """t *= s in place; nothing when s == 1 (lora_alpha == r, the common setting): x * 1.0 == x
+    exactly, and the step saves a kernel launch per use (the host time of a step matters, see
+    velotune.kernels.launch)."""
+    return t if s == 1.0 else t.mul_(s)
+
+
 def _cat_A(projs: Sequence[Proj], dtype: torch.dtype) -> torch.Tensor | None:
     As = [p.A for p in projs if p.A is not None]
     if not As:
@@ -83,8 +90,8 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
             r = p.A.shape[0]
             off = sum(q.A.shape[0] for q in projs[:i] if q.A is not None)
             if need_B:
-                dB = (dY.t() @ XA[:, off:off + r]).mul_(p.scaling).to(p.B.dtype)
-            dXAs.append((dY @ p.B.to(dY.dtype)).mul_(p.scaling))
+                dB = _scale(dY.t() @ XA[:, off:off + r], p.scaling).to(p.B.dtype)
+            dXAs.append(_scale(dY @ p.B.to(dY.dtype), p.scaling))
         grads += [dW, db, None, dB]
     if dXAs:
         dXA = dXAs[0] if len(dXAs) == 1 else torch.cat(dXAs, 1)          # [N, sum r]
@@ -177,14 +184,14 @@ class _LoRAUp(torch.autograd.Function):
     def forward(ctx, hA, B, scaling):
         ctx.scaling = scaling
         ctx.save_for_backward(hA, B)
-        return torch.mm(hA, B.to(hA.dtype).t()).mul_(scaling)
+        return _scale(torch.mm(hA, B.to(hA.dtype).t()), scaling)
 
     @staticmethod
     def backward(ctx, dY):
         hA, B = ctx.saved_tensors
         s = ctx.scaling
-        dhA = (dY @ B.to(dY.dtype)).mul_(s) if ctx.needs_input_grad[0] else None
-        dB = (dY.t() @ hA).mul_(s).to(B.dtype) if ctx.needs_input_grad[1] else None
+        dhA = _scale(dY @ B.to(dY.dtype), s) if ctx.needs_input_grad[0] else None
+        dB = _scale(dY.t() @ hA, s).to(B.dtype) if ctx.needs_input_grad[1] else None
         return dhA, dB, None
 
 

@@ -13,20 +13,20 @@ The kernel is memory bound: it reads 0.5 B and writes 2 B per bf16 element (the 
 loads hit L1/L2: 32 consecutive bytes share one absmax).
 
 Two layouts of the same arithmetic (identical bits), `kernel=` picks one:
-  "bytes" (default)  a 1-D run of bytes per program; the absmax chain and two code-book lookups per byte.
-  "rows"             a [ROWS, blocksize/2] tile of bytes, one row per absmax block: the nested-absmax
+  "rows" (default)   a [ROWS, blocksize/2] tile of bytes, one row per absmax block: the nested-absmax
                      chain runs once per block instead of once per byte, and both nibbles come from
                      ONE 8-byte load of a 256-entry pair table (fp32 NF4[b >> 4] | NF4[b & 15] << 32).
-                     Fewer load instructions per byte; to replace the default once the card says so
-                     (`bench/qlora.py --dequant` times both).
+                     On the H200 (2026-11-30, `bench/qlora.py --dequant`): 58 us vs 68.5 us for a
+                     [14336, 4096] bf16 weight, bit-exact against bitsandbytes in bf16, fp16 and fp32.
+  "bytes"            a 1-D run of bytes per program; the absmax chain and two code-book lookups per
+                     byte. Any even blocksize (rows needs a power of two; others fall back to bytes).
 
 Bit-exactness with bitsandbytes needs the nested absmax to be a product rounded to fp32 THEN a sum:
 the launch passes `enable_fp_fusion=False` so the compiler never contracts them into one fused
 multiply-add.
 
-The default kernel keeps its arithmetic inline, as verified on the GPU (bit-exact vs bitsandbytes,
-H200, 2026-11-30); the helpers below serve the experimental "rows" layout and the fused GEMM
-(`nf4_matmul.py`), and the default moves onto them with its next GPU check.
+Both layouts launch through `velotune.kernels.launch.launch` (a cached compiled-kernel lookup: a
+QLoRA step dequantises ~640 times, and the JIT launcher's host time per call added up).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from velotune.quant.nf4 import NF4Weight, nf4_code
+from velotune.kernels.launch import launch
 
 BYTES = 1024  # packed bytes per program: 2048 output elements
 
@@ -147,30 +148,27 @@ def _kernel_args(nf4: NF4Weight):
     return args
 
 
-def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str = "bytes") -> torch.Tensor:
+def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str = "rows") -> torch.Tensor:
     """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16).
-    kernel: "bytes" (default) or "rows" (see the module docstring); the bits are the same."""
+    kernel: "rows" (default) or "bytes" (see the module docstring); the bits are the same."""
     n = nf4.numel
     assert out.is_contiguous() and out.numel() == n and nf4.packed.is_contiguous()
     if nf4.blocksize % 2:
         raise ValueError(f"blocksize must be even, got {nf4.blocksize}")
     absmax, code2, absmax2, offset, code = _kernel_args(nf4)
-    if kernel == "rows":
+    if kernel == "rows" and nf4.blocksize & (nf4.blocksize - 1) == 0:
         rows = max(1, 2048 // nf4.blocksize)
         grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
-        _nf4_dequant_rows_kernel[grid](
-            nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n,
-            BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
-            OUT_BF16=out.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False,
-        )
+        launch(_nf4_dequant_rows_kernel, grid,
+               nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n,
+               BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
+               OUT_BF16=out.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False)
         return out
     if kernel != "bytes":
         raise ValueError(f"kernel must be 'bytes' or 'rows', got {kernel!r}")
     grid = (triton.cdiv(triton.cdiv(n, 2), BYTES),)
-    _nf4_dequant_kernel[grid](
-        nf4.packed, absmax, code2, absmax2, offset, code, out, n,
-        BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, BYTES=BYTES,
-        OUT_BF16=out.dtype == torch.bfloat16,
-        num_warps=4, enable_fp_fusion=False,
-    )
+    launch(_nf4_dequant_kernel, grid,
+           nf4.packed, absmax, code2, absmax2, offset, code, out, n,
+           BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, BYTES=BYTES,
+           OUT_BF16=out.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False)
     return out
