@@ -211,6 +211,10 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
             again = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel=layout)
             assert torch.equal(again.view(ours.shape), ours), (shape, dtype, layout)
             buf = torch.empty(ours.numel() + 8, dtype=ours.dtype, device=ours.device)
-            for _ in range(2):
+            for _ in range(2):   # the second call replays the launch plan made by the first
+                buf.fill_(float("nan"))
                 odd = dequantize_nf4_triton(nf4, buf[1:1 + ours.numel()], kernel=layout)
                 assert torch.equal(odd.view(ours.shape), ours), (shape, dtype, layout)
+                assert torch.isnan(buf[0]) and torch.isnan(buf[1 + ours.numel():]).all()
+            with pytest.raises(AssertionError):   # same address, wrong size: no replay, the check fires
+                dequantize_nf4_triton(nf4, buf[1:ours.numel()], kernel=layout)

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import launch
 
 MAX_BLOCK = 8192
 
@@ -172,7 +171,7 @@ def ce_forward_rows(logits, labels, ignore_index, softcap, logit_scale):
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
         block = _block(V)
-        launch(_ce_fwd_kernel, (N,), logits, logits.stride(0), labels, loss, lse, V, ignore_index,
+        _ce_fwd_kernel[(N,)](logits, logits.stride(0), labels, loss, lse, V, ignore_index,
                              1.0 if logit_scale is None else float(logit_scale),
                              1.0 if softcap is None else float(softcap),
                              HAS_SCALE=logit_scale is not None, HAS_CAP=softcap is not None,
@@ -185,7 +184,7 @@ def ce_backward_rows(logits, labels, lse, coef, ignore_index, softcap, logit_sca
     N, V = logits.shape
     if N:
         block = _block(V)
-        launch(_ce_bwd_kernel, (N,), logits, logits.stride(0), out, out.stride(0), labels, lse, coef, V,
+        _ce_bwd_kernel[(N,)](logits, logits.stride(0), out, out.stride(0), labels, lse, coef, V,
                              ignore_index,
                              1.0 if logit_scale is None else float(logit_scale),
                              1.0 if softcap is None else float(softcap),

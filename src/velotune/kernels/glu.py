@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import launch
 
 ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "gelu_pytorch_tanh": 2}
 _CANON = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
@@ -131,7 +130,7 @@ def _fwd_triton(gate, up, act):
     h = torch.empty_like(g, dtype=torch.promote_types(g.dtype, u.dtype))
     n = g.numel()
     if n:
-        launch(_glu_fwd_kernel, (triton.cdiv(n, BLOCK),), g, u, h, n, ACT=_act_id(act), BLOCK=BLOCK,
+        _glu_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, h, n, ACT=_act_id(act), BLOCK=BLOCK,
                                                   num_warps=4)
     return h
 
@@ -139,7 +138,7 @@ def _fwd_triton(gate, up, act):
 def _bwd_triton(dh, gate, up, act, dgate, dup):
     n = gate.numel()
     if n:
-        launch(_glu_bwd_kernel, (triton.cdiv(n, BLOCK),), dh.contiguous(), gate, up, dgate, dup, n,
+        _glu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dh.contiguous(), gate, up, dgate, dup, n,
                                                   ACT=_act_id(act), BLOCK=BLOCK, num_warps=4)
     return dgate, dup
 

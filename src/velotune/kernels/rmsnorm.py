@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import launch
 
 # Longest row held in registers at once; longer rows are processed in chunks of this size.
 MAX_BLOCK = 16384
@@ -191,7 +190,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block, single = _block(H)
         if M > 0:
-            launch(_rms_fwd_kernel, (M,), x2, x2.stride(0), y, y.stride(0), weight, rstd, H, eps, offset,
+            _rms_fwd_kernel[(M,)](x2, x2.stride(0), y, y.stride(0), weight, rstd, H, eps, offset,
                                   GEMMA=gemma, BLOCK=block, SINGLE=single,
                                   num_warps=_num_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
@@ -217,7 +216,7 @@ class _RMSNorm(torch.autograd.Function):
         alloc = torch.empty if single and M > 0 else torch.zeros
         dwp = alloc((max(progs, 1), H) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
         if M > 0:
-            launch(_rms_bwd_kernel, (progs,), dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight,
+            _rms_bwd_kernel[(progs,)](dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight,
                                       rstd, dwp, M, H, rows_per_prog, ctx.offset,
                                       GEMMA=ctx.offset != 0.0, HAS_DW=has_dw, BLOCK=block,
                                       SINGLE=single, num_warps=_num_warps(block))

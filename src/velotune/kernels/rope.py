@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import launch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,7 +216,7 @@ def _launch_raw(q, qo, q_strides, hq, k, ko, k_strides, hk, cos, sin, B, T, back
     # keep each head tile around 2K elements
     bhq = min(triton.next_power_of_2(max(hq, 1)), max(1, 2048 // block_d))
     bhk = min(triton.next_power_of_2(max(hk, 1)), max(1, 2048 // block_d))
-    launch(_rope_kernel, (B * T,), q, qo, *q_strides, k, ko, *k_strides,
+    _rope_kernel[(B * T,)](q, qo, *q_strides, k, ko, *k_strides,
                            cos, sin, scb, sct, T, HQ=hq, HK=hk, HALF=half, BACKWARD=backward,
                            BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_D=block_d, num_warps=4)
 

@@ -35,9 +35,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from velotune.quant.nf4 import NF4Weight, nf4_code
-from velotune.kernels.launch import launch
 
 BYTES = 1024  # packed bytes per program: 2048 output elements
 
@@ -148,27 +148,73 @@ def _kernel_args(nf4: NF4Weight):
     return args
 
 
+# launch plans kept per weight: the training loop's buffer slots (velotune.quant.weights) need 2 per dtype
+PLANS_PER_WEIGHT = 8
+
+
 def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str = "rows") -> torch.Tensor:
     """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16).
     kernel: "rows" (default) or "bytes" (see the module docstring); the bits are the same."""
+    plan = nf4.__dict__.get("_launch_plans", {}).get((out.data_ptr(), out.dtype, kernel))
+    if (plan is not None and out.numel() == plan.n and out.is_contiguous()
+            and plan.device == torch.cuda.current_device()):
+        plan(out)
+        return out
     n = nf4.numel
     assert out.is_contiguous() and out.numel() == n and nf4.packed.is_contiguous()
     if nf4.blocksize % 2:
         raise ValueError(f"blocksize must be even, got {nf4.blocksize}")
+    if kernel not in ("rows", "bytes"):
+        raise ValueError(f"kernel must be 'bytes' or 'rows', got {kernel!r}")
     absmax, code2, absmax2, offset, code = _kernel_args(nf4)
     if kernel == "rows" and nf4.blocksize & (nf4.blocksize - 1) == 0:
+        fn = _nf4_dequant_rows_kernel
         rows = max(1, 2048 // nf4.blocksize)
         grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
-        launch(_nf4_dequant_rows_kernel, grid,
-               nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n,
-               BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
-               OUT_BF16=out.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False)
-        return out
-    if kernel != "bytes":
-        raise ValueError(f"kernel must be 'bytes' or 'rows', got {kernel!r}")
-    grid = (triton.cdiv(triton.cdiv(n, 2), BYTES),)
-    launch(_nf4_dequant_kernel, grid,
-           nf4.packed, absmax, code2, absmax2, offset, code, out, n,
-           BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, BYTES=BYTES,
-           OUT_BF16=out.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False)
+        args = (nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n)
+        consts = dict(BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
+                      OUT_BF16=out.dtype == torch.bfloat16)
+    else:
+        fn = _nf4_dequant_kernel
+        grid = (triton.cdiv(triton.cdiv(n, 2), BYTES),)
+        args = (nf4.packed, absmax, code2, absmax2, offset, code, out, n)
+        consts = dict(BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, BYTES=BYTES,
+                      OUT_BF16=out.dtype == torch.bfloat16)
+    compiled = fn[grid](*args, **consts, num_warps=4, enable_fp_fusion=False)
+    if out.is_cuda and isinstance(compiled, triton.compiler.CompiledKernel):
+        plans = nf4.__dict__.setdefault("_launch_plans", {})
+        if len(plans) >= PLANS_PER_WEIGHT:    # outputs at ever new addresses (not the training buffers)
+            plans.clear()
+        plans[(out.data_ptr(), out.dtype, kernel)] = _LaunchPlan(compiled, fn, grid, args, consts, out_pos=6)
     return out
+
+
+class _LaunchPlan:
+    """One dequantisation launch, replayed without Triton's JIT dispatch.
+
+    A QLoRA step dequantises ~640 times, and the step is bound by the host: the JIT's per-call work
+    (binding and specialising the arguments, looking the kernel up) is host time on the critical
+    path. A plan is made after the JIT launched the kernel once, and is keyed by the only argument
+    that varies, the output (address and dtype; the NF4 tensors and sizes are this weight's own).
+    Same address and dtype means the same specialisation, so replaying calls the very binary the JIT
+    chose, with the same arguments, through the compiled kernel's own launcher.
+    """
+
+    __slots__ = ("kernel", "grid", "values", "out_pos", "device", "n")
+
+    def __init__(self, compiled, fn, grid, args, consts, out_pos):
+        self.kernel = compiled
+        self.grid = (tuple(grid) + (1, 1))[:3]
+        # the launcher takes every parameter in signature order, constexprs included (as the JIT passes them)
+        self.values = [args[i] if i < len(args) else consts[name] for i, name in enumerate(fn.arg_names)]
+        self.out_pos = out_pos
+        self.n = args[-1]                     # n_elements: the output's size
+        self.device = torch.cuda.current_device()
+
+    def __call__(self, out: torch.Tensor) -> None:
+        k, (g0, g1, g2) = self.kernel, self.grid
+        values = list(self.values)
+        values[self.out_pos] = out
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        k.run(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(self.grid, stream, *values),
+              knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)

@@ -111,7 +111,7 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     4-bit layer: dequantised by velotune's NF4 kernel (Triton on CUDA, the PyTorch reference on
     CPU) into a reusable per-device buffer, so training steps allocate no full-size weights.
 
-    Contract for 4-bit layers: the tensor is valid until BUFFER_SLOTS (3) further calls for the same
+    Contract for 4-bit layers: the tensor is valid until BUFFER_SLOTS (2) further calls for the same
     device and dtype. Use it within one autograd Function's forward or backward and let it go: never
     save it for backward (`ctx.save_for_backward`) or keep it across calls; call again in backward.
     It does not require grad. Plain autograd ops that save it are caught (see `_WeightBuffers`).
