@@ -150,3 +150,36 @@ def test_fused_linear_ce_rejects_bad_input():
         fused_linear_cross_entropy(h, w, torch.zeros(3, dtype=torch.long), reduction="none")
     with pytest.raises(ValueError, match="hidden"):
         fused_linear_cross_entropy(h, torch.randn(V, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_fused_linear_ce_bf16_trainable_weight_split_fp32_accumulator(monkeypatch):
+    """bf16 lm_head through Triton: dW is summed over 12 row chunks in the split fp32 accumulator
+    (kernels/split_accumulator.py) and rounded to bf16 once, scaled by grad_output on the way.
+    Same as the fp32-accumulator path (the CPU torch path) up to the chunk GEMMs' summation order,
+    and no further from float64 than stock bf16 (one GEMM over all rows)."""
+    torch.manual_seed(5)
+    n, H = 48, 32
+    h0, w0 = torch.randn(n, H), torch.randn(V, H) * 0.5
+    labels = _labels(n, [3, 7, 30])
+    dloss = torch.tensor(0.6)
+
+    def dw(fn, dtype, **extra):
+        h, w = h0.to(dtype).requires_grad_(), w0.to(dtype).requires_grad_()
+        loss = fn(h, w, labels, **extra)
+        (gw,) = torch.autograd.grad(loss, [w], dloss.to(loss.dtype))
+        return gw
+
+    import velotune.kernels.fused_linear_ce as fl
+
+    budget = 4 * V * 2                                    # 4 rows of bf16 logits: 12 chunks
+    with force_triton():
+        split = dw(fused_linear_cross_entropy, torch.bfloat16, memory_budget_bytes=budget)
+        monkeypatch.setattr(fl, "_split_dw", lambda *a: False)   # same chunk gradients, plain fp32 sum
+        fp32acc = dw(fused_linear_cross_entropy, torch.bfloat16, memory_budget_bytes=budget)
+    stock = dw(fused_linear_cross_entropy_reference, torch.bfloat16)
+    exact = dw(fused_linear_cross_entropy_reference, torch.float64)
+    assert split.dtype == torch.bfloat16
+    ulp = 2.0 ** (torch.frexp(fp32acc.float())[1].float() - 8)
+    assert ((split.float() - fp32acc.float()).abs() <= ulp).all()
+    err = lambda g: ((g.double() - exact).norm() / exact.norm()).item()   # noqa: E731
+    assert err(split) <= 1.5 * err(stock), (err(split), err(stock))

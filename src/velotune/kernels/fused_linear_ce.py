@@ -2,7 +2,7 @@
 
     loss = fused_linear_cross_entropy(hidden, weight, labels, bias=None, softcap=None,
                                       logit_scale=None, ignore_index=-100, reduction="mean",
-                                      num_items_in_batch=None, memory_budget_bytes=512 * 2**20)
+                                      num_items_in_batch=None, memory_budget_bytes=256 * 2**20)
 
 hidden [N, H], weight [V, H] (lm_head layout), bias [V] or None, labels [N] ALREADY shifted.
 Same loss as `cross_entropy(hidden @ weight.T + bias, labels, ...)` (see cross_entropy.py for the
@@ -14,7 +14,9 @@ Algorithm: the rows are processed in chunks of C rows, C = memory_budget_bytes /
     loss_c, lse_c = CE forward kernel on logits_c  (fp32 math)
     logits_c <- coef * dloss/dlogits_c              (CE backward kernel, IN PLACE over logits_c)
     d_hidden_c = logits_c @ weight                  [C, H]
-    dW += logits_c.T @ hidden_c                     fp32 accumulator, only if weight.requires_grad
+    dW += logits_c.T @ hidden_c                     fp32 accumulator, only if weight.requires_grad;
+                                                    bf16 weights on the GPU: the split fp32 accumulator
+                                                    of split_accumulator.py (its top half becomes dW)
     db += logits_c.sum(0)                           fp32, only if bias.requires_grad
 coef = 1 / denominator (#non-ignored rows, num_items_in_batch or 1), a device tensor: no host sync.
 Backward only multiplies the stored gradients by grad_output. So one [C, V] buffer is ever alive,
@@ -32,8 +34,12 @@ import torch
 from velotune.kernels import triton_enabled
 from velotune.kernels.cross_entropy import (ce_backward_rows, ce_forward_rows, cross_entropy_reference,
                                             loss_denominator, transform_logits_reference)
+from velotune.kernels.split_accumulator import accumulate_, finalize_, new_accumulator
 
-DEFAULT_BUDGET = 512 * 2**20
+# 256 MiB of logits per chunk (1046 rows at a 128256 vocab). With a trainable bf16 lm_head the fp32
+# dW accumulator (2 x 2 bytes per element, 1.96 GiB at Llama-3's shape) plus this chunk and dX stay
+# under 10% of what stock lm_head + cross-entropy allocates (23.5 GiB at 16K tokens).
+DEFAULT_BUDGET = 256 * 2**20
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, labels, *, bias=None, softcap=None,
@@ -122,6 +128,11 @@ def _accumulate_fp32(acc, a, b):
     acc.addmm_(a.float(), b.float())
 
 
+def _split_dw(hidden, weight, dtype) -> bool:
+    """Sum dW in the split fp32 accumulator (bf16 weight and chunks, Triton) rather than a plain fp32 one."""
+    return weight.dtype == torch.bfloat16 and dtype == torch.bfloat16 and triton_enabled(hidden)
+
+
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, softcap, logit_scale, ignore_index, reduction,
@@ -141,7 +152,14 @@ class _FusedLinearCE(torch.autograd.Function):
             hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
         M = hidden.shape[0]
         d_hidden = torch.empty((M, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
-        d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device) if need_dw else None
+        # dW: an fp32 running sum over the row chunks. bf16 weights through Triton: split into the
+        # bf16 top half (which becomes the gradient) and an int16 bottom half (split_accumulator.py)
+        split = need_dw and _split_dw(hidden, weight, dtype)
+        d_weight = None
+        if split:
+            d_weight = new_accumulator(V, H, weight.device)
+        elif need_dw:
+            d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device)
         d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_db else None
         loss_rows = torch.empty(M, dtype=torch.float32, device=hidden.device)
         step = chunk_rows(M, V, torch.finfo(dtype).bits // 8, budget)
@@ -154,14 +172,18 @@ class _FusedLinearCE(torch.autograd.Function):
                                                   logit_scale, want_grad)
             if need_dh:
                 d_hidden[s:e] = logits @ w
-            if need_dw:
+            if split:
+                accumulate_(*d_weight, logits, h)
+            elif need_dw:
                 _accumulate_fp32(d_weight, logits.t(), h)
             if need_db:
                 d_bias += logits.float().sum(0)
         if rows is not None and need_dh:   # scatter back; ignored rows get exact zeros
             d_hidden = torch.zeros((N, H), dtype=d_hidden.dtype, device=d_hidden.device).index_copy_(
                 0, rows, d_hidden)
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        planes = d_weight if split else (d_weight, None)
+        ctx.save_for_backward(d_hidden, *planes, d_bias)
+        ctx.split = split
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.used = False
         return loss_rows.sum() / denom
@@ -173,9 +195,12 @@ class _FusedLinearCE(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("fused_linear_cross_entropy: backward can run only once (no retain_graph)")
         ctx.used = True
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        d_hidden, d_weight, d_weight_lo, d_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         dh = d_hidden.mul_(grad.to(d_hidden.dtype)) if d_hidden is not None else None
-        dw = d_weight.mul_(grad).to(w_dtype) if d_weight is not None else None
+        if ctx.split:    # bf16(fp32 sum * grad) written over the top-half plane: no cast copy
+            dw = finalize_(d_weight, d_weight_lo, grad)
+        else:
+            dw = d_weight.mul_(grad).to(w_dtype) if d_weight is not None else None
         db = d_bias.mul_(grad).to(b_dtype) if d_bias is not None else None
         return dh, dw, None, db, None, None, None, None, None, None, None

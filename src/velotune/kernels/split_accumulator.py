@@ -1,0 +1,160 @@
+"""An fp32 GEMM accumulator stored as two 16-bit planes, so its top half is the bf16 result.
+
+Used by the fused linear cross-entropy for the lm_head weight gradient, which sums one GEMM per row
+chunk: dW [V, H] += dlogits_c^T @ hidden_c. Summing in fp32 keeps dW as accurate as stock's single
+GEMM (a bf16 running sum is not: `bench/flce_accumulation.py`); but an fp32 [V, H] accumulator plus
+the bf16 gradient cast from it at the end costs 6 bytes per element at the peak (3.1 GiB for
+Llama-3's 128256 x 4096 lm_head).
+
+Here the fp32 accumulator is split by bits: for each element, the fp32 pattern b (32 bits) lives as
+
+    hi = b >> 16      in a bf16 tensor  (the top 16 bits of an fp32 number ARE a bf16 number)
+    lo = b & 0xFFFF   in an int16 tensor
+
+so the accumulator is still exactly fp32 (every update is the fp32 sum `old + partial`, with `old`
+rebuilt bit for bit from the planes), 4 bytes per element, and at the end the bf16 gradient is
+written over the hi plane in place: hi = round-to-nearest-even_bf16(fp32(hi:lo) * scale). The lo
+plane is then freed and the hi plane IS the gradient tensor: no cast copy, 2 bytes per element left.
+
+    hi, lo = new_accumulator(V, H, device)
+    accumulate_(hi, lo, a, b)        # hi:lo += a^T @ b        a [K, M], b [K, N], bf16; fp32 sum
+    finalize_(hi, lo, scale)         # hi = bf16(fp32(hi:lo) * scale); returns hi
+
+`accumulate_` is one Triton GEMM whose epilogue reads both planes, adds its fp32 tile and writes
+both planes back: the same 8 bytes of traffic per element as an fp32 C operand with beta = 1.
+The torch reference (CPU) does the same through int32 bit arithmetic and `addmm` in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from velotune.kernels import triton_enabled
+
+
+def new_accumulator(m: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi bf16 [m, n], lo int16 [m, n]), both zero: the fp32 value 0.0."""
+    return (torch.zeros((m, n), dtype=torch.bfloat16, device=device),
+            torch.zeros((m, n), dtype=torch.int16, device=device))
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch reference (CPU path and tests)
+# ---------------------------------------------------------------------------------------------------
+def combine_reference(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The fp32 value held by the two planes."""
+    bits = ((hi.view(torch.int16).to(torch.int32) & 0xFFFF) << 16) | (lo.to(torch.int32) & 0xFFFF)
+    return bits.view(torch.float32)
+
+
+def split_reference_(val: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
+    """Write the fp32 tensor `val` into the two planes."""
+    bits = val.contiguous().view(torch.int32)
+    hi.view(torch.int16).copy_((bits >> 16).to(torch.int16))                # arithmetic shift: fits int16
+    lo.copy_((((bits & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16))        # 0..65535 -> two's complement
+
+
+def accumulate_reference_(hi, lo, a, b) -> None:
+    acc = combine_reference(hi, lo)
+    acc.addmm_(a.t().float(), b.float())
+    split_reference_(acc, hi, lo)
+
+
+def finalize_reference_(hi, lo, scale) -> torch.Tensor:
+    hi.copy_((combine_reference(hi, lo) * scale.float()).to(torch.bfloat16))
+    return hi
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+    # C [M, N] += A[K, M]^T @ B[K, N]. Programs walk N fastest for a fixed M block, so the A block
+    # ([K, BM]) is read from HBM once and then served from L2 to every N block.
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N, BN)
+    pid_m = pid // n_n
+    pid_n = pid % n_n
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + kk[:, None].to(tl.int64) * sa + offs_m[None, :],
+                    mask=(kk[:, None] < K) & (offs_m[None, :] < M), other=0.0)          # [BK, BM]
+        b = tl.load(b_ptr + kk[:, None].to(tl.int64) * sb + offs_n[None, :],
+                    mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)          # [BK, BN]
+        if UPCAST:   # CPU interpreter only: its dot multiplies bf16 *bit patterns* (see accumulate_)
+            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(tl.trans(a), b, acc)
+    # epilogue: old = fp32(hi:lo); new = old + acc (one fp32 add, as cuBLAS' beta = 1); split again
+    c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
+    cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
+    new = (old + acc).to(tl.int32, bitcast=True)
+    tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
+    tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
+
+
+@triton.jit
+def _finalize_kernel(hi_ptr, lo_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    hi = tl.load(hi_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+    lo = tl.load(lo_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+    val = ((hi << 16) | lo).to(tl.float32, bitcast=True) * tl.load(scale_ptr)
+    # round to nearest even on the bits (the hardware conversion; the interpreter would truncate)
+    bits = val.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    tl.store(hi_ptr + offs, (bits >> 16).to(tl.int16), mask=mask)
+
+
+# (BM, BN, BK, num_warps, num_stages): 128 x 128 output tiles, K in steps of 64, one warpgroup, so
+# that two programs fit an SM (registers, 96 KiB of shared memory each) and one's epilogue (the
+# plane traffic) overlaps the other's main loop. `bench/split_accumulator.py` times alternatives.
+CONFIG = (128, 128, 64, 4, 3)
+
+
+def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config=None) -> None:
+    """hi:lo [M, N] += a^T @ b, a [K, M] and b [K, N] bf16 with unit column stride, fp32 sum.
+    config: (BM, BN, BK, num_warps, num_stages), default CONFIG."""
+    K, M = a.shape
+    N = b.shape[1]
+    if b.shape[0] != K or hi.shape != (M, N) or lo.shape != (M, N):
+        raise ValueError(f"accumulate_: a {tuple(a.shape)}, b {tuple(b.shape)}, planes {tuple(hi.shape)}")
+    if not triton_enabled(a):
+        accumulate_reference_(hi, lo, a, b)
+        return
+    a = a if a.stride(1) == 1 else a.contiguous()
+    b = b if b.stride(1) == 1 else b.contiguous()
+    assert hi.is_contiguous() and lo.is_contiguous()
+    if M == 0 or N == 0 or K == 0:
+        return
+    BM, BN, BK, warps, stages = config or CONFIG
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    # UPCAST: on CPU tensors (the Triton interpreter) the operands go to fp32 before tl.dot, because
+    # the interpreter (triton 3.6, interpreter.py create_dot) multiplies bf16 values stored as uint16
+    # as integers. Same math as the GPU's bf16 dot: bf16 x bf16 products are exact in fp32.
+    _accumulate_kernel[grid](a, b, hi.view(torch.int16), lo, M, N, K, a.stride(0), b.stride(0), N,
+                             BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, num_warps=warps, num_stages=stages)
+
+
+def finalize_(hi: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """hi = bf16(fp32(hi:lo) * scale) in place (scale: a 0-dim fp32 tensor, read on the device);
+    returns hi, which is then the bf16 result. The lo plane is no longer needed."""
+    if not triton_enabled(hi):
+        return finalize_reference_(hi, lo, scale)
+    n = hi.numel()
+    if n:
+        block = 2048
+        _finalize_kernel[(triton.cdiv(n, block),)](hi.view(torch.int16), lo, scale.float().reshape(1), n,
+                                                   BLOCK=block, num_warps=8)
+    return hi
