@@ -1,4 +1,5 @@
 """kernels/split_accumulator.py: an fp32 accumulator held as (bf16 top half, int16 bottom half)."""
+import pytest
 import torch
 
 from velotune.kernels import force_triton
@@ -22,18 +23,21 @@ def test_planes_hold_fp32_bit_for_bit():
     assert torch.equal(hi.view(torch.int16), (val.view(torch.int32) >> 16).to(torch.int16))
 
 
-def test_triton_accumulate_is_exact_fp32_addition():
+@pytest.mark.parametrize("config,shape", [((128, 128, 64, 4, 3), (37, 70, 45)),       # plain loads
+                                          ((32, 32, 16, 4, 2, "tma"), (37, 72, 48)),   # descriptors
+                                          ((32, 32, 16, 4, 2, "tma"), (37, 70, 45))])  # -> plain (strides)
+def test_triton_accumulate_is_exact_fp32_addition(config, shape):
     """Integer-valued operands: every partial sum is exact in fp32, so the kernel (any summation
     order) must reproduce the reference bit for bit, across several accumulations."""
     g = torch.Generator().manual_seed(1)
-    K, M, N = 37, 70, 45                                   # not multiples of the tiles
+    K, M, N = shape                                        # not multiples of the tiles
     hi, lo = _planes(torch.randint(-2**20, 2**20, (M, N), generator=g).float())
     want = combine_reference(hi, lo).clone()
     for _ in range(3):
         a = torch.randint(-64, 64, (K, M), generator=g).to(torch.bfloat16)
         b = torch.randint(-64, 64, (K, N), generator=g).to(torch.bfloat16)
         with force_triton():
-            accumulate_(hi, lo, a, b)
+            accumulate_(hi, lo, a, b, config=config)
         want += a.float().t() @ b.float()
         assert torch.equal(combine_reference(hi, lo), want)
 

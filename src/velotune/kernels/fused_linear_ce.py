@@ -178,6 +178,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 _accumulate_fp32(d_weight, logits.t(), h)
             if need_db:
                 d_bias += logits.float().sum(0)
+            del logits   # before the next chunk's logits exist: one [C, V] buffer alive, not two
         if rows is not None and need_dh:   # scatter back; ignored rows get exact zeros
             d_hidden = torch.zeros((N, H), dtype=d_hidden.dtype, device=d_hidden.device).index_copy_(
                 0, rows, d_hidden)

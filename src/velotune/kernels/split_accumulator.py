@@ -104,6 +104,36 @@ def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
 
 
 @triton.jit
+def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+    # The same GEMM with its operand tiles fetched by the Hopper tensor-memory accelerator (host-made
+    # descriptors; out-of-range rows and columns read as zeros), so the pipeline's loads are issued
+    # by one thread instead of every thread computing addresses. Epilogue identical.
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N, BN)
+    pid_m = pid // n_n
+    pid_n = pid % n_n
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = a_desc.load([k0, pid_m * BM])                                   # [BK, BM]
+        b = b_desc.load([k0, pid_n * BN])                                   # [BK, BN]
+        if UPCAST:
+            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(tl.trans(a), b, acc)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
+    cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
+    new = (old + acc).to(tl.int32, bitcast=True)
+    tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
+    tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
+
+
+@triton.jit
 def _finalize_kernel(hi_ptr, lo_ptr, scale_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -117,15 +147,17 @@ def _finalize_kernel(hi_ptr, lo_ptr, scale_ptr, n, BLOCK: tl.constexpr):
     tl.store(hi_ptr + offs, (bits >> 16).to(tl.int16), mask=mask)
 
 
-# (BM, BN, BK, num_warps, num_stages): 128 x 128 output tiles, K in steps of 64, one warpgroup, so
-# that two programs fit an SM (registers, 96 KiB of shared memory each) and one's epilogue (the
-# plane traffic) overlaps the other's main loop. `bench/split_accumulator.py` times alternatives.
-CONFIG = (128, 128, 64, 4, 3)
+# (BM, BN, BK, num_warps, num_stages[, "tma"]): 128 x 128 output tiles, K in steps of 64, one
+# warpgroup, so that two programs fit an SM and one's epilogue (the plane traffic) overlaps the
+# other's main loop; operand tiles through TMA where the strides allow it (else plain loads).
+# `bench/split_accumulator.py` times alternatives.
+CONFIG = (128, 128, 64, 4, 3, "tma")
 
 
 def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config=None) -> None:
     """hi:lo [M, N] += a^T @ b, a [K, M] and b [K, N] bf16 with unit column stride, fp32 sum.
-    config: (BM, BN, BK, num_warps, num_stages), default CONFIG."""
+    config: (BM, BN, BK, num_warps, num_stages[, "tma"]), default CONFIG; "tma": operand tiles through
+    tensor descriptors (Hopper's TMA; row strides must be multiples of 16 bytes)."""
     K, M = a.shape
     N = b.shape[1]
     if b.shape[0] != K or hi.shape != (M, N) or lo.shape != (M, N):
@@ -138,8 +170,18 @@ def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Te
     assert hi.is_contiguous() and lo.is_contiguous()
     if M == 0 or N == 0 or K == 0:
         return
-    BM, BN, BK, warps, stages = config or CONFIG
+    BM, BN, BK, warps, stages, *loads = config or CONFIG
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    if loads == ["tma"] and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+                                for t in (a, b)):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor(a, [K, M], [a.stride(0), 1], [BK, BM])
+        b_desc = TensorDescriptor(b, [K, N], [b.stride(0), 1], [BK, BN])
+        _accumulate_tma_kernel[grid](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N,
+                                     BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, num_warps=warps,
+                                     num_stages=stages)
+        return
     # UPCAST: on CPU tensors (the Triton interpreter) the operands go to fp32 before tl.dot, because
     # the interpreter (triton 3.6, interpreter.py create_dot) multiplies bf16 values stored as uint16
     # as integers. Same math as the GPU's bf16 dot: bf16 x bf16 products are exact in fp32.
