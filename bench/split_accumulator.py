@@ -16,8 +16,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from velotune.kernels.split_accumulator import CONFIG, accumulate_, combine_reference, new_accumulator  # noqa: E402
 
-CONFIGS = [CONFIG, (128, 128, 64, 4, 3), (128, 128, 64, 4, 2, "tma"), (256, 128, 64, 8, 3, "tma"),
-           (128, 64, 64, 4, 3, "tma"), (64, 128, 64, 4, 3, "tma")]
+CONFIGS = [CONFIG, (128, 128, 64, 4, 3), (128, 128, 64, 8, 4, "tma"), (128, 256, 64, 8, 3, "tma"),
+           (128, 128, 128, 8, 3, "tma"), (128, 128, 64, 4, 4, "tma")]
 
 
 def main(rows=1046, V=128256, H=4096):

@@ -31,13 +31,13 @@ def test_triton_accumulate_is_exact_fp32_addition(config, shape):
     order) must reproduce the reference bit for bit, across several accumulations."""
     g = torch.Generator().manual_seed(1)
     K, M, N = shape                                        # not multiples of the tiles
-    hi, lo = _planes(torch.full((M, N), float("nan")))     # garbage: the first call must not read it
-    want = torch.zeros(M, N)
-    for i in range(3):
+    hi, lo = _planes(torch.randint(-2**20, 2**20, (M, N), generator=g).float())
+    want = combine_reference(hi, lo).clone()
+    for _ in range(3):
         a = torch.randint(-64, 64, (K, M), generator=g).to(torch.bfloat16)
         b = torch.randint(-64, 64, (K, N), generator=g).to(torch.bfloat16)
         with force_triton():
-            accumulate_(hi, lo, a, b, config=config, first=i == 0)
+            accumulate_(hi, lo, a, b, config=config)
         want += a.float().t() @ b.float()
         assert torch.equal(combine_reference(hi, lo), want)
 

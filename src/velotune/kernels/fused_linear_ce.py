@@ -156,8 +156,8 @@ class _FusedLinearCE(torch.autograd.Function):
         # bf16 top half (which becomes the gradient) and an int16 bottom half (split_accumulator.py)
         split = need_dw and _split_dw(hidden, weight, dtype)
         d_weight = None
-        if split:   # uninitialised: the first chunk writes it (zeros if there are no rows)
-            d_weight = new_accumulator(V, H, weight.device, zero=M == 0)
+        if split:
+            d_weight = new_accumulator(V, H, weight.device)
         elif need_dw:
             d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device)
         d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_db else None
@@ -173,7 +173,7 @@ class _FusedLinearCE(torch.autograd.Function):
             if need_dh:
                 d_hidden[s:e] = logits @ w
             if split:
-                accumulate_(*d_weight, logits, h, first=s == 0)
+                accumulate_(*d_weight, logits, h)
             elif need_dw:
                 _accumulate_fp32(d_weight, logits.t(), h)
             if need_db:

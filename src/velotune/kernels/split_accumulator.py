@@ -33,11 +33,10 @@ import triton.language as tl
 from velotune.kernels import triton_enabled
 
 
-def new_accumulator(m: int, n: int, device, zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi bf16 [m, n], lo int16 [m, n]): the fp32 value 0.0, or uninitialised (zero=False) when the
-    first `accumulate_` is called with first=True (it writes instead of adding)."""
-    alloc = torch.zeros if zero else torch.empty
-    return (alloc((m, n), dtype=torch.bfloat16, device=device), alloc((m, n), dtype=torch.int16, device=device))
+def new_accumulator(m: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi bf16 [m, n], lo int16 [m, n]), both zero: the fp32 value 0.0."""
+    return (torch.zeros((m, n), dtype=torch.bfloat16, device=device),
+            torch.zeros((m, n), dtype=torch.int16, device=device))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,9 +55,9 @@ def split_reference_(val: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> N
     lo.copy_((((bits & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16))        # 0..65535 -> two's complement
 
 
-def accumulate_reference_(hi, lo, a, b, first: bool = False) -> None:
+def accumulate_reference_(hi, lo, a, b) -> None:
     acc = combine_reference(hi, lo)
-    acc.addmm_(a.t().float(), b.float(), beta=0.0 if first else 1.0)
+    acc.addmm_(a.t().float(), b.float())
     split_reference_(acc, hi, lo)
 
 
@@ -72,8 +71,7 @@ def finalize_reference_(hi, lo, scale) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                       FIRST: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
     # C [M, N] += A[K, M]^T @ B[K, N]. Programs walk N fastest for a fixed M block, so the A block
     # ([K, BM]) is read from HBM once and then served from L2 to every N block.
     pid = tl.program_id(0)
@@ -97,21 +95,17 @@ def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
     # epilogue: old = fp32(hi:lo); new = old + acc (one fp32 add, as cuBLAS' beta = 1); split again
     c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
     cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if FIRST:    # the first chunk writes: no read of the (uninitialised) planes
-        new = acc.to(tl.int32, bitcast=True)
-    else:
-        hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-        lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-        old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
-        new = (old + acc).to(tl.int32, bitcast=True)
+    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
+    new = (old + acc).to(tl.int32, bitcast=True)
     tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
     tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
 
 
 @triton.jit
 def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                           FIRST: tl.constexpr):
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
     # The same GEMM with its operand tiles fetched by the Hopper tensor-memory accelerator (host-made
     # descriptors; out-of-range rows and columns read as zeros), so the pipeline's loads are issued
     # by one thread instead of every thread computing addresses. Epilogue identical.
@@ -131,13 +125,10 @@ def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
     offs_n = pid_n * BN + tl.arange(0, BN)
     c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
     cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if FIRST:    # the first chunk writes: no read of the (uninitialised) planes
-        new = acc.to(tl.int32, bitcast=True)
-    else:
-        hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-        lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-        old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
-        new = (old + acc).to(tl.int32, bitcast=True)
+    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
+    new = (old + acc).to(tl.int32, bitcast=True)
     tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
     tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
 
@@ -163,10 +154,8 @@ def _finalize_kernel(hi_ptr, lo_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 CONFIG = (128, 128, 64, 4, 3, "tma")
 
 
-def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config=None,
-                first: bool = False) -> None:
-    """hi:lo [M, N] += a^T @ b (first=True: hi:lo = a^T @ b, the planes are not read), a [K, M] and
-    b [K, N] bf16 with unit column stride, fp32 sum.
+def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config=None) -> None:
+    """hi:lo [M, N] += a^T @ b, a [K, M] and b [K, N] bf16 with unit column stride, fp32 sum.
     config: (BM, BN, BK, num_warps, num_stages[, "tma"]), default CONFIG; "tma": operand tiles through
     tensor descriptors (Hopper's TMA; row strides must be multiples of 16 bytes)."""
     K, M = a.shape
@@ -174,16 +163,12 @@ def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Te
     if b.shape[0] != K or hi.shape != (M, N) or lo.shape != (M, N):
         raise ValueError(f"accumulate_: a {tuple(a.shape)}, b {tuple(b.shape)}, planes {tuple(hi.shape)}")
     if not triton_enabled(a):
-        accumulate_reference_(hi, lo, a, b, first)
+        accumulate_reference_(hi, lo, a, b)
         return
     a = a if a.stride(1) == 1 else a.contiguous()
     b = b if b.stride(1) == 1 else b.contiguous()
     assert hi.is_contiguous() and lo.is_contiguous()
-    if M == 0 or N == 0:
-        return
-    if K == 0:
-        if first:
-            hi.zero_(), lo.zero_()
+    if M == 0 or N == 0 or K == 0:
         return
     BM, BN, BK, warps, stages, *loads = config or CONFIG
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
@@ -194,15 +179,14 @@ def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Te
         a_desc = TensorDescriptor(a, [K, M], [a.stride(0), 1], [BK, BM])
         b_desc = TensorDescriptor(b, [K, N], [b.stride(0), 1], [BK, BN])
         _accumulate_tma_kernel[grid](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N,
-                                     BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, FIRST=first,
-                                     num_warps=warps, num_stages=stages)
+                                     BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, num_warps=warps,
+                                     num_stages=stages)
         return
     # UPCAST: on CPU tensors (the Triton interpreter) the operands go to fp32 before tl.dot, because
     # the interpreter (triton 3.6, interpreter.py create_dot) multiplies bf16 values stored as uint16
     # as integers. Same math as the GPU's bf16 dot: bf16 x bf16 products are exact in fp32.
     _accumulate_kernel[grid](a, b, hi.view(torch.int16), lo, M, N, K, a.stride(0), b.stride(0), N,
-                             BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, FIRST=first, num_warps=warps,
-                             num_stages=stages)
+                             BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, num_warps=warps, num_stages=stages)
 
 
 def finalize_(hi: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
