@@ -183,3 +183,14 @@ def test_fused_linear_ce_bf16_trainable_weight_split_fp32_accumulator(monkeypatc
     assert ((split.float() - fp32acc.float()).abs() <= ulp).all()
     err = lambda g: ((g.double() - exact).norm() / exact.norm()).item()   # noqa: E731
     assert err(split) <= 1.5 * err(stock), (err(split), err(stock))
+
+
+def test_fused_linear_ce_bf16_split_accumulator_without_rows():
+    """Every label ignored and dropped: no chunk runs, dW of the bf16 lm_head is exactly zero."""
+    h = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(V, 8, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.full((4,), -100)
+    with force_triton():
+        loss = fused_linear_cross_entropy(h, w, labels, reduction="sum", drop_ignored=True)
+        loss.backward()
+    assert loss.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
