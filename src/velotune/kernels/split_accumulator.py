@@ -70,6 +70,20 @@ def finalize_reference_(hi, lo, scale) -> torch.Tensor:
 # Triton
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
+def _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc):
+    """The epilogue: old = fp32(hi:lo) rebuilt from the bits; new = old + acc (one fp32 add, as
+    cuBLAS' beta = 1); new split into the planes again. acc [BM, BN] fp32 for rows offs_m, cols offs_n."""
+    c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
+    cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
+    new = (old + acc).to(tl.int32, bitcast=True)
+    tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
+    tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
+
+
+@triton.jit
 def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
     # C [M, N] += A[K, M]^T @ B[K, N]. Programs walk N fastest for a fixed M block, so the A block
@@ -92,15 +106,7 @@ def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
             acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
         else:
             acc = tl.dot(tl.trans(a), b, acc)
-    # epilogue: old = fp32(hi:lo); new = old + acc (one fp32 add, as cuBLAS' beta = 1); split again
-    c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
-    cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-    old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
-    new = (old + acc).to(tl.int32, bitcast=True)
-    tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
-    tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
+    _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc)
 
 
 @triton.jit
@@ -121,16 +127,7 @@ def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
             acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
         else:
             acc = tl.dot(tl.trans(a), b, acc)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
-    cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-    old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
-    new = (old + acc).to(tl.int32, bitcast=True)
-    tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
-    tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
+    _add_to_planes(hi_ptr, lo_ptr, acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), M, N, sc)
 
 
 @triton.jit
