@@ -82,7 +82,7 @@ def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
     return n
 
 
-def build(impl: str, config, device: str, dtype: torch.dtype, seq: int):
+def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_embedding: bool = False):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -100,7 +100,8 @@ def build(impl: str, config, device: str, dtype: torch.dtype, seq: int):
         model.max_seq_length = seq
         prepare_model(model, max_seq_length=seq)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
-                                                use_gradient_checkpointing="unsloth", random_state=3407)
+                                                use_gradient_checkpointing="unsloth", random_state=3407,
+                                                offload_embedding=offload_embedding)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if impl == "stock-qlora":
@@ -120,7 +121,7 @@ def worker(args) -> dict:
     config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
     cuda = device.startswith("cuda")
     t_build = time.perf_counter()
-    model = build(args.impl, config, device, dtype, args.seq)
+    model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding)
     t_build = time.perf_counter() - t_build
     step, params, _, _ = training_step(model, args.batch, args.seq, device)
 
@@ -166,6 +167,10 @@ def worker(args) -> dict:
         from velotune.models import report
 
         out["report"] = report(model)
+        if args.offload_embedding:
+            from velotune.train.embedding_offload import embeddings_offloaded
+
+            out["embeddings_offloaded"] = embeddings_offloaded(model)
         stats = getattr(model, "velotune_offload_stats", None)
         if stats is not None:
             out["offloaded_gib_per_step"] = stats.bytes_offloaded / 2**30 / (args.warmup + args.steps)
@@ -344,7 +349,7 @@ def context_worker(args) -> dict:
         out["cap_gib"] = args.card_gib
     cap = args.card_gib * 2**30 if args.card_gib else (torch.cuda.get_device_properties(device).total_memory
                                                         if cuda else None)
-    model = build(args.impl, config, device, dtype, max(args.ctx_probes))
+    model = build(args.impl, config, device, dtype, max(args.ctx_probes), args.offload_embedding)
 
     def one_step(L):
         step, _, opt, _ = training_step(model, 1, L, device)
@@ -493,6 +498,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="per-category GPU ms/step (3 profiled steps)")
     ap.add_argument("--mem-trace", action="store_true", help="record one step's allocations; list what is alive at the peak")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU through every code path")
+    ap.add_argument("--offload-embedding", action="store_true",
+                    help="velotune contenders keep the frozen input embeddings in host memory")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     ap.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
@@ -518,7 +525,8 @@ def main() -> int:
         rows = dequant_bench(args.device)
         results["dequant"] = rows
         print_dequant(rows)
-    common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype]
+    common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype] + (
+        ["--offload-embedding"] if args.offload_embedding else [])
     if not args.no_throughput:
         res = {}
         for impl in args.impls:
@@ -542,7 +550,8 @@ def main() -> int:
                           f"    {x['gib']:7.3f} GiB  {x['site']}" for x in mt["sites"])), flush=True)
             peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "-"
             print(f"{impl:<15} {r['tokens_per_s']:>9.0f} tok/s {r['ms_per_step']:>8.1f} ms/step  peak {peak}  "
-                  f"first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}  (build {r['build_s']:.0f} s)", flush=True)
+                  f"first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}  (build {r['build_s']:.0f} s)"
+                  + ("  [embeddings in host memory]" if r.get("embeddings_offloaded") else ""), flush=True)
         results["throughput"] = res
         rows = []
         for base in ("stock-qlora", "velotune-lora"):

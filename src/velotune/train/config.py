@@ -6,7 +6,8 @@
 Layout (every section but `model` and `data` has defaults):
 
     model:    name, max_seq_length, dtype, load_in_4bit, full_finetuning
-    lora:     r, alpha, dropout, target_modules, use_rslora, use_dora, modules_to_save, gradient_checkpointing
+    lora:     r, alpha, dropout, target_modules, use_rslora, use_dora, modules_to_save, gradient_checkpointing,
+              offload_embedding
     data:     path, format, chat_template, train_on, on_long, packing, eval_path
     method:   sft | dpo | orpo
     training: epochs | max_steps, batch_size, gradient_accumulation_steps, learning_rate,
@@ -52,6 +53,8 @@ class LoraSection(_Section):
     modules_to_save: list[str] = Field(default_factory=list,
                                        description="modules trained in full, e.g. [embed_tokens, lm_head]")
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = True
+    offload_embedding: bool = Field(False, description="frozen input embeddings in host memory (~1 GiB "
+                                                       "less GPU memory for Llama-3; not for tied tables)")
     random_state: int = 3407
 
 

@@ -1,0 +1,96 @@
+"""A frozen input-embedding table in host memory: the lookup runs on the CPU, only the batch's rows
+travel to the GPU.
+
+    offload_input_embeddings(model)     # FastLanguageModel.get_peft_model(..., offload_embedding=True)
+    restore_input_embeddings(model)
+
+Why: Llama-3's table is 128256 x 4096 bf16 = 0.98 GiB of GPU memory, frozen under LoRA/QLoRA, and a
+step of 4096 tokens reads 32 MiB of it. For 8B QLoRA that is a sixth of the peak (6.95 GiB at 2 x 2048
+tokens), the one large tensor the GPU does not need to hold.
+
+How (per instance, revertible, nothing global):
+* the `nn.Embedding`'s weight moves to host memory (pinned when CUDA is there) as the same Parameter
+  object (`.data` swapped), so state dicts, saving and merging see the same tensor;
+* its `forward` is replaced on the instance: the ids go to the host (a device->host copy, so the GPU
+  work queued before it must finish: one sync at the start of each forward), `index_select` gathers
+  the rows on the CPU into a pinned buffer (the same rows `nn.Embedding` returns: its forward is a
+  gather), and the result is copied to the compute device without blocking. Forward hooks (PEFT's
+  `enable_input_require_grads`) still run: they wrap `__call__`.
+* If the weight is moved back to an accelerator (`model.to("cuda")`), the stock forward runs.
+
+Refused with a ValueError, losing nothing (the model is left as it was): a trainable table (full
+fine-tuning, `modules_to_save`), a table tied to the output layer (lm_head reads it on the GPU every
+step), `max_norm` (renormalises rows in place), or a module that is not a plain `nn.Embedding`
+(subclasses such as Gemma 3's scaled embedding change the forward).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+def _input_embedding(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    if emb is None:
+        raise ValueError(f"{type(model).__name__} has no input embeddings (get_input_embeddings)")
+    return emb
+
+
+def _offloaded_forward(self: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [...] (any device) -> [..., H] on the compute device, gathered on the host."""
+    weight = self.weight
+    if weight.device.type != "cpu":                 # moved back by model.to(...): the stock lookup
+        return nn.Embedding.forward(self, input_ids)
+    device = self._velotune_embedding_device
+    ids = input_ids.to("cpu").reshape(-1)
+    pin = device.type == "cuda"
+    rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=pin)
+    torch.index_select(weight, 0, ids, out=rows)
+    return rows.view(*input_ids.shape, weight.shape[1]).to(device, non_blocking=pin)
+
+
+def offload_input_embeddings(model: nn.Module) -> nn.Embedding:
+    """Keep `model`'s frozen input-embedding table in host memory (see the module docstring).
+    Idempotent; returns the embedding module."""
+    emb = _input_embedding(model)
+    if "_velotune_embedding_device" in emb.__dict__:
+        return emb
+    if any(p.requires_grad for p in emb.parameters()):
+        raise ValueError("offload_embedding: the input embeddings are trainable (full fine-tuning or "
+                         "modules_to_save); only a frozen table can live in host memory")
+    if type(emb) is not nn.Embedding:
+        raise ValueError(f"offload_embedding: {type(emb).__name__} is not a plain nn.Embedding (its forward "
+                         "may do more than a row lookup); keep it on the GPU")
+    if emb.max_norm is not None:
+        raise ValueError("offload_embedding: nn.Embedding(max_norm=...) renormalises rows in place; not supported")
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if get_out is not None else None
+    if out is not None and getattr(out, "weight", None) is not None and (
+            out.weight is emb.weight or out.weight.data_ptr() == emb.weight.data_ptr()):
+        raise ValueError("offload_embedding: the input embeddings are tied to the output layer (lm_head "
+                         "uses them on the GPU every step); keep them on the GPU")
+    device = emb.weight.device
+    host = emb.weight.data.to("cpu")
+    if torch.cuda.is_available():
+        host = host.pin_memory()
+    emb._velotune_embedding_device = device
+    emb.weight.data = host
+    emb.forward = types.MethodType(_offloaded_forward, emb)
+    return emb
+
+
+def restore_input_embeddings(model: nn.Module) -> None:
+    """Undo `offload_input_embeddings`: the table goes back to its device, the stock forward returns."""
+    emb = _input_embedding(model)
+    device = emb.__dict__.pop("_velotune_embedding_device", None)
+    if device is None:
+        return
+    emb.weight.data = emb.weight.data.to(device)
+    emb.__dict__.pop("forward", None)
+
+
+def embeddings_offloaded(model: nn.Module) -> bool:
+    return "_velotune_embedding_device" in _input_embedding(model).__dict__

@@ -1,0 +1,72 @@
+"""Frozen input embeddings kept in host memory (velotune.train.embedding_offload)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mini import fixed_batch, mini_model
+from velotune import FastLanguageModel
+from velotune.models import prepare_model
+from velotune.train.embedding_offload import (_offloaded_forward, embeddings_offloaded, offload_input_embeddings,
+                                              restore_input_embeddings)
+
+
+def _lora(offload: bool, checkpointing="unsloth", **overrides):
+    model = mini_model("llama", **overrides)
+    prepare_model(model, max_seq_length=64)
+    return FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=checkpointing,
+                                            random_state=5, offload_embedding=offload)
+
+
+def _loss_and_grads(model):
+    loss = model(**fixed_batch()).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", ["unsloth", False])
+def test_same_loss_and_grads_as_the_table_on_the_compute_device(checkpointing):
+    ref_loss, ref_grads = _loss_and_grads(_lora(False, checkpointing))
+    model = _lora(True, checkpointing)
+    emb = model.get_input_embeddings()
+    assert embeddings_offloaded(model) and emb.forward.__func__ is _offloaded_forward
+    calls = []
+    emb.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    loss, grads = _loss_and_grads(model)
+    assert calls, "the offloaded lookup did not run"
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_restore_gives_the_stock_module_back():
+    model = _lora(True)
+    emb = model.get_input_embeddings()
+    weight = emb.weight
+    ids = fixed_batch()["input_ids"]
+    offloaded = emb(ids)
+    restore_input_embeddings(model)
+    assert not embeddings_offloaded(model) and "forward" not in emb.__dict__ and emb.weight is weight
+    assert torch.equal(emb(ids), offloaded)
+    offload_input_embeddings(model)                         # and again (idempotent re-offload)
+    assert torch.equal(emb(ids), offloaded)
+
+
+def test_refused_for_tied_trainable_or_unusual_tables():
+    tied = mini_model("llama", tie_word_embeddings=True)
+    tied.requires_grad_(False)
+    with pytest.raises(ValueError, match="tied to the output layer"):
+        offload_input_embeddings(tied)
+    assert "forward" not in tied.get_input_embeddings().__dict__         # nothing changed
+    trainable = mini_model("llama")
+    with pytest.raises(ValueError, match="trainable"):
+        offload_input_embeddings(trainable)                  # a stock model's table requires grad
+    trainable.get_input_embeddings().weight.requires_grad_(False)
+    trainable.get_input_embeddings().max_norm = 1.0
+    with pytest.raises(ValueError, match="max_norm"):
+        offload_input_embeddings(trainable)
+    with pytest.raises(ValueError, match="trainable"):       # PEFT's modules_to_save copy trains it
+        model = mini_model("llama")
+        prepare_model(model, max_seq_length=64)
+        FastLanguageModel.get_peft_model(model, r=8, modules_to_save=["embed_tokens"], offload_embedding=True)
