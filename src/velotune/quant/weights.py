@@ -13,10 +13,13 @@ requested dtype if that differs.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Iterator
 
 import torch
 
+from velotune.kernels import triton_enabled
+from velotune.quant.dequant_kernel import dequantize_nf4_triton
 from velotune.quant.nf4 import NF4Weight, dequantize_nf4
 
 # How many dequantised weights may be alive at once per (device, dtype). velotune's fused functions
@@ -71,30 +74,49 @@ class _WeightBuffers:
 
     Each write bumps the slot's autograd version counter, so a buffer view that autograd saved
     for backward (a misuse: see `get_base_weight`) raises autograd's "modified by an inplace
-    operation" error instead of silently giving wrong gradients.
+    operation" error instead of silently giving wrong gradients. Shaped views of a slot are cached
+    with it (`take_view`; they share its version counter) and dropped when the slot grows.
     """
 
     def __init__(self):
         self._slots: dict[tuple[torch.device, torch.dtype], list[torch.Tensor | None]] = {}
+        self._views: dict[tuple[torch.device, torch.dtype], list[dict]] = {}
         self._next: dict[tuple[torch.device, torch.dtype], int] = {}
         self._lock = threading.Lock()
 
-    def take(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _slot(self, numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
         key = (device, dtype)
         with self._lock:
-            slots = self._slots.setdefault(key, [None] * BUFFER_SLOTS)
+            slots = self._slots.get(key)
+            if slots is None:
+                slots = self._slots[key] = [None] * BUFFER_SLOTS
+                self._views[key] = [{} for _ in range(BUFFER_SLOTS)]
             i = self._next.get(key, 0)
             self._next[key] = (i + 1) % BUFFER_SLOTS
-            buf = slots[i]
+            buf, views = slots[i], self._views[key][i]
             if buf is None or buf.numel() < numel:
+                views.clear()
                 slots[i] = buf = None  # free the smaller one before allocating
                 slots[i] = buf = torch.empty(numel, device=device, dtype=dtype)
         torch.autograd.graph.increment_version(buf)
-        return buf[:numel]
+        return buf, views
+
+    def take(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The next slot's first `numel` elements (flat)."""
+        return self._slot(numel, device, dtype)[0][:numel]
+
+    def take_view(self, shape: torch.Size, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The next slot viewed as `shape` (numel = prod(shape)); the view object is reused."""
+        buf, views = self._slot(numel, device, dtype)
+        view = views.get(shape)
+        if view is None:
+            view = views[shape] = buf[:numel].view(shape)
+        return view
 
     def clear(self) -> None:
         with self._lock:
             self._slots.clear()
+            self._views.clear()
             self._next.clear()
 
     def nbytes(self) -> int:
@@ -116,16 +138,58 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     save it for backward (`ctx.save_for_backward`) or keep it across calls; call again in backward.
     It does not require grad. Plain autograd ops that save it are caught (see `_WeightBuffers`).
     """
+    fast = linear.__dict__.get("_velotune_4bit")
+    if fast is not None:
+        w = fast.read(linear)
+        if w is not None:
+            return w
     layer = base_layer(linear)
     weight = layer.weight
     if getattr(weight, "quant_state", None) is None:
         return weight
     nf4 = nf4_weight(weight)
-    dtype = _compute_dtype(layer, nf4)
-    buf = WEIGHT_BUFFERS.take(nf4.numel, nf4.device, nf4.dtype)
-    w = dequantize_nf4(nf4, nf4.dtype, out=buf)
-    # bitsandbytes' own forward: dequantise to the stored dtype, then cast to the input's dtype.
-    return w if dtype == nf4.dtype else w.to(dtype)
+    reader = _Read4bit(weight, nf4, _compute_dtype(layer, nf4))
+    if layer is linear:
+        linear.__dict__["_velotune_4bit"] = reader    # the fused functions pass the base layer itself
+    return reader.dequantize()
+
+
+class _Read4bit:
+    """`get_base_weight` of one 4-bit layer, with everything that does not change between calls
+    looked up once: a training step reads each 4-bit weight 3 times (forward, recompute, backward),
+    ~640 reads for an 8B model, and the step is bound by the host's time per call.
+
+    `read` re-validates what would change the answer (the weight object, its quant state and
+    storage, bitsandbytes' CPU repacking flag) and returns None when anything did, so the caller
+    takes the full path, which builds a new reader.
+    """
+
+    __slots__ = ("weight", "quant_state", "ptr", "nf4", "dtype", "compute_dtype", "numel")
+
+    def __init__(self, weight, nf4: NF4Weight, compute_dtype: torch.dtype):
+        self.weight = weakref.ref(weight)
+        self.quant_state = weight.quant_state
+        self.ptr = weight.data_ptr()
+        self.nf4, self.dtype, self.compute_dtype, self.numel = nf4, nf4.dtype, compute_dtype, nf4.numel
+
+    def read(self, layer: torch.nn.Module) -> torch.Tensor | None:
+        weight = layer._parameters.get("weight")
+        if weight is None or weight is not self.weight():
+            return None
+        qs = weight.quant_state
+        if qs is not self.quant_state or weight.data_ptr() != self.ptr or getattr(qs, "packing_format_for_cpu", False):
+            return None
+        return self.dequantize()
+
+    def dequantize(self) -> torch.Tensor:
+        nf4 = self.nf4
+        out = WEIGHT_BUFFERS.take_view(nf4.shape, self.numel, nf4.device, self.dtype)
+        if triton_enabled(nf4.packed):
+            dequantize_nf4_triton(nf4, out)
+        else:
+            dequantize_nf4(nf4, self.dtype, out=out)
+        # bitsandbytes' own forward: dequantise to the stored dtype, then cast to the input's dtype.
+        return out if self.compute_dtype == self.dtype else out.to(self.compute_dtype)
 
 
 def dequantize_weight(module_or_weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
