@@ -15,7 +15,8 @@ with a large dimension goes through the rank r:
     dA    = dXA^T @ X                      [sum r, in]  one GEMM for the group
     dX    = sum_i dY_i @ W_i  +  dXA @ cat(A_i)          (addmm_ accumulation, one [N, in] buffer)
     dW_i  = dY_i^T @ X,  db_i = sum_N dY_i               (only when W_i / b_i require grad)
-Saved: X and XA (N x sum r) per group. W is never saved: it is re-read with `get_base_weight` in
+Saved: X and XA (N x sum r) per group, and the adapters cast to the compute dtype (r x d, so backward does
+not cast them again). W is never saved: it is re-read with `get_base_weight` in
 backward, so 4-bit layers dequantise into a shared buffer instead of keeping a copy alive.
 
 The MLP keeps gate and up (needed by the activation's backward) and recomputes h = act(gate) * up
@@ -55,26 +56,42 @@ def _cat_A(projs: Sequence[Proj], dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def group_forward(X: torch.Tensor, projs: Sequence[Proj]):
-    """X [N, in] -> ([Y_i [N, out_i]], XA [N, sum r] or None)."""
+    """X [N, in] -> ([Y_i [N, out_i]], XA [N, sum r] or None, casts).
+
+    casts: the adapters in X's dtype as forward used them, (cat(A_i) [sum r, in], B_i [out_i, r]...);
+    saving them lets backward skip casting again (each cast is a kernel launch, and the step's
+    host time matters). They are r x d: tiny.
+    """
     A = _cat_A(projs, X.dtype)
     XA = X @ A.t() if A is not None else None
-    outs, off = [], 0
+    outs, Bs, off = [], [], 0
     for p in projs:
         bias = p.bias if p.bias is None or p.bias.dtype == X.dtype else p.bias.to(X.dtype)
         Y = F.linear(X, _weight(p, X.dtype), bias)
+        B = None
         if p.A is not None:
             r = p.A.shape[0]
-            Y.addmm_(XA[:, off:off + r], p.B.to(X.dtype).t(), alpha=p.scaling)
+            B = p.B.to(X.dtype)
+            Y.addmm_(XA[:, off:off + r], B.t(), alpha=p.scaling)
             off += r
         outs.append(Y)
-    return outs, XA
+        Bs.append(B)
+    return outs, XA, (A, *Bs)
 
 
-def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], need_dX: bool = True):
-    """Gradients of `group_forward`. needs: 4 flags per projection (W, b, A, B).
+def _as(t: torch.Tensor | None, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`param` in `dtype`: the cast forward saved (t) when it is that dtype, else a new cast."""
+    return t if t is not None and t.dtype == dtype else param.to(dtype)
+
+
+def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], need_dX: bool = True,
+                   casts: Sequence | None = None):
+    """Gradients of `group_forward`. needs: 4 flags per projection (W, b, A, B); casts: what
+    group_forward returned as such (optional).
 
     Returns (dX or None, [dW, db, dA, dB] * len(projs)), None where not needed.
     """
+    casts = casts or (None,) * (len(projs) + 1)
     grads: list = []
     dX = None
     dXAs = []
@@ -91,14 +108,17 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
             off = sum(q.A.shape[0] for q in projs[:i] if q.A is not None)
             if need_B:
                 dB = _scale(dY.t() @ XA[:, off:off + r], p.scaling).to(p.B.dtype)
-            dXAs.append(_scale(dY @ p.B.to(dY.dtype), p.scaling))
+            dXAs.append(_scale(dY @ _as(casts[1 + i], p.B, dY.dtype), p.scaling))
         grads += [dW, db, None, dB]
     if dXAs:
         dXA = dXAs[0] if len(dXAs) == 1 else torch.cat(dXAs, 1)          # [N, sum r]
-        A = _cat_A(projs, X.dtype)
+        A = casts[0] if casts[0] is not None and casts[0].dtype == X.dtype else _cat_A(projs, X.dtype)
         if need_dX:
             dX.addmm_(dXA, A)
         dA = dXA.t() @ X                                                   # [sum r, in]
+        a_dtypes = {p.A.dtype for p in projs if p.A is not None}
+        if len(a_dtypes) == 1:                    # one cast for the group; each dA_i is a row slice
+            dA = dA.to(a_dtypes.pop())
         off = 0
         for i, p in enumerate(projs):
             if p.A is not None:
@@ -122,15 +142,16 @@ class LoRAProjections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, projs, *params):
-        outs, XA = group_forward(X, projs)
+        outs, XA, casts = group_forward(X, projs)
         ctx.projs = projs
-        ctx.save_for_backward(X, XA)
+        ctx.save_for_backward(X, XA, *casts)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dYs):
-        X, XA = ctx.saved_tensors
-        dX, grads = group_backward(X, XA, ctx.projs, dYs, ctx.needs_input_grad[2:], ctx.needs_input_grad[0])
+        X, XA, *casts = ctx.saved_tensors
+        dX, grads = group_backward(X, XA, ctx.projs, dYs, ctx.needs_input_grad[2:], ctx.needs_input_grad[0],
+                                   casts)
         return (dX, None, *grads)
 
 
@@ -149,31 +170,34 @@ class _MLPIn(torch.autograd.Function):
     def forward(ctx, X, gate_up, act, A_down, *params):
         from velotune.kernels.glu import glu_forward
 
-        gu, XA = group_forward(X, gate_up)
+        gu, XA, casts = group_forward(X, gate_up)
         gate, up = gu if len(gu) == 2 else gu[0].chunk(2, dim=-1)
         h = glu_forward(gate, up, act)
         ctx.gate_up, ctx.act = gate_up, act
-        ctx.save_for_backward(X, XA, gate, up, A_down)
+        A = None if A_down is None else A_down.to(h.dtype)
+        ctx.a_dtype = None if A_down is None else A_down.dtype
+        ctx.save_for_backward(X, XA, gate, up, A, *casts)
         if A_down is None:
             return h, None
-        return h, h @ A_down.to(h.dtype).t()
+        return h, h @ A.t()
 
     @staticmethod
     def backward(ctx, dh, dhA):
         from velotune.kernels.glu import glu_backward, glu_forward
 
-        X, XA, gate, up, A_down = ctx.saved_tensors
+        X, XA, gate, up, A_down, *casts = ctx.saved_tensors       # A_down: in the compute dtype
         dA_down = None
         if A_down is not None and dhA is not None:
-            A = A_down.to(dh.dtype)
+            A = A_down if A_down.dtype == dh.dtype else A_down.to(dh.dtype)
             if ctx.needs_input_grad[3]:
                 h = glu_forward(gate, up, ctx.act)                 # recomputed, not saved
-                dA_down = (dhA.t() @ h).to(A_down.dtype)           # [r, I]
+                dA_down = (dhA.t() @ h).to(ctx.a_dtype)            # [r, I]
                 del h
             dh = torch.addmm(dh, dhA, A)                           # dh += dhA @ A_down
         dgate, dup = glu_backward(dh, gate, up, ctx.act)           # may overwrite gate / up
         dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (torch.cat((dgate, dup), dim=-1),)
-        dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[4:], ctx.needs_input_grad[0])
+        dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[4:], ctx.needs_input_grad[0],
+                                   casts)
         return (dX, None, None, dA_down, *grads)
 
 
@@ -182,16 +206,17 @@ class _LoRAUp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hA, B, scaling):
-        ctx.scaling = scaling
-        ctx.save_for_backward(hA, B)
-        return _scale(torch.mm(hA, B.to(hA.dtype).t()), scaling)
+        ctx.scaling, ctx.b_dtype = scaling, B.dtype
+        B = B.to(hA.dtype)
+        ctx.save_for_backward(hA, B)                               # B in the compute dtype
+        return _scale(torch.mm(hA, B.t()), scaling)
 
     @staticmethod
     def backward(ctx, dY):
         hA, B = ctx.saved_tensors
         s = ctx.scaling
-        dhA = _scale(dY @ B.to(dY.dtype), s) if ctx.needs_input_grad[0] else None
-        dB = _scale(dY.t() @ hA, s).to(B.dtype) if ctx.needs_input_grad[1] else None
+        dhA = _scale(dY @ (B if B.dtype == dY.dtype else B.to(dY.dtype)), s) if ctx.needs_input_grad[0] else None
+        dB = _scale(dY.t() @ hA, s).to(ctx.b_dtype) if ctx.needs_input_grad[1] else None
         return dhA, dB, None
 
 
