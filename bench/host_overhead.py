@@ -94,7 +94,7 @@ def launch_cost() -> None:
     out = torch.empty_like(w)
     x = torch.randn(64, device="cuda")
     for name, fn in [("torch add_", lambda: x.add_(1.0)),
-                     ("triton dequant (JIT launcher)", lambda: dequantize_nf4_triton(nf4, out.view(-1)))]:
+                     ("NF4 dequant, 64 x 64 weight (whole call)", lambda: dequantize_nf4_triton(nf4, out.view(-1)))]:
         if fn is None:
             continue
         for _ in range(50):
