@@ -1,0 +1,83 @@
+"""Every Triton kernel compiles for the GPU target (sm_90) on this GPU-less machine.
+
+The interpreter runs kernels as Python, so it accepts code the compiler rejects (on 2026-11-30 a
+helper with two `return`s under a constexpr `if` passed every CPU test and failed to compile on the
+H200: the compiler types both branches). Compiling here, front end to cubin, catches that class
+of error before any device time is spent. Signatures follow each kernel's launch site."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# The compile runs in a child process: this test process has TRITON_INTERPRET=1 (tests/conftest.py),
+# under which @triton.jit gives interpreter objects that cannot be compiled.
+CHILD = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from velotune.kernels import cross_entropy, glu, rmsnorm, rope, split_accumulator
+from velotune.quant import dequant_kernel
+
+H100 = GPUTarget("cuda", 90, 32)
+NF4 = ["*u8", "*u8", "*fp32", "*fp32", "*fp32"]   # packed, absmax (nested codes), code2, absmax2, offset
+CASES = [
+    (rmsnorm._rms_fwd_kernel, ["*bf16", "i32", "*bf16", "i32", "*bf16", "*fp32", "i32", "fp32", "fp32"],
+     dict(GEMMA=False, BLOCK=4096, SINGLE=True), 8),
+    (rmsnorm._rms_bwd_kernel, ["*bf16", "i32", "*bf16", "i32", "*bf16", "i32", "*bf16", "*fp32", "*fp32", "i32",
+                               "i32", "i32", "fp32"], dict(GEMMA=True, HAS_DW=True, BLOCK=4096, SINGLE=True), 8),
+    (rope._rope_kernel, ["*bf16", "*bf16", "i32", "i32", "i32", "*bf16", "*bf16", "i32", "i32", "i32",
+                         "*bf16", "*bf16", "i32", "i32", "i32"],
+     dict(HQ=32, HK=8, HALF=64, BACKWARD=False, BLOCK_HQ=16, BLOCK_HK=8, BLOCK_D=64), 4),
+    (glu._glu_fwd_kernel, ["*bf16", "*bf16", "*bf16", "i32"], dict(ACT=2, BLOCK=1024), 4),
+    (glu._glu_bwd_kernel, ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "i32"], dict(ACT=1, BLOCK=1024), 4),
+    (cross_entropy._ce_fwd_kernel, ["*bf16", "i32", "*i64", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],
+     dict(HAS_SCALE=True, HAS_CAP=True, BLOCK=4096), 8),
+    (cross_entropy._ce_bwd_kernel, ["*bf16", "i32", "*bf16", "i32", "*i64", "*fp32", "*fp32", "i32", "i32", "fp32",
+                                    "fp32"], dict(HAS_SCALE=False, HAS_CAP=True, BLOCK=4096), 8),
+    (dequant_kernel._nf4_dequant_rows_kernel, NF4 + ["*i64", "*bf16", "i64"],
+     dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, ROWS=32, OUT_BF16=True), 4),
+    (dequant_kernel._nf4_dequant_kernel, NF4 + ["*fp32", "*fp16", "i64"],
+     dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, BYTES=dequant_kernel.BYTES, OUT_BF16=False), 4),
+    (split_accumulator._accumulate_kernel, ["*bf16", "*bf16", "*i16", "*i16"] + ["i32"] * 6,
+     dict(BM=128, BN=128, BK=64, UPCAST=False), 4),
+    (split_accumulator._accumulate_tma_kernel, ["tensordesc<bf16[64, 128]>", "tensordesc<bf16[64, 128]>", "*i16",
+                                                "*i16", "i32", "i32", "i32", "i32"],
+     dict(BM=128, BN=128, BK=64, UPCAST=False), 4),
+    (split_accumulator._finalize_kernel, ["*i16", "*i16", "*fp32", "i64"], dict(BLOCK=2048), 8),
+]
+out = {}
+for kernel, types, consts, warps in CASES:
+    name = kernel.fn.__name__
+    names = [n for n, p in zip(kernel.arg_names, kernel.params) if not p.is_constexpr]
+    if len(names) != len(types):
+        out[name] = f"signature: {len(types)} types for {names}"
+        continue
+    sig = {**dict(zip(names, types)), **{k: "constexpr" for k in consts}}
+    try:
+        k = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=H100,
+                           options=dict(num_warps=warps, enable_fp_fusion=False))
+        out[name] = "ok" if k.asm.get("cubin") else "no cubin"
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        out[name] = "no ptxas" if "ptxas" in msg.lower() and "error" not in msg.lower() else msg[-1500:]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_every_kernel_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    if set(result.values()) == {"no ptxas"}:
+        pytest.skip("this triton build has no ptxas")
+    assert len(result) == 12
+    bad = {k: v for k, v in result.items() if v not in ("ok", "no ptxas")}
+    assert not bad, bad
