@@ -70,3 +70,19 @@ def test_refused_for_tied_trainable_or_unusual_tables():
         model = mini_model("llama")
         prepare_model(model, max_seq_length=64)
         FastLanguageModel.get_peft_model(model, r=8, modules_to_save=["embed_tokens"], offload_embedding=True)
+
+
+def test_chat_template_growing_the_vocabulary_keeps_the_table_on_the_host():
+    from mini import mini_tokenizer
+    from velotune.data.chat_templates import get_chat_template
+
+    model = mini_model("llama")
+    model.requires_grad_(False)
+    offload_input_embeddings(model)
+    tok = mini_tokenizer()
+    get_chat_template(tok, "llama-3.1", model=model)        # adds 3 tokens: the embeddings are resized
+    emb = model.get_input_embeddings()
+    assert emb.weight.shape[0] >= len(tok) and embeddings_offloaded(model)
+    assert emb.forward.__func__ is _offloaded_forward
+    ids = torch.tensor([[len(tok) - 1, 5, 7]])              # a new token's id embeds
+    assert model(input_ids=ids).logits.shape[-1] >= len(tok)

@@ -223,7 +223,15 @@ def _pick_pad_token(tokenizer, stop: str, old_eos: str | None) -> None:
 def _update_model(model, tokenizer, stop: str, added: list[str]) -> None:
     emb = model.get_input_embeddings()
     if emb.weight.shape[0] < len(tokenizer):
+        from velotune.train.embedding_offload import (embeddings_offloaded, offload_input_embeddings,
+                                                      restore_input_embeddings)
+
+        offloaded = embeddings_offloaded(model)   # resize on the compute device, then back to the host
+        if offloaded:
+            restore_input_embeddings(model)
         model.resize_token_embeddings(len(tokenizer))
+        if offloaded:
+            offload_input_embeddings(model)
         log.info("resized the model's embeddings to %d rows for %s", len(tokenizer), added)
     stop_id = tokenizer.convert_tokens_to_ids(stop)
     gen = getattr(model, "generation_config", None)
