@@ -25,8 +25,9 @@ Bit-exactness with bitsandbytes needs the nested absmax to be a product rounded 
 the launch passes `enable_fp_fusion=False` so the compiler never contracts them into one fused
 multiply-add.
 
-Both layouts launch through `velotune.kernels.launch.launch` (a cached compiled-kernel lookup: a
-QLoRA step dequantises ~640 times, and the JIT launcher's host time per call added up).
+Both layouts share the two helpers below (nested absmax, bf16 rounding). A launch is replayed from
+a per-weight plan once the JIT has compiled it (`_LaunchPlan`: a QLoRA step dequantises ~640 times,
+and the JIT's per-call host time added up).
 """
 from __future__ import annotations
 
@@ -80,27 +81,13 @@ def _nf4_dequant_kernel(
     i = pid * BYTES + tl.arange(0, BYTES)                  # byte index (int64: 70B-parameter safe)
     in_range = 2 * i < n_elements
     byte = tl.load(packed_ptr + i, mask=in_range, other=0).to(tl.int32)
-    blk = (2 * i) // BLOCKSIZE
-    if NESTED:
-        qa = tl.load(absmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=in_range, other=0.0)
-        absmax = tl.load(code2_ptr + qa, mask=in_range, other=0.0) * scale2
-        absmax = absmax + tl.load(offset_ptr)               # separate rounding (no FMA, see above)
-    else:
-        absmax = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
+    absmax = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (2 * i) // BLOCKSIZE, in_range,
+                        BLOCKSIZE2, NESTED)
     hi = tl.load(nf4_ptr + (byte >> 4)) * absmax
     lo = tl.load(nf4_ptr + (byte & 15)) * absmax
     vals = tl.interleave(hi, lo)                            # [2 * BYTES]: hi0, lo0, hi1, lo1, ...
     e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-    if OUT_BF16:
-        # fp32 -> bf16 with round-to-nearest-even written out on the bits (what the hardware
-        # conversion does; the Triton interpreter would truncate instead). Values are finite.
-        bits = vals.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = vals.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + e, out, mask=e < n_elements)
+    tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
 
 
 @triton.jit
