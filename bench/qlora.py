@@ -273,13 +273,13 @@ def dequant_bench(device: str) -> list[dict]:
                 buf = torch.empty_like(ours)
                 n = w.numel()
                 t_ours = bench(lambda: dequantize_nf4(nf4, out=buf))
-                if cuda:   # the row-tiled layout of the same kernel (dequant_kernel.py)
+                if cuda:   # the other layout of the same kernel ("bytes"; the default is "rows")
                     from velotune.quant.dequant_kernel import dequantize_nf4_triton
 
                     flat = buf.view(-1)
-                    rows_out = dequantize_nf4_triton(nf4, torch.empty_like(flat), kernel="rows").view(ours.shape)
-                    row.update(rows_bit_exact=torch.equal(rows_out, ours),
-                               rows_us=1000 * bench(lambda: dequantize_nf4_triton(nf4, flat, kernel="rows")))
+                    other = dequantize_nf4_triton(nf4, torch.empty_like(flat), kernel="bytes").view(ours.shape)
+                    row.update(bytes_bit_exact=torch.equal(other, ours),
+                               bytes_us=1000 * bench(lambda: dequantize_nf4_triton(nf4, flat, kernel="bytes")))
                 t_bnb = bench(lambda: bnbF.dequantize_4bit(q, st, out=buf if cuda else None))  # CPU: no out= variant
                 x = torch.randn(tokens, shape[1], device=device, dtype=dtype)
                 t_mm = bench(lambda: x @ buf.t())
@@ -311,8 +311,8 @@ def print_dequant(rows: list[dict]) -> None:
         if "fused_us" in r:
             t += (f"{r['fused_us']:>10.1f}{r['m1_separate_us']:>12.1f}{r['m1_fused_us']:>11.1f}"
                   f"{r['m1_bnb_us']:>9.1f}")
-        if "rows_us" in r:
-            t += f"  rows kernel {r['rows_us']:.1f} us ({'bit-exact' if r['rows_bit_exact'] else 'MISMATCH'})"
+        if "bytes_us" in r:
+            t += f"  bytes layout {r['bytes_us']:.1f} us ({'bit-exact' if r['bytes_bit_exact'] else 'MISMATCH'})"
         print(f"{r['dtype']:<9}{r['weight']:<22}{str(r['bit_exact']) + ('' if r['bit_exact'] else ' (' + str(r['mismatches']) + ')'):<11}{t}")
 
 
