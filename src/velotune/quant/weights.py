@@ -13,7 +13,6 @@ requested dtype if that differs.
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import Iterator
 
 import torch
@@ -101,10 +100,6 @@ class _WeightBuffers:
         torch.autograd.graph.increment_version(buf)
         return buf, views
 
-    def take(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The next slot's first `numel` elements (flat)."""
-        return self._slot(numel, device, dtype)[0][:numel]
-
     def take_view(self, shape: torch.Size, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The next slot viewed as `shape` (numel = prod(shape)); the view object is reused."""
         buf, views = self._slot(numel, device, dtype)
@@ -138,58 +133,19 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     save it for backward (`ctx.save_for_backward`) or keep it across calls; call again in backward.
     It does not require grad. Plain autograd ops that save it are caught (see `_WeightBuffers`).
     """
-    fast = linear.__dict__.get("_velotune_4bit")
-    if fast is not None:
-        w = fast.read(linear)
-        if w is not None:
-            return w
     layer = base_layer(linear)
     weight = layer.weight
     if getattr(weight, "quant_state", None) is None:
         return weight
-    nf4 = nf4_weight(weight)
-    reader = _Read4bit(weight, nf4, _compute_dtype(layer, nf4))
-    if layer is linear:
-        linear.__dict__["_velotune_4bit"] = reader    # the fused functions pass the base layer itself
-    return reader.dequantize()
-
-
-class _Read4bit:
-    """`get_base_weight` of one 4-bit layer, with everything that does not change between calls
-    looked up once: a training step reads each 4-bit weight 3 times (forward, recompute, backward),
-    ~640 reads for an 8B model, and the step is bound by the host's time per call.
-
-    `read` re-validates what would change the answer (the weight object, its quant state and
-    storage, bitsandbytes' CPU repacking flag) and returns None when anything did, so the caller
-    takes the full path, which builds a new reader.
-    """
-
-    __slots__ = ("weight", "quant_state", "ptr", "nf4", "dtype", "compute_dtype", "numel")
-
-    def __init__(self, weight, nf4: NF4Weight, compute_dtype: torch.dtype):
-        self.weight = weakref.ref(weight)
-        self.quant_state = weight.quant_state
-        self.ptr = weight.data_ptr()
-        self.nf4, self.dtype, self.compute_dtype, self.numel = nf4, nf4.dtype, compute_dtype, nf4.numel
-
-    def read(self, layer: torch.nn.Module) -> torch.Tensor | None:
-        weight = layer._parameters.get("weight")
-        if weight is None or weight is not self.weight():
-            return None
-        qs = weight.quant_state
-        if qs is not self.quant_state or weight.data_ptr() != self.ptr or getattr(qs, "packing_format_for_cpu", False):
-            return None
-        return self.dequantize()
-
-    def dequantize(self) -> torch.Tensor:
-        nf4 = self.nf4
-        out = WEIGHT_BUFFERS.take_view(nf4.shape, self.numel, nf4.device, self.dtype)
-        if triton_enabled(nf4.packed):
-            dequantize_nf4_triton(nf4, out)
-        else:
-            dequantize_nf4(nf4, self.dtype, out=out)
-        # bitsandbytes' own forward: dequantise to the stored dtype, then cast to the input's dtype.
-        return out if self.compute_dtype == self.dtype else out.to(self.compute_dtype)
+    nf4 = nf4_weight(weight)                                   # cached on the weight, validated per call
+    out = WEIGHT_BUFFERS.take_view(nf4.shape, nf4.numel, nf4.device, nf4.dtype)
+    if triton_enabled(nf4.packed):
+        dequantize_nf4_triton(nf4, out)                        # replays its launch plan for this buffer
+    else:
+        dequantize_nf4(nf4, nf4.dtype, out=out)
+    # bitsandbytes' own forward: dequantise to the stored dtype, then cast to the input's dtype.
+    dtype = _compute_dtype(layer, nf4)
+    return out if dtype == nf4.dtype else out.to(dtype)
 
 
 def dequantize_weight(module_or_weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
