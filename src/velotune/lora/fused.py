@@ -42,8 +42,8 @@ def _weight(p: Proj, dtype: torch.dtype) -> torch.Tensor:
 
 def _scale(t: torch.Tensor, s: float) -> torch.Tensor:
     """t *= s in place; nothing when s == 1 (lora_alpha == r, the common setting): x * 1.0 == x
-    exactly, and the step saves a kernel launch per use (the host time of a step matters, see
-    velotune.kernels.launch)."""
+    exactly, and the step saves a kernel launch per use (a training step is bound by host time,
+    see docs/perf-notes.md)."""
     return t if s == 1.0 else t.mul_(s)
 
 
@@ -188,7 +188,7 @@ class _MLPIn(torch.autograd.Function):
         X, XA, gate, up, A_down, *casts = ctx.saved_tensors       # A_down: in the compute dtype
         dA_down = None
         if A_down is not None and dhA is not None:
-            A = A_down if A_down.dtype == dh.dtype else A_down.to(dh.dtype)
+            A = A_down.to(dh.dtype)                                # no-op in the usual case
             if ctx.needs_input_grad[3]:
                 h = glu_forward(gate, up, ctx.act)                 # recomputed, not saved
                 dA_down = (dhA.t() @ h).to(ctx.a_dtype)            # [r, I]
@@ -215,7 +215,7 @@ class _LoRAUp(torch.autograd.Function):
     def backward(ctx, dY):
         hA, B = ctx.saved_tensors
         s = ctx.scaling
-        dhA = _scale(dY @ (B if B.dtype == dY.dtype else B.to(dY.dtype)), s) if ctx.needs_input_grad[0] else None
+        dhA = _scale(dY @ B.to(dY.dtype), s) if ctx.needs_input_grad[0] else None
         dB = _scale(dY.t() @ hA, s).to(ctx.b_dtype) if ctx.needs_input_grad[1] else None
         return dhA, dB, None
 
