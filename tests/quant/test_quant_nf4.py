@@ -205,8 +205,8 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
 
         other = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel="bytes").view(ours.shape)
         assert torch.equal(other, ours), (shape, dtype)
-        # the cached launch path (velotune.kernels.launch): a second call with the same key, then an
-        # output 2 bytes off 16-byte alignment (a different specialisation key), both still exact
+        # the launch plans (dequant_kernel._LaunchPlan): a repeated call, then an output 2 bytes off
+        # 16-byte alignment (its own plan, made by the JIT for that alignment), both still exact
         for layout in ("rows", "bytes"):
             again = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel=layout)
             assert torch.equal(again.view(ours.shape), ours), (shape, dtype, layout)
