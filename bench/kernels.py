@@ -251,7 +251,15 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU time only) timing")
     ap.add_argument("--out", default="")
+    ap.add_argument("--split-config", default="",
+                    help="tile config of the split dW accumulator for this run, e.g. "
+                         "'128,128,64,4,3,persistent,8' (default: kernels/split_accumulator.CONFIG)")
     args = ap.parse_args()
+    if args.split_config:
+        from velotune.kernels import split_accumulator
+
+        split_accumulator.CONFIG = tuple(int(v) if v.isdigit() else v for v in args.split_config.split(","))
+        print(f"split accumulator config: {split_accumulator.CONFIG}", flush=True)
     t0 = time.time()
     cases = build_cases(args)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -16,8 +16,10 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from velotune.kernels.split_accumulator import CONFIG, accumulate_, combine_reference, new_accumulator  # noqa: E402
 
-CONFIGS = [CONFIG, (128, 128, 64, 4, 3), (128, 128, 64, 8, 4, "tma"), (128, 256, 64, 8, 3, "tma"),
-           (128, 128, 128, 8, 3, "tma"), (128, 128, 64, 4, 4, "tma")]
+CONFIGS = [CONFIG, (128, 128, 64, 4, 3, "tma"), (128, 128, 64, 4, 3, "persistent", 8),
+           (128, 128, 64, 4, 4, "persistent", 8), (128, 128, 64, 8, 3, "persistent", 8),
+           (128, 256, 64, 8, 3, "persistent", 8), (128, 128, 64, 4, 3, "persistent", 16),
+           (128, 256, 64, 8, 4, "persistent", 8)]
 
 
 def main(rows=1046, V=128256, H=4096):
@@ -30,15 +32,17 @@ def main(rows=1046, V=128256, H=4096):
     hi, lo = new_accumulator(V, H, "cuda")
     print(f"chunk: {rows} rows, dW [{V}, {H}]; {torch.cuda.get_device_name()}", flush=True)
     for cfg in CONFIGS:
-        hi.zero_(), lo.zero_()
-        try:
-            accumulate_(hi, lo, a, b, config=cfg)
-            err = ((combine_reference(hi, lo) - ref).norm() / ref.norm()).item()
-            ms = do_bench(lambda: accumulate_(hi, lo, a, b, config=cfg), warmup=5, rep=200)
-        except Exception as e:  # noqa: BLE001 - a config the card cannot run
-            print(f"  split {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
-            continue
-        print(f"  split {cfg}: {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s  rel err vs cuBLAS fp32 {err:.1e}", flush=True)
+        for first in (False, True):   # first: the first chunk, planes written without being read
+            hi.zero_(), lo.zero_()
+            try:
+                accumulate_(hi, lo, a, b, config=cfg, first=first)
+                err = ((combine_reference(hi, lo) - ref).norm() / ref.norm()).item()
+                ms = do_bench(lambda: accumulate_(hi, lo, a, b, config=cfg, first=first), warmup=5, rep=200)
+            except Exception as e:  # noqa: BLE001 - a config the card cannot run
+                print(f"  split {cfg} first={first}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+                break
+            print(f"  split {cfg} first={first}: {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s  "
+                  f"rel err vs cuBLAS fp32 {err:.1e}", flush=True)
     ms = do_bench(lambda: torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc), warmup=5, rep=200)
     print(f"  cuBLAS into fp32 accumulator: {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
     ms = do_bench(lambda: a.t() @ b, warmup=5, rep=200)

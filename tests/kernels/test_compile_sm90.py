@@ -43,10 +43,13 @@ CASES = [
     (dequant_kernel._nf4_dequant_kernel, NF4 + ["*fp32", "*fp16", "i64"],
      dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, BYTES=dequant_kernel.BYTES, OUT_BF16=False), 4),
     (split_accumulator._accumulate_kernel, ["*bf16", "*bf16", "*i16", "*i16"] + ["i32"] * 6,
-     dict(BM=128, BN=128, BK=64, UPCAST=False), 4),
+     dict(BM=128, BN=128, BK=64, UPCAST=False, FIRST=False), 4),
     (split_accumulator._accumulate_tma_kernel, ["tensordesc<bf16[64, 128]>", "tensordesc<bf16[64, 128]>", "*i16",
                                                 "*i16", "i32", "i32", "i32", "i32"],
-     dict(BM=128, BN=128, BK=64, UPCAST=False), 4),
+     dict(BM=128, BN=128, BK=64, UPCAST=False, FIRST=True), 4),
+    (split_accumulator._accumulate_persistent_kernel, ["tensordesc<bf16[64, 128]>", "tensordesc<bf16[64, 128]>",
+                                                       "*i16", "*i16", "i32", "i32", "i32", "i32"],
+     dict(BM=128, BN=128, BK=64, GROUP_M=8, PROGRAMS=132, UPCAST=False, FIRST=False), 4),
     (split_accumulator._finalize_kernel, ["*i16", "*i16", "*fp32", "i64"], dict(BLOCK=2048), 8),
 ]
 out = {}
@@ -78,6 +81,6 @@ def test_every_kernel_compiles_for_sm90():
     result = json.loads(lines[-1][len("RESULT "):])
     if set(result.values()) == {"no ptxas"}:
         pytest.skip("this triton build has no ptxas")
-    assert len(result) == 12
+    assert len(result) == 13
     bad = {k: v for k, v in result.items() if v not in ("ok", "no ptxas")}
     assert not bad, bad

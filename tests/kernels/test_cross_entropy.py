@@ -194,3 +194,25 @@ def test_fused_linear_ce_bf16_split_accumulator_without_rows():
         loss = fused_linear_cross_entropy(h, w, labels, reduction="sum", drop_ignored=True)
         loss.backward()
     assert loss.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_fused_linear_ce_mixed_dtypes_promote_like_torch():
+    """fp16 hidden states with a bf16 lm_head: the chunks run in the promoted dtype (fp32) and dX comes
+    back in the hidden states' dtype, as autograd would give for `F.linear(h.float(), w.float())`."""
+    g = torch.Generator().manual_seed(3)
+    h0, w0 = torch.randn(6, 8, generator=g), torch.randn(V, 8, generator=g)
+    labels = _labels(6, [2])
+
+    def run(fn, **extra):
+        h = h0.to(torch.float16).requires_grad_()
+        w = w0.to(torch.bfloat16).requires_grad_()
+        loss = fn(h, w, labels, **extra)
+        loss.backward()
+        return loss, h.grad, w.grad
+
+    with force_triton():
+        got = run(fused_linear_cross_entropy, memory_budget_bytes=2 * V * 4)
+    want = run(lambda h, w, lab: fused_linear_cross_entropy_reference(h.float(), w.float(), lab))
+    assert got[1].dtype == torch.float16 and got[2].dtype == torch.bfloat16
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=0, atol=0)

@@ -25,19 +25,25 @@ def test_planes_hold_fp32_bit_for_bit():
 
 @pytest.mark.parametrize("config,shape", [((128, 128, 64, 4, 3), (37, 70, 45)),       # plain loads
                                           ((32, 32, 16, 4, 2, "tma"), (37, 72, 48)),   # descriptors
-                                          ((32, 32, 16, 4, 2, "tma"), (37, 70, 45))])  # -> plain (strides)
-def test_triton_accumulate_is_exact_fp32_addition(config, shape):
+                                          ((32, 32, 16, 4, 2, "tma"), (37, 70, 45)),   # -> plain (strides)
+                                          # persistent: 4 programs walk 3 x 3 tiles in groups of 2 rows
+                                          ((32, 32, 16, 4, 2, "persistent", 2), (40, 72, 80))])
+@pytest.mark.parametrize("first", [False, True])
+def test_triton_accumulate_is_exact_fp32_addition(config, shape, first):
     """Integer-valued operands: every partial sum is exact in fp32, so the kernel (any summation
-    order) must reproduce the reference bit for bit, across several accumulations."""
+    order) must reproduce the reference bit for bit, across several accumulations. first=True: the
+    first accumulation overwrites planes that hold garbage (NaN bit patterns) without reading them."""
     g = torch.Generator().manual_seed(1)
     K, M, N = shape                                        # not multiples of the tiles
     hi, lo = _planes(torch.randint(-2**20, 2**20, (M, N), generator=g).float())
-    want = combine_reference(hi, lo).clone()
-    for _ in range(3):
+    if first:
+        hi.view(torch.int16).fill_(-1), lo.fill_(-1)       # 0xFFFFFFFF: a NaN, if it were read
+    want = torch.zeros(M, N) if first else combine_reference(hi, lo).clone()
+    for i in range(3):
         a = torch.randint(-64, 64, (K, M), generator=g).to(torch.bfloat16)
         b = torch.randint(-64, 64, (K, N), generator=g).to(torch.bfloat16)
         with force_triton():
-            accumulate_(hi, lo, a, b, config=config)
+            accumulate_(hi, lo, a, b, config=config, first=first and i == 0)
         want += a.float().t() @ b.float()
         assert torch.equal(combine_reference(hi, lo), want)
 

@@ -134,3 +134,51 @@ def test_checkpoint_recompute_skips_the_down_projection(monkeypatch):
     ref = torch.autograd.grad(_reference(nn.functional.silu(_reference(X, gate_up[0])) * _reference(X, gate_up[1]),
                                          down).sum() * 2, down.A)[0]
     torch.testing.assert_close(down.A.grad, ref, rtol=1e-5, atol=1e-7)
+
+
+def _mixed(projs):
+    """bf16 base layers with fp32 adapters: how PEFT keeps adapters on a bf16 model."""
+    for p in projs:
+        p.base.to(torch.bfloat16)
+        for t in (p.A, p.B):
+            if t is not None:
+                t.data = t.data.float()
+    return projs
+
+
+def test_adapter_casts_in_one_buffer_equal_per_tensor_casts(monkeypatch):
+    """The adapters of a group (and the MLP's A_down) are cast to bf16 into one flat buffer by one
+    multi-tensor copy: the outputs and every gradient must be bit-identical to casting each adapter
+    on its own (the stand-ins below: the code before the flat buffer)."""
+    import velotune.lora.fused as fused
+
+    torch.manual_seed(0)
+    H, I = 16, 12
+    qkv = _mixed([_proj(H, 8, 3, bias=True), _proj(H, 4, 5), _proj(H, 4, 1, lora=False), _proj(H, 6, 2)])
+    gate_up = _mixed([_proj(H, I, 4), _proj(H, I, 2)])
+    down = _mixed([_proj(I, H, 3)])[0]
+    X0 = torch.randn(9, H).to(torch.bfloat16)
+
+    def run():
+        X = X0.clone().requires_grad_()
+        outs = [*lora_projections(X, qkv), lora_mlp(X, gate_up, down, "silu")]
+        leaves = [X, *_leaves(qkv), *_leaves(gate_up), *_leaves([down])]
+        gs = [torch.full_like(o, 0.25) for o in outs]
+        return outs, torch.autograd.grad(outs, leaves, gs)
+
+    got = run()
+
+    def _per_tensor(tensors, dtype):
+        return [t.to(dtype) for t in tensors], None
+
+    def _cat(projs, dtype, extra=()):
+        As = [p.A.to(dtype) for p in projs if p.A is not None]
+        return (torch.cat(As, 0) if As else None, [None if p.A is None else p.B.to(dtype) for p in projs],
+                [t.to(dtype) for t in extra])
+
+    monkeypatch.setattr(fused, "_group_casts", _cat)
+    monkeypatch.setattr(fused, "_cast_together", _per_tensor)
+    want = run()
+    for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got[1][1].dtype == torch.float32      # adapter gradients in the adapters' dtype

@@ -156,8 +156,8 @@ class _FusedLinearCE(torch.autograd.Function):
         # bf16 top half (which becomes the gradient) and an int16 bottom half (split_accumulator.py)
         split = need_dw and _split_dw(hidden, weight, dtype)
         d_weight = None
-        if split:
-            d_weight = new_accumulator(V, H, weight.device)
+        if split:   # uninitialised: the first chunk's GEMM writes every element (zeros if no chunk runs)
+            d_weight = new_accumulator(V, H, weight.device, zero=M == 0)
         elif need_dw:
             d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device)
         d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_db else None
@@ -170,10 +170,12 @@ class _FusedLinearCE(torch.autograd.Function):
             logits = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else h @ w.t()
             loss_rows[s:e] = _chunk_loss_and_grad(logits, labels[s:e], coef, ignore_index, softcap,
                                                   logit_scale, want_grad)
-            if need_dh:
+            if need_dh and d_hidden.dtype == dtype:      # rows s:e of a contiguous tensor: no copy
+                torch.mm(logits, w, out=d_hidden[s:e])
+            elif need_dh:
                 d_hidden[s:e] = logits @ w
             if split:
-                accumulate_(*d_weight, logits, h)
+                accumulate_(*d_weight, logits, h, first=s == 0)
             elif need_dw:
                 _accumulate_fp32(d_weight, logits.t(), h)
             if need_db:

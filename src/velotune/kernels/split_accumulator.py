@@ -33,12 +33,6 @@ import triton.language as tl
 from velotune.kernels import triton_enabled
 
 
-def new_accumulator(m: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi bf16 [m, n], lo int16 [m, n]), both zero: the fp32 value 0.0."""
-    return (torch.zeros((m, n), dtype=torch.bfloat16, device=device),
-            torch.zeros((m, n), dtype=torch.int16, device=device))
-
-
 # ---------------------------------------------------------------------------------------------------
 # torch reference (CPU path and tests)
 # ---------------------------------------------------------------------------------------------------
@@ -70,22 +64,27 @@ def finalize_reference_(hi, lo, scale) -> torch.Tensor:
 # Triton
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc):
+def _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc, FIRST: tl.constexpr = False):
     """The epilogue: old = fp32(hi:lo) rebuilt from the bits; new = old + acc (one fp32 add, as
-    cuBLAS' beta = 1); new split into the planes again. acc [BM, BN] fp32 for rows offs_m, cols offs_n."""
+    cuBLAS' beta = 1); new split into the planes again. acc [BM, BN] fp32 for rows offs_m, cols offs_n.
+    FIRST: the planes hold nothing yet (not even zeros): new = acc, nothing is read."""
     c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
     cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-    old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
-    new = (old + acc).to(tl.int32, bitcast=True)
+    if FIRST:   # acc began as +0.0 in the dot, so it is already 0.0 + partial (never -0.0)
+        new = acc.to(tl.int32, bitcast=True)
+    else:
+        hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+        lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+        old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
+        new = (old + acc).to(tl.int32, bitcast=True)
     tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
     tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
 
 
 @triton.jit
 def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                       FIRST: tl.constexpr):
     # C [M, N] += A[K, M]^T @ B[K, N]. Programs walk N fastest for a fixed M block, so the A block
     # ([K, BM]) is read from HBM once and then served from L2 to every N block.
     pid = tl.program_id(0)
@@ -106,12 +105,13 @@ def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
             acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
         else:
             acc = tl.dot(tl.trans(a), b, acc)
-    _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc)
+    _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc, FIRST)
 
 
 @triton.jit
 def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                           FIRST: tl.constexpr):
     # The same GEMM with its operand tiles fetched by the Hopper tensor-memory accelerator (host-made
     # descriptors; out-of-range rows and columns read as zeros), so the pipeline's loads are issued
     # by one thread instead of every thread computing addresses. Epilogue identical.
@@ -127,7 +127,48 @@ def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
             acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
         else:
             acc = tl.dot(tl.trans(a), b, acc)
-    _add_to_planes(hi_ptr, lo_ptr, acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), M, N, sc)
+    _add_to_planes(hi_ptr, lo_ptr, acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), M, N, sc,
+                   FIRST)
+
+
+@triton.jit
+def _tile_of(tile, n_m, n_n, GROUP_M: tl.constexpr):
+    """Tile index -> (pid_m, pid_n), GROUP_M row blocks at a time (L2 reuse of both operands)."""
+    per_group = GROUP_M * n_n
+    first_m = (tile // per_group) * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+
+@triton.jit
+def _accumulate_persistent_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
+                                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                  GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, UPCAST: tl.constexpr,
+                                  FIRST: tl.constexpr):
+    # The TMA GEMM as a persistent kernel: PROGRAMS programs (one per SM) walk the output tiles.
+    # `flatten` fuses the tile loop with the K loop, so the software pipeline already fetches the
+    # next tile's operands while this tile's epilogue moves its 8 bytes per element of planes.
+    # The epilogue's tile index is tracked separately (tile_c), as the loop body no longer knows
+    # which tile a given iteration's accumulator belongs to once it is pipelined across tiles.
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    start = tl.program_id(0)
+    tile_c = start - PROGRAMS
+    for tile in tl.range(start, n_m * n_n, PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_of(tile, n_m, n_n, GROUP_M)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([ki * BK, pid_m * BM])                          # [BK, BM]
+            b = b_desc.load([ki * BK, pid_n * BN])                          # [BK, BN]
+            if UPCAST:
+                acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
+            else:
+                acc = tl.dot(tl.trans(a), b, acc)
+        tile_c += PROGRAMS
+        cm, cn = _tile_of(tile_c, n_m, n_n, GROUP_M)
+        _add_to_planes(hi_ptr, lo_ptr, acc, cm * BM + tl.arange(0, BM), cn * BN + tl.arange(0, BN), M, N, sc,
+                       FIRST)
 
 
 @triton.jit
@@ -144,46 +185,77 @@ def _finalize_kernel(hi_ptr, lo_ptr, scale_ptr, n, BLOCK: tl.constexpr):
     tl.store(hi_ptr + offs, (bits >> 16).to(tl.int16), mask=mask)
 
 
-# (BM, BN, BK, num_warps, num_stages[, "tma"]): 128 x 128 output tiles, K in steps of 64, one
+# (BM, BN, BK, num_warps, num_stages[, loads]): 128 x 128 output tiles, K in steps of 64, one
 # warpgroup, so that two programs fit an SM and one's epilogue (the plane traffic) overlaps the
-# other's main loop; operand tiles through TMA where the strides allow it (else plain loads).
+# other's main loop; loads "tma": operand tiles through TMA (else plain loads); "persistent": TMA
+# in a persistent kernel, one program per SM, with GROUP_M row blocks per tile group (the 7th field).
 # `bench/split_accumulator.py` times alternatives.
 CONFIG = (128, 128, 64, 4, 3, "tma")
 
 
-def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config=None) -> None:
+def new_accumulator(m: int, n: int, device, zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi bf16 [m, n], lo int16 [m, n]): the fp32 value 0.0 (zero=True), or uninitialised for a
+    first `accumulate_(..., first=True)` that writes every element without reading."""
+    make = torch.zeros if zero else torch.empty
+    return (make((m, n), dtype=torch.bfloat16, device=device), make((m, n), dtype=torch.int16, device=device))
+
+
+def _tma_ok(*ts) -> bool:
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in ts)
+
+
+def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config=None,
+                first: bool = False) -> None:
     """hi:lo [M, N] += a^T @ b, a [K, M] and b [K, N] bf16 with unit column stride, fp32 sum.
-    config: (BM, BN, BK, num_warps, num_stages[, "tma"]), default CONFIG; "tma": operand tiles through
-    tensor descriptors (Hopper's TMA; row strides must be multiples of 16 bytes)."""
+    first=True: hi:lo = a^T @ b, the planes are only written (they may hold garbage before).
+    config: (BM, BN, BK, num_warps, num_stages[, loads[, GROUP_M]]), default CONFIG; loads "tma" or
+    "persistent": operand tiles through tensor descriptors (Hopper's TMA; row strides must be
+    multiples of 16 bytes, else plain loads)."""
     K, M = a.shape
     N = b.shape[1]
     if b.shape[0] != K or hi.shape != (M, N) or lo.shape != (M, N):
         raise ValueError(f"accumulate_: a {tuple(a.shape)}, b {tuple(b.shape)}, planes {tuple(hi.shape)}")
     if not triton_enabled(a):
+        if first:
+            hi.zero_(), lo.zero_()
         accumulate_reference_(hi, lo, a, b)
         return
     a = a if a.stride(1) == 1 else a.contiguous()
     b = b if b.stride(1) == 1 else b.contiguous()
     assert hi.is_contiguous() and lo.is_contiguous()
-    if M == 0 or N == 0 or K == 0:
+    if M == 0 or N == 0:
         return
-    BM, BN, BK, warps, stages, *loads = config or CONFIG
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    if loads == ["tma"] and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-                                for t in (a, b)):
+    if K == 0:
+        if first:
+            hi.zero_(), lo.zero_()
+        return
+    BM, BN, BK, warps, stages, *rest = config or CONFIG
+    loads = rest[0] if rest else "ptr"
+    n_tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    common = dict(BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, FIRST=first, num_warps=warps, num_stages=stages)
+    if loads in ("tma", "persistent") and _tma_ok(a, b):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor(a, [K, M], [a.stride(0), 1], [BK, BM])
         b_desc = TensorDescriptor(b, [K, N], [b.stride(0), 1], [BK, BN])
-        _accumulate_tma_kernel[grid](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N,
-                                     BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, num_warps=warps,
-                                     num_stages=stages)
+        if loads == "persistent":
+            programs = min(n_tiles, _sm_count(a.device))
+            _accumulate_persistent_kernel[(programs,)](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N,
+                                                       GROUP_M=rest[1] if len(rest) > 1 else 8,
+                                                       PROGRAMS=programs, **common)
+        else:
+            _accumulate_tma_kernel[(n_tiles,)](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N, **common)
         return
     # UPCAST: on CPU tensors (the Triton interpreter) the operands go to fp32 before tl.dot, because
     # the interpreter (triton 3.6, interpreter.py create_dot) multiplies bf16 values stored as uint16
     # as integers. Same math as the GPU's bf16 dot: bf16 x bf16 products are exact in fp32.
-    _accumulate_kernel[grid](a, b, hi.view(torch.int16), lo, M, N, K, a.stride(0), b.stride(0), N,
-                             BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, num_warps=warps, num_stages=stages)
+    _accumulate_kernel[(n_tiles,)](a, b, hi.view(torch.int16), lo, M, N, K, a.stride(0), b.stride(0), N, **common)
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4     # the interpreter: a few programs, each walking several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def finalize_(hi: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

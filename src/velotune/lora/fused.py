@@ -47,35 +47,67 @@ def _scale(t: torch.Tensor, s: float) -> torch.Tensor:
     return t if s == 1.0 else t.mul_(s)
 
 
-def _cat_A(projs: Sequence[Proj], dtype: torch.dtype) -> torch.Tensor | None:
+def _cast_together(tensors: Sequence[torch.Tensor], dtype: torch.dtype):
+    """`tensors` (adapter weights, r x d each) in `dtype`, as views of ONE new flat buffer filled by
+    one multi-tensor copy: a group's adapters cost one kernel launch instead of one cast each (the
+    step is bound by host time, see docs/perf-notes.md). Same values as `t.to(dtype)`.
+    Returns (casts, flat buffer); when every tensor is already in `dtype`: (tensors, None)."""
+    if all(t.dtype == dtype for t in tensors):
+        return list(tensors), None
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+    out, off = [], 0
+    for t in tensors:
+        out.append(flat[off:off + t.numel()].view(t.shape))
+        off += t.numel()
+    torch._foreach_copy_(out, list(tensors))
+    return out, flat
+
+
+def _group_casts(projs: Sequence[Proj], dtype: torch.dtype, extra: Sequence[torch.Tensor] = ()):
+    """(cat(A_i) [sum r, in] or None, [B_i or None per projection], [extra...]) in `dtype`.
+
+    The A_i go first into the flat buffer, so their concatenation along dim 0 is a view of it."""
     As = [p.A for p in projs if p.A is not None]
-    if not As:
-        return None
-    A = As[0] if len(As) == 1 else torch.cat(As, 0)
-    return A if A.dtype == dtype else A.to(dtype)
+    Bs = [p.B for p in projs if p.A is not None]
+    casts, flat = _cast_together(As + Bs + list(extra), dtype)
+    nA, nB = len(As), len(Bs)
+    if nA == 0:
+        A = None
+    elif nA == 1:
+        A = casts[0]
+    elif flat is None:                                      # no cast needed: concatenate (a copy)
+        A = torch.cat(casts[:nA], 0)
+    else:                                                   # consecutive rows of the flat buffer
+        A = flat[:sum(a.numel() for a in As)].view(-1, As[0].shape[1])
+    Bi = iter(casts[nA:nA + nB])
+    return A, [next(Bi) if p.A is not None else None for p in projs], casts[nA + nB:]
 
 
-def group_forward(X: torch.Tensor, projs: Sequence[Proj]):
-    """X [N, in] -> ([Y_i [N, out_i]], XA [N, sum r] or None, casts).
+def _cat_A(projs: Sequence[Proj], dtype: torch.dtype) -> torch.Tensor | None:
+    return _group_casts(projs, dtype)[0]
+
+
+def group_forward(X: torch.Tensor, projs: Sequence[Proj], extra: Sequence[torch.Tensor] = ()):
+    """X [N, in] -> ([Y_i [N, out_i]], XA [N, sum r] or None, casts[, extra casts]).
 
     casts: the adapters in X's dtype as forward used them, (cat(A_i) [sum r, in], B_i [out_i, r]...);
-    saving them lets backward skip casting again (each cast is a kernel launch, and the step's
-    host time matters). They are r x d: tiny.
+    saving them lets backward skip casting again. They are r x d: tiny. All of them (and `extra`,
+    other adapter weights the caller wants in X's dtype, returned only when given) are cast by one
+    launch (`_cast_together`).
     """
-    A = _cat_A(projs, X.dtype)
+    A, Bs, extra_casts = _group_casts(projs, X.dtype, extra)
     XA = X @ A.t() if A is not None else None
-    outs, Bs, off = [], [], 0
-    for p in projs:
+    outs, off = [], 0
+    for p, B in zip(projs, Bs):
         bias = p.bias if p.bias is None or p.bias.dtype == X.dtype else p.bias.to(X.dtype)
         Y = F.linear(X, _weight(p, X.dtype), bias)
-        B = None
         if p.A is not None:
             r = p.A.shape[0]
-            B = p.B.to(X.dtype)
             Y.addmm_(XA[:, off:off + r], B.t(), alpha=p.scaling)
             off += r
         outs.append(Y)
-        Bs.append(B)
+    if extra:
+        return outs, XA, (A, *Bs), extra_casts
     return outs, XA, (A, *Bs)
 
 
@@ -170,11 +202,14 @@ class _MLPIn(torch.autograd.Function):
     def forward(ctx, X, gate_up, act, A_down, *params):
         from velotune.kernels.glu import glu_forward
 
-        gu, XA, casts = group_forward(X, gate_up)
+        if A_down is None:
+            gu, XA, casts = group_forward(X, gate_up)
+            A = None
+        else:   # A_down is cast with the gate/up adapters: one launch
+            gu, XA, casts, (A,) = group_forward(X, gate_up, extra=(A_down,))
         gate, up = gu if len(gu) == 2 else gu[0].chunk(2, dim=-1)
         h = glu_forward(gate, up, act)
         ctx.gate_up, ctx.act = gate_up, act
-        A = None if A_down is None else A_down.to(h.dtype)
         ctx.a_dtype = None if A_down is None else A_down.dtype
         ctx.save_for_backward(X, XA, gate, up, A, *casts)
         if A_down is None:
