@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,10 @@ from velotune.kernels.fused_linear_ce import fused_linear_cross_entropy
 from velotune.kernels.glu import geglu, glu_reference, swiglu
 from velotune.kernels.rmsnorm import rms_norm, rms_norm_reference
 from velotune.kernels.rope import apply_rope, apply_rope_, apply_rope_reference
+
+# This file is named like the `kernels` package that Liger imports: without its folder on the path,
+# that import finds the real package (or none) instead of re-running this script as a module.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 try:
     from liger_kernel.transformers import functional as liger
@@ -254,7 +260,14 @@ def main():
     ap.add_argument("--split-config", default="",
                     help="tile config of the split dW accumulator for this run, e.g. "
                          "'128,128,64,4,3,persistent,8' (default: kernels/split_accumulator.CONFIG)")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="fused CE: run the dW GEMM after the dX GEMM on one stream (fused_linear_ce.OVERLAP_DW)")
     args = ap.parse_args()
+    if args.no_overlap:
+        from velotune.kernels import fused_linear_ce
+
+        fused_linear_ce.OVERLAP_DW = False
+        print("fused CE: dW and dX GEMMs on one stream", flush=True)
     if args.split_config:
         from velotune.kernels import split_accumulator
 

@@ -498,6 +498,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="per-category GPU ms/step (3 profiled steps)")
     ap.add_argument("--mem-trace", action="store_true", help="record one step's allocations; list what is alive at the peak")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU through every code path")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the contenders this many times, interleaved; report each one's median run")
     ap.add_argument("--offload-embedding", action="store_true",
                     help="velotune contenders keep the frozen input embeddings in host memory")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
@@ -528,14 +530,24 @@ def main() -> int:
     common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype] + (
         ["--offload-embedding"] if args.offload_embedding else [])
     if not args.no_throughput:
-        res = {}
-        for impl in args.impls:
+        res, rounds = {}, {}
+        # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the
+        # reported run per contender is the one with the median tokens/s, all values are kept
+        order = [impl for _ in range(args.rounds) for impl in args.impls]
+        for n, impl in enumerate(order):
             r = _run_worker(["--worker", impl, *common, "--steps", str(args.steps), "--warmup", str(args.warmup),
                              "--batch", str(args.batch), "--seq", str(args.seq)]
                             + (["--mem-trace"] if args.mem_trace else []) + (["--profile"] if args.profile else []))
             if r is None or r.get("oom"):
                 print(f"{impl}: {'OOM' if r else 'failed'}", flush=True)
                 continue
+            rounds.setdefault(impl, []).append(r)
+            if n < len(order) - len(args.impls):
+                print(f"  {impl} round {len(rounds[impl])}: {r['tokens_per_s']:.0f} tok/s", flush=True)
+                continue
+            runs = sorted(rounds[impl], key=lambda x: x["tokens_per_s"])
+            r = runs[(len(runs) - 1) // 2]
+            r["tokens_per_s_rounds"] = [x["tokens_per_s"] for x in rounds[impl]]
             res[impl] = r
             if r.get("profile"):
                 pr = r["profile"]
@@ -551,7 +563,9 @@ def main() -> int:
             peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "-"
             print(f"{impl:<15} {r['tokens_per_s']:>9.0f} tok/s {r['ms_per_step']:>8.1f} ms/step  peak {peak}  "
                   f"first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}  (build {r['build_s']:.0f} s)"
-                  + ("  [embeddings in host memory]" if r.get("embeddings_offloaded") else ""), flush=True)
+                  + ("  [embeddings in host memory]" if r.get("embeddings_offloaded") else "")
+                  + (f"  [median of {len(runs)}: " + " ".join(f"{t:.0f}" for t in r["tokens_per_s_rounds"]) + "]"
+                     if len(runs) > 1 else ""), flush=True)
         results["throughput"] = res
         rows = []
         for base in ("stock-qlora", "velotune-lora"):

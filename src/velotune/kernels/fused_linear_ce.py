@@ -18,6 +18,9 @@ Algorithm: the rows are processed in chunks of C rows, C = memory_budget_bytes /
                                                     bf16 weights on the GPU: the split fp32 accumulator
                                                     of split_accumulator.py (its top half becomes dW)
     db += logits_c.sum(0)                           fp32, only if bias.requires_grad
+With both d_hidden and a split dW on the GPU, the dW GEMM runs on a side stream concurrently with
+the d_hidden GEMM (both only read logits_c and hidden_c; the next chunk waits for both), so the dW
+kernel's plane traffic and the tail of cuBLAS' waves overlap (OVERLAP_DW; the bench can turn it off).
 coef = 1 / denominator (#non-ignored rows, num_items_in_batch or 1), a device tensor: no host sync.
 Backward only multiplies the stored gradients by grad_output. So one [C, V] buffer is ever alive,
 and the three matmuls of stock lm_head training happen exactly once each.
@@ -109,6 +112,16 @@ def _chunk_loss_and_grad(logits, labels, coef, ignore_index, softcap, logit_scal
     return loss
 
 
+OVERLAP_DW = True
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 _OUT_DTYPE_ADDMM = [True]  # cuBLAS bf16/fp16 x bf16/fp16 -> fp32 addmm available (checked on first use)
 
 
@@ -170,11 +183,20 @@ class _FusedLinearCE(torch.autograd.Function):
             logits = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else h @ w.t()
             loss_rows[s:e] = _chunk_loss_and_grad(logits, labels[s:e], coef, ignore_index, softcap,
                                                   logit_scale, want_grad)
+            side = None
+            if split and need_dh and OVERLAP_DW and logits.is_cuda:
+                main = torch.cuda.current_stream(logits.device)
+                side = _side_stream(logits.device)
+                side.wait_stream(main)                      # the CE kernel has written logits_c
             if need_dh and d_hidden.dtype == dtype:      # rows s:e of a contiguous tensor: no copy
                 torch.mm(logits, w, out=d_hidden[s:e])
             elif need_dh:
                 d_hidden[s:e] = logits @ w
-            if split:
+            if side is not None:
+                with torch.cuda.stream(side):
+                    accumulate_(*d_weight, logits, h, first=s == 0)
+                main.wait_stream(side)   # before logits_c is freed and its memory reused (no record_stream)
+            elif split:
                 accumulate_(*d_weight, logits, h, first=s == 0)
             elif need_dw:
                 _accumulate_fp32(d_weight, logits.t(), h)
