@@ -64,21 +64,39 @@ def finalize_reference_(hi, lo, scale) -> torch.Tensor:
 # Triton
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
+def _plane_offsets(offs_m, offs_n, M, N, sc):
+    c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
+    return c, (offs_m[:, None] < M) & (offs_n[None, :] < N)
+
+
+@triton.jit
+def _load_planes(hi_ptr, lo_ptr, offs_m, offs_n, M, N, sc):
+    """The fp32 tile held by the planes, rebuilt bit for bit: (hi << 16) | lo."""
+    c, cmask = _plane_offsets(offs_m, offs_n, M, N, sc)
+    hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
+    return ((hi << 16) | lo).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_planes(hi_ptr, lo_ptr, val, offs_m, offs_n, M, N, sc):
+    c, cmask = _plane_offsets(offs_m, offs_n, M, N, sc)
+    bits = val.to(tl.int32, bitcast=True)
+    tl.store(hi_ptr + c, (bits >> 16).to(tl.int16), mask=cmask)
+    tl.store(lo_ptr + c, (bits & 0xFFFF).to(tl.int16), mask=cmask)
+
+
+@triton.jit
 def _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc, FIRST: tl.constexpr = False):
     """The epilogue: old = fp32(hi:lo) rebuilt from the bits; new = old + acc (one fp32 add, as
     cuBLAS' beta = 1); new split into the planes again. acc [BM, BN] fp32 for rows offs_m, cols offs_n.
-    FIRST: the planes hold nothing yet (not even zeros): new = acc, nothing is read."""
-    c = offs_m[:, None].to(tl.int64) * sc + offs_n[None, :]
-    cmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if FIRST:   # acc began as +0.0 in the dot, so it is already 0.0 + partial (never -0.0)
-        new = acc.to(tl.int32, bitcast=True)
+    FIRST: the planes hold nothing yet (not even zeros): new = acc, nothing is read (acc began as
+    +0.0 in the dot, so it is already 0.0 + partial, never -0.0)."""
+    if FIRST:
+        new = acc
     else:
-        hi = tl.load(hi_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-        lo = tl.load(lo_ptr + c, mask=cmask, other=0).to(tl.int32) & 0xFFFF
-        old = ((hi << 16) | lo).to(tl.float32, bitcast=True)
-        new = (old + acc).to(tl.int32, bitcast=True)
-    tl.store(hi_ptr + c, (new >> 16).to(tl.int16), mask=cmask)
-    tl.store(lo_ptr + c, (new & 0xFFFF).to(tl.int16), mask=cmask)
+        new = _load_planes(hi_ptr, lo_ptr, offs_m, offs_n, M, N, sc) + acc
+    _store_planes(hi_ptr, lo_ptr, new, offs_m, offs_n, M, N, sc)
 
 
 @triton.jit
@@ -111,14 +129,21 @@ def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
 @triton.jit
 def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                           FIRST: tl.constexpr):
+                           FIRST: tl.constexpr, EARLY: tl.constexpr = False):
     # The same GEMM with its operand tiles fetched by the Hopper tensor-memory accelerator (host-made
     # descriptors; out-of-range rows and columns read as zeros), so the pipeline's loads are issued
     # by one thread instead of every thread computing addresses. Epilogue identical.
+    # EARLY: the planes' old tile is loaded before the main loop, so its latency (0.75 ms of the
+    # 2.85 ms per 8B chunk: bench/split_accumulator.py, first=True vs False) hides under the GEMM;
+    # it costs registers for the whole loop (num_warps 8 leaves room at 128 x 128).
     pid = tl.program_id(0)
     n_n = tl.cdiv(N, BN)
     pid_m = pid // n_n
     pid_n = pid % n_n
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    if EARLY and not FIRST:
+        old = _load_planes(hi_ptr, lo_ptr, offs_m, offs_n, M, N, sc)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         a = a_desc.load([k0, pid_m * BM])                                   # [BK, BM]
@@ -127,8 +152,40 @@ def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
             acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
         else:
             acc = tl.dot(tl.trans(a), b, acc)
-    _add_to_planes(hi_ptr, lo_ptr, acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), M, N, sc,
-                   FIRST)
+    if EARLY and not FIRST:
+        _store_planes(hi_ptr, lo_ptr, old + acc, offs_m, offs_n, M, N, sc)
+    else:
+        _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc, FIRST)
+
+
+@triton.jit
+def _accumulate_tma_planes_kernel(a_desc, b_desc, hi_desc, lo_desc, K,
+                                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                                  FIRST: tl.constexpr):
+    # The TMA GEMM with the planes moved by TMA as well: the epilogue's loads and stores take a tile
+    # coordinate, not one 64-bit address per element (those addresses made the pointer epilogue spill
+    # ~3.5 KB per thread at 128 x 128 tiles, ptxas -v). The old tile is fetched before the main loop
+    # (its latency hides under the GEMM); out-of-range rows and columns are clipped by the TMA unit.
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(hi_desc.shape[1], BN)
+    m0 = (pid // n_n) * BM
+    n0 = (pid % n_n) * BN
+    if not FIRST:
+        hi = hi_desc.load([m0, n0]).to(tl.int32) & 0xFFFF
+        lo = lo_desc.load([m0, n0]).to(tl.int32) & 0xFFFF
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = a_desc.load([k0, m0])                                            # [BK, BM]
+        b = b_desc.load([k0, n0])                                            # [BK, BN]
+        if UPCAST:
+            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(tl.trans(a), b, acc)
+    if not FIRST:
+        acc = ((hi << 16) | lo).to(tl.float32, bitcast=True) + acc
+    bits = acc.to(tl.int32, bitcast=True)
+    hi_desc.store([m0, n0], (bits >> 16).to(tl.int16))
+    lo_desc.store([m0, n0], (bits & 0xFFFF).to(tl.int16))
 
 
 @triton.jit
@@ -187,7 +244,9 @@ def _finalize_kernel(hi_ptr, lo_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 # (BM, BN, BK, num_warps, num_stages[, loads]): 128 x 128 output tiles, K in steps of 64, one
 # warpgroup, so that two programs fit an SM and one's epilogue (the plane traffic) overlaps the
-# other's main loop; loads "tma": operand tiles through TMA (else plain loads); "persistent": TMA
+# other's main loop; loads "tma": operand tiles through TMA (else plain loads); "tma-early": TMA and
+# the old plane tile loaded before the main loop (see _accumulate_tma_kernel); "tma-planes": the
+# planes through TMA too (_accumulate_tma_planes_kernel); "persistent": TMA
 # in a persistent kernel, one program per SM, with GROUP_M row blocks per tile group (the 7th field).
 # `bench/split_accumulator.py` times alternatives.
 CONFIG = (128, 128, 64, 4, 3, "tma")
@@ -208,8 +267,8 @@ def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Te
                 first: bool = False) -> None:
     """hi:lo [M, N] += a^T @ b, a [K, M] and b [K, N] bf16 with unit column stride, fp32 sum.
     first=True: hi:lo = a^T @ b, the planes are only written (they may hold garbage before).
-    config: (BM, BN, BK, num_warps, num_stages[, loads[, GROUP_M]]), default CONFIG; loads "tma" or
-    "persistent": operand tiles through tensor descriptors (Hopper's TMA; row strides must be
+    config: (BM, BN, BK, num_warps, num_stages[, loads[, GROUP_M]]), default CONFIG; loads "tma",
+    "tma-early", "tma-planes" or "persistent": operand tiles through tensor descriptors (Hopper's TMA; row strides must be
     multiples of 16 bytes, else plain loads)."""
     K, M = a.shape
     N = b.shape[1]
@@ -233,18 +292,22 @@ def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Te
     loads = rest[0] if rest else "ptr"
     n_tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     common = dict(BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, FIRST=first, num_warps=warps, num_stages=stages)
-    if loads in ("tma", "persistent") and _tma_ok(a, b):
+    if loads in ("tma", "tma-early", "tma-planes", "persistent") and _tma_ok(a, b):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor(a, [K, M], [a.stride(0), 1], [BK, BM])
         b_desc = TensorDescriptor(b, [K, N], [b.stride(0), 1], [BK, BN])
-        if loads == "persistent":
+        if loads == "tma-planes" and _tma_ok(hi, lo):
+            planes = [TensorDescriptor(t, [M, N], [N, 1], [BM, BN]) for t in (hi.view(torch.int16), lo)]
+            _accumulate_tma_planes_kernel[(n_tiles,)](a_desc, b_desc, *planes, K, **common)
+        elif loads == "persistent":
             programs = min(n_tiles, _sm_count(a.device))
             _accumulate_persistent_kernel[(programs,)](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N,
                                                        GROUP_M=rest[1] if len(rest) > 1 else 8,
                                                        PROGRAMS=programs, **common)
         else:
-            _accumulate_tma_kernel[(n_tiles,)](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N, **common)
+            _accumulate_tma_kernel[(n_tiles,)](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N,
+                                               EARLY=loads == "tma-early", **common)
         return
     # UPCAST: on CPU tensors (the Triton interpreter) the operands go to fp32 before tl.dot, because
     # the interpreter (triton 3.6, interpreter.py create_dot) multiplies bf16 values stored as uint16
