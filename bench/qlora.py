@@ -82,7 +82,8 @@ def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
     return n
 
 
-def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_embedding: bool = False):
+def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_embedding: bool = False,
+          cuda_graphs: bool = False):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_
         prepare_model(model, max_seq_length=seq)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 use_gradient_checkpointing="unsloth", random_state=3407,
-                                                offload_embedding=offload_embedding)
+                                                offload_embedding=offload_embedding, cuda_graphs=cuda_graphs)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if impl == "stock-qlora":
@@ -121,7 +122,7 @@ def worker(args) -> dict:
     config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
     cuda = device.startswith("cuda")
     t_build = time.perf_counter()
-    model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding)
+    model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding, args.cuda_graphs)
     t_build = time.perf_counter() - t_build
     step, params, _, _ = training_step(model, args.batch, args.seq, device)
 
@@ -174,6 +175,9 @@ def worker(args) -> dict:
         stats = getattr(model, "velotune_offload_stats", None)
         if stats is not None:
             out["offloaded_gib_per_step"] = stats.bytes_offloaded / 2**30 / (args.warmup + args.steps)
+        graphs = getattr(model, "velotune_layer_graphs", None)
+        if graphs is not None:
+            out["layer_graphs"] = dict(graphs.stats)
     return out
 
 
@@ -349,7 +353,8 @@ def context_worker(args) -> dict:
         out["cap_gib"] = args.card_gib
     cap = args.card_gib * 2**30 if args.card_gib else (torch.cuda.get_device_properties(device).total_memory
                                                         if cuda else None)
-    model = build(args.impl, config, device, dtype, max(args.ctx_probes), args.offload_embedding)
+    model = build(args.impl, config, device, dtype, max(args.ctx_probes), args.offload_embedding,
+                  args.cuda_graphs)
 
     def one_step(L):
         step, _, opt, _ = training_step(model, 1, L, device)
@@ -500,6 +505,8 @@ def main() -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU through every code path")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the contenders this many times, interleaved; report each one's median run")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="velotune: get_peft_model(..., cuda_graphs=True), decoder layers replayed as CUDA graphs")
     ap.add_argument("--offload-embedding", action="store_true",
                     help="velotune contenders keep the frozen input embeddings in host memory")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
@@ -528,7 +535,7 @@ def main() -> int:
         results["dequant"] = rows
         print_dequant(rows)
     common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype] + (
-        ["--offload-embedding"] if args.offload_embedding else [])
+        ["--offload-embedding"] if args.offload_embedding else []) + (["--cuda-graphs"] if args.cuda_graphs else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the
@@ -564,6 +571,7 @@ def main() -> int:
             print(f"{impl:<15} {r['tokens_per_s']:>9.0f} tok/s {r['ms_per_step']:>8.1f} ms/step  peak {peak}  "
                   f"first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}  (build {r['build_s']:.0f} s)"
                   + ("  [embeddings in host memory]" if r.get("embeddings_offloaded") else "")
+                  + (f"  [layer graphs {r['layer_graphs']}]" if r.get("layer_graphs") else "")
                   + (f"  [median of {len(runs)}: " + " ".join(f"{t:.0f}" for t in r["tokens_per_s_rounds"]) + "]"
                      if len(runs) > 1 else ""), flush=True)
         results["throughput"] = res

@@ -150,10 +150,13 @@ def _copy_back(saved: _Saved, out: torch.Tensor, non_blocking: bool = False) -> 
         a += chunk.numel()
 
 
-def _offloaded_checkpoint(offloader: _Offloader, fn, *args, **kwargs):
-    """Drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`."""
+def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, **kwargs):
+    """Drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`. graphs: a
+    `layer_graphs.LayerGraphs` (cuda_graphs=True), which replays the layer when it can."""
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    if graphs is not None and len(args) == 1 and not kwargs:
+        return graphs.run(offloader, fn, args[0], lambda: _offloaded_checkpoint(offloader, fn, *args))
     # Identify the hidden states by value, never by reference: the pack hook outlives this call
     # (autograd keeps it with the graph until backward), and a closure over the tensor itself would
     # keep every layer's input alive on the GPU for the whole step, offloaded or not.
@@ -177,16 +180,23 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_offloaded_checkpointing(model: torch.nn.Module) -> OffloadStats:
+def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = False) -> OffloadStats:
     """Checkpoint every decoder layer of `model` (a transformers or PEFT model), offloading the
     saved layer inputs to pinned host memory. Per instance, idempotent; returns the live counters
-    (also at `model.velotune_offload_stats`)."""
+    (also at `model.velotune_offload_stats`). cuda_graphs: replay each layer's forward and its
+    recompute + backward as CUDA graphs once warmed up (train/layer_graphs.py; counters at
+    `model.velotune_layer_graphs.stats`)."""
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no transformers decoder layers "
                          "(GradientCheckpointingLayer) to checkpoint")
     offloader = _Offloader()
-    fn = functools.partial(_offloaded_checkpoint, offloader)
+    graphs = None
+    if cuda_graphs:
+        from velotune.train.layer_graphs import LayerGraphs
+
+        graphs = model.velotune_layer_graphs = LayerGraphs()
+    fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs)
     for layer in layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = fn
@@ -210,5 +220,6 @@ def disable_offloaded_checkpointing(model: torch.nn.Module) -> None:
             del m._gradient_checkpointing_func
         elif m not in layers and isinstance(getattr(m, "gradient_checkpointing", None), bool):
             m.gradient_checkpointing = False
-    if hasattr(model, "velotune_offload_stats"):
-        del model.velotune_offload_stats
+    for name in ("velotune_offload_stats", "velotune_layer_graphs"):
+        if hasattr(model, name):
+            delattr(model, name)

@@ -1,0 +1,300 @@
+"""CUDA graphs of checkpointed decoder layers: the layer's forward, and its recompute + backward,
+each replayed as one graph, so a training step stops paying Python for every kernel launch.
+
+    enable_offloaded_checkpointing(model, cuda_graphs=True)      # get_peft_model(..., cuda_graphs=True)
+
+Why: an 8B LoRA step launches ~6,000 kernels and is bound by the host (docs/perf-notes.md: the
+host queues its step in about the time the GPU needs to run it). A graph replays a layer's ~200
+launches for the price of one.
+
+How, per layer and per input signature (shape, dtype, kwargs; see `_Entry`):
+* calls 1..WARMUP run eagerly (offloaded checkpointing as without graphs): they compile the Triton
+  kernels, create the cuBLAS handles and fill the dequantisation buffers;
+* the next call captures two graphs into one memory pool shared by every layer of the model (the
+  graphs run one after the other, so one layer's working set serves them all):
+    F: y = layer(x)  under no_grad                                   (the checkpointed forward)
+    B: y = layer(x); (dx, dlora...) = autograd.grad(y, (x, lora...), dy)   (recompute + backward)
+  Their inputs and outputs are static buffers shared by the layers of a signature: x, dy, dx, the
+  flat LoRA-gradient buffer, and one buffer per tensor kwarg (rotary cos/sin, position ids, mask);
+* later calls run `_GraphedLayer`: copy x in, replay F, clone y out, offload x to host memory (the
+  offloader of checkpointing.py); in backward, bring x back, replay B, and return dx and the LoRA
+  gradients to autograd (so AccumulateGrad, gradient accumulation and DDP's hooks work as usual:
+  the gradients are views of a buffer shared with other layers, which autograd never adopts as
+  `.grad`, it copies or adds them).
+Numerics: the same kernels in the same order as the eager layer, so losses and gradients are
+bit-identical to offloaded checkpointing (GPU test), and the CPU path (no graphs: the captured
+closures are run eagerly through the same static buffers, which is what the CPU tests exercise)
+equals it exactly.
+
+Not graphed (eager offloaded checkpointing instead), checked on every call: no grad, a layer whose
+parameters moved (FSDP, `.to()`), a changed PEFT state (adapter disabled/merged/switched), dropout
+with p > 0 in training, autocast, kwargs other than tensors/None/bools/ints, non-tensor outputs,
+a distributed run (kept simple), more than MAX_SIGNATURES shapes per layer.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+WARMUP = 1             # eager calls per layer and signature before capture
+MAX_SIGNATURES = 2     # graphed input signatures per layer (e.g. two sequence-length buckets)
+
+
+def _layer_of(fn) -> nn.Module | None:
+    """The decoder layer behind transformers' `partial(forward, self, **kw)` or
+    `partial(super().__call__, **kw)`."""
+    owner = getattr(fn.func, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return owner
+    if fn.args and isinstance(fn.args[0], nn.Module):
+        return fn.args[0]
+    return None
+
+
+def _flatten_kwargs(kwargs: dict):
+    """(names of tensor slots, tensors, static part) or None when a kwarg cannot be graphed.
+    A tuple of tensors (rotary cos/sin) counts as several slots."""
+    names, tensors, static = [], [], []
+    for k in sorted(kwargs):
+        v = kwargs[k]
+        if isinstance(v, torch.Tensor):
+            names.append((k, None))
+            tensors.append(v)
+        elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+            for i, t in enumerate(v):
+                names.append((k, i))
+                tensors.append(t)
+        elif v is None or isinstance(v, (bool, int, str)):
+            static.append((k, v))
+        else:
+            return None
+    return names, tensors, tuple(static)
+
+
+def _rebuild_kwargs(names, tensors, static) -> dict:
+    out = dict(static)
+    for (k, i), t in zip(names, tensors):
+        if i is None:
+            out[k] = t
+        else:
+            out.setdefault(k, [])
+            out[k].append(t)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def _peft_state(mods) -> tuple:
+    """What decides which path a LoRA layer computes (see lora/layers.resolve), as plain values."""
+    out = []
+    for m in mods:
+        d = m.__dict__
+        out.append((d.get("_disable_adapters", False), bool(d.get("merged_adapters")),
+                    str(d.get("_active_adapter", "default"))))
+    return tuple(out)
+
+
+class _Graph:
+    """One captured region: a CUDA graph on the GPU; on the CPU the closure itself, run eagerly on
+    replay (same static buffers, same order: what the CPU tests check)."""
+
+    def __init__(self, device: torch.device, pool):
+        self.cuda = device.type == "cuda"
+        self.pool = pool
+        self.graph = torch.cuda.CUDAGraph() if self.cuda else None
+        self.fn = None
+
+    def capture(self, fn, side=None) -> None:
+        if not self.cuda:
+            self.fn = fn
+            return
+        # one eager run on the side stream first, as torch.cuda.make_graphed_callables does
+        # (per-stream state such as cuBLAS workspaces exists before capture); then capture on it
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=self.pool, stream=side):
+            fn()
+
+    def replay(self) -> None:
+        if self.cuda:
+            self.graph.replay()
+        else:
+            self.fn()
+
+
+class _Statics:
+    """Input/output buffers shared by every layer of one signature."""
+
+    def __init__(self, x: torch.Tensor, kw_tensors, n_grad: int, grad_dtype):
+        self.x = torch.empty_like(x)                   # forward input, and recompute input in backward
+        self.y = torch.empty_like(x)                   # forward output
+        self.dy = torch.empty_like(x)
+        self.dx = torch.empty_like(x)
+        self.kw = [torch.empty_like(t) for t in kw_tensors]
+        self.kw_src: list = [None] * len(kw_tensors)   # the tensor each kw buffer was last filled from
+        self.grads = torch.empty(n_grad, dtype=grad_dtype, device=x.device)
+
+    def load_kwargs(self, tensors) -> None:
+        for i, t in enumerate(tensors):
+            if self.kw_src[i] is not t:                # the same rotary tables serve all layers of a step
+                self.kw[i].copy_(t)
+                self.kw_src[i] = t
+
+
+class _Entry:
+    """One layer, one signature: its two graphs over the signature's statics."""
+
+    def __init__(self, statics: _Statics, params: list, names, static_kw, fn):
+        self.s, self.params, self.names, self.static_kw = statics, params, names, static_kw
+        self.calls = 0
+        self.graphable = True            # False once the layer's output turned out not to be one tensor like x
+        self.fwd = self.bwd = None
+        self.param_ptrs = tuple(p.data_ptr() for p in params)
+        self.fn = fn.func
+        self.fn_args, self.fn_keywords = fn.args, fn.keywords
+        off, views = 0, []
+        for p in params:
+            views.append(statics.grads[off:off + p.numel()].view(p.shape))
+            off += p.numel()
+        self.grad_views = views
+
+    def _call(self, x):
+        kw = {**self.fn_keywords, **_rebuild_kwargs(self.names, self.s.kw, self.static_kw)}
+        return self.fn(*self.fn_args, x, **kw)
+
+    def capture(self, pool, side=None) -> None:
+        s = self
+
+        def forward():
+            with torch.no_grad():
+                s.s.y.copy_(s._call(s.s.x))
+
+        def backward():
+            x = s.s.x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = s._call(x)
+            grads = torch.autograd.grad(y, [x, *s.params], s.s.dy, allow_unused=True)
+            s.s.dx.copy_(grads[0])
+            for view, g in zip(s.grad_views, grads[1:]):
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g)
+
+        device = self.s.x.device
+        self.fwd, self.bwd = _Graph(device, pool), _Graph(device, pool)
+        self.fwd.capture(forward, side)
+        self.bwd.capture(backward, side)
+
+
+class _GraphedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entry: _Entry, offloader, kw_tensors, x, *params):
+        s = entry.s
+        s.load_kwargs(kw_tensors)
+        s.x.copy_(x)
+        entry.fwd.replay()
+        y = s.y.clone()
+        ctx.entry, ctx.offloader, ctx.kw_tensors = entry, offloader, kw_tensors
+        ctx.saved = offloader.offload(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        entry, s = ctx.entry, ctx.entry.s
+        x = ctx.offloader.restore(ctx.saved)
+        s.load_kwargs(ctx.kw_tensors)
+        s.x.copy_(x)
+        s.dy.copy_(dy)
+        entry.bwd.replay()
+        return (None, None, None, s.dx.clone(), *entry.grad_views)
+
+
+class LayerGraphs:
+    """Per model: the graphed entries of every decoder layer, one memory pool."""
+
+    def __init__(self):
+        self.pool = None
+        self.disabled = False            # set when a capture failed
+        self._streams: dict = {}
+        self.entries: dict = {}          # (id(layer), signature) -> _Entry
+        self.statics: dict = {}          # signature -> _Statics
+        self.stats = {"captured": 0, "replayed": 0, "eager": 0}
+
+    def _stream(self, device: torch.device):
+        """The side stream captures warm up on (cuBLAS workspaces are per stream), one per device."""
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _eligible(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        if torch.is_autocast_enabled() or not layer.training:
+            return False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return False
+        return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
+
+    def run(self, offloader, fn, x: torch.Tensor, eager):
+        """The layer's output through its graphs, or `eager()` while warming up / when not graphable."""
+        layer = _layer_of(fn) if isinstance(fn, functools.partial) and not self.disabled else None
+        flat = _flatten_kwargs(fn.keywords) if layer is not None else None
+        if layer is None or flat is None or not self._eligible(layer, x):
+            self.stats["eager"] += 1
+            return eager()
+        names, kw_tensors, static_kw = flat
+        params = [p for p in layer.parameters() if p.requires_grad]
+        lora_mods = layer.__dict__.setdefault("_velotune_lora_mods", [
+            m for m in layer.modules() if "lora_A" in m._modules and "base_layer" in m._modules])
+        sig = (tuple(x.shape), x.dtype, x.device, tuple(names),
+               tuple((t.shape, t.dtype, t.device) for t in kw_tensors), static_kw,
+               tuple(p.shape for p in params), _peft_state(lora_mods))
+        entry = self.entries.get((id(layer), sig))
+        if entry is None:
+            if sum(1 for key in self.entries if key[0] == id(layer)) >= MAX_SIGNATURES:
+                self.stats["eager"] += 1
+                return eager()
+            grad_dtype = params[0].dtype if params else x.dtype
+            if any(p.dtype != grad_dtype for p in params):
+                self.stats["eager"] += 1
+                return eager()
+            statics = self.statics.get(sig)
+            if statics is None:
+                statics = self.statics[sig] = _Statics(x, kw_tensors, sum(p.numel() for p in params), grad_dtype)
+            entry = self.entries[(id(layer), sig)] = _Entry(statics, params, names, static_kw, fn)
+        if not entry.graphable:
+            self.stats["eager"] += 1
+            return eager()
+        if entry.fwd is None:
+            entry.calls += 1
+            if entry.calls <= WARMUP:
+                self.stats["eager"] += 1
+                y = eager()
+                if not (isinstance(y, torch.Tensor) and y.shape == x.shape and y.dtype == x.dtype):
+                    entry.graphable = False
+                return y
+            if x.is_cuda and self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            s = entry.s      # capture (and its warm-up run) on this call's real values
+            s.load_kwargs(kw_tensors)
+            s.x.copy_(x)
+            s.dy.zero_()
+            try:
+                entry.capture(self.pool, self._stream(x.device))
+            except Exception as e:  # noqa: BLE001 - an op that cannot be captured: train on, eagerly
+                warnings.warn(f"velotune: CUDA-graph capture of a decoder layer failed, layers run eagerly "
+                              f"from now on ({type(e).__name__}: {e})", stacklevel=2)
+                self.disabled = True
+                entry.graphable = False
+                self.stats["eager"] += 1
+                return eager()
+            self.stats["captured"] += 1
+        elif tuple(p.data_ptr() for p in params) != entry.param_ptrs:
+            del self.entries[(id(layer), sig)]       # parameters moved: capture again
+            return self.run(offloader, fn, x, eager)
+        self.stats["replayed"] += 1
+        return _GraphedLayer.apply(entry, offloader, kw_tensors, x, *params)
