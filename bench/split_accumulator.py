@@ -16,9 +16,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from velotune.kernels.split_accumulator import CONFIG, accumulate_, combine_reference, new_accumulator  # noqa: E402
 
-CONFIGS = [CONFIG, (128, 128, 64, 8, 3, "tma-planes"), (128, 128, 64, 4, 3, "tma-planes"),
-           (128, 128, 64, 8, 4, "tma-planes"), (128, 256, 64, 8, 3, "tma-planes"), (128, 128, 64, 8, 3, "tma-early"),
-           (128, 256, 64, 8, 3, "persistent", 8)]
+CONFIGS = [CONFIG, (128, 128, 64, 4, 3, "tma"), (128, 128, 64, 8, 3, "tma-planes"), (128, 128, 64, 8, 4, "tma-planes"),
+           (128, 256, 64, 8, 3, "tma-planes")]
 
 
 def main(rows=1046, V=128256, H=4096):

@@ -144,9 +144,11 @@ class FastLanguageModel:
         `offload_embedding`: keep the frozen input-embedding table in host memory and look the batch's
         rows up on the CPU (velotune.train.embedding_offload): ~1 GiB less GPU memory for Llama-3,
         one device->host copy of the token ids per forward. Refused for tied or trainable tables.
-        `cuda_graphs` (with "unsloth"/"offload" checkpointing): after one eager step, each decoder
-        layer's forward and its recompute + backward replay as CUDA graphs (velotune.train.layer_graphs):
-        far less host time per step, bit-identical results, plus one layer's working set of GPU memory.
+        `cuda_graphs` (EXPERIMENTAL; with "unsloth"/"offload" checkpointing): after one eager step,
+        each decoder layer's forward and its recompute + backward replay as CUDA graphs
+        (velotune.train.layer_graphs), to take the host out of the step. Not yet verified on a GPU:
+        the first capture on the H200 was invalidated (docs/perf-notes.md); a layer whose capture
+        fails runs eagerly, with a warning, so results never change.
         """
         if cuda_graphs and use_gradient_checkpointing not in ("unsloth", "offload"):
             raise ValueError("cuda_graphs=True needs use_gradient_checkpointing='unsloth' (or 'offload'): "

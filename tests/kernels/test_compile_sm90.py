@@ -47,18 +47,12 @@ CASES = [
     (split_accumulator._accumulate_tma_kernel, ["tensordesc<bf16[64, 128]>", "tensordesc<bf16[64, 128]>", "*i16",
                                                 "*i16", "i32", "i32", "i32", "i32"],
      dict(BM=128, BN=128, BK=64, UPCAST=False, FIRST=True), 4),
-    (split_accumulator._accumulate_tma_kernel, ["tensordesc<bf16[64, 128]>", "tensordesc<bf16[64, 128]>", "*i16",
-                                                "*i16", "i32", "i32", "i32", "i32"],
-     dict(BM=128, BN=128, BK=64, UPCAST=False, FIRST=False, EARLY=True), 8),
     (split_accumulator._accumulate_tma_planes_kernel, ["tensordesc<bf16[64, 128]>", "tensordesc<bf16[64, 128]>",
                                                        "tensordesc<i16[128, 128]>", "tensordesc<i16[128, 128]>", "i32"],
      dict(BM=128, BN=128, BK=64, UPCAST=False, FIRST=False), 8),
     (split_accumulator._accumulate_tma_planes_kernel, ["tensordesc<bf16[64, 128]>", "tensordesc<bf16[64, 128]>",
                                                        "tensordesc<i16[128, 128]>", "tensordesc<i16[128, 128]>", "i32"],
      dict(BM=128, BN=128, BK=64, UPCAST=False, FIRST=True), 8),
-    (split_accumulator._accumulate_persistent_kernel, ["tensordesc<bf16[64, 128]>", "tensordesc<bf16[64, 128]>",
-                                                       "*i16", "*i16", "i32", "i32", "i32", "i32"],
-     dict(BM=128, BN=128, BK=64, GROUP_M=8, PROGRAMS=132, UPCAST=False, FIRST=False), 4),
     (split_accumulator._finalize_kernel, ["*i16", "*i16", "*fp32", "i64"], dict(BLOCK=2048), 8),
 ]
 out = {}
@@ -90,6 +84,6 @@ def test_every_kernel_compiles_for_sm90():
     result = json.loads(lines[-1][len("RESULT "):])
     if set(result.values()) == {"no ptxas"}:
         pytest.skip("this triton build has no ptxas")
-    assert len(result) == 16
+    assert len(result) == 14
     bad = {k: v for k, v in result.items() if v not in ("ok", "no ptxas")}
     assert not bad, bad

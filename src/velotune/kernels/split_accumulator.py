@@ -129,21 +129,15 @@ def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
 @triton.jit
 def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                           FIRST: tl.constexpr, EARLY: tl.constexpr = False):
+                           FIRST: tl.constexpr):
     # The same GEMM with its operand tiles fetched by the Hopper tensor-memory accelerator (host-made
     # descriptors; out-of-range rows and columns read as zeros), so the pipeline's loads are issued
-    # by one thread instead of every thread computing addresses. Epilogue identical.
-    # EARLY: the planes' old tile is loaded before the main loop, so its latency (0.75 ms of the
-    # 2.85 ms per 8B chunk: bench/split_accumulator.py, first=True vs False) hides under the GEMM;
-    # it costs registers for the whole loop (num_warps 8 leaves room at 128 x 128).
+    # by one thread instead of every thread computing addresses. Epilogue identical. (Used when the
+    # planes' row stride does not suit TMA; else _accumulate_tma_planes_kernel.)
     pid = tl.program_id(0)
     n_n = tl.cdiv(N, BN)
     pid_m = pid // n_n
     pid_n = pid % n_n
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    if EARLY and not FIRST:
-        old = _load_planes(hi_ptr, lo_ptr, offs_m, offs_n, M, N, sc)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         a = a_desc.load([k0, pid_m * BM])                                   # [BK, BM]
@@ -152,10 +146,8 @@ def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
             acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
         else:
             acc = tl.dot(tl.trans(a), b, acc)
-    if EARLY and not FIRST:
-        _store_planes(hi_ptr, lo_ptr, old + acc, offs_m, offs_n, M, N, sc)
-    else:
-        _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc, FIRST)
+    _add_to_planes(hi_ptr, lo_ptr, acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), M, N, sc,
+                   FIRST)
 
 
 @triton.jit
@@ -189,46 +181,6 @@ def _accumulate_tma_planes_kernel(a_desc, b_desc, hi_desc, lo_desc, K,
 
 
 @triton.jit
-def _tile_of(tile, n_m, n_n, GROUP_M: tl.constexpr):
-    """Tile index -> (pid_m, pid_n), GROUP_M row blocks at a time (L2 reuse of both operands)."""
-    per_group = GROUP_M * n_n
-    first_m = (tile // per_group) * GROUP_M
-    rows = tl.minimum(n_m - first_m, GROUP_M)
-    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
-
-
-@triton.jit
-def _accumulate_persistent_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
-                                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                  GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, UPCAST: tl.constexpr,
-                                  FIRST: tl.constexpr):
-    # The TMA GEMM as a persistent kernel: PROGRAMS programs (one per SM) walk the output tiles.
-    # `flatten` fuses the tile loop with the K loop, so the software pipeline already fetches the
-    # next tile's operands while this tile's epilogue moves its 8 bytes per element of planes.
-    # The epilogue's tile index is tracked separately (tile_c), as the loop body no longer knows
-    # which tile a given iteration's accumulator belongs to once it is pipelined across tiles.
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    k_tiles = tl.cdiv(K, BK)
-    start = tl.program_id(0)
-    tile_c = start - PROGRAMS
-    for tile in tl.range(start, n_m * n_n, PROGRAMS, flatten=True):
-        pid_m, pid_n = _tile_of(tile, n_m, n_n, GROUP_M)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = a_desc.load([ki * BK, pid_m * BM])                          # [BK, BM]
-            b = b_desc.load([ki * BK, pid_n * BN])                          # [BK, BN]
-            if UPCAST:
-                acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
-            else:
-                acc = tl.dot(tl.trans(a), b, acc)
-        tile_c += PROGRAMS
-        cm, cn = _tile_of(tile_c, n_m, n_n, GROUP_M)
-        _add_to_planes(hi_ptr, lo_ptr, acc, cm * BM + tl.arange(0, BM), cn * BN + tl.arange(0, BN), M, N, sc,
-                       FIRST)
-
-
-@triton.jit
 def _finalize_kernel(hi_ptr, lo_ptr, scale_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -244,11 +196,10 @@ def _finalize_kernel(hi_ptr, lo_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 # (BM, BN, BK, num_warps, num_stages[, loads]): 128 x 128 output tiles, K in steps of 64, one
 # warpgroup, so that two programs fit an SM and one's epilogue (the plane traffic) overlaps the
-# other's main loop; loads "tma": operand tiles through TMA (else plain loads); "tma-early": TMA and
-# the old plane tile loaded before the main loop (see _accumulate_tma_kernel); "tma-planes": the
-# planes through TMA too (_accumulate_tma_planes_kernel); "persistent": TMA
-# in a persistent kernel, one program per SM, with GROUP_M row blocks per tile group (the 7th field).
-# `bench/split_accumulator.py` times alternatives.
+# other's main loop. loads "tma-planes": operands and planes through TMA (_accumulate_tma_planes_kernel);
+# "tma": operands only; anything else: plain loads. Each falls back to the next where strides do not
+# suit TMA. `bench/split_accumulator.py` times alternatives; docs/perf-notes.md lists the ones that
+# lost (a persistent kernel, an early plane load with pointer addressing).
 CONFIG = (128, 128, 64, 4, 3, "tma-planes")   # H200, 8B chunk: 2.73 ms vs 2.99 for "tma" (same run)
 
 
@@ -267,9 +218,9 @@ def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Te
                 first: bool = False) -> None:
     """hi:lo [M, N] += a^T @ b, a [K, M] and b [K, N] bf16 with unit column stride, fp32 sum.
     first=True: hi:lo = a^T @ b, the planes are only written (they may hold garbage before).
-    config: (BM, BN, BK, num_warps, num_stages[, loads[, GROUP_M]]), default CONFIG; loads "tma",
-    "tma-early", "tma-planes" or "persistent": operand tiles through tensor descriptors (Hopper's TMA; row strides must be
-    multiples of 16 bytes, else plain loads)."""
+    config: (BM, BN, BK, num_warps, num_stages[, loads]), default CONFIG; loads "tma-planes" or "tma":
+    tiles through tensor descriptors (Hopper's TMA; row strides must be multiples of 16 bytes, else
+    the next simpler kernel)."""
     K, M = a.shape
     N = b.shape[1]
     if b.shape[0] != K or hi.shape != (M, N) or lo.shape != (M, N):
@@ -292,7 +243,7 @@ def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Te
     loads = rest[0] if rest else "ptr"
     n_tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     common = dict(BM=BM, BN=BN, BK=BK, UPCAST=not a.is_cuda, FIRST=first, num_warps=warps, num_stages=stages)
-    if loads in ("tma", "tma-early", "tma-planes", "persistent") and _tma_ok(a, b):
+    if loads in ("tma", "tma-planes") and _tma_ok(a, b):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor(a, [K, M], [a.stride(0), 1], [BK, BM])
@@ -300,25 +251,13 @@ def accumulate_(hi: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Te
         if loads == "tma-planes" and _tma_ok(hi, lo):
             planes = [TensorDescriptor(t, [M, N], [N, 1], [BM, BN]) for t in (hi.view(torch.int16), lo)]
             _accumulate_tma_planes_kernel[(n_tiles,)](a_desc, b_desc, *planes, K, **common)
-        elif loads == "persistent":
-            programs = min(n_tiles, _sm_count(a.device))
-            _accumulate_persistent_kernel[(programs,)](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N,
-                                                       GROUP_M=rest[1] if len(rest) > 1 else 8,
-                                                       PROGRAMS=programs, **common)
         else:
-            _accumulate_tma_kernel[(n_tiles,)](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N,
-                                               EARLY=loads == "tma-early", **common)
+            _accumulate_tma_kernel[(n_tiles,)](a_desc, b_desc, hi.view(torch.int16), lo, M, N, K, N, **common)
         return
     # UPCAST: on CPU tensors (the Triton interpreter) the operands go to fp32 before tl.dot, because
     # the interpreter (triton 3.6, interpreter.py create_dot) multiplies bf16 values stored as uint16
     # as integers. Same math as the GPU's bf16 dot: bf16 x bf16 products are exact in fp32.
     _accumulate_kernel[(n_tiles,)](a, b, hi.view(torch.int16), lo, M, N, K, a.stride(0), b.stride(0), N, **common)
-
-
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return 4     # the interpreter: a few programs, each walking several tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def finalize_(hi: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

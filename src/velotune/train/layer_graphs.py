@@ -1,6 +1,11 @@
 """CUDA graphs of checkpointed decoder layers: the layer's forward, and its recompute + backward,
 each replayed as one graph, so a training step stops paying Python for every kernel launch.
 
+EXPERIMENTAL, opt-in. Status (2026-12-01): the CPU path is exact (tests/train/test_layer_graphs.py);
+the first GPU capture (H200, f04291a) was invalidated by a cross-stream join autograd made for a
+parameter's old AccumulateGrad node; `_fresh_leaves` is the fix, written after the device time was
+spent and not yet run on a GPU. A failed capture warns and leaves the model on the eager path.
+
     enable_offloaded_checkpointing(model, cuda_graphs=True)      # get_peft_model(..., cuda_graphs=True)
 
 Why: an 8B LoRA step launches ~6,000 kernels and is bound by the host (docs/perf-notes.md: the
@@ -33,6 +38,7 @@ a distributed run (kept simple), more than MAX_SIGNATURES shapes per layer.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -95,6 +101,29 @@ def _peft_state(mods) -> tuple:
     return tuple(out)
 
 
+@contextlib.contextmanager
+def _fresh_leaves(slots):
+    """Each trainable parameter replaced, in its module, by a new leaf Parameter sharing its storage.
+
+    Gradients are taken with respect to these leaves, never the real parameters: a real parameter's
+    AccumulateGrad node may have been created on the default stream by an earlier step whose graph
+    is still alive (the caller's previous `loss`), and autograd (torch >= 2.10) then joins the
+    capture stream with the default stream, which invalidates the capture (seen on the H200:
+    cudaErrorStreamCaptureInvalidated after the "AccumulateGrad node's stream does not match"
+    warning). New leaves get their nodes on the capture stream. Same storage: the recorded kernels
+    read the live parameter values."""
+    leaves = []
+    try:
+        for module, name, p in slots:
+            leaf = nn.Parameter(p.detach(), requires_grad=True)
+            module._parameters[name] = leaf
+            leaves.append(leaf)
+        yield leaves
+    finally:
+        for module, name, p in slots:
+            module._parameters[name] = p
+
+
 class _Graph:
     """One captured region: a CUDA graph on the GPU; on the CPU the closure itself, run eagerly on
     replay (same static buffers, same order: what the CPU tests check)."""
@@ -147,8 +176,9 @@ class _Statics:
 class _Entry:
     """One layer, one signature: its two graphs over the signature's statics."""
 
-    def __init__(self, statics: _Statics, params: list, names, static_kw, fn):
-        self.s, self.params, self.names, self.static_kw = statics, params, names, static_kw
+    def __init__(self, statics: _Statics, slots: list, names, static_kw, fn):
+        params = [p for _, _, p in slots]
+        self.s, self.slots, self.params, self.names, self.static_kw = statics, slots, params, names, static_kw
         self.calls = 0
         self.graphable = True            # False once the layer's output turned out not to be one tensor like x
         self.fwd = self.bwd = None
@@ -174,9 +204,10 @@ class _Entry:
 
         def backward():
             x = s.s.x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                y = s._call(x)
-            grads = torch.autograd.grad(y, [x, *s.params], s.s.dy, allow_unused=True)
+            with _fresh_leaves(s.slots) as leaves:
+                with torch.enable_grad():
+                    y = s._call(x)
+                grads = torch.autograd.grad(y, [x, *leaves], s.s.dy, allow_unused=True)
             s.s.dx.copy_(grads[0])
             for view, g in zip(s.grad_views, grads[1:]):
                 if g is None:
@@ -247,7 +278,9 @@ class LayerGraphs:
             self.stats["eager"] += 1
             return eager()
         names, kw_tensors, static_kw = flat
-        params = [p for p in layer.parameters() if p.requires_grad]
+        slots = [(m, n, p) for m in layer.modules() for n, p in m._parameters.items()
+                 if p is not None and p.requires_grad]
+        params = [p for _, _, p in slots]
         lora_mods = layer.__dict__.setdefault("_velotune_lora_mods", [
             m for m in layer.modules() if "lora_A" in m._modules and "base_layer" in m._modules])
         sig = (tuple(x.shape), x.dtype, x.device, tuple(names),
@@ -265,7 +298,7 @@ class LayerGraphs:
             statics = self.statics.get(sig)
             if statics is None:
                 statics = self.statics[sig] = _Statics(x, kw_tensors, sum(p.numel() for p in params), grad_dtype)
-            entry = self.entries[(id(layer), sig)] = _Entry(statics, params, names, static_kw, fn)
+            entry = self.entries[(id(layer), sig)] = _Entry(statics, slots, names, static_kw, fn)
         if not entry.graphable:
             self.stats["eager"] += 1
             return eager()
