@@ -56,7 +56,10 @@ def test_graphed_layers_train_bit_identically(family):
     batches = _two_batches()
     ref = _train(_lora(False, family=family), 4, batches)
     model = _lora(True, family=family)
+    before = {n: p for n, p in model.named_parameters()}
     got = _train(model, 4, batches)
+    # the fresh leaves used inside the graphs are swapped out again: the modules hold the real parameters
+    assert all(p is before[n] for n, p in model.named_parameters())
     stats = model.velotune_layer_graphs.stats
     assert stats["captured"] == N_LAYERS                        # step 2 captures, steps 3-4 replay
     assert stats["replayed"] == 3 * N_LAYERS and stats["eager"] == N_LAYERS
