@@ -134,6 +134,40 @@ def test_fused_linear_ce_drop_ignored_skips_rows(monkeypatch):
     assert torch.all(h.grad[::2] == 0) and torch.all(h.grad[1::2].abs().sum(1) > 0)
 
 
+def test_kept_rows_drop_ignored_rows_like_drop_ignored(monkeypatch):
+    """KeptRows (the training forward's sync-free path) finds the same rows, in order, and the loss
+    and gradients equal drop_ignored=True and the all-rows default."""
+    import velotune.kernels.fused_linear_ce as fl
+    from velotune.kernels.fused_linear_ce import KeptRows
+
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, V, (11,), generator=g)
+    labels[[0, 3, 4, 10]] = -100
+    kept = KeptRows(labels)
+    assert kept.rows().tolist() == [1, 2, 5, 6, 7, 8, 9]
+    assert KeptRows(torch.randint(0, V, (5,))).rows() is None           # nothing to drop
+    assert KeptRows(torch.full((3,), -100)).rows().numel() == 0
+    h0, w0 = torch.randn(11, 6, generator=g), torch.randn(V, 6, generator=g)
+    seen = []
+    real = fl._chunk_loss_and_grad
+    monkeypatch.setattr(fl, "_chunk_loss_and_grad", lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
+
+    def run(**kw):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fused_linear_cross_entropy(h, w, labels, memory_budget_bytes=3 * V * 4, **kw)
+        loss.backward()
+        return loss, h.grad, w.grad
+
+    got = run(kept_rows=kept.rows())
+    assert sum(seen) == 7
+    for a, b in zip(got, run(drop_ignored=True)):
+        assert torch.equal(a, b)
+    for a, b in zip(got, run()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="kept_rows"):
+        fused_linear_cross_entropy(h0, w0, labels, kept_rows=torch.arange(12))
+
+
 def test_fused_linear_ce_backward_runs_once():
     h = torch.randn(3, 4, requires_grad=True)
     loss = fused_linear_cross_entropy(h, torch.randn(V, 4), torch.randint(0, V, (3,)))

@@ -98,3 +98,28 @@ def test_unsupported_architecture_warns_and_stays_stock(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "velotune"]
     assert len(lines) == 1 and "GPT2LMHeadModel" in lines[0] and "stock" in lines[0]
     assert not any(is_patched(m) for m in model.modules())
+
+
+def test_training_loss_drops_ignored_rows_before_the_lm_head(monkeypatch):
+    """The causal-LM forward feeds only the positions with a label to the lm_head matmuls (prompt and
+    padding tokens are dropped, found by KeptRows without a blocking sync), and the loss and gradients
+    equal the stock model's."""
+    import velotune.kernels.fused_linear_ce as fl
+
+    batch = fixed_batch()
+    batch["labels"][:, :5] = -100                               # a masked prompt
+    stock = mini_model("llama")
+    want = stock(**batch).loss
+    want.backward()
+    model = mini_model("llama")
+    prepare_model(model, max_seq_length=64)
+    seen = []
+    real = fl._chunk_loss_and_grad
+    monkeypatch.setattr(fl, "_chunk_loss_and_grad", lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
+    loss = model(**batch).loss
+    loss.backward()
+    n_kept = int((batch["labels"][:, 1:] != -100).sum())       # shifted: the last position of each row predicts nothing
+    assert sum(seen) == n_kept < batch["labels"].numel()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    for (name, p), q in zip(model.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

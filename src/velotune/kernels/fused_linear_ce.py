@@ -25,10 +25,12 @@ coef = 1 / denominator (#non-ignored rows, num_items_in_batch or 1), a device te
 Backward only multiplies the stored gradients by grad_output. So one [C, V] buffer is ever alive,
 and the three matmuls of stock lm_head training happen exactly once each.
 
-Ignored rows: their loss and gradient rows are exact zeros, so they add nothing to d_hidden/dW.
-By default they still pass through the chunk matmuls: physically dropping them needs their count on
-the host, i.e. a device->host sync per call, which the default path avoids (the issue's
-requirement). `drop_ignored=True` opts into that one sync to gather the non-ignored rows first.
+Ignored rows: their loss and gradient rows are exact zeros, so they add nothing to d_hidden/dW, and
+they can be dropped before the matmuls (each chunk gathers its kept rows; dX rows are scattered into
+zeros). That needs the kept-row count on the host. `kept_rows` takes the indices from the caller:
+the training forward (models/loss.py) makes them with `KeptRows`, which launches the count's
+device->host copy before the decoder layers run, so reading it at the loss never stalls the GPU.
+`drop_ignored=True` finds them here, with one sync; by default every row goes through the matmuls.
 """
 from __future__ import annotations
 
@@ -57,12 +59,14 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, *, bias=None, s
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=None,
                                ignore_index=-100, reduction="mean", num_items_in_batch=None,
-                               memory_budget_bytes=DEFAULT_BUDGET, drop_ignored=False):
+                               memory_budget_bytes=DEFAULT_BUDGET, drop_ignored=False, kept_rows=None):
     """Scalar fp32 loss; grads for hidden, and for weight / bias only when they require grad.
 
-    drop_ignored=True gathers the non-ignored rows first so the matmuls skip ignored ones (worth it
-    when many labels are masked, e.g. training on responses only) at the price of ONE device->host
-    sync per call (the row count). The default keeps the hot path sync-free.
+    Ignored rows can be dropped before the matmuls (they add nothing to the loss or the gradients):
+    kept_rows: int64 [n] indices of the rows to keep, ascending (`KeptRows` makes them without
+    waiting on the GPU: the training forward starts the count's copy to the host before the decoder
+    layers run); or drop_ignored=True: computed here, at the price of ONE device->host sync per call
+    (the row count). Default: every row goes through the matmuls, sync-free.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: need hidden [N, H] and weight [V, H], got "
@@ -75,8 +79,45 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=Non
         raise ValueError(f"fused_linear_cross_entropy: bias {tuple(bias.shape)} != [V={weight.shape[0]}]")
     if memory_budget_bytes <= 0:
         raise ValueError("fused_linear_cross_entropy: memory_budget_bytes must be positive")
+    if kept_rows is not None and (kept_rows.dim() != 1 or kept_rows.numel() > hidden.shape[0]):
+        raise ValueError(f"fused_linear_cross_entropy: kept_rows must be [n <= N={hidden.shape[0]}] indices, "
+                         f"got {tuple(kept_rows.shape)}")
+    rows = kept_rows if kept_rows is not None else bool(drop_ignored)
     return _FusedLinearCE.apply(hidden, weight, labels, bias, softcap, logit_scale, ignore_index,
-                                reduction, num_items_in_batch, int(memory_budget_bytes), bool(drop_ignored))
+                                reduction, num_items_in_batch, int(memory_budget_bytes), rows)
+
+
+class KeptRows:
+    """The rows of `labels` [N] that are not ignore_index, found without a blocking device->host sync.
+
+        kept = KeptRows(labels)          # early (e.g. before the decoder layers run): launches the work
+        ...                              # the GPU gets there long before the host needs the count
+        loss = fused_linear_cross_entropy(..., kept_rows=kept.rows())
+
+    On the device: a stable argsort puts the kept rows first, in order, and their count is copied to
+    pinned host memory behind an event. `rows()` waits on that event, which by then has completed, so
+    the host never stalls the GPU queue. Returns None when no row is ignored (nothing to drop).
+    """
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int = -100):
+        keep = labels.reshape(-1) != ignore_index
+        self.n_rows = keep.numel()
+        self.order = torch.argsort((~keep).to(torch.int8), stable=True)   # kept rows first, in order
+        count = keep.sum()
+        self.event = None
+        if count.is_cuda:
+            self.count = torch.empty((), dtype=count.dtype, pin_memory=True)
+            self.count.copy_(count, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.count = count
+
+    def rows(self) -> torch.Tensor | None:
+        if self.event is not None:
+            self.event.synchronize()
+        n = int(self.count)
+        return None if n == self.n_rows else self.order[:n]
 
 
 def chunk_rows(n_rows: int, vocab: int, itemsize: int, budget: int) -> int:
@@ -149,7 +190,7 @@ def _split_dw(hidden, weight, dtype) -> bool:
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, softcap, logit_scale, ignore_index, reduction,
-                num_items, budget, drop_ignored):
+                num_items, budget, drop):
         N, H = hidden.shape
         V = weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -159,12 +200,18 @@ class _FusedLinearCE(torch.autograd.Function):
         denom = loss_denominator(labels, ignore_index, reduction, num_items)
         coef = (1.0 / denom).reshape(())
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        rows = None
-        if drop_ignored:   # the one host sync of this option: nonzero() needs the count
+        rows = None        # drop: kept-row indices (host-known length), or True: find them here
+        if isinstance(drop, torch.Tensor):
+            rows = drop
+        elif drop:         # the one host sync of this option: nonzero() needs the count
             rows = (labels != ignore_index).nonzero().squeeze(1)
-            hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
-        M = hidden.shape[0]
-        d_hidden = torch.empty((M, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
+        if rows is not None:   # chunks gather their rows (no [n, H] copy); labels are small
+            rows = rows.to(hidden.device)
+            labels = labels.index_select(0, rows)
+        M = N if rows is None else rows.numel()
+        # with dropped rows, dX rows are scattered into zeros: ignored rows get exact zeros
+        make = torch.empty if rows is None else torch.zeros
+        d_hidden = make((N, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
         # dW: an fp32 running sum over the row chunks. bf16 weights through Triton: split into the
         # bf16 top half (which becomes the gradient) and an int16 bottom half (split_accumulator.py)
         split = need_dw and _split_dw(hidden, weight, dtype)
@@ -179,7 +226,8 @@ class _FusedLinearCE(torch.autograd.Function):
         w = weight.to(dtype)
         for s in range(0, M, step):
             e = min(s + step, M)
-            h = hidden[s:e].to(dtype)
+            idx = None if rows is None else rows[s:e]
+            h = (hidden[s:e] if idx is None else hidden.index_select(0, idx)).to(dtype)
             logits = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else h @ w.t()
             loss_rows[s:e] = _chunk_loss_and_grad(logits, labels[s:e], coef, ignore_index, softcap,
                                                   logit_scale, want_grad)
@@ -188,7 +236,9 @@ class _FusedLinearCE(torch.autograd.Function):
                 main = torch.cuda.current_stream(logits.device)
                 side = _side_stream(logits.device)
                 side.wait_stream(main)                      # the CE kernel has written logits_c
-            if need_dh and d_hidden.dtype == dtype:      # rows s:e of a contiguous tensor: no copy
+            if need_dh and idx is not None:
+                d_hidden.index_copy_(0, idx, (logits @ w).to(d_hidden.dtype))
+            elif need_dh and d_hidden.dtype == dtype:      # rows s:e of a contiguous tensor: no copy
                 torch.mm(logits, w, out=d_hidden[s:e])
             elif need_dh:
                 d_hidden[s:e] = logits @ w
@@ -203,9 +253,6 @@ class _FusedLinearCE(torch.autograd.Function):
             if need_db:
                 d_bias += logits.float().sum(0)
             del logits   # before the next chunk's logits exist: one [C, V] buffer alive, not two
-        if rows is not None and need_dh:   # scatter back; ignored rows get exact zeros
-            d_hidden = torch.zeros((N, H), dtype=d_hidden.dtype, device=d_hidden.device).index_copy_(
-                0, rows, d_hidden)
         planes = d_weight if split else (d_weight, None)
         ctx.save_for_backward(d_hidden, *planes, d_bias)
         ctx.split = split

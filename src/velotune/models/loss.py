@@ -48,23 +48,28 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
         return self._velotune_stock_forward(input_ids=input_ids, attention_mask=attention_mask,
                                             position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
                                             use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-    from velotune.kernels.fused_linear_ce import fused_linear_cross_entropy
+    from velotune.kernels.fused_linear_ce import KeptRows, fused_linear_cross_entropy
 
     kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("return_dict", None)
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]        # token t predicts t + 1
+    shift_labels = shift_labels.reshape(-1).to(head.weight.device)
+    # Ignored positions (prompt tokens, padding) are dropped before the lm_head matmuls; their count
+    # is fetched now, while the decoder layers run, so reading it later does not stall the GPU.
+    kept = KeptRows(shift_labels)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
     hidden = outputs.last_hidden_state                                   # [B, T, H]
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]        # token t predicts t + 1
-    shift_labels = shift_labels.reshape(-1).to(hidden.device)
+    shift_labels = shift_labels.to(hidden.device)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     spec = self._velotune_spec
     softcap = getattr(self.config, spec.final_softcap_attr, None) if spec.final_softcap_attr else None
     loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels,
                                       bias=head.bias, softcap=softcap, ignore_index=-100,
-                                      num_items_in_batch=num_items_in_batch, memory_budget_bytes=CE_MEMORY_BUDGET)
+                                      num_items_in_batch=num_items_in_batch, memory_budget_bytes=CE_MEMORY_BUDGET,
+                                      kept_rows=kept.rows())
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
