@@ -109,7 +109,7 @@ class KeptRows:
             self.count = torch.empty((), dtype=count.dtype, pin_memory=True)
             self.count.copy_(count, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(count.device))
         else:
             self.count = count
 
