@@ -97,7 +97,8 @@ def _peft_state(mods) -> tuple:
     for m in mods:
         d = m.__dict__
         out.append((d.get("_disable_adapters", False), bool(d.get("merged_adapters")),
-                    str(d.get("_active_adapter", "default"))))
+                    str(d.get("_active_adapter", "default")),
+                    tuple(sorted((k, float(v)) for k, v in d.get("scaling", {}).items()))))  # baked into graphs
     return tuple(out)
 
 
