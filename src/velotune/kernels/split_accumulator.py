@@ -100,6 +100,16 @@ def _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc, FIRST: tl.cons
 
 
 @triton.jit
+def _dot_t(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a^T @ b for operand tiles a [BK, BM], b [BK, BN] (the K-loop step of every kernel here).
+    UPCAST: CPU interpreter only, whose dot multiplies bf16 *bit patterns* (see accumulate_)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(tl.trans(a), b, acc)
+
+
+@triton.jit
 def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
                        FIRST: tl.constexpr):
@@ -119,10 +129,7 @@ def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
                     mask=(kk[:, None] < K) & (offs_m[None, :] < M), other=0.0)          # [BK, BM]
         b = tl.load(b_ptr + kk[:, None].to(tl.int64) * sb + offs_n[None, :],
                     mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)          # [BK, BN]
-        if UPCAST:   # CPU interpreter only: its dot multiplies bf16 *bit patterns* (see accumulate_)
-            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
-        else:
-            acc = tl.dot(tl.trans(a), b, acc)
+        acc = _dot_t(a, b, acc, UPCAST)
     _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc, FIRST)
 
 
@@ -142,10 +149,7 @@ def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
     for k0 in range(0, K, BK):
         a = a_desc.load([k0, pid_m * BM])                                   # [BK, BM]
         b = b_desc.load([k0, pid_n * BN])                                   # [BK, BN]
-        if UPCAST:
-            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
-        else:
-            acc = tl.dot(tl.trans(a), b, acc)
+        acc = _dot_t(a, b, acc, UPCAST)
     _add_to_planes(hi_ptr, lo_ptr, acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), M, N, sc,
                    FIRST)
 
@@ -169,10 +173,7 @@ def _accumulate_tma_planes_kernel(a_desc, b_desc, hi_desc, lo_desc, K,
     for k0 in range(0, K, BK):
         a = a_desc.load([k0, m0])                                            # [BK, BM]
         b = b_desc.load([k0, n0])                                            # [BK, BN]
-        if UPCAST:
-            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc)
-        else:
-            acc = tl.dot(tl.trans(a), b, acc)
+        acc = _dot_t(a, b, acc, UPCAST)
     if not FIRST:
         acc = ((hi << 16) | lo).to(tl.float32, bitcast=True) + acc
     bits = acc.to(tl.int32, bitcast=True)
