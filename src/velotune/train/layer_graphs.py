@@ -264,26 +264,38 @@ class LayerGraphs:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
-    def _eligible(self, layer: nn.Module, x: torch.Tensor) -> bool:
+    @staticmethod
+    def _eligible(layer: nn.Module) -> bool:
         if torch.is_autocast_enabled() or not layer.training:
             return False
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return False
-        return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+    @staticmethod
+    def _scan(layer: nn.Module):
+        """One walk over the layer, every call (modules may be swapped, e.g. by PEFT injecting
+        adapters): (trainable parameter slots (module, name, param), LoRA modules, whether a
+        dropout with p > 0 is present)."""
+        slots, lora_mods, dropout = [], [], False
+        for m in layer.modules():
+            for n, p in m._parameters.items():
+                if p is not None and p.requires_grad:
+                    slots.append((m, n, p))
+            if "lora_A" in m._modules and "base_layer" in m._modules:
+                lora_mods.append(m)
+            dropout = dropout or (isinstance(m, nn.Dropout) and m.p > 0)
+        return slots, lora_mods, dropout
 
     def run(self, offloader, fn, x: torch.Tensor, eager):
         """The layer's output through its graphs, or `eager()` while warming up / when not graphable."""
         layer = _layer_of(fn) if isinstance(fn, functools.partial) and not self.disabled else None
         flat = _flatten_kwargs(fn.keywords) if layer is not None else None
-        if layer is None or flat is None or not self._eligible(layer, x):
+        scan = self._scan(layer) if flat is not None and self._eligible(layer) else None
+        if scan is None or scan[2]:                  # not graphable, or a dropout would be baked in
             self.stats["eager"] += 1
             return eager()
+        slots, lora_mods, _ = scan
         names, kw_tensors, static_kw = flat
-        slots = [(m, n, p) for m in layer.modules() for n, p in m._parameters.items()
-                 if p is not None and p.requires_grad]
         params = [p for _, _, p in slots]
-        lora_mods = layer.__dict__.setdefault("_velotune_lora_mods", [
-            m for m in layer.modules() if "lora_A" in m._modules and "base_layer" in m._modules])
         sig = (tuple(x.shape), x.dtype, x.device, tuple(names),
                tuple((t.shape, t.dtype, t.device) for t in kw_tensors), static_kw,
                tuple(p.shape for p in params), _peft_state(lora_mods))
