@@ -100,6 +100,15 @@ def _add_to_planes(hi_ptr, lo_ptr, acc, offs_m, offs_n, M, N, sc, FIRST: tl.cons
 
 
 @triton.jit
+def _tile(N, BN: tl.constexpr):
+    """This program's output tile (row block, column block); column blocks vary fastest, so the
+    programs of one row block run together and its A tile ([K, BM]) is served from L2."""
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N, BN)
+    return pid // n_n, pid % n_n
+
+
+@triton.jit
 def _dot_t(a, b, acc, UPCAST: tl.constexpr):
     """acc + a^T @ b for operand tiles a [BK, BM], b [BK, BN] (the K-loop step of every kernel here).
     UPCAST: CPU interpreter only, whose dot multiplies bf16 *bit patterns* (see accumulate_)."""
@@ -113,12 +122,8 @@ def _dot_t(a, b, acc, UPCAST: tl.constexpr):
 def _accumulate_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, M, N, K, sa, sb, sc,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
                        FIRST: tl.constexpr):
-    # C [M, N] += A[K, M]^T @ B[K, N]. Programs walk N fastest for a fixed M block, so the A block
-    # ([K, BM]) is read from HBM once and then served from L2 to every N block.
-    pid = tl.program_id(0)
-    n_n = tl.cdiv(N, BN)
-    pid_m = pid // n_n
-    pid_n = pid % n_n
+    # C [M, N] += A[K, M]^T @ B[K, N], plain pointer loads (any strides).
+    pid_m, pid_n = _tile(N, BN)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -141,10 +146,7 @@ def _accumulate_tma_kernel(a_desc, b_desc, hi_ptr, lo_ptr, M, N, K, sc,
     # descriptors; out-of-range rows and columns read as zeros), so the pipeline's loads are issued
     # by one thread instead of every thread computing addresses. Epilogue identical. (Used when the
     # planes' row stride does not suit TMA; else _accumulate_tma_planes_kernel.)
-    pid = tl.program_id(0)
-    n_n = tl.cdiv(N, BN)
-    pid_m = pid // n_n
-    pid_n = pid % n_n
+    pid_m, pid_n = _tile(N, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         a = a_desc.load([k0, pid_m * BM])                                   # [BK, BM]
@@ -162,10 +164,9 @@ def _accumulate_tma_planes_kernel(a_desc, b_desc, hi_desc, lo_desc, K,
     # coordinate, not one 64-bit address per element (those addresses made the pointer epilogue spill
     # ~3.5 KB per thread at 128 x 128 tiles, ptxas -v). The old tile is fetched before the main loop
     # (its latency hides under the GEMM); out-of-range rows and columns are clipped by the TMA unit.
-    pid = tl.program_id(0)
-    n_n = tl.cdiv(hi_desc.shape[1], BN)
-    m0 = (pid // n_n) * BM
-    n0 = (pid % n_n) * BN
+    pid_m, pid_n = _tile(hi_desc.shape[1], BN)
+    m0 = pid_m * BM
+    n0 = pid_n * BN
     if not FIRST:
         hi = hi_desc.load([m0, n0]).to(tl.int32) & 0xFFFF
         lo = lo_desc.load([m0, n0]).to(tl.int32) & 0xFFFF
