@@ -186,11 +186,17 @@ def test_fused_linear_ce_rejects_bad_input():
         fused_linear_cross_entropy(h, torch.randn(V, 5), torch.zeros(3, dtype=torch.long))
 
 
-def test_fused_linear_ce_bf16_trainable_weight_split_fp32_accumulator(monkeypatch):
-    """bf16 lm_head through Triton: dW is summed over 12 row chunks in the split fp32 accumulator
-    (kernels/split_accumulator.py) and rounded to bf16 once, scaled by grad_output on the way.
-    Same as the fp32-accumulator path (the CPU torch path) up to the chunk GEMMs' summation order,
-    and no further from float64 than stock bf16 (one GEMM over all rows)."""
+@pytest.mark.parametrize("kind,dtype", [("halves", torch.bfloat16), ("halves", torch.float16),
+                                        ("planes", torch.bfloat16)])
+def test_fused_linear_ce_16bit_trainable_weight_in_place_fp32_accumulator(monkeypatch, kind, dtype):
+    """16-bit lm_head through Triton: dW is summed over 12 row chunks in an fp32 accumulator whose
+    result is written in place (kernels/halves_accumulator.py, the default, or the split planes of
+    kernels/split_accumulator.py) and rounded once, scaled by grad_output on the way.
+    Same as the plain fp32-accumulator path (cast out of place) up to the chunk GEMMs' summation
+    order, and no further from float64 than stock in that dtype (one GEMM over all rows)."""
+    import velotune.kernels.fused_linear_ce as fl
+
+    monkeypatch.setattr(fl, "DW_ACCUMULATOR", kind)
     torch.manual_seed(5)
     n, H = 48, 32
     h0, w0 = torch.randn(n, H), torch.randn(V, H) * 0.5
@@ -203,24 +209,30 @@ def test_fused_linear_ce_bf16_trainable_weight_split_fp32_accumulator(monkeypatc
         (gw,) = torch.autograd.grad(loss, [w], dloss.to(loss.dtype))
         return gw
 
+    budget = 4 * V * 2                                    # 4 rows of 16-bit logits: 12 chunks
+    seen = []
+    real = fl._dw_accumulator
+    monkeypatch.setattr(fl, "_dw_accumulator", lambda *a: seen.append(real(*a)) or seen[-1])
+    with force_triton():
+        ours = dw(fused_linear_cross_entropy, dtype, memory_budget_bytes=budget)
+        monkeypatch.setattr(fl, "_dw_accumulator", lambda *a: None)   # same chunk gradients, plain fp32 sum
+        fp32acc = dw(fused_linear_cross_entropy, dtype, memory_budget_bytes=budget)
+    assert seen == [kind]
+    stock = dw(fused_linear_cross_entropy_reference, dtype)
+    exact = dw(fused_linear_cross_entropy_reference, torch.float64)
+    assert ours.dtype == dtype
+    ulp = 2.0 ** (torch.frexp(fp32acc.float())[1].float() - {torch.bfloat16: 8, torch.float16: 11}[dtype])
+    assert ((ours.float() - fp32acc.float()).abs() <= ulp).all()
+    err = lambda g: ((g.double() - exact).norm() / exact.norm()).item()   # noqa: E731
+    assert err(ours) <= 1.5 * err(stock), (err(ours), err(stock))
+
+
+@pytest.mark.parametrize("kind", ["halves", "planes"])
+def test_fused_linear_ce_bf16_in_place_accumulator_without_rows(monkeypatch, kind):
+    """Every label ignored and dropped: no chunk runs, dW of the bf16 lm_head is exactly zero."""
     import velotune.kernels.fused_linear_ce as fl
 
-    budget = 4 * V * 2                                    # 4 rows of bf16 logits: 12 chunks
-    with force_triton():
-        split = dw(fused_linear_cross_entropy, torch.bfloat16, memory_budget_bytes=budget)
-        monkeypatch.setattr(fl, "_split_dw", lambda *a: False)   # same chunk gradients, plain fp32 sum
-        fp32acc = dw(fused_linear_cross_entropy, torch.bfloat16, memory_budget_bytes=budget)
-    stock = dw(fused_linear_cross_entropy_reference, torch.bfloat16)
-    exact = dw(fused_linear_cross_entropy_reference, torch.float64)
-    assert split.dtype == torch.bfloat16
-    ulp = 2.0 ** (torch.frexp(fp32acc.float())[1].float() - 8)
-    assert ((split.float() - fp32acc.float()).abs() <= ulp).all()
-    err = lambda g: ((g.double() - exact).norm() / exact.norm()).item()   # noqa: E731
-    assert err(split) <= 1.5 * err(stock), (err(split), err(stock))
-
-
-def test_fused_linear_ce_bf16_split_accumulator_without_rows():
-    """Every label ignored and dropped: no chunk runs, dW of the bf16 lm_head is exactly zero."""
+    monkeypatch.setattr(fl, "DW_ACCUMULATOR", kind)
     h = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(V, 8, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.full((4,), -100)

@@ -50,3 +50,45 @@ def test_gpu_kernels_bf16():
     _compare(lambda h, W: fused_linear_cross_entropy_reference(h, W, labels),
              lambda h, W: fused_linear_cross_entropy(h, W, labels, memory_budget_bytes=16 * 5000 * 2),
              [torch.randn(64, 256, device=dev).requires_grad_(), (torch.randn(5000, 256, device=dev) / 16).requires_grad_()])
+
+
+def test_gpu_halves_accumulator_in_place_cast_at_lm_head_size():
+    """The in-place cast of kernels/halves_accumulator.py with a launch's programs running in parallel
+    (the interpreter runs them in order): Llama-3's lm_head size, bits equal to the out-of-place cast."""
+    from velotune.kernels.halves_accumulator import finalize_, finalize_reference, new_accumulator
+
+    V, H = 128256, 4096
+    acc = new_accumulator(V, H, "cuda")
+    for i, t in enumerate(acc):
+        t.copy_(torch.randn(t.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(i)))
+    scale = torch.tensor(0.37, device="cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        want = finalize_reference(acc, scale, dtype)
+        got = finalize_((acc[0].clone(), acc[1].clone()), scale, dtype)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        del want, got
+
+
+@pytest.mark.parametrize("kind", ["halves", "planes"])
+def test_gpu_fused_linear_ce_trainable_bf16_weight_accumulators(monkeypatch, kind):
+    """A trainable bf16 lm_head over many chunks: dW from either in-place accumulator equals the plain
+    fp32 accumulator's (cuBLAS, cast out of place) bit for bit."""
+    import velotune.kernels.fused_linear_ce as fl
+
+    g = torch.Generator("cuda").manual_seed(0)
+    n, H, V = 3000, 1024, 32000
+    h = (torch.randn(n, H, device="cuda", generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.02).bfloat16()
+    labels = torch.randint(0, V, (n,), device="cuda", generator=g)
+    labels[::7] = -100
+
+    def dw(accumulator):
+        monkeypatch.setattr(fl, "_dw_accumulator", accumulator)
+        W = w.clone().requires_grad_(True)
+        fl.fused_linear_cross_entropy(h, W, labels, memory_budget_bytes=500 * V * 2).backward()
+        return W.grad
+
+    monkeypatch.setattr(fl, "DW_ACCUMULATOR", kind)
+    ours = dw(fl._dw_accumulator)
+    plain = dw(lambda *a: None)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, plain)

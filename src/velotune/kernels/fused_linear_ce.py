@@ -15,12 +15,13 @@ Algorithm: the rows are processed in chunks of C rows, C = memory_budget_bytes /
     logits_c <- coef * dloss/dlogits_c              (CE backward kernel, IN PLACE over logits_c)
     d_hidden_c = logits_c @ weight                  [C, H]
     dW += logits_c.T @ hidden_c                     fp32 accumulator, only if weight.requires_grad;
-                                                    bf16 weights on the GPU: the split fp32 accumulator
-                                                    of split_accumulator.py (its top half becomes dW)
+                                                    16-bit weights on the GPU: halves_accumulator.py
+                                                    (cuBLAS, fp32; dW is cast in place at the end)
     db += logits_c.sum(0)                           fp32, only if bias.requires_grad
-With both d_hidden and a split dW on the GPU, the dW GEMM runs on a side stream concurrently with
-the d_hidden GEMM (both only read logits_c and hidden_c; the next chunk waits for both), so the dW
-kernel's plane traffic and the tail of cuBLAS' waves overlap (OVERLAP_DW; the bench can turn it off).
+With both d_hidden and an in-place dW accumulator on the GPU, the dW GEMM runs on a side stream
+concurrently with the d_hidden GEMM (both only read logits_c and hidden_c; the next chunk waits for
+both), so the accumulator traffic and the tail of the other GEMM's waves may overlap (OVERLAP_DW;
+the bench can turn it off).
 coef = 1 / denominator (#non-ignored rows, num_items_in_batch or 1), a device tensor: no host sync.
 Backward only multiplies the stored gradients by grad_output. So one [C, V] buffer is ever alive,
 and the three matmuls of stock lm_head training happen exactly once each.
@@ -39,7 +40,7 @@ import torch
 from velotune.kernels import triton_enabled
 from velotune.kernels.cross_entropy import (ce_backward_rows, ce_forward_rows, cross_entropy_reference,
                                             loss_denominator, transform_logits_reference)
-from velotune.kernels.split_accumulator import accumulate_, finalize_, new_accumulator
+from velotune.kernels import halves_accumulator, split_accumulator
 
 # 256 MiB of logits per chunk (1046 rows at a 128256 vocab). With a trainable bf16 lm_head the fp32
 # dW accumulator (2 x 2 bytes per element, 1.96 GiB at Llama-3's shape) plus this chunk and dX stay
@@ -182,9 +183,37 @@ def _accumulate_fp32(acc, a, b):
     acc.addmm_(a.float(), b.float())
 
 
-def _split_dw(hidden, weight, dtype) -> bool:
-    """Sum dW in the split fp32 accumulator (bf16 weight and chunks, Triton) rather than a plain fp32 one."""
-    return weight.dtype == torch.bfloat16 and dtype == torch.bfloat16 and triton_enabled(hidden)
+# How a 16-bit trainable lm_head's dW is summed on the Triton path (both exact fp32 sums, 4 bytes
+# per element, the gradient written in place): "halves" (halves_accumulator.py: cuBLAS into two
+# fp32 row halves, cast in place at the end) or "planes" (split_accumulator.py: a Triton GEMM over
+# a bf16 and an int16 plane; bf16 only). The bench's `--dw` flag compares them in one run.
+DW_ACCUMULATOR = "halves"
+
+
+def _dw_accumulator(hidden, weight, dtype) -> str | None:
+    """Which in-place accumulator sums dW, or None for a plain fp32 one (cast out of place)."""
+    if weight.dtype != dtype or dtype not in (torch.bfloat16, torch.float16) or not triton_enabled(hidden):
+        return None
+    if DW_ACCUMULATOR == "planes":
+        return "planes" if dtype == torch.bfloat16 else None
+    return "halves"
+
+
+def _new_dw(kind: str, V: int, H: int, device, zero: bool):
+    if kind == "planes":
+        return split_accumulator.new_accumulator(V, H, device, zero=zero)
+    acc = halves_accumulator.new_accumulator(V, H, device)
+    if zero:
+        for t in acc:
+            t.zero_()
+    return acc
+
+
+def _add_dw(kind: str, acc, logits, h, first: bool) -> None:
+    if kind == "planes":
+        split_accumulator.accumulate_(*acc, logits, h, first=first)
+    else:
+        halves_accumulator.accumulate_(acc, logits, h, first=first)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -212,12 +241,12 @@ class _FusedLinearCE(torch.autograd.Function):
         # with dropped rows, dX rows are scattered into zeros: ignored rows get exact zeros
         make = torch.empty if rows is None else torch.zeros
         d_hidden = make((N, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
-        # dW: an fp32 running sum over the row chunks. bf16 weights through Triton: split into the
-        # bf16 top half (which becomes the gradient) and an int16 bottom half (split_accumulator.py)
-        split = need_dw and _split_dw(hidden, weight, dtype)
+        # dW: an fp32 running sum over the row chunks. 16-bit weights through Triton: an accumulator
+        # whose result is written in place (see DW_ACCUMULATOR), else a plain fp32 one
+        acc_kind = _dw_accumulator(hidden, weight, dtype) if need_dw else None
         d_weight = None
-        if split:   # uninitialised: the first chunk's GEMM writes every element (zeros if no chunk runs)
-            d_weight = new_accumulator(V, H, weight.device, zero=M == 0)
+        if acc_kind:   # uninitialised: the first chunk's GEMM writes every element (zeros if no chunk runs)
+            d_weight = _new_dw(acc_kind, V, H, weight.device, zero=M == 0)
         elif need_dw:
             d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device)
         d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_db else None
@@ -232,7 +261,7 @@ class _FusedLinearCE(torch.autograd.Function):
             loss_rows[s:e] = _chunk_loss_and_grad(logits, labels[s:e], coef, ignore_index, softcap,
                                                   logit_scale, want_grad)
             side = None
-            if split and need_dh and OVERLAP_DW and logits.is_cuda:
+            if acc_kind and need_dh and OVERLAP_DW and logits.is_cuda:
                 main = torch.cuda.current_stream(logits.device)
                 side = _side_stream(logits.device)
                 side.wait_stream(main)                      # the CE kernel has written logits_c
@@ -244,18 +273,18 @@ class _FusedLinearCE(torch.autograd.Function):
                 d_hidden[s:e] = logits @ w
             if side is not None:
                 with torch.cuda.stream(side):
-                    accumulate_(*d_weight, logits, h, first=s == 0)
+                    _add_dw(acc_kind, d_weight, logits, h, first=s == 0)
                 main.wait_stream(side)   # before logits_c is freed and its memory reused (no record_stream)
-            elif split:
-                accumulate_(*d_weight, logits, h, first=s == 0)
+            elif acc_kind:
+                _add_dw(acc_kind, d_weight, logits, h, first=s == 0)
             elif need_dw:
                 _accumulate_fp32(d_weight, logits.t(), h)
             if need_db:
                 d_bias += logits.float().sum(0)
             del logits   # before the next chunk's logits exist: one [C, V] buffer alive, not two
-        planes = d_weight if split else (d_weight, None)
-        ctx.save_for_backward(d_hidden, *planes, d_bias)
-        ctx.split = split
+        parts = d_weight if acc_kind else (d_weight, None)
+        ctx.save_for_backward(d_hidden, *parts, d_bias)
+        ctx.acc_kind = acc_kind
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.used = False
         return loss_rows.sum() / denom
@@ -267,11 +296,13 @@ class _FusedLinearCE(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("fused_linear_cross_entropy: backward can run only once (no retain_graph)")
         ctx.used = True
-        d_hidden, d_weight, d_weight_lo, d_bias = ctx.saved_tensors
+        d_hidden, d_weight, d_weight_2, d_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         dh = d_hidden.mul_(grad.to(d_hidden.dtype)) if d_hidden is not None else None
-        if ctx.split:    # bf16(fp32 sum * grad) written over the top-half plane: no cast copy
-            dw = finalize_(d_weight, d_weight_lo, grad)
+        if ctx.acc_kind == "planes":    # bf16(fp32 sum * grad) written over the top-half plane: no cast copy
+            dw = split_accumulator.finalize_(d_weight, d_weight_2, grad)
+        elif ctx.acc_kind:              # dtype(fp32 sum * grad) written over the top half's storage
+            dw = halves_accumulator.finalize_((d_weight, d_weight_2), grad, w_dtype)
         else:
             dw = d_weight.mul_(grad).to(w_dtype) if d_weight is not None else None
         db = d_bias.mul_(grad).to(b_dtype) if d_bias is not None else None
