@@ -72,7 +72,8 @@ def test_gpu_halves_accumulator_in_place_cast_at_lm_head_size():
 @pytest.mark.parametrize("kind", ["halves", "planes"])
 def test_gpu_fused_linear_ce_trainable_bf16_weight_accumulators(monkeypatch, kind):
     """A trainable bf16 lm_head over many chunks: dW from either in-place accumulator equals the plain
-    fp32 accumulator's (cuBLAS, cast out of place) bit for bit."""
+    fp32 accumulator's (cuBLAS over the whole [V, H], cast out of place) to within one bf16 ulp, where
+    another GEMM kernel's summation order may differ, and bit for bit almost everywhere."""
     import velotune.kernels.fused_linear_ce as fl
 
     g = torch.Generator("cuda").manual_seed(0)
@@ -91,4 +92,7 @@ def test_gpu_fused_linear_ce_trainable_bf16_weight_accumulators(monkeypatch, kin
     monkeypatch.setattr(fl, "DW_ACCUMULATOR", kind)
     ours = dw(fl._dw_accumulator)
     plain = dw(lambda *a: None)
-    assert ours.dtype == torch.bfloat16 and torch.equal(ours, plain)
+    assert ours.dtype == torch.bfloat16
+    ulp = 2.0 ** (torch.frexp(plain.float())[1].float() - 8)
+    assert ((ours.float() - plain.float()).abs() <= ulp).all()
+    assert (ours == plain).float().mean().item() > 0.99
