@@ -82,3 +82,16 @@ def test_in_place_phases_never_write_what_they_or_later_phases_read(n, prefix):
         covered = b
     assert covered == n
     assert len(plan) <= max(0, (n // max(p, 1)).bit_length())
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 1046, 1047, 14746, 16384, 99991])
+def test_chunk_rows_fits_the_budget_with_the_fewest_even_chunks(n):
+    from velotune.kernels.fused_linear_ce import chunk_rows
+
+    V, budget = 128256, 256 * 2**20
+    cap = budget // (V * 2)                               # 1046 rows of bf16 logits
+    step = chunk_rows(n, V, 2, budget)
+    assert 1 <= step <= max(cap, 1)
+    n_chunks = -(-n // step)
+    assert n_chunks == -(-n // cap)                       # no more chunks than the budget needs
+    assert n == 0 or n - (n_chunks - 1) * step >= step - n_chunks   # the last chunk is not a sliver
