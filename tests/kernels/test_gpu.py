@@ -96,3 +96,51 @@ def test_gpu_fused_linear_ce_trainable_bf16_weight_accumulators(monkeypatch, kin
     ulp = 2.0 ** (torch.frexp(plain.float())[1].float() - 8)
     assert ((ours.float() - plain.float()).abs() <= ulp).all()
     assert (ours == plain).float().mean().item() > 0.99
+
+
+def test_gpu_rope_launch_plans_replay_exactly():
+    """RoPE launches replayed from plans (kernels/launch.py) after the first: new tensors each call,
+    an unaligned view (its own JIT launch, no plan), and the backward; all equal the first launch's
+    result, which equals the torch reference to bf16 rounding."""
+    from velotune.kernels import rope as rope_mod
+    from velotune.kernels.rope import apply_rope_, apply_rope_reference
+
+    rope_mod._PLANS.clear()
+    B, T, Hq, Hk, D = 2, 64, 4, 2, 128
+    g = torch.Generator("cuda").manual_seed(0)
+    q0 = torch.randn(B * T, Hq * D, device="cuda", generator=g).bfloat16()
+    k0 = torch.randn(B * T, Hk * D, device="cuda", generator=g).bfloat16()
+    pos = torch.arange(T, device="cuda")
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    ang = torch.cat([pos[:, None] * inv[None]] * 2, -1)
+    cos, sin = ang.cos()[None].bfloat16(), ang.sin()[None].bfloat16()
+
+    def run(q_src, k_src):      # fresh, contiguous, not views: rotated in place (one launch)
+        return apply_rope_(q_src.clone(), k_src.clone(), cos, sin, D)
+
+    first = run(q0, k0)
+    ref_q, ref_k = apply_rope_reference(q0.view(B, T, Hq, D).transpose(1, 2).float(),
+                                        k0.view(B, T, Hk, D).transpose(1, 2).float(), cos.float(), sin.float())
+    assert (first[0].float().view(B, T, Hq, D).transpose(1, 2) - ref_q).abs().max() < 0.05
+    for _ in range(3):
+        again = run(q0, k0)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert len(rope_mod._PLANS) >= 1
+    # unaligned storage: a different specialisation, so no plan may be reused for it
+    qbuf = torch.empty(q0.numel() + 1, device="cuda", dtype=q0.dtype)
+    qbuf[1:].copy_(q0.view(-1))
+    un_q = qbuf[1:].view(q0.shape)
+    kq = k0.clone()
+    rot = rope_mod._rows
+    rot(un_q, un_q, kq, kq, cos, sin, B, T, D, backward=False)
+    assert torch.equal(un_q, first[0]) and torch.equal(kq, first[1])
+    # backward through autograd, twice (the second from a plan)
+    grads = []
+    for _ in range(2):
+        q = (q0.float() * 1).bfloat16().requires_grad_(True)
+        k = (k0.float() * 1).bfloat16().requires_grad_(True)
+        qa, ka = q * 1, k * 1
+        out_q, out_k = apply_rope_(qa, ka, cos, sin, D)
+        (out_q.float().square().sum() + out_k.float().sum()).backward()
+        grads.append((q.grad, k.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -205,7 +205,7 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
 
         other = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel="bytes").view(ours.shape)
         assert torch.equal(other, ours), (shape, dtype)
-        # the launch plans (dequant_kernel._LaunchPlan): a repeated call, then an output 2 bytes off
+        # the launch plans (kernels/launch.py): a repeated call, then an output 2 bytes off
         # 16-byte alignment (its own plan, made by the JIT for that alignment), both still exact
         for layout in ("rows", "bytes"):
             again = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel=layout)

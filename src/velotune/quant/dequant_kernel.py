@@ -26,8 +26,8 @@ the launch passes `enable_fp_fusion=False` so the compiler never contracts them 
 multiply-add.
 
 Both layouts share the two helpers below (nested absmax, bf16 rounding). A launch is replayed from
-a per-weight plan once the JIT has compiled it (`_LaunchPlan`: a QLoRA step dequantises ~640 times,
-and the JIT's per-call host time added up).
+a per-weight plan once the JIT has compiled it (kernels/launch.py: a QLoRA step dequantises ~640
+times, and the JIT's per-call host time added up).
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
+from velotune.kernels.launch import LaunchPlan
 from velotune.quant.nf4 import NF4Weight, nf4_code
 
 BYTES = 1024  # packed bytes per program: 2048 output elements
@@ -143,7 +143,7 @@ def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str = "rows
     """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16).
     kernel: "rows" (default) or "bytes" (see the module docstring); the bits are the same."""
     plan = nf4.__dict__.get("_launch_plans", {}).get((out.data_ptr(), out.dtype, kernel))
-    if (plan is not None and out.numel() == plan.n and out.is_contiguous()
+    if (plan is not None and out.numel() == nf4.numel and out.is_contiguous()
             and plan.device == torch.cuda.current_device()):
         plan(out)
         return out
@@ -172,40 +172,7 @@ def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str = "rows
         plans = nf4.__dict__.setdefault("_launch_plans", {})
         if len(plans) >= PLANS_PER_WEIGHT:    # outputs at ever new addresses (not the training buffers)
             plans.clear()
-        plans[(out.data_ptr(), out.dtype, kernel)] = _LaunchPlan(compiled, fn, grid, args, consts, out_pos=6)
+        # the output is the only argument that varies for this weight (same address and dtype: same
+        # specialisation), so its plan replays the compiled kernel's launcher directly (launch.py)
+        plans[(out.data_ptr(), out.dtype, kernel)] = LaunchPlan(compiled, fn, grid, args, consts, slots=(6,))
     return out
-
-
-class _LaunchPlan:
-    """One dequantisation launch, replayed without Triton's JIT dispatch.
-
-    A QLoRA step dequantises ~640 times, and the step is bound by the host: the JIT's per-call work
-    (binding and specialising the arguments, looking the kernel up) is host time on the critical
-    path. A plan is made after the JIT launched the kernel once, and is keyed by the only argument
-    that varies, the output (address and dtype; the NF4 tensors and sizes are this weight's own).
-    Same address and dtype means the same specialisation, so replaying calls the very binary the JIT
-    chose, with the same arguments, through the compiled kernel's own launcher.
-    """
-
-    __slots__ = ("kernel", "grid", "values", "out_pos", "device", "n")
-
-    def __init__(self, compiled, fn, grid, args, consts, out_pos):
-        self.kernel = compiled
-        self.grid = (tuple(grid) + (1, 1))[:3]
-        # the launcher takes every parameter in signature order, constexprs included (as the JIT passes them)
-        self.values = [args[i] if i < len(args) else consts[name] for i, name in enumerate(fn.arg_names)]
-        # never hold the output: it is a view of a reusable buffer, and a reference here would keep a
-        # buffer that was since replaced by a larger one alive (the likely cause of the 8B QLoRA peak
-        # going from 6.95 to 7.02 GiB at 955be50)
-        self.values[out_pos] = None
-        self.out_pos = out_pos
-        self.n = args[-1]                     # n_elements: the output's size
-        self.device = torch.cuda.current_device()
-
-    def __call__(self, out: torch.Tensor) -> None:
-        k, (g0, g1, g2) = self.kernel, self.grid
-        values = list(self.values)
-        values[self.out_pos] = out
-        stream = torch._C._cuda_getCurrentRawStream(self.device)
-        k.run(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(self.grid, stream, *values),
-              knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)

@@ -1,0 +1,75 @@
+"""Launch plans: a compiled Triton kernel launched again without the JIT's per-call dispatch.
+
+A training step is bound by host time (docs/perf-notes.md), and Triton's JIT spends tens of
+microseconds per launch binding and specialising the arguments before it finds the compiled kernel
+(38.5 vs 11.3 us per NF4 dequantisation on the H200, `bench/host_overhead.py`). Where a caller can
+name cheaply everything that decides the compiled kernel, a plan replays it:
+
+    plans = {}
+    launch(plans, key, kernel, grid, args, consts, slots, num_warps=4)
+
+The first call with a `key` goes through the JIT (`kernel[grid](*args, **consts, ...)`); the kernel
+it compiled is kept with every parameter value in signature order. Later calls with the same key
+replace only the arguments at `slots` (the tensors) and call the compiled kernel's own launcher:
+the very binary the JIT chose, with the same arguments.
+
+The key is the caller's contract: it must determine the device, the grid, every non-slot argument,
+the constexprs, and whatever the JIT specialises the slot tensors on (dtype, and 16-byte alignment
+of the address: `aligned(...)`). Plans hold no tensors (the slots are emptied), are only made for
+CUDA launches (the interpreter runs the JIT path), and a dict past MAX_PLANS is cleared.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton import knobs
+
+MAX_PLANS = 64
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """All addresses 16-byte aligned (what Triton specialises pointer arguments on)."""
+    acc = 0
+    for t in tensors:
+        acc |= t.data_ptr()
+    return acc % 16 == 0
+
+
+class LaunchPlan:
+    """One compiled launch; `plan(*slot_tensors)` repeats it with new tensors at the slots."""
+
+    __slots__ = ("kernel", "grid", "values", "slots", "device")
+
+    def __init__(self, compiled, fn, grid, args, consts, slots):
+        self.kernel = compiled
+        self.grid = (tuple(grid) + (1, 1))[:3]
+        # the launcher takes every parameter in signature order, constexprs included (as the JIT passes them)
+        self.values = [args[i] if i < len(args) else consts[name] for i, name in enumerate(fn.arg_names)]
+        for i in slots:          # never hold a tensor: it may be a view of a buffer since replaced
+            self.values[i] = None
+        self.slots = tuple(slots)
+        self.device = torch.cuda.current_device()
+
+    def __call__(self, *tensors) -> None:
+        k, (g0, g1, g2) = self.kernel, self.grid
+        values = list(self.values)
+        for i, t in zip(self.slots, tensors):
+            values[i] = t
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        k.run(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(self.grid, stream, *values),
+              knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+
+
+def launch(plans: dict, key, fn, grid, args, consts: dict, slots, **options) -> None:
+    """`fn[grid](*args, **consts, **options)`, replayed from `plans[key]` after the first time.
+    key=None: always the JIT (e.g. unaligned tensors)."""
+    if key is not None:
+        plan = plans.get(key)
+        if plan is not None:
+            plan(*[args[i] for i in slots])
+            return
+    compiled = fn[grid](*args, **consts, **options)
+    if key is not None and args[slots[0]].is_cuda and isinstance(compiled, triton.compiler.CompiledKernel):
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        plans[key] = LaunchPlan(compiled, fn, grid, args, consts, slots)
