@@ -144,3 +144,31 @@ def test_gpu_rope_launch_plans_replay_exactly():
         (out_q.float().square().sum() + out_k.float().sum()).backward()
         grads.append((q.grad, k.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("which", ["rmsnorm", "gemma_rmsnorm", "swiglu", "geglu_tanh"])
+def test_gpu_launch_plans_of_norm_and_glu_replay_exactly(which):
+    """After the first (JIT) launch, forward and backward replay from plans (kernels/launch.py): with
+    new tensors each time, outputs and gradients stay bit-identical to the first call's."""
+    from velotune.kernels import glu as glu_mod, rmsnorm as rms_mod
+    from velotune.kernels.glu import geglu, swiglu
+    from velotune.kernels.rmsnorm import rms_norm
+
+    rms_mod._FWD_PLANS.clear(), rms_mod._BWD_PLANS.clear(), glu_mod._PLANS.clear()
+    g = torch.Generator("cuda").manual_seed(1)
+    a0 = torch.randn(300, 1000, device="cuda", generator=g).bfloat16()
+    b0 = torch.randn(300, 1000, device="cuda", generator=g).bfloat16()
+    fn = {"rmsnorm": lambda a, b: rms_norm(a, b[0], 1e-6),
+          "gemma_rmsnorm": lambda a, b: rms_norm(a, b[0], 1e-6, offset=1.0),
+          "swiglu": swiglu, "geglu_tanh": lambda a, b: geglu(a, b, "tanh")}[which]
+    runs = []
+    for _ in range(3):
+        a = a0.clone().requires_grad_(True)
+        b = b0.clone().requires_grad_(True)
+        out = fn(a, b)
+        (out.float() * 0.5).sum().backward()
+        runs.append((out.detach(), a.grad, b.grad))
+    plans = len(rms_mod._FWD_PLANS) + len(rms_mod._BWD_PLANS) + len(glu_mod._PLANS)
+    assert plans == 2
+    for run in runs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(run, runs[0]))

@@ -17,11 +17,14 @@ The cast `.to(x.dtype)` in the Llama forward is treated as identity by autograd,
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
+from velotune.kernels.launch import aligned, launch
 
 # Longest row held in registers at once; longer rows are processed in chunks of this size.
 MAX_BLOCK = 16384
@@ -178,6 +181,16 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# launch plans (kernels/launch.py): keyed by everything the compiled kernel depends on but the tensors
+_FWD_PLANS: dict = {}
+_BWD_PLANS: dict = {}
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
@@ -190,9 +203,11 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block, single = _block(H)
         if M > 0:
-            _rms_fwd_kernel[(M,)](x2, x2.stride(0), y, y.stride(0), weight, rstd, H, eps, offset,
-                                  GEMMA=gemma, BLOCK=block, SINGLE=single,
-                                  num_warps=_num_warps(block))
+            args = (x2, x2.stride(0), y, y.stride(0), weight, rstd, H, eps, offset)
+            key = ((x2.get_device(), x2.dtype, y.dtype, weight.dtype, args[1], args[3], M, H, eps, offset, block)
+                   if x2.is_cuda and aligned(x2, y, weight, rstd) else None)
+            launch(_FWD_PLANS, key, _rms_fwd_kernel, (M,), args, dict(GEMMA=gemma, BLOCK=block, SINGLE=single),
+                   (0, 2, 4, 5), num_warps=_num_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape = offset, shape
         return y.view(shape)
@@ -206,7 +221,7 @@ class _RMSNorm(torch.autograd.Function):
         has_dw = ctx.needs_input_grad[1]
         block, single = _block(H)
         if x2.is_cuda:  # enough programs in flight to hide each row's load -> reduce -> store latency
-            progs = torch.cuda.get_device_properties(x2.device).multi_processor_count * 8
+            progs = _sm_count(x2.get_device()) * 8
         else:
             progs = 4
         progs = max(1, min(progs, M))
@@ -216,9 +231,13 @@ class _RMSNorm(torch.autograd.Function):
         alloc = torch.empty if single and M > 0 else torch.zeros
         dwp = alloc((max(progs, 1), H) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
         if M > 0:
-            _rms_bwd_kernel[(progs,)](dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight,
-                                      rstd, dwp, M, H, rows_per_prog, ctx.offset,
-                                      GEMMA=ctx.offset != 0.0, HAS_DW=has_dw, BLOCK=block,
-                                      SINGLE=single, num_warps=_num_warps(block))
+            args = (dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight, rstd, dwp, M, H, rows_per_prog,
+                    ctx.offset)
+            key = ((x2.get_device(), dy2.dtype, x2.dtype, weight.dtype, args[1], args[3], args[5], M, H,
+                    rows_per_prog, progs, ctx.offset, has_dw, block)
+                   if x2.is_cuda and aligned(dy2, x2, dx, weight, rstd, dwp) else None)
+            launch(_BWD_PLANS, key, _rms_bwd_kernel, (progs,), args,
+                   dict(GEMMA=ctx.offset != 0.0, HAS_DW=has_dw, BLOCK=block, SINGLE=single),
+                   (0, 2, 4, 6, 7, 8), num_warps=_num_warps(block))
         dw = dwp.sum(0).to(weight.dtype) if has_dw else None
         return dx.view(ctx.shape), dw, None, None
