@@ -31,7 +31,7 @@ from train import _config, training_step  # noqa: E402
 
 def measure(impl: str, args) -> None:
     config = _config("8b")
-    model = build(impl, config, "cuda", torch.bfloat16, args.seq)
+    model = build(impl, config, "cuda", torch.bfloat16, args.seq, cuda_graphs=args.cuda_graphs)
     step, *_ = training_step(model, args.batch, args.seq, "cuda")
     for _ in range(3):
         step()
@@ -46,7 +46,9 @@ def measure(impl: str, args) -> None:
         enq.append(t1 - t0)
         wall.append(t2 - t0)
     n_tok = args.batch * args.seq
-    print(f"{impl}: enqueue {1e3 * sum(enq) / len(enq):.1f} ms, wall {1e3 * sum(wall) / len(wall):.1f} ms/step "
+    graphs = getattr(model, "velotune_layer_graphs", None)
+    tag = f" [layer graphs {graphs.stats}]" if graphs is not None else ""
+    print(f"{impl}{tag}: enqueue {1e3 * sum(enq) / len(enq):.1f} ms, wall {1e3 * sum(wall) / len(wall):.1f} ms/step "
           f"({n_tok * len(wall) / sum(wall):.0f} tok/s)", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
@@ -56,6 +58,7 @@ def measure(impl: str, args) -> None:
         torch.cuda.synchronize()
     busy = copies = 0.0
     n = 0
+    top = []
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0.0) or 0.0
         if not us:
@@ -65,8 +68,15 @@ def measure(impl: str, args) -> None:
         else:
             busy += us
             n += e.count
+            top.append((us, e.count, e.key))
     print(f"  GPU kernels on the compute stream: {busy / 1e3:.1f} ms, {n} launches/step; "
           f"offload copies (side streams) {copies / 1e3:.1f} ms", flush=True)
+    for us, count, key in sorted(top, reverse=True)[:args.kernels]:
+        print(f"    {us / 1e3:8.2f} ms  {count:5d}x  {key[:100]}", flush=True)
+    if args.no_cprofile:
+        del model, step
+        torch.cuda.empty_cache()
+        return
 
     pr = cProfile.Profile()
     torch.cuda.synchronize()
@@ -115,6 +125,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--kernels", type=int, default=0, help="list this many GPU kernels by time")
+    ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="velotune: decoder layers as CUDA graphs")
     args = ap.parse_args()
     launch_cost()
     for impl in args.impls:
