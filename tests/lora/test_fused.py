@@ -136,6 +136,29 @@ def test_checkpoint_recompute_skips_the_down_projection(monkeypatch):
     torch.testing.assert_close(down.A.grad, ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("down_lora,train_w", [(True, False), (False, False), (True, True)])
+def test_mlp_values_unused_skips_the_down_gemm_and_keeps_every_gradient(monkeypatch, down_lora, train_w):
+    """lora_mlp(values_unused=True), the captured recompute's mode: the down weight is never read,
+    the output is only shaped like the real one, and every gradient equals the normal forward's."""
+    import velotune.lora.fused as fused
+
+    H, I = 12, 10
+    gate_up = [_proj(H, I, 4), _proj(H, I, 2)]
+    down = _proj(I, H, 3, lora=down_lora, train_w=train_w, bias=True)
+    X = torch.randn(7, H, dtype=torch.float64, requires_grad=True)
+    leaves = [X, *_leaves(gate_up), *_leaves([down])]
+    g = torch.randn(7, H, dtype=torch.float64)
+    want = torch.autograd.grad(lora_mlp(X, gate_up, down, "silu"), leaves, g)
+    read = []
+    real_weight = fused._weight
+    monkeypatch.setattr(fused, "_weight", lambda p, dtype: read.append(p) or real_weight(p, dtype))
+    out = lora_mlp(X, gate_up, down, "silu", values_unused=True)
+    assert out.shape == (7, H) and not any(p is down for p in read)
+    got = torch.autograd.grad(out, leaves, g)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def _mixed(projs):
     """bf16 base layers with fp32 adapters: how PEFT keeps adapters on a bf16 model."""
     for p in projs:

@@ -51,7 +51,7 @@ def _two_batches():
     return [first, second]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])   # gemma2: sandwich norms, full recompute
 def test_graphed_layers_train_bit_identically(family):
     batches = _two_batches()
     ref = _train(_lora(False, family=family), 4, batches)

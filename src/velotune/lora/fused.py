@@ -264,15 +264,18 @@ class _BaseDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, c, down, weight, bias):
-        W = _weight(down, h.dtype)
-        b = None if bias is None else bias.to(h.dtype)
-        if c is None:
-            Y = F.linear(h, W, b)
+    def forward(ctx, h, c, down, weight, bias, values_unused=False):
+        if values_unused:   # a recompute for gradients only: nothing reads Y's values (see lora_mlp)
+            Y = torch.empty((h.shape[0], down.base.out_features), dtype=h.dtype, device=h.device)
         else:
-            Y = torch.addmm(c, h, W.t())
-            if b is not None:
-                Y.add_(b)
+            W = _weight(down, h.dtype)
+            b = None if bias is None else bias.to(h.dtype)
+            if c is None:
+                Y = F.linear(h, W, b)
+            else:
+                Y = torch.addmm(c, h, W.t())
+                if b is not None:
+                    Y.add_(b)
         ctx.down = down
         ctx.has_c = c is not None
         trainable = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
@@ -286,17 +289,23 @@ class _BaseDown(torch.autograd.Function):
         dh = dY @ _weight(down, dY.dtype) if ctx.needs_input_grad[0] else None
         dW = (dY.t() @ h).to(down.base.weight.dtype) if ctx.needs_input_grad[3] else None
         db = dY.sum(0).to(down.bias.dtype) if ctx.needs_input_grad[4] else None
-        return dh, (dY if ctx.has_c else None), None, dW, db
+        return dh, (dY if ctx.has_c else None), None, dW, db, None
 
 
-def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str) -> torch.Tensor:
+def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str,
+             values_unused: bool = False) -> torch.Tensor:
     """X [N, H] -> [N, H]: down(act(gate(X)) * up(X)) with adapters on any of the three.
 
     gate_up: two projections (gate, up), or one fused projection whose output is [gate | up]
     (Phi-3's gate_up_proj). act in {"silu", "gelu", "gelu_tanh"}.
     Three functions, in this order: _MLPIn (gate/up/GLU, and h @ A_down^T), _LoRAUp (the down
     adapter's B), _BaseDown (h @ W_down^T added to it) -- see _BaseDown for why this order.
+    values_unused=True: the caller recomputes only to take gradients and nothing after the MLP saves
+    its output (a residual add follows), so the frozen down GEMM (and its dequantisation) is skipped
+    and the output holds uninitialised values; gradients are unchanged, since no backward formula
+    reads them. This is what non-reentrant checkpointing's early stop saves on the eager path
+    (train/layer_graphs.py uses it for the captured recompute).
     """
     h, hA = _MLPIn.apply(X, tuple(gate_up), act, down.A, *_flat_params(gate_up))
     c = _LoRAUp.apply(hA, down.B, down.scaling) if down.A is not None else None
-    return _BaseDown.apply(h, c, down, down.base.weight, down.bias)
+    return _BaseDown.apply(h, c, down, down.base.weight, down.bias, values_unused)

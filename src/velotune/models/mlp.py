@@ -5,7 +5,24 @@ several active adapters...) or the activation is not one the GLU kernels impleme
 """
 from __future__ import annotations
 
+import contextlib
+
 from velotune.lora import lora_mlp, resolve
+
+_VALUES_UNUSED = [False]
+
+
+@contextlib.contextmanager
+def mlp_output_values_unused():
+    """Within this block a decoder layer runs only so that gradients can be taken through it (the
+    captured recompute of train/layer_graphs.py): fused MLPs whose output meets nothing but the
+    residual add (no sandwich norm after them, see FamilySpec) skip the frozen down GEMM and return
+    uninitialised values (`lora_mlp(values_unused=True)`). Gradients are unchanged."""
+    prev, _VALUES_UNUSED[0] = _VALUES_UNUSED[0], True
+    try:
+        yield
+    finally:
+        _VALUES_UNUSED[0] = prev
 
 
 def mlp_forward(self, x):
@@ -20,4 +37,5 @@ def mlp_forward(self, x):
     if act is None or down is None or any(p is None for p in gate_up):
         return self._velotune_stock_forward(x)
     shape = x.shape
-    return lora_mlp(x.reshape(-1, shape[-1]), gate_up, down, act).view(shape)
+    skip = _VALUES_UNUSED[0] and not spec.sandwich_norms
+    return lora_mlp(x.reshape(-1, shape[-1]), gate_up, down, act, values_unused=skip).view(shape)
