@@ -17,7 +17,8 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from velotune.quant.dequant_kernel import _kernel_args, _nf4_dequant_rows_kernel, _pair_table, dequantize_nf4_triton  # noqa: E402
+from velotune.quant.dequant_kernel import (_kernel_args, _nf4_dequant_out_kernel, _nf4_dequant_rows_kernel,  # noqa: E402
+                                           _pair_table, dequantize_nf4_triton)
 from velotune.quant.nf4 import quantize_nf4  # noqa: E402
 
 PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}   # weights of each shape in a layer
@@ -35,25 +36,27 @@ def main() -> None:
         dequantize_nf4_triton(nf4, ref)
         n = nf4.numel
         absmax, code2, absmax2, offset, _ = _kernel_args(nf4)
-        for elems in (2048, 4096, 8192, 16384):
-            for warps in (2, 4, 8):
-                rows = elems // nf4.blocksize
-                out = torch.empty_like(ref)
-                grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
+        code = _kernel_args(nf4)[4]
+        for layout, elems, warps in [(lay, e, w) for lay in ("rows", "out") for e in (1024, 2048, 4096, 8192)
+                                     for w in (2, 4, 8)]:
+            rows = elems // nf4.blocksize
+            out = torch.empty_like(ref)
+            grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
+            fn, table = ((_nf4_dequant_rows_kernel, _pair_table(nf4.device)) if layout == "rows"
+                         else (_nf4_dequant_out_kernel, code))
 
-                def launch():
-                    _nf4_dequant_rows_kernel[grid](nf4.packed, absmax, code2, absmax2, offset,
-                                                   _pair_table(nf4.device), out, n, BLOCKSIZE=nf4.blocksize,
-                                                   BLOCKSIZE2=nf4.blocksize2, NESTED=True, ROWS=rows,
-                                                   OUT_BF16=True, num_warps=warps, enable_fp_fusion=False)
-                launch()
-                same = torch.equal(out.view(torch.int16), ref.view(torch.int16))
-                us = triton.testing.do_bench(launch, warmup=20, rep=200, return_mode="median") * 1000
-                gbs = n * 2.5 / us / 1e3
-                total.setdefault((elems, warps), 0.0)
-                total[(elems, warps)] += us * PER_LAYER[name]
-                print(f"{name:8s} elems/prog {elems:6d} warps {warps}: {us:7.1f} us {gbs:7.0f} GB/s  bit-exact {same}",
-                      flush=True)
+            def launch():
+                fn[grid](nf4.packed, absmax, code2, absmax2, offset, table, out, n, BLOCKSIZE=nf4.blocksize,
+                         BLOCKSIZE2=nf4.blocksize2, NESTED=True, ROWS=rows,
+                         OUT_BF16=True, num_warps=warps, enable_fp_fusion=False)
+            launch()
+            same = torch.equal(out.view(torch.int16), ref.view(torch.int16))
+            us = triton.testing.do_bench(launch, warmup=20, rep=200, return_mode="median") * 1000
+            gbs = n * 2.5 / us / 1e3
+            total.setdefault((layout, elems, warps), 0.0)
+            total[(layout, elems, warps)] += us * PER_LAYER[name]
+            print(f"{name:8s} {layout:4s} elems/prog {elems:6d} warps {warps}: {us:7.1f} us {gbs:7.0f} GB/s  "
+                  f"bit-exact {same}", flush=True)
     print("one layer's 7 weights, us per dequantisation pass, best first:")
     for k, v in sorted(total.items(), key=lambda kv: kv[1]):
         print(k, f"{v:.1f}")

@@ -122,6 +122,10 @@ def worker(args) -> dict:
     config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
     cuda = device.startswith("cuda")
     t_build = time.perf_counter()
+    if args.dequant_kernel:
+        from velotune.quant import dequant_kernel
+
+        dequant_kernel.DEFAULT_KERNEL = args.dequant_kernel
     model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding, args.cuda_graphs)
     t_build = time.perf_counter() - t_build
     step, params, _, _ = training_step(model, args.batch, args.seq, device)
@@ -507,6 +511,8 @@ def main() -> int:
                     help="run the contenders this many times, interleaved; report each one's median run")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="velotune: get_peft_model(..., cuda_graphs=True), decoder layers replayed as CUDA graphs")
+    ap.add_argument("--dequant-kernel", default="", choices=["", "rows", "out", "bytes"],
+                    help="NF4 dequantisation layout of the training path (quant/dequant_kernel.DEFAULT_KERNEL)")
     ap.add_argument("--offload-embedding", action="store_true",
                     help="velotune contenders keep the frozen input embeddings in host memory")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
@@ -535,7 +541,8 @@ def main() -> int:
         results["dequant"] = rows
         print_dequant(rows)
     common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype] + (
-        ["--offload-embedding"] if args.offload_embedding else []) + (["--cuda-graphs"] if args.cuda_graphs else [])
+        ["--offload-embedding"] if args.offload_embedding else []) + (["--cuda-graphs"] if args.cuda_graphs else []) + (
+        ["--dequant-kernel", args.dequant_kernel] if args.dequant_kernel else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the

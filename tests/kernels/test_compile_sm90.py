@@ -19,7 +19,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from velotune.kernels import cross_entropy, glu, rmsnorm, rope, split_accumulator
+from velotune.kernels import cross_entropy, glu, halves_accumulator, rmsnorm, rope, split_accumulator
 from velotune.quant import dequant_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -40,6 +40,10 @@ CASES = [
                                     "fp32"], dict(HAS_SCALE=False, HAS_CAP=True, BLOCK=4096), 8),
     (dequant_kernel._nf4_dequant_rows_kernel, NF4 + ["*i64", "*bf16", "i64"],
      dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, ROWS=32, OUT_BF16=True), 4),
+    (dequant_kernel._nf4_dequant_out_kernel, NF4 + ["*fp32", "*bf16", "i64"],
+     dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, ROWS=32, OUT_BF16=True), 4),
+    (halves_accumulator._scale_cast_kernel, ["*fp32", "*i16", "*fp32", "i64"], dict(BLOCK=4096, OUT_BF16=True), 8),
+    (halves_accumulator._scale_cast_kernel, ["*fp32", "*fp16", "*fp32", "i64"], dict(BLOCK=4096, OUT_BF16=False), 8),
     (dequant_kernel._nf4_dequant_kernel, NF4 + ["*fp32", "*fp16", "i64"],
      dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, BYTES=dequant_kernel.BYTES, OUT_BF16=False), 4),
     (split_accumulator._accumulate_kernel, ["*bf16", "*bf16", "*i16", "*i16"] + ["i32"] * 6,
@@ -84,6 +88,6 @@ def test_every_kernel_compiles_for_sm90():
     result = json.loads(lines[-1][len("RESULT "):])
     if set(result.values()) == {"no ptxas"}:
         pytest.skip("this triton build has no ptxas")
-    assert len(result) == 14
+    assert len(result) == 17
     bad = {k: v for k, v in result.items() if v not in ("ok", "no ptxas")}
     assert not bad, bad

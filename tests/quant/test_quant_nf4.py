@@ -141,7 +141,7 @@ def test_dequantize_matches_bitsandbytes_pytorch_backend():
             assert torch.equal(dequantize_nf4(nf4), _float64_dequant(nf4, dtype)), (shape, dtype)
 
 
-@pytest.mark.parametrize("kernel", ["bytes", "rows"])   # the two layouts of dequant_kernel.py
+@pytest.mark.parametrize("kernel", ["bytes", "rows", "out"])   # the three layouts of dequant_kernel.py
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernel_bit_exact_under_interpreter(dtype, kernel):
     from velotune.quant.dequant_kernel import dequantize_nf4_triton
@@ -157,7 +157,7 @@ def test_triton_kernel_bit_exact_under_interpreter(dtype, kernel):
                 if kernel == "rows":      # the default, through the public entry point
                     got = dequantize_nf4(nf4, out=out)
                 else:
-                    got = dequantize_nf4_triton(nf4, out[:w.numel()], kernel="bytes").view(shape)
+                    got = dequantize_nf4_triton(nf4, out[:w.numel()], kernel=kernel).view(shape)
             assert got.data_ptr() == out.data_ptr() and got.shape == w.shape
             assert torch.equal(got, ref), (shape, double_quant)
             assert torch.isnan(out[w.numel():]).all()  # nothing written past the weight
