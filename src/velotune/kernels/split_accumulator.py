@@ -1,5 +1,9 @@
 """An fp32 GEMM accumulator stored as two 16-bit planes, so its top half is the bf16 result.
 
+Not the default since 2026-12-01: halves_accumulator.py (cuBLAS into two fp32 row halves, cast in
+place) does the same job with the same memory, 1.94 vs 2.87 ms per 8B chunk on the H200. Kept as
+`fused_linear_ce.DW_ACCUMULATOR = "planes"` for comparison (`bench/flce_chunks.py --dw`).
+
 Used by the fused linear cross-entropy for the lm_head weight gradient, which sums one GEMM per row
 chunk: dW [V, H] += dlogits_c^T @ hidden_c. Summing in fp32 keeps dW as accurate as stock's single
 GEMM (a bf16 running sum is not: `bench/flce_accumulation.py`); but an fp32 [V, H] accumulator plus

@@ -2,9 +2,11 @@
 each replayed as one graph, so a training step stops paying Python for every kernel launch.
 
 EXPERIMENTAL, opt-in. Status (2026-12-01): the CPU path is exact (tests/train/test_layer_graphs.py);
-the first GPU capture (H200, f04291a) was invalidated by a cross-stream join autograd made for a
-parameter's old AccumulateGrad node; `_fresh_leaves` is the fix, written after the device time was
-spent and not yet run on a GPU. A failed capture warns and leaves the model on the eager path.
+on the H200 all 32 layers of the 8B model capture and replay (`_fresh_leaves` fixed the first
+capture, which autograd's cross-stream join for a parameter's old AccumulateGrad node invalidated),
+and the GPU test is bit-identical to eager. But the 8B step gains nothing (11656 vs 11670 tok/s, same
+call): with launch plans the eager step is no longer host-bound (BENCHMARKS.md). A failed capture
+warns and leaves the model on the eager path.
 
     enable_offloaded_checkpointing(model, cuda_graphs=True)      # get_peft_model(..., cuda_graphs=True)
 
@@ -21,6 +23,8 @@ How, per layer and per input signature (shape, dtype, kwargs; see `_Entry`):
     B: y = layer(x); (dx, dlora...) = autograd.grad(y, (x, lora...), dy)   (recompute + backward)
   Their inputs and outputs are static buffers shared by the layers of a signature: x, dy, dx, the
   flat LoRA-gradient buffer, and one buffer per tensor kwarg (rotary cos/sin, position ids, mask);
+  (B's forward skips the MLP's frozen down GEMM where only a residual add follows: its values are
+  never read, as checkpointing's early stop skips it eagerly; see models/mlp.py);
 * later calls run `_GraphedLayer`: copy x in, replay F, clone y out, offload x to host memory (the
   offloader of checkpointing.py); in backward, bring x back, replay B, and return dx and the LoRA
   gradients to autograd (so AccumulateGrad, gradient accumulation and DDP's hooks work as usual:
