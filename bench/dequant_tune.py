@@ -2,7 +2,8 @@
 
     PYTHONPATH=.devsite:src python bench/dequant_tune.py
 
-For the Llama-3-8B weight shapes in bf16: GB/s (0.5 B read + 2 B written per element, the absmax
+(An output-major layout, also swept on 2026-12-01, lost by 8% and was removed:
+`bench/results/dequant_tune_6fa591c.log`.) For the Llama-3-8B weight shapes in bf16: GB/s (0.5 B read + 2 B written per element, the absmax
 ignored) of `_nf4_dequant_rows_kernel` for each (output elements per program, num_warps), and a
 bit-for-bit check against the default launch (`dequantize_nf4_triton`). The default in
 quant/dequant_kernel.py is whatever wins here.
@@ -17,8 +18,8 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from velotune.quant.dequant_kernel import (_kernel_args, _nf4_dequant_out_kernel, _nf4_dequant_rows_kernel,  # noqa: E402
-                                           _pair_table, dequantize_nf4_triton)
+from velotune.quant.dequant_kernel import (_kernel_args, _nf4_dequant_rows_kernel, _pair_table,  # noqa: E402
+                                           dequantize_nf4_triton)
 from velotune.quant.nf4 import quantize_nf4  # noqa: E402
 
 PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}   # weights of each shape in a layer
@@ -36,14 +37,11 @@ def main() -> None:
         dequantize_nf4_triton(nf4, ref)
         n = nf4.numel
         absmax, code2, absmax2, offset, _ = _kernel_args(nf4)
-        code = _kernel_args(nf4)[4]
-        for layout, elems, warps in [(lay, e, w) for lay in ("rows", "out") for e in (1024, 2048, 4096, 8192)
-                                     for w in (2, 4, 8)]:
+        for layout, elems, warps in [("rows", e, w) for e in (1024, 2048, 4096, 8192) for w in (2, 4, 8)]:
             rows = elems // nf4.blocksize
             out = torch.empty_like(ref)
             grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
-            fn, table = ((_nf4_dequant_rows_kernel, _pair_table(nf4.device)) if layout == "rows"
-                         else (_nf4_dequant_out_kernel, code))
+            fn, table = _nf4_dequant_rows_kernel, _pair_table(nf4.device)
 
             def launch():
                 fn[grid](nf4.packed, absmax, code2, absmax2, offset, table, out, n, BLOCKSIZE=nf4.blocksize,

@@ -40,8 +40,6 @@ CASES = [
                                     "fp32"], dict(HAS_SCALE=False, HAS_CAP=True, BLOCK=4096), 8),
     (dequant_kernel._nf4_dequant_rows_kernel, NF4 + ["*i64", "*bf16", "i64"],
      dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, ROWS=32, OUT_BF16=True), 4),
-    (dequant_kernel._nf4_dequant_out_kernel, NF4 + ["*fp32", "*bf16", "i64"],
-     dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, ROWS=32, OUT_BF16=True), 4),
     (halves_accumulator._scale_cast_kernel, ["*fp32", "*i16", "*fp32", "i64"], dict(BLOCK=4096, OUT_BF16=True), 8),
     (halves_accumulator._scale_cast_kernel, ["*fp32", "*fp16", "*fp32", "i64"], dict(BLOCK=4096, OUT_BF16=False), 8),
     (dequant_kernel._nf4_dequant_kernel, NF4 + ["*fp32", "*fp16", "i64"],
@@ -88,6 +86,6 @@ def test_every_kernel_compiles_for_sm90():
     result = json.loads(lines[-1][len("RESULT "):])
     if set(result.values()) == {"no ptxas"}:
         pytest.skip("this triton build has no ptxas")
-    assert len(result) == 17
+    assert len(result) == 16
     bad = {k: v for k, v in result.items() if v not in ("ok", "no ptxas")}
     assert not bad, bad

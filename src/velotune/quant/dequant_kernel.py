@@ -12,14 +12,12 @@ always in the same absmax block because blocksize is even):
 The kernel is memory bound: it reads 0.5 B and writes 2 B per bf16 element (the absmax and code
 loads hit L1/L2: 32 consecutive bytes share one absmax).
 
-Three layouts of the same arithmetic (identical bits), `kernel=` picks one:
+Two layouts of the same arithmetic (identical bits), `kernel=` picks one:
   "rows" (default)   a [ROWS, blocksize/2] tile of bytes, one row per absmax block: the nested-absmax
                      chain runs once per block instead of once per byte, and both nibbles come from
                      ONE 8-byte load of a 256-entry pair table (fp32 NF4[b >> 4] | NF4[b & 15] << 32).
                      On the H200 (2026-11-30, `bench/qlora.py --dequant`): 58 us vs 68.5 us for a
                      [14336, 4096] bf16 weight, bit-exact against bitsandbytes in bf16, fp16 and fp32.
-  "out"              a [ROWS, blocksize] tile in OUTPUT order: element e reads byte e // 2 and its
-                     nibble, one code-book load per element (no interleave / shared-memory shuffle).
   "bytes"            a 1-D run of bytes per program; the absmax chain and two code-book lookups per
                      byte. Any even blocksize (rows needs a power of two; others fall back to bytes).
 
@@ -43,7 +41,6 @@ from velotune.kernels.launch import LaunchPlan
 from velotune.quant.nf4 import NF4Weight, nf4_code
 
 BYTES = 1024  # packed bytes per program: 2048 output elements
-OUT_ELEMS = 2048  # output elements per program of the "out" layout
 
 
 @triton.jit
@@ -115,29 +112,6 @@ def _nf4_dequant_rows_kernel(
     tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
 
 
-@triton.jit
-def _nf4_dequant_out_kernel(
-    packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr,
-    n_elements,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr,
-    OUT_BF16: tl.constexpr,
-):
-    """Output-major tile [ROWS absmax blocks, BLOCKSIZE elements]: element e reads byte e // 2 (each
-    byte twice, from L1) and its nibble, so each thread holds consecutive OUTPUT elements and the
-    stores are 16-byte vectors (the rows kernel's interleave leaves 2-byte stores: `ptxas` shows
-    16 st.global.b16 per thread)."""
-    pid = tl.program_id(0).to(tl.int64)
-    blk = pid * ROWS + tl.arange(0, ROWS)                    # [ROWS] absmax blocks of this program
-    absmax = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, blk * BLOCKSIZE < n_elements,
-                        BLOCKSIZE2, NESTED)
-    e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    mask = e < n_elements
-    byte = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
-    nib = (byte >> (4 - 4 * (e & 1).to(tl.int32))) & 15      # high nibble first
-    vals = tl.load(code_ptr + nib) * absmax[:, None]
-    tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=mask)
-
-
 @functools.lru_cache(maxsize=None)
 def _pair_table(device: torch.device) -> torch.Tensor:
     """int64 [256]: for byte b, the fp32 bits of NF4[b >> 4] in the low word, of NF4[b & 15] in the high."""
@@ -165,14 +139,16 @@ def _kernel_args(nf4: NF4Weight):
 PLANS_PER_WEIGHT = 8
 
 
-# the layout the training path uses (get_base_weight); bench/qlora.py --dequant-kernel compares them
+# the layout the training path uses (get_base_weight); bench/qlora.py --dequant-kernel compares them.
+# Measured and removed (2026-12-01, `bench/results/dequant_tune_6fa591c.log`): an output-major layout
+# (one code-book load per element, no interleave), 8% slower than "rows" at its best tile.
 DEFAULT_KERNEL = "rows"
 
 
 def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
     """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16).
-    kernel: "rows", "out" or "bytes" (see the module docstring; default DEFAULT_KERNEL); the bits
-    are the same."""
+    kernel: "rows" or "bytes" (see the module docstring; default DEFAULT_KERNEL); the bits are the
+    same."""
     kernel = kernel or DEFAULT_KERNEL
     plan = nf4.__dict__.get("_launch_plans", {}).get((out.data_ptr(), out.dtype, kernel))
     if (plan is not None and out.numel() == nf4.numel and out.is_contiguous()
@@ -183,17 +159,10 @@ def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str | None 
     assert out.is_contiguous() and out.numel() == n and nf4.packed.is_contiguous()
     if nf4.blocksize % 2:
         raise ValueError(f"blocksize must be even, got {nf4.blocksize}")
-    if kernel not in ("rows", "bytes", "out"):
-        raise ValueError(f"kernel must be 'bytes', 'rows' or 'out', got {kernel!r}")
+    if kernel not in ("rows", "bytes"):
+        raise ValueError(f"kernel must be 'bytes' or 'rows', got {kernel!r}")
     absmax, code2, absmax2, offset, code = _kernel_args(nf4)
-    if kernel == "out" and nf4.blocksize & (nf4.blocksize - 1) == 0:
-        fn = _nf4_dequant_out_kernel
-        rows = max(1, OUT_ELEMS // nf4.blocksize)
-        grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
-        args = (nf4.packed, absmax, code2, absmax2, offset, code, out, n)
-        consts = dict(BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
-                      OUT_BF16=out.dtype == torch.bfloat16)
-    elif kernel == "rows" and nf4.blocksize & (nf4.blocksize - 1) == 0:
+    if kernel == "rows" and nf4.blocksize & (nf4.blocksize - 1) == 0:
         fn = _nf4_dequant_rows_kernel
         rows = max(1, 2048 // nf4.blocksize)
         grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
