@@ -49,6 +49,8 @@ import warnings
 import torch
 from torch import nn
 
+from velotune.models.mlp import mlp_output_values_unused
+
 WARMUP = 1             # eager calls per layer and signature before capture
 MAX_SIGNATURES = 2     # graphed input signatures per layer (e.g. two sequence-length buckets)
 
@@ -208,8 +210,6 @@ class _Entry:
                 s.s.y.copy_(s._call(s.s.x))
 
         def backward():
-            from velotune.models.mlp import mlp_output_values_unused
-
             x = s.s.x.detach().requires_grad_(True)
             with _fresh_leaves(s.slots) as leaves:
                 # y's values are never read, only its graph: the MLP skips its frozen down GEMM as
