@@ -30,25 +30,49 @@ def test_interpreter_launches_run_the_jit_and_make_no_plan():
     assert plans == {}
 
 
+class _Compiled(triton.compiler.CompiledKernel):     # what the JIT returns on a GPU
+    def __init__(self):
+        pass
+
+
+class _GpuTensor:                                     # a CUDA tensor's address, as far as launch() looks
+    is_cuda = True
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def data_ptr(self):
+        return self.ptr
+
+
+class _Fn:
+    arg_names = ["X", "Y", "a", "n", "BLOCK"]
+
+    def __init__(self):
+        self.jit_calls = 0
+
+    def __getitem__(self, grid):
+        def run(*a, **k):
+            self.jit_calls += 1
+            return _Compiled()
+        return run
+
+
 def test_a_full_plan_dict_is_cleared(monkeypatch):
     monkeypatch.setattr(launch_mod, "MAX_PLANS", 2)
-    plans = {("a",): object(), ("b",): object()}
-
-    class Compiled(triton.compiler.CompiledKernel):     # what the JIT returns on a GPU
-        def __init__(self):
-            pass
-
-    class FakeTensor:
-        is_cuda = True
-
-    class Fn:
-        arg_names = ["X", "Y", "a", "n", "BLOCK"]
-
-        def __getitem__(self, grid):
-            return lambda *a, **k: Compiled()
-
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    launch(plans, ("c",), Fn(), (1,), (FakeTensor(), FakeTensor(), 2.0, 10), dict(BLOCK=16), (0, 1))
+    plans = {("a",): object(), ("b",): object()}
+    launch(plans, ("c",), _Fn(), (1,), (_GpuTensor(0), _GpuTensor(64), 2.0, 10), dict(BLOCK=16), (0, 1))
     assert list(plans) == [("c",)]
     plan = plans[("c",)]
     assert plan.values == [None, None, 2.0, 10, 16] and plan.grid == (1, 1, 1)
+
+
+def test_unaligned_tensors_always_go_through_the_jit(monkeypatch):
+    """Alignment is part of the JIT's specialisation: a plan made for aligned tensors must never
+    serve an unaligned one, so unaligned launches neither make nor use plans."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    plans, fn = {}, _Fn()
+    for _ in range(2):
+        launch(plans, ("k",), fn, (1,), (_GpuTensor(0), _GpuTensor(8), 2.0, 10), dict(BLOCK=16), (0, 1))
+    assert plans == {} and fn.jit_calls == 2

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import aligned, launch
+from velotune.kernels.launch import launch
 
 ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "gelu_pytorch_tanh": 2}
 _CANON = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
@@ -131,7 +131,7 @@ def _fwd_triton(gate, up, act):
     h = torch.empty_like(g, dtype=torch.promote_types(g.dtype, u.dtype))
     n = g.numel()
     if n:
-        key = (g.get_device(), g.dtype, u.dtype, h.dtype, n, act) if g.is_cuda and aligned(g, u, h) else None
+        key = (g.get_device(), g.dtype, u.dtype, h.dtype, n, act)
         launch(_PLANS, key, _glu_fwd_kernel, (triton.cdiv(n, BLOCK),), (g, u, h, n),
                dict(ACT=_act_id(act), BLOCK=BLOCK), (0, 1, 2), num_warps=4)
     return h
@@ -141,8 +141,7 @@ def _bwd_triton(dh, gate, up, act, dgate, dup):
     n = gate.numel()
     if n:
         dh = dh.contiguous()
-        key = ((gate.get_device(), "bwd", dh.dtype, gate.dtype, up.dtype, dgate.dtype, dup.dtype, n, act)
-               if gate.is_cuda and aligned(dh, gate, up, dgate, dup) else None)
+        key = (gate.get_device(), "bwd", dh.dtype, gate.dtype, up.dtype, dgate.dtype, dup.dtype, n, act)
         launch(_PLANS, key, _glu_bwd_kernel, (triton.cdiv(n, BLOCK),), (dh, gate, up, dgate, dup, n),
                dict(ACT=_act_id(act), BLOCK=BLOCK), (0, 1, 2, 3, 4), num_warps=4)
     return dgate, dup

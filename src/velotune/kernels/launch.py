@@ -14,8 +14,8 @@ replace only the arguments at `slots` (the tensors) and call the compiled kernel
 the very binary the JIT chose, with the same arguments.
 
 The key is the caller's contract: it must determine the device, the grid, every non-slot argument,
-the constexprs, and whatever the JIT specialises the slot tensors on (dtype, and 16-byte alignment
-of the address: `aligned(...)`). Plans hold no tensors (the slots are emptied), are only made for
+the constexprs, and the slot tensors' dtypes. The other thing the JIT specialises the slot tensors
+on, 16-byte alignment of the address, is checked here: plans serve aligned tensors only. Plans hold no tensors (the slots are emptied), are only made for
 CUDA launches (the interpreter runs the JIT path), and a dict past MAX_PLANS is cleared.
 """
 from __future__ import annotations
@@ -62,14 +62,17 @@ class LaunchPlan:
 
 def launch(plans: dict, key, fn, grid, args, consts: dict, slots, **options) -> None:
     """`fn[grid](*args, **consts, **options)`, replayed from `plans[key]` after the first time.
-    key=None: always the JIT (e.g. unaligned tensors)."""
-    if key is not None:
+    Only CUDA launches whose slot tensors are all 16-byte aligned use plans (alignment is part of
+    the JIT's specialisation, so the key leaves it out); others always go through the JIT."""
+    tensors = [args[i] for i in slots]
+    planned = tensors[0].is_cuda and aligned(*tensors)
+    if planned:
         plan = plans.get(key)
         if plan is not None:
-            plan(*[args[i] for i in slots])
+            plan(*tensors)
             return
     compiled = fn[grid](*args, **consts, **options)
-    if key is not None and args[slots[0]].is_cuda and isinstance(compiled, triton.compiler.CompiledKernel):
+    if planned and isinstance(compiled, triton.compiler.CompiledKernel):
         if len(plans) >= MAX_PLANS:
             plans.clear()
         plans[key] = LaunchPlan(compiled, fn, grid, args, consts, slots)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import aligned, launch
+from velotune.kernels.launch import launch
 
 # Longest row held in registers at once; longer rows are processed in chunks of this size.
 MAX_BLOCK = 16384
@@ -204,8 +204,7 @@ class _RMSNorm(torch.autograd.Function):
         block, single = _block(H)
         if M > 0:
             args = (x2, x2.stride(0), y, y.stride(0), weight, rstd, H, eps, offset)
-            key = ((x2.get_device(), x2.dtype, y.dtype, weight.dtype, args[1], args[3], M, H, eps, offset, block)
-                   if x2.is_cuda and aligned(x2, y, weight, rstd) else None)
+            key = (x2.get_device(), x2.dtype, y.dtype, weight.dtype, args[1], args[3], M, H, eps, offset, block)
             launch(_FWD_PLANS, key, _rms_fwd_kernel, (M,), args, dict(GEMMA=gemma, BLOCK=block, SINGLE=single),
                    (0, 2, 4, 5), num_warps=_num_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
@@ -233,9 +232,8 @@ class _RMSNorm(torch.autograd.Function):
         if M > 0:
             args = (dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight, rstd, dwp, M, H, rows_per_prog,
                     ctx.offset)
-            key = ((x2.get_device(), dy2.dtype, x2.dtype, weight.dtype, args[1], args[3], args[5], M, H,
-                    rows_per_prog, progs, ctx.offset, has_dw, block)
-                   if x2.is_cuda and aligned(dy2, x2, dx, weight, rstd, dwp) else None)
+            key = (x2.get_device(), dy2.dtype, x2.dtype, weight.dtype, args[1], args[3], args[5], M, H,
+                   rows_per_prog, progs, ctx.offset, has_dw, block)
             launch(_BWD_PLANS, key, _rms_bwd_kernel, (progs,), args,
                    dict(GEMMA=ctx.offset != 0.0, HAS_DW=has_dw, BLOCK=block, SINGLE=single),
                    (0, 2, 4, 6, 7, 8), num_warps=_num_warps(block))

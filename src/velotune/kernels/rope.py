@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import aligned, launch
+from velotune.kernels.launch import launch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,8 +219,8 @@ def _launch_raw(q, qo, q_strides, hq, k, ko, k_strides, hk, cos, sin, B, T, back
     bhk = min(triton.next_power_of_2(max(hk, 1)), max(1, 2048 // block_d))
     args = (q, qo, *q_strides, k, ko, *k_strides, cos, sin, scb, sct, T)
     # everything the compiled kernel depends on besides the tensors' addresses (see launch.py)
-    key = ((q.get_device(), q.dtype, k.dtype, qo.dtype, cos.dtype, sin.dtype, q_strides, k_strides,
-            scb, sct, B, T, hq, hk, half, backward) if q.is_cuda and aligned(q, qo, k, ko, cos, sin) else None)
+    key = (q.get_device(), q.dtype, k.dtype, qo.dtype, cos.dtype, sin.dtype, q_strides, k_strides,
+           scb, sct, B, T, hq, hk, half, backward)
     launch(_PLANS, key, _rope_kernel, (B * T,), args,
            dict(HQ=hq, HK=hk, HALF=half, BACKWARD=backward, BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_D=block_d),
            _SLOTS, num_warps=4)
