@@ -83,7 +83,7 @@ def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
 
 
 def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_embedding: bool = False,
-          cuda_graphs: bool = False):
+          cuda_graphs: bool = False, recompute: str = "layer"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -102,7 +102,8 @@ def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_
         prepare_model(model, max_seq_length=seq)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 use_gradient_checkpointing="unsloth", random_state=3407,
-                                                offload_embedding=offload_embedding, cuda_graphs=cuda_graphs)
+                                                offload_embedding=offload_embedding, cuda_graphs=cuda_graphs,
+                                                recompute=recompute)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if impl == "stock-qlora":
@@ -126,7 +127,8 @@ def worker(args) -> dict:
         from velotune.quant import dequant_kernel
 
         dequant_kernel.DEFAULT_KERNEL = args.dequant_kernel
-    model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding, args.cuda_graphs)
+    model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding, args.cuda_graphs,
+                  args.recompute)
     t_build = time.perf_counter() - t_build
     step, params, _, _ = training_step(model, args.batch, args.seq, device)
 
@@ -358,7 +360,7 @@ def context_worker(args) -> dict:
     cap = args.card_gib * 2**30 if args.card_gib else (torch.cuda.get_device_properties(device).total_memory
                                                         if cuda else None)
     model = build(args.impl, config, device, dtype, max(args.ctx_probes), args.offload_embedding,
-                  args.cuda_graphs)
+                  args.cuda_graphs, args.recompute)
 
     def one_step(L):
         step, _, opt, _ = training_step(model, 1, L, device)
@@ -513,6 +515,9 @@ def main() -> int:
                     help="velotune: get_peft_model(..., cuda_graphs=True), decoder layers replayed as CUDA graphs")
     ap.add_argument("--dequant-kernel", default="", choices=["", "rows", "bytes"],
                     help="NF4 dequantisation layout of the training path (quant/dequant_kernel.DEFAULT_KERNEL)")
+    ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"],
+                    help="velotune: get_peft_model(..., recompute=...): 'mlp' offloads the attention activations "
+                         "too and recomputes only the MLP")
     ap.add_argument("--offload-embedding", action="store_true",
                     help="velotune contenders keep the frozen input embeddings in host memory")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
@@ -542,6 +547,7 @@ def main() -> int:
         print_dequant(rows)
     common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype] + (
         ["--offload-embedding"] if args.offload_embedding else []) + (["--cuda-graphs"] if args.cuda_graphs else []) + (
+        ["--recompute", args.recompute]) + (
         ["--dequant-kernel", args.dequant_kernel] if args.dequant_kernel else [])
     if not args.no_throughput:
         res, rounds = {}, {}

@@ -135,12 +135,17 @@ class FastLanguageModel:
         init_lora_weights: Any = True,
         offload_embedding: bool = False,
         cuda_graphs: bool = False,
+        recompute: str = "layer",
         **kwargs,
     ):
         """Wrap `model` in a real `peft.PeftModel` with LoRA adapters.
 
         `use_gradient_checkpointing`: False, True (non-reentrant, per decoder layer), or
         "unsloth"/"offload" (per-layer inputs offloaded to CPU memory).
+        `recompute` (with "unsloth"/"offload"): "layer" recomputes each decoder layer whole in
+        backward; "mlp" copies the attention half's activations to host memory as well and
+        recomputes only the MLP (velotune.train.saved_offload): same results and GPU peak, less GPU
+        work per step, ~4.5x the pinned host memory (8B: ~36 KiB instead of 8 KiB per token and layer).
         `offload_embedding`: keep the frozen input-embedding table in host memory and look the batch's
         rows up on the CPU (velotune.train.embedding_offload): ~1 GiB less GPU memory for Llama-3,
         one device->host copy of the token ids per forward. Refused for tied or trainable tables.
@@ -151,6 +156,9 @@ class FastLanguageModel:
         step is no faster (it is GPU-bound); it may help small models or slow hosts. A layer whose
         capture fails runs eagerly, with a warning, so results never change.
         """
+        if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
+            raise ValueError(f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
+                             f"got {use_gradient_checkpointing!r}")
         if cuda_graphs and use_gradient_checkpointing not in ("unsloth", "offload"):
             raise ValueError("cuda_graphs=True needs use_gradient_checkpointing='unsloth' (or 'offload'): "
                              f"got {use_gradient_checkpointing!r}")
@@ -171,7 +179,7 @@ class FastLanguageModel:
         # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         peft_model = get_peft_model(model, config)
-        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs)
+        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute)
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
@@ -215,13 +223,13 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
     return resolved
 
 
-def _enable_checkpointing(model, mode: bool | str, cuda_graphs: bool = False) -> None:
+def _enable_checkpointing(model, mode: bool | str, cuda_graphs: bool = False, recompute: str = "layer") -> None:
     if mode in (False, None, "none", "false"):
         return
     if mode in ("unsloth", "offload"):
         from velotune.train.checkpointing import enable_offloaded_checkpointing
 
-        enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs)
+        enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute)
         return
     if mode is not True and mode != "true":
         raise ValueError(f"use_gradient_checkpointing={mode!r}: use True, False, 'unsloth' or 'offload'")

@@ -82,17 +82,33 @@ def test_get_base_weight_buffers_and_dequantize_for_merge(llama_dir):
     model, _ = _load4(llama_dir, dtype=torch.bfloat16)
     q = model.model.layers[0].self_attn.q_proj
     expected = bnbF.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    others = [model.model.layers[i].self_attn.k_proj for i in (0, 1)]   # same shape as each other
     WEIGHT_BUFFERS.clear()
-    views = [get_base_weight(q) for _ in range(BUFFER_SLOTS + 1)]
-    assert all(torch.equal(v, expected) and v.dtype == torch.bfloat16 and not v.requires_grad for v in views)
-    ptrs = [v.data_ptr() for v in views]
+    first = get_base_weight(q)
+    assert torch.equal(first, expected) and first.dtype == torch.bfloat16 and not first.requires_grad
+    views = [get_base_weight(m) for m in others + [q]]
+    ptrs = [first.data_ptr()] + [v.data_ptr() for v in views]
     assert len(set(ptrs[:BUFFER_SLOTS])) == BUFFER_SLOTS and ptrs[BUFFER_SLOTS] == ptrs[0]  # ring reuse
+    assert torch.equal(views[-1], expected)
     assert WEIGHT_BUFFERS.nbytes() == BUFFER_SLOTS * expected.numel() * 2
+    # A repeat call for the weight a slot still holds: that slot, no new dequantisation (a write
+    # would bump the version), and it counts as the slot's use for the ring.
+    version = views[-1]._version
+    again = get_base_weight(q)
+    assert again.data_ptr() == views[-1].data_ptr() and again._version == version and torch.equal(again, expected)
+    k1 = get_base_weight(others[1])                              # still in the other slot: a hit too
+    assert k1.data_ptr() == views[1].data_ptr() and torch.equal(
+        k1, bnbF.dequantize_4bit(others[1].weight.data, others[1].weight.quant_state))
+    before = k1._version
+    with WEIGHT_BUFFERS.untagged():                              # e.g. CUDA-graph capture: always a write
+        written = get_base_weight(q)                             # into the slot after k1's (the ring)
+        assert written.data_ptr() == views[-1].data_ptr() and written._version > version
+        assert get_base_weight(others[1])._version > before
     # Plain autograd saving a buffer view, then the buffer being reused: an error, never silent.
     x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
     y = (x @ get_base_weight(q).t()).sum()
-    for _ in range(BUFFER_SLOTS):
-        get_base_weight(q)
+    for m in others:
+        get_base_weight(m)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
     # Plain layers: the weight itself; merge helpers: fresh fp32 copies, exact widening.
@@ -130,12 +146,26 @@ def _copy_lora(src, dst):
                 p.copy_(s[n])
 
 
-@pytest.mark.parametrize("checkpointing", [False, "unsloth"])
-def test_qlora_matches_stock_peft_on_dequantised_weights(llama_dir, checkpointing):
+# dequantisations per step of the 2-layer model (7 weights a layer): forward 7, recompute 6 ("layer")
+# or 2 ("mlp": gate and up), backward 7 less gate and up, which the recompute left in the buffers
+# (the order is down, [recompute], gate, up, o, q, k, v); the last layer's down projection is still in a
+# buffer from forward when backward starts; the first layer's q/k/v need no dX (frozen embeddings).
+DEQUANTS = {False: 2 * (7 + 7) - 1 - 3, "unsloth": 2 * (7 + 6 + 5) - 1 - 3, "mlp": 2 * (7 + 2 + 5) - 1 - 3}
+
+
+@pytest.mark.parametrize("checkpointing", [False, "unsloth", "mlp"])
+def test_qlora_matches_stock_peft_on_dequantised_weights(llama_dir, checkpointing, monkeypatch):
     """velotune QLoRA == transformers + PEFT on a float32 model holding the dequantised weights."""
+    import velotune.quant.weights as weights
+
     model4, _ = _load4(llama_dir)
+    mode = "unsloth" if checkpointing == "mlp" else checkpointing
     peft4 = FastLanguageModel.get_peft_model(model4, r=8, lora_alpha=16, target_modules=TARGETS,
-                                             use_gradient_checkpointing=checkpointing, random_state=0)
+                                             use_gradient_checkpointing=mode, random_state=0,
+                                             recompute="mlp" if checkpointing == "mlp" else "layer")
+    dequants = []
+    real = weights.dequantize_nf4
+    monkeypatch.setattr(weights, "dequantize_nf4", lambda *a, **k: dequants.append(1) or real(*a, **k))
     with torch.no_grad():  # non-zero B: every adapter gets a gradient
         for n, p in peft4.named_parameters():
             if "lora_B" in n:
@@ -153,16 +183,18 @@ def test_qlora_matches_stock_peft_on_dequantised_weights(llama_dir, checkpointin
     losses, grads = [], []
     for m in (peft4, stock):
         m.train()
+        WEIGHT_BUFFERS.forget()
         loss = m(**batch).loss
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert len(dequants) == DEQUANTS[checkpointing]
     assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 2 * 2 * 7
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
     for n, g in grads[1].items():
         assert grads[0][n].abs().sum() > 0, n
         torch.testing.assert_close(grads[0][n].float(), g.float(), rtol=1e-5, atol=1e-6, msg=n)
-    if checkpointing:
+    if checkpointing == "unsloth":
         assert peft4.velotune_offload_stats.packed == 2 == peft4.velotune_offload_stats.unpacked
 
 

@@ -7,9 +7,25 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
 from velotune.lora import lora_mlp, resolve
 
 _VALUES_UNUSED = [False]
+_CHECKPOINTED = [False]
+
+
+@contextlib.contextmanager
+def checkpointed_mlp():
+    """Within this block (a decoder layer under recompute="mlp", train/saved_offload.py) every
+    patched MLP runs as a non-reentrant checkpoint of its own: it saves only its input, and backward
+    recomputes it (stopping before the frozen down projection, see lora_mlp)."""
+    prev, _CHECKPOINTED[0] = _CHECKPOINTED[0], True
+    try:
+        yield
+    finally:
+        _CHECKPOINTED[0] = prev
 
 
 @contextlib.contextmanager
@@ -27,6 +43,12 @@ def mlp_output_values_unused():
 
 def mlp_forward(self, x):
     """Replacement for `<Family>MLP.forward`: x [..., H] -> [..., H]."""
+    if _CHECKPOINTED[0] and torch.is_grad_enabled():
+        return checkpoint(_mlp_forward, self, x, use_reentrant=False)
+    return _mlp_forward(self, x)
+
+
+def _mlp_forward(self, x):
     spec = self._velotune_spec
     act = spec.activation(self.config)
     if spec.gate_up == "fused":

@@ -1,10 +1,30 @@
 """RMSNorm forward on velotune's kernel: Llama style (offset 0) or Gemma style (1 + w, offset 1)."""
 from __future__ import annotations
 
+import contextlib
+
+_RECORD: list = [None]
+
+
+@contextlib.contextmanager
+def recorded_norm_outputs(table: dict):
+    """Within this block every fused RMSNorm records `table[output storage address] = (module, input,
+    output)`, holding both tensors so that no other tensor can take the address while the table
+    lives (train/saved_offload.py: a saved norm output is recomputed from its input, not copied)."""
+    prev, _RECORD[0] = _RECORD[0], table
+    try:
+        yield
+    finally:
+        _RECORD[0] = prev
+
 
 def norm_forward(self, x):
     """Replacement for `<Family>RMSNorm.forward`: x [..., H] -> [..., H], same dtype rules as stock."""
     from velotune.kernels.rmsnorm import rms_norm
 
     spec = self._velotune_spec
-    return rms_norm(x, self.weight, getattr(self, spec.norm_eps_attr), offset=spec.norm_offset)
+    y = rms_norm(x, self.weight, getattr(self, spec.norm_eps_attr), offset=spec.norm_offset)
+    table = _RECORD[0]
+    if table is not None:
+        table[y.untyped_storage().data_ptr()] = (self, x, y)
+    return y

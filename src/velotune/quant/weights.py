@@ -12,6 +12,7 @@ requested dtype if that differs.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Iterator
 
@@ -75,12 +76,20 @@ class _WeightBuffers:
     for backward (a misuse: see `get_base_weight`) raises autograd's "modified by an inplace
     operation" error instead of silently giving wrong gradients. Shaped views of a slot are cached
     with it (`take_view`; they share its version counter) and dropped when the slot grows.
+
+    Each slot also remembers which weight it holds (`remember`, with the slot's version after the write):
+    `lookup` gives that slot back without a new dequantisation while nothing has written to it since.
+    Backward asks for gate and up right after the MLP's recompute dequantised them into the two
+    slots (lora/fused.py), so QLoRA saves 2 of a layer's dequantisations per step this way. CUDA-graph
+    capture and replay write the slots behind Python's back: `untagged()` around them.
     """
 
     def __init__(self):
         self._slots: dict[tuple[torch.device, torch.dtype], list[torch.Tensor | None]] = {}
         self._views: dict[tuple[torch.device, torch.dtype], list[dict]] = {}
+        self._tags: dict[tuple[torch.device, torch.dtype], list[tuple | None]] = {}
         self._next: dict[tuple[torch.device, torch.dtype], int] = {}
+        self._untagged = 0
         self._lock = threading.Lock()
 
     def _slot(self, numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
@@ -90,6 +99,7 @@ class _WeightBuffers:
             if slots is None:
                 slots = self._slots[key] = [None] * BUFFER_SLOTS
                 self._views[key] = [{} for _ in range(BUFFER_SLOTS)]
+                self._tags[key] = [None] * BUFFER_SLOTS
             i = self._next.get(key, 0)
             self._next[key] = (i + 1) % BUFFER_SLOTS
             buf, views = slots[i], self._views[key][i]
@@ -97,21 +107,70 @@ class _WeightBuffers:
                 views.clear()
                 slots[i] = buf = None  # free the smaller one before allocating
                 slots[i] = buf = torch.empty(numel, device=device, dtype=dtype)
-        torch.autograd.graph.increment_version(buf)
+            torch.autograd.graph.increment_version(buf)
+            self._tags[key][i] = None
         return buf, views
 
     def take_view(self, shape: torch.Size, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The next slot viewed as `shape` (numel = prod(shape)); the view object is reused."""
         buf, views = self._slot(numel, device, dtype)
+        return self._view(buf, views, shape, numel)
+
+    def remember(self, view: torch.Tensor, tag: tuple) -> None:
+        """`view` (from take_view, now written) holds what `tag` = (object, version) names: until the
+        slot is written again, `lookup(tag, ...)` returns it."""
+        key = (view.device, view.dtype)
+        with self._lock:
+            if self._untagged:
+                return
+            for i, buf in enumerate(self._slots.get(key, ())):
+                if buf is not None and buf.data_ptr() == view.data_ptr():
+                    self._tags[key][i] = (*tag, buf._version)
+
+    @staticmethod
+    def _view(buf, views, shape, numel):
         view = views.get(shape)
         if view is None:
             view = views[shape] = buf[:numel].view(shape)
         return view
 
+    def lookup(self, tag: tuple, shape: torch.Size, numel: int, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor | None:
+        """The slot still holding what `take_view(..., tag)` was written with, or None. A hit counts
+        as a use of that slot for the round-robin (the other slot is the next to be overwritten)."""
+        key = (device, dtype)
+        with self._lock:
+            tags = self._tags.get(key)
+            if tags is None or self._untagged:
+                return None
+            for i, t in enumerate(tags):
+                buf = self._slots[key][i]
+                if t is not None and t[0] is tag[0] and t[1] == tag[1] and buf._version == t[2]:
+                    self._next[key] = (i + 1) % BUFFER_SLOTS
+                    return self._view(buf, self._views[key][i], shape, numel)
+        return None
+
+    @contextlib.contextmanager
+    def untagged(self):
+        """No lookups inside, and every slot forgotten before and after (graph capture / replay)."""
+        self.forget()
+        self._untagged += 1
+        try:
+            yield
+        finally:
+            self._untagged -= 1
+            self.forget()
+
+    def forget(self) -> None:
+        with self._lock:
+            for tags in self._tags.values():
+                tags[:] = [None] * len(tags)
+
     def clear(self) -> None:
         with self._lock:
             self._slots.clear()
             self._views.clear()
+            self._tags.clear()
             self._next.clear()
 
     def nbytes(self) -> int:
@@ -129,7 +188,8 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     CPU) into a reusable per-device buffer, so training steps allocate no full-size weights.
 
     Contract for 4-bit layers: the tensor is valid until BUFFER_SLOTS (2) further calls for the same
-    device and dtype. Use it within one autograd Function's forward or backward and let it go: never
+    device and dtype. A call for the weight a slot still holds returns that slot, not dequantising
+    again (see `_WeightBuffers.lookup`). Use it within one autograd Function's forward or backward and let it go: never
     save it for backward (`ctx.save_for_backward`) or keep it across calls; call again in backward.
     It does not require grad. Plain autograd ops that save it are caught (see `_WeightBuffers`).
     """
@@ -138,11 +198,15 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     if getattr(weight, "quant_state", None) is None:
         return weight
     nf4 = nf4_weight(weight)                                   # cached on the weight, validated per call
-    out = WEIGHT_BUFFERS.take_view(nf4.shape, nf4.numel, nf4.device, nf4.dtype)
-    if triton_enabled(nf4.packed):
-        dequantize_nf4_triton(nf4, out)                        # replays its launch plan for this buffer
-    else:
-        dequantize_nf4(nf4, nf4.dtype, out=out)
+    tag = (nf4, weight._version)                               # a new NF4 view or an in-place change: a miss
+    out = WEIGHT_BUFFERS.lookup(tag, nf4.shape, nf4.numel, nf4.device, nf4.dtype)
+    if out is None:
+        out = WEIGHT_BUFFERS.take_view(nf4.shape, nf4.numel, nf4.device, nf4.dtype)
+        if triton_enabled(nf4.packed):
+            dequantize_nf4_triton(nf4, out)                    # replays its launch plan for this buffer
+        else:
+            dequantize_nf4(nf4, nf4.dtype, out=out)
+        WEIGHT_BUFFERS.remember(out, tag)
     # bitsandbytes' own forward: dequantise to the stored dtype, then cast to the input's dtype.
     dtype = _compute_dtype(layer, nf4)
     return out if dtype == nf4.dtype else out.to(dtype)

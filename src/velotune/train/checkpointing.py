@@ -49,6 +49,7 @@ class OffloadStats:
     unpacked: int = 0        # layer inputs brought back for a recompute
     prefetched: int = 0      # ... of which the copy had been started one layer ahead
     bytes_offloaded: int = 0
+    recomputed_norms: int = 0    # recompute="mlp": saved RMSNorm outputs recomputed instead of copied
 
 
 class _Saved:
@@ -108,14 +109,14 @@ class _Offloader:
         h2d.wait_event(saved.d2h_done)
         with torch.cuda.stream(h2d):
             saved.gpu = torch.empty(saved.shape, dtype=saved.host[0].dtype, device=saved.device)
-            _copy_back(saved, saved.gpu, non_blocking=True)
+            _copy_back(saved.host, saved.gpu, non_blocking=True)
             saved.h2d_done = torch.cuda.Event()
             saved.h2d_done.record(h2d)
 
     def restore(self, saved: _Saved) -> torch.Tensor:
         if saved.device.type != "cuda":
             out = torch.empty(saved.shape, dtype=saved.host[0].dtype)   # CPU target: reassemble
-            _copy_back(saved, out)
+            _copy_back(saved.host, out)
         else:
             if saved.gpu is not None:
                 self.stats.prefetched += 1
@@ -143,18 +144,42 @@ def _chunks(flat: torch.Tensor) -> list[tuple[int, int]]:
     return [(a, min(a + step, flat.numel())) for a in range(0, flat.numel(), step)] or [(0, 0)]
 
 
-def _copy_back(saved: _Saved, out: torch.Tensor, non_blocking: bool = False) -> None:
+def _copy_back(host: list[torch.Tensor], out: torch.Tensor, non_blocking: bool = False) -> None:
     flat, a = out.view(-1), 0
-    for chunk in saved.host:
+    for chunk in host:
         flat[a:a + chunk.numel()].copy_(chunk, non_blocking=non_blocking)
         a += chunk.numel()
 
 
-def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, **kwargs):
+def _tensors(obj) -> list[torch.Tensor]:
+    """The tensors in a call's arguments (tuples, lists and dicts walked)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _mlp_is_fused(fn) -> bool:
+    """Whether the layer behind transformers' `partial(forward, layer, **kwargs)` has a patched MLP."""
+    from velotune.models.patch import is_patched
+
+    layer = (getattr(fn, "args", None) or (None,))[0]
+    mlp = getattr(layer, "mlp", None)
+    return isinstance(mlp, torch.nn.Module) and is_patched(mlp)
+
+
+def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=None, **kwargs):
     """Drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`. graphs: a
-    `layer_graphs.LayerGraphs` (cuda_graphs=True), which replays the layer when it can."""
+    `layer_graphs.LayerGraphs` (cuda_graphs=True), which replays the layer when it can. saved: a
+    `saved_offload.SavedOffloader` (recompute="mlp"), used for layers whose MLP velotune runs."""
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    if saved is not None and _mlp_is_fused(fn):
+        keep = _tensors(args[1:]) + _tensors(kwargs) + _tensors(getattr(fn, "keywords", {}))
+        return saved.run_layer(fn, args, kwargs, keep)
     if graphs is not None and len(args) == 1 and not kwargs:
         return graphs.run(offloader, fn, args[0], lambda: _offloaded_checkpoint(offloader, fn, *args))
     # Identify the hidden states by value, never by reference: the pack hook outlives this call
@@ -180,23 +205,41 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = False) -> OffloadStats:
+RECOMPUTE_MODES = ("layer", "mlp")
+
+
+def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = False, recompute: str = "layer",
+                                   min_offload_bytes: int = 2**20) -> OffloadStats:
     """Checkpoint every decoder layer of `model` (a transformers or PEFT model), offloading the
     saved layer inputs to pinned host memory. Per instance, idempotent; returns the live counters
     (also at `model.velotune_offload_stats`). cuda_graphs: replay each layer's forward and its
     recompute + backward as CUDA graphs once warmed up (train/layer_graphs.py; counters at
-    `model.velotune_layer_graphs.stats`)."""
+    `model.velotune_layer_graphs.stats`).
+
+    recompute: "layer" (each layer recomputed whole in backward; only its input is offloaded) or
+    "mlp" (the attention half's saved tensors of at least `min_offload_bytes` are offloaded and
+    only the MLP is recomputed: less GPU work, ~4.5x the host memory; train/saved_offload.py).
+    Layers whose MLP velotune does not run fall back to "layer"."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r}: choose from {RECOMPUTE_MODES}")
+    if recompute != "layer" and cuda_graphs:
+        raise ValueError("cuda_graphs=True replays whole-layer recomputes: it needs recompute='layer'")
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no transformers decoder layers "
                          "(GradientCheckpointingLayer) to checkpoint")
     offloader = _Offloader()
+    saved = None
+    if recompute == "mlp":
+        from velotune.train.saved_offload import SavedOffloader
+
+        saved = SavedOffloader(offloader, min_offload_bytes)
     graphs = None
     if cuda_graphs:
         from velotune.train.layer_graphs import LayerGraphs
 
         graphs = model.velotune_layer_graphs = LayerGraphs()
-    fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs)
+    fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs, saved=saved)
     for layer in layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = fn

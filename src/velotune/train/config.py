@@ -7,7 +7,7 @@ Layout (every section but `model` and `data` has defaults):
 
     model:    name, max_seq_length, dtype, load_in_4bit, full_finetuning
     lora:     r, alpha, dropout, target_modules, use_rslora, use_dora, modules_to_save, gradient_checkpointing,
-              offload_embedding
+              offload_embedding, recompute
     data:     path, format, chat_template, train_on, on_long, packing, eval_path
     method:   sft | dpo | orpo
     training: epochs | max_steps, batch_size, gradient_accumulation_steps, learning_rate,
@@ -55,6 +55,9 @@ class LoraSection(_Section):
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = True
     offload_embedding: bool = Field(False, description="frozen input embeddings in host memory (~1 GiB "
                                                        "less GPU memory for Llama-3; not for tied tables)")
+    recompute: Literal["layer", "mlp"] = Field("layer", description="with unsloth/offload checkpointing: "
+                                               "'mlp' also offloads attention activations to host memory and "
+                                               "recomputes only the MLP (faster, ~4.5x host memory)")
     random_state: int = 3407
 
 

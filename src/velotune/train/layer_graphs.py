@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from velotune.models.mlp import mlp_output_values_unused
+from velotune.quant.weights import WEIGHT_BUFFERS
 
 WARMUP = 1             # eager calls per layer and signature before capture
 MAX_SIGNATURES = 2     # graphed input signatures per layer (e.g. two sequence-length buckets)
@@ -146,19 +147,23 @@ class _Graph:
             self.fn = fn
             return
         # one eager run on the side stream first, as torch.cuda.make_graphed_callables does
-        # (per-stream state such as cuBLAS workspaces exists before capture); then capture on it
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=self.pool, stream=side):
-            fn()
+        # (per-stream state such as cuBLAS workspaces exists before capture); then capture on it.
+        # Untagged: what a replay writes into the dequantisation buffers is not known to Python
+        with WEIGHT_BUFFERS.untagged():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=side):
+                fn()
 
     def replay(self) -> None:
         if self.cuda:
             self.graph.replay()
+            WEIGHT_BUFFERS.forget()      # the replay rewrote the dequantisation buffers
         else:
-            self.fn()
+            with WEIGHT_BUFFERS.untagged():   # the same operations as a captured graph
+                self.fn()
 
 
 class _Statics:

@@ -78,7 +78,8 @@ def add_adapters(model, cfg: TrainConfig):
         model, r=lo.r, target_modules=lo.target_modules, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
         bias=lo.bias, use_gradient_checkpointing=lo.gradient_checkpointing, random_state=lo.random_state,
         max_seq_length=cfg.model.max_seq_length, use_rslora=lo.use_rslora, use_dora=lo.use_dora,
-        modules_to_save=lo.modules_to_save or None, offload_embedding=lo.offload_embedding)
+        modules_to_save=lo.modules_to_save or None, offload_embedding=lo.offload_embedding,
+        recompute=lo.recompute)
 
 
 def _compute_dtype(model) -> torch.dtype:

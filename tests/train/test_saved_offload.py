@@ -1,0 +1,134 @@
+"""recompute="mlp" (velotune.train.saved_offload): the attention half's saved tensors go to host
+memory, saved RMSNorm outputs are recomputed from their inputs, only the MLP is recomputed.
+Same loss and gradients as plain checkpointing, bit for bit, on every family's fused path.
+
+CPU: min_offload_bytes=0 so that the toy tensors take the offload path (a CPU "host" copy); the GPU
+test runs the streams with the default threshold.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mini import FAMILIES, fixed_batch, mini_model
+from velotune import FastLanguageModel
+from velotune.models import prepare_model
+from velotune.train.checkpointing import enable_offloaded_checkpointing
+
+
+def _lora(family, checkpointing, device="cpu", **overrides):
+    model = mini_model(family, **overrides).to(device)
+    prepare_model(model, max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=checkpointing,
+                                             random_state=5)
+    with torch.no_grad():   # non-zero B: every adapter gets a gradient that depends on the activations
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _loss_and_grads(model, batch):
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _assert_same(a, b):
+    assert torch.equal(a[0], b[0]), (a[0], b[0])
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        assert torch.equal(a[1][name], b[1][name]), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recompute_mlp_is_bit_identical_to_plain_checkpointing(family):
+    batch = fixed_batch()
+    plain = _loss_and_grads(_lora(family, True), batch)
+    model = _lora(family, False)
+    stats = enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
+    got = _loss_and_grads(model, batch)
+    _assert_same(got, plain)
+    n_layers = model.config.num_hidden_layers
+    # per layer at least: the input, q, k, v, the attention output, the residual after attention
+    assert stats.packed >= 6 * n_layers and stats.bytes_offloaded > 0
+    assert stats.unpacked >= stats.packed
+    assert stats.recomputed_norms >= 2 * n_layers     # the attention and the MLP inputs
+    # and a second step on the same model (nothing stale from the first)
+    _assert_same(_loss_and_grads(model, batch), plain)
+
+
+def test_only_the_mlp_is_recomputed(monkeypatch):
+    """The attention's projections run once per step (forward), the MLP's twice (forward + recompute)."""
+    from velotune.lora import fused
+
+    runs = {"mlp_in": 0, "proj": 0}
+    orig_in, orig_proj = fused._MLPIn.forward, fused.LoRAProjections.forward
+
+    def mlp_in(ctx, *a):
+        runs["mlp_in"] += 1
+        return orig_in(ctx, *a)
+
+    def proj(ctx, *a):
+        runs["proj"] += 1
+        return orig_proj(ctx, *a)
+
+    monkeypatch.setattr(fused._MLPIn, "forward", staticmethod(mlp_in))
+    monkeypatch.setattr(fused.LoRAProjections, "forward", staticmethod(proj))
+    n = 2
+    for mode, expect_proj in (("layer", 4 * n), ("mlp", 2 * n)):     # q/k/v and o per layer
+        runs.update(mlp_in=0, proj=0)
+        model = _lora("llama", False)
+        enable_offloaded_checkpointing(model, recompute=mode, min_offload_bytes=0)
+        assert model.config.num_hidden_layers == n
+        _loss_and_grads(model, fixed_batch())
+        assert runs == {"mlp_in": 2 * n, "proj": expect_proj}, mode   # the MLP: forward + recompute
+
+
+def test_layer_inputs_and_attention_tensors_are_released_after_forward():
+    """What was copied out is not also kept on the device until backward."""
+    import gc
+    import weakref
+
+    batch = fixed_batch()
+    model = _lora("llama", False)
+    enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
+    refs = []
+    for layer in model.base_model.model.model.layers:
+        layer.register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0])))
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0])))
+    loss = model(**batch).loss
+    gc.collect()
+    assert len(refs) == 2 * model.config.num_hidden_layers
+    assert all(r() is None for r in refs)
+    loss.backward()
+
+
+def test_refusals():
+    model = _lora("llama", False)
+    with pytest.raises(ValueError, match="recompute="):
+        enable_offloaded_checkpointing(model, recompute="attention")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        enable_offloaded_checkpointing(model, recompute="mlp", cuda_graphs=True)
+    base = mini_model("llama")
+    prepare_model(base, max_seq_length=64)
+    with pytest.raises(ValueError, match="needs use_gradient_checkpointing"):
+        FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing=True, recompute="mlp")
+
+
+@pytest.mark.gpu
+def test_recompute_mlp_streams_on_gpu():
+    """Real pinned copies on side streams with prefetching: bit-identical to plain checkpointing
+    (math SDPA backend and fp32: deterministic kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch = {k: v.cuda() for k, v in fixed_batch(seq=64, pad_last=0).items()}
+    with sdpa_kernel(SDPBackend.MATH):
+        plain = _loss_and_grads(_lora("llama", True, "cuda"), batch)
+        model = _lora("llama", False, "cuda")
+        stats = enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
+        got = _loss_and_grads(model, batch)
+    _assert_same(got, plain)
+    assert stats.prefetched > 0
