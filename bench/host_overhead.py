@@ -31,7 +31,8 @@ from train import _config, training_step  # noqa: E402
 
 def measure(impl: str, args) -> None:
     config = _config("8b")
-    model = build(impl, config, "cuda", torch.bfloat16, args.seq, cuda_graphs=args.cuda_graphs)
+    model = build(impl, config, "cuda", torch.bfloat16, args.seq, cuda_graphs=args.cuda_graphs,
+                  recompute=args.recompute)
     step, *_ = training_step(model, args.batch, args.seq, "cuda")
     for _ in range(3):
         step()
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--kernels", type=int, default=0, help="list this many GPU kernels by time")
     ap.add_argument("--no-cprofile", action="store_true")
     ap.add_argument("--cuda-graphs", action="store_true", help="velotune: decoder layers as CUDA graphs")
+    ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="velotune: get_peft_model(recompute=)")
     args = ap.parse_args()
     launch_cost()
     for impl in args.impls:

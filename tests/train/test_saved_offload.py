@@ -106,6 +106,21 @@ def test_layer_inputs_and_attention_tensors_are_released_after_forward():
     loss.backward()
 
 
+def test_the_layer_is_found_behind_either_transformers_callable():
+    """transformers 5.2x passes partial(forward, layer, **kw); earlier versions (the GPU machine's
+    5.17) partial(layer.__call__, **kw). Both must reach recompute="mlp" (else "layer" runs)."""
+    import functools
+
+    from velotune.train.checkpointing import _layer_of, _mlp_is_fused
+
+    model = _lora("llama", False)
+    layer = model.base_model.model.model.layers[0]
+    new = functools.partial(type(layer).forward, layer, attention_mask=None)
+    old = functools.partial(super(type(layer), layer).__call__, attention_mask=None)
+    assert _layer_of(new) is layer and _layer_of(old) is layer and _mlp_is_fused(new) and _mlp_is_fused(old)
+    assert _layer_of(functools.partial(print)) is None and not _mlp_is_fused(lambda x: x)
+
+
 def test_refusals():
     model = _lora("llama", False)
     with pytest.raises(ValueError, match="recompute="):
@@ -131,4 +146,6 @@ def test_recompute_mlp_streams_on_gpu():
         stats = enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
         got = _loss_and_grads(model, batch)
     _assert_same(got, plain)
+    n = model.config.num_hidden_layers
+    assert stats.recomputed_norms >= 2 * n and stats.packed >= 6 * n   # the "mlp" path really ran
     assert stats.prefetched > 0

@@ -162,12 +162,21 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
+def _layer_of(fn) -> torch.nn.Module | None:
+    """The decoder layer behind transformers' checkpointed callable: `partial(forward, layer, **kw)`
+    (transformers >= 5.2x) or `partial(layer.__call__, **kw)` (earlier 4.5x/5.x)."""
+    args = getattr(fn, "args", None) or ()
+    if args and isinstance(args[0], torch.nn.Module):
+        return args[0]
+    owner = getattr(getattr(fn, "func", None), "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
 def _mlp_is_fused(fn) -> bool:
-    """Whether the layer behind transformers' `partial(forward, layer, **kwargs)` has a patched MLP."""
+    """Whether the decoder layer behind `fn` has an MLP that velotune runs (models/mlp.py)."""
     from velotune.models.patch import is_patched
 
-    layer = (getattr(fn, "args", None) or (None,))[0]
-    mlp = getattr(layer, "mlp", None)
+    mlp = getattr(_layer_of(fn), "mlp", None)
     return isinstance(mlp, torch.nn.Module) and is_patched(mlp)
 
 
