@@ -149,3 +149,11 @@ def test_recompute_mlp_streams_on_gpu():
     n = model.config.num_hidden_layers
     assert stats.recomputed_norms >= 2 * n and stats.packed >= 6 * n   # the "mlp" path really ran
     assert stats.prefetched > 0
+    # pinned buffers come back to the pool when backward is done with them, and the next step
+    # reuses them instead of pinning more
+    pool = model.base_model.model.model.layers[0]._gradient_checkpointing_func.args[0].pool
+    high = pool.high_water
+    assert pool.in_use == 0 and pool.pooled == high > 0
+    with sdpa_kernel(SDPBackend.MATH):
+        _assert_same(_loss_and_grads(model, batch), plain)
+    assert pool.high_water == high and pool.in_use == 0

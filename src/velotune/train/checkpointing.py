@@ -34,6 +34,7 @@ How (PyTorch's own mechanisms only, per model instance, nothing global):
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -52,12 +53,70 @@ class OffloadStats:
     recomputed_norms: int = 0    # recompute="mlp": saved RMSNorm outputs recomputed instead of copied
 
 
-class _Saved:
+class HostPool:
+    """Pinned host buffers reused from step to step (per model).
+
+    `torch.empty(..., pin_memory=True)` measured 2.1 ms per 32 MiB buffer on the H200 machine even
+    when PyTorch's caching host allocator should have had one free (bench/offload_diag.py): for
+    recompute="mlp" (6 buffers a layer) that was ~95 ms of host time per 8B step. Here a buffer
+    comes back when the copy that owns it dies (`_HostCopy.__del__`: autograd freed the saved
+    tensor), with the event after which the GPU no longer reads it; the next device->host copy into
+    it waits for that event on its own stream, so the host never waits. Sizes are rounded up to
+    whole MiB so that slightly different lengths share buffers; at most twice the high-water mark of
+    bytes in use is kept.
+    """
+
+    GRAIN = 2**20
+
+    def __init__(self):
+        self._free: dict[tuple, list] = {}
+        self._lock = threading.Lock()
+        self.in_use = self.high_water = self.pooled = 0
+
+    def get(self, numel: int, dtype: torch.dtype, stream) -> torch.Tensor:
+        size = -(-numel * dtype.itemsize // self.GRAIN) * self.GRAIN
+        with self._lock:
+            free = self._free.get((dtype, size))
+            buf, ready = free.pop() if free else (None, None)
+            if buf is not None:
+                self.pooled -= size
+            self.in_use += size
+            self.high_water = max(self.high_water, self.in_use)
+        if buf is None:
+            buf = torch.empty(size // dtype.itemsize, dtype=dtype, pin_memory=True)
+        elif ready is not None:
+            stream.wait_event(ready)        # the last host->device copy out of it has read it
+        return buf[:numel]
+
+    def put(self, views: list[torch.Tensor], ready) -> None:
+        with self._lock:
+            for v in views:
+                buf = v._base if v._base is not None else v
+                size = buf.numel() * buf.element_size()
+                self.in_use -= size
+                if self.pooled + size <= 2 * self.high_water:
+                    self._free.setdefault((buf.dtype, size), []).append((buf, ready))
+                    self.pooled += size
+
+
+class _HostCopy:
+    """A tensor's host copy (flat chunks) and the events ordering its copies; gives its pinned
+    buffers back to the pool when it dies (autograd let go of the saved tensor)."""
+
+    __slots__ = ("host", "device", "d2h_done", "gpu", "h2d_done", "pool")
+
+    def __del__(self):
+        pool = getattr(self, "pool", None)
+        if pool is not None and self.host:
+            pool.put(self.host, self.h2d_done if self.h2d_done is not None else self.d2h_done)
+
+
+class _Saved(_HostCopy):
     """One offloaded layer input: host copy + the events ordering the copies."""
 
-    __slots__ = ("host", "device", "d2h_done", "gpu", "h2d_done", "prev", "shape", "__weakref__")
+    __slots__ = ("prev", "shape", "__weakref__")
 
-    def __init__(self, host, device, d2h_done, prev, shape):
+    def __init__(self, host, device, d2h_done, prev, shape, pool=None):
         self.host = host                  # flat CPU chunks (pinned when the source is on CUDA), see _chunks
         self.shape = shape                # the tensor's shape (contiguous layout when it comes back)
         self.device = device              # where the tensor lives during compute
@@ -65,13 +124,15 @@ class _Saved:
         self.gpu = None                   # prefetched device tensor, if started
         self.h2d_done = None
         self.prev = prev                  # weakref to the input saved just before (previous layer)
+        self.pool = pool
 
 
 @dataclass
 class _Offloader:
-    """Per-model state: side streams per device, the last saved input, counters."""
+    """Per-model state: side streams per device, pinned buffers, the last saved input, counters."""
 
     stats: OffloadStats = field(default_factory=OffloadStats)
+    pool: HostPool = field(default_factory=HostPool)
     _streams: dict = field(default_factory=dict)
     _last: "weakref.ref | None" = None
 
@@ -80,22 +141,26 @@ class _Offloader:
             self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return self._streams[device]  # (d2h, h2d)
 
+    def to_host(self, flat: torch.Tensor):
+        """flat (1-D) copied to host memory in chunks: (chunks, event when done, pool or None).
+        CUDA: pinned pool buffers, on the d2h side stream after what the compute stream has queued;
+        the source's memory is not reused before the copy has read it (record_stream)."""
+        if not flat.is_cuda:
+            return [flat[a:b].clone() for a, b in _chunks(flat)], None, None
+        d2h, _ = self.streams(flat.device)
+        d2h.wait_stream(torch.cuda.current_stream(flat.device))
+        with torch.cuda.stream(d2h):
+            host = [self.pool.get(b - a, flat.dtype, d2h).copy_(flat[a:b], non_blocking=True) for a, b in _chunks(flat)]
+            done = torch.cuda.Event()
+            done.record(d2h)
+        flat.record_stream(d2h)
+        return host, done, self.pool
+
     # -- forward --------------------------------------------------------------------------------
     def offload(self, t: torch.Tensor) -> _Saved:
         prev = self._last
-        flat = t.reshape(-1)
-        if t.is_cuda:
-            d2h, _ = self.streams(t.device)
-            d2h.wait_stream(torch.cuda.current_stream(t.device))
-            with torch.cuda.stream(d2h):
-                host = [torch.empty(b - a, dtype=t.dtype, pin_memory=True).copy_(flat[a:b], non_blocking=True)
-                        for a, b in _chunks(flat)]
-                done = torch.cuda.Event()
-                done.record(d2h)
-            flat.record_stream(d2h)
-        else:
-            host, done = [flat[a:b].clone() for a, b in _chunks(flat)], None
-        saved = _Saved(host, t.device, done, prev, t.shape)
+        host, done, pool = self.to_host(t.reshape(-1))
+        saved = _Saved(host, t.device, done, prev, t.shape, pool)
         self._last = weakref.ref(saved)
         self.stats.packed += 1
         self.stats.bytes_offloaded += t.numel() * t.element_size()

@@ -33,16 +33,17 @@ import weakref
 import torch
 from torch import nn
 
-from velotune.train.checkpointing import _chunks, _copy_back
+from velotune.train.checkpointing import _copy_back, _HostCopy
 
 
-class _Stored:
+class _Stored(_HostCopy):
     """One offloaded storage span: its host copy, events, and how many saved views point at it."""
 
-    __slots__ = ("host", "numel", "dtype", "device", "d2h_done", "gpu", "h2d_done", "refs", "taken")
+    __slots__ = ("numel", "dtype", "refs", "taken")
 
-    def __init__(self, host, numel, dtype, device, d2h_done):
+    def __init__(self, host, numel, dtype, device, d2h_done, pool):
         self.host, self.numel, self.dtype, self.device, self.d2h_done = host, numel, dtype, device, d2h_done
+        self.pool = pool
         self.gpu = None          # the device copy while backward needs it (prefetched or restored)
         self.h2d_done = None
         self.refs = 0            # saved views of this span (a view inside a _NormOf counts)
@@ -154,20 +155,10 @@ class SavedOffloader:
 
     def _offload(self, t: torch.Tensor, a: int, b: int) -> _Stored:
         flat = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), a, (b - a,), (1,))
-        if t.is_cuda:
-            d2h, _ = self.offloader.streams(t.device)
-            d2h.wait_stream(torch.cuda.current_stream(t.device))
-            with torch.cuda.stream(d2h):
-                host = [torch.empty(j - i, dtype=t.dtype, pin_memory=True).copy_(flat[i:j], non_blocking=True)
-                        for i, j in _chunks(flat)]
-                done = torch.cuda.Event()
-                done.record(d2h)
-            flat.record_stream(d2h)
-        else:
-            host, done = [flat[i:j].clone() for i, j in _chunks(flat)], None
+        host, done, pool = self.offloader.to_host(flat)
         self.stats.packed += 1
         self.stats.bytes_offloaded += flat.numel() * flat.element_size()
-        return _Stored(host, b - a, t.dtype, t.device, done)
+        return _Stored(host, b - a, t.dtype, t.device, done, pool)
 
     # -- backward -----------------------------------------------------------------------------
     def _start(self, s: _Stored) -> None:
