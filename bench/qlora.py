@@ -50,7 +50,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 # shapes, FLOP counts and the timed step are shared with the LoRA benchmark
 from train import SHAPES, TARGETS, _config, _flops_per_token, _profile, training_step  # noqa: E402
 
-IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora")
+IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora", "velotune-qlora-mlp", "velotune-lora-mlp")
+# "-mlp": the same contender with get_peft_model(recompute="mlp"), so both modes can run interleaved
+# in one call (--rounds); --recompute sets the mode of the plain velotune names.
 # For the CPU smoke test: the tiny shape with the block-friendly intermediate size (a multiple of 64).
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 20, tie_word_embeddings=False)
@@ -86,6 +88,8 @@ def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_
           cuda_graphs: bool = False, recompute: str = "layer"):
     from transformers import AutoModelForCausalLM
 
+    if impl.endswith("-mlp"):
+        impl, recompute = impl[:-len("-mlp")], "mlp"
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -589,14 +593,17 @@ def main() -> int:
                      if len(runs) > 1 else ""), flush=True)
         results["throughput"] = res
         rows = []
-        for base in ("stock-qlora", "velotune-lora"):
-            v, s = res.get("velotune-qlora"), res.get(base)
+        pairs = [("velotune-qlora", "stock-qlora"), ("velotune-qlora", "velotune-lora"),
+                 ("velotune-qlora-mlp", "stock-qlora"), ("velotune-qlora-mlp", "velotune-lora-mlp"),
+                 ("velotune-qlora-mlp", "velotune-qlora"), ("velotune-lora-mlp", "velotune-lora")]
+        for name, base in pairs:
+            v, s = res.get(name), res.get(base)
             if v and s:
                 mem = v["peak_gib"] / s["peak_gib"] if v["peak_gib"] and s["peak_gib"] else float("nan")
-                print(f"velotune-qlora / {base}: {v['tokens_per_s'] / s['tokens_per_s']:.2f}x tokens/s, "
-                      f"{mem:.2f}x peak memory", flush=True)
+                print(f"{name} / {base}: {v['tokens_per_s'] / s['tokens_per_s']:.3f}x tokens/s, "
+                      f"{mem:.3f}x peak memory", flush=True)
                 if v["peak_gib"]:
-                    rows.append(f"| {card} | {date} | {args.commit} | {args.shape} QLoRA {args.batch}x{args.seq} vs "
+                    rows.append(f"| {card} | {date} | {args.commit} | {args.shape} {name} {args.batch}x{args.seq} vs "
                                 f"{base} | {s['tokens_per_s']:.0f} | {v['tokens_per_s']:.0f} | "
                                 f"{v['tokens_per_s'] / s['tokens_per_s']:.2f}x | {s['peak_gib']:.2f} | "
                                 f"{v['peak_gib']:.2f} | {mem:.2f}x |")
