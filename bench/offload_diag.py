@@ -71,6 +71,29 @@ def diag(mode: str, args) -> None:
     print(f"[{mode}] forward: enqueue {avg(tf, 0):.1f} ms, done {avg(tf, 1):.1f} ms | backward: enqueue "
           f"{avg(tb, 0):.1f} ms, done {avg(tb, 1):.1f} ms | offload {stats}", flush=True)
 
+    import cProfile
+    import io
+    import pstats
+
+    for phase in ("forward", "backward"):      # cProfile before torch.profiler (it leaves Triton hooks set)
+        loss = fwd() if phase == "backward" else None
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        if phase == "forward":
+            loss = fwd()
+        else:
+            loss.backward()
+        pr.disable()
+        torch.cuda.synchronize()
+        if phase == "forward":
+            loss.backward()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(args.top)
+        print(f"  cProfile {phase} [{mode}]:\n" + "\n".join(
+            ln for ln in buf.getvalue().splitlines() if ln.strip() and "function calls" not in ln
+            and "Ordered by" not in ln and "List reduced" not in ln), flush=True)
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -99,6 +122,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=14, help="cProfile lines per phase")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), pcie(), flush=True)
     for mode in args.recompute:
