@@ -108,13 +108,14 @@ class SavedOffloader:
         spans: dict[tuple, tuple[_Stored, int, int]] = {}   # (storage ptr, dtype) -> span stored
         held: list[tuple[torch.Tensor, int]] = []            # packed tensors (and their versions)
         norms: dict[int, tuple] = {}                         # filled by models/norm.py
+        pending: list = []                                   # (_Stored, flat source): copied at the end
 
         def store(t: torch.Tensor) -> _View:
             key = (t.untyped_storage().data_ptr(), t.dtype)
             a, b = _span(t)
             hit = spans.get(key)
             if hit is None or not (hit[1] <= a and b <= hit[2]):
-                hit = spans[key] = (self._offload(t, a, b), a, b)
+                hit = spans[key] = (self._offload(t, a, b, pending), a, b)
                 layer.stored.append(hit[0])
             held.append((t, t._version))      # alive until the layer returns: its address stays its own
             return _View(hit[0], t.shape, t.stride(), t.storage_offset() - hit[1])
@@ -147,41 +148,58 @@ class SavedOffloader:
                 if t._version != version:
                     raise RuntimeError("recompute='mlp': a tensor saved for backward was modified in place later "
                                        "in the same decoder layer; use recompute='layer' for this model")
+            self._flush(pending)
         finally:   # the hooks outlive this call (autograd keeps them): let go of the tensors now
             held.clear()
+            pending.clear()
             norms.clear()
             spans.clear()
         return out
 
-    def _offload(self, t: torch.Tensor, a: int, b: int) -> _Stored:
+    def _offload(self, t: torch.Tensor, a: int, b: int, pending: list) -> _Stored:
+        """A _Stored for t's storage elements [a, b); the copy itself is queued with the layer's
+        others when the layer returns (`_flush`): one stream switch per layer, not per tensor."""
         flat = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), a, (b - a,), (1,))
-        host, done, pool = self.offloader.to_host(flat)
+        stored = _Stored(None, b - a, t.dtype, t.device, None, None)
+        pending.append((stored, flat))
         self.stats.packed += 1
         self.stats.bytes_offloaded += flat.numel() * flat.element_size()
-        return _Stored(host, b - a, t.dtype, t.device, done, pool)
+        return stored
+
+    def _flush(self, pending: list) -> None:
+        if not pending:
+            return
+        hosts, done, pool = self.offloader.to_host([flat for _, flat in pending])
+        for (stored, _), host in zip(pending, hosts):
+            stored.host, stored.d2h_done, stored.pool = host, done, pool
 
     # -- backward -----------------------------------------------------------------------------
-    def _start(self, s: _Stored) -> None:
-        if s.gpu is not None or s.device.type != "cuda":
+    def _start(self, items: list[_Stored]) -> None:
+        """Host->device copies of `items` not yet started, in one stream switch with one event."""
+        items = [s for s in items if s.gpu is None and s.device.type == "cuda"]
+        if not items:
             return
-        _, h2d = self.offloader.streams(s.device)
-        h2d.wait_event(s.d2h_done)
+        _, h2d = self.offloader.streams(items[0].device)
+        for event in {id(s.d2h_done): s.d2h_done for s in items}.values():
+            h2d.wait_event(event)
         with torch.cuda.stream(h2d):
-            s.gpu = torch.empty(s.numel, dtype=s.dtype, device=s.device)
-            _copy_back(s.host, s.gpu, non_blocking=True)
-            s.h2d_done = torch.cuda.Event()
-            s.h2d_done.record(h2d)
+            for s in items:
+                s.gpu = torch.empty(s.numel, dtype=s.dtype, device=s.device)
+                _copy_back(s.host, s.gpu, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(h2d)
+        for s in items:
+            s.h2d_done = done
 
     def _prefetch(self, layer: "_LayerSet | None") -> None:
         """First unpack of a layer: its whole set (newest first), then the previous layer's newest."""
         if layer is None or layer.started:
             return
         layer.started = True
-        for s in reversed(layer.stored):
-            self._start(s)
+        self._start(layer.stored[::-1])
         prev = layer.prev() if layer.prev is not None else None
         if prev is not None and prev.stored:
-            self._start(prev.stored[-1])
+            self._start(prev.stored[-1:])
 
     def _take(self, s: _Stored) -> torch.Tensor:
         """The span on the device; the last of its views to be unpacked lets go of it."""
@@ -191,7 +209,7 @@ class SavedOffloader:
         else:
             if s.gpu is not None:
                 self.stats.prefetched += 1
-            self._start(s)
+            self._start([s])
             flat = s.gpu
             compute = torch.cuda.current_stream(s.device)
             compute.wait_event(s.h2d_done)
