@@ -27,7 +27,12 @@ def _build(path, checkpointing=False):
     model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
     # init_lora_weights=False: random A and B, so gradients reach every LoRA weight from step 1.
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
-                                             use_gradient_checkpointing=checkpointing, random_state=7)
+                                             use_gradient_checkpointing=checkpointing != "mlp" and checkpointing,
+                                             random_state=7)
+    if checkpointing == "mlp":   # recompute="mlp" with every saved tensor offloaded (the toy ones are tiny)
+        from velotune.train.checkpointing import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
     model.train()  # checkpointing (plain or offloaded) is active in training mode
     return model
 
@@ -86,7 +91,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("checkpointing", [False, "unsloth"])  # "unsloth": offloaded checkpointing under DDP
+# "unsloth": offloaded checkpointing under DDP; "mlp": the same with recompute="mlp"
+@pytest.mark.parametrize("checkpointing", [False, "unsloth", "mlp"])
 def test_ddp_two_processes_equal_single_process(tmp_path, checkpointing):
     path = save_mini_model("llama", tmp_path)
     out = tmp_path / "ddp.pt"
@@ -95,10 +101,12 @@ def test_ddp_two_processes_equal_single_process(tmp_path, checkpointing):
     ddp = torch.load(out, weights_only=True)
 
     model = _build(path, checkpointing)
-    if checkpointing:
+    if checkpointing == "unsloth":
         assert model.get_base_model().is_gradient_checkpointing
     b = _batch()
     single = torch.stack(_train(model, [(b, _n_items(b["labels"]))] * STEPS, world=1))
+    if checkpointing == "mlp":
+        assert model.velotune_offload_stats.recomputed_norms > 0
     torch.testing.assert_close(ddp["losses"], single, rtol=1e-5, atol=0)
     # LoRA weights after 3 AdamW steps: identical up to fp32 reduction order.
     assert set(ddp["lora"]) == {k for k, _ in model.named_parameters() if "lora_" in k}

@@ -51,20 +51,10 @@ from torch import nn
 
 from velotune.models.mlp import mlp_output_values_unused
 from velotune.quant.weights import WEIGHT_BUFFERS
+from velotune.train.checkpointing import _layer_of
 
 WARMUP = 1             # eager calls per layer and signature before capture
 MAX_SIGNATURES = 2     # graphed input signatures per layer (e.g. two sequence-length buckets)
-
-
-def _layer_of(fn) -> nn.Module | None:
-    """The decoder layer behind transformers' `partial(forward, self, **kw)` or
-    `partial(super().__call__, **kw)`."""
-    owner = getattr(fn.func, "__self__", None)
-    if isinstance(owner, nn.Module):
-        return owner
-    if fn.args and isinstance(fn.args[0], nn.Module):
-        return fn.args[0]
-    return None
 
 
 def _flatten_kwargs(kwargs: dict):
