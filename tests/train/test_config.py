@@ -68,6 +68,14 @@ def test_missing_keys_and_inconsistent_settings(tmp_path):
     cfg["data"]["format"] = "alpaca"
     assert "run.yaml: data.format: method dpo needs preference data" in error_of(tmp_path, cfg)
     cfg = good(tmp_path)
+    cfg["lora"] = {"recompute": "mlp"}
+    assert error_of(tmp_path, cfg) == ("run.yaml: lora.recompute: 'mlp' needs lora.gradient_checkpointing: unsloth "
+                                       "(or offload), not True")
+    cfg["lora"]["gradient_checkpointing"] = "unsloth"
+    assert load_config(write(tmp_path, cfg)).lora.recompute == "mlp"
+    cfg["lora"]["recompute"] = "attention"
+    assert error_of(tmp_path, cfg).startswith("run.yaml: lora.recompute: should be 'layer' or 'mlp'")
+    cfg = good(tmp_path)
     cfg["training"] = {"embedding_learning_rate": 1e-5}
     assert error_of(tmp_path, cfg).startswith("run.yaml: training.embedding_learning_rate: set lora.modules_to_save")
 

@@ -117,6 +117,9 @@ class TrainConfig(_Section):
             raise ValueError("data.format: 'preference' data needs method dpo or orpo, not sft")
         if self.method != "sft" and self.data.packing:
             raise ValueError(f"data.packing: packing is supported for sft only, not {self.method}")
+        if self.lora.recompute != "layer" and self.lora.gradient_checkpointing not in ("unsloth", "offload"):
+            raise ValueError(f"lora.recompute: {self.lora.recompute!r} needs lora.gradient_checkpointing: unsloth "
+                             f"(or offload), not {self.lora.gradient_checkpointing!r}")
         if self.training.warmup_steps and self.training.warmup_ratio:
             raise ValueError("training.warmup_ratio: set warmup_steps or warmup_ratio, not both")
         if self.training.embedding_learning_rate is not None and not (
