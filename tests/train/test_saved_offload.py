@@ -52,6 +52,13 @@ def test_recompute_mlp_is_bit_identical_to_plain_checkpointing(family):
     got = _loss_and_grads(model, batch)
     _assert_same(got, plain)
     n_layers = model.config.num_hidden_layers
+    if family == "gemma2":   # softcapped attention scores: those layers fall back to recompute="layer"
+        assert stats.recomputed_norms == 0 and stats.packed == n_layers
+        plain = _loss_and_grads(_lora(family, True, attn_logit_softcapping=None), batch)   # without: "mlp"
+        model = _lora(family, False, attn_logit_softcapping=None)
+        stats = enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
+        got = _loss_and_grads(model, batch)
+        _assert_same(got, plain)
     # per layer at least: the input, q, k, v, the attention output, the residual after attention
     assert stats.packed >= 6 * n_layers and stats.bytes_offloaded > 0
     assert stats.unpacked >= stats.packed

@@ -242,11 +242,18 @@ def _layer_of(fn) -> torch.nn.Module | None:
 
 
 def _mlp_is_fused(fn) -> bool:
-    """Whether the decoder layer behind `fn` has an MLP that velotune runs (models/mlp.py)."""
+    """Whether recompute="mlp" suits the decoder layer behind `fn`: velotune runs its MLP and its
+    attention (models/), and the attention is not the explicit softcapped path (Gemma 2), whose
+    saved [B, H, T, T] scores would be far more to copy to the host than to recompute."""
     from velotune.models.patch import is_patched
 
-    mlp = getattr(_layer_of(fn), "mlp", None)
-    return isinstance(mlp, torch.nn.Module) and is_patched(mlp)
+    layer = _layer_of(fn)
+    mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
+    if not (isinstance(mlp, torch.nn.Module) and is_patched(mlp) and isinstance(attn, torch.nn.Module)
+            and is_patched(attn)):
+        return False
+    cap = attn._velotune_spec.attn_softcap_attr
+    return not (cap and getattr(attn.config, cap, None))
 
 
 def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=None, **kwargs):
