@@ -131,3 +131,32 @@ def test_offload_streams_on_gpu():
             assert s.packed == N_LAYERS and s.unpacked == N_LAYERS and s.prefetched == N_LAYERS - 1
     assert torch.equal(out["offload"][0], out["plain"][0])
     assert all(torch.equal(out["offload"][1][k], out["plain"][1][k]) for k in out["plain"][1])
+
+
+def test_host_pool_reuses_buffers_and_refuses_clearly_when_the_host_is_full():
+    """HostPool with CPU stand-ins for pinning (the real one pins, CUDA only): reuse by size class,
+    bookkeeping, and a clear MemoryError (naming recompute='layer') instead of an OOM kill."""
+    from velotune.train.checkpointing import HostPool
+
+    made = []
+
+    def alloc(n, dtype):
+        made.append(n)
+        return torch.empty(n, dtype=dtype)
+
+    pool = HostPool(alloc=alloc, available=lambda: 64 * 2**30)
+    a = pool.get(1000, torch.bfloat16, None)                # rounded up to one MiB
+    assert a.numel() == 1000 and made == [2**19] and pool.in_use == 2**20
+    pool.put([a], None)
+    b = pool.get(5000, torch.bfloat16, None)                # same size class: the same buffer again
+    assert made == [2**19] and b.data_ptr() == a.data_ptr() and pool.high_water == 2**20
+    small = HostPool(alloc=alloc, available=lambda: 3 * 2**30)
+    with pytest.raises(MemoryError, match="recompute='layer'"):
+        small.get(2**30 // 2 + 1, torch.bfloat16, None)     # 1 GiB + 2 GiB headroom > 3 GiB
+    assert small.in_use == 0
+
+    def failing(n, dtype):
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(MemoryError, match="pinning failed"):
+        HostPool(alloc=failing, available=lambda: None).get(10, torch.float32, None)

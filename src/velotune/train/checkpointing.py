@@ -67,11 +67,29 @@ class HostPool:
     """
 
     GRAIN = 2**20
+    HEADROOM = 2 * 2**30        # host memory a new buffer must leave to the rest of the machine
 
-    def __init__(self):
+    def __init__(self, alloc=None, available=None):
         self._free: dict[tuple, list] = {}
         self._lock = threading.Lock()
         self.in_use = self.high_water = self.pooled = 0
+        self._alloc = alloc or (lambda n, dtype: torch.empty(n, dtype=dtype, pin_memory=True))
+        self._available = available or _host_available
+
+    def _new(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh pinned buffer, or a clear error instead of the kernel's OOM killer or CUDA's
+        "out of memory" (nothing is lost: the step stops before its backward)."""
+        free = self._available()
+        hint = (f"offloaded checkpointing: {size / 2**20:.0f} MiB more pinned host memory needed "
+                f"({self.in_use / 2**30:.1f} GiB in use by this model's offloaded activations")
+        if free is not None and size + self.HEADROOM > free:
+            raise MemoryError(f"{hint}, {free / 2**30:.1f} GiB available on the host); use recompute='layer' "
+                              "(about 4.5x less host memory), a shorter sequence or a smaller batch")
+        try:
+            return self._alloc(size // dtype.itemsize, dtype)
+        except RuntimeError as e:
+            raise MemoryError(f"{hint}): pinning failed ({e}); use recompute='layer', a shorter sequence "
+                              "or a smaller batch") from e
 
     def get(self, numel: int, dtype: torch.dtype, stream) -> torch.Tensor:
         size = -(-numel * dtype.itemsize // self.GRAIN) * self.GRAIN
@@ -83,7 +101,12 @@ class HostPool:
             self.in_use += size
             self.high_water = max(self.high_water, self.in_use)
         if buf is None:
-            buf = torch.empty(size // dtype.itemsize, dtype=dtype, pin_memory=True)
+            try:
+                buf = self._new(size, dtype)
+            except MemoryError:
+                with self._lock:
+                    self.in_use -= size
+                raise
         elif ready is not None:
             stream.wait_event(ready)        # the last host->device copy out of it has read it
         return buf[:numel]
@@ -97,6 +120,18 @@ class HostPool:
                 if self.pooled + size <= 2 * self.high_water:
                     self._free.setdefault((buf.dtype, size), []).append((buf, ready))
                     self.pooled += size
+
+
+def _host_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 class _HostCopy:
