@@ -16,11 +16,11 @@ from velotune.models import prepare_model
 from velotune.train.checkpointing import enable_offloaded_checkpointing
 
 
-def _lora(family, checkpointing, device="cpu", **overrides):
+def _lora(family, checkpointing, device="cpu", dropout=0.0, **overrides):
     model = mini_model(family, **overrides).to(device)
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=checkpointing,
-                                             random_state=5)
+                                             random_state=5, lora_dropout=dropout)
     with torch.no_grad():   # non-zero B: every adapter gets a gradient that depends on the activations
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -65,6 +65,22 @@ def test_recompute_mlp_is_bit_identical_to_plain_checkpointing(family):
     assert stats.recomputed_norms >= 2 * n_layers     # the attention and the MLP inputs
     # and a second step on the same model (nothing stale from the first)
     _assert_same(_loss_and_grads(model, batch), plain)
+
+
+def test_lora_dropout_masks_are_the_same_as_with_plain_checkpointing():
+    """LoRA dropout sends the projections to the stock PEFT path; the MLP's checkpoint then saves
+    and restores the RNG state, so its recompute draws the forward's masks again."""
+    batch = fixed_batch()
+    models = {mode: _lora("llama", mode == "plain", dropout=0.2) for mode in ("plain", "mlp", "none")}
+    enable_offloaded_checkpointing(models["mlp"], recompute="mlp", min_offload_bytes=0)
+    out = {}
+    for mode, model in models.items():
+        torch.manual_seed(11)
+        out[mode] = _loss_and_grads(model, batch)
+    _assert_same(out["mlp"], out["plain"])
+    assert models["mlp"].velotune_offload_stats.packed > 0
+    torch.manual_seed(12)                                    # other masks, another loss: they are not a no-op
+    assert not torch.equal(_loss_and_grads(models["none"], batch)[0], out["none"][0])
 
 
 def test_only_the_mlp_is_recomputed(monkeypatch):

@@ -43,12 +43,16 @@ def mlp_output_values_unused():
 
 def mlp_forward(self, x):
     """Replacement for `<Family>MLP.forward`: x [..., H] -> [..., H]."""
+    plan = _plan(self)
     if _CHECKPOINTED[0] and torch.is_grad_enabled():
-        return checkpoint(_mlp_forward, self, x, use_reentrant=False)
-    return _mlp_forward(self, x)
+        # the fused MLP draws no random numbers (LoRA dropout sends it to the stock path), so its
+        # recompute needs no RNG state saved and restored (host time per layer and step)
+        return checkpoint(_mlp_forward, self, plan, x, use_reentrant=False, preserve_rng_state=plan is None)
+    return _mlp_forward(self, plan, x)
 
 
-def _mlp_forward(self, x):
+def _plan(self):
+    """(gate/up projections, down projection, activation) for the fused path, or None (stock)."""
     spec = self._velotune_spec
     act = spec.activation(self.config)
     if spec.gate_up == "fused":
@@ -57,7 +61,14 @@ def _mlp_forward(self, x):
         gate_up = [resolve(self.gate_proj), resolve(self.up_proj)]
     down = resolve(self.down_proj)
     if act is None or down is None or any(p is None for p in gate_up):
+        return None
+    return gate_up, down, act
+
+
+def _mlp_forward(self, plan, x):
+    if plan is None:
         return self._velotune_stock_forward(x)
+    gate_up, down, act = plan
     shape = x.shape
-    skip = _VALUES_UNUSED[0] and not spec.sandwich_norms
+    skip = _VALUES_UNUSED[0] and not self._velotune_spec.sandwich_norms
     return lora_mlp(x.reshape(-1, shape[-1]), gate_up, down, act, values_unused=skip).view(shape)
