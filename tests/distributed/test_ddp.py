@@ -79,6 +79,7 @@ def _worker(rank: int, world: int, path: str, port: int, out: str, checkpointing
         if rank == 0:
             lora = {k: v.detach() for k, v in model.named_parameters() if "lora_" in k}
             torch.save({"losses": torch.stack(losses), "lora": lora}, out)
+        dist.barrier()   # no collective still in flight when the group is torn down (gloo aborted there)
     finally:
         dist.destroy_process_group()
 

@@ -53,6 +53,7 @@ def _worker(rank, world, path, port, out):
         full = full_state_dict(model)
         if rank == 0:
             torch.save({"losses": losses, "state": full}, out)
+        dist.barrier()   # no collective still in flight when the group is torn down (gloo aborted there)
     finally:
         dist.destroy_process_group()
 
