@@ -2,6 +2,8 @@
 (its input hidden states) waits in pinned CPU memory instead of on the GPU.
 
     enable_offloaded_checkpointing(model)     # use_gradient_checkpointing="unsloth" / "offload"
+    enable_offloaded_checkpointing(model, recompute="mlp")   # attention activations offloaded too,
+                                              # only the MLP recomputed (train/saved_offload.py)
     disable_offloaded_checkpointing(model)    # back to stock (no checkpointing)
 
 How (PyTorch's own mechanisms only, per model instance, nothing global):
@@ -30,6 +32,8 @@ How (PyTorch's own mechanisms only, per model instance, nothing global):
   checkpointing composes with DistributedDataParallel (no `static_graph` needed).
 * CPU tensors (tests, CPU training): the same code runs with a host "target" that is a plain CPU
   copy and no streams.
+* Pinned host buffers come from a per-model `HostPool` (reused from step to step; a clear
+  MemoryError instead of an OOM kill when the host runs out).
 """
 from __future__ import annotations
 
