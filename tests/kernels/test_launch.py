@@ -76,3 +76,31 @@ def test_unaligned_tensors_always_go_through_the_jit(monkeypatch):
     for _ in range(2):
         launch(plans, ("k",), fn, (1,), (_GpuTensor(0), _GpuTensor(8), 2.0, 10), dict(BLOCK=16), (0, 1))
     assert plans == {} and fn.jit_calls == 2
+
+
+def test_empty_launch_hook_chains_are_passed_as_none():
+    """Triton 3.6's hook chains are never None; empty ones are handed to the launcher as None (it then
+    skips them and the launch metadata); a hook someone added is passed on and would be called."""
+    from triton import knobs
+
+    from velotune.kernels.launch import launch_hooks
+
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if not hasattr(enter, "calls"):                  # an older Triton: plain None-or-callable hooks
+        assert launch_hooks() == (enter, leave)
+        return
+    assert not enter.calls and not leave.calls and launch_hooks() == (None, None)
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    enter.add(hook)
+    try:
+        got_enter, got_leave = launch_hooks()
+        assert got_enter is enter and got_leave is None
+        got_enter("meta")
+        assert seen == ["meta"]
+    finally:
+        enter.remove(hook)
+    assert launch_hooks() == (None, None)

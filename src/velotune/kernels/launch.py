@@ -56,8 +56,24 @@ class LaunchPlan:
         for i, t in zip(self.slots, tensors):
             values[i] = t
         stream = torch._C._cuda_getCurrentRawStream(self.device)
-        k.run(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(self.grid, stream, *values),
-              knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+        enter, leave = launch_hooks()
+        meta = None if enter is None and leave is None else k.launch_metadata(self.grid, stream, *values)
+        k.run(g0, g1, g2, stream, k.function, k.packed_metadata, meta, enter, leave, *values)
+
+
+def launch_hooks():
+    """(enter, exit) launch hooks to hand the launcher, None for a chain with nothing in it.
+
+    Triton 3.6 keeps its hooks as `HookChain`s that are never None, so its JIT builds the launch
+    metadata and the launcher calls both (empty) chains on every launch: three Python calls per
+    launch for nothing. The launcher skips a None hook (and then never reads the metadata), so an
+    empty chain is passed as None; a profiler that added a hook (proton, say) still gets its calls."""
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if enter is not None and not getattr(enter, "calls", True):
+        enter = None
+    if leave is not None and not getattr(leave, "calls", True):
+        leave = None
+    return enter, leave
 
 
 def launch(plans: dict, key, fn, grid, args, consts: dict, slots, **options) -> None:
