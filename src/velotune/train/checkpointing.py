@@ -142,7 +142,7 @@ class _HostCopy:
     """A tensor's host copy (flat chunks) and the events ordering its copies; gives its pinned
     buffers back to the pool when it dies (autograd let go of the saved tensor)."""
 
-    __slots__ = ("host", "device", "d2h_done", "gpu", "h2d_done", "pool")
+    __slots__ = ("host", "numel", "dtype", "device", "d2h_done", "gpu", "h2d_done", "pool")
 
     def __del__(self):
         pool = getattr(self, "pool", None)
@@ -155,12 +155,13 @@ class _Saved(_HostCopy):
 
     __slots__ = ("prev", "shape", "__weakref__")
 
-    def __init__(self, host, device, d2h_done, prev, shape, pool=None):
+    def __init__(self, host, device, d2h_done, prev, shape, dtype, pool=None):
         self.host = host                  # flat CPU chunks (pinned when the source is on CUDA), see _chunks
         self.shape = shape                # the tensor's shape (contiguous layout when it comes back)
+        self.numel, self.dtype = shape.numel(), dtype
         self.device = device              # where the tensor lives during compute
         self.d2h_done = d2h_done          # event: host copy complete (None on CPU)
-        self.gpu = None                   # prefetched device tensor, if started
+        self.gpu = None                   # prefetched device copy (flat), if started
         self.h2d_done = None
         self.prev = prev                  # weakref to the input saved just before (previous layer)
         self.pool = pool
@@ -203,40 +204,53 @@ class _Offloader:
     def offload(self, t: torch.Tensor) -> _Saved:
         prev = self._last
         (host,), done, pool = self.to_host([t.reshape(-1)])
-        saved = _Saved(host, t.device, done, prev, t.shape, pool)
+        saved = _Saved(host, t.device, done, prev, t.shape, t.dtype, pool)
         self._last = weakref.ref(saved)
         self.stats.packed += 1
         self.stats.bytes_offloaded += t.numel() * t.element_size()
         return saved
 
     # -- backward -------------------------------------------------------------------------------
-    def _start_h2d(self, saved: _Saved) -> None:
-        if saved.gpu is not None or saved.device.type != "cuda":
+    def to_device(self, items: list[_HostCopy]) -> None:
+        """Host->device copies of those `items` not yet started (flat, into `item.gpu`), after their
+        device->host copies, on the h2d side stream: one stream switch and one event for all."""
+        items = [c for c in items if c.gpu is None and c.device.type == "cuda"]
+        if not items:
             return
-        _, h2d = self.streams(saved.device)
-        h2d.wait_event(saved.d2h_done)
+        _, h2d = self.streams(items[0].device)
+        for event in {id(c.d2h_done): c.d2h_done for c in items}.values():
+            h2d.wait_event(event)
         with torch.cuda.stream(h2d):
-            saved.gpu = torch.empty(saved.shape, dtype=saved.host[0].dtype, device=saved.device)
-            _copy_back(saved.host, saved.gpu, non_blocking=True)
-            saved.h2d_done = torch.cuda.Event()
-            saved.h2d_done.record(h2d)
+            for c in items:
+                c.gpu = torch.empty(c.numel, dtype=c.dtype, device=c.device)
+                _copy_back(c.host, c.gpu, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(h2d)
+        for c in items:
+            c.h2d_done = done
+
+    def take(self, c: _HostCopy) -> torch.Tensor:
+        """c's data back on its device, flat, usable on the current stream (prefetched or copied now).
+        The caller decides when to let go of `c.gpu`."""
+        if c.device.type != "cuda":
+            flat = torch.empty(c.numel, dtype=c.dtype)      # CPU target: reassemble
+            _copy_back(c.host, flat)
+            return flat
+        if c.gpu is not None:
+            self.stats.prefetched += 1
+        self.to_device([c])
+        compute = torch.cuda.current_stream(c.device)
+        compute.wait_event(c.h2d_done)
+        c.gpu.record_stream(compute)
+        return c.gpu
 
     def restore(self, saved: _Saved) -> torch.Tensor:
-        if saved.device.type != "cuda":
-            out = torch.empty(saved.shape, dtype=saved.host[0].dtype)   # CPU target: reassemble
-            _copy_back(saved.host, out)
-        else:
-            if saved.gpu is not None:
-                self.stats.prefetched += 1
-            self._start_h2d(saved)
-            out, saved.gpu = saved.gpu, None         # hand it over; a second backward copies again
-            compute = torch.cuda.current_stream(saved.device)
-            compute.wait_event(saved.h2d_done)
-            out.record_stream(compute)
+        out = self.take(saved).view(saved.shape)
+        saved.gpu = None                             # hand it over; a second backward copies again
         self.stats.unpacked += 1
         prev = saved.prev() if saved.prev is not None else None
         if prev is not None:
-            self._start_h2d(prev)                    # one layer ahead: overlaps this layer's backward
+            self.to_device([prev])                   # one layer ahead: overlaps this layer's backward
         return out
 
 

@@ -33,13 +33,13 @@ import weakref
 import torch
 from torch import nn
 
-from velotune.train.checkpointing import _copy_back, _HostCopy
+from velotune.train.checkpointing import _HostCopy
 
 
 class _Stored(_HostCopy):
     """One offloaded storage span: its host copy, events, and how many saved views point at it."""
 
-    __slots__ = ("numel", "dtype", "refs", "taken")
+    __slots__ = ("refs", "taken")
 
     def __init__(self, host, numel, dtype, device, d2h_done, pool):
         self.host, self.numel, self.dtype, self.device, self.d2h_done = host, numel, dtype, device, d2h_done
@@ -174,46 +174,19 @@ class SavedOffloader:
             stored.host, stored.d2h_done, stored.pool = host, done, pool
 
     # -- backward -----------------------------------------------------------------------------
-    def _start(self, items: list[_Stored]) -> None:
-        """Host->device copies of `items` not yet started, in one stream switch with one event."""
-        items = [s for s in items if s.gpu is None and s.device.type == "cuda"]
-        if not items:
-            return
-        _, h2d = self.offloader.streams(items[0].device)
-        for event in {id(s.d2h_done): s.d2h_done for s in items}.values():
-            h2d.wait_event(event)
-        with torch.cuda.stream(h2d):
-            for s in items:
-                s.gpu = torch.empty(s.numel, dtype=s.dtype, device=s.device)
-                _copy_back(s.host, s.gpu, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(h2d)
-        for s in items:
-            s.h2d_done = done
-
     def _prefetch(self, layer: "_LayerSet | None") -> None:
         """First unpack of a layer: its whole set (newest first), then the previous layer's newest."""
         if layer is None or layer.started:
             return
         layer.started = True
-        self._start(layer.stored[::-1])
+        self.offloader.to_device(layer.stored[::-1])
         prev = layer.prev() if layer.prev is not None else None
         if prev is not None and prev.stored:
-            self._start(prev.stored[-1:])
+            self.offloader.to_device(prev.stored[-1:])
 
     def _take(self, s: _Stored) -> torch.Tensor:
         """The span on the device; the last of its views to be unpacked lets go of it."""
-        if s.device.type != "cuda":
-            flat = torch.empty(s.numel, dtype=s.dtype)
-            _copy_back(s.host, flat)
-        else:
-            if s.gpu is not None:
-                self.stats.prefetched += 1
-            self._start([s])
-            flat = s.gpu
-            compute = torch.cuda.current_stream(s.device)
-            compute.wait_event(s.h2d_done)
-            flat.record_stream(compute)
+        flat = self.offloader.take(s)
         s.taken += 1
         if s.taken >= s.refs:     # a later (second) backward copies again
             s.gpu, s.taken = None, 0
