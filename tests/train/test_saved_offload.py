@@ -134,14 +134,14 @@ def test_the_layer_is_found_behind_either_transformers_callable():
     5.17) partial(layer.__call__, **kw). Both must reach recompute="mlp" (else "layer" runs)."""
     import functools
 
-    from velotune.train.checkpointing import _layer_of, _mlp_is_fused
+    from velotune.train.checkpointing import _layer_of, _suits_mlp_recompute
 
     model = _lora("llama", False)
     layer = model.base_model.model.model.layers[0]
     new = functools.partial(type(layer).forward, layer, attention_mask=None)
     old = functools.partial(super(type(layer), layer).__call__, attention_mask=None)
-    assert _layer_of(new) is layer and _layer_of(old) is layer and _mlp_is_fused(new) and _mlp_is_fused(old)
-    assert _layer_of(functools.partial(print)) is None and not _mlp_is_fused(lambda x: x)
+    assert _layer_of(new) is layer and _layer_of(old) is layer and _suits_mlp_recompute(new) and _suits_mlp_recompute(old)
+    assert _layer_of(functools.partial(print)) is None and not _suits_mlp_recompute(lambda x: x)
 
 
 def test_refusals():

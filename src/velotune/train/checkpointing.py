@@ -294,7 +294,7 @@ def _layer_of(fn) -> torch.nn.Module | None:
     return owner if isinstance(owner, torch.nn.Module) else None
 
 
-def _mlp_is_fused(fn) -> bool:
+def _suits_mlp_recompute(fn) -> bool:
     """Whether recompute="mlp" suits the decoder layer behind `fn`: velotune runs its MLP and its
     attention (models/), and the attention is not the explicit softcapped path (Gemma 2), whose
     saved [B, H, T, T] scores would be far more to copy to the host than to recompute."""
@@ -315,7 +315,7 @@ def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=N
     `saved_offload.SavedOffloader` (recompute="mlp"), used for layers whose MLP velotune runs."""
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    if saved is not None and _mlp_is_fused(fn):
+    if saved is not None and _suits_mlp_recompute(fn):
         keep = _tensors(args[1:]) + _tensors(kwargs) + _tensors(getattr(fn, "keywords", {}))
         return saved.run_layer(fn, args, kwargs, keep)
     if graphs is not None and len(args) == 1 and not kwargs:
