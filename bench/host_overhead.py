@@ -33,7 +33,7 @@ def measure(impl: str, args) -> None:
     config = _config("8b")
     model = build(impl, config, "cuda", torch.bfloat16, args.seq, cuda_graphs=args.cuda_graphs,
                   recompute=args.recompute)
-    step, *_ = training_step(model, args.batch, args.seq, "cuda")
+    step, _, opt, batch = training_step(model, args.batch, args.seq, "cuda")
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -47,6 +47,11 @@ def measure(impl: str, args) -> None:
         enq.append(t1 - t0)
         wall.append(t2 - t0)
     n_tok = args.batch * args.seq
+    if args.gaps:
+        try:
+            gaps(model, opt, batch, args)
+        except Exception as e:  # a diagnostic: report and go on with the rest
+            print(f"  gaps failed: {type(e).__name__}: {e}", flush=True)
     graphs = getattr(model, "velotune_layer_graphs", None)
     tag = f" [layer graphs {graphs.stats}]" if graphs is not None else ""
     print(f"{impl}{tag}: enqueue {1e3 * sum(enq) / len(enq):.1f} ms, wall {1e3 * sum(wall) / len(wall):.1f} ms/step "
@@ -95,6 +100,78 @@ def measure(impl: str, args) -> None:
     torch.cuda.empty_cache()
 
 
+def gaps(model, opt, batch, args) -> None:
+    """Where the compute stream sits idle: one profiled step, its phases marked (forward through the
+    decoder layers, forward of the final norm + loss, backward, optimizer). Per phase: wall, kernel
+    time on the busiest stream, and idle time; then the kernels that most often waited (the idle
+    time before each, summed by kernel name): the host launched them late."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    marks = {}
+
+    def phase(name):
+        if "cur" in marks:
+            marks["cur"].__exit__(None, None, None)
+        marks["cur"] = record_function("phase:" + name) if name else None
+        if name:
+            marks["cur"].__enter__()
+        else:
+            marks.pop("cur")
+
+    norm = model.get_base_model().model.norm if hasattr(model, "get_base_model") else model.model.norm
+    hook = norm.register_forward_pre_hook(lambda *a: phase("loss") if torch.is_grad_enabled() else None)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        phase("layers")
+        loss = model(**batch).loss
+        phase("backward")
+        loss.backward()
+        phase("optimizer")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        phase(None)
+    hook.remove()
+    evs = list(prof.profiler.kineto_results.events())
+    ranges = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()[6:]) for e in evs
+                    if e.name().startswith("phase:"))
+    launch_at = {e.correlation_id(): e.start_ns() for e in evs
+                 if e.device_type() == torch.autograd.DeviceType.CPU and e.name().startswith("cuda")}
+    kernels = [e for e in evs if e.device_type() == torch.autograd.DeviceType.CUDA and "emcpy" not in e.name()
+               and "emset" not in e.name()]
+    by_stream = {}
+    for e in kernels:
+        by_stream.setdefault(e.device_resource_id(), []).append(e)
+    main = max(by_stream.values(), key=lambda ks: sum(k.duration_ns() for k in ks))
+    main.sort(key=lambda k: k.start_ns())
+
+    def phase_of(t):
+        for a, b, name in ranges:
+            if a <= t <= b:
+                return name
+        return "?"
+
+    busy, idle, waited = {}, {}, {}
+    prev_end = None
+    for k in main:
+        t = launch_at.get(k.correlation_id()) or launch_at.get(k.linked_correlation_id()) or k.start_ns()
+        name = phase_of(t)
+        busy[name] = busy.get(name, 0) + k.duration_ns()
+        if prev_end is not None and k.start_ns() > prev_end:
+            gap = k.start_ns() - prev_end
+            idle[name] = idle.get(name, 0) + gap
+            key = k.name()[:70]
+            c, t = waited.get(key, (0, 0))
+            waited[key] = (c + 1, t + gap)
+        prev_end = max(prev_end or 0, k.start_ns() + k.duration_ns())
+    for a, b, name in ranges:
+        print(f"  phase {name:<10} wall {(b - a) / 1e6:8.1f} ms | kernels launched in it {busy.get(name, 0) / 1e6:8.1f} ms"
+              f" | stream idle before them {idle.get(name, 0) / 1e6:7.1f} ms", flush=True)
+    print(f"  stream idle in all {sum(idle.values()) / 1e6:.1f} ms over {len(main)} kernels; most waited-for:", flush=True)
+    for key, (c, t) in sorted(waited.items(), key=lambda kv: -kv[1][1])[:args.gaps]:
+        print(f"    {t / 1e6:7.2f} ms  {c:5d}x  {key}", flush=True)
+
+
 def launch_cost() -> None:
     """Host µs per launch: a tiny Triton kernel through its JIT launcher, and a tiny torch op."""
     from velotune.quant.dequant_kernel import dequantize_nf4_triton
@@ -128,6 +205,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--kernels", type=int, default=0, help="list this many GPU kernels by time")
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--gaps", type=int, default=0, help="profile one step's idle GPU time by phase; list this many kernels")
     ap.add_argument("--cuda-graphs", action="store_true", help="velotune: decoder layers as CUDA graphs")
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="velotune: get_peft_model(recompute=)")
     args = ap.parse_args()
