@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mini import fixed_batch, save_mini_model  # noqa: E402
-from test_ddp import _free_port, _n_items  # noqa: E402
+from test_ddp import _exit_now, _free_port, _n_items  # noqa: E402
 
 STEPS = 3
 
@@ -56,6 +56,7 @@ def _worker(rank, world, path, port, out):
         dist.barrier()   # no collective still in flight when the group is torn down (gloo aborted there)
     finally:
         dist.destroy_process_group()
+    _exit_now()
 
 
 def test_fsdp2_full_finetune_equals_single_process_and_reshards(tmp_path):
