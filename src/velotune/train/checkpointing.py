@@ -315,11 +315,19 @@ def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=N
     `saved_offload.SavedOffloader` (recompute="mlp"), used for layers whose MLP velotune runs."""
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    if saved is not None and _suits_mlp_recompute(fn):
+    mlp = saved is not None and _suits_mlp_recompute(fn)
+    if mlp:
         keep = _tensors(args[1:]) + _tensors(kwargs) + _tensors(getattr(fn, "keywords", {}))
-        return saved.run_layer(fn, args, kwargs, keep)
+
+        def eager():
+            return saved.run_layer(fn, args, kwargs, keep)
+    else:
+        def eager():
+            return _offloaded_checkpoint(offloader, fn, *args, **kwargs)
     if graphs is not None and len(args) == 1 and not kwargs:
-        return graphs.run(offloader, fn, args[0], lambda: _offloaded_checkpoint(offloader, fn, *args))
+        return graphs.run(offloader, fn, args[0], eager, saved=mlp)
+    if mlp:
+        return eager()
     # Identify the hidden states by value, never by reference: the pack hook outlives this call
     # (autograd keeps it with the graph until backward), and a closure over the tensor itself would
     # keep every layer's input alive on the GPU for the whole step, offloaded or not.
@@ -352,7 +360,7 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     saved layer inputs to pinned host memory. Per instance, idempotent; returns the live counters
     (also at `model.velotune_offload_stats`). cuda_graphs: replay each layer's forward and its
     recompute + backward as CUDA graphs once warmed up (train/layer_graphs.py; counters at
-    `model.velotune_layer_graphs.stats`).
+    `model.velotune_layer_graphs.stats`; with recompute="mlp": train/saved_graphs.py).
 
     recompute: "layer" (each layer recomputed whole in backward; only its input is offloaded) or
     "mlp" (the attention half's saved tensors of at least `min_offload_bytes` are offloaded and
@@ -360,8 +368,6 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     Layers whose MLP velotune does not run fall back to "layer"."""
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute={recompute!r}: choose from {RECOMPUTE_MODES}")
-    if recompute != "layer" and cuda_graphs:
-        raise ValueError("cuda_graphs=True replays whole-layer recomputes: it needs recompute='layer'")
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no transformers decoder layers "

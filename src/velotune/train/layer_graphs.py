@@ -10,6 +10,10 @@ warns and leaves the model on the eager path.
 
     enable_offloaded_checkpointing(model, cuda_graphs=True)      # get_peft_model(..., cuda_graphs=True)
 
+This file graphs recompute="layer"; `LayerGraphs.run(saved=True)` hands recompute="mlp" layers to
+saved_graphs.SavedEntry (forward, and a backward that recomputes only the MLP) with the same
+signatures, warm-up, fall-backs and statics.
+
 Why: an 8B LoRA step launches ~6,000 kernels and is bound by the host (docs/perf-notes.md: the
 host queues its step in about the time the GPU needs to run it). A graph replays a layer's ~200
 launches for the price of one.
@@ -167,6 +171,7 @@ class _Statics:
         self.kw = [torch.empty_like(t) for t in kw_tensors]
         self.kw_src: list = [None] * len(kw_tensors)   # the tensor each kw buffer was last filled from
         self.grads = torch.empty(n_grad, dtype=grad_dtype, device=x.device)
+        self.sets: list = [None, None]                 # recompute="mlp": the saved-tensor sets (saved_graphs.py)
 
     def load_kwargs(self, tensors) -> None:
         for i, t in enumerate(tensors):
@@ -197,6 +202,15 @@ class _Entry:
         kw = {**self.fn_keywords, **_rebuild_kwargs(self.names, self.s.kw, self.static_kw)}
         return self.fn(*self.fn_args, x, **kw)
 
+    def _store_grads(self, grads) -> None:
+        """(dx, *LoRA grads) into the statics (zeros for an adapter that got no gradient)."""
+        self.s.dx.copy_(grads[0])
+        for view, g in zip(self.grad_views, grads[1:]):
+            if g is None:
+                view.zero_()
+            else:
+                view.copy_(g)
+
     def capture(self, pool, side=None) -> None:
         s = self
 
@@ -212,12 +226,7 @@ class _Entry:
                 with torch.enable_grad(), mlp_output_values_unused():
                     y = s._call(x)
                 grads = torch.autograd.grad(y, [x, *leaves], s.s.dy, allow_unused=True)
-            s.s.dx.copy_(grads[0])
-            for view, g in zip(s.grad_views, grads[1:]):
-                if g is None:
-                    view.zero_()
-                else:
-                    view.copy_(g)
+            s._store_grads(grads)
 
         device = self.s.x.device
         self.fwd, self.bwd = _Graph(device, pool), _Graph(device, pool)
@@ -258,6 +267,7 @@ class LayerGraphs:
         self.entries: dict = {}          # (id(layer), signature) -> _Entry
         self.statics: dict = {}          # signature -> _Statics
         self.stats = {"captured": 0, "replayed": 0, "eager": 0}
+        self.saved_runs = None           # recompute="mlp": saved_graphs.SavedGraphRuns
 
     def _stream(self, device: torch.device):
         """The side stream captures warm up on (cuBLAS workspaces are per stream), one per device."""
@@ -288,8 +298,9 @@ class LayerGraphs:
             dropout = dropout or (isinstance(m, nn.Dropout) and m.p > 0)
         return slots, lora_mods, dropout
 
-    def run(self, offloader, fn, x: torch.Tensor, eager):
-        """The layer's output through its graphs, or `eager()` while warming up / when not graphable."""
+    def run(self, offloader, fn, x: torch.Tensor, eager, saved: bool = False):
+        """The layer's output through its graphs, or `eager()` while warming up / when not graphable.
+        saved: the layer runs under recompute="mlp" (its graphs are saved_graphs.SavedEntry's)."""
         layer = _layer_of(fn) if isinstance(fn, functools.partial) and not self.disabled else None
         flat = _flatten_kwargs(fn.keywords) if layer is not None else None
         scan = self._scan(layer) if flat is not None and self._eligible(layer) else None
@@ -299,7 +310,7 @@ class LayerGraphs:
         slots, lora_mods, _ = scan
         names, kw_tensors, static_kw = flat
         params = [p for _, _, p in slots]
-        sig = (tuple(x.shape), x.dtype, x.device, tuple(names),
+        sig = (saved, tuple(x.shape), x.dtype, x.device, tuple(names),
                tuple((t.shape, t.dtype, t.device) for t in kw_tensors), static_kw,
                tuple(p.shape for p in params), _peft_state(lora_mods))
         entry = self.entries.get((id(layer), sig))
@@ -314,7 +325,14 @@ class LayerGraphs:
             statics = self.statics.get(sig)
             if statics is None:
                 statics = self.statics[sig] = _Statics(x, kw_tensors, sum(p.numel() for p in params), grad_dtype)
-            entry = self.entries[(id(layer), sig)] = _Entry(statics, slots, names, static_kw, fn)
+            if saved:
+                from velotune.train.saved_graphs import SavedEntry
+
+                parity = sum(1 for key in self.entries if key[1] == sig) % 2   # consecutive layers alternate
+                entry = SavedEntry(statics, slots, names, static_kw, fn, parity)
+            else:
+                entry = _Entry(statics, slots, names, static_kw, fn)
+            self.entries[(id(layer), sig)] = entry
         if not entry.graphable:
             self.stats["eager"] += 1
             return eager()
@@ -344,6 +362,12 @@ class LayerGraphs:
             self.stats["captured"] += 1
         elif tuple(p.data_ptr() for p in params) != entry.param_ptrs:
             del self.entries[(id(layer), sig)]       # parameters moved: capture again
-            return self.run(offloader, fn, x, eager)
+            return self.run(offloader, fn, x, eager, saved)
         self.stats["replayed"] += 1
+        if saved:
+            from velotune.train.saved_graphs import GraphedSavedLayer, SavedGraphRuns
+
+            if self.saved_runs is None:
+                self.saved_runs = SavedGraphRuns(offloader)
+            return GraphedSavedLayer.apply(entry, self.saved_runs, kw_tensors, x, *params)
         return _GraphedLayer.apply(entry, offloader, kw_tensors, x, *params)

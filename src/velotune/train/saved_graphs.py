@@ -1,0 +1,324 @@
+"""CUDA graphs of decoder layers under recompute="mlp" (`cuda_graphs=True, recompute="mlp"`): the
+layer's forward, and its backward with only the MLP recomputed, each replayed as one graph.
+
+The recompute="layer" graphs (layer_graphs.py) recompute the whole layer inside their backward
+graph. Here, as in eager recompute="mlp" (saved_offload.py), the attention half is not recomputed:
+backward reads what forward saved. A graph cannot save into fresh memory, so everything a layer
+saves for backward lives in one of two static buffer sets shared by the layers of a signature,
+`_Slots` P[0] and P[1] (consecutive layers alternate, so one set is written while the other is
+still being copied):
+
+* Build (once per layer, when it is captured): the layer runs eagerly with grad under saved-tensor
+  hooks that give every saved tensor a place in the set -- one flat slot per storage span, as
+  saved_offload.py does; parameters and the static kwarg buffers (rotary tables, mask) stay where
+  they are; a saved RMSNorm output keeps only its input's slot and is recomputed -- and return
+  handles to those places. The `_Plan` records, pack call by pack call, which span goes to which
+  slot. The autograd graph built there is the one backward differentiates.
+* F graph: the same forward, whose pack hook copies each saved span into its slot (the plan, call
+  by call; a different sequence fails the capture). After each replay the set is copied to pinned
+  host memory on the d2h side stream; the next forward that writes the set waits for that copy.
+* B graph: `autograd.grad(y, (x, *LoRA leaves), dy)` over the build's graph (retained): unpacking
+  views the slots or recomputes a norm from them, the MLP's checkpoint recomputes the MLP (and
+  stops before its frozen down GEMM). Before a replay the set is refilled from host memory on the
+  h2d side stream, one layer ahead, after the replay that last read it; the last layers of the
+  forward are still in their sets and are not copied back.
+
+Nothing of the build's own values is read again: everything backward reads is in a set, in a
+parameter, or in a static kwarg buffer, all refilled before each replay. On the CPU the closures
+run eagerly over the same buffers (layer_graphs._Graph), so the CPU tests check exactly that, with
+adapters that change between steps: losses and gradients equal eager recompute="mlp" bit for bit.
+
+Memory (8B, 2 x 2048 tokens): the two sets are ~2 x 145 MiB of persistent device memory, against
+the ~145 MiB eager recompute="mlp" holds of a layer in backward; host memory as eager "mlp".
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch import nn
+
+from velotune.models.mlp import checkpointed_mlp
+from velotune.models.norm import norm_forward, recorded_norm_outputs
+from velotune.quant.weights import WEIGHT_BUFFERS
+from velotune.train.checkpointing import _copy_back, _HostCopy
+from velotune.train.layer_graphs import _Entry, _fresh_leaves, _Graph
+from velotune.train.saved_offload import _span
+
+
+class _PlanMismatch(RuntimeError):
+    """The captured forward saved other tensors than the build did (fails the capture)."""
+
+
+class _Plan:
+    """What a layer's forward saves, call by call. layout: (numel, dtype) per slot; calls: per pack
+    call, (is a norm output, [(slot, start, end) of the storage spans to copy at that call])."""
+
+    def __init__(self):
+        self.layout: list[tuple[int, torch.dtype]] = []
+        self.calls: list[tuple[bool, list[tuple[int, int, int]]]] = []
+
+
+class _Ref:
+    """A saved tensor's place: slot, and how to view it there."""
+
+    __slots__ = ("slot", "size", "stride", "offset")
+
+    def __init__(self, slot, size, stride, offset):
+        self.slot, self.size, self.stride, self.offset = slot, size, stride, offset
+
+
+class _NormRef:
+    """A saved RMSNorm output: recomputed from its input's place."""
+
+    __slots__ = ("module", "inp", "size", "stride", "offset")
+
+    def __init__(self, module, inp, size, stride, offset):
+        self.module, self.inp, self.size, self.stride, self.offset = module, inp, size, stride, offset
+
+
+class _Slots:
+    """One buffer set: a flat device tensor per slot; `holds`: the host copies whose values it holds
+    now; `free_at`: event after which it may be overwritten (the last copy or replay reading it)."""
+
+    def __init__(self, layout, device):
+        self.layout = list(layout)
+        self.flat = [torch.empty(n, dtype=dtype, device=device) for n, dtype in layout]
+        self.holds = None
+        self.free_at = None
+        self.ready = None      # event: the host->device copy into it is done
+
+    def view(self, ref: _Ref) -> torch.Tensor:
+        return self.flat[ref.slot].as_strided(ref.size, ref.stride, ref.offset)
+
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.flat)
+
+
+def _static(t: torch.Tensor, device, kept: set) -> bool:
+    """Saved as it is: parameters (live values), kwarg buffers (refilled), empties, other devices."""
+    return (isinstance(t, nn.Parameter) or t.numel() == 0 or t.layout != torch.strided or t.device != device
+            or t.untyped_storage().data_ptr() in kept)
+
+
+def _flat(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), a, (b - a,), (1,))
+
+
+class SavedEntry(_Entry):
+    """One layer, one signature, recompute="mlp": the build's graph, its plan, and F/B graphs over
+    the signature's statics and one of its two buffer sets."""
+
+    def __init__(self, statics, slots, names, static_kw, fn, parity: int):
+        super().__init__(statics, slots, names, static_kw, fn)
+        self.parity = parity
+        self.P: _Slots | None = None
+        self.y = self.x = self.leaves = None    # the build's output, input leaf and LoRA leaves
+
+    def _kept(self) -> set:
+        return {t.untyped_storage().data_ptr() for t in self.s.kw}
+
+    def _build(self) -> None:
+        """The eager forward whose graph B differentiates; allocates the signature's sets on the
+        first layer, checks later layers save the same layout."""
+        s, plan, device, kept = self.s, _Plan(), self.s.x.device, self._kept()
+        spans: dict = {}
+        held: list = []
+        norms: dict = {}
+
+        def place(t: torch.Tensor) -> tuple[_Ref, list]:
+            key, (a, b) = (t.untyped_storage().data_ptr(), t.dtype), _span(t)
+            hit, copies = spans.get(key), []
+            if hit is None or not (hit[1] <= a and b <= hit[2]):
+                hit = spans[key] = (len(plan.layout), a, b)
+                plan.layout.append((b - a, t.dtype))
+                copies.append(hit)
+            held.append(t)                 # its address stays its own until the build is done
+            return _Ref(hit[0], t.shape, t.stride(), t.storage_offset() - hit[1]), copies
+
+        def pack(t: torch.Tensor):
+            if _static(t, device, kept):
+                plan.calls.append((False, []))
+                return t
+            norm = norms.get(t.untyped_storage().data_ptr())
+            if norm is not None:
+                ref, copies = place(norm[1])
+                plan.calls.append((True, copies))
+                return _NormRef(norm[0], ref, t.shape, t.stride(), t.storage_offset())
+            ref, copies = place(t)
+            plan.calls.append((False, copies))
+            return ref
+
+        entry = weakref.ref(self)          # the hooks live with the graph, which the entry holds
+
+        def unpack(obj):
+            return entry()._unpack(obj)
+
+        x = s.x.detach().requires_grad_(True)
+        with _fresh_leaves(self.slots) as leaves:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
+                    recorded_norm_outputs(norms), checkpointed_mlp(), WEIGHT_BUFFERS.untagged():
+                y = self._call(x)
+        held.clear()
+        norms.clear()
+        sets = s.sets
+        if sets[self.parity] is None:
+            sets[self.parity] = _Slots(plan.layout, device)
+        if sets[self.parity].layout != plan.layout:
+            raise _PlanMismatch("this layer saves other tensors than the signature's first layer")
+        self.P, self.plan, self.y, self.x, self.leaves = sets[self.parity], plan, y, x, leaves
+
+    def _unpack(self, obj):
+        if isinstance(obj, _Ref):
+            return self.P.view(obj)
+        if isinstance(obj, _NormRef):
+            with torch.no_grad():
+                y = norm_forward(obj.module, self.P.view(obj.inp))
+            return y.as_strided(obj.size, obj.stride, obj.offset)
+        return obj
+
+    def capture(self, pool, side=None) -> None:
+        e, s = self, self.s
+        stream = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with stream:        # backward runs each node on its forward's stream: the capture stream
+            self._build()
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        kept, device = self._kept(), s.x.device
+
+        def forward():
+            calls = iter(e.plan.calls)
+            norms: dict = {}
+
+            def pack(t: torch.Tensor):
+                is_norm, copies = next(calls, (None, None))
+                if copies is None or is_norm != (t.untyped_storage().data_ptr() in norms):
+                    raise _PlanMismatch("the captured forward saves other tensors than the build")
+                src = norms[t.untyped_storage().data_ptr()][1] if is_norm else t
+                for slot, a, b in copies:
+                    if _span(src) != (a, b) or src.dtype != e.P.flat[slot].dtype:
+                        raise _PlanMismatch("a saved tensor's layout differs from the build's")
+                    e.P.flat[slot].copy_(_flat(src, a, b))
+                return None
+
+            x = s.x.detach().requires_grad_(True)
+            with _fresh_leaves(e.slots):
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never), \
+                        recorded_norm_outputs(norms), checkpointed_mlp():
+                    y = e._call(x)
+                s.y.copy_(y.detach())
+            norms.clear()
+
+        def backward():
+            grads = torch.autograd.grad(e.y, [e.x, *e.leaves], s.dy, allow_unused=True, retain_graph=True)
+            e._store_grads(grads)
+
+        self.fwd, self.bwd = _Graph(device, pool), _Graph(device, pool)
+        self.fwd.capture(forward, side)
+        self.bwd.capture(backward, side)
+        if side is not None:       # the kernels are recorded: the build's graph is no longer needed
+            self.y = self.x = None
+
+
+def _never(obj):
+    raise RuntimeError("velotune: the captured forward's own graph was differentiated")
+
+
+class _LayerCopy:
+    """One forward call's saved set in host memory (one `_HostCopy` per slot) and the call before."""
+
+    __slots__ = ("copies", "entry", "prev", "__weakref__")
+
+    def __init__(self, copies, entry, prev):
+        self.copies, self.entry, self.prev = copies, entry, prev
+
+
+class SavedGraphRuns:
+    """Per model: the order of graphed recompute="mlp" layer calls, and the copies of their sets."""
+
+    def __init__(self, offloader):
+        self.offloader = offloader
+        self._last = None
+
+    def to_host(self, entry: SavedEntry) -> _LayerCopy:
+        P = entry.P
+        hosts, done, pool = self.offloader.to_host(P.flat)
+        copies = []
+        for (n, dtype), host in zip(P.layout, hosts):
+            c = _HostCopy()
+            c.host, c.numel, c.dtype, c.device, c.d2h_done = host, n, dtype, P.flat[0].device, done
+            c.gpu = c.h2d_done = None
+            c.pool = pool
+            copies.append(c)
+        rec = _LayerCopy(copies, entry, self._last)
+        self._last = weakref.ref(rec)
+        P.holds, P.free_at = rec, done
+        stats = self.offloader.stats
+        stats.packed += 1
+        stats.bytes_offloaded += P.nbytes()
+        return rec
+
+    def load(self, rec: _LayerCopy) -> None:
+        """rec's values into its entry's set, unless they are there (h2d stream, after the set's
+        last reader and rec's device->host copy)."""
+        P = rec.entry.P
+        if P.holds is rec:
+            return
+        first = rec.copies[0] if rec.copies else None
+        if first is None or not first.device.type == "cuda":
+            for c, flat in zip(rec.copies, P.flat):
+                _copy_back(c.host, flat)
+        else:
+            _, h2d = self.offloader.streams(first.device)
+            h2d.wait_event(first.d2h_done)
+            if P.free_at is not None:
+                h2d.wait_event(P.free_at)
+            with torch.cuda.stream(h2d):
+                for c, flat in zip(rec.copies, P.flat):
+                    _copy_back(c.host, flat, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(h2d)
+            for c in rec.copies:
+                c.h2d_done = done
+            P.ready = done
+        P.holds = rec
+        self.offloader.stats.prefetched += 1
+
+
+class GraphedSavedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entry: SavedEntry, runs: SavedGraphRuns, kw_tensors, x, *params):
+        s, P = entry.s, entry.P
+        s.load_kwargs(kw_tensors)
+        s.x.copy_(x)
+        if x.is_cuda and P.free_at is not None:
+            torch.cuda.current_stream().wait_event(P.free_at)    # the set's previous copy to the host
+        P.ready = None
+        entry.fwd.replay()
+        y = s.y.clone()
+        ctx.rec, ctx.runs, ctx.kw_tensors = runs.to_host(entry), runs, kw_tensors
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        rec, runs = ctx.rec, ctx.runs
+        entry = rec.entry
+        s, P = entry.s, entry.P
+        runs.load(rec)
+        s.load_kwargs(ctx.kw_tensors)
+        s.dy.copy_(dy)
+        if dy.is_cuda:
+            if P.ready is not None:
+                torch.cuda.current_stream().wait_event(P.ready)
+        entry.bwd.replay()
+        if dy.is_cuda:
+            P.free_at = torch.cuda.Event()
+            P.free_at.record()
+        runs.offloader.stats.unpacked += 1
+        prev = rec.prev() if rec.prev is not None else None
+        if prev is not None:
+            runs.load(prev)                  # one layer ahead: overlaps the next replay
+        return (None, None, None, s.dx.clone(), *entry.grad_views)

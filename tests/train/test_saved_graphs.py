@@ -1,0 +1,146 @@
+"""Graphs of recompute="mlp" layers (velotune.train.saved_graphs): forward and MLP-only backward
+replayed over two shared buffer sets of saved tensors.
+
+On the CPU the captured closures run eagerly over the same buffers, so these tests check what the
+graphs depend on: every tensor backward reads is refilled before a replay (adapters change between
+steps, kwargs change between batches, the sets alternate between layers and come back from host
+memory), and nothing of the capture-time values is read again. The GPU test checks real graphs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mini import fixed_batch, mini_model
+from test_layer_graphs import _train, _two_batches
+from velotune import FastLanguageModel
+from velotune.models import prepare_model
+
+N_LAYERS = 3          # layer 0's set is overwritten by layer 2's: backward must bring it back from host memory
+
+
+def _lora(graphs: bool, family: str = "llama", device: str = "cpu", dtype=torch.float32):
+    model = mini_model(family, num_hidden_layers=N_LAYERS, dtype=dtype).to(device)
+    prepare_model(model, max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
+                                             random_state=5, cuda_graphs=graphs, recompute="mlp")
+    with torch.no_grad():   # non-zero B: every adapter gets a gradient that depends on the activations
+        g = torch.Generator(device).manual_seed(3)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=g)
+    return model
+
+
+def _assert_same(got, ref, n_grads):
+    for (loss_g, grads_g), (loss_r, grads_r) in zip(got, ref):
+        assert torch.equal(loss_g, loss_r)
+        assert grads_g.keys() == grads_r.keys() and len(grads_g) == n_grads
+        for name in grads_r:
+            assert torch.equal(grads_g[name], grads_r[name]), name
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
+def test_mlp_graphs_train_bit_identically_to_eager_recompute_mlp(family):
+    batches = _two_batches()
+    ref = _train(_lora(False, family), 4, batches)
+    model = _lora(True, family)
+    before = {n: p for n, p in model.named_parameters()}
+    got = _train(model, 4, batches)
+    assert all(p is before[n] for n, p in model.named_parameters())   # the build's fresh leaves are swapped out
+    graphs = model.velotune_layer_graphs
+    assert graphs.stats == {"captured": N_LAYERS, "replayed": 3 * N_LAYERS, "eager": N_LAYERS}
+    from velotune.train.saved_graphs import SavedEntry
+
+    entries = list(graphs.entries.values())
+    assert all(isinstance(e, SavedEntry) for e in entries) and [e.parity for e in entries] == [0, 1, 0]
+    assert entries[0].P is entries[2].P and entries[0].P is not entries[1].P        # two sets, shared
+    # per replayed layer one set to host memory; in backward the last two layers' sets are still in place
+    offload = model.velotune_offload_stats
+    assert offload.packed == 3 * N_LAYERS and offload.prefetched == 3    # layer 0's set, once per replayed step
+    n_grads = 2 * (7 if family != "phi3" else 4) * N_LAYERS
+    _assert_same(got, ref, n_grads)
+
+
+def test_a_set_not_brought_back_changes_the_result(monkeypatch):
+    """The control for the test above: if backward read a set still holding another layer's tensors
+    (layer 2's, in layer 0's backward), the gradients would differ."""
+    from velotune.train import saved_graphs
+
+    batches = _two_batches()
+    ref = _train(_lora(True), 4, batches)
+
+    def skip_copy(self, rec):
+        rec.entry.P.holds = rec
+
+    monkeypatch.setattr(saved_graphs.SavedGraphRuns, "load", skip_copy)
+    got = _train(_lora(True), 4, batches)
+    assert torch.equal(got[0][0], ref[0][0])                             # eager steps are unaffected
+    assert not all(torch.equal(got[2][1][n], ref[2][1][n]) for n in ref[2][1])
+
+
+def test_qlora_mlp_graphs_train_bit_identically(tmp_path):
+    """4-bit base weights: the graphs dequantise into the shared buffers (untagged, so nothing eager
+    reuses what a replay left there), as eager recompute="mlp" does."""
+    from mini import save_mini_model
+
+    path = save_mini_model("llama", tmp_path, num_hidden_layers=N_LAYERS, intermediate_size=128)
+    runs = []
+    for graphs in (False, True):
+        model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
+                                                 random_state=5, cuda_graphs=graphs, recompute="mlp")
+        model.train()                        # from_pretrained hands out eval mode: no checkpointing
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(3)
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=g)
+        runs.append(_train(model, 4, _two_batches()))
+        if graphs:
+            assert model.velotune_layer_graphs.stats["captured"] == N_LAYERS
+    _assert_same(runs[1], runs[0], 2 * 7 * N_LAYERS)
+
+
+def test_gemma2_softcapped_layers_use_whole_layer_graphs():
+    """Gemma 2's softcapped attention falls back to recompute="layer", and so to layer graphs."""
+    from velotune.train.saved_graphs import SavedEntry
+
+    batches = _two_batches()
+    ref = _train(_lora(False, "gemma2"), 3, batches)
+    model = _lora(True, "gemma2")
+    got = _train(model, 3, batches)
+    entries = list(model.velotune_layer_graphs.entries.values())
+    assert len(entries) == N_LAYERS and not any(isinstance(e, SavedEntry) for e in entries)
+    _assert_same(got, ref, 2 * 7 * N_LAYERS)
+
+
+def test_gradient_accumulation_and_a_second_shape():
+    batches = _two_batches()
+    results = []
+    for graphs in (False, True):
+        model = _lora(graphs)
+        _train(model, 2, batches)                                        # warm-up + capture
+        for b in batches + [fixed_batch(seq=20)]:                        # micro-batches, one .grad; a new shape
+            model(**b).loss.backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert all(torch.equal(results[1][n], results[0][n]) for n in results[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_graphs_on_gpu_are_bit_identical(dtype):
+    """Real CUDA graphs with the side-stream copies of the two sets: losses and every LoRA gradient
+    over 4 AdamW steps equal eager recompute="mlp" (SDPA's math backend: deterministic)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batches = [{k: v.cuda() for k, v in b.items()} for b in _two_batches()]
+    runs = []
+    for graphs in (False, True):
+        model = _lora(graphs, device="cuda", dtype=dtype)
+        with sdpa_kernel(SDPBackend.MATH):
+            runs.append(_train(model, 4, batches))
+        if graphs:
+            assert model.velotune_layer_graphs.stats["captured"] == N_LAYERS
+            assert model.velotune_offload_stats.prefetched > 0
+    _assert_same(runs[1], runs[0], 2 * 7 * N_LAYERS)
