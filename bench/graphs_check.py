@@ -1,6 +1,6 @@
 """Do CUDA-graphed decoder layers train like eager ones at a real shape? (GPU diagnostic)
 
-    PYTHONPATH=.devsite:src python bench/graphs_check.py --layers 2 --steps 8
+    PYTHONPATH=.devsite:src python bench/graphs_check.py --layers 2 --steps 8 [--recompute mlp]
 
 Llama-3-8B's layer shape with few layers, bf16 LoRA r=16 as bench/qlora.py builds it, one fixed
 random batch (2 x 2048, no attention mask, as the throughput bench), fused AdamW: per-step loss and
@@ -27,7 +27,7 @@ from train import _config  # noqa: E402
 def run(graphs: bool, args, backend):
     config = _config("8b")
     config.num_hidden_layers = args.layers
-    model = build(args.impl, config, "cuda", torch.bfloat16, args.seq, cuda_graphs=graphs)
+    model = build(args.impl, config, "cuda", torch.bfloat16, args.seq, cuda_graphs=graphs, recompute=args.recompute)
     model.train()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in params], lr=1e-4, fused=True)
@@ -57,11 +57,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--impl", default="velotune-lora")
     ap.add_argument("--backends", nargs="+", default=["default", "math"])
+    ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="get_peft_model(recompute=)")
     args = ap.parse_args()
     for backend in args.backends:
         ref, _ = run(False, args, backend)
         got, stats = run(True, args, backend)
-        print(f"[{args.impl} {backend} sdpa] graph stats {stats}")
+        print(f"[{args.impl} recompute={args.recompute} {backend} sdpa] graph stats {stats}, peak "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         for i, ((lr, gr), (lg, gg)) in enumerate(zip(ref, got)):
             worst = max(((gg[n] - gr[n]).abs().max().item() / max(gr[n].abs().max().item(), 1e-30), n)
                         for n in gr)

@@ -120,8 +120,7 @@ class SavedEntry(_Entry):
         return {t.untyped_storage().data_ptr() for t in self.s.kw}
 
     def _build(self) -> None:
-        """The eager forward whose graph B differentiates; allocates the signature's sets on the
-        first layer, checks later layers save the same layout."""
+        """The eager forward whose graph B differentiates, and the plan of what it saved where."""
         s, plan, device, kept = self.s, _Plan(), self.s.x.device, self._kept()
         spans: dict = {}
         held: list = []
@@ -162,12 +161,7 @@ class SavedEntry(_Entry):
                 y = self._call(x)
         held.clear()
         norms.clear()
-        sets = s.sets
-        if sets[self.parity] is None:
-            sets[self.parity] = _Slots(plan.layout, device)
-        if sets[self.parity].layout != plan.layout:
-            raise _PlanMismatch("this layer saves other tensors than the signature's first layer")
-        self.P, self.plan, self.y, self.x, self.leaves = sets[self.parity], plan, y, x, leaves
+        self.plan, self.y, self.x, self.leaves = plan, y, x, leaves
 
     def _unpack(self, obj):
         if isinstance(obj, _Ref):
@@ -182,12 +176,21 @@ class SavedEntry(_Entry):
         e, s = self, self.s
         stream = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
         if side is not None:
+            for P in s.sets:        # the warm-up runs write a set: not while it is still being copied out
+                if P is not None and P.free_at is not None:
+                    torch.cuda.current_stream().wait_event(P.free_at)
             side.wait_stream(torch.cuda.current_stream())
         with stream:        # backward runs each node on its forward's stream: the capture stream
             self._build()
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         kept, device = self._kept(), s.x.device
+        if s.sets[self.parity] is None:       # the signature's first layer of this parity
+            s.sets[self.parity] = _Slots(self.plan.layout, device)
+        if s.sets[self.parity].layout != self.plan.layout:
+            raise _PlanMismatch("this layer saves other tensors than the signature's first layer")
+        self.P = s.sets[self.parity]
+        self.P.holds = None                   # the warm-up runs below overwrite it
 
         def forward():
             calls = iter(e.plan.calls)
