@@ -44,7 +44,7 @@ from velotune.models.norm import norm_forward, recorded_norm_outputs
 from velotune.quant.weights import WEIGHT_BUFFERS
 from velotune.train.checkpointing import _copy_back, _HostCopy
 from velotune.train.layer_graphs import _Entry, _fresh_leaves, _Graph
-from velotune.train.saved_offload import _span
+from velotune.train.saved_offload import _NormOf, _span   # _NormOf.inp: a _Ref here
 
 
 class _PlanMismatch(RuntimeError):
@@ -67,15 +67,6 @@ class _Ref:
 
     def __init__(self, slot, size, stride, offset):
         self.slot, self.size, self.stride, self.offset = slot, size, stride, offset
-
-
-class _NormRef:
-    """A saved RMSNorm output: recomputed from its input's place."""
-
-    __slots__ = ("module", "inp", "size", "stride", "offset")
-
-    def __init__(self, module, inp, size, stride, offset):
-        self.module, self.inp, self.size, self.stride, self.offset = module, inp, size, stride, offset
 
 
 class _Slots:
@@ -144,7 +135,7 @@ class SavedEntry(_Entry):
             if norm is not None:
                 ref, copies = place(norm[1])
                 plan.calls.append((True, copies))
-                return _NormRef(norm[0], ref, t.shape, t.stride(), t.storage_offset())
+                return _NormOf(norm[0], ref, t.shape, t.stride(), t.storage_offset())
             ref, copies = place(t)
             plan.calls.append((False, copies))
             return ref
@@ -166,7 +157,7 @@ class SavedEntry(_Entry):
     def _unpack(self, obj):
         if isinstance(obj, _Ref):
             return self.P.view(obj)
-        if isinstance(obj, _NormRef):
+        if isinstance(obj, _NormOf):
             with torch.no_grad():
                 y = norm_forward(obj.module, self.P.view(obj.inp))
             return y.as_strided(obj.size, obj.stride, obj.offset)
