@@ -144,3 +144,24 @@ def test_mlp_graphs_on_gpu_are_bit_identical(dtype):
             assert model.velotune_layer_graphs.stats["captured"] == N_LAYERS
             assert model.velotune_offload_stats.prefetched > 0
     _assert_same(runs[1], runs[0], 2 * 7 * N_LAYERS)
+
+
+def test_a_forward_that_saves_differently_fails_the_capture_and_trains_on_eagerly(monkeypatch):
+    """The forward graph copies by the build's plan; a forward that saves other tensors (here: one
+    pack call fewer) must not be replayed: the capture fails, with a warning, and the layers run
+    eagerly with the same results."""
+    from velotune.train import saved_graphs
+
+    real = saved_graphs.SavedEntry._build
+
+    def build_then_extra_call(self):
+        real(self)
+        self.plan.calls.append((False, []))
+
+    monkeypatch.setattr(saved_graphs.SavedEntry, "_build", build_then_extra_call)
+    batches = _two_batches()
+    model = _lora(True)
+    with pytest.warns(UserWarning, match="capture of a decoder layer failed.*fewer tensors"):
+        got = _train(model, 3, batches)
+    assert model.velotune_layer_graphs.disabled and model.velotune_layer_graphs.stats["captured"] == 0
+    _assert_same(got, _train(_lora(False), 3, batches), 2 * 7 * N_LAYERS)

@@ -138,6 +138,8 @@ class _Graph:
 
     def capture(self, fn, side=None) -> None:
         if not self.cuda:
+            with WEIGHT_BUFFERS.untagged():   # the warm-up run as on the GPU (a failing closure fails here)
+                fn()
             self.fn = fn
             return
         # one eager run on the side stream first, as torch.cuda.make_graphed_callables does

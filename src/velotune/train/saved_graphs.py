@@ -205,6 +205,8 @@ class SavedEntry(_Entry):
                     y = e._call(x)
                 s.y.copy_(y.detach())
             norms.clear()
+            if next(calls, None) is not None:
+                raise _PlanMismatch("the captured forward saved fewer tensors than the build")
 
         def backward():
             grads = torch.autograd.grad(e.y, [e.x, *e.leaves], s.dy, allow_unused=True, retain_graph=True)
