@@ -8,6 +8,8 @@ memory), and nothing of the capture-time values is read again. The GPU test chec
 """
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -71,7 +73,7 @@ def test_a_set_not_brought_back_changes_the_result(monkeypatch):
     ref = _train(_lora(True), 4, batches)
 
     def skip_copy(self, rec):
-        rec.entry.P.holds = rec
+        rec.entry.P.holds = weakref.ref(rec)
 
     monkeypatch.setattr(saved_graphs.SavedGraphRuns, "load", skip_copy)
     got = _train(_lora(True), 4, batches)
@@ -165,3 +167,40 @@ def test_a_forward_that_saves_differently_fails_the_capture_and_trains_on_eagerl
         got = _train(model, 3, batches)
     assert model.velotune_layer_graphs.disabled and model.velotune_layer_graphs.stats["captured"] == 0
     _assert_same(got, _train(_lora(False), 3, batches), 2 * 7 * N_LAYERS)
+
+
+@pytest.mark.parametrize("recompute", ["mlp", "layer"])
+def test_host_copies_are_released_by_backward_and_a_second_backward_is_refused(recompute):
+    """A caller that keeps the step's loss (and so its graph) alive must not keep the step's host
+    copies: they go back when backward is done, as autograd's own saved tensors do."""
+    model = _lora(True)
+    if recompute == "layer":
+        from velotune.train.checkpointing import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model, cuda_graphs=True)
+    batch = fixed_batch()
+    # the decoder's output, not the loss: the fused lm_head loss itself refuses a second backward
+    decoder = model.get_base_model().model
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    for _ in range(2):                                                   # its own kwargs: warm-up + capture
+        decoder(**inputs).last_hidden_state.sum().backward()
+    loss = decoder(**inputs).last_hidden_state.sum()
+    ctxs = []
+    node = loss.grad_fn
+    seen = set()
+    stack = [node]
+    while stack:                                                         # the graphed layers' autograd nodes
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if "Graphed" in type(n).__name__:
+            ctxs.append(n)
+        stack.extend(f for f, _ in n.next_functions)
+    assert len(ctxs) == N_LAYERS
+    field = "rec" if recompute == "mlp" else "saved"
+    assert all(getattr(c, field) is not None for c in ctxs)
+    loss.backward(retain_graph=True)
+    assert all(getattr(c, field) is None for c in ctxs)                 # released, though `loss` lives on
+    with pytest.raises(RuntimeError, match="differentiated a second time"):
+        loss.backward()

@@ -250,8 +250,13 @@ class _GraphedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        from velotune.train.saved_graphs import _TWICE
+
         entry, s = ctx.entry, ctx.entry.s
+        if ctx.saved is None:
+            raise RuntimeError(_TWICE)
         x = ctx.offloader.restore(ctx.saved)
+        ctx.saved = None     # the host copy goes back to the pool now, not when the caller drops the graph
         s.load_kwargs(ctx.kw_tensors)
         s.x.copy_(x)
         s.dy.copy_(dy)

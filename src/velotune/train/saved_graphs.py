@@ -70,15 +70,19 @@ class _Ref:
 
 
 class _Slots:
-    """One buffer set: a flat device tensor per slot; `holds`: the host copies whose values it holds
-    now; `free_at`: event after which it may be overwritten (the last copy or replay reading it)."""
+    """One buffer set: a flat device tensor per slot; `holds`: weak reference to the `_LayerCopy`
+    whose values it holds now; `free_at`: event after which it may be overwritten (the last copy or
+    replay that used it)."""
 
     def __init__(self, layout, device):
         self.layout = list(layout)
         self.flat = [torch.empty(n, dtype=dtype, device=device) for n, dtype in layout]
-        self.holds = None
+        self.holds: weakref.ref | None = None
         self.free_at = None
         self.ready = None      # event: the host->device copy into it is done
+
+    def holds_copy(self, rec) -> bool:
+        return self.holds is not None and self.holds() is rec
 
     def view(self, ref: _Ref) -> torch.Tensor:
         return self.flat[ref.slot].as_strided(ref.size, ref.stride, ref.offset)
@@ -251,7 +255,7 @@ class SavedGraphRuns:
             copies.append(c)
         rec = _LayerCopy(copies, entry, self._last)
         self._last = weakref.ref(rec)
-        P.holds, P.free_at = rec, done
+        P.holds, P.free_at = weakref.ref(rec), done
         stats = self.offloader.stats
         stats.packed += 1
         stats.bytes_offloaded += P.nbytes()
@@ -261,7 +265,7 @@ class SavedGraphRuns:
         """rec's values into its entry's set, unless they are there (h2d stream, after the set's
         last reader and rec's device->host copy)."""
         P = rec.entry.P
-        if P.holds is rec:
+        if P.holds_copy(rec):
             return
         first = rec.copies[0] if rec.copies else None
         if first is None or not first.device.type == "cuda":
@@ -279,9 +283,13 @@ class SavedGraphRuns:
                 done.record(h2d)
             for c in rec.copies:
                 c.h2d_done = done
-            P.ready = done
-        P.holds = rec
+            P.ready = P.free_at = done      # a later write waits for this one (it waited for the readers)
+        P.holds = weakref.ref(rec)
         self.offloader.stats.prefetched += 1
+
+
+_TWICE = ("velotune: a CUDA-graphed decoder layer was differentiated a second time (retain_graph=True): "
+          "what it saved is released after the first backward; use cuda_graphs=False for that")
 
 
 class GraphedSavedLayer(torch.autograd.Function):
@@ -301,6 +309,9 @@ class GraphedSavedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         rec, runs = ctx.rec, ctx.runs
+        if rec is None:
+            raise RuntimeError(_TWICE)
+        ctx.rec = None                       # its host buffers go back to the pool when backward is done
         entry = rec.entry
         s, P = entry.s, entry.P
         runs.load(rec)
