@@ -50,9 +50,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 # shapes, FLOP counts and the timed step are shared with the LoRA benchmark
 from train import SHAPES, TARGETS, _config, _flops_per_token, _profile, training_step  # noqa: E402
 
-IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora", "velotune-qlora-mlp", "velotune-lora-mlp")
-# "-mlp": the same contender with get_peft_model(recompute="mlp"), so both modes can run interleaved
-# in one call (--rounds); --recompute sets the mode of the plain velotune names.
+IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora", "velotune-qlora-mlp", "velotune-lora-mlp",
+         "velotune-qlora-graphs", "velotune-lora-graphs", "velotune-qlora-mlp-graphs", "velotune-lora-mlp-graphs")
+# "-mlp": the same contender with get_peft_model(recompute="mlp"), "-graphs" with cuda_graphs=True, so
+# the modes can run interleaved in one call (--rounds); --recompute and --cuda-graphs set the modes of
+# the plain velotune names.
 # For the CPU smoke test: the tiny shape with the block-friendly intermediate size (a multiple of 64).
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 20, tie_word_embeddings=False)
@@ -88,6 +90,8 @@ def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_
           cuda_graphs: bool = False, recompute: str = "layer"):
     from transformers import AutoModelForCausalLM
 
+    if impl.endswith("-graphs"):
+        impl, cuda_graphs = impl[:-len("-graphs")], True
     if impl.endswith("-mlp"):
         impl, recompute = impl[:-len("-mlp")], "mlp"
     torch.manual_seed(0)
@@ -596,6 +600,9 @@ def main() -> int:
         pairs = [("velotune-qlora", "stock-qlora"), ("velotune-qlora", "velotune-lora"),
                  ("velotune-qlora-mlp", "stock-qlora"), ("velotune-qlora-mlp", "velotune-lora-mlp"),
                  ("velotune-qlora-mlp", "velotune-qlora"), ("velotune-lora-mlp", "velotune-lora")]
+        for mode in ("", "-mlp"):       # each graphed contender against stock, its bf16 twin and its eager self
+            q, lo = f"velotune-qlora{mode}-graphs", f"velotune-lora{mode}-graphs"
+            pairs += [(q, "stock-qlora"), (q, lo), (q, f"velotune-qlora{mode}"), (lo, f"velotune-lora{mode}")]
         for name, base in pairs:
             v, s = res.get(name), res.get(base)
             if v and s:
