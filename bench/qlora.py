@@ -19,7 +19,9 @@ random token ids. Each contender runs in its own process (clean peak-memory figu
     python bench/qlora.py --cpu-smoke                       # every code path on a tiny config, on CPU
 
 Peak memory is torch.cuda.max_memory_allocated over the timed steps (after building the model;
-reset before the first step).
+reset before the first step). Graphed contenders ("-graphs", --cuda-graphs): their replays run in the
+graph pool's memory without allocating it, so their peak is the allocated peak of the timed steps
+plus the whole pool (`_graph_pool_bytes`).
 
 Max context (batch 1), per contender in one process: one training step at each of --ctx-probes
 lengths; peak memory is linear in the length (flash/cuDNN attention, no [T, T] or [T, V] tensors in
@@ -151,6 +153,9 @@ def worker(args) -> dict:
                 first_loss = loss.item()
         if cuda:
             torch.cuda.synchronize()
+        graphed = cuda and getattr(model, "velotune_layer_graphs", None) is not None
+        if graphed:       # the replays' memory is the graph pool's, added below: the timed steps' own peak
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             loss = step()
@@ -175,7 +180,7 @@ def worker(args) -> dict:
     out = {"impl": args.impl, "shape": args.shape, "seq": args.seq, "batch": args.batch, "oom": False,
            "tokens_per_s": tokens / elapsed, "ms_per_step": 1000 * elapsed / args.steps, "first_loss": first_loss,
            "last_loss": loss.item(), "build_s": t_build, "weights_gib": weights_gib,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "peak_gib": (torch.cuda.max_memory_allocated() + _graph_pool_bytes()) / 2**30 if cuda else None,
            "flops_per_token": _flops_per_token(config, args.seq), "n_trainable": sum(p.numel() for p in params),
            "mem_trace": trace, "profile": prof if args.profile and cuda else None}
     if args.impl.startswith("velotune"):
@@ -192,7 +197,17 @@ def worker(args) -> dict:
         graphs = getattr(model, "velotune_layer_graphs", None)
         if graphs is not None:
             out["layer_graphs"] = dict(graphs.stats)
+            if cuda:
+                out["graph_pool_gib"] = _graph_pool_bytes() / 2**30
     return out
+
+
+def _graph_pool_bytes() -> int:
+    """Device memory the allocator holds for CUDA-graph pools. A replay uses it without allocating,
+    so max_memory_allocated does not count it: a graphed contender's peak is its allocated peak over
+    the timed steps plus this (0 without graphs)."""
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 def peak_composition(step, top: int = 14) -> dict:
