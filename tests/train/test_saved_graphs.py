@@ -81,26 +81,39 @@ def test_a_set_not_brought_back_changes_the_result(monkeypatch):
     assert not all(torch.equal(got[2][1][n], ref[2][1][n]) for n in ref[2][1])
 
 
-def test_qlora_mlp_graphs_train_bit_identically(tmp_path):
-    """4-bit base weights: the graphs dequantise into the shared buffers (untagged, so nothing eager
-    reuses what a replay left there), as eager recompute="mlp" does."""
+@pytest.mark.parametrize("recompute", ["mlp", "layer"])
+def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, monkeypatch, recompute):
+    """4-bit base weights: the graphs dequantise into the shared buffers, and within one graph the
+    backward reuses the gate and up weights its MLP recompute just dequantised (`scoped`), while
+    nothing outside a graph trusts what a replay left in the buffers."""
+    import velotune.quant.weights as weights
     from mini import save_mini_model
 
+    dequants = []
+    real = weights.dequantize_nf4
+    monkeypatch.setattr(weights, "dequantize_nf4", lambda *a, **k: dequants.append(1) or real(*a, **k))
     path = save_mini_model("llama", tmp_path, num_hidden_layers=N_LAYERS, intermediate_size=128)
     runs = []
     for graphs in (False, True):
         model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                                 random_state=5, cuda_graphs=graphs, recompute="mlp")
+                                                 random_state=5, cuda_graphs=graphs, recompute=recompute)
         model.train()                        # from_pretrained hands out eval mode: no checkpointing
         with torch.no_grad():
             g = torch.Generator().manual_seed(3)
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.1, generator=g)
-        runs.append(_train(model, 4, _two_batches()))
+        runs.append(_train(model, 3, _two_batches()))
         if graphs:
             assert model.velotune_layer_graphs.stats["captured"] == N_LAYERS
+            dequants.clear()
+            _train(model, 1, _two_batches())                             # one replayed step
+            # per layer, "mlp": forward 7; backward down, the MLP recompute's gate and up (reused by
+            # their backward), o, q, k, v -- dX for the first layer too (its graph takes x's gradient).
+            # "layer": forward 7; backward's recompute 6 (no down), then 7: its down overwrites the
+            # recomputed gate before gate's backward asks (the recompute runs before the backward here)
+            assert len(dequants) == N_LAYERS * (14 if recompute == "mlp" else 20)
     _assert_same(runs[1], runs[0], 2 * 7 * N_LAYERS)
 
 

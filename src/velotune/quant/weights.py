@@ -81,7 +81,7 @@ class _WeightBuffers:
     `lookup` gives that slot back without a new dequantisation while nothing has written to it since.
     Backward asks for gate and up right after the MLP's recompute dequantised them into the two
     slots (lora/fused.py), so QLoRA saves 2 of a layer's dequantisations per step this way. CUDA-graph
-    capture and replay write the slots behind Python's back: `untagged()` around them.
+    capture and replay write the slots behind Python's back: `scoped()` around them.
     """
 
     def __init__(self):
@@ -149,6 +149,18 @@ class _WeightBuffers:
                     self._next[key] = (i + 1) % BUFFER_SLOTS
                     return self._view(buf, self._views[key][i], shape, numel)
         return None
+
+    @contextlib.contextmanager
+    def scoped(self):
+        """Every slot forgotten before and after; lookups inside see only what was written inside.
+        Around a CUDA-graph capture (and its warm-up run, and the CPU stand-in for a replay): the
+        capture records the same writes the lookups rely on, so reuse within one graph holds at
+        every replay, while nothing outside trusts what a replay left in the slots."""
+        self.forget()
+        try:
+            yield
+        finally:
+            self.forget()
 
     @contextlib.contextmanager
     def untagged(self):

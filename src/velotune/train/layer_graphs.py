@@ -138,14 +138,15 @@ class _Graph:
 
     def capture(self, fn, side=None) -> None:
         if not self.cuda:
-            with WEIGHT_BUFFERS.untagged():   # the warm-up run as on the GPU (a failing closure fails here)
+            with WEIGHT_BUFFERS.scoped():   # the warm-up run as on the GPU (a failing closure fails here)
                 fn()
             self.fn = fn
             return
         # one eager run on the side stream first, as torch.cuda.make_graphed_callables does
         # (per-stream state such as cuBLAS workspaces exists before capture); then capture on it.
-        # Untagged: what a replay writes into the dequantisation buffers is not known to Python
-        with WEIGHT_BUFFERS.untagged():
+        # Scoped: the capture may reuse, within itself, a weight it dequantised (the same writes are
+        # recorded); nothing outside trusts what a replay leaves in the dequantisation buffers
+        with WEIGHT_BUFFERS.scoped():
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 fn()
@@ -158,7 +159,7 @@ class _Graph:
             self.graph.replay()
             WEIGHT_BUFFERS.forget()      # the replay rewrote the dequantisation buffers
         else:
-            with WEIGHT_BUFFERS.untagged():   # the same operations as a captured graph
+            with WEIGHT_BUFFERS.scoped():   # the same operations as a captured graph
                 self.fn()
 
 

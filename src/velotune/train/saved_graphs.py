@@ -152,7 +152,7 @@ class SavedEntry(_Entry):
         x = s.x.detach().requires_grad_(True)
         with _fresh_leaves(self.slots) as leaves:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
-                    recorded_norm_outputs(norms), checkpointed_mlp(), WEIGHT_BUFFERS.untagged():
+                    recorded_norm_outputs(norms), checkpointed_mlp(), WEIGHT_BUFFERS.scoped():
                 y = self._call(x)
         held.clear()
         norms.clear()
