@@ -70,13 +70,22 @@ class _Ref:
 
 
 class _Slots:
-    """One buffer set: a flat device tensor per slot; `holds`: weak reference to the `_LayerCopy`
-    whose values it holds now; `free_at`: event after which it may be overwritten (the last copy or
-    replay that used it)."""
+    """One buffer set: one byte buffer (`raw`, copied to and from host memory whole: one copy each way
+    per layer, not one per saved tensor) and a typed flat view of it per slot (`flat`, 256-byte
+    aligned); `holds`: weak reference to the `_LayerCopy` whose values it holds now; `free_at`: event
+    after which it may be overwritten (the last copy or replay that used it)."""
+
+    ALIGN = 256
 
     def __init__(self, layout, device):
         self.layout = list(layout)
-        self.flat = [torch.empty(n, dtype=dtype, device=device) for n, dtype in layout]
+        offsets, end = [], 0
+        for n, dtype in self.layout:
+            start = -(-end // self.ALIGN) * self.ALIGN
+            offsets.append(start)
+            end = start + n * dtype.itemsize
+        self.raw = torch.empty(end, dtype=torch.uint8, device=device)
+        self.flat = [self.raw[o:o + n * dtype.itemsize].view(dtype) for (n, dtype), o in zip(self.layout, offsets)]
         self.holds: weakref.ref | None = None
         self.free_at = None
         self.ready = None      # event: the host->device copy into it is done
@@ -85,10 +94,11 @@ class _Slots:
         return self.holds is not None and self.holds() is rec
 
     def view(self, ref: _Ref) -> torch.Tensor:
-        return self.flat[ref.slot].as_strided(ref.size, ref.stride, ref.offset)
+        flat = self.flat[ref.slot]       # as_strided's offset counts from the storage's start, not the view's
+        return flat.as_strided(ref.size, ref.stride, flat.storage_offset() + ref.offset)
 
     def nbytes(self) -> int:
-        return sum(f.numel() * f.element_size() for f in self.flat)
+        return self.raw.numel()
 
 
 def _static(t: torch.Tensor, device, kept: set) -> bool:
@@ -228,12 +238,13 @@ def _never(obj):
 
 
 class _LayerCopy:
-    """One forward call's saved set in host memory (one `_HostCopy` per slot) and the call before."""
+    """One forward call's saved set in host memory (`copy`: a `_HostCopy` of the set's bytes) and the
+    call before."""
 
-    __slots__ = ("copies", "entry", "prev", "__weakref__")
+    __slots__ = ("copy", "entry", "prev", "__weakref__")
 
-    def __init__(self, copies, entry, prev):
-        self.copies, self.entry, self.prev = copies, entry, prev
+    def __init__(self, copy, entry, prev):
+        self.copy, self.entry, self.prev = copy, entry, prev
 
 
 class SavedGraphRuns:
@@ -245,15 +256,12 @@ class SavedGraphRuns:
 
     def to_host(self, entry: SavedEntry) -> _LayerCopy:
         P = entry.P
-        hosts, done, pool = self.offloader.to_host(P.flat)
-        copies = []
-        for (n, dtype), host in zip(P.layout, hosts):
-            c = _HostCopy()
-            c.host, c.numel, c.dtype, c.device, c.d2h_done = host, n, dtype, P.flat[0].device, done
-            c.gpu = c.h2d_done = None
-            c.pool = pool
-            copies.append(c)
-        rec = _LayerCopy(copies, entry, self._last)
+        (host,), done, pool = self.offloader.to_host([P.raw])
+        c = _HostCopy()
+        c.host, c.numel, c.dtype, c.device, c.d2h_done = host, P.raw.numel(), P.raw.dtype, P.raw.device, done
+        c.gpu = c.h2d_done = None
+        c.pool = pool
+        rec = _LayerCopy(c, entry, self._last)
         self._last = weakref.ref(rec)
         P.holds, P.free_at = weakref.ref(rec), done
         stats = self.offloader.stats
@@ -267,22 +275,19 @@ class SavedGraphRuns:
         P = rec.entry.P
         if P.holds_copy(rec):
             return
-        first = rec.copies[0] if rec.copies else None
-        if first is None or not first.device.type == "cuda":
-            for c, flat in zip(rec.copies, P.flat):
-                _copy_back(c.host, flat)
+        c = rec.copy
+        if c.device.type != "cuda":
+            _copy_back(c.host, P.raw)
         else:
-            _, h2d = self.offloader.streams(first.device)
-            h2d.wait_event(first.d2h_done)
+            _, h2d = self.offloader.streams(c.device)
+            h2d.wait_event(c.d2h_done)
             if P.free_at is not None:
                 h2d.wait_event(P.free_at)
             with torch.cuda.stream(h2d):
-                for c, flat in zip(rec.copies, P.flat):
-                    _copy_back(c.host, flat, non_blocking=True)
+                _copy_back(c.host, P.raw, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(h2d)
-            for c in rec.copies:
-                c.h2d_done = done
+            c.h2d_done = done
             P.ready = P.free_at = done      # a later write waits for this one (it waited for the readers)
         P.holds = weakref.ref(rec)
         self.offloader.stats.prefetched += 1
