@@ -8,15 +8,17 @@ saves for backward lives in one of two static buffer sets shared by the layers o
 `_Slots` P[0] and P[1] (consecutive layers alternate, so one set is written while the other is
 still being copied):
 
-* Build (once per layer, when it is captured): the layer runs eagerly with grad under saved-tensor
-  hooks that give every saved tensor a place in the set -- one flat slot per storage span, as
-  saved_offload.py does; parameters and the static kwarg buffers (rotary tables, mask) stay where
-  they are; a saved RMSNorm output keeps only its input's slot and is recomputed -- and return
-  handles to those places. The `_Plan` records, pack call by pack call, which span goes to which
+* Build (once per layer, when it is captured, on the capture stream: autograd runs each backward
+  node on the stream of its forward, and B is captured there): the layer runs eagerly with grad
+  under saved-tensor hooks that give every saved tensor a place in the set -- one flat slot per
+  storage span, as saved_offload.py does; parameters and the static kwarg buffers (rotary tables,
+  mask) stay where they are; a saved RMSNorm output keeps only its input's slot and is recomputed
+  -- and return handles to those places. The `_Plan` records, pack call by pack call, which span goes to which
   slot. The autograd graph built there is the one backward differentiates.
 * F graph: the same forward, whose pack hook copies each saved span into its slot (the plan, call
-  by call; a different sequence fails the capture). After each replay the set is copied to pinned
-  host memory on the d2h side stream; the next forward that writes the set waits for that copy.
+  by call; a different sequence fails the capture). After each replay the set (one byte buffer)
+  is copied to pinned host memory on the d2h side stream, in one copy; the next forward that
+  writes the set waits for that copy.
 * B graph: `autograd.grad(y, (x, *LoRA leaves), dy)` over the build's graph (retained): unpacking
   views the slots or recomputes a norm from them, the MLP's checkpoint recomputes the MLP (and
   stops before its frozen down GEMM). Before a replay the set is refilled from host memory on the
@@ -28,8 +30,12 @@ parameter, or in a static kwarg buffer, all refilled before each replay. On the 
 run eagerly over the same buffers (layer_graphs._Graph), so the CPU tests check exactly that, with
 adapters that change between steps: losses and gradients equal eager recompute="mlp" bit for bit.
 
+Every saved tensor goes into the sets, however small (eager "mlp" leaves those under 1 MiB on the
+device): one left where the build put it would be read, stale, by every later replay.
+
 Memory (8B, 2 x 2048 tokens): the two sets are ~2 x 145 MiB of persistent device memory, against
-the ~145 MiB eager recompute="mlp" holds of a layer in backward; host memory as eager "mlp".
+the ~145 MiB eager recompute="mlp" holds of a layer in backward, plus the graph pool; host memory
+as eager "mlp". Not yet measured on a GPU (docs/perf-notes.md).
 """
 from __future__ import annotations
 
