@@ -336,7 +336,9 @@ class LayerGraphs:
             if saved:
                 from velotune.train.saved_graphs import SavedEntry
 
-                parity = sum(1 for key in self.entries if key[1] == sig) % 2   # consecutive layers alternate
+                # consecutive layers alternate between the two sets: by index where the layer has one
+                idx = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
+                parity = (idx if isinstance(idx, int) else sum(1 for key in self.entries if key[1] == sig)) % 2
                 entry = SavedEntry(statics, slots, names, static_kw, fn, parity)
             else:
                 entry = _Entry(statics, slots, names, static_kw, fn)
