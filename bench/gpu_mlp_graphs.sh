@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU checks and benchmark of cuda_graphs=True with recompute="mlp" (train/saved_graphs.py), in two
+# device calls of under 10 minutes each (docs/perf-notes.md says what to look for). Logs go to $OUT
+# (the device tool's output folder) or bench/results.
+#
+#   bash bench/gpu_mlp_graphs.sh check COMMIT   # GPU tests, 8B-shape exactness, where the GPU idles
+#   bash bench/gpu_mlp_graphs.sh bench COMMIT   # tokens/s and peak vs stock and the eager modes
+set -uo pipefail
+export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
+out=${OUT:-bench/results}
+commit=${2:-unknown}
+quiet() { grep -v -e Warning -e "warnings.warn" -e "Loading weights"; }
+case "${1:-check}" in
+check)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu_$commit.txt"
+  timeout 200 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/train/test_layer_graphs.py \
+    tests/train/test_saved_offload.py 2>&1 | tail -15 | tee "$out/gputests_mlp_graphs_$commit.log"
+  timeout 200 python bench/graphs_check.py --impl velotune-qlora --recompute mlp --layers 3 --steps 6 2>&1 \
+    | quiet | tee "$out/graphs_check_mlp_$commit.log"
+  timeout 180 python bench/host_overhead.py --impls velotune-qlora --recompute mlp --cuda-graphs --no-cprofile \
+    --gaps 12 --kernels 12 2>&1 | quiet | tee "$out/host_mlp_graphs_$commit.log"
+  ;;
+bench)
+  python bench/qlora.py --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs velotune-lora-mlp-graphs \
+    --offload-embedding --commit "$commit" --json "$out/qlora_mlp_graphs_$commit.json" 2>&1 | quiet \
+    | tee "$out/qlora_mlp_graphs_$commit.log"
+  ;;
+*)
+  echo "usage: $0 check|bench COMMIT" >&2
+  exit 2
+  ;;
+esac
