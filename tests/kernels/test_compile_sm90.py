@@ -34,6 +34,12 @@ CASES = [
      dict(HQ=32, HK=8, HALF=64, BACKWARD=False, BLOCK_HQ=16, BLOCK_HK=8, BLOCK_D=64), 4),
     (glu._glu_fwd_kernel, ["*bf16", "*bf16", "*bf16", "i32"], dict(ACT=2, BLOCK=1024), 4),
     (glu._glu_bwd_kernel, ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "i32"], dict(ACT=1, BLOCK=1024), 4),
+    (glu._glu_lora_a_grad_kernel, ["*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 6,
+     dict(ACT=0, IEEE=False, BLOCK_N=64, BLOCK_I=64, BLOCK_R=16), 4),
+    (glu._glu_lora_a_grad_kernel, ["*fp32", "*fp32", "*fp32", "*fp32"] + ["i32"] * 6,
+     dict(ACT=2, IEEE=True, BLOCK_N=64, BLOCK_I=64, BLOCK_R=32), 4),
+    (glu._glu_bwd_lora_kernel, ["*bf16"] * 7 + ["i32"] * 8, dict(ACT=0, IEEE=False, BLOCK_N=64, BLOCK_I=64, BLOCK_R=16), 4),
+    (glu._glu_bwd_lora_kernel, ["*fp32"] * 7 + ["i32"] * 8, dict(ACT=1, IEEE=True, BLOCK_N=64, BLOCK_I=64, BLOCK_R=16), 4),
     (cross_entropy._ce_fwd_kernel, ["*bf16", "i32", "*i64", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],
      dict(HAS_SCALE=True, HAS_CAP=True, BLOCK=4096), 8),
     (cross_entropy._ce_bwd_kernel, ["*bf16", "i32", "*bf16", "i32", "*i64", "*fp32", "*fp32", "i32", "i32", "fp32",
@@ -86,6 +92,6 @@ def test_every_kernel_compiles_for_sm90():
     result = json.loads(lines[-1][len("RESULT "):])
     if set(result.values()) == {"no ptxas"}:
         pytest.skip("this triton build has no ptxas")
-    assert len(result) == 16
+    assert len(result) == 20
     bad = {k: v for k, v in result.items() if v not in ("ok", "no ptxas")}
     assert not bad, bad

@@ -51,3 +51,53 @@ def test_glu_rejects_bad_input():
         glu(torch.randn(2), torch.randn(2), "relu2")
     with pytest.raises(ValueError, match="shape"):
         glu(torch.randn(2), torch.randn(3), "silu")
+
+
+def _lora_case(N, I, r, strided, seed=0):
+    """gate, up [N, I] (halves of one [N, 2I] buffer when strided, as Phi-3's gate_up), dh [N, I],
+    dhA [N, r], A [r, I]."""
+    g = torch.Generator().manual_seed(seed)
+    if strided:
+        gu = torch.randn(N, 2 * I, generator=g) * 2
+        gate, up = gu.chunk(2, dim=-1)
+    else:
+        gate, up = torch.randn(N, I, generator=g) * 2, torch.randn(N, I, generator=g)
+    return gate, up, torch.randn(N, I, generator=g), torch.randn(N, r, generator=g), torch.randn(r, I, generator=g)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("N,I,r,strided", [(70, 100, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
+def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided):
+    """dhA^T @ (act(gate) * up): the kernel (tiles over rows and columns, r padded to 16) vs torch
+    and float64. N, I not multiples of the 64-wide tiles; r below, at and above 16."""
+    from velotune.kernels.glu import glu_lora_a_grad
+
+    gate, up, _, dhA, _ = _lora_case(N, I, r, strided)
+    with force_triton():
+        got = glu_lora_a_grad(dhA, gate, up, act)
+    ref = glu_lora_a_grad(dhA, gate, up, act)                     # CPU path: h made, then the GEMM
+    ref64 = dhA.double().t() @ glu_reference(gate.double(), up.double(), act)
+    assert got.dtype == torch.float32 and got.shape == (r, I)
+    assert_close(got, ref, what="vs torch")
+    assert_close(got, ref64, what="vs float64")
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("N,I,r,strided", [(70, 100, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
+def test_glu_backward_folds_the_rank_r_gradient_in(act, N, I, r, strided):
+    """glu_backward(dh, gate, up, lora=(dhA, A)) == glu_backward(dh + dhA @ A, gate, up): in place
+    (strided halves too), against the CPU path and float64."""
+    gate, up, dh, dhA, A = _lora_case(N, I, r, strided, seed=1)
+    g64, u64 = leaf(gate, torch.float64), leaf(up, torch.float64)
+    ref64 = torch.autograd.grad(glu_reference(g64, u64, act), [g64, u64], (dh + dhA @ A).double())
+    ref = glu_backward(dh, gate.clone(), up.clone(), act, lora=(dhA, A))     # CPU: addmm, then the torch backward
+    gbuf, ubuf = gate.clone(), up.clone()
+    if strided:
+        buf = torch.cat((gate, up), dim=-1)
+        gbuf, ubuf = buf.chunk(2, dim=-1)
+    with force_triton():
+        dg, du = glu_backward(dh, gbuf, ubuf, act, lora=(dhA, A))
+    assert dg.data_ptr() == gbuf.data_ptr() and du.data_ptr() == ubuf.data_ptr()
+    for name, a, b, b64 in zip(("dgate", "dup"), (dg, du), ref, ref64):
+        assert_close(a, b, what=f"{name} vs torch")
+        assert_close(a, b64.float(), what=f"{name} vs float64")

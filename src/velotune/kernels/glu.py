@@ -4,6 +4,8 @@
     h = geglu(gate, up, approximate="none")    # gelu(gate) * up   ("tanh": gelu_pytorch_tanh)
     h = glu_forward(gate, up, act)             # raw pair for fused MLP functions (no autograd)
     dgate, dup = glu_backward(dh, gate, up, act)   # OVERWRITES the gate / up buffers with the grads
+    dA = glu_lora_a_grad(dhA, gate, up, act)   # dhA^T @ act(gate) * up, h never made (fp32 [r, I])
+    dgate, dup = glu_backward(dh, gate, up, act, lora=(dhA, A))   # for dh + dhA @ A, not made either
 
 gate, up, h: [..., I], same shape. act in {"silu", "gelu", "gelu_tanh"} (transformers' names
 "swish", "gelu_pytorch_tanh" are accepted too). Semantics equal `ACT2FN[act](gate) * up`.
@@ -147,6 +149,91 @@ def _bwd_triton(dh, gate, up, act, dgate, dup):
     return dgate, dup
 
 
+@triton.jit
+def _glu_lora_a_grad_kernel(DHA, G, U, OUT, N, I, R, s_dha, s_g, s_u, ACT: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
+    # OUT[R, I] (fp32) = DHA[N, R]^T @ h, h = act(G) * U rounded to G's dtype as glu_forward rounds
+    # it: the rows of h are made block by block and never stored. One program per BLOCK_I columns
+    # walks all N rows (fp32 accumulation, fixed order: deterministic).
+    cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rr = tl.arange(0, BLOCK_R)
+    cmask, rmask_r = cols < I, rr < R
+    acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m = (rows < N)[:, None] & cmask[None, :]
+        g = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        a, _ = _act_and_grad(g, ACT)
+        h = (a * u).to(DHA.dtype.element_ty)
+        d = tl.load(DHA + rows[:, None] * s_dha + rr[None, :], mask=(rows < N)[:, None] & rmask_r[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(tl.trans(d), h, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(d), h)
+    tl.store(OUT + rr[:, None] * I + cols[None, :], acc, mask=rmask_r[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _glu_bwd_lora_kernel(DH, DHA, A, G, U, DG, DU, N, I, R, s_dh, s_dha, s_a, s_g, s_u, ACT: tl.constexpr,
+                         IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
+    # _glu_bwd_kernel for dh + DHA @ A (the down adapter's rank-r term, [N, r] @ [r, I]), added in
+    # fp32 per tile instead of first making that [N, I] sum. DG / DU may alias G / U (same strides):
+    # every element is read before it is written, by the same program.
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rr = tl.arange(0, BLOCK_R)
+    rm, cm, km = rows < N, cols < I, rr < R
+    m = rm[:, None] & cm[None, :]
+    d = tl.load(DHA + rows[:, None] * s_dha + rr[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+    a_t = tl.load(A + rr[:, None] * s_a + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+    if IEEE:
+        dh = tl.dot(d, a_t, input_precision="ieee")
+    else:
+        dh = tl.dot(d, a_t)
+    dh += tl.load(DH + rows[:, None] * s_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    tl.store(DG + rows[:, None] * s_g + cols[None, :], (dh * u * da).to(DG.dtype.element_ty), mask=m)
+    tl.store(DU + rows[:, None] * s_u + cols[None, :], (dh * a).to(DU.dtype.element_ty), mask=m)
+
+
+LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program (it walks all rows)
+LORA_A_BLOCK_N = 64
+LORA_BLOCK_N, LORA_BLOCK_I = 64, 64   # glu_backward(lora=...): one [rows, columns] tile per program
+
+
+def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """dhA^T @ h for h = act(gate) * up (in h's dtype, as glu_forward gives it), without making h.
+
+    dhA [N, r], gate / up [N, I] (rows may be strided, e.g. halves of Phi-3's [gate | up]) ->
+    [r, I] in float32. The gradient of the down projection's LoRA A (hA = h @ A^T) in the fused
+    MLP's backward: there h would be a fourth [N, I] tensor alive beside gate, up and dh, the step's
+    memory peak; here the columns of h are made in registers, a block of rows at a time, and
+    accumulated in fp32 (one rounding, at the caller's cast). CPU: h is made, and the GEMM rounds to
+    dhA's dtype first (the reference path)."""
+    _check(gate, up)
+    _act_id(act)
+    N, I = gate.shape
+    r = dhA.shape[1]
+    fits = (gate.stride(1) == 1 and up.stride(1) == 1 and dhA.stride(1) == 1 and dhA.dtype == gate.dtype
+            == up.dtype and r <= 128)
+    if not (triton_enabled(gate) and fits):
+        return (dhA.t() @ glu_forward(gate, up, act)).float()
+    out = torch.empty((r, I), dtype=torch.float32, device=gate.device)
+    if N and I and r:
+        block_r = max(16, triton.next_power_of_2(r))
+        key = (gate.get_device(), "a_grad", gate.dtype, N, I, r, gate.stride(0), up.stride(0), dhA.stride(0), act)
+        launch(_PLANS, key, _glu_lora_a_grad_kernel, (triton.cdiv(I, LORA_A_BLOCK_I),),
+               (dhA, gate, up, out, N, I, r, dhA.stride(0), gate.stride(0), up.stride(0)),
+               dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_A_BLOCK_N,
+                    BLOCK_I=LORA_A_BLOCK_I, BLOCK_R=block_r), (0, 1, 2, 3), num_warps=4)
+    elif not N:
+        out.zero_()
+    return out
+
+
 _PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward
 
 
@@ -162,11 +249,39 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     return glu_reference(gate, up, act)
 
 
-def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str):
+def _lora_fits(dh, gate, up, dhA, A) -> bool:
+    """The fused rank-r backward applies: rows may be strided, columns contiguous, one dtype, r <= 128."""
+    ts = (dh, gate, up, dhA, A)
+    return (all(t.dim() == 2 and t.stride(1) == 1 for t in ts) and len({t.dtype for t in ts}) == 1
+            and dhA.shape[1] <= 128 and dh.shape == gate.shape)
+
+
+def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, lora=None):
     """(dgate, dup) for h = act(gate) * up; the results are written INTO gate and up when they are
-    contiguous (the caller gives up those buffers), else into new tensors."""
+    contiguous (the caller gives up those buffers), else into new tensors.
+
+    lora=(dhA [N, r], A [r, I]): the incoming gradient is dh + dhA @ A (h also fed the down
+    projection's LoRA A). On the GPU ([N, I] inputs) that term is added per tile in fp32 and
+    dgate / dup are written into gate / up even when their rows are strided: no [N, I] sum is made
+    (one fewer such tensor at the MLP backward's memory peak). CPU: `torch.addmm` first, as before."""
     _check(gate, up)
     _act_id(act)
+    if lora is not None:
+        dhA, A = lora
+        if triton_enabled(gate) and _lora_fits(dh, gate, up, dhA, A):
+            N, I = gate.shape
+            r = dhA.shape[1]
+            if gate.numel():
+                key = (gate.get_device(), "bwd_lora", gate.dtype, N, I, r, dh.stride(0), dhA.stride(0),
+                       A.stride(0), gate.stride(0), up.stride(0), act)
+                launch(_PLANS, key, _glu_bwd_lora_kernel, (triton.cdiv(N, LORA_BLOCK_N), triton.cdiv(I, LORA_BLOCK_I)),
+                       (dh, dhA, A, gate, up, gate, up, N, I, r, dh.stride(0), dhA.stride(0), A.stride(0),
+                        gate.stride(0), up.stride(0)),
+                       dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_BLOCK_N,
+                            BLOCK_I=LORA_BLOCK_I, BLOCK_R=max(16, triton.next_power_of_2(r))),
+                       (0, 1, 2, 3, 4, 5, 6), num_warps=4)
+            return gate, up
+        dh = torch.addmm(dh, dhA, A)
     if triton_enabled(gate):
         dg = gate if gate.is_contiguous() else torch.empty_like(gate, memory_format=torch.contiguous_format)
         du = up if up.is_contiguous() else torch.empty_like(up, memory_format=torch.contiguous_format)

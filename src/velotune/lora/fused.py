@@ -218,18 +218,17 @@ class _MLPIn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dhA):
-        from velotune.kernels.glu import glu_backward, glu_forward
+        from velotune.kernels.glu import glu_backward, glu_lora_a_grad
 
         X, XA, gate, up, A_down, *casts = ctx.saved_tensors       # A_down: in the compute dtype
-        dA_down = None
+        dA_down, lora = None, None
         if A_down is not None and dhA is not None:
-            A = A_down.to(dh.dtype)                                # no-op in the usual case
-            if ctx.needs_input_grad[3]:
-                h = glu_forward(gate, up, ctx.act)                 # recomputed, not saved
-                dA_down = (dhA.t() @ h).to(ctx.a_dtype)            # [r, I]
-                del h
-            dh = torch.addmm(dh, dhA, A)                           # dh += dhA @ A_down
-        dgate, dup = glu_backward(dh, gate, up, ctx.act)           # may overwrite gate / up
+            if ctx.needs_input_grad[3]:                            # [r, I] = dhA^T @ h, h recomputed on the fly
+                dA_down = glu_lora_a_grad(dhA, gate, up, ctx.act).to(ctx.a_dtype)
+            lora = (dhA, A_down.to(dh.dtype))                      # dh += dhA @ A_down (.to: no-op usually)
+        # gate / up (and, on the GPU, dh + dhA @ A_down) become dgate / dup in place: at this, the MLP
+        # backward's memory peak, the only [N, I] tensors alive are gate, up and dh
+        dgate, dup = glu_backward(dh, gate, up, ctx.act, lora=lora)
         dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (torch.cat((dgate, dup), dim=-1),)
         dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[4:], ctx.needs_input_grad[0],
                                    casts)
