@@ -109,6 +109,8 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
             assert model.velotune_layer_graphs.stats["captured"] == N_LAYERS
             dequants.clear()
             _train(model, 1, _two_batches())                             # one replayed step
+            # the graphs dequantise into their own (pool) buffers: the persistent ones were let go
+            assert weights.WEIGHT_BUFFERS.nbytes() == 0
             # per layer, "mlp": forward 7; backward down, the MLP recompute's gate and up (reused by
             # their backward), o, q, k, v -- dX for the first layer too (its graph takes x's gradient).
             # "layer": forward 7; backward's recompute 6 (no down), then 7: its down overwrites the

@@ -90,6 +90,7 @@ class _WeightBuffers:
         self._tags: dict[tuple[torch.device, torch.dtype], list[tuple | None]] = {}
         self._next: dict[tuple[torch.device, torch.dtype], int] = {}
         self._untagged = 0
+        self._local = 0          # inside graph_local(): every take allocates
         self._lock = threading.Lock()
 
     def _slot(self, numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
@@ -103,7 +104,7 @@ class _WeightBuffers:
             i = self._next.get(key, 0)
             self._next[key] = (i + 1) % BUFFER_SLOTS
             buf, views = slots[i], self._views[key][i]
-            if buf is None or buf.numel() < numel:
+            if buf is None or buf.numel() < numel or self._local:
                 views.clear()
                 slots[i] = buf = None  # free the smaller one before allocating
                 slots[i] = buf = torch.empty(numel, device=device, dtype=dtype)
@@ -151,16 +152,24 @@ class _WeightBuffers:
         return None
 
     @contextlib.contextmanager
-    def scoped(self):
-        """Every slot forgotten before and after; lookups inside see only what was written inside.
+    def graph_local(self):
+        """Inside: slots of their own, empty at entry and dropped at exit, and every take allocates
+        a new buffer (dropping the slot's previous one first) instead of reusing a persistent one.
         Around a CUDA-graph capture (and its warm-up run, and the CPU stand-in for a replay): the
-        capture records the same writes the lookups rely on, so reuse within one graph holds at
-        every replay, while nothing outside trusts what a replay left in the slots."""
-        self.forget()
+        weights a graph dequantises then live in the graph's memory pool only while it needs them,
+        the persistent slots (2 x 117 MiB for an 8B model) can be freed once every layer is graphed
+        (`clear`), and lookups inside see only what the graph itself wrote (reuse within one graph,
+        e.g. the MLP recompute's gate/up in its backward, holds at every replay)."""
+        with self._lock:
+            outer = (self._slots, self._views, self._tags, self._next)
+            self._slots, self._views, self._tags, self._next = {}, {}, {}, {}
+            self._local += 1
         try:
             yield
         finally:
-            self.forget()
+            with self._lock:
+                self._local -= 1
+                self._slots, self._views, self._tags, self._next = outer
 
     @contextlib.contextmanager
     def untagged(self):

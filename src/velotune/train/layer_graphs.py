@@ -20,7 +20,8 @@ launches for the price of one.
 
 How, per layer and per input signature (shape, dtype, kwargs; see `_Entry`):
 * calls 1..WARMUP run eagerly (offloaded checkpointing as without graphs): they compile the Triton
-  kernels, create the cuBLAS handles and fill the dequantisation buffers;
+  kernels and create the cuBLAS handles; a graph dequantises 4-bit weights into buffers of its own
+  pool (`WEIGHT_BUFFERS.graph_local`), so after a capture the persistent ones are let go;
 * the next call captures two graphs into one memory pool shared by every layer of the model (the
   graphs run one after the other, so one layer's working set serves them all):
     F: y = layer(x)  under no_grad                                   (the checkpointed forward)
@@ -138,28 +139,26 @@ class _Graph:
 
     def capture(self, fn, side=None) -> None:
         if not self.cuda:
-            with WEIGHT_BUFFERS.scoped():   # the warm-up run as on the GPU (a failing closure fails here)
+            with WEIGHT_BUFFERS.graph_local():   # the warm-up run as on the GPU (a failing closure fails here)
                 fn()
             self.fn = fn
             return
         # one eager run on the side stream first, as torch.cuda.make_graphed_callables does
         # (per-stream state such as cuBLAS workspaces exists before capture); then capture on it.
-        # Scoped: the capture may reuse, within itself, a weight it dequantised (the same writes are
-        # recorded); nothing outside trusts what a replay leaves in the dequantisation buffers
-        with WEIGHT_BUFFERS.scoped():
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=side):
-                fn()
+        # graph_local: the weights the graph dequantises are its own pool allocations (reused
+        # within the graph), never the persistent buffers eager code reads
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), WEIGHT_BUFFERS.graph_local():
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with WEIGHT_BUFFERS.graph_local(), torch.cuda.graph(self.graph, pool=self.pool, stream=side):
+            fn()
 
     def replay(self) -> None:
         if self.cuda:
             self.graph.replay()
-            WEIGHT_BUFFERS.forget()      # the replay rewrote the dequantisation buffers
         else:
-            with WEIGHT_BUFFERS.scoped():   # the same operations as a captured graph
+            with WEIGHT_BUFFERS.graph_local():   # the same operations as a captured graph
                 self.fn()
 
 
@@ -370,6 +369,9 @@ class LayerGraphs:
                 self.stats["eager"] += 1
                 return eager()
             self.stats["captured"] += 1
+            # graphs dequantise into their own pool: the persistent buffers (2 x 117 MiB at 8B) go
+            # until eager code needs them again (an uncaptured layer, a new shape's warm-up)
+            WEIGHT_BUFFERS.clear()
         elif tuple(p.data_ptr() for p in params) != entry.param_ptrs:
             del self.entries[(id(layer), sig)]       # parameters moved: capture again
             return self.run(offloader, fn, x, eager, saved)

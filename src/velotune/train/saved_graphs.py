@@ -34,8 +34,10 @@ Every saved tensor goes into the sets, however small (eager "mlp" leaves those u
 device): one left where the build put it would be read, stale, by every later replay.
 
 Memory (8B, 2 x 2048 tokens): the two sets are ~2 x 145 MiB of persistent device memory, against
-the ~145 MiB eager recompute="mlp" holds of a layer in backward, plus the graph pool; host memory
-as eager "mlp". Not yet measured on a GPU (docs/perf-notes.md).
+the ~145 MiB eager recompute="mlp" holds of a layer in backward, plus the graph pool; the graphs
+dequantise NF4 weights into their pool, so the 2 x 117 MiB of persistent dequantisation buffers
+are let go (layer_graphs.py); host memory as eager "mlp". Not yet measured on a GPU
+(docs/perf-notes.md).
 """
 from __future__ import annotations
 
@@ -168,7 +170,7 @@ class SavedEntry(_Entry):
         x = s.x.detach().requires_grad_(True)
         with _fresh_leaves(self.slots) as leaves:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
-                    recorded_norm_outputs(norms), checkpointed_mlp(), WEIGHT_BUFFERS.scoped():
+                    recorded_norm_outputs(norms), checkpointed_mlp(), WEIGHT_BUFFERS.graph_local():
                 y = self._call(x)
         held.clear()
         norms.clear()
