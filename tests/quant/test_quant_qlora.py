@@ -100,10 +100,15 @@ def test_get_base_weight_buffers_and_dequantize_for_merge(llama_dir):
     assert k1.data_ptr() == views[1].data_ptr() and torch.equal(
         k1, bnbF.dequantize_4bit(others[1].weight.data, others[1].weight.quant_state))
     before = k1._version
-    with WEIGHT_BUFFERS.untagged():                              # e.g. CUDA-graph capture: always a write
-        written = get_base_weight(q)                             # into the slot after k1's (the ring)
-        assert written.data_ptr() == views[-1].data_ptr() and written._version > version
-        assert get_base_weight(others[1])._version > before
+    with WEIGHT_BUFFERS.graph_local():                           # e.g. a CUDA-graph capture: buffers of its own
+        local = get_base_weight(q)
+        assert local.data_ptr() not in ptrs and torch.equal(local, expected)
+        assert get_base_weight(q).data_ptr() == local.data_ptr()                 # reuse within it
+        assert WEIGHT_BUFFERS.nbytes() == expected.numel() * 2                    # only its own, so far
+    # outside again: the persistent slots, and what they hold, untouched
+    assert WEIGHT_BUFFERS.nbytes() == BUFFER_SLOTS * expected.numel() * 2
+    back = get_base_weight(others[1])
+    assert back.data_ptr() == views[1].data_ptr() and back._version == before
     # Plain autograd saving a buffer view, then the buffer being reused: an error, never silent.
     x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
     y = (x @ get_base_weight(q).t()).sum()

@@ -89,7 +89,6 @@ class _WeightBuffers:
         self._views: dict[tuple[torch.device, torch.dtype], list[dict]] = {}
         self._tags: dict[tuple[torch.device, torch.dtype], list[tuple | None]] = {}
         self._next: dict[tuple[torch.device, torch.dtype], int] = {}
-        self._untagged = 0
         self._local = 0          # inside graph_local(): every take allocates
         self._lock = threading.Lock()
 
@@ -122,8 +121,6 @@ class _WeightBuffers:
         slot is written again, `lookup(tag, ...)` returns it."""
         key = (view.device, view.dtype)
         with self._lock:
-            if self._untagged:
-                return
             for i, buf in enumerate(self._slots.get(key, ())):
                 if buf is not None and buf.data_ptr() == view.data_ptr():
                     self._tags[key][i] = (*tag, buf._version)
@@ -142,7 +139,7 @@ class _WeightBuffers:
         key = (device, dtype)
         with self._lock:
             tags = self._tags.get(key)
-            if tags is None or self._untagged:
+            if tags is None:
                 return None
             for i, t in enumerate(tags):
                 buf = self._slots[key][i]
@@ -170,17 +167,6 @@ class _WeightBuffers:
             with self._lock:
                 self._local -= 1
                 self._slots, self._views, self._tags, self._next = outer
-
-    @contextlib.contextmanager
-    def untagged(self):
-        """No lookups inside, and every slot forgotten before and after (graph capture / replay)."""
-        self.forget()
-        self._untagged += 1
-        try:
-            yield
-        finally:
-            self._untagged -= 1
-            self.forget()
 
     def forget(self) -> None:
         with self._lock:
