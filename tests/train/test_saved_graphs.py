@@ -21,8 +21,8 @@ from velotune.models import prepare_model
 N_LAYERS = 3          # layer 0's set is overwritten by layer 2's: backward must bring it back from host memory
 
 
-def _lora(graphs: bool, family: str = "llama", device: str = "cpu", dtype=torch.float32):
-    model = mini_model(family, num_hidden_layers=N_LAYERS, dtype=dtype).to(device)
+def _lora(graphs: bool, family: str = "llama", device: str = "cpu", dtype=torch.float32, layers: int = N_LAYERS):
+    model = mini_model(family, num_hidden_layers=layers, dtype=dtype).to(device)
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
                                              random_state=5, cuda_graphs=graphs, recompute="mlp")
@@ -62,6 +62,18 @@ def test_mlp_graphs_train_bit_identically_to_eager_recompute_mlp(family):
     assert offload.packed == 3 * N_LAYERS and offload.prefetched == 3    # layer 0's set, once per replayed step
     n_grads = 2 * (7 if family != "phi3" else 4) * N_LAYERS
     _assert_same(got, ref, n_grads)
+
+
+def test_six_layers_bring_back_every_set_but_the_last_two():
+    """Six layers over two sets: in backward, layers 3..0 come back from host memory, each while the
+    layer after it replays; a padded second batch (mask kwargs) in between."""
+    batches = _two_batches()
+    ref = _train(_lora(False, layers=6), 4, batches)
+    model = _lora(True, layers=6)
+    got = _train(model, 4, batches)
+    assert model.velotune_layer_graphs.stats["captured"] == 6
+    assert model.velotune_offload_stats.prefetched == 3 * 4              # 4 loads per replayed step
+    _assert_same(got, ref, 2 * 7 * 6)
 
 
 def test_a_set_not_brought_back_changes_the_result(monkeypatch):
