@@ -315,19 +315,13 @@ def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=N
     `saved_offload.SavedOffloader` (recompute="mlp"), used for layers whose MLP velotune runs."""
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    mlp = saved is not None and _suits_mlp_recompute(fn)
-    if mlp:
+    graphable = graphs is not None and len(args) == 1 and not kwargs
+    if saved is not None and _suits_mlp_recompute(fn):
         keep = _tensors(args[1:]) + _tensors(kwargs) + _tensors(getattr(fn, "keywords", {}))
-
-        def eager():
-            return saved.run_layer(fn, args, kwargs, keep)
-    else:
-        def eager():
-            return _offloaded_checkpoint(offloader, fn, *args, **kwargs)
-    if graphs is not None and len(args) == 1 and not kwargs:
-        return graphs.run(offloader, fn, args[0], eager, saved=mlp)
-    if mlp:
-        return eager()
+        eager = functools.partial(saved.run_layer, fn, args, kwargs, keep)
+        return graphs.run(offloader, fn, args[0], eager, saved=True) if graphable else eager()
+    if graphable:
+        return graphs.run(offloader, fn, args[0], lambda: _offloaded_checkpoint(offloader, fn, *args))
     # Identify the hidden states by value, never by reference: the pack hook outlives this call
     # (autograd keeps it with the graph until backward), and a closure over the tensor itself would
     # keep every layer's input alive on the GPU for the whole step, offloaded or not.

@@ -236,6 +236,10 @@ class _Entry:
         self.bwd.capture(backward, side)
 
 
+_TWICE = ("velotune: a CUDA-graphed decoder layer was differentiated a second time (retain_graph=True): "
+          "what it saved is released after the first backward; use cuda_graphs=False for that")
+
+
 class _GraphedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry: _Entry, offloader, kw_tensors, x, *params):
@@ -250,8 +254,6 @@ class _GraphedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from velotune.train.saved_graphs import _TWICE
-
         entry, s = ctx.entry, ctx.entry.s
         if ctx.saved is None:
             raise RuntimeError(_TWICE)

@@ -51,7 +51,7 @@ from velotune.models.mlp import checkpointed_mlp
 from velotune.models.norm import norm_forward, recorded_norm_outputs
 from velotune.quant.weights import WEIGHT_BUFFERS
 from velotune.train.checkpointing import _copy_back, _HostCopy
-from velotune.train.layer_graphs import _Entry, _fresh_leaves, _Graph
+from velotune.train.layer_graphs import _TWICE, _Entry, _fresh_leaves, _Graph
 from velotune.train.saved_offload import _NormOf, _span   # _NormOf.inp: a _Ref here
 
 
@@ -299,10 +299,6 @@ class SavedGraphRuns:
             P.ready = P.free_at = done      # a later write waits for this one (it waited for the readers)
         P.holds = weakref.ref(rec)
         self.offloader.stats.prefetched += 1
-
-
-_TWICE = ("velotune: a CUDA-graphed decoder layer was differentiated a second time (retain_graph=True): "
-          "what it saved is released after the first backward; use cuda_graphs=False for that")
 
 
 class GraphedSavedLayer(torch.autograd.Function):
