@@ -205,3 +205,21 @@ def test_adapter_casts_in_one_buffer_equal_per_tensor_casts(monkeypatch):
     for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1])):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert got[1][1].dtype == torch.float32      # adapter gradients in the adapters' dtype
+
+
+def test_joined_halves_are_their_buffer_and_others_are_concatenated():
+    """Phi-3's fused gate_up: the GLU backward overwrote the two halves in place, so their [N, 2I]
+    buffer already is cat(dgate, dup): no copy. Anything else is concatenated."""
+    from velotune.lora.fused import _joined
+
+    buf = torch.randn(5, 8)
+    a, b = buf.chunk(2, dim=-1)
+    joined = _joined(a, b)
+    assert joined.data_ptr() == buf.data_ptr() and torch.equal(joined, buf)
+    swapped = _joined(b, a)                                     # halves the other way round: a real cat
+    assert swapped.data_ptr() != buf.data_ptr() and torch.equal(swapped, torch.cat((b, a), -1))
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    assert torch.equal(_joined(x, y), torch.cat((x, y), -1))
+    rows = torch.randn(6, 8)[1:]                                # a buffer view with an offset
+    c, d = rows.chunk(2, dim=-1)
+    assert _joined(c, d).data_ptr() == rows.data_ptr() and torch.equal(_joined(c, d), rows)

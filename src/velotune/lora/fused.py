@@ -229,10 +229,21 @@ class _MLPIn(torch.autograd.Function):
         # gate / up (and, on the GPU, dh + dhA @ A_down) become dgate / dup in place: at this, the MLP
         # backward's memory peak, the only [N, I] tensors alive are gate, up and dh
         dgate, dup = glu_backward(dh, gate, up, ctx.act, lora=lora)
-        dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (torch.cat((dgate, dup), dim=-1),)
+        dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (_joined(dgate, dup),)
         dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[4:], ctx.needs_input_grad[0],
                                    casts)
         return (dX, None, None, dA_down, *grads)
+
+
+def _joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cat((a, b), -1) for [N, I] x2; when a and b are the two halves of one [N, 2I] buffer (Phi-3's
+    gate_up output, whose halves the GLU backward overwrote in place) that buffer, not a copy."""
+    n, i = a.shape
+    if (b.shape == a.shape and a.stride() == b.stride() == (2 * i, 1) and a.dtype == b.dtype
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + i):
+        return a.as_strided((n, 2 * i), (2 * i, 1), a.storage_offset())
+    return torch.cat((a, b), dim=-1)
 
 
 class _LoRAUp(torch.autograd.Function):
