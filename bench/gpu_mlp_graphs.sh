@@ -13,8 +13,9 @@ quiet() { grep -v -e Warning -e "warnings.warn" -e "Loading weights"; }
 case "${1:-check}" in
 check)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu_$commit.txt"
-  timeout 200 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/train/test_layer_graphs.py \
-    tests/train/test_saved_offload.py 2>&1 | tail -15 | tee "$out/gputests_mlp_graphs_$commit.log"
+  timeout 240 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/train/test_layer_graphs.py \
+    tests/train/test_saved_offload.py tests/kernels/test_gpu.py tests/quant/test_quant_offload_checkpointing.py \
+    2>&1 | tail -15 | tee "$out/gputests_mlp_graphs_$commit.log"
   timeout 200 python bench/graphs_check.py --impl velotune-qlora --recompute mlp --layers 3 --steps 6 2>&1 \
     | quiet | tee "$out/graphs_check_mlp_$commit.log"
   timeout 180 python bench/host_overhead.py --impls velotune-qlora --recompute mlp --cuda-graphs --no-cprofile \
