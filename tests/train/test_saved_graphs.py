@@ -231,3 +231,22 @@ def test_host_copies_are_released_by_backward_and_a_second_backward_is_refused(r
     assert all(getattr(c, field) is None for c in ctxs)                 # released, though `loss` lives on
     with pytest.raises(RuntimeError, match="differentiated a second time"):
         loss.backward()
+
+
+def test_an_eager_layer_between_graphed_ones():
+    """A layer that cannot be graphed (LoRA dropout in its q projection) runs eager recompute="mlp"
+    between graphed neighbours: the sets still alternate by layer index, and everything equals the
+    all-eager run (the same dropout masks: the RNG is drawn in the same order)."""
+    batches = _two_batches()
+    runs = []
+    for graphs in (False, True):
+        model = _lora(graphs, layers=4)
+        model.base_model.model.model.layers[1].self_attn.q_proj.lora_dropout["default"] = torch.nn.Dropout(0.2)
+        torch.manual_seed(21)
+        runs.append(_train(model, 4, batches))
+        if graphs:
+            stats = model.velotune_layer_graphs.stats
+            assert stats["captured"] == 3 and stats["eager"] == 4 + 3          # layer 1 always eager
+            parities = sorted(e.parity for e in model.velotune_layer_graphs.entries.values())
+            assert parities == [0, 0, 1]                                        # layers 0, 2 and 3
+    _assert_same(runs[1], runs[0], 2 * 7 * 4)
