@@ -52,7 +52,7 @@ from velotune.models.norm import norm_forward, recorded_norm_outputs
 from velotune.quant.weights import WEIGHT_BUFFERS
 from velotune.train.checkpointing import _copy_back, _HostCopy
 from velotune.train.layer_graphs import _TWICE, _Entry, _fresh_leaves, _Graph
-from velotune.train.saved_offload import _NormOf, _span   # _NormOf.inp: a _Ref here
+from velotune.train.saved_offload import _flat, _NormOf, _span   # _NormOf.inp: a _Ref here
 
 
 class _PlanMismatch(RuntimeError):
@@ -113,10 +113,6 @@ def _static(t: torch.Tensor, device, kept: set) -> bool:
     """Saved as it is: parameters (live values), kwarg buffers (refilled), empties, other devices."""
     return (isinstance(t, nn.Parameter) or t.numel() == 0 or t.layout != torch.strided or t.device != device
             or t.untyped_storage().data_ptr() in kept)
-
-
-def _flat(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), a, (b - a,), (1,))
 
 
 class SavedEntry(_Entry):

@@ -80,6 +80,11 @@ class _LayerSet:
         self.started = False
 
 
+def _flat(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Elements [a, b) of t's storage, as a 1-D tensor of t's dtype."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), a, (b - a,), (1,))
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last + 1) element of t's storage that t reads (t.numel() > 0)."""
     end = t.storage_offset() + 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
@@ -159,7 +164,7 @@ class SavedOffloader:
     def _offload(self, t: torch.Tensor, a: int, b: int, pending: list) -> _Stored:
         """A _Stored for t's storage elements [a, b); the copy itself is queued with the layer's
         others when the layer returns (`_flush`): one stream switch per layer, not per tensor."""
-        flat = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), a, (b - a,), (1,))
+        flat = _flat(t, a, b)
         stored = _Stored(None, b - a, t.dtype, t.device, None, None)
         pending.append((stored, flat))
         self.stats.packed += 1
