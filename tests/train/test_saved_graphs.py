@@ -96,7 +96,7 @@ def test_a_set_not_brought_back_changes_the_result(monkeypatch):
 @pytest.mark.parametrize("recompute", ["mlp", "layer"])
 def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, monkeypatch, recompute):
     """4-bit base weights: the graphs dequantise into the shared buffers, and within one graph the
-    backward reuses the gate and up weights its MLP recompute just dequantised (`scoped`), while
+    backward reuses the gate and up weights its MLP recompute just dequantised (`graph_local`), while
     nothing outside a graph trusts what a replay left in the buffers."""
     import velotune.quant.weights as weights
     from mini import save_mini_model

@@ -81,7 +81,7 @@ class _WeightBuffers:
     `lookup` gives that slot back without a new dequantisation while nothing has written to it since.
     Backward asks for gate and up right after the MLP's recompute dequantised them into the two
     slots (lora/fused.py), so QLoRA saves 2 of a layer's dequantisations per step this way. CUDA-graph
-    capture and replay write the slots behind Python's back: `scoped()` around them.
+    captures (and the CPU stand-ins for their replays) use slots of their own: `graph_local()`.
     """
 
     def __init__(self):
@@ -167,11 +167,6 @@ class _WeightBuffers:
             with self._lock:
                 self._local -= 1
                 self._slots, self._views, self._tags, self._next = outer
-
-    def forget(self) -> None:
-        with self._lock:
-            for tags in self._tags.values():
-                tags[:] = [None] * len(tags)
 
     def clear(self) -> None:
         with self._lock:
