@@ -5,40 +5,29 @@ several active adapters...) or the activation is not one the GLU kernels impleme
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from velotune.lora import lora_mlp, resolve
+from velotune.models.switch import switched
 
 _VALUES_UNUSED = [False]
 _CHECKPOINTED = [False]
 
 
-@contextlib.contextmanager
 def checkpointed_mlp():
     """Within this block (a decoder layer under recompute="mlp", train/saved_offload.py) every
     patched MLP runs as a non-reentrant checkpoint of its own: it saves only its input, and backward
     recomputes it (stopping before the frozen down projection, see lora_mlp)."""
-    prev, _CHECKPOINTED[0] = _CHECKPOINTED[0], True
-    try:
-        yield
-    finally:
-        _CHECKPOINTED[0] = prev
+    return switched(_CHECKPOINTED, True)
 
 
-@contextlib.contextmanager
 def mlp_output_values_unused():
     """Within this block a decoder layer runs only so that gradients can be taken through it (the
     captured recompute of train/layer_graphs.py): fused MLPs whose output meets nothing but the
     residual add (no sandwich norm after them, see FamilySpec) skip the frozen down GEMM and return
     uninitialised values (`lora_mlp(values_unused=True)`). Gradients are unchanged."""
-    prev, _VALUES_UNUSED[0] = _VALUES_UNUSED[0], True
-    try:
-        yield
-    finally:
-        _VALUES_UNUSED[0] = prev
+    return switched(_VALUES_UNUSED, True)
 
 
 def mlp_forward(self, x):

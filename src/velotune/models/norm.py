@@ -1,21 +1,16 @@
 """RMSNorm forward on velotune's kernel: Llama style (offset 0) or Gemma style (1 + w, offset 1)."""
 from __future__ import annotations
 
-import contextlib
+from velotune.models.switch import switched
 
 _RECORD: list = [None]
 
 
-@contextlib.contextmanager
 def recorded_norm_outputs(table: dict):
     """Within this block every fused RMSNorm records `table[output storage address] = (module, input,
     output)`, holding both tensors so that no other tensor can take the address while the table
     lives (train/saved_offload.py: a saved norm output is recomputed from its input, not copied)."""
-    prev, _RECORD[0] = _RECORD[0], table
-    try:
-        yield
-    finally:
-        _RECORD[0] = prev
+    return switched(_RECORD, table)
 
 
 def norm_forward(self, x):
