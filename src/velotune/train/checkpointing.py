@@ -144,6 +144,15 @@ class _HostCopy:
 
     __slots__ = ("host", "numel", "dtype", "device", "d2h_done", "gpu", "h2d_done", "pool")
 
+    def __init__(self, host, numel, dtype, device, d2h_done, pool):
+        self.host = host                  # flat CPU chunks (pinned when the source is on CUDA), see _chunks
+        self.numel, self.dtype = numel, dtype
+        self.device = device              # where the tensor lives during compute
+        self.d2h_done = d2h_done          # event: host copy complete (None on CPU)
+        self.gpu = None                   # device copy (flat), once a host->device copy started
+        self.h2d_done = None
+        self.pool = pool                  # the HostPool the chunks go back to (None on CPU)
+
     def __del__(self):
         pool = getattr(self, "pool", None)
         if pool is not None and self.host:
@@ -156,15 +165,9 @@ class _Saved(_HostCopy):
     __slots__ = ("prev", "shape", "__weakref__")
 
     def __init__(self, host, device, d2h_done, prev, shape, dtype, pool=None):
-        self.host = host                  # flat CPU chunks (pinned when the source is on CUDA), see _chunks
+        super().__init__(host, shape.numel(), dtype, device, d2h_done, pool)
         self.shape = shape                # the tensor's shape (contiguous layout when it comes back)
-        self.numel, self.dtype = shape.numel(), dtype
-        self.device = device              # where the tensor lives during compute
-        self.d2h_done = d2h_done          # event: host copy complete (None on CPU)
-        self.gpu = None                   # prefetched device copy (flat), if started
-        self.h2d_done = None
         self.prev = prev                  # weakref to the input saved just before (previous layer)
-        self.pool = pool
 
 
 @dataclass

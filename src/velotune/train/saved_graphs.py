@@ -261,11 +261,7 @@ class SavedGraphRuns:
     def to_host(self, entry: SavedEntry) -> _LayerCopy:
         P = entry.P
         (host,), done, pool = self.offloader.to_host([P.raw])
-        c = _HostCopy()
-        c.host, c.numel, c.dtype, c.device, c.d2h_done = host, P.raw.numel(), P.raw.dtype, P.raw.device, done
-        c.gpu = c.h2d_done = None
-        c.pool = pool
-        rec = _LayerCopy(c, entry, self._last)
+        rec = _LayerCopy(_HostCopy(host, P.raw.numel(), P.raw.dtype, P.raw.device, done, pool), entry, self._last)
         self._last = weakref.ref(rec)
         P.holds, P.free_at = weakref.ref(rec), done
         stats = self.offloader.stats

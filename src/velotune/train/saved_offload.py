@@ -42,10 +42,7 @@ class _Stored(_HostCopy):
     __slots__ = ("refs", "taken")
 
     def __init__(self, host, numel, dtype, device, d2h_done, pool):
-        self.host, self.numel, self.dtype, self.device, self.d2h_done = host, numel, dtype, device, d2h_done
-        self.pool = pool
-        self.gpu = None          # the device copy while backward needs it (prefetched or restored)
-        self.h2d_done = None
+        super().__init__(host, numel, dtype, device, d2h_done, pool)   # .gpu: while backward needs it
         self.refs = 0            # saved views of this span (a view inside a _NormOf counts)
         self.taken = 0           # ... of which backward has unpacked so far
 
