@@ -53,6 +53,15 @@ def test_glu_rejects_bad_input():
         glu(torch.randn(2), torch.randn(3), "silu")
 
 
+@pytest.fixture
+def fused_lora(monkeypatch):
+    """The fused rank-r MLP backward kernels on (glu.FUSED_LORA_BACKWARD: off by default until their
+    GPU correctness run)."""
+    from velotune.kernels import glu as glu_mod
+
+    monkeypatch.setattr(glu_mod, "FUSED_LORA_BACKWARD", True)
+
+
 def _lora_case(N, I, r, strided, seed=0):
     """gate, up [N, I] (halves of one [N, 2I] buffer when strided, as Phi-3's gate_up), dh [N, I],
     dhA [N, r], A [r, I]."""
@@ -67,7 +76,7 @@ def _lora_case(N, I, r, strided, seed=0):
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("N,I,r,strided", [(70, 100, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
-def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided):
+def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided, fused_lora):
     """dhA^T @ (act(gate) * up): the kernel (tiles over rows and columns, r padded to 16) vs torch
     and float64. N, I not multiples of the 64-wide tiles; r below, at and above 16."""
     from velotune.kernels.glu import glu_lora_a_grad
@@ -84,7 +93,7 @@ def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided):
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("N,I,r,strided", [(70, 100, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
-def test_glu_backward_folds_the_rank_r_gradient_in(act, N, I, r, strided):
+def test_glu_backward_folds_the_rank_r_gradient_in(act, N, I, r, strided, fused_lora):
     """glu_backward(dh, gate, up, lora=(dhA, A)) == glu_backward(dh + dhA @ A, gate, up): in place
     (strided halves too), against the CPU path and float64."""
     gate, up, dh, dhA, A = _lora_case(N, I, r, strided, seed=1)

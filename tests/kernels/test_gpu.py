@@ -175,7 +175,7 @@ def test_gpu_launch_plans_of_norm_and_glu_replay_exactly(which):
 
 
 @pytest.mark.parametrize("strided", [False, True])
-def test_gpu_mlp_lora_backward_pieces_bf16(strided):
+def test_gpu_mlp_lora_backward_pieces_bf16(strided, monkeypatch):
     """The fused MLP backward's pieces at an 8B-like size (N = 2048 tokens, I = 14336, r = 16), in
     bf16: dA_down without making h, and dgate / dup with dh + dhA @ A_down folded in (in place,
     strided rows as Phi-3's gate_up halves): error vs float64 within 1.5x of the unfused bf16 path's
@@ -183,6 +183,7 @@ def test_gpu_mlp_lora_backward_pieces_bf16(strided):
     from velotune.kernels import glu as glu_mod
     from velotune.kernels.glu import glu_backward, glu_forward, glu_lora_a_grad, glu_reference
 
+    monkeypatch.setattr(glu_mod, "FUSED_LORA_BACKWARD", True)      # off by default until this test has passed
     N, I, r = 2048, 14336, 16
     gen = torch.Generator("cuda").manual_seed(7)
     rand = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731

@@ -250,12 +250,15 @@ def test_free_running_losses_match_stock(family, peft_kw, tmp_path):
     _assert_same_losses(_train_pair(fast, stock, 20, [fixed_batch()], resync=False))
 
 
-@pytest.mark.parametrize("hook_q", [False, True])
-def test_triton_path_matches_stock(hook_q, tmp_path):
+@pytest.mark.parametrize("hook_q,fused_lora", [(False, False), (True, False), (False, True)])
+def test_triton_path_matches_stock(hook_q, fused_lora, tmp_path, monkeypatch):
     """The Triton kernels themselves (interpreter) inside the model: RMSNorm, RoPE rotated in place on
-    the fused q/k projection outputs, GLU, fused linear CE. With a forward hook on a q projection
-    (that module then runs stock), the output the hook holds is not rotated under it."""
-    from velotune.kernels import force_triton
+    the fused q/k projection outputs, GLU, fused linear CE (and, fused_lora, the MLP backward's
+    rank-r kernels). With a forward hook on a q projection (that module then runs stock), the output
+    the hook holds is not rotated under it."""
+    from velotune.kernels import force_triton, glu
+
+    monkeypatch.setattr(glu, "FUSED_LORA_BACKWARD", fused_lora)
 
     fast, stock = _load_pair("llama", tmp_path)
     batch = fixed_batch()

@@ -199,6 +199,12 @@ def _glu_bwd_lora_kernel(DH, DHA, A, G, U, DG, DU, N, I, R, s_dh, s_dha, s_a, s_
     tl.store(DU + rows[:, None] * s_u + cols[None, :], (dh * a).to(DU.dtype.element_ty), mask=m)
 
 
+# The two kernels above on the training path (lora/fused.py's MLP backward). Off until they have had
+# a GPU correctness run: they pass the interpreter (vs torch and float64) and compile for sm_90, and
+# tests/kernels/test_gpu.py checks them on the GPU; with it off the GPU takes the unfused path (h
+# made, then a GEMM; torch.addmm, then the GLU backward), as before session 8.
+FUSED_LORA_BACKWARD = False
+
 LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program (it walks all rows)
 LORA_A_BLOCK_N = 64
 LORA_BLOCK_N, LORA_BLOCK_I = 64, 64   # glu_backward(lora=...): one [rows, columns] tile per program
@@ -219,7 +225,7 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
     r = dhA.shape[1]
     fits = (gate.stride(1) == 1 and up.stride(1) == 1 and dhA.stride(1) == 1 and dhA.dtype == gate.dtype
             == up.dtype and r <= 128)
-    if not (triton_enabled(gate) and fits):
+    if not (FUSED_LORA_BACKWARD and triton_enabled(gate) and fits):
         return (dhA.t() @ glu_forward(gate, up, act)).float()
     out = torch.empty((r, I), dtype=torch.float32, device=gate.device)
     if N and I and r:
@@ -268,7 +274,7 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
     _act_id(act)
     if lora is not None:
         dhA, A = lora
-        if triton_enabled(gate) and _lora_fits(dh, gate, up, dhA, A):
+        if FUSED_LORA_BACKWARD and triton_enabled(gate) and _lora_fits(dh, gate, up, dhA, A):
             N, I = gate.shape
             r = dhA.shape[1]
             if gate.numel():
