@@ -5,6 +5,9 @@
 #
 #   bash bench/gpu_mlp_graphs.sh check COMMIT   # GPU tests, 8B-shape exactness, where the GPU idles
 #   bash bench/gpu_mlp_graphs.sh bench COMMIT   # tokens/s and peak vs stock and the eager modes
+#   bash bench/gpu_mlp_graphs.sh all COMMIT     # both in one call of under 590 s: tests, exactness, then
+#                                               # the benchmark in the time left, host gaps last
+#   bash bench/gpu_mlp_graphs.sh fused COMMIT   # eager and graphed "mlp" QLoRA with the fused MLP backward
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -25,6 +28,24 @@ bench)
   python bench/qlora.py --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs velotune-lora-mlp-graphs \
     --offload-embedding --commit "$commit" --json "$out/qlora_mlp_graphs_$commit.json" 2>&1 | quiet \
     | tee "$out/qlora_mlp_graphs_$commit.log"
+  ;;
+all)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu_$commit.txt"
+  timeout 170 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/train/test_layer_graphs.py \
+    tests/train/test_saved_offload.py tests/kernels/test_gpu.py tests/quant/test_quant_offload_checkpointing.py \
+    2>&1 | tail -25 | tee "$out/gputests_mlp_graphs_$commit.log"
+  timeout 100 python bench/graphs_check.py --impl velotune-qlora --recompute mlp --layers 3 --steps 6 2>&1 \
+    | quiet | tee "$out/graphs_check_mlp_$commit.log"
+  timeout $((520 - SECONDS)) python bench/qlora.py --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs \
+    velotune-lora-mlp-graphs --offload-embedding --commit "$commit" --json "$out/qlora_mlp_graphs_$commit.json" 2>&1 \
+    | quiet | tee "$out/qlora_mlp_graphs_$commit.log"
+  [ $SECONDS -lt 500 ] && timeout $((585 - SECONDS)) python bench/host_overhead.py --impls velotune-qlora \
+    --recompute mlp --cuda-graphs --no-cprofile --gaps 12 --kernels 12 2>&1 | quiet | tee "$out/host_mlp_graphs_$commit.log"
+  ;;
+fused)
+  python bench/qlora.py --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs --rounds 2 \
+    --offload-embedding --fused-lora-backward --commit "$commit" --json "$out/qlora_mlp_fused_$commit.json" 2>&1 \
+    | quiet | tee "$out/qlora_mlp_fused_$commit.log"
   ;;
 *)
   echo "usage: $0 check|bench COMMIT" >&2

@@ -133,6 +133,9 @@ def worker(args) -> dict:
     config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
     cuda = device.startswith("cuda")
     t_build = time.perf_counter()
+    if args.fused_lora_backward:
+        from velotune.kernels import glu
+        glu.FUSED_LORA_BACKWARD = True
     if args.dequant_kernel:
         from velotune.quant import dequant_kernel
 
@@ -541,6 +544,8 @@ def main() -> int:
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"],
                     help="velotune: get_peft_model(..., recompute=...): 'mlp' offloads the attention activations "
                          "too and recomputes only the MLP")
+    ap.add_argument("--fused-lora-backward", action="store_true",
+                    help="velotune: the fused rank-r MLP backward kernels on (kernels/glu.FUSED_LORA_BACKWARD)")
     ap.add_argument("--offload-embedding", action="store_true",
                     help="velotune contenders keep the frozen input embeddings in host memory")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
@@ -571,7 +576,8 @@ def main() -> int:
     common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype] + (
         ["--offload-embedding"] if args.offload_embedding else []) + (["--cuda-graphs"] if args.cuda_graphs else []) + (
         ["--recompute", args.recompute]) + (
-        ["--dequant-kernel", args.dequant_kernel] if args.dequant_kernel else [])
+        ["--dequant-kernel", args.dequant_kernel] if args.dequant_kernel else []) + (
+        ["--fused-lora-backward"] if args.fused_lora_backward else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the
