@@ -7,7 +7,7 @@
 #   bash bench/gpu_mlp_graphs.sh bench COMMIT   # tokens/s and peak vs stock and the eager modes
 #   bash bench/gpu_mlp_graphs.sh all COMMIT     # both in one call of under 590 s: tests, exactness, then
 #                                               # the benchmark in the time left, host gaps last
-#   bash bench/gpu_mlp_graphs.sh fused COMMIT   # eager and graphed "mlp" QLoRA with the fused MLP backward
+#   bash bench/gpu_mlp_graphs.sh fused COMMIT   # eager and graphed "mlp" QLoRA (fused MLP backward), pool trace, A/B
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -42,10 +42,18 @@ all)
   [ $SECONDS -lt 500 ] && timeout $((585 - SECONDS)) python bench/host_overhead.py --impls velotune-qlora \
     --recompute mlp --cuda-graphs --no-cprofile --gaps 12 --kernels 12 2>&1 | quiet | tee "$out/host_mlp_graphs_$commit.log"
   ;;
-fused)
-  python bench/qlora.py --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs --rounds 2 \
-    --offload-embedding --fused-lora-backward --commit "$commit" --json "$out/qlora_mlp_fused_$commit.json" 2>&1 \
+fused)   # after the fused MLP backward went on by default: the benchmark, where the graph pool's
+         # memory goes, and A/B runs (fused off; a smaller fused-CE chunk), in one call of under 590 s
+  timeout 300 python bench/qlora.py --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs --rounds 2 \
+    --offload-embedding --commit "$commit" --json "$out/qlora_mlp_fused_$commit.json" 2>&1 \
     | quiet | tee "$out/qlora_mlp_fused_$commit.log"
+  timeout 90 python bench/qlora.py --impls velotune-qlora-mlp-graphs --offload-embedding --pool-trace --mem-trace \
+    --commit "$commit" --json "$out/qlora_pool_$commit.json" 2>&1 | quiet | tee "$out/qlora_pool_$commit.log"
+  for variant in "--unfused-lora-backward" "--ce-budget-mib 64"; do
+    [ $SECONDS -lt 520 ] && timeout $((585 - SECONDS)) python bench/qlora.py --impls velotune-qlora-mlp-graphs \
+      --offload-embedding $variant --commit "$commit" 2>&1 | quiet | grep -v "^NVIDIA" | sed "s/^/[$variant] /" \
+      | tee -a "$out/qlora_variants_$commit.log"
+  done
   ;;
 *)
   echo "usage: $0 check|bench COMMIT" >&2

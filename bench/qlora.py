@@ -133,9 +133,12 @@ def worker(args) -> dict:
     config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
     cuda = device.startswith("cuda")
     t_build = time.perf_counter()
-    if args.fused_lora_backward:
+    if args.unfused_lora_backward:
         from velotune.kernels import glu
-        glu.FUSED_LORA_BACKWARD = True
+        glu.FUSED_LORA_BACKWARD = False
+    if args.ce_budget_mib:
+        from velotune.models import loss
+        loss.CE_MEMORY_BUDGET = int(args.ce_budget_mib * 2**20)
     if args.dequant_kernel:
         from velotune.quant import dequant_kernel
 
@@ -149,6 +152,8 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
     first_loss = None
+    if args.pool_trace and cuda:      # the warm-up steps capture the graphs: record their allocations
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None, stacks="python")
     try:
         for i in range(args.warmup):
             loss = step()
@@ -156,6 +161,7 @@ def worker(args) -> dict:
                 first_loss = loss.item()
         if cuda:
             torch.cuda.synchronize()
+        pool_trace = _pool_composition() if args.pool_trace and cuda else None
         graphed = cuda and getattr(model, "velotune_layer_graphs", None) is not None
         if graphed:       # the replays' memory is the graph pool's, added below: the timed steps' own peak
             torch.cuda.reset_peak_memory_stats()
@@ -185,7 +191,8 @@ def worker(args) -> dict:
            "last_loss": loss.item(), "build_s": t_build, "weights_gib": weights_gib,
            "peak_gib": (torch.cuda.max_memory_allocated() + _graph_pool_bytes()) / 2**30 if cuda else None,
            "flops_per_token": _flops_per_token(config, args.seq), "n_trainable": sum(p.numel() for p in params),
-           "mem_trace": trace, "profile": prof if args.profile and cuda else None}
+           "mem_trace": trace, "pool_trace": pool_trace if args.pool_trace and cuda else None,
+           "profile": prof if args.profile and cuda else None}
     if args.impl.startswith("velotune"):
         from velotune.models import report
 
@@ -213,22 +220,14 @@ def _graph_pool_bytes() -> int:
                if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
-def peak_composition(step, top: int = 14) -> dict:
-    """Run one more step with allocation history on; return what is alive at its peak, grouped by
-    block size (in units of one [tokens, hidden] bf16 tensor) with counts: stack capture is off
-    (torch 2.11 fails inside custom autograd Functions with it on)."""
+def _live_peak(events, top: int = 14) -> dict:
+    """events: alloc / free_completed in time order -> the peak of live bytes and what is alive
+    there, grouped by block size."""
     from collections import Counter
 
-    base = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=500_000, context=None, stacks="python")
-    step()
-    torch.cuda.synchronize()
-    snap = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
-    events = [e for e in snap["device_traces"][0] if e["action"] in ("alloc", "free_completed")]
     cur = best = best_i = 0
     sizes: dict = {}
-    for i, e in enumerate(events):            # pass 1: where is the peak
+    for i, e in enumerate(events):
         if e["action"] == "alloc":
             sizes[e["addr"]] = e["size"]
             cur += e["size"]
@@ -237,18 +236,45 @@ def peak_composition(step, top: int = 14) -> dict:
         else:
             cur -= sizes.pop(e["addr"], 0)
     live: dict = {}
-    for e in events[:best_i + 1]:             # pass 2: who is alive there
+    for e in events[:best_i + 1]:
         if e["action"] == "alloc":
             live[e["addr"]] = e["size"]
         else:
             live.pop(e["addr"], None)
-    by_size = Counter()
-    for size in live.values():
-        by_size[size] += 1
+    by_size = Counter(live.values())
     rows = [{"site": f"{n} x {size / 2**20:.1f} MiB", "gib": n * size / 2**30}
             for size, n in sorted(by_size.items(), key=lambda kv: -kv[0] * kv[1])[:top]]
-    return {"before_gib": base / 2**30, "step_peak_gib": best / 2**30, "sites": rows,
-            "peak_event": best_i, "events": len(events)}
+    return {"peak_gib": best / 2**30, "sites": rows, "peak_event": best_i, "events": len(events)}
+
+
+def _pool_composition() -> dict:
+    """After the capturing warm-up steps (history recorded since before them): the graph pool's
+    segments, the peak of bytes live in them during the captures, and what was alive then."""
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    pool = [(seg["address"], seg["address"] + seg["total_size"]) for seg in snap["segments"]
+            if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
+    inside = lambda a: any(lo <= a < hi for lo, hi in pool)   # noqa: E731
+    events = [e for e in snap["device_traces"][0] if e["action"] in ("alloc", "free_completed")]
+    out = _live_peak([e for e in events if inside(e["addr"])])
+    out["segments_mib"] = sorted(((hi - lo) / 2**20 for lo, hi in pool), reverse=True)
+    out["pool_gib"] = sum(hi - lo for lo, hi in pool) / 2**30
+    out["trace_events"] = len(events)
+    return out
+
+
+def peak_composition(step, top: int = 14) -> dict:
+    """Run one more step with allocation history on; return what is alive at its peak, grouped by
+    block size (in units of one [tokens, hidden] bf16 tensor) with counts: stack capture is off
+    (torch 2.11 fails inside custom autograd Functions with it on)."""
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=500_000, context=None, stacks="python")
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    out = _live_peak([e for e in snap["device_traces"][0] if e["action"] in ("alloc", "free_completed")], top)
+    return {"before_gib": base / 2**30, "step_peak_gib": out.pop("peak_gib"), **out}
 
 
 def _smoke_config():
@@ -532,6 +558,8 @@ def main() -> int:
     ap.add_argument("--host-share", type=float, default=0.0, help=argparse.SUPPRESS)  # of host RAM, per worker
     ap.add_argument("--time-box", type=float, default=480.0, help="seconds per max-context contender")
     ap.add_argument("--stock-time-box", type=float, default=120.0, help="seconds per stock max-context contender")
+    ap.add_argument("--pool-trace", action="store_true",
+                    help="graphed contenders: record the capturing warm-up; the graph pool's live peak and its composition")
     ap.add_argument("--profile", action="store_true", help="per-category GPU ms/step (3 profiled steps)")
     ap.add_argument("--mem-trace", action="store_true", help="record one step's allocations; list what is alive at the peak")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU through every code path")
@@ -544,8 +572,10 @@ def main() -> int:
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"],
                     help="velotune: get_peft_model(..., recompute=...): 'mlp' offloads the attention activations "
                          "too and recomputes only the MLP")
-    ap.add_argument("--fused-lora-backward", action="store_true",
-                    help="velotune: the fused rank-r MLP backward kernels on (kernels/glu.FUSED_LORA_BACKWARD)")
+    ap.add_argument("--unfused-lora-backward", action="store_true",
+                    help="velotune: the fused rank-r MLP backward kernels off (kernels/glu.FUSED_LORA_BACKWARD)")
+    ap.add_argument("--ce-budget-mib", type=float, default=0.0,
+                    help="velotune: logits bytes per fused-CE chunk (models/loss.CE_MEMORY_BUDGET; 0: its default)")
     ap.add_argument("--offload-embedding", action="store_true",
                     help="velotune contenders keep the frozen input embeddings in host memory")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
@@ -577,7 +607,8 @@ def main() -> int:
         ["--offload-embedding"] if args.offload_embedding else []) + (["--cuda-graphs"] if args.cuda_graphs else []) + (
         ["--recompute", args.recompute]) + (
         ["--dequant-kernel", args.dequant_kernel] if args.dequant_kernel else []) + (
-        ["--fused-lora-backward"] if args.fused_lora_backward else [])
+        ["--unfused-lora-backward"] if args.unfused_lora_backward else []) + (
+        ["--ce-budget-mib", str(args.ce_budget_mib)] if args.ce_budget_mib else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the
@@ -586,7 +617,7 @@ def main() -> int:
         for n, impl in enumerate(order):
             r = _run_worker(["--worker", impl, *common, "--steps", str(args.steps), "--warmup", str(args.warmup),
                              "--batch", str(args.batch), "--seq", str(args.seq)]
-                            + (["--mem-trace"] if args.mem_trace else []) + (["--profile"] if args.profile else []))
+                            + (["--mem-trace"] if args.mem_trace else []) + (["--pool-trace"] if args.pool_trace else []) + (["--profile"] if args.profile else []))
             if r is None or r.get("oom"):
                 print(f"{impl}: {'OOM' if r else 'failed'}", flush=True)
                 continue
@@ -604,6 +635,11 @@ def main() -> int:
                       f"{pr['wall_ms_per_step']:.1f}): " + ", ".join(
                           f"{k} {v:.1f}" for k, v in sorted(pr["categories"].items(), key=lambda kv: -kv[1])), flush=True)
                 print("\n".join(f"    {ms:7.2f} ms  {name}" for ms, name in pr["top_kernels"]), flush=True)
+            if r.get("pool_trace"):
+                pt = r["pool_trace"]
+                print(f"  graph pool, {impl}: {pt['pool_gib']:.3f} GiB in segments {pt['segments_mib']} MiB; live peak "
+                      f"{pt['peak_gib']:.3f} GiB at event {pt['peak_event']}/{pt['events']}:\n" + "\n".join(
+                          f"    {x['gib']:7.3f} GiB  {x['site']}" for x in pt["sites"]), flush=True)
             if r.get("mem_trace"):
                 mt = r["mem_trace"]
                 print(f"  memory at the peak, {impl}: " + (mt["error"] if "error" in mt else

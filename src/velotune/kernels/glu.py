@@ -199,11 +199,11 @@ def _glu_bwd_lora_kernel(DH, DHA, A, G, U, DG, DU, N, I, R, s_dh, s_dha, s_a, s_
     tl.store(DU + rows[:, None] * s_u + cols[None, :], (dh * a).to(DU.dtype.element_ty), mask=m)
 
 
-# The two kernels above on the training path (lora/fused.py's MLP backward). Off until they have had
-# a GPU correctness run: they pass the interpreter (vs torch and float64) and compile for sm_90, and
-# tests/kernels/test_gpu.py checks them on the GPU; with it off the GPU takes the unfused path (h
-# made, then a GEMM; torch.addmm, then the GLU backward), as before session 8.
-FUSED_LORA_BACKWARD = False
+# The two kernels above on the training path (lora/fused.py's MLP backward). They pass the
+# interpreter (vs torch and float64), compile for sm_90, and passed their GPU correctness test
+# (tests/kernels/test_gpu.py::test_gpu_mlp_lora_backward_pieces_bf16, H200, 2026-12-01, 67b3545).
+# False: the unfused path (h made, then a GEMM; torch.addmm, then the GLU backward), for A/B runs.
+FUSED_LORA_BACKWARD = True
 
 LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program (it walks all rows)
 LORA_A_BLOCK_N = 64
