@@ -7,6 +7,7 @@
 #   bash bench/gpu_mlp_graphs.sh bench COMMIT   # tokens/s and peak vs stock and the eager modes
 #   bash bench/gpu_mlp_graphs.sh all COMMIT     # both in one call of under 590 s: tests, exactness, then
 #                                               # the benchmark in the time left, host gaps last
+#   bash bench/gpu_mlp_graphs.sh probe COMMIT   # memory composition: pool trace and peak, next to stock
 #   bash bench/gpu_mlp_graphs.sh fused COMMIT   # eager and graphed "mlp" QLoRA (fused MLP backward), pool trace, A/B
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
@@ -54,6 +55,11 @@ fused)   # after the fused MLP backward went on by default: the benchmark, where
       --offload-embedding $variant --commit "$commit" 2>&1 | quiet | grep -v "^NVIDIA" | sed "s/^/[$variant] /" \
       | tee -a "$out/qlora_variants_$commit.log"
   done
+  ;;
+probe)   # where the graphed step's memory goes (pool trace, what is alive at the peak), next to stock
+  timeout 400 python bench/qlora.py --impls stock-qlora velotune-qlora-mlp-graphs velotune-qlora-mlp \
+    --offload-embedding --pool-trace --mem-trace --commit "$commit" --json "$out/qlora_probe_$commit.json" 2>&1 \
+    | quiet | tee "$out/qlora_probe_$commit.log"
   ;;
 *)
   echo "usage: $0 check|bench COMMIT" >&2

@@ -244,7 +244,12 @@ def _live_peak(events, top: int = 14) -> dict:
     by_size = Counter(live.values())
     rows = [{"site": f"{n} x {size / 2**20:.1f} MiB", "gib": n * size / 2**30}
             for size, n in sorted(by_size.items(), key=lambda kv: -kv[0] * kv[1])[:top]]
-    return {"peak_gib": best / 2**30, "sites": rows, "peak_event": best_i, "events": len(events)}
+    # the allocations and frees of at least 1 MiB leading up to the peak (+: alloc, -: free), to
+    # tell from the order which tensors they are
+    window = [f"{'+' if e['action'] == 'alloc' else '-'}{e.get('size', 0) / 2**20:.0f}"
+              for e in events[max(0, best_i - 400):best_i + 1] if e.get("size", 0) >= 2**20][-48:]
+    return {"peak_gib": best / 2**30, "sites": rows, "peak_event": best_i, "events": len(events),
+            "before_peak_mib": " ".join(window)}
 
 
 def _pool_composition() -> dict:
@@ -267,14 +272,19 @@ def peak_composition(step, top: int = 14) -> dict:
     """Run one more step with allocation history on; return what is alive at its peak, grouped by
     block size (in units of one [tokens, hidden] bf16 tensor) with counts: stack capture is off
     (torch 2.11 fails inside custom autograd Functions with it on)."""
+    from collections import Counter
+
     base = torch.cuda.memory_allocated()
+    alive = Counter(b["size"] for seg in torch.cuda.memory_snapshot() for b in seg["blocks"]
+                    if b["state"] == "active_allocated")
+    before = [f"{n} x {size / 2**20:.1f} MiB" for size, n in sorted(alive.items(), key=lambda kv: -kv[0] * kv[1])[:top]]
     torch.cuda.memory._record_memory_history(max_entries=500_000, context=None, stacks="python")
     step()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     out = _live_peak([e for e in snap["device_traces"][0] if e["action"] in ("alloc", "free_completed")], top)
-    return {"before_gib": base / 2**30, "step_peak_gib": out.pop("peak_gib"), **out}
+    return {"before_gib": base / 2**30, "before": before, "step_peak_gib": out.pop("peak_gib"), **out}
 
 
 def _smoke_config():
@@ -639,11 +649,13 @@ def main() -> int:
                 pt = r["pool_trace"]
                 print(f"  graph pool, {impl}: {pt['pool_gib']:.3f} GiB in segments {pt['segments_mib']} MiB; live peak "
                       f"{pt['peak_gib']:.3f} GiB at event {pt['peak_event']}/{pt['events']}:\n" + "\n".join(
-                          f"    {x['gib']:7.3f} GiB  {x['site']}" for x in pt["sites"]), flush=True)
+                          f"    {x['gib']:7.3f} GiB  {x['site']}" for x in pt["sites"])
+                      + f"\n    up to the peak (MiB): {pt['before_peak_mib']}", flush=True)
             if r.get("mem_trace"):
                 mt = r["mem_trace"]
                 print(f"  memory at the peak, {impl}: " + (mt["error"] if "error" in mt else
-                      f"{mt['before_gib']:.2f} GiB before the step + {mt['step_peak_gib']:.2f} GiB:\n" + "\n".join(
+                      f"{mt['before_gib']:.2f} GiB before the step ({', '.join(mt['before'])}) + "
+                      f"{mt['step_peak_gib']:.2f} GiB:\n" + "\n".join(
                           f"    {x['gib']:7.3f} GiB  {x['site']}" for x in mt["sites"])), flush=True)
             peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "-"
             print(f"{impl:<15} {r['tokens_per_s']:>9.0f} tok/s {r['ms_per_step']:>8.1f} ms/step  peak {peak}  "
