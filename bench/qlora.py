@@ -135,7 +135,7 @@ def worker(args) -> dict:
     t_build = time.perf_counter()
     if args.unfused_lora_backward:
         from velotune.kernels import glu
-        glu.FUSED_LORA_BACKWARD = False
+        glu.FUSED_LORA = False
     if args.ce_budget_mib:
         from velotune.models import loss
         loss.CE_MEMORY_BUDGET = int(args.ce_budget_mib * 2**20)
@@ -583,7 +583,7 @@ def main() -> int:
                     help="velotune: get_peft_model(..., recompute=...): 'mlp' offloads the attention activations "
                          "too and recomputes only the MLP")
     ap.add_argument("--unfused-lora-backward", action="store_true",
-                    help="velotune: the fused rank-r MLP backward kernels off (kernels/glu.FUSED_LORA_BACKWARD)")
+                    help="velotune: the fused rank-r MLP backward kernels off (kernels/glu.FUSED_LORA)")
     ap.add_argument("--ce-budget-mib", type=float, default=0.0,
                     help="velotune: logits bytes per fused-CE chunk (models/loss.CE_MEMORY_BUDGET; 0: its default)")
     ap.add_argument("--offload-embedding", action="store_true",

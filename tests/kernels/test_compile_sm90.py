@@ -38,6 +38,10 @@ CASES = [
      dict(ACT=0, IEEE=False, BLOCK_N=64, BLOCK_I=64, BLOCK_R=16), 4),
     (glu._glu_lora_a_grad_kernel, ["*fp32", "*fp32", "*fp32", "*fp32"] + ["i32"] * 6,
      dict(ACT=2, IEEE=True, BLOCK_N=64, BLOCK_I=64, BLOCK_R=32), 4),
+    (glu._glu_lora_project_kernel, ["*bf16"] * 4 + ["i32"] * 7,
+     dict(ACT=0, IEEE=False, BLOCK_N=32, BLOCK_I=128, BLOCK_R=16), 4),
+    (glu._glu_lora_project_kernel, ["*fp32"] * 4 + ["i32"] * 7,
+     dict(ACT=2, IEEE=True, BLOCK_N=32, BLOCK_I=128, BLOCK_R=32), 4),
     (glu._glu_bwd_lora_kernel, ["*bf16"] * 7 + ["i32"] * 8, dict(ACT=0, IEEE=False, BLOCK_N=64, BLOCK_I=64, BLOCK_R=16), 4),
     (glu._glu_bwd_lora_kernel, ["*fp32"] * 7 + ["i32"] * 8, dict(ACT=1, IEEE=True, BLOCK_N=64, BLOCK_I=64, BLOCK_R=16), 4),
     (cross_entropy._ce_fwd_kernel, ["*bf16", "i32", "*i64", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],
@@ -92,6 +96,6 @@ def test_every_kernel_compiles_for_sm90():
     result = json.loads(lines[-1][len("RESULT "):])
     if set(result.values()) == {"no ptxas"}:
         pytest.skip("this triton build has no ptxas")
-    assert len(result) == 20
+    assert len(result) == 22
     bad = {k: v for k, v in result.items() if v not in ("ok", "no ptxas")}
     assert not bad, bad

@@ -55,11 +55,11 @@ def test_glu_rejects_bad_input():
 
 @pytest.fixture
 def fused_lora(monkeypatch):
-    """The fused rank-r MLP backward kernels on (glu.FUSED_LORA_BACKWARD: off by default until their
-    GPU correctness run)."""
+    """The fused rank-r MLP kernels on (glu.FUSED_LORA, the default): a test of them must not pass
+    because someone turned them off for an A/B run."""
     from velotune.kernels import glu as glu_mod
 
-    monkeypatch.setattr(glu_mod, "FUSED_LORA_BACKWARD", True)
+    monkeypatch.setattr(glu_mod, "FUSED_LORA", True)
 
 
 def _lora_case(N, I, r, strided, seed=0):
@@ -87,6 +87,26 @@ def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided, fused_lora):
     ref = glu_lora_a_grad(dhA, gate, up, act)                     # CPU path: h made, then the GEMM
     ref64 = dhA.double().t() @ glu_reference(gate.double(), up.double(), act)
     assert got.dtype == torch.float32 and got.shape == (r, I)
+    assert_close(got, ref, what="vs torch")
+    assert_close(got, ref64, what="vs float64")
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("N,I,r,strided", [(70, 300, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
+def test_lora_project_kernel_makes_no_h(act, N, I, r, strided, fused_lora):
+    """(act(gate) * up) @ A^T: the kernel (32-row programs walking I in 128-wide steps, r padded to
+    16) vs torch and float64. N, I not multiples of the tiles (I = 300: three steps, the last
+    partial); r below, at and above 16."""
+    from velotune.kernels.glu import glu_lora_project
+
+    gate, up, _, _, A = _lora_case(N, I, r, strided, seed=2)
+    with force_triton():
+        got = glu_lora_project(gate, up, A, act)
+    ref = glu_lora_project(gate, up, A, act)                       # CPU path: h made, then the GEMM
+    h = glu_forward(gate, up, act)
+    assert torch.equal(glu_lora_project(gate, up, A, act, h=h), ref)   # a given h is used as it is
+    ref64 = glu_reference(gate.double(), up.double(), act) @ A.double().t()
+    assert got.dtype == gate.dtype and got.shape == (N, r)
     assert_close(got, ref, what="vs torch")
     assert_close(got, ref64, what="vs float64")
 

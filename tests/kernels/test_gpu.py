@@ -176,14 +176,14 @@ def test_gpu_launch_plans_of_norm_and_glu_replay_exactly(which):
 
 @pytest.mark.parametrize("strided", [False, True])
 def test_gpu_mlp_lora_backward_pieces_bf16(strided, monkeypatch):
-    """The fused MLP backward's pieces at an 8B-like size (N = 2048 tokens, I = 14336, r = 16), in
-    bf16: dA_down without making h, and dgate / dup with dh + dhA @ A_down folded in (in place,
+    """The fused MLP pieces at an 8B-like size (N = 2048 tokens, I = 14336, r = 16), in bf16: dA_down
+    and hA = h @ A_down^T without making h, and dgate / dup with dh + dhA @ A_down folded in (in place,
     strided rows as Phi-3's gate_up halves): error vs float64 within 1.5x of the unfused bf16 path's
     (h, then a bf16 GEMM; torch.addmm, then the GLU backward); launch plans replay the same bits."""
     from velotune.kernels import glu as glu_mod
-    from velotune.kernels.glu import glu_backward, glu_forward, glu_lora_a_grad, glu_reference
+    from velotune.kernels.glu import glu_backward, glu_forward, glu_lora_a_grad, glu_lora_project, glu_reference
 
-    monkeypatch.setattr(glu_mod, "FUSED_LORA_BACKWARD", True)      # off by default until this test has passed
+    monkeypatch.setattr(glu_mod, "FUSED_LORA", True)      # the default; an A/B run may have turned it off
     N, I, r = 2048, 14336, 16
     gen = torch.Generator("cuda").manual_seed(7)
     rand = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
@@ -206,6 +206,13 @@ def test_gpu_mlp_lora_backward_pieces_bf16(strided, monkeypatch):
     again = glu_lora_a_grad(dhA, gate, up, "silu")        # from its launch plan
     assert torch.equal(got, again)
     assert _err(got, want) <= 1.5 * _err(unfused, want) + 1e-6
+
+    # hA = h @ A_down^T without making h (the MLP recompute's path), and from its launch plan
+    want_hA = glu_reference(g64, u64, "silu") @ A.double().t()
+    unfused_hA = glu_forward(gate, up, "silu") @ A.t()
+    hA = glu_lora_project(gate, up, A, "silu")
+    assert hA.dtype == torch.bfloat16 and torch.equal(hA, glu_lora_project(gate, up, A, "silu"))
+    assert _err(hA, want_hA) <= 1.5 * _err(unfused_hA, want_hA) + 1e-6
 
     g = g64.clone().requires_grad_()
     u = u64.clone().requires_grad_()

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+import velotune.lora.fused as fused_mod
 from velotune.lora import Proj, lora_mlp, lora_projections, resolve
 
 
@@ -155,6 +156,33 @@ def test_mlp_values_unused_skips_the_down_gemm_and_keeps_every_gradient(monkeypa
     out = lora_mlp(X, gate_up, down, "silu", values_unused=True)
     assert out.shape == (7, H) and not any(p is down for p in read)
     got = torch.autograd.grad(out, leaves, g)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_mlp_values_unused_makes_no_hidden_activation(monkeypatch):
+    """With the Triton kernels (interpreter), lora_mlp(values_unused=True) never makes h = act(gate) *
+    up: the down adapter's A gets it tile by tile (glu_lora_project), h's output is a stand-in that
+    holds one element, and every gradient is the same bits as with h made."""
+    from velotune.kernels import force_triton
+    from velotune.kernels import glu as glu_mod
+
+    H, I = 16, 48
+    gate_up = [_proj(H, I, 4, dtype=torch.float32), _proj(H, I, 2, dtype=torch.float32)]
+    down = _proj(I, H, 3, dtype=torch.float32)
+    X = torch.randn(20, H, requires_grad=True)
+    leaves = [X, *_leaves(gate_up), *_leaves([down])]
+    g = torch.randn(20, H)
+    made, hs = [], []
+    real_glu, real_apply = glu_mod.glu_forward, fused_mod._MLPIn.apply
+    monkeypatch.setattr(glu_mod, "glu_forward", lambda *a: made.append(1) or real_glu(*a))
+    monkeypatch.setattr(fused_mod._MLPIn, "apply", lambda *a: (lambda out: hs.append(out[0]) or out)(real_apply(*a)))
+    with force_triton():
+        want = torch.autograd.grad(lora_mlp(X, gate_up, down, "silu"), leaves, g)
+        assert len(made) == 1 and hs[-1].stride() == (I, 1)
+        out = lora_mlp(X, gate_up, down, "silu", values_unused=True)
+        assert len(made) == 1 and hs[-1].shape == (20, I) and hs[-1].stride() == (0, 0)
+        got = torch.autograd.grad(out, leaves, g)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 

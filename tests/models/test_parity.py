@@ -258,7 +258,7 @@ def test_triton_path_matches_stock(hook_q, fused_lora, tmp_path, monkeypatch):
     the hook holds is not rotated under it."""
     from velotune.kernels import force_triton, glu
 
-    monkeypatch.setattr(glu, "FUSED_LORA_BACKWARD", fused_lora)
+    monkeypatch.setattr(glu, "FUSED_LORA", fused_lora)
 
     fast, stock = _load_pair("llama", tmp_path)
     batch = fixed_batch()

@@ -90,8 +90,11 @@ def test_only_the_mlp_is_recomputed(monkeypatch):
     runs = {"mlp_in": 0, "proj": 0}
     orig_in, orig_proj = fused._MLPIn.forward, fused.LoRAProjections.forward
 
+    h_unused = []
+
     def mlp_in(ctx, *a):
         runs["mlp_in"] += 1
+        h_unused.append(a[4])
         return orig_in(ctx, *a)
 
     def proj(ctx, *a):
@@ -103,11 +106,14 @@ def test_only_the_mlp_is_recomputed(monkeypatch):
     n = 2
     for mode, expect_proj in (("layer", 4 * n), ("mlp", 2 * n)):     # q/k/v and o per layer
         runs.update(mlp_in=0, proj=0)
+        h_unused.clear()
         model = _lora("llama", False)
         enable_offloaded_checkpointing(model, recompute=mode, min_offload_bytes=0)
         assert model.config.num_hidden_layers == n
         _loss_and_grads(model, fixed_batch())
         assert runs == {"mlp_in": 2 * n, "proj": expect_proj}, mode   # the MLP: forward + recompute
+        # the recomputes (checkpoint drops their outputs) make no [N, I] hidden activation
+        assert h_unused == [False] * n + [True] * n, mode
 
 
 def test_layer_inputs_and_attention_tensors_are_released_after_forward():

@@ -4,6 +4,7 @@
     h = geglu(gate, up, approximate="none")    # gelu(gate) * up   ("tanh": gelu_pytorch_tanh)
     h = glu_forward(gate, up, act)             # raw pair for fused MLP functions (no autograd)
     dgate, dup = glu_backward(dh, gate, up, act)   # OVERWRITES the gate / up buffers with the grads
+    hA = glu_lora_project(gate, up, A, act)    # act(gate) * up @ A^T, h never made ([N, r])
     dA = glu_lora_a_grad(dhA, gate, up, act)   # dhA^T @ act(gate) * up, h never made (fp32 [r, I])
     dgate, dup = glu_backward(dh, gate, up, act, lora=(dhA, A))   # for dh + dhA @ A, not made either
 
@@ -199,11 +200,38 @@ def _glu_bwd_lora_kernel(DH, DHA, A, G, U, DG, DU, N, I, R, s_dh, s_dha, s_a, s_
     tl.store(DU + rows[:, None] * s_u + cols[None, :], (dh * a).to(DU.dtype.element_ty), mask=m)
 
 
-# The two kernels above on the training path (lora/fused.py's MLP backward). They pass the
-# interpreter (vs torch and float64), compile for sm_90, and passed their GPU correctness test
-# (tests/kernels/test_gpu.py::test_gpu_mlp_lora_backward_pieces_bf16, H200, 2026-12-01, 67b3545).
-# False: the unfused path (h made, then a GEMM; torch.addmm, then the GLU backward), for A/B runs.
-FUSED_LORA_BACKWARD = True
+@triton.jit
+def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, s_g, s_u, s_a, s_o, ACT: tl.constexpr, IEEE: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
+    # OUT[N, R] = h @ A^T, h = act(G) * U rounded to G's dtype as glu_forward rounds it: one program
+    # per BLOCK_N rows walks all I columns, making h a [BLOCK_N, BLOCK_I] tile at a time in registers
+    # (never stored) and accumulating in fp32 in a fixed order (deterministic); one rounding at the store.
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    rm, km = rows < N, rr < R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        cols = i0 + tl.arange(0, BLOCK_I)
+        cm = cols < I
+        m = rm[:, None] & cm[None, :]
+        g = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        a, _ = _act_and_grad(g, ACT)
+        h = (a * u).to(A.dtype.element_ty)
+        a_t = tl.load(A + rr[None, :] * s_a + cols[:, None], mask=cm[:, None] & km[None, :], other=0.0)   # A^T tile
+        if IEEE:
+            acc += tl.dot(h, a_t, input_precision="ieee")
+        else:
+            acc += tl.dot(h, a_t)
+    tl.store(OUT + rows[:, None] * s_o + rr[None, :], acc.to(OUT.dtype.element_ty), mask=rm[:, None] & km[None, :])
+
+
+# The three kernels above on the training path (lora/fused.py's MLP). The two backward ones passed
+# their GPU correctness test (tests/kernels/test_gpu.py::test_gpu_mlp_lora_backward_pieces_bf16,
+# H200, 2026-12-01, 67b3545); all pass the interpreter (vs torch and float64) and compile for sm_90.
+# False: the unfused path (h made, then GEMMs; torch.addmm, then the GLU backward), for A/B runs.
+FUSED_LORA = True
+LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I = 32, 128   # glu_lora_project: rows per program, columns per step
 
 LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program (it walks all rows)
 LORA_A_BLOCK_N = 64
@@ -225,7 +253,7 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
     r = dhA.shape[1]
     fits = (gate.stride(1) == 1 and up.stride(1) == 1 and dhA.stride(1) == 1 and dhA.dtype == gate.dtype
             == up.dtype and r <= 128)
-    if not (FUSED_LORA_BACKWARD and triton_enabled(gate) and fits):
+    if not (FUSED_LORA and triton_enabled(gate) and fits):
         return (dhA.t() @ glu_forward(gate, up, act)).float()
     out = torch.empty((r, I), dtype=torch.float32, device=gate.device)
     if N and I and r:
@@ -236,6 +264,37 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
                dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_A_BLOCK_N,
                     BLOCK_I=LORA_A_BLOCK_I, BLOCK_R=block_r), (0, 1, 2, 3), num_warps=4)
     elif not N:
+        out.zero_()
+    return out
+
+
+def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act: str,
+                     h: torch.Tensor | None = None) -> torch.Tensor:
+    """h @ A^T for h = act(gate) * up (in h's dtype, as glu_forward gives it), without making h.
+
+    gate / up [N, I] (rows may be strided, as glu_lora_a_grad), A [r, I] in their dtype -> [N, r] in
+    that dtype. The down projection's LoRA A applied to the MLP's hidden activation: in a recompute
+    (where nothing reads h itself, lora/fused.py) h would be one more [N, I] tensor beside gate, up,
+    dh and the dequantised weights, the MLP backward's memory peak (112 MiB at 8B, 2 x 2048). GPU:
+    fp32 accumulation over I, one rounding. CPU (the reference path): h (made, or the `h` given)
+    @ A^T."""
+    _check(gate, up)
+    _act_id(act)
+    N, I = gate.shape
+    r = A.shape[0]
+    fits = (gate.stride(1) == 1 and up.stride(1) == 1 and A.stride(1) == 1 and A.dtype == gate.dtype == up.dtype
+            and A.shape[1] == I and r <= 128)
+    if not (FUSED_LORA and triton_enabled(gate) and fits):
+        return (glu_forward(gate, up, act) if h is None else h) @ A.t()
+    out = torch.empty((N, r), dtype=gate.dtype, device=gate.device)
+    if N and r and I:
+        key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act)
+        launch(_PLANS, key, _glu_lora_project_kernel, (triton.cdiv(N, LORA_PROJECT_BLOCK_N),),
+               (gate, up, A, out, N, I, r, gate.stride(0), up.stride(0), A.stride(0), out.stride(0)),
+               dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_PROJECT_BLOCK_N,
+                    BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=max(16, triton.next_power_of_2(r))), (0, 1, 2, 3),
+               num_warps=4)
+    elif N and r:
         out.zero_()
     return out
 
@@ -274,7 +333,7 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
     _act_id(act)
     if lora is not None:
         dhA, A = lora
-        if FUSED_LORA_BACKWARD and triton_enabled(gate) and _lora_fits(dh, gate, up, dhA, A):
+        if FUSED_LORA and triton_enabled(gate) and _lora_fits(dh, gate, up, dhA, A):
             N, I = gate.shape
             r = dhA.shape[1]
             if gate.numel():

@@ -196,11 +196,15 @@ class _MLPIn(torch.autograd.Function):
     """X -> (h = act(gate) * up, hA = h @ A_down^T): the gate/up group, the GLU, and the down adapter's A.
 
     Saves X, XA (gate/up adapters), gate and up; h is recomputed in backward, never saved.
+    hA comes from gate and up (`glu_lora_project`; on the GPU h is made per tile, never stored), so it
+    is the same bits whether h is made or not. h_unused (a recompute, where nothing reads h's values,
+    see lora_mlp): h is not made at all and its output is a stand-in of its shape that holds no
+    memory; backward never reads h.
     """
 
     @staticmethod
-    def forward(ctx, X, gate_up, act, A_down, *params):
-        from velotune.kernels.glu import glu_forward
+    def forward(ctx, X, gate_up, act, A_down, h_unused, *params):
+        from velotune.kernels.glu import glu_forward, glu_lora_project
 
         if A_down is None:
             gu, XA, casts = group_forward(X, gate_up)
@@ -208,13 +212,14 @@ class _MLPIn(torch.autograd.Function):
         else:   # A_down is cast with the gate/up adapters: one launch
             gu, XA, casts, (A,) = group_forward(X, gate_up, extra=(A_down,))
         gate, up = gu if len(gu) == 2 else gu[0].chunk(2, dim=-1)
-        h = glu_forward(gate, up, act)
+        h = None if h_unused else glu_forward(gate, up, act)
+        hA = None if A is None else glu_lora_project(gate, up, A, act, h=h)
+        if h is None:     # [N, I] of one element: checkpoint's recompute compares shapes and dtypes only
+            h = gate.new_empty(1).expand(gate.shape)
         ctx.gate_up, ctx.act = gate_up, act
         ctx.a_dtype = None if A_down is None else A_down.dtype
         ctx.save_for_backward(X, XA, gate, up, A, *casts)
-        if A_down is None:
-            return h, None
-        return h, h @ A.t()
+        return h, hA
 
     @staticmethod
     def backward(ctx, dh, dhA):
@@ -230,9 +235,9 @@ class _MLPIn(torch.autograd.Function):
         # backward's memory peak, the only [N, I] tensors alive are gate, up and dh
         dgate, dup = glu_backward(dh, gate, up, ctx.act, lora=lora)
         dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (_joined(dgate, dup),)
-        dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[4:], ctx.needs_input_grad[0],
+        dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[5:], ctx.needs_input_grad[0],
                                    casts)
-        return (dX, None, None, dA_down, *grads)
+        return (dX, None, None, dA_down, None, *grads)
 
 
 def _joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -311,11 +316,15 @@ def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str,
     Three functions, in this order: _MLPIn (gate/up/GLU, and h @ A_down^T), _LoRAUp (the down
     adapter's B), _BaseDown (h @ W_down^T added to it) -- see _BaseDown for why this order.
     values_unused=True: the caller recomputes only to take gradients and nothing after the MLP saves
-    its output (a residual add follows), so the frozen down GEMM (and its dequantisation) is skipped
-    and the output holds uninitialised values; gradients are unchanged, since no backward formula
+    its output (a residual add follows), so the frozen down GEMM (and its dequantisation) is skipped,
+    h = act(gate) * up is not made (the down adapter's A gets it tile by tile: glu_lora_project), and
+    the output holds uninitialised values; gradients are unchanged, since no backward formula
     reads them. This is what non-reentrant checkpointing's early stop saves on the eager path
     (train/layer_graphs.py uses it for the captured recompute).
     """
-    h, hA = _MLPIn.apply(X, tuple(gate_up), act, down.A, *_flat_params(gate_up))
+    # nothing reads h's values when the MLP's output values are unused and the down weight is frozen
+    h_unused = values_unused and not (down.base.weight.requires_grad or (down.bias is not None
+                                                                        and down.bias.requires_grad))
+    h, hA = _MLPIn.apply(X, tuple(gate_up), act, down.A, h_unused, *_flat_params(gate_up))
     c = _LoRAUp.apply(hA, down.B, down.scaling) if down.A is not None else None
     return _BaseDown.apply(h, c, down, down.base.weight, down.bias, values_unused)

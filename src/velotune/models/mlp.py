@@ -30,13 +30,31 @@ def mlp_output_values_unused():
     return switched(_VALUES_UNUSED, True)
 
 
+def recomputes_without_mlp_values(fn):
+    """fn for torch's non-reentrant checkpoint, whose first call is the forward and every later call
+    a recompute: checkpoint keeps only what the recompute's ops save and drops its outputs, so
+    later calls run under mlp_output_values_unused() (no frozen down GEMM, no [N, I] hidden
+    activation made; what is saved is the same bits)."""
+    calls = [0]
+
+    def run(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            return fn(*args, **kwargs)
+        with mlp_output_values_unused():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def mlp_forward(self, x):
     """Replacement for `<Family>MLP.forward`: x [..., H] -> [..., H]."""
     plan = _plan(self)
     if _CHECKPOINTED[0] and torch.is_grad_enabled():
         # the fused MLP draws no random numbers (LoRA dropout sends it to the stock path), so its
         # recompute needs no RNG state saved and restored (host time per layer and step)
-        return checkpoint(_mlp_forward, self, plan, x, use_reentrant=False, preserve_rng_state=plan is None)
+        return checkpoint(recomputes_without_mlp_values(_mlp_forward), self, plan, x, use_reentrant=False,
+                          preserve_rng_state=plan is None)
     return _mlp_forward(self, plan, x)
 
 

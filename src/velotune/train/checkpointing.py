@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from velotune.models.mlp import recomputes_without_mlp_values
+
 
 @dataclass
 class OffloadStats:
@@ -339,7 +341,7 @@ def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=N
         return offloader.restore(obj) if isinstance(obj, _Saved) else obj
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return checkpoint(recomputes_without_mlp_values(fn), *args, use_reentrant=False, **kwargs)
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
