@@ -8,6 +8,7 @@
 #   bash bench/gpu_mlp_graphs.sh all COMMIT     # both in one call of under 590 s: tests, exactness, then
 #                                               # the benchmark in the time left, host gaps last
 #   bash bench/gpu_mlp_graphs.sh probe COMMIT   # memory composition: pool trace and peak, next to stock
+#   bash bench/gpu_mlp_graphs.sh final COMMIT   # tests, exactness, 2-round benchmark, memory probe: one call
 #   bash bench/gpu_mlp_graphs.sh fused COMMIT   # eager and graphed "mlp" QLoRA (fused MLP backward), pool trace, A/B
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
@@ -60,6 +61,19 @@ probe)   # where the graphed step's memory goes (pool trace, what is alive at th
   timeout 400 python bench/qlora.py --impls stock-qlora velotune-qlora-mlp-graphs velotune-qlora-mlp \
     --offload-embedding --pool-trace --mem-trace --commit "$commit" --json "$out/qlora_probe_$commit.json" 2>&1 \
     | quiet | tee "$out/qlora_probe_$commit.log"
+  ;;
+final)   # one call: GPU tests, 8B-shape exactness, the benchmark (2 interleaved rounds), memory probe
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu_$commit.txt"
+  timeout 120 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/train/test_layer_graphs.py \
+    tests/train/test_saved_offload.py tests/kernels/test_gpu.py tests/quant/test_quant_offload_checkpointing.py \
+    2>&1 | tail -25 | tee "$out/gputests_$commit.log"
+  timeout 80 python bench/graphs_check.py --impl velotune-qlora --recompute mlp --layers 3 --steps 6 2>&1 \
+    | quiet | tee "$out/graphs_check_mlp_$commit.log"
+  timeout $((530 - SECONDS)) python bench/qlora.py --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs \
+    velotune-lora-mlp-graphs --rounds 2 --offload-embedding --commit "$commit" \
+    --json "$out/qlora_final_$commit.json" 2>&1 | quiet | tee "$out/qlora_final_$commit.log"
+  [ $SECONDS -lt 535 ] && timeout $((588 - SECONDS)) python bench/qlora.py --impls velotune-qlora-mlp-graphs \
+    --offload-embedding --pool-trace --mem-trace --commit "$commit" 2>&1 | quiet | tee "$out/qlora_probe_$commit.log"
   ;;
 *)
   echo "usage: $0 check|bench COMMIT" >&2
