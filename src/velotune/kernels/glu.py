@@ -201,16 +201,20 @@ def _glu_bwd_lora_kernel(DH, DHA, A, G, U, DG, DU, N, I, R, s_dh, s_dha, s_a, s_
 
 
 @triton.jit
-def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, s_g, s_u, s_a, s_o, ACT: tl.constexpr, IEEE: tl.constexpr,
+def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, CHUNK, s_g, s_u, s_a, ACT: tl.constexpr, IEEE: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
-    # OUT[N, R] = h @ A^T, h = act(G) * U rounded to G's dtype as glu_forward rounds it: one program
-    # per BLOCK_N rows walks all I columns, making h a [BLOCK_N, BLOCK_I] tile at a time in registers
-    # (never stored) and accumulating in fp32 in a fixed order (deterministic); one rounding at the store.
+    # OUT[s, N, R] (fp32) = h[:, cols_s] @ A[:, cols_s]^T for the s-th CHUNK of the I columns (a
+    # multiple of BLOCK_I), h = act(G) * U rounded to G's dtype as glu_forward rounds it. Program
+    # (row block, s) walks its chunk making h a [BLOCK_N, BLOCK_I] tile at a time in registers (never
+    # stored), accumulating in fp32 in a fixed order; the caller sums the chunks (fixed order too:
+    # deterministic) and rounds once. Splitting I gives N / BLOCK_N * chunks programs, enough to
+    # keep every SM streaming gate and up (N / BLOCK_N alone is 128 at 4096 tokens).
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    s = tl.program_id(1)
     rr = tl.arange(0, BLOCK_R)
     rm, km = rows < N, rr < R
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for i0 in range(0, I, BLOCK_I):
+    for i0 in range(s * CHUNK, tl.minimum(s * CHUNK + CHUNK, I), BLOCK_I):
         cols = i0 + tl.arange(0, BLOCK_I)
         cm = cols < I
         m = rm[:, None] & cm[None, :]
@@ -223,7 +227,7 @@ def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, s_g, s_u, s_a, s_o, ACT: tl.
             acc += tl.dot(h, a_t, input_precision="ieee")
         else:
             acc += tl.dot(h, a_t)
-    tl.store(OUT + rows[:, None] * s_o + rr[None, :], acc.to(OUT.dtype.element_ty), mask=rm[:, None] & km[None, :])
+    tl.store(OUT + (s * N + rows[:, None]) * R + rr[None, :], acc, mask=rm[:, None] & km[None, :])
 
 
 # The three kernels above on the training path (lora/fused.py's MLP). The two backward ones passed
@@ -232,6 +236,7 @@ def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, s_g, s_u, s_a, s_o, ACT: tl.
 # False: the unfused path (h made, then GEMMs; torch.addmm, then the GLU backward), for A/B runs.
 FUSED_LORA = True
 LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I = 32, 128   # glu_lora_project: rows per program, columns per step
+LORA_PROJECT_SPLIT = 8   # and at most this many programs per row block, each over its chunk of the columns
 
 LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program (it walks all rows)
 LORA_A_BLOCK_N = 64
@@ -286,17 +291,19 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
             and A.shape[1] == I and r <= 128)
     if not (FUSED_LORA and triton_enabled(gate) and fits):
         return (glu_forward(gate, up, act) if h is None else h) @ A.t()
-    out = torch.empty((N, r), dtype=gate.dtype, device=gate.device)
-    if N and r and I:
-        key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act)
-        launch(_PLANS, key, _glu_lora_project_kernel, (triton.cdiv(N, LORA_PROJECT_BLOCK_N),),
-               (gate, up, A, out, N, I, r, gate.stride(0), up.stride(0), A.stride(0), out.stride(0)),
-               dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_PROJECT_BLOCK_N,
-                    BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=max(16, triton.next_power_of_2(r))), (0, 1, 2, 3),
-               num_warps=4)
-    elif N and r:
-        out.zero_()
-    return out
+    if not (N and r and I):
+        return torch.zeros((N, r), dtype=gate.dtype, device=gate.device)
+    split = min(LORA_PROJECT_SPLIT, triton.cdiv(I, LORA_PROJECT_BLOCK_I))
+    chunk = triton.cdiv(triton.cdiv(I, split), LORA_PROJECT_BLOCK_I) * LORA_PROJECT_BLOCK_I
+    split = triton.cdiv(I, chunk)
+    parts = torch.empty((split, N, r), dtype=torch.float32, device=gate.device)
+    key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act)
+    launch(_PLANS, key, _glu_lora_project_kernel, (triton.cdiv(N, LORA_PROJECT_BLOCK_N), split),
+           (gate, up, A, parts, N, I, r, chunk, gate.stride(0), up.stride(0), A.stride(0)),
+           dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_PROJECT_BLOCK_N,
+                BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=max(16, triton.next_power_of_2(r))), (0, 1, 2, 3),
+           num_warps=4)
+    return (parts[0] if split == 1 else parts.sum(0)).to(gate.dtype)
 
 
 _PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward
