@@ -33,11 +33,12 @@ adapters that change between steps: losses and gradients equal eager recompute="
 Every saved tensor goes into the sets, however small (eager "mlp" leaves those under 1 MiB on the
 device): one left where the build put it would be read, stale, by every later replay.
 
-Memory (8B, 2 x 2048 tokens): the two sets are ~2 x 145 MiB of persistent device memory, against
-the ~145 MiB eager recompute="mlp" holds of a layer in backward, plus the graph pool; the graphs
-dequantise NF4 weights into their pool, so the 2 x 117 MiB of persistent dequantisation buffers
-are let go (layer_graphs.py); host memory as eager "mlp". Not yet measured on a GPU
-(docs/perf-notes.md).
+Measured (H200, 8B QLoRA, 2 x 2048, `offload_embedding`, BENCHMARKS.md "session 9"): 330.5 ms per
+step, 4.37x stock transformers + bitsandbytes + PEFT (eager "mlp": 4.21x); peak 6.26 GiB (0.395x),
+of which the two sets are 2 x 145.8 MiB and the graph pool 0.76 GiB (the backward graph is captured
+first so the pool's segments are its big blocks); the graphs dequantise NF4 weights into their pool,
+so the 2 x 117 MiB of persistent dequantisation buffers are let go (layer_graphs.py); host memory as
+eager "mlp". GPU tests and the 8B-shape check with the math SDPA backend: bit-identical to eager.
 """
 from __future__ import annotations
 
