@@ -152,12 +152,12 @@ class FastLanguageModel:
         `cuda_graphs` (EXPERIMENTAL; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
         (velotune.train.layer_graphs), to take the host out of the step. On the H200 (2026-12-01)
-        every layer of an 8B model captures and the GPU test is bit-identical to eager, but the 8B
-        step is no faster (it is GPU-bound); it may help small models or slow hosts. With
-        recompute="mlp" the backward graph recomputes only the MLP, reading the attention half's
-        saved tensors from two static buffer sets (velotune.train.saved_graphs; CPU-tested, not yet
-        measured on a GPU). A layer whose capture fails runs eagerly, with a warning, so results
-        never change.
+        every layer of an 8B model captures and the GPU tests are bit-identical to eager. With
+        recompute="layer" the 8B step is no faster (GPU-bound). With recompute="mlp" the backward
+        graph recomputes only the MLP, reading the attention half's saved tensors from two static
+        buffer sets (velotune.train.saved_graphs): the fastest 8B QLoRA step measured, 4.37x stock
+        vs 4.21x eager "mlp", at +0.43 GiB of GPU memory (BENCHMARKS.md). A layer whose capture
+        fails runs eagerly, with a warning, so results never change.
         """
         if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
             raise ValueError(f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "

@@ -76,6 +76,12 @@ def test_missing_keys_and_inconsistent_settings(tmp_path):
     cfg["lora"]["recompute"] = "attention"
     assert error_of(tmp_path, cfg).startswith("run.yaml: lora.recompute: should be 'layer' or 'mlp'")
     cfg = good(tmp_path)
+    cfg["lora"] = {"cuda_graphs": True}
+    assert error_of(tmp_path, cfg) == ("run.yaml: lora.cuda_graphs: true needs lora.gradient_checkpointing: unsloth "
+                                       "(or offload), not True")
+    cfg["lora"].update(gradient_checkpointing="unsloth", recompute="mlp")
+    assert load_config(write(tmp_path, cfg)).lora.cuda_graphs is True
+    cfg = good(tmp_path)
     cfg["training"] = {"embedding_learning_rate": 1e-5}
     assert error_of(tmp_path, cfg).startswith("run.yaml: training.embedding_learning_rate: set lora.modules_to_save")
 
