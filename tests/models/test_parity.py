@@ -250,17 +250,26 @@ def test_free_running_losses_match_stock(family, peft_kw, tmp_path):
     _assert_same_losses(_train_pair(fast, stock, 20, [fixed_batch()], resync=False))
 
 
-@pytest.mark.parametrize("hook_q,fused_lora", [(False, False), (True, False), (False, True)])
-def test_triton_path_matches_stock(hook_q, fused_lora, tmp_path, monkeypatch):
+@pytest.mark.parametrize("hook_q,fused_lora,recompute", [(False, False, None), (True, False, None),
+                                                          (False, True, None), (False, True, "layer"),
+                                                          (False, True, "mlp")])
+def test_triton_path_matches_stock(hook_q, fused_lora, recompute, tmp_path, monkeypatch):
     """The Triton kernels themselves (interpreter) inside the model: RMSNorm, RoPE rotated in place on
-    the fused q/k projection outputs, GLU, fused linear CE (and, fused_lora, the MLP backward's
-    rank-r kernels). With a forward hook on a q projection (that module then runs stock), the output
-    the hook holds is not rotated under it."""
+    the fused q/k projection outputs, GLU, fused linear CE (and, fused_lora, the MLP's rank-r kernels;
+    with offloaded checkpointing (recompute) the recomputed MLP makes no h: its hA comes from
+    glu_lora_project). With a forward hook on a q projection (that module then runs stock), the
+    output the hook holds is not rotated under it."""
     from velotune.kernels import force_triton, glu
 
     monkeypatch.setattr(glu, "FUSED_LORA", fused_lora)
 
-    fast, stock = _load_pair("llama", tmp_path)
+    kw = {} if recompute is None else {"use_gradient_checkpointing": "unsloth", "recompute": recompute}
+    fast, stock = _load_pair("llama", tmp_path, **kw)
+    if recompute is not None:
+        fast.train()
+    h_given = []
+    real_project = glu.glu_lora_project
+    monkeypatch.setattr(glu, "glu_lora_project", lambda *a, h=None: h_given.append(h is not None) or real_project(*a, h=h))
     batch = fixed_batch()
     held = []
     if hook_q:
@@ -277,3 +286,6 @@ def test_triton_path_matches_stock(hook_q, fused_lora, tmp_path, monkeypatch):
         assert _rel(fast_grads[n].grad.double(), p.grad) <= TOL, n
     if hook_q:
         assert len(held) == 1 and torch.equal(held[0][0], held[0][1])
+    n = fast.config.num_hidden_layers
+    # per layer: the forward's MLP makes h; a recompute's does not
+    assert h_given == [True] * n + ([] if recompute is None else [False] * n)
