@@ -254,17 +254,25 @@ def _live_peak(events, top: int = 14) -> dict:
 
 def _pool_composition() -> dict:
     """After the capturing warm-up steps (history recorded since before them): the graph pool's
-    segments, the peak of bytes live in them during the captures, and what was alive then."""
+    segments, the peak of bytes live in them during the captures, and what was alive then. An
+    address counts as the pool's from the event that created its segment on (earlier, the same
+    addresses may have been eager memory that was released to the driver)."""
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     pool = [(seg["address"], seg["address"] + seg["total_size"]) for seg in snap["segments"]
             if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
-    inside = lambda a: any(lo <= a < hi for lo, hi in pool)   # noqa: E731
-    events = [e for e in snap["device_traces"][0] if e["action"] in ("alloc", "free_completed")]
-    out = _live_peak([e for e in events if inside(e["addr"])])
+    trace = snap["device_traces"][0]
+    born = {lo: max((i for i, e in enumerate(trace) if e["action"] == "segment_alloc" and e["addr"] == lo),
+                    default=0) for lo, _ in pool}
+
+    def inside(i, a):
+        return any(lo <= a < hi and i > born[lo] for lo, hi in pool)
+
+    events = [e for i, e in enumerate(trace) if e["action"] in ("alloc", "free_completed") and inside(i, e["addr"])]
+    out = _live_peak(events)
     out["segments_mib"] = sorted(((hi - lo) / 2**20 for lo, hi in pool), reverse=True)
     out["pool_gib"] = sum(hi - lo for lo, hi in pool) / 2**30
-    out["trace_events"] = len(events)
+    out["trace_events"] = len(trace)
     return out
 
 
