@@ -11,6 +11,8 @@
 #   bash bench/gpu_mlp_graphs.sh probe COMMIT   # memory composition: pool trace and peak, next to stock
 #   bash bench/gpu_mlp_graphs.sh fused COMMIT   # 2-round benchmark, pool trace, A/B (fused MLP kernels
 #                                               # off; a smaller fused-CE chunk)
+#   bash bench/gpu_mlp_graphs.sh chunks COMMIT  # the MLP backward in 1 vs 4 row blocks (RECOMPUTE_CHUNKS):
+#                                               # its GPU tests, then eager and graphed "mlp" vs stock
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -74,8 +76,18 @@ fused)
       --impls velotune-qlora-mlp-graphs $variant
   done
   ;;
+chunks)
+  card
+  timeout 120 python -m pytest -q -m gpu tests/lora/test_recomputed_mlp.py tests/train/test_saved_graphs.py \
+    tests/train/test_saved_offload.py 2>&1 | tail -25 | tee "$out/gputests_chunks_$commit.log"
+  qlora 200 chunks1 --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs --pool-trace
+  for n in 2 4; do
+    [ $SECONDS -lt 500 ] && qlora $((585 - SECONDS)) "chunks$n" --impls velotune-qlora-mlp velotune-qlora-mlp-graphs \
+      --mlp-chunks $n --pool-trace
+  done
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks COMMIT" >&2
   exit 2
   ;;
 esac

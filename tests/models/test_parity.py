@@ -287,5 +287,7 @@ def test_triton_path_matches_stock(hook_q, fused_lora, recompute, tmp_path, monk
     if hook_q:
         assert len(held) == 1 and torch.equal(held[0][0], held[0][1])
     n = fast.config.num_hidden_layers
-    # per layer: the forward's MLP makes h; a recompute's does not
-    assert h_given == [True] * n + ([] if recompute is None else [False] * n)
+    # per layer: lora_mlp's forward makes h first; a recompute's does not; recompute="mlp"'s Function
+    # (lora/recomputed_mlp.py) takes hA from gate and up in its forward too (h then goes over gate)
+    want = {None: [True] * n, "layer": [True] * n + [False] * n, "mlp": [False] * 2 * n}[recompute]
+    assert h_given == want

@@ -42,6 +42,26 @@ def _assert_same(got, ref, n_grads):
             assert torch.equal(grads_g[name], grads_r[name]), name
 
 
+def test_mlp_graphs_with_row_blocks_train_bit_identically_to_eager(monkeypatch):
+    """The MLP backward in row blocks (models/mlp.RECOMPUTE_CHUNKS, lora/recomputed_mlp.py): graphed
+    and eager recompute="mlp" agree bit for bit, and both stay within fp32 rounding of one block."""
+    from velotune.lora import recomputed_mlp
+    from velotune.models import mlp
+
+    batches = _two_batches()
+    one = _train(_lora(False), 3, batches)
+    monkeypatch.setattr(mlp, "RECOMPUTE_CHUNKS", 3)
+    rows, real_in = [], recomputed_mlp._in
+    monkeypatch.setattr(recomputed_mlp, "_in", lambda X, *a: rows.append(X.shape[0]) or real_in(X, *a))
+    ref = _train(_lora(False), 3, batches)
+    n = batches[0]["input_ids"].numel()
+    assert sorted(set(rows)) == [n // 3, n] and rows.count(n // 3) == 3 * 3 * N_LAYERS   # 3 blocks, layers, steps
+    _assert_same(_train(_lora(True), 3, batches), ref, 2 * 7 * N_LAYERS)
+    assert torch.equal(ref[0][0], one[0][0])                 # the forward does not split
+    for name, g in one[0][1].items():
+        assert ((ref[0][1][name] - g).norm() / g.norm()).item() <= 1e-5, name
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
 def test_mlp_graphs_train_bit_identically_to_eager_recompute_mlp(family):
     batches = _two_batches()

@@ -84,12 +84,13 @@ def test_lora_dropout_masks_are_the_same_as_with_plain_checkpointing():
 
 
 def test_only_the_mlp_is_recomputed(monkeypatch):
-    """The attention's projections run once per step (forward), the MLP's twice (forward + recompute)."""
-    from velotune.lora import fused
+    """The attention's projections run once per step (forward), the MLP's gate/up twice (forward +
+    recompute): "layer" through a checkpoint around lora_mlp (whose recompute makes no h), "mlp"
+    through lora/recomputed_mlp.py (which saves only the MLP's input and recomputes in its backward)."""
+    from velotune.lora import fused, recomputed_mlp
 
-    runs = {"mlp_in": 0, "proj": 0}
-    orig_in, orig_proj = fused._MLPIn.forward, fused.LoRAProjections.forward
-
+    runs = {"mlp_in": 0, "proj": 0, "recomputed": 0}
+    orig_in, orig_proj, orig_in_rows = fused._MLPIn.forward, fused.LoRAProjections.forward, recomputed_mlp._in
     h_unused = []
 
     def mlp_in(ctx, *a):
@@ -101,19 +102,26 @@ def test_only_the_mlp_is_recomputed(monkeypatch):
         runs["proj"] += 1
         return orig_proj(ctx, *a)
 
+    def in_rows(*a):
+        runs["recomputed"] += 1
+        return orig_in_rows(*a)
+
     monkeypatch.setattr(fused._MLPIn, "forward", staticmethod(mlp_in))
     monkeypatch.setattr(fused.LoRAProjections, "forward", staticmethod(proj))
+    monkeypatch.setattr(recomputed_mlp, "_in", in_rows)
     n = 2
-    for mode, expect_proj in (("layer", 4 * n), ("mlp", 2 * n)):     # q/k/v and o per layer
-        runs.update(mlp_in=0, proj=0)
+    expect = {"layer": {"mlp_in": 2 * n, "proj": 4 * n, "recomputed": 0},      # q/k/v and o per layer
+              "mlp": {"mlp_in": 0, "proj": 2 * n, "recomputed": 2 * n}}
+    for mode in ("layer", "mlp"):
+        runs.update(mlp_in=0, proj=0, recomputed=0)
         h_unused.clear()
         model = _lora("llama", False)
         enable_offloaded_checkpointing(model, recompute=mode, min_offload_bytes=0)
         assert model.config.num_hidden_layers == n
         _loss_and_grads(model, fixed_batch())
-        assert runs == {"mlp_in": 2 * n, "proj": expect_proj}, mode   # the MLP: forward + recompute
-        # the recomputes (checkpoint drops their outputs) make no [N, I] hidden activation
-        assert h_unused == [False] * n + [True] * n, mode
+        assert runs == expect[mode], mode
+        # the checkpoint's recomputes (it drops their outputs) make no [N, I] hidden activation
+        assert h_unused == ([False] * n + [True] * n if mode == "layer" else []), mode
 
 
 def test_layer_inputs_and_attention_tensors_are_released_after_forward():

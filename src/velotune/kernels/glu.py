@@ -129,9 +129,12 @@ def _check(gate, up):
         raise ValueError(f"glu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
 
 
-def _fwd_triton(gate, up, act):
+def _fwd_triton(gate, up, act, out=None):
     g, u = gate.contiguous(), up.contiguous()
-    h = torch.empty_like(g, dtype=torch.promote_types(g.dtype, u.dtype))
+    dtype = torch.promote_types(g.dtype, u.dtype)
+    # in place over gate or up (out): every element is read before it is written, by the same program
+    usable = out is not None and out.is_contiguous() and out.dtype == dtype and out.shape == g.shape
+    h = out if usable else torch.empty_like(g, dtype=dtype)
     n = g.numel()
     if n:
         key = (g.get_device(), g.dtype, u.dtype, h.dtype, n, act)
@@ -312,13 +315,16 @@ _PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward
 # ----------------------------------------------------------------------------------------------------
 # raw pair (for fused MLP functions that own their buffers)
 # ----------------------------------------------------------------------------------------------------
-def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-    """h = act(gate) * up, no autograd. [..., I] x2 -> [..., I]."""
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h = act(gate) * up, no autograd. [..., I] x2 -> [..., I]. out (e.g. gate itself, when nothing
+    reads gate afterwards): h is written there when it is contiguous and of h's dtype and shape, else
+    into a new tensor; use the returned tensor either way."""
     _check(gate, up)
     _act_id(act)
     if triton_enabled(gate):
-        return _fwd_triton(gate, up, act)
-    return glu_reference(gate, up, act)
+        return _fwd_triton(gate, up, act, out)
+    h = glu_reference(gate, up, act)
+    return out.copy_(h) if out is not None and out.dtype == h.dtype and out.shape == h.shape else h
 
 
 def _lora_fits(dh, gate, up, dhA, A) -> bool:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from velotune.lora import lora_mlp, resolve
+from velotune.lora.recomputed_mlp import lora_mlp_recomputed
 from velotune.models.switch import switched
 
 _VALUES_UNUSED = [False]
@@ -47,15 +48,30 @@ def recomputes_without_mlp_values(fn):
     return run
 
 
+# Row blocks the recompute="mlp" backward works through (lora/recomputed_mlp.py): 1 is the same bits
+# as checkpointing lora_mlp; more lowers the MLP backward's memory peak (8B, 2 x 2048: 4 blocks take
+# it from 5 to 3.5 x 112 MiB) at the cost of more, smaller GEMMs. Not yet measured on a GPU.
+RECOMPUTE_CHUNKS = 1
+
+
 def mlp_forward(self, x):
     """Replacement for `<Family>MLP.forward`: x [..., H] -> [..., H]."""
     plan = _plan(self)
     if _CHECKPOINTED[0] and torch.is_grad_enabled():
+        if plan is not None and _frozen_bases(plan):   # saves x only, recomputes in its backward
+            gate_up, down, act = plan
+            shape = x.shape
+            return lora_mlp_recomputed(x.reshape(-1, shape[-1]), gate_up, down, act, RECOMPUTE_CHUNKS).view(shape)
         # the fused MLP draws no random numbers (LoRA dropout sends it to the stock path), so its
         # recompute needs no RNG state saved and restored (host time per layer and step)
         return checkpoint(recomputes_without_mlp_values(_mlp_forward), self, plan, x, use_reentrant=False,
                           preserve_rng_state=plan is None)
     return _mlp_forward(self, plan, x)
+
+
+def _frozen_bases(plan) -> bool:
+    gate_up, down, _ = plan
+    return not any(t is not None and t.requires_grad for p in (*gate_up, down) for t in (p.base.weight, p.bias))
 
 
 def _plan(self):
