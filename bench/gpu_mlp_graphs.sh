@@ -11,8 +11,9 @@
 #   bash bench/gpu_mlp_graphs.sh probe COMMIT   # memory composition: pool trace and peak, next to stock
 #   bash bench/gpu_mlp_graphs.sh fused COMMIT   # 2-round benchmark, pool trace, A/B (fused MLP kernels
 #                                               # off; a smaller fused-CE chunk)
-#   bash bench/gpu_mlp_graphs.sh chunks COMMIT  # the MLP backward in 1 vs 4 row blocks (RECOMPUTE_CHUNKS):
-#                                               # its GPU tests, then eager and graphed "mlp" vs stock
+#   bash bench/gpu_mlp_graphs.sh chunks COMMIT  # the MLP backward in 1, 2, 4 row blocks (RECOMPUTE_CHUNKS):
+#                                               # its GPU tests, eager and graphed "mlp" vs stock, and the
+#                                               # cuDNN eager-vs-eager control (graphs_check.py --control)
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -81,6 +82,8 @@ chunks)
   timeout 120 python -m pytest -q -m gpu tests/lora/test_recomputed_mlp.py tests/train/test_saved_graphs.py \
     tests/train/test_saved_offload.py 2>&1 | tail -25 | tee "$out/gputests_chunks_$commit.log"
   qlora 200 chunks1 --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs --pool-trace
+  timeout 90 python bench/graphs_check.py --impl velotune-qlora --recompute mlp --layers 3 --steps 6 \
+    --backends default --control 2>&1 | quiet | tee "$out/graphs_control_$commit.log"
   for n in 2 4; do
     [ $SECONDS -lt 500 ] && qlora $((585 - SECONDS)) "chunks$n" --impls velotune-qlora-mlp velotune-qlora-mlp-graphs \
       --mlp-chunks $n --pool-trace

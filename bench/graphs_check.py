@@ -58,17 +58,20 @@ def main() -> None:
     ap.add_argument("--impl", default="velotune-lora")
     ap.add_argument("--backends", nargs="+", default=["default", "math"])
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="get_peft_model(recompute=)")
+    ap.add_argument("--control", action="store_true",
+                    help="eager against eager (two fresh models): how far a backend alone moves the numbers")
     args = ap.parse_args()
+    second = "eager again" if args.control else "graphs"
     for backend in args.backends:
         ref, _ = run(False, args, backend)
-        got, stats = run(True, args, backend)
-        print(f"[{args.impl} recompute={args.recompute} {backend} sdpa] graph stats {stats}, peak "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        got, stats = run(not args.control, args, backend)
+        print(f"[{args.impl} recompute={args.recompute} {backend} sdpa, eager vs {second}] graph stats {stats}, "
+              f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         for i, ((lr, gr), (lg, gg)) in enumerate(zip(ref, got)):
             worst = max(((gg[n] - gr[n]).abs().max().item() / max(gr[n].abs().max().item(), 1e-30), n)
                         for n in gr)
-            print(f"  step {i}: loss eager {lr:.6f} graphs {lg:.6f}  worst rel grad diff {worst[0]:.3e} ({worst[1]})",
-                  flush=True)
+            print(f"  step {i}: loss eager {lr:.6f} {second} {lg:.6f}  worst rel grad diff {worst[0]:.3e} "
+                  f"({worst[1]})", flush=True)
 
 
 if __name__ == "__main__":
