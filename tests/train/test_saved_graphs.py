@@ -113,13 +113,19 @@ def test_a_set_not_brought_back_changes_the_result(monkeypatch):
     assert not all(torch.equal(got[2][1][n], ref[2][1][n]) for n in ref[2][1])
 
 
-@pytest.mark.parametrize("recompute", ["mlp", "layer"])
+@pytest.mark.parametrize("recompute", ["mlp", "layer", "mlp-2-blocks"])
 def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, monkeypatch, recompute):
     """4-bit base weights: the graphs dequantise into the shared buffers, and within one graph the
     backward reuses the gate and up weights its MLP recompute just dequantised (`graph_local`), while
-    nothing outside a graph trusts what a replay left in the buffers."""
+    nothing outside a graph trusts what a replay left in the buffers. With the MLP backward in row
+    blocks the blocks after the first reuse them too."""
     import velotune.quant.weights as weights
     from mini import save_mini_model
+    from velotune.models import mlp
+
+    if recompute == "mlp-2-blocks":
+        monkeypatch.setattr(mlp, "RECOMPUTE_CHUNKS", 2)
+        recompute = "mlp"
 
     dequants = []
     real = weights.dequantize_nf4
