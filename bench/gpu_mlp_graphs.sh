@@ -82,6 +82,7 @@ chunks)
   timeout 120 python -m pytest -q -m gpu tests/lora/test_recomputed_mlp.py tests/train/test_saved_graphs.py \
     tests/train/test_saved_offload.py 2>&1 | tail -25 | tee "$out/gputests_chunks_$commit.log"
   qlora 200 chunks1 --impls stock-qlora velotune-qlora-mlp velotune-qlora-mlp-graphs --pool-trace
+  qlora 60 checkpointed --impls velotune-qlora-mlp --checkpointed-mlp   # the MLP path before, same call
   timeout 90 python bench/graphs_check.py --impl velotune-qlora --recompute mlp --layers 3 --steps 6 \
     --backends default --control 2>&1 | quiet | tee "$out/graphs_control_$commit.log"
   for n in 2 4; do

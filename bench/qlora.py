@@ -139,9 +139,10 @@ def worker(args) -> dict:
     if args.ce_budget_mib:
         from velotune.models import loss
         loss.CE_MEMORY_BUDGET = int(args.ce_budget_mib * 2**20)
-    if args.mlp_chunks:
+    if args.mlp_chunks or args.checkpointed_mlp:
         from velotune.models import mlp
-        mlp.RECOMPUTE_CHUNKS = args.mlp_chunks
+        mlp.RECOMPUTE_CHUNKS = args.mlp_chunks or mlp.RECOMPUTE_CHUNKS
+        mlp.RECOMPUTED_MLP = not args.checkpointed_mlp
     if args.dequant_kernel:
         from velotune.quant import dequant_kernel
 
@@ -597,6 +598,9 @@ def main() -> int:
                     help="velotune: the fused rank-r MLP backward kernels off (kernels/glu.FUSED_LORA)")
     ap.add_argument("--mlp-chunks", type=int, default=0,
                     help="velotune, recompute='mlp': row blocks of the MLP backward (models/mlp.RECOMPUTE_CHUNKS; 0: its default)")
+    ap.add_argument("--checkpointed-mlp", action="store_true",
+                    help="velotune, recompute='mlp': torch's checkpoint around lora_mlp instead of "
+                         "lora/recomputed_mlp.py (models/mlp.RECOMPUTED_MLP = False)")
     ap.add_argument("--ce-budget-mib", type=float, default=0.0,
                     help="velotune: logits bytes per fused-CE chunk (models/loss.CE_MEMORY_BUDGET; 0: its default)")
     ap.add_argument("--offload-embedding", action="store_true",
@@ -632,7 +636,8 @@ def main() -> int:
         ["--dequant-kernel", args.dequant_kernel] if args.dequant_kernel else []) + (
         ["--unfused-lora-backward"] if args.unfused_lora_backward else []) + (
         ["--ce-budget-mib", str(args.ce_budget_mib)] if args.ce_budget_mib else []) + (
-        ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else [])
+        ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else []) + (
+        ["--checkpointed-mlp"] if args.checkpointed_mlp else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the

@@ -52,13 +52,16 @@ def recomputes_without_mlp_values(fn):
 # as checkpointing lora_mlp; more lowers the MLP backward's memory peak (8B, 2 x 2048: 4 blocks take
 # it from 5 to 3.5 x 112 MiB) at the cost of more, smaller GEMMs. Not yet measured on a GPU.
 RECOMPUTE_CHUNKS = 1
+# False: recompute="mlp" checkpoints lora_mlp with torch's checkpoint instead (the path before
+# lora/recomputed_mlp.py; the same bits with RECOMPUTE_CHUNKS = 1), for A/B runs.
+RECOMPUTED_MLP = True
 
 
 def mlp_forward(self, x):
     """Replacement for `<Family>MLP.forward`: x [..., H] -> [..., H]."""
     plan = _plan(self)
     if _CHECKPOINTED[0] and torch.is_grad_enabled():
-        if plan is not None and _frozen_bases(plan):   # saves x only, recomputes in its backward
+        if RECOMPUTED_MLP and plan is not None and _frozen_bases(plan):   # saves x only, recomputes in backward
             gate_up, down, act = plan
             shape = x.shape
             return lora_mlp_recomputed(x.reshape(-1, shape[-1]), gate_up, down, act, RECOMPUTE_CHUNKS).view(shape)
