@@ -30,7 +30,7 @@ def error_of(tmp_path, cfg) -> str:
 
 
 def test_examples_validate():
-    for name in ("sft", "dpo", "orpo", "cpt"):
+    for name in ("sft", "dpo", "orpo", "cpt", "qlora"):
         cfg = load_config(EXAMPLES / f"{name}.yaml")
         assert Path(cfg.data.path).is_file()  # relative paths resolved from the YAML's folder
     assert load_config(EXAMPLES / "cpt.yaml").training.embedding_learning_rate == 1e-4

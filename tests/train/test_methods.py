@@ -116,6 +116,19 @@ def test_cli_trains_with_overrides_and_reports_missing_checkpoints(mini_llama, t
     assert "training.resume_from_checkpoint: no checkpoint-N folder in" in capsys.readouterr().err
 
 
+def test_lora_settings_the_model_cannot_take_are_a_config_error(mini_llama, tmp_path):
+    """A refusal from get_peft_model (here: offload_embedding on a trainable table) reaches the CLI as a
+    one-line ConfigError naming the section, not a traceback."""
+    from velotune.errors import ConfigError
+    from velotune.train.runner import add_adapters, load_model
+
+    cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out",
+                      lora={"offload_embedding": True, "modules_to_save": ["embed_tokens"]})
+    model, _ = load_model(cfg)
+    with pytest.raises(ConfigError, match="^lora: offload_embedding: the input embeddings are trainable"):
+        add_adapters(model, cfg)
+
+
 def test_yaml_lora_settings_reach_the_model(mini_llama, tmp_path):
     """lora.gradient_checkpointing / lora.recompute / lora.cuda_graphs from a config end up on the
     model add_adapters builds."""

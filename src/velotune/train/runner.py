@@ -70,16 +70,20 @@ def load_model(cfg: TrainConfig):
 def add_adapters(model, cfg: TrainConfig):
     """LoRA adapters (a real peft.PeftModel), unless the config asks for full fine-tuning."""
     from velotune import FastLanguageModel
+    from velotune.errors import ConfigError
 
     if cfg.model.full_finetuning:
         return model
     lo = cfg.lora
-    return FastLanguageModel.get_peft_model(
-        model, r=lo.r, target_modules=lo.target_modules, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-        bias=lo.bias, use_gradient_checkpointing=lo.gradient_checkpointing, random_state=lo.random_state,
-        max_seq_length=cfg.model.max_seq_length, use_rslora=lo.use_rslora, use_dora=lo.use_dora,
-        modules_to_save=lo.modules_to_save or None, offload_embedding=lo.offload_embedding,
-        recompute=lo.recompute, cuda_graphs=lo.cuda_graphs)
+    try:
+        return FastLanguageModel.get_peft_model(
+            model, r=lo.r, target_modules=lo.target_modules, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+            bias=lo.bias, use_gradient_checkpointing=lo.gradient_checkpointing, random_state=lo.random_state,
+            max_seq_length=cfg.model.max_seq_length, use_rslora=lo.use_rslora, use_dora=lo.use_dora,
+            modules_to_save=lo.modules_to_save or None, offload_embedding=lo.offload_embedding,
+            recompute=lo.recompute, cuda_graphs=lo.cuda_graphs)
+    except ValueError as e:   # settings this model cannot take (e.g. offload_embedding on tied tables)
+        raise ConfigError(f"lora: {e}") from e
 
 
 def _compute_dtype(model) -> torch.dtype:
