@@ -71,8 +71,8 @@ def test_row_blocks_give_the_same_gradients(kind, chunks, monkeypatch):
     X, g = torch.randn(11, 16), torch.randn(11, 16)
     one = _run(lambda x: lora_mlp_recomputed(x, gate_up, down, "gelu_tanh"), X, gate_up, down, g)
     rows = []
-    real_in = recomputed_mlp._in
-    monkeypatch.setattr(recomputed_mlp, "_in", lambda Xc, *a: rows.append(Xc.shape[0]) or real_in(Xc, *a))
+    real_in = recomputed_mlp.mlp_in
+    monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda Xc, *a: rows.append(Xc.shape[0]) or real_in(Xc, *a))
     got = _run(lambda x: lora_mlp_recomputed(x, gate_up, down, "gelu_tanh", chunks=chunks), X, gate_up, down, g)
     step = -(-11 // chunks)
     assert rows[0] == 11 and sum(rows[1:]) == 11 and max(rows[1:]) == step    # forward, then the blocks

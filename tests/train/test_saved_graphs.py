@@ -51,8 +51,8 @@ def test_mlp_graphs_with_row_blocks_train_bit_identically_to_eager(monkeypatch):
     batches = _two_batches()
     one = _train(_lora(False), 3, batches)
     monkeypatch.setattr(mlp, "RECOMPUTE_CHUNKS", 3)
-    rows, real_in = [], recomputed_mlp._in
-    monkeypatch.setattr(recomputed_mlp, "_in", lambda X, *a: rows.append(X.shape[0]) or real_in(X, *a))
+    rows, real_in = [], recomputed_mlp.mlp_in
+    monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda X, *a: rows.append(X.shape[0]) or real_in(X, *a))
     ref = _train(_lora(False), 3, batches)
     n = batches[0]["input_ids"].numel()
     assert sorted(set(rows)) == [n // 3, n] and rows.count(n // 3) == 3 * 3 * N_LAYERS   # 3 blocks, layers, steps

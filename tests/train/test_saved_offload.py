@@ -90,7 +90,7 @@ def test_only_the_mlp_is_recomputed(monkeypatch):
     from velotune.lora import fused, recomputed_mlp
 
     runs = {"mlp_in": 0, "proj": 0, "recomputed": 0}
-    orig_in, orig_proj, orig_in_rows = fused._MLPIn.forward, fused.LoRAProjections.forward, recomputed_mlp._in
+    orig_in, orig_proj, orig_in_rows = fused._MLPIn.forward, fused.LoRAProjections.forward, recomputed_mlp.mlp_in
     h_unused = []
 
     def mlp_in(ctx, *a):
@@ -108,7 +108,7 @@ def test_only_the_mlp_is_recomputed(monkeypatch):
 
     monkeypatch.setattr(fused._MLPIn, "forward", staticmethod(mlp_in))
     monkeypatch.setattr(fused.LoRAProjections, "forward", staticmethod(proj))
-    monkeypatch.setattr(recomputed_mlp, "_in", in_rows)
+    monkeypatch.setattr(recomputed_mlp, "mlp_in", in_rows)
     n = 2
     expect = {"layer": {"mlp_in": 2 * n, "proj": 4 * n, "recomputed": 0},      # q/k/v and o per layer
               "mlp": {"mlp_in": 0, "proj": 2 * n, "recomputed": 2 * n}}
@@ -132,8 +132,8 @@ def test_the_checkpointed_mlp_switch_gives_the_same_bits(monkeypatch):
 
     batch = fixed_batch()
     calls = []
-    real_in = recomputed_mlp._in
-    monkeypatch.setattr(recomputed_mlp, "_in", lambda *a: calls.append(1) or real_in(*a))
+    real_in = recomputed_mlp.mlp_in
+    monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda *a: calls.append(1) or real_in(*a))
     runs = []
     for on in (True, False):
         monkeypatch.setattr(mlp, "RECOMPUTED_MLP", on)

@@ -246,6 +246,20 @@ LORA_A_BLOCK_N = 64
 LORA_BLOCK_N, LORA_BLOCK_I = 64, 64   # glu_backward(lora=...): one [rows, columns] tile per program
 
 
+_PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward
+
+
+def _rank_r_fused(r: int, *ts: torch.Tensor) -> bool:
+    """The fused rank-r kernels apply: on, Triton, [rows, columns] tensors whose rows may be strided
+    but whose columns are contiguous, one dtype, r <= 128 (the rank is padded to BLOCK_R)."""
+    return (FUSED_LORA and triton_enabled(ts[0]) and r <= 128 and len({t.dtype for t in ts}) == 1
+            and all(t.dim() == 2 and t.stride(1) == 1 for t in ts))
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
 def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     """dhA^T @ h for h = act(gate) * up (in h's dtype, as glu_forward gives it), without making h.
 
@@ -259,18 +273,15 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
     _act_id(act)
     N, I = gate.shape
     r = dhA.shape[1]
-    fits = (gate.stride(1) == 1 and up.stride(1) == 1 and dhA.stride(1) == 1 and dhA.dtype == gate.dtype
-            == up.dtype and r <= 128)
-    if not (FUSED_LORA and triton_enabled(gate) and fits):
+    if not _rank_r_fused(r, dhA, gate, up):
         return (dhA.t() @ glu_forward(gate, up, act)).float()
     out = torch.empty((r, I), dtype=torch.float32, device=gate.device)
     if N and I and r:
-        block_r = max(16, triton.next_power_of_2(r))
         key = (gate.get_device(), "a_grad", gate.dtype, N, I, r, gate.stride(0), up.stride(0), dhA.stride(0), act)
         launch(_PLANS, key, _glu_lora_a_grad_kernel, (triton.cdiv(I, LORA_A_BLOCK_I),),
                (dhA, gate, up, out, N, I, r, dhA.stride(0), gate.stride(0), up.stride(0)),
                dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_A_BLOCK_N,
-                    BLOCK_I=LORA_A_BLOCK_I, BLOCK_R=block_r), (0, 1, 2, 3), num_warps=4)
+                    BLOCK_I=LORA_A_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3), num_warps=4)
     elif not N:
         out.zero_()
     return out
@@ -290,9 +301,7 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
     _act_id(act)
     N, I = gate.shape
     r = A.shape[0]
-    fits = (gate.stride(1) == 1 and up.stride(1) == 1 and A.stride(1) == 1 and A.dtype == gate.dtype == up.dtype
-            and A.shape[1] == I and r <= 128)
-    if not (FUSED_LORA and triton_enabled(gate) and fits):
+    if not (A.shape[1] == I and _rank_r_fused(r, gate, up, A)):
         return (glu_forward(gate, up, act) if h is None else h) @ A.t()
     if not (N and r and I):
         return torch.zeros((N, r), dtype=gate.dtype, device=gate.device)
@@ -304,12 +313,11 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
     launch(_PLANS, key, _glu_lora_project_kernel, (triton.cdiv(N, LORA_PROJECT_BLOCK_N), split),
            (gate, up, A, parts, N, I, r, chunk, gate.stride(0), up.stride(0), A.stride(0)),
            dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_PROJECT_BLOCK_N,
-                BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=max(16, triton.next_power_of_2(r))), (0, 1, 2, 3),
+                BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3),
            num_warps=4)
     return (parts[0] if split == 1 else parts.sum(0)).to(gate.dtype)
 
 
-_PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,11 +335,6 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Tenso
     return out.copy_(h) if out is not None and out.dtype == h.dtype and out.shape == h.shape else h
 
 
-def _lora_fits(dh, gate, up, dhA, A) -> bool:
-    """The fused rank-r backward applies: rows may be strided, columns contiguous, one dtype, r <= 128."""
-    ts = (dh, gate, up, dhA, A)
-    return (all(t.dim() == 2 and t.stride(1) == 1 for t in ts) and len({t.dtype for t in ts}) == 1
-            and dhA.shape[1] <= 128 and dh.shape == gate.shape)
 
 
 def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, lora=None):
@@ -346,7 +349,7 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
     _act_id(act)
     if lora is not None:
         dhA, A = lora
-        if FUSED_LORA and triton_enabled(gate) and _lora_fits(dh, gate, up, dhA, A):
+        if dh.shape == gate.shape and _rank_r_fused(dhA.shape[1], dh, gate, up, dhA, A):
             N, I = gate.shape
             r = dhA.shape[1]
             if gate.numel():
@@ -356,7 +359,7 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
                        (dh, dhA, A, gate, up, gate, up, N, I, r, dh.stride(0), dhA.stride(0), A.stride(0),
                         gate.stride(0), up.stride(0)),
                        dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_BLOCK_N,
-                            BLOCK_I=LORA_BLOCK_I, BLOCK_R=max(16, triton.next_power_of_2(r))),
+                            BLOCK_I=LORA_BLOCK_I, BLOCK_R=_block_r(r)),
                        (0, 1, 2, 3, 4, 5, 6), num_warps=4)
             return gate, up
         dh = torch.addmm(dh, dhA, A)

@@ -192,6 +192,19 @@ def lora_projections(X: torch.Tensor, projs: Sequence[Proj]) -> tuple[torch.Tens
     return LoRAProjections.apply(X, tuple(projs), *_flat_params(projs))
 
 
+def mlp_in(X: torch.Tensor, gate_up: Sequence[Proj], A_down: torch.Tensor | None):
+    """(gate, up, XA, casts, A_down in X's dtype or None) for rows X [N, H]: the gate/up group, with the
+    down adapter's A cast by the same launch (group_forward's `extra`). gate / up: [N, I] each (the
+    halves of Phi-3's one [gate | up] output)."""
+    if A_down is None:
+        gu, XA, casts = group_forward(X, gate_up)
+        A = None
+    else:
+        gu, XA, casts, (A,) = group_forward(X, gate_up, extra=(A_down,))
+    gate, up = gu if len(gu) == 2 else gu[0].chunk(2, dim=-1)
+    return gate, up, XA, casts, A
+
+
 class _MLPIn(torch.autograd.Function):
     """X -> (h = act(gate) * up, hA = h @ A_down^T): the gate/up group, the GLU, and the down adapter's A.
 
@@ -206,12 +219,7 @@ class _MLPIn(torch.autograd.Function):
     def forward(ctx, X, gate_up, act, A_down, h_unused, *params):
         from velotune.kernels.glu import glu_forward, glu_lora_project
 
-        if A_down is None:
-            gu, XA, casts = group_forward(X, gate_up)
-            A = None
-        else:   # A_down is cast with the gate/up adapters: one launch
-            gu, XA, casts, (A,) = group_forward(X, gate_up, extra=(A_down,))
-        gate, up = gu if len(gu) == 2 else gu[0].chunk(2, dim=-1)
+        gate, up, XA, casts, A = mlp_in(X, gate_up, A_down)
         h = None if h_unused else glu_forward(gate, up, act)
         hA = None if A is None else glu_lora_project(gate, up, A, act, h=h)
         if h is None:     # [N, I] of one element: checkpoint's recompute compares shapes and dtypes only

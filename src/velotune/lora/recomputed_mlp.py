@@ -23,9 +23,10 @@ loss and every gradient are the same bits (tests/lora/test_recomputed_mlp.py):
 
 Memory, 8B at 2 x 2048 tokens, [N, I] = 112 MiB: the forward writes h over gate, so its peak is Wg,
 Wu, gate and up (4 x 112 MiB; lora_mlp's forward also holds h: 5). At the backward's peak the
-checkpointed lora_mlp holds Wg, Wu, gate, up and dh (5 x 112 MiB); this Function with chunks=4, Wg, Wu,
-dh and a quarter of gate and up (3.5 x 112 MiB). Gradients summed over blocks accumulate in fp32 (one rounding per block's GEMM,
-then one at the end), so chunks > 1 is not bit-identical to chunks=1, only as exact.
+checkpointed lora_mlp holds Wg, Wu, gate, up and dh (5 x 112 MiB); this Function with chunks=4, Wg,
+Wu, dh and a quarter of gate and up (3.5 x 112 MiB). Gradients summed over blocks accumulate in fp32
+(one rounding per block's GEMM, then one at the end), so chunks > 1 is not bit-identical to
+chunks=1, only as exact.
 Only for frozen base weights and biases (LoRA / QLoRA); full fine-tuning keeps lora_mlp.
 """
 from __future__ import annotations
@@ -34,19 +35,13 @@ from typing import Sequence
 
 import torch
 
-from velotune.lora.fused import _flat_params, _joined, _scale, _weight, group_backward, group_forward
+from velotune.lora.fused import _flat_params, _joined, _scale, _weight, group_backward, mlp_in
 from velotune.lora.layers import Proj
 
 
-def _in(X, gate_up, A_down):
-    """(gate, up, XA, casts, A_down in X's dtype or None) for rows X: fused.group_forward."""
-    if A_down is None:
-        gu, XA, casts = group_forward(X, gate_up)
-        A = None
-    else:
-        gu, XA, casts, (A,) = group_forward(X, gate_up, extra=(A_down,))
-    gate, up = gu if len(gu) == 2 else gu[0].chunk(2, dim=-1)
-    return gate, up, XA, casts, A
+def _params(gate_up, down) -> list:
+    """The Function's tensor inputs after X: W, b, A, B per gate/up projection, then the down adapter."""
+    return _flat_params(gate_up) + [down.A, down.B]
 
 
 class _RecomputedMLP(torch.autograd.Function):
@@ -54,7 +49,7 @@ class _RecomputedMLP(torch.autograd.Function):
     def forward(ctx, X, gate_up, down, act, chunks, *params):
         from velotune.kernels.glu import glu_forward, glu_lora_project
 
-        gate, up, _, _, A = _in(X, gate_up, down.A)
+        gate, up, _, _, A = mlp_in(X, gate_up, down.A)
         hA = None if A is None else glu_lora_project(gate, up, A, act)        # as _MLPIn: from gate, up
         h = glu_forward(gate, up, act, out=gate)     # over gate, its last reader being the line above:
         del gate, up                                 # Wg, Wu, gate, up at the peak, not also h
@@ -85,13 +80,13 @@ class _RecomputedMLP(torch.autograd.Function):
         N = X.shape[0]
         step = max(1, -(-N // max(1, ctx.chunks)))
         one = step >= N
-        dX = None if not ctx.needs_input_grad[0] else (None if one else torch.empty_like(X))
+        dX = torch.empty_like(X) if ctx.needs_input_grad[0] and not one else None   # one block: its own dX
         acc: list = [None] * (n_gu + 2)                # fp32 sums over the row blocks (chunks > 1)
         out: list = [None] * (n_gu + 2)
         for a in range(0, N, step):
             rows = slice(a, min(N, a + step))
             Xc, dYc, dhc = (X, dY, dh) if one else (X[rows], dY[rows], dh[rows])
-            gate, up, XA, casts, A = _in(Xc, gate_up, down.A)
+            gate, up, XA, casts, A = mlp_in(Xc, gate_up, down.A)
             lora = None
             if A is not None:
                 dhAc = dhA if one else dhA[rows]
@@ -113,9 +108,8 @@ class _RecomputedMLP(torch.autograd.Function):
             for i, g in enumerate(out):
                 if g is not None:
                     acc[i] = g.float() if acc[i] is None else acc[i].add_(g)
-        params = [t for p in gate_up for t in (p.base.weight, p.bias, p.A, p.B)] + [down.A, down.B]
         final = out if one else acc
-        grads = [None if g is None else g.to(p.dtype) for g, p in zip(final, params)]
+        grads = [None if g is None else g.to(p.dtype) for g, p in zip(final, _params(gate_up, down))]
         return (dX, None, None, None, None, *grads)
 
 
@@ -123,5 +117,4 @@ def lora_mlp_recomputed(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, ac
                         chunks: int = 1) -> torch.Tensor:
     """X [N, H] -> [N, H] through _RecomputedMLP (see the module docstring). Base weights and biases
     must be frozen."""
-    params = _flat_params(gate_up) + [down.A, down.B]
-    return _RecomputedMLP.apply(X, tuple(gate_up), down, act, chunks, *params)
+    return _RecomputedMLP.apply(X, tuple(gate_up), down, act, chunks, *_params(gate_up, down))

@@ -18,8 +18,9 @@ _CHECKPOINTED = [False]
 
 def checkpointed_mlp():
     """Within this block (a decoder layer under recompute="mlp", train/saved_offload.py) every
-    patched MLP runs as a non-reentrant checkpoint of its own: it saves only its input, and backward
-    recomputes it (stopping before the frozen down projection, see lora_mlp)."""
+    patched MLP saves only its input and backward recomputes it: through lora/recomputed_mlp.py
+    (frozen base weights), else as a non-reentrant torch checkpoint of lora_mlp (stopping before the
+    frozen down projection, see lora_mlp)."""
     return switched(_CHECKPOINTED, True)
 
 

@@ -52,7 +52,7 @@ from velotune.models.mlp import checkpointed_mlp
 from velotune.models.norm import norm_forward, recorded_norm_outputs
 from velotune.quant.weights import WEIGHT_BUFFERS
 from velotune.train.checkpointing import _copy_back, _HostCopy
-from velotune.train.layer_graphs import _TWICE, _Entry, _fresh_leaves, _Graph
+from velotune.train.layer_graphs import _TWICE, _Entry, _fresh_leaves
 from velotune.train.saved_offload import _flat, _NormOf, _span   # _NormOf.inp: a _Ref here
 
 
@@ -194,7 +194,7 @@ class SavedEntry(_Entry):
             self._build()
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
-        kept, device = self._kept(), s.x.device
+        device = s.x.device
         if s.sets[self.parity] is None:       # the signature's first layer of this parity
             s.sets[self.parity] = _Slots(self.plan.layout, device)
         if s.sets[self.parity].layout != self.plan.layout:
@@ -231,13 +231,7 @@ class SavedEntry(_Entry):
             grads = torch.autograd.grad(e.y, [e.x, *e.leaves], s.dy, allow_unused=True, retain_graph=True)
             e._store_grads(grads)
 
-        self.fwd, self.bwd = _Graph(device, pool), _Graph(device, pool)
-        # backward first: it needs the most memory at once (the MLP's [N, I] tensors and weights), so
-        # the pool's first segments are those big blocks and forward's smaller tensors fit in them; in
-        # the other order forward's [N, H] tensors took segments of their own (8B QLoRA, H200: pool
-        # 1.00 GiB forward-first, 0.87 GiB backward-first)
-        self.bwd.capture(backward, side)
-        self.fwd.capture(forward, side)
+        self._capture_pair(forward, backward, pool, side)
         if side is not None:       # the kernels are recorded: the build's graph is no longer needed
             self.y = self.x = None
 
