@@ -14,6 +14,8 @@
 #   bash bench/gpu_mlp_graphs.sh chunks COMMIT  # the MLP backward in 1, 2, 4 row blocks (RECOMPUTE_CHUNKS):
 #                                               # its GPU tests, eager and graphed "mlp" vs stock, and the
 #                                               # cuDNN eager-vs-eager control (graphs_check.py --control)
+#   bash bench/gpu_mlp_graphs.sh blocks COMMIT  # the MLP in 4 and 8 row blocks, forward and backward:
+#                                               # GPU tests, graphed vs stock with the pool, eager 4 blocks
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -90,8 +92,16 @@ chunks)
       --mlp-chunks $n --pool-trace
   done
   ;;
+blocks)   # after the forward too went into row blocks (and a block's tensors go before the next's)
+  card
+  timeout 150 python -m pytest -q -m gpu tests/lora/test_recomputed_mlp.py tests/kernels/test_gpu.py \
+    tests/train/test_saved_graphs.py 2>&1 | tail -25 | tee "$out/gputests_blocks_$commit.log"
+  qlora 200 blocks4 --impls stock-qlora velotune-qlora-mlp-graphs --mlp-chunks 4 --pool-trace
+  qlora 80 blocks8 --impls velotune-qlora-mlp-graphs --mlp-chunks 8 --pool-trace
+  [ $SECONDS -lt 500 ] && qlora $((585 - SECONDS)) eager4 --impls velotune-qlora-mlp --mlp-chunks 4
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks COMMIT" >&2
   exit 2
   ;;
 esac

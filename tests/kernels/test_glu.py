@@ -128,6 +128,22 @@ def test_lora_project_kernel_makes_no_h(act, N, I, r, strided, fused_lora):
     assert_close(got, ref64, what="vs float64")
 
 
+def test_float64_takes_the_torch_path(fused_lora):
+    """float64 (the references, on the GPU too) takes the torch path (kernels.triton_enabled): the
+    kernels compute in fp32 at most (on the GPU a float64 call of the rank-r kernels failed to
+    compile). Bit-equal to the CPU path with Triton forced; fp32 math would differ in the low bits."""
+    from velotune.kernels.glu import glu_lora_a_grad, glu_lora_project
+
+    gate, up, _, dhA, A = (t.double() for t in _lora_case(70, 300, 4, False, seed=3))
+    want = (glu_lora_project(gate, up, A, "silu"), glu_lora_a_grad(dhA, gate, up, "silu"))
+    want += (glu_forward(gate, up, "silu"),)
+    with force_triton():
+        got = (glu_lora_project(gate, up, A, "silu"), glu_lora_a_grad(dhA, gate, up, "silu"),
+               glu_forward(gate, up, "silu"))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("N,I,r,strided", [(70, 100, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
 def test_glu_backward_folds_the_rank_r_gradient_in(act, N, I, r, strided, fused_lora):

@@ -64,8 +64,8 @@ def test_one_block_is_bit_identical_to_checkpointed_lora_mlp(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("chunks", [2, 3, 20])
 def test_row_blocks_give_the_same_gradients(kind, chunks, monkeypatch):
-    """chunks row blocks (11 rows: uneven blocks; 20 > rows: one row each): no block has more
-    rows than ceil(N / chunks); output bit-identical (forward is not split), gradients equal to one
+    """chunks row blocks (11 rows: uneven blocks; 20 > rows: one row each), in the forward and again
+    in the backward: no block has more rows than ceil(N / chunks); output and gradients equal to one
     block's within fp32 rounding and to float64."""
     gate_up, down = _mlp(kind)
     X, g = torch.randn(11, 16), torch.randn(11, 16)
@@ -75,10 +75,11 @@ def test_row_blocks_give_the_same_gradients(kind, chunks, monkeypatch):
     monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda Xc, *a: rows.append(Xc.shape[0]) or real_in(Xc, *a))
     got = _run(lambda x: lora_mlp_recomputed(x, gate_up, down, "gelu_tanh", chunks=chunks), X, gate_up, down, g)
     step = -(-11 // chunks)
-    assert rows[0] == 11 and sum(rows[1:]) == 11 and max(rows[1:]) == step    # forward, then the blocks
+    half = len(rows) // 2                               # the forward's blocks, then the backward's
+    assert rows[:half] == rows[half:] and sum(rows[:half]) == 11 and max(rows) == step
     gate_up64, down64 = _mlp(kind, dtype=torch.float64)
     want64 = _run(lambda x: lora_mlp(x, gate_up64, down64, "gelu_tanh"), X.double(), gate_up64, down64, g.double())
-    assert torch.equal(got[0], one[0])
+    assert _rel(got[0], want64[0]) <= 1e-6 and _rel(got[0], want64[0]) <= 1.5 * _rel(one[0], want64[0]) + 1e-8
     for a, b, c in zip(got[1], one[1], want64[1]):       # norm-relative, as the parity tests measure
         assert _rel(a, c) <= 1e-5 and _rel(a, c) <= 1.5 * _rel(b, c) + 1e-8, (_rel(a, c), _rel(b, c))
 
@@ -95,7 +96,7 @@ def test_with_the_triton_kernels():
                     X, gate_up, down, g)
         one = _run(lambda x: lora_mlp_recomputed(x, gate_up, down, "silu"), X, gate_up, down, g)
         three = _run(lambda x: lora_mlp_recomputed(x, gate_up, down, "silu", chunks=3), X, gate_up, down, g)
-    assert torch.equal(one[0], want[0]) and torch.equal(three[0], want[0])
+    assert torch.equal(one[0], want[0]) and _rel(three[0], want[0]) <= 1e-6
     for a, b, c in zip(one[1], want[1], three[1]):
         assert torch.equal(a, b)
         assert _rel(c, b) <= 1e-5
@@ -128,7 +129,7 @@ def _bf16_case(device, N, H, I, chunks):
     ref = _run(lambda x: lora_mlp(x, gu64, d64, "silu"), Xb.double(), gu64, d64, gb.double())
     stock = _run(lambda x: checkpoint(lora_mlp, x, gu16, d16, "silu", use_reentrant=False), Xb, gu16, d16, gb)
     ours = _run(lambda x: lora_mlp_recomputed(x, gu16, d16, "silu", chunks=chunks), Xb, gu16, d16, gb)
-    assert torch.equal(ours[0], stock[0])
+    assert torch.equal(ours[0], stock[0]) if chunks == 1 else _rel(ours[0], ref[0]) <= 1.5 * _rel(stock[0], ref[0])
     for a, b, c in zip(ours[1], stock[1], ref[1]):
         assert _rel(a, c) <= 1.5 * _rel(b, c) + 1e-6, (_rel(a, c), _rel(b, c))
 

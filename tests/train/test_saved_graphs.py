@@ -43,8 +43,8 @@ def _assert_same(got, ref, n_grads):
 
 
 def test_mlp_graphs_with_row_blocks_train_bit_identically_to_eager(monkeypatch):
-    """The MLP backward in row blocks (models/mlp.RECOMPUTE_CHUNKS, lora/recomputed_mlp.py): graphed
-    and eager recompute="mlp" agree bit for bit, and both stay within fp32 rounding of one block."""
+    """The MLP in row blocks, forward and backward (models/mlp.RECOMPUTE_CHUNKS, lora/recomputed_mlp.py):
+    graphed and eager recompute="mlp" agree bit for bit, and both stay within fp32 rounding of one block."""
     from velotune.lora import recomputed_mlp
     from velotune.models import mlp
 
@@ -55,9 +55,9 @@ def test_mlp_graphs_with_row_blocks_train_bit_identically_to_eager(monkeypatch):
     monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda X, *a: rows.append(X.shape[0]) or real_in(X, *a))
     ref = _train(_lora(False), 3, batches)
     n = batches[0]["input_ids"].numel()
-    assert sorted(set(rows)) == [n // 3, n] and rows.count(n // 3) == 3 * 3 * N_LAYERS   # 3 blocks, layers, steps
-    _assert_same(_train(_lora(True), 3, batches), ref, 2 * 7 * N_LAYERS)
-    assert torch.equal(ref[0][0], one[0][0])                 # the forward does not split
+    assert set(rows) == {n // 3} and len(rows) == 2 * 3 * 3 * N_LAYERS   # forward and backward, 3 blocks,
+    _assert_same(_train(_lora(True), 3, batches), ref, 2 * 7 * N_LAYERS)    # 3 steps, the layers
+    assert abs(ref[0][0] - one[0][0]) <= 1e-6 * abs(one[0][0])              # the first loss
     for name, g in one[0][1].items():
         assert ((ref[0][1][name] - g).norm() / g.norm()).item() <= 1e-5, name
 

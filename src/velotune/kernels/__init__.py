@@ -18,8 +18,9 @@ _FORCE_TRITON = False
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
-    """Should a kernel taking `t` run its Triton implementation?"""
-    return t.is_cuda or _FORCE_TRITON
+    """Should a kernel taking `t` run its Triton implementation? Not for float64 (references, on the
+    GPU too): the kernels compute in fp32 at most, so float64 takes the torch path and stays float64."""
+    return (t.is_cuda or _FORCE_TRITON) and t.dtype != torch.float64
 
 
 @contextlib.contextmanager
