@@ -11,11 +11,13 @@
 #   bash bench/gpu_mlp_graphs.sh probe COMMIT   # memory composition: pool trace and peak, next to stock
 #   bash bench/gpu_mlp_graphs.sh fused COMMIT   # 2-round benchmark, pool trace, A/B (fused MLP kernels
 #                                               # off; a smaller fused-CE chunk)
-#   bash bench/gpu_mlp_graphs.sh chunks COMMIT  # the MLP backward in 1, 2, 4 row blocks (RECOMPUTE_CHUNKS):
+#   bash bench/gpu_mlp_graphs.sh chunks COMMIT  # the MLP backward in 1, 2, 4 row blocks (mlp_row_blocks):
 #                                               # its GPU tests, eager and graphed "mlp" vs stock, and the
 #                                               # cuDNN eager-vs-eager control (graphs_check.py --control)
 #   bash bench/gpu_mlp_graphs.sh blocks COMMIT  # the MLP in 4 and 8 row blocks, forward and backward:
 #                                               # GPU tests, graphed vs stock with the pool, eager 4 blocks
+#   bash bench/gpu_mlp_graphs.sh rows COMMIT    # graphed, mlp_row_blocks=4 vs stock and vs 1 block; bf16
+#                                               # LoRA graphed with 4 blocks (the QLoRA / LoRA ratio)
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -100,8 +102,18 @@ blocks)   # after the forward too went into row blocks (and a block's tensors go
   qlora 80 blocks8 --impls velotune-qlora-mlp-graphs --mlp-chunks 8 --pool-trace
   [ $SECONDS -lt 500 ] && qlora $((585 - SECONDS)) eager4 --impls velotune-qlora-mlp --mlp-chunks 4
   ;;
+rows)     # get_peft_model(mlp_row_blocks=4) after the graph lets Wg / Wu go before Wd: vs stock, vs 1 block
+  card
+  timeout 120 python -m pytest -q -m gpu tests/lora/test_recomputed_mlp.py tests/train/test_saved_graphs.py \
+    2>&1 | tail -25 | tee "$out/gputests_rows_$commit.log"
+  qlora 200 rows4 --impls stock-qlora velotune-qlora-mlp-graphs --mlp-chunks 4 --pool-trace \
+    --json "$out/qlora_rows4_$commit.json"
+  qlora 90 rows1 --impls velotune-qlora-mlp-graphs --json "$out/qlora_rows1_$commit.json"
+  [ $SECONDS -lt 480 ] && qlora $((585 - SECONDS)) lora_rows4 --impls velotune-lora-mlp-graphs --mlp-chunks 4 \
+    --json "$out/qlora_lora_rows4_$commit.json"
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows COMMIT" >&2
   exit 2
   ;;
 esac

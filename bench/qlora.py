@@ -89,7 +89,7 @@ def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
 
 
 def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_embedding: bool = False,
-          cuda_graphs: bool = False, recompute: str = "layer"):
+          cuda_graphs: bool = False, recompute: str = "layer", mlp_row_blocks: int = 0):
     from transformers import AutoModelForCausalLM
 
     if impl.endswith("-graphs"):
@@ -113,7 +113,8 @@ def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 use_gradient_checkpointing="unsloth", random_state=3407,
                                                 offload_embedding=offload_embedding, cuda_graphs=cuda_graphs,
-                                                recompute=recompute)
+                                                recompute=recompute,
+                                                mlp_row_blocks=(mlp_row_blocks or 1) if recompute == "mlp" else 1)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if impl == "stock-qlora":
@@ -139,16 +140,15 @@ def worker(args) -> dict:
     if args.ce_budget_mib:
         from velotune.models import loss
         loss.CE_MEMORY_BUDGET = int(args.ce_budget_mib * 2**20)
-    if args.mlp_chunks or args.checkpointed_mlp:
+    if args.checkpointed_mlp:
         from velotune.models import mlp
-        mlp.RECOMPUTE_CHUNKS = args.mlp_chunks or mlp.RECOMPUTE_CHUNKS
-        mlp.RECOMPUTED_MLP = not args.checkpointed_mlp
+        mlp.RECOMPUTED_MLP = False
     if args.dequant_kernel:
         from velotune.quant import dequant_kernel
 
         dequant_kernel.DEFAULT_KERNEL = args.dequant_kernel
     model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding, args.cuda_graphs,
-                  args.recompute)
+                  args.recompute, args.mlp_chunks)
     t_build = time.perf_counter() - t_build
     step, params, _, _ = training_step(model, args.batch, args.seq, device)
 
@@ -597,7 +597,7 @@ def main() -> int:
     ap.add_argument("--unfused-lora-backward", action="store_true",
                     help="velotune: the fused rank-r MLP backward kernels off (kernels/glu.FUSED_LORA)")
     ap.add_argument("--mlp-chunks", type=int, default=0,
-                    help="velotune, recompute='mlp': row blocks of the MLP backward (models/mlp.RECOMPUTE_CHUNKS; 0: its default)")
+                    help="velotune, recompute='mlp': get_peft_model(mlp_row_blocks=...), the MLP's row blocks (0: its default, 1)")
     ap.add_argument("--checkpointed-mlp", action="store_true",
                     help="velotune, recompute='mlp': torch's checkpoint around lora_mlp instead of "
                          "lora/recomputed_mlp.py (models/mlp.RECOMPUTED_MLP = False)")

@@ -105,6 +105,10 @@ def test_get_base_weight_buffers_and_dequantize_for_merge(llama_dir):
         assert local.data_ptr() not in ptrs and torch.equal(local, expected)
         assert get_base_weight(q).data_ptr() == local.data_ptr()                 # reuse within it
         assert WEIGHT_BUFFERS.nbytes() == expected.numel() * 2                    # only its own, so far
+        WEIGHT_BUFFERS.drop_local()                  # what nothing reads again leaves the graph's pool
+        assert WEIGHT_BUFFERS.nbytes() == 0 and torch.equal(local, expected)     # a held view stays valid
+        assert get_base_weight(q).data_ptr() != local.data_ptr()                 # a miss: dequantised anew
+    WEIGHT_BUFFERS.drop_local()                      # outside graph_local: nothing happens
     # outside again: the persistent slots, and what they hold, untouched
     assert WEIGHT_BUFFERS.nbytes() == BUFFER_SLOTS * expected.numel() * 2
     back = get_base_weight(others[1])

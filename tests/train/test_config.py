@@ -82,6 +82,13 @@ def test_missing_keys_and_inconsistent_settings(tmp_path):
     cfg["lora"].update(gradient_checkpointing="unsloth", recompute="mlp")
     assert load_config(write(tmp_path, cfg)).lora.cuda_graphs is True
     cfg = good(tmp_path)
+    cfg["lora"] = {"mlp_row_blocks": 4}
+    assert error_of(tmp_path, cfg) == "run.yaml: lora.mlp_row_blocks: 4 needs lora.recompute: mlp, not 'layer'"
+    cfg["lora"] = {"mlp_row_blocks": 0, "recompute": "mlp", "gradient_checkpointing": "unsloth"}
+    assert error_of(tmp_path, cfg).startswith("run.yaml: lora.mlp_row_blocks: ")
+    cfg["lora"]["mlp_row_blocks"] = 4
+    assert load_config(write(tmp_path, cfg)).lora.mlp_row_blocks == 4
+    cfg = good(tmp_path)
     cfg["training"] = {"embedding_learning_rate": 1e-5}
     assert error_of(tmp_path, cfg).startswith("run.yaml: training.embedding_learning_rate: set lora.modules_to_save")
 

@@ -130,18 +130,20 @@ def test_lora_settings_the_model_cannot_take_are_a_config_error(mini_llama, tmp_
 
 
 def test_yaml_lora_settings_reach_the_model(mini_llama, tmp_path):
-    """lora.gradient_checkpointing / lora.recompute / lora.cuda_graphs from a config end up on the
-    model add_adapters builds."""
+    """lora.gradient_checkpointing / lora.recompute / lora.cuda_graphs / lora.mlp_row_blocks from a
+    config end up on the model add_adapters builds."""
     from velotune.train.layer_graphs import LayerGraphs
     from velotune.train.runner import add_adapters, load_model
     from velotune.train.saved_offload import SavedOffloader
 
     for graphs in (False, True):
         cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out",
-                          lora={"gradient_checkpointing": "unsloth", "recompute": "mlp", "cuda_graphs": graphs})
+                          lora={"gradient_checkpointing": "unsloth", "recompute": "mlp", "cuda_graphs": graphs,
+                                "mlp_row_blocks": 1 + 3 * graphs})
         model, _ = load_model(cfg)
         model = add_adapters(model, cfg)
         layer = model.base_model.model.model.layers[0]
+        assert layer.mlp._velotune_row_blocks == 1 + 3 * graphs
         keywords = layer._gradient_checkpointing_func.keywords
         assert isinstance(keywords["saved"], SavedOffloader)
         assert isinstance(keywords["graphs"], LayerGraphs) if graphs else keywords["graphs"] is None

@@ -21,11 +21,13 @@ from velotune.models import prepare_model
 N_LAYERS = 3          # layer 0's set is overwritten by layer 2's: backward must bring it back from host memory
 
 
-def _lora(graphs: bool, family: str = "llama", device: str = "cpu", dtype=torch.float32, layers: int = N_LAYERS):
+def _lora(graphs: bool, family: str = "llama", device: str = "cpu", dtype=torch.float32, layers: int = N_LAYERS,
+          row_blocks: int = 1):
     model = mini_model(family, num_hidden_layers=layers, dtype=dtype).to(device)
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                             random_state=5, cuda_graphs=graphs, recompute="mlp")
+                                             random_state=5, cuda_graphs=graphs, recompute="mlp",
+                                             mlp_row_blocks=row_blocks)
     with torch.no_grad():   # non-zero B: every adapter gets a gradient that depends on the activations
         g = torch.Generator(device).manual_seed(3)
         for n, p in model.named_parameters():
@@ -43,20 +45,18 @@ def _assert_same(got, ref, n_grads):
 
 
 def test_mlp_graphs_with_row_blocks_train_bit_identically_to_eager(monkeypatch):
-    """The MLP in row blocks, forward and backward (models/mlp.RECOMPUTE_CHUNKS, lora/recomputed_mlp.py):
+    """The MLP in row blocks, forward and backward (get_peft_model(mlp_row_blocks=3), lora/recomputed_mlp.py):
     graphed and eager recompute="mlp" agree bit for bit, and both stay within fp32 rounding of one block."""
     from velotune.lora import recomputed_mlp
-    from velotune.models import mlp
 
     batches = _two_batches()
     one = _train(_lora(False), 3, batches)
-    monkeypatch.setattr(mlp, "RECOMPUTE_CHUNKS", 3)
     rows, real_in = [], recomputed_mlp.mlp_in
     monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda X, *a: rows.append(X.shape[0]) or real_in(X, *a))
-    ref = _train(_lora(False), 3, batches)
+    ref = _train(_lora(False, row_blocks=3), 3, batches)
     n = batches[0]["input_ids"].numel()
     assert set(rows) == {n // 3} and len(rows) == 2 * 3 * 3 * N_LAYERS   # forward and backward, 3 blocks,
-    _assert_same(_train(_lora(True), 3, batches), ref, 2 * 7 * N_LAYERS)    # 3 steps, the layers
+    _assert_same(_train(_lora(True, row_blocks=3), 3, batches), ref, 2 * 7 * N_LAYERS)  # 3 steps, the layers
     assert abs(ref[0][0] - one[0][0]) <= 1e-6 * abs(one[0][0])              # the first loss
     for name, g in one[0][1].items():
         assert ((ref[0][1][name] - g).norm() / g.norm()).item() <= 1e-5, name
@@ -121,11 +121,8 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
     blocks the blocks after the first reuse them too."""
     import velotune.quant.weights as weights
     from mini import save_mini_model
-    from velotune.models import mlp
-
-    if recompute == "mlp-2-blocks":
-        monkeypatch.setattr(mlp, "RECOMPUTE_CHUNKS", 2)
-        recompute = "mlp"
+    blocks = 2 if recompute == "mlp-2-blocks" else 1
+    recompute = recompute.removesuffix("-2-blocks")
 
     dequants = []
     real = weights.dequantize_nf4
@@ -135,7 +132,8 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
     for graphs in (False, True):
         model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                                 random_state=5, cuda_graphs=graphs, recompute=recompute)
+                                                 random_state=5, cuda_graphs=graphs, recompute=recompute,
+                                                 mlp_row_blocks=blocks)
         model.train()                        # from_pretrained hands out eval mode: no checkpointing
         with torch.no_grad():
             g = torch.Generator().manual_seed(3)

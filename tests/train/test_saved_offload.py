@@ -189,6 +189,12 @@ def test_refusals():
     prepare_model(base, max_seq_length=64)
     with pytest.raises(ValueError, match="needs use_gradient_checkpointing"):
         FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing=True, recompute="mlp")
+    # row blocks: checked before anything is wrapped (the model is left as it was)
+    for blocks, recompute, match in [(2, "layer", "needs recompute='mlp'"), (0, "mlp", ">= 1"), (1.5, "mlp", ">= 1")]:
+        with pytest.raises(ValueError, match=f"mlp_row_blocks={blocks!r}.*{match}"):
+            FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing="unsloth", recompute=recompute,
+                                             mlp_row_blocks=blocks)
+    assert not any("lora_" in n for n, _ in base.named_parameters())
 
 
 @pytest.mark.gpu

@@ -40,6 +40,7 @@ import torch
 
 from velotune.lora.fused import _flat_params, _joined, _scale, _weight, group_backward, mlp_in
 from velotune.lora.layers import Proj
+from velotune.quant.weights import WEIGHT_BUFFERS
 
 
 def _params(gate_up, down) -> list:
@@ -51,13 +52,14 @@ class _RecomputedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, gate_up, down, act, chunks, *params):
         h, hA = _hidden(X, gate_up, down, act, _blocks(X.shape[0], chunks))
+        WEIGHT_BUFFERS.drop_local()      # in a graph capture: Wg / Wu leave the pool before Wd comes
         W = _weight(down, h.dtype)                                             # as _LoRAUp, _BaseDown
         b = None if down.bias is None else down.bias.to(h.dtype)
         if hA is None:
             Y = torch.nn.functional.linear(h, W, b)
         else:
             c = _scale(torch.mm(hA, down.B.to(hA.dtype).t()), down.scaling)
-            Y = torch.addmm(c, h, W.t())
+            Y = c.addmm_(h, W.t())       # as torch.addmm(c, h, W^T), the same GEMM, without a second [N, H]
             if b is not None:
                 Y.add_(b)
         ctx.save_for_backward(X)

@@ -49,12 +49,16 @@ def recomputes_without_mlp_values(fn):
     return run
 
 
-# Row blocks the recompute="mlp" backward works through (lora/recomputed_mlp.py): 1 is the same bits
-# as checkpointing lora_mlp; more lowers the MLP backward's memory peak (8B, 2 x 2048: 4 blocks take
-# it from 5 to 3.5 x 112 MiB) at the cost of more, smaller GEMMs. Not yet measured on a GPU.
-RECOMPUTE_CHUNKS = 1
+def set_row_blocks(mlp: torch.nn.Module, blocks: int) -> None:
+    """Under recompute="mlp" this MLP runs forward and backward in `blocks` row blocks
+    (lora/recomputed_mlp.py; get_peft_model(mlp_row_blocks=...), which checks the value). 1 (the default) is the same bits as
+    checkpointing lora_mlp; more lowers the MLP's memory peak at the cost of more, smaller GEMMs
+    (H200, 8B QLoRA 2 x 2048, graphed: 4 blocks -0.16 GiB of graph pool, 2.4% slower; BENCHMARKS.md)."""
+    mlp._velotune_row_blocks = blocks
+
+
 # False: recompute="mlp" checkpoints lora_mlp with torch's checkpoint instead (the path before
-# lora/recomputed_mlp.py; the same bits with RECOMPUTE_CHUNKS = 1), for A/B runs.
+# lora/recomputed_mlp.py; the same bits with one row block), for A/B runs.
 RECOMPUTED_MLP = True
 
 
@@ -65,7 +69,8 @@ def mlp_forward(self, x):
         if RECOMPUTED_MLP and plan is not None and _frozen_bases(plan):   # saves x only, recomputes in backward
             gate_up, down, act = plan
             shape = x.shape
-            return lora_mlp_recomputed(x.reshape(-1, shape[-1]), gate_up, down, act, RECOMPUTE_CHUNKS).view(shape)
+            blocks = getattr(self, "_velotune_row_blocks", 1)
+            return lora_mlp_recomputed(x.reshape(-1, shape[-1]), gate_up, down, act, blocks).view(shape)
         # the fused MLP draws no random numbers (LoRA dropout sends it to the stock path), so its
         # recompute needs no RNG state saved and restored (host time per layer and step)
         return checkpoint(recomputes_without_mlp_values(_mlp_forward), self, plan, x, use_reentrant=False,

@@ -168,6 +168,20 @@ class _WeightBuffers:
                 self._local -= 1
                 self._slots, self._views, self._tags, self._next = outer
 
+    def drop_local(self) -> None:
+        """Inside graph_local(): let go of every buffer the graph's slots hold (what a caller still
+        references stays alive), so weights nothing will read again leave the graph's pool at once
+        instead of at the slot's next take. Outside graph_local() nothing happens (the persistent
+        slots are reused, not allocated)."""
+        with self._lock:
+            if not self._local:
+                return
+            for key, slots in self._slots.items():
+                slots[:] = [None] * len(slots)
+                for views in self._views[key]:
+                    views.clear()
+                self._tags[key] = [None] * len(slots)
+
     def clear(self) -> None:
         with self._lock:
             self._slots.clear()

@@ -353,8 +353,19 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 RECOMPUTE_MODES = ("layer", "mlp")
 
 
+def check_recompute(recompute: str, mlp_row_blocks: int = 1) -> None:
+    """ValueError unless `recompute` is a mode and `mlp_row_blocks` a whole number >= 1 that is 1
+    or comes with recompute="mlp" (get_peft_model checks before it wraps anything)."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r}: choose from {RECOMPUTE_MODES}")
+    if not isinstance(mlp_row_blocks, int) or isinstance(mlp_row_blocks, bool) or mlp_row_blocks < 1:
+        raise ValueError(f"mlp_row_blocks={mlp_row_blocks!r}: a whole number >= 1")
+    if mlp_row_blocks != 1 and recompute != "mlp":
+        raise ValueError(f"mlp_row_blocks={mlp_row_blocks!r} needs recompute='mlp' (got {recompute!r})")
+
+
 def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = False, recompute: str = "layer",
-                                   min_offload_bytes: int = 2**20) -> OffloadStats:
+                                   min_offload_bytes: int = 2**20, mlp_row_blocks: int = 1) -> OffloadStats:
     """Checkpoint every decoder layer of `model` (a transformers or PEFT model), offloading the
     saved layer inputs to pinned host memory. Per instance, idempotent; returns the live counters
     (also at `model.velotune_offload_stats`). cuda_graphs: replay each layer's forward and its
@@ -364,13 +375,20 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     recompute: "layer" (each layer recomputed whole in backward; only its input is offloaded) or
     "mlp" (the attention half's saved tensors of at least `min_offload_bytes` are offloaded and
     only the MLP is recomputed: less GPU work, ~4.5x the host memory; train/saved_offload.py).
-    Layers whose MLP velotune does not run fall back to "layer"."""
-    if recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute={recompute!r}: choose from {RECOMPUTE_MODES}")
+    Layers whose MLP velotune does not run fall back to "layer". mlp_row_blocks (recompute="mlp"):
+    each MLP runs in that many row blocks, forward and backward (models/mlp.set_row_blocks)."""
+    check_recompute(recompute, mlp_row_blocks)
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no transformers decoder layers "
                          "(GradientCheckpointingLayer) to checkpoint")
+    if recompute == "mlp":
+        from velotune.models.mlp import set_row_blocks
+
+        for layer in layers:
+            mlp = getattr(layer, "mlp", None)
+            if mlp is not None:
+                set_row_blocks(mlp, mlp_row_blocks)
     offloader = _Offloader()
     saved = None
     if recompute == "mlp":

@@ -81,7 +81,7 @@ def add_adapters(model, cfg: TrainConfig):
             bias=lo.bias, use_gradient_checkpointing=lo.gradient_checkpointing, random_state=lo.random_state,
             max_seq_length=cfg.model.max_seq_length, use_rslora=lo.use_rslora, use_dora=lo.use_dora,
             modules_to_save=lo.modules_to_save or None, offload_embedding=lo.offload_embedding,
-            recompute=lo.recompute, cuda_graphs=lo.cuda_graphs)
+            recompute=lo.recompute, cuda_graphs=lo.cuda_graphs, mlp_row_blocks=lo.mlp_row_blocks)
     except ValueError as e:   # settings this model cannot take (e.g. offload_embedding on tied tables)
         raise ConfigError(f"lora: {e}") from e
 
