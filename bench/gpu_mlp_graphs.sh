@@ -18,6 +18,7 @@
 #                                               # GPU tests, graphed vs stock with the pool, eager 4 blocks
 #   bash bench/gpu_mlp_graphs.sh rows COMMIT    # graphed, mlp_row_blocks=4 vs stock and vs 1 block; bf16
 #                                               # LoRA graphed with 4 blocks (the QLoRA / LoRA ratio)
+#   bash bench/gpu_mlp_graphs.sh rounds COMMIT  # 2 rounds: stock and graphed "mlp" (1 row block); 4 blocks
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -112,8 +113,14 @@ rows)     # get_peft_model(mlp_row_blocks=4) after the graph lets Wg / Wu go bef
   [ $SECONDS -lt 480 ] && qlora $((585 - SECONDS)) lora_rows4 --impls velotune-lora-mlp-graphs --mlp-chunks 4 \
     --json "$out/qlora_lora_rows4_$commit.json"
   ;;
+rounds)   # 2 interleaved rounds: stock and graphed "mlp" with 1 row block, then graphed with 4 row blocks
+  card
+  qlora 300 rounds1 --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --json "$out/qlora_rounds1_$commit.json"
+  [ $SECONDS -lt 400 ] && qlora $((530 - SECONDS)) rounds4 --impls velotune-qlora-mlp-graphs --mlp-chunks 4 \
+    --rounds 2 --json "$out/qlora_rounds4_$commit.json"
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds COMMIT" >&2
   exit 2
   ;;
 esac
