@@ -276,6 +276,15 @@ def _pool_composition() -> dict:
     out = _live_peak(events)
     out["segments_mib"] = sorted(((hi - lo) / 2**20 for lo, hi in pool), reverse=True)
     out["pool_gib"] = sum(hi - lo for lo, hi in pool) / 2**30
+    out["first_allocs"] = {}    # per segment of >= 100 MiB: what its first allocations were (Python frames)
+    for lo, hi in pool:
+        if hi - lo >= 100 * 2**20 and (hi - lo) % (112 * 2**20):
+            firsts = [e for i, e in enumerate(trace) if e["action"] == "alloc" and lo <= e["addr"] < hi
+                      and i > born[lo]][:4]
+            out["first_allocs"][f"{(hi - lo) / 2**20:.0f} MiB"] = [
+                f"{e['size'] / 2**20:.1f} MiB at " + " < ".join(
+                    f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']}:{f['name']}" for f in e.get("frames", [])
+                    if "torch/" not in f["filename"])[:900] for e in firsts]
     out["trace_events"] = len(trace)
     return out
 
@@ -670,6 +679,8 @@ def main() -> int:
                       f"{pt['peak_gib']:.3f} GiB at event {pt['peak_event']}/{pt['events']}:\n" + "\n".join(
                           f"    {x['gib']:7.3f} GiB  {x['site']}" for x in pt["sites"])
                       + f"\n    up to the peak (MiB): {pt['before_peak_mib']}", flush=True)
+                for seg, allocs in pt.get("first_allocs", {}).items():
+                    print(f"    segment {seg}, first allocations:\n" + "\n".join(f"      {a}" for a in allocs))
             if r.get("mem_trace"):
                 mt = r["mem_trace"]
                 print(f"  memory at the peak, {impl}: " + (mt["error"] if "error" in mt else
