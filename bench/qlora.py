@@ -151,6 +151,16 @@ def worker(args) -> dict:
                   args.recompute, args.mlp_chunks)
     t_build = time.perf_counter() - t_build
     step, params, _, _ = training_step(model, args.batch, args.seq, device)
+    if args.sdpa_backend != "default":   # every step (forward, backward, graph captures) under one backend
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[args.sdpa_backend]
+        plain_step = step
+
+        def step():
+            with sdpa_kernel([backend]):
+                return plain_step()
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -607,6 +617,9 @@ def main() -> int:
                     help="velotune: the fused rank-r MLP backward kernels off (kernels/glu.FUSED_LORA)")
     ap.add_argument("--mlp-chunks", type=int, default=0,
                     help="velotune, recompute='mlp': get_peft_model(mlp_row_blocks=...), the MLP's row blocks (0: its default, 1)")
+    ap.add_argument("--sdpa-backend", choices=["default", "flash", "cudnn", "efficient", "math"], default="default",
+                    help="every step under torch.nn.attention.sdpa_kernel([this backend]) (A/B of the attention "
+                         "kernels' speed and workspace memory)")
     ap.add_argument("--checkpointed-mlp", action="store_true",
                     help="velotune, recompute='mlp': torch's checkpoint around lora_mlp instead of "
                          "lora/recomputed_mlp.py (models/mlp.RECOMPUTED_MLP = False)")
@@ -646,7 +659,8 @@ def main() -> int:
         ["--unfused-lora-backward"] if args.unfused_lora_backward else []) + (
         ["--ce-budget-mib", str(args.ce_budget_mib)] if args.ce_budget_mib else []) + (
         ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else []) + (
-        ["--checkpointed-mlp"] if args.checkpointed_mlp else [])
+        ["--checkpointed-mlp"] if args.checkpointed_mlp else []) + (
+        ["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend != "default" else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the
