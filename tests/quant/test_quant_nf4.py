@@ -218,3 +218,24 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
                 assert torch.isnan(buf[0]) and torch.isnan(buf[1 + ours.numel():]).all()
             with pytest.raises(AssertionError):   # same address, wrong size: no replay, the check fires
                 dequantize_nf4_triton(nf4, buf[1:ours.numel()], kernel=layout)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_row_blocks_dequantise_to_the_rows_of_the_whole(nested):
+    """NF4Weight.rows(a, b): views of the same storage whose dequantisation is exactly rows a:b of the
+    whole (reference and Triton kernel), including the last, partial nested absmax group; rows that
+    do not start a quantisation block are refused."""
+    w = _weight((160, 256), torch.bfloat16, seed=4)          # 640 blocks of 64: nested groups 256, 256, 128
+    nf4 = quantize_nf4(w, 64, double_quant=nested)
+    whole = dequantize_nf4(nf4)
+    cuts = [0, 64, 128, 160] if nested else [0, 1, 64, 97, 160]   # nested: 64 rows = one group of 256 blocks
+    for a, b in zip(cuts, cuts[1:]):
+        part = nf4.rows(a, b)
+        assert part.packed.data_ptr() == nf4.packed.data_ptr() + a * 256 // 2    # a view, no copy
+        assert torch.equal(dequantize_nf4(part), whole[a:b])
+        with force_triton():
+            assert torch.equal(dequantize_nf4(part), whole[a:b])
+    assert torch.equal(dequantize_nf4(nf4.rows(0, 160)), whole)
+    for a, b in ([32, 64], [0, 200], [5, 3]) if nested else ([0, 161], [5, 3]):
+        with pytest.raises(ValueError, match="rows"):
+            nf4.rows(a, b)

@@ -21,6 +21,7 @@ use the Triton kernel in `quant/dequant_kernel.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -133,6 +134,30 @@ class NF4Weight:
                    code2=s2.code if nested else None, absmax2=s2.absmax if nested else None,
                    offset=quant_state.offset if nested else None,
                    blocksize2=int(s2.blocksize) if nested else 256)
+
+    def rows(self, start: int, stop: int) -> "NF4Weight":
+        """Rows start:stop of a 2-D weight as an NF4Weight of their own, sharing this one's storage
+        (views, no copy): dequantising it gives exactly rows start:stop of the whole dequantised. For
+        working on a weight a block of rows at a time (a block of the MLP's intermediate size).
+        The rows must start and end on a quantisation block: start * in_features a multiple of
+        blocksize (and of blocksize * blocksize2 when nested, so the nested absmax groups line up)."""
+        if len(self.shape) != 2:
+            raise ValueError(f"rows() needs a 2-D weight, got shape {tuple(self.shape)}")
+        n_rows, cols = self.shape
+        if not 0 <= start <= stop <= n_rows:
+            raise ValueError(f"rows {start}:{stop} outside 0:{n_rows}")
+        unit = self.blocksize * (self.blocksize2 if self.nested else 1)
+        for r in (start, stop):
+            if r != n_rows and (r * cols) % unit:
+                raise ValueError(f"rows {start}:{stop}: row {r} does not start a quantisation block "
+                                 f"(row * {cols} must be a multiple of {unit})")
+        a, b = start * cols, stop * cols
+        blocks = slice(a // self.blocksize, -(-b // self.blocksize))
+        absmax2 = None
+        if self.nested:
+            absmax2 = self.absmax2[blocks.start // self.blocksize2: -(-blocks.stop // self.blocksize2)]
+        return dataclasses.replace(self, packed=self.packed[a // 2: -(-b // 2)], absmax=self.absmax[blocks],
+                                   absmax2=absmax2, shape=torch.Size((stop - start, cols)))
 
     def to_bnb(self):
         """(packed [ceil(n/2), 1], QuantState) as bitsandbytes builds them (needs bitsandbytes)."""
