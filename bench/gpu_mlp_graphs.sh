@@ -19,6 +19,7 @@
 #   bash bench/gpu_mlp_graphs.sh rows COMMIT    # graphed, mlp_row_blocks=4 vs stock and vs 1 block; bf16
 #                                               # LoRA graphed with 4 blocks (the QLoRA / LoRA ratio)
 #   bash bench/gpu_mlp_graphs.sh rounds COMMIT  # 2 rounds: stock and graphed "mlp" (1 row block); 4 blocks
+#   bash bench/gpu_mlp_graphs.sh prefetch COMMIT  # dequantisation prefetch: GPU test, graphed "mlp" off/on
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -119,8 +120,19 @@ rounds)   # 2 interleaved rounds: stock and graphed "mlp" with 1 row block, then
   [ $SECONDS -lt 400 ] && qlora $((530 - SECONDS)) rounds4 --impls velotune-qlora-mlp-graphs --mlp-chunks 4 \
     --rounds 2 --json "$out/qlora_rounds4_$commit.json"
   ;;
+prefetch) # quant.weights.PREFETCH: its GPU test, then stock / graphed "mlp" without and with it, 2 rounds
+  card
+  timeout 120 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/lora/test_recomputed_mlp.py \
+    2>&1 | tail -25 | tee "$out/gputests_prefetch_$commit.log"
+  qlora 260 prefetch_off --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 \
+    --json "$out/qlora_prefetch_off_$commit.json"
+  qlora 150 prefetch_on --impls velotune-qlora-mlp-graphs --rounds 2 --prefetch-dequant \
+    --json "$out/qlora_prefetch_on_$commit.json"
+  [ $SECONDS -lt 480 ] && qlora $((585 - SECONDS)) prefetch_on4 --impls velotune-qlora-mlp-graphs \
+    --prefetch-dequant --mlp-chunks 4 --json "$out/qlora_prefetch_on4_$commit.json"
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|prefetch COMMIT" >&2
   exit 2
   ;;
 esac

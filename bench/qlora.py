@@ -143,6 +143,9 @@ def worker(args) -> dict:
     if args.checkpointed_mlp:
         from velotune.models import mlp
         mlp.RECOMPUTED_MLP = False
+    if args.prefetch_dequant:
+        from velotune.quant import weights
+        weights.PREFETCH = True
     if args.dequant_kernel:
         from velotune.quant import dequant_kernel
 
@@ -620,6 +623,9 @@ def main() -> int:
     ap.add_argument("--sdpa-backend", choices=["default", "flash", "cudnn", "efficient", "math"], default="default",
                     help="every step under torch.nn.attention.sdpa_kernel([this backend]) (A/B of the attention "
                          "kernels' speed and workspace memory)")
+    ap.add_argument("--prefetch-dequant", action="store_true",
+                    help="velotune: quant.weights.PREFETCH = True (a group's next 4-bit weight dequantised on a "
+                         "side stream while the current one's GEMM runs)")
     ap.add_argument("--checkpointed-mlp", action="store_true",
                     help="velotune, recompute='mlp': torch's checkpoint around lora_mlp instead of "
                          "lora/recomputed_mlp.py (models/mlp.RECOMPUTED_MLP = False)")
@@ -660,7 +666,8 @@ def main() -> int:
         ["--ce-budget-mib", str(args.ce_budget_mib)] if args.ce_budget_mib else []) + (
         ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else []) + (
         ["--checkpointed-mlp"] if args.checkpointed_mlp else []) + (
-        ["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend != "default" else [])
+        ["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend != "default" else []) + (
+        ["--prefetch-dequant"] if args.prefetch_dequant else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the
