@@ -311,7 +311,8 @@ def prefetch_base_weight(linear: torch.nn.Module) -> None:
         index = nf4.device.index if nf4.device.index is not None else torch.cuda.current_device()
         stream = _PREFETCH_STREAMS.get(index)
         if stream is None:
-            stream = _PREFETCH_STREAMS[index] = torch.cuda.Stream(nf4.device)
+            # high priority: its blocks go to SMs as the running GEMM's retire, not after all of them
+            stream = _PREFETCH_STREAMS[index] = torch.cuda.Stream(nf4.device, priority=-1)
     _dequantize_into_slot(nf4, tag, stream)
 
 
