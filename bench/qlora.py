@@ -153,7 +153,8 @@ def worker(args) -> dict:
     model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding, args.cuda_graphs,
                   args.recompute, args.mlp_chunks)
     t_build = time.perf_counter() - t_build
-    step, params, _, _ = training_step(model, args.batch, args.seq, device)
+    step, params, _, _ = training_step(model, args.batch, args.seq, device,
+                                       offload_optimizer=args.offload_optimizer and args.impl.startswith("velotune"))
     if args.sdpa_backend != "default":   # every step (forward, backward, graph captures) under one backend
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -623,6 +624,9 @@ def main() -> int:
     ap.add_argument("--sdpa-backend", choices=["default", "flash", "cudnn", "efficient", "math"], default="default",
                     help="every step under torch.nn.attention.sdpa_kernel([this backend]) (A/B of the attention "
                          "kernels' speed and workspace memory)")
+    ap.add_argument("--offload-optimizer", action="store_true",
+                    help="velotune: OffloadedAdamW (train/offload_adamw.py: AdamW moments in pinned host memory, "
+                         "the same bits) instead of torch's fused AdamW")
     ap.add_argument("--prefetch-dequant", action="store_true",
                     help="velotune: quant.weights.PREFETCH = True (a group's next 4-bit weight dequantised on a "
                          "side stream while the current one's GEMM runs)")
@@ -667,7 +671,8 @@ def main() -> int:
         ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else []) + (
         ["--checkpointed-mlp"] if args.checkpointed_mlp else []) + (
         ["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend != "default" else []) + (
-        ["--prefetch-dequant"] if args.prefetch_dequant else [])
+        ["--prefetch-dequant"] if args.prefetch_dequant else []) + (
+        ["--offload-optimizer"] if args.offload_optimizer else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the

@@ -145,11 +145,17 @@ def _profile(step, n_steps: int) -> dict:
     return {"categories": per_cat, "top_kernels": [(round(ms, 2), k[:110]) for ms, k in kernels[:25]]}
 
 
-def training_step(model, batch_size: int, seq: int, device: str):
-    """(step, trainable params, optimizer, batch): one fused-AdamW step on a fixed random batch."""
+def training_step(model, batch_size: int, seq: int, device: str, offload_optimizer: bool = False):
+    """(step, trainable params, optimizer, batch): one fused-AdamW step on a fixed random batch.
+    offload_optimizer: velotune's OffloadedAdamW (moments in host memory, the same bits)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+    if offload_optimizer:
+        from velotune.train.offload_adamw import OffloadedAdamW
+
+        opt = OffloadedAdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq), device=device, generator=g)
     batch = {"input_ids": ids, "labels": ids}

@@ -91,7 +91,9 @@ class TrainingSection(_Section):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warmup as a fraction of all steps")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
-    optimizer: str = Field("adamw_torch", description="a transformers `optim` name, e.g. adamw_8bit, sgd")
+    optimizer: str = Field("adamw_torch", description="a transformers `optim` name, e.g. adamw_8bit, sgd; or "
+                                                      "adamw_offload: velotune's AdamW with its moments in host "
+                                                      "memory (the same bits as adamw_torch)")
     seed: int = 3407
     logging_steps: int = Field(1, gt=0)
     save_steps: int | None = Field(None, gt=0, description="save a resumable checkpoint every N steps")

@@ -32,6 +32,8 @@ from velotune.train.callbacks import ProgressCallback, loss_points, summarize, w
 from velotune.train.config import TrainConfig, check_paths
 from velotune.train.trl_glue import orpo_classes, velotune_trainer_class
 
+OFFLOAD_OPTIMIZER = "adamw_offload"     # training.optimizer: train/offload_adamw.OffloadedAdamW
+
 log = logging.getLogger("velotune")
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,7 +116,7 @@ def training_arguments(cfg: TrainConfig, model, *, has_eval: bool) -> dict:
         warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,  # a float < 1 is a ratio
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        optim="adamw_torch" if t.optimizer == OFFLOAD_OPTIMIZER else t.optimizer,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -155,7 +157,8 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, *, callb
     """The TRL trainer for cfg.method, with velotune's glue (exact token normalisation, embedding lr, tok/s)."""
     common = training_arguments(cfg, model, has_eval=eval_ds is not None)
     kwargs = dict(model=model, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                  callbacks=list(callbacks), embedding_learning_rate=cfg.training.embedding_learning_rate)
+                  callbacks=list(callbacks), embedding_learning_rate=cfg.training.embedding_learning_rate,
+                  offload_optimizer=cfg.training.optimizer == OFFLOAD_OPTIMIZER)
     if cfg.method == "sft":
         from trl import SFTConfig, SFTTrainer
 

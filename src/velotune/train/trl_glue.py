@@ -96,9 +96,16 @@ class VelotuneTrainerMixin:
 
     velotune_embedding_learning_rate: float | None = None
 
-    def __init__(self, *args, embedding_learning_rate: float | None = None, **kwargs):
+    def __init__(self, *args, embedding_learning_rate: float | None = None, offload_optimizer: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.velotune_embedding_learning_rate = embedding_learning_rate
+        if offload_optimizer:   # transformers' create_optimizer builds its parameter groups, then this class
+            from velotune.train.offload_adamw import OffloadedAdamW
+
+            a = self.args
+            self.optimizer_cls_and_kwargs = (OffloadedAdamW, dict(lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                                                  eps=a.adam_epsilon))
         self._vt_tokens = 0
         self._vt_clock = None
         exact_token_normalisation(self)
