@@ -2,6 +2,7 @@
 tokens), and a resumed run continues exactly like an uninterrupted one."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import TrainerCallback
 
@@ -110,10 +111,12 @@ def test_gradient_accumulation_equals_one_big_batch(mini_llama, tmp_path):
         assert rel_diff(combine(rows, weights), exact) > 0.05
 
 
-def test_resume_gives_the_same_next_steps(mini_llama, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_offload"])
+def test_resume_gives_the_same_next_steps(mini_llama, tmp_path, optimizer):
+    """adamw_offload: its moments saved with the checkpoint and loaded back into host memory."""
     data = toy_slice("sft.jsonl", 10, tmp_path)
     training = {"max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 2,
-                "learning_rate": 5e-3, "lr_scheduler": "linear", "save_total_limit": None}
+                "learning_rate": 5e-3, "lr_scheduler": "linear", "save_total_limit": None, "optimizer": optimizer}
     full = run_training(make_config(mini_llama, data, tmp_path / "full", training=training), progress=False)
     assert (tmp_path / "full" / "checkpoint-2").is_dir()
 
