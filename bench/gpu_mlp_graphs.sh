@@ -125,7 +125,7 @@ prefetch) # quant.weights.PREFETCH and OffloadedAdamW: their GPU tests, then sto
           # and with the prefetch (2 rounds), and with the offloaded optimizer as well
   card
   timeout 150 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/lora/test_recomputed_mlp.py \
-    tests/train/test_offload_adamw.py 2>&1 | tail -25 | tee "$out/gputests_prefetch_$commit.log"
+    tests/train/test_offload_adamw.py tests/train/test_embedding_offload.py 2>&1 | tail -25 | tee "$out/gputests_prefetch_$commit.log"
   qlora 240 prefetch_off --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 \
     --json "$out/qlora_prefetch_off_$commit.json"
   qlora 130 prefetch_on --impls velotune-qlora-mlp-graphs --rounds 2 --prefetch-dequant \

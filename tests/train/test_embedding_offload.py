@@ -86,3 +86,20 @@ def test_chat_template_growing_the_vocabulary_keeps_the_table_on_the_host():
     assert emb.forward.__func__ is _offloaded_forward
     ids = torch.tensor([[len(tok) - 1, 5, 7]])              # a new token's id embeds
     assert model(input_ids=ids).logits.shape[-1] >= len(tok)
+
+
+@pytest.mark.gpu
+def test_gpu_lookups_reuse_one_pinned_buffer():
+    """On the GPU the rows go through the module's own pinned buffer: a second lookup (other ids)
+    reuses it only after the first copy finished, and both results are the table's rows."""
+    model = mini_model("llama").cuda()
+    table = model.get_input_embeddings().weight.detach().clone()
+    emb = offload_input_embeddings(model)
+    ids1 = torch.randint(0, table.shape[0], (2, 64), device="cuda")
+    ids2 = torch.randint(0, table.shape[0], (2, 64), device="cuda")
+    out1 = emb(ids1)
+    buf = emb._velotune_rows[0]
+    out2 = emb(ids2)
+    torch.cuda.synchronize()
+    assert emb._velotune_rows[0].data_ptr() == buf.data_ptr() and buf.is_pinned()
+    assert torch.equal(out1, table[ids1]) and torch.equal(out2, table[ids2])
