@@ -9,11 +9,13 @@ step. Here the moments stay in pinned host memory; a step walks the parameters i
 `chunk_bytes` of moments and, per chunk:
 
     h2d stream:      wait until this staging buffer's previous chunk went back; moments -> staging
+                     (one copy: a chunk's moments are one flat pinned buffer)
     current stream:  wait for that copy; torch.optim.adamw.adamw(params, grads, staging views, ...)
-    d2h stream:      wait for the update; staging -> moments
+    d2h stream:      wait for the update; staging -> moments (one copy)
 
 with two staging buffers, so chunk k's update runs while chunk k+1 comes in and chunk k-1 goes out.
-GPU memory for the moments: 2 x chunk_bytes instead of all of them.
+GPU memory for the moments: 2 x chunk_bytes (default 16 MiB) instead of all of them (8B adapters:
+32 MiB instead of 320 MiB).
 
 Exact: the update is torch's `adamw` function itself (the fused, foreach or single-tensor
 implementation torch.optim.AdamW would pick for the same flags), and every one of them works
@@ -35,29 +37,46 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 class OffloadedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW for fp32 parameters (amsgrad and maximize not supported) with exp_avg /
-    exp_avg_sq in pinned host memory; see the module docstring. Gradient clipping, schedulers, zero_grad, state_dict and
-    load_state_dict work as with torch.optim.AdamW (the loaded moments go back to host memory)."""
+    exp_avg_sq in pinned host memory; see the module docstring. Gradient clipping, schedulers,
+    zero_grad, state_dict and load_state_dict work as with torch.optim.AdamW (loaded moments go back
+    to host memory)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, foreach: bool | None = None, fused: bool | None = None,
-                 chunk_bytes: int = 64 * 2**20):
+                 chunk_bytes: int = 16 * 2**20):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes={chunk_bytes}: must be positive")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
         self.chunk_bytes = chunk_bytes
+        self._plans: dict[int, list[_Chunk]] = {}        # per param group: its chunks
         self._staging: dict[torch.device, list[torch.Tensor]] = {}
         self._pending: list = []          # d2h events of the last step (host moments not yet written)
 
     # -- state ---------------------------------------------------------------------------------
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if not state:
+    def _plan(self, gi: int) -> list["_Chunk"]:
+        """The group's chunks, made on first use: every parameter's step count as torch keeps it,
+        and its two moments as views of its chunk's one pinned host buffer (in the order the staging
+        buffer lays them out), holding the values state already has (after load_state_dict)."""
+        plan = self._plans.get(gi)
+        if plan is None:
+            group = self.param_groups[gi]
+            for p in group["params"]:
+                if p.dtype != torch.float32:
+                    raise TypeError(f"OffloadedAdamW updates fp32 parameters (PEFT's adapters are), got {p.dtype}")
+            plan = self._plans[gi] = [_Chunk(c) for c in _chunks(group["params"], self.chunk_bytes)]
             on_device = bool(group["fused"])    # as torch.optim.AdamW: fused keeps its step on the device
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-            for name in _MOMENTS:
-                state[name] = _host_zeros(p)
-        return state
+            for chunk in plan:
+                for p, views in zip(chunk.params, chunk.moment_views()):
+                    state = self.state[p]
+                    step = state.get("step")
+                    state["step"] = (torch.zeros((), dtype=torch.float32) if step is None else step.float()).to(
+                        p.device if on_device else "cpu")
+                    for name, view in zip(_MOMENTS, views):
+                        if name in state:
+                            view.copy_(state[name])
+                        state[name] = view
+        return plan
 
     def _wait_for_host(self) -> None:
         """The host moments are written (the last step's device->host copies are done)."""
@@ -72,13 +91,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         self._wait_for_host()
         super().load_state_dict(state_dict)     # torch moves the moments to the parameters' device...
-        for p, state in self.state.items():     # ... so they go back to host memory here
-            for name in _MOMENTS:
-                t = state.get(name)
-                if t is not None and (t.is_cuda or (p.is_cuda and not t.is_pinned())):
-                    host = _host_zeros(p)
-                    host.copy_(t)
-                    state[name] = host
+        self._plans = {}                        # ... and the next step copies them into host chunks
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -88,62 +101,53 @@ class OffloadedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._pending = []    # the last step's copies out precede whatever the current stream queues now
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("OffloadedAdamW does not support sparse gradients")
-                if p.dtype != torch.float32:
-                    raise TypeError(f"OffloadedAdamW updates fp32 parameters (PEFT's adapters are), got {p.dtype}")
-            self._step_group(group, params)
+            self._step_group(group, self._plan(gi))
         return loss
 
-    def _step_group(self, group: dict, params: list) -> None:
-        if not params:
+    def _step_group(self, group: dict, plan: list["_Chunk"]) -> None:
+        todo = [c for c in plan if any(p.grad is not None for p in c.params)]
+        if not todo:
             return
-        states = [self._init_state(p, group) for p in params]
-        device = params[0].device
+        device = todo[0].params[0].device
         cuda = device.type == "cuda"
         if cuda:
             current = torch.cuda.current_stream(device)
             h2d, d2h = _streams(device)
             h2d.wait_stream(current)          # gradients and parameters are ready
-        staging = self._staging_buffers(device, max(_moment_numel(c) for c in _chunks(params, self.chunk_bytes)))
+        staging = self._staging_buffers(device, max(c.host.numel() for c in todo))
         freed: list = [None, None]            # per staging buffer: its last chunk's d2h event
         beta1, beta2 = group["betas"]
-        for k, chunk in enumerate(_chunks(params, self.chunk_bytes)):
-            buf = staging[k % 2]
-            views = _views(buf, chunk)
-            hosts = [states_of[name] for states_of in (self.state[p] for p in chunk) for name in _MOMENTS]
+        for k, chunk in enumerate(todo):
+            buf = staging[k % 2][:chunk.host.numel()]
             if cuda:
                 with torch.cuda.stream(h2d):
                     if freed[k % 2] is not None:
                         h2d.wait_event(freed[k % 2])
-                    for v, h in zip(views, hosts):
-                        v.copy_(h, non_blocking=True)
+                    buf.copy_(chunk.host, non_blocking=True)          # one copy per chunk
                     came = torch.cuda.Event()
                     came.record(h2d)
                 current.wait_event(came)
             else:
-                for v, h in zip(views, hosts):
-                    v.copy_(h)
-            exp_avgs, exp_avg_sqs = views[0::2], views[1::2]
-            adamw([p for p in chunk], [p.grad for p in chunk], exp_avgs, exp_avg_sqs, [],
-                  [self.state[p]["step"] for p in chunk], foreach=group["foreach"], fused=group["fused"],
-                  amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                  eps=group["eps"], maximize=False)
+                buf.copy_(chunk.host)
+            live = [(p, v) for p, v in zip(chunk.params, chunk.moment_views(buf)) if p.grad is not None]
+            adamw([p for p, _ in live], [p.grad for p, _ in live], [v[0] for _, v in live],
+                  [v[1] for _, v in live], [], [self.state[p]["step"] for p, _ in live],
+                  foreach=group["foreach"], fused=group["fused"], amsgrad=False, beta1=beta1, beta2=beta2,
+                  lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
             if cuda:
                 d2h.wait_stream(current)
                 with torch.cuda.stream(d2h):
-                    for v, h in zip(views, hosts):
-                        h.copy_(v, non_blocking=True)
+                    chunk.host.copy_(buf, non_blocking=True)
                     gone = torch.cuda.Event()
                     gone.record(d2h)
                 freed[k % 2] = gone
                 self._pending.append(gone)
             else:
-                for v, h in zip(views, hosts):
-                    h.copy_(v)
+                chunk.host.copy_(buf)
         if cuda:
             current.wait_stream(d2h)          # the next step's copies in start after these went out
 
@@ -154,18 +158,29 @@ class OffloadedAdamW(torch.optim.Optimizer):
         return bufs
 
 
-def _host_zeros(p: torch.Tensor) -> torch.Tensor:
-    """A moment of `p` (fp32) in host memory, pinned when p is on the GPU."""
-    return torch.zeros(p.shape, dtype=torch.float32, pin_memory=p.is_cuda)
+class _Chunk:
+    """Consecutive parameters and one flat fp32 host buffer with their moments, laid out
+    p0.exp_avg, p0.exp_avg_sq, p1.exp_avg, ... (pinned when the parameters are on the GPU)."""
 
+    def __init__(self, params: list):
+        self.params = params
+        numel = sum(2 * p.numel() for p in params)
+        self.host = torch.zeros(numel, dtype=torch.float32, pin_memory=params[0].is_cuda)
 
-def _moment_numel(chunk: list) -> int:
-    return sum(2 * p.numel() for p in chunk)
+    def moment_views(self, flat: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(exp_avg, exp_avg_sq) per parameter as views of `flat` (default: the host buffer)."""
+        flat = self.host if flat is None else flat
+        out, off = [], 0
+        for p in self.params:
+            n = p.numel()
+            out.append((flat[off:off + n].view(p.shape), flat[off + n:off + 2 * n].view(p.shape)))
+            off += 2 * n
+        return out
 
 
 def _chunks(params: list, chunk_bytes: int) -> list[list]:
-    """Consecutive parameters, as many per chunk as keep its two moments within chunk_bytes (a
-    parameter larger than that is a chunk of its own)."""
+    """Consecutive parameters, as many per chunk as keep their two fp32 moments within chunk_bytes
+    (a parameter larger than that is a chunk of its own)."""
     out, cur, size = [], [], 0
     for p in params:
         b = 2 * p.numel() * 4
@@ -176,16 +191,6 @@ def _chunks(params: list, chunk_bytes: int) -> list[list]:
         size += b
     if cur:
         out.append(cur)
-    return out
-
-
-def _views(buf: torch.Tensor, chunk: list) -> list[torch.Tensor]:
-    """exp_avg, exp_avg_sq views for each parameter of the chunk, in order, from one flat buffer."""
-    out, off = [], 0
-    for p in chunk:
-        for _ in _MOMENTS:
-            out.append(buf[off:off + p.numel()].view(p.shape))
-            off += p.numel()
     return out
 
 
