@@ -127,7 +127,8 @@ def _qlora(path, graphs: bool, recompute: str = "mlp", blocks: int = 1, dtype=to
     return model
 
 
-@pytest.mark.parametrize("recompute", ["mlp", "layer", "mlp-2-blocks", "mlp-prefetch", "layer-prefetch"])
+@pytest.mark.parametrize("recompute", ["mlp", "layer", "mlp-2-blocks", "mlp-prefetch", "layer-prefetch",
+                                       "mlp-2-blocks-prefetch"])
 def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, monkeypatch, recompute):
     """4-bit base weights: the graphs dequantise into the shared buffers, and within one graph the
     backward reuses the gate and up weights its MLP recompute just dequantised (`graph_local`), while
