@@ -123,3 +123,48 @@ def test_training_loss_drops_ignored_rows_before_the_lm_head(monkeypatch):
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
     for (name, p), q in zip(model.named_parameters(), stock.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_autocast_to_another_dtype_runs_the_stock_path(tmp_path, monkeypatch):
+    """A float32 model under bf16 autocast (TRL's default bf16=True) runs transformers + PEFT's own
+    path, with a warning: the same loss and LoRA gradients as the unpatched model, where the fused
+    functions would mix the two dtypes. A bf16 model under bf16 autocast stays fused."""
+    import importlib
+
+    patch_mod = importlib.import_module("velotune.models.patch")   # (velotune.models.patch is also a function)
+    monkeypatch.setattr(patch_mod, "_WARNED_AUTOCAST", [False])
+    path = save_mini_model("llama", tmp_path)
+    batch = fixed_batch()
+
+    def lora(dtype):
+        model, _ = FastLanguageModel.from_pretrained(path, dtype=dtype, max_seq_length=128)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        return model
+
+    def run(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    ours = lora(torch.float32)
+    with pytest.warns(UserWarning, match="autocast to another dtype"):
+        got = run(ours)
+    stock = lora(torch.float32)
+    unpatch(stock.base_model.model)
+    want = run(stock)
+    assert torch.equal(got[0], want[0]) and got[1].keys() == want[1].keys()
+    assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+
+    calls = []
+    real = patch_mod.FUSED_FORWARDS["mlp"]
+    monkeypatch.setitem(patch_mod.FUSED_FORWARDS, "mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(patch_mod, "BOUND_FORWARDS", {r: patch_mod._stock_under_foreign_autocast(f, r)
+                                                      for r, f in patch_mod.FUSED_FORWARDS.items()})
+    bf16 = lora(torch.bfloat16)
+    run(bf16)
+    assert calls                                    # fused under autocast to its own dtype

@@ -10,8 +10,11 @@ Modules carrying an accelerate hook (device_map) get `_old_forward` replaced, so
 from __future__ import annotations
 
 import collections
+import functools
 import types
+import warnings
 
+import torch
 from torch import nn
 
 from velotune.models.attention import attention_forward
@@ -28,6 +31,50 @@ FUSED_FORWARDS = {
 }
 
 
+def _activation_dtype(module: nn.Module, role: str, args, kwargs) -> torch.dtype | None:
+    """The dtype the module computes in: its input activation's (the embeddings' for the whole model)."""
+    if role == "causal_lm":
+        emb = module.get_input_embeddings()
+        return None if emb is None else emb.weight.dtype
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    return x.dtype if isinstance(x, torch.Tensor) else None
+
+
+def _autocast_to_other_dtype(dtype: torch.dtype | None) -> bool:
+    """Autocast is on (CUDA or CPU) and casts to a dtype other than the activations': the fused
+    functions run in the activations' dtype and would mix the two (a float32 model under TRL's
+    default bf16=True, say). Autocast to the model's own dtype changes nothing and stays fused."""
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != dtype:
+            return True
+    return False
+
+
+_WARNED_AUTOCAST = [False]
+
+
+def _stock_under_foreign_autocast(fused, role: str):
+    """`fused`, or the module's stock forward while autocast casts to another dtype (see above):
+    then the results are stock's own, and a one-time warning says how to get the fused path."""
+
+    @functools.wraps(fused)
+    def forward(self, *args, **kwargs):
+        dtype = _activation_dtype(self, role, args, kwargs)
+        if dtype is not None and _autocast_to_other_dtype(dtype):
+            if not _WARNED_AUTOCAST[0]:
+                _WARNED_AUTOCAST[0] = True
+                warnings.warn(f"velotune: autocast to another dtype than the model's ({dtype}): running the stock "
+                              "transformers path (correct, not fused). Load the model in the dtype you train in "
+                              "(e.g. dtype=torch.bfloat16 with bf16=True) for velotune's kernels.", stacklevel=2)
+            return self._velotune_stock_forward(*args, **kwargs)
+        return fused(self, *args, **kwargs)
+
+    return forward
+
+
+BOUND_FORWARDS = {role: _stock_under_foreign_autocast(fn, role) for role, fn in FUSED_FORWARDS.items()}
+
+
 def _forward_attr(module: nn.Module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
@@ -39,13 +86,13 @@ def _bind(module: nn.Module, role: str, spec: FamilySpec) -> None:
     module._velotune_stock_forward = getattr(module, attr)
     module._velotune_spec = spec
     module._velotune_role = role
-    setattr(module, attr, types.MethodType(FUSED_FORWARDS[role], module))
+    setattr(module, attr, types.MethodType(BOUND_FORWARDS[role], module))
 
 
 def _release(module: nn.Module) -> None:
     attr, saved, had_instance = module._velotune_saved
     current = module.__dict__.get(attr)
-    if getattr(current, "__func__", None) is FUSED_FORWARDS[module._velotune_role]:
+    if getattr(current, "__func__", None) is BOUND_FORWARDS[module._velotune_role]:
         if had_instance:
             setattr(module, attr, saved)
         else:
