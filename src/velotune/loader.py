@@ -150,7 +150,7 @@ class FastLanguageModel:
         `mlp_row_blocks` (with recompute="mlp"): each MLP runs forward and backward in that many
         blocks of rows (velotune.lora.recomputed_mlp). 1 gives the same bits as one piece; more lowers
         the MLP's GPU memory peak for more, smaller GEMMs (H200, 8B QLoRA 2 x 2048 with cuda_graphs:
-        4 blocks, 0.16 GiB less, 2.4% slower; the rounding stays as exact, not the same bits).
+        4 blocks, 0.16 GiB less, 3-4% slower; the rounding stays as exact, not the same bits).
         `offload_embedding`: keep the frozen input-embedding table in host memory and look the batch's
         rows up on the CPU (velotune.train.embedding_offload): ~1 GiB less GPU memory for Llama-3,
         one device->host copy of the token ids per forward. Refused for tied or trainable tables.

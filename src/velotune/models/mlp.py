@@ -51,9 +51,10 @@ def recomputes_without_mlp_values(fn):
 
 def set_row_blocks(mlp: torch.nn.Module, blocks: int) -> None:
     """Under recompute="mlp" this MLP runs forward and backward in `blocks` row blocks
-    (lora/recomputed_mlp.py; get_peft_model(mlp_row_blocks=...), which checks the value). 1 (the default) is the same bits as
-    checkpointing lora_mlp; more lowers the MLP's memory peak at the cost of more, smaller GEMMs
-    (H200, 8B QLoRA 2 x 2048, graphed: 4 blocks -0.16 GiB of graph pool, 2.4% slower; BENCHMARKS.md)."""
+    (lora/recomputed_mlp.py; get_peft_model(mlp_row_blocks=...), which checks the value). 1 (the
+    default) is the same bits as checkpointing lora_mlp; more lowers the MLP's memory peak at the
+    cost of more, smaller GEMMs (H200, 8B QLoRA 2 x 2048, graphed: 4 blocks -0.16 GiB of graph
+    pool, 3-4% slower; BENCHMARKS.md)."""
     mlp._velotune_row_blocks = blocks
 
 

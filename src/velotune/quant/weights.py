@@ -168,6 +168,11 @@ class _WeightBuffers:
             torch.cuda.current_stream(key[0]).wait_event(ready)
             self._ready[key][i] = None
 
+    def _settle_all(self) -> None:
+        for key, slots in self._slots.items():
+            for i in range(len(slots)):
+                self._settle(key, i)
+
     def holds(self, tag: tuple, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether a slot holds what `tag` names (as `lookup` would find it), changing nothing."""
         with self._lock:
@@ -197,9 +202,7 @@ class _WeightBuffers:
             yield
         finally:
             with self._lock:
-                for key, slots in self._slots.items():   # join every prefetch (a capture must end joined)
-                    for i in range(len(slots)):
-                        self._settle(key, i)
+                self._settle_all()                       # join every prefetch (a capture must end joined)
                 self._local -= 1
                 self._slots, self._views, self._tags, self._ready, self._next = outer
 
@@ -211,9 +214,8 @@ class _WeightBuffers:
         with self._lock:
             if not self._local:
                 return
+            self._settle_all()
             for key, slots in self._slots.items():
-                for i in range(len(slots)):
-                    self._settle(key, i)
                 slots[:] = [None] * len(slots)
                 for views in self._views[key]:
                     views.clear()
@@ -221,9 +223,7 @@ class _WeightBuffers:
 
     def clear(self) -> None:
         with self._lock:
-            for key, slots in self._slots.items():
-                for i in range(len(slots)):
-                    self._settle(key, i)
+            self._settle_all()
             self._slots.clear()
             self._views.clear()
             self._tags.clear()

@@ -28,7 +28,8 @@ How, per layer and per input signature (shape, dtype, kwargs; see `_Entry`):
     F: y = layer(x)  under no_grad                                   (the checkpointed forward)
     B: y = layer(x); (dx, dlora...) = autograd.grad(y, (x, lora...), dy)   (recompute + backward)
   Their inputs and outputs are static buffers shared by the layers of a signature: x, y (= dx: each
-  is cloned out right after its replay), dy, the flat LoRA-gradient buffer, and one buffer per tensor kwarg (rotary cos/sin, position ids, mask);
+  is cloned out right after its replay), dy, the flat LoRA-gradient buffer, and one buffer per
+  tensor kwarg (rotary cos/sin, position ids, mask);
   (B's forward skips the MLP's frozen down GEMM where only a residual add follows: its values are
   never read, as checkpointing's early stop skips it eagerly; see models/mlp.py);
 * later calls run `_GraphedLayer`: copy x in, replay F, clone y out, offload x to host memory (the

@@ -104,8 +104,8 @@ class VelotuneTrainerMixin:
             from velotune.train.offload_adamw import OffloadedAdamW
 
             a = self.args
-            self.optimizer_cls_and_kwargs = (OffloadedAdamW, dict(lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
-                                                                  eps=a.adam_epsilon))
+            self.optimizer_cls_and_kwargs = (OffloadedAdamW, dict(lr=a.learning_rate, eps=a.adam_epsilon,
+                                                                  betas=(a.adam_beta1, a.adam_beta2)))
         self._vt_tokens = 0
         self._vt_clock = None
         exact_token_normalisation(self)
