@@ -21,6 +21,9 @@
 #   bash bench/gpu_mlp_graphs.sh rounds COMMIT  # 2 rounds: stock and graphed "mlp" (1 row block); 4 blocks
 #   bash bench/gpu_mlp_graphs.sh prefetch COMMIT  # dequantisation prefetch and OffloadedAdamW: GPU tests,
 #                                               # graphed "mlp" without / with them
+#   bash bench/gpu_mlp_graphs.sh gather COMMIT  # the embedding rows gathered by the GPU from the pinned table
+#                                               # (no host sync per step) with OffloadedAdamW: GPU tests,
+#                                               # stock vs graphed "mlp" (2 rounds), the host gather, idle
 set -uo pipefail
 export PYTHONPATH=$PWD/.devsite:$PWD/src TRITON_INTERPRET=0
 out=${OUT:-bench/results}
@@ -133,8 +136,20 @@ prefetch) # quant.weights.PREFETCH and OffloadedAdamW: their GPU tests, then sto
   [ $SECONDS -lt 500 ] && qlora $((585 - SECONDS)) prefetch_adam --impls velotune-qlora-mlp-graphs \
     --prefetch-dequant --offload-optimizer --json "$out/qlora_prefetch_adam_$commit.json"
   ;;
+gather)   # embedding_offload.GATHER_ON_GPU and OffloadedAdamW's copies out overlapping the next step
+  card
+  timeout 120 python -m pytest -q -m gpu tests/train/test_embedding_offload.py tests/train/test_offload_adamw.py \
+    tests/train/test_saved_graphs.py 2>&1 | tail -25 | tee "$out/gputests_gather_$commit.log"
+  qlora 280 gather --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --offload-optimizer \
+    --json "$out/qlora_gather_$commit.json"
+  qlora 90 host_gather --impls velotune-qlora-mlp-graphs --offload-optimizer --host-gather-embedding \
+    --json "$out/qlora_host_gather_$commit.json"
+  [ $SECONDS -lt 480 ] && timeout $((585 - SECONDS)) python bench/host_overhead.py --impls velotune-qlora \
+    --recompute mlp --cuda-graphs --offload-embedding --offload-optimizer --no-cprofile --gaps 14 --kernels 14 \
+    2>&1 | quiet | tee "$out/host_gather_gaps_$commit.log"
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|prefetch COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|prefetch|gather COMMIT" >&2
   exit 2
   ;;
 esac

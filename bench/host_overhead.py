@@ -31,9 +31,11 @@ from train import _config, training_step  # noqa: E402
 
 def measure(impl: str, args) -> None:
     config = _config("8b")
+    velotune = impl.startswith("velotune")
     model = build(impl, config, "cuda", torch.bfloat16, args.seq, cuda_graphs=args.cuda_graphs,
-                  recompute=args.recompute)
-    step, _, opt, batch = training_step(model, args.batch, args.seq, "cuda")
+                  recompute=args.recompute, offload_embedding=args.offload_embedding and velotune)
+    step, _, opt, batch = training_step(model, args.batch, args.seq, "cuda",
+                                        offload_optimizer=args.offload_optimizer and velotune)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -46,6 +48,11 @@ def measure(impl: str, args) -> None:
         t2 = time.perf_counter()
         enq.append(t1 - t0)
         wall.append(t2 - t0)
+    t0 = time.perf_counter()           # as bench/qlora.py times: no synchronize between the steps
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    back_to_back = (time.perf_counter() - t0) / args.steps
     n_tok = args.batch * args.seq
     if args.gaps:
         try:
@@ -55,7 +62,8 @@ def measure(impl: str, args) -> None:
     graphs = getattr(model, "velotune_layer_graphs", None)
     tag = f" [layer graphs {graphs.stats}]" if graphs is not None else ""
     print(f"{impl}{tag}: enqueue {1e3 * sum(enq) / len(enq):.1f} ms, wall {1e3 * sum(wall) / len(wall):.1f} ms/step "
-          f"({n_tok * len(wall) / sum(wall):.0f} tok/s)", flush=True)
+          f"({n_tok * len(wall) / sum(wall):.0f} tok/s); back to back {1e3 * back_to_back:.1f} ms/step "
+          f"({n_tok / back_to_back:.0f} tok/s)", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -122,13 +130,14 @@ def gaps(model, opt, batch, args) -> None:
     norm = model.get_base_model().model.norm if hasattr(model, "get_base_model") else model.model.norm
     hook = norm.register_forward_pre_hook(lambda *a: phase("loss") if torch.is_grad_enabled() else None)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        phase("layers")
-        loss = model(**batch).loss
-        phase("backward")
-        loss.backward()
-        phase("optimizer")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for _ in range(2):             # two steps back to back: the second one's start shows the boundary
+            phase("layers")
+            loss = model(**batch).loss
+            phase("backward")
+            loss.backward()
+            phase("optimizer")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         phase(None)
     hook.remove()
@@ -151,8 +160,8 @@ def gaps(model, opt, batch, args) -> None:
                 return name
         return "?"
 
-    busy, idle, waited = {}, {}, {}
-    prev_end = None
+    busy, idle, waited, after = {}, {}, {}, {}
+    prev_end, prev_name = None, ""
     for k in main:
         t = launch_at.get(k.correlation_id()) or launch_at.get(k.linked_correlation_id()) or k.start_ns()
         name = phase_of(t)
@@ -163,12 +172,19 @@ def gaps(model, opt, batch, args) -> None:
             key = k.name()[:70]
             c, t = waited.get(key, (0, 0))
             waited[key] = (c + 1, t + gap)
-        prev_end = max(prev_end or 0, k.start_ns() + k.duration_ns())
+            pair = prev_name[:45] + " -> " + k.name()[:45]
+            c, t = after.get(pair, (0, 0))
+            after[pair] = (c + 1, t + gap)
+        if prev_end is None or k.start_ns() + k.duration_ns() > prev_end:
+            prev_end, prev_name = k.start_ns() + k.duration_ns(), k.name()
     for a, b, name in ranges:
         print(f"  phase {name:<10} wall {(b - a) / 1e6:8.1f} ms | kernels launched in it {busy.get(name, 0) / 1e6:8.1f} ms"
               f" | stream idle before them {idle.get(name, 0) / 1e6:7.1f} ms", flush=True)
     print(f"  stream idle in all {sum(idle.values()) / 1e6:.1f} ms over {len(main)} kernels; most waited-for:", flush=True)
     for key, (c, t) in sorted(waited.items(), key=lambda kv: -kv[1][1])[:args.gaps]:
+        print(f"    {t / 1e6:7.2f} ms  {c:5d}x  {key}", flush=True)
+    print("  the same idle by the kernel that ran before it (two steps, so a per-step figure is half):", flush=True)
+    for key, (c, t) in sorted(after.items(), key=lambda kv: -kv[1][1])[:args.gaps]:
         print(f"    {t / 1e6:7.2f} ms  {c:5d}x  {key}", flush=True)
 
 
@@ -208,6 +224,8 @@ def main() -> None:
     ap.add_argument("--gaps", type=int, default=0, help="profile one step's idle GPU time by phase; list this many kernels")
     ap.add_argument("--cuda-graphs", action="store_true", help="velotune: decoder layers as CUDA graphs")
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="velotune: get_peft_model(recompute=)")
+    ap.add_argument("--offload-embedding", action="store_true", help="velotune: the input embeddings in host memory")
+    ap.add_argument("--offload-optimizer", action="store_true", help="velotune: OffloadedAdamW")
     args = ap.parse_args()
     launch_cost()
     for impl in args.impls:

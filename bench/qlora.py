@@ -143,6 +143,9 @@ def worker(args) -> dict:
     if args.checkpointed_mlp:
         from velotune.models import mlp
         mlp.RECOMPUTED_MLP = False
+    if args.host_gather_embedding:
+        from velotune.train import embedding_offload
+        embedding_offload.GATHER_ON_GPU = False
     if args.prefetch_dequant:
         from velotune.quant import weights
         weights.PREFETCH = True
@@ -637,6 +640,9 @@ def main() -> int:
                     help="velotune: logits bytes per fused-CE chunk (models/loss.CE_MEMORY_BUDGET; 0: its default)")
     ap.add_argument("--offload-embedding", action="store_true",
                     help="velotune contenders keep the frozen input embeddings in host memory")
+    ap.add_argument("--host-gather-embedding", action="store_true",
+                    help="with --offload-embedding: gather the rows on the host (one sync per step) instead of "
+                         "on the GPU from the pinned table (train/embedding_offload.GATHER_ON_GPU = False)")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     ap.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
@@ -672,6 +678,7 @@ def main() -> int:
         ["--checkpointed-mlp"] if args.checkpointed_mlp else []) + (
         ["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend != "default" else []) + (
         ["--prefetch-dequant"] if args.prefetch_dequant else []) + (
+        ["--host-gather-embedding"] if args.host_gather_embedding else []) + (
         ["--offload-optimizer"] if args.offload_optimizer else [])
     if not args.no_throughput:
         res, rounds = {}, {}

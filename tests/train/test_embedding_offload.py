@@ -88,11 +88,46 @@ def test_chat_template_growing_the_vocabulary_keeps_the_table_on_the_host():
     assert model(input_ids=ids).logits.shape[-1] >= len(tok)
 
 
-@pytest.mark.gpu
-def test_gpu_lookups_reuse_one_pinned_buffer():
-    """On the GPU the rows go through the module's own pinned buffer: a second lookup (other ids)
-    reuses it only after the first copy finished, and both results are the table's rows."""
+def _cuda_lora(offload: bool):
     model = mini_model("llama").cuda()
+    prepare_model(model, max_seq_length=64)
+    return FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
+                                            random_state=5, offload_embedding=offload)
+
+
+@pytest.mark.gpu
+def test_gpu_reads_the_rows_from_the_pinned_table():
+    """Ids on the GPU: the kernel gathers from the pinned host table (no host buffer, no sync), the
+    rows bit for bit; a LoRA step gives the same loss and grads as the table on the GPU."""
+    ref = _cuda_lora(False)
+    table = ref.get_input_embeddings().weight.detach().clone()
+    batch = {k: v.cuda() for k, v in fixed_batch().items()}
+    ref_loss = ref(**batch).loss
+    ref_loss.backward()
+    model = _cuda_lora(True)
+    emb = model.get_input_embeddings()
+    assert emb.weight.device.type == "cpu" and emb.weight.is_pinned()
+    ids = torch.randint(0, table.shape[0], (2, 64), device="cuda")
+    out = emb(ids)
+    assert out.is_cuda and torch.equal(out, table[ids]) and "_velotune_rows" not in emb.__dict__
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.equal(loss, ref_loss)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, ref_grads[n]), n
+
+
+@pytest.mark.gpu
+def test_gpu_host_gather_reuses_one_pinned_buffer(monkeypatch):
+    """GATHER_ON_GPU = False (the host path): the rows go through the module's own pinned buffer; a
+    second lookup (other ids) reuses it only after the first copy finished; both are the table's rows."""
+    from velotune.train import embedding_offload
+
+    monkeypatch.setattr(embedding_offload, "GATHER_ON_GPU", False)
+    model = mini_model("llama").cuda()
+    model.requires_grad_(False)
     table = model.get_input_embeddings().weight.detach().clone()
     emb = offload_input_embeddings(model)
     ids1 = torch.randint(0, table.shape[0], (2, 64), device="cuda")

@@ -1,5 +1,5 @@
-"""A frozen input-embedding table in host memory: the lookup runs on the CPU, only the batch's rows
-travel to the GPU.
+"""A frozen input-embedding table in host memory: only the batch's rows travel to the GPU (read by
+the GPU itself from the pinned table).
 
     offload_input_embeddings(model)     # FastLanguageModel.get_peft_model(..., offload_embedding=True)
     restore_input_embeddings(model)
@@ -11,12 +11,15 @@ tokens), the one large tensor the GPU does not need to hold.
 How (per instance, revertible, nothing global):
 * the `nn.Embedding`'s weight moves to host memory (pinned when CUDA is there) as the same Parameter
   object (`.data` swapped), so state dicts, saving and merging see the same tensor;
-* its `forward` is replaced on the instance: the ids go to the host (a device->host copy, so the GPU
-  work queued before it must finish: one sync at the start of each forward), `index_select` gathers
-  the rows on the CPU into the module's own pinned buffer (the same rows `nn.Embedding` returns: its
-  forward is a gather; the buffer is reused once its previous copy has finished), and the result is
-  copied to the compute device without blocking. Forward hooks (PEFT's
-  `enable_input_require_grads`) still run: they wrap `__call__`.
+* its `forward` is replaced on the instance. Ids on a CUDA device: a Triton kernel on the compute
+  stream reads the batch's rows straight from the pinned table (`kernels/embedding_gather.py`: pinned
+  host memory is mapped into the GPU's address space), so nothing waits on the host. The earlier
+  path, kept as `GATHER_ON_GPU = False` for side-by-side benchmarks: the ids go to the host (a
+  device->host copy, so the GPU work queued before it must finish: one sync at the start of each
+  forward), `index_select` gathers the rows on the CPU into the module's own pinned buffer (reused
+  once its previous copy has finished), and the result is copied to the compute device without
+  blocking. Either way the rows are the ones `nn.Embedding` returns (its forward is a gather).
+  Forward hooks (PEFT's `enable_input_require_grads`) still run: they wrap `__call__`.
 * If the weight is moved back to an accelerator (`model.to("cuda")`), the stock forward runs.
 
 Refused with a ValueError, losing nothing (the model is left as it was): a trainable table (full
@@ -31,6 +34,12 @@ import types
 import torch
 from torch import nn
 
+from velotune.kernels.embedding_gather import gather_rows
+
+# Ids on a CUDA device: gather on the GPU from the pinned table (True), or on the host (False: one
+# host sync per lookup; kept so that bench/qlora.py --host-gather-embedding can time both in one run).
+GATHER_ON_GPU = True
+
 
 def _input_embedding(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
@@ -41,11 +50,15 @@ def _input_embedding(model: nn.Module) -> nn.Module:
 
 
 def _offloaded_forward(self: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
-    """input_ids [...] (any device) -> [..., H] on the compute device, gathered on the host."""
+    """input_ids [...] (any device) -> [..., H] on the compute device: gathered by the GPU from the
+    pinned table when the ids are on a CUDA device, else on the host."""
     weight = self.weight
     if weight.device.type != "cpu":                 # moved back by model.to(...): the stock lookup
         return nn.Embedding.forward(self, input_ids)
     device = self._velotune_embedding_device
+    if GATHER_ON_GPU and device.type == "cuda" and input_ids.is_cuda and weight.is_pinned():
+        with torch.cuda.device(input_ids.device):
+            return gather_rows(weight, input_ids).to(device)
     ids = input_ids.to("cpu").reshape(-1)
     if device.type != "cuda":                        # a fresh tensor: on the CPU .to() would not copy
         rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype)

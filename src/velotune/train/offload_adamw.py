@@ -100,7 +100,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._pending = []    # the last step's copies out precede whatever the current stream queues now
+        self._pending = []    # this step's copies out queue after the last step's (one d2h stream)
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
@@ -118,6 +118,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             current = torch.cuda.current_stream(device)
             h2d, d2h = _streams(device)
             h2d.wait_stream(current)          # gradients and parameters are ready
+            h2d.wait_stream(d2h)              # the last step's copies out (host moments, staging) are done
         staging = self._staging_buffers(device, max(c.host.numel() for c in todo))
         freed: list = [None, None]            # per staging buffer: its last chunk's d2h event
         beta1, beta2 = group["betas"]
@@ -148,12 +149,14 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 self._pending.append(gone)
             else:
                 chunk.host.copy_(buf)
-        if cuda:
-            current.wait_stream(d2h)          # the next step's copies in start after these went out
+        # The copies out overlap whatever the current stream queues next (the next forward): nothing
+        # there reads the staging buffers, and the next step's copies in wait for these (above).
 
     def _staging_buffers(self, device: torch.device, numel: int) -> list[torch.Tensor]:
         bufs = self._staging.get(device)
         if bufs is None or bufs[0].numel() < numel:
+            if bufs is not None and device.type == "cuda":     # the old ones may still be copied out
+                torch.cuda.current_stream(device).wait_stream(_streams(device)[1])
             bufs = self._staging[device] = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
         return bufs
 
