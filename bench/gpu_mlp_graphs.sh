@@ -19,8 +19,7 @@
 #   bash bench/gpu_mlp_graphs.sh rows COMMIT    # graphed, mlp_row_blocks=4 vs stock and vs 1 block; bf16
 #                                               # LoRA graphed with 4 blocks (the QLoRA / LoRA ratio)
 #   bash bench/gpu_mlp_graphs.sh rounds COMMIT  # 2 rounds: stock and graphed "mlp" (1 row block); 4 blocks
-#   bash bench/gpu_mlp_graphs.sh prefetch COMMIT  # dequantisation prefetch and OffloadedAdamW: GPU tests,
-#                                               # graphed "mlp" without / with them
+#   (the `prefetch` mode, at 806c8b2, timed the dequantisation prefetch since removed: it lost 2%)
 #   bash bench/gpu_mlp_graphs.sh gather COMMIT  # the embedding rows gathered by the GPU from the pinned table
 #                                               # (no host sync per step) with OffloadedAdamW: GPU tests,
 #                                               # stock vs graphed "mlp" (2 rounds), the host gather, idle
@@ -124,18 +123,6 @@ rounds)   # 2 interleaved rounds: stock and graphed "mlp" with 1 row block, then
   [ $SECONDS -lt 400 ] && qlora $((530 - SECONDS)) rounds4 --impls velotune-qlora-mlp-graphs --mlp-chunks 4 \
     --rounds 2 --json "$out/qlora_rounds4_$commit.json"
   ;;
-prefetch) # quant.weights.PREFETCH and OffloadedAdamW: their GPU tests, then stock / graphed "mlp" without
-          # and with the prefetch (2 rounds), and with the offloaded optimizer as well
-  card
-  timeout 150 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/lora/test_recomputed_mlp.py \
-    tests/train/test_offload_adamw.py tests/train/test_embedding_offload.py 2>&1 | tail -25 | tee "$out/gputests_prefetch_$commit.log"
-  qlora 240 prefetch_off --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 \
-    --json "$out/qlora_prefetch_off_$commit.json"
-  qlora 130 prefetch_on --impls velotune-qlora-mlp-graphs --rounds 2 --prefetch-dequant \
-    --json "$out/qlora_prefetch_on_$commit.json"
-  [ $SECONDS -lt 500 ] && qlora $((585 - SECONDS)) prefetch_adam --impls velotune-qlora-mlp-graphs \
-    --prefetch-dequant --offload-optimizer --json "$out/qlora_prefetch_adam_$commit.json"
-  ;;
 gather)   # embedding_offload.GATHER_ON_GPU and OffloadedAdamW's copies out overlapping the next step
   card
   timeout 120 python -m pytest -q -m gpu tests/train/test_embedding_offload.py tests/train/test_offload_adamw.py \
@@ -149,7 +136,7 @@ gather)   # embedding_offload.GATHER_ON_GPU and OffloadedAdamW's copies out over
     2>&1 | quiet | tee "$out/host_gather_gaps_$commit.log"
   ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|prefetch|gather COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather COMMIT" >&2
   exit 2
   ;;
 esac

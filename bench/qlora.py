@@ -146,9 +146,6 @@ def worker(args) -> dict:
     if args.host_gather_embedding:
         from velotune.train import embedding_offload
         embedding_offload.GATHER_ON_GPU = False
-    if args.prefetch_dequant:
-        from velotune.quant import weights
-        weights.PREFETCH = True
     if args.dequant_kernel:
         from velotune.quant import dequant_kernel
 
@@ -615,7 +612,7 @@ def main() -> int:
                     help="run the contenders this many times, interleaved; report each one's median run")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="velotune: get_peft_model(..., cuda_graphs=True), decoder layers replayed as CUDA graphs")
-    ap.add_argument("--dequant-kernel", default="", choices=["", "rows", "bytes"],
+    ap.add_argument("--dequant-kernel", default="", choices=["", "rows", "words", "bytes"],
                     help="NF4 dequantisation layout of the training path (quant/dequant_kernel.DEFAULT_KERNEL)")
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"],
                     help="velotune: get_peft_model(..., recompute=...): 'mlp' offloads the attention activations "
@@ -630,9 +627,6 @@ def main() -> int:
     ap.add_argument("--offload-optimizer", action="store_true",
                     help="velotune: OffloadedAdamW (train/offload_adamw.py: AdamW moments in pinned host memory, "
                          "the same bits) instead of torch's fused AdamW")
-    ap.add_argument("--prefetch-dequant", action="store_true",
-                    help="velotune: quant.weights.PREFETCH = True (a group's next 4-bit weight dequantised on a "
-                         "side stream while the current one's GEMM runs)")
     ap.add_argument("--checkpointed-mlp", action="store_true",
                     help="velotune, recompute='mlp': torch's checkpoint around lora_mlp instead of "
                          "lora/recomputed_mlp.py (models/mlp.RECOMPUTED_MLP = False)")
@@ -677,7 +671,6 @@ def main() -> int:
         ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else []) + (
         ["--checkpointed-mlp"] if args.checkpointed_mlp else []) + (
         ["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend != "default" else []) + (
-        ["--prefetch-dequant"] if args.prefetch_dequant else []) + (
         ["--host-gather-embedding"] if args.host_gather_embedding else []) + (
         ["--offload-optimizer"] if args.offload_optimizer else [])
     if not args.no_throughput:

@@ -128,43 +128,6 @@ def test_get_base_weight_buffers_and_dequantize_for_merge(llama_dir):
     assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], expected.float())
 
 
-def test_prefetch_dequantises_ahead_into_the_ring(llama_dir, monkeypatch):
-    """prefetch_base_weight: off, nothing; on, the weight is dequantised into the next slot then, and
-    the get that follows finds it there (no second dequantisation, same values, the ring as if the
-    get had dequantised); a weight a slot already holds is left alone. A group (lora/fused.py) asks
-    for each next weight before it hands out the current one."""
-    import velotune.quant.weights as weights
-    from velotune.lora import resolve
-    from velotune.lora.fused import _weights
-
-    model, _ = _load4(llama_dir, dtype=torch.bfloat16)
-    attn = model.model.layers[0].self_attn
-    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    calls = []
-    real = weights.dequantize_nf4
-    monkeypatch.setattr(weights, "dequantize_nf4", lambda nf4, *a, **kw: calls.append(nf4.shape) or real(nf4, *a, **kw))
-    WEIGHT_BUFFERS.clear()
-    weights.prefetch_base_weight(q)                                   # PREFETCH off by default
-    assert calls == [] and WEIGHT_BUFFERS.nbytes() == 0
-    monkeypatch.setattr(weights, "PREFETCH", True)
-    weights.prefetch_base_weight(q)
-    assert calls == [q.weight.quant_state.shape]
-    got = get_base_weight(q)
-    assert calls == [q.weight.quant_state.shape]                     # found, not dequantised again
-    assert torch.equal(got, bnbF.dequantize_4bit(q.weight.data, q.weight.quant_state))
-    weights.prefetch_base_weight(q)                                   # held already: nothing
-    assert len(calls) == 1
-    kv = [get_base_weight(m).data_ptr() for m in (k, v)]              # the ring: k in the other slot,
-    assert kv[0] != got.data_ptr() and kv[1] == got.data_ptr()        # v back in q's
-    calls.clear()
-    projs = [resolve(m) for m in (q, k, v)]
-    order = []
-    for W in _weights(projs, torch.bfloat16):                         # q asked for first, then each next
-        order.append((len(calls), W.shape[0]))                        # one before the current is used
-    assert calls == [q.weight.quant_state.shape, k.weight.quant_state.shape, v.weight.quant_state.shape]
-    assert [n for n, _ in order] == [2, 3, 3]
-
-
 def test_get_base_weight_follows_changes_to_the_weight(llama_dir):
     """The NF4 view cached on the weight (reused every call) must notice a new quant state or a new
     weight object and give the new values, never stale ones."""

@@ -17,9 +17,7 @@ with a large dimension goes through the rank r:
     dW_i  = dY_i^T @ X,  db_i = sum_N dY_i               (only when W_i / b_i require grad)
 Saved: X and XA (N x sum r) per group, and the adapters cast to the compute dtype (r x d, so backward does
 not cast them again). W is never saved: it is re-read with `get_base_weight` in
-backward, so 4-bit layers dequantise into a shared buffer instead of keeping a copy alive. A group
-asks for its next 4-bit weight (`prefetch_base_weight`) before the current weight's GEMM, so with
-`quant.weights.PREFETCH` on, that dequantisation overlaps the GEMM on a side stream.
+backward, so 4-bit layers dequantise into a shared buffer instead of keeping a copy alive.
 
 The MLP keeps gate and up (needed by the activation's backward) and recomputes h = act(gate) * up
 in backward instead of saving it (one elementwise pass, saves N x I). It is split into three
@@ -35,25 +33,11 @@ import torch.nn.functional as F
 
 from velotune.lora.layers import Proj
 from velotune.quant import get_base_weight
-from velotune.quant.weights import prefetch_base_weight
 
 
 def _weight(p: Proj, dtype: torch.dtype) -> torch.Tensor:
     w = get_base_weight(p.base)
     return w if w.dtype == dtype else w.to(dtype)
-
-
-def _weights(projs: Sequence[Proj], dtype: torch.dtype, first_asked: bool = False):
-    """W_i in `dtype` for each projection in turn, each next 4-bit weight's dequantisation started
-    (`prefetch_base_weight`) before W_i is handed out, i.e. before the caller queues W_i's GEMM.
-    first_asked: the caller already prefetched W_0."""
-    if projs and not first_asked:
-        prefetch_base_weight(projs[0].base)
-    for i, p in enumerate(projs):
-        W = _weight(p, dtype)
-        if i + 1 < len(projs):
-            prefetch_base_weight(projs[i + 1].base)
-        yield W
 
 
 def _scale(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -111,13 +95,12 @@ def group_forward(X: torch.Tensor, projs: Sequence[Proj], extra: Sequence[torch.
     other adapter weights the caller wants in X's dtype, returned only when given) are cast by one
     launch (`_cast_together`).
     """
-    prefetch_base_weight(projs[0].base)               # overlaps the adapter casts and XA's GEMM
     A, Bs, extra_casts = _group_casts(projs, X.dtype, extra)
     XA = X @ A.t() if A is not None else None
     outs, off = [], 0
-    for p, B, W in zip(projs, Bs, _weights(projs, X.dtype, first_asked=True)):
+    for p, B in zip(projs, Bs):
         bias = p.bias if p.bias is None or p.bias.dtype == X.dtype else p.bias.to(X.dtype)
-        Y = F.linear(X, W, bias)
+        Y = F.linear(X, _weight(p, X.dtype), bias)
         if p.A is not None:
             r = p.A.shape[0]
             Y.addmm_(XA[:, off:off + r], B.t(), alpha=p.scaling)
@@ -144,11 +127,10 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
     grads: list = []
     dX = None
     dXAs = []
-    weights = _weights(projs, dYs[0].dtype) if need_dX else None
     for i, (p, dY) in enumerate(zip(projs, dYs)):
         need_W, need_b, need_A, need_B = needs[4 * i: 4 * i + 4]
         if need_dX:
-            W = next(weights)
+            W = _weight(p, dY.dtype)
             dX = dY @ W if dX is None else dX.addmm_(dY, W)
         dW = (dY.t() @ X).to(p.base.weight.dtype) if need_W else None
         db = dY.sum(0).to(p.bias.dtype) if need_b else None

@@ -40,7 +40,7 @@ import torch
 
 from velotune.lora.fused import _flat_params, _joined, _scale, _weight, group_backward, mlp_in
 from velotune.lora.layers import Proj
-from velotune.quant.weights import WEIGHT_BUFFERS, prefetch_base_weight
+from velotune.quant.weights import WEIGHT_BUFFERS
 
 
 def _params(gate_up, down) -> list:
@@ -52,6 +52,7 @@ class _RecomputedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, gate_up, down, act, chunks, *params):
         h, hA = _hidden(X, gate_up, down, act, _blocks(X.shape[0], chunks))
+        WEIGHT_BUFFERS.drop_local()      # in a graph capture: Wg / Wu leave the pool before Wd comes
         W = _weight(down, h.dtype)                                             # as _LoRAUp, _BaseDown
         b = None if down.bias is None else down.bias.to(h.dtype)
         if hA is None:
@@ -72,10 +73,7 @@ class _RecomputedMLP(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]
         n_gu = 4 * len(gate_up)
         need_dA, need_dB = (needs[n_gu], needs[n_gu + 1]) if down.A is not None else (False, False)
-        Wd = _weight(down, dY.dtype)
-        prefetch_base_weight(gate_up[0].base)          # Wg's dequantisation overlaps dh's GEMM
-        dh = dY @ Wd
-        del Wd
+        dh = dY @ _weight(down, dY.dtype)
         dhA = None if down.A is None else _scale(dY @ down.B.to(dY.dtype), down.scaling)
         blocks = _blocks(X.shape[0], ctx.chunks)
         if len(blocks) == 1:
@@ -108,16 +106,12 @@ def _hidden(X, gate_up, down, act, blocks):
     """h = act(gate) * up [N, I] and hA = h A_d^T [N, r] (None without a down adapter), a row block
     at a time: per block gate and up are made, hA taken from them (glu_lora_project) and h written
     over gate (one block) or into its rows of h (several). Peak: Wg, Wu, h and one block's gate and
-    up; one block: Wg, Wu, gate, up (h is gate). In a graph capture Wg and Wu leave the pool before
-    the down projection's weight comes (WEIGHT_BUFFERS.drop_local); with one block that weight is
-    asked for before the GLU runs (prefetch_base_weight)."""
+    up; one block: Wg, Wu, gate, up (h is gate)."""
     from velotune.kernels.glu import glu_forward, glu_lora_project
 
     if len(blocks) == 1:
         gate, up, _, _, A = mlp_in(X, gate_up, down.A)
         hA = None if A is None else glu_lora_project(gate, up, A, act)        # as _MLPIn: from gate, up
-        WEIGHT_BUFFERS.drop_local()                  # in a graph capture: Wg / Wu leave the pool
-        prefetch_base_weight(down.base)              # Wd's dequantisation overlaps the GLU
         return glu_forward(gate, up, act, out=gate), hA                       # gate's last reader was hA
     h = hA = None
     for rows in blocks:
@@ -130,8 +124,8 @@ def _hidden(X, gate_up, down, act, blocks):
         hc = glu_forward(gate, up, act, out=h[rows])  # rows of a contiguous h: written in place
         if hc.data_ptr() != h[rows].data_ptr():
             h[rows] = hc
-        del hc, gate, up
-    WEIGHT_BUFFERS.drop_local()                      # in a graph capture: Wg / Wu leave the pool
+        del hc
+        del gate, up
     return h, hA
 
 

@@ -28,12 +28,6 @@ from velotune.quant.nf4 import NF4Weight, dequantize_nf4
 # largest weight it has held (for Llama-3.1-8B in bf16: 2 x 117 MiB).
 BUFFER_SLOTS = 2
 
-# Dequantise a group's next 4-bit weight on a side stream while the current weight's GEMM runs
-# (`prefetch_base_weight`, called by lora/fused.py): the dequantisation (memory-bound, ~16 ms of an
-# 8B QLoRA step's GPU time) overlaps the GEMMs instead of running between them. Off until measured
-# on a GPU (docs/perf-notes.md); the same bits either way (tests).
-PREFETCH = False
-
 
 def base_layer(module: torch.nn.Module) -> torch.nn.Module:
     """The layer holding the base weight: PEFT LoRA layers wrap it as `base_layer`."""
@@ -94,7 +88,6 @@ class _WeightBuffers:
         self._slots: dict[tuple[torch.device, torch.dtype], list[torch.Tensor | None]] = {}
         self._views: dict[tuple[torch.device, torch.dtype], list[dict]] = {}
         self._tags: dict[tuple[torch.device, torch.dtype], list[tuple | None]] = {}
-        self._ready: dict[tuple[torch.device, torch.dtype], list] = {}   # per slot: the event its write ends with
         self._next: dict[tuple[torch.device, torch.dtype], int] = {}
         self._local = 0          # inside graph_local(): every take allocates
         self._lock = threading.Lock()
@@ -107,10 +100,8 @@ class _WeightBuffers:
                 slots = self._slots[key] = [None] * BUFFER_SLOTS
                 self._views[key] = [{} for _ in range(BUFFER_SLOTS)]
                 self._tags[key] = [None] * BUFFER_SLOTS
-                self._ready[key] = [None] * BUFFER_SLOTS
             i = self._next.get(key, 0)
             self._next[key] = (i + 1) % BUFFER_SLOTS
-            self._settle(key, i)          # a prefetch nobody read yet still writes the old buffer
             buf, views = slots[i], self._views[key][i]
             if buf is None or buf.numel() < numel or self._local:
                 views.clear()
@@ -118,7 +109,6 @@ class _WeightBuffers:
                 slots[i] = buf = torch.empty(numel, device=device, dtype=dtype)
             torch.autograd.graph.increment_version(buf)
             self._tags[key][i] = None
-            self._ready[key][i] = None
         return buf, views
 
     def take_view(self, shape: torch.Size, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -126,16 +116,14 @@ class _WeightBuffers:
         buf, views = self._slot(numel, device, dtype)
         return self._view(buf, views, shape, numel)
 
-    def remember(self, view: torch.Tensor, tag: tuple, ready=None) -> None:
+    def remember(self, view: torch.Tensor, tag: tuple) -> None:
         """`view` (from take_view, now written) holds what `tag` = (object, version) names: until the
-        slot is written again, `lookup(tag, ...)` returns it. ready: the CUDA event the write ends
-        with when another stream made it (a prefetch): lookups make their stream wait for it."""
+        slot is written again, `lookup(tag, ...)` returns it."""
         key = (view.device, view.dtype)
         with self._lock:
             for i, buf in enumerate(self._slots.get(key, ())):
                 if buf is not None and buf.data_ptr() == view.data_ptr():
                     self._tags[key][i] = (*tag, buf._version)
-                    self._ready[key][i] = ready
 
     @staticmethod
     def _view(buf, views, shape, numel):
@@ -153,36 +141,11 @@ class _WeightBuffers:
             tags = self._tags.get(key)
             if tags is None:
                 return None
-            i = self._holding(key, tag)
-            if i is None:
-                return None
-            self._next[key] = (i + 1) % BUFFER_SLOTS
-            self._settle(key, i)                      # written by a prefetch on another stream: wait for it
-            return self._view(self._slots[key][i], self._views[key][i], shape, numel)
-
-    def _settle(self, key, i: int) -> None:
-        """Before slot i's buffer is written again or let go: the current stream waits for the
-        prefetch that wrote it, if that has not been waited for by a lookup."""
-        ready = self._ready.get(key, [None] * BUFFER_SLOTS)[i]
-        if ready is not None:
-            torch.cuda.current_stream(key[0]).wait_event(ready)
-            self._ready[key][i] = None
-
-    def _settle_all(self) -> None:
-        for key, slots in self._slots.items():
-            for i in range(len(slots)):
-                self._settle(key, i)
-
-    def holds(self, tag: tuple, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether a slot holds what `tag` names (as `lookup` would find it), changing nothing."""
-        with self._lock:
-            return self._holding((device, dtype), tag) is not None
-
-    def _holding(self, key, tag) -> int | None:
-        for i, t in enumerate(self._tags.get(key, ())):
-            buf = self._slots[key][i]
-            if t is not None and t[0] is tag[0] and t[1] == tag[1] and buf._version == t[2]:
-                return i
+            for i, t in enumerate(tags):
+                buf = self._slots[key][i]
+                if t is not None and t[0] is tag[0] and t[1] == tag[1] and buf._version == t[2]:
+                    self._next[key] = (i + 1) % BUFFER_SLOTS
+                    return self._view(buf, self._views[key][i], shape, numel)
         return None
 
     @contextlib.contextmanager
@@ -195,16 +158,15 @@ class _WeightBuffers:
         (`clear`), and lookups inside see only what the graph itself wrote (reuse within one graph,
         e.g. the MLP recompute's gate/up in its backward, holds at every replay)."""
         with self._lock:
-            outer = (self._slots, self._views, self._tags, self._ready, self._next)
-            self._slots, self._views, self._tags, self._ready, self._next = {}, {}, {}, {}, {}
+            outer = (self._slots, self._views, self._tags, self._next)
+            self._slots, self._views, self._tags, self._next = {}, {}, {}, {}
             self._local += 1
         try:
             yield
         finally:
             with self._lock:
-                self._settle_all()                       # join every prefetch (a capture must end joined)
                 self._local -= 1
-                self._slots, self._views, self._tags, self._ready, self._next = outer
+                self._slots, self._views, self._tags, self._next = outer
 
     def drop_local(self) -> None:
         """Inside graph_local(): let go of every buffer the graph's slots hold (what a caller still
@@ -214,7 +176,6 @@ class _WeightBuffers:
         with self._lock:
             if not self._local:
                 return
-            self._settle_all()
             for key, slots in self._slots.items():
                 slots[:] = [None] * len(slots)
                 for views in self._views[key]:
@@ -223,11 +184,9 @@ class _WeightBuffers:
 
     def clear(self) -> None:
         with self._lock:
-            self._settle_all()
             self._slots.clear()
             self._views.clear()
             self._tags.clear()
-            self._ready.clear()
             self._next.clear()
 
     def nbytes(self) -> int:
@@ -258,62 +217,15 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     tag = (nf4, weight._version)                               # a new NF4 view or an in-place change: a miss
     out = WEIGHT_BUFFERS.lookup(tag, nf4.shape, nf4.numel, nf4.device, nf4.dtype)
     if out is None:
-        out = _dequantize_into_slot(nf4, tag)
-    # bitsandbytes' own forward: dequantise to the stored dtype, then cast to the input's dtype.
-    dtype = _compute_dtype(layer, nf4)
-    return out if dtype == nf4.dtype else out.to(dtype)
-
-
-def _dequantize_into_slot(nf4: NF4Weight, tag: tuple, stream=None) -> torch.Tensor:
-    """The next buffer slot (taken on the current stream), `nf4` dequantised into it, remembered
-    under `tag`. stream (CUDA): the dequantisation runs there, after everything the current stream
-    has queued (so every reader of the slot's previous weight), and lookups wait for its event."""
-    out = WEIGHT_BUFFERS.take_view(nf4.shape, nf4.numel, nf4.device, nf4.dtype)
-    if stream is None:
+        out = WEIGHT_BUFFERS.take_view(nf4.shape, nf4.numel, nf4.device, nf4.dtype)
         if triton_enabled(nf4.packed):
             dequantize_nf4_triton(nf4, out)                    # replays its launch plan for this buffer
         else:
             dequantize_nf4(nf4, nf4.dtype, out=out)
         WEIGHT_BUFFERS.remember(out, tag)
-        return out
-    stream.wait_stream(torch.cuda.current_stream(nf4.device))
-    with torch.cuda.stream(stream):
-        dequantize_nf4_triton(nf4, out)
-        ready = torch.cuda.Event()
-        ready.record(stream)
-    WEIGHT_BUFFERS.remember(out, tag, ready=ready)
-    return out
-
-
-_PREFETCH_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def prefetch_base_weight(linear: torch.nn.Module) -> None:
-    """Start dequantising `linear`'s 4-bit weight into the next buffer slot, so that the next
-    get_base_weight(linear) finds it there. With PREFETCH on: on CUDA the dequantisation runs on a
-    side stream, overlapping what the caller queues next (the current weight's GEMM); elsewhere it
-    runs at once. Nothing for plain layers, with PREFETCH off, or when a slot already holds it.
-
-    Counts as a use of a slot: a weight from get_base_weight stays valid through one prefetch, as
-    through one more get (BUFFER_SLOTS = 2). Call it after the current weight's get and before its
-    GEMM, so that the slot it overwrites was last read by GEMMs already queued."""
-    if not PREFETCH:
-        return
-    weight = base_layer(linear).weight
-    if getattr(weight, "quant_state", None) is None:
-        return
-    nf4 = nf4_weight(weight)
-    tag = (nf4, weight._version)
-    if WEIGHT_BUFFERS.holds(tag, nf4.device, nf4.dtype):
-        return
-    stream = None
-    if nf4.packed.is_cuda:
-        index = nf4.device.index if nf4.device.index is not None else torch.cuda.current_device()
-        stream = _PREFETCH_STREAMS.get(index)
-        if stream is None:
-            # high priority: its blocks go to SMs as the running GEMM's retire, not after all of them
-            stream = _PREFETCH_STREAMS[index] = torch.cuda.Stream(nf4.device, priority=-1)
-    _dequantize_into_slot(nf4, tag, stream)
+    # bitsandbytes' own forward: dequantise to the stored dtype, then cast to the input's dtype.
+    dtype = _compute_dtype(layer, nf4)
+    return out if dtype == nf4.dtype else out.to(dtype)
 
 
 def dequantize_weight(module_or_weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -153,9 +153,7 @@ class _Graph:
         with torch.cuda.stream(side), WEIGHT_BUFFERS.graph_local():
             fn()
         torch.cuda.current_stream().wait_stream(side)
-        # graph_local inside the capture: on leaving it the capture stream joins any dequantisation
-        # prefetch (quant/weights.py) still outstanding; a capture must end with its streams joined
-        with torch.cuda.graph(self.graph, pool=self.pool, stream=side), WEIGHT_BUFFERS.graph_local():
+        with WEIGHT_BUFFERS.graph_local(), torch.cuda.graph(self.graph, pool=self.pool, stream=side):
             fn()
 
     def replay(self) -> None:
