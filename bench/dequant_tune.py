@@ -1,5 +1,4 @@
-"""NF4 dequantisation tile sweep (GPU): bytes per program and warps of the row-tiled kernel, with the
-bf16 output interleaved into element order ("rows") or stored as one 32-bit word per byte ("words").
+"""NF4 dequantisation tile sweep (GPU): bytes per program and warps of the row-tiled kernel.
 
     PYTHONPATH=.devsite:src python bench/dequant_tune.py
 
@@ -38,26 +37,23 @@ def main() -> None:
         dequantize_nf4_triton(nf4, ref)
         n = nf4.numel
         absmax, code2, absmax2, offset, _ = _kernel_args(nf4)
-        for layout, elems, warps in [(lay, e, w) for lay in ("rows", "words") for e in (2048, 4096)
-                                     for w in (4, 8)]:
+        for layout, elems, warps in [("rows", e, w) for e in (1024, 2048, 4096, 8192) for w in (2, 4, 8)]:
             rows = elems // nf4.blocksize
             out = torch.empty_like(ref)
             grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
             fn, table = _nf4_dequant_rows_kernel, _pair_table(nf4.device)
 
-            dst = out.view(-1).view(torch.int32) if layout == "words" else out
-
             def launch():
-                fn[grid](nf4.packed, absmax, code2, absmax2, offset, table, dst, n, BLOCKSIZE=nf4.blocksize,
-                         BLOCKSIZE2=nf4.blocksize2, NESTED=True, ROWS=rows, OUT_BF16=True,
-                         WORDS=layout == "words", num_warps=warps, enable_fp_fusion=False)
+                fn[grid](nf4.packed, absmax, code2, absmax2, offset, table, out, n, BLOCKSIZE=nf4.blocksize,
+                         BLOCKSIZE2=nf4.blocksize2, NESTED=True, ROWS=rows,
+                         OUT_BF16=True, num_warps=warps, enable_fp_fusion=False)
             launch()
             same = torch.equal(out.view(torch.int16), ref.view(torch.int16))
             us = triton.testing.do_bench(launch, warmup=20, rep=200, return_mode="median") * 1000
             gbs = n * 2.5 / us / 1e3
             total.setdefault((layout, elems, warps), 0.0)
             total[(layout, elems, warps)] += us * PER_LAYER[name]
-            print(f"{name:8s} {layout:5s} elems/prog {elems:6d} warps {warps}: {us:7.1f} us {gbs:7.0f} GB/s  "
+            print(f"{name:8s} {layout:4s} elems/prog {elems:6d} warps {warps}: {us:7.1f} us {gbs:7.0f} GB/s  "
                   f"bit-exact {same}", flush=True)
     print("one layer's 7 weights, us per dequantisation pass, best first:")
     for k, v in sorted(total.items(), key=lambda kv: kv[1]):

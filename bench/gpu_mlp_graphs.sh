@@ -20,9 +20,8 @@
 #                                               # LoRA graphed with 4 blocks (the QLoRA / LoRA ratio)
 #   bash bench/gpu_mlp_graphs.sh rounds COMMIT  # 2 rounds: stock and graphed "mlp" (1 row block); 4 blocks
 #   (the `prefetch` mode, at 806c8b2, timed the dequantisation prefetch since removed: it lost 2%)
-#   bash bench/gpu_mlp_graphs.sh words COMMIT   # GPU tests; GLU + project in one pass vs two; dequant rows vs
-#                                               # words; stock vs graphed "mlp" + OffloadedAdamW (2 rounds,
-#                                               # words), and with rows
+#   (the `words` mode, at d326a9b, timed a one-pass GLU + project and a "words" dequantisation layout,
+#   both slower and removed)
 #   bash bench/gpu_mlp_graphs.sh gather COMMIT  # the embedding rows gathered by the GPU from the pinned table
 #                                               # (no host sync per step) with OffloadedAdamW: GPU tests,
 #                                               # stock vs graphed "mlp" (2 rounds), the host gather, idle
@@ -138,19 +137,8 @@ gather)   # embedding_offload.GATHER_ON_GPU and OffloadedAdamW's copies out over
     --recompute mlp --cuda-graphs --offload-embedding --offload-optimizer --no-cprofile --gaps 14 --kernels 14 \
     2>&1 | quiet | tee "$out/host_gather_gaps_$commit.log"
   ;;
-words)    # session 11: glu_forward_project (one pass) and the "words" dequantisation layout
-  card
-  timeout 150 python -m pytest -q -m gpu tests/kernels/test_gpu.py tests/quant/test_quant_nf4.py \
-    tests/lora/test_recomputed_mlp.py tests/train/test_saved_graphs.py 2>&1 | tail -25 | tee "$out/gputests_words_$commit.log"
-  timeout 60 python bench/mlp_pieces.py 2>&1 | quiet | tee "$out/mlp_pieces_$commit.log"
-  timeout 100 python bench/dequant_tune.py 2>&1 | quiet | tee "$out/dequant_tune_$commit.log"
-  qlora $((560 - SECONDS)) words --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --offload-optimizer \
-    --dequant-kernel words --json "$out/qlora_words_$commit.json"
-  [ $SECONDS -lt 520 ] && qlora $((590 - SECONDS)) rows --impls velotune-qlora-mlp-graphs --offload-optimizer \
-    --dequant-kernel rows --json "$out/qlora_rows_$commit.json"
-  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|words COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather COMMIT" >&2
   exit 2
   ;;
 esac

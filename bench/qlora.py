@@ -612,7 +612,7 @@ def main() -> int:
                     help="run the contenders this many times, interleaved; report each one's median run")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="velotune: get_peft_model(..., cuda_graphs=True), decoder layers replayed as CUDA graphs")
-    ap.add_argument("--dequant-kernel", default="", choices=["", "rows", "words", "bytes"],
+    ap.add_argument("--dequant-kernel", default="", choices=["", "rows", "bytes"],
                     help="NF4 dequantisation layout of the training path (quant/dequant_kernel.DEFAULT_KERNEL)")
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"],
                     help="velotune: get_peft_model(..., recompute=...): 'mlp' offloads the attention activations "

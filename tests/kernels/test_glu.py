@@ -163,25 +163,3 @@ def test_glu_backward_folds_the_rank_r_gradient_in(act, N, I, r, strided, fused_
     for name, a, b, b64 in zip(("dgate", "dup"), (dg, du), ref, ref64):
         assert_close(a, b, what=f"{name} vs torch")
         assert_close(a, b64.float(), what=f"{name} vs float64")
-
-
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("N,I,r,strided,in_place", [(70, 300, 4, False, True), (130, 64, 16, True, False),
-                                                    (5, 9, 20, False, False), (33, 200, 8, True, True)])
-def test_forward_project_is_forward_and_project_in_one_pass(act, N, I, r, strided, in_place, fused_lora):
-    """glu_forward_project = (glu_forward, glu_lora_project) bit for bit, kernel and CPU path; with
-    out=gate (contiguous) h is written over gate; the kernel gives a strided gate a fresh h."""
-    from velotune.kernels.glu import glu_forward_project, glu_lora_project
-
-    for dtype in (torch.float32, torch.bfloat16):
-        gate, up, _, _, A = (t.to(dtype) for t in _lora_case(N, I, r, strided, seed=4))
-        for triton_on in (True, False):
-            with force_triton(triton_on):
-                g = gate.clone() if not strided else torch.cat((gate, up), -1).chunk(2, -1)[0]
-                want_h, want_hA = glu_forward(g, up, act), glu_lora_project(g, up, A, act)   # same layout
-                h, hA = glu_forward_project(g, up, A, act, out=g if in_place else None)
-            assert torch.equal(h, want_h) and torch.equal(hA, want_hA), (dtype, triton_on)
-            if in_place and not strided:
-                assert h.data_ptr() == g.data_ptr()
-            if triton_on and (strided or not in_place):      # the kernel writes a strided out never
-                assert h.data_ptr() != g.data_ptr() and h.is_contiguous()

@@ -257,7 +257,7 @@ def test_triton_path_matches_stock(hook_q, fused_lora, recompute, tmp_path, monk
     """The Triton kernels themselves (interpreter) inside the model: RMSNorm, RoPE rotated in place on
     the fused q/k projection outputs, GLU, fused linear CE (and, fused_lora, the MLP's rank-r kernels;
     with offloaded checkpointing (recompute) the recomputed MLP makes no h: its hA comes from
-    glu_lora_project; a forward takes h and hA in one pass, glu_forward_project). With a forward hook on a q projection (that module then runs stock), the
+    glu_lora_project). With a forward hook on a q projection (that module then runs stock), the
     output the hook holds is not rotated under it."""
     from velotune.kernels import force_triton, glu
 
@@ -270,8 +270,6 @@ def test_triton_path_matches_stock(hook_q, fused_lora, recompute, tmp_path, monk
     h_given = []
     real_project = glu.glu_lora_project
     monkeypatch.setattr(glu, "glu_lora_project", lambda *a, h=None: h_given.append(h is not None) or real_project(*a, h=h))
-    real_both = glu.glu_forward_project
-    monkeypatch.setattr(glu, "glu_forward_project", lambda *a, **k: h_given.append("both") or real_both(*a, **k))
     batch = fixed_batch()
     held = []
     if hook_q:
@@ -289,9 +287,7 @@ def test_triton_path_matches_stock(hook_q, fused_lora, recompute, tmp_path, monk
     if hook_q:
         assert len(held) == 1 and torch.equal(held[0][0], held[0][1])
     n = fast.config.num_hidden_layers
-    # per layer: a forward that makes h takes h and hA in one pass (glu_forward_project; unfused: h,
-    # then glu_lora_project given h); lora_mlp's recompute makes no h, nor does recompute="mlp"'s
-    # backward (lora/recomputed_mlp.py): glu_lora_project from gate and up
-    forward = ["both"] * n if fused_lora else ["both", True] * n
-    want = {None: forward, "layer": forward + [False] * n, "mlp": forward + [False] * n}[recompute]
+    # per layer: lora_mlp's forward makes h first; a recompute's does not; recompute="mlp"'s Function
+    # (lora/recomputed_mlp.py) takes hA from gate and up in its forward too (h then goes over gate)
+    want = {None: [True] * n, "layer": [True] * n + [False] * n, "mlp": [False] * 2 * n}[recompute]
     assert h_given == want

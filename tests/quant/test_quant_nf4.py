@@ -141,7 +141,7 @@ def test_dequantize_matches_bitsandbytes_pytorch_backend():
             assert torch.equal(dequantize_nf4(nf4), _float64_dequant(nf4, dtype)), (shape, dtype)
 
 
-@pytest.mark.parametrize("kernel", ["bytes", "rows", "words"])   # the layouts of dequant_kernel.py
+@pytest.mark.parametrize("kernel", ["bytes", "rows"])   # the two layouts of dequant_kernel.py
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernel_bit_exact_under_interpreter(dtype, kernel):
     from velotune.quant.dequant_kernel import dequantize_nf4_triton
@@ -203,12 +203,11 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
         assert torch.equal(ours, dequantize_nf4_reference(nf4)), (shape, dtype)
         from velotune.quant.dequant_kernel import dequantize_nf4_triton
 
-        for layout in ("bytes", "words"):
-            other = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel=layout).view(ours.shape)
-            assert torch.equal(other, ours), (shape, dtype, layout)
+        other = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel="bytes").view(ours.shape)
+        assert torch.equal(other, ours), (shape, dtype)
         # the launch plans (kernels/launch.py): a repeated call, then an output 2 bytes off
         # 16-byte alignment (its own plan, made by the JIT for that alignment), both still exact
-        for layout in ("rows", "bytes", "words"):
+        for layout in ("rows", "bytes"):
             again = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel=layout)
             assert torch.equal(again.view(ours.shape), ours), (shape, dtype, layout)
             buf = torch.empty(ours.numel() + 8, dtype=ours.dtype, device=ours.device)

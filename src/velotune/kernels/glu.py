@@ -5,7 +5,6 @@
     h = glu_forward(gate, up, act)             # raw pair for fused MLP functions (no autograd)
     dgate, dup = glu_backward(dh, gate, up, act)   # OVERWRITES the gate / up buffers with the grads
     hA = glu_lora_project(gate, up, A, act)    # act(gate) * up @ A^T, h never made ([N, r])
-    h, hA = glu_forward_project(gate, up, A, act, out=gate)   # both, one pass over gate and up
     dA = glu_lora_a_grad(dhA, gate, up, act)   # dhA^T @ act(gate) * up, h never made (fp32 [r, I])
     dgate, dup = glu_backward(dh, gate, up, act, lora=(dhA, A))   # for dh + dhA @ A, not made either
 
@@ -205,18 +204,14 @@ def _glu_bwd_lora_kernel(DH, DHA, A, G, U, DG, DU, N, I, R, s_dh, s_dha, s_a, s_
 
 
 @triton.jit
-def _glu_lora_project_kernel(G, U, A, OUT, H, N, I, R, CHUNK, s_g, s_u, s_a, s_h, ACT: tl.constexpr,
-                             IEEE: tl.constexpr, STORE_H: tl.constexpr,
+def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, CHUNK, s_g, s_u, s_a, ACT: tl.constexpr, IEEE: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
     # OUT[s, N, R] (fp32) = h[:, cols_s] @ A[:, cols_s]^T for the s-th CHUNK of the I columns (a
     # multiple of BLOCK_I), h = act(G) * U rounded to G's dtype as glu_forward rounds it. Program
-    # (row block, s) walks its chunk making h a [BLOCK_N, BLOCK_I] tile at a time in registers,
-    # accumulating in fp32 in a fixed order; the caller sums the chunks (fixed order too:
+    # (row block, s) walks its chunk making h a [BLOCK_N, BLOCK_I] tile at a time in registers (never
+    # stored), accumulating in fp32 in a fixed order; the caller sums the chunks (fixed order too:
     # deterministic) and rounds once. Splitting I gives N / BLOCK_N * chunks programs, enough to
     # keep every SM streaming gate and up (N / BLOCK_N alone is 128 at 4096 tokens).
-    # STORE_H: each h tile is also stored into H (glu_forward's output, in the same pass over gate
-    # and up). H may alias G (same strides): every element is read before it is written, by the
-    # same program.
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     s = tl.program_id(1)
     rr = tl.arange(0, BLOCK_R)
@@ -230,8 +225,6 @@ def _glu_lora_project_kernel(G, U, A, OUT, H, N, I, R, CHUNK, s_g, s_u, s_a, s_h
         u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
         a, _ = _act_and_grad(g, ACT)
         h = (a * u).to(A.dtype.element_ty)
-        if STORE_H:
-            tl.store(H + rows[:, None] * s_h + cols[None, :], h, mask=m)
         a_t = tl.load(A + rr[None, :] * s_a + cols[:, None], mask=cm[:, None] & km[None, :], other=0.0)   # A^T tile
         if IEEE:
             acc += tl.dot(h, a_t, input_precision="ieee")
@@ -310,49 +303,21 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
     r = A.shape[0]
     if not (A.shape[1] == I and _rank_r_fused(r, gate, up, A)):
         return (glu_forward(gate, up, act) if h is None else h) @ A.t()
-    return _project(gate, up, A, act, None)
-
-
-def glu_forward_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act: str,
-                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, hA) = (glu_forward(gate, up, act, out), glu_lora_project(gate, up, A, act)), the same bits,
-    in ONE pass over gate and up on the GPU (the project kernel also stores each h tile it makes):
-    the MLP forward with a down adapter reads the two [N, I] tensors once instead of twice (2 x 112
-    MiB per layer at 8B, 2 x 2048 tokens). out as glu_forward's (e.g. gate itself)."""
-    _check(gate, up)
-    _act_id(act)
-    N, I = gate.shape
-    r = A.shape[0]
-    if not (A.shape[1] == I and _rank_r_fused(r, gate, up, A)):
-        h = glu_forward(gate, up, act, out=out)       # the unfused path: h, then h @ A^T
-        return h, glu_lora_project(gate, up, A, act, h=h)
-    usable = out is not None and out.is_contiguous() and out.dtype == gate.dtype and out.shape == gate.shape
-    h = out if usable else torch.empty((N, I), dtype=gate.dtype, device=gate.device)
-    return h, _project(gate, up, A, act, h)
-
-
-def _project(gate, up, A, act, h):
-    """The project kernel's launch (see glu_lora_project); h: also store h there (or None)."""
-    N, I = gate.shape
-    r = A.shape[0]
     if not (N and r and I):
-        if h is not None and N and I:
-            glu_forward(gate, up, act, out=h)
         return torch.zeros((N, r), dtype=gate.dtype, device=gate.device)
     split = min(LORA_PROJECT_SPLIT, triton.cdiv(I, LORA_PROJECT_BLOCK_I))
     chunk = triton.cdiv(triton.cdiv(I, split), LORA_PROJECT_BLOCK_I) * LORA_PROJECT_BLOCK_I
     split = triton.cdiv(I, chunk)
     parts = torch.empty((split, N, r), dtype=torch.float32, device=gate.device)
-    store = h is not None
-    H = h if store else gate                        # not written when STORE_H is off
-    key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act,
-           store, H.stride(0))
+    key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act)
     launch(_PLANS, key, _glu_lora_project_kernel, (triton.cdiv(N, LORA_PROJECT_BLOCK_N), split),
-           (gate, up, A, parts, H, N, I, r, chunk, gate.stride(0), up.stride(0), A.stride(0), H.stride(0)),
-           dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, STORE_H=store, BLOCK_N=LORA_PROJECT_BLOCK_N,
-                BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3, 4),
+           (gate, up, A, parts, N, I, r, chunk, gate.stride(0), up.stride(0), A.stride(0)),
+           dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_PROJECT_BLOCK_N,
+                BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3),
            num_warps=4)
     return (parts[0] if split == 1 else parts.sum(0)).to(gate.dtype)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------

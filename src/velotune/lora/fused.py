@@ -209,23 +209,19 @@ class _MLPIn(torch.autograd.Function):
     """X -> (h = act(gate) * up, hA = h @ A_down^T): the gate/up group, the GLU, and the down adapter's A.
 
     Saves X, XA (gate/up adapters), gate and up; h is recomputed in backward, never saved.
-    hA comes from gate and up (`glu_forward_project`, or `glu_lora_project` when h is not wanted: on
-    the GPU one pass over gate and up makes h per tile for both), so it is the same bits whether h is
-    made or not. h_unused (a recompute, where nothing reads h's values,
+    hA comes from gate and up (`glu_lora_project`; on the GPU h is made per tile, never stored), so it
+    is the same bits whether h is made or not. h_unused (a recompute, where nothing reads h's values,
     see lora_mlp): h is not made at all and its output is a stand-in of its shape that holds no
     memory; backward never reads h.
     """
 
     @staticmethod
     def forward(ctx, X, gate_up, act, A_down, h_unused, *params):
-        from velotune.kernels.glu import glu_forward, glu_forward_project, glu_lora_project
+        from velotune.kernels.glu import glu_forward, glu_lora_project
 
         gate, up, XA, casts, A = mlp_in(X, gate_up, A_down)
-        if h_unused or A is None:
-            h = None if h_unused else glu_forward(gate, up, act)
-            hA = None if A is None else glu_lora_project(gate, up, A, act)
-        else:
-            h, hA = glu_forward_project(gate, up, A, act)      # one pass over gate and up on the GPU
+        h = None if h_unused else glu_forward(gate, up, act)
+        hA = None if A is None else glu_lora_project(gate, up, A, act, h=h)
         if h is None:     # [N, I] of one element: checkpoint's recompute compares shapes and dtypes only
             h = gate.new_empty(1).expand(gate.shape)
         ctx.gate_up, ctx.act = gate_up, act

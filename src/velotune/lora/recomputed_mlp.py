@@ -104,27 +104,24 @@ def _blocks(N: int, chunks: int) -> list[slice]:
 
 def _hidden(X, gate_up, down, act, blocks):
     """h = act(gate) * up [N, I] and hA = h A_d^T [N, r] (None without a down adapter), a row block
-    at a time: per block gate and up are made, and h and hA taken from them in one pass
-    (glu_forward_project), h written over gate (one block) or into its rows of h (several). Peak: Wg, Wu, h and one block's gate and
+    at a time: per block gate and up are made, hA taken from them (glu_lora_project) and h written
+    over gate (one block) or into its rows of h (several). Peak: Wg, Wu, h and one block's gate and
     up; one block: Wg, Wu, gate, up (h is gate)."""
-    from velotune.kernels.glu import glu_forward, glu_forward_project
-
-    def glu(gate, up, A, out):      # as _MLPIn: h and hA from gate and up, one pass on the GPU
-        return (glu_forward(gate, up, act, out=out), None) if A is None else glu_forward_project(
-            gate, up, A, act, out=out)
+    from velotune.kernels.glu import glu_forward, glu_lora_project
 
     if len(blocks) == 1:
         gate, up, _, _, A = mlp_in(X, gate_up, down.A)
-        return glu(gate, up, A, gate)                 # h over gate: each element read before written
+        hA = None if A is None else glu_lora_project(gate, up, A, act)        # as _MLPIn: from gate, up
+        return glu_forward(gate, up, act, out=gate), hA                       # gate's last reader was hA
     h = hA = None
     for rows in blocks:
         gate, up, _, _, A = mlp_in(X[rows], gate_up, down.A)
         if h is None:
             h = gate.new_empty((X.shape[0], gate.shape[1]))
             hA = None if A is None else gate.new_empty((X.shape[0], A.shape[0]))
-        hc, hAc = glu(gate, up, A, h[rows])           # rows of a contiguous h: written in place
-        if hAc is not None:
-            hA[rows] = hAc
+        if A is not None:
+            hA[rows] = glu_lora_project(gate, up, A, act)
+        hc = glu_forward(gate, up, act, out=h[rows])  # rows of a contiguous h: written in place
         if hc.data_ptr() != h[rows].data_ptr():
             h[rows] = hc
         del hc

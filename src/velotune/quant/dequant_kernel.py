@@ -12,15 +12,12 @@ always in the same absmax block because blocksize is even):
 The kernel is memory bound: it reads 0.5 B and writes 2 B per bf16 element (the absmax and code
 loads hit L1/L2: 32 consecutive bytes share one absmax).
 
-Three layouts of the same arithmetic (identical bits), `kernel=` picks one:
+Two layouts of the same arithmetic (identical bits), `kernel=` picks one:
   "rows" (default)   a [ROWS, blocksize/2] tile of bytes, one row per absmax block: the nested-absmax
                      chain runs once per block instead of once per byte, and both nibbles come from
                      ONE 8-byte load of a 256-entry pair table (fp32 NF4[b >> 4] | NF4[b & 15] << 32).
                      On the H200 (2026-11-30, `bench/qlora.py --dequant`): 58 us vs 68.5 us for a
                      [14336, 4096] bf16 weight, bit-exact against bitsandbytes in bf16, fp16 and fp32.
-  "words"            "rows" with bf16 output stored as one 32-bit word per packed byte (the pair's two
-                     bf16 bit patterns, low half first: little-endian element order) instead of
-                     interleaving the two halves into element order first; bf16 only (others: "rows").
   "bytes"            a 1-D run of bytes per program; the absmax chain and two code-book lookups per
                      byte. Any even blocksize (rows needs a power of two; others fall back to bytes).
 
@@ -61,19 +58,13 @@ def nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask,
 
 
 @triton.jit
-def bf16_bits(vals):
-    """fp32 -> the bf16 bits (round to nearest even, as the hardware conversion; values are finite)
-    in the low 16 bits of a uint32."""
-    bits = vals.to(tl.uint32, bitcast=True)
-    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-
-
-@triton.jit
 def to_out_dtype(vals, OUT_TY: tl.constexpr, OUT_BF16: tl.constexpr):
     """fp32 -> the output dtype; bf16 with round-to-nearest-even written out on the bits (what the
     hardware conversion does; the Triton interpreter would truncate instead). Values are finite."""
     if OUT_BF16:
-        out = bf16_bits(vals).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         out = vals.to(OUT_TY)
     return out
@@ -104,7 +95,7 @@ def _nf4_dequant_rows_kernel(
     packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, pairs_ptr, out_ptr,
     n_elements,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr,
-    OUT_BF16: tl.constexpr, WORDS: tl.constexpr = False,
+    OUT_BF16: tl.constexpr,
 ):
     HB: tl.constexpr = BLOCKSIZE // 2                       # packed bytes per absmax block
     pid = tl.program_id(0).to(tl.int64)
@@ -116,13 +107,9 @@ def _nf4_dequant_rows_kernel(
     pair = tl.load(pairs_ptr + byte)                         # int64: NF4[hi nibble] bits | NF4[lo] << 32
     hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
     lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-    if WORDS:      # bf16 pairs as one 32-bit word per byte: out[2i] in the low half, out[2i+1] in the high
-        word = bf16_bits(hi) | (bf16_bits(lo) << 16)
-        tl.store(out_ptr + i, word.to(tl.int32, bitcast=True), mask=2 * i < n_elements)   # out_ptr: int32
-    else:
-        vals = tl.interleave(hi, lo)                         # [ROWS, BLOCKSIZE], element order
-        e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-        tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
+    vals = tl.interleave(hi, lo)                             # [ROWS, BLOCKSIZE], element order
+    e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,14 +141,16 @@ PLANS_PER_WEIGHT = 8
 
 # the layout the training path uses (get_base_weight); bench/qlora.py --dequant-kernel compares them.
 # Measured and removed (2026-12-01, `bench/results/dequant_tune_6fa591c.log`): an output-major layout
-# (one code-book load per element, no interleave), 8% slower than "rows" at its best tile.
+# (one code-book load per element, no interleave), 8% slower than "rows" at its best tile; and
+# (`dequant_tune_d326a9b.log`) "words", bf16 pairs stored as one 32-bit word per packed byte instead
+# of interleaved, 19% slower per layer (278 vs 233 us; code at d326a9b).
 DEFAULT_KERNEL = "rows"
 
 
 def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
     """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16).
-    kernel: "rows", "words" or "bytes" (see the module docstring; default DEFAULT_KERNEL); the bits
-    are the same."""
+    kernel: "rows" or "bytes" (see the module docstring; default DEFAULT_KERNEL); the bits are the
+    same."""
     kernel = kernel or DEFAULT_KERNEL
     plan = nf4.__dict__.get("_launch_plans", {}).get((out.data_ptr(), out.dtype, kernel))
     if (plan is not None and out.numel() == nf4.numel and out.is_contiguous()
@@ -172,19 +161,16 @@ def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str | None 
     assert out.is_contiguous() and out.numel() == n and nf4.packed.is_contiguous()
     if nf4.blocksize % 2:
         raise ValueError(f"blocksize must be even, got {nf4.blocksize}")
-    if kernel not in ("rows", "bytes", "words"):
-        raise ValueError(f"kernel must be 'rows', 'words' or 'bytes', got {kernel!r}")
+    if kernel not in ("rows", "bytes"):
+        raise ValueError(f"kernel must be 'bytes' or 'rows', got {kernel!r}")
     absmax, code2, absmax2, offset, code = _kernel_args(nf4)
-    words = kernel == "words" and out.dtype == torch.bfloat16 and n % 2 == 0 and out.data_ptr() % 4 == 0
-    if kernel in ("rows", "words") and nf4.blocksize & (nf4.blocksize - 1) == 0:
+    if kernel == "rows" and nf4.blocksize & (nf4.blocksize - 1) == 0:
         fn = _nf4_dequant_rows_kernel
         rows = max(1, 2048 // nf4.blocksize)
         grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
-        # words: the kernel stores int32 pairs (a plan replay passes `out` itself: only its address counts)
-        dst = out.view(-1).view(torch.int32) if words else out
-        args = (nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), dst, n)
+        args = (nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n)
         consts = dict(BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
-                      OUT_BF16=out.dtype == torch.bfloat16, WORDS=words)
+                      OUT_BF16=out.dtype == torch.bfloat16)
     else:
         fn = _nf4_dequant_kernel
         grid = (triton.cdiv(triton.cdiv(n, 2), BYTES),)
