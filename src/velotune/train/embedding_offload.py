@@ -18,7 +18,9 @@ How (per instance, revertible, nothing global):
   device->host copy, so the GPU work queued before it must finish: one sync at the start of each
   forward), `index_select` gathers the rows on the CPU into the module's own pinned buffer (reused
   once its previous copy has finished), and the result is copied to the compute device without
-  blocking. Either way the rows are the ones `nn.Embedding` returns (its forward is a gather).
+  blocking. Either way the rows are the ones `nn.Embedding` returns (its forward is a gather). On an
+  H200 (8B QLoRA, BENCHMARKS.md "session 11") the two paths ran at the same speed; the GPU path
+  needs no host buffer and no sync.
   Forward hooks (PEFT's `enable_input_require_grads`) still run: they wrap `__call__`.
 * If the weight is moved back to an accelerator (`model.to("cuda")`), the stock forward runs.
 
