@@ -84,32 +84,6 @@ def test_mlp_graphs_train_bit_identically_to_eager_recompute_mlp(family):
     _assert_same(got, ref, n_grads)
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_the_set_goes_to_host_memory_before_the_mlp_runs(monkeypatch, family):
-    """The forward graph splits after its last copy into the set (`_SplitGraph`): on replay the set's
-    copy to host memory is queued before the MLP half runs, so that the copy overlaps it. The order
-    here (the CPU runs the closure, calling the copy at the split) is the order of the replays on the
-    GPU. Bit-identity with eager (the tests above) shows the set is complete by then: a copy taken
-    before the last saved tensor was written would bring stale values back in backward."""
-    from velotune.lora import recomputed_mlp
-    from velotune.train import saved_graphs
-
-    log = []
-    real_host, real_mlp = saved_graphs.SavedGraphRuns.to_host, recomputed_mlp.lora_mlp_recomputed
-    monkeypatch.setattr(saved_graphs.SavedGraphRuns, "to_host",
-                        lambda self, entry: log.append("set") or real_host(self, entry))
-    monkeypatch.setattr(recomputed_mlp, "lora_mlp_recomputed", lambda *a, **k: log.append("mlp") or real_mlp(*a, **k))
-    from velotune.models import mlp as mlp_mod
-    monkeypatch.setattr(mlp_mod, "lora_mlp_recomputed", recomputed_mlp.lora_mlp_recomputed)   # its import
-    model = _lora(True, family)
-    batches = _two_batches()
-    _train(model, 2, batches)                    # the eager first call, then the capture and a replay
-    log.clear()
-    _train(model, 1, batches)                    # replays only
-    assert model.velotune_layer_graphs.stats["replayed"] == 2 * N_LAYERS
-    assert log == ["set", "mlp"] * N_LAYERS, log
-
-
 def test_six_layers_bring_back_every_set_but_the_last_two():
     """Six layers over two sets: in backward, layers 3..0 come back from host memory, each while the
     layer after it replays; a padded second batch (mask kwargs) in between."""

@@ -237,14 +237,13 @@ class _Entry:
 
         self._capture_pair(forward, backward, pool, side)
 
-    def _capture_pair(self, forward, backward, pool, side, forward_graph=None) -> None:
+    def _capture_pair(self, forward, backward, pool, side) -> None:
         """The layer's two graphs, into the shared pool. Backward first: it needs the most memory at
         once (the MLP's [N, I] tensors and weights), so the pool's first segments are those big blocks
         and forward's smaller tensors fit in them; in the other order forward's [N, H] tensors took
-        segments of their own (8B QLoRA, H200: pool 1.00 GiB forward-first, 0.87 GiB backward-first).
-        forward_graph: the class of the forward's graph (default _Graph)."""
+        segments of their own (8B QLoRA, H200: pool 1.00 GiB forward-first, 0.87 GiB backward-first)."""
         device = self.s.x.device
-        self.fwd, self.bwd = (forward_graph or _Graph)(device, pool), _Graph(device, pool)
+        self.fwd, self.bwd = _Graph(device, pool), _Graph(device, pool)
         self.bwd.capture(backward, side)
         self.fwd.capture(forward, side)
 

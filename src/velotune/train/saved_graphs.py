@@ -15,11 +15,10 @@ still being copied):
   mask) stay where they are; a saved RMSNorm output keeps only its input's slot and is recomputed
   -- and return handles to those places. The `_Plan` records, pack call by pack call, which span goes to which
   slot. The autograd graph built there is the one backward differentiates.
-* F graphs: the same forward, whose pack hook copies each saved span into its slot (the plan, call
-  by call; a different sequence fails the capture), captured as two graphs split right after the
-  last copy into the set (`_SplitGraph`: for a Llama layer, at the post-attention norm). Between
-  their replays the set (one byte buffer) is copied to pinned host memory on the d2h side stream,
-  in one copy, overlapping the MLP half; the next forward that writes the set waits for that copy.
+* F graph: the same forward, whose pack hook copies each saved span into its slot (the plan, call
+  by call; a different sequence fails the capture). After each replay the set (one byte buffer)
+  is copied to pinned host memory on the d2h side stream, in one copy; the next forward that
+  writes the set waits for that copy.
 * B graph: `autograd.grad(y, (x, *LoRA leaves), dy)` over the build's graph (retained): unpacking
   views the slots or recomputes a norm from them, the MLP's checkpoint recomputes the MLP (and
   stops before its frozen down GEMM). Before a replay the set is refilled from host memory on the
@@ -204,15 +203,12 @@ class SavedEntry(_Entry):
         self.P = s.sets[self.parity]
         self.P.holds = None                   # the warm-up runs below overwrite it
 
-        # the pack call after whose copies the set is complete: the forward graph splits there
-        last = max((i for i, (_, copies) in enumerate(self.plan.calls) if copies), default=-1)
-
-        def forward(split):
-            calls = enumerate(e.plan.calls)
+        def forward():
+            calls = iter(e.plan.calls)
             norms: dict = {}
 
             def pack(t: torch.Tensor):
-                i, (is_norm, copies) = next(calls, (None, (None, None)))
+                is_norm, copies = next(calls, (None, None))
                 if copies is None or is_norm != (t.untyped_storage().data_ptr() in norms):
                     raise _PlanMismatch("the captured forward saves other tensors than the build")
                 src = norms[t.untyped_storage().data_ptr()][1] if is_norm else t
@@ -220,8 +216,6 @@ class SavedEntry(_Entry):
                     if _span(src) != (a, b) or src.dtype != e.P.flat[slot].dtype:
                         raise _PlanMismatch("a saved tensor's layout differs from the build's")
                     e.P.flat[slot].copy_(_flat(src, a, b))
-                if i == last:
-                    split()
                 return None
 
             x = s.x.detach().requires_grad_(True)
@@ -238,67 +232,9 @@ class SavedEntry(_Entry):
             grads = torch.autograd.grad(e.y, [e.x, *e.leaves], s.dy, allow_unused=True, retain_graph=True)
             e._store_grads(grads)
 
-        self._capture_pair(forward, backward, pool, side, forward_graph=_SplitGraph)
+        self._capture_pair(forward, backward, pool, side)
         if side is not None:       # the kernels are recorded: the build's graph is no longer needed
             self.y = self.x = None
-
-
-class _SplitGraph:
-    """A layer's forward as two CUDA graphs, split where the closure calls `split()` (right after its
-    last copy into the saved set): `replay(between)` replays the first, calls `between()` (which
-    queues the set's copy to host memory), then replays the second. The copy then overlaps the rest
-    of the forward (the MLP half) instead of starting after it: with one graph per forward, 146 MiB
-    per layer over the host link (~3.4 ms at 8B, 2 x 2048) outlasted the next layer's forward
-    (~3.3 ms), and each forward waited for the set it was about to overwrite. On the CPU the closure
-    runs eagerly and calls `between()` at the split (after the closure when it never splits)."""
-
-    def __init__(self, device: torch.device, pool):
-        self.cuda = device.type == "cuda"
-        self.pool = pool
-        self.graphs: list = []
-        self.fn = None
-
-    def capture(self, fn, side=None) -> None:
-        if not self.cuda:
-            with WEIGHT_BUFFERS.graph_local():   # the warm-up run as on the GPU
-                fn(lambda: None)
-            self.fn = fn
-            return
-        side.wait_stream(torch.cuda.current_stream())       # the warm-up run, as _Graph.capture
-        with torch.cuda.stream(side), WEIGHT_BUFFERS.graph_local():
-            fn(lambda: None)
-        torch.cuda.current_stream().wait_stream(side)
-        graphs = [torch.cuda.CUDAGraph()]
-        active = [torch.cuda.graph(graphs[0], pool=self.pool, stream=side)]
-
-        def split():        # end the first capture, begin the second on the same stream and pool
-            active[0].__exit__(None, None, None)
-            graphs.append(torch.cuda.CUDAGraph())
-            active[0] = torch.cuda.graph(graphs[-1], pool=self.pool, stream=side)
-            active[0].__enter__()
-
-        with WEIGHT_BUFFERS.graph_local():
-            active[0].__enter__()
-            try:
-                fn(split)
-            except BaseException as exc:
-                active[0].__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            active[0].__exit__(None, None, None)
-        self.graphs = graphs
-
-    def replay(self, between) -> None:
-        if self.cuda:
-            self.graphs[0].replay()
-            between()
-            for g in self.graphs[1:]:
-                g.replay()
-            return
-        done = []
-        with WEIGHT_BUFFERS.graph_local():        # the same operations as the captured graphs
-            self.fn(lambda: done.append(between()))
-        if not done:
-            between()
 
 
 def _never(obj):
@@ -366,10 +302,9 @@ class GraphedSavedLayer(torch.autograd.Function):
         if x.is_cuda and P.free_at is not None:
             torch.cuda.current_stream().wait_event(P.free_at)    # the set's previous copy to the host
         P.ready = None
-        recs = []
-        entry.fwd.replay(lambda: recs.append(runs.to_host(entry)))   # the set's copy starts mid-forward
+        entry.fwd.replay()
         y = s.y.clone()
-        ctx.rec, ctx.runs, ctx.kw_tensors = recs[0], runs, kw_tensors
+        ctx.rec, ctx.runs, ctx.kw_tensors = runs.to_host(entry), runs, kw_tensors
         return y
 
     @staticmethod
