@@ -22,6 +22,8 @@
 #   (the `prefetch` mode, at 806c8b2, timed the dequantisation prefetch since removed: it lost 2%)
 #   (the `words` mode, at d326a9b, timed a one-pass GLU + project and a "words" dequantisation layout,
 #   both slower and removed)
+#   bash bench/gpu_mlp_graphs.sh trace COMMIT   # idle gaps of the graphed "mlp" step, each with every device
+#                                               # event (kernels, copies, all streams) around it
 #   bash bench/gpu_mlp_graphs.sh verify COMMIT  # GPU tests of the session's files; stock vs graphed "mlp" with
 #                                               # OffloadedAdamW, 2 rounds
 #   bash bench/gpu_mlp_graphs.sh gather COMMIT  # the embedding rows gathered by the GPU from the pinned table
@@ -139,6 +141,11 @@ gather)   # embedding_offload.GATHER_ON_GPU and OffloadedAdamW's copies out over
     --recompute mlp --cuda-graphs --offload-embedding --offload-optimizer --no-cprofile --gaps 14 --kernels 14 \
     2>&1 | quiet | tee "$out/host_gather_gaps_$commit.log"
   ;;
+trace)    # what the graphed forward waits for: idle gaps with every device event (all streams) around them
+  card
+  timeout 300 python bench/host_overhead.py --impls velotune-qlora --recompute mlp --cuda-graphs --offload-embedding \
+    --offload-optimizer --no-cprofile --gaps 14 --timeline 8 2>&1 | quiet | tee "$out/host_trace_$commit.log"
+  ;;
 verify)   # the GPU tests of every file the session touched, then stock vs graphed "mlp" + OffloadedAdamW
   card
   timeout 200 python -m pytest -q -m gpu tests/kernels/test_gpu.py tests/quant tests/lora/test_recomputed_mlp.py \
@@ -148,7 +155,7 @@ verify)   # the GPU tests of every file the session touched, then stock vs graph
     --json "$out/qlora_verify_$commit.json"
   ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|verify COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify COMMIT" >&2
   exit 2
   ;;
 esac

@@ -161,6 +161,7 @@ def gaps(model, opt, batch, args) -> None:
         return "?"
 
     busy, idle, waited, after = {}, {}, {}, {}
+    big: list = []                     # (gap ns, the kernel after it) for the timeline below
     prev_end, prev_name = None, ""
     for k in main:
         t = launch_at.get(k.correlation_id()) or launch_at.get(k.linked_correlation_id()) or k.start_ns()
@@ -175,6 +176,8 @@ def gaps(model, opt, batch, args) -> None:
             pair = prev_name[:45] + " -> " + k.name()[:45]
             c, t = after.get(pair, (0, 0))
             after[pair] = (c + 1, t + gap)
+            if gap >= 20_000:
+                big.append((gap, k))
         if prev_end is None or k.start_ns() + k.duration_ns() > prev_end:
             prev_end, prev_name = k.start_ns() + k.duration_ns(), k.name()
     for a, b, name in ranges:
@@ -186,6 +189,26 @@ def gaps(model, opt, batch, args) -> None:
     print("  the same idle by the kernel that ran before it (two steps, so a per-step figure is half):", flush=True)
     for key, (c, t) in sorted(after.items(), key=lambda kv: -kv[1][1])[:args.gaps]:
         print(f"    {t / 1e6:7.2f} ms  {c:5d}x  {key}", flush=True)
+    _timeline(evs, main, big[:args.timeline])
+
+
+def _timeline(evs, main, gaps) -> None:
+    """For each of the first idle gaps of >= 20 us on the busiest stream: everything on the device
+    (kernels and copies, every stream) that ended in the 300 us before the waiting kernel started or
+    was running then, times relative to that start. What ended just before it is what it waited for."""
+    if not gaps:
+        return
+    main_id = main[0].device_resource_id()
+    dev = [e for e in evs if e.device_type() == torch.autograd.DeviceType.CUDA]
+    for gap, k in gaps:
+        t0 = k.start_ns()
+        print(f"  idle {gap / 1e3:.0f} us before {k.name()[:60]} (stream {main_id}); device events around it:",
+              flush=True)
+        near = [e for e in dev if t0 - 300_000 <= e.start_ns() + e.duration_ns() <= t0 + 5_000
+                or e.start_ns() <= t0 <= e.start_ns() + e.duration_ns()]
+        for e in sorted(near, key=lambda e: e.start_ns() + e.duration_ns())[-12:]:
+            print(f"    stream {e.device_resource_id():>3}  {(e.start_ns() - t0) / 1e3:9.1f} .. "
+                  f"{(e.start_ns() + e.duration_ns() - t0) / 1e3:8.1f} us  {e.name()[:70]}", flush=True)
 
 
 def launch_cost() -> None:
@@ -224,6 +247,8 @@ def main() -> None:
     ap.add_argument("--gaps", type=int, default=0, help="profile one step's idle GPU time by phase; list this many kernels")
     ap.add_argument("--cuda-graphs", action="store_true", help="velotune: decoder layers as CUDA graphs")
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="velotune: get_peft_model(recompute=)")
+    ap.add_argument("--timeline", type=int, default=0,
+                    help="with --gaps: for this many idle gaps of >= 20 us, every device event (all streams) around them")
     ap.add_argument("--offload-embedding", action="store_true", help="velotune: the input embeddings in host memory")
     ap.add_argument("--offload-optimizer", action="store_true", help="velotune: OffloadedAdamW")
     args = ap.parse_args()
