@@ -151,9 +151,9 @@ class FastLanguageModel:
         blocks of rows (velotune.lora.recomputed_mlp). 1 gives the same bits as one piece; more lowers
         the MLP's GPU memory peak for more, smaller GEMMs (H200, 8B QLoRA 2 x 2048 with cuda_graphs:
         4 blocks, 0.16 GiB less, 3-4% slower; the rounding stays as exact, not the same bits).
-        `offload_embedding`: keep the frozen input-embedding table in host memory and look the batch's
-        rows up on the CPU (velotune.train.embedding_offload): ~1 GiB less GPU memory for Llama-3,
-        one device->host copy of the token ids per forward. Refused for tied or trainable tables.
+        `offload_embedding`: keep the frozen input-embedding table in pinned host memory; the GPU
+        reads the batch's rows from it (velotune.train.embedding_offload): ~1 GiB less GPU memory for
+        Llama-3, no host sync. Refused for tied or trainable tables.
         `cuda_graphs` (EXPERIMENTAL; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
         (velotune.train.layer_graphs), to take the host out of the step. On the H200 (2026-12-01)
@@ -161,8 +161,8 @@ class FastLanguageModel:
         recompute="layer" the 8B step is no faster (GPU-bound). With recompute="mlp" the backward
         graph recomputes only the MLP, reading the attention half's saved tensors from two static
         buffer sets (velotune.train.saved_graphs): the fastest 8B QLoRA step measured, 4.41x stock
-        (H200, 2026-12-01) vs 3.8-4.2x eager "mlp", at +0.43 GiB of GPU memory (BENCHMARKS.md). A layer whose capture
-        fails runs eagerly, with a warning, so results never change.
+        (H200, 2026-12-01) vs 3.8-4.2x eager "mlp", at +0.43 GiB of GPU memory (BENCHMARKS.md). A
+        layer whose capture fails runs eagerly, with a warning, so results never change.
         """
         from velotune.train.checkpointing import check_recompute
 

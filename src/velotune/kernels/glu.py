@@ -318,8 +318,6 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
     return (parts[0] if split == 1 else parts.sum(0)).to(gate.dtype)
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
 # raw pair (for fused MLP functions that own their buffers)
 # ----------------------------------------------------------------------------------------------------
@@ -333,8 +331,6 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Tenso
         return _fwd_triton(gate, up, act, out)
     h = glu_reference(gate, up, act)
     return out.copy_(h) if out is not None and out.dtype == h.dtype and out.shape == h.shape else h
-
-
 
 
 def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, lora=None):

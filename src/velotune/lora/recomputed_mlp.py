@@ -124,8 +124,7 @@ def _hidden(X, gate_up, down, act, blocks):
         hc = glu_forward(gate, up, act, out=h[rows])  # rows of a contiguous h: written in place
         if hc.data_ptr() != h[rows].data_ptr():
             h[rows] = hc
-        del hc
-        del gate, up
+        del hc, gate, up
     return h, hA
 
 

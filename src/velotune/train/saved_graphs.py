@@ -36,8 +36,9 @@ device): one left where the build put it would be read, stale, by every later re
 Measured (H200, 8B QLoRA, 2 x 2048, `offload_embedding`, BENCHMARKS.md "session 9" and "session 10"):
 326.8 ms per step, 4.41x stock transformers + bitsandbytes + PEFT (median of 2; eager "mlp": 3.8-4.2x,
 across machines); peak 6.26 GiB (0.395x), of which the two sets are 2 x 145.8 MiB and the graph pool
-0.76 GiB (with mlp_row_blocks=4: pool 0.60, peak 6.10 GiB = 0.385x, at 4.26x) (the backward graph is captured
-first so the pool's segments are its big blocks); the graphs dequantise NF4 weights into their pool,
+0.76 GiB (with mlp_row_blocks=4: pool 0.60, peak 6.10 GiB = 0.385x, at 4.26x; the backward graph
+is captured first so the pool's segments are its big blocks); with OffloadedAdamW as well 5.98 GiB
+(0.377x) at 4.38x ("session 11"). The graphs dequantise NF4 weights into their pool,
 so the 2 x 117 MiB of persistent dequantisation buffers are let go (layer_graphs.py); host memory as
 eager "mlp". GPU tests and the 8B-shape check with the math SDPA backend: bit-identical to eager.
 """
