@@ -141,10 +141,17 @@ gather)   # embedding_offload.GATHER_ON_GPU and OffloadedAdamW's copies out over
     --recompute mlp --cuda-graphs --offload-embedding --offload-optimizer --no-cprofile --gaps 14 --kernels 14 \
     2>&1 | quiet | tee "$out/host_gather_gaps_$commit.log"
   ;;
-trace)    # what the graphed forward waits for: idle gaps with every device event (all streams) around them
+trace)    # what the graphed forward waits for: the link's bandwidth; 3 saved sets vs 2 (is the forward bound
+          # by the sets' copies to host memory?); idle gaps with every device event around them, and
+          # all events of two profiled steps (trace_COMMIT.jsonl.gz) to read off the machine
   card
-  timeout 300 python bench/host_overhead.py --impls velotune-qlora --recompute mlp --cuda-graphs --offload-embedding \
-    --offload-optimizer --no-cprofile --gaps 14 --timeline 8 2>&1 | quiet | tee "$out/host_trace_$commit.log"
+  timeout 60 python bench/copy_bandwidth.py 2>&1 | tee "$out/copy_bandwidth_$commit.log"
+  for sets in 3 2; do
+    qlora 130 "sets$sets" --impls velotune-qlora-mlp-graphs --offload-optimizer --saved-sets $sets
+  done
+  timeout $((590 - SECONDS)) python bench/host_overhead.py --impls velotune-qlora --recompute mlp --cuda-graphs \
+    --offload-embedding --offload-optimizer --no-cprofile --gaps 14 --timeline 8 --dump "$out/trace_$commit.jsonl.gz" \
+    2>&1 | quiet | tee "$out/host_trace_$commit.log"
   ;;
 verify)   # the GPU tests of every file the session touched, then stock vs graphed "mlp" + OffloadedAdamW
   card

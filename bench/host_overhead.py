@@ -190,6 +190,25 @@ def gaps(model, opt, batch, args) -> None:
     for key, (c, t) in sorted(after.items(), key=lambda kv: -kv[1][1])[:args.gaps]:
         print(f"    {t / 1e6:7.2f} ms  {c:5d}x  {key}", flush=True)
     _timeline(evs, main, big[:args.timeline])
+    if args.dump:
+        _dump(evs, ranges, args.dump)
+
+
+def _dump(evs, ranges, path) -> None:
+    """Every profiled event (host and device) as gzipped JSON lines, for reading off the machine:
+    kind (cpu/cuda), name, resource (stream or thread), start and duration in ns, correlation ids."""
+    import gzip
+    import json
+
+    with gzip.open(path, "wt") as f:
+        for a, b, name in ranges:
+            f.write(json.dumps({"k": "phase", "n": name, "t": a, "d": b - a}) + "\n")
+        for e in evs:
+            cuda = e.device_type() == torch.autograd.DeviceType.CUDA
+            f.write(json.dumps({"k": "cuda" if cuda else "cpu", "n": e.name()[:120], "r": e.device_resource_id(),
+                                "t": e.start_ns(), "d": e.duration_ns(), "c": e.correlation_id(),
+                                "l": e.linked_correlation_id()}) + "\n")
+    print(f"  wrote {len(evs)} events to {path}", flush=True)
 
 
 def _timeline(evs, main, gaps) -> None:
@@ -250,8 +269,13 @@ def main() -> None:
     ap.add_argument("--timeline", type=int, default=0,
                     help="with --gaps: for this many idle gaps of >= 20 us, every device event (all streams) around them")
     ap.add_argument("--offload-embedding", action="store_true", help="velotune: the input embeddings in host memory")
+    ap.add_argument("--dump", help="with --gaps: write every profiled event to this .jsonl.gz")
+    ap.add_argument("--saved-sets", type=int, default=0, help="graphed recompute='mlp': layer_graphs.SAVED_SETS")
     ap.add_argument("--offload-optimizer", action="store_true", help="velotune: OffloadedAdamW")
     args = ap.parse_args()
+    if args.saved_sets:
+        from velotune.train import layer_graphs
+        layer_graphs.SAVED_SETS = args.saved_sets
     launch_cost()
     for impl in args.impls:
         measure(impl, args)

@@ -146,6 +146,9 @@ def worker(args) -> dict:
     if args.host_gather_embedding:
         from velotune.train import embedding_offload
         embedding_offload.GATHER_ON_GPU = False
+    if args.saved_sets:
+        from velotune.train import layer_graphs
+        layer_graphs.SAVED_SETS = args.saved_sets
     if args.dequant_kernel:
         from velotune.quant import dequant_kernel
 
@@ -637,6 +640,8 @@ def main() -> int:
     ap.add_argument("--host-gather-embedding", action="store_true",
                     help="with --offload-embedding: gather the rows on the host (one sync per step) instead of "
                          "on the GPU from the pinned table (train/embedding_offload.GATHER_ON_GPU = False)")
+    ap.add_argument("--saved-sets", type=int, default=0,
+                    help="graphed recompute='mlp': device sets of saved tensors (train/layer_graphs.SAVED_SETS; 0: default)")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     ap.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
@@ -672,6 +677,7 @@ def main() -> int:
         ["--checkpointed-mlp"] if args.checkpointed_mlp else []) + (
         ["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend != "default" else []) + (
         ["--host-gather-embedding"] if args.host_gather_embedding else []) + (
+        ["--saved-sets", str(args.saved_sets)] if args.saved_sets else []) + (
         ["--offload-optimizer"] if args.offload_optimizer else [])
     if not args.no_throughput:
         res, rounds = {}, {}

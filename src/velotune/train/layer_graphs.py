@@ -62,6 +62,7 @@ from velotune.train.checkpointing import _layer_of
 
 WARMUP = 1             # eager calls per layer and signature before capture
 MAX_SIGNATURES = 2     # graphed input signatures per layer (e.g. two sequence-length buckets)
+SAVED_SETS = 2         # recompute="mlp": device buffer sets of saved tensors, taken by consecutive layers in turn
 
 
 def _flatten_kwargs(kwargs: dict):
@@ -178,7 +179,7 @@ class _Statics:
         self.kw = [torch.empty_like(t) for t in kw_tensors]
         self.kw_src: list = [None] * len(kw_tensors)   # the tensor each kw buffer was last filled from
         self.grads = torch.empty(n_grad, dtype=grad_dtype, device=x.device)
-        self.sets: list = [None, None]                 # recompute="mlp": the saved-tensor sets (saved_graphs.py)
+        self.sets: list = [None] * SAVED_SETS          # recompute="mlp": the saved-tensor sets (saved_graphs.py)
 
     def load_kwargs(self, tensors) -> None:
         for i, t in enumerate(tensors):
@@ -350,9 +351,9 @@ class LayerGraphs:
             if saved:
                 from velotune.train.saved_graphs import SavedEntry
 
-                # consecutive layers alternate between the two sets: by index where the layer has one
+                # consecutive layers take the sets in turn: by index where the layer has one
                 idx = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
-                parity = (idx if isinstance(idx, int) else sum(1 for key in self.entries if key[1] == sig)) % 2
+                parity = (idx if isinstance(idx, int) else sum(1 for key in self.entries if key[1] == sig)) % SAVED_SETS
                 entry = SavedEntry(statics, slots, names, static_kw, fn, parity)
             else:
                 entry = _Entry(statics, slots, names, static_kw, fn)
