@@ -26,6 +26,8 @@
 #                                               # event (kernels, copies, all streams) around it
 #   bash bench/gpu_mlp_graphs.sh verify COMMIT  # GPU tests of the session's files; stock vs graphed "mlp" with
 #                                               # OffloadedAdamW, 2 rounds
+#   bash bench/gpu_mlp_graphs.sh inback COMMIT  # GPU tests; stock vs graphed "mlp" with OffloadedAdamW updating in
+#                                               # backward (2 rounds); the update after backward, same call
 #   bash bench/gpu_mlp_graphs.sh gather COMMIT  # the embedding rows gathered by the GPU from the pinned table
 #                                               # (no host sync per step) with OffloadedAdamW: GPU tests,
 #                                               # stock vs graphed "mlp" (2 rounds), the host gather, idle
@@ -161,8 +163,18 @@ verify)   # the GPU tests of every file the session touched, then stock vs graph
   qlora $((590 - SECONDS)) verify --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --offload-optimizer \
     --json "$out/qlora_verify_$commit.json"
   ;;
+inback)   # session 12: OffloadedAdamW(update_in_backward=True), one gradient copy per layer, host position ids
+  card
+  timeout 150 python -m pytest -q -m gpu tests/train/test_offload_adamw.py tests/train/test_saved_graphs.py \
+    tests/train/test_layer_graphs.py tests/train/test_embedding_offload.py 2>&1 | tail -25 \
+    | tee "$out/gputests_inback_$commit.log"
+  qlora $((520 - SECONDS)) inback --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --offload-optimizer \
+    --optimizer-in-backward --json "$out/qlora_inback_$commit.json"
+  [ $SECONDS -lt 510 ] && qlora $((590 - SECONDS)) after --impls velotune-qlora-mlp-graphs --offload-optimizer \
+    --json "$out/qlora_after_$commit.json"
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback COMMIT" >&2
   exit 2
   ;;
 esac

@@ -35,7 +35,8 @@ def measure(impl: str, args) -> None:
     model = build(impl, config, "cuda", torch.bfloat16, args.seq, cuda_graphs=args.cuda_graphs,
                   recompute=args.recompute, offload_embedding=args.offload_embedding and velotune)
     step, _, opt, batch = training_step(model, args.batch, args.seq, "cuda",
-                                        offload_optimizer=args.offload_optimizer and velotune)
+                                        offload_optimizer=args.offload_optimizer and velotune,
+                                        update_in_backward=args.optimizer_in_backward)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -269,6 +270,8 @@ def main() -> None:
     ap.add_argument("--timeline", type=int, default=0,
                     help="with --gaps: for this many idle gaps of >= 20 us, every device event (all streams) around them")
     ap.add_argument("--offload-embedding", action="store_true", help="velotune: the input embeddings in host memory")
+    ap.add_argument("--optimizer-in-backward", action="store_true",
+                    help="velotune, with --offload-optimizer: OffloadedAdamW(update_in_backward=True)")
     ap.add_argument("--dump", help="with --gaps: write every profiled event to this .jsonl.gz")
     ap.add_argument("--saved-sets", type=int, default=0, help="graphed recompute='mlp': layer_graphs.SAVED_SETS")
     ap.add_argument("--offload-optimizer", action="store_true", help="velotune: OffloadedAdamW")

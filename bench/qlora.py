@@ -157,7 +157,8 @@ def worker(args) -> dict:
                   args.recompute, args.mlp_chunks)
     t_build = time.perf_counter() - t_build
     step, params, _, _ = training_step(model, args.batch, args.seq, device,
-                                       offload_optimizer=args.offload_optimizer and args.impl.startswith("velotune"))
+                                       offload_optimizer=args.offload_optimizer and args.impl.startswith("velotune"),
+                                       update_in_backward=args.optimizer_in_backward)
     if args.sdpa_backend != "default":   # every step (forward, backward, graph captures) under one backend
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -630,6 +631,9 @@ def main() -> int:
     ap.add_argument("--offload-optimizer", action="store_true",
                     help="velotune: OffloadedAdamW (train/offload_adamw.py: AdamW moments in pinned host memory, "
                          "the same bits) instead of torch's fused AdamW")
+    ap.add_argument("--optimizer-in-backward", action="store_true",
+                    help="velotune, with --offload-optimizer: OffloadedAdamW(update_in_backward=True), each chunk of "
+                         "adapters updated in backward once its gradients are final (no clipping or accumulation here)")
     ap.add_argument("--checkpointed-mlp", action="store_true",
                     help="velotune, recompute='mlp': torch's checkpoint around lora_mlp instead of "
                          "lora/recomputed_mlp.py (models/mlp.RECOMPUTED_MLP = False)")
@@ -678,7 +682,8 @@ def main() -> int:
         ["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend != "default" else []) + (
         ["--host-gather-embedding"] if args.host_gather_embedding else []) + (
         ["--saved-sets", str(args.saved_sets)] if args.saved_sets else []) + (
-        ["--offload-optimizer"] if args.offload_optimizer else [])
+        ["--offload-optimizer"] if args.offload_optimizer else []) + (
+        ["--optimizer-in-backward"] if args.optimizer_in_backward else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the

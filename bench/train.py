@@ -145,15 +145,18 @@ def _profile(step, n_steps: int) -> dict:
     return {"categories": per_cat, "top_kernels": [(round(ms, 2), k[:110]) for ms, k in kernels[:25]]}
 
 
-def training_step(model, batch_size: int, seq: int, device: str, offload_optimizer: bool = False):
+def training_step(model, batch_size: int, seq: int, device: str, offload_optimizer: bool = False,
+                  update_in_backward: bool = False):
     """(step, trainable params, optimizer, batch): one fused-AdamW step on a fixed random batch.
-    offload_optimizer: velotune's OffloadedAdamW (moments in host memory, the same bits)."""
+    offload_optimizer: velotune's OffloadedAdamW (moments in host memory, the same bits);
+    update_in_backward: ... updating each chunk of adapters in backward once its gradients are final
+    (this step has no gradient clipping or accumulation, so the same bits)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if offload_optimizer:
         from velotune.train.offload_adamw import OffloadedAdamW
 
-        opt = OffloadedAdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+        opt = OffloadedAdamW(params, lr=1e-4, fused=device.startswith("cuda"), update_in_backward=update_in_backward)
     else:
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
     g = torch.Generator(device=device).manual_seed(1)

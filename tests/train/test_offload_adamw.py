@@ -94,3 +94,64 @@ def test_gpu_same_bits_as_torch_adamw_with_moments_in_pinned_host_memory(fused):
     opt.state_dict()                                  # waits for the last copies out
     _assert_same(ours, opt, ref, ref_opt)
     assert all(opt.state[p]["exp_avg"].is_pinned() for p in ours)
+
+
+def _chain_loss(params, step, skip=None):
+    """A loss through the parameters in order (backward reaches the last one first), the one at
+    index `skip` left out (it gets no gradient that step)."""
+    g = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(3, generator=g).to(params[0].device)
+    acc = x.sum()
+    for i, p in enumerate(params):
+        if i != skip:
+            acc = acc * 0.5 + (p.sin() * (i + 1)).sum() * acc.tanh()
+    return acc
+
+
+def _run_backward(opt, params, steps, device="cpu"):
+    for i in range(steps):
+        _chain_loss(params, i, skip=2 if i == 3 else None).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _update_in_backward(device, steps=5, **kw):
+    ours, ref = _params(device, seed=3), _params(device, seed=3)
+    opt = OffloadedAdamW(ours, chunk_bytes=2000, update_in_backward=True, **kw)
+    ref_opt = torch.optim.AdamW(ref, **kw)
+    _run_backward(opt, ours, steps)
+    _run_backward(ref_opt, ref, steps)
+    return ours, opt, ref, ref_opt
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_update_in_backward_same_bits_as_torch_adamw(foreach):
+    """update_in_backward=True over five steps of a loss through all parameters (one step leaves a
+    parameter out: its chunk is finished by step()): torch.optim.AdamW's bits after each step; the
+    hooks updated the parameters during backward and dropped their gradients."""
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, foreach=foreach)
+    ours, opt, ref, ref_opt = _update_in_backward("cpu", **kw)
+    _assert_same(ours, opt, ref, ref_opt)
+    before = [p.detach().clone() for p in ours]
+    _chain_loss(ours, 9).backward()
+    assert all(p.grad is None for p in ours)                 # updated in backward, gradients dropped
+    assert not any(torch.equal(p, b) for p, b in zip(ours, before))
+    opt.step()
+
+
+def test_update_in_backward_refuses_gradient_accumulation():
+    ours = _params(seed=4)
+    opt = OffloadedAdamW(ours, chunk_bytes=2000, update_in_backward=True)
+    _chain_loss(ours, 0).backward()
+    with pytest.raises(RuntimeError, match="gradient accumulation"):
+        _chain_loss(ours, 1).backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_update_in_backward_same_bits_as_torch_adamw(fused):
+    """On the GPU with the copy streams and the moments fetched ahead in backward order: the same
+    bits as torch.optim.AdamW after backward."""
+    ours, opt, ref, ref_opt = _update_in_backward("cuda", lr=1e-2, weight_decay=0.1, fused=fused)
+    opt.state_dict()
+    _assert_same(ours, opt, ref, ref_opt)

@@ -274,3 +274,29 @@ def test_an_eager_layer_between_graphed_ones():
             parities = sorted(e.parity for e in model.velotune_layer_graphs.entries.values())
             assert parities == [0, 0, 1]                                        # layers 0, 2 and 3
     _assert_same(runs[1], runs[0], 2 * 7 * 4)
+
+
+@pytest.mark.parametrize("recompute", ["mlp", "layer"])
+def test_a_replayed_layer_hands_its_gradients_over_in_one_copy(recompute):
+    """A replayed layer's LoRA gradients become p.grad as views of one copy of the static gradient
+    buffer (autograd keeps them: no copy per parameter), a separate copy per layer."""
+    model = mini_model("llama", num_hidden_layers=2).to("cpu")
+    prepare_model(model, max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
+                                             random_state=5, cuda_graphs=True, recompute=recompute)
+    batch = fixed_batch(seed=1)
+    storages = []
+    for _ in range(3):                   # the first step runs eagerly, the second captures, the third replays
+        model(**batch).loss.backward()
+        per_layer = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                layer = int(n.split(".layers.")[1].split(".")[0])
+                per_layer.setdefault(layer, set()).add(p.grad.untyped_storage().data_ptr())
+        storages.append(per_layer)
+        model.zero_grad(set_to_none=True)
+    assert model.velotune_layer_graphs.stats["replayed"] == 2 * 2
+    assert all(len(ptrs) > 1 for ptrs in storages[0].values())       # eager: a tensor per gradient
+    last = storages[-1]
+    assert all(len(ptrs) == 1 for ptrs in last.values()), last
+    assert len({next(iter(ptrs)) for ptrs in last.values()}) == 2

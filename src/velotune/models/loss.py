@@ -52,6 +52,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
                                             position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
                                             use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
     from velotune.kernels.fused_linear_ce import KeptRows, fused_linear_cross_entropy
+    from velotune.models.positions import host_positions
 
     kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -62,6 +63,8 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     # Ignored positions (prompt tokens, padding) are dropped before the lm_head matmuls; their count
     # is fetched now, while the decoder layers run, so reading it later does not stall the GPU.
     kept = KeptRows(shift_labels)
+    position_ids = host_positions(self.model, input_ids if input_ids is not None else inputs_embeds, position_ids,
+                                  attention_mask)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
     hidden = outputs.last_hidden_state                                   # [B, T, H]

@@ -19,6 +19,7 @@ from torch import nn
 
 from velotune.models.attention import attention_forward
 from velotune.models.loss import causal_lm_forward, resolve_lm_head
+from velotune.models import positions
 from velotune.models.mlp import mlp_forward
 from velotune.models.norm import norm_forward
 from velotune.models.spec import FamilySpec
@@ -124,6 +125,7 @@ def unpatch(model: nn.Module) -> int:
         if is_patched(module):
             _release(module)
             n += 1
+    positions.release(model)
     rotary = model.__dict__.get("_velotune_stock_rotary")
     if rotary is not None:
         from velotune.models.rope_scaling import restore_context

@@ -41,19 +41,41 @@ class OffloadedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW for fp32 parameters (amsgrad and maximize not supported) with exp_avg /
     exp_avg_sq in pinned host memory; see the module docstring. Gradient clipping, schedulers,
     zero_grad, state_dict and load_state_dict work as with torch.optim.AdamW (loaded moments go back
-    to host memory)."""
+    to host memory).
+
+    update_in_backward=True: each chunk is updated from a hook as soon as its parameters' gradients
+    are final (`register_post_accumulate_grad_hook`), while the backward of earlier layers still
+    runs, and its gradients are dropped (p.grad = None); `step()` then only updates what no hook did
+    (chunks with a parameter that got no gradient) and marks the step's end. The same bits as the
+    update after backward, for a loop of one backward per step without anything between backward
+    and step that reads or changes the gradients: no gradient clipping, no gradient accumulation (a
+    second backward before step() raises), no DDP/FSDP (their reduction comes after the hooks).
+    """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, foreach: bool | None = None, fused: bool | None = None,
-                 chunk_bytes: int = 16 * 2**20):
+                 chunk_bytes: int = 16 * 2**20, update_in_backward: bool = False):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes={chunk_bytes}: must be positive")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
         self.chunk_bytes = chunk_bytes
         self._plans: dict[int, list[_Chunk]] = {}        # per param group: its chunks
-        self._staging: dict[torch.device, list[torch.Tensor]] = {}
-        self._pending: list = []          # d2h events of the last step (host moments not yet written)
+        self._chunk_of: dict = {}                         # parameter -> index of its chunk in its group's plan
+        self._staging: dict[torch.device, _Staging] = {}
+        self._backward_started = False                    # update_in_backward: a hook ran since the last step()
+        self.update_in_backward = update_in_backward
+        self._hooks: list = []
+        if update_in_backward:
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                raise ValueError("OffloadedAdamW(update_in_backward=True) cannot run under DDP/FSDP: the "
+                                 "gradients are reduced after the hooks that would update from them")
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(
+                            lambda p, gi=gi: self._grad_ready(gi, p)))
 
     # -- state ---------------------------------------------------------------------------------
     def _plan(self, gi: int) -> list["_Chunk"]:
@@ -66,10 +88,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.dtype != torch.float32:
                     raise TypeError(f"OffloadedAdamW updates fp32 parameters (PEFT's adapters are), got {p.dtype}")
-            plan = self._plans[gi] = [_Chunk(c) for c in _chunks(group["params"], self.chunk_bytes)]
+            plan = self._plans[gi] = [_Chunk(c, k) for k, c in enumerate(_chunks(group["params"], self.chunk_bytes))]
             on_device = bool(group["fused"])    # as torch.optim.AdamW: fused keeps its step on the device
             for chunk in plan:
                 for p, views in zip(chunk.params, chunk.moment_views()):
+                    self._chunk_of[p] = chunk.index
                     state = self.state[p]
                     step = state.get("step")
                     state["step"] = (torch.zeros((), dtype=torch.float32) if step is None else step.float()).to(
@@ -81,10 +104,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
         return plan
 
     def _wait_for_host(self) -> None:
-        """The host moments are written (the last step's device->host copies are done)."""
-        for event in self._pending:
-            event.synchronize()
-        self._pending = []
+        """The host moments are written (every chunk's last device->host copy is done)."""
+        for plan in self._plans.values():
+            for chunk in plan:
+                if chunk.gone is not None:
+                    chunk.gone.synchronize()
 
     def state_dict(self):
         self._wait_for_host()
@@ -102,73 +126,160 @@ class OffloadedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._pending = []    # this step's copies out queue after the last step's (one d2h stream)
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("OffloadedAdamW does not support sparse gradients")
-            self._step_group(group, self._plan(gi))
+            plan = self._plan(gi)
+            todo = [c for c in plan if any(p.grad is not None for p in c.params)]
+            if todo:
+                # after backward: the chunks in order, each one's moments fetched one chunk ahead
+                self._staging_for(todo[0].params[0].device).expect(todo)
+                for chunk in todo:
+                    self._update(group, chunk)
+            for chunk in plan:
+                chunk.ready, chunk.updated = 0, False
+        self._backward_started = False
         return loss
 
-    def _step_group(self, group: dict, plan: list["_Chunk"]) -> None:
-        todo = [c for c in plan if any(p.grad is not None for p in c.params)]
-        if not todo:
+    @torch.no_grad()
+    def _grad_ready(self, gi: int, p: torch.Tensor) -> None:
+        """update_in_backward: p's gradient is final; update its chunk once all of the chunk's are."""
+        plan = self._plan(gi)
+        chunk = plan[self._chunk_of[p]]
+        staging = self._staging_for(p.device)
+        if not self._backward_started:      # the step's first final gradient: the last layers' chunks come in
+            self._backward_started = True
+            staging.expect([c for c in reversed(plan) if not c.updated])     # backward ends with the first layers
+        if chunk.updated:
+            raise RuntimeError("OffloadedAdamW(update_in_backward=True): a second backward before step() (gradient "
+                               "accumulation is not supported: the first backward already updated the parameters)")
+        chunk.ready += 1
+        if chunk.ready < chunk.n_trainable:
             return
-        device = todo[0].params[0].device
-        cuda = device.type == "cuda"
-        if cuda:
-            current = torch.cuda.current_stream(device)
-            h2d, d2h = _streams(device)
-            h2d.wait_stream(current)          # gradients and parameters are ready
-            h2d.wait_stream(d2h)              # the last step's copies out (host moments, staging) are done
-        staging = self._staging_buffers(device, max(c.host.numel() for c in todo))
-        freed: list = [None, None]            # per staging buffer: its last chunk's d2h event
-        beta1, beta2 = group["betas"]
-        for k, chunk in enumerate(todo):
-            buf = staging[k % 2][:chunk.host.numel()]
-            if cuda:
-                with torch.cuda.stream(h2d):
-                    if freed[k % 2] is not None:
-                        h2d.wait_event(freed[k % 2])
-                    buf.copy_(chunk.host, non_blocking=True)          # one copy per chunk
-                    came = torch.cuda.Event()
-                    came.record(h2d)
-                current.wait_event(came)
-            else:
-                buf.copy_(chunk.host)
-            live = [(p, v) for p, v in zip(chunk.params, chunk.moment_views(buf)) if p.grad is not None]
-            adamw([p for p, _ in live], [p.grad for p, _ in live], [v[0] for _, v in live],
-                  [v[1] for _, v in live], [], [self.state[p]["step"] for p, _ in live],
-                  foreach=group["foreach"], fused=group["fused"], amsgrad=False, beta1=beta1, beta2=beta2,
-                  lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            if cuda:
-                d2h.wait_stream(current)
-                with torch.cuda.stream(d2h):
-                    chunk.host.copy_(buf, non_blocking=True)
-                    gone = torch.cuda.Event()
-                    gone.record(d2h)
-                freed[k % 2] = gone
-                self._pending.append(gone)
-            else:
-                chunk.host.copy_(buf)
-        # The copies out overlap whatever the current stream queues next (the next forward): nothing
-        # there reads the staging buffers, and the next step's copies in wait for these (above).
+        self._update(self.param_groups[gi], chunk)
+        chunk.updated = True
+        for q in chunk.params:
+            q.grad = None
 
-    def _staging_buffers(self, device: torch.device, numel: int) -> list[torch.Tensor]:
-        bufs = self._staging.get(device)
-        if bufs is None or bufs[0].numel() < numel:
-            if bufs is not None and device.type == "cuda":     # the old ones may still be copied out
-                torch.cuda.current_stream(device).wait_stream(_streams(device)[1])
-            bufs = self._staging[device] = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
-        return bufs
+    def _update(self, group: dict, chunk: "_Chunk") -> None:
+        """One chunk: moments in (unless already prefetched), torch's adamw on the current stream, moments
+        out; then the next expected chunk's moments start coming in."""
+        device = chunk.params[0].device
+        staging = self._staging_for(device)
+        buf = staging.take(chunk)
+        live = [(p, v) for p, v in zip(chunk.params, chunk.moment_views(buf)) if p.grad is not None]
+        beta1, beta2 = group["betas"]
+        adamw([p for p, _ in live], [p.grad for p, _ in live], [v[0] for _, v in live],
+              [v[1] for _, v in live], [], [self.state[p]["step"] for p, _ in live],
+              foreach=group["foreach"], fused=group["fused"], amsgrad=False, beta1=beta1, beta2=beta2,
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        staging.give_back(chunk, buf)
+        staging.prefetch()
+
+    def _staging_for(self, device: torch.device) -> "_Staging":
+        staging = self._staging.get(device)
+        for gi in range(len(self.param_groups)):      # sized for every group's chunks: made once
+            self._plan(gi)
+        size = max(c.host.numel() for plan in self._plans.values() for c in plan)
+        if staging is None or staging.numel < size:
+            if staging is not None:
+                staging.drain()
+            staging = self._staging[device] = _Staging(device, size)
+        return staging
+
+
+class _Staging:
+    """Two device buffers for chunks' moments and the order of their copies (CUDA: moments come in on
+    an h2d stream, the update waits for them; they go out on a d2h stream after the update; a buffer
+    is filled again only after its last copy out). `expected`: the chunks in the order they are
+    likely to be updated; the next ones are fetched into free buffers ahead of their update."""
+
+    def __init__(self, device: torch.device, numel: int):
+        self.device, self.numel = device, numel
+        self.cuda = device.type == "cuda"
+        self.bufs = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
+        self.freed: list = [None, None]          # per buffer: event of its last copy out
+        self.holds: list = [None, None]          # per buffer: the chunk fetched into it, not yet updated
+        self.came: dict = {}                     # chunk index -> event: its moments are in
+        self.expected: list = []
+
+    def expect(self, chunks: list) -> None:
+        self.expected = list(chunks)
+        self.prefetch()
+
+    def _fetch(self, chunk, i: int) -> None:
+        buf = self.bufs[i][:chunk.host.numel()]
+        if self.cuda:
+            h2d, _ = _streams(self.device)
+            with torch.cuda.stream(h2d):
+                if self.freed[i] is not None:
+                    h2d.wait_event(self.freed[i])           # the buffer's last chunk went out
+                if chunk.gone is not None:
+                    h2d.wait_event(chunk.gone)              # this chunk's host moments are written
+                buf.copy_(chunk.host, non_blocking=True)    # one copy per chunk
+                came = torch.cuda.Event()
+                came.record(h2d)
+            self.came[chunk.index] = came
+        else:
+            buf.copy_(chunk.host)
+        self.holds[i] = chunk
+
+    def prefetch(self) -> None:
+        while self.expected and None in self.holds:
+            chunk = self.expected.pop(0)
+            if chunk.updated or chunk in self.holds:
+                continue
+            self._fetch(chunk, self.holds.index(None))
+
+    def take(self, chunk) -> torch.Tensor:
+        """chunk's moments in a buffer, the current stream waiting for them."""
+        if chunk in self.expected:
+            self.expected.remove(chunk)
+        if chunk not in self.holds:
+            i = self.holds.index(None) if None in self.holds else 0
+            if self.holds[i] is not None:               # taken by a fetch ahead that guessed wrong
+                self.expected.insert(0, self.holds[i])
+            self._fetch(chunk, i)
+        i = self.holds.index(chunk)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.came.pop(chunk.index))
+        return self.bufs[i][:chunk.host.numel()]
+
+    def give_back(self, chunk, buf: torch.Tensor) -> None:
+        """After the update: the moments out, the buffer free once they are."""
+        i = self.holds.index(chunk)
+        if self.cuda:
+            _, d2h = _streams(self.device)
+            d2h.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(d2h):
+                chunk.host.copy_(buf, non_blocking=True)
+                gone = torch.cuda.Event()
+                gone.record(d2h)
+            chunk.gone = self.freed[i] = gone
+        else:
+            chunk.host.copy_(buf)
+        self.holds[i] = None
+        # The copies out overlap whatever the current stream queues next (the next forward, or the
+        # rest of backward): nothing there reads the buffers, and the next copies in wait for these.
+
+    def drain(self) -> None:
+        """Before the buffers are replaced: the current stream waits for their copies out."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(_streams(self.device)[1])
 
 
 class _Chunk:
     """Consecutive parameters and one flat fp32 host buffer with their moments, laid out
-    p0.exp_avg, p0.exp_avg_sq, p1.exp_avg, ... (pinned when the parameters are on the GPU)."""
+    p0.exp_avg, p0.exp_avg_sq, p1.exp_avg, ... (pinned when the parameters are on the GPU); `gone`:
+    event of its last copy out; ready / updated: update_in_backward's count of final gradients and
+    whether this step's update ran."""
 
-    def __init__(self, params: list):
-        self.params = params
+    def __init__(self, params: list, index: int):
+        self.params, self.index = params, index
+        self.n_trainable = sum(p.requires_grad for p in params)
+        self.gone = None
+        self.ready, self.updated = 0, False
         numel = sum(2 * p.numel() for p in params)
         self.host = torch.zeros(numel, dtype=torch.float32, pin_memory=params[0].is_cuda)
 

@@ -330,4 +330,4 @@ class GraphedSavedLayer(torch.autograd.Function):
         prev = rec.prev() if rec.prev is not None else None
         if prev is not None:
             runs.load(prev)                  # one layer ahead: overlaps the next replay
-        return (None, None, None, s.dx.clone(), *entry.grad_views)
+        return (None, None, None, s.dx.clone(), *entry.grads_out())
