@@ -173,8 +173,15 @@ inback)   # session 12: OffloadedAdamW(update_in_backward=True), one gradient co
   [ $SECONDS -lt 510 ] && qlora $((590 - SECONDS)) after --impls velotune-qlora-mlp-graphs --offload-optimizer \
     --json "$out/qlora_after_$commit.json"
   ;;
+memsets)  # the memsets in front of cuBLAS GEMMs in the graphs: which cuBLAS setting makes them, at what GEMM speed
+  card
+  for v in "" "CUBLAS_WORKSPACE_CONFIG=:0:0" "CUBLASLT_WORKSPACE_SIZE=0" "CUBLAS_WORKSPACE_CONFIG=:4096:8"; do
+    env $v timeout 60 python bench/gemm_memsets.py 2>&1 | tee -a "$out/gemm_memsets_$commit.log"
+  done
+  timeout 60 python bench/gemm_memsets.py lt 2>&1 | tee -a "$out/gemm_memsets_$commit.log"
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback|memsets COMMIT" >&2
   exit 2
   ;;
 esac
