@@ -180,8 +180,15 @@ memsets)  # the memsets in front of cuBLAS GEMMs in the graphs: which cuBLAS set
   done
   timeout 60 python bench/gemm_memsets.py lt 2>&1 | tee -a "$out/gemm_memsets_$commit.log"
   ;;
+noworkspace)   # CUBLAS_WORKSPACE_CONFIG=:0:0 for both contenders (2 rounds), and the default, same call
+  card
+  qlora 330 ws0 --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --offload-optimizer --optimizer-in-backward \
+    --cublas-workspace :0:0 --json "$out/qlora_ws0_$commit.json"
+  qlora $((585 - SECONDS)) wsdefault --impls velotune-qlora-mlp-graphs stock-qlora --offload-optimizer \
+    --optimizer-in-backward --json "$out/qlora_wsdefault_$commit.json"
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback|memsets COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback|memsets|noworkspace COMMIT" >&2
   exit 2
   ;;
 esac

@@ -646,6 +646,9 @@ def main() -> int:
                          "on the GPU from the pinned table (train/embedding_offload.GATHER_ON_GPU = False)")
     ap.add_argument("--saved-sets", type=int, default=0,
                     help="graphed recompute='mlp': device sets of saved tensors (train/layer_graphs.SAVED_SETS; 0: default)")
+    ap.add_argument("--cublas-workspace", default=None,
+                    help="CUBLAS_WORKSPACE_CONFIG for every contender (e.g. ':0:0': no workspace, so cuBLAS "
+                         "puts no memset in front of its GEMMs; inside CUDA graphs each cost ~10 us of idle)")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     ap.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
@@ -657,6 +660,9 @@ def main() -> int:
         args.steps, args.warmup, args.batch, args.seq = 2, 1, 2, 32
         args.dequant = args.max_context = True
         args.ctx_probes, args.time_box = [32, 64], 240.0
+    if args.cublas_workspace is not None:
+        # read by PyTorch when it makes its first cuBLAS handle: before any GEMM of this process
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = args.cublas_workspace
     if args.worker:
         args.impl = args.worker
         print("RESULT " + json.dumps(context_worker(args) if args.ctx_worker else worker(args)), flush=True)
@@ -683,7 +689,8 @@ def main() -> int:
         ["--host-gather-embedding"] if args.host_gather_embedding else []) + (
         ["--saved-sets", str(args.saved_sets)] if args.saved_sets else []) + (
         ["--offload-optimizer"] if args.offload_optimizer else []) + (
-        ["--optimizer-in-backward"] if args.optimizer_in_backward else [])
+        ["--optimizer-in-backward"] if args.optimizer_in_backward else []) + (
+        ["--cublas-workspace", args.cublas_workspace] if args.cublas_workspace is not None else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the
