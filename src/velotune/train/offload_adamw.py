@@ -27,7 +27,10 @@ walk runs with plain copies.
 Cost: the moments cross the host link twice per step (2 x 0.31 GiB for the 8B adapters, overlapped
 with each other and with the updates; the copies out also overlap the next step's start). Measured
 on an H200 (8B QLoRA, graphed recompute="mlp", BENCHMARKS.md "session 11"): peak 6.26 -> 5.98 GiB
-(0.377x of stock transformers + bitsandbytes + PEFT), ~1.2% slower per step than torch's fused AdamW.
+(0.377x of stock transformers + bitsandbytes + PEFT), ~1.2% slower per step than torch's fused AdamW:
+the compute stream waited 6.4 ms per step for the copies in (`bench/trace_gaps.py`, "session 12").
+With update_in_backward=True (see the class) those copies overlap the rest of backward: 329.5 vs
+333.7 ms per step in one call, peak 5.93 GiB (0.374x), since gradients go as soon as they are used.
 """
 from __future__ import annotations
 
