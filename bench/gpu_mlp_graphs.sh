@@ -187,8 +187,18 @@ noworkspace)   # CUBLAS_WORKSPACE_CONFIG=:0:0 for both contenders (2 rounds), an
   qlora $((585 - SECONDS)) wsdefault --impls velotune-qlora-mlp-graphs stock-qlora --offload-optimizer \
     --optimizer-in-backward --json "$out/qlora_wsdefault_$commit.json"
   ;;
+final12)  # session 12's final code: GPU tests; stock vs update-in-backward (2 rounds); velotune with the cuBLAS
+          # workspace off (stock is slower with it: its best is the default, above)
+  card
+  timeout 120 python -m pytest -q -m gpu tests/train/test_offload_adamw.py tests/train/test_saved_graphs.py \
+    tests/train/test_layer_graphs.py 2>&1 | tail -25 | tee "$out/gputests_final12_$commit.log"
+  qlora $((500 - SECONDS)) final12 --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --offload-optimizer \
+    --optimizer-in-backward --json "$out/qlora_final12_$commit.json"
+  [ $SECONDS -lt 520 ] && qlora $((590 - SECONDS)) final12_ws0 --impls velotune-qlora-mlp-graphs --offload-optimizer \
+    --optimizer-in-backward --cublas-workspace :0:0 --json "$out/qlora_final12_ws0_$commit.json"
+  ;;
 *)
-  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback|memsets|noworkspace COMMIT" >&2
+  echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback|memsets|noworkspace|final12 COMMIT" >&2
   exit 2
   ;;
 esac

@@ -221,11 +221,12 @@ class _Entry:
     def _store_grads(self, grads) -> None:
         """(dx, *LoRA grads) into the statics (zeros for an adapter that got no gradient)."""
         self.s.dx.copy_(grads[0])
+        got = [(view, g) for view, g in zip(self.grad_views, grads[1:]) if g is not None]
+        if got:           # one multi-tensor kernel instead of a copy per adapter (8B: 14 graph nodes per layer)
+            torch._foreach_copy_([view for view, _ in got], [g for _, g in got])
         for view, g in zip(self.grad_views, grads[1:]):
             if g is None:
                 view.zero_()
-            else:
-                view.copy_(g)
 
     def capture(self, pool, side=None) -> None:
         s = self
