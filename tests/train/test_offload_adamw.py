@@ -155,3 +155,17 @@ def test_gpu_update_in_backward_same_bits_as_torch_adamw(fused):
     ours, opt, ref, ref_opt = _update_in_backward("cuda", lr=1e-2, weight_decay=0.1, fused=fused)
     opt.state_dict()
     _assert_same(ours, opt, ref, ref_opt)
+
+
+def test_update_in_backward_hooks_do_not_keep_the_optimizer_alive():
+    import gc
+    import weakref
+
+    ours = _params(seed=5)
+    opt = OffloadedAdamW(ours, chunk_bytes=2000, update_in_backward=True)
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None
+    _chain_loss(ours, 0).backward()                 # the orphaned hooks do nothing
+    assert all(p.grad is not None for p in ours)

@@ -34,6 +34,8 @@ With update_in_backward=True (see the class) those copies overlap the rest of ba
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.optim.adamw import adamw
 
@@ -66,6 +68,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._plans: dict[int, list[_Chunk]] = {}        # per param group: its chunks
         self._chunk_of: dict = {}                         # parameter -> index of its chunk in its group's plan
         self._staging: dict[torch.device, _Staging] = {}
+        self._max_chunk = 0                               # numel of the largest chunk's moments, all groups
         self._backward_started = False                    # update_in_backward: a hook ran since the last step()
         self.update_in_backward = update_in_backward
         self._hooks: list = []
@@ -74,11 +77,17 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     and torch.distributed.get_world_size() > 1:
                 raise ValueError("OffloadedAdamW(update_in_backward=True) cannot run under DDP/FSDP: the "
                                  "gradients are reduced after the hooks that would update from them")
+            me = weakref.ref(self)      # the parameters' hooks do not keep the optimizer (and its buffers) alive
+
+            def ready(p, gi):
+                opt = me()
+                if opt is not None:
+                    opt._grad_ready(gi, p)
+
             for gi, group in enumerate(self.param_groups):
                 for p in group["params"]:
                     if p.requires_grad:
-                        self._hooks.append(p.register_post_accumulate_grad_hook(
-                            lambda p, gi=gi: self._grad_ready(gi, p)))
+                        self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, gi=gi: ready(p, gi)))
 
     # -- state ---------------------------------------------------------------------------------
     def _plan(self, gi: int) -> list["_Chunk"]:
@@ -92,6 +101,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 if p.dtype != torch.float32:
                     raise TypeError(f"OffloadedAdamW updates fp32 parameters (PEFT's adapters are), got {p.dtype}")
             plan = self._plans[gi] = [_Chunk(c, k) for k, c in enumerate(_chunks(group["params"], self.chunk_bytes))]
+            self._max_chunk = max([self._max_chunk, *(c.host.numel() for c in plan)])
             on_device = bool(group["fused"])    # as torch.optim.AdamW: fused keeps its step on the device
             for chunk in plan:
                 for p, views in zip(chunk.params, chunk.moment_views()):
@@ -121,6 +131,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._wait_for_host()
         super().load_state_dict(state_dict)     # torch moves the moments to the parameters' device...
         self._plans = {}                        # ... and the next step copies them into host chunks
+        self._staging = {}                      # (its copies out are done: nothing fetched for old chunks stays)
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,10 +161,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
         """update_in_backward: p's gradient is final; update its chunk once all of the chunk's are."""
         plan = self._plan(gi)
         chunk = plan[self._chunk_of[p]]
-        staging = self._staging_for(p.device)
         if not self._backward_started:      # the step's first final gradient: the last layers' chunks come in
             self._backward_started = True
-            staging.expect([c for c in reversed(plan) if not c.updated])     # backward ends with the first layers
+            self._staging_for(p.device).expect([c for c in reversed(plan) if not c.updated])     # backward ends with the first layers
         if chunk.updated:
             raise RuntimeError("OffloadedAdamW(update_in_backward=True): a second backward before step() (gradient "
                                "accumulation is not supported: the first backward already updated the parameters)")
@@ -182,13 +192,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def _staging_for(self, device: torch.device) -> "_Staging":
         staging = self._staging.get(device)
-        for gi in range(len(self.param_groups)):      # sized for every group's chunks: made once
-            self._plan(gi)
-        size = max(c.host.numel() for plan in self._plans.values() for c in plan)
-        if staging is None or staging.numel < size:
+        if staging is None:
+            for gi in range(len(self.param_groups)):      # sized for every group's chunks: made once
+                self._plan(gi)
+        if staging is None or staging.numel < self._max_chunk:
             if staging is not None:
                 staging.drain()
-            staging = self._staging[device] = _Staging(device, size)
+            staging = self._staging[device] = _Staging(device, self._max_chunk)
         return staging
 
 
