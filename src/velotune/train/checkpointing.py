@@ -321,6 +321,8 @@ def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=N
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     graphable = graphs is not None and len(args) == 1 and not kwargs
+    if graphs is not None and not graphable:
+        graphs.unchain(args[0])      # a graphed layer's output may alias a static buffer (layer_graphs.py)
     if saved is not None and _suits_mlp_recompute(fn):
         keep = _tensors(args[1:]) + _tensors(kwargs) + _tensors(getattr(fn, "keywords", {}))
         eager = functools.partial(saved.run_layer, fn, args, kwargs, keep)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -180,6 +181,43 @@ class _Statics:
         self.kw_src: list = [None] * len(kw_tensors)   # the tensor each kw buffer was last filled from
         self.grads = torch.empty(n_grad, dtype=grad_dtype, device=x.device)
         self.sets: list = [None] * SAVED_SETS          # recompute="mlp": the saved-tensor sets (saved_graphs.py)
+        # recompute="mlp" chains its layers through these two buffers (saved_graphs.py): a layer of
+        # parity p reads x from z[1 - p] and writes y to z[p], and in backward reads dy from z[p] and
+        # writes dx to z[1 - p]; what it returns are aliases of them, not copies
+        self.z = (self.x, self.y)
+        self._aliases: list = [None, None]             # weak reference to the alias handed out of z[i]
+
+    def hand_out(self, i: int) -> torch.Tensor:
+        """z[i] as a tensor of its own (own version counter: a replay never bumps versions either),
+        remembered weakly so that a later write to z[i] can first give a live one its own copy."""
+        buf = self.z[i]
+        alias = torch.empty(0, dtype=buf.dtype, device=buf.device).set_(
+            buf.untyped_storage(), buf.storage_offset(), buf.shape, buf.stride())
+        self._aliases[i] = weakref.ref(alias)
+        return alias
+
+    def holds(self, i: int, t: torch.Tensor) -> bool:
+        """Whether t's values are z[i] itself (then nothing needs to be copied in)."""
+        buf = self.z[i]
+        return (t.data_ptr() == buf.data_ptr() and t.dtype == buf.dtype and t.shape == buf.shape
+                and t.stride() == buf.stride())
+
+    def before_write(self, i: int) -> None:
+        """Before z[i] is overwritten: an alias of it that is still alive (kept by the caller, e.g.
+        output_hidden_states, or saved by a later module for its backward) gets its own copy of the
+        values, so it never sees the overwrite. In a plain training step none is alive by then."""
+        ref, self._aliases[i] = self._aliases[i], None
+        alias = ref() if ref is not None else None
+        if alias is not None and alias.data_ptr() == self.z[i].data_ptr():
+            alias.data = self.z[i].clone()
+
+    def unchain(self, t: torch.Tensor) -> None:
+        """t, if it is an alias of z[i], gets its own copy now (for a consumer that is not the next
+        graphed layer: an eager layer may copy its input to the host on a side stream, which a
+        later replay must not overwrite under it)."""
+        for i, ref in enumerate(self._aliases):
+            if ref is not None and ref() is t:
+                self.before_write(i)
 
     def load_kwargs(self, tensors) -> None:
         for i, t in enumerate(tensors):
@@ -206,6 +244,7 @@ class _Entry:
             self.grad_spans.append((off, off + p.numel(), p.shape))
             off += p.numel()
         self.grad_views = views
+        self.dx_out = statics.dx         # where backward stores dx (recompute="mlp": its z buffer)
 
     def grads_out(self) -> list[torch.Tensor]:
         """The LoRA gradients of the last backward replay, as views of one copy of the static buffer.
@@ -220,9 +259,14 @@ class _Entry:
 
     def _store_grads(self, grads) -> None:
         """(dx, *LoRA grads) into the statics (zeros for an adapter that got no gradient)."""
-        self.s.dx.copy_(grads[0])
+        self.dx_out.copy_(grads[0])
+        flat = self.s.grads
+        if grads[1:] and all(g is not None and g.dtype == flat.dtype for g in grads[1:]):
+            # one concatenation into the buffer instead of a copy per adapter (8B: 14 graph nodes per layer)
+            torch.cat([g.reshape(-1) for g in grads[1:]], out=flat)
+            return
         got = [(view, g) for view, g in zip(self.grad_views, grads[1:]) if g is not None]
-        if got:           # one multi-tensor kernel instead of a copy per adapter (8B: 14 graph nodes per layer)
+        if got:
             torch._foreach_copy_([view for view, _ in got], [g for _, g in got])
         for view, g in zip(self.grad_views, grads[1:]):
             if g is None:
@@ -288,10 +332,34 @@ class _GraphedLayer(torch.autograd.Function):
         return (None, None, None, s.dx.clone(), *entry.grads_out())
 
 
-class LayerGraphs:
-    """Per model: the graphed entries of every decoder layer, one memory pool."""
+@contextlib.contextmanager
+def _gemm_workspace(size: int | None):
+    """cuBLAS's workspace size (bytes) for the handles first used inside: the captures' side stream.
+    With a workspace cuBLAS picks GEMM kernels that need it zeroed, so a graph holds a memset node
+    in front of nearly every GEMM, and each such pair idles the GPU ~5-10 us (8B QLoRA, H200: ~20
+    per layer and step). PyTorch's eager default is restored on the way out; None changes nothing,
+    as does a torch without `torch.backends.cuda.cublas_workspace_size`."""
+    api = getattr(torch.backends.cuda, "cublas_workspace_size", None)
+    if size is None or api is None or not torch.cuda.is_available():
+        yield
+        return
+    before = api()
+    api(size)
+    try:
+        yield
+    finally:
+        api(before)
 
-    def __init__(self):
+
+class LayerGraphs:
+    """Per model: the graphed entries of every decoder layer, one memory pool.
+
+    gemm_workspace: the cuBLAS workspace in bytes for the GEMMs the graphs capture (`_gemm_workspace`):
+    0 (default) captures GEMMs without memset nodes; None keeps PyTorch's workspace (the graphs then
+    run the very kernels eager code runs, bit for bit). Set it before the first capture."""
+
+    def __init__(self, gemm_workspace: int | None = 0):
+        self.gemm_workspace = gemm_workspace
         self.pool = None
         self.disabled = False            # set when a capture failed
         self._streams: dict = {}
@@ -332,6 +400,12 @@ class LayerGraphs:
     def run(self, offloader, fn, x: torch.Tensor, eager, saved: bool = False):
         """The layer's output through its graphs, or `eager()` while warming up / when not graphable.
         saved: the layer runs under recompute="mlp" (its graphs are saved_graphs.SavedEntry's)."""
+        run_eager = eager
+
+        def eager():        # x may be a graphed layer's output, an alias of a static buffer
+            self.unchain(x)
+            return run_eager()
+
         layer = _layer_of(fn) if isinstance(fn, functools.partial) and not self.disabled else None
         flat = _flatten_kwargs(fn.keywords) if layer is not None else None
         scan = self._scan(layer) if flat is not None and self._eligible(layer) else None
@@ -381,11 +455,19 @@ class LayerGraphs:
             if x.is_cuda and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             s = entry.s      # capture (and its warm-up run) on this call's real values
+            self.unchain(x)  # the warm-up runs write both z buffers: no alias may see that
+            s.before_write(0)
+            s.before_write(1)
             s.load_kwargs(kw_tensors)
-            s.dy.zero_()     # before x: under recompute="mlp" they are one buffer
-            s.x.copy_(x)
+            if saved:        # B is captured first and writes dx where F reads x: F's warm-up reads junk
+                entry.zout.zero_()
+                entry.zin.copy_(x)
+            else:
+                s.dy.zero_()
+                s.x.copy_(x)
             try:
-                entry.capture(self.pool, self._stream(x.device))
+                with _gemm_workspace(self.gemm_workspace if x.is_cuda else None):
+                    entry.capture(self.pool, self._stream(x.device))
             except Exception as e:  # noqa: BLE001 - an op that cannot be captured: train on, eagerly
                 warnings.warn(f"velotune: CUDA-graph capture of a decoder layer failed, layers run eagerly "
                               f"from now on ({type(e).__name__}: {e})", stacklevel=2)
@@ -407,4 +489,10 @@ class LayerGraphs:
             if self.saved_runs is None:
                 self.saved_runs = SavedGraphRuns(offloader)
             return GraphedSavedLayer.apply(entry, self.saved_runs, kw_tensors, x, *params)
+        self.unchain(x)      # _GraphedLayer copies x to the host on a side stream
         return _GraphedLayer.apply(entry, offloader, kw_tensors, x, *params)
+
+    def unchain(self, x: torch.Tensor) -> None:
+        """x gets its own copy if it is an alias of a static buffer (see `_Statics.unchain`)."""
+        for statics in self.statics.values():
+            statics.unchain(x)

@@ -58,6 +58,12 @@ from velotune.train.layer_graphs import _TWICE, _Entry, _fresh_leaves
 from velotune.train.saved_offload import _flat, _NormOf, _span   # _NormOf.inp: a _Ref here
 
 
+# A forward graph copies each saved span into its set as the layer saves it, except spans under this
+# many bytes (8B: ~11 per layer: LoRA XA, softmax statistics...): they are copied together at the
+# end, one multi-tensor kernel instead of a graph node each.
+SMALL_SPAN = 2**20
+
+
 class _PlanMismatch(RuntimeError):
     """The captured forward saved other tensors than the build did (fails the capture)."""
 
@@ -125,6 +131,8 @@ class SavedEntry(_Entry):
     def __init__(self, statics, slots, names, static_kw, fn, parity: int):
         super().__init__(statics, slots, names, static_kw, fn)
         self.parity = parity
+        self.zin, self.zout = statics.z[1 - parity], statics.z[parity]     # x in, y out; dy in, dx out
+        self.dx_out = self.zin
         self.P: _Slots | None = None
         self.y = self.x = self.leaves = None    # the build's output, input leaf and LoRA leaves
 
@@ -166,7 +174,7 @@ class SavedEntry(_Entry):
         def unpack(obj):
             return entry()._unpack(obj)
 
-        x = s.x.detach().requires_grad_(True)
+        x = self.zin.detach().requires_grad_(True)
         with _fresh_leaves(self.slots) as leaves:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
                     recorded_norm_outputs(norms), checkpointed_mlp(), WEIGHT_BUFFERS.graph_local():
@@ -207,6 +215,8 @@ class SavedEntry(_Entry):
         def forward():
             calls = iter(e.plan.calls)
             norms: dict = {}
+            later: tuple[list, list] = ([], [])     # small spans: copied together at the end
+
 
             def pack(t: torch.Tensor):
                 is_norm, copies = next(calls, (None, None))
@@ -216,21 +226,28 @@ class SavedEntry(_Entry):
                 for slot, a, b in copies:
                     if _span(src) != (a, b) or src.dtype != e.P.flat[slot].dtype:
                         raise _PlanMismatch("a saved tensor's layout differs from the build's")
-                    e.P.flat[slot].copy_(_flat(src, a, b))
+                    dst, span = e.P.flat[slot], _flat(src, a, b)
+                    if dst.numel() * dst.element_size() < SMALL_SPAN:
+                        later[0].append(dst)          # the view keeps the storage: no reuse before the copy
+                        later[1].append(span)
+                    else:
+                        dst.copy_(span)
                 return None
 
-            x = s.x.detach().requires_grad_(True)
+            x = e.zin.detach().requires_grad_(True)
             with _fresh_leaves(e.slots):
                 with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never), \
                         recorded_norm_outputs(norms), checkpointed_mlp():
                     y = e._call(x)
-                s.y.copy_(y.detach())
+                e.zout.copy_(y.detach())
+            if later[0]:
+                torch._foreach_copy_(*later)
             norms.clear()
             if next(calls, None) is not None:
                 raise _PlanMismatch("the captured forward saved fewer tensors than the build")
 
         def backward():
-            grads = torch.autograd.grad(e.y, [e.x, *e.leaves], s.dy, allow_unused=True, retain_graph=True)
+            grads = torch.autograd.grad(e.y, [e.x, *e.leaves], e.zout, allow_unused=True, retain_graph=True)
             e._store_grads(grads)
 
         self._capture_pair(forward, backward, pool, side)
@@ -295,16 +312,24 @@ class SavedGraphRuns:
 
 
 class GraphedSavedLayer(torch.autograd.Function):
+    """Layer L of parity p: x in z[1 - p], y out in z[p]; dy in z[p], dx out in z[1 - p]. The next
+    graphed layer's input is this one's output buffer, so consecutive graphed layers pass their
+    hidden states (and, in backward, their gradients) without a copy: outputs are aliases of the
+    buffers (`_Statics.hand_out`), copied in only where a tensor from elsewhere arrives."""
+
     @staticmethod
     def forward(ctx, entry: SavedEntry, runs: SavedGraphRuns, kw_tensors, x, *params):
-        s, P = entry.s, entry.P
+        s, P, i = entry.s, entry.P, entry.parity
         s.load_kwargs(kw_tensors)
-        s.x.copy_(x)
+        if not s.holds(1 - i, x):
+            s.before_write(1 - i)
+            entry.zin.copy_(x)
         if x.is_cuda and P.free_at is not None:
             torch.cuda.current_stream().wait_event(P.free_at)    # the set's previous copy to the host
         P.ready = None
+        s.before_write(i)
         entry.fwd.replay()
-        y = s.y.clone()
+        y = s.hand_out(i)
         ctx.rec, ctx.runs, ctx.kw_tensors = runs.to_host(entry), runs, kw_tensors
         return y
 
@@ -315,13 +340,16 @@ class GraphedSavedLayer(torch.autograd.Function):
             raise RuntimeError(_TWICE)
         ctx.rec = None                       # its host buffers go back to the pool when backward is done
         entry = rec.entry
-        s, P = entry.s, entry.P
+        s, P, i = entry.s, entry.P, entry.parity
         runs.load(rec)
         s.load_kwargs(ctx.kw_tensors)
-        s.dy.copy_(dy)
+        if not s.holds(i, dy):
+            s.before_write(i)
+            entry.zout.copy_(dy)
         if dy.is_cuda:
             if P.ready is not None:
                 torch.cuda.current_stream().wait_event(P.ready)
+        s.before_write(1 - i)
         entry.bwd.replay()
         if dy.is_cuda:
             P.free_at = torch.cuda.Event()
@@ -330,4 +358,4 @@ class GraphedSavedLayer(torch.autograd.Function):
         prev = rec.prev() if rec.prev is not None else None
         if prev is not None:
             runs.load(prev)                  # one layer ahead: overlaps the next replay
-        return (None, None, None, s.dx.clone(), *entry.grads_out())
+        return (None, None, None, s.hand_out(1 - i), *entry.grads_out())
