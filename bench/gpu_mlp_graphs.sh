@@ -213,6 +213,17 @@ chain13)  # session 13: graphed layers chained through two buffers, graph GEMMs 
   [ $SECONDS -lt 510 ] && qlora $((590 - SECONDS)) chain13_wstorch --impls velotune-qlora-mlp-graphs \
     --offload-optimizer --optimizer-in-backward --graph-gemm-workspace torch --json "$out/qlora_chain13_wstorch_$commit.json"
   ;;
+trace13)  # where the chained step's time goes: GEMM variants of the adapter gradients, two profiled steps
+          # dumped (trace_COMMIT.jsonl.gz, read with bench/trace_gaps.py), and the step with no cuBLAS
+          # workspace for the whole process (torch 2.11 has no API to scope it)
+  card
+  timeout 60 python bench/group_casts.py 2>&1 | tee "$out/group_casts_$commit.log"
+  timeout 240 python bench/host_overhead.py --impls velotune-qlora --recompute mlp --cuda-graphs \
+    --offload-embedding --offload-optimizer --optimizer-in-backward --no-cprofile --gaps 14 \
+    --dump "$out/trace_$commit.jsonl.gz" 2>&1 | quiet | tee "$out/host_trace_$commit.log"
+  [ $SECONDS -lt 480 ] && qlora $((590 - SECONDS)) ws0 --impls velotune-qlora-mlp-graphs --offload-optimizer \
+    --optimizer-in-backward --cublas-workspace :0:0 --json "$out/qlora_ws0_$commit.json"
+  ;;
 *)
   echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback|memsets|noworkspace|final12 COMMIT" >&2
   exit 2

@@ -60,6 +60,20 @@ def main() -> None:
     ct = timed(lambda: torch.cat([g.reshape(-1) for g in grads], out=buf))
     print(f"  store 14 gradients {buf.numel() / 1e6:5.2f} M fp32: foreach_copy_ {fe:6.1f} us, cat(out=) {ct:6.1f} us")
 
+    # the adapter gradients' GEMMs (lora/fused._mm_to): bf16 result + cast vs cuBLAS writing fp32
+    N = 4096
+    x = torch.randn(N, H, device=dev, dtype=torch.bfloat16)
+    for out_dim in (H, kv, I):
+        dy = torch.randn(N, out_dim, device=dev, dtype=torch.bfloat16)
+        xa = torch.randn(N, r, device=dev, dtype=torch.bfloat16)
+        cast = timed(lambda: (dy.t() @ xa).float())
+        f32 = timed(lambda: torch.mm(dy.t(), xa, out_dtype=torch.float32))
+        print(f"  dB [{out_dim}, {r}] over {N} rows: bf16 GEMM + cast {cast:6.1f} us, out_dtype fp32 {f32:6.1f} us")
+    dxa = torch.randn(N, 3 * r, device=dev, dtype=torch.bfloat16)
+    cast = timed(lambda: (dxa.t() @ x).float())
+    f32 = timed(lambda: torch.mm(dxa.t(), x, out_dtype=torch.float32))
+    print(f"  dA [{3 * r}, {H}] over {N} rows: bf16 GEMM + cast {cast:6.1f} us, out_dtype fp32 {f32:6.1f} us")
+
 
 if __name__ == "__main__":
     main()
