@@ -93,10 +93,15 @@ def _lora_case(N, I, r, strided, seed=0):
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("N,I,r,strided", [(70, 100, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
-def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided, fused_lora):
-    """dhA^T @ (act(gate) * up): the kernel (tiles over rows and columns, r padded to 16) vs torch
-    and float64. N, I not multiples of the 64-wide tiles; r below, at and above 16."""
+@pytest.mark.parametrize("split", [1, 3])
+def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided, split, fused_lora, monkeypatch):
+    """dhA^T @ (act(gate) * up): the kernel (tiles over rows and columns, r padded to 16; the rows
+    in `split` chunks summed after, at most one per 64-row block) vs torch and float64. N, I not
+    multiples of the 64-wide tiles; r below, at and above 16."""
+    from velotune.kernels import glu
     from velotune.kernels.glu import glu_lora_a_grad
+
+    monkeypatch.setattr(glu, "LORA_A_SPLIT", split)
 
     gate, up, _, dhA, _ = _lora_case(N, I, r, strided)
     with force_triton():

@@ -154,16 +154,20 @@ def _bwd_triton(dh, gate, up, act, dgate, dup):
 
 
 @triton.jit
-def _glu_lora_a_grad_kernel(DHA, G, U, OUT, N, I, R, s_dha, s_g, s_u, ACT: tl.constexpr, IEEE: tl.constexpr,
+def _glu_lora_a_grad_kernel(DHA, G, U, OUT, N, I, R, CHUNK, s_dha, s_g, s_u, ACT: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
-    # OUT[R, I] (fp32) = DHA[N, R]^T @ h, h = act(G) * U rounded to G's dtype as glu_forward rounds
-    # it: the rows of h are made block by block and never stored. One program per BLOCK_I columns
-    # walks all N rows (fp32 accumulation, fixed order: deterministic).
+    # OUT[s, R, I] (fp32) = DHA[rows_s, R]^T @ h[rows_s], h = act(G) * U rounded to G's dtype as
+    # glu_forward rounds it, for the s-th CHUNK of the N rows (a multiple of BLOCK_N): the rows of h
+    # are made block by block and never stored. Program (column block, s) walks its chunk (fp32
+    # accumulation, fixed order); the caller sums the chunks in a fixed order: deterministic.
+    # Splitting N gives I / BLOCK_I * chunks programs (I / BLOCK_I alone is 224 at 8B: under two
+    # waves of the H200's 132 SMs, each program walking all 4096 rows).
     cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    s = tl.program_id(1)
     rr = tl.arange(0, BLOCK_R)
     cmask, rmask_r = cols < I, rr < R
     acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(s * CHUNK, tl.minimum(s * CHUNK + CHUNK, N), BLOCK_N):
         rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m = (rows < N)[:, None] & cmask[None, :]
         g = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -175,7 +179,7 @@ def _glu_lora_a_grad_kernel(DHA, G, U, OUT, N, I, R, s_dha, s_g, s_u, ACT: tl.co
             acc += tl.dot(tl.trans(d), h, input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(d), h)
-    tl.store(OUT + rr[:, None] * I + cols[None, :], acc, mask=rmask_r[:, None] & cmask[None, :])
+    tl.store(OUT + (s * R + rr[:, None]) * I + cols[None, :], acc, mask=rmask_r[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -241,9 +245,14 @@ FUSED_LORA = True
 LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I = 32, 128   # glu_lora_project: rows per program, columns per step
 LORA_PROJECT_SPLIT = 8   # and at most this many programs per row block, each over its chunk of the columns
 
-LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program (it walks all rows)
-LORA_A_BLOCK_N = 64
+LORA_PROJECT_WARPS = 4
+
+LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program
+LORA_A_BLOCK_N = 64      # rows per step
+LORA_A_SPLIT = 1         # and at most this many programs per column block, each over its chunk of the rows
+LORA_A_WARPS = 4
 LORA_BLOCK_N, LORA_BLOCK_I = 64, 64   # glu_backward(lora=...): one [rows, columns] tile per program
+LORA_BWD_WARPS = 4
 
 
 _PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward
@@ -275,16 +284,19 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
     r = dhA.shape[1]
     if not _rank_r_fused(r, dhA, gate, up):
         return (dhA.t() @ glu_forward(gate, up, act)).float()
-    out = torch.empty((r, I), dtype=torch.float32, device=gate.device)
-    if N and I and r:
-        key = (gate.get_device(), "a_grad", gate.dtype, N, I, r, gate.stride(0), up.stride(0), dhA.stride(0), act)
-        launch(_PLANS, key, _glu_lora_a_grad_kernel, (triton.cdiv(I, LORA_A_BLOCK_I),),
-               (dhA, gate, up, out, N, I, r, dhA.stride(0), gate.stride(0), up.stride(0)),
-               dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_A_BLOCK_N,
-                    BLOCK_I=LORA_A_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3), num_warps=4)
-    elif not N:
-        out.zero_()
-    return out
+    if not (N and I and r):
+        return torch.zeros((r, I), dtype=torch.float32, device=gate.device)
+    split = max(1, min(LORA_A_SPLIT, triton.cdiv(N, LORA_A_BLOCK_N)))
+    chunk = triton.cdiv(triton.cdiv(N, split), LORA_A_BLOCK_N) * LORA_A_BLOCK_N
+    split = triton.cdiv(N, chunk)
+    parts = torch.empty((split, r, I), dtype=torch.float32, device=gate.device)
+    key = (gate.get_device(), "a_grad", gate.dtype, N, I, r, gate.stride(0), up.stride(0), dhA.stride(0), act,
+           LORA_A_BLOCK_I, LORA_A_BLOCK_N, split, LORA_A_WARPS)
+    launch(_PLANS, key, _glu_lora_a_grad_kernel, (triton.cdiv(I, LORA_A_BLOCK_I), split),
+           (dhA, gate, up, parts, N, I, r, chunk, dhA.stride(0), gate.stride(0), up.stride(0)),
+           dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_A_BLOCK_N,
+                BLOCK_I=LORA_A_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3), num_warps=LORA_A_WARPS)
+    return parts[0] if split == 1 else parts.sum(0)
 
 
 def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act: str,
@@ -309,12 +321,13 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
     chunk = triton.cdiv(triton.cdiv(I, split), LORA_PROJECT_BLOCK_I) * LORA_PROJECT_BLOCK_I
     split = triton.cdiv(I, chunk)
     parts = torch.empty((split, N, r), dtype=torch.float32, device=gate.device)
-    key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act)
+    key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act,
+           LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I, split, LORA_PROJECT_WARPS)
     launch(_PLANS, key, _glu_lora_project_kernel, (triton.cdiv(N, LORA_PROJECT_BLOCK_N), split),
            (gate, up, A, parts, N, I, r, chunk, gate.stride(0), up.stride(0), A.stride(0)),
            dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_PROJECT_BLOCK_N,
                 BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3),
-           num_warps=4)
+           num_warps=LORA_PROJECT_WARPS)
     return (parts[0] if split == 1 else parts.sum(0)).to(gate.dtype)
 
 
@@ -350,13 +363,13 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
             r = dhA.shape[1]
             if gate.numel():
                 key = (gate.get_device(), "bwd_lora", gate.dtype, N, I, r, dh.stride(0), dhA.stride(0),
-                       A.stride(0), gate.stride(0), up.stride(0), act)
+                       A.stride(0), gate.stride(0), up.stride(0), act, LORA_BLOCK_N, LORA_BLOCK_I, LORA_BWD_WARPS)
                 launch(_PLANS, key, _glu_bwd_lora_kernel, (triton.cdiv(N, LORA_BLOCK_N), triton.cdiv(I, LORA_BLOCK_I)),
                        (dh, dhA, A, gate, up, gate, up, N, I, r, dh.stride(0), dhA.stride(0), A.stride(0),
                         gate.stride(0), up.stride(0)),
                        dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_BLOCK_N,
                             BLOCK_I=LORA_BLOCK_I, BLOCK_R=_block_r(r)),
-                       (0, 1, 2, 3, 4, 5, 6), num_warps=4)
+                       (0, 1, 2, 3, 4, 5, 6), num_warps=LORA_BWD_WARPS)
             return gate, up
         dh = torch.addmm(dh, dhA, A)
     if triton_enabled(gate):
