@@ -3,58 +3,11 @@ with ~10 us of idle around it inside the CUDA graphs): a graph of the step's GEM
 under the cuBLAS settings given by the environment of this process.
 
     python bench/gemm_memsets.py            # run in subprocesses with each variant by the caller
-    python bench/gemm_memsets.py scoped     # velotune's scoped setting (LayerGraphs.gemm_workspace = 0)
 """
 import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-
-def scoped() -> None:
-    """velotune's way (train/layer_graphs._gemm_workspace): no workspace only for the handles the
-    capture's side stream uses, eager GEMMs on the default stream keep theirs. Memsets in the graph
-    and in eager, and whether the two give the same bits."""
-    from velotune.train.layer_graphs import _gemm_workspace
-
-    dev, bf = "cuda", torch.bfloat16
-    x = torch.randn(4096, 4096, device=dev, dtype=bf)
-    w = torch.randn(14336, 4096, device=dev, dtype=bf)
-    a = torch.randn(16, 4096, device=dev, dtype=bf)
-    dy = torch.randn(4096, 14336, device=dev, dtype=bf)
-    b = torch.randn(14336, 16, device=dev, dtype=bf)
-
-    def body():
-        return x @ w.t(), x @ a.t(), dy.t() @ (x @ a.t()), (dy @ b).t() @ x    # base, xA, dB, dA shapes
-
-    eager = body()
-    torch.cuda.synchronize()
-    api = getattr(torch.backends.cuda, "cublas_workspace_size", None)
-    print(f"  torch {torch.__version__}: cublas_workspace_size API {'present' if api else 'absent'}"
-          f"{f', size {api()}' if api else ''}", flush=True)
-    side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
-    with _gemm_workspace(0):
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph, stream=side):
-            out = body()
-    print(f"  after: size {api() if api else '?'}", flush=True)
-
-    def memsets(fn):
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return sum("emset" in e.name for e in evs), sorted({e.name[:40] for e in evs if "emset" not in e.name})
-
-    graph.replay()
-    print(f"  graph: {memsets(graph.replay)}", flush=True)
-    print(f"  eager: {memsets(body)}", flush=True)
-    torch.cuda.synchronize()
-    print("  same bits as eager: " + ", ".join(str(torch.equal(o, e)) for o, e in zip(out, eager)), flush=True)
 
 
 def main() -> None:
@@ -99,9 +52,6 @@ def main() -> None:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) > 1 and sys.argv[1] == "scoped":
-        scoped()
-        sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "lt":
         torch.backends.cuda.preferred_blas_library("cublaslt")
     main()

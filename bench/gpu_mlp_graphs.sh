@@ -28,8 +28,9 @@
 #                                               # OffloadedAdamW, 2 rounds
 #   bash bench/gpu_mlp_graphs.sh inback COMMIT  # GPU tests; stock vs graphed "mlp" with OffloadedAdamW updating in
 #                                               # backward (2 rounds); the update after backward, same call
-#   bash bench/gpu_mlp_graphs.sh chain13 COMMIT # session 13: chained graph buffers, no cuBLAS workspace in the
-#                                               # graphs, fp32 adapter-gradient GEMMs: GPU tests, vs stock
+#   bash bench/gpu_mlp_graphs.sh chain13 COMMIT # session 13: chained graph buffers, fp32 adapter-gradient GEMMs,
+#                                               # one-cat casts: GPU tests, vs stock
+#   bash bench/gpu_mlp_graphs.sh final13 COMMIT # session 13 final: GPU tests, vs stock, and with the workspace off
 #   bash bench/gpu_mlp_graphs.sh gather COMMIT  # the embedding rows gathered by the GPU from the pinned table
 #                                               # (no host sync per step) with OffloadedAdamW: GPU tests,
 #                                               # stock vs graphed "mlp" (2 rounds), the host gather, idle
@@ -199,19 +200,26 @@ final12)  # session 12's final code: GPU tests; stock vs update-in-backward (2 r
   [ $SECONDS -lt 520 ] && qlora $((590 - SECONDS)) final12_ws0 --impls velotune-qlora-mlp-graphs --offload-optimizer \
     --optimizer-in-backward --cublas-workspace :0:0 --json "$out/qlora_final12_ws0_$commit.json"
   ;;
-chain13)  # session 13: graphed layers chained through two buffers, graph GEMMs without a cuBLAS workspace
-          # (scoped to the captures), adapter gradients written fp32 by cuBLAS, small saved spans copied
-          # together: the scoped workspace check; GPU tests; stock vs velotune (2 rounds); velotune with
-          # PyTorch's workspace in the graphs (same call)
+chain13)  # session 13 (e182954): graphed layers chained through two buffers, adapter gradients written fp32
+          # by cuBLAS, group casts / gradient stores by one cat, small saved spans copied together: cast
+          # timings; GPU tests; stock vs velotune (2 rounds). (At e182954 it also ran a scoped cuBLAS
+          # workspace setting, since removed: torch 2.11 has no API for it, the run was its no-op control.)
   card
-  timeout 60 python bench/gemm_memsets.py scoped 2>&1 | grep -v -e Warning -e _warn_once | tee "$out/gemm_scoped_$commit.log"
   timeout 60 python bench/group_casts.py 2>&1 | tee "$out/group_casts_$commit.log"
   timeout 150 python -m pytest -q -m gpu tests/train/test_saved_graphs.py tests/train/test_layer_graphs.py \
     tests/kernels/test_gpu.py tests/lora 2>&1 | tail -25 | tee "$out/gputests_chain13_$commit.log"
   qlora $((500 - SECONDS)) chain13 --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --offload-optimizer \
     --optimizer-in-backward --json "$out/qlora_chain13_$commit.json"
-  [ $SECONDS -lt 510 ] && qlora $((590 - SECONDS)) chain13_wstorch --impls velotune-qlora-mlp-graphs \
-    --offload-optimizer --optimizer-in-backward --graph-gemm-workspace torch --json "$out/qlora_chain13_wstorch_$commit.json"
+  ;;
+final13)  # session 13's final code (GLU kernels tuned by bench/glu_tune.py): GPU tests; stock vs velotune
+          # (2 rounds); velotune with CUBLAS_WORKSPACE_CONFIG=:0:0 (no cuBLAS memsets; stock is slower with it)
+  card
+  timeout 150 python -m pytest -q -m gpu tests/kernels/test_gpu.py tests/train/test_saved_graphs.py \
+    tests/train/test_layer_graphs.py tests/lora 2>&1 | tail -25 | tee "$out/gputests_final13_$commit.log"
+  qlora $((480 - SECONDS)) final13 --impls stock-qlora velotune-qlora-mlp-graphs --rounds 2 --offload-optimizer \
+    --optimizer-in-backward --json "$out/qlora_final13_$commit.json"
+  [ $SECONDS -lt 510 ] && qlora $((590 - SECONDS)) final13_ws0 --impls velotune-qlora-mlp-graphs --offload-optimizer \
+    --optimizer-in-backward --cublas-workspace :0:0 --json "$out/qlora_final13_ws0_$commit.json"
   ;;
 trace13)  # where the chained step's time goes: GEMM variants of the adapter gradients, two profiled steps
           # dumped (trace_COMMIT.jsonl.gz, read with bench/trace_gaps.py), and the step with no cuBLAS

@@ -156,9 +156,6 @@ def worker(args) -> dict:
     model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding, args.cuda_graphs,
                   args.recompute, args.mlp_chunks)
     t_build = time.perf_counter() - t_build
-    if args.graph_gemm_workspace is not None and getattr(model, "velotune_layer_graphs", None) is not None:
-        ws = args.graph_gemm_workspace
-        model.velotune_layer_graphs.gemm_workspace = None if ws == "torch" else int(ws)
     step, params, _, _ = training_step(model, args.batch, args.seq, device,
                                        offload_optimizer=args.offload_optimizer and args.impl.startswith("velotune"),
                                        update_in_backward=args.optimizer_in_backward)
@@ -652,9 +649,6 @@ def main() -> int:
     ap.add_argument("--cublas-workspace", default=None,
                     help="CUBLAS_WORKSPACE_CONFIG for every contender (e.g. ':0:0': no workspace, so cuBLAS "
                          "puts no memset in front of its GEMMs; inside CUDA graphs each cost ~10 us of idle)")
-    ap.add_argument("--graph-gemm-workspace", default=None,
-                    help="velotune graphs: cuBLAS workspace bytes for the captured GEMMs (LayerGraphs.gemm_workspace; "
-                         "'torch': PyTorch's own, as eager; unset: velotune's default, 0)")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "?"))
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     ap.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
@@ -696,8 +690,7 @@ def main() -> int:
         ["--saved-sets", str(args.saved_sets)] if args.saved_sets else []) + (
         ["--offload-optimizer"] if args.offload_optimizer else []) + (
         ["--optimizer-in-backward"] if args.optimizer_in_backward else []) + (
-        ["--cublas-workspace", args.cublas_workspace] if args.cublas_workspace is not None else []) + (
-        ["--graph-gemm-workspace", args.graph_gemm_workspace] if args.graph_gemm_workspace is not None else [])
+        ["--cublas-workspace", args.cublas_workspace] if args.cublas_workspace is not None else [])
     if not args.no_throughput:
         res, rounds = {}, {}
         # --rounds N: the contenders run interleaved (A B C A B C ...), each in a fresh process; the

@@ -191,47 +191,12 @@ def test_mlp_graphs_on_gpu_are_bit_identical(dtype):
     runs = []
     for graphs in (False, True):
         model = _lora(graphs, device="cuda", dtype=dtype)
-        if graphs:
-            model.velotune_layer_graphs.gemm_workspace = None   # eager's cuBLAS workspace: eager's kernels
         with sdpa_kernel(SDPBackend.MATH):
             runs.append(_train(model, 4, batches))
         if graphs:
             assert model.velotune_layer_graphs.stats["captured"] == N_LAYERS
             assert model.velotune_offload_stats.prefetched > 0
     _assert_same(runs[1], runs[0], 2 * 7 * N_LAYERS)
-
-
-@pytest.mark.gpu
-def test_graphs_without_a_cublas_workspace_are_as_exact_as_eager():
-    """The default graphs capture their GEMMs without a cuBLAS workspace (`LayerGraphs.gemm_workspace`
-    = 0: no memset nodes), so cuBLAS may pick other kernels than eager (e.g. no split-K for the
-    rank-r GEMMs): not bit-identical, but as exact. fp32: every LoRA gradient within 1e-5 of eager's;
-    bf16: the error against the fp32 run at most 1.5x eager bf16's, at the first graphed step (the
-    first step runs eagerly in both, so the adapters are still the same)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    batches = [{k: v.cuda() for k, v in b.items()} for b in _two_batches()]
-    runs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        for graphs in (False, True):
-            model = _lora(graphs, device="cuda", dtype=dtype)
-            if graphs:
-                assert model.velotune_layer_graphs.gemm_workspace == 0
-            with sdpa_kernel(SDPBackend.MATH):
-                runs[dtype, graphs] = _train(model, 3, batches)
-    eager, graphed = runs[torch.float32, False], runs[torch.float32, True]
-    for (loss_g, grads_g), (loss_e, grads_e) in zip(graphed, eager):
-        assert abs(loss_g - loss_e) <= 1e-6 * abs(loss_e)
-        for name, g in grads_e.items():
-            assert ((grads_g[name] - g).norm() / g.norm()).item() <= 1e-5, name
-    ref = eager[1][1]
-
-    def err(run):
-        grads = run[1][1]
-        return sum(((grads[n].double() - ref[n].double()) ** 2).sum() for n in ref).sqrt().item()
-
-    e_eager, e_graphed = err(runs[torch.bfloat16, False]), err(runs[torch.bfloat16, True])
-    assert e_graphed <= 1.5 * e_eager, (e_graphed, e_eager)
 
 
 def test_a_forward_that_saves_differently_fails_the_capture_and_trains_on_eagerly(monkeypatch):

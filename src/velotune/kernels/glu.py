@@ -242,17 +242,19 @@ def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, CHUNK, s_g, s_u, s_a, ACT: t
 # H200, 2026-12-01, 67b3545); all pass the interpreter (vs torch and float64) and compile for sm_90.
 # False: the unfused path (h made, then GEMMs; torch.addmm, then the GLU backward), for A/B runs.
 FUSED_LORA = True
-LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I = 32, 128   # glu_lora_project: rows per program, columns per step
+# Tiles and warps: the fastest of bench/glu_tune.py's sweep at the 8B shape (H200, 2026-12-01,
+# bench/results/glu_tune_a32edee.log; N 4096, I 14336, r 16, bf16), against the earlier defaults:
+# glu_lora_a_grad 79.0 vs 137.6 us, glu_lora_project 75.3 vs 117.1 us, glu_backward(lora=) ~180 vs ~203 us.
+LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I = 128, 64   # glu_lora_project: rows per program, columns per step
 LORA_PROJECT_SPLIT = 8   # and at most this many programs per row block, each over its chunk of the columns
-
-LORA_PROJECT_WARPS = 4
+LORA_PROJECT_WARPS = 8
 
 LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program
 LORA_A_BLOCK_N = 64      # rows per step
-LORA_A_SPLIT = 1         # and at most this many programs per column block, each over its chunk of the rows
-LORA_A_WARPS = 4
-LORA_BLOCK_N, LORA_BLOCK_I = 64, 64   # glu_backward(lora=...): one [rows, columns] tile per program
-LORA_BWD_WARPS = 4
+LORA_A_SPLIT = 8         # and at most this many programs per column block, each over its chunk of the rows
+LORA_A_WARPS = 8
+LORA_BLOCK_N, LORA_BLOCK_I = 32, 128  # glu_backward(lora=...): one [rows, columns] tile per program
+LORA_BWD_WARPS = 8
 
 
 _PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward

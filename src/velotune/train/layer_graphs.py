@@ -332,34 +332,10 @@ class _GraphedLayer(torch.autograd.Function):
         return (None, None, None, s.dx.clone(), *entry.grads_out())
 
 
-@contextlib.contextmanager
-def _gemm_workspace(size: int | None):
-    """cuBLAS's workspace size (bytes) for the handles first used inside: the captures' side stream.
-    With a workspace cuBLAS picks GEMM kernels that need it zeroed, so a graph holds a memset node
-    in front of nearly every GEMM, and each such pair idles the GPU ~5-10 us (8B QLoRA, H200: ~20
-    per layer and step). PyTorch's eager default is restored on the way out; None changes nothing,
-    as does a torch without `torch.backends.cuda.cublas_workspace_size`."""
-    api = getattr(torch.backends.cuda, "cublas_workspace_size", None)
-    if size is None or api is None or not torch.cuda.is_available():
-        yield
-        return
-    before = api()
-    api(size)
-    try:
-        yield
-    finally:
-        api(before)
-
-
 class LayerGraphs:
-    """Per model: the graphed entries of every decoder layer, one memory pool.
+    """Per model: the graphed entries of every decoder layer, one memory pool."""
 
-    gemm_workspace: the cuBLAS workspace in bytes for the GEMMs the graphs capture (`_gemm_workspace`):
-    0 (default) captures GEMMs without memset nodes; None keeps PyTorch's workspace (the graphs then
-    run the very kernels eager code runs, bit for bit). Set it before the first capture."""
-
-    def __init__(self, gemm_workspace: int | None = 0):
-        self.gemm_workspace = gemm_workspace
+    def __init__(self):
         self.pool = None
         self.disabled = False            # set when a capture failed
         self._streams: dict = {}
@@ -466,8 +442,7 @@ class LayerGraphs:
                 s.dy.zero_()
                 s.x.copy_(x)
             try:
-                with _gemm_workspace(self.gemm_workspace if x.is_cuda else None):
-                    entry.capture(self.pool, self._stream(x.device))
+                entry.capture(self.pool, self._stream(x.device))
             except Exception as e:  # noqa: BLE001 - an op that cannot be captured: train on, eagerly
                 warnings.warn(f"velotune: CUDA-graph capture of a decoder layer failed, layers run eagerly "
                               f"from now on ({type(e).__name__}: {e})", stacklevel=2)
