@@ -31,6 +31,7 @@
 #   bash bench/gpu_mlp_graphs.sh chain13 COMMIT # session 13: chained graph buffers, fp32 adapter-gradient GEMMs,
 #                                               # one-cat casts: GPU tests, vs stock
 #   bash bench/gpu_mlp_graphs.sh final13 COMMIT # session 13 final: GPU tests, vs stock, and with the workspace off
+#   bash bench/gpu_mlp_graphs.sh confirm13 COMMIT # stock, QLoRA, bf16 LoRA: 2 interleaved rounds
 #   bash bench/gpu_mlp_graphs.sh gather COMMIT  # the embedding rows gathered by the GPU from the pinned table
 #                                               # (no host sync per step) with OffloadedAdamW: GPU tests,
 #                                               # stock vs graphed "mlp" (2 rounds), the host gather, idle
@@ -231,6 +232,12 @@ trace13)  # where the chained step's time goes: GEMM variants of the adapter gra
     --dump "$out/trace_$commit.jsonl.gz" 2>&1 | quiet | tee "$out/host_trace_$commit.log"
   [ $SECONDS -lt 480 ] && qlora $((590 - SECONDS)) ws0 --impls velotune-qlora-mlp-graphs --offload-optimizer \
     --optimizer-in-backward --cublas-workspace :0:0 --json "$out/qlora_ws0_$commit.json"
+  ;;
+confirm13)  # a second call at session 13's final code: stock, QLoRA and bf16 LoRA (both graphed "mlp", same
+            # settings), 2 interleaved rounds: the 4.5x / 0.38x target again, and QLoRA / bf16 LoRA
+  card
+  qlora 590 confirm13 --impls stock-qlora velotune-qlora-mlp-graphs velotune-lora-mlp-graphs --rounds 2 \
+    --offload-optimizer --optimizer-in-backward --json "$out/qlora_confirm13_$commit.json"
   ;;
 *)
   echo "usage: $0 check|bench|all|final|probe|fused|chunks|blocks|rows|rounds|gather|trace|verify|inback|memsets|noworkspace|final12 COMMIT" >&2
