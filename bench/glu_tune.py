@@ -10,32 +10,13 @@ import argparse
 import itertools
 
 import torch
+from group_casts import timed   # bench/: CUDA-graph timing without host time
 
 from velotune.kernels import glu
 
 
-def timed(fn, reps: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(3):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / (3 * reps)
-
-
 def sweep(name, knobs: dict, configs, call, nbytes: int) -> None:
+    """Each config of `knobs` (names of glu module constants) timed, and checked against the default's result."""
     defaults = {k: getattr(glu, k) for k in knobs}
     glu._PLANS.clear()
     ref = call().clone()
@@ -47,7 +28,7 @@ def sweep(name, knobs: dict, configs, call, nbytes: int) -> None:
         try:
             out = call()
             diff = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
-            us = timed(call)
+            us = timed(call, reps=20)
         except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory...)
             print(f"  {name} {dict(zip(knobs, cfg))}: failed ({type(e).__name__}: {str(e)[:80]})", flush=True)
             continue
@@ -92,7 +73,7 @@ def main() -> None:
         u2.copy_(up)
         return glu.glu_backward(dh, g2, u2, "silu", lora=(dhA, A))[0]
 
-    copies = timed(lambda: (g2.copy_(gate), u2.copy_(up)))
+    copies = timed(lambda: (g2.copy_(gate), u2.copy_(up)), reps=20)
     print(f"  (the backward's timings include two refreshing copies: {copies:.1f} us)", flush=True)
     sweep("bwd_lora", ["LORA_BLOCK_N", "LORA_BLOCK_I", "LORA_BWD_WARPS"],
           [c for c in itertools.product([32, 64, 128], [64, 128, 256], [4, 8]) if c[0] * c[1] <= 16384],

@@ -9,6 +9,7 @@ import torch
 
 
 def timed(fn, reps: int = 200) -> float:
+    """Microseconds per call of fn, replayed from a CUDA graph of `reps` calls (no host time)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -160,8 +160,8 @@ class FastLanguageModel:
         every layer of an 8B model captures and the GPU tests are bit-identical to eager. With
         recompute="layer" the 8B step is no faster (GPU-bound). With recompute="mlp" the backward
         graph recomputes only the MLP, reading the attention half's saved tensors from two static
-        buffer sets (velotune.train.saved_graphs): the fastest 8B QLoRA step measured, 4.41x stock
-        (H200, 2026-12-01) vs 3.8-4.2x eager "mlp", at +0.43 GiB of GPU memory (BENCHMARKS.md). A
+        buffer sets (velotune.train.saved_graphs): the fastest 8B QLoRA step measured, 4.5x stock
+        (H200, 2026-12-01, with OffloadedAdamW) vs 3.8-4.2x eager "mlp", at +0.43 GiB of GPU memory (BENCHMARKS.md). A
         layer whose capture fails runs eagerly, with a warning, so results never change.
         """
         from velotune.train.checkpointing import check_recompute

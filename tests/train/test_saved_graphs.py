@@ -350,3 +350,26 @@ def test_hidden_states_a_caller_keeps_are_not_overwritten(monkeypatch):
     monkeypatch.setattr(_Statics, "before_write", lambda self, i: None)
     bad, _ = hidden(True)
     assert not all(torch.equal(g, r) for g, r in zip(bad, ref))
+
+
+def test_two_forwards_then_one_backward(monkeypatch):
+    """Two forwards (e.g. chosen and rejected batches) before one backward: the first forward's last
+    hidden state, saved by the final norm, lives in a buffer the second forward overwrites; it gets
+    its own copy first, so the gradients equal eager ones. The control: without that copy they differ."""
+    from velotune.train.layer_graphs import _Statics
+
+    batches = _two_batches()
+
+    def run(graphs):
+        model = _lora(graphs, layers=4)
+        for _ in range(3):                                               # eager, capture, replay
+            (model(**batches[0]).loss + model(**batches[1]).loss).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            model.zero_grad(set_to_none=True)
+        return grads
+
+    ref, got = run(False), run(True)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+    monkeypatch.setattr(_Statics, "before_write", lambda self, i: None)
+    bad = run(True)
+    assert not all(torch.equal(bad[n], ref[n]) for n in ref)

@@ -267,6 +267,14 @@ def _rank_r_fused(r: int, *ts: torch.Tensor) -> bool:
             and all(t.dim() == 2 and t.stride(1) == 1 for t in ts))
 
 
+def _chunks(n: int, most: int, block: int) -> tuple[int, int]:
+    """(how many chunks, chunk length): n split into at most `most` chunks, each a multiple of
+    `block` long (the last may be shorter), one program per chunk summed by the caller."""
+    split = max(1, min(most, triton.cdiv(n, block)))
+    chunk = triton.cdiv(triton.cdiv(n, split), block) * block
+    return triton.cdiv(n, chunk), chunk
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -288,9 +296,7 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
         return (dhA.t() @ glu_forward(gate, up, act)).float()
     if not (N and I and r):
         return torch.zeros((r, I), dtype=torch.float32, device=gate.device)
-    split = max(1, min(LORA_A_SPLIT, triton.cdiv(N, LORA_A_BLOCK_N)))
-    chunk = triton.cdiv(triton.cdiv(N, split), LORA_A_BLOCK_N) * LORA_A_BLOCK_N
-    split = triton.cdiv(N, chunk)
+    split, chunk = _chunks(N, LORA_A_SPLIT, LORA_A_BLOCK_N)
     parts = torch.empty((split, r, I), dtype=torch.float32, device=gate.device)
     key = (gate.get_device(), "a_grad", gate.dtype, N, I, r, gate.stride(0), up.stride(0), dhA.stride(0), act,
            LORA_A_BLOCK_I, LORA_A_BLOCK_N, split, LORA_A_WARPS)
@@ -319,9 +325,7 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
         return (glu_forward(gate, up, act) if h is None else h) @ A.t()
     if not (N and r and I):
         return torch.zeros((N, r), dtype=gate.dtype, device=gate.device)
-    split = min(LORA_PROJECT_SPLIT, triton.cdiv(I, LORA_PROJECT_BLOCK_I))
-    chunk = triton.cdiv(triton.cdiv(I, split), LORA_PROJECT_BLOCK_I) * LORA_PROJECT_BLOCK_I
-    split = triton.cdiv(I, chunk)
+    split, chunk = _chunks(I, LORA_PROJECT_SPLIT, LORA_PROJECT_BLOCK_I)
     parts = torch.empty((split, N, r), dtype=torch.float32, device=gate.device)
     key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act,
            LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I, split, LORA_PROJECT_WARPS)

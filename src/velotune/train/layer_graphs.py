@@ -6,7 +6,7 @@ on the H200 all 32 layers of the 8B model capture and replay (`_fresh_leaves` fi
 capture, which autograd's cross-stream join for a parameter's old AccumulateGrad node invalidated),
 and the GPU test is bit-identical to eager. But the 8B step gains nothing (11656 vs 11670 tok/s, same
 call): with launch plans the eager step is no longer host-bound (BENCHMARKS.md). Under
-recompute="mlp" (saved_graphs.py) they do gain: 4.41x stock vs 3.8-4.2x eager for 8B QLoRA (H200,
+recompute="mlp" (saved_graphs.py) they do gain: 4.5x stock vs 3.8-4.2x eager for 8B QLoRA (H200,
 2026-12-01). A failed capture warns and leaves the model on the eager path.
 
     enable_offloaded_checkpointing(model, cuda_graphs=True)      # get_peft_model(..., cuda_graphs=True)
