@@ -196,11 +196,13 @@ class _Statics:
         self._aliases[i] = weakref.ref(alias)
         return alias
 
-    def holds(self, i: int, t: torch.Tensor) -> bool:
-        """Whether t's values are z[i] itself (then nothing needs to be copied in)."""
+    def fill(self, i: int, t: torch.Tensor) -> None:
+        """t's values into z[i], unless they are z[i] already (the previous graphed layer's output)."""
         buf = self.z[i]
-        return (t.data_ptr() == buf.data_ptr() and t.dtype == buf.dtype and t.shape == buf.shape
-                and t.stride() == buf.stride())
+        if not (t.data_ptr() == buf.data_ptr() and t.dtype == buf.dtype and t.shape == buf.shape
+                and t.stride() == buf.stride()):
+            self.before_write(i)
+            buf.copy_(t)
 
     def before_write(self, i: int) -> None:
         """Before z[i] is overwritten: an alias of it that is still alive (kept by the caller, e.g.

@@ -227,7 +227,6 @@ class SavedEntry(_Entry):
             norms: dict = {}
             later: tuple[list, list] = ([], [])     # small spans: copied together at the end
 
-
             def pack(t: torch.Tensor):
                 is_norm, copies = next(calls, (None, None))
                 if copies is None or is_norm != (t.untyped_storage().data_ptr() in norms):
@@ -331,9 +330,7 @@ class GraphedSavedLayer(torch.autograd.Function):
     def forward(ctx, entry: SavedEntry, runs: SavedGraphRuns, kw_tensors, x, *params):
         s, P, i = entry.s, entry.P, entry.parity
         s.load_kwargs(kw_tensors)
-        if not s.holds(1 - i, x):
-            s.before_write(1 - i)
-            entry.zin.copy_(x)
+        s.fill(1 - i, x)
         if x.is_cuda and P.free_at is not None:
             torch.cuda.current_stream().wait_event(P.free_at)    # the set's previous copy to the host
         P.ready = None
@@ -353,9 +350,7 @@ class GraphedSavedLayer(torch.autograd.Function):
         s, P, i = entry.s, entry.P, entry.parity
         runs.load(rec)
         s.load_kwargs(ctx.kw_tensors)
-        if not s.holds(i, dy):
-            s.before_write(i)
-            entry.zout.copy_(dy)
+        s.fill(i, dy)
         if dy.is_cuda:
             if P.ready is not None:
                 torch.cuda.current_stream().wait_event(P.ready)
