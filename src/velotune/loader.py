@@ -75,6 +75,7 @@ class FastLanguageModel:
         revision: str | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        padding_free: bool = True,
         **kwargs,
     ):
         """Load a causal LM and its tokenizer.
@@ -82,7 +83,13 @@ class FastLanguageModel:
         Returns `(model, tokenizer)`. `dtype=None` picks bf16 where supported, fp16 on older GPUs
         and float32 on CPU; an explicit dtype is honoured everywhere. `fast=False` keeps the stock
         transformers forward (useful for A/B checks).
+        `padding_free` (with fast=True): a padded batch in a forward without a KV cache (training,
+        TRL's trainers, scoring) runs on its real tokens only, packed into one row with attention
+        kept inside each sample (velotune.models.padding_free): the same loss, gradients and logits
+        at real positions as the padded batch; False runs padded batches as they come.
         """
+        if not isinstance(padding_free, bool):
+            raise ValueError(f"padding_free={padding_free!r}: use True or False")
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         compute_dtype = resolve_dtype(dtype)
@@ -111,6 +118,9 @@ class FastLanguageModel:
             from velotune.models import prepare_model
 
             prepare_model(model, max_seq_length=max_seq_length, full_finetuning=full_finetuning)
+            from velotune.models.padding_free import set_padding_free
+
+            set_padding_free(model, padding_free)
         if full_finetuning:
             model.requires_grad_(True)
         _attach_methods(model)
@@ -137,6 +147,7 @@ class FastLanguageModel:
         cuda_graphs: bool = False,
         recompute: str = "layer",
         mlp_row_blocks: int = 1,
+        padding_free: bool | None = None,
         **kwargs,
     ):
         """Wrap `model` in a real `peft.PeftModel` with LoRA adapters.
@@ -154,6 +165,8 @@ class FastLanguageModel:
         `offload_embedding`: keep the frozen input-embedding table in pinned host memory; the GPU
         reads the batch's rows from it (velotune.train.embedding_offload): ~1 GiB less GPU memory for
         Llama-3, no host sync. Refused for tied or trainable tables.
+        `padding_free`: True or False switches padded batches to run on their real tokens only
+        (see from_pretrained); None keeps what from_pretrained set (on by default).
         `cuda_graphs` (EXPERIMENTAL; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
         (velotune.train.layer_graphs), to take the host out of the step. On the H200 (2026-12-01)
@@ -167,6 +180,8 @@ class FastLanguageModel:
         from velotune.train.checkpointing import check_recompute
 
         check_recompute(recompute, mlp_row_blocks)
+        if padding_free is not None and not isinstance(padding_free, bool):
+            raise ValueError(f"padding_free={padding_free!r}: use True, False or None")
         if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
             raise ValueError(f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
                              f"got {use_gradient_checkpointing!r}")
@@ -194,6 +209,10 @@ class FastLanguageModel:
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
+        if padding_free is not None:
+            from velotune.models.padding_free import set_padding_free
+
+            set_padding_free(peft_model, padding_free)
         if offload_embedding:
             from velotune.train.embedding_offload import offload_input_embeddings
 

@@ -224,6 +224,7 @@ def stack_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     record(self, packed)
     kwargs = drop_trl_varlen_keys(kwargs)
     kwargs[VARLEN_KW] = packed.varlen
+    kwargs["use_cache"] = False        # (None in training: transformers would build a cache nobody reads)
     out = self._velotune_stock_forward(input_ids=packed.gather(input_ids), attention_mask=packed.marker(like.device),
                                        position_ids=packed.position_ids, inputs_embeds=packed.gather(inputs_embeds),
                                        **kwargs)

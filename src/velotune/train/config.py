@@ -5,7 +5,7 @@
 
 Layout (every section but `model` and `data` has defaults):
 
-    model:    name, max_seq_length, dtype, load_in_4bit, full_finetuning
+    model:    name, max_seq_length, dtype, load_in_4bit, full_finetuning, fast, padding_free
     lora:     r, alpha, dropout, target_modules, use_rslora, use_dora, modules_to_save, gradient_checkpointing,
               offload_embedding, recompute, cuda_graphs, mlp_row_blocks
     data:     path, format, chat_template, train_on, on_long, packing, eval_path
@@ -40,6 +40,8 @@ class ModelSection(_Section):
     load_in_4bit: bool = False
     full_finetuning: bool = False
     fast: bool = Field(True, description="use velotune's fused kernels (False: the stock transformers forward)")
+    padding_free: bool = Field(True, description="padded batches run on their real tokens only, packed into one "
+                                                 "row (same loss and gradients); false: as padded")
 
 
 class LoraSection(_Section):
