@@ -1,6 +1,6 @@
 """GPU check and benchmark of velotune's kernels against stock PyTorch, torch.compile and Liger-Kernel.
 
-    PYTHONPATH=$PWD/.devsite:$PWD/src python bench/kernels.py [--compile-budget 60] [--out results.json]
+    PYTHONPATH=$PWD/.devsite:$PWD/src python bench/kernels.py [--compile-budget 60] [--jsonl rows.jsonl]
 
 1. Correctness, for bf16 / fp16 / fp32 at --check-tokens tokens (full hidden / vocab sizes): each
    output and gradient of velotune and of the stock PyTorch path is compared with a float64 run of
@@ -22,19 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-import triton
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also takes bench/ off sys.path: this file would shadow the `kernels` package)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 
-from velotune.kernels.cross_entropy import cross_entropy, cross_entropy_reference
-from velotune.kernels.fused_linear_ce import KeptRows, fused_linear_cross_entropy
-from velotune.kernels.glu import geglu, glu_reference, swiglu
-from velotune.kernels.rmsnorm import rms_norm, rms_norm_reference
-from velotune.kernels.rope import apply_rope, apply_rope_, apply_rope_reference
-
-# This file is named like the `kernels` package that Liger imports: without its folder on the path,
-# that import finds the real package (or none) instead of re-running this script as a module.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from velotune.kernels.cross_entropy import cross_entropy, cross_entropy_reference  # noqa: E402
+from velotune.kernels.fused_linear_ce import KeptRows, fused_linear_cross_entropy  # noqa: E402
+from velotune.kernels.glu import geglu, glu_reference, swiglu  # noqa: E402
+from velotune.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
+from velotune.kernels.rope import apply_rope, apply_rope_, apply_rope_reference  # noqa: E402
 
 try:
     from liger_kernel.transformers import functional as liger
@@ -264,30 +262,9 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU time only) timing")
-    ap.add_argument("--out", default="")
-    ap.add_argument("--split-config", default="",
-                    help="tile config of the split dW accumulator for this run, e.g. "
-                         "'128,128,64,4,3,persistent,8' (default: kernels/split_accumulator.CONFIG)")
-    ap.add_argument("--no-overlap", action="store_true",
-                    help="fused CE: run the dW GEMM after the dX GEMM on one stream (fused_linear_ce.OVERLAP_DW)")
-    ap.add_argument("--dw", choices=["halves", "planes"], default="",
-                    help="fused CE: the trainable lm_head's dW accumulator (fused_linear_ce.DW_ACCUMULATOR)")
+    ap.add_argument("--out", default="", help="all numbers (checks and timings) as one JSON file")
+    common.add_output_args(ap)
     args = ap.parse_args()
-    if args.dw:
-        from velotune.kernels import fused_linear_ce
-
-        fused_linear_ce.DW_ACCUMULATOR = args.dw
-        print(f"fused CE: dW accumulator {args.dw}", flush=True)
-    if args.no_overlap:
-        from velotune.kernels import fused_linear_ce
-
-        fused_linear_ce.OVERLAP_DW = False
-        print("fused CE: dW and dX GEMMs on one stream", flush=True)
-    if args.split_config:
-        from velotune.kernels import split_accumulator
-
-        split_accumulator.CONFIG = tuple(int(v) if v.isdigit() else v for v in args.split_config.split(","))
-        print(f"split accumulator config: {split_accumulator.CONFIG}", flush=True)
     t0 = time.time()
     cases = build_cases(args)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -362,6 +339,13 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    # one row per timed kernel: (median ms, peak GiB, forward ms, graph ms) per contender
+    common.write_rows(args.jsonl, "kernels", [
+        {"kernel": r["case"], "tokens": args.tokens, "dtype": "bf16",
+         **{k: {"ms": v[0], "peak_gib": v[1], "graph_ms": v[3] if v[3] == v[3] else None}
+            for k, v in r.items() if k != "case"},
+         "checks_ok": f"{len(results['checks']) - len(bad)}/{len(results['checks'])}"}
+        for r in results["timings"]], args.commit)
 
 
 if __name__ == "__main__":
