@@ -208,10 +208,8 @@ def graph_pool_bytes() -> int:
 
 def embeddings_offloaded(model) -> bool:
     """Whether get_peft_model(offload_embedding=True) moved the input embeddings to host memory."""
-    try:
-        from velotune.memory.embedding_offload import embeddings_offloaded as offloaded
-    except ImportError:   # before the memory package
-        from velotune.train.embedding_offload import embeddings_offloaded as offloaded
+    from velotune.memory.embedding_offload import embeddings_offloaded as offloaded
+
     return offloaded(model)
 
 
