@@ -44,7 +44,8 @@ def worker(args) -> None:
         model = common.build("velotune-lora", common.config(shape), device, dtype, args.seq,
                              {"use_gradient_checkpointing": True})
         if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if args.device == "cuda" else None)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[local] if args.device == "cuda" else None)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -146,7 +147,8 @@ def main() -> int:
         print(f"{mode:6} {one['shape']:5} {one['tokens_per_s_total']:12.0f} {many['tokens_per_s_total']:12.0f} "
               f"{ratio:14.3f} {diff:18.2e} {peaks:>14}")
         results.append({"mode": mode, "shape": one["shape"], "gpus": args.gpus,
-                        "tokens_per_s_1gpu": one["tokens_per_s_total"], "tokens_per_s_total": many["tokens_per_s_total"],
+                        "tokens_per_s_1gpu": one["tokens_per_s_total"],
+                        "tokens_per_s_total": many["tokens_per_s_total"],
                         "per_gpu_ratio": ratio, "max_rel_loss_diff": diff, "peak_gib_1gpu": one["peak_gib"],
                         "peak_gib_per_gpu": many["peak_gib"]})
     common.write_rows(args.jsonl, "ddp", results, args.commit, args.device)

@@ -220,7 +220,8 @@ def main() -> int:
         return 2
     results = run(args)
     results["python"] = platform.python_version()
-    print("\n| model | batch | stock tok/s | velotune tok/s | speed-up | graphs | greedy agree (min/mean of %d) |" % args.new)
+    print("\n| model | batch | stock tok/s | velotune tok/s | speed-up | graphs | greedy agree (min/mean of %d) |"
+          % args.new)
     print("|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['model']} | {r['batch']} | {r['stock_tps']} | {r['velotune_tps']} | {r['speedup']}x | "

@@ -172,9 +172,11 @@ def gaps(model, opt, batch, args) -> None:
         if prev_end is None or k.start_ns() + k.duration_ns() > prev_end:
             prev_end, prev_name = k.start_ns() + k.duration_ns(), k.name()
     for a, b, name in ranges:
-        print(f"  phase {name:<10} wall {(b - a) / 1e6:8.1f} ms | kernels launched in it {busy.get(name, 0) / 1e6:8.1f} ms"
+        print(f"  phase {name:<10} wall {(b - a) / 1e6:8.1f} ms | kernels launched in it "
+              f"{busy.get(name, 0) / 1e6:8.1f} ms"
               f" | stream idle before them {idle.get(name, 0) / 1e6:7.1f} ms", flush=True)
-    print(f"  stream idle in all {sum(idle.values()) / 1e6:.1f} ms over {len(main)} kernels; most waited-for:", flush=True)
+    print(f"  stream idle in all {sum(idle.values()) / 1e6:.1f} ms over {len(main)} kernels; most waited-for:",
+          flush=True)
     for key, (c, t) in sorted(waited.items(), key=lambda kv: -kv[1][1])[:args.gaps]:
         print(f"    {t / 1e6:7.2f} ms  {c:5d}x  {key}", flush=True)
     print("  the same idle by the kernel that ran before it (two steps, so a per-step figure is half):", flush=True)
@@ -191,8 +193,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--kernels", type=int, default=0, help="list this many GPU kernels by time")
     ap.add_argument("--no-cprofile", action="store_true")
-    ap.add_argument("--gaps", type=int, default=0, help="profile one step's idle GPU time by phase; list this many kernels")
-    ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="velotune: get_peft_model(recompute=)")
+    ap.add_argument("--gaps", type=int, default=0,
+                    help="profile one step's idle GPU time by phase; list this many kernels")
+    ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"],
+                    help="velotune: get_peft_model(recompute=)")
     ap.add_argument("--cuda-graphs", action="store_true", help="velotune: get_peft_model(cuda_graphs=True)")
     ap.add_argument("--offload-embedding", action="store_true", help="velotune: get_peft_model(offload_embedding=True)")
     ap.add_argument("--optimizer", default="adamw", choices=common.OPTIMIZERS, help="velotune contenders' optimizer")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from velotune.kernels.cross_entropy import cross_entropy, cross_entropy_reference  # noqa: E402
+from velotune.kernels.cross_entropy import cross_entropy  # noqa: E402
 from velotune.kernels.fused_linear_ce import KeptRows, fused_linear_cross_entropy  # noqa: E402
 from velotune.kernels.glu import geglu, glu_reference, swiglu  # noqa: E402
 from velotune.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
@@ -316,7 +315,8 @@ def main():
 
     print(f"\n{results['device']}, torch {torch.__version__}, triton {triton.__version__}, "
           f"tokens {args.tokens}, {time.time() - t0:.0f}s")
-    print("| kernel | stock ms | compile ms | liger ms | velotune ms | vs stock | vs liger | graph ms stock/compile/liger/ours | peak GiB stock/liger/ours |")
+    print("| kernel | stock ms | compile ms | liger ms | velotune ms | vs stock | vs liger "
+          "| graph ms stock/compile/liger/ours | peak GiB stock/liger/ours |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results["timings"]:
         def ms(k):

@@ -2,7 +2,8 @@
 
 Random-weight Llama shapes built on the GPU (8b: Llama-3.1-8B, 1b: Llama-3.2-1B), batch 2 x 2048 random
 token ids, LoRA r=16 alpha=16 on all 7 projections, non-reentrant gradient checkpointing (velotune:
-`use_gradient_checkpointing=True`), fused AdamW on the LoRA parameters. Each contender runs in its own process (clean peak-memory figures).
+`use_gradient_checkpointing=True`), fused AdamW on the LoRA parameters. Each contender runs in its own
+process (clean peak-memory figures).
 
     python bench/train.py                                   # 8b and 1b; velotune, stock, liger (if importable)
     python bench/train.py --shapes 8b --impls velotune stock --profile   # + GPU time per step by category
