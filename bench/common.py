@@ -7,8 +7,9 @@ A script imports it as
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import common  # noqa: E402
 
-Importing it puts src/ first on sys.path and takes bench/ off it again: bench/kernels.py would
-otherwise shadow the `kernels` package that transformers and Liger import.
+Importing it puts this checkout's src/ first on sys.path (no install needed). No file in bench/ is
+named like a package that transformers, PEFT, bitsandbytes or Liger import (`kernels`, for one), since
+a script's own folder comes first on sys.path.
 
 Results: `write_rows(path, subject, rows)` appends one JSON object per line, each with the card, the
 date, the commit and the command that produced it (bench/results/<subject>.jsonl holds the rows the
@@ -25,7 +26,6 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402

@@ -37,6 +37,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora")
+quantize_linears_ = common.quantize_linears_   # as bench/sft.py imports it from here
 
 
 def memory_options(args) -> dict:

@@ -26,6 +26,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 IMPLS = {"velotune": "velotune-lora", "stock": "stock-lora", "liger": "liger-lora"}
+TARGETS, _config = common.TARGETS, common.config   # as bench/sft.py imports them from here
 
 
 def worker(args) -> dict:

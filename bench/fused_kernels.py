@@ -1,6 +1,6 @@
 """GPU check and benchmark of velotune's kernels against stock PyTorch, torch.compile and Liger-Kernel.
 
-    PYTHONPATH=$PWD/.devsite:$PWD/src python bench/kernels.py [--compile-budget 60] [--jsonl rows.jsonl]
+    PYTHONPATH=$PWD/.devsite:$PWD/src python bench/fused_kernels.py [--compile-budget 60] [--jsonl rows.jsonl]
 
 1. Correctness, for bf16 / fp16 / fp32 at --check-tokens tokens (full hidden / vocab sizes): each
    output and gradient of velotune and of the stock PyTorch path is compared with a float64 run of
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (also takes bench/ off sys.path: this file would shadow the `kernels` package)
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
@@ -340,7 +340,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     # one row per timed kernel: (median ms, peak GiB, forward ms, graph ms) per contender
-    common.write_rows(args.jsonl, "kernels", [
+    common.write_rows(args.jsonl, "fused_kernels", [
         {"kernel": r["case"], "tokens": args.tokens, "dtype": "bf16",
          **{k: {"ms": v[0], "peak_gib": v[1], "graph_ms": v[3] if v[3] == v[3] else None}
             for k, v in r.items() if k != "case"},
