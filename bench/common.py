@@ -208,8 +208,10 @@ def graph_pool_bytes() -> int:
 
 def embeddings_offloaded(model) -> bool:
     """Whether get_peft_model(offload_embedding=True) moved the input embeddings to host memory."""
-    from velotune.memory.embedding_offload import embeddings_offloaded as offloaded
-
+    try:
+        from velotune.memory.embedding_offload import embeddings_offloaded as offloaded
+    except ImportError:   # a tree from before the memory package (bench/qlora.py --base-src)
+        from velotune.train.embedding_offload import embeddings_offloaded as offloaded
     return offloaded(model)
 
 

@@ -14,11 +14,15 @@ one's median run.
 
 The memory options are get_peft_model's keywords (--recompute, --cuda-graphs, --offload-embedding,
 --mlp-row-blocks) and the optimizer (--optimizer); they apply to the velotune contenders only.
+A/B of two trees in one call: `--base-src DIR` (another checkout's src/, e.g. from `git archive`) adds
+the contenders `velotune-qlora@base` / `velotune-lora@base`, the same contender on that code.
 
     python bench/qlora.py --impls stock-qlora velotune-qlora velotune-lora --rounds 2
     python bench/qlora.py --impls stock-qlora velotune-qlora velotune-lora --rounds 2 --recompute mlp \\
         --cuda-graphs --offload-embedding --optimizer offloaded-in-backward
     python bench/qlora.py --cpu-smoke --impls velotune-qlora stock-qlora   # the code path on CPU, tiny model
+    mkdir -p ab/base && git archive e659ab6 src | tar -x -C ab/base        # then, on the GPU machine:
+    python bench/qlora.py --impls velotune-qlora velotune-qlora@base --rounds 2 --base-src ab/base/src
 
 Peak memory: torch.cuda.max_memory_allocated over the timed steps (reset after building the model; for
 a graphed contender after the capturing warm-up), plus the CUDA-graph pool, which replays use without
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora")
+IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora", "velotune-qlora@base", "velotune-lora@base")
 quantize_linears_ = common.quantize_linears_   # as bench/sft.py imports it from here
 
 
@@ -51,7 +55,13 @@ def worker(args) -> dict:
     cuda = device.startswith("cuda")
     cfg = common.config(args.shape)
     velotune = args.impl.startswith("velotune")
-    model = common.build(args.impl, cfg, device, dtype, args.seq, memory_options(args) if velotune else None)
+    impl = args.impl
+    if impl.endswith("@base"):    # the same contender on the --base-src tree (velotune is not imported yet)
+        if not args.base_src:
+            raise SystemExit(f"{impl} needs --base-src")
+        sys.path.insert(0, str(Path(args.base_src).resolve()))
+        impl = impl[:-len("@base")]
+    model = common.build(impl, cfg, device, dtype, args.seq, memory_options(args) if velotune else None)
     step, params, _, _ = common.training_step(model, args.batch, args.seq, device,
                                               optimizer=args.optimizer if velotune else "adamw")
     if cuda:
@@ -97,6 +107,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="GPU ms per step by kernel category (3 profiled steps)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--base-src", type=Path, help="the src/ folder of another tree, for the '@base' contenders")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 2 steps: checks the code path")
     common.add_output_args(ap)
     ap.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
@@ -115,7 +126,8 @@ def main() -> int:
             "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--recompute", args.recompute, "--mlp-row-blocks", str(args.mlp_row_blocks),
             "--optimizer", args.optimizer] + (["--cuda-graphs"] if args.cuda_graphs else []) + (
-        ["--offload-embedding"] if args.offload_embedding else []) + (["--profile"] if args.profile else [])
+        ["--offload-embedding"] if args.offload_embedding else []) + (["--profile"] if args.profile else []) + (
+        ["--base-src", str(args.base_src)] if args.base_src else [])
     runs: dict[str, list[dict]] = {}
     for impl in [impl for _ in range(args.rounds) for impl in args.impls]:
         env = None
