@@ -241,7 +241,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
 
     train_ds, eval_ds, report, fmt = prepare_datasets(cfg, tokenizer, progress=progress)
     if progress and is_main_process():  # (skipped / truncated rows are listed by velotune.data's own warning)
-        print(f"data ({fmt}): {report.summary().splitlines()[0]}")
+        skipped = f" -- {report.one_line()}" if report.num_skipped else ""
+        print(f"data ({fmt}): {report.summary().splitlines()[0]}{skipped}")
     if not hasattr(model, "peft_config"):
         model = add_adapters(model, cfg)
     if _compute_dtype(model) == torch.float16:
