@@ -93,12 +93,15 @@ def load_for_export(run_dir: Path, base: str | None = None):
 
     stored = _stored_dtype(base)
     model, tok = FastLanguageModel.from_pretrained(base, dtype=_torch_dtype(stored), fast=False)
+    if (folder / "tokenizer_config.json").is_file():  # the training run's tokenizer (chat template, added tokens)
+        from velotune.data.chat_templates import ensure_template_tokens
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        ensure_template_tokens(tok, model)  # tokens the run added: the adapter holds their embedding rows
     model = PeftModel.from_pretrained(model, folder)
     from velotune.export import attach_export_methods
 
     attach_export_methods(model)
-    if (folder / "tokenizer_config.json").is_file():  # the training run's tokenizer (chat template, added tokens)
-        tok = AutoTokenizer.from_pretrained(folder)
     return model, tok, f"adapter {folder} on base {base}", stored
 
 

@@ -49,14 +49,17 @@ def load_for_chat(model_dir: str, *, dtype=None, load_in_4bit=False, max_seq_len
                                                        load_in_4bit=load_in_4bit)
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
         if any(p.suffix in (".json", ".model", ".jinja") and p.name.startswith(("tokenizer", "chat_template"))
                for p in path.iterdir()):
             from transformers import AutoTokenizer
 
+            from velotune.data.chat_templates import ensure_template_tokens
+
             tok = AutoTokenizer.from_pretrained(str(path))
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
+            ensure_template_tokens(tok, model)  # the run may have added template tokens (its adapter holds the rows)
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     if not getattr(tok, "chat_template", None):
         raise ModelLoadError(f"the tokenizer in {model_dir} has no chat template; set one "
                              "(velotune.data.chat_templates.get_chat_template) and save it with the model")

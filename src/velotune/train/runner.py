@@ -62,10 +62,12 @@ def load_model(cfg: TrainConfig):
     model, tokenizer = FastLanguageModel.from_pretrained(
         m.name, max_seq_length=m.max_seq_length, dtype=_DTYPES[m.dtype], load_in_4bit=m.load_in_4bit,
         full_finetuning=m.full_finetuning, fast=m.fast)
-    if cfg.data.chat_template:
-        from velotune.data.chat_templates import get_chat_template
+    from velotune.data.chat_templates import ensure_template_tokens, get_chat_template
 
-        tokenizer = get_chat_template(tokenizer, chat_template=cfg.data.chat_template)
+    if cfg.data.chat_template:  # the template's special tokens are added and the embeddings grow with them
+        tokenizer = get_chat_template(tokenizer, chat_template=cfg.data.chat_template, model=model)
+    else:
+        ensure_template_tokens(tokenizer, model)  # a saved tokenizer may hold more tokens than the embeddings
     return model, tokenizer
 
 
