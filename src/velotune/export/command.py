@@ -17,6 +17,7 @@ FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from velotune.argtypes import byte_size
     from velotune.export.gguf_export import methods_help
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, help="base model folder or hub id (default: from adapter_config.json)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="dtype of merged weights (default: the base model's stored dtype)")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", type=byte_size,
+                        help="safetensors shard size: bytes, or a number with KB/MB/GB/KiB/MiB/GiB (default 5GB)")
     parser.add_argument("--push-to-hub", default=None, metavar="OWNER/REPO",
                         help="also upload each output to this hub repo (needs a token)")
     parser.add_argument("--token", default=None, help="hugging face token for --push-to-hub")
@@ -93,12 +95,15 @@ def load_for_export(run_dir: Path, base: str | None = None):
 
     stored = _stored_dtype(base)
     model, tok = FastLanguageModel.from_pretrained(base, dtype=_torch_dtype(stored), fast=False)
+    if (folder / "tokenizer_config.json").is_file():  # the training run's tokenizer (chat template, added tokens)
+        from velotune.data.chat_templates import ensure_template_tokens
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        ensure_template_tokens(tok, model)  # tokens the run added: the adapter holds their embedding rows
     model = PeftModel.from_pretrained(model, folder)
     from velotune.export import attach_export_methods
 
     attach_export_methods(model)
-    if (folder / "tokenizer_config.json").is_file():  # the training run's tokenizer (chat template, added tokens)
-        tok = AutoTokenizer.from_pretrained(folder)
     return model, tok, f"adapter {folder} on base {base}", stored
 
 
@@ -108,12 +113,24 @@ def _torch_dtype(name: str | None):
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name or "", torch.float32)
 
 
+def check_out_folder(out: Path) -> None:
+    """ConfigError unless `out` is a folder or can be made one: it and every existing parent must be folders."""
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                where = "" if path == out else f" (its parent {path} is a file)"
+                raise ConfigError(f"-o/--out {out}: {'is a file' if path == out else 'cannot be a folder'}{where}; "
+                                  "pass a folder (it is created when missing)")
+            return
+
+
 def run(args) -> int:
     from velotune.export.gguf_export import normalise_method
 
     run_dir = Path(args.run_dir).expanduser()
     quants = [normalise_method(q) for q in args.quant]
     out = Path(args.out).expanduser() if args.out else run_dir / "export"
+    check_out_folder(out)
     if args.push_to_hub:
         from velotune.export.hub import check_repo_id
 
