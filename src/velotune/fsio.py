@@ -44,6 +44,19 @@ def honour_umask(path: str | os.PathLike, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
 
 
+def honour_umask_tree(folder: Path) -> None:
+    """`honour_umask` for `folder` and everything under it (writers such as safetensors create 0600 files)."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 def make_temp_dir(parent: Path, name: str, kind: str = "tmp") -> Path:
     """An empty folder `parent/.NAME.KIND-<pid>-XXXX` with the umask's mode."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-{os.getpid()}-", dir=parent))

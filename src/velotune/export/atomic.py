@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from velotune.errors import OutputError, describe_os_error, is_disk_full
-from velotune.fsio import exchange_dirs, make_temp_dir, remove_stale_temps
+from velotune.fsio import exchange_dirs, honour_umask_tree, make_temp_dir, remove_stale_temps
 
 
 class ExportError(OutputError):
@@ -60,6 +60,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
+        honour_umask_tree(tmp)
         _swap_into_place(tmp, target)
     except OSError as e:
         raise ExportError(f"moving the new output into {target} failed: {_describe(e)}; "

@@ -20,7 +20,7 @@ import torch
 from velotune.errors import ConfigError
 from velotune.errors import OutputError
 from velotune.export.atomic import ExportError, _describe, is_write_failure
-from velotune.fsio import make_temp_file, remove_stale_temps
+from velotune.fsio import honour_umask, make_temp_file, remove_stale_temps
 from velotune.export.gguf_arch import add_metadata, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
 from velotune.export.merge import base_model_of, iter_merged_tensors
@@ -68,6 +68,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = make_temp_file(path.parent, path.name)
     try:
         yield tmp
+        honour_umask(tmp, False)
         os.replace(tmp, path)
     except Exception as e:
         tmp.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from velotune.errors import OutputError, describe_os_error
-from velotune.fsio import _TEMP, exchange_dirs, make_temp_dir, remove_stale_temps
+from velotune.fsio import _TEMP, exchange_dirs, honour_umask_tree, make_temp_dir, remove_stale_temps
 from velotune.train.run_lock import LOCK_NAME
 
 
@@ -44,6 +44,27 @@ def moved_aside_name(out: Path) -> Path:
     return target
 
 
+def _refuse_foreign(out: Path, entries: list[str]) -> None:
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise OutputError(f"output_dir {out} already holds another run ({shown}): choose another output_dir, "
+                      "pass --resume to continue that run, or --overwrite to move it aside to "
+                      f"{out.name}.old-<time>")
+
+
+def check_early(out: Path, *, resuming: bool, overwrite: bool) -> None:
+    """The output-folder refusals without changing anything (writable, not another run's, not locked):
+    `velotune train` calls this before it imports torch, so a refusal comes in a second."""
+    from velotune.fsio import check_writable_folder
+    from velotune.train.run_lock import RunLock
+
+    check_writable_folder(out, f"output_dir {out}")
+    entries = foreign_entries(out)
+    if entries and not resuming and not overwrite:
+        _refuse_foreign(out, entries)
+    if (out / LOCK_NAME).exists():
+        RunLock(out).acquire().release()
+
+
 def claim(out: Path, *, resuming: bool, overwrite: bool) -> Path | None:
     """Check that `out` may receive this run; with `overwrite`, move another run's folder aside.
     Returns where it was moved (or None)."""
@@ -53,10 +74,7 @@ def claim(out: Path, *, resuming: bool, overwrite: bool) -> Path | None:
     if not entries or resuming:
         return None
     if not overwrite:
-        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise OutputError(f"output_dir {out} already holds another run ({shown}): choose another output_dir, "
-                          "pass --resume to continue that run, or --overwrite to move it aside to "
-                          f"{out.name}.old-<time>")
+        _refuse_foreign(out, entries)
     aside = moved_aside_name(out)
     try:
         os.rename(out, aside)
@@ -96,6 +114,7 @@ def commit_final(out: Path, write: Callable[[Path], None]) -> Path:
         raise OutputError(f"output_dir: cannot write in {out.parent} ({describe_os_error(e)})") from e
     try:
         write(stage)
+        honour_umask_tree(stage)
         if out.is_dir():
             _link_tree(out, stage, {p.name for p in stage.iterdir()})
             if exchange_dirs(stage, out):
@@ -112,3 +131,16 @@ def commit_final(out: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return out
+
+
+def checkpoint_callback():
+    """A TrainerCallback giving each new checkpoint-N the umask's modes (safetensors writes 0600 files)."""
+    from transformers import TrainerCallback
+
+    class UmaskCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                honour_umask_tree(ckpt)
+
+    return UmaskCheckpoints()
