@@ -103,16 +103,21 @@ def tokenizer():
 
 
 # ------------------------------------------------------------------ models
-def model_config(shape: str):
+def _common():
+    """bench/common.py (imports torch; in Unsloth's worker only after Unsloth itself)."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from train import _config
+    import common
 
+    return common
+
+
+def model_config(shape: str):
     if shape == "quick":
         from transformers import LlamaConfig
 
         return LlamaConfig(**QUICK_SHAPE, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                            use_cache=False)
-    config = _config(shape)
+    config = _common().config(shape)
     config.pad_token_id = 0
     return config
 
@@ -139,10 +144,8 @@ def build(impl: str, mode: str, shape: str, device: str, model_dir: Path, max_le
     """(model, trainer config overrides) of one contender, its own recommended settings."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    sys.path.insert(0, str(ROOT / "src"))
-    from train import TARGETS
-
+    common = _common()
+    TARGETS = common.TARGETS
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if impl == "unsloth":
         from unsloth import FastLanguageModel as Unsloth
@@ -154,9 +157,7 @@ def build(impl: str, mode: str, shape: str, device: str, model_dir: Path, max_le
         return model, dict(gradient_checkpointing=False)
     model = random_model(shape, device, dtype)
     if mode == "qlora":
-        from qlora import quantize_linears_
-
-        quantize_linears_(model, dtype)
+        common.quantize_linears_(model, dtype)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if impl == "velotune":
@@ -180,6 +181,13 @@ def build(impl: str, mode: str, shape: str, device: str, model_dir: Path, max_le
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
                                              bias="none", task_type="CAUSAL_LM"))
     return model, dict(gradient_checkpointing=False)   # enabled above, non-reentrant, as PEFT users do
+
+
+def batch_tokens(inputs) -> int:
+    """Token slots of one micro-batch as it reaches the model, padding included."""
+    import torch
+
+    return int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
 
 
 def real_tokens(inputs) -> int:
@@ -222,13 +230,13 @@ def worker(args) -> dict:
         data = sft_dataset(args.mix, args.batch * steps * 2)  # * 2: room for gradient accumulation 2 (Unsloth)
         trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=max_len, packing=False),
                              train_dataset=data, processing_class=tok)
-    marks: list[tuple[float, int, int]] = []      # (time, optimizer step, real tokens) per micro-batch
+    marks: list[tuple[float, int, int, int]] = []  # (time, optimizer step, real, batch tokens) per micro-batch
     plain_step = trainer.training_step
 
     def timed_step(model, inputs, *a, **kw):
         if cuda:
             torch.cuda.synchronize()
-        marks.append((time.perf_counter(), trainer.state.global_step, real_tokens(inputs)))
+        marks.append((time.perf_counter(), trainer.state.global_step, real_tokens(inputs), batch_tokens(inputs)))
         return plain_step(model, inputs, *a, **kw)
 
     trainer.training_step = timed_step
@@ -249,7 +257,7 @@ def worker(args) -> dict:
            "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "oom": False,
            "micro_batches": len(timed), "real_tokens": tokens, "seconds": elapsed,
            "tokens_per_s": tokens / elapsed if timed else None,
-           "padded_tokens": None, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "batch_tokens": sum(m[3] for m in timed), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
            "losses": losses, "device": torch.cuda.get_device_name() if cuda else "cpu"}
     if args.impl == "velotune":
@@ -314,7 +322,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="optimizer steps before timing")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, 2 steps, short mix")
-    p.add_argument("--out", help="append one JSON line per contender here")
+    p.add_argument("--out", help="append one JSON line per contender here (e.g. bench/results/sft.jsonl)")
+    p.add_argument("--commit", default=None, help="recorded with each row (default: GIT_COMMIT or HEAD)")
     p.add_argument("--model-dir", default="/tmp/velotune-sft-bench", help="where Unsloth's random weights are saved")
     p.add_argument("--timeout", type=float, default=1800)
     # internal: one contender / saving the random weights
@@ -337,6 +346,7 @@ def main() -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
+    args.commit = args.commit or _common().default_commit()
     rows = []
     for shape in args.shapes:
         folder = Path(args.model_dir) / shape
@@ -355,9 +365,8 @@ def main() -> int:
                     r = {"impl": impl, "shape": shape, "mode": mode, "mix": mix, "dpo": args.dpo, **r}
                     rows.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "report")}), flush=True)
-                    if args.out:
-                        with open(args.out, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(r) + "\n")
+                    _common().write_rows(Path(args.out) if args.out else None, "dpo" if args.dpo else "sft", [r],
+                                         args.commit, device="cpu" if args.quick else "cuda")
     print(_table(rows))
     return 0
 
