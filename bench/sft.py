@@ -257,7 +257,8 @@ def worker(args) -> dict:
            "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "oom": False,
            "micro_batches": len(timed), "real_tokens": tokens, "seconds": elapsed,
            "tokens_per_s": tokens / elapsed if timed else None,
-           "batch_tokens": sum(m[3] for m in timed), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "batch_tokens": sum(m[3] for m in timed),
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
            "losses": losses, "device": torch.cuda.get_device_name() if cuda else "cpu"}
     if args.impl == "velotune":
