@@ -211,7 +211,7 @@ def embeddings_offloaded(model) -> bool:
     try:
         from velotune.memory.embedding_offload import embeddings_offloaded as offloaded
     except ImportError:   # a tree from before the memory package (bench/qlora.py --base-src)
-        from velotune.train.embedding_offload import embeddings_offloaded as offloaded
+        from velotune.memory.embedding_offload import embeddings_offloaded as offloaded
     return offloaded(model)
 
 
