@@ -21,6 +21,7 @@ class FamilySpec:
     attention: str
     mlp: str
     norm: str
+    body: str = ""                        # the decoder stack (e.g. LlamaModel): padding-free batches
     norm_offset: float = 0.0              # RMSNorm multiplies by (offset + w): Gemma uses 1.0
     norm_eps_attr: str = "variance_epsilon"
     activation_attr: str = "hidden_act"   # config attribute naming the MLP activation
@@ -35,7 +36,7 @@ class FamilySpec:
 
     def role_of(self, class_name: str) -> str | None:
         """Which fused forward a module of this class name gets ("causal_lm", "attention", ...)."""
-        for role in ("causal_lm", "attention", "mlp", "norm"):
+        for role in ("causal_lm", "body", "attention", "mlp", "norm"):
             if getattr(self, role) == class_name:
                 return role
         return None
