@@ -279,7 +279,8 @@ class FastLanguageModel:
         leaves every other table (tied, trainable, on the CPU, in a distributed run) where it is;
         True asks for it and refuses tables it cannot take; False never.
         `padding_free`: True or False switches padded batches to run on their real tokens only
-        (see from_pretrained); None keeps what from_pretrained set (on by default).
+        (see from_pretrained); None keeps what from_pretrained set (on by default), except with
+        cuda_graphs=True, which asks for fixed shapes: there None means False.
         `cuda_graphs` (off by default; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
         (velotune.memory.layer_graphs; with recompute="mlp" also velotune.memory.saved_graphs), to
@@ -324,6 +325,8 @@ class FastLanguageModel:
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
+        if padding_free is None and cuda_graphs:
+            padding_free = False      # graphs replay fixed shapes; padding-free batches change shape every step
         if padding_free is not None:
             from velotune.models.padding_free import set_padding_free
 
