@@ -22,7 +22,8 @@ def _lora(cuda_graphs: bool, dropout: float = 0.0, family: str = "llama"):
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=dropout,
                                              use_gradient_checkpointing="unsloth", random_state=5,
-                                             cuda_graphs=cuda_graphs)
+                                             cuda_graphs=cuda_graphs, padding_free=False,
+                                             recompute="layer")
     with torch.no_grad():   # non-zero B: every adapter gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -131,7 +132,8 @@ def test_cuda_graphs_on_gpu_are_bit_identical(dtype):
         model = mini_model("llama", num_hidden_layers=N_LAYERS, dtype=dtype).cuda()
         prepare_model(model, max_seq_length=64)
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                                 random_state=5, cuda_graphs=graphs)
+                                                 random_state=5, cuda_graphs=graphs, padding_free=False,
+                                                 recompute="layer")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:

@@ -26,7 +26,7 @@ def _lora(graphs: bool, family: str = "llama", device: str = "cpu", dtype=torch.
     model = mini_model(family, num_hidden_layers=layers, dtype=dtype).to(device)
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                             random_state=5, cuda_graphs=graphs, recompute="mlp",
+                                             random_state=5, cuda_graphs=graphs, padding_free=False, recompute="mlp",
                                              mlp_row_blocks=row_blocks)
     with torch.no_grad():   # non-zero B: every adapter gets a gradient that depends on the activations
         g = torch.Generator(device).manual_seed(3)
@@ -132,7 +132,7 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
     for graphs in (False, True):
         model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                                 random_state=5, cuda_graphs=graphs, recompute=recompute,
+                                                 random_state=5, cuda_graphs=graphs, padding_free=False, recompute=recompute,
                                                  mlp_row_blocks=blocks)
         model.train()                        # from_pretrained hands out eval mode: no checkpointing
         with torch.no_grad():
