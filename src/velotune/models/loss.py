@@ -44,7 +44,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     """Replacement for `<Family>ForCausalLM.forward`."""
     return_logits = kwargs.pop("return_logits", False) or getattr(self, "velotune_return_logits", False)
     shift_labels = kwargs.get("shift_labels")
-    head = resolve_lm_head(self.lm_head)
+    head = resolve_lm_head(self.get_output_embeddings())
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if (labels is None and shift_labels is None) or return_logits or head is None or cache is not None \
             or kwargs.get("return_dict") is False:
@@ -63,9 +63,10 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     # Ignored positions (prompt tokens, padding) are dropped before the lm_head matmuls; their count
     # is fetched now, while the decoder layers run, so reading it later does not stall the GPU.
     kept = KeptRows(shift_labels)
-    position_ids = host_positions(self.model, input_ids if input_ids is not None else inputs_embeds, position_ids,
+    body = getattr(self, self.base_model_prefix)                        # LlamaModel, GPTNeoXModel, ...
+    position_ids = host_positions(body, input_ids if input_ids is not None else inputs_embeds, position_ids,
                                   attention_mask)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
     hidden = outputs.last_hidden_state                                   # [B, T, H]
     shift_labels = shift_labels.to(hidden.device)
@@ -73,8 +74,9 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     spec = self._velotune_spec
     softcap = getattr(self.config, spec.final_softcap_attr, None) if spec.final_softcap_attr else None
+    logit_scale = getattr(spec, "logit_scale", None)                     # generic path: what the probe found
     loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels,
-                                      bias=head.bias, softcap=softcap, ignore_index=-100,
+                                      bias=head.bias, softcap=softcap, logit_scale=logit_scale, ignore_index=-100,
                                       num_items_in_batch=num_items_in_batch, memory_budget_bytes=CE_MEMORY_BUDGET,
                                       kept_rows=kept.rows())
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
