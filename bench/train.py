@@ -9,6 +9,8 @@ LoRA parameters, bf16. Each contender runs in its own process (clean peak-memory
     python bench/train.py --profile --shapes 8b --impls velotune    # per-category GPU time per step
     python bench/train.py --check                       # bf16 gradients: ours vs stock, both vs fp32
     python bench/train.py --shapes tiny --device cpu --steps 2 --warmup 1   # smoke test without a GPU
+    python bench/train.py --shapes pythia-6.9b aya-8b --impls velotune_offload stock   # the generic path
+                                                        # (models without a family file: GPT-NeoX, Cohere)
 
 Reported per contender: tokens/s over the timed steps, peak torch.cuda.max_memory_allocated, MFU
 (model FLOPs per token = 4 * N_matmul + 12 * layers * hidden * seq, against the card's bf16 matmul
@@ -41,17 +43,49 @@ SHAPES = {
                tie_word_embeddings=True, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0}),
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False),
+    # generic path (no family file): Pythia-6.9B (GPT-NeoX) and Aya-23-8B (Cohere) shapes
+    "pythia-6.9b": dict(model_type="gpt_neox", hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                        num_attention_heads=32, vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25,
+                        use_parallel_residual=True, tie_word_embeddings=False),
+    "aya-8b": dict(model_type="cohere", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=256000, max_position_embeddings=8192,
+                   logit_scale=0.125, tie_word_embeddings=True),
+    "pythia-tiny": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, vocab_size=512, max_position_embeddings=4096, rotary_pct=0.25),
+    "cohere-tiny": dict(model_type="cohere", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
+                        logit_scale=0.125, tie_word_embeddings=True),
 }
+# LoRA targets by model type (the 7 projections of Llama-like layers unless named here)
+_TARGETS = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
+
+
+def _model_type(shape: str) -> str:
+    return SHAPES[shape].get("model_type", "llama")
+
+
+def _targets(shape: str) -> list[str]:
+    return _TARGETS.get(_model_type(shape), TARGETS)
 
 
 def _config(shape: str):
-    from transformers import LlamaConfig
+    from transformers import AutoConfig, LlamaConfig
 
-    return LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
+    kw = {k: v for k, v in SHAPES[shape].items() if k != "model_type"}
+    if _model_type(shape) != "llama":
+        return AutoConfig.for_model(_model_type(shape), **kw, bos_token_id=1, eos_token_id=2, use_cache=False)
+    return LlamaConfig(**kw, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
 
 
 def _n_matmul(config) -> int:
     """Parameters that take part in a matmul per token: decoder linears + lm_head (tied or not)."""
+    if config.model_type != "llama":       # count the Linear weights of the model built on the meta device
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        return n                            # a tied lm_head is a Linear too (on the embedding's weight)
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     d = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
@@ -77,12 +111,14 @@ def _build(impl: str, shape: str, device: str, dtype: torch.dtype, seq: int):
         model.velotune_compute_dtype = dtype
         model.max_seq_length = seq
         prepare_model(model, max_seq_length=seq)
-        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=_targets(shape),
                                                 use_gradient_checkpointing="unsloth" if impl == "velotune_offload"
                                                 else True, random_state=3407)
     from peft import LoraConfig, get_peft_model
 
     if impl == "liger":
+        if _model_type(shape) != "llama":
+            raise SystemExit(f"liger: only Llama shapes here, not {shape!r}")
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
@@ -90,7 +126,7 @@ def _build(impl: str, shape: str, device: str, dtype: torch.dtype, seq: int):
     elif impl != "stock":
         raise SystemExit(f"unknown impl {impl!r}")
     torch.manual_seed(3407)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=_targets(shape), lora_dropout=0.0,
                                              bias="none", task_type="CAUSAL_LM"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
