@@ -24,7 +24,7 @@ piece stays stock and the report says why. No source is read or rewritten: a pro
     lora      a PEFT LoRA layer over a plain nn.Linear runs as one fused function (models/lora_linear.py).
               Probe per (class, in, out, bias): an fp32 copy with random adapters: y, dx, dA, dB (1e-5).
               Other bases (4-bit, Conv1D, embeddings) stay on PEFT's path.
-    layers    offloaded checkpointing (train/checkpointing.py) needs only transformers'
+    layers    offloaded checkpointing (memory/checkpointing.py) needs only transformers'
               GradientCheckpointingLayer, which every decoder layer of a recent model is: it is
               exact by construction (torch's non-reentrant checkpoint; a bit copy comes back).
 Attention and MLP stay stock (their wiring differs per model). Mixture-of-experts blocks stay stock
@@ -401,7 +401,7 @@ def prepare_generic_peft(peft_model) -> bool:
 def _checkpointing(model: nn.Module) -> str:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from velotune.train.checkpointing import _offloaded_checkpoint
+    from velotune.memory.checkpointing import _offloaded_checkpoint
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
