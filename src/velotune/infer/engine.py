@@ -152,7 +152,7 @@ class DecodeEngine:
             h = h + self._norm(a, layer.post_attn_norm)
             x = self._norm(h, layer.pre_ffn_norm)
         else:
-            h = h + a
+            h = h + (a if s.residual_multiplier is None else a * s.residual_multiplier)
             x = self._norm(h, layer.post_attn_norm)
         if layer.gate_up is not None:
             gate, up = self._proj(layer, "gate_up", x).chunk(2, dim=-1)
@@ -161,7 +161,11 @@ class DecodeEngine:
         m = self._proj(layer, "down", self._glu(layer, gate, up))
         if layer.post_ffn_norm is not None:
             m = self._norm(m, layer.post_ffn_norm)
-        return h + m
+        return h + (m if s.residual_multiplier is None else m * s.residual_multiplier)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.spec.embed(ids)
+        return h if self.spec.embed_multiplier is None else h * self.spec.embed_multiplier
 
     def _head(self, h_last: torch.Tensor) -> torch.Tensor:
         """h_last [B, H] -> logits [B, V]."""
@@ -169,6 +173,8 @@ class DecodeEngine:
         logits = ops.linear(s.lm_head, self._norm(h_last, s.final_norm))
         if s.final_softcap is not None:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+        if s.logits_divisor is not None:
+            logits = logits / s.logits_divisor
         return logits
 
     def _windows(self):
@@ -208,7 +214,7 @@ class DecodeEngine:
             buf[:, :, :T].copy_(new)
             return buf[:, :, :T]
 
-        h = self.spec.embed(input_ids)
+        h = self._embed(input_ids)
         cos, sin = self._rope(h, position_ids)
         for i, layer in enumerate(self.spec.layers):
             h = self._layer(i, layer, h, cos, sin, allowed, write)
@@ -236,7 +242,7 @@ class DecodeEngine:
             buf.index_copy_(2, t, new)
             return buf[:, :, :S]
 
-        h = self.spec.embed(ids)
+        h = self._embed(ids)
         cos, sin = self._rope(h, positions)
         for i, layer in enumerate(self.spec.layers):
             h = self._layer(i, layer, h, cos, sin, allowed, write)

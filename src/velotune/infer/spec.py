@@ -11,6 +11,7 @@ differ only in these fields:
 | qwen2   | q, k, v  | gate, up     | w * x         | q/k/v biases, sliding window per `layer_types`  |
 | phi3    | qkv      | gate_up      | w * x         | partial rotary                                  |
 | gemma2  | q, k, v  | gate, up     | x * (1 + w)   | sandwich norms, softcaps, alternate sliding     |
+| granite | q, k, v  | gate, up     | w * x         | embedding/residual multipliers, logits / scaling |
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2")
+SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2", "granite")
 DYNAMIC_ROPE = ("dynamic", "longrope")  # cos/sin depend on the current length: no precomputed table
 
 
@@ -68,6 +69,9 @@ class DecoderSpec:
     dtype: torch.dtype
     vocab_size: int
     act_name: str | None  # for the fused GLU kernel (None: use the module's activation)
+    embed_multiplier: float | None = None     # Granite: embeddings * m
+    residual_multiplier: float | None = None  # Granite: h + branch * m
+    logits_divisor: float | None = None       # Granite: logits / d
 
 
 def causal_lm_of(model):
@@ -138,7 +142,10 @@ def build_spec(model) -> DecoderSpec | None:
         n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
         scaling=float(attn0.scaling), attn_softcap=getattr(config, "attn_logit_softcapping", None),
         final_softcap=getattr(config, "final_logit_softcapping", None), device=next(iter(devices)),
-        dtype=dtype, vocab_size=config.vocab_size, act_name=_act_name(config))
+        dtype=dtype, vocab_size=config.vocab_size, act_name=_act_name(config),
+        embed_multiplier=getattr(body, "embedding_multiplier", None),
+        residual_multiplier=getattr(body.layers[0], "residual_multiplier", None),
+        logits_divisor=getattr(config, "logits_scaling", None) if config.model_type == "granite" else None)
 
 
 def _act_name(config) -> str | None:

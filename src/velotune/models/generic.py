@@ -58,6 +58,9 @@ class GenericSpec(FamilySpec):
 
     logit_scale: float | None = None      # logits = lm_head(h) * logit_scale (None: 1)
 
+    def logits_multiplier(self, config) -> float | None:
+        return self.logit_scale
+
     def describe(self) -> str:
         return f"generic: {self.model_types[0]}"
 

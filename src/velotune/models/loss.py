@@ -74,7 +74,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     spec = self._velotune_spec
     softcap = getattr(self.config, spec.final_softcap_attr, None) if spec.final_softcap_attr else None
-    logit_scale = getattr(spec, "logit_scale", None)                     # generic path: what the probe found
+    logit_scale = spec.logits_multiplier(self.config)                   # Granite; the generic path's probe
     loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels,
                                       bias=head.bias, softcap=softcap, logit_scale=logit_scale, ignore_index=-100,
                                       num_items_in_batch=num_items_in_batch, memory_budget_bytes=CE_MEMORY_BUDGET,

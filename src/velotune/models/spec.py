@@ -29,6 +29,7 @@ class FamilySpec:
     qkv_bias: bool = False                # informational: the bias is read from the layer itself
     attn_softcap_attr: str | None = None  # config attribute: scores -> t * tanh(scores / t)
     final_softcap_attr: str | None = None # config attribute: logits -> t * tanh(logits / t)
+    logits_divisor_attr: str | None = None  # config attribute: logits -> logits / d (Granite's logits_scaling)
     sliding_window: str = "none"          # "none" | "all" | "alternate" (masks built by transformers)
     embedding_scale: bool = False         # hidden *= sqrt(hidden_size) after the embedding (stock code)
     sandwich_norms: bool = False          # extra norms after attention and MLP (stock decoder layer)
@@ -40,6 +41,12 @@ class FamilySpec:
                 return role
         return None
 
+    def logits_multiplier(self, config) -> float | None:
+        """The number the loss multiplies lm_head's output by (the fused CE's logit_scale), or None."""
+        if self.logits_divisor_attr is None:
+            return None
+        return 1.0 / float(getattr(config, self.logits_divisor_attr))
+
     def activation(self, config) -> str | None:
         return ACTIVATIONS.get(getattr(config, self.activation_attr, None))
 
@@ -47,7 +54,8 @@ class FamilySpec:
         diffs = [f"{k}={v}" for k, v in (
             ("norm_offset", self.norm_offset), ("qkv", self.qkv), ("gate_up", self.gate_up),
             ("qkv_bias", self.qkv_bias), ("attn_softcap", self.attn_softcap_attr),
-            ("final_softcap", self.final_softcap_attr), ("sliding_window", self.sliding_window),
+            ("final_softcap", self.final_softcap_attr), ("logits_divisor", self.logits_divisor_attr),
+            ("sliding_window", self.sliding_window),
             ("embedding_scale", self.embedding_scale), ("sandwich_norms", self.sandwich_norms))
             if v not in (0.0, "separate", False, None, "none")]
         return f"{self.name}: " + (", ".join(diffs) if diffs else "Llama layout")
