@@ -140,7 +140,8 @@ class DecodeEngine:
         q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
         k = k.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = self._rotate(q, k, cos, sin)
+        if layer.rope:
+            q, k = self._rotate(q, k, cos, sin)
         keys, values = write(c.k[i], k), write(c.v[i], v)
         mask = allowed[layer.sliding_window]
         if T > 1 and s.attn_softcap is None:

@@ -12,6 +12,7 @@ differ only in these fields:
 | phi3    | qkv      | gate_up      | w * x         | partial rotary                                  |
 | gemma2  | q, k, v  | gate, up     | x * (1 + w)   | sandwich norms, softcaps, alternate sliding     |
 | granite | q, k, v  | gate, up     | w * x         | embedding/residual multipliers, logits / scaling |
+| smollm3 | q, k, v  | gate, up     | w * x         | NoPE layers (no rotary where use_rope is 0)      |
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2", "granite")
+SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2", "granite", "smollm3")
 DYNAMIC_ROPE = ("dynamic", "longrope")  # cos/sin depend on the current length: no precomputed table
 
 
@@ -47,6 +48,7 @@ class LayerSpec:
     pre_ffn_norm: Norm | None = None  # Gemma 2 sandwich norms
     post_ffn_norm: Norm | None = None
     sliding_window: int | None = None
+    rope: bool = True  # False: a NoPE layer (SmolLM3)
     plans: dict = field(default_factory=dict)  # projection name -> ops.lora_plan result
 
 
@@ -115,7 +117,7 @@ def build_spec(model) -> DecoderSpec | None:
         spec = LayerSpec(input_norm=_norm(layer.input_layernorm), post_attn_norm=_norm(layer.post_attention_layernorm),
                          o=attn.o_proj, down=mlp.down_proj,
                          act=getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn"),
-                         sliding_window=_sliding_window(config, attn, i))
+                         sliding_window=_sliding_window(config, attn, i), rope=bool(getattr(attn, "use_rope", True)))
         if hasattr(attn, "qkv_proj"):
             spec.qkv = attn.qkv_proj
         else:

@@ -95,7 +95,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     cos, sin = position_embeddings
     # In place only on our own fresh outputs: a stock module's output may be held elsewhere (by a
     # forward hook, say), and must not change under it.
-    q, k = apply_rope_(q, k, cos, sin, D, in_place=owned)
+    if spec.rope_flag_attr is None or getattr(self, spec.rope_flag_attr):   # else a NoPE layer (SmolLM3)
+        q, k = apply_rope_(q, k, cos, sin, D, in_place=owned)
     q = q.view(B, T, -1, D).transpose(1, 2)
     k = k.view(B, T, -1, D).transpose(1, 2)
     v = v.view(B, T, -1, D).transpose(1, 2)

@@ -30,7 +30,8 @@ class FamilySpec:
     attn_softcap_attr: str | None = None  # config attribute: scores -> t * tanh(scores / t)
     final_softcap_attr: str | None = None # config attribute: logits -> t * tanh(logits / t)
     logits_divisor_attr: str | None = None  # config attribute: logits -> logits / d (Granite's logits_scaling)
-    sliding_window: str = "none"          # "none" | "all" | "alternate" (masks built by transformers)
+    sliding_window: str = "none"          # "none" | "all" | "alternate" | "layer_types" (masks built by transformers)
+    rope_flag_attr: str | None = None     # attention-module attribute; falsy: a NoPE layer (SmolLM3's use_rope)
     embedding_scale: bool = False         # hidden *= sqrt(hidden_size) after the embedding (stock code)
     sandwich_norms: bool = False          # extra norms after attention and MLP (stock decoder layer)
 
@@ -55,7 +56,7 @@ class FamilySpec:
             ("norm_offset", self.norm_offset), ("qkv", self.qkv), ("gate_up", self.gate_up),
             ("qkv_bias", self.qkv_bias), ("attn_softcap", self.attn_softcap_attr),
             ("final_softcap", self.final_softcap_attr), ("logits_divisor", self.logits_divisor_attr),
-            ("sliding_window", self.sliding_window),
+            ("sliding_window", self.sliding_window), ("nope_layers_flag", self.rope_flag_attr),
             ("embedding_scale", self.embedding_scale), ("sandwich_norms", self.sandwich_norms))
             if v not in (0.0, "separate", False, None, "none")]
         return f"{self.name}: " + (", ".join(diffs) if diffs else "Llama layout")
