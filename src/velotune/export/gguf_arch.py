@@ -11,6 +11,7 @@ TextModel.set_gguf_parameters) for the five families velotune trains:
     gemma2   gemma2     no           every *norm.weight stored as 1 + w; softcaps; SWA every 2nd layer
     granite  granite    yes          embedding, residual, attention and logit scales (conversion/granite.py)
     smollm3  smollm3    yes          NoPE every 4th layer: hard-coded in llama.cpp (no GGUF key), so checked
+    olmo2    olmo2      no           q/k norms, post-attention / post-feed-forward norms (tensors only)
 
 Tensor names come from the gguf package's own HF->GGUF table (gguf.get_tensor_name_map).
 """
@@ -45,6 +46,7 @@ FAMILIES = {
     "gemma2": Family(gguf.MODEL_ARCH.GEMMA2, norm_plus_one=True),
     "granite": Family(gguf.MODEL_ARCH.GRANITE, permute_qk=True),
     "smollm3": Family(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True),
+    "olmo2": Family(gguf.MODEL_ARCH.OLMO2),
 }
 
 

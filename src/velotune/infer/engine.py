@@ -110,8 +110,8 @@ class DecodeEngine:
     # ------------------------------------------------------------------ the model
     def _norm(self, x, n):
         if self.fused:
-            return fused_rms_norm(x, n.weight, n.eps, offset=1.0 if n.offset else 0.0)
-        return ops.rms_norm(x, n.weight, n.eps, n.offset)
+            return fused_rms_norm(x, n.weight, n.eps, offset=1.0 if n.offset else 0.0, weight_in_fp32=n.fp32_weight)
+        return ops.rms_norm(x, n.weight, n.eps, n.offset, n.fp32_weight)
 
     def _rotate(self, q, k, cos, sin):
         if self.fused:
@@ -130,13 +130,15 @@ class DecodeEngine:
         """One decoder layer. h [B, T, H]; `write(cache_tensor, new)` stores K or V for these tokens."""
         s, c = self.spec, self.cache
         B, T, _ = h.shape
-        x = self._norm(h, layer.input_norm)
+        x = h if layer.input_norm is None else self._norm(h, layer.input_norm)
         if layer.qkv is not None:
             qkv = self._proj(layer, "qkv", x)
             nq, nk = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             q, k, v = self._proj(layer, "q", x), self._proj(layer, "k", x), self._proj(layer, "v", x)
+        if layer.q_norm is not None:  # OLMo 2: over the whole projection, before RoPE
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
         q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
         k = k.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
@@ -149,9 +151,9 @@ class DecodeEngine:
         else:
             a = ops.attention(q, keys, values, mask, s.scaling, s.attn_softcap)
         a = self._proj(layer, "o", a)
-        if layer.pre_ffn_norm is not None:  # Gemma 2 sandwich
+        if layer.norm_after_attn:  # Gemma 2 sandwich; OLMo 2 post-norms (no norm before the MLP)
             h = h + self._norm(a, layer.post_attn_norm)
-            x = self._norm(h, layer.pre_ffn_norm)
+            x = h if layer.pre_ffn_norm is None else self._norm(h, layer.pre_ffn_norm)
         else:
             h = h + (a if s.residual_multiplier is None else a * s.residual_multiplier)
             x = self._norm(h, layer.post_attn_norm)

@@ -23,6 +23,8 @@ class FamilySpec:
     norm: str
     norm_offset: float = 0.0              # RMSNorm multiplies by (offset + w): Gemma uses 1.0
     norm_eps_attr: str = "variance_epsilon"
+    norm_weight_in_fp32: bool = False     # (w * n) in fp32, rounded once (OLMo 2), instead of w * n.to(dtype)
+    qk_norm: str = "none"                 # "none" | "projection": q_norm / k_norm over the whole q / k projection
     activation_attr: str = "hidden_act"   # config attribute naming the MLP activation
     qkv: str = "separate"                 # "separate": q_proj/k_proj/v_proj; "fused": qkv_proj = [q|k|v]
     gate_up: str = "separate"             # "separate": gate_proj/up_proj; "fused": gate_up_proj = [gate|up]
@@ -53,7 +55,8 @@ class FamilySpec:
 
     def describe(self) -> str:
         diffs = [f"{k}={v}" for k, v in (
-            ("norm_offset", self.norm_offset), ("qkv", self.qkv), ("gate_up", self.gate_up),
+            ("norm_offset", self.norm_offset), ("norm_weight_in_fp32", self.norm_weight_in_fp32),
+            ("qk_norm", self.qk_norm), ("qkv", self.qkv), ("gate_up", self.gate_up),
             ("qkv_bias", self.qkv_bias), ("attn_softcap", self.attn_softcap_attr),
             ("final_softcap", self.final_softcap_attr), ("logits_divisor", self.logits_divisor_attr),
             ("sliding_window", self.sliding_window), ("nope_layers_flag", self.rope_flag_attr),
