@@ -133,25 +133,36 @@ def test_head_probe_fails_on_an_auxiliary_loss(tmp_path, caplog):
     _assert_same_training(_train_pair(fast, stock, 2, [fixed_batch()]))
 
 
+class _Bf16RMSNorm(torch.nn.Module):
+    """An RMSNorm computed in the input's dtype throughout (no fp32 upcast): same math, other rounding."""
+
+    def __init__(self, hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
 def test_norm_probe_accepts_rmsnorm_conventions_and_rejects_others():
     from transformers.models.cohere.modeling_cohere import CohereLayerNorm
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
-    assert probe_norm(LlamaRMSNorm(32)) == (0.0, "offset 0, variance_epsilon")
-    assert probe_norm(Gemma2RMSNorm(32)) == (1.0, "offset 1, eps")
+    assert probe_norm(LlamaRMSNorm(32)) == ((0.0, False), "offset 0, variance_epsilon")
+    assert probe_norm(Gemma2RMSNorm(32)) == ((1.0, False), "offset 1, eps")
     assert probe_norm(CohereLayerNorm(32))[0] is None
     assert probe_norm(torch.nn.LayerNorm(32)) == (None, "a LayerNorm (mean-centred, with bias)")
-    # bf16: Llama rounds n to bf16 before the weight; OLMo 2 multiplies in fp32 and rounds once.
-    # Same math in fp32, so only the 16-bit check can tell them apart.
-    assert probe_norm(LlamaRMSNorm(32).to(torch.bfloat16))[0] == 0.0
-    assert probe_norm(Olmo2RMSNorm(32).float())[0] == 0.0
-    olmo = Olmo2RMSNorm(32)
-    with torch.no_grad():
-        olmo.weight.normal_()
-    offset, why = probe_norm(olmo.to(torch.bfloat16))
-    assert offset is None and "rounds differently" in why
+    # bf16: Llama rounds n to bf16 before the weight; OLMo 2 multiplies in fp32 and rounds once. Same
+    # math in fp32 (the first convention that matches is taken), told apart by the 16-bit check.
+    assert probe_norm(Olmo2RMSNorm(32))[0] == (0.0, False)
+    assert probe_norm(LlamaRMSNorm(32).to(torch.bfloat16))[0] == (0.0, False)
+    assert probe_norm(Olmo2RMSNorm(32).to(torch.bfloat16)) == ((0.0, True), "fp32 weight, variance_epsilon")
+    assert probe_norm(_Bf16RMSNorm(32).float())[0] == (0.0, False)
+    style, why = probe_norm(_Bf16RMSNorm(32).to(torch.bfloat16))
+    assert style is None and "rounds like none" in why, why
 
 
 def test_lora_probe_and_dora_fallback(tmp_path):
@@ -189,3 +200,24 @@ def test_generic_triton_kernels_match_stock(kind, tmp_path):
     grads = dict(_trainable(fast))
     for n, p in _trainable(stock):
         assert _rel(grads[n].grad.double(), p.grad) <= TOL, n
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "cohere"])
+def test_generic_probes_on_a_bf16_model(kind):
+    """In a bf16 model the probes still run in fp32 (copies), plus the 16-bit rounding check for norms and
+    the patched-vs-stock loss on the probe tokens at the 16-bit bar."""
+    from transformers import AutoModelForCausalLM
+
+    from velotune.models import prepare_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(generic_config(kind), dtype=torch.bfloat16)
+    assert prepare_model(model, max_seq_length=64)
+    text = report(model)
+    assert "lm_head    fast  fused linear cross-entropy" in text, text
+    if kind == "mixtral":
+        assert "norm       fast  MixtralRMSNorm (x5, offset 0" in text, text
+    batch = fixed_batch()
+    fused = model(**batch).loss
+    unpatch(model)
+    assert _rel(fused.double(), model(**batch).loss.double()) <= 1e-2

@@ -18,9 +18,9 @@ piece stays stock and the report says why. No source is read or rewritten: a pro
     norm      velotune's RMSNorm kernel (models/norm.py) on modules that look like an RMSNorm (a class
               named *Norm* with one 1-D `weight`, no bias, an eps attribute). Probe per class, an fp32
               copy with random weights on the model's device, x [2, 3, H]: output, dx and dweight equal
-              (1e-5) to rms_norm with offset 0 (Llama: w * n) or 1 (Gemma: (1 + w) * n); in a 16-bit
-              model, the module's own output must also equal the torch reference of that convention
-              bit for bit (the place the conventions differ is where they round).
+              (1e-5) to rms_norm in one of NORM_STYLES (Llama w * n, Gemma (1 + w) * n, OLMo 2 w * n
+              rounded once); in a 16-bit model, a copy of the module (random weights, its dtype) must
+              also equal that convention's torch reference bit for bit (they differ in where they round).
     lora      a PEFT LoRA layer over a plain nn.Linear runs as one fused function (models/lora_linear.py).
               Probe per (class, in, out, bias): an fp32 copy with random adapters: y, dx, dA, dB (1e-5).
               Other bases (4-bit, Conv1D, embeddings) stay on PEFT's path.
@@ -235,9 +235,15 @@ def norm_modules(model: nn.Module) -> dict[type, list[nn.Module]]:
     return out
 
 
-def probe_norm(module: nn.Module) -> tuple[float | None, str]:
-    """(offset, note) when velotune's rms_norm computes what `module` does (module docstring), else
-    (None, why not)."""
+# (offset, weight_in_fp32) of the conventions the kernel implements: Llama w * n.to(dtype); Gemma
+# ((1 + w) * n).to(dtype); OLMo 2 (w * n).to(dtype). The first two differ in math, the last two only
+# in where 16-bit rounding happens.
+NORM_STYLES = ((0.0, False), (1.0, False), (0.0, True))
+
+
+def probe_norm(module: nn.Module) -> tuple[tuple[float, bool] | None, str]:
+    """((offset, weight_in_fp32), note) when velotune's rms_norm computes what `module` does (module
+    docstring), else (None, why not)."""
     from velotune.kernels.rmsnorm import rms_norm, rms_norm_reference
 
     why = _rms_shaped(module)
@@ -245,7 +251,7 @@ def probe_norm(module: nn.Module) -> tuple[float | None, str]:
         return None, why
     eps_attr = _eps_attr(module)
     eps = float(getattr(module, eps_attr))
-    device = module.weight.device
+    device, dtype = module.weight.device, module.weight.dtype
     H = module.weight.shape[0]
     g = _gen()
     x, w, dy = _randn(2, 3, H, g=g, device=device), _randn(H, g=g, device=device), _randn(2, 3, H, g=g, device=device)
@@ -257,27 +263,35 @@ def probe_norm(module: nn.Module) -> tuple[float | None, str]:
         xs = x.clone().requires_grad_()
         ys = ref(xs)
         (ys * dy).sum().backward()
+        m16 = None
+        if dtype in (torch.float16, torch.bfloat16):    # random weights too: ones would hide the rounding
+            m16 = copy.deepcopy(module)
+            with torch.no_grad():
+                m16.weight.copy_(w.to(dtype))
     except Exception as e:  # noqa: BLE001
         return None, f"stock fp32 probe failed: {type(e).__name__}"
     if not isinstance(ys, torch.Tensor) or ys.shape != x.shape:
         return None, "output is not one tensor of the input's shape"
-    best = float("inf")
-    for offset in (0.0, 1.0):
+    best, math_ok = float("inf"), False
+    for offset, in_fp32 in NORM_STYLES:
         xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
-        yf = rms_norm(xf, wf, eps, offset=offset)
+        yf = rms_norm(xf, wf, eps, offset=offset, weight_in_fp32=in_fp32)
         (yf * dy).sum().backward()
         err = max(_rel(yf, ys), _rel(xf.grad, xs.grad), _rel(wf.grad, ref.weight.grad))
         best = min(best, err)
         if err > TOL:
             continue
-        dtype = module.weight.dtype
-        if dtype in (torch.float16, torch.bfloat16):
+        math_ok = True
+        if m16 is not None:
             x16 = x.to(dtype)
             with torch.no_grad():
-                same = torch.equal(module(x16), rms_norm_reference(x16, module.weight, eps, offset=offset))
-            if not same:
-                return None, f"RMSNorm math (offset {offset:g}) but rounds differently in {dtype}"
-        return offset, f"offset {offset:g}, {eps_attr}"
+                want = rms_norm_reference(x16, m16.weight, eps, offset=offset, weight_in_fp32=in_fp32)
+                if not torch.equal(m16(x16), want):
+                    continue
+        style = "fp32 weight" if in_fp32 else f"offset {offset:g}"
+        return (offset, in_fp32), f"{style}, {eps_attr}"
+    if math_ok:
+        return None, f"RMSNorm math, but it rounds like none of the kernel's conventions in {dtype}"
     return None, f"not an RMSNorm (rel err {best:.1e})"
 
 
@@ -357,12 +371,12 @@ def prepare_generic(model: nn.Module) -> bool:
         piece, _ = probe_head(model, spec_kw)
         plan.pieces.append(piece)
         for cls, modules in norm_modules(model).items():
-            offset, note = probe_norm(modules[0])
-            if offset is None:
+            style, note = probe_norm(modules[0])
+            if style is None:
                 plan.pieces.append(Piece("norm", cls.__name__, False, note, len(modules)))
                 continue
-            nspec = GenericSpec(causal_lm="", norm_offset=offset, norm_eps_attr=_eps_attr(modules[0]),
-                                **{**spec_kw, "norm": cls.__name__})
+            nspec = GenericSpec(causal_lm="", norm_offset=style[0], norm_weight_in_fp32=style[1],
+                                norm_eps_attr=_eps_attr(modules[0]), **{**spec_kw, "norm": cls.__name__})
             for m in modules:
                 _bind(m, "norm", nspec)
             plan.pieces.append(Piece("norm", cls.__name__, True, f"x{len(modules)}, {note}", len(modules)))
