@@ -149,7 +149,8 @@ def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dic
         model.velotune_compute_dtype = dtype
         model.max_seq_length = seq
         prepare_model(model, max_seq_length=seq)
-        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=targets(cfg), random_state=3407,
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=targets(cfg),
+                                                random_state=3407,
                                                 **{**MEMORY_DEFAULTS, **(memory or {})})
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

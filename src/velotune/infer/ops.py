@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool, fp32_weight: bool = False) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool,
+             fp32_weight: bool = False) -> torch.Tensor:
     """x [..., H] -> [..., H]. offset=False: LlamaRMSNorm; offset=True: Gemma2RMSNorm (scale 1 + w);
     fp32_weight: Olmo2RMSNorm ((w * x) in fp32, then cast)."""
     xf = x.float()

@@ -21,8 +21,9 @@ def prepare_model(model, *, max_seq_length: int, full_finetuning: bool = False) 
 
     Returns True when a fast path is active: the family's, or for a decoder-only model without a
     family file the generic one (models/generic.py: each piece probed against stock, a one-line log
-    says which are fast). False otherwise (stock path, with a one-line warning naming it). full_finetuning needs nothing special here: the fused
-    functions produce dW whenever a base weight requires grad.
+    says which are fast). False otherwise (stock path, with a one-line warning naming it).
+    full_finetuning needs nothing special here: the fused functions produce dW whenever a base
+    weight requires grad.
     """
     spec = spec_for(model.config)
     if spec is None:

@@ -94,7 +94,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         owned = own_q and own_k
     if spec.qk_norm == "projection":     # OLMo 2: RMSNorm over all heads of q and of k, before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
-        owned = False    # a norm output: train/saved_offload may recompute it from its input, so never rotate it in place
+        owned = False    # norm outputs: memory/saved_offload may recompute them from their inputs; not in place
     cos, sin = position_embeddings
     # In place only on our own fresh outputs: a stock module's output may be held elsewhere (by a
     # forward hook, say), and must not change under it.

@@ -410,8 +410,8 @@ def prepare_generic_peft(peft_model) -> bool:
         plan.pieces.append(Piece("lora", name, why is None, why or f"x{len(modules)}", len(modules)))
     lora = [p for p in plan.pieces if p.kind == "lora"]
     if lora:
-        log.warning("velotune: LoRA on the generic path: %d of %d layer(s) fused%s", sum(p.count for p in lora if p.fast),
-                    sum(p.count for p in lora), "".join(f"; {p.name} stock: {p.note}" for p in lora if not p.fast))
+        log.warning("velotune: LoRA on the generic path: %d of %d layer(s) fused%s",
+                    sum(p.count for p in lora if p.fast), sum(p.count for p in lora), "".join(f"; {p.name} stock: {p.note}" for p in lora if not p.fast))
     return True
 
 
