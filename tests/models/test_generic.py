@@ -221,3 +221,15 @@ def test_generic_probes_on_a_bf16_model(kind):
     fused = model(**batch).loss
     unpatch(model)
     assert _rel(fused.double(), model(**batch).loss.double()) <= 1e-2
+
+
+def test_generic_generation_equals_stock(tmp_path):
+    """for_inference on the generic path: stock generate (no fast decode engine) over the fused norms
+    and LoRA layers: greedy tokens equal stock transformers + PEFT."""
+    fast, stock = _pair("mixtral", tmp_path)
+    stock = copy.deepcopy(stock).float()
+    FastLanguageModel.for_inference(fast)
+    stock.eval()
+    ids = fixed_batch(batch=1, seq=6, pad_last=0)["input_ids"]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(input_ids=ids, **kw), stock.generate(input_ids=ids, **kw))
