@@ -5,6 +5,6 @@ stock: embeddings times `embedding_multiplier` (GraniteModel), each residual bra
 `logits_scaling`, is folded into the fused cross-entropy as logit_scale = 1 / logits_scaling."""
 from velotune.models.spec import FamilySpec
 
-SPEC = FamilySpec(name="granite", model_types=("granite",), causal_lm="GraniteForCausalLM",
+SPEC = FamilySpec(name="granite", model_types=("granite",), causal_lm="GraniteForCausalLM", body="GraniteModel",
                   attention="GraniteAttention", mlp="GraniteMLP", norm="GraniteRMSNorm",
                   logits_divisor_attr="logits_scaling")

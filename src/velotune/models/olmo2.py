@@ -4,6 +4,6 @@ projection (all heads at once) before RoPE; RMSNorm multiplies the weight into t
 once ((w * n).to(dtype))."""
 from velotune.models.spec import FamilySpec
 
-SPEC = FamilySpec(name="olmo2", model_types=("olmo2",), causal_lm="Olmo2ForCausalLM",
+SPEC = FamilySpec(name="olmo2", model_types=("olmo2",), causal_lm="Olmo2ForCausalLM", body="Olmo2Model",
                   attention="Olmo2Attention", mlp="Olmo2MLP", norm="Olmo2RMSNorm",
                   norm_weight_in_fp32=True, qk_norm="projection", sandwich_norms=True)

@@ -23,10 +23,12 @@ from velotune.models import positions
 from velotune.models.lora_linear import lora_linear_forward
 from velotune.models.mlp import mlp_forward
 from velotune.models.norm import norm_forward
+from velotune.models.padding_free import stack_forward
 from velotune.models.spec import FamilySpec
 
 FUSED_FORWARDS = {
     "causal_lm": causal_lm_forward,
+    "body": stack_forward,
     "attention": attention_forward,
     "mlp": mlp_forward,
     "norm": norm_forward,
@@ -36,7 +38,7 @@ FUSED_FORWARDS = {
 
 def _activation_dtype(module: nn.Module, role: str, args, kwargs) -> torch.dtype | None:
     """The dtype the module computes in: its input activation's (the embeddings' for the whole model)."""
-    if role == "causal_lm":
+    if role in ("causal_lm", "body"):
         emb = module.get_input_embeddings()
         return None if emb is None else emb.weight.dtype
     x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
@@ -101,7 +103,8 @@ def _release(module: nn.Module) -> None:
         else:
             module.__dict__.pop(attr, None)
     # else: someone wrapped our forward after us (e.g. TRL's add_fused_lm_head); leave their wrapper in place.
-    for name in ("_velotune_saved", "_velotune_stock_forward", "_velotune_spec", "_velotune_role"):
+    for name in ("_velotune_saved", "_velotune_stock_forward", "_velotune_spec", "_velotune_role",
+                 "_velotune_padding_free"):
         module.__dict__.pop(name, None)
 
 

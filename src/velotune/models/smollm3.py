@@ -3,6 +3,6 @@
 optional sliding windows per `config.layer_types` (masks built by transformers)."""
 from velotune.models.spec import FamilySpec
 
-SPEC = FamilySpec(name="smollm3", model_types=("smollm3",), causal_lm="SmolLM3ForCausalLM",
+SPEC = FamilySpec(name="smollm3", model_types=("smollm3",), causal_lm="SmolLM3ForCausalLM", body="SmolLM3Model",
                   attention="SmolLM3Attention", mlp="SmolLM3MLP", norm="SmolLM3RMSNorm",
                   sliding_window="layer_types", rope_flag_attr="use_rope")

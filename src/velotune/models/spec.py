@@ -21,6 +21,7 @@ class FamilySpec:
     attention: str
     mlp: str
     norm: str
+    body: str = ""                        # the decoder stack (e.g. LlamaModel): padding-free batches
     norm_offset: float = 0.0              # RMSNorm multiplies by (offset + w): Gemma uses 1.0
     norm_eps_attr: str = "variance_epsilon"
     norm_weight_in_fp32: bool = False     # (w * n) in fp32, rounded once (OLMo 2), instead of w * n.to(dtype)
@@ -39,7 +40,7 @@ class FamilySpec:
 
     def role_of(self, class_name: str) -> str | None:
         """Which fused forward a module of this class name gets ("causal_lm", "attention", ...)."""
-        for role in ("causal_lm", "attention", "mlp", "norm"):
+        for role in ("causal_lm", "body", "attention", "mlp", "norm"):
             if getattr(self, role) == class_name:
                 return role
         return None
