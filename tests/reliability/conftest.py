@@ -1,23 +1,56 @@
-"""Fixtures for the CLI reliability tests: the shipped mini model, a `velotune` subprocess runner, and a
-check that a refusal is one line with exit code 2 and no traceback."""
+"""Fixtures of the fault-injection tests (helpers live in cli_harness.py)."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-MINI = ROOT / "src" / "velotune" / "demo" / "assets"   # the shipped mini model (256 positions)
+from cli_harness import *  # noqa: F403 (helpers the fixtures use)
+from cli_harness import _can_mount, _fork_run  # noqa: F401
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """mount(size_bytes) -> a folder on a tmpfs of that size (root only; skipped elsewhere)."""
+    mounts = []
+
+    def mount(size: int, name: str = "disk", options: str = "") -> Path:
+        if not _can_mount():
+            pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+        point = tmp_path / name
+        point.mkdir()
+        rc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(point)],
+                            capture_output=True, text=True)
+        if rc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {rc.stderr.strip()}")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounts):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished tiny LoRA run (r=4, 2 steps, a checkpoint each step) made in this process; copy it
+    before changing it."""
+    from velotune.train.config import load_config
+    from velotune.train.runner import run_training
+
+    folder = tmp_path_factory.mktemp("trained")
+    out = folder / "run"
+    run_training(load_config(train_config(folder, out, save_steps=1)), progress=False)
+    return out
+
+
+# ---- helpers for the bad-input cases (tests/reliability/test_bad_data.py, test_bad_arguments.py) ----
+MINI = ASSETS   # the shipped mini model (256 positions)
 TOY = ROOT / "examples" / "data"
 
 
-def velotune(*args: str, stdin: bytes | str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m velotune.cli ARGS` as a user runs it: no TRITON_INTERPRET, one thread, this checkout's src."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+def run_cli(*args: str, stdin: bytes | str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m velotune.cli ARGS` as a user runs it: no TRITON_INTERPRET, bytes on stdin allowed.
+    The result carries `.out` / `.err`: stdout / stderr decoded (undecodable bytes replaced)."""
+    env = {k: v for k, v in cli_env().items() if k != "TRITON_INTERPRET"}
     data = stdin.encode() if isinstance(stdin, str) else stdin
     r = subprocess.run([sys.executable, "-m", "velotune.cli", *map(str, args)], input=data, capture_output=True,
                        env=env, timeout=timeout)
@@ -26,7 +59,7 @@ def velotune(*args: str, stdin: bytes | str | None = None, timeout: int = 600) -
 
 
 def assert_refused(r, command: str, *fragments: str) -> str:
-    """Exit code 2, no traceback, and the error is one line `velotune COMMAND: error: ...` holding `fragments`."""
+    """Exit code 2, no traceback, and exactly one line `velotune COMMAND: error: ...`, holding `fragments`."""
     assert r.returncode == 2, (r.returncode, r.err[-3000:])
     assert "Traceback" not in r.err and "Traceback" not in r.out, r.err[-3000:]
     errors = [line for line in r.err.splitlines() if line.startswith(f"velotune {command}: error:")]

@@ -278,7 +278,7 @@ def _grow_embeddings(model, tokenizer, added: list[str]) -> None:
     """Resize the model's embeddings to len(tokenizer) rows when they have fewer (never shrink)."""
     if _embedding_rows(model) < len(tokenizer):
         _check_can_grow(model, len(tokenizer), "of the tokenizer")
-        from velotune.train.embedding_offload import (embeddings_offloaded, offload_input_embeddings,
+        from velotune.memory.embedding_offload import (embeddings_offloaded, offload_input_embeddings,
                                                       restore_input_embeddings)
 
         offloaded = embeddings_offloaded(model)   # resize on the compute device, then back to the host

@@ -87,7 +87,9 @@ def load_for_export(run_dir: Path, base: str | None = None):
         stored = _stored_dtype(str(folder))
         model, tok = FastLanguageModel.from_pretrained(folder, dtype=_torch_dtype(stored), fast=False)
         return model, tok, f"full model {folder}", stored
-    adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
+    from velotune.loader import check_adapter_folder
+
+    adapter_cfg = check_adapter_folder(folder)
     base = base or adapter_cfg.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{folder}/adapter_config.json names no base model: pass --base")
@@ -107,21 +109,22 @@ def load_for_export(run_dir: Path, base: str | None = None):
     return model, tok, f"adapter {folder} on base {base}", stored
 
 
+def check_output_folder(out: Path, what: str) -> None:
+    """Refuse, before any model loads, an output path that is a file or a folder that cannot be written."""
+    from velotune.fsio import check_writable_folder
+
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{what}: {p} is a file, not a folder; pass -o with a folder path")
+            break
+    check_writable_folder(out, what)
+
+
 def _torch_dtype(name: str | None):
     import torch
 
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name or "", torch.float32)
-
-
-def check_out_folder(out: Path) -> None:
-    """ConfigError unless `out` is a folder or can be made one: it and every existing parent must be folders."""
-    for path in (out, *out.parents):
-        if path.exists() or path.is_symlink():
-            if not path.is_dir():
-                where = "" if path == out else f" (its parent {path} is a file)"
-                raise ConfigError(f"-o/--out {out}: {'is a file' if path == out else 'cannot be a folder'}{where}; "
-                                  "pass a folder (it is created when missing)")
-            return
 
 
 def run(args) -> int:
@@ -130,7 +133,7 @@ def run(args) -> int:
     run_dir = Path(args.run_dir).expanduser()
     quants = [normalise_method(q) for q in args.quant]
     out = Path(args.out).expanduser() if args.out else run_dir / "export"
-    check_out_folder(out)
+    check_output_folder(out, "-o/--out" if args.out else "the default output folder RUN_DIR/export")
     if args.push_to_hub:
         from velotune.export.hub import check_repo_id
 

@@ -93,7 +93,7 @@ def _write_merged_4bit(model, folder: Path, tokenizer, dtype, max_shard_size, qu
 
     if dtype == torch.float32:
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".merge16-") as tmp16:
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".merge16-{os.getpid()}-") as tmp16:
         _write_merged(model, Path(tmp16), None, dtype, max_shard_size, quiet)
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)

@@ -7,7 +7,6 @@ sequence token and at the template's end-of-turn token. Commands: /exit (or Ctrl
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -58,10 +57,12 @@ def load_for_chat(model_dir: str, *, dtype=None, load_in_4bit=False, max_seq_len
         model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_seq_length or
                                                        native_positions(path), dtype=dtype, load_in_4bit=load_in_4bit)
     else:
-        try:
-            base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"{adapter_cfg} has no readable base_model_name_or_path ({e})") from None
+        from velotune.loader import check_adapter_folder
+
+        base = check_adapter_folder(path).get("base_model_name_or_path")
+        if not isinstance(base, str) or not base:
+            raise ModelLoadError(f"{adapter_cfg} names no base model (base_model_name_or_path); set it to the base "
+                                 "model's folder")
         if base and not Path(base).is_absolute() and (path / base).exists():
             base = str(path / base)
         model, tok = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length or native_positions(base),
