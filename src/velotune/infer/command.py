@@ -7,6 +7,7 @@ sequence token and at the template's end-of-turn token. Commands: /exit (or Ctrl
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
