@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import MINI, assert_refused, velotune
+from bad_input_harness import MINI, assert_refused, run_cli
 
 CHAT_ARGS = [
     (["--max-new-tokens", "-5"], "argument --max-new-tokens: -5 is not a positive whole number"),
@@ -20,11 +20,11 @@ CHAT_ARGS = [
 
 @pytest.mark.parametrize("argv,message", CHAT_ARGS, ids=[a[0] + a[1] for a, _ in CHAT_ARGS])
 def test_chat_bad_numbers(argv, message):
-    assert_refused(velotune("chat", MINI, *argv, stdin=""), "chat", message)
+    assert_refused(run_cli("chat", MINI, *argv, stdin=""), "chat", message)
 
 
 def test_chat_stdin_that_is_not_utf8_is_refused_and_the_chat_goes_on():
-    r = velotune("chat", MINI, "--max-new-tokens", "4", "--temperature", "0",
+    r = run_cli("chat", MINI, "--max-new-tokens", "4", "--temperature", "0",
                  stdin=b"caf\xe9 \xff\nHello\n/exit\n")
     assert r.returncode == 0, r.err[-3000:]
     assert "Traceback" not in r.err
@@ -35,7 +35,7 @@ def test_chat_stdin_that_is_not_utf8_is_refused_and_the_chat_goes_on():
 def test_a_long_chat_keeps_within_the_models_positions():
     """40 exchanges on a 256-position model: the oldest are left out with a notice, never a traceback."""
     turns = "".join(f"Tell me fact number {i} about the sea, please.\n" for i in range(40))
-    r = velotune("chat", MINI, "--max-new-tokens", "16", "--temperature", "0", "--system", "Be brief.",
+    r = run_cli("chat", MINI, "--max-new-tokens", "16", "--temperature", "0", "--system", "Be brief.",
                  stdin=turns + "/exit\n")
     assert r.returncode == 0, r.err[-3000:]
     assert "Traceback" not in r.err
@@ -45,7 +45,7 @@ def test_a_long_chat_keeps_within_the_models_positions():
 
 
 def test_chat_message_longer_than_the_model_is_refused_and_the_chat_goes_on():
-    r = velotune("chat", MINI, "--max-new-tokens", "4", "--temperature", "0",
+    r = run_cli("chat", MINI, "--max-new-tokens", "4", "--temperature", "0",
                  stdin="word " * 400 + "\nHello\n/exit\n")
     assert r.returncode == 0, r.err[-3000:]
     assert "this model takes 256 positions in all: shorten it)" in r.out and "Traceback" not in r.err
@@ -53,7 +53,7 @@ def test_chat_message_longer_than_the_model_is_refused_and_the_chat_goes_on():
 
 @pytest.mark.parametrize("size", ["banana", "-5GB", "0", "5 parsecs"])
 def test_export_bad_shard_size(tmp_path, size):
-    line = assert_refused(velotune("export", MINI, "--to", "merged_16bit", f"--max-shard-size={size}",
+    line = assert_refused(run_cli("export", MINI, "--to", "merged_16bit", f"--max-shard-size={size}",
                                    "-o", tmp_path / "out"), "export", "argument --max-shard-size", repr(size))
     assert "5GB, 500MB, 2GiB" in line
     assert not (tmp_path / "out").exists()
@@ -62,8 +62,8 @@ def test_export_bad_shard_size(tmp_path, size):
 def test_export_out_pointing_at_a_file(tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
-    assert_refused(velotune("export", MINI, "--to", "merged_16bit", "-o", target), "export",
+    assert_refused(run_cli("export", MINI, "--to", "merged_16bit", "-o", target), "export",
                    f"-o/--out {target}: is a file", "pass a folder")
     assert target.read_text() == "keep me"
-    assert_refused(velotune("export", MINI, "--to", "merged_16bit", "-o", target / "sub"), "export",
+    assert_refused(run_cli("export", MINI, "--to", "merged_16bit", "-o", target / "sub"), "export",
                    f"its parent {target} is a file")
