@@ -1,5 +1,6 @@
 """`velotune chat` and `velotune export` with bad arguments, bad stdin and conversations longer than the model:
-one line and exit code 2 for a bad argument (before any model loads), the chat goes on otherwise."""
+one line and exit code 2 for a bad argument (before any model loads), the chat goes on otherwise.
+(`export -o FILE` is in test_bad_inputs.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -57,13 +58,3 @@ def test_export_bad_shard_size(tmp_path, size):
                                    "-o", tmp_path / "out"), "export", "argument --max-shard-size", repr(size))
     assert "5GB, 500MB, 2GiB" in line
     assert not (tmp_path / "out").exists()
-
-
-def test_export_out_pointing_at_a_file(tmp_path):
-    target = tmp_path / "notes.txt"
-    target.write_text("keep me")
-    assert_refused(run_cli("export", MINI, "--to", "merged_16bit", "-o", target), "export",
-                   f"-o/--out {target}: is a file", "pass a folder")
-    assert target.read_text() == "keep me"
-    assert_refused(run_cli("export", MINI, "--to", "merged_16bit", "-o", target / "sub"), "export",
-                   f"its parent {target} is a file")
