@@ -144,7 +144,7 @@ def _wait(pid: int, timeout: float = 60) -> int:
 
 def kill_loop(action, check, kills: int, seed: int, restore=None) -> dict:
     """Run `action` in a forked process `kills` times, SIGKILL it at a random moment of its run, then
-    `check()`. The delays spread over [0, 1.2 x the time an uninterrupted run takes]. `restore()` runs
+    `check()`. The delays spread over [0, the time an uninterrupted run takes]. `restore()` runs
     after each check (e.g. put the previous output back when the save had completed). Returns counts."""
     import torch
 
@@ -159,7 +159,7 @@ def kill_loop(action, check, kills: int, seed: int, restore=None) -> dict:
     killed = finished = 0
     for _ in range(kills):
         pid = _fork_run(action)
-        time.sleep(rng.uniform(0, 1.2 * duration))
+        time.sleep(rng.uniform(0, duration))
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
