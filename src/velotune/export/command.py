@@ -17,6 +17,7 @@ FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from velotune.argtypes import byte_size
     from velotune.export.gguf_export import methods_help
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, help="base model folder or hub id (default: from adapter_config.json)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="dtype of merged weights (default: the base model's stored dtype)")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", type=byte_size,
+                        help="safetensors shard size: bytes, or a number with KB/MB/GB/KiB/MiB/GiB (default 5GB)")
     parser.add_argument("--push-to-hub", default=None, metavar="OWNER/REPO",
                         help="also upload each output to this hub repo (needs a token)")
     parser.add_argument("--token", default=None, help="hugging face token for --push-to-hub")
@@ -95,12 +97,15 @@ def load_for_export(run_dir: Path, base: str | None = None):
 
     stored = _stored_dtype(base)
     model, tok = FastLanguageModel.from_pretrained(base, dtype=_torch_dtype(stored), fast=False)
+    if (folder / "tokenizer_config.json").is_file():  # the training run's tokenizer (chat template, added tokens)
+        from velotune.data.chat_templates import ensure_template_tokens
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        ensure_template_tokens(tok, model)  # tokens the run added: the adapter holds their embedding rows
     model = PeftModel.from_pretrained(model, folder)
     from velotune.export import attach_export_methods
 
     attach_export_methods(model)
-    if (folder / "tokenizer_config.json").is_file():  # the training run's tokenizer (chat template, added tokens)
-        tok = AutoTokenizer.from_pretrained(folder)
     return model, tok, f"adapter {folder} on base {base}", stored
 
 

@@ -18,7 +18,7 @@ import torch
 from velotune.errors import ConfigError
 from velotune.export.atomic import ExportError, atomic_dir
 from velotune.export.merge import base_model_of, is_peft_model, iter_merged_tensors
-from velotune.export.safetensors_io import write_model_folder
+from velotune.export.safetensors_io import parse_size, write_model_folder
 
 log = logging.getLogger("velotune")
 
@@ -56,6 +56,7 @@ def save_pretrained_merged(model, save_directory: str | os.PathLike, tokenizer=N
     """Save adapters or the merged model to `save_directory` (atomically) and return its path."""
     if save_method not in SAVE_METHODS:
         raise ConfigError(f"save_method={save_method!r}: choose one of {', '.join(SAVE_METHODS)}")
+    max_shard_size = parse_size(max_shard_size)  # a bad size is refused before any work
     if tokenizer is None:
         log.warning("save_pretrained_merged: no tokenizer given; the folder will have no tokenizer files")
     target = Path(save_directory)

@@ -29,7 +29,7 @@ from velotune.train.callbacks import ProgressCallback, loss_points, summarize, w
 from velotune.train.config import TrainConfig, check_paths
 from velotune.train.trl_glue import orpo_classes, velotune_trainer_class
 
-OFFLOAD_OPTIMIZER = "adamw_offload"     # training.optimizer: train/offload_adamw.OffloadedAdamW
+OFFLOAD_OPTIMIZER = "adamw_offload"     # training.optimizer: memory/offload_adamw.OffloadedAdamW
 
 log = logging.getLogger("velotune")
 
@@ -59,11 +59,12 @@ def load_model(cfg: TrainConfig):
     model, tokenizer = FastLanguageModel.from_pretrained(
         m.name, max_seq_length=m.max_seq_length, dtype=_DTYPES[m.dtype], load_in_4bit=m.load_in_4bit,
         full_finetuning=m.full_finetuning, fast=m.fast)
-    if cfg.data.chat_template:
-        from velotune.data.chat_templates import get_chat_template
+    from velotune.data.chat_templates import ensure_template_tokens, get_chat_template
 
-        # model=: tokens the template needs and the tokenizer lacks are added and the embeddings resized
+    if cfg.data.chat_template:  # the template's special tokens are added and the embeddings grow with them
         tokenizer = get_chat_template(tokenizer, chat_template=cfg.data.chat_template, model=model)
+    else:
+        ensure_template_tokens(tokenizer, model)  # a saved tokenizer may hold more tokens than the embeddings
     return model, tokenizer
 
 
@@ -280,7 +281,8 @@ def _run_training(cfg: TrainConfig, out: Path, *, progress: bool, model, tokeniz
 
     train_ds, eval_ds, report, fmt = prepare_datasets(cfg, tokenizer, progress=progress)
     if progress and is_main_process():  # (skipped / truncated rows are listed by velotune.data's own warning)
-        print(f"data ({fmt}): {report.summary().splitlines()[0]}")
+        skipped = f" -- {report.one_line()}" if report.num_skipped else ""
+        print(f"data ({fmt}): {report.summary().splitlines()[0]}{skipped}")
     if not hasattr(model, "peft_config"):
         model = add_adapters(model, cfg)
     if _compute_dtype(model) == torch.float16:
