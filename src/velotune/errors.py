@@ -39,7 +39,7 @@ def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` (or an exception it was raised from) is a full disk / quota.
 
     Covers OSError(ENOSPC / EDQUOT) from Python writes and safetensors' SafetensorError (its Rust
-    writer reports `Os { code: 28, kind: StorageFull }`). Short writes reported without an errno
+    writer reports "No space left on device (os error 28)"). Short writes reported without an errno
     (numpy, torch.save) are judged with the disk's free space: `velotune.fsio.is_disk_full_at`.
     """
     seen = set()
@@ -48,8 +48,8 @@ def is_disk_full(exc: BaseException) -> bool:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(exc)
-        if "StorageFull" in text or "code: 28," in text or "No space left on device" in text \
-                or "QuotaExceeded" in text:
+        if any(m in text for m in ("No space left on device", "os error 28)", "code: 28,", "StorageFull",
+                                   "Disk quota exceeded", "os error 122)")):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
