@@ -246,7 +246,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
     run's folder aside to `<output_dir>.old-<time>` (train/output_dir.py).
     """
     from velotune.distributed import is_main_process
-    from velotune.train.output_dir import claim
+    from velotune.train.output_dir import claim, resumes_here
     from velotune.train.preflight import preflight
     from velotune.train.run_lock import RunLock
 
@@ -258,7 +258,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
     if main:  # other ranks of a DDP run write through rank 0's claim
         lock.acquire()
     try:
-        if main and claim(out, resuming=bool(cfg.training.resume_from_checkpoint), overwrite=overwrite):
+        if main and claim(out, resuming=resumes_here(out, cfg.training.resume_from_checkpoint), overwrite=overwrite):
             lock.release()
             lock.acquire()  # on the fresh folder
         return _run_training(cfg, out, progress=progress, model=model, tokenizer=tokenizer, callbacks=callbacks)
