@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import ASSETS, assert_one_line, copy_run, train_config, velotune
+from cli_harness import ASSETS, assert_one_line, copy_run, train_config, velotune
 from velotune.cli import main
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (ROOT, assert_one_line, cli_env, copy_run, read_json, snapshot, train_config, velotune)
+from cli_harness import (ROOT, assert_one_line, cli_env, copy_run, read_json, snapshot, train_config, velotune)
 
 
 def test_another_runs_folder_is_refused_and_overwrite_moves_it_aside(tmp_path, trained_run):

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import (assert_one_line, cli_env, copy_run, hidden_entries, kill_loop, read_json, snapshot,
+from cli_harness import (assert_one_line, cli_env, copy_run, hidden_entries, kill_loop, read_json, snapshot,
                       train_config, velotune)
 
 

@@ -58,7 +58,7 @@ def load_model(cfg: TrainConfig):
     m = cfg.model
     model, tokenizer = FastLanguageModel.from_pretrained(
         m.name, max_seq_length=m.max_seq_length, dtype=_DTYPES[m.dtype], load_in_4bit=m.load_in_4bit,
-        full_finetuning=m.full_finetuning, fast=m.fast)
+        full_finetuning=m.full_finetuning, fast=m.fast, padding_free=m.padding_free)
     from velotune.data.chat_templates import ensure_template_tokens, get_chat_template
 
     if cfg.data.chat_template:  # the template's special tokens are added and the embeddings grow with them
