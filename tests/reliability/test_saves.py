@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cli_harness import (assert_one_line, cli_env, copy_run, hidden_entries, kill_loop, read_json, snapshot,
-                      train_config, velotune)
+                         train_config, velotune)
 
 
 @pytest.fixture(scope="module")
