@@ -58,6 +58,38 @@ def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revisi
             "Without network access, pass a local model folder instead.") from None
 
 
+def _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit: bool, max_seq_length: int,
+               full_finetuning: bool):
+    """fit.check_fit against `memory_cap` (or the free CUDA memory): the estimate, or ModelLoadError."""
+    from velotune.fit import check_fit, gpu_cap_bytes, parse_bytes
+
+    if memory_cap is not None:
+        try:
+            cap = parse_bytes(memory_cap)
+        except ValueError as e:
+            raise ModelLoadError(f"memory_cap: {e}") from None
+    elif device_map is None:
+        cap = gpu_cap_bytes()
+    else:
+        cap = None          # the caller places the model (possibly across devices and the host)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
+    four_bit = load_in_4bit or bool(qc and qc.get("load_in_4bit"))   # a *-bnb-4bit checkpoint loads in 4 bits
+    try:
+        if cap is None:
+            from velotune.fit import estimate_memory
+
+            return estimate_memory(config, compute_dtype, four_bit, max_seq_length, full_finetuning=full_finetuning)
+        est = check_fit(config, cap, compute_dtype, four_bit, max_seq_length, full_finetuning)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config the estimate cannot build: load without the check
+        log.warning("velotune: no memory estimate for this config (%s: %s)", type(e).__name__, e)
+        return None
+    log.info("velotune: training memory estimate %s", est.describe())
+    return est
+
+
 class FastLanguageModel:
     """Namespace of static constructors, as in the libraries users switch from."""
 
@@ -75,6 +107,7 @@ class FastLanguageModel:
         revision: str | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        memory_cap: int | str | None = None,
         **kwargs,
     ):
         """Load a causal LM and its tokenizer.
@@ -82,12 +115,21 @@ class FastLanguageModel:
         Returns `(model, tokenizer)`. `dtype=None` picks bf16 where supported, fp16 on older GPUs
         and float32 on CPU; an explicit dtype is honoured everywhere. `fast=False` keeps the stock
         transformers forward (useful for A/B checks).
+
+        Before anything is allocated, the training memory is estimated from the config
+        (velotune.fit: weights, adapters + AdamW, activations for `max_seq_length` tokens under
+        offloaded checkpointing) and ModelLoadError names the estimate and what would fit when it
+        exceeds `memory_cap` (bytes or e.g. "16GiB"; default: the free memory of the current CUDA
+        device; no check on CPU unless given, nor with an explicit `device_map`). The estimate is
+        kept at `model.velotune_memory_estimate`.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         compute_dtype = resolve_dtype(dtype)
         path = _resolve_model_path(model_name, token, revision)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        estimate = _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit, max_seq_length,
+                              full_finetuning)
         load_kwargs: dict[str, Any] = dict(dtype=compute_dtype, use_safetensors=True,
                                            trust_remote_code=trust_remote_code, **kwargs)
         if attn_implementation is not None:  # None: transformers picks (SDPA where the family allows it)
@@ -106,6 +148,7 @@ class FastLanguageModel:
             tokenizer.pad_token = tokenizer.eos_token
         model.max_seq_length = max_seq_length
         model.velotune_compute_dtype = compute_dtype
+        model.velotune_memory_estimate = estimate
         model.velotune_fast = fast
         if fast:
             from velotune.models import prepare_model
