@@ -55,7 +55,7 @@ def test_70b_shape_numbers():
     assert q.dequant_buffers == 2 * 28672 * 8192 * 2
     assert q.per_token_host == 80 * 8192 * 2 and q.host_offload == 8192 * q.per_token_host
     half = estimate_memory(config, torch.bfloat16, load_in_4bit=True, seq_len=8192, offload_every=2)
-    assert half.per_token_host * 2 == q.per_token_host
+    assert half.per_token_host * 2 == q.per_token_host and half.per_token_gpu == q.per_token_gpu + 8192 * 2
     b16 = estimate_memory(config, torch.bfloat16, load_in_4bit=False, seq_len=8192)
     assert b16.weights == q.n_params * 2
     with pytest.raises(ModelLoadError, match=r"does not fit.*load_in_4bit=True \(~"):

@@ -23,9 +23,10 @@ so nothing is allocated and every family's real module tree is used):
       ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate   values of the compute dtype per token,
   calibrated on the measured 8B QLoRA long-context step (BENCHMARKS.md), which it over-estimates
   slightly: a refusal means the cheapest velotune setting does not fit.
-* host memory: the offloaded layer inputs (layers x hidden x dtype bytes per token, divided by
-  `offload_every` when only every k-th layer input is kept: memory/ `offload_every`) and, while
-  loading, 1.5 x the largest safetensors shard (`loading_host_bytes`).
+  With `offload_every` = k, k - 1 more [tokens, hidden] inputs (memory/sparse_offload.py).
+* host memory: the offloaded layer inputs (layers x hidden x dtype bytes per token; ceil(layers / k)
+  of them with `offload_every` = k). Loading adds at most about one tensor of the checkpoint
+  (transformers streams it: quant/loading.py; bench/load_memory.py measures it).
 
 The estimate is an upper-bound style model, not a measurement; `bench/qlora.py --max-context`
 measures the real limits.
@@ -141,7 +142,8 @@ def estimate_memory(config, compute_dtype: torch.dtype = torch.bfloat16, load_in
     inter = getattr(text, "intermediate_size", None) or 4 * hidden
     layers = text.num_hidden_layers
     tokens = seq_len * batch_size
-    per_token_gpu = db * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter)
+    # offload_every = k: up to k - 1 recomputed layer inputs wait on the device (memory/sparse_offload.py)
+    per_token_gpu = db * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter + (offload_every - 1) * hidden)
     per_token_host = db * hidden * math.ceil(layers / offload_every)
     return MemoryEstimate(tokens=tokens, weights=weights, dequant_buffers=2 * largest * db, trainable=trainable,
                           activations=per_token_gpu * tokens, workspace=WORKSPACE_BYTES,

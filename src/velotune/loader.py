@@ -180,6 +180,8 @@ class FastLanguageModel:
         cuda_graphs: bool = False,
         recompute: str = "layer",
         mlp_row_blocks: int = 1,
+        offload_every: int | str = 1,
+        host_memory_budget: int | str | None = None,
         **kwargs,
     ):
         """Wrap `model` in a real `peft.PeftModel` with LoRA adapters.
@@ -194,6 +196,12 @@ class FastLanguageModel:
         blocks of rows (velotune.lora.recomputed_mlp). 1 gives the same bits as one piece; more lowers
         the MLP's GPU memory peak for more, smaller GEMMs (H200, 8B QLoRA 2 x 2048 with cuda_graphs:
         4 blocks, 0.16 GiB less, 3-4% slower; the rounding stays as exact, not the same bits).
+        `offload_every` (with "unsloth"/"offload", recompute="layer"): keep only every k-th decoder
+        layer's input in host memory and recompute the layers between in backward (the same bits,
+        ceil(layers / k) host copies instead of one per layer; velotune.memory.sparse_offload).
+        "auto" picks the smallest k whose inputs fit `host_memory_budget` (bytes or e.g. "100GiB";
+        default: the host's available memory, measured at each step); the choice is reported in
+        `model.velotune_offload_stats` (offload_every, host_budget, host_needed).
         `offload_embedding`: keep the frozen input-embedding table in pinned host memory; the GPU
         reads the batch's rows from it (velotune.memory.embedding_offload): ~1 GiB less GPU memory for
         Llama-3, no host sync. Refused for tied or trainable tables.
@@ -210,6 +218,14 @@ class FastLanguageModel:
         from velotune.memory.checkpointing import check_recompute
 
         check_recompute(recompute, mlp_row_blocks)
+        if (offload_every != 1 or host_memory_budget is not None) and use_gradient_checkpointing not in (
+                "unsloth", "offload"):
+            raise ValueError(f"offload_every={offload_every!r} needs use_gradient_checkpointing='unsloth' "
+                             f"(or 'offload'): got {use_gradient_checkpointing!r}")
+        if host_memory_budget is not None:
+            from velotune.fit import parse_bytes
+
+            host_memory_budget = parse_bytes(host_memory_budget)
         if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
             raise ValueError(f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
                              f"got {use_gradient_checkpointing!r}")
@@ -233,7 +249,8 @@ class FastLanguageModel:
         # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         peft_model = get_peft_model(model, config)
-        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks)
+        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks,
+                              offload_every, host_memory_budget)
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
@@ -278,14 +295,16 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
 
 
 def _enable_checkpointing(model, mode: bool | str, cuda_graphs: bool = False, recompute: str = "layer",
-                          mlp_row_blocks: int = 1) -> None:
+                          mlp_row_blocks: int = 1, offload_every: int | str = 1,
+                          host_budget: int | None = None) -> None:
     if mode in (False, None, "none", "false"):
         return
     if mode in ("unsloth", "offload"):
         from velotune.memory.checkpointing import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute,
-                                       mlp_row_blocks=mlp_row_blocks)
+                                       mlp_row_blocks=mlp_row_blocks, offload_every=offload_every,
+                                       host_budget=host_budget)
         return
     if mode is not True and mode != "true":
         raise ValueError(f"use_gradient_checkpointing={mode!r}: use True, False, 'unsloth' or 'offload'")
