@@ -50,7 +50,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 # shapes, FLOP counts and the timed step are shared with the LoRA benchmark
+from make_checkpoint import SHAPES as _CKPT_SHAPES  # noqa: E402
 from train import SHAPES, TARGETS, _config, _flops_per_token, _profile, training_step  # noqa: E402
+
+BIG_SHAPES = [s for s in _CKPT_SHAPES if s not in SHAPES and not s.startswith("tiny")]
 
 IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora", "velotune-qlora-mlp", "velotune-lora-mlp",
          "velotune-qlora-graphs", "velotune-lora-graphs", "velotune-qlora-mlp-graphs", "velotune-lora-mlp-graphs")
@@ -88,8 +91,55 @@ def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
     return n
 
 
+def bench_config(shape: str, checkpoint: Path | None = None):
+    """The config of --shape (bench/train.py's shapes, bench/make_checkpoint.py's big ones, "smoke"),
+    or of the --checkpoint folder."""
+    if checkpoint is not None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(checkpoint)
+    if shape == "smoke":
+        return _smoke_config()
+    if shape in SHAPES:
+        return _config(shape)
+    from make_checkpoint import make_config
+
+    config = make_config(shape)
+    config.use_cache = False
+    return config
+
+
+def _load(impl: str, checkpoint: Path, device: str, dtype: torch.dtype, seq: int):
+    """--checkpoint: the model from a folder (bench/make_checkpoint.py writes pre-quantised ones).
+    velotune: FastLanguageModel.from_pretrained (fit check, fused forward prepared); stock:
+    AutoModelForCausalLM.from_pretrained with bitsandbytes' 4-bit config unless the folder is 4-bit."""
+    import json
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qlora = impl.endswith("qlora")
+    pre_quantised = "quantization_config" in json.loads((checkpoint / "config.json").read_text())
+    if pre_quantised and not qlora:
+        raise SystemExit(f"{impl}: {checkpoint} is pre-quantised; the 16-bit contenders need a bf16 checkpoint")
+    if impl.startswith("velotune"):
+        from velotune import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=seq, dtype=dtype, load_in_4bit=qlora,
+                                                     attn_implementation="sdpa")
+        return model
+    kw = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if device.startswith("cuda"):
+        kw["device_map"] = {"": torch.cuda.current_device()}
+    if qlora and not pre_quantised:
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kw)
+    return model if device.startswith("cuda") else model.to(device)
+
+
 def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_embedding: bool = False,
-          cuda_graphs: bool = False, recompute: str = "layer", mlp_row_blocks: int = 0):
+          cuda_graphs: bool = False, recompute: str = "layer", mlp_row_blocks: int = 0,
+          checkpoint: Path | None = None, offload_every: int | str = 1, host_budget: int | None = None):
     from transformers import AutoModelForCausalLM
 
     if impl.endswith("-graphs"):
@@ -97,24 +147,31 @@ def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_
     if impl.endswith("-mlp"):
         impl, recompute = impl[:-len("-mlp")], "mlp"
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    if impl.endswith("qlora"):
-        quantize_linears_(model, dtype)
+    if checkpoint is not None:
+        model = _load(impl, checkpoint, device, dtype, seq)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if impl.endswith("qlora"):
+            quantize_linears_(model, dtype)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
     if impl.startswith("velotune"):
         from velotune import FastLanguageModel
         from velotune.models import prepare_model
 
-        model.velotune_compute_dtype = dtype
-        model.max_seq_length = seq
-        prepare_model(model, max_seq_length=seq)
+        if checkpoint is None:     # from_pretrained did this for a loaded checkpoint
+            model.velotune_compute_dtype = dtype
+            model.max_seq_length = seq
+            prepare_model(model, max_seq_length=seq)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 use_gradient_checkpointing="unsloth", random_state=3407,
                                                 offload_embedding=offload_embedding, cuda_graphs=cuda_graphs,
                                                 recompute=recompute,
-                                                mlp_row_blocks=(mlp_row_blocks or 1) if recompute == "mlp" else 1)
+                                                mlp_row_blocks=(mlp_row_blocks or 1) if recompute == "mlp" else 1,
+                                                offload_every=offload_every, host_memory_budget=host_budget)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if impl == "stock-qlora":
@@ -131,7 +188,7 @@ def build(impl: str, config, device: str, dtype: torch.dtype, seq: int, offload_
 # ------------------------------------------------------------------ one contender, in its own process
 def worker(args) -> dict:
     device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
+    config = bench_config(args.shape, args.checkpoint)
     cuda = device.startswith("cuda")
     t_build = time.perf_counter()
     if args.unfused_lora_backward:
@@ -154,7 +211,7 @@ def worker(args) -> dict:
 
         dequant_kernel.DEFAULT_KERNEL = args.dequant_kernel
     model = build(args.impl, config, device, dtype, args.seq, args.offload_embedding, args.cuda_graphs,
-                  args.recompute, args.mlp_chunks)
+                  args.recompute, args.mlp_chunks, args.checkpoint, _offload_every(args), _host_budget(args))
     t_build = time.perf_counter() - t_build
     step, params, _, _ = training_step(model, args.batch, args.seq, device,
                                        offload_optimizer=args.offload_optimizer and args.impl.startswith("velotune"),
@@ -326,6 +383,15 @@ def peak_composition(step, top: int = 14) -> dict:
     return {"before_gib": base / 2**30, "before": before, "step_peak_gib": out.pop("peak_gib"), **out}
 
 
+def _offload_every(args) -> int | str:
+    """--offload-every: 'auto' or a whole number (velotune contenders; stock ignores it)."""
+    return "auto" if args.offload_every == "auto" else int(args.offload_every)
+
+
+def _host_budget(args) -> int | None:
+    return int(args.host_budget_gib * 2**30) if args.host_budget_gib else None
+
+
 def _smoke_config():
     from transformers import LlamaConfig
 
@@ -451,7 +517,7 @@ def context_worker(args) -> dict:
     """Longest batch-1 sequence for args.impl; see the module docstring."""
     device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     cuda = device.startswith("cuda")
-    config = _config(args.shape) if args.shape != "smoke" else _smoke_config()
+    config = bench_config(args.shape, args.checkpoint)
     deadline = time.time() + args.time_box
     out: dict = {"impl": args.impl, "probes": [], "verify": []}
     if cuda and args.card_gib:
@@ -460,8 +526,23 @@ def context_worker(args) -> dict:
         out["cap_gib"] = args.card_gib
     cap = args.card_gib * 2**30 if args.card_gib else (torch.cuda.get_device_properties(device).total_memory
                                                         if cuda else None)
+    every, budget = _offload_every(args), _host_budget(args)
+    if every == "auto" and budget is None and args.impl.startswith("velotune"):
+        # the share of the host this worker may use (side-by-side workers split it), as the host limit below
+        budget = int(_host_available_bytes() * args.host_share - 16 * 2**30)
     model = build(args.impl, config, device, dtype, max(args.ctx_probes), args.offload_embedding,
-                  args.cuda_graphs, args.recompute)
+                  args.cuda_graphs, args.recompute, 0, args.checkpoint, every, budget)
+    stats = getattr(model, "velotune_offload_stats", None)
+
+    def bounds(r):
+        """Which bound is closest at this step: GPU (peak / cap) or host (layer inputs kept / budget)."""
+        if stats is None:
+            return
+        host_budget = stats.host_budget or budget or int(_host_available_bytes() * args.host_share - 16 * 2**30)
+        r.update(offload_every=stats.offload_every, host_needed_gib=stats.host_needed / 2**30,
+                 host_budget_gib=host_budget / 2**30, gpu_use=r["peak_gib"] * 2**30 / cap if cuda else 0.0,
+                 host_use=stats.host_needed / host_budget)
+        r["bound"] = "gpu" if r["gpu_use"] >= r["host_use"] else "host"
 
     def one_step(L):
         step, _, opt, _ = training_step(model, 1, L, device)
@@ -476,8 +557,14 @@ def context_worker(args) -> dict:
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() if cuda else None
         del step, opt
-        return {"seq": L, "s": dt, "tokens_per_s": L / dt, "peak_gib": peak / 2**30 if peak else None,
-                "loss": loss}
+        r = {"seq": L, "s": dt, "tokens_per_s": L / dt, "peak_gib": peak / 2**30 if peak else None, "loss": loss}
+        bounds(r)
+        return r
+
+    def bound_note(r):
+        return (f"; k={r['offload_every']}, host {r['host_needed_gib']:.1f}/{r['host_budget_gib']:.1f} GiB, "
+                f"GPU {r['gpu_use']:.0%} of cap, host {r['host_use']:.0%} of budget: {r['bound']}-bound"
+                if "bound" in r else "")
 
     one_step(args.ctx_probes[0])                      # warm-up: kernels compiled, buffers allocated
     for L in args.ctx_probes:
@@ -489,7 +576,7 @@ def context_worker(args) -> dict:
             break
         out["probes"].append(r)
         print(f"  [{args.impl}] probe {L:>7}: {r['s']:.2f} s, {r['tokens_per_s']:.0f} tok/s"
-              + (f", peak {r['peak_gib']:.2f} GiB" if cuda else ""), flush=True)
+              + (f", peak {r['peak_gib']:.2f} GiB" if cuda else "") + bound_note(r), flush=True)
     if not cuda or len(out["probes"]) < 2:
         return out
     Ls = torch.tensor([p["seq"] for p in out["probes"]], dtype=torch.float64)
@@ -499,9 +586,11 @@ def context_worker(args) -> dict:
     intercept = float(peaks.mean() - slope * Ls.mean())
     limits = {"gpu": (cap - intercept) / slope}
     offload = getattr(model, "velotune_offload_stats", None) is not None
-    if offload:   # every decoder layer's input waits in pinned host memory
-        per_token = config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8
-        limits["host"] = (_host_available_bytes() * args.host_share - 16 * 2**30) / per_token
+    if offload:   # every decoder layer's input (every k-th: --offload-every) waits in pinned host memory
+        n_layers = config.num_hidden_layers
+        kept = 1 if every == "auto" else -(-n_layers // every)
+        per_token = kept * config.hidden_size * torch.finfo(dtype).bits // 8
+        limits["host"] = (budget or _host_available_bytes() * args.host_share - 16 * 2**30) / per_token
     V = torch.stack([torch.ones_like(Ls), Ls, Ls ** 2][:len(Ls)], 1)
     coef = torch.linalg.lstsq(V, times[:, None]).solution[:, 0].tolist()
 
@@ -533,7 +622,7 @@ def context_worker(args) -> dict:
         out["verify"].append(r)
         out["max_seq"], out["tokens_per_s"], out["peak_gib"] = L, r["tokens_per_s"], r["peak_gib"]
         print(f"  [{args.impl}] verify {L}: ok, {r['s']:.0f} s, {r['tokens_per_s']:.0f} tok/s, "
-              f"peak {r['peak_gib']:.2f} GiB", flush=True)
+              f"peak {r['peak_gib']:.2f} GiB" + bound_note(r), flush=True)
         break
     return out
 
@@ -589,7 +678,15 @@ def run_max_context(args, common: list[str]) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", nargs="+", default=list(IMPLS[:4]), choices=IMPLS)
-    ap.add_argument("--shape", default="8b", choices=[*SHAPES, "smoke"])
+    ap.add_argument("--shape", default="8b", choices=[*SHAPES, *BIG_SHAPES, "smoke"],
+                    help="bench/train.py's shapes or bench/make_checkpoint.py's (70b, 34b, 27b, 12b: build them on the "
+                         "GPU in bf16 only where that fits; else --checkpoint)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="load the model from this folder (bench/make_checkpoint.py) instead of building it")
+    ap.add_argument("--offload-every", default="1",
+                    help="velotune: get_peft_model(offload_every=...): a whole number or 'auto' (memory/sparse_offload.py)")
+    ap.add_argument("--host-budget-gib", type=float, default=0.0,
+                    help="velotune with --offload-every auto: host memory budget for the offloaded inputs (0: measured)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2)
@@ -677,7 +774,10 @@ def main() -> int:
         rows = dequant_bench(args.device)
         results["dequant"] = rows
         print_dequant(rows)
-    common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype] + (
+    common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype,
+              "--offload-every", args.offload_every] + (
+        ["--checkpoint", str(args.checkpoint)] if args.checkpoint else []) + (
+        ["--host-budget-gib", str(args.host_budget_gib)] if args.host_budget_gib else []) + (
         ["--offload-embedding"] if args.offload_embedding else []) + (["--cuda-graphs"] if args.cuda_graphs else []) + (
         ["--recompute", args.recompute]) + (
         ["--dequant-kernel", args.dequant_kernel] if args.dequant_kernel else []) + (
@@ -768,6 +868,11 @@ def main() -> int:
                 print(f"  {c['impl']:<15} {c['max_seq']:>8} tokens trained, {c['tokens_per_s']:.0f} tok/s, peak "
                       f"{c['peak_gib']:.1f} GiB; bound by {c['bound_by']}{' (time-boxed)' if c['time_boxed'] else ''}; "
                       f"fit {c['bytes_per_token'] / 1024:.1f} KiB/token")
+            for r in c.get("probes", []) + [v for v in c.get("verify", []) if "bound" in v]:
+                if "bound" in r:
+                    print(f"    {r['seq']:>8} tokens: k={r['offload_every']}, GPU {r['peak_gib'] or 0:.1f} GiB "
+                          f"({r['gpu_use']:.0%} of cap), host inputs {r['host_needed_gib']:.1f} of "
+                          f"{r['host_budget_gib']:.1f} GiB ({r['host_use']:.0%}): {r['bound']}-bound")
             else:
                 print(f"  {c['impl']:<15} not verified: {json.dumps({k: c.get(k) for k in ('limits', 'verify')})}")
     if args.json:
