@@ -69,20 +69,27 @@ def test_70b_shape_numbers():
         check_fit(config, 78 * GiB, torch.bfloat16, True, fit + 1)
 
 
-def test_refused_before_loading(tmp_path):
-    """The weights file is not even valid safetensors: a refusal that came after loading began would
-    be a different error."""
-    path = save_mini_model("llama", tmp_path)
+def _weights_replaced(path):
+    """The folder's weights replaced by one unrelated tensor (valid safetensors): any step that reads the
+    model's weights fails, with a different error."""
+    from safetensors.torch import save_file
+
     for f in path.glob("*.safetensors"):
-        f.write_bytes(b"not safetensors")
+        save_file({"unrelated": torch.zeros(1)}, str(f))
+
+
+def test_refused_before_loading(tmp_path):
+    """A refusal that came after loading began would be a different error (the weights are missing)."""
+    path = save_mini_model("llama", tmp_path)
+    _weights_replaced(path)
     est = estimate_memory(mini_config("llama"), torch.float32, seq_len=2048)
     with pytest.raises(ModelLoadError, match=r"does not fit: it needs ~.* GiB .* What would fit: .*max_seq_length <="):
         FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap=est.gpu_bytes - 1)
     with pytest.raises(ModelLoadError, match="memory_cap"):
         FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap="lots")
-    with pytest.raises(Exception) as e:   # under the cap: loading starts (and fails on the bad file)
+    with pytest.raises(ModelLoadError, match="lack") as e:   # under the cap: on to the weights (missing here)
         FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap=est.gpu_bytes)
-    assert not isinstance(e.value, ModelLoadError) or "does not fit" not in str(e.value)
+    assert "does not fit" not in str(e.value)
 
 
 def test_prequantised_config_counts_as_4bit(tmp_path):
@@ -94,8 +101,7 @@ def test_prequantised_config_counts_as_4bit(tmp_path):
     assert est4.weights < est16.weights
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (path / "config.json").write_text(json.dumps(cfg))
-    for f in path.glob("*.safetensors"):
-        f.write_bytes(b"not safetensors")
+    _weights_replaced(path)
     with pytest.raises(ModelLoadError, match="NF4"):   # described as the 4-bit model it is
         FastLanguageModel.from_pretrained(path, dtype=torch.bfloat16, memory_cap=est4.gpu_bytes - 1)
 
