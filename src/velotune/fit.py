@@ -21,8 +21,9 @@ so nothing is allocated and every family's real module tree is used):
   GPU holds while one decoder layer is recomputed and differentiated, the offloaded input restored
   and the next one prefetched, the fused loss's chunks):
       ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate   values of the compute dtype per token,
-  calibrated on the measured 8B QLoRA long-context step (BENCHMARKS.md), which it over-estimates
-  slightly: a refusal means the cheapest velotune setting does not fit.
+  calibrated on the measured 8B QLoRA long-context result (BENCHMARKS.md: 364,544 tokens trained at a
+  78 GiB cap, 5% under the fitted limit, i.e. ~200 KB per token beyond the weights; the formula gives
+  209 KB): it over-estimates slightly, so a refusal means the cheapest velotune setting does not fit.
   With `offload_every` = k, k - 1 more [tokens, hidden] inputs (memory/sparse_offload.py).
 * host memory: the offloaded layer inputs (layers x hidden x dtype bytes per token; ceil(layers / k)
   of them with `offload_every` = k). Loading adds at most about one tensor of the checkpoint
@@ -42,7 +43,7 @@ from velotune.errors import ModelLoadError
 
 # Per-token activation values (in units of the compute dtype) while one layer is recomputed and
 # differentiated under offloaded checkpointing, per unit of hidden and of intermediate size.
-ACT_HIDDEN = 16
+ACT_HIDDEN = 15
 ACT_INTERMEDIATE = 3
 WORKSPACE_BYTES = 2**30            # cuBLAS workspace, attention kernels' scratch, allocator slack
 NF4_BLOCK, NF4_BLOCK2 = 64, 256
