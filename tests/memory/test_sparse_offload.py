@@ -112,7 +112,7 @@ def test_velotune_model_same_bits(tmp_path):
     for every in (1, 2):
         model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth",
-                                                 offload_every=every)
+                                                 recompute="layer", offload_every=every)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
