@@ -264,9 +264,10 @@ def worker(args) -> dict:
     if args.impl == "velotune":
         from velotune.models import report
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         out["report"] = report(model)
-        out["padding_free"] = dict(getattr(base, "velotune_padding_free_stats", {}) or {})
+        from velotune.models.padding_free import padding_free_stats
+
+        out["padding_free"] = padding_free_stats(model)
         graphs = getattr(model, "velotune_layer_graphs", None)
         if graphs is not None:
             out["layer_graphs"] = dict(graphs.stats)

@@ -110,6 +110,20 @@ def test_label_on_a_padding_predictor_runs_padded(tmp_path):
     assert not padding_free_stats(fast)
 
 
+def test_dropout_in_training_runs_padded(tmp_path):
+    """A dropout mask over [1, N] would draw other random numbers than the padded batch's: with LoRA
+    dropout, training runs padded (same seed, same bits as stock); evaluation runs padding-free."""
+    fast, stock = _load_pair("llama", tmp_path, lora_dropout=0.1, ref_dtype=torch.float32)
+    fast.train(), stock.train()
+    batch = ragged("right")
+    _assert_same_training(_train_pair(fast, stock, 1, [batch], seed=5))
+    assert not padding_free_stats(fast)
+    fast.eval()
+    with torch.no_grad():
+        fast(**batch)
+    assert padding_free_stats(fast)["forwards"] == 1
+
+
 @pytest.mark.parametrize("recompute", ["layer", "mlp"])
 def test_offloaded_checkpointing_with_padding_free(recompute, tmp_path):
     fast, stock = _load_pair("mistral", tmp_path, use_gradient_checkpointing="unsloth", recompute=recompute)

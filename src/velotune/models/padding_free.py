@@ -151,7 +151,10 @@ def wants_cache(module, kwargs: dict) -> bool:
 
 def attention_takes_varlen(stack) -> bool:
     """Every attention module of the decoder stack runs velotune's path for this forward (patched,
-    an SDPA/eager implementation, no attention dropout in training)."""
+    an SDPA/eager implementation, no attention dropout in training), and no dropout is active: a
+    dropout mask drawn over [1, N] instead of [B, T] would take other random numbers than the padded
+    batch's under the same seed (LoRA dropout: same distribution, not the same bits), so training with
+    dropout runs padded."""
     from velotune.models.patch import is_patched
 
     impl = getattr(stack.config, "_attn_implementation", None)
@@ -159,6 +162,8 @@ def attention_takes_varlen(stack) -> bool:
         return False
     n = 0
     for m in stack.modules():
+        if m.training and isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return False
         if getattr(m, "_velotune_role", None) == "attention" or type(m).__name__.endswith("Attention"):
             if not is_patched(m) or (m.training and getattr(m, "attention_dropout", 0.0) > 0):
                 return False
