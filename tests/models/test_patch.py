@@ -33,7 +33,7 @@ def test_patch_is_per_instance_and_unpatch_restores_stock(tmp_path):
     batch = fixed_batch()
     fused_loss = model(**batch).loss
     n = unpatch(model)
-    assert n == 1 + 2 + 2 + 5 and "stock" in report(model)
+    assert n == 1 + 1 + 2 + 2 + 5 and "stock" in report(model)   # causal LM, body (padding-free), attn, mlp, norms
     assert not any("forward" in m.__dict__ for m in model.modules())
     stock_loss = model(**batch).loss
     torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=0)
