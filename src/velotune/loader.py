@@ -96,6 +96,38 @@ def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revisi
             "Without network access, pass a local model folder instead.") from None
 
 
+def _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit: bool, max_seq_length: int,
+               full_finetuning: bool):
+    """fit.check_fit against `memory_cap` (or the free CUDA memory): the estimate, or ModelLoadError."""
+    from velotune.fit import check_fit, gpu_cap_bytes, parse_bytes
+
+    if memory_cap is not None:
+        try:
+            cap = parse_bytes(memory_cap)
+        except ValueError as e:
+            raise ModelLoadError(f"memory_cap: {e}") from None
+    elif device_map is None:
+        cap = gpu_cap_bytes()
+    else:
+        cap = None          # the caller places the model (possibly across devices and the host)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
+    four_bit = load_in_4bit or bool(qc and qc.get("load_in_4bit"))   # a *-bnb-4bit checkpoint loads in 4 bits
+    try:
+        if cap is None:
+            from velotune.fit import estimate_memory
+
+            return estimate_memory(config, compute_dtype, four_bit, max_seq_length, full_finetuning=full_finetuning)
+        est = check_fit(config, cap, compute_dtype, four_bit, max_seq_length, full_finetuning)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config the estimate cannot build: load without the check
+        log.warning("velotune: no memory estimate for this config (%s: %s)", type(e).__name__, e)
+        return None
+    log.info("velotune: training memory estimate %s", est.describe())
+    return est
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -175,6 +207,7 @@ class FastLanguageModel:
         revision: str | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        memory_cap: int | str | None = None,
         padding_free: bool = True,
         **kwargs,
     ):
@@ -183,6 +216,13 @@ class FastLanguageModel:
         Returns `(model, tokenizer)`. `dtype=None` picks bf16 where supported, fp16 on older GPUs
         and float32 on CPU; an explicit dtype is honoured everywhere. `fast=False` keeps the stock
         transformers forward (useful for A/B checks).
+
+        Before anything is allocated, the training memory is estimated from the config
+        (velotune.fit: weights, adapters + AdamW, activations for `max_seq_length` tokens under
+        offloaded checkpointing) and ModelLoadError names the estimate and what would fit when it
+        exceeds `memory_cap` (bytes or e.g. "16GiB"; default: the free memory of the current CUDA
+        device; no check on CPU unless given, nor with an explicit `device_map`). The estimate is
+        kept at `model.velotune_memory_estimate`.
         `padding_free` (with fast=True): a padded batch in a forward without a KV cache (training,
         TRL's trainers, scoring) runs on its real tokens only, packed into one row with attention
         kept inside each sample (velotune.models.padding_free): the same loss, gradients and logits
@@ -195,6 +235,8 @@ class FastLanguageModel:
         compute_dtype = resolve_dtype(dtype)
         path = _resolve_model_path(model_name, token, revision)
         config = _load_config(AutoConfig, path, trust_remote_code)
+        estimate = _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit, max_seq_length,
+                              full_finetuning)
         if Path(path).is_dir():
             _check_coverage(Path(path), config)
         load_kwargs: dict[str, Any] = dict(dtype=compute_dtype, use_safetensors=True,
@@ -219,6 +261,7 @@ class FastLanguageModel:
             tokenizer.pad_token = tokenizer.eos_token
         model.max_seq_length = max_seq_length
         model.velotune_compute_dtype = compute_dtype
+        model.velotune_memory_estimate = estimate
         model.velotune_fast = fast
         if fast:
             from velotune.models import prepare_model
@@ -253,6 +296,8 @@ class FastLanguageModel:
         cuda_graphs: bool = False,
         recompute: str | None = None,
         mlp_row_blocks: int = 1,
+        offload_every: int | str = 1,
+        host_memory_budget: int | str | None = None,
         padding_free: bool | None = None,
         **kwargs,
     ):
@@ -278,6 +323,12 @@ class FastLanguageModel:
         (velotune.memory.embedding_offload: ~1 GiB less GPU memory for Llama-3, no host sync), and
         leaves every other table (tied, trainable, on the CPU, in a distributed run) where it is;
         True asks for it and refuses tables it cannot take; False never.
+        `offload_every` (with "unsloth"/"offload", recompute="layer"): keep only every k-th decoder
+        layer's input in host memory and recompute the layers between in backward (the same bits,
+        ceil(layers / k) host copies instead of one per layer; velotune.memory.sparse_offload).
+        "auto" picks the smallest k whose inputs fit `host_memory_budget` (bytes or e.g. "100GiB";
+        default: the host's available memory, measured at each step); the choice is reported in
+        `model.velotune_offload_stats` (offload_every, host_budget, host_needed).
         `padding_free`: True or False switches padded batches to run on their real tokens only
         (see from_pretrained); None keeps what from_pretrained set (on by default), except with
         cuda_graphs=True, which asks for fixed shapes: there None means False.
@@ -291,9 +342,18 @@ class FastLanguageModel:
         """
         from velotune.memory.checkpointing import check_recompute
 
-        if recompute is None:
-            recompute = "mlp" if use_gradient_checkpointing in ("unsloth", "offload") else "layer"
+        if recompute is None:   # offload_every recomputes whole layers
+            recompute = "mlp" if use_gradient_checkpointing in ("unsloth", "offload") and offload_every == 1 \
+                and host_memory_budget is None else "layer"
         check_recompute(recompute, mlp_row_blocks)
+        if (offload_every != 1 or host_memory_budget is not None) and use_gradient_checkpointing not in (
+                "unsloth", "offload"):
+            raise ValueError(f"offload_every={offload_every!r} needs use_gradient_checkpointing='unsloth' "
+                             f"(or 'offload'): got {use_gradient_checkpointing!r}")
+        if host_memory_budget is not None:
+            from velotune.fit import parse_bytes
+
+            host_memory_budget = parse_bytes(host_memory_budget)
         if offload_embedding not in (True, False, "auto"):
             raise ValueError(f"offload_embedding={offload_embedding!r}: use 'auto', True or False")
         if padding_free is not None and not isinstance(padding_free, bool):
@@ -321,7 +381,8 @@ class FastLanguageModel:
         # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         peft_model = get_peft_model(model, config)
-        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks)
+        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks,
+                              offload_every, host_memory_budget)
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
@@ -374,14 +435,16 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
 
 
 def _enable_checkpointing(model, mode: bool | str, cuda_graphs: bool = False, recompute: str = "layer",
-                          mlp_row_blocks: int = 1) -> None:
+                          mlp_row_blocks: int = 1, offload_every: int | str = 1,
+                          host_budget: int | None = None) -> None:
     if mode in (False, None, "none", "false"):
         return
     if mode in ("unsloth", "offload"):
         from velotune.memory.checkpointing import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute,
-                                       mlp_row_blocks=mlp_row_blocks)
+                                       mlp_row_blocks=mlp_row_blocks, offload_every=offload_every,
+                                       host_budget=host_budget)
         _keep_offloaded_checkpointing(model)
         return
     if mode is not True and mode != "true":

@@ -110,10 +110,14 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     else:
         (q, k, v), (own_q, own_k, _) = _project(X, [self.q_proj, self.k_proj, self.v_proj])
         owned = own_q and own_k
+    if spec.qk_norm == "projection":     # OLMo 2: RMSNorm over all heads of q and of k, before RoPE
+        q, k = self.q_norm(q), self.k_norm(k)
+        owned = False    # norm outputs: memory/saved_offload may recompute them from their inputs; not in place
     cos, sin = position_embeddings
     # In place only on our own fresh outputs: a stock module's output may be held elsewhere (by a
     # forward hook, say), and must not change under it.
-    q, k = apply_rope_(q, k, cos, sin, D, in_place=owned)
+    if spec.rope_flag_attr is None or getattr(self, spec.rope_flag_attr):   # else a NoPE layer (SmolLM3)
+        q, k = apply_rope_(q, k, cos, sin, D, in_place=owned)
     softcap = getattr(self.config, spec.attn_softcap_attr) if spec.attn_softcap_attr else None
     if varlen is not None:   # a packed row of samples [1, N] (models/padding_free.py)
         from velotune.models.varlen_attention import varlen_attention

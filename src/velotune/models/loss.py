@@ -61,7 +61,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
 
     return_logits = kwargs.pop("return_logits", False) or getattr(self, "velotune_return_logits", False)
     shift_labels = kwargs.get("shift_labels")
-    head = resolve_lm_head(self.lm_head)
+    head = resolve_lm_head(self.get_output_embeddings())
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     has_labels = labels is not None or shift_labels is not None
     if not has_labels or return_logits or head is None or cache is not None or kwargs.get("return_dict") is False:
@@ -81,14 +81,15 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]        # token t predicts t + 1
     like = input_ids if input_ids is not None else inputs_embeds
+    body = getattr(self, self.base_model_prefix)                        # LlamaModel, GPTNeoXModel, ...
     packed = None
-    if like is not None and pf.applies(self.model, {**kwargs, "use_cache": False}):
+    if like is not None and pf.applies(body, {**kwargs, "use_cache": False}):
         packed = pf.pack(like, attention_mask, position_ids)
         if packed is not None and attention_mask is not None and _pads_predict_labels(shift_labels, attention_mask):
             packed, kwargs[pf.ALLOW_KW] = None, False                    # stock's padded loss, exactly
     shift_labels = shift_labels.reshape(-1).to(head.weight.device)
     if packed is not None:
-        pf.record(self.model, packed)
+        pf.record(body, packed)
         if not packed.keeps_layout:
             shift_labels = shift_labels.index_select(0, packed.index.to(shift_labels.device))
         kwargs = pf.drop_trl_varlen_keys(kwargs)
@@ -99,8 +100,8 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     # is fetched now, while the decoder layers run, so reading it later does not stall the GPU.
     kept = KeptRows(shift_labels)
     if packed is None:
-        position_ids = host_positions(self.model, like, position_ids, attention_mask)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        position_ids = host_positions(body, like, position_ids, attention_mask)
+    outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
     hidden = outputs.last_hidden_state                                   # [B, T, H], or [1, N, H] packed
     shift_labels = shift_labels.to(hidden.device)
@@ -108,8 +109,9 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     spec = self._velotune_spec
     softcap = getattr(self.config, spec.final_softcap_attr, None) if spec.final_softcap_attr else None
+    logit_scale = spec.logits_multiplier(self.config)                   # Granite; the generic path's probe
     loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels,
-                                      bias=head.bias, softcap=softcap, ignore_index=-100,
+                                      bias=head.bias, softcap=softcap, logit_scale=logit_scale, ignore_index=-100,
                                       num_items_in_batch=num_items_in_batch, memory_budget_bytes=CE_MEMORY_BUDGET,
                                       kept_rows=kept.rows())
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
