@@ -51,7 +51,8 @@ def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revisi
 
         # Fetch only what we load: config, tokenizer and safetensors weights.
         return snapshot_download(name, token=token, revision=revision,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                 "*.tiktoken"])
     except Exception as e:  # network errors, offline mode, missing repo, gated repo
         raise ModelLoadError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
@@ -149,20 +150,18 @@ class FastLanguageModel:
         work per step, ~4.5x the pinned host memory (8B: ~36 KiB instead of 8 KiB per token and layer).
         `mlp_row_blocks` (with recompute="mlp"): each MLP runs forward and backward in that many
         blocks of rows (velotune.lora.recomputed_mlp). 1 gives the same bits as one piece; more lowers
-        the MLP's GPU memory peak for more, smaller GEMMs (H200, 8B QLoRA 2 x 2048 with cuda_graphs:
-        4 blocks, 0.16 GiB less, 3-4% slower; the rounding stays as exact, not the same bits).
+        the MLP's GPU memory peak for more, smaller GEMMs (the rounding stays as exact, not the same
+        bits; figures in docs/perf-notes.md).
         `offload_embedding`: keep the frozen input-embedding table in pinned host memory; the GPU
         reads the batch's rows from it (velotune.memory.embedding_offload): ~1 GiB less GPU memory for
         Llama-3, no host sync. Refused for tied or trainable tables.
         `cuda_graphs` (EXPERIMENTAL; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
-        (velotune.memory.layer_graphs), to take the host out of the step. On the H200 (2026-12-01)
-        every layer of an 8B model captures and the GPU tests are bit-identical to eager. With
-        recompute="layer" the 8B step is no faster (GPU-bound). With recompute="mlp" the backward
-        graph recomputes only the MLP, reading the attention half's saved tensors from two static
-        buffer sets (velotune.memory.saved_graphs): the fastest 8B QLoRA step measured, 4.5x stock
-        (H200, 2026-12-01, with OffloadedAdamW) vs 3.8-4.2x eager "mlp", at +0.43 GiB of GPU memory (BENCHMARKS.md). A
-        layer whose capture fails runs eagerly, with a warning, so results never change.
+        (velotune.memory.layer_graphs), to take the host out of the step; bit-identical to eager.
+        With recompute="mlp" the backward graph recomputes only the MLP, reading the attention
+        half's saved tensors from two static buffer sets (velotune.memory.saved_graphs): the fastest
+        configuration, at some more GPU memory (BENCHMARKS.md). A layer whose capture fails runs
+        eagerly, with a warning, so results never change.
         """
         from velotune.memory.checkpointing import check_recompute
 
@@ -190,7 +189,9 @@ class FastLanguageModel:
         # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         peft_model = get_peft_model(model, config)
-        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks)
+        from velotune.memory.checkpointing import enable_checkpointing   # here: `import velotune` stays cheap
+
+        enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks)
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
@@ -232,22 +233,6 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
         if name not in resolved:
             resolved.append(name)
     return resolved
-
-
-def _enable_checkpointing(model, mode: bool | str, cuda_graphs: bool = False, recompute: str = "layer",
-                          mlp_row_blocks: int = 1) -> None:
-    if mode in (False, None, "none", "false"):
-        return
-    if mode in ("unsloth", "offload"):
-        from velotune.memory.checkpointing import enable_offloaded_checkpointing
-
-        enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute,
-                                       mlp_row_blocks=mlp_row_blocks)
-        return
-    if mode is not True and mode != "true":
-        raise ValueError(f"use_gradient_checkpointing={mode!r}: use True, False, 'unsloth' or 'offload'")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
 
 
 def _attach_methods(model) -> None:

@@ -6,7 +6,6 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-import torch
 
 from mini import mini_model, save_mini_model
 from test_generate import add_lora

@@ -333,7 +333,7 @@ def test_hidden_states_a_caller_keeps_are_not_overwritten(monkeypatch):
     """output_hidden_states keeps every layer's output, i.e. aliases of the two buffers that later
     layers overwrite: each gets its own copy first, so the graphed hidden states equal eager ones.
     The control: without that copy they would not."""
-    from velotune.memory.layer_graphs import _Statics
+    from velotune.memory.graph_entry import Statics as _Statics
 
     batches = _two_batches()
 
@@ -356,7 +356,7 @@ def test_two_forwards_then_one_backward(monkeypatch):
     """Two forwards (e.g. chosen and rejected batches) before one backward: the first forward's last
     hidden state, saved by the final norm, lives in a buffer the second forward overwrites; it gets
     its own copy first, so the gradients equal eager ones. The control: without that copy they differ."""
-    from velotune.memory.layer_graphs import _Statics
+    from velotune.memory.graph_entry import Statics as _Statics
 
     batches = _two_batches()
 

@@ -8,8 +8,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "qlora.py"
 
 
 def test_qlora_bench_cpu_smoke():
-    proc = subprocess.run([sys.executable, str(BENCH), "--cpu-smoke", "--impls", "velotune-qlora", "velotune-qlora-mlp", "stock-qlora",
-                           "--ctx-impls", "velotune-qlora", "--offload-embedding"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(BENCH), "--cpu-smoke", "--impls", "velotune-qlora", "velotune-qlora-mlp",
+                           "stock-qlora", "--ctx-impls", "velotune-qlora", "--offload-embedding"],
+                          capture_output=True, text=True, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NF4 dequantisation" in out and "False" not in out.split("NF4 dequantisation")[1].split("velotune-qlora")[0]

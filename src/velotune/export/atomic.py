@@ -68,3 +68,21 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path`, renamed onto it when the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        state = "the previous file is intact" if path.exists() else "no file was written"
+        raise ExportError(f"writing {path} failed: {_describe(e)}; {state} (the partial file was removed)") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import gguf
 import numpy as np
 import torch
 
 from velotune.errors import ConfigError
-from velotune.export.atomic import ExportError, _describe
+from velotune.export.atomic import ExportError, atomic_file
 from velotune.export.gguf_arch import add_metadata, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
 from velotune.export.merge import base_model_of, iter_merged_tensors
+from velotune.export.merged import export_dtype
+from velotune.export.modelfile import write_modelfile
 
 log = logging.getLogger("velotune")
 Q = gguf.GGMLQuantizationType
@@ -59,24 +59,6 @@ def normalise_method(method: str) -> str:
         raise ConfigError(f"quantization_method={method!r}: choose one of {', '.join(METHODS)} "
                           f"(or {', '.join(ALIASES)})")
     return m
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path`, renamed onto it when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        state = "the previous file is intact" if path.exists() else "no file was written"
-        raise ExportError(f"writing {path} failed: {_describe(e)}; {state} (the partial file was removed)") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _tensor_type(name: str, arr: np.ndarray, qtype: Q) -> Q:
@@ -184,13 +166,9 @@ def save_pretrained_gguf(model, save_directory: str | os.PathLike, tokenizer=Non
         if intermediate is not None:
             intermediate.unlink(missing_ok=True)
     if modelfile:
-        from velotune.export.modelfile import write_modelfile
-
         write_modelfile(folder / "Modelfile", tokenizer, out[0].name)
     return out
 
 
 def _model_dtype(model) -> torch.dtype:
-    from velotune.export.merged import export_dtype
-
     return export_dtype(model)

@@ -21,7 +21,8 @@ def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                       ("B", 1)):
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * mult)
     return int(s)

@@ -111,6 +111,7 @@ def patch(model: nn.Module, spec: FamilySpec) -> int:
     """Bind fused forwards onto every module of `model` whose class the spec names. Idempotent."""
     n = 0
     for module in model.modules():
+        module.__dict__.pop("_velotune_modes", None)     # models/modes.py: handed out again on next use
         role = spec.role_of(type(module).__name__)
         if role is not None and not is_patched(module):
             _bind(module, role, spec)
@@ -122,6 +123,7 @@ def unpatch(model: nn.Module) -> int:
     """Restore the stock forward of every module `patch` touched; returns how many."""
     n = 0
     for module in model.modules():
+        module.__dict__.pop("_velotune_modes", None)
         if is_patched(module):
             _release(module)
             n += 1
@@ -135,11 +137,11 @@ def unpatch(model: nn.Module) -> int:
 
 
 def _lora_status(model: nn.Module) -> tuple[int, list[str]]:
-    from velotune.lora.layers import _is_lora_layer, resolve
+    from velotune.lora.layers import is_lora_layer, resolve
 
     fused, stock = 0, []
     for name, module in model.named_modules():
-        if _is_lora_layer(module):
+        if is_lora_layer(module):
             if resolve(module) is None:
                 stock.append(name)
             else:
