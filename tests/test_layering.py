@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # itself). The CLI commands
 # (`*.command`) sit on top with the CLI: they drive the public API (loader) of the layers below.
 LAYERS = [
-    ["velotune.errors", "velotune.device", "velotune.distributed"],
+    ["velotune.errors", "velotune.device", "velotune.distributed", "velotune.fsio", "velotune.safetensors_check"],
     ["velotune.kernels"],
     ["velotune.quant"],
     ["velotune.lora"],
@@ -25,7 +25,7 @@ LAYERS = [
     ["velotune.infer", "velotune.export"],
     ["velotune", "velotune.loader"],          # "velotune" alone: the package's __init__ (the public API)
     ["velotune.train", "velotune.demo"],
-    ["velotune.cli", "velotune.infer.command", "velotune.export.command", "velotune.train.command",
+    ["velotune.cli", "velotune.argtypes", "velotune.infer.command", "velotune.export.command", "velotune.train.command",
      "velotune.demo.command"],
 ]
 

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from velotune.errors import ConfigError
+from velotune.errors import describe_os_error
 from velotune.export.atomic import ExportError, atomic_file
+from velotune.fsio import remove_stale_temps
 from velotune.export.gguf_arch import add_metadata, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
 from velotune.export.merge import base_model_of, iter_merged_tensors
@@ -141,7 +143,13 @@ def save_pretrained_gguf(model, save_directory: str | os.PathLike, tokenizer=Non
     methods = [quantization_method] if isinstance(quantization_method, str) else list(quantization_method)
     methods = [normalise_method(m) for m in methods]
     folder = Path(save_directory).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{folder} exists and is not a folder; choose another output path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {folder}: {describe_os_error(e)}; choose a writable output folder") from e
+    remove_stale_temps(folder)
     family_of(base_model_of(model).config)  # fail fast on unsupported models
     out: list[Path] = []
     sixteen = "bf16" if _model_dtype(model) == torch.bfloat16 else "f16"
@@ -154,7 +162,7 @@ def save_pretrained_gguf(model, save_directory: str | os.PathLike, tokenizer=Non
                     write_gguf(model, tokenizer, tmp, m, name=name, quiet=quiet)
             else:
                 if intermediate is None:
-                    intermediate = folder / f".model.{sixteen}.intermediate.gguf"
+                    intermediate = folder / f".model.{sixteen}.intermediate-{os.getpid()}.gguf"
                     with atomic_file(intermediate) as tmp:
                         write_gguf(model, tokenizer, tmp, sixteen, name=name, quiet=quiet)
                 with atomic_file(target) as tmp:
