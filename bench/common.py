@@ -43,7 +43,21 @@ SHAPES = {
     # CPU smoke runs: a multiple of 64 in every NF4-quantised dimension (bitsandbytes' block size)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 20, tie_word_embeddings=False),
+    # the generic path (models without a family file): Pythia-6.9B (GPT-NeoX) and Aya-23-8B (Cohere) shapes
+    "pythia-6.9b": dict(model_type="gpt_neox", hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                        num_attention_heads=32, vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25,
+                        use_parallel_residual=True, tie_word_embeddings=False),
+    "aya-8b": dict(model_type="cohere", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=256000, max_position_embeddings=8192,
+                   logit_scale=0.125, tie_word_embeddings=True),
+    "pythia-tiny": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, vocab_size=512, max_position_embeddings=4096, rotary_pct=0.25),
+    "cohere-tiny": dict(model_type="cohere", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
+                        logit_scale=0.125, tie_word_embeddings=True),
 }
+# LoRA targets of model types whose projections are not the 7 Llama names
+MODEL_TARGETS = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
 # The memory settings of a velotune contender: get_peft_model's keywords.
 MEMORY_DEFAULTS = dict(use_gradient_checkpointing="unsloth", recompute="layer", cuda_graphs=False,
                        offload_embedding=False, mlp_row_blocks=1)
@@ -51,13 +65,27 @@ OPTIMIZERS = ("adamw", "offloaded", "offloaded-in-backward")
 
 
 def config(shape: str):
-    from transformers import LlamaConfig
+    from transformers import AutoConfig, LlamaConfig
 
-    return LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
+    kw = dict(SHAPES[shape])
+    model_type = kw.pop("model_type", "llama")
+    if model_type != "llama":
+        return AutoConfig.for_model(model_type, **kw, bos_token_id=1, eos_token_id=2, use_cache=False)
+    return LlamaConfig(**kw, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
+
+
+def targets(cfg) -> list[str]:
+    return MODEL_TARGETS.get(cfg.model_type, TARGETS)
 
 
 def n_matmul(cfg) -> int:
     """Parameters that take part in a matmul per token: decoder linears + lm_head (tied or not)."""
+    if cfg.model_type != "llama":        # other layouts: the Linear weights of the model built on the meta device
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
@@ -121,11 +149,14 @@ def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dic
         model.velotune_compute_dtype = dtype
         model.max_seq_length = seq
         prepare_model(model, max_seq_length=seq)
-        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS, random_state=3407,
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=targets(cfg),
+                                                random_state=3407,
                                                 **{**MEMORY_DEFAULTS, **(memory or {})})
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if impl == "liger-lora":
+        if cfg.model_type != "llama":
+            raise SystemExit(f"liger-lora: Llama shapes only, not {cfg.model_type!r}")
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
@@ -139,7 +170,7 @@ def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dic
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(3407)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets(cfg), lora_dropout=0.0,
                                             bias="none", task_type="CAUSAL_LM"))
 
 

@@ -139,7 +139,7 @@ def main() -> int:
             print(f"{impl}: {'OOM' if r else 'failed'}", flush=True)
             continue
         runs.setdefault(impl, []).append(r)
-        print(f"  {impl:<15} {r['tokens_per_s']:>8.0f} tok/s {r['ms_per_step']:>7.1f} ms/step"
+        print(f"  {impl:<20} {r['tokens_per_s']:>8.0f} tok/s {r['ms_per_step']:>7.1f} ms/step"
               + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "")
               + f"  first loss {r['first_loss']:.5f}"
               + ("  [embeddings in host memory]" if r.get("embeddings_offloaded") else ""), flush=True)

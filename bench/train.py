@@ -9,6 +9,8 @@ process (clean peak-memory figures).
     python bench/train.py --shapes 8b --impls velotune stock --profile   # + GPU time per step by category
     python bench/train.py --check                           # bf16 gradients: velotune vs stock, both vs fp32
     python bench/train.py --shapes tiny --device cpu --steps 2 --warmup 1   # the code path without a GPU
+    python bench/train.py --shapes pythia-6.9b aya-8b --impls velotune velotune_offload stock
+                            # the generic path: models without a family file (GPT-NeoX, Cohere shapes)
 
 Reported per contender: tokens/s over the timed steps, peak torch.cuda.max_memory_allocated, MFU
 (flops_per_token in bench/common.py against the card's bf16 matmul rate measured in the same run) and
@@ -25,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-IMPLS = {"velotune": "velotune-lora", "stock": "stock-lora", "liger": "liger-lora"}
+# velotune: transformers' checkpointing like the others; velotune_offload: offloaded checkpointing (the default
+# memory settings of bench/common.py)
+IMPLS = {"velotune": "velotune-lora", "velotune_offload": "velotune-lora", "stock": "stock-lora",
+         "liger": "liger-lora"}
 TARGETS, _config = common.TARGETS, common.config   # as bench/sft.py imports them from here
 
 
@@ -148,7 +153,7 @@ def _liger_importable() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["8b", "1b"], choices=list(common.SHAPES))
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--impls", nargs="+", default=["velotune", "stock", "liger"], choices=list(IMPLS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2)

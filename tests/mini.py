@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "granite", "smollm3", "olmo2")
 VOCAB = 384
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -45,6 +45,16 @@ def mini_config(family: str, **overrides):
         cls = tf.Gemma2Config
         kw.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=30.0,
                   attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    elif family == "granite":     # Granite 3's four scalars, attention scale 1 / head_dim, tied embeddings
+        cls = tf.GraniteConfig
+        kw.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 16,
+                  logits_scaling=8.0, tie_word_embeddings=True)
+    elif family == "smollm3":     # NoPE on every 2nd layer here (layer 1 of 2; SmolLM3-3B: every 4th), tied
+        cls = tf.SmolLM3Config
+        kw.update(no_rope_layer_interval=2, tie_word_embeddings=True)
+    elif family == "olmo2":       # post-norms, q/k norm over the whole projection, GQA
+        cls = tf.Olmo2Config
+        kw.update(initializer_range=0.05)
     else:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     kw.update(overrides)

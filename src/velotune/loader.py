@@ -176,6 +176,7 @@ class FastLanguageModel:
         revision: str | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        padding_free: bool = True,
         **kwargs,
     ):
         """Load a causal LM and its tokenizer.
@@ -183,7 +184,13 @@ class FastLanguageModel:
         Returns `(model, tokenizer)`. `dtype=None` picks bf16 where supported, fp16 on older GPUs
         and float32 on CPU; an explicit dtype is honoured everywhere. `fast=False` keeps the stock
         transformers forward (useful for A/B checks).
+        `padding_free` (with fast=True): a padded batch in a forward without a KV cache (training,
+        TRL's trainers, scoring) runs on its real tokens only, packed into one row with attention
+        kept inside each sample (velotune.models.padding_free): the same loss, gradients and logits
+        at real positions as the padded batch; False runs padded batches as they come.
         """
+        if not isinstance(padding_free, bool):
+            raise ValueError(f"padding_free={padding_free!r}: use True or False")
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         compute_dtype = resolve_dtype(dtype)
@@ -218,6 +225,9 @@ class FastLanguageModel:
             from velotune.models import prepare_model
 
             prepare_model(model, max_seq_length=max_seq_length, full_finetuning=full_finetuning)
+            from velotune.models.padding_free import set_padding_free
+
+            set_padding_free(model, padding_free)
         if full_finetuning:
             model.requires_grad_(True)
         _attach_methods(model)
@@ -231,7 +241,7 @@ class FastLanguageModel:
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         bias: str = "none",
-        use_gradient_checkpointing: bool | str = True,
+        use_gradient_checkpointing: bool | str = "unsloth",
         random_state: int = 3407,
         max_seq_length: int | None = None,
         use_rslora: bool = False,
@@ -240,38 +250,54 @@ class FastLanguageModel:
         modules_to_save: Sequence[str] | None = None,
         use_dora: bool = False,
         init_lora_weights: Any = True,
-        offload_embedding: bool = False,
+        offload_embedding: bool | str = "auto",
         cuda_graphs: bool = False,
-        recompute: str = "layer",
+        recompute: str | None = None,
         mlp_row_blocks: int = 1,
+        padding_free: bool | None = None,
         **kwargs,
     ):
         """Wrap `model` in a real `peft.PeftModel` with LoRA adapters.
 
-        `use_gradient_checkpointing`: False, True (non-reentrant, per decoder layer), or
-        "unsloth"/"offload" (per-layer inputs offloaded to CPU memory).
-        `recompute` (with "unsloth"/"offload"): "layer" recomputes each decoder layer whole in
-        backward; "mlp" copies the attention half's activations to host memory as well and
-        recomputes only the MLP (velotune.memory.saved_offload): same results and GPU peak, less GPU
-        work per step, ~4.5x the pinned host memory (8B: ~36 KiB instead of 8 KiB per token and layer).
+        The defaults are the fastest exact settings (each gives the same losses and gradients as
+        stock; docs/perf-notes.md says what each costs and why anything is off):
+        `use_gradient_checkpointing`: "unsloth" (default; also "offload"): each decoder layer is
+        checkpointed and its input waits in pinned CPU memory (velotune.memory.checkpointing);
+        True: transformers' non-reentrant checkpointing; False: none. A trainer's own request for
+        checkpointing (TRL's SFTConfig defaults to gradient_checkpointing=True) keeps velotune's.
+        `recompute` (with "unsloth"/"offload"; None picks "mlp" there, "layer" otherwise): "mlp"
+        copies the attention half's activations to host memory as well and recomputes only the MLP
+        in backward (velotune.memory.saved_offload): the same results and GPU peak, less GPU work,
+        ~4.5x the pinned host memory of "layer" (8B: ~36 KiB instead of 8 KiB per token and layer);
+        "layer" recomputes each decoder layer whole. Layers velotune cannot split (Gemma 2's
+        softcapped attention) recompute whole either way.
         `mlp_row_blocks` (with recompute="mlp"): each MLP runs forward and backward in that many
         blocks of rows (velotune.lora.recomputed_mlp). 1 gives the same bits as one piece; more lowers
-        the MLP's GPU memory peak for more, smaller GEMMs (the rounding stays as exact, not the same
-        bits; figures in docs/perf-notes.md).
-        `offload_embedding`: keep the frozen input-embedding table in pinned host memory; the GPU
-        reads the batch's rows from it (velotune.memory.embedding_offload): ~1 GiB less GPU memory for
-        Llama-3, no host sync. Refused for tied or trainable tables.
-        `cuda_graphs` (EXPERIMENTAL; with "unsloth"/"offload" checkpointing): after one eager step,
+        the MLP's GPU memory peak for more, smaller GEMMs (the rounding stays as exact, not the same bits).
+        `offload_embedding`: "auto" (default) keeps a frozen, untied input-embedding table of a model
+        on a CUDA device in pinned host memory, the GPU reading the batch's rows from it
+        (velotune.memory.embedding_offload: ~1 GiB less GPU memory for Llama-3, no host sync), and
+        leaves every other table (tied, trainable, on the CPU, in a distributed run) where it is;
+        True asks for it and refuses tables it cannot take; False never.
+        `padding_free`: True or False switches padded batches to run on their real tokens only
+        (see from_pretrained); None keeps what from_pretrained set (on by default).
+        `cuda_graphs` (off by default; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
-        (velotune.memory.layer_graphs), to take the host out of the step; bit-identical to eager.
-        With recompute="mlp" the backward graph recomputes only the MLP, reading the attention
-        half's saved tensors from two static buffer sets (velotune.memory.saved_graphs): the fastest
-        configuration, at some more GPU memory (BENCHMARKS.md). A layer whose capture fails runs
-        eagerly, with a warning, so results never change.
+        (velotune.memory.layer_graphs; with recompute="mlp" also velotune.memory.saved_graphs), to
+        take the host out of the step; bit-identical to eager, a layer whose capture fails runs
+        eagerly with a warning. Graphs are captured per input shape, and padding-free batches change
+        shape every step (their packed layers run eagerly), so it pays off for fixed-shape batches
+        (packing to a fixed length, own loops): docs/perf-notes.md.
         """
         from velotune.memory.checkpointing import check_recompute
 
+        if recompute is None:
+            recompute = "mlp" if use_gradient_checkpointing in ("unsloth", "offload") else "layer"
         check_recompute(recompute, mlp_row_blocks)
+        if offload_embedding not in (True, False, "auto"):
+            raise ValueError(f"offload_embedding={offload_embedding!r}: use 'auto', True or False")
+        if padding_free is not None and not isinstance(padding_free, bool):
+            raise ValueError(f"padding_free={padding_free!r}: use True, False or None")
         if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
             raise ValueError(f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
                              f"got {use_gradient_checkpointing!r}")
@@ -301,7 +327,13 @@ class FastLanguageModel:
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
-        if offload_embedding:
+        if padding_free is not None:
+            from velotune.models.padding_free import set_padding_free
+
+            set_padding_free(peft_model, padding_free)
+        if offload_embedding == "auto":
+            _offload_embedding_where_safe(peft_model)
+        elif offload_embedding:
             from velotune.memory.embedding_offload import offload_input_embeddings
 
             offload_input_embeddings(peft_model)
@@ -339,6 +371,26 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
         if name not in resolved:
             resolved.append(name)
     return resolved
+
+
+def _offload_embedding_where_safe(model) -> bool:
+    """offload_embedding="auto": offload a frozen, untied input table of a model on a CUDA device,
+    outside distributed runs (FSDP/DDP place parameters themselves); leave anything else as it is."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is None or weight.device.type != "cuda" or weight.requires_grad:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return False
+    from velotune.memory.embedding_offload import offload_input_embeddings
+
+    try:
+        offload_input_embeddings(model)      # refuses (and changes nothing) for tied or unusual tables
+    except ValueError as e:
+        log.info("velotune: input embeddings stay on the GPU (%s)", e)
+        return False
+    return True
 
 
 def _attach_methods(model) -> None:

@@ -27,7 +27,8 @@ from velotune.export.modelfile import parse_modelfile  # noqa: E402
 
 # Mistral's mini window (8) is shorter than the prompts, and llama.cpp's llama graph has no sliding
 # window (the exporter warns): give the mistral toy a window longer than the prompts.
-OVERRIDES = {"mistral": {"sliding_window": 64}}
+# llama.cpp skips RoPE on every 4th SmolLM3 layer (hard-coded): the smollm3 toy gets 4 layers, NoPE on the last.
+OVERRIDES = {"mistral": {"sliding_window": 64}, "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4}}
 
 
 def prompts(tok) -> list[list[int]]:
@@ -234,3 +235,11 @@ def test_failed_gguf_write_keeps_previous_file(tmp_path, monkeypatch):
         model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "model.Q8_0.gguf"]
+
+
+def test_smollm3_nope_pattern_llama_cpp_cannot_run_is_refused(tmp_path):
+    """llama.cpp hard-codes NoPE on every 4th SmolLM3 layer; the mini model's NoPE on every 2nd would load
+    and answer wrongly, so the exporter refuses it with a clear error."""
+    model, tok = lora_model("smollm3")                       # no_rope_layers [1, 0]
+    with pytest.raises(ExportError, match="NoPE on every 4th layer"):
+        model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)

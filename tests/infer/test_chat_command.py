@@ -6,6 +6,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import torch
 
 from mini import mini_model, save_mini_model
 from test_generate import add_lora
@@ -77,5 +78,10 @@ def test_chat_bad_folder_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["chat", str(tmp_path / "adapter")]) == 2
+    assert "has no adapter_model.safetensors" in capsys.readouterr().err
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert main(["chat", str(tmp_path / "adapter")]) == 2
     assert "base_model_name_or_path" in capsys.readouterr().err

@@ -6,9 +6,9 @@
 The temporary folder (`.NAME.tmp-<pid>-XXXX`, mode 0777 minus the umask) lives in the same parent
 folder as the target, so the final `os.rename` never crosses a file system; leftovers of killed
 exports (their process gone) are removed when the next export starts there. An existing target is
-first renamed aside (`.NAME.old-PID`), the new folder renamed into place, and only then the old one
-deleted: at no point is a half-written folder at the target path, and a failure before the swap leaves
-the previous output untouched.
+first renamed aside (`.NAME.old-PID`), the new folder
+renamed into place, and only then the old one deleted: at no point is a half-written folder at the
+target path, and a failure before the swap leaves the previous output untouched.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from velotune.errors import OutputError, describe_os_error, is_disk_full
-from velotune.fsio import (exchange_dirs, honour_umask, honour_umask_tree, make_temp_dir, make_temp_file,
-                           remove_stale_temps)
+from velotune.fsio import (SHORT_WRITE, exchange_dirs, honour_umask, honour_umask_tree, is_disk_full_at,
+                           make_temp_dir, make_temp_file, remove_stale_temps)
 
 
 class ExportError(OutputError):
@@ -34,7 +34,8 @@ def is_write_failure(e: BaseException) -> bool:
     """An OSError, or a writer's wrapped one (safetensors' SafetensorError, torch.save's RuntimeError)."""
     from safetensors import SafetensorError
 
-    return isinstance(e, (OSError, SafetensorError)) or is_disk_full(e)
+    return isinstance(e, (OSError, SafetensorError)) or is_disk_full(e) or (
+        isinstance(e, RuntimeError) and bool(SHORT_WRITE.search(str(e))))
 
 
 @contextmanager
@@ -56,8 +57,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OutputError) or not is_write_failure(e):
             raise
         previous = "the previous output there is intact" if target.exists() else "nothing was written there"
-        raise ExportError(f"saving to {target} failed: {_describe(e)}; {previous} "
-                          f"(partial files were removed)") from e
+        why = _describe(e, is_disk_full_at(e, target.parent))
+        raise ExportError(f"saving to {target} failed: {why}; {previous} (partial files were removed)") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -103,7 +104,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
         if isinstance(e, OutputError) or not is_write_failure(e):
             raise
         state = "the previous file is intact" if path.exists() else "no file was written"
-        raise ExportError(f"writing {path} failed: {_describe(e)}; {state} (the partial file was removed)") from e
+        raise ExportError(f"writing {path} failed: {_describe(e, is_disk_full_at(e, path.parent))}; {state} "
+                          "(the partial file was removed)") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

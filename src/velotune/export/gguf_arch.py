@@ -9,6 +9,9 @@ TextModel.set_gguf_parameters) for the five families velotune trains:
     qwen2    qwen2      no           q/k/v biases
     phi3     phi3       no           fused attn_qkv and ffn_up (gate|up) kept fused
     gemma2   gemma2     no           every *norm.weight stored as 1 + w; softcaps; SWA every 2nd layer
+    granite  granite    yes          embedding, residual, attention and logit scales (conversion/granite.py)
+    smollm3  smollm3    yes          NoPE every 4th layer: hard-coded in llama.cpp (no GGUF key), so checked
+    olmo2    olmo2      no           q/k norms, post-attention / post-feed-forward norms (tensors only)
 
 Tensor names come from the gguf package's own HF->GGUF table (gguf.get_tensor_name_map).
 """
@@ -41,6 +44,9 @@ FAMILIES = {
     "qwen2": Family(gguf.MODEL_ARCH.QWEN2),
     "phi3": Family(gguf.MODEL_ARCH.PHI3),
     "gemma2": Family(gguf.MODEL_ARCH.GEMMA2, norm_plus_one=True),
+    "granite": Family(gguf.MODEL_ARCH.GRANITE, permute_qk=True),
+    "smollm3": Family(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True),
+    "olmo2": Family(gguf.MODEL_ARCH.OLMO2),
 }
 
 
@@ -101,13 +107,20 @@ def add_metadata(w: gguf.GGUFWriter, config, family: Family, file_type: int) -> 
     if getattr(c, "head_dim", None) is not None:
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
-    if family.arch == gguf.MODEL_ARCH.LLAMA:
+    if family.arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.GRANITE, gguf.MODEL_ARCH.SMOLLM3):
         w.add_vocab_size(c.vocab_size)
         w.add_rope_dimension_count(head_dim(c))
         window = getattr(c, "sliding_window", None)
         if window and window < c.max_position_embeddings:
             log.warning("llama.cpp runs %s without a sliding window: outputs differ from transformers beyond "
                         "%d tokens of context", name, window)
+    if family.arch == gguf.MODEL_ARCH.GRANITE:  # llama.cpp divides the logits by its logit_scale
+        w.add_embedding_scale(c.embedding_multiplier)
+        w.add_residual_scale(c.residual_multiplier)
+        w.add_attention_scale(c.attention_multiplier)
+        w.add_logit_scale(c.logits_scaling)
+    elif family.arch == gguf.MODEL_ARCH.SMOLLM3:
+        _check_smollm3(c)
     elif family.arch == gguf.MODEL_ARCH.PHI3:
         w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads)
         w.add_rope_scaling_orig_ctx_len(getattr(c, "original_max_position_embeddings", None)
@@ -130,6 +143,17 @@ def _check_gemma2(c) -> None:
     types = getattr(c, "layer_types", None)
     if types and any((t == "sliding_attention") != (i % 2 == 0) for i, t in enumerate(types)):
         raise ExportError("Gemma 2 GGUF needs sliding attention on even layers and full attention on odd ones")
+
+
+def _check_smollm3(c) -> None:
+    """llama.cpp's SmolLM3 graph skips RoPE on layers i with (i + 1) % 4 == 0 (a constant, not a GGUF key)
+    and has no sliding window: refuse configs it would run differently."""
+    want = [int((i + 1) % 4 != 0) for i in range(c.num_hidden_layers)]
+    if list(c.no_rope_layers) != want:
+        raise ExportError(f"SmolLM3 GGUF needs NoPE on every 4th layer (llama.cpp hard-codes it); this model's "
+                          f"no_rope_layers is {list(c.no_rope_layers)}")
+    if getattr(c, "use_sliding_window", False) and "sliding_attention" in (getattr(c, "layer_types", None) or ()):
+        raise ExportError("SmolLM3 GGUF: llama.cpp's SmolLM3 graph has no sliding window")
 
 
 def extra_tensors(config, family: Family) -> Iterator[tuple[str, np.ndarray]]:

@@ -16,8 +16,7 @@ import gguf
 import numpy as np
 import torch
 
-from velotune.errors import ConfigError
-from velotune.errors import describe_os_error
+from velotune.errors import ConfigError, describe_os_error
 from velotune.export.atomic import ExportError, atomic_file
 from velotune.fsio import remove_stale_temps
 from velotune.export.gguf_arch import add_metadata, family_of, gguf_tensors

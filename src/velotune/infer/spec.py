@@ -11,6 +11,9 @@ differ only in these fields:
 | qwen2   | q, k, v  | gate, up     | w * x         | q/k/v biases, sliding window per `layer_types`  |
 | phi3    | qkv      | gate_up      | w * x         | partial rotary                                  |
 | gemma2  | q, k, v  | gate, up     | x * (1 + w)   | sandwich norms, softcaps, alternate sliding     |
+| granite | q, k, v  | gate, up     | w * x         | embedding/residual multipliers, logits / scaling |
+| smollm3 | q, k, v  | gate, up     | w * x         | NoPE layers (no rotary where use_rope is 0)      |
+| olmo2   | q, k, v  | gate, up     | (w * x) fp32  | no pre-norms, post-norms, q/k norm (projection)  |
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2")
+SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2", "granite", "smollm3", "olmo2")
 DYNAMIC_ROPE = ("dynamic", "longrope")  # cos/sin depend on the current length: no precomputed table
 
 
@@ -27,12 +30,13 @@ class Norm:
     weight: torch.Tensor
     eps: float
     offset: bool  # Gemma style (1 + w)
+    fp32_weight: bool = False  # OLMo 2 style: (w * x) in fp32, rounded once
 
 
 @dataclass
 class LayerSpec:
-    input_norm: Norm
-    post_attn_norm: Norm
+    input_norm: Norm | None  # None: OLMo 2 (no norm before attention)
+    post_attn_norm: Norm     # after attention's output (norm_after_attn) or before the MLP
     q: object = None
     k: object = None
     v: object = None
@@ -45,7 +49,11 @@ class LayerSpec:
     act: object = None
     pre_ffn_norm: Norm | None = None  # Gemma 2 sandwich norms
     post_ffn_norm: Norm | None = None
+    norm_after_attn: bool = False     # post_attn_norm applies to attention's output (Gemma 2, OLMo 2)
+    q_norm: Norm | None = None        # OLMo 2: RMSNorm over the whole q / k projection
+    k_norm: Norm | None = None
     sliding_window: int | None = None
+    rope: bool = True  # False: a NoPE layer (SmolLM3)
     plans: dict = field(default_factory=dict)  # projection name -> ops.lora_plan result
 
 
@@ -68,6 +76,9 @@ class DecoderSpec:
     dtype: torch.dtype
     vocab_size: int
     act_name: str | None  # for the fused GLU kernel (None: use the module's activation)
+    embed_multiplier: float | None = None     # Granite: embeddings * m
+    residual_multiplier: float | None = None  # Granite: h + branch * m
+    logits_divisor: float | None = None       # Granite: logits / d
 
 
 def causal_lm_of(model):
@@ -81,7 +92,8 @@ def _norm(module) -> Norm:
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         eps = module.eps
-    return Norm(module.weight, float(eps), offset="Gemma" in type(module).__name__)
+    name = type(module).__name__
+    return Norm(module.weight, float(eps), offset="Gemma" in name, fp32_weight=name == "Olmo2RMSNorm")
 
 
 def _sliding_window(config, attn, index: int) -> int | None:
@@ -108,10 +120,12 @@ def build_spec(model) -> DecoderSpec | None:
     layers = []
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        spec = LayerSpec(input_norm=_norm(layer.input_layernorm), post_attn_norm=_norm(layer.post_attention_layernorm),
+        pre = getattr(layer, "input_layernorm", None)
+        spec = LayerSpec(input_norm=None if pre is None else _norm(pre),
+                         post_attn_norm=_norm(layer.post_attention_layernorm),
                          o=attn.o_proj, down=mlp.down_proj,
                          act=getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn"),
-                         sliding_window=_sliding_window(config, attn, i))
+                         sliding_window=_sliding_window(config, attn, i), rope=bool(getattr(attn, "use_rope", True)))
         if hasattr(attn, "qkv_proj"):
             spec.qkv = attn.qkv_proj
         else:
@@ -122,7 +136,11 @@ def build_spec(model) -> DecoderSpec | None:
             spec.gate, spec.up = mlp.gate_proj, mlp.up_proj
         if hasattr(layer, "pre_feedforward_layernorm"):
             spec.pre_ffn_norm = _norm(layer.pre_feedforward_layernorm)
+        if hasattr(layer, "post_feedforward_layernorm"):
             spec.post_ffn_norm = _norm(layer.post_feedforward_layernorm)
+            spec.norm_after_attn = True
+        if config.model_type == "olmo2":
+            spec.q_norm, spec.k_norm = _norm(attn.q_norm), _norm(attn.k_norm)
         for name in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"):
             if getattr(spec, name) is not None:
                 spec.plans[name] = lora_plan(getattr(spec, name))
@@ -140,7 +158,10 @@ def build_spec(model) -> DecoderSpec | None:
         n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
         scaling=float(attn0.scaling), attn_softcap=getattr(config, "attn_logit_softcapping", None),
         final_softcap=getattr(config, "final_logit_softcapping", None), device=next(iter(devices)),
-        dtype=dtype, vocab_size=config.vocab_size, act_name=_act_name(config))
+        dtype=dtype, vocab_size=config.vocab_size, act_name=_act_name(config),
+        embed_multiplier=getattr(body, "embedding_multiplier", None),
+        residual_multiplier=getattr(body.layers[0], "residual_multiplier", None),
+        logits_divisor=getattr(config, "logits_scaling", None) if config.model_type == "granite" else None)
 
 
 def _act_name(config) -> str | None:

@@ -38,6 +38,8 @@ How (PyTorch's own mechanisms only, per model instance, nothing global):
 from __future__ import annotations
 
 import functools
+import logging
+import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -47,6 +49,8 @@ from velotune.memory.layer_graphs import LayerGraphs
 from velotune.memory.saved_offload import SavedOffloader
 from velotune.models.mlp import recomputes_without_mlp_values, set_row_blocks
 from velotune.models.patch import is_patched
+
+log = logging.getLogger("velotune")
 
 
 def _suits_mlp_recompute(fn) -> bool:
@@ -145,6 +149,7 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     if cuda_graphs:
         graphs = model.velotune_layer_graphs = LayerGraphs()
     fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs, saved=saved)
+    fn.velotune_offloaded = True      # what a report reads (models/generic.py): no import of this module
     for layer in layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = fn
@@ -168,11 +173,30 @@ def enable_checkpointing(model: torch.nn.Module, mode: bool | str, cuda_graphs: 
     if mode in ("unsloth", "offload"):
         enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute,
                                        mlp_row_blocks=mlp_row_blocks)
+        _keep_offloaded_checkpointing(model)
         return
     if mode is not True and mode != "true":
         raise ValueError(f"use_gradient_checkpointing={mode!r}: use True, False, 'unsloth' or 'offload'")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+
+
+def _keep_offloaded_checkpointing(model) -> None:
+    """Trainers switch on transformers' checkpointing themselves (TRL's configs default to
+    gradient_checkpointing=True), which would replace the offloaded one on every layer: this
+    instance's `gradient_checkpointing_enable` / `activation_checkpointing_enable` keep velotune's
+    (it already checkpoints every decoder layer) and only turn the KV cache off, as transformers does.
+    `gradient_checkpointing_disable` still turns checkpointing off."""
+
+    def keep(self, *args, **kwargs):
+        log.info("velotune: offloaded checkpointing stays on (the trainer asked for transformers' own)")
+        base = self.get_base_model() if hasattr(self, "get_base_model") else self
+        if getattr(base, "config", None) is not None:
+            base.config.use_cache = False
+
+    for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable"):
+        if hasattr(model, name):
+            setattr(model, name, types.MethodType(keep, model))
 
 
 def disable_offloaded_checkpointing(model: torch.nn.Module) -> None:

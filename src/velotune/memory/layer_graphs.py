@@ -1,12 +1,13 @@
 """CUDA graphs of checkpointed decoder layers: the layer's forward, and its recompute + backward,
 each replayed as one graph, so a training step stops paying Python for every kernel launch.
 
-EXPERIMENTAL, opt-in. The CPU path is exact (tests/memory/test_layer_graphs.py); on the GPU all
-layers of an 8B model capture and replay (`fresh_leaves`, graph_entry.py, keeps autograd's
-cross-stream join for a parameter's old AccumulateGrad node out of the capture), and the GPU test is
-bit-identical to eager. With recompute="layer" the step gains nothing (with launch plans the eager
-step is no longer host-bound); under recompute="mlp" (saved_graphs.py) it does (BENCHMARKS.md). A
-failed capture warns and leaves the model on the eager path.
+Opt-in (off by default: padding-free batches change shape every step; docs/perf-notes.md). The CPU
+path is exact (tests/memory/test_layer_graphs.py); on the GPU all layers of an 8B model capture and
+replay (`fresh_leaves`, graph_entry.py, keeps autograd's cross-stream join for a parameter's old
+AccumulateGrad node out of the capture), and the GPU test is bit-identical to eager. With
+recompute="layer" the step gains nothing (with launch plans the eager step is no longer host-bound);
+under recompute="mlp" (saved_graphs.py) it does (BENCHMARKS.md). A failed capture warns and leaves
+the model on the eager path.
 
     enable_offloaded_checkpointing(model, cuda_graphs=True)      # get_peft_model(..., cuda_graphs=True)
 

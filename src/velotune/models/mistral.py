@@ -1,6 +1,6 @@
 """Mistral: Llama plus a sliding attention window on every layer (when config.sliding_window is set)."""
 from velotune.models.spec import FamilySpec
 
-SPEC = FamilySpec(name="mistral", model_types=("mistral",), causal_lm="MistralForCausalLM",
+SPEC = FamilySpec(name="mistral", model_types=("mistral",), causal_lm="MistralForCausalLM", body="MistralModel",
                   attention="MistralAttention", mlp="MistralMLP", norm="MistralRMSNorm",
                   sliding_window="all")

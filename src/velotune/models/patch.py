@@ -20,21 +20,25 @@ from torch import nn
 from velotune.models.attention import attention_forward
 from velotune.models.loss import causal_lm_forward, resolve_lm_head
 from velotune.models import positions
+from velotune.models.lora_linear import lora_linear_forward
 from velotune.models.mlp import mlp_forward
 from velotune.models.norm import norm_forward
+from velotune.models.padding_free import stack_forward
 from velotune.models.spec import FamilySpec
 
 FUSED_FORWARDS = {
     "causal_lm": causal_lm_forward,
+    "body": stack_forward,
     "attention": attention_forward,
     "mlp": mlp_forward,
     "norm": norm_forward,
+    "lora": lora_linear_forward,     # a PEFT LoRA Linear on its own (the generic path, models/generic.py)
 }
 
 
 def _activation_dtype(module: nn.Module, role: str, args, kwargs) -> torch.dtype | None:
     """The dtype the module computes in: its input activation's (the embeddings' for the whole model)."""
-    if role == "causal_lm":
+    if role in ("causal_lm", "body"):
         emb = module.get_input_embeddings()
         return None if emb is None else emb.weight.dtype
     x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
@@ -80,7 +84,7 @@ def _forward_attr(module: nn.Module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
 
-def _bind(module: nn.Module, role: str, spec: FamilySpec) -> None:
+def bind_forward(module: nn.Module, role: str, spec: FamilySpec) -> None:
     attr = _forward_attr(module)
     had_instance = attr in module.__dict__
     module._velotune_saved = (attr, module.__dict__.get(attr) if had_instance else None, had_instance)
@@ -90,7 +94,7 @@ def _bind(module: nn.Module, role: str, spec: FamilySpec) -> None:
     setattr(module, attr, types.MethodType(BOUND_FORWARDS[role], module))
 
 
-def _release(module: nn.Module) -> None:
+def release_forward(module: nn.Module) -> None:
     attr, saved, had_instance = module._velotune_saved
     current = module.__dict__.get(attr)
     if getattr(current, "__func__", None) is BOUND_FORWARDS[module._velotune_role]:
@@ -99,7 +103,8 @@ def _release(module: nn.Module) -> None:
         else:
             module.__dict__.pop(attr, None)
     # else: someone wrapped our forward after us (e.g. TRL's add_fused_lm_head); leave their wrapper in place.
-    for name in ("_velotune_saved", "_velotune_stock_forward", "_velotune_spec", "_velotune_role"):
+    for name in ("_velotune_saved", "_velotune_stock_forward", "_velotune_spec", "_velotune_role",
+                 "_velotune_padding_free"):
         module.__dict__.pop(name, None)
 
 
@@ -114,7 +119,7 @@ def patch(model: nn.Module, spec: FamilySpec) -> int:
         module.__dict__.pop("_velotune_modes", None)     # models/modes.py: handed out again on next use
         role = spec.role_of(type(module).__name__)
         if role is not None and not is_patched(module):
-            _bind(module, role, spec)
+            bind_forward(module, role, spec)
             n += 1
     return n
 
@@ -125,9 +130,11 @@ def unpatch(model: nn.Module) -> int:
     for module in model.modules():
         module.__dict__.pop("_velotune_modes", None)
         if is_patched(module):
-            _release(module)
+            release_forward(module)
             n += 1
     positions.release(model)
+    for module in model.modules():
+        module.__dict__.pop("_velotune_generic", None)
     rotary = model.__dict__.get("_velotune_stock_rotary")
     if rotary is not None:
         from velotune.models.rope_scaling import restore_context
@@ -151,6 +158,10 @@ def _lora_status(model: nn.Module) -> tuple[int, list[str]]:
 
 def report(model: nn.Module) -> str:
     """A short human-readable summary of what runs fused."""
+    from velotune.models.generic import generic_plan, report_lines
+
+    if generic_plan(model) is not None:
+        return "\n".join(report_lines(model))
     counts: dict[str, int] = collections.Counter()
     spec = None
     for module in model.modules():
@@ -168,6 +179,7 @@ def report(model: nn.Module) -> str:
         lines.append(f"  lora      {fused:>4} layer(s) fused, {len(stock)} on the stock PEFT path"
                      + (f" (e.g. {stock[0]}: dropout in training, DoRA or several adapters)" if stock else ""))
     for module in model.modules():
-        if is_patched(module) and module._velotune_role == "causal_lm" and resolve_lm_head(module.lm_head) is None:
+        if is_patched(module) and module._velotune_role == "causal_lm" \
+                and resolve_lm_head(module.get_output_embeddings()) is None:
             lines.append("  lm_head   not a plain Linear: loss computed from full logits (stock)")
     return "\n".join(lines)
