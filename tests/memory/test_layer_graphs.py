@@ -154,7 +154,7 @@ def test_a_failed_capture_warns_and_trains_on_eagerly(monkeypatch):
     def broken(self, pool, side=None):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(layer_graphs._Entry, "capture", broken)
+    monkeypatch.setattr(layer_graphs.Entry, "capture", broken)
     batches = _two_batches()
     model = _lora(True)
     with pytest.warns(UserWarning, match="capture of a decoder layer failed"):

@@ -118,7 +118,8 @@ def test_training_loss_drops_ignored_rows_before_the_lm_head(monkeypatch):
     prepare_model(model, max_seq_length=64)
     seen = []
     real = fl._chunk_loss_and_grad
-    monkeypatch.setattr(fl, "_chunk_loss_and_grad", lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
+    monkeypatch.setattr(fl, "_chunk_loss_and_grad",
+                        lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
     loss = model(**batch).loss
     loss.backward()
     n_kept = int((batch["labels"][:, 1:] != -100).sum())       # shifted: the last position of each row predicts nothing

@@ -123,7 +123,8 @@ def add_metadata(w: gguf.GGUFWriter, config, family: Family, file_type: int) -> 
         _check_smollm3(c)
     elif family.arch == gguf.MODEL_ARCH.PHI3:
         w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads)
-        w.add_rope_scaling_orig_ctx_len(getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings)
+        w.add_rope_scaling_orig_ctx_len(getattr(c, "original_max_position_embeddings", None)
+                                        or c.max_position_embeddings)
         w.add_sliding_window(getattr(c, "sliding_window", None) or 0)  # llama.cpp ignores Phi-3 SWA
     elif family.arch == gguf.MODEL_ARCH.GEMMA2:
         _check_gemma2(c)

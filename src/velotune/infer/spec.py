@@ -148,7 +148,9 @@ def build_spec(model) -> DecoderSpec | None:
     attn0 = body.layers[0].self_attn
     head_dim = attn0.head_dim
     rope_params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope_params.get("rope_type", rope_params.get("type", "default")) if isinstance(rope_params, dict) else "default"
+    rope_type = "default"
+    if isinstance(rope_params, dict):
+        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
     dtype = body.embed_tokens.weight.dtype
     return DecoderSpec(
         family=config.model_type, embed=body.embed_tokens, layers=layers, final_norm=_norm(body.norm),
