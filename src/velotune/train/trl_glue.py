@@ -139,6 +139,14 @@ class VelotuneTrainerMixin:
                                         num_items_in_batch=num_items_in_batch)
         return sft_loss_in_torch(self, model, inputs, return_outputs, num_items_in_batch)
 
+    def _save_checkpoint(self, model, trial):
+        """Checkpoints appear whole or not at all (train/checkpoint_save.py)."""
+        from velotune.train import checkpoint_save
+
+        if not checkpoint_save.stages_atomically(self):
+            return super()._save_checkpoint(model, trial)
+        checkpoint_save.save(self, super()._save_checkpoint, model, trial)
+
     def training_step(self, model, inputs, *args, **kwargs):
         if self._vt_clock is None:
             self._vt_clock = time.perf_counter()
