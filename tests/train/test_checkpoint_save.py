@@ -1,7 +1,5 @@
 """train/checkpoint_save.py: rotation by step number, and which runs stage their checkpoints.
 (The kill -9 loop over real checkpoint saves is tests/reliability/test_saves.py.)"""
-from types import SimpleNamespace
-
 from velotune.train.checkpoint_save import rotate, stages_atomically
 
 
@@ -17,14 +15,16 @@ def test_rotate_keeps_the_newest_by_step_number(tmp_path):
     assert rotate(tmp_path, None) == [] and rotate(tmp_path, 5) == []
 
 
-def _trainer(**args):
-    base = dict(world_size=1, load_best_model_at_end=False, metric_for_best_model=None, push_to_hub=False)
-    return SimpleNamespace(args=SimpleNamespace(**{**base, **args}), hp_search_backend=None)
+def test_stock_in_place_save_where_transformers_needs_the_final_path(tmp_path):
+    import torch
+    from transformers import Trainer, TrainingArguments
 
+    def args(**kw):
+        return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
 
-def test_stock_in_place_save_where_transformers_needs_the_final_path():
-    assert stages_atomically(_trainer())
-    assert not stages_atomically(_trainer(world_size=2))
-    assert not stages_atomically(_trainer(load_best_model_at_end=True))
-    assert not stages_atomically(_trainer(metric_for_best_model="loss"))
-    assert not stages_atomically(_trainer(push_to_hub=True))
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args())
+    assert stages_atomically(trainer)
+    for kw in (dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps"),
+               dict(metric_for_best_model="loss"), dict(push_to_hub=True, hub_model_id="x/y")):
+        trainer.args = args(**kw)
+        assert not stages_atomically(trainer), kw
