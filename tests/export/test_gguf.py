@@ -25,9 +25,9 @@ from velotune.export import ExportError, attach_export_methods  # noqa: E402
 from velotune.export.llama_cpp_io import open_gguf  # noqa: E402
 from velotune.export.modelfile import parse_modelfile  # noqa: E402
 
-# Mistral's mini window (8) is shorter than the prompts, and llama.cpp's llama graph has no sliding
-# window (the exporter warns): give the mistral toy a window longer than the prompts.
-OVERRIDES = {"mistral": {"sliding_window": 64}}
+# Mistral's and Qwen3's mini windows (8) are shorter than the prompts, and llama.cpp's llama and qwen3
+# graphs have no sliding window (the exporter warns): give those toys no window shorter than the prompts.
+OVERRIDES = {"mistral": {"sliding_window": 64}, "qwen3": {"use_sliding_window": False}}
 
 
 def prompts(tok) -> list[list[int]]:
@@ -231,3 +231,13 @@ def test_failed_gguf_write_keeps_previous_file(tmp_path, monkeypatch):
         model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "model.Q8_0.gguf"]
+
+
+def test_every_family_gguf_layout_names_known_features():
+    from velotune.export.gguf_arch import FEATURES, arch_of
+    from velotune.models.families import SPECS
+
+    for spec in SPECS:
+        if spec.gguf is not None:
+            assert arch_of(spec) in gguf.MODEL_ARCH
+            assert set(spec.gguf.features) <= set(FEATURES), spec.name

@@ -1,16 +1,10 @@
 """What the decode path needs to know about a model, read once from the transformers modules.
 
 A `DecoderSpec` is data: the modules holding the weights (projections may be nn.Linear, bitsandbytes
-4-bit or PEFT LoRA layers), the norm style, sliding windows, softcaps and head shapes. Families
-differ only in these fields:
-
-| family  | qkv      | mlp          | norm          | extras                                          |
-|---------|----------|--------------|---------------|-------------------------------------------------|
-| llama   | q, k, v  | gate, up     | w * x         | llama3 RoPE scaling                             |
-| mistral | q, k, v  | gate, up     | w * x         | sliding window (every layer)                    |
-| qwen2   | q, k, v  | gate, up     | w * x         | q/k/v biases, sliding window per `layer_types`  |
-| phi3    | qkv      | gate_up      | w * x         | partial rotary                                  |
-| gemma2  | q, k, v  | gate, up     | x * (1 + w)   | sandwich norms, softcaps, alternate sliding     |
+4-bit or PEFT LoRA layers), the norm style, sliding windows, softcaps and head shapes. The family
+facts (norm offset, activation, per-layer sliding windows, softcap attributes) come from the family
+registry (velotune.models.families, one FamilySpec per family); which projections and norms a layer
+has is read from the modules themselves (q/k/v or fused qkv, gate/up or fused gate_up, sandwich norms).
 """
 from __future__ import annotations
 
@@ -18,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2")
 DYNAMIC_ROPE = ("dynamic", "longrope")  # cos/sin depend on the current length: no precomputed table
 
 
@@ -43,6 +36,8 @@ class LayerSpec:
     gate_up: object = None  # fused (Phi-3): rows [gate | up]
     down: object = None
     act: object = None
+    q_norm: Norm | None = None  # per-head RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    k_norm: Norm | None = None
     pre_ffn_norm: Norm | None = None  # Gemma 2 sandwich norms
     post_ffn_norm: Norm | None = None
     sliding_window: int | None = None
@@ -77,29 +72,20 @@ def causal_lm_of(model):
     return model
 
 
-def _norm(module) -> Norm:
-    eps = getattr(module, "variance_epsilon", None)
-    if eps is None:
-        eps = module.eps
-    return Norm(module.weight, float(eps), offset="Gemma" in type(module).__name__)
-
-
-def _sliding_window(config, attn, index: int) -> int | None:
-    if hasattr(attn, "sliding_window"):  # Gemma 2, Qwen 2: set per layer by the module itself
-        return attn.sliding_window
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and config.model_type != "mistral":
-        return config.sliding_window if layer_types[index] == "sliding_attention" else None
-    return getattr(config, "sliding_window", None)
+def _norm(module, family) -> Norm:
+    """A norm module read with its family's rules: eps attribute and the (1 + w) offset."""
+    return Norm(module.weight, float(getattr(module, family.norm_eps_attr)), offset=family.norm_offset != 0)
 
 
 def build_spec(model) -> DecoderSpec | None:
     """Read the decode spec from `model` (PeftModel or *ForCausalLM); None if unsupported."""
     from velotune.infer.ops import lora_plan
+    from velotune.models.families import spec_for
 
     lm = causal_lm_of(model)
     config = lm.config
-    if config.model_type not in SUPPORTED or not hasattr(lm, "model"):
+    family = spec_for(config)
+    if family is None or not hasattr(lm, "model"):
         return None
     devices = {p.device for p in lm.parameters()}
     if len(devices) != 1:
@@ -108,10 +94,11 @@ def build_spec(model) -> DecoderSpec | None:
     layers = []
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        spec = LayerSpec(input_norm=_norm(layer.input_layernorm), post_attn_norm=_norm(layer.post_attention_layernorm),
+        spec = LayerSpec(input_norm=_norm(layer.input_layernorm, family),
+                         post_attn_norm=_norm(layer.post_attention_layernorm, family),
                          o=attn.o_proj, down=mlp.down_proj,
                          act=getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn"),
-                         sliding_window=_sliding_window(config, attn, i))
+                         sliding_window=family.window_of(config, i))
         if hasattr(attn, "qkv_proj"):
             spec.qkv = attn.qkv_proj
         else:
@@ -120,9 +107,11 @@ def build_spec(model) -> DecoderSpec | None:
             spec.gate_up = mlp.gate_up_proj
         else:
             spec.gate, spec.up = mlp.gate_proj, mlp.up_proj
+        if family.qk_norm == "head":
+            spec.q_norm, spec.k_norm = _norm(attn.q_norm, family), _norm(attn.k_norm, family)
         if hasattr(layer, "pre_feedforward_layernorm"):
-            spec.pre_ffn_norm = _norm(layer.pre_feedforward_layernorm)
-            spec.post_ffn_norm = _norm(layer.post_feedforward_layernorm)
+            spec.pre_ffn_norm = _norm(layer.pre_feedforward_layernorm, family)
+            spec.post_ffn_norm = _norm(layer.post_feedforward_layernorm, family)
         for name in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"):
             if getattr(spec, name) is not None:
                 spec.plans[name] = lora_plan(getattr(spec, name))
@@ -133,16 +122,13 @@ def build_spec(model) -> DecoderSpec | None:
     rope_type = rope_params.get("rope_type", rope_params.get("type", "default")) if isinstance(rope_params, dict) else "default"
     dtype = body.embed_tokens.weight.dtype
     return DecoderSpec(
-        family=config.model_type, embed=body.embed_tokens, layers=layers, final_norm=_norm(body.norm),
+        family=family.name, embed=body.embed_tokens, layers=layers, final_norm=_norm(body.norm, family),
         lm_head=lm.lm_head, rotary=body.rotary_emb, rope_type=rope_type,
         n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
-        scaling=float(attn0.scaling), attn_softcap=getattr(config, "attn_logit_softcapping", None),
-        final_softcap=getattr(config, "final_logit_softcapping", None), device=next(iter(devices)),
-        dtype=dtype, vocab_size=config.vocab_size, act_name=_act_name(config))
+        scaling=float(attn0.scaling), attn_softcap=_config_value(config, family.attn_softcap_attr),
+        final_softcap=_config_value(config, family.final_softcap_attr), device=next(iter(devices)),
+        dtype=dtype, vocab_size=config.vocab_size, act_name=family.activation(config))
 
 
-def _act_name(config) -> str | None:
-    from velotune.kernels.glu import ACTS
-
-    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-    return name if name in ACTS else None
+def _config_value(config, attr: str | None):
+    return getattr(config, attr, None) if attr else None
