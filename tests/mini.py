@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "qwen3")
 VOCAB = 384
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -45,6 +45,10 @@ def mini_config(family: str, **overrides):
         cls = tf.Gemma2Config
         kw.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=30.0,
                   attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    elif family == "qwen3":  # head_dim != hidden / heads, GQA, tied embeddings, a sliding upper layer
+        cls = tf.Qwen3Config
+        kw.update(head_dim=24, tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
+                  max_window_layers=1)
     else:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     kw.update(overrides)

@@ -137,8 +137,11 @@ class DecodeEngine:
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             q, k, v = self._proj(layer, "q", x), self._proj(layer, "k", x), self._proj(layer, "v", x)
-        q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
-        k = k.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        q = q.view(B, T, s.n_heads, s.head_dim)
+        k = k.view(B, T, s.n_kv_heads, s.head_dim)
+        if layer.q_norm is not None:  # per head, before RoPE
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
         q, k = self._rotate(q, k, cos, sin)
         keys, values = write(c.k[i], k), write(c.v[i], v)
