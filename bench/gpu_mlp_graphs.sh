@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks of cuda_graphs=True with recompute="mlp" (train/saved_graphs.py), each mode
+# GPU checks and benchmarks of cuda_graphs=True with recompute="mlp" (memory/saved_graphs.py), each mode
 # one device call of under 10 minutes (docs/perf-notes.md says what to look for). Logs go to $OUT (the
 # device tool's output folder) or bench/results.
 #

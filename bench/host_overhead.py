@@ -277,7 +277,7 @@ def main() -> None:
     ap.add_argument("--offload-optimizer", action="store_true", help="velotune: OffloadedAdamW")
     args = ap.parse_args()
     if args.saved_sets:
-        from velotune.train import layer_graphs
+        from velotune.memory import layer_graphs
         layer_graphs.SAVED_SETS = args.saved_sets
     launch_cost()
     for impl in args.impls:

@@ -144,10 +144,10 @@ def worker(args) -> dict:
         from velotune.models import mlp
         mlp.RECOMPUTED_MLP = False
     if args.host_gather_embedding:
-        from velotune.train import embedding_offload
+        from velotune.memory import embedding_offload
         embedding_offload.GATHER_ON_GPU = False
     if args.saved_sets:
-        from velotune.train import layer_graphs
+        from velotune.memory import layer_graphs
         layer_graphs.SAVED_SETS = args.saved_sets
     if args.dequant_kernel:
         from velotune.quant import dequant_kernel
@@ -220,7 +220,7 @@ def worker(args) -> dict:
 
         out["report"] = report(model)
         if args.offload_embedding:
-            from velotune.train.embedding_offload import embeddings_offloaded
+            from velotune.memory.embedding_offload import embeddings_offloaded
 
             out["embeddings_offloaded"] = embeddings_offloaded(model)
         stats = getattr(model, "velotune_offload_stats", None)
@@ -629,7 +629,7 @@ def main() -> int:
                     help="every step under torch.nn.attention.sdpa_kernel([this backend]) (A/B of the attention "
                          "kernels' speed and workspace memory)")
     ap.add_argument("--offload-optimizer", action="store_true",
-                    help="velotune: OffloadedAdamW (train/offload_adamw.py: AdamW moments in pinned host memory, "
+                    help="velotune: OffloadedAdamW (memory/offload_adamw.py: AdamW moments in pinned host memory, "
                          "the same bits) instead of torch's fused AdamW")
     ap.add_argument("--optimizer-in-backward", action="store_true",
                     help="velotune, with --offload-optimizer: OffloadedAdamW(update_in_backward=True), each chunk of "
@@ -643,9 +643,9 @@ def main() -> int:
                     help="velotune contenders keep the frozen input embeddings in host memory")
     ap.add_argument("--host-gather-embedding", action="store_true",
                     help="with --offload-embedding: gather the rows on the host (one sync per step) instead of "
-                         "on the GPU from the pinned table (train/embedding_offload.GATHER_ON_GPU = False)")
+                         "on the GPU from the pinned table (memory/embedding_offload.GATHER_ON_GPU = False)")
     ap.add_argument("--saved-sets", type=int, default=0,
-                    help="graphed recompute='mlp': device sets of saved tensors (train/layer_graphs.SAVED_SETS; 0: default)")
+                    help="graphed recompute='mlp': device sets of saved tensors (memory/layer_graphs.SAVED_SETS; 0: default)")
     ap.add_argument("--cublas-workspace", default=None,
                     help="CUBLAS_WORKSPACE_CONFIG for every contender (e.g. ':0:0': no workspace, so cuBLAS "
                          "puts no memset in front of its GEMMs; inside CUDA graphs each cost ~10 us of idle)")

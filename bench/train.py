@@ -154,7 +154,7 @@ def training_step(model, batch_size: int, seq: int, device: str, offload_optimiz
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if offload_optimizer:
-        from velotune.train.offload_adamw import OffloadedAdamW
+        from velotune.memory.offload_adamw import OffloadedAdamW
 
         opt = OffloadedAdamW(params, lr=1e-4, fused=device.startswith("cuda"), update_in_backward=update_in_backward)
     else:

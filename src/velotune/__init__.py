@@ -24,7 +24,7 @@ _LAZY = {
     "load_dataset_file": "velotune.data.formats",
     "train_on_responses_only": "velotune.data.masking",
     "PatchDPOTrainer": "velotune.train.trl_glue",
-    "OffloadedAdamW": "velotune.train.offload_adamw",
+    "OffloadedAdamW": "velotune.memory.offload_adamw",
     "report": "velotune.models.patch",
     "unpatch": "velotune.models.patch",
 }

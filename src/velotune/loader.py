@@ -145,26 +145,26 @@ class FastLanguageModel:
         "unsloth"/"offload" (per-layer inputs offloaded to CPU memory).
         `recompute` (with "unsloth"/"offload"): "layer" recomputes each decoder layer whole in
         backward; "mlp" copies the attention half's activations to host memory as well and
-        recomputes only the MLP (velotune.train.saved_offload): same results and GPU peak, less GPU
+        recomputes only the MLP (velotune.memory.saved_offload): same results and GPU peak, less GPU
         work per step, ~4.5x the pinned host memory (8B: ~36 KiB instead of 8 KiB per token and layer).
         `mlp_row_blocks` (with recompute="mlp"): each MLP runs forward and backward in that many
         blocks of rows (velotune.lora.recomputed_mlp). 1 gives the same bits as one piece; more lowers
         the MLP's GPU memory peak for more, smaller GEMMs (H200, 8B QLoRA 2 x 2048 with cuda_graphs:
         4 blocks, 0.16 GiB less, 3-4% slower; the rounding stays as exact, not the same bits).
         `offload_embedding`: keep the frozen input-embedding table in pinned host memory; the GPU
-        reads the batch's rows from it (velotune.train.embedding_offload): ~1 GiB less GPU memory for
+        reads the batch's rows from it (velotune.memory.embedding_offload): ~1 GiB less GPU memory for
         Llama-3, no host sync. Refused for tied or trainable tables.
         `cuda_graphs` (EXPERIMENTAL; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
-        (velotune.train.layer_graphs), to take the host out of the step. On the H200 (2026-12-01)
+        (velotune.memory.layer_graphs), to take the host out of the step. On the H200 (2026-12-01)
         every layer of an 8B model captures and the GPU tests are bit-identical to eager. With
         recompute="layer" the 8B step is no faster (GPU-bound). With recompute="mlp" the backward
         graph recomputes only the MLP, reading the attention half's saved tensors from two static
-        buffer sets (velotune.train.saved_graphs): the fastest 8B QLoRA step measured, 4.5x stock
+        buffer sets (velotune.memory.saved_graphs): the fastest 8B QLoRA step measured, 4.5x stock
         (H200, 2026-12-01, with OffloadedAdamW) vs 3.8-4.2x eager "mlp", at +0.43 GiB of GPU memory (BENCHMARKS.md). A
         layer whose capture fails runs eagerly, with a warning, so results never change.
         """
-        from velotune.train.checkpointing import check_recompute
+        from velotune.memory.checkpointing import check_recompute
 
         check_recompute(recompute, mlp_row_blocks)
         if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
@@ -195,7 +195,7 @@ class FastLanguageModel:
 
         prepare_peft_model(peft_model)
         if offload_embedding:
-            from velotune.train.embedding_offload import offload_input_embeddings
+            from velotune.memory.embedding_offload import offload_input_embeddings
 
             offload_input_embeddings(peft_model)
         _attach_methods(peft_model)
@@ -239,7 +239,7 @@ def _enable_checkpointing(model, mode: bool | str, cuda_graphs: bool = False, re
     if mode in (False, None, "none", "false"):
         return
     if mode in ("unsloth", "offload"):
-        from velotune.train.checkpointing import enable_offloaded_checkpointing
+        from velotune.memory.checkpointing import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute,
                                        mlp_row_blocks=mlp_row_blocks)

@@ -30,7 +30,7 @@ def _build(path, checkpointing=False):
                                              use_gradient_checkpointing=checkpointing != "mlp" and checkpointing,
                                              random_state=7)
     if checkpointing == "mlp":   # recompute="mlp" with every saved tensor offloaded (the toy ones are tiny)
-        from velotune.train.checkpointing import enable_offloaded_checkpointing
+        from velotune.memory.checkpointing import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
     model.train()  # checkpointing (plain or offloaded) is active in training mode

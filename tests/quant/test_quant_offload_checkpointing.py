@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from mini import fixed_batch, mini_model
-from velotune.train.checkpointing import disable_offloaded_checkpointing, enable_offloaded_checkpointing
+from velotune.memory.checkpointing import disable_offloaded_checkpointing, enable_offloaded_checkpointing
 
 N_LAYERS = 3
 
@@ -82,7 +82,7 @@ def test_disable_and_repeated_steps():
 
 def test_offload_in_host_chunks_is_exact(monkeypatch):
     """Host copies split into many chunks (as for a long context) come back bit-identical."""
-    import velotune.train.checkpointing as ckpt
+    import velotune.memory.checkpointing as ckpt
 
     batch = fixed_batch()
     ref = _step(_peft(), "plain", batch)
@@ -136,7 +136,7 @@ def test_offload_streams_on_gpu():
 def test_host_pool_reuses_buffers_and_refuses_clearly_when_the_host_is_full():
     """HostPool with CPU stand-ins for pinning (the real one pins, CUDA only): reuse by size class,
     bookkeeping, and a clear MemoryError (naming recompute='layer') instead of an OOM kill."""
-    from velotune.train.checkpointing import HostPool
+    from velotune.memory.checkpointing import HostPool
 
     made = []
 

@@ -132,9 +132,9 @@ def test_lora_settings_the_model_cannot_take_are_a_config_error(mini_llama, tmp_
 def test_yaml_lora_settings_reach_the_model(mini_llama, tmp_path):
     """lora.gradient_checkpointing / lora.recompute / lora.cuda_graphs / lora.mlp_row_blocks from a
     config end up on the model add_adapters builds."""
-    from velotune.train.layer_graphs import LayerGraphs
+    from velotune.memory.layer_graphs import LayerGraphs
     from velotune.train.runner import add_adapters, load_model
-    from velotune.train.saved_offload import SavedOffloader
+    from velotune.memory.saved_offload import SavedOffloader
 
     for graphs in (False, True):
         cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out",
@@ -150,9 +150,9 @@ def test_yaml_lora_settings_reach_the_model(mini_llama, tmp_path):
 
 
 def test_offloaded_optimizer_trains_the_same_bits(mini_llama, tmp_path):
-    """training.optimizer: adamw_offload (train/offload_adamw.py, the moments in host memory) gives
+    """training.optimizer: adamw_offload (memory/offload_adamw.py, the moments in host memory) gives
     the losses of adamw_torch, step for step, with weight decay and a schedule."""
-    from velotune.train.offload_adamw import OffloadedAdamW
+    from velotune.memory.offload_adamw import OffloadedAdamW
 
     runs = {}
     for name in ("adamw_torch", "adamw_offload"):

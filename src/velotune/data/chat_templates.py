@@ -225,7 +225,7 @@ def _pick_pad_token(tokenizer, stop: str, old_eos: str | None) -> None:
 def _update_model(model, tokenizer, stop: str, added: list[str]) -> None:
     emb = model.get_input_embeddings()
     if emb.weight.shape[0] < len(tokenizer):
-        from velotune.train.embedding_offload import (embeddings_offloaded, offload_input_embeddings,
+        from velotune.memory.embedding_offload import (embeddings_offloaded, offload_input_embeddings,
                                                       restore_input_embeddings)
 
         offloaded = embeddings_offloaded(model)   # resize on the compute device, then back to the host

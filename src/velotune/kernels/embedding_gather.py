@@ -1,5 +1,5 @@
 """Row gather from a table the GPU reads in place: an embedding lookup whose table lives in pinned
-host memory (train/embedding_offload.py), with no host round trip.
+host memory (memory/embedding_offload.py), with no host round trip.
 
     out = gather_rows(table, ids)     # table [V, H] (pinned host memory or any device), ids [...] int
                                       # -> [..., H] on ids' device: out[i] = table[ids[i]]

@@ -342,7 +342,7 @@ def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str,
     h = act(gate) * up is not made (the down adapter's A gets it tile by tile: glu_lora_project), and
     the output holds uninitialised values; gradients are unchanged, since no backward formula
     reads them. This is what non-reentrant checkpointing's early stop saves on the eager path
-    (train/layer_graphs.py uses it for the captured recompute).
+    (memory/layer_graphs.py uses it for the captured recompute).
     """
     # nothing reads h's values when the MLP's output values are unused and the down weight is frozen
     h_unused = values_unused and not (down.base.weight.requires_grad or (down.bias is not None

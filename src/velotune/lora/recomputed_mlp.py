@@ -1,5 +1,5 @@
 """The LoRA MLP as one autograd Function that saves only its input and recomputes in backward,
-optionally a block of rows at a time: the recompute="mlp" path (train/saved_offload.py), where it
+optionally a block of rows at a time: the recompute="mlp" path (memory/saved_offload.py), where it
 replaces a torch checkpoint around lora_mlp.
 
     Y = lora_mlp_recomputed(X, gate_up, down, act, chunks=1)     # X [N, H] -> Y [N, H]

@@ -17,7 +17,7 @@ _CHECKPOINTED = [False]
 
 
 def checkpointed_mlp():
-    """Within this block (a decoder layer under recompute="mlp", train/saved_offload.py) every
+    """Within this block (a decoder layer under recompute="mlp", memory/saved_offload.py) every
     patched MLP saves only its input and backward recomputes it: through lora/recomputed_mlp.py
     (frozen base weights), else as a non-reentrant torch checkpoint of lora_mlp (stopping before the
     frozen down projection, see lora_mlp)."""
@@ -26,7 +26,7 @@ def checkpointed_mlp():
 
 def mlp_output_values_unused():
     """Within this block a decoder layer runs only so that gradients can be taken through it (the
-    captured recompute of train/layer_graphs.py): fused MLPs whose output meets nothing but the
+    captured recompute of memory/layer_graphs.py): fused MLPs whose output meets nothing but the
     residual add (no sandwich norm after them, see FamilySpec) skip the frozen down GEMM and return
     uninitialised values (`lora_mlp(values_unused=True)`). Gradients are unchanged."""
     return switched(_VALUES_UNUSED, True)

@@ -9,7 +9,7 @@ _RECORD: list = [None]
 def recorded_norm_outputs(table: dict):
     """Within this block every fused RMSNorm records `table[output storage address] = (module, input,
     output)`, holding both tensors so that no other tensor can take the address while the table
-    lives (train/saved_offload.py: a saved norm output is recomputed from its input, not copied)."""
+    lives (memory/saved_offload.py: a saved norm output is recomputed from its input, not copied)."""
     return switched(_RECORD, table)
 
 

@@ -32,7 +32,7 @@ from velotune.train.callbacks import ProgressCallback, loss_points, summarize, w
 from velotune.train.config import TrainConfig, check_paths
 from velotune.train.trl_glue import orpo_classes, velotune_trainer_class
 
-OFFLOAD_OPTIMIZER = "adamw_offload"     # training.optimizer: train/offload_adamw.OffloadedAdamW
+OFFLOAD_OPTIMIZER = "adamw_offload"     # training.optimizer: memory/offload_adamw.OffloadedAdamW
 
 log = logging.getLogger("velotune")
 

@@ -101,7 +101,7 @@ class VelotuneTrainerMixin:
         super().__init__(*args, **kwargs)
         self.velotune_embedding_learning_rate = embedding_learning_rate
         if offload_optimizer:   # transformers' create_optimizer builds its parameter groups, then this class
-            from velotune.train.offload_adamw import OffloadedAdamW
+            from velotune.memory.offload_adamw import OffloadedAdamW
 
             a = self.args
             self.optimizer_cls_and_kwargs = (OffloadedAdamW, dict(lr=a.learning_rate, eps=a.adam_epsilon,

@@ -3,7 +3,7 @@
 
     enable_offloaded_checkpointing(model)     # use_gradient_checkpointing="unsloth" / "offload"
     enable_offloaded_checkpointing(model, recompute="mlp")   # attention activations offloaded too,
-                                              # only the MLP recomputed (train/saved_offload.py)
+                                              # only the MLP recomputed (memory/saved_offload.py)
     disable_offloaded_checkpointing(model)    # back to stock (no checkpointing)
 
 How (PyTorch's own mechanisms only, per model instance, nothing global):
@@ -371,12 +371,12 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     """Checkpoint every decoder layer of `model` (a transformers or PEFT model), offloading the
     saved layer inputs to pinned host memory. Per instance, idempotent; returns the live counters
     (also at `model.velotune_offload_stats`). cuda_graphs: replay each layer's forward and its
-    recompute + backward as CUDA graphs once warmed up (train/layer_graphs.py; counters at
-    `model.velotune_layer_graphs.stats`; with recompute="mlp": train/saved_graphs.py).
+    recompute + backward as CUDA graphs once warmed up (memory/layer_graphs.py; counters at
+    `model.velotune_layer_graphs.stats`; with recompute="mlp": memory/saved_graphs.py).
 
     recompute: "layer" (each layer recomputed whole in backward; only its input is offloaded) or
     "mlp" (the attention half's saved tensors of at least `min_offload_bytes` are offloaded and
-    only the MLP is recomputed: less GPU work, ~4.5x the host memory; train/saved_offload.py).
+    only the MLP is recomputed: less GPU work, ~4.5x the host memory; memory/saved_offload.py).
     Layers whose MLP velotune does not run fall back to "layer". mlp_row_blocks (recompute="mlp"):
     each MLP runs in that many row blocks, forward and backward (models/mlp.set_row_blocks)."""
     check_recompute(recompute, mlp_row_blocks)
@@ -394,12 +394,12 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     offloader = _Offloader()
     saved = None
     if recompute == "mlp":
-        from velotune.train.saved_offload import SavedOffloader
+        from velotune.memory.saved_offload import SavedOffloader
 
         saved = SavedOffloader(offloader, min_offload_bytes)
     graphs = None
     if cuda_graphs:
-        from velotune.train.layer_graphs import LayerGraphs
+        from velotune.memory.layer_graphs import LayerGraphs
 
         graphs = model.velotune_layer_graphs = LayerGraphs()
     fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs, saved=saved)

@@ -1,4 +1,4 @@
-"""Graphs of recompute="mlp" layers (velotune.train.saved_graphs): forward and MLP-only backward
+"""Graphs of recompute="mlp" layers (velotune.memory.saved_graphs): forward and MLP-only backward
 replayed over two shared buffer sets of saved tensors.
 
 On the CPU the captured closures run eagerly over the same buffers, so these tests check what the
@@ -72,7 +72,7 @@ def test_mlp_graphs_train_bit_identically_to_eager_recompute_mlp(family):
     assert all(p is before[n] for n, p in model.named_parameters())   # the build's fresh leaves are swapped out
     graphs = model.velotune_layer_graphs
     assert graphs.stats == {"captured": N_LAYERS, "replayed": 3 * N_LAYERS, "eager": N_LAYERS}
-    from velotune.train.saved_graphs import SavedEntry
+    from velotune.memory.saved_graphs import SavedEntry
 
     entries = list(graphs.entries.values())
     assert all(isinstance(e, SavedEntry) for e in entries) and [e.parity for e in entries] == [0, 1, 0]
@@ -99,7 +99,7 @@ def test_six_layers_bring_back_every_set_but_the_last_two():
 def test_a_set_not_brought_back_changes_the_result(monkeypatch):
     """The control for the test above: if backward read a set still holding another layer's tensors
     (layer 2's, in layer 0's backward), the gradients would differ."""
-    from velotune.train import saved_graphs
+    from velotune.memory import saved_graphs
 
     batches = _two_batches()
     ref = _train(_lora(True), 4, batches)
@@ -157,7 +157,7 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
 
 def test_gemma2_softcapped_layers_use_whole_layer_graphs():
     """Gemma 2's softcapped attention falls back to recompute="layer", and so to layer graphs."""
-    from velotune.train.saved_graphs import SavedEntry
+    from velotune.memory.saved_graphs import SavedEntry
 
     batches = _two_batches()
     ref = _train(_lora(False, "gemma2"), 3, batches)
@@ -203,7 +203,7 @@ def test_a_forward_that_saves_differently_fails_the_capture_and_trains_on_eagerl
     """The forward graph copies by the build's plan; a forward that saves other tensors (here: one
     pack call fewer) must not be replayed: the capture fails, with a warning, and the layers run
     eagerly with the same results."""
-    from velotune.train import saved_graphs
+    from velotune.memory import saved_graphs
 
     real = saved_graphs.SavedEntry._build
 
@@ -226,7 +226,7 @@ def test_host_copies_are_released_by_backward_and_a_second_backward_is_refused(r
     copies: they go back when backward is done, as autograd's own saved tensors do."""
     model = _lora(True)
     if recompute == "layer":
-        from velotune.train.checkpointing import enable_offloaded_checkpointing
+        from velotune.memory.checkpointing import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model, cuda_graphs=True)
     batch = fixed_batch()
@@ -333,7 +333,7 @@ def test_hidden_states_a_caller_keeps_are_not_overwritten(monkeypatch):
     """output_hidden_states keeps every layer's output, i.e. aliases of the two buffers that later
     layers overwrite: each gets its own copy first, so the graphed hidden states equal eager ones.
     The control: without that copy they would not."""
-    from velotune.train.layer_graphs import _Statics
+    from velotune.memory.layer_graphs import _Statics
 
     batches = _two_batches()
 
@@ -356,7 +356,7 @@ def test_two_forwards_then_one_backward(monkeypatch):
     """Two forwards (e.g. chosen and rejected batches) before one backward: the first forward's last
     hidden state, saved by the final norm, lives in a buffer the second forward overwrites; it gets
     its own copy first, so the gradients equal eager ones. The control: without that copy they differ."""
-    from velotune.train.layer_graphs import _Statics
+    from velotune.memory.layer_graphs import _Statics
 
     batches = _two_batches()
 

@@ -33,7 +33,7 @@ import weakref
 import torch
 from torch import nn
 
-from velotune.train.checkpointing import _HostCopy
+from velotune.memory.checkpointing import _HostCopy
 
 
 class _Stored(_HostCopy):

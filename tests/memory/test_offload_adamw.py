@@ -1,10 +1,10 @@
-"""train/offload_adamw.py: AdamW with its moments in host memory, against torch.optim.AdamW."""
+"""memory/offload_adamw.py: AdamW with its moments in host memory, against torch.optim.AdamW."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from velotune.train.offload_adamw import OffloadedAdamW, _chunks
+from velotune.memory.offload_adamw import OffloadedAdamW, _chunks
 
 SHAPES = [(10, 7), (300,), (5, 5, 3), (1,), (64, 16)]
 

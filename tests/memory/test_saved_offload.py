@@ -1,4 +1,4 @@
-"""recompute="mlp" (velotune.train.saved_offload): the attention half's saved tensors go to host
+"""recompute="mlp" (velotune.memory.saved_offload): the attention half's saved tensors go to host
 memory, saved RMSNorm outputs are recomputed from their inputs, only the MLP is recomputed.
 Same loss and gradients as plain checkpointing, bit for bit, on every family's fused path.
 
@@ -13,7 +13,7 @@ import torch
 from mini import FAMILIES, fixed_batch, mini_model
 from velotune import FastLanguageModel
 from velotune.models import prepare_model
-from velotune.train.checkpointing import enable_offloaded_checkpointing
+from velotune.memory.checkpointing import enable_offloaded_checkpointing
 
 
 def _lora(family, checkpointing, device="cpu", dropout=0.0, **overrides):
@@ -171,7 +171,7 @@ def test_the_layer_is_found_behind_either_transformers_callable():
     5.17) partial(layer.__call__, **kw). Both must reach recompute="mlp" (else "layer" runs)."""
     import functools
 
-    from velotune.train.checkpointing import _layer_of, _suits_mlp_recompute
+    from velotune.memory.checkpointing import _layer_of, _suits_mlp_recompute
 
     model = _lora("llama", False)
     layer = model.base_model.model.model.layers[0]

@@ -63,9 +63,9 @@ from torch import nn
 from velotune.models.mlp import checkpointed_mlp
 from velotune.models.norm import norm_forward, recorded_norm_outputs
 from velotune.quant.weights import WEIGHT_BUFFERS
-from velotune.train.checkpointing import _copy_back, _HostCopy
-from velotune.train.layer_graphs import _TWICE, _Entry, _fresh_leaves
-from velotune.train.saved_offload import _flat, _NormOf, _span   # _NormOf.inp: a _Ref here
+from velotune.memory.checkpointing import _copy_back, _HostCopy
+from velotune.memory.layer_graphs import _TWICE, _Entry, _fresh_leaves
+from velotune.memory.saved_offload import _flat, _NormOf, _span   # _NormOf.inp: a _Ref here
 
 
 # A forward graph copies each saved span into its set as the layer saves it, except spans under this

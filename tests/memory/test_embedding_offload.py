@@ -1,4 +1,4 @@
-"""Frozen input embeddings kept in host memory (velotune.train.embedding_offload)."""
+"""Frozen input embeddings kept in host memory (velotune.memory.embedding_offload)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from mini import fixed_batch, mini_model
 from velotune import FastLanguageModel
 from velotune.models import prepare_model
-from velotune.train.embedding_offload import (_offloaded_forward, embeddings_offloaded, offload_input_embeddings,
+from velotune.memory.embedding_offload import (_offloaded_forward, embeddings_offloaded, offload_input_embeddings,
                                               restore_input_embeddings)
 
 
@@ -123,7 +123,7 @@ def test_gpu_reads_the_rows_from_the_pinned_table():
 def test_gpu_host_gather_reuses_one_pinned_buffer(monkeypatch):
     """GATHER_ON_GPU = False (the host path): the rows go through the module's own pinned buffer; a
     second lookup (other ids) reuses it only after the first copy finished; both are the table's rows."""
-    from velotune.train import embedding_offload
+    from velotune.memory import embedding_offload
 
     monkeypatch.setattr(embedding_offload, "GATHER_ON_GPU", False)
     model = mini_model("llama").cuda()

@@ -1,4 +1,4 @@
-"""Decoder layers replayed as (CUDA) graphs: velotune.train.layer_graphs.
+"""Decoder layers replayed as (CUDA) graphs: velotune.memory.layer_graphs.
 
 On the CPU the captured closures run eagerly through the same static buffers, so these tests check
 the plumbing (static inputs and outputs shared by layers, rotary/mask kwargs, the offload of the
@@ -148,7 +148,7 @@ def test_cuda_graphs_on_gpu_are_bit_identical(dtype):
 
 
 def test_a_failed_capture_warns_and_trains_on_eagerly(monkeypatch):
-    from velotune.train import layer_graphs
+    from velotune.memory import layer_graphs
 
     def broken(self, pool, side=None):
         raise RuntimeError("operation not permitted when stream is capturing")

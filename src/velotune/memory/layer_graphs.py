@@ -59,7 +59,7 @@ from torch import nn
 
 from velotune.models.mlp import mlp_output_values_unused
 from velotune.quant.weights import WEIGHT_BUFFERS
-from velotune.train.checkpointing import _layer_of
+from velotune.memory.checkpointing import _layer_of
 
 WARMUP = 1             # eager calls per layer and signature before capture
 MAX_SIGNATURES = 2     # graphed input signatures per layer (e.g. two sequence-length buckets)
@@ -410,7 +410,7 @@ class LayerGraphs:
                 statics = self.statics[sig] = _Statics(x, kw_tensors, sum(p.numel() for p in params), grad_dtype,
                                                        dy_is_x=saved)
             if saved:
-                from velotune.train.saved_graphs import SavedEntry
+                from velotune.memory.saved_graphs import SavedEntry
 
                 # consecutive layers take the sets in turn: by index where the layer has one
                 idx = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
@@ -461,7 +461,7 @@ class LayerGraphs:
             return self.run(offloader, fn, x, eager, saved)
         self.stats["replayed"] += 1
         if saved:
-            from velotune.train.saved_graphs import GraphedSavedLayer, SavedGraphRuns
+            from velotune.memory.saved_graphs import GraphedSavedLayer, SavedGraphRuns
 
             if self.saved_runs is None:
                 self.saved_runs = SavedGraphRuns(offloader)
