@@ -1,14 +1,16 @@
 """LoRA training throughput and memory: velotune vs stock transformers+PEFT (SDPA) vs Liger-Kernel.
 
-Random-weight Llama shapes built directly on the GPU (no download), batch 2 x 2048 random token ids,
-LoRA r=16 alpha=16 on all 7 projections, non-reentrant gradient checkpointing, fused AdamW on the
-LoRA parameters, bf16. Each contender runs in its own process (clean peak-memory figures).
+Random-weight model shapes (Llama; Qwen3, Gemma 3, Ministral by name) built directly on the GPU (no
+download), batch 2 x 2048 random token ids, LoRA r=16 alpha=16 on all 7 projections, non-reentrant
+gradient checkpointing, fused AdamW on the LoRA parameters, bf16. Each contender runs in its own
+process (clean peak-memory figures).
 
     python bench/train.py                               # 8b and 1b; velotune, stock, liger (if importable)
     python bench/train.py --shapes 1b --impls velotune stock --steps 20 --warmup 5
     python bench/train.py --profile --shapes 8b --impls velotune    # per-category GPU time per step
     python bench/train.py --check                       # bf16 gradients: ours vs stock, both vs fp32
     python bench/train.py --shapes tiny --device cpu --steps 2 --warmup 1   # smoke test without a GPU
+    python bench/train.py --shapes qwen3-8b gemma3-4b gemma3-12b --impls velotune stock   # other families
 
 Reported per contender: tokens/s over the timed steps, peak torch.cuda.max_memory_allocated, MFU
 (model FLOPs per token = 4 * N_matmul + 12 * layers * hidden * seq, against the card's bf16 matmul
@@ -32,6 +34,8 @@ sys.path.insert(0, str(ROOT / "src"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
+_GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False,
@@ -41,13 +45,33 @@ SHAPES = {
                tie_word_embeddings=True, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0}),
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False),
+    # Other families (the "config" key names the transformers config class), shapes of the published checkpoints
+    "qwen3-8b": dict(config="Qwen3Config", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "gemma3-4b": dict(config="Gemma3TextConfig", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                      vocab_size=262208, max_position_embeddings=131072, sliding_window=1024, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, rope_parameters=_GEMMA3_ROPE),
+    "gemma3-12b": dict(config="Gemma3TextConfig", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                       vocab_size=262208, max_position_embeddings=131072, sliding_window=1024, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, rope_parameters=_GEMMA3_ROPE),
+    "ministral-8b": dict(config="MinistralConfig", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+                         max_position_embeddings=32768, sliding_window=32768, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000000.0}),
 }
 
 
 def _config(shape: str):
-    from transformers import LlamaConfig
+    import transformers
 
-    return LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
+    kw = dict(SHAPES[shape])
+    cls = getattr(transformers, kw.pop("config", "LlamaConfig"))
+    kw.setdefault("rms_norm_eps", 1e-5)
+    return cls(**kw, bos_token_id=1, eos_token_id=2, use_cache=False)
 
 
 def _n_matmul(config) -> int:
@@ -84,6 +108,9 @@ def _build(impl: str, shape: str, device: str, dtype: torch.dtype, seq: int):
 
     if impl == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        if "config" in SHAPES[shape]:
+            raise SystemExit(f"liger: this bench patches Llama shapes only, not {shape}")
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True, model=model)

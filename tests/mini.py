@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "qwen3", "gemma3_text", "ministral")
 VOCAB = 384
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -49,6 +49,15 @@ def mini_config(family: str, **overrides):
         cls = tf.Qwen3Config
         kw.update(head_dim=24, tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
                   max_window_layers=1)
+    elif family == "gemma3_text":  # local (window 4, base 1e4) then global (base 1e6, linear x8) layer;
+        cls = tf.Gemma3TextConfig    # attention scale from query_pre_attn_scalar != head_dim; tied embeddings
+        kw.update(head_dim=16, query_pre_attn_scalar=24, sliding_window=4, hidden_activation="gelu_pytorch_tanh",
+                  tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+    elif family == "ministral":  # head_dim != hidden / heads, GQA, a sliding then a full-attention layer
+        cls = tf.MinistralConfig
+        kw.update(head_dim=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
     else:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     kw.update(overrides)

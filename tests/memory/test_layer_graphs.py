@@ -52,7 +52,7 @@ def _two_batches():
 
 
 # gemma2: sandwich norms, full recompute; qwen3: q/k head norms
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "qwen3", "gemma3_text"])
 def test_graphed_layers_train_bit_identically(family):
     batches = _two_batches()
     ref = _train(_lora(False, family=family), 4, batches)

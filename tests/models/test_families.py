@@ -37,7 +37,7 @@ def test_window_of_matches_what_transformers_masks(family):
         want = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
         assert spec.window_of(config, i) == want, (family, i)
     assert any(spec.window_of(config, i) for i in range(config.num_hidden_layers)) == (
-        family in ("mistral", "gemma2", "qwen3"))  # the minis whose windows are exercised
+        family in ("mistral", "gemma2", "qwen3", "gemma3_text", "ministral"))  # the minis whose windows are exercised
 
 
 def test_one_activation_table():

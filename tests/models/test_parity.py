@@ -293,10 +293,10 @@ def test_triton_path_matches_stock(hook_q, fused_lora, recompute, tmp_path, monk
     assert h_given == want
 
 
-@pytest.mark.parametrize("family", ["qwen3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
 def test_triton_path_with_head_norms_matches_stock(family, tmp_path):
-    """Qwen3's per-head q/k RMSNorm on the Triton kernels (interpreter), RoPE rotating their fresh
-    outputs in place: loss and every LoRA gradient against float64 stock."""
+    """Per-head q/k RMSNorm (Qwen3; Gemma 3 with (1 + w)) on the Triton kernels (interpreter), RoPE
+    rotating their fresh outputs in place: loss and every LoRA gradient against float64 stock."""
     from velotune.kernels import force_triton
 
     fast, stock = _load_pair(family, tmp_path)

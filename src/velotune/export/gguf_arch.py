@@ -115,6 +115,26 @@ def _check_gemma2(w, c, rp) -> None:
         raise ExportError("Gemma 2 GGUF needs sliding attention on even layers and full attention on odd ones")
 
 
+def _check_gemma3(w, c, rp) -> None:
+    """llama.cpp's Gemma 3 graph hard-codes what Gemma 3 checkpoints use: every 6th layer global, the
+    others sliding with RoPE base 10000 unscaled, the attention scale from head_dim (hidden / heads for
+    the 62-layer 27B), no final-logit softcap. Refuse configs it would misread."""
+    types = getattr(c, "layer_types", None) or []
+    if any((t == "sliding_attention") != bool((i + 1) % 6) for i, t in enumerate(types)):
+        raise ExportError("Gemma 3 GGUF needs 5 sliding layers then 1 full-attention layer, repeated "
+                          "(llama.cpp's fixed pattern)")
+    local = (getattr(c, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if float(local.get("rope_theta", 10000.0)) != 10000.0 or local.get("rope_type", "default") != "default":
+        raise ExportError("Gemma 3 GGUF needs the sliding layers' RoPE at base 10000 without scaling "
+                          f"(llama.cpp's fixed values); this model has {local}")
+    expected = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == 62 else c.head_dim
+    if c.query_pre_attn_scalar != expected:
+        raise ExportError(f"Gemma 3 with query_pre_attn_scalar={c.query_pre_attn_scalar} cannot be expressed in "
+                          f"GGUF (llama.cpp uses {expected} for a {c.num_hidden_layers}-layer model)")
+    if getattr(c, "final_logit_softcapping", None) is not None:
+        raise ExportError("Gemma 3 GGUF: llama.cpp's Gemma 3 graph has no final-logit softcap")
+
+
 def _softcaps(w, c, rp) -> None:
     w.add_attn_logit_softcapping(c.attn_logit_softcapping or 0.0)
     w.add_final_logit_softcapping(c.final_logit_softcapping or 0.0)
@@ -171,6 +191,7 @@ FEATURES: dict[str, Feature] = {
         getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings)),
     "sliding_window_key": Feature(lambda w, c, rp: w.add_sliding_window(getattr(c, "sliding_window", None) or 0)),
     "gemma2_layout": Feature(_check_gemma2),
+    "gemma3_layout": Feature(_check_gemma3),
     "softcaps": Feature(_softcaps),
     "llama3_rope_freqs": Feature(tensors=_llama3_rope_freqs),
     "longrope_factors": Feature(tensors=_longrope_factors),

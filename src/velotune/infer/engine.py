@@ -97,15 +97,24 @@ class DecodeEngine:
             return
         # The model's own rotary module at positions 0..S-1: identical values to its per-step call.
         dummy = torch.empty(1, dtype=self.spec.dtype, device=self.spec.device)
-        cos, sin = self.spec.rotary(dummy, cache.arange.unsqueeze(0))
-        cache.cos, cache.sin = cos[0], sin[0]
+        cache.cos, cache.sin = {}, {}
+        for key in self._rope_keys():
+            cos, sin = self._rotary(dummy, cache.arange.unsqueeze(0), key)
+            cache.cos[key], cache.sin[key] = cos[0], sin[0]
 
-    def _rope(self, h: torch.Tensor, positions: torch.Tensor):
-        """positions [B, T] -> cos, sin [B, T, R]."""
+    def _rope_keys(self):
+        return {layer.rope_key for layer in self.spec.layers}
+
+    def _rotary(self, x, positions, key):
+        """The model's rotary module: one table, or (Gemma 3) the table of layer type `key`."""
+        return self.spec.rotary(x, positions) if key is None else self.spec.rotary(x, positions, key)
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict:
+        """positions [B, T] -> {rope key: (cos, sin) [B, T, R]} (key None: the model's only table)."""
         c = self.cache
         if self.static_rope:
-            return c.cos[positions], c.sin[positions]
-        return self.spec.rotary(h, positions)
+            return {key: (c.cos[key][positions], c.sin[key][positions]) for key in c.cos}
+        return {key: self._rotary(h, positions, key) for key in self._rope_keys()}
 
     # ------------------------------------------------------------------ the model
     def _norm(self, x, n):
@@ -126,9 +135,10 @@ class DecodeEngine:
     def _proj(self, layer, name, x):
         return ops.linear(getattr(layer, name), x, layer.plans[name])
 
-    def _layer(self, i: int, layer, h, cos, sin, allowed, write):
+    def _layer(self, i: int, layer, h, ropes, allowed, write):
         """One decoder layer. h [B, T, H]; `write(cache_tensor, new)` stores K or V for these tokens."""
         s, c = self.spec, self.cache
+        cos, sin = ropes[layer.rope_key]
         B, T, _ = h.shape
         x = self._norm(h, layer.input_norm)
         if layer.qkv is not None:
@@ -212,9 +222,9 @@ class DecodeEngine:
             return buf[:, :, :T]
 
         h = self.spec.embed(input_ids)
-        cos, sin = self._rope(h, position_ids)
+        ropes = self._rope(h, position_ids)
         for i, layer in enumerate(self.spec.layers):
-            h = self._layer(i, layer, h, cos, sin, allowed, write)
+            h = self._layer(i, layer, h, ropes, allowed, write)
         c.length = T
         return self._head(h[:, -1])
 
@@ -240,9 +250,9 @@ class DecodeEngine:
             return buf[:, :, :S]
 
         h = self.spec.embed(ids)
-        cos, sin = self._rope(h, positions)
+        ropes = self._rope(h, positions)
         for i, layer in enumerate(self.spec.layers):
-            h = self._layer(i, layer, h, cos, sin, allowed, write)
+            h = self._layer(i, layer, h, ropes, allowed, write)
         return self._head(h[:, -1])
 
     @torch.no_grad()

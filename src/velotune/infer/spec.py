@@ -8,6 +8,7 @@ has is read from the modules themselves (q/k/v or fused qkv, gate/up or fused ga
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ class LayerSpec:
     pre_ffn_norm: Norm | None = None  # Gemma 2 sandwich norms
     post_ffn_norm: Norm | None = None
     sliding_window: int | None = None
+    rope_key: str | None = None  # which RoPE table: None (the model's one) or a layer type (Gemma 3)
     plans: dict = field(default_factory=dict)  # projection name -> ops.lora_plan result
 
 
@@ -85,12 +87,14 @@ def build_spec(model) -> DecoderSpec | None:
     lm = causal_lm_of(model)
     config = lm.config
     family = spec_for(config)
-    if family is None or not hasattr(lm, "model"):
+    if family is None or not hasattr(lm, "model") or getattr(config, "use_bidirectional_attention", False):
         return None
     devices = {p.device for p in lm.parameters()}
     if len(devices) != 1:
         return None  # sharded over devices (device_map): leave to stock generate
     body = lm.model
+    if family.rope_by_layer_type and "layer_type" not in inspect.signature(body.rotary_emb.forward).parameters:
+        return None  # a transformers release whose rotary module has no per-layer-type tables
     layers = []
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -98,7 +102,8 @@ def build_spec(model) -> DecoderSpec | None:
                          post_attn_norm=_norm(layer.post_attention_layernorm, family),
                          o=attn.o_proj, down=mlp.down_proj,
                          act=getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn"),
-                         sliding_window=family.window_of(config, i))
+                         sliding_window=family.window_of(config, i),
+                         rope_key=config.layer_types[i] if family.rope_by_layer_type else None)
         if hasattr(attn, "qkv_proj"):
             spec.qkv = attn.qkv_proj
         else:
@@ -118,8 +123,7 @@ def build_spec(model) -> DecoderSpec | None:
         layers.append(spec)
     attn0 = body.layers[0].self_attn
     head_dim = attn0.head_dim
-    rope_params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope_params.get("rope_type", rope_params.get("type", "default")) if isinstance(rope_params, dict) else "default"
+    rope_type = _rope_type(config)
     dtype = body.embed_tokens.weight.dtype
     return DecoderSpec(
         family=family.name, embed=body.embed_tokens, layers=layers, final_norm=_norm(body.norm, family),
@@ -128,6 +132,16 @@ def build_spec(model) -> DecoderSpec | None:
         scaling=float(attn0.scaling), attn_softcap=_config_value(config, family.attn_softcap_attr),
         final_softcap=_config_value(config, family.final_softcap_attr), device=next(iter(devices)),
         dtype=dtype, vocab_size=config.vocab_size, act_name=family.activation(config))
+
+
+def _rope_type(config) -> str:
+    """The RoPE type; with one table per layer type (Gemma 3) a length-dependent one if any is."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return "default"
+    tables = list(params.values()) if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    types = [t.get("rope_type", t.get("type", "default")) for t in tables]
+    return next((t for t in types if t in DYNAMIC_ROPE), types[0])
 
 
 def _config_value(config, attr: str | None):

@@ -22,6 +22,9 @@ Fields, by reader:
                         "none", "all" (every layer), "layer_types" (layers whose
                         config.layer_types[i] == "sliding_attention"). Training uses transformers' own
                         masks; the decode path (infer/) builds its masks from this.
+                        rope_by_layer_type: the model's rotary module takes a layer type and returns
+                        that type's cos/sin (Gemma 3: local and global RoPE bases); layer i uses
+                        config.layer_types[i]'s table (training gets them from transformers' own loop).
                         embedding_scale, sandwich_norms: done by the stock embedding / decoder layer
                         code; recorded so the decode path and mlp.py know them.
   export                gguf: a `GGUFLayout` (llama.cpp architecture and per-feature metadata) or None
@@ -70,6 +73,7 @@ class FamilySpec:
     attn_softcap_attr: str | None = None  # config attribute: scores -> t * tanh(scores / t)
     final_softcap_attr: str | None = None # config attribute: logits -> t * tanh(logits / t)
     sliding_window: str = "none"          # "none" | "all" | "layer_types" (see the module docstring)
+    rope_by_layer_type: bool = False      # rotary_emb(x, positions, layer_type): one table per layer type
     embedding_scale: bool = False         # hidden *= sqrt(hidden_size) after the embedding (stock code)
     sandwich_norms: bool = False          # extra norms after attention and MLP (stock decoder layer)
     gguf: GGUFLayout | None = None        # llama.cpp layout; None: no GGUF export
@@ -106,6 +110,7 @@ class FamilySpec:
             ("norm_offset", self.norm_offset), ("qkv", self.qkv), ("gate_up", self.gate_up),
             ("qkv_bias", self.qkv_bias), ("qk_norm", self.qk_norm), ("attn_softcap", self.attn_softcap_attr),
             ("final_softcap", self.final_softcap_attr), ("sliding_window", self.sliding_window),
+            ("rope_by_layer_type", self.rope_by_layer_type),
             ("embedding_scale", self.embedding_scale), ("sandwich_norms", self.sandwich_norms))
             if v not in (0.0, "separate", False, None, "none")]
         return f"{self.name}: " + (", ".join(diffs) if diffs else "Llama layout")
