@@ -7,7 +7,7 @@ Runs `torchrun` twice per mode (1 process, then --gpus processes) and prints per
 per-step losses of both. The global batch is the same: one process accumulates --gpus micro-batches
 of --batch rows; N processes take one micro-batch each. Losses are normalised by the global token
 count, so the updates are the same up to reduction order. Model shapes, LoRA settings and the
-velotune model come from bench/train.py.
+velotune model come from bench/common.py.
 """
 from __future__ import annotations
 
@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import torch  # noqa: E402
 
 
 def _batches(step: int, rows: int, seq: int, vocab: int, device: str):
@@ -34,8 +32,6 @@ def _batches(step: int, rows: int, seq: int, vocab: int, device: str):
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from train import _build, _config  # bench/train.py
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = f"cuda:{local}" if args.device == "cuda" else "cpu"
@@ -45,9 +41,11 @@ def worker(args) -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     shape = args.shape if args.mode == "lora" else args.fsdp_shape
     if args.mode == "lora":
-        model = _build("velotune", shape, device, dtype, args.seq)
+        model = common.build("velotune-lora", common.config(shape), device, dtype, args.seq,
+                             {"use_gradient_checkpointing": True})
         if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if args.device == "cuda" else None)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[local] if args.device == "cuda" else None)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -56,7 +54,7 @@ def worker(args) -> None:
 
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(_config(shape), dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(common.config(shape), dtype=dtype, attn_implementation="sdpa")
         model.velotune_compute_dtype = dtype
         prepare_model(model, max_seq_length=args.seq, full_finetuning=True)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -64,7 +62,7 @@ def worker(args) -> None:
             fsdp_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5 if args.mode == "fsdp" else 1e-4, fused=args.device == "cuda")
-    vocab = _config(shape).vocab_size
+    vocab = common.config(shape).vocab_size
     micro = args.gpus // world  # micro-batches this process accumulates per step
     n_global = args.gpus * args.batch * (args.seq - 1)
 
@@ -127,6 +125,7 @@ def main() -> int:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--mode", default="lora")
     ap.add_argument("--out")
+    common.add_output_args(ap)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -134,7 +133,7 @@ def main() -> int:
     args.passthrough = [f"--gpus={args.gpus}", f"--shape={args.shape}", f"--fsdp-shape={args.fsdp_shape}",
                         f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
                         f"--warmup={args.warmup}", f"--device={args.device}"]
-    rows = []
+    rows, results = [], []
     for mode in args.modes:
         one, many = _launch(args, mode, 1), _launch(args, mode, args.gpus)
         diff = max(abs(a - b) / abs(a) for a, b in zip(one["losses"], many["losses"]))
@@ -147,6 +146,12 @@ def main() -> int:
         peaks = f"{one['peak_gib'] or 0:.1f}/{many['peak_gib'] or 0:.1f}"
         print(f"{mode:6} {one['shape']:5} {one['tokens_per_s_total']:12.0f} {many['tokens_per_s_total']:12.0f} "
               f"{ratio:14.3f} {diff:18.2e} {peaks:>14}")
+        results.append({"mode": mode, "shape": one["shape"], "gpus": args.gpus,
+                        "tokens_per_s_1gpu": one["tokens_per_s_total"],
+                        "tokens_per_s_total": many["tokens_per_s_total"],
+                        "per_gpu_ratio": ratio, "max_rel_loss_diff": diff, "peak_gib_1gpu": one["peak_gib"],
+                        "peak_gib_per_gpu": many["peak_gib"]})
+    common.write_rows(args.jsonl, "ddp", results, args.commit, args.device)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Generation speed: velotune's decode path against stock transformers `generate`, same run, same weights.
 
-    PYTHONPATH=.devsite:src python bench/generate.py --out results.json
+    PYTHONPATH=.devsite:src python bench/generate.py --lora --jsonl bench/results/generate.jsonl
 
 Model: Llama-3.1-8B shape (32 layers, hidden 4096, GQA 32/8, vocab 128256, llama3 RoPE) with random
 weights made on the GPU; bf16, then the same weights quantised to NF4 (bitsandbytes, double quant).
@@ -19,11 +19,13 @@ import argparse
 import copy
 import json
 import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts src/ on sys.path)
+import torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only for a --tiny dry run of this script
 
@@ -130,11 +132,7 @@ def run(args) -> dict:
     import transformers
 
     results["transformers"] = transformers.__version__
-    try:
-        results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip()
-    except OSError:
-        results["commit"] = "?"
+    results["commit"] = args.commit
     t_start = time.perf_counter()
     model = build_model(args.layers, args.tiny)
     vocab = model.config.vocab_size
@@ -214,14 +212,16 @@ def main() -> int:
     p.add_argument("--check", type=int, default=32, help="teacher-forced logit check over this many tokens (0: off)")
     p.add_argument("--time-budget", type=float, default=240.0, help="skip remaining runs after this many seconds")
     p.add_argument("--tiny", action="store_true", help="a toy-size model (dry run of this script, CPU ok)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="all results (rows, checks, versions) as one JSON file")
+    common.add_output_args(p)
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.tiny:
         print("bench/generate.py needs a CUDA GPU", file=sys.stderr)
         return 2
     results = run(args)
     results["python"] = platform.python_version()
-    print("\n| model | batch | stock tok/s | velotune tok/s | speed-up | graphs | greedy agree (min/mean of %d) |" % args.new)
+    print("\n| model | batch | stock tok/s | velotune tok/s | speed-up | graphs | greedy agree (min/mean of %d) |"
+          % args.new)
     print("|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['model']} | {r['batch']} | {r['stock_tps']} | {r['velotune_tps']} | {r['speedup']}x | "
@@ -230,6 +230,8 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    common.write_rows(args.jsonl, "generate", [{**r, "prompt": args.prompt, "new_tokens": args.new}
+                                               for r in results["rows"]], args.commit, DEVICE)
     return 0
 
 

@@ -25,12 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-# `python bench/packing.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the `kernels`
-# package that bitsandbytes imports; drop it, and use this checkout's src/ without installing.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent / "src"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts src/ on sys.path)
 import torch  # noqa: E402
 
 from velotune.data.packing import PaddingFreeCollator, pack_indices  # noqa: E402
@@ -64,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="padded,padded-grouped,packed-rows,packed-flat")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.samples, args.batch, args.max_len, args.median_len = min(args.samples, 24), 4, 64, 12.0
@@ -238,7 +235,9 @@ def main(argv=None) -> int:
     assert all(r["loss_tokens"] == results[0]["loss_tokens"] for r in results), "modes disagree on trained tokens"
     print(f"\npool loss agrees across modes to {worst:.2e} relative (limit {tol:.0e})")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(args=vars(args), results=results), indent=2))
+        Path(args.json).write_text(json.dumps(dict(args=vars(args), results=results), indent=2, default=str))
+    common.write_rows(args.jsonl, "packing", [{**r, "speedup_vs_padded": r["tokens_per_s"] / base["tokens_per_s"]}
+                                              for r in results], args.commit, device.type)
     if worst > tol:
         print("FAIL: packed and padded modes disagree on the loss", file=sys.stderr)
         return 1

@@ -3,6 +3,10 @@
 Each subcommand lives in the module that owns its work and exposes two functions:
 `add_arguments(parser)` and `run(args) -> int`. This file only routes, so `velotune --help`
 stays fast (modules are imported when their command runs).
+
+Errors: a `velotune.errors.VelotuneError` (bad config, model folder, data, paths, arguments) is printed
+as one line, `velotune COMMAND: error: MESSAGE`, and the exit code is 2; `--traceback` (anywhere on the
+command line) prints its traceback too. Any other exception is a bug in velotune and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velotune", description="Fast, exact LLM fine-tuning.")
     parser.add_argument("--version", action="version", version=f"velotune {_version()}")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, show the Python traceback too (may also follow the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
@@ -40,6 +46,8 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in argv
+    argv = [a for a in argv if a != "--traceback"]
     parser = build_parser()
     # Find the subcommand first so only its module is imported.
     name = next((a for a in argv if not a.startswith("-")), None)
@@ -56,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except VelotuneError as e:
+        if show_traceback:
+            import traceback
+
+            traceback.print_exc()
         print(f"velotune {args._name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ that own them, so `unpatch(model)` can always return stock behaviour.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -26,16 +27,53 @@ _FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"
 _UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.tiktoken")
+
+
 def _check_local_folder(path: Path) -> None:
-    """Refuse folders that hold only pickled weights: we load safetensors and never unpickle."""
+    """Refuse model folders that cannot load, before anything is read into memory: no config.json,
+    only pickled weights (we load safetensors and never unpickle), torn or garbage safetensors files,
+    shards named by the index but missing, no tokenizer files."""
+    from velotune.safetensors_check import check_weight_files
+
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a folder")
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} has no config.json: is it a transformers model folder?")
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({e}); re-download or re-export the model")
     if not any(p.suffix == ".safetensors" for p in path.iterdir()):
         pickled = [p.name for p in path.iterdir() if p.suffix in _UNSAFE_WEIGHT_SUFFIXES]
         hint = f" (found pickled files {pickled}; convert them to safetensors first)" if pickled else ""
         raise ModelLoadError(f"{path} has no *.safetensors weights{hint}; velotune loads only safetensors")
+    check_weight_files(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them "
+                             "from the base model's folder (tokenizer.save_pretrained(folder))")
+
+
+def check_adapter_folder(path: Path) -> dict:
+    """A LoRA adapter folder velotune can load: readable adapter_config.json and safetensors weights
+    (a pickled adapter_model.bin is refused: it is never unpickled). Returns the adapter config."""
+    from velotune.safetensors_check import check_weight_files
+
+    cfg_path = path / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg_path} is not readable JSON ({type(e).__name__}); re-save the adapter") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_path} is not a JSON object; re-save the adapter")
+    if not (path / "adapter_model.safetensors").is_file():
+        pickled = [p.name for p in path.iterdir() if p.suffix in _UNSAFE_WEIGHT_SUFFIXES]
+        hint = (f"it holds pickled weights {pickled}, which velotune never unpickles: convert them to "
+                "safetensors (load them in a trusted environment and save with safe_serialization=True)"
+                if pickled else "re-save the adapter (model.save_pretrained(folder))")
+        raise ModelLoadError(f"{path} has no adapter_model.safetensors; {hint}")
+    check_weight_files(path, names=["adapter_model.safetensors"])
+    return cfg
 
 
 def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revision: str | None) -> str:
@@ -56,6 +94,68 @@ def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revisi
         raise ModelLoadError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             "Without network access, pass a local model folder instead.") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _load_config(auto_config, path: str, trust_remote_code: bool):
+    """AutoConfig, with transformers' refusals (remote code, unknown model_type) as one-line ModelLoadErrors."""
+    try:
+        return auto_config.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        text = str(e)
+        if "trust_remote_code" in text:
+            raise ModelLoadError(
+                f"{path}: this model needs its own Python code (auto_map in config.json), which velotune does not "
+                "run by default; use a model whose architecture transformers ships, or, if you trust its code, "
+                "pass trust_remote_code=True from Python") from e
+        model_type = _config_value(path, "model_type")
+        if model_type is not None and ("model type" in text or "Unrecognized" in text):
+            import transformers
+
+            raise ModelLoadError(
+                f"{path}/config.json: model_type {model_type!r} is not known to transformers "
+                f"{transformers.__version__}: fix model_type, upgrade transformers, or use a supported model") from e
+        raise ModelLoadError(f"{path}/config.json: {_first_line(e)}") from e
+
+
+def _config_value(path: str, key: str):
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_coverage(path: Path, config) -> None:
+    from velotune.safetensors_check import missing_weights
+
+    missing = missing_weights(path, config)
+    if missing:
+        raise ModelLoadError(_missing_message(path, missing))
+
+
+def _missing_message(path, missing: list[str]) -> str:
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return (f"{path}: the safetensors files lack {len(missing)} weight(s) the model needs ({shown}); "
+            "the folder is incomplete: re-download or re-export the model")
+
+
+def _load_weights(auto_model, path: str, config, load_kwargs: dict):
+    """The model, refusing weights the files do not cover (transformers would leave them random with
+    only a warning) and reporting unreadable files as one line."""
+    from safetensors import SafetensorError
+
+    try:
+        model, info = auto_model.from_pretrained(path, config=config, output_loading_info=True, **load_kwargs)
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: the weights do not load ({_first_line(e)}); re-download or re-export "
+                             "the model") from e
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelLoadError(_missing_message(path, missing))
+    return model
 
 
 class FastLanguageModel:
@@ -87,7 +187,9 @@ class FastLanguageModel:
 
         compute_dtype = resolve_dtype(dtype)
         path = _resolve_model_path(model_name, token, revision)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = _load_config(AutoConfig, path, trust_remote_code)
+        if Path(path).is_dir():
+            _check_coverage(Path(path), config)
         load_kwargs: dict[str, Any] = dict(dtype=compute_dtype, use_safetensors=True,
                                            trust_remote_code=trust_remote_code, **kwargs)
         if attn_implementation is not None:  # None: transformers picks (SDPA where the family allows it)
@@ -98,10 +200,14 @@ class FastLanguageModel:
             from velotune.quant import quantization_config_for
 
             load_kwargs = {**quantization_config_for(compute_dtype, config), **load_kwargs}  # caller's win
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **load_kwargs)
+        model = _load_weights(AutoModelForCausalLM, path, config, load_kwargs)
         if device_map is None and not load_in_4bit and torch.cuda.is_available():
             model = model.to("cuda")
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelLoadError(f"{path}: the tokenizer files do not load ({type(e).__name__}: "
+                                 f"{_first_line(e)}); copy them from the base model's folder") from e
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.max_seq_length = max_seq_length

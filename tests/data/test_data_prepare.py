@@ -59,11 +59,16 @@ def test_rows_the_template_rejects_are_counted():
         tok = get_chat_template(mini_tokenizer(), "mistral")
     finally:
         logging.disable(logging.NOTSET)
-    mid_system = [GOOD[0], GOOD[1], {"role": "system", "content": "Now be rude."}, GOOD[0], GOOD[1]]
-    rows = [{"messages": GOOD}, {"messages": mid_system}, {"messages": GOOD}]
+    # a template that refuses some content (the turn order is checked before any template sees a row)
+    tok.chat_template = ("{% for m in messages %}{% if 'FORBIDDEN' in m['content'] %}"
+                         "{{ raise_exception('no forbidden words') }}{% endif %}"
+                         "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
+                         "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    rows = [{"messages": GOOD}, {"messages": [{"role": "user", "content": "FORBIDDEN"}, GOOD[1]]},
+            {"messages": GOOD}]
     ds, report = tokenize_conversations(rows, tok, max_seq_length=64, progress=False)
     assert len(ds) == 2 and report.skipped == {"template_error": [1]}
-    assert "one leading system message" in report.summary()
+    assert "no forbidden words" in report.summary()
 
 
 def test_labels_are_the_replies(tok):

@@ -205,3 +205,62 @@ def test_qwen3_think_blocks():
     prompt = tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False)
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True).endswith("assistant\n")
+
+
+def _quantize_input_embeddings(model):
+    """Swap in a real bitsandbytes 4-bit embedding table (same rows), as a quantized model would hold."""
+    import bitsandbytes as bnb
+    import torch
+
+    e = model.get_input_embeddings()
+    q = bnb.nn.Embedding4bit(e.num_embeddings, e.embedding_dim, dtype=torch.float32)
+    q.load_state_dict(e.state_dict())
+    model.set_input_embeddings(q.to("cpu"))
+
+
+def test_ensure_template_tokens_adds_chatml_and_grows_the_embeddings():
+    import torch
+
+    from velotune.data.chat_templates import ensure_template_tokens
+
+    tok, model = mini_tokenizer(), mini_model("llama")
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert "<|im_start|>" not in tok.get_vocab()
+    assert ensure_template_tokens(tok, model, "chatml") == ["<|im_start|>", "<|im_end|>"]
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) > rows
+    assert model.get_output_embeddings().weight.shape[0] == len(tok)
+    get_chat_template(tok, "chatml", model=model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    assert int(ids["input_ids"].max()) >= rows  # the new ids are used, and the forward takes them
+    with torch.no_grad():
+        assert torch.isfinite(model(**ids).logits).all()
+    assert ensure_template_tokens(tok, model, "chatml") == []  # a second call changes nothing
+    assert ensure_template_tokens(tok, model) == []
+
+
+def test_a_tokenizer_larger_than_the_embeddings_grows_them():
+    from velotune.data.chat_templates import ensure_template_tokens
+
+    tok, model = mini_tokenizer(), mini_model("llama")
+    tok.add_tokens(["<extra_a>", "<extra_b>"], special_tokens=True)  # e.g. a tokenizer saved by another run
+    ensure_template_tokens(tok, model)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def test_quantized_embeddings_that_must_grow_are_a_clear_error():
+    from velotune.data.chat_templates import ensure_template_tokens
+
+    tok, model = mini_tokenizer(), mini_model("llama")
+    _quantize_input_embeddings(model)
+    n = len(tok)
+    with pytest.raises(ConfigError, match=r"chat template chatml: .* Embedding4bit table is quantized, so it "
+                                          r"cannot grow; load the model unquantized") as e:
+        ensure_template_tokens(tok, model, "chatml")
+    assert "\n" not in str(e.value)
+    assert len(tok) == n and "<|im_start|>" not in tok.get_vocab()  # nothing changed
+    with pytest.raises(ConfigError, match="cannot grow"):
+        get_chat_template(tok, "chatml", model=model)
+    assert len(tok) == n
+    # a template whose tokens are all there needs no growth, quantized or not
+    assert ensure_template_tokens(tok, model, "default") == []

@@ -1,5 +1,5 @@
 """On a CUDA GPU (skipped elsewhere): each kernel's bf16 error vs float64 is within 1.5x of the stock
-path's, forward and gradients. bench/kernels.py runs the same check at Llama-3-8B sizes."""
+path's, forward and gradients. bench/fused_kernels.py runs the same check at Llama-3-8B sizes."""
 import pytest
 import torch
 

@@ -51,7 +51,7 @@ def test_rmsnorm_kernel(shape, offset, train_w, noncontig, block, monkeypatch):
 def test_rmsnorm_kernel_llama_mixed_dtypes():
     """bf16 activations with an fp32 weight: output promotes to fp32 like LlamaRMSNorm.
     (The interpreter casts fp32 -> bf16 by truncation, the GPU rounds to nearest: compare to one
-    bf16 ulp here; bench/kernels.py checks bf16 accuracy on the GPU.)"""
+    bf16 ulp here; bench/fused_kernels.py checks bf16 accuracy on the GPU.)"""
     x = torch.randn(3, 17).to(torch.bfloat16)
     w = torch.randn(17)
     with force_triton():

@@ -113,7 +113,7 @@ def test_cli_trains_with_overrides_and_reports_missing_checkpoints(mini_llama, t
     assert not (tmp_path / "from-yaml").exists()
 
     assert main(["train", str(path), "--resume", "--output-dir", str(tmp_path / "empty")]) == 2
-    assert "training.resume_from_checkpoint: no checkpoint-N folder in" in capsys.readouterr().err
+    assert "training.resume_from_checkpoint: no complete checkpoint-N folder in" in capsys.readouterr().err
 
 
 def test_lora_settings_the_model_cannot_take_are_a_config_error(mini_llama, tmp_path):

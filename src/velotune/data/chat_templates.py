@@ -160,7 +160,10 @@ def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | 
         raise ConfigError(f"template {name!r} ends turns with the tokenizer's eos_token, but this tokenizer has none; "
                           "set tokenizer.eos_token first")
     source = render_template_source(name, mapping, system_message)  # validates mapping before any change
-    added = _add_missing_special_tokens(tokenizer, spec.special_tokens + ((spec.stop,) if spec.stop else ()))
+    needed = template_tokens(name)
+    if model is not None:  # refuse before the tokenizer changes when the embeddings would have to grow but can't
+        _check_can_grow(model, len(tokenizer) + len(_missing(tokenizer, needed)), name)
+    added = _add_missing_special_tokens(tokenizer, needed)
     tokenizer.chat_template = source
     tokenizer.velotune_chat_template = name
     old_eos = tokenizer.eos_token
@@ -179,7 +182,59 @@ def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | 
     return tokenizer
 
 
+def template_tokens(chat_template: str) -> tuple[str, ...]:
+    """The special tokens the named template writes as single tokens (its stop token included)."""
+    spec = CHAT_TEMPLATES[resolve_name(chat_template)]
+    return tuple(dict.fromkeys(spec.special_tokens + ((spec.stop,) if spec.stop else ())))
+
+
+def _missing(tokenizer, tokens) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    return [t for t in dict.fromkeys(tokens) if t not in vocab]
+
+
+def _embedding_rows(model) -> int:
+    emb = model.get_input_embeddings()
+    return getattr(emb, "num_embeddings", None) or emb.weight.shape[0]  # (a packed 4-bit weight has another shape)
+
+
+def _check_can_grow(model, rows_needed: int, what: str) -> None:
+    """ConfigError when the model's embeddings must grow to `rows_needed` rows but cannot (quantized tables)."""
+    if rows_needed <= _embedding_rows(model):
+        return
+    tables = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    frozen = [type(m).__name__ for m in tables
+              if hasattr(m.weight, "quant_state") or not (m.weight.is_floating_point())]
+    if frozen:
+        raise ConfigError(f"chat template {what}: the tokenizer needs {rows_needed} embedding rows but the model has "
+                          f"{_embedding_rows(model)} and its {'/'.join(frozen)} table is quantized, so it cannot grow; "
+                          "load the model unquantized for this template, or pick a template whose tokens the "
+                          "tokenizer already has (or the model's own chat template: leave data.chat_template unset)")
+
+
+def ensure_template_tokens(tokenizer, model, chat_template: str | None = None) -> list[str]:
+    """Make `model` able to embed every token `tokenizer` yields with `chat_template`; returns the tokens added.
+
+    chat_template: a velotune template name: its special tokens (e.g. chatml's <|im_start|>, <|im_end|>) are
+    added to the tokenizer when missing. None: the tokenizer as it is. Then, when the tokenizer holds more
+    tokens than the input embedding has rows, the embeddings (and an untied LM head) grow to len(tokenizer)
+    (`model.resize_token_embeddings`, as get_chat_template(model=...) does): without that, the new ids
+    index past the table ("index out of range in self"). The new rows are initialised by transformers from
+    the old rows' mean and covariance; they train only when the embeddings are trainable.
+    Raises ConfigError, with tokenizer and model unchanged, when the tables cannot grow (quantized).
+    The chat template itself is not set here: get_chat_template does that.
+    """
+    needed = template_tokens(chat_template) if chat_template else ()
+    missing = _missing(tokenizer, needed)
+    _check_can_grow(model, len(tokenizer) + len(missing), chat_template or "of the tokenizer")
+    added = _add_missing_special_tokens(tokenizer, missing)
+    _grow_embeddings(model, tokenizer, added)
+    return added
+
+
 def _set_custom(tokenizer, template: str, stop: str | None, map_eos_token: bool, model):
+    if model is not None and stop:
+        _check_can_grow(model, len(tokenizer) + len(_missing(tokenizer, [stop])), "(custom)")
     added = _add_missing_special_tokens(tokenizer, [stop]) if stop else []
     tokenizer.chat_template = template
     tokenizer.velotune_chat_template = None
@@ -201,8 +256,7 @@ def _set_custom(tokenizer, template: str, stop: str | None, map_eos_token: bool,
 def _add_missing_special_tokens(tokenizer, tokens) -> list[str]:
     from tokenizers import AddedToken
 
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    missing = _missing(tokenizer, tokens)
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     return missing
@@ -222,9 +276,10 @@ def _pick_pad_token(tokenizer, stop: str, old_eos: str | None) -> None:
         tokenizer.pad_token = "<|velotune_pad|>"
 
 
-def _update_model(model, tokenizer, stop: str, added: list[str]) -> None:
-    emb = model.get_input_embeddings()
-    if emb.weight.shape[0] < len(tokenizer):
+def _grow_embeddings(model, tokenizer, added: list[str]) -> None:
+    """Resize the model's embeddings to len(tokenizer) rows when they have fewer (never shrink)."""
+    if _embedding_rows(model) < len(tokenizer):
+        _check_can_grow(model, len(tokenizer), "of the tokenizer")
         from velotune.memory.embedding_offload import (embeddings_offloaded, offload_input_embeddings,
                                                       restore_input_embeddings)
 
@@ -235,6 +290,10 @@ def _update_model(model, tokenizer, stop: str, added: list[str]) -> None:
         if offloaded:
             offload_input_embeddings(model)
         log.info("resized the model's embeddings to %d rows for %s", len(tokenizer), added)
+
+
+def _update_model(model, tokenizer, stop: str, added: list[str]) -> None:
+    _grow_embeddings(model, tokenizer, added)
     stop_id = tokenizer.convert_tokens_to_ids(stop)
     gen = getattr(model, "generation_config", None)
     if gen is not None:

@@ -12,6 +12,7 @@ Row formats `to_messages` recognises (first match wins):
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -36,10 +37,15 @@ class RowError(DataError):
         self.reason = reason
 
 
-def load_dataset_file(path_or_dataset: Any, split: str = "train"):
+def load_dataset_file(path_or_dataset: Any, split: str = "train", *, report=None):
     """A `datasets.Dataset` from a local .json/.jsonl/.parquet/.csv file, a list of dicts, or a datasets object.
 
     A DatasetDict gives its `split`. Missing files, unknown suffixes and unreadable files raise DataError.
+    Bytes that are not UTF-8: in a .jsonl file each such line is one bad row. With `report` (a
+    velotune.data.report.DataReport) the row stays in place as an empty row (every column None, so the
+    row numbers of the others do not move) and is recorded as skipped "not_utf8" with its line number;
+    without `report` a DataError names the rows. In a .json or .csv file the whole file is refused
+    (DataError naming the line).
     """
     import datasets
 
@@ -69,6 +75,18 @@ def load_dataset_file(path_or_dataset: Any, split: str = "train"):
     kind = _LOADERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path.name}: unknown data file type {path.suffix!r}; use one of {sorted(_LOADERS)}")
+    if kind in ("json", "csv"):
+        bad = find_non_utf8_lines(path)
+        if bad and (path.suffix.lower() != ".jsonl" or report is None):
+            rows = ", ".join(f"{r} (line {n})" for r, n, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            if path.suffix.lower() == ".jsonl":
+                raise DataError(f"{path.name}: {len(bad)} rows are not UTF-8: rows {rows}, e.g. {bad[0][2]}; "
+                                "save the file as UTF-8, or load it through tokenize_conversations / "
+                                "velotune train (on_bad='skip') to leave those rows out")
+            raise DataError(f"{path.name} is not UTF-8: line {bad[0][1]} has {bad[0][2]} "
+                            f"({len(bad)} such line{'s' if len(bad) > 1 else ''}); save the file as UTF-8")
+        if bad:
+            return _load_jsonl_without(path, bad, report)
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # pyarrow / json errors: say which file and why, keep it one line
@@ -77,6 +95,59 @@ def load_dataset_file(path_or_dataset: Any, split: str = "train"):
         if cause is not None and str(cause):
             first += f" ({str(cause).splitlines()[0][:200]})"
         raise DataError(f"could not read {path.name} as {kind}: {type(e).__name__}: {first}") from None
+    return ds
+
+
+def find_non_utf8_lines(path: Path) -> list[tuple[int, int, str]]:
+    """[(row index, line number from 1, what is wrong)] for every line of `path` that is not UTF-8.
+
+    Rows are counted as the JSON Lines reader counts them: blank lines are not rows.
+    """
+    bad, row = [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append((row, lineno, f"byte 0x{raw[e.start]:02x} at column {e.start + 1} of line {lineno}"))
+            row += 1
+    return bad
+
+
+def _load_jsonl_without(path: Path, bad: list[tuple[int, int, str]], report):
+    """Load a JSON Lines file whose `bad` lines are replaced by an all-None row, recording them in report."""
+    import tempfile
+
+    import datasets
+
+    lines = {n for _, n, _ in bad}
+    placeholder = None  # the first readable row's keys, all None (an empty `{}` row would be dropped)
+    with open(path, "rb") as src:
+        for lineno, raw in enumerate(src, 1):
+            if lineno not in lines and raw.strip():
+                try:
+                    first = json.loads(raw)
+                except ValueError:
+                    break  # the JSON reader below names the problem
+                placeholder = json.dumps({k: None for k in first} if isinstance(first, dict) else {}).encode()
+                break
+    if placeholder is None:
+        raise DataError(f"{path.name}: no row is UTF-8 ({len(bad)} rows; e.g. row {bad[0][0]}: {bad[0][2]}); "
+                        "save the file as UTF-8")
+    with tempfile.TemporaryDirectory(prefix="velotune-utf8-") as tmp:
+        clean = Path(tmp) / path.name
+        with open(path, "rb") as src, open(clean, "wb") as dst:
+            for lineno, raw in enumerate(src, 1):
+                dst.write(placeholder + b"\n" if lineno in lines else raw)
+        try:
+            ds = datasets.load_dataset("json", data_files=str(clean), split="train")
+        except Exception as e:
+            raise DataError(f"could not read {path.name} as json: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    for row, lineno, what in bad:
+        report.add("not_utf8", row, f"row {row}: not UTF-8 ({what})")
     return ds
 
 

@@ -14,13 +14,14 @@ import logging
 
 from velotune.data.formats import RowError, normalize_messages, to_messages
 from velotune.data.masking import require_chat_template
-from velotune.data.report import DataReport
+from velotune.data.report import DataReport, check_on_bad
 from velotune.errors import ConfigError, DataError
 
 log = logging.getLogger("velotune")
 
 
-def _check_options(on_long: str, train_on: str | None = None) -> None:
+def _check_options(on_long: str, train_on: str | None = None, on_bad: str = "skip") -> None:
+    check_on_bad(on_bad)
     if on_long not in ("truncate", "skip"):
         raise ConfigError(f"on_long={on_long!r}: use 'truncate' or 'skip'")
     if train_on is not None and train_on not in ("responses", "all"):
@@ -35,7 +36,28 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="row", leave=False)
 
 
+def check_role_order(msgs: list[dict]) -> None:
+    """RowError("role_order") unless the turns read: [system], user, assistant, user, assistant, ...
+
+    A system message may only come first; after it the user speaks first and the two sides alternate.
+    (A conversation may end on either side; a trailing user turn is context that is not trained on.)
+    """
+    for k, m in enumerate(msgs):
+        role = m["role"]
+        if role == "system":
+            if k:
+                raise RowError("role_order", f"message {k} is a system turn in the middle of the conversation "
+                                             "(a system message may only come first)")
+            continue
+        prev = msgs[k - 1]["role"] if k else "system"
+        if prev == "system" and role != "user":
+            raise RowError("role_order", f"message {k}: the conversation starts with an {role} turn, not the user's")
+        if prev == role:
+            raise RowError("role_order", f"messages {k - 1} and {k} are both {role} turns (turns must alternate)")
+
+
 def _validate_messages(msgs: list[dict]) -> None:
+    check_role_order(msgs)
     if all(not m["content"].strip() for m in msgs):
         raise RowError("empty", "every message is blank")
     replies = [m for m in msgs if m["role"] == "assistant"]
@@ -90,28 +112,52 @@ def _add_row(cols, report: DataReport, i: int, out, max_seq_length: int, on_long
     cols["labels"].append(labels)
 
 
+def _name_of(dataset) -> str:
+    from pathlib import Path
+
+    return f"data file {Path(dataset).name}" if isinstance(dataset, (str, Path)) else "the data set"
+
+
+def load_with_report(dataset, report: DataReport | None = None):
+    """(Dataset, DataReport): load_dataset_file with the rows found unusable while reading (not UTF-8) counted.
+
+    `report`: one made by an earlier load of the same rows (its counts are kept), else a new one.
+    """
+    from velotune.data.formats import load_dataset_file
+
+    report = DataReport() if report is None else report
+    dataset = load_dataset_file(dataset, report=report)
+    report.total = len(dataset)
+    return dataset, report
+
+
 def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: str = "truncate",
-                           train_on: str = "responses", progress: bool = True):
+                           train_on: str = "responses", on_bad: str = "skip", progress: bool = True,
+                           report: DataReport | None = None):
     """Tokenize chat rows with the tokenizer's chat template -> (Dataset, DataReport).
 
     dataset: anything load_dataset_file accepts; rows in a format to_messages recognises.
     on_long: "truncate" keeps the first max_seq_length tokens, "skip" drops the row (both counted).
     train_on: "responses" (labels only on assistant replies and their stop token) or "all".
+    on_bad: "skip" leaves every unusable row out and counts it in the report (reasons in
+    velotune.data.report: e.g. not_utf8, role_order, unknown_role, empty, too_long with on_long="skip");
+    "raise" stops with a DataError naming those rows. Nothing unusable is ever trained.
+    report: the DataReport from `load_with_report` when the rows were loaded beforehand (rows it already
+    skipped, e.g. not UTF-8, stay skipped).
     A row whose reply is cut away entirely by truncation is skipped as "no_trainable_tokens".
     """
     import datasets
 
-    from velotune.data.formats import load_dataset_file
-
-    _check_options(on_long, train_on)
+    _check_options(on_long, train_on, on_bad)
     if max_seq_length < 2:
         raise ConfigError(f"max_seq_length={max_seq_length} is too small")
-    dataset = load_dataset_file(dataset)
+    dataset_arg = dataset
+    dataset, report = load_with_report(dataset, report)
     require_chat_template(tokenizer)
     if train_on == "responses" and "generation" not in tokenizer.chat_template:
         raise DataError("the tokenizer's chat template has no {% generation %} markers, so assistant tokens cannot "
                         "be found exactly; use velotune.get_chat_template(tokenizer, NAME) or train_on='all'")
-    report = DataReport(total=len(dataset))
+    already = report.rows_skipped()
     cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     chunk: list[tuple[int, list[dict]]] = []
 
@@ -121,6 +167,8 @@ def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: 
         chunk.clear()
 
     for i, row in enumerate(_progress(dataset, len(dataset), "Tokenizing", progress)):
+        if i in already:
+            continue
         try:
             msgs = to_messages(row)
             _validate_messages(msgs)
@@ -131,6 +179,7 @@ def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: 
         if len(chunk) == _CHUNK:
             flush()
     flush()
+    report.raise_if_bad(on_bad, what=_name_of(dataset_arg))
     if report.num_skipped or report.num_truncated:
         log.warning("tokenize_conversations: %s", report.summary())
     return datasets.Dataset.from_dict(cols), report
@@ -151,22 +200,25 @@ def _length(tokenizer, prompt, completion) -> int:
 
 
 def validate_preference_rows(dataset, *, max_seq_length: int, on_long: str = "truncate", tokenizer=None,
-                             progress: bool = True):
+                             on_bad: str = "skip", progress: bool = True, report: DataReport | None = None):
     """Check DPO/ORPO rows (prompt, chosen, rejected) -> (Dataset of kept rows, DataReport).
 
     Rows are kept as they are (TRL tokenizes them); this only finds the unusable ones: a missing or
     empty field, an unknown role in conversational rows, chosen == rejected, or (with `tokenizer=`)
     prompt + chosen/rejected longer than max_seq_length: "skip" drops, "truncate" keeps and counts
     (the trainer truncates). The prompt may be omitted when chosen/rejected are conversations that
-    share it (TRL's implicit prompt). Without a tokenizer lengths are not checked.
+    share it (TRL's implicit prompt). Without a tokenizer lengths are not checked. Conversational rows
+    must keep the turn order (prompt + chosen, prompt + rejected: see check_role_order). on_bad and
+    report: as in tokenize_conversations.
     """
-    from velotune.data.formats import load_dataset_file
-
-    _check_options(on_long)
-    dataset = load_dataset_file(dataset)
-    report = DataReport(total=len(dataset))
+    _check_options(on_long, on_bad=on_bad)
+    dataset_arg = dataset
+    dataset, report = load_with_report(dataset, report)
+    already = report.rows_skipped()
     keep = []
     for i, row in enumerate(_progress(dataset, len(dataset), "Checking preference rows", progress)):
+        if i in already:
+            continue
         try:
             for key in ("chosen", "rejected"):
                 if row.get(key) is None:
@@ -182,6 +234,12 @@ def validate_preference_rows(dataset, *, max_seq_length: int, on_long: str = "tr
                 raise RowError("empty", f"blank {', '.join(blank)}")
             if row["chosen"] == row["rejected"]:
                 raise RowError("identical_pair", "chosen equals rejected")
+            if isinstance(row["chosen"], list):
+                head = normalize_messages(prompt) if isinstance(prompt, list) else (
+                    [{"role": "user", "content": str(prompt)}] if prompt is not None else [])
+                for key in ("chosen", "rejected"):
+                    if isinstance(row[key], list):
+                        check_role_order(head + normalize_messages(row[key]))
             if tokenizer is not None:
                 longest = max(_length(tokenizer, prompt, row[k]) for k in ("chosen", "rejected"))
                 if longest > max_seq_length:
@@ -193,6 +251,7 @@ def validate_preference_rows(dataset, *, max_seq_length: int, on_long: str = "tr
             report.add(e.reason, i, f"row {i}: {e}")
             continue
         keep.append(i)
+    report.raise_if_bad(on_bad, what=_name_of(dataset_arg))
     if report.num_skipped or report.num_truncated:
         log.warning("validate_preference_rows: %s", report.summary())
     return (dataset if len(keep) == len(dataset) else dataset.select(keep)), report

@@ -14,16 +14,29 @@ Reasons (stable strings, so code can test for them):
   too_long             longer than max_seq_length (skipped with on_long="skip", else truncated)
   no_trainable_tokens  nothing left to learn, e.g. truncation cut the whole reply away
   identical_pair       a preference row whose chosen equals rejected
-  template_error       the chat template rejected the row (e.g. a system turn mid-conversation for mistral/gemma)
+  template_error       the chat template rejected the row
+  role_order           turns out of order: the first turn after an optional leading system message is not the
+                       user's, two user (or two assistant) turns in a row, or a system turn after the first turn
+  not_utf8             the row's bytes in the file are not UTF-8 (JSON Lines files; the detail names the line)
+
+Every reason above is a skipped row unless it is listed under `truncated` (too_long with on_long="truncate").
+`on_bad` (velotune.data.prepare, the YAML's data.on_bad) says what happens to skipped rows: "skip" (default)
+trains on the rest and shows the counts; "raise" stops with a DataError naming the rows (`raise_if_bad`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from velotune.errors import DataError
+from velotune.errors import ConfigError, DataError
 
 REASONS = ("missing_field", "unknown_role", "empty", "too_long", "no_trainable_tokens", "identical_pair",
-           "template_error")
+           "template_error", "role_order", "not_utf8")
+ON_BAD = ("skip", "raise")
+
+
+def check_on_bad(on_bad: str) -> None:
+    if on_bad not in ON_BAD:
+        raise ConfigError(f"on_bad={on_bad!r}: use 'skip' (count and leave out unusable rows) or 'raise'")
 
 
 @dataclass
@@ -75,11 +88,32 @@ class DataReport:
                 lines.extend(f"    e.g. {d}" for d in self.details.get(f"{kind}:{reason}", [])[:2])
         return "\n".join(lines)
 
+    def rows_skipped(self) -> set[int]:
+        """Indices of every skipped row (any reason)."""
+        return {i for rows in self.skipped.values() for i in rows}
+
+    def one_line(self, max_rows: int = 5) -> str:
+        """The skipped rows in one line: 'not_utf8 rows 1, 4; role_order row 7 (e.g. row 7: ...)'."""
+        parts = []
+        for reason, rows in self.skipped.items():
+            shown = ", ".join(map(str, rows[:max_rows])) + (", ..." if len(rows) > max_rows else "")
+            example = self.details.get(f"skipped:{reason}", [])
+            parts.append(f"{reason} ({len(rows)}): row{'s' if len(rows) > 1 else ''} {shown}"
+                         + (f" [e.g. {example[0]}]" if example else ""))
+        return "; ".join(parts)
+
+    def raise_if_bad(self, on_bad: str = "raise", what: str = "the data set") -> None:
+        """With on_bad="raise": a DataError naming every skipped row's reason and row numbers (one line)."""
+        check_on_bad(on_bad)
+        if on_bad == "raise" and self.num_skipped:
+            raise DataError(f"{what}: {self.num_skipped} of {self.total} rows unusable: {self.one_line()}; "
+                            "fix those rows, or set on_bad='skip' (YAML: data.on_bad: skip) to train without them")
+
     def raise_if_empty(self) -> None:
         if self.total == 0:
             raise DataError("the data set has no rows")
         if self.num_kept == 0:
-            raise DataError("no usable row left:\n" + self.summary())
+            raise DataError(f"no usable row left of {self.total}: {self.one_line()}")
 
     def __str__(self) -> str:
         return self.summary()

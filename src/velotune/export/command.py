@@ -17,6 +17,7 @@ FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from velotune.argtypes import byte_size
     from velotune.export.gguf_export import methods_help
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, help="base model folder or hub id (default: from adapter_config.json)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="dtype of merged weights (default: the base model's stored dtype)")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", type=byte_size,
+                        help="safetensors shard size: bytes, or a number with KB/MB/GB/KiB/MiB/GiB (default 5GB)")
     parser.add_argument("--push-to-hub", default=None, metavar="OWNER/REPO",
                         help="also upload each output to this hub repo (needs a token)")
     parser.add_argument("--token", default=None, help="hugging face token for --push-to-hub")
@@ -85,7 +87,9 @@ def load_for_export(run_dir: Path, base: str | None = None):
         stored = _stored_dtype(str(folder))
         model, tok = FastLanguageModel.from_pretrained(folder, dtype=_torch_dtype(stored), fast=False)
         return model, tok, f"full model {folder}", stored
-    adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
+    from velotune.loader import check_adapter_folder
+
+    adapter_cfg = check_adapter_folder(folder)
     base = base or adapter_cfg.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{folder}/adapter_config.json names no base model: pass --base")
@@ -93,13 +97,28 @@ def load_for_export(run_dir: Path, base: str | None = None):
 
     stored = _stored_dtype(base)
     model, tok = FastLanguageModel.from_pretrained(base, dtype=_torch_dtype(stored), fast=False)
+    if (folder / "tokenizer_config.json").is_file():  # the training run's tokenizer (chat template, added tokens)
+        from velotune.data.chat_templates import ensure_template_tokens
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        ensure_template_tokens(tok, model)  # tokens the run added: the adapter holds their embedding rows
     model = PeftModel.from_pretrained(model, folder)
     from velotune.export import attach_export_methods
 
     attach_export_methods(model)
-    if (folder / "tokenizer_config.json").is_file():  # the training run's tokenizer (chat template, added tokens)
-        tok = AutoTokenizer.from_pretrained(folder)
     return model, tok, f"adapter {folder} on base {base}", stored
+
+
+def check_output_folder(out: Path, what: str) -> None:
+    """Refuse, before any model loads, an output path that is a file or a folder that cannot be written."""
+    from velotune.fsio import check_writable_folder
+
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{what}: {p} is a file, not a folder; pass -o with a folder path")
+            break
+    check_writable_folder(out, what)
 
 
 def _torch_dtype(name: str | None):
@@ -114,6 +133,7 @@ def run(args) -> int:
     run_dir = Path(args.run_dir).expanduser()
     quants = [normalise_method(q) for q in args.quant]
     out = Path(args.out).expanduser() if args.out else run_dir / "export"
+    check_output_folder(out, "-o/--out" if args.out else "the default output folder RUN_DIR/export")
     if args.push_to_hub:
         from velotune.export.hub import check_repo_id
 

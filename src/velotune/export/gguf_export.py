@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,7 +18,9 @@ import numpy as np
 import torch
 
 from velotune.errors import ConfigError
-from velotune.export.atomic import ExportError, _describe
+from velotune.errors import OutputError
+from velotune.export.atomic import ExportError, _describe, is_write_failure
+from velotune.fsio import honour_umask, make_temp_file, remove_stale_temps
 from velotune.export.gguf_arch import add_metadata, arch_of, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
 from velotune.export.merge import base_model_of, iter_merged_tensors
@@ -64,14 +65,15 @@ def normalise_method(method: str) -> str:
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary file beside `path`, renamed onto it when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = make_temp_file(path.parent, path.name)
     try:
         yield tmp
+        honour_umask(tmp, False)
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OutputError) or not is_write_failure(e):
+            raise
         state = "the previous file is intact" if path.exists() else "no file was written"
         raise ExportError(f"writing {path} failed: {_describe(e)}; {state} (the partial file was removed)") from e
     except BaseException:
@@ -159,7 +161,13 @@ def save_pretrained_gguf(model, save_directory: str | os.PathLike, tokenizer=Non
     methods = [quantization_method] if isinstance(quantization_method, str) else list(quantization_method)
     methods = [normalise_method(m) for m in methods]
     folder = Path(save_directory).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{folder} exists and is not a folder; choose another output path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {folder}: {_describe(e)}; choose a writable output folder") from e
+    remove_stale_temps(folder)
     family_of(base_model_of(model).config)  # fail fast on unsupported models
     out: list[Path] = []
     sixteen = "bf16" if _model_dtype(model) == torch.bfloat16 else "f16"
@@ -172,7 +180,7 @@ def save_pretrained_gguf(model, save_directory: str | os.PathLike, tokenizer=Non
                     write_gguf(model, tokenizer, tmp, m, name=name, quiet=quiet)
             else:
                 if intermediate is None:
-                    intermediate = folder / f".model.{sixteen}.intermediate.gguf"
+                    intermediate = folder / f".model.{sixteen}.intermediate-{os.getpid()}.gguf"
                     with atomic_file(intermediate) as tmp:
                         write_gguf(model, tokenizer, tmp, sixteen, name=name, quiet=quiet)
                 with atomic_file(target) as tmp:

@@ -18,7 +18,7 @@ import torch
 from velotune.errors import ConfigError
 from velotune.export.atomic import ExportError, atomic_dir
 from velotune.export.merge import base_model_of, is_peft_model, iter_merged_tensors
-from velotune.export.safetensors_io import write_model_folder
+from velotune.export.safetensors_io import parse_size, write_model_folder
 
 log = logging.getLogger("velotune")
 
@@ -56,6 +56,7 @@ def save_pretrained_merged(model, save_directory: str | os.PathLike, tokenizer=N
     """Save adapters or the merged model to `save_directory` (atomically) and return its path."""
     if save_method not in SAVE_METHODS:
         raise ConfigError(f"save_method={save_method!r}: choose one of {', '.join(SAVE_METHODS)}")
+    max_shard_size = parse_size(max_shard_size)  # a bad size is refused before any work
     if tokenizer is None:
         log.warning("save_pretrained_merged: no tokenizer given; the folder will have no tokenizer files")
     target = Path(save_directory)
@@ -92,7 +93,7 @@ def _write_merged_4bit(model, folder: Path, tokenizer, dtype, max_shard_size, qu
 
     if dtype == torch.float32:
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".merge16-") as tmp16:
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".merge16-{os.getpid()}-") as tmp16:
         _write_merged(model, Path(tmp16), None, dtype, max_shard_size, quiet)
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)

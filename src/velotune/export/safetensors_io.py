@@ -7,24 +7,37 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from velotune.errors import ConfigError
+
 # Config attributes that describe how the *training* model was stored, not the exported one.
 _TRAINING_LEFTOVERS = ("quantization_config", "_pre_quantization_dtype", "pretraining_tp")
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(GIB|MIB|KIB|GB|MB|KB|B)?")
+_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1, None: 1}
+SIZE_FORMS = "a number of bytes or a number with KB, MB, GB, KiB, MiB or GiB (e.g. 5GB, 500MB, 2GiB)"
+
+
 def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / 1234 -> bytes."""
+    """'5GB' / '500MB' / '2GiB' / '1.5GB' / 1234 -> bytes (> 0); anything else is a ConfigError listing the forms."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ConfigError(f"max_shard_size {size!r}: use {SIZE_FORMS}")
     if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+        value = size
+    else:
+        m = _SIZE.fullmatch(size.strip().upper())
+        if m is None:
+            raise ConfigError(f"max_shard_size {size!r} is not a size: use {SIZE_FORMS}")
+        value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise ConfigError(f"max_shard_size {size!r} must be more than 0 bytes: use {SIZE_FORMS}")
+    return value
 
 
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,

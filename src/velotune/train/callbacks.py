@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +82,10 @@ def loss_points(log_history: list[dict]) -> tuple[list[int], list[float]]:
 
 def _atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder, then rename: a crash never leaves half a file."""
+    from velotune.fsio import make_temp_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = make_temp_file(path.parent, path.name)
     try:
         write(tmp)
         os.replace(tmp, path)

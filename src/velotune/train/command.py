@@ -10,7 +10,8 @@ EPILOG = """\
 examples:
   velotune train examples/sft.yaml
   velotune train examples/dpo.yaml --max-steps 20 --output-dir outputs/dpo-try
-  velotune train examples/sft.yaml --resume            # continue from the latest checkpoint-N
+  velotune train examples/sft.yaml --resume            # continue from the newest complete checkpoint-N
+  velotune train examples/sft.yaml --overwrite         # output_dir holds an old run: move it aside first
   velotune train examples/sft.yaml --nproc 2           # DDP on 2 GPUs (same as the torchrun line below)
   torchrun --nproc-per-node 2 --no-python velotune train examples/sft.yaml
 
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="override training.max_steps")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="resume from the latest checkpoint in output_dir, or from CHECKPOINT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="if output_dir holds another run, move it aside to OUTPUT_DIR.old-<time> first "
+                             "(without this flag such a folder is refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help="data-parallel (DDP) training in N processes on this machine, one per GPU "
@@ -75,6 +79,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         argv += ["--resume", str(args.resume)]
     if args.no_progress:
         argv += ["--no-progress"]
+    if args.overwrite:
+        argv += ["--overwrite"]
     return argv
 
 
@@ -83,14 +89,21 @@ def run(args: argparse.Namespace) -> int:
 
     from velotune.train.config import check_paths, load_config
 
+    from pathlib import Path
+
+    from velotune.train.output_dir import check_early
+
     cfg = apply_overrides(load_config(args.config), args)
     check_paths(cfg, source=args.config)
+    if int(os.environ.get("RANK", "0")) == 0:  # refusals before the heavy imports (run_training checks again)
+        check_early(Path(cfg.output_dir), resuming=bool(cfg.training.resume_from_checkpoint),
+                    overwrite=args.overwrite)
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
         return launch(args, _argv(args))
     from velotune.distributed import is_main_process
     from velotune.train.runner import run_training  # heavy imports (torch, transformers, TRL) only now
 
-    result = run_training(cfg, progress=not args.no_progress)  # ends with a barrier: outputs are written
+    result = run_training(cfg, progress=not args.no_progress, overwrite=args.overwrite)  # ends with a barrier: outputs are written
     if is_main_process():
         print(f"adapter and tokenizer: {result.adapter_path}")
         print(f"loss curve:            {result.png_path}")

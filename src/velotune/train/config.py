@@ -8,7 +8,7 @@ Layout (every section but `model` and `data` has defaults):
     model:    name, max_seq_length, dtype, load_in_4bit, full_finetuning
     lora:     r, alpha, dropout, target_modules, use_rslora, use_dora, modules_to_save, gradient_checkpointing,
               offload_embedding, recompute, cuda_graphs, mlp_row_blocks
-    data:     path, format, chat_template, train_on, on_long, packing, eval_path
+    data:     path, format, chat_template, train_on, on_long, on_bad, packing, eval_path
     method:   sft | dpo | orpo
     training: epochs | max_steps, batch_size, gradient_accumulation_steps, learning_rate,
               embedding_learning_rate, lr_scheduler, warmup_steps, weight_decay, seed, ...
@@ -72,6 +72,8 @@ class DataSection(_Section):
     chat_template: str | None = Field(None, description="a velotune template name; None keeps the tokenizer's")
     train_on: Literal["responses", "all"] = "responses"
     on_long: Literal["truncate", "skip"] = "truncate"
+    on_bad: Literal["skip", "raise"] = Field("skip", description="unusable rows (not UTF-8, turns out of order, "
+                                                                "empty, ...): skip and count them, or stop")
     packing: bool = False
     eval_path: str | None = None
     text_field: str = Field("text", description="column holding the raw text (format: text)")

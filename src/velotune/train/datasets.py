@@ -46,21 +46,28 @@ def check_format(fmt: str, columns: list[str], path: str, text_field: str = "tex
         raise DataError(f"data.format is {fmt!r} but {path} has columns {columns}; {fmt} data needs {wanted}")
 
 
-def tokenize_text(dataset, tokenizer, *, max_seq_length: int, text_field: str = "text"):
+def tokenize_text(dataset, tokenizer, *, max_seq_length: int, text_field: str = "text", on_bad: str = "skip",
+                  report=None):
     """Continued pretraining: concatenate `text + eos` of all rows, cut into max_seq_length blocks.
 
     Returns (Dataset with input_ids and labels [= input_ids], DataReport). Rows without a text string
-    are reported as missing_field, blank rows as empty. The last block may be shorter; a final block of
+    are reported as missing_field, blank rows as empty (on_bad and report: as in
+    velotune.data.prepare.tokenize_conversations). The last block may be shorter; a final block of
     one token (nothing to predict) is dropped.
     """
     from datasets import Dataset
 
-    from velotune.data.report import DataReport
+    from velotune.data.prepare import load_with_report
+    from velotune.data.report import check_on_bad
 
-    report = DataReport(total=len(dataset))
+    check_on_bad(on_bad)
+    dataset, report = load_with_report(dataset, report)
+    already = report.rows_skipped()
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for i, row in enumerate(dataset):
+        if i in already:
+            continue
         text = row.get(text_field)
         if not isinstance(text, str):
             report.add("missing_field", i, f"row {i}: no {text_field!r} string")
@@ -73,19 +80,19 @@ def tokenize_text(dataset, tokenizer, *, max_seq_length: int, text_field: str = 
             stream.append(eos)
     blocks = [stream[i:i + max_seq_length] for i in range(0, len(stream), max_seq_length)]
     blocks = [b for b in blocks if len(b) > 1]
+    report.raise_if_bad(on_bad)
     report.raise_if_empty()
     return Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]}), report
 
 
-def _load(path: str):
-    from velotune.data.formats import load_dataset_file
-
-    return load_dataset_file(path)
-
-
 def _prepare_one(cfg, tokenizer, path: str, progress: bool):
+    from velotune.data.prepare import load_with_report
+
     data = cfg.data
-    raw = _load(path)
+    raw, loaded = load_with_report(path)  # rows unreadable as text (not UTF-8) are already counted in `loaded`
+    if loaded.total and loaded.num_skipped == loaded.total:  # nothing readable: say so before guessing a format
+        loaded.raise_if_bad(data.on_bad, what=f"data file {path}")
+        loaded.raise_if_empty()
     columns = list(raw.column_names)
     fmt = data.format if data.format != "auto" else detect_format(columns, data.text_field)
     check_format(fmt, columns, path, data.text_field)
@@ -96,18 +103,20 @@ def _prepare_one(cfg, tokenizer, path: str, progress: bool):
         from velotune.data.prepare import validate_preference_rows
 
         ds, report = validate_preference_rows(raw, max_seq_length=cfg.model.max_seq_length, on_long=data.on_long,
-                                              tokenizer=tokenizer, progress=progress)
+                                              tokenizer=tokenizer, progress=progress, report=loaded)
     elif fmt == "preference":
         raise ConfigError(f"data.path: {path} holds preference pairs (prompt/chosen/rejected): "
                           "use method dpo or orpo")
     elif fmt == "text":
         ds, report = tokenize_text(raw, tokenizer, max_seq_length=cfg.model.max_seq_length,
-                                   text_field=data.text_field)
+                                   text_field=data.text_field, report=loaded)
     else:
         from velotune.data.prepare import tokenize_conversations
 
         ds, report = tokenize_conversations(raw, tokenizer, max_seq_length=cfg.model.max_seq_length,
-                                            on_long=data.on_long, train_on=data.train_on, progress=progress)
+                                            on_long=data.on_long, train_on=data.train_on, progress=progress,
+                                            report=loaded)
+    report.raise_if_bad(data.on_bad, what=f"data file {path}")  # the rows were counted with on_bad="skip"
     report.raise_if_empty()
     return ds, report, fmt
 

@@ -17,17 +17,14 @@ The trainers are TRL's (SFTTrainer, DPOTrainer, ORPOTrainer) with velotune's glu
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from velotune.errors import ConfigError
+from velotune.errors import ConfigError, ModelLoadError, OutputError, VelotuneError, describe_os_error
 from velotune.train.callbacks import ProgressCallback, loss_points, summarize, write_json, write_loss_curve
 from velotune.train.config import TrainConfig, check_paths
 from velotune.train.trl_glue import orpo_classes, velotune_trainer_class
@@ -62,10 +59,12 @@ def load_model(cfg: TrainConfig):
     model, tokenizer = FastLanguageModel.from_pretrained(
         m.name, max_seq_length=m.max_seq_length, dtype=_DTYPES[m.dtype], load_in_4bit=m.load_in_4bit,
         full_finetuning=m.full_finetuning, fast=m.fast)
-    if cfg.data.chat_template:
-        from velotune.data.chat_templates import get_chat_template
+    from velotune.data.chat_templates import ensure_template_tokens, get_chat_template
 
-        tokenizer = get_chat_template(tokenizer, chat_template=cfg.data.chat_template)
+    if cfg.data.chat_template:  # the template's special tokens are added and the embeddings grow with them
+        tokenizer = get_chat_template(tokenizer, chat_template=cfg.data.chat_template, model=model)
+    else:
+        ensure_template_tokens(tokenizer, model)  # a saved tokenizer may hold more tokens than the embeddings
     return model, tokenizer
 
 
@@ -181,54 +180,92 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, *, callb
 
 
 def _resume_arg(cfg: TrainConfig):
+    """The checkpoint to resume from: the newest complete one in output_dir (torn ones after it are
+    removed with a line saying so; train/resume.py), or the folder the config names."""
+    from velotune.train.resume import newest_complete, remove_torn, why_incomplete
+
     resume = cfg.training.resume_from_checkpoint
     if resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
         out = Path(cfg.output_dir)
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last, torn = newest_complete(out)
+        remove_torn(torn, last)
         if last is None:
-            raise ConfigError(f"training.resume_from_checkpoint: no checkpoint-N folder in {out} to resume from "
-                              "(checkpoints are written every training.save_steps steps)")
-        return last
+            raise ConfigError(f"training.resume_from_checkpoint: no complete checkpoint-N folder in {out} to resume "
+                              "from (checkpoints are written every training.save_steps steps)")
+        return str(last)
+    if resume:
+        why = why_incomplete(Path(resume))
+        if why is not None:
+            raise ConfigError(f"training.resume_from_checkpoint: {resume} is not a complete checkpoint ({why}); "
+                              "pass another one, or --resume alone for the newest complete one")
     return resume or None
 
 
-def save_final(model, tokenizer, output_dir: Path) -> Path:
-    """Adapter (or full model) + tokenizer into output_dir; each file lands by an atomic rename."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".save-"))
-    try:
+def save_final(model, tokenizer, output_dir: Path, extra: Callable[[Path], None] | None = None) -> Path:
+    """Adapter (or full model) + tokenizer (+ whatever `extra(folder)` writes: curve, summary) into
+    output_dir, committed as a whole (train/output_dir.commit_final): a kill or a full disk inside the
+    save leaves output_dir as it was before it, never the new config beside the old weights."""
+    from velotune.train.output_dir import commit_final
+
+    def write(stage: Path) -> None:
         if hasattr(model, "peft_config"):
             # Only the trained adapter (TRL's DPO may hold a frozen "ref" copy next to it).
-            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[model.active_adapter])
+            model.save_pretrained(stage, safe_serialization=True, selected_adapters=[model.active_adapter])
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for src in sorted(tmp.rglob("*")):
-            dst = output_dir / src.relative_to(tmp)
-            if src.is_dir():
-                dst.mkdir(parents=True, exist_ok=True)
-            else:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir
+            model.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+        if extra is not None:
+            extra(stage)
+
+    try:
+        return commit_final(output_dir, write)
+    except VelotuneError:
+        raise
+    except Exception as e:
+        from velotune.export.atomic import is_write_failure
+
+        if not is_write_failure(e):
+            raise
+        raise OutputError(f"output_dir {output_dir}: the final save failed ({describe_os_error(e)}); nothing in "
+                          "the folder was changed (the checkpoints are intact): free space and resume with "
+                          "--resume") from e
 
 
 def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokenizer=None,
-                 callbacks: Sequence = ()) -> RunResult:
+                 callbacks: Sequence = (), overwrite: bool = False) -> RunResult:
     """Train as `cfg` says and save adapter, tokenizer, loss curve and summary into cfg.output_dir.
 
     `model`/`tokenizer`: an already loaded pair from FastLanguageModel.from_pretrained (e.g. the demo,
     which shows answers before training); LoRA is added here unless `model` is already a PEFT model.
     `progress=False`: no bar and no log lines (the logs still reach report_to and the summary).
+    Before any step: preflight checks (train/preflight.py), then output_dir is locked for this run
+    (train/run_lock.py) and must be empty or this run's own (resume); `overwrite=True` moves another
+    run's folder aside to `<output_dir>.old-<time>` (train/output_dir.py).
     """
-    from transformers import set_seed
+    from velotune.distributed import is_main_process
+    from velotune.train.output_dir import claim
+    from velotune.train.preflight import preflight
+    from velotune.train.run_lock import RunLock
 
     check_paths(cfg)
     out = Path(cfg.output_dir)
+    main = is_main_process()
+    preflight(cfg, check_output=main)
+    lock = RunLock(out)
+    if main:  # other ranks of a DDP run write through rank 0's claim
+        lock.acquire()
+    try:
+        if main and claim(out, resuming=bool(cfg.training.resume_from_checkpoint), overwrite=overwrite):
+            lock.release()
+            lock.acquire()  # on the fresh folder
+        return _run_training(cfg, out, progress=progress, model=model, tokenizer=tokenizer, callbacks=callbacks)
+    finally:
+        lock.release()
+
+
+def _run_training(cfg: TrainConfig, out: Path, *, progress: bool, model, tokenizer, callbacks) -> RunResult:
+    from transformers import set_seed
+
     resume = _resume_arg(cfg)
     set_seed(cfg.training.seed)
     if model is None:
@@ -241,7 +278,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
 
     train_ds, eval_ds, report, fmt = prepare_datasets(cfg, tokenizer, progress=progress)
     if progress and is_main_process():  # (skipped / truncated rows are listed by velotune.data's own warning)
-        print(f"data ({fmt}): {report.summary().splitlines()[0]}")
+        skipped = f" -- {report.one_line()}" if report.num_skipped else ""
+        print(f"data ({fmt}): {report.summary().splitlines()[0]}{skipped}")
     if not hasattr(model, "peft_config"):
         model = add_adapters(model, cfg)
     if _compute_dtype(model) == torch.float16:
@@ -251,13 +289,16 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
             if p.requires_grad and p.dtype == torch.float16:
                 p.data = p.data.float()
 
+    from velotune.train.output_dir import checkpoint_callback
+
     cbs = [ProgressCallback(desc=f"{cfg.method} training")] if progress else []
+    cbs.append(checkpoint_callback())
     trainer = make_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks=[*cbs, *callbacks])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints readable lines
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    _train(trainer, resume, out)
     seconds = time.perf_counter() - start
 
     # Under torchrun / accelerate launch every process trained the same replica (DDP); only the main
@@ -273,10 +314,14 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
         resumed_from=str(resume) if resume else None, output_dir=str(out), adapter_path=str(out),
         loss_curve=str(png), world_size=trainer.args.world_size, config=cfg.model_dump(), versions=_versions())
     summary_path = out / "summary.json"
+    title = f"{cfg.method} loss - {Path(cfg.model.name).name}"
+
+    def curve_and_summary(stage: Path) -> None:
+        write_loss_curve(history, stage / png.name, title=title)
+        write_json(stage / summary_path.name, summary)
+
     if main:
-        save_final(trainer.model, tokenizer, out)
-        write_loss_curve(history, png, title=f"{cfg.method} loss - {Path(cfg.model.name).name}")
-        write_json(summary_path, summary)
+        save_final(trainer.model, tokenizer, out, extra=curve_and_summary)
     trainer.accelerator.wait_for_everyone()
     steps, losses = loss_points(history)
     if progress and main:
@@ -286,6 +331,39 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
     return RunResult(output_dir=out, adapter_path=out, summary_path=summary_path, png_path=png, steps=steps,
                      losses=losses, summary=summary, data_report=report, model=trainer.model,
                      tokenizer=tokenizer, trainer=trainer)
+
+
+def _train(trainer, resume, out: Path) -> None:
+    """trainer.train with a full disk during a checkpoint save and a refused pickle in a checkpoint as
+    one-line errors (the torn checkpoint is removed: --resume then takes the last complete one)."""
+    import pickle
+
+    from velotune.errors import is_disk_full
+
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(f"{resume}: a file in this checkpoint holds pickled objects beyond plain tensors, which "
+                             "velotune refuses to load (it never unpickles code); delete that checkpoint (or resume "
+                             "from another) if you did not write it") from e
+    except Exception as e:
+        if not (is_disk_full(e) or _write_failed_on_a_full_disk(e, out)):
+            raise
+        from velotune.train.resume import newest_complete, remove_torn
+
+        last, torn = newest_complete(out)
+        remove_torn(torn, last)
+        then = f"run again with --resume to continue from {last.name}" if last else "run again"
+        raise OutputError(f"output_dir {out}: the disk filled up while saving a checkpoint ({describe_os_error(e)}); "
+                          f"the incomplete checkpoint was removed: free some space (or lower "
+                          f"training.save_total_limit) and {then}") from e
+
+
+def _write_failed_on_a_full_disk(e: BaseException, out: Path) -> bool:
+    """torch.save's "file write failed" carries no errno: count it as a full disk when little space is left."""
+    from velotune.fsio import free_bytes
+
+    return isinstance(e, RuntimeError) and "write failed" in str(e) and free_bytes(out) < 64 * 2**20
 
 
 def _versions() -> dict:

@@ -15,6 +15,14 @@ What the glue adds, per trainer instance, without touching TRL or transformers g
 2. A separate learning rate for trainable embeddings (`embed_tokens` / `lm_head` in `modules_to_save`,
    continued pretraining): their parameters move into their own optimizer param groups.
 3. A `tokens_per_second` entry in every training log (non-padding tokens seen since the last log).
+4. SFT off the GPU: the loss is computed here, in PyTorch, whenever the LM head is not on a CUDA/XPU
+   device. TRL's SFTTrainer always asks the model for its fused LM head (`fused_lm_head=True`), whose
+   kernel is Triton; TRL 1.15 runs that kernel whatever the device (no Triton driver on a CPU: "0 active
+   drivers"), 1.16 falls back to PyTorch. So the CPU path never reaches a GPU-only kernel, whichever
+   TRL release is installed. Same loss as TRL's: the summed next-token negative log-likelihood over
+   labels[..., 1:] != -100, divided by num_items_in_batch (else by that micro-batch's count, at least 1),
+   with TRL's `entropy`, `mean_token_accuracy` and `num_tokens` metrics. A custom `compute_loss_func` or
+   label smoothing keeps TRL's own path.
 
 `PatchDPOTrainer()` exists for scripts written for other libraries: TRL's DPOTrainer works with
 velotune models as they are, so it patches nothing.
@@ -125,6 +133,12 @@ class VelotuneTrainerMixin:
             log.info("embedding learning rate %.3g for %d tensors", lr, len(params))
         return optimizer
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not _needs_torch_sft_loss(self, model):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        return sft_loss_in_torch(self, model, inputs, return_outputs, num_items_in_batch)
+
     def training_step(self, model, inputs, *args, **kwargs):
         if self._vt_clock is None:
             self._vt_clock = time.perf_counter()
@@ -138,6 +152,77 @@ class VelotuneTrainerMixin:
             logs["tokens"] = self._vt_tokens
             self._vt_tokens, self._vt_clock = 0, now
         return super().log(logs, *args, **kwargs)
+
+
+def _head_device(model) -> torch.device:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return head.weight.device
+    return next(model.parameters()).device
+
+
+def _needs_torch_sft_loss(trainer, model) -> bool:
+    """SFT with TRL's plain loss on a device where TRL's fused LM-head kernel may not run (see point 4)."""
+    from trl import SFTTrainer
+
+    return (isinstance(trainer, SFTTrainer) and trainer.compute_loss_func is None
+            and getattr(trainer, "label_smoother", None) is None
+            and _head_device(model).type not in ("cuda", "xpu"))
+
+
+def sft_loss_in_torch(trainer, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+    """TRL SFTTrainer's loss and metrics from the model's ordinary logits (plain PyTorch; module docstring, 4).
+
+    inputs: a collated batch with `labels` [B, T] (-100 = not trained). Returns the loss, or
+    (loss, model outputs with `.logits` [B, T, V]) with return_outputs.
+    """
+    import torch.nn.functional as F
+
+    mode = "train" if trainer.model.training else "eval"
+    labels = inputs["labels"]
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    forward["use_cache"] = False
+    aux = getattr(trainer, "aux_loss_enabled", False)
+    if aux:
+        forward["output_router_logits"] = True
+    outputs = model(**forward)
+    logits = outputs.logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    mask = targets != -100
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                          reduction="sum")
+    count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = nll / torch.as_tensor(count, device=nll.device).clamp(min=1)
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * (trainer.accelerator.num_processes // trainer.get_tp_size())
+    if aux and getattr(outputs, "aux_loss", None) is not None:
+        steps = trainer.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + trainer.router_aux_loss_coef * outputs.aux_loss / steps
+    _log_sft_metrics(trainer, mode, inputs, logits.detach(), targets, mask)
+    return (loss, outputs) if return_outputs else loss
+
+
+def _log_sft_metrics(trainer, mode: str, inputs, logits, targets, mask) -> None:
+    """TRL's SFT metrics (entropy, mean_token_accuracy, num_tokens) into trainer._metrics, where it keeps them."""
+    metrics = getattr(trainer, "_metrics", None)
+    if metrics is None:
+        return
+    with torch.no_grad():
+        logp = torch.log_softmax(logits[mask], dim=-1)
+        gather = trainer.accelerator.gather_for_metrics
+        num_valid = gather(mask.sum()).sum()
+        entropy = gather(-(logp.exp() * logp).sum()).sum()
+        correct = gather((logits[mask].argmax(-1) == targets[mask]).sum()).sum()
+    metrics[mode]["entropy"].append((entropy / num_valid).item() if num_valid > 0 else 0.0)
+    metrics[mode]["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
+    if mode == "train" and hasattr(trainer, "_total_train_tokens"):
+        if "attention_mask" in inputs:
+            seen = gather(inputs["attention_mask"].sum()).sum().item()
+        else:
+            seen = gather(torch.tensor(inputs["input_ids"].size(1))).sum().item()
+        trainer._total_train_tokens += seen // getattr(trainer, "_tp_size", 1)
+    if hasattr(trainer, "_total_train_tokens"):
+        metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
 
 
 def exact_token_normalisation(trainer) -> None:

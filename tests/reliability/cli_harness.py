@@ -1,0 +1,162 @@
+"""Helpers for the fault-injection tests: the `velotune` CLI in a subprocess, the one-line error check,
+tiny training configs on the shipped mini model, small tmpfs mounts (a real ENOSPC), and kill -9 loops."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # `from mini import ...`
+ASSETS = ROOT / "src" / "velotune" / "demo" / "assets"
+DEMO_DATA = ROOT / "src" / "velotune" / "demo" / "data" / "train.jsonl"
+
+
+def cli_env() -> dict:
+    src = str(ROOT / "src")
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=src + (os.pathsep + path if path else ""), OMP_NUM_THREADS="1",
+                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def velotune(*args, input: str | None = None, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    """`velotune ARGS...` in a subprocess (this checkout's sources)."""
+    return subprocess.run([sys.executable, "-m", "velotune.cli", *map(str, args)], input=input, capture_output=True,
+                          text=True, env=cli_env(), timeout=timeout, **kw)
+
+
+def start_velotune(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "velotune.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(), **kw)
+
+
+def assert_one_line(proc, *fragments: str, command: str | None = None) -> str:
+    """Exit code 2, no traceback, the last stderr line is `velotune CMD: error: ...` holding `fragments`."""
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"velotune {command}: error: " if command else "velotune "), line
+    assert ": error: " in line
+    for f in fragments:
+        assert f in line, (f, line)
+    return line
+
+
+def data_slice(folder: Path, rows: int = 8) -> Path:
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(DEMO_DATA.read_text(encoding="utf-8").splitlines()[:rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def train_config(folder: Path, out: Path, model: Path = ASSETS, **training) -> Path:
+    """A YAML config for a tiny LoRA run on the mini model (2 steps, CPU)."""
+    import yaml
+
+    data = data_slice(folder)
+    cfg = {"model": {"name": str(model), "dtype": "float32", "max_seq_length": 64},
+           "data": {"path": str(data)},
+           "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": False},
+           "training": {"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "use_cpu": True,
+                        "logging_steps": 1, "seed": 0, **training},
+           "output_dir": str(out)}
+    path = folder / f"config-{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def snapshot(folder: Path, hidden: bool = False) -> dict[str, bytes]:
+    """{relative path: bytes} of the files under `folder` (hidden entries left out unless `hidden`)."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and (hidden or not any(part.startswith(".") for part in p.relative_to(folder).parts))}
+
+
+def hidden_entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.exists() else []
+
+
+# -- a real full disk: a small tmpfs ------------------------------------------------------------------------
+
+def _can_mount() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+# -- kill -9 at random moments -------------------------------------------------------------------------------
+
+def _fork_run(action) -> int:
+    pid = os.fork()
+    if pid == 0:  # the child: do the work, never return into pytest
+        code = 0
+        try:
+            action()
+        except BaseException:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def _wait(pid: int, timeout: float = 60) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked save did not finish")
+
+
+def kill_loop(action, check, kills: int, seed: int, restore=None) -> dict:
+    """Run `action` in a forked process `kills` times, SIGKILL it at a random moment of its run, then
+    `check()`. The delays spread over [0, 1.2 x the time an uninterrupted run takes]. `restore()` runs
+    after each check (e.g. put the previous output back when the save had completed). Returns counts."""
+    import torch
+
+    torch.set_num_threads(1)  # no OpenMP pool in the forked children
+    start = time.monotonic()
+    assert os.waitstatus_to_exitcode(_wait(_fork_run(action))) == 0, "the uninterrupted save failed"
+    duration = time.monotonic() - start
+    check()
+    if restore:
+        restore()
+    rng = random.Random(seed)
+    killed = finished = 0
+    for _ in range(kills):
+        pid = _fork_run(action)
+        time.sleep(rng.uniform(0, 1.2 * duration))
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        status = os.waitpid(pid, 0)[1]
+        if os.WIFSIGNALED(status):
+            killed += 1
+        else:
+            finished += 1
+        check()
+        if restore:
+            restore()
+    return {"killed": killed, "finished": finished, "seconds": duration}
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst, symlinks=True)
+    return dst
