@@ -45,42 +45,132 @@ SHAPES = {
     # CPU smoke runs: a multiple of 64 in every NF4-quantised dimension (bitsandbytes' block size)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 20, tie_word_embeddings=False),
-    # Other families ("config": the transformers config class), at the published checkpoints' shapes
-    "qwen3-8b": dict(config="Qwen3Config", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+    # Other families (model_type: the transformers config), at the published checkpoints' shapes
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      max_position_embeddings=40960, tie_word_embeddings=False, rms_norm_eps=1e-6,
                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "gemma3-4b": dict(config="Gemma3TextConfig", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
                       vocab_size=262208, max_position_embeddings=131072, sliding_window=1024, rms_norm_eps=1e-6,
                       tie_word_embeddings=True, rope_parameters=_GEMMA3_ROPE),
-    "gemma3-12b": dict(config="Gemma3TextConfig", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+    "gemma3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
                        vocab_size=262208, max_position_embeddings=131072, sliding_window=1024, rms_norm_eps=1e-6,
                        tie_word_embeddings=True, rope_parameters=_GEMMA3_ROPE),
-    "ministral-8b": dict(config="MinistralConfig", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+    "ministral-8b": dict(model_type="ministral", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
                          max_position_embeddings=32768, sliding_window=32768, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 100000000.0}),
+                         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000000.0}),
+    # the generic path (models without a family file): Pythia-6.9B (GPT-NeoX) and Aya-23-8B (Cohere) shapes
+    "pythia-6.9b": dict(model_type="gpt_neox", hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                        num_attention_heads=32, vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25,
+                        use_parallel_residual=True, tie_word_embeddings=False),
+    "aya-8b": dict(model_type="cohere", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=256000, max_position_embeddings=8192,
+                   logit_scale=0.125, tie_word_embeddings=True),
+    "pythia-tiny": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, vocab_size=512, max_position_embeddings=4096, rotary_pct=0.25),
+    "cohere-tiny": dict(model_type="cohere", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
+                        logit_scale=0.125, tie_word_embeddings=True),
 }
+# LoRA targets of model types whose projections are not the 7 Llama names
+MODEL_TARGETS = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
 # The memory settings of a velotune contender: get_peft_model's keywords.
 MEMORY_DEFAULTS = dict(use_gradient_checkpointing="unsloth", recompute="layer", cuda_graphs=False,
-                       offload_embedding=False, mlp_row_blocks=1)
+                       offload_embedding=False, mlp_row_blocks=1, offload_every=1, host_memory_budget=None)
 OPTIMIZERS = ("adamw", "offloaded", "offloaded-in-backward")
 
 
-def config(shape: str):
-    """The transformers config of a SHAPES entry (LlamaConfig unless the entry names another class)."""
-    import transformers
+def config(shape: str, checkpoint: Path | None = None):
+    """The config of `shape` (SHAPES, or bench/make_checkpoint.py's BIG_SHAPES), or of a checkpoint folder."""
+    from transformers import AutoConfig, LlamaConfig
 
-    kw = dict(SHAPES[shape])
-    cls = getattr(transformers, kw.pop("config", "LlamaConfig"))
-    kw.setdefault("rms_norm_eps", 1e-5)
-    return cls(**kw, bos_token_id=1, eos_token_id=2, use_cache=False)
+    if checkpoint is not None:
+        cfg = AutoConfig.from_pretrained(checkpoint)
+    elif shape in SHAPES:
+        kw = dict(SHAPES[shape])
+        model_type = kw.pop("model_type", "llama")
+        if model_type != "llama":
+            return AutoConfig.for_model(model_type, **kw, bos_token_id=1, eos_token_id=2, use_cache=False)
+        return LlamaConfig(**kw, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
+    else:
+        from make_checkpoint import make_config
+
+        cfg = make_config(shape)
+    cfg.use_cache = False
+    return cfg
+
+
+def targets(cfg) -> list[str]:
+    return MODEL_TARGETS.get(cfg.model_type, TARGETS)
+
+
+def _big_shapes() -> list[str]:
+    from make_checkpoint import SHAPES as CKPT
+
+    return [s for s in CKPT if s not in SHAPES and not s.startswith("tiny")]
+
+
+BIG_SHAPES = _big_shapes()     # 70b, 34b, 27b, 12b: built on the GPU in bf16 where that fits, else --checkpoint
+
+
+def load(impl: str, checkpoint: Path, device: str, dtype: torch.dtype, seq: int):
+    """A contender's model from a folder (bench/make_checkpoint.py writes pre-quantised ones): velotune
+    through FastLanguageModel.from_pretrained (its fit check; the fused forward prepared), stock through
+    AutoModelForCausalLM.from_pretrained with bitsandbytes' 4-bit config unless the folder is 4-bit."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qlora = impl.endswith("qlora")
+    pre_quantised = "quantization_config" in json.loads((Path(checkpoint) / "config.json").read_text())
+    if pre_quantised and not qlora:
+        raise SystemExit(f"{impl}: {checkpoint} is pre-quantised; the 16-bit contenders need a 16-bit checkpoint")
+    if impl.startswith("velotune"):
+        from velotune import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=seq, dtype=dtype, load_in_4bit=qlora,
+                                                     attn_implementation="sdpa")
+        return model.to(device) if not device.startswith("cuda") else model
+    kw = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if device.startswith("cuda"):
+        kw["device_map"] = {"": torch.cuda.current_device()}
+    if qlora and not pre_quantised:
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kw)
+    return model if device.startswith("cuda") else model.to(device)
+
+
+def add_model_args(ap) -> None:
+    """--checkpoint, --offload-every, --host-budget-gib (qlora.py and context.py)."""
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="load the model from this folder (bench/make_checkpoint.py) instead of making it")
+    ap.add_argument("--offload-every", default="1",
+                    help="velotune: get_peft_model(offload_every=): a whole number or 'auto' (memory/sparse_offload.py)")
+    ap.add_argument("--host-budget-gib", type=float, default=0.0,
+                    help="velotune: get_peft_model(host_memory_budget=) in GiB (0: measured by 'auto')")
+
+
+def model_argv(args) -> list[str]:
+    return ["--offload-every", args.offload_every] + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else []) + (
+        ["--host-budget-gib", str(args.host_budget_gib)] if args.host_budget_gib else [])
+
+
+def offload_options(args) -> dict:
+    every = args.offload_every if args.offload_every == "auto" else int(args.offload_every)
+    return dict(offload_every=every,
+                host_memory_budget=int(args.host_budget_gib * 2**30) if args.host_budget_gib else None)
 
 
 def n_matmul(cfg) -> int:
     """Parameters that take part in a matmul per token: decoder linears + lm_head (tied or not)."""
+    if cfg.model_type != "llama":        # other layouts: the Linear weights of the model built on the meta device
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
@@ -118,7 +208,8 @@ def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
     return n
 
 
-def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dict | None = None):
+def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dict | None = None,
+          checkpoint: Path | None = None):
     """A random-weight model made on `device` with LoRA r=16 alpha=16 on the 7 projections and
     gradient checkpointing, for one contender:
 
@@ -127,32 +218,37 @@ def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dic
                                        prepare_model_for_kbit_training)
       liger-lora                       stock-lora with Liger-Kernel's Llama kernels patched in
 
-    `memory`: get_peft_model keywords of the velotune contenders (MEMORY_DEFAULTS when None)."""
+    `memory`: get_peft_model keywords of the velotune contenders (MEMORY_DEFAULTS when None).
+    `checkpoint`: the model is loaded from that folder (`load`) instead of made from `cfg`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    if impl.endswith("qlora"):
-        quantize_linears_(model, dtype)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    if checkpoint is not None:
+        model = load(impl, checkpoint, device, dtype, seq)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        if impl.endswith("qlora"):
+            quantize_linears_(model, dtype)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     if impl.startswith("velotune"):
         from velotune import FastLanguageModel
         from velotune.models import prepare_model
 
-        model.velotune_compute_dtype = dtype
-        model.max_seq_length = seq
-        prepare_model(model, max_seq_length=seq)
-        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS, random_state=3407,
+        if checkpoint is None:      # from_pretrained prepared a loaded one
+            model.velotune_compute_dtype = dtype
+            model.max_seq_length = seq
+            prepare_model(model, max_seq_length=seq)
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=targets(cfg),
+                                                random_state=3407,
                                                 **{**MEMORY_DEFAULTS, **(memory or {})})
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if impl == "liger-lora":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
         if cfg.model_type != "llama":
-            raise SystemExit(f"liger-lora: this bench patches Llama models only, not {cfg.model_type}")
+            raise SystemExit(f"liger-lora: Llama shapes only, not {cfg.model_type!r}")
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True, model=model)
@@ -165,7 +261,7 @@ def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dic
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(3407)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets(cfg), lora_dropout=0.0,
                                             bias="none", task_type="CAUSAL_LM"))
 
 

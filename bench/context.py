@@ -54,7 +54,7 @@ def worker(args) -> dict:
     """Probe, fit, verify for args.impl (see the module docstring)."""
     device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     cuda = device.startswith("cuda")
-    cfg = common.config(args.shape)
+    cfg = common.config(args.shape, args.checkpoint)
     deadline = time.time() + args.time_box
     out: dict = {"impl": args.impl, "probes": [], "verify": []}
     if cuda and args.card_gib:
@@ -63,7 +63,32 @@ def worker(args) -> dict:
         out["cap_gib"] = args.card_gib
     cap = args.card_gib * 2**30 if args.card_gib else (
         torch.cuda.get_device_properties(device).total_memory if cuda else None)
-    model = common.build(args.impl, cfg, device, dtype, max(args.probes))
+    memory = common.offload_options(args)
+    if memory["offload_every"] == "auto" and memory["host_memory_budget"] is None:
+        # this worker's share of the host (side-by-side workers split it), as the host limit below
+        memory["host_memory_budget"] = int(_host_available_bytes() * args.host_share - 16 * 2**30)
+    if args.offload_embedding:
+        memory["offload_embedding"] = True
+    model = common.build(args.impl, cfg, device, dtype, max(args.probes),
+                         memory if args.impl.startswith("velotune") else None, args.checkpoint)
+    stats = getattr(model, "velotune_offload_stats", None)
+
+    def bounds(r):
+        """Which bound is closest at this step: the GPU (peak / cap) or the host (layer inputs kept / budget)."""
+        if stats is None:
+            return
+        budget = stats.host_budget or memory["host_memory_budget"] or int(
+            _host_available_bytes() * args.host_share - 16 * 2**30)
+        k = stats.offload_every           # the last step's (offload_every=1: every input kept)
+        needed = -(-cfg.num_hidden_layers // k) * cfg.hidden_size * torch.finfo(dtype).bits // 8 * r["seq"]
+        r.update(offload_every=k, host_needed_gib=needed / 2**30,
+                 host_budget_gib=budget / 2**30, gpu_use=r["peak_gib"] * 2**30 / cap if cuda else 0.0,
+                 host_use=needed / budget)
+        r["bound"] = "gpu" if r["gpu_use"] >= r["host_use"] else "host"
+
+    def note(r):
+        return (f"; k={r['offload_every']}, host inputs {r['host_needed_gib']:.1f} of {r['host_budget_gib']:.1f} GiB "
+                f"({r['host_use']:.0%}), GPU {r['gpu_use']:.0%} of cap: {r['bound']}-bound" if "bound" in r else "")
 
     def one_step(length):
         step, _, opt, _ = common.training_step(model, 1, length, device)
@@ -76,8 +101,10 @@ def worker(args) -> dict:
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() if cuda else None
         del step, opt
-        return {"seq": length, "s": dt, "tokens_per_s": length / dt, "peak_gib": peak / 2**30 if peak else None,
-                "loss": loss}
+        r = {"seq": length, "s": dt, "tokens_per_s": length / dt, "peak_gib": peak / 2**30 if peak else None,
+             "loss": loss}
+        bounds(r)
+        return r
 
     one_step(args.probes[0])                      # warm-up: kernels compiled, buffers allocated
     for length in args.probes:
@@ -89,7 +116,7 @@ def worker(args) -> dict:
             break
         out["probes"].append(r)
         print(f"  [{args.impl}] probe {length:>7}: {r['s']:.2f} s, {r['tokens_per_s']:.0f} tok/s"
-              + (f", peak {r['peak_gib']:.2f} GiB" if cuda else ""), flush=True)
+              + (f", peak {r['peak_gib']:.2f} GiB" if cuda else "") + note(r), flush=True)
     if not cuda or len(out["probes"]) < 2:
         return out
     lengths = torch.tensor([p["seq"] for p in out["probes"]], dtype=torch.float64)
@@ -98,9 +125,12 @@ def worker(args) -> dict:
     slope = float(((lengths - lengths.mean()) * (peaks - peaks.mean())).sum() / ((lengths - lengths.mean()) ** 2).sum())
     intercept = float(peaks.mean() - slope * lengths.mean())
     limits = {"gpu": (cap - intercept) / slope}
-    if getattr(model, "velotune_offload_stats", None) is not None:   # every layer's input waits in host memory
-        per_token = cfg.num_hidden_layers * cfg.hidden_size * torch.finfo(dtype).bits // 8
-        limits["host"] = (_host_available_bytes() * args.host_share - 16 * 2**30) / per_token
+    if stats is not None:   # every layer's input (every k-th: --offload-every) waits in host memory
+        every = memory["offload_every"]
+        kept = 1 if every == "auto" else -(-cfg.num_hidden_layers // every)
+        per_token = kept * cfg.hidden_size * torch.finfo(dtype).bits // 8
+        limits["host"] = (memory["host_memory_budget"] or _host_available_bytes() * args.host_share - 16 * 2**30
+                          ) / per_token
     basis = torch.stack([torch.ones_like(lengths), lengths, lengths ** 2][:len(lengths)], 1)
     coef = torch.linalg.lstsq(basis, times[:, None]).solution[:, 0].tolist()
 
@@ -131,7 +161,7 @@ def worker(args) -> dict:
         out["verify"].append(r)
         out.update(max_seq=length, tokens_per_s=r["tokens_per_s"], peak_gib=r["peak_gib"])
         print(f"  [{args.impl}] verify {length}: ok, {r['s']:.0f} s, {r['tokens_per_s']:.0f} tok/s, "
-              f"peak {r['peak_gib']:.2f} GiB", flush=True)
+              f"peak {r['peak_gib']:.2f} GiB" + note(r), flush=True)
         break
     return out
 
@@ -175,7 +205,9 @@ def run_lanes(args, argv: list[str]) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    ap.add_argument("--shape", default="8b", choices=list(common.SHAPES))
+    ap.add_argument("--shape", default="8b", choices=[*common.SHAPES, *common.BIG_SHAPES])
+    common.add_model_args(ap)
+    ap.add_argument("--offload-embedding", action="store_true", help="velotune: get_peft_model(offload_embedding=True)")
     ap.add_argument("--probes", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--card-gib", type=float, default=0.0, help="cap the allocator at this many GiB (0: whole card)")
     ap.add_argument("--gpus", type=int, default=1, help="contenders side by side, one GPU each")
@@ -199,7 +231,8 @@ def main() -> int:
 
     print(f"{common.card(args.device)}  commit {args.commit}  shape {args.shape}"
           + (f"  allocator capped at {args.card_gib:g} GiB" if args.card_gib else ""), flush=True)
-    argv = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype]
+    argv = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype, *common.model_argv(args)] + (
+        ["--offload-embedding"] if args.offload_embedding else [])
     if args.card_gib:
         argv += ["--card-gib", str(args.card_gib)]
     results = run_lanes(args, argv)
@@ -212,6 +245,13 @@ def main() -> int:
                   f"fit {c['bytes_per_token'] / 1024:.1f} KiB/token", flush=True)
             rows.append({k: c.get(k) for k in ("impl", "max_seq", "tokens_per_s", "peak_gib", "bound_by", "time_boxed",
                                                "bytes_per_token", "intercept_gib", "limits", "cap_gib")})
+        for r in c.get("probes", []) + [v for v in c.get("verify", []) if "bound" in v]:
+            if "bound" in r:   # per length: which bound holds
+                print(f"    {r['seq']:>8} tokens: k={r['offload_every']}, GPU {r['peak_gib'] or 0:.1f} GiB "
+                      f"({r['gpu_use']:.0%} of cap), host inputs {r['host_needed_gib']:.1f} of "
+                      f"{r['host_budget_gib']:.1f} GiB ({r['host_use']:.0%}): {r['bound']}-bound", flush=True)
+        if rows and rows[-1]["impl"] == c["impl"]:
+            rows[-1]["probes"] = c.get("probes")
         else:
             print(f"  {c['impl']:<15} not verified: {json.dumps({k: c.get(k) for k in ('limits', 'verify')})}")
     common.write_rows(args.jsonl, "context", rows, args.commit, args.device)

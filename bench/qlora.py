@@ -46,14 +46,14 @@ quantize_linears_ = common.quantize_linears_   # as bench/sft.py imports it from
 
 def memory_options(args) -> dict:
     return dict(recompute=args.recompute, cuda_graphs=args.cuda_graphs, offload_embedding=args.offload_embedding,
-                mlp_row_blocks=args.mlp_row_blocks)
+                mlp_row_blocks=args.mlp_row_blocks, **common.offload_options(args))
 
 
 def worker(args) -> dict:
     """One contender in this process: build, warm up, time; the result row."""
     device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     cuda = device.startswith("cuda")
-    cfg = common.config(args.shape)
+    cfg = common.config(args.shape, args.checkpoint)
     velotune = args.impl.startswith("velotune")
     impl = args.impl
     if impl.endswith("@base"):    # the same contender on the --base-src tree (velotune is not imported yet)
@@ -61,7 +61,8 @@ def worker(args) -> dict:
             raise SystemExit(f"{impl} needs --base-src")
         sys.path.insert(0, str(Path(args.base_src).resolve()))
         impl = impl[:-len("@base")]
-    model = common.build(impl, cfg, device, dtype, args.seq, memory_options(args) if velotune else None)
+    model = common.build(impl, cfg, device, dtype, args.seq, memory_options(args) if velotune else None,
+                         args.checkpoint)
     step, params, _, _ = common.training_step(model, args.batch, args.seq, device,
                                               optimizer=args.optimizer if velotune else "adamw")
     if cuda:
@@ -89,7 +90,8 @@ def worker(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", nargs="+", default=["stock-qlora", "velotune-qlora", "velotune-lora"], choices=IMPLS)
-    ap.add_argument("--shape", default="8b", choices=list(common.SHAPES))
+    ap.add_argument("--shape", default="8b", choices=[*common.SHAPES, *common.BIG_SHAPES])
+    common.add_model_args(ap)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -127,7 +129,7 @@ def main() -> int:
             "--recompute", args.recompute, "--mlp-row-blocks", str(args.mlp_row_blocks),
             "--optimizer", args.optimizer] + (["--cuda-graphs"] if args.cuda_graphs else []) + (
         ["--offload-embedding"] if args.offload_embedding else []) + (["--profile"] if args.profile else []) + (
-        ["--base-src", str(args.base_src)] if args.base_src else [])
+        ["--base-src", str(args.base_src)] if args.base_src else []) + common.model_argv(args)
     runs: dict[str, list[dict]] = {}
     for impl in [impl for _ in range(args.rounds) for impl in args.impls]:
         env = None

@@ -1,7 +1,8 @@
 """bf16 LoRA training throughput and memory: velotune vs stock transformers + PEFT vs Liger-Kernel.
 
 Random-weight shapes built on the GPU (8b: Llama-3.1-8B, 1b: Llama-3.2-1B; qwen3-8b, gemma3-4b, gemma3-12b,
-ministral-8b: bench/common.py SHAPES), batch 2 x 2048 random token ids, LoRA r=16 alpha=16 on all 7 projections, non-reentrant gradient checkpointing (velotune:
+ministral-8b, pythia-6.9b, aya-8b: bench/common.py SHAPES), batch 2 x 2048 random token ids, LoRA r=16
+alpha=16 on all 7 projections, non-reentrant gradient checkpointing (velotune:
 `use_gradient_checkpointing=True`), fused AdamW on the LoRA parameters. Each contender runs in its own
 process (clean peak-memory figures).
 
@@ -10,6 +11,8 @@ process (clean peak-memory figures).
     python bench/train.py --check                           # bf16 gradients: velotune vs stock, both vs fp32
     python bench/train.py --shapes tiny --device cpu --steps 2 --warmup 1   # the code path without a GPU
     python bench/train.py --shapes qwen3-8b gemma3-4b gemma3-12b --impls velotune stock   # other families
+    python bench/train.py --shapes pythia-6.9b aya-8b --impls velotune velotune_offload stock
+                            # the generic path: models without a family file (GPT-NeoX, Cohere shapes)
 
 Reported per contender: tokens/s over the timed steps, peak torch.cuda.max_memory_allocated, MFU
 (flops_per_token in bench/common.py against the card's bf16 matmul rate measured in the same run) and
@@ -26,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-IMPLS = {"velotune": "velotune-lora", "stock": "stock-lora", "liger": "liger-lora"}
+# velotune: transformers' checkpointing like the others; velotune_offload: offloaded checkpointing (the default
+# memory settings of bench/common.py)
+IMPLS = {"velotune": "velotune-lora", "velotune_offload": "velotune-lora", "stock": "stock-lora",
+         "liger": "liger-lora"}
 TARGETS, _config = common.TARGETS, common.config   # as bench/sft.py imports them from here
 
 
@@ -149,7 +155,7 @@ def _liger_importable() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["8b", "1b"], choices=list(common.SHAPES))
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--impls", nargs="+", default=["velotune", "stock", "liger"], choices=list(IMPLS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2)

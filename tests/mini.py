@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "qwen3", "gemma3_text", "ministral")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "qwen3", "gemma3_text", "ministral", "granite", "smollm3",
+            "olmo2")
 VOCAB = 384
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -58,6 +59,16 @@ def mini_config(family: str, **overrides):
     elif family == "ministral":  # head_dim != hidden / heads, GQA, a sliding then a full-attention layer
         cls = tf.MinistralConfig
         kw.update(head_dim=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    elif family == "granite":     # Granite 3's four scalars, attention scale 1 / head_dim, tied embeddings
+        cls = tf.GraniteConfig
+        kw.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 16,
+                  logits_scaling=8.0, tie_word_embeddings=True)
+    elif family == "smollm3":     # NoPE on every 2nd layer here (layer 1 of 2; SmolLM3-3B: every 4th), tied
+        cls = tf.SmolLM3Config
+        kw.update(no_rope_layer_interval=2, tie_word_embeddings=True)
+    elif family == "olmo2":       # post-norms, q/k norm over the whole projection, GQA
+        cls = tf.Olmo2Config
+        kw.update(initializer_range=0.05)
     else:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     kw.update(overrides)

@@ -38,9 +38,9 @@ class OutputError(VelotuneError, OSError):
 def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` (or an exception it was raised from) is a full disk / quota.
 
-    Covers OSError(ENOSPC / EDQUOT) from Python writes, safetensors' SafetensorError (its Rust
-    writer reports `Os { code: 28, kind: StorageFull }`) and torch.save's "file write failed"
-    message when it names ENOSPC.
+    Covers OSError(ENOSPC / EDQUOT) from Python writes and safetensors' SafetensorError (its Rust
+    writer reports "No space left on device (os error 28)"). Short writes reported without an errno
+    (numpy, torch.save) are judged with the disk's free space: `velotune.fsio.is_disk_full_at`.
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -48,16 +48,17 @@ def is_disk_full(exc: BaseException) -> bool:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(exc)
-        if "StorageFull" in text or "code: 28," in text or "No space left on device" in text \
-                or "QuotaExceeded" in text:
+        if any(m in text for m in ("No space left on device", "os error 28)", "code: 28,", "StorageFull",
+                                   "Disk quota exceeded", "os error 122)")):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
 
 
-def describe_os_error(e: BaseException) -> str:
-    """A short phrase for an OSError (or a write error wrapping one) in a one-line message."""
-    if is_disk_full(e):
+def describe_os_error(e: BaseException, disk_full: bool = False) -> str:
+    """A short phrase for an OSError (or a write error wrapping one) in a one-line message;
+    `disk_full`: the caller found the disk full (a short write without errno)."""
+    if disk_full or is_disk_full(e):
         return "the disk is full (ENOSPC)"
     if isinstance(e, OSError):
         if e.errno in (errno.EACCES, errno.EPERM):

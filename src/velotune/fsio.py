@@ -133,6 +133,24 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(nearest_existing(Path(path).absolute())).free
 
 
+# Writers that report a short write without an errno: numpy's tofile ("N requested and M written"),
+# torch.save ("file write failed"). They count as a full disk when the disk is (nearly) full.
+_SHORT_WRITE = re.compile(r"requested and \d+ written|file write failed|failed writing file")
+NEARLY_FULL = 64 * 2**20
+
+
+def is_disk_full_at(e: BaseException, folder: Path) -> bool:
+    """`errors.is_disk_full(e)`, or a short write without errno while `folder`'s disk is nearly full."""
+    from velotune.errors import is_disk_full
+
+    if is_disk_full(e):
+        return True
+    try:
+        return bool(_SHORT_WRITE.search(str(e))) and free_bytes(folder) < NEARLY_FULL
+    except OSError:
+        return False
+
+
 _RENAME_EXCHANGE = 2
 
 

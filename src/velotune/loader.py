@@ -96,6 +96,38 @@ def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revisi
             "Without network access, pass a local model folder instead.") from None
 
 
+def _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit: bool, max_seq_length: int,
+               full_finetuning: bool):
+    """fit.check_fit against `memory_cap` (or the free CUDA memory): the estimate, or ModelLoadError."""
+    from velotune.fit import check_fit, gpu_cap_bytes, parse_bytes
+
+    if memory_cap is not None:
+        try:
+            cap = parse_bytes(memory_cap)
+        except ValueError as e:
+            raise ModelLoadError(f"memory_cap: {e}") from None
+    elif device_map is None:
+        cap = gpu_cap_bytes()
+    else:
+        cap = None          # the caller places the model (possibly across devices and the host)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
+    four_bit = load_in_4bit or bool(qc and qc.get("load_in_4bit"))   # a *-bnb-4bit checkpoint loads in 4 bits
+    try:
+        if cap is None:
+            from velotune.fit import estimate_memory
+
+            return estimate_memory(config, compute_dtype, four_bit, max_seq_length, full_finetuning=full_finetuning)
+        est = check_fit(config, cap, compute_dtype, four_bit, max_seq_length, full_finetuning)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config the estimate cannot build: load without the check
+        log.warning("velotune: no memory estimate for this config (%s: %s)", type(e).__name__, e)
+        return None
+    log.info("velotune: training memory estimate %s", est.describe())
+    return est
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -175,6 +207,8 @@ class FastLanguageModel:
         revision: str | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        memory_cap: int | str | None = None,
+        padding_free: bool = True,
         **kwargs,
     ):
         """Load a causal LM and its tokenizer.
@@ -182,12 +216,27 @@ class FastLanguageModel:
         Returns `(model, tokenizer)`. `dtype=None` picks bf16 where supported, fp16 on older GPUs
         and float32 on CPU; an explicit dtype is honoured everywhere. `fast=False` keeps the stock
         transformers forward (useful for A/B checks).
+
+        Before anything is allocated, the training memory is estimated from the config
+        (velotune.fit: weights, adapters + AdamW, activations for `max_seq_length` tokens under
+        offloaded checkpointing) and ModelLoadError names the estimate and what would fit when it
+        exceeds `memory_cap` (bytes or e.g. "16GiB"; default: the free memory of the current CUDA
+        device; no check on CPU unless given, nor with an explicit `device_map`). The estimate is
+        kept at `model.velotune_memory_estimate`.
+        `padding_free` (with fast=True): a padded batch in a forward without a KV cache (training,
+        TRL's trainers, scoring) runs on its real tokens only, packed into one row with attention
+        kept inside each sample (velotune.models.padding_free): the same loss, gradients and logits
+        at real positions as the padded batch; False runs padded batches as they come.
         """
+        if not isinstance(padding_free, bool):
+            raise ValueError(f"padding_free={padding_free!r}: use True or False")
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         compute_dtype = resolve_dtype(dtype)
         path = _resolve_model_path(model_name, token, revision)
         config = _load_config(AutoConfig, path, trust_remote_code)
+        estimate = _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit, max_seq_length,
+                              full_finetuning)
         if Path(path).is_dir():
             _check_coverage(Path(path), config)
         load_kwargs: dict[str, Any] = dict(dtype=compute_dtype, use_safetensors=True,
@@ -212,11 +261,15 @@ class FastLanguageModel:
             tokenizer.pad_token = tokenizer.eos_token
         model.max_seq_length = max_seq_length
         model.velotune_compute_dtype = compute_dtype
+        model.velotune_memory_estimate = estimate
         model.velotune_fast = fast
         if fast:
             from velotune.models import prepare_model
 
             prepare_model(model, max_seq_length=max_seq_length, full_finetuning=full_finetuning)
+            from velotune.models.padding_free import set_padding_free
+
+            set_padding_free(model, padding_free)
         if full_finetuning:
             model.requires_grad_(True)
         _attach_methods(model)
@@ -230,7 +283,7 @@ class FastLanguageModel:
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         bias: str = "none",
-        use_gradient_checkpointing: bool | str = True,
+        use_gradient_checkpointing: bool | str = "unsloth",
         random_state: int = 3407,
         max_seq_length: int | None = None,
         use_rslora: bool = False,
@@ -239,40 +292,71 @@ class FastLanguageModel:
         modules_to_save: Sequence[str] | None = None,
         use_dora: bool = False,
         init_lora_weights: Any = True,
-        offload_embedding: bool = False,
+        offload_embedding: bool | str = "auto",
         cuda_graphs: bool = False,
-        recompute: str = "layer",
+        recompute: str | None = None,
         mlp_row_blocks: int = 1,
+        offload_every: int | str = 1,
+        host_memory_budget: int | str | None = None,
+        padding_free: bool | None = None,
         **kwargs,
     ):
         """Wrap `model` in a real `peft.PeftModel` with LoRA adapters.
 
-        `use_gradient_checkpointing`: False, True (non-reentrant, per decoder layer), or
-        "unsloth"/"offload" (per-layer inputs offloaded to CPU memory).
-        `recompute` (with "unsloth"/"offload"): "layer" recomputes each decoder layer whole in
-        backward; "mlp" copies the attention half's activations to host memory as well and
-        recomputes only the MLP (velotune.memory.saved_offload): same results and GPU peak, less GPU
-        work per step, ~4.5x the pinned host memory (8B: ~36 KiB instead of 8 KiB per token and layer).
+        The defaults are the fastest exact settings (each gives the same losses and gradients as
+        stock; docs/perf-notes.md says what each costs and why anything is off):
+        `use_gradient_checkpointing`: "unsloth" (default; also "offload"): each decoder layer is
+        checkpointed and its input waits in pinned CPU memory (velotune.memory.checkpointing);
+        True: transformers' non-reentrant checkpointing; False: none. A trainer's own request for
+        checkpointing (TRL's SFTConfig defaults to gradient_checkpointing=True) keeps velotune's.
+        `recompute` (with "unsloth"/"offload"; None picks "mlp" there, "layer" otherwise): "mlp"
+        copies the attention half's activations to host memory as well and recomputes only the MLP
+        in backward (velotune.memory.saved_offload): the same results and GPU peak, less GPU work,
+        ~4.5x the pinned host memory of "layer" (8B: ~36 KiB instead of 8 KiB per token and layer);
+        "layer" recomputes each decoder layer whole. Layers velotune cannot split (Gemma 2's
+        softcapped attention) recompute whole either way.
         `mlp_row_blocks` (with recompute="mlp"): each MLP runs forward and backward in that many
         blocks of rows (velotune.lora.recomputed_mlp). 1 gives the same bits as one piece; more lowers
-        the MLP's GPU memory peak for more, smaller GEMMs (H200, 8B QLoRA 2 x 2048 with cuda_graphs:
-        4 blocks, 0.16 GiB less, 3-4% slower; the rounding stays as exact, not the same bits).
-        `offload_embedding`: keep the frozen input-embedding table in pinned host memory; the GPU
-        reads the batch's rows from it (velotune.memory.embedding_offload): ~1 GiB less GPU memory for
-        Llama-3, no host sync. Refused for tied or trainable tables.
-        `cuda_graphs` (EXPERIMENTAL; with "unsloth"/"offload" checkpointing): after one eager step,
+        the MLP's GPU memory peak for more, smaller GEMMs (the rounding stays as exact, not the same bits).
+        `offload_embedding`: "auto" (default) keeps a frozen, untied input-embedding table of a model
+        on a CUDA device in pinned host memory, the GPU reading the batch's rows from it
+        (velotune.memory.embedding_offload: ~1 GiB less GPU memory for Llama-3, no host sync), and
+        leaves every other table (tied, trainable, on the CPU, in a distributed run) where it is;
+        True asks for it and refuses tables it cannot take; False never.
+        `offload_every` (with "unsloth"/"offload", recompute="layer"): keep only every k-th decoder
+        layer's input in host memory and recompute the layers between in backward (the same bits,
+        ceil(layers / k) host copies instead of one per layer; velotune.memory.sparse_offload).
+        "auto" picks the smallest k whose inputs fit `host_memory_budget` (bytes or e.g. "100GiB";
+        default: the host's available memory, measured at each step); the choice is reported in
+        `model.velotune_offload_stats` (offload_every, host_budget, host_needed).
+        `padding_free`: True or False switches padded batches to run on their real tokens only
+        (see from_pretrained); None keeps what from_pretrained set (on by default).
+        `cuda_graphs` (off by default; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
-        (velotune.memory.layer_graphs), to take the host out of the step. On the H200 (2026-12-01)
-        every layer of an 8B model captures and the GPU tests are bit-identical to eager. With
-        recompute="layer" the 8B step is no faster (GPU-bound). With recompute="mlp" the backward
-        graph recomputes only the MLP, reading the attention half's saved tensors from two static
-        buffer sets (velotune.memory.saved_graphs): the fastest 8B QLoRA step measured, 4.5x stock
-        (H200, 2026-12-01, with OffloadedAdamW) vs 3.8-4.2x eager "mlp", at +0.43 GiB of GPU memory (BENCHMARKS.md). A
-        layer whose capture fails runs eagerly, with a warning, so results never change.
+        (velotune.memory.layer_graphs; with recompute="mlp" also velotune.memory.saved_graphs), to
+        take the host out of the step; bit-identical to eager, a layer whose capture fails runs
+        eagerly with a warning. Graphs are captured per input shape, and padding-free batches change
+        shape every step (their packed layers run eagerly), so it pays off for fixed-shape batches
+        (packing to a fixed length, own loops): docs/perf-notes.md.
         """
         from velotune.memory.checkpointing import check_recompute
 
+        if recompute is None:   # offload_every recomputes whole layers
+            recompute = "mlp" if use_gradient_checkpointing in ("unsloth", "offload") and offload_every == 1 \
+                and host_memory_budget is None else "layer"
         check_recompute(recompute, mlp_row_blocks)
+        if (offload_every != 1 or host_memory_budget is not None) and use_gradient_checkpointing not in (
+                "unsloth", "offload"):
+            raise ValueError(f"offload_every={offload_every!r} needs use_gradient_checkpointing='unsloth' "
+                             f"(or 'offload'): got {use_gradient_checkpointing!r}")
+        if host_memory_budget is not None:
+            from velotune.fit import parse_bytes
+
+            host_memory_budget = parse_bytes(host_memory_budget)
+        if offload_embedding not in (True, False, "auto"):
+            raise ValueError(f"offload_embedding={offload_embedding!r}: use 'auto', True or False")
+        if padding_free is not None and not isinstance(padding_free, bool):
+            raise ValueError(f"padding_free={padding_free!r}: use True, False or None")
         if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
             raise ValueError(f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
                              f"got {use_gradient_checkpointing!r}")
@@ -296,11 +380,18 @@ class FastLanguageModel:
         # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         peft_model = get_peft_model(model, config)
-        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks)
+        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks,
+                              offload_every, host_memory_budget)
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
-        if offload_embedding:
+        if padding_free is not None:
+            from velotune.models.padding_free import set_padding_free
+
+            set_padding_free(peft_model, padding_free)
+        if offload_embedding == "auto":
+            _offload_embedding_where_safe(peft_model)
+        elif offload_embedding:
             from velotune.memory.embedding_offload import offload_input_embeddings
 
             offload_input_embeddings(peft_model)
@@ -341,19 +432,61 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
 
 
 def _enable_checkpointing(model, mode: bool | str, cuda_graphs: bool = False, recompute: str = "layer",
-                          mlp_row_blocks: int = 1) -> None:
+                          mlp_row_blocks: int = 1, offload_every: int | str = 1,
+                          host_budget: int | None = None) -> None:
     if mode in (False, None, "none", "false"):
         return
     if mode in ("unsloth", "offload"):
         from velotune.memory.checkpointing import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute,
-                                       mlp_row_blocks=mlp_row_blocks)
+                                       mlp_row_blocks=mlp_row_blocks, offload_every=offload_every,
+                                       host_budget=host_budget)
+        _keep_offloaded_checkpointing(model)
         return
     if mode is not True and mode != "true":
         raise ValueError(f"use_gradient_checkpointing={mode!r}: use True, False, 'unsloth' or 'offload'")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+
+
+def _keep_offloaded_checkpointing(model) -> None:
+    """Trainers switch on transformers' checkpointing themselves (TRL's configs default to
+    gradient_checkpointing=True), which would replace the offloaded one on every layer: this
+    instance's `gradient_checkpointing_enable` / `activation_checkpointing_enable` keep velotune's
+    (it already checkpoints every decoder layer) and only turn the KV cache off, as transformers does.
+    `gradient_checkpointing_disable` still turns checkpointing off."""
+    import types
+
+    def keep(self, *args, **kwargs):
+        log.info("velotune: offloaded checkpointing stays on (the trainer asked for transformers' own)")
+        base = self.get_base_model() if hasattr(self, "get_base_model") else self
+        if getattr(base, "config", None) is not None:
+            base.config.use_cache = False
+
+    for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable"):
+        if hasattr(model, name):
+            setattr(model, name, types.MethodType(keep, model))
+
+
+def _offload_embedding_where_safe(model) -> bool:
+    """offload_embedding="auto": offload a frozen, untied input table of a model on a CUDA device,
+    outside distributed runs (FSDP/DDP place parameters themselves); leave anything else as it is."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is None or weight.device.type != "cuda" or weight.requires_grad:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return False
+    from velotune.memory.embedding_offload import offload_input_embeddings
+
+    try:
+        offload_input_embeddings(model)      # refuses (and changes nothing) for tied or unusual tables
+    except ValueError as e:
+        log.info("velotune: input embeddings stay on the GPU (%s)", e)
+        return False
+    return True
 
 
 def _attach_methods(model) -> None:

@@ -65,3 +65,20 @@ def test_results_rows_name_card_commit_and_command():
             assert row["card"].startswith(("NVIDIA", "2x NVIDIA")) and len(row["commit"]) == 7
             assert row["command"].startswith("python bench/") or row["command"].startswith("python -m pytest")
             assert row["source"]
+
+
+def test_benches_from_a_checkpoint_with_offload_every(tmp_path):
+    """--checkpoint (a bench/make_checkpoint.py folder) in qlora.py (stock and velotune load it) and
+    context.py with --offload-every auto under a host budget smaller than one layer input: k = layers,
+    reported host-bound at every probe."""
+    ckpt = tmp_path / "tiny"
+    subprocess.run([sys.executable, str(BENCH / "make_checkpoint.py"), "--shape", "tiny-llama", "--out", str(ckpt),
+                    "--device", "cpu"], check=True, capture_output=True, timeout=300)
+    out, rows = _run("qlora.py", "--cpu-smoke", "--checkpoint", str(ckpt), "--impls", "stock-qlora", "velotune-qlora",
+                     "--offload-every", "2", jsonl=tmp_path / "q.jsonl")
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"stock-qlora", "velotune-qlora"} and by_impl["velotune-qlora"]["memory"]["offload_every"] == 2
+    assert abs(by_impl["velotune-qlora"]["first_loss"] - by_impl["stock-qlora"]["first_loss"]) < 1e-3
+    out, _ = _run("context.py", "--cpu-smoke", "--checkpoint", str(ckpt), "--impls", "velotune-qlora",
+                  "--offload-every", "auto", "--host-budget-gib", "1e-7", jsonl=tmp_path / "c.jsonl")
+    assert "[velotune-qlora] probe      64:" in out and "k=2," in out and "host-bound" in out

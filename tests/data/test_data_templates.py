@@ -23,11 +23,12 @@ FAMILY_TOKENS = {
     "chatml": (None, "<|endoftext|>"), "qwen-2.5": (None, "<|endoftext|>"), "qwen-3": (None, "<|endoftext|>"),
     "mistral": ("<s>", "</s>"), "zephyr": ("<s>", "</s>"), "alpaca": ("<s>", "</s>"), "vicuna": ("<s>", "</s>"),
     "gemma": ("<bos>", "<eos>"), "phi-3": ("<s>", "<|endoftext|>"), "default": ("<s>", "</s>"),
+    "granite": (None, "<|end_of_text|>"),
 }
 STOP = {"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>",
         "qwen-3": "<|im_end|>",
         "mistral": "</s>", "zephyr": "</s>", "alpaca": "</s>", "vicuna": "</s>", "gemma": "<end_of_turn>",
-        "phi-3": "<|end|>", "default": "</s>"}
+        "phi-3": "<|end|>", "default": "</s>", "granite": "<|end_of_text|>"}
 
 _L3_TURNS = ("<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
              "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
@@ -58,6 +59,11 @@ REFERENCE = {
     "phi-3": ("<|system|>\nYou are helpful.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\nHello.<|end|>\n"
               "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4<|end|>\n"),
     "default": "<s>You are helpful.\n>>> User: Hi!\n>>> Assistant: Hello.</s>\n>>> User: What is 2+2?\n>>> Assistant: 4</s>\n",
+    "granite": ("<|start_of_role|>system<|end_of_role|>You are helpful.<|end_of_text|>\n"
+                "<|start_of_role|>user<|end_of_role|>Hi!<|end_of_text|>\n"
+                "<|start_of_role|>assistant<|end_of_role|>Hello.<|end_of_text|>\n"
+                "<|start_of_role|>user<|end_of_role|>What is 2+2?<|end_of_text|>\n"
+                "<|start_of_role|>assistant<|end_of_role|>4<|end_of_text|>\n"),
 }
 
 # [user "Hi!"] with add_generation_prompt=True: what the model sees before it answers (default system messages too)
@@ -79,6 +85,8 @@ PROMPT = {
     "gemma": "<bos><start_of_turn>user\nHi!<end_of_turn>\n<start_of_turn>model\n",
     "phi-3": "<|user|>\nHi!<|end|>\n<|assistant|>\n",
     "default": "<s>>>> User: Hi!\n>>> Assistant: ",
+    # Granite 3.1+ fill in a dated default system message (strftime_now); velotune's template writes none
+    "granite": "<|start_of_role|>user<|end_of_role|>Hi!<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>",
 }
 
 
@@ -209,8 +217,9 @@ def test_qwen3_think_blocks():
 
 def _quantize_input_embeddings(model):
     """Swap in a real bitsandbytes 4-bit embedding table (same rows), as a quantized model would hold."""
-    import bitsandbytes as bnb
     import torch
+
+    bnb = pytest.importorskip("bitsandbytes")  # (the minimum-versions CI job installs no bitsandbytes)
 
     e = model.get_input_embeddings()
     q = bnb.nn.Embedding4bit(e.num_embeddings, e.embedding_dim, dtype=torch.float32)

@@ -27,11 +27,13 @@ from velotune.export.modelfile import parse_modelfile  # noqa: E402
 
 # Mistral's, Ministral's and Qwen3's mini windows (8) are shorter than the prompts, and llama.cpp's llama
 # and qwen3 graphs have no sliding window (the exporter warns): give those toys no window shorter than the
-# prompts.
+# prompts. llama.cpp skips RoPE on every 4th SmolLM3 layer (hard-coded): the smollm3 toy gets 4 layers,
+# NoPE on the last.
 OVERRIDES = {"mistral": {"sliding_window": 64}, "ministral": {"sliding_window": 64},
              "qwen3": {"use_sliding_window": False},
              # llama.cpp's Gemma 3: 5 local : 1 global layers, attention scale from head_dim (window 4 kept)
-             "gemma3_text": {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 16}}
+             "gemma3_text": {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 16},
+             "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4}}
 
 
 def prompts(tok) -> list[list[int]]:
@@ -253,3 +255,11 @@ def test_gemma3_layout_llama_cpp_cannot_express_is_refused(tmp_path):
     with pytest.raises(ExportError, match="5 sliding layers"):
         model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_smollm3_nope_pattern_llama_cpp_cannot_run_is_refused(tmp_path):
+    """llama.cpp hard-codes NoPE on every 4th SmolLM3 layer; the mini model's NoPE on every 2nd would load
+    and answer wrongly, so the exporter refuses it with a clear error."""
+    model, tok = lora_model("smollm3")                       # no_rope_layers [1, 0]
+    with pytest.raises(ExportError, match="NoPE on every 4th layer"):
+        model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)

@@ -79,4 +79,9 @@ def test_chat_bad_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     assert main(["chat", str(tmp_path / "adapter")]) == 2
+    assert "has no adapter_model.safetensors" in capsys.readouterr().err
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert main(["chat", str(tmp_path / "adapter")]) == 2
     assert "base_model_name_or_path" in capsys.readouterr().err

@@ -59,3 +59,36 @@ def test_rmsnorm_kernel_llama_mixed_dtypes():
     ref = rms_norm_reference(x, w, 1e-5)
     assert y.dtype == ref.dtype == torch.float32
     assert_close(y, ref, tol=2**-7)
+
+
+@pytest.mark.parametrize("shape,block", [((3, 5, 33), None), ((2, 37), 16)])
+def test_rmsnorm_kernel_weight_in_fp32(shape, block, monkeypatch):
+    """OLMo 2's convention: (w * n) in fp32, rounded once; equal to Olmo2RMSNorm and to float64, with
+    bf16 input rounding like the stock module's (one bf16 ulp on the interpreter, see above)."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    if block:
+        monkeypatch.setattr(rmsnorm_mod, "MAX_BLOCK", block)
+    H = shape[-1]
+    x0, w0, dy = torch.randn(shape), torch.randn(H), torch.randn(shape)
+    x, w = leaf(x0, torch.float32), leaf(w0, torch.float32)
+    with force_triton():
+        got = (rms_norm(x, w, 1e-6, weight_in_fp32=True),)
+    got = (*got, *grads(got[0], [x, w], dy))
+    stock = Olmo2RMSNorm(H, eps=1e-6).double()
+    with torch.no_grad():
+        stock.weight.copy_(w0)
+    x64 = leaf(x0, torch.float64)
+    y64 = stock(x64)
+    ref64 = (y64, *grads(y64, [x64, stock.weight], dy.double()))
+    for name, g, r64 in zip(("y", "dx", "dw"), got, ref64):
+        assert_close(g, r64.float(), what=f"{name} vs float64 Olmo2RMSNorm")
+    xb = x0.to(torch.bfloat16)
+    stock_b = Olmo2RMSNorm(H, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        stock_b.weight.copy_(w0)
+    with force_triton():
+        yb = rms_norm(xb, stock_b.weight, 1e-6, weight_in_fp32=True)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(rms_norm_reference(xb, stock_b.weight, 1e-6, weight_in_fp32=True), stock_b(xb))
+    torch.testing.assert_close(yb.float(), stock_b(xb).float(), rtol=2**-7, atol=0)

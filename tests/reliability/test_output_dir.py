@@ -168,3 +168,15 @@ def test_kill_9_during_training_then_resume(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = read_json(out / "summary.json")
     assert summary["steps"] == 6 and summary["resumed_from"].startswith(str(out / "checkpoint-"))
+
+
+def test_resuming_from_another_folders_checkpoint_does_not_claim_this_one(tmp_path, trained_run):
+    from velotune.train.output_dir import resumes_here
+
+    run = copy_run(trained_run, tmp_path / "run")
+    assert resumes_here(run, True) and resumes_here(run, str(run / "checkpoint-1"))
+    assert not resumes_here(run, str(trained_run / "checkpoint-1")) and not resumes_here(run, None)
+    cfg = train_config(tmp_path, run)
+    line = assert_one_line(velotune("train", cfg, "--resume", trained_run / "checkpoint-1"),
+                           "already holds another run", command="train")
+    assert str(run) in line

@@ -68,7 +68,10 @@ def test_missing_keys_and_inconsistent_settings(tmp_path):
     cfg["data"]["format"] = "alpaca"
     assert "run.yaml: data.format: method dpo needs preference data" in error_of(tmp_path, cfg)
     cfg = good(tmp_path)
-    cfg["lora"] = {"recompute": "mlp"}
+    lora = load_config(write(tmp_path, cfg)).lora          # the defaults are the library's
+    assert (lora.gradient_checkpointing, lora.recompute, lora.offload_embedding) == ("unsloth", None, "auto")
+    assert load_config(write(tmp_path, cfg)).model.padding_free is True
+    cfg["lora"] = {"recompute": "mlp", "gradient_checkpointing": True}
     assert error_of(tmp_path, cfg) == ("run.yaml: lora.recompute: 'mlp' needs lora.gradient_checkpointing: unsloth "
                                        "(or offload), not True")
     cfg["lora"]["gradient_checkpointing"] = "unsloth"
@@ -76,13 +79,13 @@ def test_missing_keys_and_inconsistent_settings(tmp_path):
     cfg["lora"]["recompute"] = "attention"
     assert error_of(tmp_path, cfg).startswith("run.yaml: lora.recompute: should be 'layer' or 'mlp'")
     cfg = good(tmp_path)
-    cfg["lora"] = {"cuda_graphs": True}
+    cfg["lora"] = {"cuda_graphs": True, "gradient_checkpointing": True}
     assert error_of(tmp_path, cfg) == ("run.yaml: lora.cuda_graphs: true needs lora.gradient_checkpointing: unsloth "
                                        "(or offload), not True")
     cfg["lora"].update(gradient_checkpointing="unsloth", recompute="mlp")
     assert load_config(write(tmp_path, cfg)).lora.cuda_graphs is True
     cfg = good(tmp_path)
-    cfg["lora"] = {"mlp_row_blocks": 4}
+    cfg["lora"] = {"mlp_row_blocks": 4, "recompute": "layer"}
     assert error_of(tmp_path, cfg) == "run.yaml: lora.mlp_row_blocks: 4 needs lora.recompute: mlp, not 'layer'"
     cfg["lora"] = {"mlp_row_blocks": 0, "recompute": "mlp", "gradient_checkpointing": "unsloth"}
     assert error_of(tmp_path, cfg).startswith("run.yaml: lora.mlp_row_blocks: ")

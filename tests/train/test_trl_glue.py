@@ -74,3 +74,19 @@ def test_cpu_training_never_reaches_a_triton_kernel(mini_llama, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "active drivers" not in r.stderr and (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_token_count_is_real_tokens_for_padded_and_padding_free_batches():
+    """tokens_per_second counts real tokens: the mask sums of a padded batch (which velotune then runs
+    padding-free inside the model), the row of a batch TRL made padding-free, both halves of DPO's."""
+    import torch
+
+    from velotune.train.trl_glue import _count_tokens
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert _count_tokens({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}) == 5
+    packed = {"input_ids": torch.zeros(1, 5, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1]])}
+    assert _count_tokens(packed) == 5
+    dpo = {"chosen_input_ids": torch.zeros(2, 4), "chosen_attention_mask": mask,
+           "rejected_input_ids": torch.zeros(2, 4), "rejected_attention_mask": mask[:, [1, 0, 2, 3]]}
+    assert _count_tokens(dpo) == 10

@@ -61,6 +61,8 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     "gemma": ChatTemplate("gemma.jinja", stop="<end_of_turn>", special_tokens=("<start_of_turn>", "<end_of_turn>")),
     "phi-3": ChatTemplate("phi-3.jinja", stop="<|end|>",
                           special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
+    "granite": ChatTemplate("granite.jinja", stop="<|end_of_text|>",
+                            special_tokens=("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>")),
     "default": ChatTemplate("default.jinja"),
 }
 
@@ -71,6 +73,8 @@ ALIASES = {
     "qwen3": "qwen-3", "gemma2": "gemma", "gemma-2": "gemma", "gemma3": "gemma", "gemma-3": "gemma",
     "phi3": "phi-3", "phi-3.5": "phi-3", "phi35": "phi-3",
     "unsloth": "default", "plain": "default", "mistral-instruct": "mistral",
+    "granite-3": "granite", "granite3": "granite", "granite-3.1": "granite", "granite-3.2": "granite",
+    "granite-3.3": "granite", "smollm3": "chatml", "smollm-3": "chatml",
 }
 
 # mapping keys understood by get_chat_template: which message keys hold role/content, and the data's

@@ -139,8 +139,9 @@ def _load_jsonl_without(path: Path, bad: list[tuple[int, int, str]], report):
     with tempfile.TemporaryDirectory(prefix="velotune-utf8-") as tmp:
         clean = Path(tmp) / path.name
         with open(path, "rb") as src, open(clean, "wb") as dst:
-            for lineno, raw in enumerate(src, 1):
-                dst.write(placeholder + b"\n" if lineno in lines else raw)
+            for lineno, raw in enumerate(src, 1):  # blank lines are no rows (and older datasets refuse them)
+                if raw.strip():
+                    dst.write(placeholder + b"\n" if lineno in lines else raw.rstrip(b"\r\n") + b"\n")
         try:
             ds = datasets.load_dataset("json", data_files=str(clean), split="train")
         except Exception as e:

@@ -32,6 +32,8 @@ SHOWN = 6  # held-out questions printed before/after (all of them are scored)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where to save the adapter, loss curve and summary (default: ./velotune-demo-<time>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="if --output-dir holds another run, move it aside to OUTPUT_DIR.old-<time> first")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=3407, help="seed for LoRA initialisation and data order")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
@@ -92,7 +94,7 @@ def _run(args: argparse.Namespace, out: Path, device: str) -> int:
          f"Asking {len(rows)} held-out questions...")
     before = answer(model, tokenizer, questions)
 
-    result = run_training(cfg, model=model, tokenizer=tokenizer)
+    result = run_training(cfg, model=model, tokenizer=tokenizer, overwrite=getattr(args, "overwrite", False))
     after = answer(result.model, tokenizer, questions)
 
     s_before, s_after = score(before, rows), score(after, rows)

@@ -5,7 +5,8 @@
 
 The temporary folder (`.NAME.tmp-<pid>-XXXX`, mode 0777 minus the umask) lives in the same parent
 folder as the target, so the final `os.rename` never crosses a file system; leftovers of killed
-exports (their process gone) are removed when the next export starts there. An existing target is first renamed aside (`.NAME.old-PID`), the new folder
+exports (their process gone) are removed when the next export starts there. An existing target is
+first renamed aside (`.NAME.old-PID`), the new folder
 renamed into place, and only then the old one deleted: at no point is a half-written folder at the
 target path, and a failure before the swap leaves the previous output untouched.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from velotune.errors import OutputError, describe_os_error, is_disk_full
-from velotune.fsio import exchange_dirs, honour_umask_tree, make_temp_dir, remove_stale_temps
+from velotune.fsio import (_SHORT_WRITE, exchange_dirs, honour_umask_tree, is_disk_full_at, make_temp_dir,
+                           remove_stale_temps)
 
 
 class ExportError(OutputError):
@@ -32,7 +34,8 @@ def is_write_failure(e: BaseException) -> bool:
     """An OSError, or a writer's wrapped one (safetensors' SafetensorError, torch.save's RuntimeError)."""
     from safetensors import SafetensorError
 
-    return isinstance(e, (OSError, SafetensorError)) or is_disk_full(e)
+    return isinstance(e, (OSError, SafetensorError)) or is_disk_full(e) or (
+        isinstance(e, RuntimeError) and bool(_SHORT_WRITE.search(str(e))))
 
 
 @contextmanager
@@ -54,8 +57,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OutputError) or not is_write_failure(e):
             raise
         previous = "the previous output there is intact" if target.exists() else "nothing was written there"
-        raise ExportError(f"saving to {target} failed: {_describe(e)}; {previous} "
-                          f"(partial files were removed)") from e
+        why = _describe(e, is_disk_full_at(e, target.parent))
+        raise ExportError(f"saving to {target} failed: {why}; {previous} (partial files were removed)") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

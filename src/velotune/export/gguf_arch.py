@@ -135,6 +135,25 @@ def _check_gemma3(w, c, rp) -> None:
         raise ExportError("Gemma 3 GGUF: llama.cpp's Gemma 3 graph has no final-logit softcap")
 
 
+def _check_smollm3(w, c, rp) -> None:
+    """llama.cpp's SmolLM3 graph skips RoPE on layers i with (i + 1) % 4 == 0 (a constant, not a GGUF key)
+    and has no sliding window: refuse configs it would run differently."""
+    want = [int((i + 1) % 4 != 0) for i in range(c.num_hidden_layers)]
+    if list(c.no_rope_layers) != want:
+        raise ExportError(f"SmolLM3 GGUF needs NoPE on every 4th layer (llama.cpp hard-codes it); this model's "
+                          f"no_rope_layers is {list(c.no_rope_layers)}")
+    if getattr(c, "use_sliding_window", False) and "sliding_attention" in (getattr(c, "layer_types", None) or ()):
+        raise ExportError("SmolLM3 GGUF: llama.cpp's SmolLM3 graph has no sliding window")
+
+
+def _granite_scales(w, c, rp) -> None:
+    """Granite's four scalars (convert_hf_to_gguf's GraniteModel); llama.cpp divides the logits by logit_scale."""
+    w.add_embedding_scale(c.embedding_multiplier)
+    w.add_residual_scale(c.residual_multiplier)
+    w.add_attention_scale(c.attention_multiplier)
+    w.add_logit_scale(c.logits_scaling)
+
+
 def _softcaps(w, c, rp) -> None:
     w.add_attn_logit_softcapping(c.attn_logit_softcapping or 0.0)
     w.add_final_logit_softcapping(c.final_logit_softcapping or 0.0)
@@ -192,6 +211,8 @@ FEATURES: dict[str, Feature] = {
     "sliding_window_key": Feature(lambda w, c, rp: w.add_sliding_window(getattr(c, "sliding_window", None) or 0)),
     "gemma2_layout": Feature(_check_gemma2),
     "gemma3_layout": Feature(_check_gemma3),
+    "smollm3_layout": Feature(_check_smollm3),     # NoPE every 4th layer, no sliding window
+    "granite_scales": Feature(_granite_scales),
     "softcaps": Feature(_softcaps),
     "llama3_rope_freqs": Feature(tensors=_llama3_rope_freqs),
     "longrope_factors": Feature(tensors=_longrope_factors),

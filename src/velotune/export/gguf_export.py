@@ -20,7 +20,7 @@ import torch
 from velotune.errors import ConfigError
 from velotune.errors import OutputError
 from velotune.export.atomic import ExportError, _describe, is_write_failure
-from velotune.fsio import honour_umask, make_temp_file, remove_stale_temps
+from velotune.fsio import honour_umask, is_disk_full_at, make_temp_file, remove_stale_temps
 from velotune.export.gguf_arch import add_metadata, arch_of, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
 from velotune.export.merge import base_model_of, iter_merged_tensors
@@ -75,7 +75,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
         if isinstance(e, OutputError) or not is_write_failure(e):
             raise
         state = "the previous file is intact" if path.exists() else "no file was written"
-        raise ExportError(f"writing {path} failed: {_describe(e)}; {state} (the partial file was removed)") from e
+        raise ExportError(f"writing {path} failed: {_describe(e, is_disk_full_at(e, path.parent))}; {state} "
+                          "(the partial file was removed)") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -7,6 +7,7 @@ sequence token and at the template's end-of-turn token. Commands: /exit (or Ctrl
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -29,20 +30,33 @@ def add_arguments(parser) -> None:
     parser.add_argument("--system", default=None, help="system message for every conversation")
     parser.add_argument("--load-in-4bit", action="store_true", help="load the weights in NF4 (bitsandbytes)")
     parser.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: best for the device)")
-    parser.add_argument("--max-seq-length", type=positive_int, default=4096,
-                        help="most positions per conversation (default 4096, at most the model's own); the "
-                             "oldest turns are left out when a conversation grows past it")
+    parser.add_argument("--max-seq-length", type=positive_int, default=None,
+                        help="most positions per conversation (default: the model's own max_position_embeddings; "
+                             "more scales RoPE); the oldest turns are left out when a conversation grows past it")
 
 
-def load_for_chat(model_dir: str, *, dtype=None, load_in_4bit=False, max_seq_length=4096):
-    """(model, tokenizer) in inference mode from a merged folder or an adapter folder."""
+def native_positions(model_dir: str | Path, default: int = 4096) -> int:
+    """max_position_embeddings from a local model folder's config.json (`default` when it has none)."""
+    path = Path(model_dir).expanduser() / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+    return int(cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+               or default)
+
+
+def load_for_chat(model_dir: str, *, dtype=None, load_in_4bit=False, max_seq_length=None):
+    """(model, tokenizer) in inference mode from a merged folder or an adapter folder.
+
+    max_seq_length None: the model's own context (no RoPE scaling); more than that scales RoPE."""
     from velotune.loader import FastLanguageModel
 
     path = Path(model_dir).expanduser()
     adapter_cfg = path / "adapter_config.json"
     if not adapter_cfg.exists():
-        model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_seq_length, dtype=dtype,
-                                                       load_in_4bit=load_in_4bit)
+        model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_seq_length or
+                                                       native_positions(path), dtype=dtype, load_in_4bit=load_in_4bit)
     else:
         from velotune.loader import check_adapter_folder
 
@@ -52,8 +66,8 @@ def load_for_chat(model_dir: str, *, dtype=None, load_in_4bit=False, max_seq_len
                                  "model's folder")
         if base and not Path(base).is_absolute() and (path / base).exists():
             base = str(path / base)
-        model, tok = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length, dtype=dtype,
-                                                       load_in_4bit=load_in_4bit)
+        model, tok = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length or native_positions(base),
+                                                       dtype=dtype, load_in_4bit=load_in_4bit)
         from peft import PeftModel
 
         if any(p.suffix in (".json", ".model", ".jinja") and p.name.startswith(("tokenizer", "chat_template"))

@@ -119,8 +119,8 @@ class DecodeEngine:
     # ------------------------------------------------------------------ the model
     def _norm(self, x, n):
         if self.fused:
-            return fused_rms_norm(x, n.weight, n.eps, offset=1.0 if n.offset else 0.0)
-        return ops.rms_norm(x, n.weight, n.eps, n.offset)
+            return fused_rms_norm(x, n.weight, n.eps, offset=1.0 if n.offset else 0.0, weight_in_fp32=n.fp32_weight)
+        return ops.rms_norm(x, n.weight, n.eps, n.offset, n.fp32_weight)
 
     def _rotate(self, q, k, cos, sin):
         if self.fused:
@@ -140,20 +140,23 @@ class DecodeEngine:
         s, c = self.spec, self.cache
         cos, sin = ropes[layer.rope_key]
         B, T, _ = h.shape
-        x = self._norm(h, layer.input_norm)
+        x = h if layer.input_norm is None else self._norm(h, layer.input_norm)
         if layer.qkv is not None:
             qkv = self._proj(layer, "qkv", x)
             nq, nk = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             q, k, v = self._proj(layer, "q", x), self._proj(layer, "k", x), self._proj(layer, "v", x)
+        if layer.qk_norm == "projection":  # OLMo 2: over the whole projection, before RoPE
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
         q = q.view(B, T, s.n_heads, s.head_dim)
         k = k.view(B, T, s.n_kv_heads, s.head_dim)
-        if layer.q_norm is not None:  # per head, before RoPE
+        if layer.qk_norm == "head":  # Qwen3, Gemma 3: per head, before RoPE
             q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = self._rotate(q, k, cos, sin)
+        if layer.rope:
+            q, k = self._rotate(q, k, cos, sin)
         keys, values = write(c.k[i], k), write(c.v[i], v)
         mask = allowed[layer.sliding_window]
         if T > 1 and s.attn_softcap is None:
@@ -161,11 +164,11 @@ class DecodeEngine:
         else:
             a = ops.attention(q, keys, values, mask, s.scaling, s.attn_softcap)
         a = self._proj(layer, "o", a)
-        if layer.pre_ffn_norm is not None:  # Gemma 2 sandwich
+        if layer.norm_after_attn:  # Gemma 2 sandwich; OLMo 2 post-norms (no norm before the MLP)
             h = h + self._norm(a, layer.post_attn_norm)
-            x = self._norm(h, layer.pre_ffn_norm)
+            x = h if layer.pre_ffn_norm is None else self._norm(h, layer.pre_ffn_norm)
         else:
-            h = h + a
+            h = h + (a if s.residual_multiplier is None else a * s.residual_multiplier)
             x = self._norm(h, layer.post_attn_norm)
         if layer.gate_up is not None:
             gate, up = self._proj(layer, "gate_up", x).chunk(2, dim=-1)
@@ -174,7 +177,11 @@ class DecodeEngine:
         m = self._proj(layer, "down", self._glu(layer, gate, up))
         if layer.post_ffn_norm is not None:
             m = self._norm(m, layer.post_ffn_norm)
-        return h + m
+        return h + (m if s.residual_multiplier is None else m * s.residual_multiplier)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.spec.embed(ids)
+        return h if self.spec.embed_multiplier is None else h * self.spec.embed_multiplier
 
     def _head(self, h_last: torch.Tensor) -> torch.Tensor:
         """h_last [B, H] -> logits [B, V]."""
@@ -182,6 +189,8 @@ class DecodeEngine:
         logits = ops.linear(s.lm_head, self._norm(h_last, s.final_norm))
         if s.final_softcap is not None:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+        if s.logits_divisor is not None:
+            logits = logits / s.logits_divisor
         return logits
 
     def _windows(self):
@@ -221,7 +230,7 @@ class DecodeEngine:
             buf[:, :, :T].copy_(new)
             return buf[:, :, :T]
 
-        h = self.spec.embed(input_ids)
+        h = self._embed(input_ids)
         ropes = self._rope(h, position_ids)
         for i, layer in enumerate(self.spec.layers):
             h = self._layer(i, layer, h, ropes, allowed, write)
@@ -249,7 +258,7 @@ class DecodeEngine:
             buf.index_copy_(2, t, new)
             return buf[:, :, :S]
 
-        h = self.spec.embed(ids)
+        h = self._embed(ids)
         ropes = self._rope(h, positions)
         for i, layer in enumerate(self.spec.layers):
             h = self._layer(i, layer, h, ropes, allowed, write)

@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:
-    """x [..., H] -> [..., H]. offset=False: LlamaRMSNorm; offset=True: Gemma2RMSNorm (scale 1 + w)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool,
+             fp32_weight: bool = False) -> torch.Tensor:
+    """x [..., H] -> [..., H]. offset=False: LlamaRMSNorm; offset=True: Gemma2RMSNorm (scale 1 + w);
+    fp32_weight: Olmo2RMSNorm ((w * x) in fp32, then cast)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if offset:  # Gemma 2: (x * (1 + w)) in fp32, then cast
         return (xf * (1.0 + weight.float())).type_as(x)
+    if fp32_weight:
+        return (weight * xf).type_as(x)
     return weight * xf.to(x.dtype)  # Llama: cast, then scale
 
 

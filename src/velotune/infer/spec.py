@@ -4,7 +4,9 @@ A `DecoderSpec` is data: the modules holding the weights (projections may be nn.
 4-bit or PEFT LoRA layers), the norm style, sliding windows, softcaps and head shapes. The family
 facts (norm offset, activation, per-layer sliding windows, softcap attributes) come from the family
 registry (velotune.models.families, one FamilySpec per family); which projections and norms a layer
-has is read from the modules themselves (q/k/v or fused qkv, gate/up or fused gate_up, sandwich norms).
+has is read from the modules themselves (q/k/v or fused qkv, gate/up or fused gate_up, sandwich norms,
+no norm before attention (OLMo 2)), and so are the scalars stock's own modules apply (Granite's
+embedding_multiplier on the decoder stack and residual_multiplier on each layer).
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ class Norm:
     weight: torch.Tensor
     eps: float
     offset: bool  # Gemma style (1 + w)
+    fp32_weight: bool = False  # OLMo 2 style: (w * x) in fp32, rounded once
 
 
 @dataclass
 class LayerSpec:
-    input_norm: Norm
-    post_attn_norm: Norm
+    input_norm: Norm | None  # None: OLMo 2 (no norm before attention)
+    post_attn_norm: Norm     # after attention's output (norm_after_attn) or before the MLP
     q: object = None
     k: object = None
     v: object = None
@@ -37,12 +40,15 @@ class LayerSpec:
     gate_up: object = None  # fused (Phi-3): rows [gate | up]
     down: object = None
     act: object = None
-    q_norm: Norm | None = None  # per-head RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
-    k_norm: Norm | None = None
+    q_norm: Norm | None = None  # RMSNorm on q and k before RoPE, as FamilySpec.qk_norm says:
+    k_norm: Norm | None = None  # per head over head_dim (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+    qk_norm: str = "none"       # "none" | "head" | "projection" (the family's FamilySpec.qk_norm)
     pre_ffn_norm: Norm | None = None  # Gemma 2 sandwich norms
     post_ffn_norm: Norm | None = None
+    norm_after_attn: bool = False     # post_attn_norm applies to attention's output (Gemma 2/3, OLMo 2)
     sliding_window: int | None = None
     rope_key: str | None = None  # which RoPE table: None (the model's one) or a layer type (Gemma 3)
+    rope: bool = True  # False: a NoPE layer (SmolLM3)
     plans: dict = field(default_factory=dict)  # projection name -> ops.lora_plan result
 
 
@@ -65,6 +71,9 @@ class DecoderSpec:
     dtype: torch.dtype
     vocab_size: int
     act_name: str | None  # for the fused GLU kernel (None: use the module's activation)
+    embed_multiplier: float | None = None     # Granite: embeddings * m
+    residual_multiplier: float | None = None  # Granite: h + branch * m
+    logits_divisor: float | None = None       # Granite: logits / d
 
 
 def causal_lm_of(model):
@@ -75,8 +84,9 @@ def causal_lm_of(model):
 
 
 def _norm(module, family) -> Norm:
-    """A norm module read with its family's rules: eps attribute and the (1 + w) offset."""
-    return Norm(module.weight, float(getattr(module, family.norm_eps_attr)), offset=family.norm_offset != 0)
+    """A norm module read with its family's rules: eps attribute, the (1 + w) offset, fp32 weight product."""
+    return Norm(module.weight, float(getattr(module, family.norm_eps_attr)), offset=family.norm_offset != 0,
+                fp32_weight=family.norm_weight_in_fp32)
 
 
 def build_spec(model) -> DecoderSpec | None:
@@ -98,12 +108,14 @@ def build_spec(model) -> DecoderSpec | None:
     layers = []
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        spec = LayerSpec(input_norm=_norm(layer.input_layernorm, family),
+        pre = getattr(layer, "input_layernorm", None)
+        spec = LayerSpec(input_norm=None if pre is None else _norm(pre, family),
                          post_attn_norm=_norm(layer.post_attention_layernorm, family),
                          o=attn.o_proj, down=mlp.down_proj,
                          act=getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn"),
-                         sliding_window=family.window_of(config, i),
-                         rope_key=config.layer_types[i] if family.rope_by_layer_type else None)
+                         norm_after_attn=family.sandwich_norms, sliding_window=family.window_of(config, i),
+                         rope_key=config.layer_types[i] if family.rope_by_layer_type else None,
+                         rope=family.rope_flag_attr is None or bool(getattr(attn, family.rope_flag_attr)))
         if hasattr(attn, "qkv_proj"):
             spec.qkv = attn.qkv_proj
         else:
@@ -112,10 +124,12 @@ def build_spec(model) -> DecoderSpec | None:
             spec.gate_up = mlp.gate_up_proj
         else:
             spec.gate, spec.up = mlp.gate_proj, mlp.up_proj
-        if family.qk_norm == "head":
+        if family.qk_norm != "none":
             spec.q_norm, spec.k_norm = _norm(attn.q_norm, family), _norm(attn.k_norm, family)
+            spec.qk_norm = family.qk_norm
         if hasattr(layer, "pre_feedforward_layernorm"):
             spec.pre_ffn_norm = _norm(layer.pre_feedforward_layernorm, family)
+        if hasattr(layer, "post_feedforward_layernorm"):
             spec.post_ffn_norm = _norm(layer.post_feedforward_layernorm, family)
         for name in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"):
             if getattr(spec, name) is not None:
@@ -131,7 +145,10 @@ def build_spec(model) -> DecoderSpec | None:
         n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
         scaling=float(attn0.scaling), attn_softcap=_config_value(config, family.attn_softcap_attr),
         final_softcap=_config_value(config, family.final_softcap_attr), device=next(iter(devices)),
-        dtype=dtype, vocab_size=config.vocab_size, act_name=family.activation(config))
+        dtype=dtype, vocab_size=config.vocab_size, act_name=family.activation(config),
+        embed_multiplier=getattr(body, "embedding_multiplier", None),
+        residual_multiplier=getattr(body.layers[0], "residual_multiplier", None),
+        logits_divisor=_config_value(config, family.logits_divisor_attr))
 
 
 def _rope_type(config) -> str:

@@ -2,6 +2,7 @@
 
     y = rms_norm(x, weight, eps)              # Llama:  weight * (x_f32 * rstd).to(x.dtype)
     y = rms_norm(x, weight, eps, offset=1.0)  # Gemma2: (x_f32 * rstd * (1 + weight_f32)).to(x.dtype)
+    y = rms_norm(x, weight, eps, weight_in_fp32=True)  # OLMo 2: (x_f32 * rstd * weight_f32).to(x.dtype)
 
 x: [..., H] (any leading dims, any strides), weight: [H]. rstd = 1 / sqrt(mean(x_f32^2) + eps), one
 fp32 number per row. Forward saves only x and rstd [rows] (fp32); backward gives dx and, only when
@@ -30,27 +31,32 @@ from velotune.kernels.launch import launch
 MAX_BLOCK = 16384
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0):
-    """Plain PyTorch, op for op what LlamaRMSNorm (offset=0) / Gemma2RMSNorm (offset=1) compute
-    (float64 inputs stay float64, for references)."""
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
+                       weight_in_fp32: bool = False):
+    """Plain PyTorch, op for op what LlamaRMSNorm (offset=0) / Gemma2RMSNorm (offset=1) /
+    Olmo2RMSNorm (weight_in_fp32) compute (float64 inputs stay float64, for references)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if offset == 0.0:
+    if offset == 0.0 and not weight_in_fp32:
         return weight * n.to(x.dtype)
+    if offset == 0.0:
+        return (weight * n).to(x.dtype)
     return (n * (offset + weight.to(xf.dtype))).to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
+             weight_in_fp32: bool = False) -> torch.Tensor:
     """RMSNorm over the last dim. x [..., H], weight [H] -> [..., H].
 
     Output dtype: Llama style (offset=0) follows torch promotion of (weight, x) like LlamaRMSNorm;
-    Gemma style returns x.dtype. CUDA tensors run the Triton kernels, CPU the reference.
+    Gemma style, and weight_in_fp32 (the weight multiplies the fp32 normalised row, one rounding at
+    the end, as OLMo 2), return x.dtype. CUDA tensors run the Triton kernels, CPU the reference.
     """
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"rms_norm: hidden size {x.shape[-1]} != weight size {weight.shape[-1]}")
     if not triton_enabled(x):
-        return rms_norm_reference(x, weight, eps, offset=offset)
-    return _RMSNorm.apply(x, weight, float(eps), float(offset))
+        return rms_norm_reference(x, weight, eps, offset=offset, weight_in_fp32=weight_in_fp32)
+    return _RMSNorm.apply(x, weight, float(eps), float(offset), bool(weight_in_fp32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,22 +199,22 @@ _BWD_PLANS: dict = {}
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset):
+    def forward(ctx, x, weight, eps, offset, weight_in_fp32=False):
         shape = x.shape
         x2 = _rows(x)
         M, H = x2.shape
-        gemma = offset != 0.0
+        gemma = offset != 0.0 or weight_in_fp32        # the kernels' fp32 (offset + w) * n path
         out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty((M, H), dtype=out_dtype, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block, single = _block(H)
         if M > 0:
             args = (x2, x2.stride(0), y, y.stride(0), weight, rstd, H, eps, offset)
-            key = (x2.get_device(), x2.dtype, y.dtype, weight.dtype, args[1], args[3], M, H, eps, offset, block)
+            key = (x2.get_device(), x2.dtype, y.dtype, weight.dtype, args[1], args[3], M, H, eps, offset, gemma, block)
             launch(_FWD_PLANS, key, _rms_fwd_kernel, (M,), args, dict(GEMMA=gemma, BLOCK=block, SINGLE=single),
                    (0, 2, 4, 5), num_warps=_num_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
-        ctx.offset, ctx.shape = offset, shape
+        ctx.offset, ctx.shape, ctx.gemma = offset, shape, gemma
         return y.view(shape)
 
     @staticmethod
@@ -233,9 +239,9 @@ class _RMSNorm(torch.autograd.Function):
             args = (dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight, rstd, dwp, M, H, rows_per_prog,
                     ctx.offset)
             key = (x2.get_device(), dy2.dtype, x2.dtype, weight.dtype, args[1], args[3], args[5], M, H,
-                   rows_per_prog, progs, ctx.offset, has_dw, block)
+                   rows_per_prog, progs, ctx.offset, ctx.gemma, has_dw, block)
             launch(_BWD_PLANS, key, _rms_bwd_kernel, (progs,), args,
-                   dict(GEMMA=ctx.offset != 0.0, HAS_DW=has_dw, BLOCK=block, SINGLE=single),
+                   dict(GEMMA=ctx.gemma, HAS_DW=has_dw, BLOCK=block, SINGLE=single),
                    (0, 2, 4, 6, 7, 8), num_warps=_num_warps(block))
         dw = dwp.sum(0).to(weight.dtype) if has_dw else None
-        return dx.view(ctx.shape), dw, None, None
+        return dx.view(ctx.shape), dw, None, None, None

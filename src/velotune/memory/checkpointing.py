@@ -57,6 +57,12 @@ class OffloadStats:
     prefetched: int = 0      # ... of which the copy had been started one layer ahead
     bytes_offloaded: int = 0
     recomputed_norms: int = 0    # recompute="mlp": saved RMSNorm outputs recomputed instead of copied
+    # offload_every (memory/sparse_offload.py): the k of the last forward, the host budget it was chosen
+    # for ("auto"), the bytes of layer inputs that forward kept in host memory, extra layer forwards run
+    offload_every: int = 1
+    host_budget: int | None = None
+    host_needed: int = 0
+    recomputed_layers: int = 0
 
 
 class HostPool:
@@ -314,10 +320,11 @@ def _suits_mlp_recompute(fn) -> bool:
     return not (cap and getattr(attn.config, cap, None))
 
 
-def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=None, **kwargs):
+def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=None, every=None, **kwargs):
     """Drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`. graphs: a
     `layer_graphs.LayerGraphs` (cuda_graphs=True), which replays the layer when it can. saved: a
-    `saved_offload.SavedOffloader` (recompute="mlp"), used for layers whose MLP velotune runs."""
+    `saved_offload.SavedOffloader` (recompute="mlp"), used for layers whose MLP velotune runs.
+    every: a `sparse_offload.OffloadEvery` (offload_every != 1), which keeps every k-th input only."""
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     graphable = graphs is not None and len(args) == 1 and not kwargs
@@ -329,6 +336,14 @@ def _offloaded_checkpoint(offloader: _Offloader, fn, *args, graphs=None, saved=N
         return graphs.run(offloader, fn, args[0], eager, saved=True) if graphable else eager()
     if graphable:
         return graphs.run(offloader, fn, args[0], lambda: _offloaded_checkpoint(offloader, fn, *args))
+    if every is not None:
+        index = every.index.get(id(_layer_of(fn)))
+        if index is not None:
+            def call(pack, unpack):
+                with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                    return checkpoint(recomputes_without_mlp_values(fn), *args, use_reentrant=False, **kwargs)
+
+            return every.run(offloader, fn, args, kwargs, index, call)
     # Identify the hidden states by value, never by reference: the pack hook outlives this call
     # (autograd keeps it with the graph until backward), and a closure over the tensor itself would
     # keep every layer's input alive on the GPU for the whole step, offloaded or not.
@@ -367,7 +382,8 @@ def check_recompute(recompute: str, mlp_row_blocks: int = 1) -> None:
 
 
 def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = False, recompute: str = "layer",
-                                   min_offload_bytes: int = 2**20, mlp_row_blocks: int = 1) -> OffloadStats:
+                                   min_offload_bytes: int = 2**20, mlp_row_blocks: int = 1,
+                                   offload_every: int | str = 1, host_budget: int | None = None) -> OffloadStats:
     """Checkpoint every decoder layer of `model` (a transformers or PEFT model), offloading the
     saved layer inputs to pinned host memory. Per instance, idempotent; returns the live counters
     (also at `model.velotune_offload_stats`). cuda_graphs: replay each layer's forward and its
@@ -378,12 +394,25 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     "mlp" (the attention half's saved tensors of at least `min_offload_bytes` are offloaded and
     only the MLP is recomputed: less GPU work, ~4.5x the host memory; memory/saved_offload.py).
     Layers whose MLP velotune does not run fall back to "layer". mlp_row_blocks (recompute="mlp"):
-    each MLP runs in that many row blocks, forward and backward (models/mlp.set_row_blocks)."""
+    each MLP runs in that many row blocks, forward and backward (models/mlp.set_row_blocks).
+
+    offload_every (recompute="layer", no cuda_graphs): keep only every k-th layer input in host
+    memory and recompute the layers between in backward, exactly (memory/sparse_offload.py); "auto"
+    picks the smallest k whose inputs fit `host_budget` bytes (default: the host's available memory,
+    measured at each forward's start). The choice is in the returned stats."""
     check_recompute(recompute, mlp_row_blocks)
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no transformers decoder layers "
                          "(GradientCheckpointingLayer) to checkpoint")
+    from velotune.memory.sparse_offload import OffloadEvery, check_offload_every
+
+    check_offload_every(offload_every)
+    every = None
+    if offload_every != 1 or host_budget is not None:
+        if recompute != "layer" or cuda_graphs:
+            raise ValueError(f"offload_every={offload_every!r} works with recompute='layer' and without cuda_graphs")
+        every = OffloadEvery(layers, offload_every, host_budget)
     if recompute == "mlp":
         from velotune.models.mlp import set_row_blocks
 
@@ -402,7 +431,7 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
         from velotune.memory.layer_graphs import LayerGraphs
 
         graphs = model.velotune_layer_graphs = LayerGraphs()
-    fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs, saved=saved)
+    fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs, saved=saved, every=every)
     for layer in layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = fn

@@ -1,7 +1,7 @@
 """CUDA graphs of checkpointed decoder layers: the layer's forward, and its recompute + backward,
 each replayed as one graph, so a training step stops paying Python for every kernel launch.
 
-EXPERIMENTAL, opt-in. Status (2026-12-01): the CPU path is exact (tests/train/test_layer_graphs.py);
+Opt-in (off by default: padding-free batches change shape every step; docs/perf-notes.md). Status (2026-12-01): the CPU path is exact (tests/train/test_layer_graphs.py);
 on the H200 all 32 layers of the 8B model capture and replay (`_fresh_leaves` fixed the first
 capture, which autograd's cross-stream join for a parameter's old AccumulateGrad node invalidated),
 and the GPU test is bit-identical to eager. But the 8B step gains nothing (11656 vs 11670 tok/s, same

@@ -19,16 +19,17 @@ __all__ = ["FamilySpec", "SPECS", "prepare_model", "prepare_peft_model", "report
 def prepare_model(model, *, max_seq_length: int, full_finetuning: bool = False) -> bool:
     """Bind velotune's fused forwards onto a freshly loaded transformers model (per instance).
 
-    Returns True when the fused path is active, False for an unsupported architecture (stock path,
-    with a one-line warning naming it). full_finetuning needs nothing special here: the fused
-    functions produce dW whenever a base weight requires grad.
+    Returns True when a fast path is active: the family's, or for a decoder-only model without a
+    family file the generic one (models/generic.py: each piece probed against stock, a one-line log
+    says which are fast). False otherwise (stock path, with a one-line warning naming it).
+    full_finetuning needs nothing special here: the fused functions produce dW whenever a base
+    weight requires grad.
     """
     spec = spec_for(model.config)
     if spec is None:
-        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-        log.warning("velotune: %s (model_type=%r) is not supported by the fused path; using stock transformers",
-                    arch, getattr(model.config, "model_type", None))
-        return False
+        from velotune.models.generic import prepare_generic
+
+        return prepare_generic(model)
     from velotune.models.rope_scaling import extend_context
 
     if max_seq_length:
@@ -43,6 +44,10 @@ def prepare_peft_model(peft_model) -> bool:
     base = peft_model.get_base_model()
     if getattr(base, "velotune_fast", True) is False:
         return False
+    from velotune.models.generic import generic_plan, prepare_generic_peft
+
+    if generic_plan(base) is not None:
+        return prepare_generic_peft(peft_model)
     if any(is_patched(m) for m in base.modules()):
         return True
     spec = spec_for(base.config)

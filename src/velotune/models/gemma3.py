@@ -8,7 +8,7 @@ stays available."""
 from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(name="gemma3_text", model_types=("gemma3_text",), causal_lm="Gemma3ForCausalLM",
-                  attention="Gemma3Attention", mlp="Gemma3MLP", norm="Gemma3RMSNorm",
+                  body="Gemma3TextModel", attention="Gemma3Attention", mlp="Gemma3MLP", norm="Gemma3RMSNorm",
                   norm_offset=1.0, norm_eps_attr="eps", activation_attr="hidden_activation", qk_norm="head",
                   final_softcap_attr="final_logit_softcapping", sliding_window="layer_types",
                   rope_by_layer_type=True, embedding_scale=True, sandwich_norms=True,

@@ -5,7 +5,7 @@ is model_type "mistral" (models/mistral.py). llama.cpp converts Ministral to its
 has no sliding window (the exporter warns)."""
 from velotune.models.spec import FamilySpec, GGUFLayout
 
-SPEC = FamilySpec(name="ministral", model_types=("ministral",), causal_lm="MinistralForCausalLM",
+SPEC = FamilySpec(name="ministral", model_types=("ministral",), causal_lm="MinistralForCausalLM", body="MinistralModel",
                   attention="MinistralAttention", mlp="MinistralMLP", norm="MinistralRMSNorm",
                   sliding_window="layer_types",
                   gguf=GGUFLayout("LLAMA", permute_qk=True, features=("vocab_size", "rope_dims", "no_swa_warning")))

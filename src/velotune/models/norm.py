@@ -1,4 +1,5 @@
-"""RMSNorm forward on velotune's kernel: Llama style (offset 0) or Gemma style (1 + w, offset 1)."""
+"""RMSNorm forward on velotune's kernel: Llama style (offset 0), Gemma style (1 + w, offset 1) or OLMo 2
+style (w times the fp32 row, one rounding)."""
 from __future__ import annotations
 
 from velotune.models.switch import switched
@@ -18,7 +19,8 @@ def norm_forward(self, x):
     from velotune.kernels.rmsnorm import rms_norm
 
     spec = self._velotune_spec
-    y = rms_norm(x, self.weight, getattr(self, spec.norm_eps_attr), offset=spec.norm_offset)
+    y = rms_norm(x, self.weight, getattr(self, spec.norm_eps_attr), offset=spec.norm_offset,
+                 weight_in_fp32=spec.norm_weight_in_fp32)
     table = _RECORD[0]
     if table is not None:
         table[y.untyped_storage().data_ptr()] = (self, x, y)

@@ -20,21 +20,25 @@ from torch import nn
 from velotune.models.attention import attention_forward
 from velotune.models.loss import causal_lm_forward, resolve_lm_head
 from velotune.models import positions
+from velotune.models.lora_linear import lora_linear_forward
 from velotune.models.mlp import mlp_forward
 from velotune.models.norm import norm_forward
+from velotune.models.padding_free import stack_forward
 from velotune.models.spec import FamilySpec
 
 FUSED_FORWARDS = {
     "causal_lm": causal_lm_forward,
+    "body": stack_forward,
     "attention": attention_forward,
     "mlp": mlp_forward,
     "norm": norm_forward,
+    "lora": lora_linear_forward,     # a PEFT LoRA Linear on its own (the generic path, models/generic.py)
 }
 
 
 def _activation_dtype(module: nn.Module, role: str, args, kwargs) -> torch.dtype | None:
     """The dtype the module computes in: its input activation's (the embeddings' for the whole model)."""
-    if role == "causal_lm":
+    if role in ("causal_lm", "body"):
         emb = module.get_input_embeddings()
         return None if emb is None else emb.weight.dtype
     x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
@@ -99,7 +103,8 @@ def _release(module: nn.Module) -> None:
         else:
             module.__dict__.pop(attr, None)
     # else: someone wrapped our forward after us (e.g. TRL's add_fused_lm_head); leave their wrapper in place.
-    for name in ("_velotune_saved", "_velotune_stock_forward", "_velotune_spec", "_velotune_role"):
+    for name in ("_velotune_saved", "_velotune_stock_forward", "_velotune_spec", "_velotune_role",
+                 "_velotune_padding_free"):
         module.__dict__.pop(name, None)
 
 
@@ -126,6 +131,8 @@ def unpatch(model: nn.Module) -> int:
             _release(module)
             n += 1
     positions.release(model)
+    for module in model.modules():
+        module.__dict__.pop("_velotune_generic", None)
     rotary = model.__dict__.get("_velotune_stock_rotary")
     if rotary is not None:
         from velotune.models.rope_scaling import restore_context
@@ -149,6 +156,10 @@ def _lora_status(model: nn.Module) -> tuple[int, list[str]]:
 
 def report(model: nn.Module) -> str:
     """A short human-readable summary of what runs fused."""
+    from velotune.models.generic import generic_plan, report_lines
+
+    if generic_plan(model) is not None:
+        return "\n".join(report_lines(model))
     counts: dict[str, int] = collections.Counter()
     spec = None
     for module in model.modules():
@@ -166,6 +177,7 @@ def report(model: nn.Module) -> str:
         lines.append(f"  lora      {fused:>4} layer(s) fused, {len(stock)} on the stock PEFT path"
                      + (f" (e.g. {stock[0]}: dropout in training, DoRA or several adapters)" if stock else ""))
     for module in model.modules():
-        if is_patched(module) and module._velotune_role == "causal_lm" and resolve_lm_head(module.lm_head) is None:
+        if is_patched(module) and module._velotune_role == "causal_lm" \
+                and resolve_lm_head(module.get_output_embeddings()) is None:
             lines.append("  lm_head   not a plain Linear: loss computed from full logits (stock)")
     return "\n".join(lines)

@@ -7,17 +7,27 @@ all look the family up there; none keeps a table of its own.
 
 Fields, by reader:
   patching (patch.py)   causal_lm, attention, mlp, norm: transformers class names whose INSTANCES get
-                        velotune's fused forwards (per instance, revertible).
+                        velotune's fused forwards (per instance, revertible); body: the decoder stack
+                        (<Family>Model) that runs padded batches padding-free (models/padding_free.py),
+                        "" for none.
   norms                 norm_offset: RMSNorm scales by (norm_offset + w) -- 0 Llama, 1 Gemma;
-                        norm_eps_attr: the norm module's attribute holding eps.
+                        norm_eps_attr: the norm module's attribute holding eps;
+                        norm_weight_in_fp32: (w * n) in fp32, rounded once (OLMo 2), instead of
+                        w * n.to(dtype).
   MLP                   activation_attr: config attribute naming the activation (mapped through the GLU
                         kernel's one table, kernels/glu.ACTIVATIONS; an unknown name -> stock MLP);
                         gate_up: "separate" (gate_proj, up_proj) | "fused" (gate_up_proj = [gate|up]).
   attention             qkv: "separate" (q_proj, k_proj, v_proj) | "fused" (qkv_proj = [q|k|v]);
                         qk_norm: "none" | "head" (attention modules own q_norm/k_norm RMSNorms over
-                        head_dim, applied per head to q and k after the projection, before RoPE);
+                        head_dim, applied per head to q and k after the projection, before RoPE:
+                        Qwen3, Gemma 3) | "projection" (q_norm/k_norm over the whole q / k
+                        projection, all heads at once, before RoPE: OLMo 2);
                         attn_softcap_attr / final_softcap_attr: config attributes t of t*tanh(x/t)
-                        on attention scores / final logits (None or a None value: no softcap).
+                        on attention scores / final logits (None or a None value: no softcap);
+                        rope_flag_attr: attention-module attribute; falsy on a NoPE layer (no RoPE:
+                        SmolLM3's use_rope).
+  logits                logits_divisor_attr: config attribute d of logits / d (Granite's
+                        logits_scaling), folded into the fused cross-entropy's logit scale.
   masks & layers        sliding_window: which layers attend within config.sliding_window --
                         "none", "all" (every layer), "layer_types" (layers whose
                         config.layer_types[i] == "sliding_attention"). Training uses transformers' own
@@ -37,7 +47,7 @@ from dataclasses import dataclass
 from velotune.kernels.glu import canonical_activation
 
 SLIDING = ("none", "all", "layer_types")
-QK_NORMS = ("none", "head")
+QK_NORMS = ("none", "head", "projection")
 
 
 @dataclass(frozen=True)
@@ -63,17 +73,21 @@ class FamilySpec:
     attention: str
     mlp: str
     norm: str
+    body: str = ""                        # the decoder stack (e.g. LlamaModel): padding-free batches
     norm_offset: float = 0.0              # RMSNorm multiplies by (offset + w): Gemma uses 1.0
     norm_eps_attr: str = "variance_epsilon"
+    norm_weight_in_fp32: bool = False     # (w * n) in fp32, rounded once (OLMo 2), instead of w * n.to(dtype)
     activation_attr: str = "hidden_act"   # config attribute naming the MLP activation
     qkv: str = "separate"                 # "separate": q_proj/k_proj/v_proj; "fused": qkv_proj = [q|k|v]
     gate_up: str = "separate"             # "separate": gate_proj/up_proj; "fused": gate_up_proj = [gate|up]
     qkv_bias: bool = False                # informational: the bias is read from the layer itself
-    qk_norm: str = "none"                 # "none" | "head": q_norm/k_norm per head before RoPE
+    qk_norm: str = "none"                 # "none" | "head" | "projection": q_norm/k_norm before RoPE
     attn_softcap_attr: str | None = None  # config attribute: scores -> t * tanh(scores / t)
     final_softcap_attr: str | None = None # config attribute: logits -> t * tanh(logits / t)
+    logits_divisor_attr: str | None = None  # config attribute: logits -> logits / d (Granite's logits_scaling)
     sliding_window: str = "none"          # "none" | "all" | "layer_types" (see the module docstring)
     rope_by_layer_type: bool = False      # rotary_emb(x, positions, layer_type): one table per layer type
+    rope_flag_attr: str | None = None     # attention-module attribute; falsy: a NoPE layer (SmolLM3's use_rope)
     embedding_scale: bool = False         # hidden *= sqrt(hidden_size) after the embedding (stock code)
     sandwich_norms: bool = False          # extra norms after attention and MLP (stock decoder layer)
     gguf: GGUFLayout | None = None        # llama.cpp layout; None: no GGUF export
@@ -86,10 +100,16 @@ class FamilySpec:
 
     def role_of(self, class_name: str) -> str | None:
         """Which fused forward a module of this class name gets ("causal_lm", "attention", ...)."""
-        for role in ("causal_lm", "attention", "mlp", "norm"):
+        for role in ("causal_lm", "body", "attention", "mlp", "norm"):
             if getattr(self, role) == class_name:
                 return role
         return None
+
+    def logits_multiplier(self, config) -> float | None:
+        """The number the loss multiplies lm_head's output by (the fused CE's logit_scale), or None."""
+        if self.logits_divisor_attr is None:
+            return None
+        return 1.0 / float(getattr(config, self.logits_divisor_attr))
 
     def activation(self, config) -> str | None:
         """The GLU kernels' name of the config's activation, or None (not one they implement)."""
@@ -107,10 +127,12 @@ class FamilySpec:
 
     def describe(self) -> str:
         diffs = [f"{k}={v}" for k, v in (
-            ("norm_offset", self.norm_offset), ("qkv", self.qkv), ("gate_up", self.gate_up),
-            ("qkv_bias", self.qkv_bias), ("qk_norm", self.qk_norm), ("attn_softcap", self.attn_softcap_attr),
-            ("final_softcap", self.final_softcap_attr), ("sliding_window", self.sliding_window),
-            ("rope_by_layer_type", self.rope_by_layer_type),
+            ("norm_offset", self.norm_offset), ("norm_weight_in_fp32", self.norm_weight_in_fp32),
+            ("qk_norm", self.qk_norm), ("qkv", self.qkv), ("gate_up", self.gate_up),
+            ("qkv_bias", self.qkv_bias), ("attn_softcap", self.attn_softcap_attr),
+            ("final_softcap", self.final_softcap_attr), ("logits_divisor", self.logits_divisor_attr),
+            ("sliding_window", self.sliding_window), ("rope_by_layer_type", self.rope_by_layer_type),
+            ("nope_layers_flag", self.rope_flag_attr),
             ("embedding_scale", self.embedding_scale), ("sandwich_norms", self.sandwich_norms))
             if v not in (0.0, "separate", False, None, "none")]
         return f"{self.name}: " + (", ".join(diffs) if diffs else "Llama layout")

@@ -6,6 +6,13 @@ checkpoints all work as they do without velotune. NF4 with double quantisation, 
 only the decoder's linear layers are quantised: embeddings, norms and `lm_head` stay in the
 compute dtype (transformers skips the output embedding), and no full-precision copy of the
 quantised weights is kept.
+
+Memory while loading: transformers (5.x) reads the safetensors shards memory-mapped, one tensor at
+a time; quantising on the fly, it materialises each 16-bit tensor on the target device and quantises
+it there before the next (no loader threads in that case), so neither the host nor the card ever
+holds the 16-bit model; a pre-quantised checkpoint's tensors go to the device as stored. Measured
+by bench/load_memory.py (tests/quant/test_quant_load_memory.py on CPU). velotune adds nothing to
+this path but the device placement below and the fit check before it (velotune.fit).
 """
 from __future__ import annotations
 

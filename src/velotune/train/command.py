@@ -91,19 +91,20 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from velotune.train.output_dir import check_early
+    from velotune.train.output_dir import check_early, resumes_here
 
     cfg = apply_overrides(load_config(args.config), args)
     check_paths(cfg, source=args.config)
     if int(os.environ.get("RANK", "0")) == 0:  # refusals before the heavy imports (run_training checks again)
-        check_early(Path(cfg.output_dir), resuming=bool(cfg.training.resume_from_checkpoint),
-                    overwrite=args.overwrite)
+        out = Path(cfg.output_dir)
+        check_early(out, resuming=resumes_here(out, cfg.training.resume_from_checkpoint), overwrite=args.overwrite)
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
         return launch(args, _argv(args))
     from velotune.distributed import is_main_process
     from velotune.train.runner import run_training  # heavy imports (torch, transformers, TRL) only now
 
-    result = run_training(cfg, progress=not args.no_progress, overwrite=args.overwrite)  # ends with a barrier: outputs are written
+    # ends with a barrier: outputs are written
+    result = run_training(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     if is_main_process():
         print(f"adapter and tokenizer: {result.adapter_path}")
         print(f"loss curve:            {result.png_path}")

@@ -5,7 +5,7 @@
 
 Layout (every section but `model` and `data` has defaults):
 
-    model:    name, max_seq_length, dtype, load_in_4bit, full_finetuning
+    model:    name, max_seq_length, dtype, load_in_4bit, full_finetuning, fast, padding_free
     lora:     r, alpha, dropout, target_modules, use_rslora, use_dora, modules_to_save, gradient_checkpointing,
               offload_embedding, recompute, cuda_graphs, mlp_row_blocks
     data:     path, format, chat_template, train_on, on_long, on_bad, packing, eval_path
@@ -40,6 +40,8 @@ class ModelSection(_Section):
     load_in_4bit: bool = False
     full_finetuning: bool = False
     fast: bool = Field(True, description="use velotune's fused kernels (False: the stock transformers forward)")
+    padding_free: bool = Field(True, description="padded batches run on their real tokens only, packed into one "
+                                                 "row (same loss and gradients); false: as padded")
 
 
 class LoraSection(_Section):
@@ -52,15 +54,17 @@ class LoraSection(_Section):
     use_dora: bool = False
     modules_to_save: list[str] = Field(default_factory=list,
                                        description="modules trained in full, e.g. [embed_tokens, lm_head]")
-    gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = True
-    offload_embedding: bool = Field(False, description="frozen input embeddings in host memory (~1 GiB "
-                                                       "less GPU memory for Llama-3; not for tied tables)")
-    recompute: Literal["layer", "mlp"] = Field("layer", description="with unsloth/offload checkpointing: "
-                                               "'mlp' also offloads attention activations to host memory and "
-                                               "recomputes only the MLP (faster, ~4.5x host memory)")
+    gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = "unsloth"
+    offload_embedding: Union[bool, Literal["auto"]] = Field(
+        "auto", description="frozen input embeddings in host memory (~1 GiB less GPU memory for Llama-3); auto: "
+                            "where the table is frozen, untied and on a GPU")
+    recompute: Union[Literal["layer", "mlp"], None] = Field(
+        None, description="with unsloth/offload checkpointing: 'mlp' (the default there) also offloads attention "
+                          "activations to host memory and recomputes only the MLP (faster, ~4.5x host memory); "
+                          "'layer' recomputes whole layers")
     cuda_graphs: bool = Field(False, description="with unsloth/offload checkpointing: decoder layers replayed "
-                                                 "as CUDA graphs (experimental; with recompute 'mlp' the fastest "
-                                                 "8B QLoRA step measured, for ~0.4 GiB more GPU memory)")
+                                                 "as CUDA graphs (for fixed-shape batches; padding-free batches "
+                                                 "change shape every step and run eagerly)")
     mlp_row_blocks: int = Field(1, ge=1, description="with recompute 'mlp': each MLP forward and backward in "
                                                       "this many row blocks (less GPU memory, a little slower)")
     random_state: int = 3407
@@ -126,12 +130,14 @@ class TrainConfig(_Section):
             raise ValueError("data.format: 'preference' data needs method dpo or orpo, not sft")
         if self.method != "sft" and self.data.packing:
             raise ValueError(f"data.packing: packing is supported for sft only, not {self.method}")
-        if self.lora.recompute != "layer" and self.lora.gradient_checkpointing not in ("unsloth", "offload"):
+        offloaded = self.lora.gradient_checkpointing in ("unsloth", "offload")
+        recompute = self.lora.recompute or ("mlp" if offloaded else "layer")     # None: the library's default
+        if recompute != "layer" and not offloaded:
             raise ValueError(f"lora.recompute: {self.lora.recompute!r} needs lora.gradient_checkpointing: unsloth "
                              f"(or offload), not {self.lora.gradient_checkpointing!r}")
-        if self.lora.mlp_row_blocks != 1 and self.lora.recompute != "mlp":
+        if self.lora.mlp_row_blocks != 1 and recompute != "mlp":
             raise ValueError(f"lora.mlp_row_blocks: {self.lora.mlp_row_blocks} needs lora.recompute: mlp, "
-                             f"not {self.lora.recompute!r}")
+                             f"not {recompute!r}")
         if self.lora.cuda_graphs and self.lora.gradient_checkpointing not in ("unsloth", "offload"):
             raise ValueError(f"lora.cuda_graphs: true needs lora.gradient_checkpointing: unsloth (or offload), "
                              f"not {self.lora.gradient_checkpointing!r}")

@@ -28,6 +28,19 @@ from velotune.fsio import _TEMP, exchange_dirs, honour_umask_tree, make_temp_dir
 from velotune.train.run_lock import LOCK_NAME
 
 
+def resumes_here(out: Path, resume) -> bool:
+    """Whether a run resuming from `resume` (True: output_dir's newest checkpoint, or a checkpoint path)
+    continues the run in `out`: a checkpoint of another folder does not make `out` this run's own."""
+    if resume is True:
+        return True
+    if not resume:
+        return False
+    try:
+        return Path(resume).resolve().is_relative_to(out.resolve())
+    except OSError:
+        return False
+
+
 def foreign_entries(out: Path) -> list[str]:
     """Names in `out` besides velotune's lock file and temp leftovers."""
     if not out.is_dir():

@@ -17,6 +17,7 @@ train/output_dir.py and train/run_lock.py; run_training applies them after this.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def parameter_counts(config, cfg) -> tuple[int, int]:
     trainable = 0
     for name, m in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(m, torch.nn.Linear) and (targets == "all-linear" or (isinstance(targets, list) and leaf in targets)
-                                              or (isinstance(targets, list) and _fused(leaf, targets))):
+        listed = (leaf in targets or _fused(leaf, targets)) if isinstance(targets, list) else \
+            targets != "all-linear" and re.fullmatch(targets, name) is not None  # PEFT's regex form
+        if isinstance(m, torch.nn.Linear) and (targets == "all-linear" or listed):
             if targets == "all-linear" and m is model.get_output_embeddings():
                 continue
             trainable += lo.r * (m.in_features + m.out_features)

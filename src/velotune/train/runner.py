@@ -58,7 +58,7 @@ def load_model(cfg: TrainConfig):
     m = cfg.model
     model, tokenizer = FastLanguageModel.from_pretrained(
         m.name, max_seq_length=m.max_seq_length, dtype=_DTYPES[m.dtype], load_in_4bit=m.load_in_4bit,
-        full_finetuning=m.full_finetuning, fast=m.fast)
+        full_finetuning=m.full_finetuning, fast=m.fast, padding_free=m.padding_free)
     from velotune.data.chat_templates import ensure_template_tokens, get_chat_template
 
     if cfg.data.chat_template:  # the template's special tokens are added and the embeddings grow with them
@@ -226,7 +226,10 @@ def save_final(model, tokenizer, output_dir: Path, extra: Callable[[Path], None]
 
         if not is_write_failure(e):
             raise
-        raise OutputError(f"output_dir {output_dir}: the final save failed ({describe_os_error(e)}); nothing in "
+        from velotune.fsio import is_disk_full_at
+
+        raise OutputError(f"output_dir {output_dir}: the final save failed "
+                          f"({describe_os_error(e, is_disk_full_at(e, output_dir))}); nothing in "
                           "the folder was changed (the checkpoints are intact): free space and resume with "
                           "--resume") from e
 
@@ -243,7 +246,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
     run's folder aside to `<output_dir>.old-<time>` (train/output_dir.py).
     """
     from velotune.distributed import is_main_process
-    from velotune.train.output_dir import claim
+    from velotune.train.output_dir import claim, resumes_here
     from velotune.train.preflight import preflight
     from velotune.train.run_lock import RunLock
 
@@ -255,7 +258,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokeniz
     if main:  # other ranks of a DDP run write through rank 0's claim
         lock.acquire()
     try:
-        if main and claim(out, resuming=bool(cfg.training.resume_from_checkpoint), overwrite=overwrite):
+        if main and claim(out, resuming=resumes_here(out, cfg.training.resume_from_checkpoint), overwrite=overwrite):
             lock.release()
             lock.acquire()  # on the fresh folder
         return _run_training(cfg, out, progress=progress, model=model, tokenizer=tokenizer, callbacks=callbacks)
@@ -338,7 +341,7 @@ def _train(trainer, resume, out: Path) -> None:
     one-line errors (the torn checkpoint is removed: --resume then takes the last complete one)."""
     import pickle
 
-    from velotune.errors import is_disk_full
+    from velotune.fsio import is_disk_full_at
 
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -347,23 +350,17 @@ def _train(trainer, resume, out: Path) -> None:
                              "velotune refuses to load (it never unpickles code); delete that checkpoint (or resume "
                              "from another) if you did not write it") from e
     except Exception as e:
-        if not (is_disk_full(e) or _write_failed_on_a_full_disk(e, out)):
+        if not is_disk_full_at(e, out):
             raise
         from velotune.train.resume import newest_complete, remove_torn
 
         last, torn = newest_complete(out)
         remove_torn(torn, last)
         then = f"run again with --resume to continue from {last.name}" if last else "run again"
-        raise OutputError(f"output_dir {out}: the disk filled up while saving a checkpoint ({describe_os_error(e)}); "
+        raise OutputError(f"output_dir {out}: the disk filled up while saving a checkpoint "
+                          f"({describe_os_error(e, True)}); "
                           f"the incomplete checkpoint was removed: free some space (or lower "
                           f"training.save_total_limit) and {then}") from e
-
-
-def _write_failed_on_a_full_disk(e: BaseException, out: Path) -> bool:
-    """torch.save's "file write failed" carries no errno: count it as a full disk when little space is left."""
-    from velotune.fsio import free_bytes
-
-    return isinstance(e, RuntimeError) and "write failed" in str(e) and free_bytes(out) < 64 * 2**20
 
 
 def _versions() -> dict:
