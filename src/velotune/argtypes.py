@@ -22,33 +22,29 @@ def _number(text: str, kind, what: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int, "a positive whole number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+def _within(text: str, kind, what: str, ok) -> int | float:
+    """`text` as `kind`, which `ok(value)` must accept, else argparse's one-line error naming `what`."""
+    value = _number(text, kind, what)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{value if kind is int else text} is not {what}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _within(text, int, "a positive whole number", lambda v: v > 0)
 
 
 def non_negative_float(text: str) -> float:
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
-    return value
+    return _within(text, float, "a number >= 0", lambda v: v >= 0)
 
 
 def positive_float(text: str) -> float:
-    value = _number(text, float, "a number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
-    return value
+    return _within(text, float, "a number > 0", lambda v: v > 0)
 
 
 def probability(text: str) -> float:
     """A number in (0, 1] (nucleus sampling's top-p)."""
-    value = _number(text, float, "a number in (0, 1]")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a number in (0, 1]")
-    return value
+    return _within(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def byte_size(text: str) -> int:

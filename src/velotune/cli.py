@@ -18,7 +18,8 @@ import sys
 COMMANDS = {
     "demo": ("velotune.demo.command", "fine-tune the shipped mini model on the shipped data set (no network, CPU ok)"),
     "train": ("velotune.train.command", "train from a YAML config (SFT, DPO, ORPO)"),
-    "export": ("velotune.export.command", "export a training output: LoRA, merged safetensors, GGUF + Ollama Modelfile"),
+    "export": ("velotune.export.command",
+               "export a training output: LoRA, merged safetensors, GGUF + Ollama Modelfile"),
     "chat": ("velotune.infer.command", "chat with a model in the terminal (streaming)"),
 }
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from velotune.errors import OutputError, describe_os_error
 
 # A temp entry: hidden, with a pid after one of the markers velotune's writers use.
-_TEMP = re.compile(r"^\.(?:.*\.)?(?:tmp|old|save|intermediate|merge16)-(\d+)(?:[-.]|$)")
+TEMP_NAME = re.compile(r"^\.(?:.*\.)?(?:tmp|old|save|intermediate|merge16)-(\d+)(?:[-.]|$)")
 
 
 def current_umask() -> int:
@@ -92,7 +92,7 @@ def remove_stale_temps(folder: Path) -> list[str]:
     except OSError:
         return removed
     for p in entries:
-        m = _TEMP.match(p.name)
+        m = TEMP_NAME.match(p.name)
         if not m or _alive(int(m.group(1))):
             continue
         try:
@@ -135,7 +135,7 @@ def free_bytes(path: Path) -> int:
 
 # Writers that report a short write without an errno: numpy's tofile ("N requested and M written"),
 # torch.save ("file write failed"). They count as a full disk when the disk is (nearly) full.
-_SHORT_WRITE = re.compile(r"requested and \d+ written|file write failed|failed writing file")
+SHORT_WRITE = re.compile(r"requested and \d+ written|file write failed|failed writing file")
 NEARLY_FULL = 64 * 2**20
 
 
@@ -146,7 +146,7 @@ def is_disk_full_at(e: BaseException, folder: Path) -> bool:
     if is_disk_full(e):
         return True
     try:
-        return bool(_SHORT_WRITE.search(str(e))) and free_bytes(folder) < NEARLY_FULL
+        return bool(SHORT_WRITE.search(str(e))) and free_bytes(folder) < NEARLY_FULL
     except OSError:
         return False
 

@@ -30,7 +30,7 @@ _UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.tiktoken")
 
 
-def _check_local_folder(path: Path) -> None:
+def check_local_folder(path: Path) -> None:
     """Refuse model folders that cannot load, before anything is read into memory: no config.json,
     only pickled weights (we load safetensors and never unpickle), torn or garbage safetensors files,
     shards named by the index but missing, no tokenizer files."""
@@ -79,7 +79,7 @@ def check_adapter_folder(path: Path) -> dict:
 def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revision: str | None) -> str:
     path = Path(model_name).expanduser()
     if path.exists():
-        _check_local_folder(path)
+        check_local_folder(path)
         return str(path)
     name = str(model_name)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
@@ -89,7 +89,8 @@ def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revisi
 
         # Fetch only what we load: config, tokenizer and safetensors weights.
         return snapshot_download(name, token=token, revision=revision,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                 "*.tiktoken"])
     except Exception as e:  # network errors, offline mode, missing repo, gated repo
         raise ModelLoadError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
@@ -132,7 +133,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def _load_config(auto_config, path: str, trust_remote_code: bool):
+def load_config(auto_config, path: str, trust_remote_code: bool):
     """AutoConfig, with transformers' refusals (remote code, unknown model_type) as one-line ModelLoadErrors."""
     try:
         return auto_config.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -160,7 +161,7 @@ def _config_value(path: str, key: str):
         return None
 
 
-def _check_coverage(path: Path, config) -> None:
+def check_coverage(path: Path, config) -> None:
     from velotune.safetensors_check import missing_weights
 
     missing = missing_weights(path, config)
@@ -234,11 +235,11 @@ class FastLanguageModel:
 
         compute_dtype = resolve_dtype(dtype)
         path = _resolve_model_path(model_name, token, revision)
-        config = _load_config(AutoConfig, path, trust_remote_code)
+        config = load_config(AutoConfig, path, trust_remote_code)
         estimate = _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit, max_seq_length,
                               full_finetuning)
         if Path(path).is_dir():
-            _check_coverage(Path(path), config)
+            check_coverage(Path(path), config)
         load_kwargs: dict[str, Any] = dict(dtype=compute_dtype, use_safetensors=True,
                                            trust_remote_code=trust_remote_code, **kwargs)
         if attn_implementation is not None:  # None: transformers picks (SDPA where the family allows it)
@@ -330,7 +331,8 @@ class FastLanguageModel:
         default: the host's available memory, measured at each step); the choice is reported in
         `model.velotune_offload_stats` (offload_every, host_budget, host_needed).
         `padding_free`: True or False switches padded batches to run on their real tokens only
-        (see from_pretrained); None keeps what from_pretrained set (on by default).
+        (see from_pretrained); None keeps what from_pretrained set (on by default), except with
+        cuda_graphs=True, which asks for fixed shapes: there None means False.
         `cuda_graphs` (off by default; with "unsloth"/"offload" checkpointing): after one eager step,
         each decoder layer's forward and its recompute + backward replay as CUDA graphs
         (velotune.memory.layer_graphs; with recompute="mlp" also velotune.memory.saved_graphs), to
@@ -380,11 +382,15 @@ class FastLanguageModel:
         # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         peft_model = get_peft_model(model, config)
-        _enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks,
-                              offload_every, host_memory_budget)
+        from velotune.memory.checkpointing import enable_checkpointing   # here: `import velotune` stays cheap
+
+        enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks,
+                             offload_every, host_memory_budget)
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
+        if padding_free is None and cuda_graphs:
+            padding_free = False      # graphs replay fixed shapes; padding-free batches change shape every step
         if padding_free is not None:
             from velotune.models.padding_free import set_padding_free
 
@@ -429,44 +435,6 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
         if name not in resolved:
             resolved.append(name)
     return resolved
-
-
-def _enable_checkpointing(model, mode: bool | str, cuda_graphs: bool = False, recompute: str = "layer",
-                          mlp_row_blocks: int = 1, offload_every: int | str = 1,
-                          host_budget: int | None = None) -> None:
-    if mode in (False, None, "none", "false"):
-        return
-    if mode in ("unsloth", "offload"):
-        from velotune.memory.checkpointing import enable_offloaded_checkpointing
-
-        enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute,
-                                       mlp_row_blocks=mlp_row_blocks, offload_every=offload_every,
-                                       host_budget=host_budget)
-        _keep_offloaded_checkpointing(model)
-        return
-    if mode is not True and mode != "true":
-        raise ValueError(f"use_gradient_checkpointing={mode!r}: use True, False, 'unsloth' or 'offload'")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-
-
-def _keep_offloaded_checkpointing(model) -> None:
-    """Trainers switch on transformers' checkpointing themselves (TRL's configs default to
-    gradient_checkpointing=True), which would replace the offloaded one on every layer: this
-    instance's `gradient_checkpointing_enable` / `activation_checkpointing_enable` keep velotune's
-    (it already checkpoints every decoder layer) and only turn the KV cache off, as transformers does.
-    `gradient_checkpointing_disable` still turns checkpointing off."""
-    import types
-
-    def keep(self, *args, **kwargs):
-        log.info("velotune: offloaded checkpointing stays on (the trainer asked for transformers' own)")
-        base = self.get_base_model() if hasattr(self, "get_base_model") else self
-        if getattr(base, "config", None) is not None:
-            base.config.use_cache = False
-
-    for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable"):
-        if hasattr(model, name):
-            setattr(model, name, types.MethodType(keep, model))
 
 
 def _offload_embedding_where_safe(model) -> bool:

@@ -88,20 +88,14 @@ def tensor_names(folder: Path) -> dict[str, str]:
 
 def missing_weights(folder: Path, config) -> list[str]:
     """Weights the model built from `config` needs that no file of `folder` holds (tied weights count
-    as present when any of their names is stored). Empty when the files use another naming scheme
-    (fewer than half the names match), or when transformers converts this model type's checkpoints at
-    load (MoE experts stored one by one and merged, e.g. Mixtral's block_sparse_moe.experts.N.w1): its
-    own conversion then decides, and the loader checks what it reports missing."""
+    as present when any of their names is stored). Empty when the files use another naming scheme:
+    fewer than half the names match, or the files hold tensors under names the model does not have
+    (transformers renames those at load: GPT-NeoX's `embed_out`, Mixtral's per-expert
+    `block_sparse_moe.experts.N.w1`, ...); its conversion then decides, and the loader checks what it
+    reports missing after loading."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:
-        get_checkpoint_conversion_mapping = None
-    if get_checkpoint_conversion_mapping is not None and \
-            get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) is not None:
-        return []
     stored = tensor_names(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -109,6 +103,6 @@ def missing_weights(folder: Path, config) -> list[str]:
     for name, t in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(t), []).append(name)
     names = [n for g in groups.values() for n in g]
-    if sum(n in stored for n in names) * 2 < len(names):
+    if sum(n in stored for n in names) * 2 < len(names) or not set(stored) <= set(names):
         return []
     return sorted(g[0] for g in groups.values() if not any(n in stored for n in g))

@@ -77,7 +77,8 @@ def test_benches_from_a_checkpoint_with_offload_every(tmp_path):
     out, rows = _run("qlora.py", "--cpu-smoke", "--checkpoint", str(ckpt), "--impls", "stock-qlora", "velotune-qlora",
                      "--offload-every", "2", jsonl=tmp_path / "q.jsonl")
     by_impl = {r["impl"]: r for r in rows}
-    assert set(by_impl) == {"stock-qlora", "velotune-qlora"} and by_impl["velotune-qlora"]["memory"]["offload_every"] == 2
+    assert set(by_impl) == {"stock-qlora", "velotune-qlora"}
+    assert by_impl["velotune-qlora"]["memory"]["offload_every"] == 2
     assert abs(by_impl["velotune-qlora"]["first_loss"] - by_impl["stock-qlora"]["first_loss"]) < 1e-3
     out, _ = _run("context.py", "--cpu-smoke", "--checkpoint", str(ckpt), "--impls", "velotune-qlora",
                   "--offload-every", "auto", "--host-budget-gib", "1e-7", jsonl=tmp_path / "c.jsonl")

@@ -136,7 +136,8 @@ def test_to_messages_detects_formats():
 
 def test_standardize_sharegpt_and_to_sharegpt():
     ds = datasets.Dataset.from_list([
-        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
+                           {"from": "gpt", "value": "A"}]},
         {"conversations": [{"from": "HUMAN", "value": "Q2"}, {"from": "narrator", "value": "?"}]},
     ])
     out = standardize_sharegpt(ds)
@@ -147,7 +148,8 @@ def test_standardize_sharegpt_and_to_sharegpt():
     alpaca = datasets.Dataset.from_list([{"instruction": "Add", "input": "2 and 2", "output": "4"},
                                          {"instruction": "Greet", "input": "", "output": "Hi"}])
     conv = to_sharegpt(alpaca, merged_prompt="{instruction}[[\nInput: {input}]]", output_column_name="output")
-    assert conv[0]["conversations"] == [{"from": "human", "value": "Add\nInput: 2 and 2"}, {"from": "gpt", "value": "4"}]
+    assert conv[0]["conversations"] == [{"from": "human", "value": "Add\nInput: 2 and 2"},
+                                        {"from": "gpt", "value": "4"}]
     assert conv[1]["conversations"][0]["value"] == "Greet"  # the optional block vanished with its empty field
     assert to_messages(standardize_sharegpt(conv)[1]) == [{"role": "user", "content": "Greet"},
                                                          {"role": "assistant", "content": "Hi"}]

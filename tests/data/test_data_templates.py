@@ -54,11 +54,13 @@ REFERENCE = {
     "alpaca": ("<s>You are helpful.\n\n### Instruction:\nHi!\n\n### Response:\nHello.</s>\n\n"
                "### Instruction:\nWhat is 2+2?\n\n### Response:\n4</s>\n\n"),
     "vicuna": "<s>You are helpful. USER: Hi! ASSISTANT: Hello.</s>USER: What is 2+2? ASSISTANT: 4</s>",
-    "gemma": ("<bos><start_of_turn>user\nYou are helpful.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+    "gemma": ("<bos><start_of_turn>user\nYou are helpful.\n\nHi!<end_of_turn>\n"
+              "<start_of_turn>model\nHello.<end_of_turn>\n"
               "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n"),
     "phi-3": ("<|system|>\nYou are helpful.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\nHello.<|end|>\n"
               "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4<|end|>\n"),
-    "default": "<s>You are helpful.\n>>> User: Hi!\n>>> Assistant: Hello.</s>\n>>> User: What is 2+2?\n>>> Assistant: 4</s>\n",
+    "default": ("<s>You are helpful.\n>>> User: Hi!\n>>> Assistant: Hello.</s>\n"
+                ">>> User: What is 2+2?\n>>> Assistant: 4</s>\n"),
     "granite": ("<|start_of_role|>system<|end_of_role|>You are helpful.<|end_of_text|>\n"
                 "<|start_of_role|>user<|end_of_role|>Hi!<|end_of_text|>\n"
                 "<|start_of_role|>assistant<|end_of_role|>Hello.<|end_of_text|>\n"
@@ -70,7 +72,8 @@ REFERENCE = {
 PROMPT = {
     "llama-3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "llama-3.1": ("<|begin_of_text|>" + _L31_SYSTEM + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+    "llama-3.1": ("<|begin_of_text|>" + _L31_SYSTEM + "<|eot_id|>"
+                  "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\n"),
     "chatml": "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
     "qwen-2.5": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"

@@ -70,15 +70,6 @@ def test_glu_rejects_bad_input():
         glu(torch.randn(2), torch.randn(3), "silu")
 
 
-@pytest.fixture
-def fused_lora(monkeypatch):
-    """The fused rank-r MLP kernels on (glu.FUSED_LORA, the default): a test of them must not pass
-    because someone turned them off for an A/B run."""
-    from velotune.kernels import glu as glu_mod
-
-    monkeypatch.setattr(glu_mod, "FUSED_LORA", True)
-
-
 def _lora_case(N, I, r, strided, seed=0):
     """gate, up [N, I] (halves of one [N, 2I] buffer when strided, as Phi-3's gate_up), dh [N, I],
     dhA [N, r], A [r, I]."""
@@ -94,7 +85,7 @@ def _lora_case(N, I, r, strided, seed=0):
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("N,I,r,strided", [(70, 100, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
 @pytest.mark.parametrize("split", [1, 3])
-def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided, split, fused_lora, monkeypatch):
+def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided, split, monkeypatch):
     """dhA^T @ (act(gate) * up): the kernel (tiles over rows and columns, r padded to 16; the rows
     in `split` chunks summed after, at most one per 64-row block) vs torch and float64. N, I not
     multiples of the 64-wide tiles; r below, at and above 16."""
@@ -115,7 +106,7 @@ def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided, split, fused_lora,
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("N,I,r,strided", [(70, 300, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
-def test_lora_project_kernel_makes_no_h(act, N, I, r, strided, fused_lora):
+def test_lora_project_kernel_makes_no_h(act, N, I, r, strided):
     """(act(gate) * up) @ A^T: the kernel (32-row programs walking I in 128-wide steps, r padded to
     16) vs torch and float64. N, I not multiples of the tiles (I = 300: three steps, the last
     partial); r below, at and above 16."""
@@ -133,7 +124,7 @@ def test_lora_project_kernel_makes_no_h(act, N, I, r, strided, fused_lora):
     assert_close(got, ref64, what="vs float64")
 
 
-def test_float64_takes_the_torch_path(fused_lora):
+def test_float64_takes_the_torch_path():
     """float64 (the references, on the GPU too) takes the torch path (kernels.triton_enabled): the
     kernels compute in fp32 at most (on the GPU a float64 call of the rank-r kernels failed to
     compile). Bit-equal to the CPU path with Triton forced; fp32 math would differ in the low bits."""
@@ -151,7 +142,7 @@ def test_float64_takes_the_torch_path(fused_lora):
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("N,I,r,strided", [(70, 100, 4, False), (130, 64, 16, True), (5, 9, 20, False)])
-def test_glu_backward_folds_the_rank_r_gradient_in(act, N, I, r, strided, fused_lora):
+def test_glu_backward_folds_the_rank_r_gradient_in(act, N, I, r, strided):
     """glu_backward(dh, gate, up, lora=(dhA, A)) == glu_backward(dh + dhA @ A, gate, up): in place
     (strided halves too), against the CPU path and float64."""
     gate, up, dh, dhA, A = _lora_case(N, I, r, strided, seed=1)

@@ -4,7 +4,9 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import launch as launch_mod
-from velotune.kernels.launch import aligned, launch
+import pytest
+
+from velotune.kernels.launch import aligned, launch, launch_named
 
 
 @triton.jit
@@ -28,6 +30,24 @@ def test_interpreter_launches_run_the_jit_and_make_no_plan():
         launch(plans, ("k",), _axpy, (1,), (x, y, 2.0, 10), dict(BLOCK=16), (0, 1))
         assert torch.equal(y, torch.full((10,), 2.0 * (i + 1)))
     assert plans == {}
+
+
+def test_launch_named_orders_the_arguments_by_the_kernel_signature(monkeypatch):
+    """Arguments by name, in any order: positions, constexprs, slots (the tensors) and key come from
+    the kernel's signature; a missing or unknown name is an error, never a shifted argument."""
+    x, y = torch.ones(10), torch.zeros(10)
+    seen = []
+    real = launch_mod.launch
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: seen.append(a) or real(*a, **k))
+    launch_named({}, _axpy, (1,), dict(n=10, BLOCK=16, a=3.0, Y=y, X=x))
+    assert torch.equal(y, torch.full((10,), 3.0))
+    (plans, key, fn, grid, args, consts, slots), = seen
+    assert args == (x, y, 3.0, 10) and consts == {"BLOCK": 16} and slots == (0, 1)
+    assert key == (_axpy, -1, (1,), (torch.float32, torch.float32, 3.0, 10), (16,), ())
+    with pytest.raises(ValueError, match=r"missing \['a'\]"):
+        launch_named({}, _axpy, (1,), dict(X=x, Y=y, n=10, BLOCK=16))
+    with pytest.raises(ValueError, match=r"unknown \['b'\]"):
+        launch_named({}, _axpy, (1,), dict(X=x, Y=y, a=1.0, b=2, n=10, BLOCK=16))
 
 
 class _Compiled(triton.compiler.CompiledKernel):     # what the JIT returns on a GPU

@@ -151,8 +151,8 @@ def test_mlp_values_unused_skips_the_down_gemm_and_keeps_every_gradient(monkeypa
     g = torch.randn(7, H, dtype=torch.float64)
     want = torch.autograd.grad(lora_mlp(X, gate_up, down, "silu"), leaves, g)
     read = []
-    real_weight = fused._weight
-    monkeypatch.setattr(fused, "_weight", lambda p, dtype: read.append(p) or real_weight(p, dtype))
+    real_weight = fused.weight_in
+    monkeypatch.setattr(fused, "weight_in", lambda p, dtype: read.append(p) or real_weight(p, dtype))
     out = lora_mlp(X, gate_up, down, "silu", values_unused=True)
     assert out.shape == (7, H) and not any(p is down for p in read)
     got = torch.autograd.grad(out, leaves, g)
@@ -238,16 +238,16 @@ def test_adapter_casts_in_one_buffer_equal_per_tensor_casts(monkeypatch):
 def test_joined_halves_are_their_buffer_and_others_are_concatenated():
     """Phi-3's fused gate_up: the GLU backward overwrote the two halves in place, so their [N, 2I]
     buffer already is cat(dgate, dup): no copy. Anything else is concatenated."""
-    from velotune.lora.fused import _joined
+    from velotune.lora.fused import joined
 
     buf = torch.randn(5, 8)
     a, b = buf.chunk(2, dim=-1)
-    joined = _joined(a, b)
-    assert joined.data_ptr() == buf.data_ptr() and torch.equal(joined, buf)
-    swapped = _joined(b, a)                                     # halves the other way round: a real cat
+    whole = joined(a, b)
+    assert whole.data_ptr() == buf.data_ptr() and torch.equal(whole, buf)
+    swapped = joined(b, a)                                     # halves the other way round: a real cat
     assert swapped.data_ptr() != buf.data_ptr() and torch.equal(swapped, torch.cat((b, a), -1))
     x, y = torch.randn(5, 4), torch.randn(5, 4)
-    assert torch.equal(_joined(x, y), torch.cat((x, y), -1))
+    assert torch.equal(joined(x, y), torch.cat((x, y), -1))
     rows = torch.randn(6, 8)[1:]                                # a buffer view with an offset
     c, d = rows.chunk(2, dim=-1)
-    assert _joined(c, d).data_ptr() == rows.data_ptr() and torch.equal(_joined(c, d), rows)
+    assert joined(c, d).data_ptr() == rows.data_ptr() and torch.equal(joined(c, d), rows)

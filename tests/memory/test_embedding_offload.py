@@ -121,20 +121,17 @@ def test_gpu_reads_the_rows_from_the_pinned_table():
 
 @pytest.mark.gpu
 def test_gpu_host_gather_reuses_one_pinned_buffer(monkeypatch):
-    """GATHER_ON_GPU = False (the host path): the rows go through the module's own pinned buffer; a
-    second lookup (other ids) reuses it only after the first copy finished; both are the table's rows."""
-    from velotune.memory import embedding_offload
-
-    monkeypatch.setattr(embedding_offload, "GATHER_ON_GPU", False)
+    """Ids on the host (the host path): the rows go through the module's own pinned buffer; a second
+    lookup (other ids) reuses it only after the first copy finished; both are the table's rows."""
     model = mini_model("llama").cuda()
     model.requires_grad_(False)
     table = model.get_input_embeddings().weight.detach().clone()
     emb = offload_input_embeddings(model)
-    ids1 = torch.randint(0, table.shape[0], (2, 64), device="cuda")
-    ids2 = torch.randint(0, table.shape[0], (2, 64), device="cuda")
+    ids1 = torch.randint(0, table.shape[0], (2, 64))
+    ids2 = torch.randint(0, table.shape[0], (2, 64))
     out1 = emb(ids1)
     buf = emb._velotune_rows[0]
     out2 = emb(ids2)
     torch.cuda.synchronize()
     assert emb._velotune_rows[0].data_ptr() == buf.data_ptr() and buf.is_pinned()
-    assert torch.equal(out1, table[ids1]) and torch.equal(out2, table[ids2])
+    assert torch.equal(out1, table[ids1.cuda()]) and torch.equal(out2, table[ids2.cuda()])

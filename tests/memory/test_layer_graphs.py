@@ -22,7 +22,8 @@ def _lora(cuda_graphs: bool, dropout: float = 0.0, family: str = "llama"):
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=dropout,
                                              use_gradient_checkpointing="unsloth", random_state=5,
-                                             cuda_graphs=cuda_graphs)
+                                             cuda_graphs=cuda_graphs, padding_free=False,
+                                             recompute="layer")
     with torch.no_grad():   # non-zero B: every adapter gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -132,7 +133,8 @@ def test_cuda_graphs_on_gpu_are_bit_identical(dtype):
         model = mini_model("llama", num_hidden_layers=N_LAYERS, dtype=dtype).cuda()
         prepare_model(model, max_seq_length=64)
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                                 random_state=5, cuda_graphs=graphs)
+                                                 random_state=5, cuda_graphs=graphs, padding_free=False,
+                                                 recompute="layer")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -153,7 +155,7 @@ def test_a_failed_capture_warns_and_trains_on_eagerly(monkeypatch):
     def broken(self, pool, side=None):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(layer_graphs._Entry, "capture", broken)
+    monkeypatch.setattr(layer_graphs.Entry, "capture", broken)
     batches = _two_batches()
     model = _lora(True)
     with pytest.warns(UserWarning, match="capture of a decoder layer failed"):

@@ -141,7 +141,7 @@ def test_update_in_backward_same_bits_as_torch_adamw(foreach):
 
 def test_update_in_backward_refuses_gradient_accumulation():
     ours = _params(seed=4)
-    opt = OffloadedAdamW(ours, chunk_bytes=2000, update_in_backward=True)
+    _opt = OffloadedAdamW(ours, chunk_bytes=2000, update_in_backward=True)   # alive: its hooks update in backward
     _chain_loss(ours, 0).backward()
     with pytest.raises(RuntimeError, match="gradient accumulation"):
         _chain_loss(ours, 1).backward()

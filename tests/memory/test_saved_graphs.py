@@ -26,7 +26,7 @@ def _lora(graphs: bool, family: str = "llama", device: str = "cpu", dtype=torch.
     model = mini_model(family, num_hidden_layers=layers, dtype=dtype).to(device)
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                             random_state=5, cuda_graphs=graphs, recompute="mlp",
+                                             random_state=5, cuda_graphs=graphs, padding_free=False, recompute="mlp",
                                              mlp_row_blocks=row_blocks)
     with torch.no_grad():   # non-zero B: every adapter gets a gradient that depends on the activations
         g = torch.Generator(device).manual_seed(3)
@@ -132,8 +132,8 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
     for graphs in (False, True):
         model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                                 random_state=5, cuda_graphs=graphs, recompute=recompute,
-                                                 mlp_row_blocks=blocks)
+                                                 random_state=5, cuda_graphs=graphs, padding_free=False,
+                                                 recompute=recompute, mlp_row_blocks=blocks)
         model.train()                        # from_pretrained hands out eval mode: no checkpointing
         with torch.no_grad():
             g = torch.Generator().manual_seed(3)
@@ -333,7 +333,7 @@ def test_hidden_states_a_caller_keeps_are_not_overwritten(monkeypatch):
     """output_hidden_states keeps every layer's output, i.e. aliases of the two buffers that later
     layers overwrite: each gets its own copy first, so the graphed hidden states equal eager ones.
     The control: without that copy they would not."""
-    from velotune.memory.layer_graphs import _Statics
+    from velotune.memory.graph_entry import Statics as _Statics
 
     batches = _two_batches()
 
@@ -356,7 +356,7 @@ def test_two_forwards_then_one_backward(monkeypatch):
     """Two forwards (e.g. chosen and rejected batches) before one backward: the first forward's last
     hidden state, saved by the final norm, lives in a buffer the second forward overwrites; it gets
     its own copy first, so the gradients equal eager ones. The control: without that copy they differ."""
-    from velotune.memory.layer_graphs import _Statics
+    from velotune.memory.graph_entry import Statics as _Statics
 
     batches = _two_batches()
 

@@ -127,29 +127,6 @@ def test_only_the_mlp_is_recomputed(monkeypatch):
         assert h_unused == ([False] * n + [True] * n if mode == "layer" else []), mode
 
 
-def test_the_checkpointed_mlp_switch_gives_the_same_bits(monkeypatch):
-    """models/mlp.RECOMPUTED_MLP = False (A/B runs): torch's checkpoint around lora_mlp, as before
-    lora/recomputed_mlp.py; the loss and every gradient are the same bits either way."""
-    from velotune.lora import recomputed_mlp
-    from velotune.models import mlp
-
-    batch = fixed_batch()
-    calls = []
-    real_in = recomputed_mlp.mlp_in
-    monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda *a: calls.append(1) or real_in(*a))
-    runs = []
-    for on in (True, False):
-        monkeypatch.setattr(mlp, "RECOMPUTED_MLP", on)
-        calls.clear()
-        model = _lora("llama", False)
-        enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
-        runs.append(_loss_and_grads(model, batch))
-        assert bool(calls) == on
-    (loss_a, grads_a), (loss_b, grads_b) = runs
-    assert torch.equal(loss_a, loss_b)
-    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_b)
-
-
 def test_layer_inputs_and_attention_tensors_are_released_after_forward():
     """What was copied out is not also kept on the device until backward."""
     import gc
@@ -174,14 +151,15 @@ def test_the_layer_is_found_behind_either_transformers_callable():
     5.17) partial(layer.__call__, **kw). Both must reach recompute="mlp" (else "layer" runs)."""
     import functools
 
-    from velotune.memory.checkpointing import _layer_of, _suits_mlp_recompute
+    from velotune.memory.checkpointing import _suits_mlp_recompute
+    from velotune.memory.host_copies import layer_of
 
     model = _lora("llama", False)
     layer = model.base_model.model.model.layers[0]
     new = functools.partial(type(layer).forward, layer, attention_mask=None)
     old = functools.partial(super(type(layer), layer).__call__, attention_mask=None)
-    assert _layer_of(new) is layer and _layer_of(old) is layer and _suits_mlp_recompute(new) and _suits_mlp_recompute(old)
-    assert _layer_of(functools.partial(print)) is None and not _suits_mlp_recompute(lambda x: x)
+    assert layer_of(new) is layer and layer_of(old) is layer and _suits_mlp_recompute(new) and _suits_mlp_recompute(old)
+    assert layer_of(functools.partial(print)) is None and not _suits_mlp_recompute(lambda x: x)
 
 
 def test_refusals():

@@ -233,3 +233,48 @@ def test_generic_generation_equals_stock(tmp_path):
     ids = fixed_batch(batch=1, seq=6, pad_last=0)["input_ids"]
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(fast.generate(input_ids=ids, **kw), stock.generate(input_ids=ids, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gpt_neox", "cohere", "mixtral"])
+def test_gpu_generic_path_bf16(kind):
+    """On the GPU (Triton kernels, bf16 model): the probes pass where they do on CPU, and a LoRA step's
+    loss and gradients stay within bf16 rounding of stock transformers + PEFT (same weights)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = AutoModelForCausalLM.from_config(generic_config(kind, hidden_size=256, intermediate_size=512),
+                                                dtype=torch.bfloat16)
+    stock_base = copy.deepcopy(base)
+    from velotune.models import prepare_model
+
+    assert prepare_model(base, max_seq_length=128)
+    fast = FastLanguageModel.get_peft_model(base, r=8, lora_alpha=16, target_modules=TARGETS[kind],
+                                            use_gradient_checkpointing="unsloth")
+    text = report(fast)
+    assert "lm_head    fast" in text and "0 on the stock PEFT path" in text, text
+    if kind == "mixtral":
+        assert "norm       fast  MixtralRMSNorm" in text, text
+    stock = get_peft_model(stock_base, copy.deepcopy(fast.peft_config["default"]))
+    stock.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(fast.named_parameters(), stock.named_parameters()):
+            if "lora_" in n:
+                v = torch.randn(p.shape, generator=g) * 0.05
+                p.copy_(v)
+                q.copy_(v)
+    batch = {k: v.cuda() for k, v in fixed_batch(batch=2, seq=64, pad_last=5).items()}
+    fast.train(), stock.train()
+    losses, grads = [], []
+    for m in (fast, stock):
+        loss = m(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
+    assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[1])
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[1]:
+        assert _rel(grads[0][n], grads[1][n]) <= 5e-2, n

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from mini import FAMILIES, VOCAB, fixed_batch, save_mini_model
+from mini import FAMILIES, fixed_batch, save_mini_model
 
 from velotune import FastLanguageModel
 from velotune.models import report
@@ -250,18 +250,14 @@ def test_free_running_losses_match_stock(family, peft_kw, tmp_path):
     _assert_same_losses(_train_pair(fast, stock, 20, [fixed_batch()], resync=False))
 
 
-@pytest.mark.parametrize("hook_q,fused_lora,recompute", [(False, False, None), (True, False, None),
-                                                          (False, True, None), (False, True, "layer"),
-                                                          (False, True, "mlp")])
-def test_triton_path_matches_stock(hook_q, fused_lora, recompute, tmp_path, monkeypatch):
+@pytest.mark.parametrize("hook_q,recompute", [(True, None), (False, None), (False, "layer"), (False, "mlp")])
+def test_triton_path_matches_stock(hook_q, recompute, tmp_path, monkeypatch):
     """The Triton kernels themselves (interpreter) inside the model: RMSNorm, RoPE rotated in place on
-    the fused q/k projection outputs, GLU, fused linear CE (and, fused_lora, the MLP's rank-r kernels;
+    the fused q/k projection outputs, GLU, fused linear CE, the MLP's rank-r kernels (and,
     with offloaded checkpointing (recompute) the recomputed MLP makes no h: its hA comes from
     glu_lora_project). With a forward hook on a q projection (that module then runs stock), the
     output the hook holds is not rotated under it."""
     from velotune.kernels import force_triton, glu
-
-    monkeypatch.setattr(glu, "FUSED_LORA", fused_lora)
 
     kw = {} if recompute is None else {"use_gradient_checkpointing": "unsloth", "recompute": recompute}
     fast, stock = _load_pair("llama", tmp_path, **kw)
@@ -269,7 +265,8 @@ def test_triton_path_matches_stock(hook_q, fused_lora, recompute, tmp_path, monk
         fast.train()
     h_given = []
     real_project = glu.glu_lora_project
-    monkeypatch.setattr(glu, "glu_lora_project", lambda *a, h=None: h_given.append(h is not None) or real_project(*a, h=h))
+    monkeypatch.setattr(glu, "glu_lora_project",
+                        lambda *a, h=None: h_given.append(h is not None) or real_project(*a, h=h))
     batch = fixed_batch()
     held = []
     if hook_q:

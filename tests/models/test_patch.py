@@ -33,7 +33,7 @@ def test_patch_is_per_instance_and_unpatch_restores_stock(tmp_path):
     batch = fixed_batch()
     fused_loss = model(**batch).loss
     n = unpatch(model)
-    assert n == 1 + 2 + 2 + 5 and "stock" in report(model)
+    assert n == 1 + 1 + 2 + 2 + 5 and "stock" in report(model)   # causal LM, body (padding-free), attn, mlp, norms
     assert not any("forward" in m.__dict__ for m in model.modules())
     stock_loss = model(**batch).loss
     torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=0)
@@ -118,7 +118,8 @@ def test_training_loss_drops_ignored_rows_before_the_lm_head(monkeypatch):
     prepare_model(model, max_seq_length=64)
     seen = []
     real = fl._chunk_loss_and_grad
-    monkeypatch.setattr(fl, "_chunk_loss_and_grad", lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
+    monkeypatch.setattr(fl, "_chunk_loss_and_grad",
+                        lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
     loss = model(**batch).loss
     loss.backward()
     n_kept = int((batch["labels"][:, 1:] != -100).sum())       # shifted: the last position of each row predicts nothing

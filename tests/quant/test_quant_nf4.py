@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from velotune.kernels import force_triton
-from velotune.quant.nf4 import (NF4_LEVELS, NF4Weight, absmax_reference, dequantize_nf4,
+from velotune.quant.nf4_code import NF4_LEVELS
+from velotune.quant.nf4 import (NF4Weight, absmax_reference, dequantize_nf4,
                                 dequantize_nf4_reference, dynamic_map, quantize_nf4)
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
@@ -122,8 +123,9 @@ def test_dequantize_reference_bit_exact(dtype):
             assert ours.dtype == dtype and ours.shape == w.shape
             assert torch.equal(ours, bnbF.dequantize_4bit(q, state)), shape
             assert torch.equal(ours, _float64_dequant(nf4, dtype)), shape
-            assert torch.equal(absmax_reference(nf4), bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-                               if double_quant else state.absmax)
+            theirs = (bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant
+                      else state.absmax)
+            assert torch.equal(absmax_reference(nf4), theirs)
 
 
 def test_dequantize_matches_bitsandbytes_pytorch_backend():
@@ -141,11 +143,8 @@ def test_dequantize_matches_bitsandbytes_pytorch_backend():
             assert torch.equal(dequantize_nf4(nf4), _float64_dequant(nf4, dtype)), (shape, dtype)
 
 
-@pytest.mark.parametrize("kernel", ["bytes", "rows"])   # the two layouts of dequant_kernel.py
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_kernel_bit_exact_under_interpreter(dtype, kernel):
-    from velotune.quant.dequant_kernel import dequantize_nf4_triton
-
+def test_triton_kernel_bit_exact_under_interpreter(dtype):
     for i, (shape, bs) in enumerate(SHAPES + ODD + RAGGED):
         for double_quant in (True, False):
             w = _weight(shape, torch.float32, seed=20 + i)
@@ -154,15 +153,10 @@ def test_triton_kernel_bit_exact_under_interpreter(dtype, kernel):
             ref = dequantize_nf4_reference(nf4)
             out = torch.full((w.numel() + 5,), float("nan"), dtype=dtype)  # poisoned, oversized
             with force_triton():
-                if kernel == "rows":      # the default, through the public entry point
-                    got = dequantize_nf4(nf4, out=out)
-                else:
-                    got = dequantize_nf4_triton(nf4, out[:w.numel()], kernel=kernel).view(shape)
+                got = dequantize_nf4(nf4, out=out)
             assert got.data_ptr() == out.data_ptr() and got.shape == w.shape
             assert torch.equal(got, ref), (shape, double_quant)
             assert torch.isnan(out[w.numel():]).all()  # nothing written past the weight
-    with pytest.raises(ValueError, match="kernel must be"):
-        dequantize_nf4_triton(nf4, out[:w.numel()], kernel="fast")
 
 
 def test_triton_kernel_matches_bitsandbytes_on_its_own_states():
@@ -203,21 +197,18 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
         assert torch.equal(ours, dequantize_nf4_reference(nf4)), (shape, dtype)
         from velotune.quant.dequant_kernel import dequantize_nf4_triton
 
-        other = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel="bytes").view(ours.shape)
-        assert torch.equal(other, ours), (shape, dtype)
         # the launch plans (kernels/launch.py): a repeated call, then an output 2 bytes off
         # 16-byte alignment (its own plan, made by the JIT for that alignment), both still exact
-        for layout in ("rows", "bytes"):
-            again = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1), kernel=layout)
-            assert torch.equal(again.view(ours.shape), ours), (shape, dtype, layout)
-            buf = torch.empty(ours.numel() + 8, dtype=ours.dtype, device=ours.device)
-            for _ in range(2):   # the second call replays the launch plan made by the first
-                buf.fill_(float("nan"))
-                odd = dequantize_nf4_triton(nf4, buf[1:1 + ours.numel()], kernel=layout)
-                assert torch.equal(odd.view(ours.shape), ours), (shape, dtype, layout)
-                assert torch.isnan(buf[0]) and torch.isnan(buf[1 + ours.numel():]).all()
-            with pytest.raises(AssertionError):   # same address, wrong size: no replay, the check fires
-                dequantize_nf4_triton(nf4, buf[1:ours.numel()], kernel=layout)
+        again = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1))
+        assert torch.equal(again.view(ours.shape), ours), (shape, dtype)
+        buf = torch.empty(ours.numel() + 8, dtype=ours.dtype, device=ours.device)
+        for _ in range(2):   # the second call replays the launch plan made by the first
+            buf.fill_(float("nan"))
+            odd = dequantize_nf4_triton(nf4, buf[1:1 + ours.numel()])
+            assert torch.equal(odd.view(ours.shape), ours), (shape, dtype)
+            assert torch.isnan(buf[0]) and torch.isnan(buf[1 + ours.numel():]).all()
+        with pytest.raises(AssertionError):   # same address, wrong size: no replay, the check fires
+            dequantize_nf4_triton(nf4, buf[1:ours.numel()])
 
 
 @pytest.mark.parametrize("nested", [True, False])

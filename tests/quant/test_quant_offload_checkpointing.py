@@ -17,7 +17,8 @@ N_LAYERS = 3
 
 def _peft(device="cpu", dropout=0.0, **model_kw):
     model = mini_model("llama", num_hidden_layers=N_LAYERS, **model_kw).to(device)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
     peft = get_peft_model(model, config)
     with torch.no_grad():  # non-zero B so every adapter gets gradients
         for n, p in peft.named_parameters():
@@ -82,16 +83,16 @@ def test_disable_and_repeated_steps():
 
 def test_offload_in_host_chunks_is_exact(monkeypatch):
     """Host copies split into many chunks (as for a long context) come back bit-identical."""
-    import velotune.memory.checkpointing as ckpt
+    import velotune.memory.host_copies as host_copies
 
     batch = fixed_batch()
     ref = _step(_peft(), "plain", batch)
-    monkeypatch.setattr(ckpt, "HOST_CHUNK_BYTES", 1000)   # not a multiple of the row size either
+    monkeypatch.setattr(host_copies, "HOST_CHUNK_BYTES", 1000)   # not a multiple of the row size either
     model = _peft()
     loss, grads = _step(model, "offload", batch)
     assert model.velotune_offload_stats.unpacked == N_LAYERS
     assert torch.equal(loss, ref[0]) and all(torch.equal(grads[k], ref[1][k]) for k in ref[1])
-    assert ckpt._chunks(torch.arange(600.0)) == [(0, 250), (250, 500), (500, 600)]   # 1000 B / 4 B
+    assert host_copies._chunks(torch.arange(600.0)) == [(0, 250), (250, 500), (500, 600)]   # 1000 B / 4 B
 
 
 def test_offloaded_layer_inputs_are_released_after_forward():
@@ -136,7 +137,7 @@ def test_offload_streams_on_gpu():
 def test_host_pool_reuses_buffers_and_refuses_clearly_when_the_host_is_full():
     """HostPool with CPU stand-ins for pinning (the real one pins, CUDA only): reuse by size class,
     bookkeeping, and a clear MemoryError (naming recompute='layer') instead of an OOM kill."""
-    from velotune.memory.checkpointing import HostPool
+    from velotune.memory.host_copies import HostPool
 
     made = []
 

@@ -184,7 +184,8 @@ def test_qlora_matches_stock_peft_on_dequantised_weights(llama_dir, checkpointin
     with torch.no_grad():  # bitsandbytes' own dequantisation, not ours
         for name, m in model4.named_modules():
             if is_4bit(m):
-                stock.get_submodule(name.replace(".base_layer", "")).weight.copy_(bnbF.dequantize_4bit(m.weight.data, m.weight.quant_state))
+                w = bnbF.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                stock.get_submodule(name.replace(".base_layer", "")).weight.copy_(w)
     stock = get_peft_model(stock, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
     _copy_lora(peft4, stock)
 

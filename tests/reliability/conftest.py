@@ -1,10 +1,12 @@
 """Fixtures of the fault-injection tests (helpers live in cli_harness.py)."""
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from cli_harness import *  # noqa: F403 (helpers the fixtures use)
-from cli_harness import _can_mount, _fork_run  # noqa: F401
+from cli_harness import _can_mount, train_config
 
 
 @pytest.fixture

@@ -142,7 +142,8 @@ def _run(args: argparse.Namespace, out: Path, device: str) -> int:
     write_json(result.summary_path, summary)
     first, last = summary.get("first_loss"), summary.get("last_loss")
     loss = f"loss {first:.3f} -> {last:.3f}, " if first is not None and last is not None else ""
-    _say(f"\nDone in {time.perf_counter() - t0:.0f} s ({loss}{summary.get('steps', args.steps)} steps). Saved in {out}:")
+    steps = summary.get('steps', args.steps)
+    _say(f"\nDone in {time.perf_counter() - t0:.0f} s ({loss}{steps} steps). Saved in {out}:")
     _say(f"  LoRA adapter   {out}/adapter_model.safetensors (+ adapter_config.json, tokenizer)")
     _say(f"  loss curve     {result.png_path}")
     _say(f"  summary        {result.summary_path}")

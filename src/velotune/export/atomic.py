@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from velotune.errors import OutputError, describe_os_error, is_disk_full
-from velotune.fsio import (_SHORT_WRITE, exchange_dirs, honour_umask_tree, is_disk_full_at, make_temp_dir,
-                           remove_stale_temps)
+from velotune.fsio import (SHORT_WRITE, exchange_dirs, honour_umask, honour_umask_tree, is_disk_full_at,
+                           make_temp_dir, make_temp_file, remove_stale_temps)
 
 
 class ExportError(OutputError):
@@ -35,7 +35,7 @@ def is_write_failure(e: BaseException) -> bool:
     from safetensors import SafetensorError
 
     return isinstance(e, (OSError, SafetensorError)) or is_disk_full(e) or (
-        isinstance(e, RuntimeError) and bool(_SHORT_WRITE.search(str(e))))
+        isinstance(e, RuntimeError) and bool(SHORT_WRITE.search(str(e))))
 
 
 @contextmanager
@@ -89,3 +89,23 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path`, renamed onto it when the block succeeds."""
+    tmp = make_temp_file(path.parent, path.name)
+    try:
+        yield tmp
+        honour_umask(tmp, False)
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OutputError) or not is_write_failure(e):
+            raise
+        state = "the previous file is intact" if path.exists() else "no file was written"
+        raise ExportError(f"writing {path} failed: {_describe(e, is_disk_full_at(e, path.parent))}; {state} "
+                          "(the partial file was removed)") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

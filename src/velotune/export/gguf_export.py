@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import gguf
 import numpy as np
 import torch
 
-from velotune.errors import ConfigError
-from velotune.errors import OutputError
-from velotune.export.atomic import ExportError, _describe, is_write_failure
-from velotune.fsio import honour_umask, is_disk_full_at, make_temp_file, remove_stale_temps
+from velotune.errors import ConfigError, describe_os_error
+from velotune.export.atomic import ExportError, atomic_file
+from velotune.fsio import remove_stale_temps
 from velotune.export.gguf_arch import add_metadata, arch_of, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
 from velotune.export.merge import base_model_of, iter_merged_tensors
+from velotune.export.merged import export_dtype
+from velotune.export.modelfile import write_modelfile
 
 log = logging.getLogger("velotune")
 Q = gguf.GGMLQuantizationType
@@ -60,26 +60,6 @@ def normalise_method(method: str) -> str:
         raise ConfigError(f"quantization_method={method!r}: choose one of {', '.join(METHODS)} "
                           f"(or {', '.join(ALIASES)})")
     return m
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path`, renamed onto it when the block succeeds."""
-    tmp = make_temp_file(path.parent, path.name)
-    try:
-        yield tmp
-        honour_umask(tmp, False)
-        os.replace(tmp, path)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OutputError) or not is_write_failure(e):
-            raise
-        state = "the previous file is intact" if path.exists() else "no file was written"
-        raise ExportError(f"writing {path} failed: {_describe(e, is_disk_full_at(e, path.parent))}; {state} "
-                          "(the partial file was removed)") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _tensor_type(name: str, arr: np.ndarray, qtype: Q) -> Q:
@@ -167,7 +147,7 @@ def save_pretrained_gguf(model, save_directory: str | os.PathLike, tokenizer=Non
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ExportError(f"cannot create {folder}: {_describe(e)}; choose a writable output folder") from e
+        raise ExportError(f"cannot create {folder}: {describe_os_error(e)}; choose a writable output folder") from e
     remove_stale_temps(folder)
     family_of(base_model_of(model).config)  # fail fast on unsupported models
     out: list[Path] = []
@@ -193,13 +173,9 @@ def save_pretrained_gguf(model, save_directory: str | os.PathLike, tokenizer=Non
         if intermediate is not None:
             intermediate.unlink(missing_ok=True)
     if modelfile:
-        from velotune.export.modelfile import write_modelfile
-
         write_modelfile(folder / "Modelfile", tokenizer, out[0].name)
     return out
 
 
 def _model_dtype(model) -> torch.dtype:
-    from velotune.export.merged import export_dtype
-
     return export_dtype(model)

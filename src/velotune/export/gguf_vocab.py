@@ -118,17 +118,19 @@ def _adds_space_prefix(tok_json: dict) -> bool:
     for s in steps:
         if s.get("type") == "Prepend" and s.get("prepend") == "\u2581":
             return True
-        if s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" and s.get("add_prefix_space", True):
+        if (s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never"
+                and s.get("add_prefix_space", True)):
             return True
     return False
 
 
-def _adds(tokenizer) -> tuple[bool, bool]:
+def adds_bos_eos(tokenizer) -> tuple[bool, bool]:
     """Does encoding add BOS / EOS? (measured, not read from flags that tokenizers interpret differently)"""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    add_bos = tokenizer.bos_token_id is not None and len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id
-    add_eos = tokenizer.eos_token_id is not None and len(with_special) > len(plain) and with_special[-1] == tokenizer.eos_token_id
+    longer = len(with_special) > len(plain)
+    add_bos = tokenizer.bos_token_id is not None and longer and with_special[0] == tokenizer.bos_token_id
+    add_eos = tokenizer.eos_token_id is not None and longer and with_special[-1] == tokenizer.eos_token_id
     return add_bos, add_eos
 
 
@@ -144,7 +146,8 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:
             raise ExportError("GGUF export needs a fast tokenizer (tokenizer.json)")
         tok_json = json.loads(path.read_text(encoding="utf-8"))
         model = tok_json["model"]
-        decoder_types = {s.get("type") for s in _flatten(tok_json.get("decoder"))} | {(tok_json.get("decoder") or {}).get("type")}
+        decoder_types = ({s.get("type") for s in _flatten(tok_json.get("decoder"))}
+                         | {(tok_json.get("decoder") or {}).get("type")})
         if model["type"] == "BPE" and model.get("byte_fallback"):
             kind = "llama"
             tokens, scores, types = _spm_vocab(tokenizer, tok_json, n_vocab)
@@ -165,7 +168,7 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:
             raise ExportError(f"tokenizer model {model['type']!r} is not supported for GGUF "
                               "(byte-level BPE and SentencePiece BPE are)")
         special = gguf.SpecialVocab(d, load_merges=kind == "gpt2", n_vocab=n_vocab)
-        special.add_special_token["bos"], special.add_special_token["eos"] = _adds(tokenizer)
+        special.add_special_token["bos"], special.add_special_token["eos"] = adds_bos_eos(tokenizer)
         for typ in ("bos", "eos", "unk", "pad"):
             tid = getattr(tokenizer, f"{typ}_token_id", None)
             if tid is not None:

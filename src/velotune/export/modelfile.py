@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from velotune.export import gotemplate
-from velotune.export.atomic import ExportError
+from velotune.export.atomic import ExportError, atomic_file
+from velotune.export.gguf_vocab import adds_bos_eos
 
 log = logging.getLogger("velotune")
 
@@ -105,9 +106,7 @@ def stop_strings(fmt: ChatFormat, tokenizer) -> list[str]:
 
 def _bos_added_by_runtime(fmt: ChatFormat, tokenizer) -> bool:
     """llama.cpp adds BOS itself when the GGUF says add_bos; a template BOS would then be doubled."""
-    from velotune.export.gguf_vocab import _adds
-
-    return bool(tokenizer.bos_token) and fmt.head == tokenizer.bos_token and _adds(tokenizer)[0]
+    return bool(tokenizer.bos_token) and fmt.head == tokenizer.bos_token and adds_bos_eos(tokenizer)[0]
 
 
 def modelfile_text(tokenizer, gguf_name: str) -> str:
@@ -137,8 +136,6 @@ def modelfile_text(tokenizer, gguf_name: str) -> str:
 
 
 def write_modelfile(path: Path, tokenizer, gguf_name: str) -> Path:
-    from velotune.export.gguf_export import atomic_file
-
     try:
         text = modelfile_text(tokenizer, gguf_name)
     except Exception as e:  # never lose a finished GGUF over its Modelfile

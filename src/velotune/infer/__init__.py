@@ -15,6 +15,7 @@ import functools
 import logging
 
 from velotune.infer.stops import stop_token_ids  # noqa: F401  (public helper)
+from velotune.memory import enable_checkpointing
 
 log = logging.getLogger("velotune")
 _STATE = "_velotune_inference_state"
@@ -100,6 +101,4 @@ def _set_checkpointing(model, mode) -> None:
             model.gradient_checkpointing_disable()
         return
     if mode in ("unsloth", "offload") and not enabled:
-        from velotune.loader import _enable_checkpointing
-
-        _enable_checkpointing(model, mode)
+        enable_checkpointing(model, mode)

@@ -22,7 +22,8 @@ from velotune.infer.cache import CHUNK, KVCache, round_up
 from velotune.infer.spec import DYNAMIC_ROPE, DecoderSpec
 from velotune.kernels.glu import glu_forward
 from velotune.kernels.rmsnorm import rms_norm as fused_rms_norm
-from velotune.kernels.rope import rope_forward_
+from velotune.kernels.rmsnorm import rms_norm_reference
+from velotune.kernels.rope import apply_rope_reference, rope_forward_
 
 log = logging.getLogger("velotune")
 
@@ -51,12 +52,10 @@ class DecodeEngine:
     def refresh_plans(self) -> None:
         """Re-read how each projection applies its adapters (PEFT's disable_adapter(), set_adapter() or a
         changed scaling take effect at the next generate); captured graphs are dropped if it changed."""
-        from velotune.infer.ops import lora_plan
-
         changed = False
         for layer in self.spec.layers:
             for name in layer.plans:
-                plan = lora_plan(getattr(layer, name))
+                plan = ops.lora_plan(getattr(layer, name))
                 old = layer.plans[name]
                 if plan[0] != old[0] or _adapter_key(plan) != _adapter_key(old):
                     layer.plans[name] = plan
@@ -120,12 +119,12 @@ class DecodeEngine:
     def _norm(self, x, n):
         if self.fused:
             return fused_rms_norm(x, n.weight, n.eps, offset=1.0 if n.offset else 0.0, weight_in_fp32=n.fp32_weight)
-        return ops.rms_norm(x, n.weight, n.eps, n.offset, n.fp32_weight)
+        return rms_norm_reference(x, n.weight, n.eps, offset=1.0 if n.offset else 0.0, weight_in_fp32=n.fp32_weight)
 
     def _rotate(self, q, k, cos, sin):
         if self.fused:
             return rope_forward_(q, k, cos, sin)  # in place, one launch for q and k
-        return ops.apply_rope(q, k, cos, sin)
+        return apply_rope_reference(q, k, cos, sin)
 
     def _glu(self, layer, gate, up):
         if self.fused and self.spec.act_name is not None:
@@ -209,7 +208,10 @@ class DecodeEngine:
         c.length = 0
         dev = self.spec.device
         input_ids = input_ids.to(dev)
-        mask = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.to(dev).bool()
+        if attention_mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        else:
+            mask = attention_mask.to(dev).bool()
         if position_ids is None:
             position_ids = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
         position_ids = position_ids.to(dev).long()

@@ -1,4 +1,5 @@
-"""Decode-sized building blocks: RMSNorm, RoPE, projections (+ unmerged LoRA, 4-bit) and GQA attention.
+"""Decode-sized building blocks: projections (+ unmerged LoRA, 4-bit) and GQA attention. RMSNorm and
+RoPE are the kernels' references (kernels/rmsnorm.py, kernels/rope.py).
 
 Each function reproduces the stock transformers / PEFT arithmetic in the same order (so float32
 results agree with the stock model to rounding), but reads the weights directly instead of going
@@ -13,50 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool,
-             fp32_weight: bool = False) -> torch.Tensor:
-    """x [..., H] -> [..., H]. offset=False: LlamaRMSNorm; offset=True: Gemma2RMSNorm (scale 1 + w);
-    fp32_weight: Olmo2RMSNorm ((w * x) in fp32, then cast)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if offset:  # Gemma 2: (x * (1 + w)) in fp32, then cast
-        return (xf * (1.0 + weight.float())).type_as(x)
-    if fp32_weight:
-        return (weight * xf).type_as(x)
-    return weight * xf.to(x.dtype)  # Llama: cast, then scale
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B, T, R] (R <= D: partial rotary passes D-R dims through)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rot = cos.shape[-1]
-    if rot == q.shape[-1]:
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    q_rot, q_pass = q[..., :rot], q[..., rot:]
-    k_rot, k_pass = k[..., :rot], k[..., rot:]
-    return (torch.cat([q_rot * cos + rotate_half(q_rot) * sin, q_pass], dim=-1),
-            torch.cat([k_rot * cos + rotate_half(k_rot) * sin, k_pass], dim=-1))
+from velotune.lora.layers import is_lora_layer, read_lora
+from velotune.quant import is_4bit
 
 
 # ---------------------------------------------------------------------------------------------
 # Projections
 # ---------------------------------------------------------------------------------------------
 
-def _is_4bit(module) -> bool:
-    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
-
-
 def _base(module, x: torch.Tensor) -> torch.Tensor:
     """A base layer: plain nn.Linear and bitsandbytes 4-bit read directly; anything else via its forward."""
     if type(module) is torch.nn.Linear:
         return F.linear(x, module.weight, module.bias)
-    if _is_4bit(module):
+    if is_4bit(module):
         return _nf4_linear(module, x)
     return module(x)
 
@@ -76,28 +46,19 @@ def _nf4_linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def lora_plan(module):
-    """How to apply `module`: ("plain", None) or ("lora", [(A, B, scaling), ...]) or ("module", None).
+    """How to apply `module`: ("plain", None), ("base", None), ("module", None) or ("lora", [(A, B,
+    scaling), ...]): lora/layers.read_lora's reading of a PEFT LoRA layer (decoding runs in eval
+    mode: dropout is the identity), "plain" for any other module.
 
     LoRA adapters stay unmerged: y = base(x) + B(A(x)) * scaling for each active adapter.
-    Anything PEFT does beyond vanilla LoRA (DoRA and other variants, merged weights, disabled
-    adapters) is left to the module's own forward.
+    Anything PEFT does beyond vanilla LoRA is left to the module's own forward ("module").
     """
-    if not hasattr(module, "lora_A"):
+    if not is_lora_layer(module):
         return ("plain", None)
-    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
-        return ("base", None)
-    adapters = []
-    for name in module.active_adapters:
-        if name not in module.lora_A.keys():
-            continue
-        if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
-            return ("module", None)
-        if not isinstance(module.lora_A[name], torch.nn.Linear) or module.lora_A[name].bias is not None:
-            return ("module", None)
-        if module.lora_B[name].bias is not None:
-            return ("module", None)
-        adapters.append((module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]))
-    return ("lora", adapters)
+    kind, adapters = read_lora(module)
+    if kind != "lora":
+        return (kind, None)
+    return ("lora", [(a.A.weight, a.B.weight, a.scaling) for a in adapters])
 
 
 def linear(module, x: torch.Tensor, plan=None) -> torch.Tensor:
@@ -111,7 +72,7 @@ def linear(module, x: torch.Tensor, plan=None) -> torch.Tensor:
         return module(x)
     result = _base(module.base_layer, x)
     out_dtype = result.dtype
-    if _is_4bit(module.base_layer):  # PEFT's bnb.Linear4bit order: cast the branch, then add
+    if is_4bit(module.base_layer):  # PEFT's bnb.Linear4bit order: cast the branch, then add
         for a, b, scaling in adapters:
             result = result + (F.linear(F.linear(x.to(a.dtype), a), b) * scaling).to(out_dtype)
         return result

@@ -22,8 +22,8 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     # The token the template writes right after an assistant message (its end of turn).
     try:
         marker = "velotune-marker"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                                             tokenize=False)
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
         after = text[text.index(marker) + len(marker):]
         first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
         if first and first[0] in tokenizer.all_special_ids + [vocab.get(t) for t in tokenizer.get_added_vocab()]:

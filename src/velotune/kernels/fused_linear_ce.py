@@ -20,8 +20,7 @@ Algorithm: the rows are processed in chunks of C rows, C = memory_budget_bytes /
     db += logits_c.sum(0)                           fp32, only if bias.requires_grad
 With both d_hidden and an in-place dW accumulator on the GPU, the dW GEMM runs on a side stream
 concurrently with the d_hidden GEMM (both only read logits_c and hidden_c; the next chunk waits for
-both), so the accumulator traffic and the tail of the other GEMM's waves may overlap (OVERLAP_DW;
-the bench can turn it off).
+both), so the accumulator traffic and the tail of the other GEMM's waves may overlap.
 coef = 1 / denominator (#non-ignored rows, num_items_in_batch or 1), a device tensor: no host sync.
 Backward only multiplies the stored gradients by grad_output. So one [C, V] buffer is ever alive,
 and the three matmuls of stock lm_head training happen exactly once each.
@@ -37,14 +36,14 @@ from __future__ import annotations
 
 import torch
 
-from velotune.kernels import halves_accumulator, split_accumulator, triton_enabled
+from velotune.kernels import halves_accumulator, triton_enabled
 from velotune.kernels.cross_entropy import (ce_backward_rows, ce_forward_rows, cross_entropy_reference,
                                             loss_denominator, transform_logits_reference)
 
 # At most 256 MiB of logits per chunk (1046 rows at a 128256 vocab). With a trainable bf16 lm_head
 # the fp32 dW accumulator (4 bytes per element, 1.96 GiB at Llama-3's shape) plus this chunk and dX
-# stay under 10% of what stock lm_head + cross-entropy allocates (23.5 GiB at 16K tokens; 2.33 GiB
-# measured on the H200, BENCHMARKS.md).
+# stay under 10% of what stock lm_head + cross-entropy allocates (23.5 GiB at 16K tokens; measured
+# figures in BENCHMARKS.md).
 DEFAULT_BUDGET = 256 * 2**20
 
 
@@ -158,7 +157,6 @@ def _chunk_loss_and_grad(logits, labels, coef, ignore_index, softcap, logit_scal
     return loss
 
 
-OVERLAP_DW = True
 _SIDE_STREAMS: dict = {}
 
 
@@ -187,37 +185,19 @@ def _accumulate_fp32(acc, a, b):
     acc.addmm_(a.float(), b.float())
 
 
-# How a 16-bit trainable lm_head's dW is summed on the Triton path (both exact fp32 sums, 4 bytes
-# per element, the gradient written in place): "halves" (halves_accumulator.py: cuBLAS into two
-# fp32 row halves, cast in place at the end) or "planes" (split_accumulator.py: a Triton GEMM over
-# a bf16 and an int16 plane; bf16 only). The bench's `--dw` flag compares them in one run.
-DW_ACCUMULATOR = "halves"
+def _dw_in_place(hidden, weight, dtype) -> bool:
+    """dW is summed in the in-place accumulator (halves_accumulator.py: cuBLAS into two fp32 row
+    halves, the 16-bit gradient cast in place at the end): 16-bit weights of the compute dtype on the
+    Triton path. Otherwise a plain fp32 accumulator, cast out of place."""
+    return weight.dtype == dtype and dtype in (torch.bfloat16, torch.float16) and triton_enabled(hidden)
 
 
-def _dw_accumulator(hidden, weight, dtype) -> str | None:
-    """Which in-place accumulator sums dW, or None for a plain fp32 one (cast out of place)."""
-    if weight.dtype != dtype or dtype not in (torch.bfloat16, torch.float16) or not triton_enabled(hidden):
-        return None
-    if DW_ACCUMULATOR == "planes":
-        return "planes" if dtype == torch.bfloat16 else None
-    return "halves"
-
-
-def _new_dw(kind: str, V: int, H: int, device, zero: bool):
-    if kind == "planes":
-        return split_accumulator.new_accumulator(V, H, device, zero=zero)
+def _new_dw(V: int, H: int, device, zero: bool):
     acc = halves_accumulator.new_accumulator(V, H, device)
     if zero:
         for t in acc:
             t.zero_()
     return acc
-
-
-def _add_dw(kind: str, acc, logits, h, first: bool) -> None:
-    if kind == "planes":
-        split_accumulator.accumulate_(*acc, logits, h, first=first)
-    else:
-        halves_accumulator.accumulate_(acc, logits, h, first=first)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -246,11 +226,11 @@ class _FusedLinearCE(torch.autograd.Function):
         make = torch.empty if rows is None else torch.zeros
         d_hidden = make((N, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
         # dW: an fp32 running sum over the row chunks. 16-bit weights through Triton: an accumulator
-        # whose result is written in place (see DW_ACCUMULATOR), else a plain fp32 one
-        acc_kind = _dw_accumulator(hidden, weight, dtype) if need_dw else None
+        # whose result is written in place (see _dw_in_place), else a plain fp32 one
+        in_place = need_dw and _dw_in_place(hidden, weight, dtype)
         d_weight = None
-        if acc_kind:   # uninitialised: the first chunk's GEMM writes every element (zeros if no chunk runs)
-            d_weight = _new_dw(acc_kind, V, H, weight.device, zero=M == 0)
+        if in_place:   # uninitialised: the first chunk's GEMM writes every element (zeros if no chunk runs)
+            d_weight = _new_dw(V, H, weight.device, zero=M == 0)
         elif need_dw:
             d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device)
         d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_db else None
@@ -265,7 +245,7 @@ class _FusedLinearCE(torch.autograd.Function):
             loss_rows[s:e] = _chunk_loss_and_grad(logits, labels[s:e], coef, ignore_index, softcap,
                                                   logit_scale, want_grad)
             side = None
-            if acc_kind and need_dh and OVERLAP_DW and logits.is_cuda:
+            if in_place and need_dh and logits.is_cuda:
                 main = torch.cuda.current_stream(logits.device)
                 side = _side_stream(logits.device)
                 side.wait_stream(main)                      # the CE kernel has written logits_c
@@ -277,18 +257,18 @@ class _FusedLinearCE(torch.autograd.Function):
                 d_hidden[s:e] = logits @ w
             if side is not None:
                 with torch.cuda.stream(side):
-                    _add_dw(acc_kind, d_weight, logits, h, first=s == 0)
+                    halves_accumulator.accumulate_(d_weight, logits, h, first=s == 0)
                 main.wait_stream(side)   # before logits_c is freed and its memory reused (no record_stream)
-            elif acc_kind:
-                _add_dw(acc_kind, d_weight, logits, h, first=s == 0)
+            elif in_place:
+                halves_accumulator.accumulate_(d_weight, logits, h, first=s == 0)
             elif need_dw:
                 _accumulate_fp32(d_weight, logits.t(), h)
             if need_db:
                 d_bias += logits.float().sum(0)
             del logits   # before the next chunk's logits exist: one [C, V] buffer alive, not two
-        parts = d_weight if acc_kind else (d_weight, None)
+        parts = d_weight if in_place else (d_weight, None)
         ctx.save_for_backward(d_hidden, *parts, d_bias)
-        ctx.acc_kind = acc_kind
+        ctx.in_place = in_place
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.used = False
         return loss_rows.sum() / denom
@@ -303,9 +283,7 @@ class _FusedLinearCE(torch.autograd.Function):
         d_hidden, d_weight, d_weight_2, d_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         dh = d_hidden.mul_(grad.to(d_hidden.dtype)) if d_hidden is not None else None
-        if ctx.acc_kind == "planes":    # bf16(fp32 sum * grad) written over the top-half plane: no cast copy
-            dw = split_accumulator.finalize_(d_weight, d_weight_2, grad)
-        elif ctx.acc_kind:              # dtype(fp32 sum * grad) written over the top half's storage
+        if ctx.in_place:                # dtype(fp32 sum * grad) written over the top half's storage
             dw = halves_accumulator.finalize_((d_weight, d_weight_2), grad, w_dtype)
         else:
             dw = d_weight.mul_(grad).to(w_dtype) if d_weight is not None else None

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import launch
+from velotune.kernels.launch import launch_named
 
 # The one activation table: accepted name (the kernels' own and transformers' ACT2FN names) -> the
 # kernels' name. An activation not listed here is not one these kernels compute exactly.
@@ -144,9 +144,8 @@ def _fwd_triton(gate, up, act, out=None):
     h = out if usable else torch.empty_like(g, dtype=dtype)
     n = g.numel()
     if n:
-        key = (g.get_device(), g.dtype, u.dtype, h.dtype, n, act)
-        launch(_PLANS, key, _glu_fwd_kernel, (triton.cdiv(n, BLOCK),), (g, u, h, n),
-               dict(ACT=_act_id(act), BLOCK=BLOCK), (0, 1, 2), num_warps=4)
+        launch_named(_PLANS, _glu_fwd_kernel, (triton.cdiv(n, BLOCK),),
+                     dict(G=g, U=u, Hout=h, n=n, ACT=_act_id(act), BLOCK=BLOCK), num_warps=4)
     return h
 
 
@@ -154,9 +153,8 @@ def _bwd_triton(dh, gate, up, act, dgate, dup):
     n = gate.numel()
     if n:
         dh = dh.contiguous()
-        key = (gate.get_device(), "bwd", dh.dtype, gate.dtype, up.dtype, dgate.dtype, dup.dtype, n, act)
-        launch(_PLANS, key, _glu_bwd_kernel, (triton.cdiv(n, BLOCK),), (dh, gate, up, dgate, dup, n),
-               dict(ACT=_act_id(act), BLOCK=BLOCK), (0, 1, 2, 3, 4), num_warps=4)
+        launch_named(_PLANS, _glu_bwd_kernel, (triton.cdiv(n, BLOCK),),
+                     dict(DH=dh, G=gate, U=up, DG=dgate, DU=dup, n=n, ACT=_act_id(act), BLOCK=BLOCK), num_warps=4)
     return dgate, dup
 
 
@@ -168,7 +166,7 @@ def _glu_lora_a_grad_kernel(DHA, G, U, OUT, N, I, R, CHUNK, s_dha, s_g, s_u, ACT
     # are made block by block and never stored. Program (column block, s) walks its chunk (fp32
     # accumulation, fixed order); the caller sums the chunks in a fixed order: deterministic.
     # Splitting N gives I / BLOCK_I * chunks programs (I / BLOCK_I alone is 224 at 8B: under two
-    # waves of the H200's 132 SMs, each program walking all 4096 rows).
+    # waves of a 132-SM GPU, each program walking all 4096 rows).
     cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     s = tl.program_id(1)
     rr = tl.arange(0, BLOCK_R)
@@ -244,14 +242,8 @@ def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, CHUNK, s_g, s_u, s_a, ACT: t
     tl.store(OUT + (s * N + rows[:, None]) * R + rr[None, :], acc, mask=rm[:, None] & km[None, :])
 
 
-# The three kernels above on the training path (lora/fused.py's MLP). The two backward ones passed
-# their GPU correctness test (tests/kernels/test_gpu.py::test_gpu_mlp_lora_backward_pieces_bf16,
-# H200, 2026-12-01, 67b3545); all pass the interpreter (vs torch and float64) and compile for sm_90.
-# False: the unfused path (h made, then GEMMs; torch.addmm, then the GLU backward), for A/B runs.
-FUSED_LORA = True
-# Tiles and warps: the fastest of bench/glu_tune.py's sweep at the 8B shape (H200, 2026-12-01,
-# bench/results/glu_tune_a32edee.log; N 4096, I 14336, r 16, bf16), against the earlier defaults:
-# glu_lora_a_grad 79.0 vs 137.6 us, glu_lora_project 75.3 vs 117.1 us, glu_backward(lora=) ~180 vs ~203 us.
+# Tiles and warps of the three rank-r kernels above (lora/fused.py's MLP): the fastest of
+# bench/glu_tune.py's sweep at the 8B shape (N 4096, I 14336, r 16, bf16; docs/perf-notes.md).
 LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I = 128, 64   # glu_lora_project: rows per program, columns per step
 LORA_PROJECT_SPLIT = 8   # and at most this many programs per row block, each over its chunk of the columns
 LORA_PROJECT_WARPS = 8
@@ -268,9 +260,9 @@ _PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward
 
 
 def _rank_r_fused(r: int, *ts: torch.Tensor) -> bool:
-    """The fused rank-r kernels apply: on, Triton, [rows, columns] tensors whose rows may be strided
+    """The fused rank-r kernels apply: Triton, [rows, columns] tensors whose rows may be strided
     but whose columns are contiguous, one dtype, r <= 128 (the rank is padded to BLOCK_R)."""
-    return (FUSED_LORA and triton_enabled(ts[0]) and r <= 128 and len({t.dtype for t in ts}) == 1
+    return (triton_enabled(ts[0]) and r <= 128 and len({t.dtype for t in ts}) == 1
             and all(t.dim() == 2 and t.stride(1) == 1 for t in ts))
 
 
@@ -282,8 +274,24 @@ def _chunks(n: int, most: int, block: int) -> tuple[int, int]:
     return triton.cdiv(n, chunk), chunk
 
 
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+def _rank_r_consts(act: str, dtype: torch.dtype, r: int) -> dict:
+    """The constexprs the three rank-r kernels share: the activation, IEEE fp32 dots for fp32 inputs,
+    the rank padded to a power of two (at least 16, tl.dot's minimum)."""
+    return dict(ACT=_act_id(act), IEEE=dtype == torch.float32, BLOCK_R=max(16, triton.next_power_of_2(r)))
+
+
+def _split_sum(kernel, blocks: int, n: int, most: int, block: int, shape: tuple, named: dict, warps: int):
+    """fp32 `shape`: `kernel` over a (blocks, chunks) grid, its reduction dimension of length n split
+    into at most `most` chunks (`_chunks`), each program writing its chunk's partial sum to OUT[chunk]
+    (named: the kernel's other arguments, CHUNK and OUT added here); the partials are summed in a fixed
+    order (deterministic). Zeros when there is nothing to sum or no output."""
+    device = named["G"].device
+    if not (n and blocks and all(shape)):
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    split, chunk = _chunks(n, most, block)
+    parts = torch.empty((split, *shape), dtype=torch.float32, device=device)
+    launch_named(_PLANS, kernel, (blocks, split), dict(named, OUT=parts, CHUNK=chunk), num_warps=warps)
+    return parts[0] if split == 1 else parts.sum(0)
 
 
 def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
@@ -296,22 +304,14 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
     accumulated in fp32 (one rounding, at the caller's cast). CPU: h is made, and the GEMM rounds to
     dhA's dtype first (the reference path)."""
     _check(gate, up)
-    _act_id(act)
     N, I = gate.shape
     r = dhA.shape[1]
     if not _rank_r_fused(r, dhA, gate, up):
         return (dhA.t() @ glu_forward(gate, up, act)).float()
-    if not (N and I and r):
-        return torch.zeros((r, I), dtype=torch.float32, device=gate.device)
-    split, chunk = _chunks(N, LORA_A_SPLIT, LORA_A_BLOCK_N)
-    parts = torch.empty((split, r, I), dtype=torch.float32, device=gate.device)
-    key = (gate.get_device(), "a_grad", gate.dtype, N, I, r, gate.stride(0), up.stride(0), dhA.stride(0), act,
-           LORA_A_BLOCK_I, LORA_A_BLOCK_N, split, LORA_A_WARPS)
-    launch(_PLANS, key, _glu_lora_a_grad_kernel, (triton.cdiv(I, LORA_A_BLOCK_I), split),
-           (dhA, gate, up, parts, N, I, r, chunk, dhA.stride(0), gate.stride(0), up.stride(0)),
-           dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_A_BLOCK_N,
-                BLOCK_I=LORA_A_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3), num_warps=LORA_A_WARPS)
-    return parts[0] if split == 1 else parts.sum(0)
+    return _split_sum(_glu_lora_a_grad_kernel, triton.cdiv(I, LORA_A_BLOCK_I), N, LORA_A_SPLIT, LORA_A_BLOCK_N,
+                      (r, I), dict(DHA=dhA, G=gate, U=up, N=N, I=I, R=r, s_dha=dhA.stride(0), s_g=gate.stride(0),
+                                   s_u=up.stride(0), **_rank_r_consts(act, gate.dtype, r), BLOCK_N=LORA_A_BLOCK_N,
+                                   BLOCK_I=LORA_A_BLOCK_I), LORA_A_WARPS)
 
 
 def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act: str,
@@ -325,23 +325,15 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
     fp32 accumulation over I, one rounding. CPU (the reference path): h (made, or the `h` given)
     @ A^T."""
     _check(gate, up)
-    _act_id(act)
     N, I = gate.shape
     r = A.shape[0]
     if not (A.shape[1] == I and _rank_r_fused(r, gate, up, A)):
         return (glu_forward(gate, up, act) if h is None else h) @ A.t()
-    if not (N and r and I):
-        return torch.zeros((N, r), dtype=gate.dtype, device=gate.device)
-    split, chunk = _chunks(I, LORA_PROJECT_SPLIT, LORA_PROJECT_BLOCK_I)
-    parts = torch.empty((split, N, r), dtype=torch.float32, device=gate.device)
-    key = (gate.get_device(), "project", gate.dtype, N, I, r, gate.stride(0), up.stride(0), A.stride(0), act,
-           LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I, split, LORA_PROJECT_WARPS)
-    launch(_PLANS, key, _glu_lora_project_kernel, (triton.cdiv(N, LORA_PROJECT_BLOCK_N), split),
-           (gate, up, A, parts, N, I, r, chunk, gate.stride(0), up.stride(0), A.stride(0)),
-           dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_PROJECT_BLOCK_N,
-                BLOCK_I=LORA_PROJECT_BLOCK_I, BLOCK_R=_block_r(r)), (0, 1, 2, 3),
-           num_warps=LORA_PROJECT_WARPS)
-    return (parts[0] if split == 1 else parts.sum(0)).to(gate.dtype)
+    return _split_sum(_glu_lora_project_kernel, triton.cdiv(N, LORA_PROJECT_BLOCK_N), I, LORA_PROJECT_SPLIT,
+                      LORA_PROJECT_BLOCK_I, (N, r),
+                      dict(G=gate, U=up, A=A, N=N, I=I, R=r, s_g=gate.stride(0), s_u=up.stride(0), s_a=A.stride(0),
+                           **_rank_r_consts(act, gate.dtype, r), BLOCK_N=LORA_PROJECT_BLOCK_N,
+                           BLOCK_I=LORA_PROJECT_BLOCK_I), LORA_PROJECT_WARPS).to(gate.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -375,14 +367,11 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
             N, I = gate.shape
             r = dhA.shape[1]
             if gate.numel():
-                key = (gate.get_device(), "bwd_lora", gate.dtype, N, I, r, dh.stride(0), dhA.stride(0),
-                       A.stride(0), gate.stride(0), up.stride(0), act, LORA_BLOCK_N, LORA_BLOCK_I, LORA_BWD_WARPS)
-                launch(_PLANS, key, _glu_bwd_lora_kernel, (triton.cdiv(N, LORA_BLOCK_N), triton.cdiv(I, LORA_BLOCK_I)),
-                       (dh, dhA, A, gate, up, gate, up, N, I, r, dh.stride(0), dhA.stride(0), A.stride(0),
-                        gate.stride(0), up.stride(0)),
-                       dict(ACT=_act_id(act), IEEE=gate.dtype == torch.float32, BLOCK_N=LORA_BLOCK_N,
-                            BLOCK_I=LORA_BLOCK_I, BLOCK_R=_block_r(r)),
-                       (0, 1, 2, 3, 4, 5, 6), num_warps=LORA_BWD_WARPS)
+                launch_named(_PLANS, _glu_bwd_lora_kernel, (triton.cdiv(N, LORA_BLOCK_N), triton.cdiv(I, LORA_BLOCK_I)),
+                             dict(DH=dh, DHA=dhA, A=A, G=gate, U=up, DG=gate, DU=up, N=N, I=I, R=r, s_dh=dh.stride(0),
+                                  s_dha=dhA.stride(0), s_a=A.stride(0), s_g=gate.stride(0), s_u=up.stride(0),
+                                  **_rank_r_consts(act, gate.dtype, r), BLOCK_N=LORA_BLOCK_N, BLOCK_I=LORA_BLOCK_I),
+                             num_warps=LORA_BWD_WARPS)
             return gate, up
         dh = torch.addmm(dh, dhA, A)
     if triton_enabled(gate):

@@ -21,11 +21,6 @@ writes out[i] = dtype(fp32[i] * scale) into the front of top's storage and frees
     of top's storage: fp32 elements of top that every phase has already read.
 About log2(n_top / PREFIX) + 2 launches of a bandwidth-bound kernel (14 at Llama-3's lm_head).
 
-Against `split_accumulator.py` (a Triton GEMM whose epilogue reads and writes a bf16 and an int16
-plane, the same 4 bytes per element): on the H200, at one 1046-row chunk of the 8B lm_head, cuBLAS
-into an fp32 accumulator took 2.06 ms vs 2.73 ms (`bench/results/split_acc_60d2adb.log`; cuBLAS'
-persistent kernels overlap the accumulator traffic with the main loop).
-
     acc = new_accumulator(V, H, device)               # (top, bottom)
     accumulate_(acc, a, b, first=True)                # acc = a^T @ b      a [K, V], b [K, H], 16-bit
     accumulate_(acc, a, b)                            # acc += a^T @ b     fp32 sum

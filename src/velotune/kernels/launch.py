@@ -2,23 +2,31 @@
 
 A training step is bound by host time (docs/perf-notes.md), and Triton's JIT spends tens of
 microseconds per launch binding and specialising the arguments before it finds the compiled kernel
-(38.5 vs 11.3 us per NF4 dequantisation on the H200, `bench/host_overhead.py`). Where a caller can
+(`bench/host_overhead.py` measures it). Where a caller can
 name cheaply everything that decides the compiled kernel, a plan replays it:
 
     plans = {}
-    launch(plans, key, kernel, grid, args, consts, slots, num_warps=4)
+    launch_named(plans, kernel, grid, dict(X=x, n=n, BLOCK=1024), num_warps=4)   # every parameter by name
+    launch(plans, key, kernel, grid, args, consts, slots, num_warps=4)          # the same, spelled out
 
 The first call with a `key` goes through the JIT (`kernel[grid](*args, **consts, ...)`); the kernel
 it compiled is kept with every parameter value in signature order. Later calls with the same key
 replace only the arguments at `slots` (the tensors) and call the compiled kernel's own launcher:
 the very binary the JIT chose, with the same arguments.
 
-The key is the caller's contract: it must determine the device, the grid, every non-slot argument,
-the constexprs, and the slot tensors' dtypes. The other thing the JIT specialises the slot tensors
-on, 16-byte alignment of the address, is checked here: plans serve aligned tensors only. Plans hold no tensors (the slots are emptied), are only made for
-CUDA launches (the interpreter runs the JIT path), and a dict past MAX_PLANS is cleared.
+`launch_named` derives the rest from the kernel's parameter names: the positional arguments in
+signature order, the constexprs, the slots (the tensor arguments) and the key (the kernel, the
+device, the grid, every non-tensor argument, the tensors' dtypes, the constexprs and the options);
+a missing or unknown name is a ValueError, so adding a parameter to a kernel cannot shift a call.
+With `launch` the key is the caller's contract: it must determine the device, the grid, every
+non-slot argument, the constexprs, and the slot tensors' dtypes. The other thing the JIT specialises
+the slot tensors on, 16-byte alignment of the address, is checked here: plans serve aligned tensors
+only. Plans hold no tensors (the slots are emptied), are only made for CUDA launches (the
+interpreter runs the JIT path), and a dict past MAX_PLANS is cleared.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import triton
@@ -92,3 +100,42 @@ def launch(plans: dict, key, fn, grid, args, consts: dict, slots, **options) -> 
         if len(plans) >= MAX_PLANS:
             plans.clear()
         plans[key] = LaunchPlan(compiled, fn, grid, args, consts, slots)
+
+
+_CONSTEXPRS: dict = {}   # kernel -> (names of its runtime parameters, names of its constexprs), in order
+
+
+def _split_params(fn) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The kernel's runtime and constexpr parameter names (JIT: `params`; the interpreter: the
+    annotations of the Python function, `tl.constexpr`)."""
+    split = _CONSTEXPRS.get(fn)
+    if split is None:
+        params = getattr(fn, "params", None)
+        if params is not None:
+            flags = [p.is_constexpr for p in params]
+        else:
+            sig = inspect.signature(fn.fn)
+            flags = ["constexpr" in str(sig.parameters[name].annotation) for name in fn.arg_names]
+        names = list(fn.arg_names)
+        split = _CONSTEXPRS[fn] = (tuple(n for n, c in zip(names, flags) if not c),
+                                   tuple(n for n, c in zip(names, flags) if c))
+    return split
+
+
+def launch_named(plans: dict, fn, grid, named: dict, **options) -> None:
+    """`fn[grid](...)` with every parameter given by name in `named` (constexprs included), replayed
+    from `plans` like `launch`: the slots are the tensor arguments, and the key is derived (the
+    kernel, the first tensor's device, the grid, every other argument's value, the tensors' dtypes,
+    the constexprs, the options). All non-tensor arguments must be hashable."""
+    runtime, constexprs = _split_params(fn)
+    if len(named) != len(runtime) + len(constexprs) or any(n not in named for n in runtime + constexprs):
+        want = set(runtime + constexprs)
+        raise ValueError(f"{getattr(fn, '__name__', fn)}: missing {sorted(want - set(named))}, "
+                         f"unknown {sorted(set(named) - want)}")
+    args = tuple(named[n] for n in runtime)
+    consts = {n: named[n] for n in constexprs}
+    slots = tuple(i for i, v in enumerate(args) if isinstance(v, torch.Tensor))
+    key = (fn, args[slots[0]].get_device(), tuple(grid),
+           tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in args),
+           tuple(consts.values()), tuple(sorted(options.items())))
+    launch(plans, key, fn, grid, args, consts, slots, **options)

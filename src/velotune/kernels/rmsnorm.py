@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import launch
+from velotune.kernels.launch import launch_named
 
 # Longest row held in registers at once; longer rows are processed in chunks of this size.
 MAX_BLOCK = 16384
@@ -209,10 +209,10 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block, single = _block(H)
         if M > 0:
-            args = (x2, x2.stride(0), y, y.stride(0), weight, rstd, H, eps, offset)
-            key = (x2.get_device(), x2.dtype, y.dtype, weight.dtype, args[1], args[3], M, H, eps, offset, gemma, block)
-            launch(_FWD_PLANS, key, _rms_fwd_kernel, (M,), args, dict(GEMMA=gemma, BLOCK=block, SINGLE=single),
-                   (0, 2, 4, 5), num_warps=_num_warps(block))
+            launch_named(_FWD_PLANS, _rms_fwd_kernel, (M,),
+                         dict(X=x2, sx=x2.stride(0), Y=y, sy=y.stride(0), W=weight, RSTD=rstd, H=H, eps=eps,
+                              offset=offset, GEMMA=gemma, BLOCK=block, SINGLE=single),
+                         num_warps=_num_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape, ctx.gemma = offset, shape, gemma
         return y.view(shape)
@@ -236,12 +236,10 @@ class _RMSNorm(torch.autograd.Function):
         alloc = torch.empty if single and M > 0 else torch.zeros
         dwp = alloc((max(progs, 1), H) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
         if M > 0:
-            args = (dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), weight, rstd, dwp, M, H, rows_per_prog,
-                    ctx.offset)
-            key = (x2.get_device(), dy2.dtype, x2.dtype, weight.dtype, args[1], args[3], args[5], M, H,
-                   rows_per_prog, progs, ctx.offset, ctx.gemma, has_dw, block)
-            launch(_BWD_PLANS, key, _rms_bwd_kernel, (progs,), args,
-                   dict(GEMMA=ctx.gemma, HAS_DW=has_dw, BLOCK=block, SINGLE=single),
-                   (0, 2, 4, 6, 7, 8), num_warps=_num_warps(block))
+            launch_named(_BWD_PLANS, _rms_bwd_kernel, (progs,),
+                         dict(DY=dy2, sdy=dy2.stride(0), X=x2, sx=x2.stride(0), DX=dx, sdx=dx.stride(0), W=weight,
+                              RSTD=rstd, DWP=dwp, M=M, H=H, rows_per_prog=rows_per_prog, offset=ctx.offset,
+                              GEMMA=ctx.gemma, HAS_DW=has_dw, BLOCK=block, SINGLE=single),
+                         num_warps=_num_warps(block))
         dw = dwp.sum(0).to(weight.dtype) if has_dw else None
         return dx.view(ctx.shape), dw, None, None, None

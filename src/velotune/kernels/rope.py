@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.launch import launch
+from velotune.kernels.launch import launch_named
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,17 +217,14 @@ def _launch_raw(q, qo, q_strides, hq, k, ko, k_strides, hk, cos, sin, B, T, back
     # keep each head tile around 2K elements
     bhq = min(triton.next_power_of_2(max(hq, 1)), max(1, 2048 // block_d))
     bhk = min(triton.next_power_of_2(max(hk, 1)), max(1, 2048 // block_d))
-    args = (q, qo, *q_strides, k, ko, *k_strides, cos, sin, scb, sct, T)
-    # everything the compiled kernel depends on besides the tensors' addresses (see launch.py)
-    key = (q.get_device(), q.dtype, k.dtype, qo.dtype, cos.dtype, sin.dtype, q_strides, k_strides,
-           scb, sct, B, T, hq, hk, half, backward)
-    launch(_PLANS, key, _rope_kernel, (B * T,), args,
-           dict(HQ=hq, HK=hk, HALF=half, BACKWARD=backward, BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_D=block_d),
-           _SLOTS, num_warps=4)
+    (sqb, sqh, sqt), (skb, skh, skt) = q_strides, k_strides
+    launch_named(_PLANS, _rope_kernel, (B * T,),
+                 dict(Q=q, QO=qo, sqb=sqb, sqh=sqh, sqt=sqt, K=k, KO=ko, skb=skb, skh=skh, skt=skt, C=cos, S=sin,
+                      scb=scb, sct=sct, T=T, HQ=hq, HK=hk, HALF=half, BACKWARD=backward, BLOCK_HQ=bhq, BLOCK_HK=bhk,
+                      BLOCK_D=block_d), num_warps=4)
 
 
-_PLANS: dict = {}
-_SLOTS = (0, 1, 5, 6, 10, 11)      # q, qo, k, ko, cos, sin in _rope_kernel's arguments
+_PLANS: dict = {}   # launch plans (kernels/launch.py)
 
 
 def _like(x: torch.Tensor | None):
@@ -282,8 +279,8 @@ class _RoPE(torch.autograd.Function):
 
     Out of place on purpose: q and k are normally views (the transposed projection output), and an
     in-place update of a view makes autograd wrap the backward in CopySlices, which copies the whole
-    gradient three more times (H200, 16k tokens, Llama-3-8B heads: 0.97 ms fwd+bwd in place vs
-    0.70 ms out of place, BENCHMARKS.md). The old q/k buffers die with the caller's references
+    gradient three more times (slower than out of place: docs/perf-notes.md). The old q/k buffers die
+    with the caller's references
     (linear layers do not save their outputs), so peak memory is unchanged. apply_rope_ rotates
     the projection outputs themselves (not views) in place; fused code that owns its buffers uses
     rope_forward_ / rope_backward_."""
@@ -356,7 +353,8 @@ def apply_rope_(q, k, cos, sin, head_dim: int, in_place: bool = True):
                          f"with T={T} tokens per row and head_dim {head_dim}")
     B = q.numel() // (T * nq)
     R = cos.shape[-1]
-    if (in_place and triton_enabled(q) and q._base is None and k._base is None and q.is_contiguous() and k.is_contiguous()
+    if (in_place and triton_enabled(q) and q._base is None and k._base is None and q.is_contiguous()
+            and k.is_contiguous()
             and not ((q.is_leaf and q.requires_grad) or (k.is_leaf and k.requires_grad))
             and R % 2 == 0 and R <= D and cos.shape == sin.shape and cos.dim() in (2, 3)
             and (cos.dim() == 2 or cos.shape[0] in (1, B))):

@@ -35,12 +35,12 @@ from velotune.lora.layers import Proj
 from velotune.quant import get_base_weight
 
 
-def _weight(p: Proj, dtype: torch.dtype) -> torch.Tensor:
+def weight_in(p: Proj, dtype: torch.dtype) -> torch.Tensor:
     w = get_base_weight(p.base)
     return w if w.dtype == dtype else w.to(dtype)
 
 
-def _scale(t: torch.Tensor, s: float) -> torch.Tensor:
+def scale_in_place(t: torch.Tensor, s: float) -> torch.Tensor:
     """t *= s in place; nothing when s == 1 (lora_alpha == r, the common setting): x * 1.0 == x
     exactly, and the step saves a kernel launch per use (a training step is bound by host time,
     see docs/perf-notes.md)."""
@@ -54,8 +54,8 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, s: float) -> to
     kernel after (8B: ~10 fewer graph nodes per layer backward). Elsewhere: the GEMM in the
     operands' dtype, then the cast."""
     if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
-        return _scale(torch.mm(a, b, out_dtype=torch.float32), s)
-    return _scale(a @ b, s).to(dtype)
+        return scale_in_place(torch.mm(a, b, out_dtype=torch.float32), s)
+    return scale_in_place(a @ b, s).to(dtype)
 
 
 def _cast_together(tensors: Sequence[torch.Tensor], dtype: torch.dtype):
@@ -67,7 +67,7 @@ def _cast_together(tensors: Sequence[torch.Tensor], dtype: torch.dtype):
         return list(tensors), None
     # one concatenation (CatArrayBatchedCopy: a grid over every element) and one cast. A multi-tensor
     # copy (`torch._foreach_copy_`) is one kernel too, but it gives each 64K-element chunk of each
-    # tensor one thread block: 8B's groups are ~6 chunks, 14 us per group on the H200 (~150 per step)
+    # tensor one thread block: 8B's groups are ~6 chunks, slower per group (docs/perf-notes.md)
     flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
     out, off = [], 0
     for t in tensors:
@@ -113,7 +113,7 @@ def group_forward(X: torch.Tensor, projs: Sequence[Proj], extra: Sequence[torch.
     outs, off = [], 0
     for p, B in zip(projs, Bs):
         bias = p.bias if p.bias is None or p.bias.dtype == X.dtype else p.bias.to(X.dtype)
-        Y = F.linear(X, _weight(p, X.dtype), bias)
+        Y = F.linear(X, weight_in(p, X.dtype), bias)
         if p.A is not None:
             r = p.A.shape[0]
             Y.addmm_(XA[:, off:off + r], B.t(), alpha=p.scaling)
@@ -143,7 +143,7 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
     for i, (p, dY) in enumerate(zip(projs, dYs)):
         need_W, need_b, need_A, need_B = needs[4 * i: 4 * i + 4]
         if need_dX:
-            W = _weight(p, dY.dtype)
+            W = weight_in(p, dY.dtype)
             dX = dY @ W if dX is None else dX.addmm_(dY, W)
         dW = (dY.t() @ X).to(p.base.weight.dtype) if need_W else None
         db = dY.sum(0).to(p.bias.dtype) if need_b else None
@@ -153,7 +153,7 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
             off = sum(q.A.shape[0] for q in projs[:i] if q.A is not None)
             if need_B:
                 dB = _mm_to(dY.t(), XA[:, off:off + r], p.B.dtype, p.scaling)
-            dXAs.append(_scale(dY @ _as(casts[1 + i], p.B, dY.dtype), p.scaling))
+            dXAs.append(scale_in_place(dY @ _as(casts[1 + i], p.B, dY.dtype), p.scaling))
         grads += [dW, db, None, dB]
     if dXAs:
         dXA = dXAs[0] if len(dXAs) == 1 else torch.cat(dXAs, 1)          # [N, sum r]
@@ -175,7 +175,7 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
     return dX, grads
 
 
-def _flat_params(projs: Sequence[Proj]) -> list:
+def flat_params(projs: Sequence[Proj]) -> list:
     """The tensors autograd must see as inputs (so it routes their gradients): W, b, A, B each."""
     out = []
     for p in projs:
@@ -203,7 +203,7 @@ class LoRAProjections(torch.autograd.Function):
 
 def lora_projections(X: torch.Tensor, projs: Sequence[Proj]) -> tuple[torch.Tensor, ...]:
     """X [N, in] -> tuple of Y_i [N, out_i], through the fused function."""
-    return LoRAProjections.apply(X, tuple(projs), *_flat_params(projs))
+    return LoRAProjections.apply(X, tuple(projs), *flat_params(projs))
 
 
 def mlp_in(X: torch.Tensor, gate_up: Sequence[Proj], A_down: torch.Tensor | None):
@@ -256,13 +256,13 @@ class _MLPIn(torch.autograd.Function):
         # gate / up (and, on the GPU, dh + dhA @ A_down) become dgate / dup in place: at this, the MLP
         # backward's memory peak, the only [N, I] tensors alive are gate, up and dh
         dgate, dup = glu_backward(dh, gate, up, ctx.act, lora=lora)
-        dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (_joined(dgate, dup),)
+        dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (joined(dgate, dup),)
         dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[5:], ctx.needs_input_grad[0],
                                    casts)
         return (dX, None, None, dA_down, None, *grads)
 
 
-def _joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cat((a, b), -1) for [N, I] x2; when a and b are the two halves of one [N, 2I] buffer (Phi-3's
     gate_up output, whose halves the GLU backward overwrote in place) that buffer, not a copy."""
     n, i = a.shape
@@ -281,13 +281,13 @@ class _LoRAUp(torch.autograd.Function):
         ctx.scaling, ctx.b_dtype = scaling, B.dtype
         B = B.to(hA.dtype)
         ctx.save_for_backward(hA, B)                               # B in the compute dtype
-        return _scale(torch.mm(hA, B.t()), scaling)
+        return scale_in_place(torch.mm(hA, B.t()), scaling)
 
     @staticmethod
     def backward(ctx, dY):
         hA, B = ctx.saved_tensors
         s = ctx.scaling
-        dhA = _scale(dY @ B.to(dY.dtype), s) if ctx.needs_input_grad[0] else None
+        dhA = scale_in_place(dY @ B.to(dY.dtype), s) if ctx.needs_input_grad[0] else None
         dB = _mm_to(dY.t(), hA, ctx.b_dtype, s) if ctx.needs_input_grad[1] else None
         return dhA, dB, None
 
@@ -305,7 +305,7 @@ class _BaseDown(torch.autograd.Function):
         if values_unused:   # a recompute for gradients only: nothing reads Y's values (see lora_mlp)
             Y = torch.empty((h.shape[0], down.base.out_features), dtype=h.dtype, device=h.device)
         else:
-            W = _weight(down, h.dtype)
+            W = weight_in(down, h.dtype)
             b = None if bias is None else bias.to(h.dtype)
             if c is None:
                 Y = F.linear(h, W, b)
@@ -323,7 +323,7 @@ class _BaseDown(torch.autograd.Function):
     def backward(ctx, dY):
         (h,) = ctx.saved_tensors
         down = ctx.down
-        dh = dY @ _weight(down, dY.dtype) if ctx.needs_input_grad[0] else None
+        dh = dY @ weight_in(down, dY.dtype) if ctx.needs_input_grad[0] else None
         dW = (dY.t() @ h).to(down.base.weight.dtype) if ctx.needs_input_grad[3] else None
         db = dY.sum(0).to(down.bias.dtype) if ctx.needs_input_grad[4] else None
         return dh, (dY if ctx.has_c else None), None, dW, db, None
@@ -347,6 +347,6 @@ def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str,
     # nothing reads h's values when the MLP's output values are unused and the down weight is frozen
     h_unused = values_unused and not (down.base.weight.requires_grad or (down.bias is not None
                                                                         and down.bias.requires_grad))
-    h, hA = _MLPIn.apply(X, tuple(gate_up), act, down.A, h_unused, *_flat_params(gate_up))
+    h, hA = _MLPIn.apply(X, tuple(gate_up), act, down.A, h_unused, *flat_params(gate_up))
     c = _LoRAUp.apply(hA, down.B, down.scaling) if down.A is not None else None
     return _BaseDown.apply(h, c, down, down.base.weight, down.bias, values_unused)

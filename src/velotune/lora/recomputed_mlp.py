@@ -38,14 +38,14 @@ from typing import Sequence
 
 import torch
 
-from velotune.lora.fused import _flat_params, _joined, _scale, _weight, group_backward, mlp_in
+from velotune.lora.fused import flat_params, joined, scale_in_place, weight_in, group_backward, mlp_in
 from velotune.lora.layers import Proj
 from velotune.quant.weights import WEIGHT_BUFFERS
 
 
 def _params(gate_up, down) -> list:
     """The Function's tensor inputs after X: W, b, A, B per gate/up projection, then the down adapter."""
-    return _flat_params(gate_up) + [down.A, down.B]
+    return flat_params(gate_up) + [down.A, down.B]
 
 
 class _RecomputedMLP(torch.autograd.Function):
@@ -53,12 +53,12 @@ class _RecomputedMLP(torch.autograd.Function):
     def forward(ctx, X, gate_up, down, act, chunks, *params):
         h, hA = _hidden(X, gate_up, down, act, _blocks(X.shape[0], chunks))
         WEIGHT_BUFFERS.drop_local()      # in a graph capture: Wg / Wu leave the pool before Wd comes
-        W = _weight(down, h.dtype)                                             # as _LoRAUp, _BaseDown
+        W = weight_in(down, h.dtype)                                             # as _LoRAUp, _BaseDown
         b = None if down.bias is None else down.bias.to(h.dtype)
         if hA is None:
             Y = torch.nn.functional.linear(h, W, b)
         else:
-            c = _scale(torch.mm(hA, down.B.to(hA.dtype).t()), down.scaling)
+            c = scale_in_place(torch.mm(hA, down.B.to(hA.dtype).t()), down.scaling)
             Y = c.addmm_(h, W.t())       # as torch.addmm(c, h, W^T), the same GEMM, without a second [N, H]
             if b is not None:
                 Y.add_(b)
@@ -73,8 +73,8 @@ class _RecomputedMLP(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]
         n_gu = 4 * len(gate_up)
         need_dA, need_dB = (needs[n_gu], needs[n_gu + 1]) if down.A is not None else (False, False)
-        dh = dY @ _weight(down, dY.dtype)
-        dhA = None if down.A is None else _scale(dY @ down.B.to(dY.dtype), down.scaling)
+        dh = dY @ weight_in(down, dY.dtype)
+        dhA = None if down.A is None else scale_in_place(dY @ down.B.to(dY.dtype), down.scaling)
         blocks = _blocks(X.shape[0], ctx.chunks)
         if len(blocks) == 1:
             dX, grads = _block_backward(X, dY, dh, dhA, gate_up, down, act, needs[:n_gu], need_dA, need_dB,
@@ -139,12 +139,12 @@ def _block_backward(X, dY, dh, dhA, gate_up, down, act, needs_gu, need_dA, need_
     if A is not None:
         hA = glu_lora_project(gate, up, A, act)
         if need_dB:
-            dB = _scale(dY.t() @ hA, down.scaling)
+            dB = scale_in_place(dY.t() @ hA, down.scaling)
         if need_dA:
             dA = glu_lora_a_grad(dhA, gate, up, act)
         lora = (dhA, A.to(dh.dtype))
     dgate, dup = glu_backward(dh, gate, up, act, lora=lora)
-    dYs = (dgate, dup) if len(gate_up) == 2 else (_joined(dgate, dup),)
+    dYs = (dgate, dup) if len(gate_up) == 2 else (joined(dgate, dup),)
     dX, grads = group_backward(X, XA, gate_up, dYs, needs_gu, need_dX, casts)
     return dX, [*grads, dA, dB]
 

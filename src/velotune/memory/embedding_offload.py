@@ -13,14 +13,11 @@ How (per instance, revertible, nothing global):
   object (`.data` swapped), so state dicts, saving and merging see the same tensor;
 * its `forward` is replaced on the instance. Ids on a CUDA device: a Triton kernel on the compute
   stream reads the batch's rows straight from the pinned table (`kernels/embedding_gather.py`: pinned
-  host memory is mapped into the GPU's address space), so nothing waits on the host. The earlier
-  path, kept as `GATHER_ON_GPU = False` for side-by-side benchmarks: the ids go to the host (a
-  device->host copy, so the GPU work queued before it must finish: one sync at the start of each
-  forward), `index_select` gathers the rows on the CPU into the module's own pinned buffer (reused
-  once its previous copy has finished), and the result is copied to the compute device without
-  blocking. Either way the rows are the ones `nn.Embedding` returns (its forward is a gather). On an
-  H200 (8B QLoRA, BENCHMARKS.md "session 11") the two paths ran at the same speed; the GPU path
-  needs no host buffer and no sync.
+  host memory is mapped into the GPU's address space), so nothing waits on the host. Ids on the host
+  (or a table that is not pinned): `index_select` gathers the rows on the CPU, for a CUDA compute
+  device into the module's own pinned buffer (reused once its previous copy has finished), and the
+  result is copied to the compute device without blocking. Either way the rows are the ones
+  `nn.Embedding` returns (its forward is a gather).
   Forward hooks (PEFT's `enable_input_require_grads`) still run: they wrap `__call__`.
 * If the weight is moved back to an accelerator (`model.to("cuda")`), the stock forward runs.
 
@@ -38,11 +35,6 @@ from torch import nn
 
 from velotune.kernels.embedding_gather import gather_rows
 
-# Ids on a CUDA device: gather on the GPU from the pinned table (True), or on the host (False: one
-# host sync per lookup; kept so that bench/qlora.py --host-gather-embedding can time both in one run).
-GATHER_ON_GPU = True
-
-
 def _input_embedding(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if get is not None else None
@@ -58,7 +50,7 @@ def _offloaded_forward(self: nn.Embedding, input_ids: torch.Tensor) -> torch.Ten
     if weight.device.type != "cpu":                 # moved back by model.to(...): the stock lookup
         return nn.Embedding.forward(self, input_ids)
     device = self._velotune_embedding_device
-    if GATHER_ON_GPU and device.type == "cuda" and input_ids.is_cuda and weight.is_pinned():
+    if device.type == "cuda" and input_ids.is_cuda and weight.is_pinned():
         with torch.cuda.device(input_ids.device):
             return gather_rows(weight, input_ids).to(device)
     ids = input_ids.to("cpu").reshape(-1)

@@ -25,13 +25,10 @@ torch.optim.AdamW keeps them (on the parameter's device when fused). On the CPU 
 walk runs with plain copies.
 
 Cost: the moments cross the host link twice per step (2 x 0.31 GiB for the 8B adapters, overlapped
-with each other and with the updates; the copies out also overlap the next step's start). Measured
-on an H200 (8B QLoRA, graphed recompute="mlp", BENCHMARKS.md "session 11"): peak 6.26 -> 5.98 GiB
-(0.377x of stock transformers + bitsandbytes + PEFT), ~1.2% slower per step than torch's fused AdamW:
-the compute stream waited 6.4 ms per step for the copies in (`bench/trace_gaps.py`, "session 12").
-With update_in_backward=True (see the class) those copies overlap the rest of backward: 329.5 vs
-333.7 ms per step in one call, peak 5.93 GiB (0.374x), since gradients go as soon as they are used;
-with session 13's graph and kernel changes 4.51x stock at 0.371x ("session 13").
+with each other and with the updates; the copies out also overlap the next step's start): less
+GPU memory for a little time, the compute stream waiting for the copies in (`bench/trace_gaps.py`).
+With update_in_backward=True (see the class) those copies overlap the rest of backward, and
+gradients go as soon as they are used. Figures: BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -164,7 +161,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         chunk = plan[self._chunk_of[p]]
         if not self._backward_started:      # the step's first final gradient: the last layers' chunks come in
             self._backward_started = True
-            self._staging_for(p.device).expect([c for c in reversed(plan) if not c.updated])     # backward ends with the first layers
+            # backward ends with the first layers
+            self._staging_for(p.device).expect([c for c in reversed(plan) if not c.updated])
         if chunk.updated:
             raise RuntimeError("OffloadedAdamW(update_in_backward=True): a second backward before step() (gradient "
                                "accumulation is not supported: the first backward already updated the parameters)")

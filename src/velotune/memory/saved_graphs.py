@@ -22,7 +22,7 @@ still being copied):
 * Inputs and outputs (`GraphedSavedLayer`): the layers are chained through the signature's two
   [B, T, H] buffers z[0] and z[1]: a layer of parity p reads x from z[1 - p] and writes y to z[p],
   and in backward reads dy from z[p] and writes dx to z[1 - p]. What it returns are aliases of the
-  buffers (`_Statics.hand_out`), so the next graphed layer finds its input in place: no copy in, no
+  buffers (`Statics.hand_out`), so the next graphed layer finds its input in place: no copy in, no
   clone out (8B: 4 x 32 MiB of device copies per layer and step). An alias still alive when its
   buffer is about to be written again (kept by output_hidden_states, saved by the final norm of a
   first forward before a second one, a retained graph) first gets its own copy (`before_write`);
@@ -35,22 +35,15 @@ still being copied):
 
 Nothing of the build's own values is read again: everything backward reads is in a set, in a
 parameter, or in a static kwarg buffer, all refilled before each replay. On the CPU the closures
-run eagerly over the same buffers (layer_graphs._Graph), so the CPU tests check exactly that, with
+run eagerly over the same buffers (layer_graphs.Graph), so the CPU tests check exactly that, with
 adapters that change between steps: losses and gradients equal eager recompute="mlp" bit for bit.
 
 Every saved tensor goes into the sets, however small (eager "mlp" leaves those under 1 MiB on the
 device): one left where the build put it would be read, stale, by every later replay.
 
-Measured (H200, 8B QLoRA, 2 x 2048, `offload_embedding`, BENCHMARKS.md "session 9" and "session 10"):
-326.8 ms per step, 4.41x stock transformers + bitsandbytes + PEFT (median of 2; eager "mlp": 3.8-4.2x,
-across machines); peak 6.26 GiB (0.395x), of which the two sets are 2 x 145.8 MiB and the graph pool
-0.76 GiB (with mlp_row_blocks=4: pool 0.60, peak 6.10 GiB = 0.385x, at 4.26x; the backward graph
-is captured first so the pool's segments are its big blocks); with OffloadedAdamW as well 5.98 GiB
-(0.377x) at 4.38x ("session 11"). The graphs dequantise NF4 weights into their pool,
-so the 2 x 117 MiB of persistent dequantisation buffers are let go (layer_graphs.py); host memory as
-eager "mlp". GPU tests and the 8B-shape check with the math SDPA backend: bit-identical to eager.
-Session 13 (chained buffers, fewer small kernels, tuned GLU kernels; with OffloadedAdamW updating in
-backward): 320.9 ms per step, 4.505x stock at 5.89 GiB (0.371x), and 4.507x in a second call.
+The graphs dequantise NF4 weights into their pool, so the persistent dequantisation buffers are let
+go (layer_graphs.py); host memory as eager "mlp". GPU tests and the 8B-shape check with the math
+SDPA backend: bit-identical to eager. Speed and memory: BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -60,12 +53,11 @@ import weakref
 import torch
 from torch import nn
 
-from velotune.models.mlp import checkpointed_mlp
-from velotune.models.norm import norm_forward, recorded_norm_outputs
+from velotune.models.norm import norm_forward
 from velotune.quant.weights import WEIGHT_BUFFERS
-from velotune.memory.checkpointing import _copy_back, _HostCopy
-from velotune.memory.layer_graphs import _TWICE, _Entry, _fresh_leaves
-from velotune.memory.saved_offload import _flat, _NormOf, _span   # _NormOf.inp: a _Ref here
+from velotune.memory.host_copies import copy_back, HostCopy
+from velotune.memory.graph_entry import TWICE, Entry, fresh_leaves
+from velotune.memory.saved_offload import storage_elements, NormOf, storage_span   # NormOf.inp: a _Ref here
 
 
 # A forward graph copies each saved span into its set as the layer saves it, except spans under this
@@ -134,7 +126,7 @@ def _static(t: torch.Tensor, device, kept: set) -> bool:
             or t.untyped_storage().data_ptr() in kept)
 
 
-class SavedEntry(_Entry):
+class SavedEntry(Entry):
     """One layer, one signature, recompute="mlp": the build's graph, its plan, and F/B graphs over
     the signature's statics and one of its two buffer sets."""
 
@@ -151,13 +143,13 @@ class SavedEntry(_Entry):
 
     def _build(self) -> None:
         """The eager forward whose graph B differentiates, and the plan of what it saved where."""
-        s, plan, device, kept = self.s, _Plan(), self.s.x.device, self._kept()
+        plan, device, kept = _Plan(), self.s.x.device, self._kept()
         spans: dict = {}
         held: list = []
         norms: dict = {}
 
         def place(t: torch.Tensor) -> tuple[_Ref, list]:
-            key, (a, b) = (t.untyped_storage().data_ptr(), t.dtype), _span(t)
+            key, (a, b) = (t.untyped_storage().data_ptr(), t.dtype), storage_span(t)
             hit, copies = spans.get(key), []
             if hit is None or not (hit[1] <= a and b <= hit[2]):
                 hit = spans[key] = (len(plan.layout), a, b)
@@ -174,7 +166,7 @@ class SavedEntry(_Entry):
             if norm is not None:
                 ref, copies = place(norm[1])
                 plan.calls.append((True, copies))
-                return _NormOf(norm[0], ref, t.shape, t.stride(), t.storage_offset())
+                return NormOf(norm[0], ref, t.shape, t.stride(), t.storage_offset())
             ref, copies = place(t)
             plan.calls.append((False, copies))
             return ref
@@ -185,9 +177,9 @@ class SavedEntry(_Entry):
             return entry()._unpack(obj)
 
         x = self.zin.detach().requires_grad_(True)
-        with _fresh_leaves(self.slots) as leaves:
+        with fresh_leaves(self.slots) as leaves:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
-                    recorded_norm_outputs(norms), checkpointed_mlp(), WEIGHT_BUFFERS.graph_local():
+                    self.modes.set(norm_outputs=norms, checkpointed_mlp=True), WEIGHT_BUFFERS.graph_local():
                 y = self._call(x)
         held.clear()
         norms.clear()
@@ -196,7 +188,7 @@ class SavedEntry(_Entry):
     def _unpack(self, obj):
         if isinstance(obj, _Ref):
             return self.P.view(obj)
-        if isinstance(obj, _NormOf):
+        if isinstance(obj, NormOf):
             with torch.no_grad():
                 y = norm_forward(obj.module, self.P.view(obj.inp))
             return y.as_strided(obj.size, obj.stride, obj.offset)
@@ -233,9 +225,9 @@ class SavedEntry(_Entry):
                     raise _PlanMismatch("the captured forward saves other tensors than the build")
                 src = norms[t.untyped_storage().data_ptr()][1] if is_norm else t
                 for slot, a, b in copies:
-                    if _span(src) != (a, b) or src.dtype != e.P.flat[slot].dtype:
+                    if storage_span(src) != (a, b) or src.dtype != e.P.flat[slot].dtype:
                         raise _PlanMismatch("a saved tensor's layout differs from the build's")
-                    dst, span = e.P.flat[slot], _flat(src, a, b)
+                    dst, span = e.P.flat[slot], storage_elements(src, a, b)
                     if dst.numel() * dst.element_size() < SMALL_SPAN:
                         later[0].append(dst)          # the view keeps the storage: no reuse before the copy
                         later[1].append(span)
@@ -244,9 +236,9 @@ class SavedEntry(_Entry):
                 return None
 
             x = e.zin.detach().requires_grad_(True)
-            with _fresh_leaves(e.slots):
+            with fresh_leaves(e.slots):
                 with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never), \
-                        recorded_norm_outputs(norms), checkpointed_mlp():
+                        e.modes.set(norm_outputs=norms, checkpointed_mlp=True):
                     y = e._call(x)
                 e.zout.copy_(y.detach())
             if later[0]:
@@ -269,7 +261,7 @@ def _never(obj):
 
 
 class _LayerCopy:
-    """One forward call's saved set in host memory (`copy`: a `_HostCopy` of the set's bytes) and the
+    """One forward call's saved set in host memory (`copy`: a `HostCopy` of the set's bytes) and the
     call before."""
 
     __slots__ = ("copy", "entry", "prev", "__weakref__")
@@ -288,7 +280,7 @@ class SavedGraphRuns:
     def to_host(self, entry: SavedEntry) -> _LayerCopy:
         P = entry.P
         (host,), done, pool = self.offloader.to_host([P.raw])
-        rec = _LayerCopy(_HostCopy(host, P.raw.numel(), P.raw.dtype, P.raw.device, done, pool), entry, self._last)
+        rec = _LayerCopy(HostCopy(host, P.raw.numel(), P.raw.dtype, P.raw.device, done, pool), entry, self._last)
         self._last = weakref.ref(rec)
         P.holds, P.free_at = weakref.ref(rec), done
         stats = self.offloader.stats
@@ -304,14 +296,14 @@ class SavedGraphRuns:
             return
         c = rec.copy
         if c.device.type != "cuda":
-            _copy_back(c.host, P.raw)
+            copy_back(c.host, P.raw)
         else:
             _, h2d = self.offloader.streams(c.device)
             h2d.wait_event(c.d2h_done)
             if P.free_at is not None:
                 h2d.wait_event(P.free_at)
             with torch.cuda.stream(h2d):
-                _copy_back(c.host, P.raw, non_blocking=True)
+                copy_back(c.host, P.raw, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(h2d)
             c.h2d_done = done
@@ -324,7 +316,7 @@ class GraphedSavedLayer(torch.autograd.Function):
     """Layer L of parity p: x in z[1 - p], y out in z[p]; dy in z[p], dx out in z[1 - p]. The next
     graphed layer's input is this one's output buffer, so consecutive graphed layers pass their
     hidden states (and, in backward, their gradients) without a copy: outputs are aliases of the
-    buffers (`_Statics.hand_out`), copied in only where a tensor from elsewhere arrives."""
+    buffers (`Statics.hand_out`), copied in only where a tensor from elsewhere arrives."""
 
     @staticmethod
     def forward(ctx, entry: SavedEntry, runs: SavedGraphRuns, kw_tensors, x, *params):
@@ -344,7 +336,7 @@ class GraphedSavedLayer(torch.autograd.Function):
     def backward(ctx, dy):
         rec, runs = ctx.rec, ctx.runs
         if rec is None:
-            raise RuntimeError(_TWICE)
+            raise RuntimeError(TWICE)
         ctx.rec = None                       # its host buffers go back to the pool when backward is done
         entry = rec.entry
         s, P, i = entry.s, entry.P, entry.parity

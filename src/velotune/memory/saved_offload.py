@@ -33,17 +33,18 @@ import weakref
 import torch
 from torch import nn
 
-from velotune.memory.checkpointing import _HostCopy
+from velotune.memory.host_copies import HostCopy, modes_for
+from velotune.models.norm import norm_forward
 
 
-class _Stored(_HostCopy):
+class _Stored(HostCopy):
     """One offloaded storage span: its host copy, events, and how many saved views point at it."""
 
     __slots__ = ("refs", "taken")
 
     def __init__(self, host, numel, dtype, device, d2h_done, pool):
         super().__init__(host, numel, dtype, device, d2h_done, pool)   # .gpu: while backward needs it
-        self.refs = 0            # saved views of this span (a view inside a _NormOf counts)
+        self.refs = 0            # saved views of this span (a view inside a NormOf counts)
         self.taken = 0           # ... of which backward has unpacked so far
 
 
@@ -57,7 +58,7 @@ class _View:
         self.stored, self.size, self.stride, self.offset = stored, size, stride, offset
 
 
-class _NormOf:
+class NormOf:
     """A saved RMSNorm output: recomputed on unpack from the norm's input (a _View)."""
 
     __slots__ = ("module", "inp", "size", "stride", "offset")
@@ -77,12 +78,12 @@ class _LayerSet:
         self.started = False
 
 
-def _flat(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+def storage_elements(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """Elements [a, b) of t's storage, as a 1-D tensor of t's dtype."""
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), a, (b - a,), (1,))
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
+def storage_span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last + 1) element of t's storage that t reads (t.numel() > 0)."""
     end = t.storage_offset() + 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
     return t.storage_offset(), end
@@ -101,9 +102,7 @@ class SavedOffloader:
     # -- forward ------------------------------------------------------------------------------
     def run_layer(self, fn, args, kwargs, keep: list[torch.Tensor]):
         """fn(*args, **kwargs) with every large saved tensor offloaded. keep: tensors to leave alone."""
-        from velotune.models.mlp import checkpointed_mlp
-        from velotune.models.norm import recorded_norm_outputs
-
+        modes = modes_for(fn)
         layer = _LayerSet(self._last)
         self._last = weakref.ref(layer)
         kept = {t.untyped_storage().data_ptr() for t in keep if isinstance(t, torch.Tensor)}
@@ -114,7 +113,7 @@ class SavedOffloader:
 
         def store(t: torch.Tensor) -> _View:
             key = (t.untyped_storage().data_ptr(), t.dtype)
-            a, b = _span(t)
+            a, b = storage_span(t)
             hit = spans.get(key)
             if hit is None or not (hit[1] <= a and b <= hit[2]):
                 hit = spans[key] = (self._offload(t, a, b, pending), a, b)
@@ -132,19 +131,19 @@ class SavedOffloader:
             norm = norms.get(ptr)
             if norm is not None:
                 module, x, _ = norm
-                return _NormOf(module, store(x), t.shape, t.stride(), t.storage_offset())
+                return NormOf(module, store(x), t.shape, t.stride(), t.storage_offset())
             return store(t)
 
         def unpack(obj):   # holds `layer` for as long as autograd holds the hooks (the layer's graph)
             if isinstance(obj, _View):
                 return self._restore(obj, layer)
-            if isinstance(obj, _NormOf):
+            if isinstance(obj, NormOf):
                 return self._restore_norm(obj, layer)
             return obj
 
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, unpack), recorded_norm_outputs(norms), \
-                    checkpointed_mlp():
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
+                    modes.set(norm_outputs=norms, checkpointed_mlp=True):
                 out = fn(*args, **kwargs)
             for t, version in held:
                 if t._version != version:
@@ -161,7 +160,7 @@ class SavedOffloader:
     def _offload(self, t: torch.Tensor, a: int, b: int, pending: list) -> _Stored:
         """A _Stored for t's storage elements [a, b); the copy itself is queued with the layer's
         others when the layer returns (`_flush`): one stream switch per layer, not per tensor."""
-        flat = _flat(t, a, b)
+        flat = storage_elements(t, a, b)
         stored = _Stored(None, b - a, t.dtype, t.device, None, None)
         pending.append((stored, flat))
         self.stats.packed += 1
@@ -199,9 +198,7 @@ class SavedOffloader:
         self._prefetch(layer)
         return self._take(v.stored).as_strided(v.size, v.stride, v.offset)
 
-    def _restore_norm(self, n: _NormOf, layer) -> torch.Tensor:
-        from velotune.models.norm import norm_forward
-
+    def _restore_norm(self, n: NormOf, layer) -> torch.Tensor:
         x = self._restore(n.inp, layer)
         with torch.no_grad():
             y = norm_forward(n.module, x)

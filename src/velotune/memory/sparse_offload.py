@@ -42,6 +42,8 @@ import weakref
 
 import torch
 
+from velotune.memory.host_copies import HostPool, SavedCopy, host_available
+
 
 def choose_offload_every(n_layers: int, per_layer_bytes: int, budget: int) -> int:
     """Smallest k >= 1 with ceil(n_layers / k) * per_layer_bytes <= budget (n_layers when none fits:
@@ -71,7 +73,7 @@ class _Group:
     __slots__ = ("anchor", "calls", "cache", "__weakref__")
 
     def __init__(self):
-        self.anchor = None       # weakref to the anchor's checkpointing._Saved (autograd holds it)
+        self.anchor = None       # weakref to the anchor's checkpointing.SavedCopy (autograd holds it)
         self.calls: list[tuple] = []     # (fn, other args, kwargs, input requires_grad, rng state)
         self.cache: dict[int, torch.Tensor] = {}
 
@@ -103,9 +105,7 @@ class OffloadEvery:
     def _budget(self, offloader) -> int:
         if self.host_budget is not None:
             return self.host_budget
-        from velotune.memory.checkpointing import HostPool, _host_available
-
-        free = _host_available()
+        free = host_available()
         if free is None:
             return 2**62
         return free + offloader.pool.pooled - HostPool.HEADROOM
@@ -124,8 +124,6 @@ class OffloadEvery:
     def run(self, offloader, fn, args, kwargs, layer_index: int, checkpoint_call):
         """Checkpoint one decoder layer call (`checkpoint_call(pack, unpack)` runs torch's
         checkpoint under those saved-tensor hooks); returns its output."""
-        from velotune.memory.checkpointing import _Saved
-
         x = args[0]
         if layer_index == 0:
             self._start_forward(x, offloader)
@@ -150,7 +148,7 @@ class OffloadEvery:
             return _Recompute(group, pos)
 
         def unpack(obj):
-            if isinstance(obj, _Saved):
+            if isinstance(obj, SavedCopy):
                 return offloader.restore(obj)
             if isinstance(obj, _Recompute):
                 return self._recomputed(offloader, obj)

@@ -1,6 +1,6 @@
 """The generic fast path: any other decoder-only causal LM (no family file), piece by piece.
 
-Each piece is bound per instance (models/patch.py `_bind`, so `unpatch` reverts it) only after a
+Each piece is bound per instance (models/patch.py `bind_forward`, so `unpatch` reverts it) only after a
 numerical probe at load time has shown it computes what the stock module computes; otherwise that
 piece stays stock and the report says why. No source is read or rewritten: a probe compares outputs.
 
@@ -129,7 +129,7 @@ def _shifted(labels: torch.Tensor) -> torch.Tensor:
 
 def probe_head(model: nn.Module, spec_kw: dict) -> tuple[Piece, GenericSpec | None]:
     """Run the lm_head probe (module docstring) and bind the fused loss when it passes."""
-    from velotune.models.patch import _bind, _release
+    from velotune.models.patch import bind_forward, release_forward
 
     head = resolve_lm_head(model.get_output_embeddings())
     if head is None:
@@ -164,7 +164,7 @@ def probe_head(model: nn.Module, spec_kw: dict) -> tuple[Piece, GenericSpec | No
     if err > TOL:
         return Piece("lm_head", "cross-entropy", False, f"fused CE differs in fp32 (rel err {err:.1e})"), None
     spec = GenericSpec(causal_lm=type(model).__name__, logit_scale=scale, **spec_kw)
-    _bind(model, "causal_lm", spec)
+    bind_forward(model, "causal_lm", spec)
     try:
         with torch.no_grad():
             got = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -174,7 +174,7 @@ def probe_head(model: nn.Module, spec_kw: dict) -> tuple[Piece, GenericSpec | No
     else:
         why = f"rel err {err:.1e}"
     if err > (TOL if dtype in (torch.float32, torch.float64) else TOL_16BIT):
-        _release(model)
+        release_forward(model)
         return Piece("lm_head", "cross-entropy", False, f"patched forward differs from stock ({why})"), None
     note = "" if scale is None else f"logits x {scale:.6g} folded in"
     return Piece("lm_head", "fused linear cross-entropy", True, note, 1), spec
@@ -297,9 +297,9 @@ def probe_norm(module: nn.Module) -> tuple[tuple[float, bool] | None, str]:
 
 # ---------------------------------------------------------------------------------------- LoRA
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    from velotune.lora.layers import _is_lora_layer
+    from velotune.lora.layers import is_lora_layer
 
-    return [m for m in model.modules() if _is_lora_layer(m)]
+    return [m for m in model.modules() if is_lora_layer(m)]
 
 
 def _signature(m: nn.Module) -> tuple:
@@ -355,7 +355,7 @@ def _moe_blocks(model: nn.Module) -> list[str]:
 def prepare_generic(model: nn.Module) -> bool:
     """Probe and bind the generic pieces on a freshly loaded model (no family file). Returns True when
     the generic path applies (a decoder-only causal LM); the one-line log says which pieces are fast."""
-    from velotune.models.patch import _bind
+    from velotune.models.patch import bind_forward
 
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     model_type = getattr(model.config, "model_type", None) or "?"
@@ -378,7 +378,7 @@ def prepare_generic(model: nn.Module) -> bool:
             nspec = GenericSpec(causal_lm="", norm_offset=style[0], norm_weight_in_fp32=style[1],
                                 norm_eps_attr=_eps_attr(modules[0]), **{**spec_kw, "norm": cls.__name__})
             for m in modules:
-                _bind(m, "norm", nspec)
+                bind_forward(m, "norm", nspec)
             plan.pieces.append(Piece("norm", cls.__name__, True, f"x{len(modules)}, {note}", len(modules)))
     finally:
         model.train(was_training)
@@ -390,7 +390,7 @@ def prepare_generic(model: nn.Module) -> bool:
 
 def prepare_generic_peft(peft_model) -> bool:
     """Probe and bind fused LoRA on the LoRA layers of a PeftModel whose base took the generic path."""
-    from velotune.models.patch import _bind, is_patched
+    from velotune.models.patch import bind_forward, is_patched
 
     plan = generic_plan(peft_model)
     if plan is None:
@@ -406,26 +406,25 @@ def prepare_generic_peft(peft_model) -> bool:
         if why is None:
             for m in modules:
                 if not is_patched(m):
-                    _bind(m, "lora", spec)
+                    bind_forward(m, "lora", spec)
         plan.pieces.append(Piece("lora", name, why is None, why or f"x{len(modules)}", len(modules)))
     lora = [p for p in plan.pieces if p.kind == "lora"]
     if lora:
+        stock = "".join(f"; {p.name} stock: {p.note}" for p in lora if not p.fast)
         log.warning("velotune: LoRA on the generic path: %d of %d layer(s) fused%s",
-                    sum(p.count for p in lora if p.fast), sum(p.count for p in lora), "".join(f"; {p.name} stock: {p.note}" for p in lora if not p.fast))
+                    sum(p.count for p in lora if p.fast), sum(p.count for p in lora), stock)
     return True
 
 
 def _checkpointing(model: nn.Module) -> str:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from velotune.memory.checkpointing import _offloaded_checkpoint
-
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         return "not available (no GradientCheckpointingLayer)"
     on = [m for m in layers if m.__dict__.get("gradient_checkpointing")]
     fn = [m.__dict__.get("_gradient_checkpointing_func") for m in on]
-    if on and all(getattr(f, "func", None) is _offloaded_checkpoint for f in fn):
+    if on and all(getattr(f, "velotune_offloaded", False) for f in fn):   # memory/checkpointing.py marks it
         return f"offloaded, {len(on)} decoder layer(s)"
     if on:
         return f"transformers' checkpointing, {len(on)} decoder layer(s)"

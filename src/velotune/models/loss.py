@@ -19,9 +19,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # Bytes of logits one chunk of the fused linear cross-entropy may hold (its peak-memory share).
 # 64 MiB = 261 rows of a 128k vocabulary in bf16: the chunk GEMMs stay large enough to run at speed
-# (8B QLoRA, 2 x 2048, H200: 12245 tok/s against 12378 with 256 MiB, one run each, inside the
-# run-to-run spread), and where the loss is the step's memory peak (CUDA-graphed layers, whose pool
-# the loss cannot share) the peak is 0.14 GiB lower.
+# (within the run-to-run spread of 256 MiB at 8B QLoRA, docs/perf-notes.md), and where the loss is
+# the step's memory peak (CUDA-graphed layers, whose pool the loss cannot share) the peak is lower.
 CE_MEMORY_BUDGET = 64 * 2**20
 
 

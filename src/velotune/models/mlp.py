@@ -10,40 +10,24 @@ from torch.utils.checkpoint import checkpoint
 
 from velotune.lora import lora_mlp, resolve
 from velotune.lora.recomputed_mlp import lora_mlp_recomputed
-from velotune.models.switch import switched
-
-_VALUES_UNUSED = [False]
-_CHECKPOINTED = [False]
+from velotune.models.modes import LayerModes, modes_of
 
 
-def checkpointed_mlp():
-    """Within this block (a decoder layer under recompute="mlp", memory/saved_offload.py) every
-    patched MLP saves only its input and backward recomputes it: through lora/recomputed_mlp.py
-    (frozen base weights), else as a non-reentrant torch checkpoint of lora_mlp (stopping before the
-    frozen down projection, see lora_mlp)."""
-    return switched(_CHECKPOINTED, True)
-
-
-def mlp_output_values_unused():
-    """Within this block a decoder layer runs only so that gradients can be taken through it (the
-    captured recompute of memory/layer_graphs.py): fused MLPs whose output meets nothing but the
-    residual add (no sandwich norm after them, see FamilySpec) skip the frozen down GEMM and return
-    uninitialised values (`lora_mlp(values_unused=True)`). Gradients are unchanged."""
-    return switched(_VALUES_UNUSED, True)
-
-
-def recomputes_without_mlp_values(fn):
+def recomputes_without_mlp_values(fn, modes: LayerModes | None):
     """fn for torch's non-reentrant checkpoint, whose first call is the forward and every later call
     a recompute: checkpoint keeps only what the recompute's ops save and drops its outputs, so
-    later calls run under mlp_output_values_unused() (no frozen down GEMM, no [N, I] hidden
-    activation made; what is saved is the same bits)."""
+    later calls run with `modes.mlp_values_unused` set (the layer's LayerModes, models/modes.py: no
+    frozen down GEMM, no [N, I] hidden activation made; what is saved is the same bits). modes None:
+    fn itself."""
+    if modes is None:
+        return fn
     calls = [0]
 
     def run(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 1:
             return fn(*args, **kwargs)
-        with mlp_output_values_unused():
+        with modes.set(mlp_values_unused=True):
             return fn(*args, **kwargs)
 
     return run
@@ -53,30 +37,33 @@ def set_row_blocks(mlp: torch.nn.Module, blocks: int) -> None:
     """Under recompute="mlp" this MLP runs forward and backward in `blocks` row blocks
     (lora/recomputed_mlp.py; get_peft_model(mlp_row_blocks=...), which checks the value). 1 (the
     default) is the same bits as checkpointing lora_mlp; more lowers the MLP's memory peak at the
-    cost of more, smaller GEMMs (H200, 8B QLoRA 2 x 2048, graphed: 4 blocks -0.16 GiB of graph
-    pool, 3-4% slower; BENCHMARKS.md)."""
+    cost of more, smaller GEMMs (docs/perf-notes.md)."""
     mlp._velotune_row_blocks = blocks
 
 
-# False: recompute="mlp" checkpoints lora_mlp with torch's checkpoint instead (the path before
-# lora/recomputed_mlp.py; the same bits with one row block), for A/B runs.
-RECOMPUTED_MLP = True
-
-
 def mlp_forward(self, x):
-    """Replacement for `<Family>MLP.forward`: x [..., H] -> [..., H]."""
+    """Replacement for `<Family>MLP.forward`: x [..., H] -> [..., H]. Under its layer's modes
+    (models/modes.py): checkpointed_mlp saves only x and recomputes in backward (lora/recomputed_mlp.py
+    with frozen base weights, else a non-reentrant torch checkpoint of lora_mlp, stopping before the
+    frozen down projection); mlp_values_unused skips the frozen down GEMM (see _mlp_forward)."""
     plan = _plan(self)
-    if _CHECKPOINTED[0] and torch.is_grad_enabled():
-        if RECOMPUTED_MLP and plan is not None and _frozen_bases(plan):   # saves x only, recomputes in backward
+    modes = modes_of(self)
+    if modes.checkpointed_mlp and torch.is_grad_enabled():
+        if plan is not None and _frozen_bases(plan):   # saves x only, recomputes in backward
             gate_up, down, act = plan
             shape = x.shape
             blocks = getattr(self, "_velotune_row_blocks", 1)
             return lora_mlp_recomputed(x.reshape(-1, shape[-1]), gate_up, down, act, blocks).view(shape)
         # the fused MLP draws no random numbers (LoRA dropout sends it to the stock path), so its
         # recompute needs no RNG state saved and restored (host time per layer and step)
-        return checkpoint(recomputes_without_mlp_values(_mlp_forward), self, plan, x, use_reentrant=False,
-                          preserve_rng_state=plan is None)
-    return _mlp_forward(self, plan, x)
+        calls = [0]
+
+        def forward_then_recompute(module, plan, x):   # the checkpoint's recomputes: values unused
+            calls[0] += 1
+            return _mlp_forward(module, plan, x, values_unused=calls[0] > 1 or modes.mlp_values_unused)
+
+        return checkpoint(forward_then_recompute, self, plan, x, use_reentrant=False, preserve_rng_state=plan is None)
+    return _mlp_forward(self, plan, x, modes.mlp_values_unused)
 
 
 def _frozen_bases(plan) -> bool:
@@ -98,10 +85,13 @@ def _plan(self):
     return gate_up, down, act
 
 
-def _mlp_forward(self, plan, x):
+def _mlp_forward(self, plan, x, values_unused: bool = False):
+    """values_unused: only gradients will be taken through the output (a recompute): fused MLPs whose
+    output meets nothing but the residual add (no sandwich norm after them, see FamilySpec) skip the
+    frozen down GEMM and return uninitialised values (`lora_mlp(values_unused=True)`)."""
     if plan is None:
         return self._velotune_stock_forward(x)
     gate_up, down, act = plan
     shape = x.shape
-    skip = _VALUES_UNUSED[0] and not self._velotune_spec.sandwich_norms
+    skip = values_unused and not self._velotune_spec.sandwich_norms
     return lora_mlp(x.reshape(-1, shape[-1]), gate_up, down, act, values_unused=skip).view(shape)

@@ -84,7 +84,7 @@ def _forward_attr(module: nn.Module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
 
-def _bind(module: nn.Module, role: str, spec: FamilySpec) -> None:
+def bind_forward(module: nn.Module, role: str, spec: FamilySpec) -> None:
     attr = _forward_attr(module)
     had_instance = attr in module.__dict__
     module._velotune_saved = (attr, module.__dict__.get(attr) if had_instance else None, had_instance)
@@ -94,7 +94,7 @@ def _bind(module: nn.Module, role: str, spec: FamilySpec) -> None:
     setattr(module, attr, types.MethodType(BOUND_FORWARDS[role], module))
 
 
-def _release(module: nn.Module) -> None:
+def release_forward(module: nn.Module) -> None:
     attr, saved, had_instance = module._velotune_saved
     current = module.__dict__.get(attr)
     if getattr(current, "__func__", None) is BOUND_FORWARDS[module._velotune_role]:
@@ -116,9 +116,10 @@ def patch(model: nn.Module, spec: FamilySpec) -> int:
     """Bind fused forwards onto every module of `model` whose class the spec names. Idempotent."""
     n = 0
     for module in model.modules():
+        module.__dict__.pop("_velotune_modes", None)     # models/modes.py: handed out again on next use
         role = spec.role_of(type(module).__name__)
         if role is not None and not is_patched(module):
-            _bind(module, role, spec)
+            bind_forward(module, role, spec)
             n += 1
     return n
 
@@ -127,8 +128,9 @@ def unpatch(model: nn.Module) -> int:
     """Restore the stock forward of every module `patch` touched; returns how many."""
     n = 0
     for module in model.modules():
+        module.__dict__.pop("_velotune_modes", None)
         if is_patched(module):
-            _release(module)
+            release_forward(module)
             n += 1
     positions.release(model)
     for module in model.modules():
@@ -142,11 +144,11 @@ def unpatch(model: nn.Module) -> int:
 
 
 def _lora_status(model: nn.Module) -> tuple[int, list[str]]:
-    from velotune.lora.layers import _is_lora_layer, resolve
+    from velotune.lora.layers import is_lora_layer, resolve
 
     fused, stock = 0, []
     for name, module in model.named_modules():
-        if _is_lora_layer(module):
+        if is_lora_layer(module):
             if resolve(module) is None:
                 stock.append(name)
             else:

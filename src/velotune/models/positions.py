@@ -5,8 +5,7 @@ A forward without position_ids and without a padding mask gets transformers' def
 transformers then looks for packed sequences in them (masking_utils.find_packed_sequence_indices
 reads `(...).all()` back to the host). With the ids on the GPU that read waits until everything
 queued before it has run -- the whole previous step -- and the GPU then idles while the host queues
-the new step's first kernels (H200, 8B QLoRA with graphed layers: ~2.9 ms per step,
-`bench/host_overhead.py --dump`, BENCHMARKS.md "session 12"). Given the same ids as a host tensor,
+the new step's first kernels (`bench/host_overhead.py --dump` shows the gap). Given the same ids as a host tensor,
 the check runs on the host and finds the same thing (one sequence per row, no packed mask).
 
 Where they go next: the rotary embedding module gets them on the device (a forward pre-hook on that

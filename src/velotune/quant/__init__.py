@@ -6,10 +6,9 @@
     dequantize_model_weights(model)   -> {name: weight} for every 4-bit layer
     quantization_config_for(...)      -> from_pretrained kwargs for load_in_4bit=True
 
-Files: `nf4.py` (format, code book, quantise, reference dequantise), `dequant_kernel.py` (Triton),
-`nf4_matmul.py` (dequantisation fused into a Triton GEMM: the alternative `bench/qlora.py --dequant`
-measures against dequantise-then-cuBLAS; not on the training path until it wins there),
-`weights.py` (accessors, buffers), `loading.py` (transformers/bitsandbytes loading config).
+Files: `nf4_code.py` (the code book), `nf4.py` (format, quantise, reference dequantise, dispatch),
+`dequant_kernel.py` (Triton), `weights.py` (accessors, buffers), `loading.py` (transformers/bitsandbytes
+loading config).
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Triton NF4 dequantisation: packed nibbles + (double-quantised) absmax -> bf16 / fp16 / fp32.
 
-One program handles BYTES packed bytes = 2 * BYTES output elements. Per byte i (elements 2i, 2i+1,
-always in the same absmax block because blocksize is even):
+Per packed byte i (elements 2i, 2i+1, always in the same absmax block because blocksize is even):
 
     blk     = 2i // blocksize
     absmax  = fp32(code2[qa[blk]] * absmax2[blk // blocksize2]) + offset      (nested)
@@ -12,22 +11,16 @@ always in the same absmax block because blocksize is even):
 The kernel is memory bound: it reads 0.5 B and writes 2 B per bf16 element (the absmax and code
 loads hit L1/L2: 32 consecutive bytes share one absmax).
 
-Two layouts of the same arithmetic (identical bits), `kernel=` picks one:
-  "rows" (default)   a [ROWS, blocksize/2] tile of bytes, one row per absmax block: the nested-absmax
-                     chain runs once per block instead of once per byte, and both nibbles come from
-                     ONE 8-byte load of a 256-entry pair table (fp32 NF4[b >> 4] | NF4[b & 15] << 32).
-                     On the H200 (2026-11-30, `bench/qlora.py --dequant`): 58 us vs 68.5 us for a
-                     [14336, 4096] bf16 weight, bit-exact against bitsandbytes in bf16, fp16 and fp32.
-  "bytes"            a 1-D run of bytes per program; the absmax chain and two code-book lookups per
-                     byte. Any even blocksize (rows needs a power of two; others fall back to bytes).
+Layout: a program handles a [ROWS, blocksize/2] tile of bytes, one row per absmax block (blocksize
+a power of two, as every NF4 block size is): the nested-absmax chain runs once per block, and both
+nibbles come from ONE 8-byte load of a 256-entry pair table (fp32 NF4[b >> 4] | NF4[b & 15] << 32).
 
 Bit-exactness with bitsandbytes needs the nested absmax to be a product rounded to fp32 THEN a sum:
 the launch passes `enable_fp_fusion=False` so the compiler never contracts them into one fused
 multiply-add.
 
-Both layouts share the two helpers below (nested absmax, bf16 rounding). A launch is replayed from
-a per-weight plan once the JIT has compiled it (kernels/launch.py: a QLoRA step dequantises ~640
-times, and the JIT's per-call host time added up).
+A launch is replayed from a per-weight plan once the JIT has compiled it (kernels/launch.py: a QLoRA
+step dequantises ~640 times, and the JIT's per-call host time added up).
 """
 from __future__ import annotations
 
@@ -38,9 +31,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels.launch import LaunchPlan
-from velotune.quant.nf4 import NF4Weight, nf4_code
-
-BYTES = 1024  # packed bytes per program: 2048 output elements
+from velotune.quant.nf4_code import nf4_code
 
 
 @triton.jit
@@ -68,26 +59,6 @@ def to_out_dtype(vals, OUT_TY: tl.constexpr, OUT_BF16: tl.constexpr):
     else:
         out = vals.to(OUT_TY)
     return out
-
-
-@triton.jit
-def _nf4_dequant_kernel(
-    packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, nf4_ptr, out_ptr,
-    n_elements,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr,
-    OUT_BF16: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    i = pid * BYTES + tl.arange(0, BYTES)                  # byte index (int64: 70B-parameter safe)
-    in_range = 2 * i < n_elements
-    byte = tl.load(packed_ptr + i, mask=in_range, other=0).to(tl.int32)
-    absmax = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (2 * i) // BLOCKSIZE, in_range,
-                        BLOCKSIZE2, NESTED)
-    hi = tl.load(nf4_ptr + (byte >> 4)) * absmax
-    lo = tl.load(nf4_ptr + (byte & 15)) * absmax
-    vals = tl.interleave(hi, lo)                            # [2 * BYTES]: hi0, lo0, hi1, lo1, ...
-    e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-    tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
 
 
 @triton.jit
@@ -121,16 +92,15 @@ def _pair_table(device: torch.device) -> torch.Tensor:
     return pairs.to(device)
 
 
-def _kernel_args(nf4: NF4Weight):
-    """(absmax, code2, absmax2, offset, code) as the kernel takes them; built once per NF4Weight."""
+def _kernel_args(nf4):
+    """(absmax, code2, absmax2, offset) as the kernel takes them; built once per NF4Weight."""
     args = nf4.__dict__.get("_kernel_args")
     if args is None:
-        code = nf4_code(nf4.device)
         if nf4.nested:
-            args = (nf4.absmax, nf4.code2, nf4.absmax2, nf4.offset.reshape(1).float(), code)
+            args = (nf4.absmax, nf4.code2, nf4.absmax2, nf4.offset.reshape(1).float())
         else:
             absmax = nf4.absmax.float()
-            args = (absmax, absmax, absmax, absmax, code)  # unused pointers when NESTED=False
+            args = (absmax, absmax, absmax, absmax)  # unused pointers when NESTED=False
         nf4.__dict__["_kernel_args"] = args
     return args
 
@@ -139,44 +109,25 @@ def _kernel_args(nf4: NF4Weight):
 PLANS_PER_WEIGHT = 8
 
 
-# the layout the training path uses (get_base_weight); bench/qlora.py --dequant-kernel compares them.
-# Measured and removed (2026-12-01, `bench/results/dequant_tune_6fa591c.log`): an output-major layout
-# (one code-book load per element, no interleave), 8% slower than "rows" at its best tile; and
-# (`dequant_tune_d326a9b.log`) "words", bf16 pairs stored as one 32-bit word per packed byte instead
-# of interleaved, 19% slower per layer (278 vs 233 us; code at d326a9b).
-DEFAULT_KERNEL = "rows"
-
-
-def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
-    """Write the dequantised weight into `out` (contiguous, nf4.numel elements, fp32/bf16/fp16).
-    kernel: "rows" or "bytes" (see the module docstring; default DEFAULT_KERNEL); the bits are the
-    same."""
-    kernel = kernel or DEFAULT_KERNEL
-    plan = nf4.__dict__.get("_launch_plans", {}).get((out.data_ptr(), out.dtype, kernel))
+def dequantize_nf4_triton(nf4, out: torch.Tensor) -> torch.Tensor:
+    """Write the dequantised weight of `nf4` (a quant.nf4.NF4Weight) into `out` (contiguous,
+    nf4.numel elements, fp32/bf16/fp16)."""
+    plan = nf4.__dict__.get("_launch_plans", {}).get((out.data_ptr(), out.dtype))
     if (plan is not None and out.numel() == nf4.numel and out.is_contiguous()
             and plan.device == torch.cuda.current_device()):
         plan(out)
         return out
     n = nf4.numel
     assert out.is_contiguous() and out.numel() == n and nf4.packed.is_contiguous()
-    if nf4.blocksize % 2:
-        raise ValueError(f"blocksize must be even, got {nf4.blocksize}")
-    if kernel not in ("rows", "bytes"):
-        raise ValueError(f"kernel must be 'bytes' or 'rows', got {kernel!r}")
-    absmax, code2, absmax2, offset, code = _kernel_args(nf4)
-    if kernel == "rows" and nf4.blocksize & (nf4.blocksize - 1) == 0:
-        fn = _nf4_dequant_rows_kernel
-        rows = max(1, 2048 // nf4.blocksize)
-        grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
-        args = (nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n)
-        consts = dict(BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
-                      OUT_BF16=out.dtype == torch.bfloat16)
-    else:
-        fn = _nf4_dequant_kernel
-        grid = (triton.cdiv(triton.cdiv(n, 2), BYTES),)
-        args = (nf4.packed, absmax, code2, absmax2, offset, code, out, n)
-        consts = dict(BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, BYTES=BYTES,
-                      OUT_BF16=out.dtype == torch.bfloat16)
+    if nf4.blocksize < 2 or nf4.blocksize & (nf4.blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two, got {nf4.blocksize}")
+    absmax, code2, absmax2, offset = _kernel_args(nf4)
+    fn = _nf4_dequant_rows_kernel
+    rows = max(1, 2048 // nf4.blocksize)
+    grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
+    args = (nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n)
+    consts = dict(BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
+                  OUT_BF16=out.dtype == torch.bfloat16)
     compiled = fn[grid](*args, **consts, num_warps=4, enable_fp_fusion=False)
     if out.is_cuda and isinstance(compiled, triton.compiler.CompiledKernel):
         plans = nf4.__dict__.setdefault("_launch_plans", {})
@@ -184,5 +135,5 @@ def dequantize_nf4_triton(nf4: NF4Weight, out: torch.Tensor, kernel: str | None 
             plans.clear()
         # the output is the only argument that varies for this weight (same address and dtype: same
         # specialisation), so its plan replays the compiled kernel's launcher directly (launch.py)
-        plans[(out.data_ptr(), out.dtype, kernel)] = LaunchPlan(compiled, fn, grid, args, consts, slots=(6,))
+        plans[(out.data_ptr(), out.dtype)] = LaunchPlan(compiled, fn, grid, args, consts, slots=(6,))
     return out

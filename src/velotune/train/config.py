@@ -145,8 +145,8 @@ class TrainConfig(_Section):
             raise ValueError("training.warmup_ratio: set warmup_steps or warmup_ratio, not both")
         if self.training.embedding_learning_rate is not None and not (
                 self.model.full_finetuning or self.lora.modules_to_save):
-            raise ValueError("training.embedding_learning_rate: set lora.modules_to_save (e.g. [embed_tokens, lm_head]) "
-                             "or model.full_finetuning so that embeddings are trained")
+            raise ValueError("training.embedding_learning_rate: set lora.modules_to_save (e.g. [embed_tokens, "
+                             "lm_head]) or model.full_finetuning so that embeddings are trained")
         return self
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from velotune.errors import OutputError, describe_os_error
-from velotune.fsio import _TEMP, exchange_dirs, honour_umask_tree, make_temp_dir, remove_stale_temps
+from velotune.fsio import TEMP_NAME, exchange_dirs, honour_umask_tree, make_temp_dir, remove_stale_temps
 from velotune.train.run_lock import LOCK_NAME
 
 
@@ -45,7 +45,7 @@ def foreign_entries(out: Path) -> list[str]:
     """Names in `out` besides velotune's lock file and temp leftovers."""
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not _TEMP.match(p.name))
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not TEMP_NAME.match(p.name))
 
 
 def moved_aside_name(out: Path) -> Path:
@@ -100,7 +100,7 @@ def claim(out: Path, *, resuming: bool, overwrite: bool) -> Path | None:
 def _link_tree(src: Path, dst: Path, skip: set[str]) -> None:
     """Hard-link (else copy) every entry of `src` not named in `skip` into `dst` (recursively)."""
     for p in src.iterdir():
-        if p.name in skip or _TEMP.match(p.name):
+        if p.name in skip or TEMP_NAME.match(p.name):
             continue
         q = dst / p.name
         if p.is_dir() and not p.is_symlink():

@@ -86,7 +86,7 @@ def planned_checkpoints(cfg) -> int:
 
 def preflight(cfg, *, check_output: bool = True) -> PreflightReport:
     """Model folder, output folder and disk checks for TrainConfig `cfg` (see the module docstring)."""
-    from velotune.loader import _check_coverage, _check_local_folder, _load_config
+    from velotune.loader import check_coverage, check_local_folder, load_config
 
     out = Path(cfg.output_dir)
     if check_output:
@@ -97,9 +97,9 @@ def preflight(cfg, *, check_output: bool = True) -> PreflightReport:
     if model_dir is not None:
         from transformers import AutoConfig
 
-        _check_local_folder(model_dir)
-        config = _load_config(AutoConfig, str(model_dir), False)
-        _check_coverage(model_dir, config)
+        check_local_folder(model_dir)
+        config = load_config(AutoConfig, str(model_dir), False)
+        check_coverage(model_dir, config)
         trainable, total = parameter_counts(config, cfg)
         weight_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
         # LoRA: fp32 adapter + AdamW's two fp32 moments. Full: weights in their dtype + two fp32 moments.
