@@ -274,21 +274,6 @@ def worker(args) -> dict:
     return out
 
 
-def _run(argv: list[str], timeout: float | None) -> dict | None:
-    try:
-        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"worker {argv} timed out after {timeout:.0f} s", flush=True)
-        return {"timeout": True}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    if "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr:
-        return {"oom": True}
-    print(f"worker {argv} failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}", flush=True)
-    return None
-
-
 def _table(rows: list[dict]) -> str:
     lines = [f"{'shape':<6}{'mode':<7}{'mix':<7}{'task':<5}{'impl':<10}{'real tok/s':>12}{'peak GiB':>10}"
              f"{'first loss':>12}{'last loss':>11}  vs stock  vs unsloth"]
@@ -363,7 +348,7 @@ def main() -> int:
                             "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                             "--model-dir", str(folder)] + (["--dpo"] if args.dpo else []) \
                         + (["--quick"] if args.quick else [])
-                    r = _run(argv, args.timeout) or {}
+                    r = _common().run_worker(__file__, argv, args.timeout) or {}
                     r = {"impl": impl, "shape": shape, "mode": mode, "mix": mix, "dpo": args.dpo, **r}
                     rows.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "report")}), flush=True)

@@ -7,3 +7,19 @@ import pytest
 def _one_thread(one_thread):
     """Every data test runs with one intra-op thread (tests/conftest.py: one_thread)."""
     yield
+
+
+@pytest.fixture(scope="module")
+def chatml_tok():
+    """The mini tokenizer with velotune's chatml template (module scope: built once per file)."""
+    import logging
+
+    from mini import mini_tokenizer
+
+    from velotune.data.chat_templates import get_chat_template
+
+    logging.disable(logging.WARNING)
+    try:
+        return get_chat_template(mini_tokenizer(), "chatml")
+    finally:
+        logging.disable(logging.NOTSET)

@@ -17,12 +17,8 @@ GOOD = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    logging.disable(logging.WARNING)
-    try:
-        return get_chat_template(mini_tokenizer(), "chatml")
-    finally:
-        logging.disable(logging.NOTSET)
+def tok(chatml_tok):
+    return chatml_tok
 
 
 def test_each_bad_row_kind_is_counted_and_named(tok):

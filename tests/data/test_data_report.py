@@ -6,12 +6,9 @@ on_bad="skip", and named in a one-line DataError with on_bad="raise": never trai
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
-from mini import mini_tokenizer
 
-from velotune.data.chat_templates import get_chat_template
 from velotune.data.formats import load_dataset_file
 from velotune.data.prepare import check_role_order, load_with_report, tokenize_conversations, validate_preference_rows
 from velotune.data.report import DataReport
@@ -23,12 +20,8 @@ S = {"role": "system", "content": "Be brief."}
 
 
 @pytest.fixture(scope="module")
-def tok():
-    logging.disable(logging.WARNING)
-    try:
-        return get_chat_template(mini_tokenizer(), "chatml")
-    finally:
-        logging.disable(logging.NOTSET)
+def tok(chatml_tok):
+    return chatml_tok
 
 
 def write_jsonl(path, rows: list) -> None:
