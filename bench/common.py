@@ -33,6 +33,8 @@ import torch  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
+_GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False,
@@ -43,6 +45,23 @@ SHAPES = {
     # CPU smoke runs: a multiple of 64 in every NF4-quantised dimension (bitsandbytes' block size)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 20, tie_word_embeddings=False),
+    # Other families (model_type: the transformers config), at the published checkpoints' shapes
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                      vocab_size=262208, max_position_embeddings=131072, sliding_window=1024, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, rope_parameters=_GEMMA3_ROPE),
+    "gemma3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                       vocab_size=262208, max_position_embeddings=131072, sliding_window=1024, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, rope_parameters=_GEMMA3_ROPE),
+    "ministral-8b": dict(model_type="ministral", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+                         max_position_embeddings=32768, sliding_window=32768, tie_word_embeddings=False,
+                         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000000.0}),
     # the generic path (models without a family file): Pythia-6.9B (GPT-NeoX) and Aya-23-8B (Cohere) shapes
     "pythia-6.9b": dict(model_type="gpt_neox", hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
                         num_attention_heads=32, vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25,

@@ -1,7 +1,8 @@
 """bf16 LoRA training throughput and memory: velotune vs stock transformers + PEFT vs Liger-Kernel.
 
-Random-weight Llama shapes built on the GPU (8b: Llama-3.1-8B, 1b: Llama-3.2-1B), batch 2 x 2048 random
-token ids, LoRA r=16 alpha=16 on all 7 projections, non-reentrant gradient checkpointing (velotune:
+Random-weight shapes built on the GPU (8b: Llama-3.1-8B, 1b: Llama-3.2-1B; qwen3-8b, gemma3-4b, gemma3-12b,
+ministral-8b, pythia-6.9b, aya-8b: bench/common.py SHAPES), batch 2 x 2048 random token ids, LoRA r=16
+alpha=16 on all 7 projections, non-reentrant gradient checkpointing (velotune:
 `use_gradient_checkpointing=True`), fused AdamW on the LoRA parameters. Each contender runs in its own
 process (clean peak-memory figures).
 
@@ -9,6 +10,7 @@ process (clean peak-memory figures).
     python bench/train.py --shapes 8b --impls velotune stock --profile   # + GPU time per step by category
     python bench/train.py --check                           # bf16 gradients: velotune vs stock, both vs fp32
     python bench/train.py --shapes tiny --device cpu --steps 2 --warmup 1   # the code path without a GPU
+    python bench/train.py --shapes qwen3-8b gemma3-4b gemma3-12b --impls velotune stock   # other families
     python bench/train.py --shapes pythia-6.9b aya-8b --impls velotune velotune_offload stock
                             # the generic path: models without a family file (GPT-NeoX, Cohere shapes)
 

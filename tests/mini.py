@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "granite", "smollm3", "olmo2")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "qwen3", "gemma3_text", "ministral", "granite", "smollm3",
+            "olmo2")
 VOCAB = 384
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -45,6 +46,19 @@ def mini_config(family: str, **overrides):
         cls = tf.Gemma2Config
         kw.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=30.0,
                   attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    elif family == "qwen3":  # head_dim != hidden / heads, GQA, tied embeddings, a sliding upper layer
+        cls = tf.Qwen3Config
+        kw.update(head_dim=24, tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
+                  max_window_layers=1)
+    elif family == "gemma3_text":  # local (window 4, base 1e4) then global (base 1e6, linear x8) layer;
+        cls = tf.Gemma3TextConfig    # attention scale from query_pre_attn_scalar != head_dim; tied embeddings
+        kw.update(head_dim=16, query_pre_attn_scalar=24, sliding_window=4, hidden_activation="gelu_pytorch_tanh",
+                  tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+    elif family == "ministral":  # head_dim != hidden / heads, GQA, a sliding then a full-attention layer
+        cls = tf.MinistralConfig
+        kw.update(head_dim=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
     elif family == "granite":     # Granite 3's four scalars, attention scale 1 / head_dim, tied embeddings
         cls = tf.GraniteConfig
         kw.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 16,

@@ -78,7 +78,8 @@ def test_packing_is_not_a_no_op():
     assert not torch.allclose(loss_leaky, loss_padded, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])  # plain, sliding window, softcap + window
+# plain, sliding window, softcap + window, q/k head norms + window
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen3", "gemma3_text"])
 def test_packed_equals_padded_velotune_model(tmp_path, family):
     """The same check through FastLanguageModel (velotune's patched forward must honour packing)."""
     from velotune import FastLanguageModel

@@ -20,12 +20,13 @@ CONV = [
 # (bos, eos) of each family's own tokenizer, set on the mini tokenizer before applying the template
 FAMILY_TOKENS = {
     "llama-3": ("<|begin_of_text|>", "<|end_of_text|>"), "llama-3.1": ("<|begin_of_text|>", "<|end_of_text|>"),
-    "chatml": (None, "<|endoftext|>"), "qwen-2.5": (None, "<|endoftext|>"),
+    "chatml": (None, "<|endoftext|>"), "qwen-2.5": (None, "<|endoftext|>"), "qwen-3": (None, "<|endoftext|>"),
     "mistral": ("<s>", "</s>"), "zephyr": ("<s>", "</s>"), "alpaca": ("<s>", "</s>"), "vicuna": ("<s>", "</s>"),
     "gemma": ("<bos>", "<eos>"), "phi-3": ("<s>", "<|endoftext|>"), "default": ("<s>", "</s>"),
     "granite": (None, "<|end_of_text|>"),
 }
 STOP = {"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>",
+        "qwen-3": "<|im_end|>",
         "mistral": "</s>", "zephyr": "</s>", "alpaca": "</s>", "vicuna": "</s>", "gemma": "<end_of_turn>",
         "phi-3": "<|end|>", "default": "</s>", "granite": "<|end_of_text|>"}
 
@@ -44,6 +45,9 @@ REFERENCE = {
     "llama-3.1": "<|begin_of_text|>" + _L31_SYSTEM + "You are helpful.<|eot_id|>" + _L3_TURNS,
     "chatml": "<|im_start|>system\nYou are helpful.<|im_end|>\n" + _CHATML_TURNS,
     "qwen-2.5": "<|im_start|>system\nYou are helpful.<|im_end|>\n" + _CHATML_TURNS,
+    # Qwen3: the last assistant turn (after the last user message) opens with its (here empty) think block
+    "qwen-3": "<|im_start|>system\nYou are helpful.<|im_end|>\n" + _CHATML_TURNS.replace(
+        "assistant\n4", "assistant\n<think>\n\n</think>\n\n4"),
     "mistral": "<s>[INST] You are helpful.\n\nHi! [/INST]Hello.</s>[INST] What is 2+2? [/INST]4</s>",
     "zephyr": ("<|system|>\nYou are helpful.</s>\n<|user|>\nHi!</s>\n<|assistant|>\nHello.</s>\n"
                "<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4</s>\n"),
@@ -74,6 +78,7 @@ PROMPT = {
     "chatml": "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
     "qwen-2.5": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
                  "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen-3": "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
     "mistral": "<s>[INST] Hi! [/INST]",
     "zephyr": "<|user|>\nHi!</s>\n<|assistant|>\n",
     "alpaca": ("<s>Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -121,7 +126,8 @@ def test_stop_token_and_assistant_tokens(name):
     assert ids.count(stop_id) >= 2
     # each assistant turn ends with the stop token as a single special token, and only replies are marked
     assistant = [t for t, m in zip(ids, mask) if m]
-    assert tok.decode(assistant).replace(" ", "") == f"Hello.{stop}4{stop}"
+    think = "<think>\n\n</think>\n\n" if name == "qwen-3" else ""   # Qwen3's last reply opens with its think block
+    assert tok.decode(assistant).replace(" ", "") == f"Hello.{stop}{think}4{stop}"
     ends = [i for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
     assert [ids[i] for i in ends] == [stop_id, stop_id]
 
@@ -188,6 +194,28 @@ def test_template_survives_save_and_load(tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again.apply_chat_template(CONV, tokenize=False) == REFERENCE["llama-3.1"]
     assert again.eos_token == "<|eot_id|>" and again.pad_token == tok.pad_token
+
+
+def test_qwen3_think_blocks():
+    """Qwen3's own rendering: reasoning kept on the reply after the last user message, dropped from
+    earlier replies; enable_thinking=False ends the prompt in an empty think block; the think block is
+    part of what the model learns to produce (inside the assistant mask)."""
+    tok = family_tokenizer("qwen-3")
+    conv = [{"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "<think>\ngreet back\n</think>\n\nHello."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
+    text = tok.apply_chat_template(conv, tokenize=False)
+    assert text == ("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+                    "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nadd\n</think>\n\n4<|im_end|>\n")
+    out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    assert marked.replace(" ", "") == "Hello.<|im_end|><think>\nadd\n</think>\n\n4<|im_end|>"
+    for t in ("<think>", "</think>"):
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+    prompt = tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True).endswith("assistant\n")
 
 
 def _quantize_input_embeddings(model):

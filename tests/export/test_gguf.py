@@ -25,10 +25,15 @@ from velotune.export import ExportError, attach_export_methods  # noqa: E402
 from velotune.export.llama_cpp_io import open_gguf  # noqa: E402
 from velotune.export.modelfile import parse_modelfile  # noqa: E402
 
-# Mistral's mini window (8) is shorter than the prompts, and llama.cpp's llama graph has no sliding
-# window (the exporter warns): give the mistral toy a window longer than the prompts.
-# llama.cpp skips RoPE on every 4th SmolLM3 layer (hard-coded): the smollm3 toy gets 4 layers, NoPE on the last.
-OVERRIDES = {"mistral": {"sliding_window": 64}, "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4}}
+# Mistral's, Ministral's and Qwen3's mini windows (8) are shorter than the prompts, and llama.cpp's llama
+# and qwen3 graphs have no sliding window (the exporter warns): give those toys no window shorter than the
+# prompts. llama.cpp skips RoPE on every 4th SmolLM3 layer (hard-coded): the smollm3 toy gets 4 layers,
+# NoPE on the last.
+OVERRIDES = {"mistral": {"sliding_window": 64}, "ministral": {"sliding_window": 64},
+             "qwen3": {"use_sliding_window": False},
+             # llama.cpp's Gemma 3: 5 local : 1 global layers, attention scale from head_dim (window 4 kept)
+             "gemma3_text": {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 16},
+             "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4}}
 
 
 def prompts(tok) -> list[list[int]]:
@@ -235,6 +240,24 @@ def test_failed_gguf_write_keeps_previous_file(tmp_path, monkeypatch):
         model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "model.Q8_0.gguf"]
+
+
+def test_every_family_gguf_layout_names_known_features():
+    from velotune.export.gguf_arch import FEATURES, arch_of
+    from velotune.models.families import SPECS
+
+    for spec in SPECS:
+        if spec.gguf is not None:
+            assert arch_of(spec) in gguf.MODEL_ARCH
+            assert set(spec.gguf.features) <= set(FEATURES), spec.name
+
+
+def test_gemma3_layout_llama_cpp_cannot_express_is_refused(tmp_path):
+    """The 2-layer mini (local, global) and its attention scale are not llama.cpp's fixed Gemma 3 layout."""
+    model, tok = lora_model("gemma3_text")
+    with pytest.raises(ExportError, match="5 sliding layers"):
+        model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_smollm3_nope_pattern_llama_cpp_cannot_run_is_refused(tmp_path):

@@ -52,7 +52,8 @@ def _two_batches():
     return [first, second]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])   # gemma2: sandwich norms, full recompute
+# gemma2: sandwich norms, full recompute; qwen3: q/k head norms
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "qwen3", "gemma3_text"])
 def test_graphed_layers_train_bit_identically(family):
     batches = _two_batches()
     ref = _train(_lora(False, family=family), 4, batches)

@@ -288,3 +288,22 @@ def test_triton_path_matches_stock(hook_q, recompute, tmp_path, monkeypatch):
     # (lora/recomputed_mlp.py) takes hA from gate and up in its forward too (h then goes over gate)
     want = {None: [True] * n, "layer": [True] * n + [False] * n, "mlp": [False] * 2 * n}[recompute]
     assert h_given == want
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_triton_path_with_head_norms_matches_stock(family, tmp_path):
+    """Per-head q/k RMSNorm (Qwen3; Gemma 3 with (1 + w)) on the Triton kernels (interpreter), RoPE
+    rotating their fresh outputs in place: loss and every LoRA gradient against float64 stock."""
+    from velotune.kernels import force_triton
+
+    fast, stock = _load_pair(family, tmp_path)
+    batch = fixed_batch()
+    with force_triton():
+        loss = fast(**batch).loss
+        loss.backward()
+    ref = stock(**batch).loss
+    ref.backward()
+    assert _rel(loss.detach().double(), ref.detach()) <= TOL
+    fast_grads = dict(_trainable(fast))
+    for n, p in _trainable(stock):
+        assert _rel(fast_grads[n].grad.double(), p.grad) <= TOL, n

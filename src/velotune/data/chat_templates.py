@@ -50,6 +50,7 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate("chatml.jinja", stop="<|im_end|>", special_tokens=_CHATML),
     "qwen-2.5": ChatTemplate("chatml.jinja", stop="<|im_end|>", special_tokens=_CHATML,
                              default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    "qwen-3": ChatTemplate("qwen-3.jinja", stop="<|im_end|>", special_tokens=_CHATML + ("<think>", "</think>")),
     "mistral": ChatTemplate("mistral.jinja"),
     "zephyr": ChatTemplate("zephyr.jinja"),
     "alpaca": ChatTemplate("alpaca.jinja", default_system=(
@@ -69,7 +70,8 @@ ALIASES = {
     "llama3": "llama-3", "llama-3.0": "llama-3", "llama3.1": "llama-3.1", "llama-31": "llama-3.1",
     "llama-3.2": "llama-3.1", "llama3.2": "llama-3.1", "llama-3.3": "llama-3.1",
     "qwen2.5": "qwen-2.5", "qwen-2": "qwen-2.5", "qwen2": "qwen-2.5", "qwen25": "qwen-2.5",
-    "gemma2": "gemma", "gemma-2": "gemma", "phi3": "phi-3", "phi-3.5": "phi-3", "phi35": "phi-3",
+    "qwen3": "qwen-3", "gemma2": "gemma", "gemma-2": "gemma", "gemma3": "gemma", "gemma-3": "gemma",
+    "phi3": "phi-3", "phi-3.5": "phi-3", "phi35": "phi-3",
     "unsloth": "default", "plain": "default", "mistral-instruct": "mistral",
     "granite-3": "granite", "granite3": "granite", "granite-3.1": "granite", "granite-3.2": "granite",
     "granite-3.3": "granite", "smollm3": "chatml", "smollm-3": "chatml",

@@ -1,17 +1,10 @@
-"""Per-family GGUF layout: architecture, metadata keys and the tensor transforms llama.cpp expects.
+"""GGUF layout: architecture, metadata keys and the tensor transforms llama.cpp expects.
 
-Mirrors llama.cpp's convert_hf_to_gguf.py (conversion/{llama,qwen,phi,gemma}.py and base.py's
-TextModel.set_gguf_parameters) for the five families velotune trains:
-
-    family   GGUF arch  Q/K permute  extra
-    llama    llama      yes          rope_freqs tensor for rope_type "llama3"
-    mistral  llama      yes          (llama.cpp's llama graph has no sliding window: warned)
-    qwen2    qwen2      no           q/k/v biases
-    phi3     phi3       no           fused attn_qkv and ffn_up (gate|up) kept fused
-    gemma2   gemma2     no           every *norm.weight stored as 1 + w; softcaps; SWA every 2nd layer
-    granite  granite    yes          embedding, residual, attention and logit scales (conversion/granite.py)
-    smollm3  smollm3    yes          NoPE every 4th layer: hard-coded in llama.cpp (no GGUF key), so checked
-    olmo2    olmo2      no           q/k norms, post-attention / post-feed-forward norms (tensors only)
+Mirrors llama.cpp's convert_hf_to_gguf.py (base.py's TextModel.set_gguf_parameters and each model
+class). What differs per family is data in the family's spec (models/<family>.py, `FamilySpec.gguf`):
+the GGUF architecture, whether q/k rows are permuted to llama.cpp's interleaved RoPE pairs, and the
+names of the FEATURES below that its architecture needs. Norm weights are stored as offset + w for
+Gemma-style norms (`FamilySpec.norm_offset`). This module keeps no list of families.
 
 Tensor names come from the gguf package's own HF->GGUF table (gguf.get_tensor_name_map).
 """
@@ -19,43 +12,31 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import gguf
 import numpy as np
 import torch
 
 from velotune.export.atomic import ExportError
+from velotune.models.families import SPECS, spec_for
+from velotune.models.spec import FamilySpec
 
 log = logging.getLogger("velotune")
 
 
-@dataclass(frozen=True)
-class Family:
-    arch: gguf.MODEL_ARCH
-    permute_qk: bool = False     # rotate-half (HF) -> interleaved pairs (llama.cpp's "normal" rope)
-    norm_plus_one: bool = False  # Gemma RMSNorm multiplies by (1 + w)
-
-
-FAMILIES = {
-    "llama": Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "mistral": Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "qwen2": Family(gguf.MODEL_ARCH.QWEN2),
-    "phi3": Family(gguf.MODEL_ARCH.PHI3),
-    "gemma2": Family(gguf.MODEL_ARCH.GEMMA2, norm_plus_one=True),
-    "granite": Family(gguf.MODEL_ARCH.GRANITE, permute_qk=True),
-    "smollm3": Family(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True),
-    "olmo2": Family(gguf.MODEL_ARCH.OLMO2),
-}
-
-
-def family_of(config) -> Family:
-    fam = FAMILIES.get(getattr(config, "model_type", None))
-    if fam is None:
-        raise ExportError(f"GGUF export supports {', '.join(FAMILIES)}; this model is {config.model_type!r} "
+def family_of(config) -> FamilySpec:
+    """The family spec of `config`, which must have a GGUF layout (else a one-line ExportError)."""
+    spec = spec_for(config)
+    if spec is None or spec.gguf is None:
+        known = ", ".join(s.name for s in SPECS if s.gguf is not None)
+        raise ExportError(f"GGUF export supports {known}; this model is {config.model_type!r} "
                           "(save merged safetensors and convert with llama.cpp's convert_hf_to_gguf.py)")
-    return fam
+    return spec
+
+
+def arch_of(family: FamilySpec) -> gguf.MODEL_ARCH:
+    return gguf.MODEL_ARCH[family.gguf.arch]
 
 
 def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -81,10 +62,9 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def add_metadata(w: gguf.GGUFWriter, config, family: Family, file_type: int) -> None:
+def add_metadata(w: gguf.GGUFWriter, config, family: FamilySpec, file_type: int) -> None:
     """Hyper-parameters in the keys llama.cpp reads for this architecture."""
     c, rp = config, _rope(config)
-    name = getattr(c, "model_type")
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -102,39 +82,29 @@ def add_metadata(w: gguf.GGUFWriter, config, family: Family, file_type: int) -> 
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rp["factor"])
         w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
-    elif rope_type not in ("default", "llama3") and not (name == "phi3" and rope_type in ("longrope", "su")):
+    elif rope_type not in ("default", "llama3") and not ("longrope_factors" in family.gguf.features
+                                                         and rope_type in ("longrope", "su")):
         raise ExportError(f"rope_type {rope_type!r} has no GGUF equivalent in velotune's exporter")
     if getattr(c, "head_dim", None) is not None:
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
-    if family.arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.GRANITE, gguf.MODEL_ARCH.SMOLLM3):
-        w.add_vocab_size(c.vocab_size)
-        w.add_rope_dimension_count(head_dim(c))
-        window = getattr(c, "sliding_window", None)
-        if window and window < c.max_position_embeddings:
-            log.warning("llama.cpp runs %s without a sliding window: outputs differ from transformers beyond "
-                        "%d tokens of context", name, window)
-    if family.arch == gguf.MODEL_ARCH.GRANITE:  # llama.cpp divides the logits by its logit_scale
-        w.add_embedding_scale(c.embedding_multiplier)
-        w.add_residual_scale(c.residual_multiplier)
-        w.add_attention_scale(c.attention_multiplier)
-        w.add_logit_scale(c.logits_scaling)
-    elif family.arch == gguf.MODEL_ARCH.SMOLLM3:
-        _check_smollm3(c)
-    elif family.arch == gguf.MODEL_ARCH.PHI3:
-        w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads)
-        w.add_rope_scaling_orig_ctx_len(getattr(c, "original_max_position_embeddings", None)
-                                        or c.max_position_embeddings)
-        w.add_sliding_window(getattr(c, "sliding_window", None) or 0)  # llama.cpp ignores Phi-3 SWA
-    elif family.arch == gguf.MODEL_ARCH.GEMMA2:
-        _check_gemma2(c)
-        w.add_attn_logit_softcapping(c.attn_logit_softcapping or 0.0)
-        w.add_final_logit_softcapping(c.final_logit_softcapping or 0.0)
-        w.add_sliding_window(c.sliding_window)
+    for feature in family.gguf.features:
+        FEATURES[feature].metadata(w, c, rp)
     w.add_file_type(file_type)
 
 
-def _check_gemma2(c) -> None:
+def _warn_no_swa(w, c, rp) -> None:
+    window = getattr(c, "sliding_window", None)
+    if window and window < c.max_position_embeddings:
+        log.warning("llama.cpp runs %s without a sliding window: outputs differ from transformers beyond "
+                    "%d tokens of context", c.model_type, window)
+
+
+def _partial_rope_dims(w, c, rp) -> None:
+    w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads)
+
+
+def _check_gemma2(w, c, rp) -> None:
     """llama.cpp hard-codes Gemma 2's attention scale and SWA layout: refuse configs it would misread."""
     expected = (c.hidden_size // c.num_attention_heads if c.num_hidden_layers == 46 else c.head_dim)
     if c.query_pre_attn_scalar != expected:
@@ -145,7 +115,27 @@ def _check_gemma2(c) -> None:
         raise ExportError("Gemma 2 GGUF needs sliding attention on even layers and full attention on odd ones")
 
 
-def _check_smollm3(c) -> None:
+def _check_gemma3(w, c, rp) -> None:
+    """llama.cpp's Gemma 3 graph hard-codes what Gemma 3 checkpoints use: every 6th layer global, the
+    others sliding with RoPE base 10000 unscaled, the attention scale from head_dim (hidden / heads for
+    the 62-layer 27B), no final-logit softcap. Refuse configs it would misread."""
+    types = getattr(c, "layer_types", None) or []
+    if any((t == "sliding_attention") != bool((i + 1) % 6) for i, t in enumerate(types)):
+        raise ExportError("Gemma 3 GGUF needs 5 sliding layers then 1 full-attention layer, repeated "
+                          "(llama.cpp's fixed pattern)")
+    local = (getattr(c, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if float(local.get("rope_theta", 10000.0)) != 10000.0 or local.get("rope_type", "default") != "default":
+        raise ExportError("Gemma 3 GGUF needs the sliding layers' RoPE at base 10000 without scaling "
+                          f"(llama.cpp's fixed values); this model has {local}")
+    expected = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == 62 else c.head_dim
+    if c.query_pre_attn_scalar != expected:
+        raise ExportError(f"Gemma 3 with query_pre_attn_scalar={c.query_pre_attn_scalar} cannot be expressed in "
+                          f"GGUF (llama.cpp uses {expected} for a {c.num_hidden_layers}-layer model)")
+    if getattr(c, "final_logit_softcapping", None) is not None:
+        raise ExportError("Gemma 3 GGUF: llama.cpp's Gemma 3 graph has no final-logit softcap")
+
+
+def _check_smollm3(w, c, rp) -> None:
     """llama.cpp's SmolLM3 graph skips RoPE on layers i with (i + 1) % 4 == 0 (a constant, not a GGUF key)
     and has no sliding window: refuse configs it would run differently."""
     want = [int((i + 1) % 4 != 0) for i in range(c.num_hidden_layers)]
@@ -156,52 +146,107 @@ def _check_smollm3(c) -> None:
         raise ExportError("SmolLM3 GGUF: llama.cpp's SmolLM3 graph has no sliding window")
 
 
-def extra_tensors(config, family: Family) -> Iterator[tuple[str, np.ndarray]]:
-    """Tensors llama.cpp needs that transformers computes on the fly (Llama 3 rope frequency factors)."""
-    rp = _rope(config)
-    if family.arch == gguf.MODEL_ARCH.LLAMA and rp.get("rope_type") == "llama3":
-        dim, base = head_dim(config), rp.get("rope_theta", 10000.0)
-        freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        factor, lo, hi = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
-        old_ctx = rp.get("original_max_position_embeddings", 8192)
-        lo_wavelen, hi_wavelen = old_ctx / lo, old_ctx / hi
-        factors = []
-        for f in freqs.tolist():
-            wavelen = 2 * math.pi / f
-            if wavelen < hi_wavelen:
-                factors.append(1.0)
-            elif wavelen > lo_wavelen:
-                factors.append(factor)
-            else:
-                smooth = (old_ctx / wavelen - lo) / (hi - lo)
-                factors.append(1 / ((1 - smooth) / factor + smooth))
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", np.asarray(factors, dtype=np.float32)
-    if family.arch == gguf.MODEL_ARCH.PHI3 and rp.get("long_factor"):
+def _granite_scales(w, c, rp) -> None:
+    """Granite's four scalars (convert_hf_to_gguf's GraniteModel); llama.cpp divides the logits by logit_scale."""
+    w.add_embedding_scale(c.embedding_multiplier)
+    w.add_residual_scale(c.residual_multiplier)
+    w.add_attention_scale(c.attention_multiplier)
+    w.add_logit_scale(c.logits_scaling)
+
+
+def _softcaps(w, c, rp) -> None:
+    w.add_attn_logit_softcapping(c.attn_logit_softcapping or 0.0)
+    w.add_final_logit_softcapping(c.final_logit_softcapping or 0.0)
+
+
+def _llama3_rope_freqs(c, rp) -> Iterator[tuple[str, np.ndarray]]:
+    """Llama 3 rope frequency factors: llama.cpp reads them as a tensor; transformers computes them."""
+    if rp.get("rope_type") != "llama3":
+        return
+    dim, base = head_dim(c), rp.get("rope_theta", 10000.0)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, lo, hi = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old_ctx = rp.get("original_max_position_embeddings", 8192)
+    lo_wavelen, hi_wavelen = old_ctx / lo, old_ctx / hi
+    factors = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < hi_wavelen:
+            factors.append(1.0)
+        elif wavelen > lo_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", np.asarray(factors, dtype=np.float32)
+
+
+def _longrope_factors(c, rp) -> Iterator[tuple[str, np.ndarray]]:
+    if rp.get("long_factor"):
         rs = gguf.TENSOR_NAMES
         yield rs[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight", np.asarray(rp["long_factor"], dtype=np.float32)
         yield rs[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight", np.asarray(rp["short_factor"], dtype=np.float32)
 
 
-def gguf_tensors(config, family: Family, tensors: Iterable[tuple[str, torch.Tensor]]
+def _nothing(*_args) -> None:
+    return None
+
+
+class Feature:
+    """One named piece of an architecture's GGUF layout: metadata(writer, config, rope) writes keys;
+    tensors(config, rope) yields extra (name, array) pairs; drop(name) skips an HF tensor."""
+
+    def __init__(self, metadata: Callable = _nothing, tensors: Callable | None = None,
+                 drop: Callable[[str], bool] | None = None):
+        self.metadata, self.tensors, self.drop = metadata, tensors, drop
+
+
+FEATURES: dict[str, Feature] = {
+    "vocab_size": Feature(lambda w, c, rp: w.add_vocab_size(c.vocab_size)),
+    "rope_dims": Feature(lambda w, c, rp: w.add_rope_dimension_count(head_dim(c))),
+    "no_swa_warning": Feature(_warn_no_swa),       # the architecture's graph has no sliding window
+    "partial_rope_dims": Feature(_partial_rope_dims),
+    "orig_ctx": Feature(lambda w, c, rp: w.add_rope_scaling_orig_ctx_len(
+        getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings)),
+    "sliding_window_key": Feature(lambda w, c, rp: w.add_sliding_window(getattr(c, "sliding_window", None) or 0)),
+    "gemma2_layout": Feature(_check_gemma2),
+    "gemma3_layout": Feature(_check_gemma3),
+    "smollm3_layout": Feature(_check_smollm3),     # NoPE every 4th layer, no sliding window
+    "granite_scales": Feature(_granite_scales),
+    "softcaps": Feature(_softcaps),
+    "llama3_rope_freqs": Feature(tensors=_llama3_rope_freqs),
+    "longrope_factors": Feature(tensors=_longrope_factors),
+    "tied_output": Feature(drop=lambda name: name == "lm_head.weight"),  # output = token_embd in llama.cpp
+}
+
+
+def extra_tensors(config, family: FamilySpec) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors llama.cpp needs that transformers computes on the fly (e.g. Llama 3 rope factors)."""
+    rp = _rope(config)
+    for feature in family.gguf.features:
+        if FEATURES[feature].tensors is not None:
+            yield from FEATURES[feature].tensors(config, rp)
+
+
+def gguf_tensors(config, family: FamilySpec, tensors: Iterable[tuple[str, torch.Tensor]]
                  ) -> Iterator[tuple[str, np.ndarray]]:
     """HF `(name, tensor)` -> GGUF `(name, float32 array)` with permutations and norm offsets applied."""
-    tmap = gguf.get_tensor_name_map(family.arch, config.num_hidden_layers)
+    tmap = gguf.get_tensor_name_map(arch_of(family), config.num_hidden_layers)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    drops = [FEATURES[f].drop for f in family.gguf.features if FEATURES[f].drop is not None]
     yield from extra_tensors(config, family)
     for name, t in tensors:
-        if name.endswith("rotary_emb.inv_freq"):
+        if name.endswith("rotary_emb.inv_freq") or any(drop(name) for drop in drops):
             continue
-        if family.arch == gguf.MODEL_ARCH.GEMMA2 and name == "lm_head.weight":
-            continue  # tied to token_embd in llama.cpp's Gemma 2 graph
         t = t.float()
-        if family.permute_qk:
+        if family.gguf.permute_qk:
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 t = permute_rotary(t, n_head)
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
                 t = permute_rotary(t, n_kv)
-        if family.norm_plus_one and name.endswith("norm.weight"):
-            t = t + 1
+        if family.norm_offset and name.endswith("norm.weight"):
+            t = t + family.norm_offset
         new_name = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ExportError(f"no GGUF name for tensor {name!r} of a {config.model_type} model")

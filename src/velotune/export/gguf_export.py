@@ -19,7 +19,7 @@ import torch
 from velotune.errors import ConfigError, describe_os_error
 from velotune.export.atomic import ExportError, atomic_file
 from velotune.fsio import remove_stale_temps
-from velotune.export.gguf_arch import add_metadata, family_of, gguf_tensors
+from velotune.export.gguf_arch import add_metadata, arch_of, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
 from velotune.export.merge import base_model_of, iter_merged_tensors
 from velotune.export.merged import export_dtype
@@ -93,7 +93,7 @@ def write_gguf(model, tokenizer, path: Path, method: str, *, name: str | None = 
             for tname, arr in gguf_tensors(config, family, iter_merged_tensors(model, torch.float32)):
                 yield tname, arr, _tensor_type(tname, arr, qtype)
 
-    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.arch])
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch_of(family)])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or Path(getattr(config, "_name_or_path", "") or "model").name or "model")
     add_metadata(w, config, family, int(file_type))

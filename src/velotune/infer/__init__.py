@@ -30,7 +30,7 @@ def _config_of(model):
 def for_inference(model, *, cuda_graphs: bool = True, fused: bool | None = None):
     """Eval mode, KV cache on, and `model.generate` on the static-cache decode engine.
 
-    Supported families (llama, mistral, qwen2, phi3, gemma2) with plain, LoRA (unmerged) or
+    Families in the registry (velotune.models.families) with plain, LoRA (unmerged) or
     bitsandbytes 4-bit weights take the fast path; anything else keeps stock generate in eval mode.
     `cuda_graphs=False` decodes eagerly on the GPU; `fused=False` uses plain torch ops instead of
     velotune's Triton kernels for norm, RoPE and activation (default: fused on CUDA). Both for A/B checks.

@@ -8,7 +8,7 @@ the cache is reallocated `chunk` slots larger and the old contents copied (graph
     k[l], v[l]   [B, Hk, S, D]   keys (RoPE applied) and values of layer l
     valid        [B, S] bool     key slot holds a real token (False: left padding of the prompt)
     offset       [B] long        position id = slot index - offset (per row, from the prompt)
-    cos, sin     [S, R]          RoPE table for positions 0..S-1 (None for length-dependent RoPE)
+    cos, sin     {key: [S, R]}   RoPE tables for positions 0..S-1 per rope key (None for length-dependent RoPE)
 """
 from __future__ import annotations
 

@@ -96,15 +96,24 @@ class DecodeEngine:
             return
         # The model's own rotary module at positions 0..S-1: identical values to its per-step call.
         dummy = torch.empty(1, dtype=self.spec.dtype, device=self.spec.device)
-        cos, sin = self.spec.rotary(dummy, cache.arange.unsqueeze(0))
-        cache.cos, cache.sin = cos[0], sin[0]
+        cache.cos, cache.sin = {}, {}
+        for key in self._rope_keys():
+            cos, sin = self._rotary(dummy, cache.arange.unsqueeze(0), key)
+            cache.cos[key], cache.sin[key] = cos[0], sin[0]
 
-    def _rope(self, h: torch.Tensor, positions: torch.Tensor):
-        """positions [B, T] -> cos, sin [B, T, R]."""
+    def _rope_keys(self):
+        return {layer.rope_key for layer in self.spec.layers}
+
+    def _rotary(self, x, positions, key):
+        """The model's rotary module: one table, or (Gemma 3) the table of layer type `key`."""
+        return self.spec.rotary(x, positions) if key is None else self.spec.rotary(x, positions, key)
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict:
+        """positions [B, T] -> {rope key: (cos, sin) [B, T, R]} (key None: the model's only table)."""
         c = self.cache
         if self.static_rope:
-            return c.cos[positions], c.sin[positions]
-        return self.spec.rotary(h, positions)
+            return {key: (c.cos[key][positions], c.sin[key][positions]) for key in c.cos}
+        return {key: self._rotary(h, positions, key) for key in self._rope_keys()}
 
     # ------------------------------------------------------------------ the model
     def _norm(self, x, n):
@@ -125,9 +134,10 @@ class DecodeEngine:
     def _proj(self, layer, name, x):
         return ops.linear(getattr(layer, name), x, layer.plans[name])
 
-    def _layer(self, i: int, layer, h, cos, sin, allowed, write):
+    def _layer(self, i: int, layer, h, ropes, allowed, write):
         """One decoder layer. h [B, T, H]; `write(cache_tensor, new)` stores K or V for these tokens."""
         s, c = self.spec, self.cache
+        cos, sin = ropes[layer.rope_key]
         B, T, _ = h.shape
         x = h if layer.input_norm is None else self._norm(h, layer.input_norm)
         if layer.qkv is not None:
@@ -136,10 +146,13 @@ class DecodeEngine:
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             q, k, v = self._proj(layer, "q", x), self._proj(layer, "k", x), self._proj(layer, "v", x)
-        if layer.q_norm is not None:  # OLMo 2: over the whole projection, before RoPE
+        if layer.qk_norm == "projection":  # OLMo 2: over the whole projection, before RoPE
             q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
-        q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
-        k = k.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        q = q.view(B, T, s.n_heads, s.head_dim)
+        k = k.view(B, T, s.n_kv_heads, s.head_dim)
+        if layer.qk_norm == "head":  # Qwen3, Gemma 3: per head, before RoPE
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
         if layer.rope:
             q, k = self._rotate(q, k, cos, sin)
@@ -220,9 +233,9 @@ class DecodeEngine:
             return buf[:, :, :T]
 
         h = self._embed(input_ids)
-        cos, sin = self._rope(h, position_ids)
+        ropes = self._rope(h, position_ids)
         for i, layer in enumerate(self.spec.layers):
-            h = self._layer(i, layer, h, cos, sin, allowed, write)
+            h = self._layer(i, layer, h, ropes, allowed, write)
         c.length = T
         return self._head(h[:, -1])
 
@@ -248,9 +261,9 @@ class DecodeEngine:
             return buf[:, :, :S]
 
         h = self._embed(ids)
-        cos, sin = self._rope(h, positions)
+        ropes = self._rope(h, positions)
         for i, layer in enumerate(self.spec.layers):
-            h = self._layer(i, layer, h, cos, sin, allowed, write)
+            h = self._layer(i, layer, h, ropes, allowed, write)
         return self._head(h[:, -1])
 
     @torch.no_grad()

@@ -1,27 +1,20 @@
 """What the decode path needs to know about a model, read once from the transformers modules.
 
 A `DecoderSpec` is data: the modules holding the weights (projections may be nn.Linear, bitsandbytes
-4-bit or PEFT LoRA layers), the norm style, sliding windows, softcaps and head shapes. Families
-differ only in these fields:
-
-| family  | qkv      | mlp          | norm          | extras                                          |
-|---------|----------|--------------|---------------|-------------------------------------------------|
-| llama   | q, k, v  | gate, up     | w * x         | llama3 RoPE scaling                             |
-| mistral | q, k, v  | gate, up     | w * x         | sliding window (every layer)                    |
-| qwen2   | q, k, v  | gate, up     | w * x         | q/k/v biases, sliding window per `layer_types`  |
-| phi3    | qkv      | gate_up      | w * x         | partial rotary                                  |
-| gemma2  | q, k, v  | gate, up     | x * (1 + w)   | sandwich norms, softcaps, alternate sliding     |
-| granite | q, k, v  | gate, up     | w * x         | embedding/residual multipliers, logits / scaling |
-| smollm3 | q, k, v  | gate, up     | w * x         | NoPE layers (no rotary where use_rope is 0)      |
-| olmo2   | q, k, v  | gate, up     | (w * x) fp32  | no pre-norms, post-norms, q/k norm (projection)  |
+4-bit or PEFT LoRA layers), the norm style, sliding windows, softcaps and head shapes. The family
+facts (norm offset, activation, per-layer sliding windows, softcap attributes) come from the family
+registry (velotune.models.families, one FamilySpec per family); which projections and norms a layer
+has is read from the modules themselves (q/k/v or fused qkv, gate/up or fused gate_up, sandwich norms,
+no norm before attention (OLMo 2)), and so are the scalars stock's own modules apply (Granite's
+embedding_multiplier on the decoder stack and residual_multiplier on each layer).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma2", "granite", "smollm3", "olmo2")
 DYNAMIC_ROPE = ("dynamic", "longrope")  # cos/sin depend on the current length: no precomputed table
 
 
@@ -47,12 +40,14 @@ class LayerSpec:
     gate_up: object = None  # fused (Phi-3): rows [gate | up]
     down: object = None
     act: object = None
+    q_norm: Norm | None = None  # RMSNorm on q and k before RoPE, as FamilySpec.qk_norm says:
+    k_norm: Norm | None = None  # per head over head_dim (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+    qk_norm: str = "none"       # "none" | "head" | "projection" (the family's FamilySpec.qk_norm)
     pre_ffn_norm: Norm | None = None  # Gemma 2 sandwich norms
     post_ffn_norm: Norm | None = None
-    norm_after_attn: bool = False     # post_attn_norm applies to attention's output (Gemma 2, OLMo 2)
-    q_norm: Norm | None = None        # OLMo 2: RMSNorm over the whole q / k projection
-    k_norm: Norm | None = None
+    norm_after_attn: bool = False     # post_attn_norm applies to attention's output (Gemma 2/3, OLMo 2)
     sliding_window: int | None = None
+    rope_key: str | None = None  # which RoPE table: None (the model's one) or a layer type (Gemma 3)
     rope: bool = True  # False: a NoPE layer (SmolLM3)
     plans: dict = field(default_factory=dict)  # projection name -> ops.lora_plan result
 
@@ -88,44 +83,39 @@ def causal_lm_of(model):
     return model
 
 
-def _norm(module) -> Norm:
-    eps = getattr(module, "variance_epsilon", None)
-    if eps is None:
-        eps = module.eps
-    name = type(module).__name__
-    return Norm(module.weight, float(eps), offset="Gemma" in name, fp32_weight=name == "Olmo2RMSNorm")
-
-
-def _sliding_window(config, attn, index: int) -> int | None:
-    if hasattr(attn, "sliding_window"):  # Gemma 2, Qwen 2: set per layer by the module itself
-        return attn.sliding_window
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and config.model_type != "mistral":
-        return config.sliding_window if layer_types[index] == "sliding_attention" else None
-    return getattr(config, "sliding_window", None)
+def _norm(module, family) -> Norm:
+    """A norm module read with its family's rules: eps attribute, the (1 + w) offset, fp32 weight product."""
+    return Norm(module.weight, float(getattr(module, family.norm_eps_attr)), offset=family.norm_offset != 0,
+                fp32_weight=family.norm_weight_in_fp32)
 
 
 def build_spec(model) -> DecoderSpec | None:
     """Read the decode spec from `model` (PeftModel or *ForCausalLM); None if unsupported."""
     from velotune.infer.ops import lora_plan
+    from velotune.models.families import spec_for
 
     lm = causal_lm_of(model)
     config = lm.config
-    if config.model_type not in SUPPORTED or not hasattr(lm, "model"):
+    family = spec_for(config)
+    if family is None or not hasattr(lm, "model") or getattr(config, "use_bidirectional_attention", False):
         return None
     devices = {p.device for p in lm.parameters()}
     if len(devices) != 1:
         return None  # sharded over devices (device_map): leave to stock generate
     body = lm.model
+    if family.rope_by_layer_type and "layer_type" not in inspect.signature(body.rotary_emb.forward).parameters:
+        return None  # a transformers release whose rotary module has no per-layer-type tables
     layers = []
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
         pre = getattr(layer, "input_layernorm", None)
-        spec = LayerSpec(input_norm=None if pre is None else _norm(pre),
-                         post_attn_norm=_norm(layer.post_attention_layernorm),
+        spec = LayerSpec(input_norm=None if pre is None else _norm(pre, family),
+                         post_attn_norm=_norm(layer.post_attention_layernorm, family),
                          o=attn.o_proj, down=mlp.down_proj,
                          act=getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn"),
-                         sliding_window=_sliding_window(config, attn, i), rope=bool(getattr(attn, "use_rope", True)))
+                         norm_after_attn=family.sandwich_norms, sliding_window=family.window_of(config, i),
+                         rope_key=config.layer_types[i] if family.rope_by_layer_type else None,
+                         rope=family.rope_flag_attr is None or bool(getattr(attn, family.rope_flag_attr)))
         if hasattr(attn, "qkv_proj"):
             spec.qkv = attn.qkv_proj
         else:
@@ -134,38 +124,42 @@ def build_spec(model) -> DecoderSpec | None:
             spec.gate_up = mlp.gate_up_proj
         else:
             spec.gate, spec.up = mlp.gate_proj, mlp.up_proj
+        if family.qk_norm != "none":
+            spec.q_norm, spec.k_norm = _norm(attn.q_norm, family), _norm(attn.k_norm, family)
+            spec.qk_norm = family.qk_norm
         if hasattr(layer, "pre_feedforward_layernorm"):
-            spec.pre_ffn_norm = _norm(layer.pre_feedforward_layernorm)
+            spec.pre_ffn_norm = _norm(layer.pre_feedforward_layernorm, family)
         if hasattr(layer, "post_feedforward_layernorm"):
-            spec.post_ffn_norm = _norm(layer.post_feedforward_layernorm)
-            spec.norm_after_attn = True
-        if config.model_type == "olmo2":
-            spec.q_norm, spec.k_norm = _norm(attn.q_norm), _norm(attn.k_norm)
+            spec.post_ffn_norm = _norm(layer.post_feedforward_layernorm, family)
         for name in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"):
             if getattr(spec, name) is not None:
                 spec.plans[name] = lora_plan(getattr(spec, name))
         layers.append(spec)
     attn0 = body.layers[0].self_attn
     head_dim = attn0.head_dim
-    rope_params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = "default"
-    if isinstance(rope_params, dict):
-        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+    rope_type = _rope_type(config)
     dtype = body.embed_tokens.weight.dtype
     return DecoderSpec(
-        family=config.model_type, embed=body.embed_tokens, layers=layers, final_norm=_norm(body.norm),
+        family=family.name, embed=body.embed_tokens, layers=layers, final_norm=_norm(body.norm, family),
         lm_head=lm.lm_head, rotary=body.rotary_emb, rope_type=rope_type,
         n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
-        scaling=float(attn0.scaling), attn_softcap=getattr(config, "attn_logit_softcapping", None),
-        final_softcap=getattr(config, "final_logit_softcapping", None), device=next(iter(devices)),
-        dtype=dtype, vocab_size=config.vocab_size, act_name=_act_name(config),
+        scaling=float(attn0.scaling), attn_softcap=_config_value(config, family.attn_softcap_attr),
+        final_softcap=_config_value(config, family.final_softcap_attr), device=next(iter(devices)),
+        dtype=dtype, vocab_size=config.vocab_size, act_name=family.activation(config),
         embed_multiplier=getattr(body, "embedding_multiplier", None),
         residual_multiplier=getattr(body.layers[0], "residual_multiplier", None),
-        logits_divisor=getattr(config, "logits_scaling", None) if config.model_type == "granite" else None)
+        logits_divisor=_config_value(config, family.logits_divisor_attr))
 
 
-def _act_name(config) -> str | None:
-    from velotune.kernels.glu import ACTS
+def _rope_type(config) -> str:
+    """The RoPE type; with one table per layer type (Gemma 3) a length-dependent one if any is."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return "default"
+    tables = list(params.values()) if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    types = [t.get("rope_type", t.get("type", "default")) for t in tables]
+    return next((t for t in types if t in DYNAMIC_ROPE), types[0])
 
-    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-    return name if name in ACTS else None
+
+def _config_value(config, attr: str | None):
+    return getattr(config, attr, None) if attr else None

@@ -32,16 +32,23 @@ import triton.language as tl
 from velotune.kernels import triton_enabled
 from velotune.kernels.launch import launch_named
 
-ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "gelu_pytorch_tanh": 2}
-_CANON = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
-          "gelu_pytorch_tanh": "gelu_tanh"}
+# The one activation table: accepted name (the kernels' own and transformers' ACT2FN names) -> the
+# kernels' name. An activation not listed here is not one these kernels compute exactly.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh"}
+_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}   # kernels' name -> the Triton kernels' ACT constant
 BLOCK = 1024
 
 
+def canonical_activation(name) -> str | None:
+    """The kernels' name for activation `name` (a transformers ACT2FN key or their own), or None."""
+    return ACTIVATIONS.get(name) if isinstance(name, str) else None
+
+
 def _act_id(act: str) -> int:
-    if act not in ACTS:
-        raise ValueError(f"glu: unknown activation {act!r}; expected one of {sorted(ACTS)}")
-    return ACTS[act]
+    if act not in ACTIVATIONS:
+        raise ValueError(f"glu: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
+    return _IDS[ACTIVATIONS[act]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -49,7 +56,7 @@ def _act_id(act: str) -> int:
 # ----------------------------------------------------------------------------------------------------
 def act_reference(x: torch.Tensor, act: str) -> torch.Tensor:
     """ACT2FN[act](x): F.silu, exact F.gelu, or F.gelu(approximate='tanh')."""
-    kind = _CANON.get(act)
+    kind = ACTIVATIONS.get(act)
     if kind is None:
         _act_id(act)
     if kind == "silu":
@@ -64,7 +71,7 @@ def glu_reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tenso
 def _glu_backward_torch(dh, gate, up, act):
     """The hand-derived backward in fp32 torch ops (the CPU path of glu_backward)."""
     g, u, d = gate.float(), up.float(), dh.float()
-    kind = _CANON[act]
+    kind = ACTIVATIONS[act]
     if kind == "silu":
         s = torch.sigmoid(g)
         a, da = g * s, s * (1 + g * (1 - s))

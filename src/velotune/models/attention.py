@@ -1,6 +1,7 @@
 """Fused self-attention forward (bound per instance onto the family's attention module).
 
-    x [B, T, H] --LoRA-QKV--> q [B, Hq, T, D], k, v [B, Hk, T, D] --RoPE--> attention --LoRA-O--> [B, T, H]
+    x [B, T, H] --LoRA-QKV--> q [B, Hq, T, D], k, v [B, Hk, T, D] (--q/k norms-->) --RoPE-->
+      attention --LoRA-O--> [B, T, H]
 
 The mask is the one transformers' own model forward built for this layer (padding, sliding window,
 packed sequences as a block-diagonal causal mask), so masking semantics are exactly stock:
@@ -73,6 +74,22 @@ def attend(q, k, v, mask, *, scaling: float, n_rep: int, softcap: float | None =
     return torch.matmul(probs, v)
 
 
+def _head_norms(self, spec, q, k, D: int):
+    """q_norm / k_norm (Qwen3, Gemma 3): RMSNorm over head_dim of every head, before RoPE.
+
+    q [N, Hq * D], k [N, Hk * D] (row-major heads, views allowed) -> fresh [N, Hq * D], [N, Hk * D].
+    Computed from the norm modules' weight and eps with the family's offset, as the stock modules do
+    (the modules themselves are not called: their fused forward would record its output for the
+    saved-tensor offload, and RoPE then rotates that output in place)."""
+    from velotune.kernels.rmsnorm import rms_norm
+
+    out = []
+    for x, norm in ((q, self.q_norm), (k, self.k_norm)):
+        y = rms_norm(x.reshape(-1, D), norm.weight, getattr(norm, spec.norm_eps_attr), offset=spec.norm_offset)
+        out.append(y.view(x.shape[0], -1))
+    return out
+
+
 def sliding_window(attn) -> int | None:
     """The sliding window stock's mask gives this attention module: its own `sliding_window` where
     the family sets one per layer (Qwen2, Gemma 2: None on full-attention layers), else the config's
@@ -110,7 +127,10 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     else:
         (q, k, v), (own_q, own_k, _) = _project(X, [self.q_proj, self.k_proj, self.v_proj])
         owned = own_q and own_k
-    if spec.qk_norm == "projection":     # OLMo 2: RMSNorm over all heads of q and of k, before RoPE
+    if spec.qk_norm == "head":           # Qwen3, Gemma 3: RMSNorm over head_dim of every head, before RoPE
+        q, k = _head_norms(self, spec, q, k, D)
+        owned = True                                                   # the norms' fresh outputs
+    elif spec.qk_norm == "projection":   # OLMo 2: RMSNorm over all heads of q and of k, before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
         owned = False    # norm outputs: memory/saved_offload may recompute them from their inputs; not in place
     cos, sin = position_embeddings

@@ -30,6 +30,11 @@ def extend_context(model: nn.Module, max_seq_length: int) -> str | None:
     if not native or not max_seq_length or max_seq_length <= native:
         return None
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if params and all(isinstance(v, dict) for v in params.values()):  # one table per layer type (Gemma 3)
+        log.warning("velotune: max_seq_length %d exceeds max_position_embeddings %d; the model has one RoPE "
+                    "table per layer type, which velotune does not rescale (kept as configured)",
+                    max_seq_length, native)
+        return None
     rope_type = params.get("rope_type", "default")
     factor = max_seq_length / native
     if rope_type == "default":

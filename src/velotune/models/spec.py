@@ -1,16 +1,68 @@
-"""`FamilySpec`: what one model family changes relative to Llama, as data.
+"""`FamilySpec`: what one model family changes relative to Llama, as data, read by every subsystem.
 
-The fused forwards in attention.py / mlp.py / norm.py / loss.py read these fields; the rest of the
-family (decoder-layer wiring, embedding scale, mask construction) stays in transformers' own code,
-which is why fields such as `sandwich_norms` or `sliding_window` are recorded here for the reader
-and for `report()`, and checked against the config, rather than re-implemented.
+One home per fact: a family's file (models/<family>.py) holds one `FamilySpec`, registered by one line
+in models/families.py. Training (the fused forwards in attention.py / mlp.py / norm.py / loss.py),
+inference (infer/spec.py reads the decode facts) and GGUF export (export/gguf_arch.py reads `gguf`)
+all look the family up there; none keeps a table of its own.
+
+Fields, by reader:
+  patching (patch.py)   causal_lm, attention, mlp, norm: transformers class names whose INSTANCES get
+                        velotune's fused forwards (per instance, revertible); body: the decoder stack
+                        (<Family>Model) that runs padded batches padding-free (models/padding_free.py),
+                        "" for none.
+  norms                 norm_offset: RMSNorm scales by (norm_offset + w) -- 0 Llama, 1 Gemma;
+                        norm_eps_attr: the norm module's attribute holding eps;
+                        norm_weight_in_fp32: (w * n) in fp32, rounded once (OLMo 2), instead of
+                        w * n.to(dtype).
+  MLP                   activation_attr: config attribute naming the activation (mapped through the GLU
+                        kernel's one table, kernels/glu.ACTIVATIONS; an unknown name -> stock MLP);
+                        gate_up: "separate" (gate_proj, up_proj) | "fused" (gate_up_proj = [gate|up]).
+  attention             qkv: "separate" (q_proj, k_proj, v_proj) | "fused" (qkv_proj = [q|k|v]);
+                        qk_norm: "none" | "head" (attention modules own q_norm/k_norm RMSNorms over
+                        head_dim, applied per head to q and k after the projection, before RoPE:
+                        Qwen3, Gemma 3) | "projection" (q_norm/k_norm over the whole q / k
+                        projection, all heads at once, before RoPE: OLMo 2);
+                        attn_softcap_attr / final_softcap_attr: config attributes t of t*tanh(x/t)
+                        on attention scores / final logits (None or a None value: no softcap);
+                        rope_flag_attr: attention-module attribute; falsy on a NoPE layer (no RoPE:
+                        SmolLM3's use_rope).
+  logits                logits_divisor_attr: config attribute d of logits / d (Granite's
+                        logits_scaling), folded into the fused cross-entropy's logit scale.
+  masks & layers        sliding_window: which layers attend within config.sliding_window --
+                        "none", "all" (every layer), "layer_types" (layers whose
+                        config.layer_types[i] == "sliding_attention"). Training uses transformers' own
+                        masks; the decode path (infer/) builds its masks from this.
+                        rope_by_layer_type: the model's rotary module takes a layer type and returns
+                        that type's cos/sin (Gemma 3: local and global RoPE bases); layer i uses
+                        config.layer_types[i]'s table (training gets them from transformers' own loop).
+                        embedding_scale, sandwich_norms: done by the stock embedding / decoder layer
+                        code; recorded so the decode path and mlp.py know them.
+  export                gguf: a `GGUFLayout` (llama.cpp architecture and per-feature metadata) or None
+                        when llama.cpp has no architecture for the family (GGUF export then refuses).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# transformers activation names -> the kernels' GLU activation names (exactly the same function).
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+from velotune.kernels.glu import canonical_activation
+
+SLIDING = ("none", "all", "layer_types")
+QK_NORMS = ("none", "head", "projection")
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp stores a family (mirrors convert_hf_to_gguf.py's model class for it).
+
+    arch: the gguf.MODEL_ARCH member name (e.g. "LLAMA", "QWEN2"); tensor names follow the gguf
+    package's HF -> GGUF table for it. permute_qk: q/k rows go from HF's rotate-half pairs to
+    llama.cpp's interleaved pairs (its "normal" RoPE). Norm weights are written as offset + w for
+    Gemma-style norms (FamilySpec.norm_offset). features: names of the metadata/tensor writers in
+    export/gguf_arch.py's FEATURES table this architecture needs (e.g. "softcaps", "tied_output").
+    """
+    arch: str
+    permute_qk: bool = False
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -25,18 +77,26 @@ class FamilySpec:
     norm_offset: float = 0.0              # RMSNorm multiplies by (offset + w): Gemma uses 1.0
     norm_eps_attr: str = "variance_epsilon"
     norm_weight_in_fp32: bool = False     # (w * n) in fp32, rounded once (OLMo 2), instead of w * n.to(dtype)
-    qk_norm: str = "none"                 # "none" | "projection": q_norm / k_norm over the whole q / k projection
     activation_attr: str = "hidden_act"   # config attribute naming the MLP activation
     qkv: str = "separate"                 # "separate": q_proj/k_proj/v_proj; "fused": qkv_proj = [q|k|v]
     gate_up: str = "separate"             # "separate": gate_proj/up_proj; "fused": gate_up_proj = [gate|up]
     qkv_bias: bool = False                # informational: the bias is read from the layer itself
+    qk_norm: str = "none"                 # "none" | "head" | "projection": q_norm/k_norm before RoPE
     attn_softcap_attr: str | None = None  # config attribute: scores -> t * tanh(scores / t)
     final_softcap_attr: str | None = None # config attribute: logits -> t * tanh(logits / t)
     logits_divisor_attr: str | None = None  # config attribute: logits -> logits / d (Granite's logits_scaling)
-    sliding_window: str = "none"          # "none" | "all" | "alternate" | "layer_types" (masks built by transformers)
+    sliding_window: str = "none"          # "none" | "all" | "layer_types" (see the module docstring)
+    rope_by_layer_type: bool = False      # rotary_emb(x, positions, layer_type): one table per layer type
     rope_flag_attr: str | None = None     # attention-module attribute; falsy: a NoPE layer (SmolLM3's use_rope)
     embedding_scale: bool = False         # hidden *= sqrt(hidden_size) after the embedding (stock code)
     sandwich_norms: bool = False          # extra norms after attention and MLP (stock decoder layer)
+    gguf: GGUFLayout | None = None        # llama.cpp layout; None: no GGUF export
+
+    def __post_init__(self):
+        if self.sliding_window not in SLIDING:
+            raise ValueError(f"FamilySpec {self.name}: sliding_window={self.sliding_window!r}, expected {SLIDING}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"FamilySpec {self.name}: qk_norm={self.qk_norm!r}, expected {QK_NORMS}")
 
     def role_of(self, class_name: str) -> str | None:
         """Which fused forward a module of this class name gets ("causal_lm", "attention", ...)."""
@@ -52,7 +112,18 @@ class FamilySpec:
         return 1.0 / float(getattr(config, self.logits_divisor_attr))
 
     def activation(self, config) -> str | None:
-        return ACTIVATIONS.get(getattr(config, self.activation_attr, None))
+        """The GLU kernels' name of the config's activation, or None (not one they implement)."""
+        return canonical_activation(getattr(config, self.activation_attr, None))
+
+    def window_of(self, config, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer` (None: full attention)."""
+        window = getattr(config, "sliding_window", None)
+        if self.sliding_window == "none" or window is None:
+            return None
+        if self.sliding_window == "all":
+            return window
+        types = getattr(config, "layer_types", None)
+        return window if types is not None and types[layer] == "sliding_attention" else None
 
     def describe(self) -> str:
         diffs = [f"{k}={v}" for k, v in (
@@ -60,7 +131,8 @@ class FamilySpec:
             ("qk_norm", self.qk_norm), ("qkv", self.qkv), ("gate_up", self.gate_up),
             ("qkv_bias", self.qkv_bias), ("attn_softcap", self.attn_softcap_attr),
             ("final_softcap", self.final_softcap_attr), ("logits_divisor", self.logits_divisor_attr),
-            ("sliding_window", self.sliding_window), ("nope_layers_flag", self.rope_flag_attr),
+            ("sliding_window", self.sliding_window), ("rope_by_layer_type", self.rope_by_layer_type),
+            ("nope_layers_flag", self.rope_flag_attr),
             ("embedding_scale", self.embedding_scale), ("sandwich_norms", self.sandwich_norms))
             if v not in (0.0, "separate", False, None, "none")]
         return f"{self.name}: " + (", ".join(diffs) if diffs else "Llama layout")
