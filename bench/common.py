@@ -243,8 +243,6 @@ def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dic
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=targets(cfg),
                                                 random_state=3407,
                                                 **{**MEMORY_DEFAULTS, **(memory or {})})
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if impl == "liger-lora":
         if cfg.model_type != "llama":
             raise SystemExit(f"liger-lora: Llama shapes only, not {cfg.model_type!r}")
@@ -254,14 +252,22 @@ def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dic
                                     fused_linear_cross_entropy=True, model=model)
     elif impl not in ("stock-lora", "stock-qlora"):
         raise SystemExit(f"unknown contender {impl!r}")
-    if impl == "stock-qlora":
+    return stock_peft(model, targets(cfg), quantized=impl == "stock-qlora")
+
+
+def stock_peft(model, target_modules: list[str], quantized: bool):
+    """Stock transformers + PEFT as its users run it: non-reentrant gradient checkpointing
+    (`prepare_model_for_kbit_training` for a 4-bit base), no KV cache, LoRA r=16 (seed 3407)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(3407)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets(cfg), lora_dropout=0.0,
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=target_modules, lora_dropout=0.0,
                                             bias="none", task_type="CAUSAL_LM"))
 
 

@@ -169,17 +169,7 @@ def build(impl: str, mode: str, shape: str, device: str, model_dir: Path, max_le
         prepare_model(model, max_seq_length=max_len)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS), \
             dict(gradient_checkpointing=False)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if mode == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    torch.manual_seed(3407)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
-                                             bias="none", task_type="CAUSAL_LM"))
+    model = common.stock_peft(model, TARGETS, quantized=mode == "qlora")
     return model, dict(gradient_checkpointing=False)   # enabled above, non-reentrant, as PEFT users do
 
 
