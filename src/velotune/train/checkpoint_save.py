@@ -4,11 +4,11 @@ transformers' `Trainer._save_checkpoint` writes `checkpoint-N/` in place, file b
 full disk in the middle leaves a torn folder under the final name. Here the same method writes into a
 hidden staging folder beside it (`<output_dir>/.checkpoint.tmp-<pid>/checkpoint-N`, a name
 `velotune.fsio.TEMP_NAME` knows, so a killed run's leftover is removed as stale), and the finished
-folder is renamed into place in one step; then the oldest `checkpoint-*` folders beyond
-`save_total_limit` are removed (by step number).
+folder, its files given the user's umask modes (safetensors writes 0600), is renamed into place in one
+step; then the oldest `checkpoint-*` folders beyond `save_total_limit` are removed (by step number).
 
 Runs where transformers' own bookkeeping needs the final path while it writes keep the stock
-in-place save: distributed runs (every rank writes its part), best-model tracking
+in-place save (`save_in_place`): distributed runs (every rank writes its part), best-model tracking
 (`load_best_model_at_end` / `metric_for_best_model`) and hub pushes from checkpoints.
 """
 from __future__ import annotations
@@ -47,6 +47,14 @@ def save(trainer, stock_save, model, trial) -> None:
     os.replace(stage_root / name, final)
     shutil.rmtree(stage_root, ignore_errors=True)
     rotate(run_dir, trainer.args.save_total_limit)
+
+
+def save_in_place(trainer, stock_save, model, trial) -> None:
+    """transformers' own in-place save, then the umask modes on the new checkpoint (main process)."""
+    stock_save(model, trial)
+    final = Path(trainer._get_output_dir(trial=trial)) / f"checkpoint-{trainer.state.global_step}"
+    if trainer.args.should_save and final.is_dir():
+        honour_umask_tree(final)
 
 
 def rotate(run_dir: Path, limit: int | None) -> list[Path]:

@@ -144,16 +144,3 @@ def commit_final(out: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return out
-
-
-def checkpoint_callback():
-    """A TrainerCallback giving each new checkpoint-N the umask's modes (safetensors writes 0600 files)."""
-    from transformers import TrainerCallback
-
-    class UmaskCheckpoints(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and ckpt.is_dir():
-                honour_umask_tree(ckpt)
-
-    return UmaskCheckpoints()

@@ -292,10 +292,7 @@ def _run_training(cfg: TrainConfig, out: Path, *, progress: bool, model, tokeniz
             if p.requires_grad and p.dtype == torch.float16:
                 p.data = p.data.float()
 
-    from velotune.train.output_dir import checkpoint_callback
-
     cbs = [ProgressCallback(desc=f"{cfg.method} training")] if progress else []
-    cbs.append(checkpoint_callback())
     trainer = make_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks=[*cbs, *callbacks])
     from transformers.trainer_callback import PrinterCallback
 

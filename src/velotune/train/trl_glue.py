@@ -143,9 +143,8 @@ class VelotuneTrainerMixin:
         """Checkpoints appear whole or not at all (train/checkpoint_save.py)."""
         from velotune.train import checkpoint_save
 
-        if not checkpoint_save.stages_atomically(self):
-            return super()._save_checkpoint(model, trial)
-        checkpoint_save.save(self, super()._save_checkpoint, model, trial)
+        save = checkpoint_save.save if checkpoint_save.stages_atomically(self) else checkpoint_save.save_in_place
+        save(self, super()._save_checkpoint, model, trial)
 
     def training_step(self, model, inputs, *args, **kwargs):
         if self._vt_clock is None:
