@@ -15,6 +15,7 @@ Results: `write_rows(path, subject, rows)` appends one JSON object per line, eac
 date, the commit and the command that produced it (bench/results/<subject>.jsonl holds the rows the
 docs cite).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,55 +32,174 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
-_GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+_GEMMA3_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+}
 SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False,
-               rope_parameters={**_LLAMA3_ROPE, "factor": 8.0}),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-               tie_word_embeddings=True, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0}),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        rope_parameters={**_LLAMA3_ROPE, "factor": 8.0},
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        rope_parameters={**_LLAMA3_ROPE, "factor": 32.0},
+    ),
     # CPU smoke runs: a multiple of 64 in every NF4-quantised dimension (bitsandbytes' block size)
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 20, tie_word_embeddings=False),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1 << 20,
+        tie_word_embeddings=False,
+    ),
     # Other families (model_type: the transformers config), at the published checkpoints' shapes
-    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     max_position_embeddings=40960, tie_word_embeddings=False, rms_norm_eps=1e-6,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                      vocab_size=262208, max_position_embeddings=131072, sliding_window=1024, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, rope_parameters=_GEMMA3_ROPE),
-    "gemma3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
-                       vocab_size=262208, max_position_embeddings=131072, sliding_window=1024, rms_norm_eps=1e-6,
-                       tie_word_embeddings=True, rope_parameters=_GEMMA3_ROPE),
-    "ministral-8b": dict(model_type="ministral", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
-                         max_position_embeddings=32768, sliding_window=32768, tie_word_embeddings=False,
-                         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000000.0}),
+    "qwen3-8b": dict(
+        model_type="qwen3",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    "gemma3-4b": dict(
+        model_type="gemma3_text",
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        vocab_size=262208,
+        max_position_embeddings=131072,
+        sliding_window=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters=_GEMMA3_ROPE,
+    ),
+    "gemma3-12b": dict(
+        model_type="gemma3_text",
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        vocab_size=262208,
+        max_position_embeddings=131072,
+        sliding_window=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters=_GEMMA3_ROPE,
+    ),
+    "ministral-8b": dict(
+        model_type="ministral",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=131072,
+        max_position_embeddings=32768,
+        sliding_window=32768,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000000.0},
+    ),
     # the generic path (models without a family file): Pythia-6.9B (GPT-NeoX) and Aya-23-8B (Cohere) shapes
-    "pythia-6.9b": dict(model_type="gpt_neox", hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
-                        num_attention_heads=32, vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25,
-                        use_parallel_residual=True, tie_word_embeddings=False),
-    "aya-8b": dict(model_type="cohere", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=8, vocab_size=256000, max_position_embeddings=8192,
-                   logit_scale=0.125, tie_word_embeddings=True),
-    "pythia-tiny": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=4, vocab_size=512, max_position_embeddings=4096, rotary_pct=0.25),
-    "cohere-tiny": dict(model_type="cohere", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
-                        logit_scale=0.125, tie_word_embeddings=True),
+    "pythia-6.9b": dict(
+        model_type="gpt_neox",
+        hidden_size=4096,
+        intermediate_size=16384,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=50432,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+    ),
+    "aya-8b": dict(
+        model_type="cohere",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=256000,
+        max_position_embeddings=8192,
+        logit_scale=0.125,
+        tie_word_embeddings=True,
+    ),
+    "pythia-tiny": dict(
+        model_type="gpt_neox",
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=512,
+        max_position_embeddings=4096,
+        rotary_pct=0.25,
+    ),
+    "cohere-tiny": dict(
+        model_type="cohere",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=4096,
+        logit_scale=0.125,
+        tie_word_embeddings=True,
+    ),
 }
 # LoRA targets of model types whose projections are not the 7 Llama names
 MODEL_TARGETS = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
 # The memory settings of a velotune contender: get_peft_model's keywords.
-MEMORY_DEFAULTS = dict(use_gradient_checkpointing="unsloth", recompute="layer", cuda_graphs=False,
-                       offload_embedding=False, mlp_row_blocks=1, offload_every=1, host_memory_budget=None)
+MEMORY_DEFAULTS = dict(
+    use_gradient_checkpointing="unsloth",
+    recompute="layer",
+    cuda_graphs=False,
+    offload_embedding=False,
+    mlp_row_blocks=1,
+    offload_every=1,
+    host_memory_budget=None,
+)
 OPTIMIZERS = ("adamw", "offloaded", "offloaded-in-backward")
 
 
@@ -113,7 +233,7 @@ def _big_shapes() -> list[str]:
     return [s for s in CKPT if s not in SHAPES and not s.startswith("tiny")]
 
 
-BIG_SHAPES = _big_shapes()     # 70b, 34b, 27b, 12b: built on the GPU in bf16 where that fits, else --checkpoint
+BIG_SHAPES = _big_shapes()  # 70b, 34b, 27b, 12b: built on the GPU in bf16 where that fits, else --checkpoint
 
 
 def load(impl: str, checkpoint: Path, device: str, dtype: torch.dtype, seq: int):
@@ -129,43 +249,60 @@ def load(impl: str, checkpoint: Path, device: str, dtype: torch.dtype, seq: int)
     if impl.startswith("velotune"):
         from velotune import FastLanguageModel
 
-        model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=seq, dtype=dtype, load_in_4bit=qlora,
-                                                     attn_implementation="sdpa")
+        model, _ = FastLanguageModel.from_pretrained(
+            checkpoint, max_seq_length=seq, dtype=dtype, load_in_4bit=qlora, attn_implementation="sdpa"
+        )
         return model.to(device) if not device.startswith("cuda") else model
     kw = {"dtype": dtype, "attn_implementation": "sdpa"}
     if device.startswith("cuda"):
         kw["device_map"] = {"": torch.cuda.current_device()}
     if qlora and not pre_quantised:
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kw)
     return model if device.startswith("cuda") else model.to(device)
 
 
 def add_model_args(ap) -> None:
     """--checkpoint, --offload-every, --host-budget-gib (qlora.py and context.py)."""
-    ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="load the model from this folder (bench/make_checkpoint.py) instead of making it")
-    ap.add_argument("--offload-every", default="1",
-                    help="velotune: get_peft_model(offload_every=): a whole number or 'auto' (memory/sparse_offload.py)")
-    ap.add_argument("--host-budget-gib", type=float, default=0.0,
-                    help="velotune: get_peft_model(host_memory_budget=) in GiB (0: measured by 'auto')")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="load the model from this folder (bench/make_checkpoint.py) instead of making it",
+    )
+    ap.add_argument(
+        "--offload-every",
+        default="1",
+        help="velotune: get_peft_model(offload_every=): a whole number or 'auto' (memory/sparse_offload.py)",
+    )
+    ap.add_argument(
+        "--host-budget-gib",
+        type=float,
+        default=0.0,
+        help="velotune: get_peft_model(host_memory_budget=) in GiB (0: measured by 'auto')",
+    )
 
 
 def model_argv(args) -> list[str]:
-    return ["--offload-every", args.offload_every] + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else []) + (
-        ["--host-budget-gib", str(args.host_budget_gib)] if args.host_budget_gib else [])
+    return (
+        ["--offload-every", args.offload_every]
+        + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else [])
+        + (["--host-budget-gib", str(args.host_budget_gib)] if args.host_budget_gib else [])
+    )
 
 
 def offload_options(args) -> dict:
     every = args.offload_every if args.offload_every == "auto" else int(args.offload_every)
-    return dict(offload_every=every,
-                host_memory_budget=int(args.host_budget_gib * 2**30) if args.host_budget_gib else None)
+    return dict(
+        offload_every=every, host_memory_budget=int(args.host_budget_gib * 2**30) if args.host_budget_gib else None
+    )
 
 
 def n_matmul(cfg) -> int:
     """Parameters that take part in a matmul per token: decoder linears + lm_head (tied or not)."""
-    if cfg.model_type != "llama":        # other layouts: the Linear weights of the model built on the meta device
+    if cfg.model_type != "llama":  # other layouts: the Linear weights of the model built on the meta device
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
@@ -194,12 +331,25 @@ def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
         for child_name, child in list(module.named_children()):
             if child_name in TARGETS and type(child) is torch.nn.Linear:
                 dev = child.weight.device
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                      quant_storage=torch.uint8, device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", blocksize=64, quant_storage=torch.uint8, module=q
-                                             ).to(dev)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    quant_storage=torch.uint8,
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data,
+                    requires_grad=False,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    blocksize=64,
+                    quant_storage=torch.uint8,
+                    module=q,
+                ).to(dev)
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(module, child_name, q)
@@ -208,8 +358,15 @@ def quantize_linears_(model, compute_dtype: torch.dtype) -> int:
     return n
 
 
-def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dict | None = None,
-          checkpoint: Path | None = None):
+def build(
+    impl: str,
+    cfg,
+    device: str,
+    dtype: torch.dtype,
+    seq: int,
+    memory: dict | None = None,
+    checkpoint: Path | None = None,
+):
     """A random-weight model made on `device` with LoRA r=16 alpha=16 on the 7 projections and
     gradient checkpointing, for one contender:
 
@@ -236,20 +393,26 @@ def build(impl: str, cfg, device: str, dtype: torch.dtype, seq: int, memory: dic
         from velotune import FastLanguageModel
         from velotune.models import prepare_model
 
-        if checkpoint is None:      # from_pretrained prepared a loaded one
+        if checkpoint is None:  # from_pretrained prepared a loaded one
             model.velotune_compute_dtype = dtype
             model.max_seq_length = seq
             prepare_model(model, max_seq_length=seq)
-        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=targets(cfg),
-                                                random_state=3407,
-                                                **{**MEMORY_DEFAULTS, **(memory or {})})
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=16,
+            lora_alpha=16,
+            target_modules=targets(cfg),
+            random_state=3407,
+            **{**MEMORY_DEFAULTS, **(memory or {})},
+        )
     if impl == "liger-lora":
         if cfg.model_type != "llama":
             raise SystemExit(f"liger-lora: Llama shapes only, not {cfg.model_type!r}")
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True, model=model)
+        apply_liger_kernel_to_llama(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model
+        )
     elif impl not in ("stock-lora", "stock-qlora"):
         raise SystemExit(f"unknown contender {impl!r}")
     return stock_peft(model, targets(cfg), quantized=impl == "stock-qlora")
@@ -261,14 +424,19 @@ def stock_peft(model, target_modules: list[str], quantized: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(3407)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=target_modules, lora_dropout=0.0,
-                                            bias="none", task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=16, lora_alpha=16, target_modules=target_modules, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+        ),
+    )
 
 
 def training_step(model, batch_size: int, seq: int, device: str, optimizer: str = "adamw"):
@@ -330,15 +498,16 @@ def graph_pool_bytes() -> int:
     """Device memory the allocator holds for CUDA-graph pools. A replay uses it without allocating, so
     max_memory_allocated does not count it: a graphed contender's peak is its allocated peak over the
     timed steps plus this (0 without graphs)."""
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+    return sum(
+        seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)
+    )
 
 
 def embeddings_offloaded(model) -> bool:
     """Whether get_peft_model(offload_embedding=True) moved the input embeddings to host memory."""
     try:
         from velotune.memory.embedding_offload import embeddings_offloaded as offloaded
-    except ImportError:   # a tree from before the memory package (bench/qlora.py --base-src)
+    except ImportError:  # a tree from before the memory package (bench/qlora.py --base-src)
         from velotune.memory.embedding_offload import embeddings_offloaded as offloaded
     return offloaded(model)
 
@@ -387,14 +556,21 @@ def profile(step, n_steps: int = 3) -> dict:
         per_cat[_category(e.key)] = per_cat.get(_category(e.key), 0.0) + ms
         kernels.append((ms, e.key))
     kernels.sort(reverse=True)
-    return {"categories": per_cat, "gpu_ms_per_step": sum(per_cat.values()), "profiled_wall_ms_per_step": wall,
-            "top_kernels": [(round(ms, 2), k[:110]) for ms, k in kernels[:25]]}
+    return {
+        "categories": per_cat,
+        "gpu_ms_per_step": sum(per_cat.values()),
+        "profiled_wall_ms_per_step": wall,
+        "top_kernels": [(round(ms, 2), k[:110]) for ms, k in kernels[:25]],
+    }
 
 
 def print_profile(name: str, prof: dict) -> None:
     cats = prof["categories"]
-    print(f"  GPU time per step, {name}: {prof['gpu_ms_per_step']:.1f} ms (profiled wall "
-          f"{prof['profiled_wall_ms_per_step']:.1f} ms)", flush=True)
+    print(
+        f"  GPU time per step, {name}: {prof['gpu_ms_per_step']:.1f} ms (profiled wall "
+        f"{prof['profiled_wall_ms_per_step']:.1f} ms)",
+        flush=True,
+    )
     for cat, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
         print(f"    {cat:<30} {ms:>8.1f} ms  {100 * ms / prof['gpu_ms_per_step']:5.1f}%")
     for ms, k in prof["top_kernels"]:
@@ -406,14 +582,13 @@ def run_worker(script: str, argv: list[str], timeout: float | None = None, env: 
     """Run `script` (a bench file) in a fresh process; its result is the JSON after "RESULT " on stdout.
     {"oom": True} when it ran out of device memory, {"timeout": True}, or None (failure printed)."""
     try:
-        proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=timeout,
-                              env=env)
+        proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         print(f"worker {argv} timed out after {timeout:.0f} s", flush=True)
         return {"timeout": True}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     if "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr:
         return {"oom": True}
     print(f"worker {argv} failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}", flush=True)
@@ -438,8 +613,12 @@ def default_commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip() or "?"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            or "?"
+        )
     except (OSError, subprocess.CalledProcessError):
         return "?"
 
@@ -453,16 +632,22 @@ def command() -> str:
 
 def add_output_args(ap) -> None:
     ap.add_argument("--commit", default=default_commit(), help="recorded with each row (default: GIT_COMMIT or HEAD)")
-    ap.add_argument("--jsonl", type=Path, help="append the result rows to this JSON-lines file "
-                                               "(e.g. bench/results/<subject>.jsonl)")
+    ap.add_argument(
+        "--jsonl", type=Path, help="append the result rows to this JSON-lines file (e.g. bench/results/<subject>.jsonl)"
+    )
 
 
 def write_rows(path: Path | None, subject: str, rows: list[dict], commit: str, device: str = "cuda") -> None:
     """Append rows to a JSON-lines file, each with subject, card, date, commit and command."""
     if path is None or not rows:
         return
-    head = {"subject": subject, "card": card(device), "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "commit": commit, "command": command()}
+    head = {
+        "subject": subject,
+        "card": card(device),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "commit": commit,
+        "command": command(),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for row in rows:

@@ -14,6 +14,7 @@ time-boxed. Stock contenders, which run out of memory ~10x sooner, probe a quart
     python bench/context.py --impls velotune-qlora velotune-lora --gpus 2 --host-share 0.5 --card-gib 78
     python bench/context.py --cpu-smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ def _free_cached() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    host_empty = getattr(torch._C, "_host_emptyCache", None)   # cached pinned host blocks
+    host_empty = getattr(torch._C, "_host_emptyCache", None)  # cached pinned host blocks
     if host_empty is not None:
         host_empty()
 
@@ -61,34 +62,55 @@ def worker(args) -> dict:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * 2**30 / total))
         out["cap_gib"] = args.card_gib
-    cap = args.card_gib * 2**30 if args.card_gib else (
-        torch.cuda.get_device_properties(device).total_memory if cuda else None)
+    cap = (
+        args.card_gib * 2**30
+        if args.card_gib
+        else (torch.cuda.get_device_properties(device).total_memory if cuda else None)
+    )
     memory = common.offload_options(args)
     if memory["offload_every"] == "auto" and memory["host_memory_budget"] is None:
         # this worker's share of the host (side-by-side workers split it), as the host limit below
         memory["host_memory_budget"] = int(_host_available_bytes() * args.host_share - 16 * 2**30)
     if args.offload_embedding:
         memory["offload_embedding"] = True
-    model = common.build(args.impl, cfg, device, dtype, max(args.probes),
-                         memory if args.impl.startswith("velotune") else None, args.checkpoint)
+    model = common.build(
+        args.impl,
+        cfg,
+        device,
+        dtype,
+        max(args.probes),
+        memory if args.impl.startswith("velotune") else None,
+        args.checkpoint,
+    )
     stats = getattr(model, "velotune_offload_stats", None)
 
     def bounds(r):
         """Which bound is closest at this step: the GPU (peak / cap) or the host (layer inputs kept / budget)."""
         if stats is None:
             return
-        budget = stats.host_budget or memory["host_memory_budget"] or int(
-            _host_available_bytes() * args.host_share - 16 * 2**30)
-        k = stats.offload_every           # the last step's (offload_every=1: every input kept)
+        budget = (
+            stats.host_budget
+            or memory["host_memory_budget"]
+            or int(_host_available_bytes() * args.host_share - 16 * 2**30)
+        )
+        k = stats.offload_every  # the last step's (offload_every=1: every input kept)
         needed = -(-cfg.num_hidden_layers // k) * cfg.hidden_size * torch.finfo(dtype).bits // 8 * r["seq"]
-        r.update(offload_every=k, host_needed_gib=needed / 2**30,
-                 host_budget_gib=budget / 2**30, gpu_use=r["peak_gib"] * 2**30 / cap if cuda else 0.0,
-                 host_use=needed / budget)
+        r.update(
+            offload_every=k,
+            host_needed_gib=needed / 2**30,
+            host_budget_gib=budget / 2**30,
+            gpu_use=r["peak_gib"] * 2**30 / cap if cuda else 0.0,
+            host_use=needed / budget,
+        )
         r["bound"] = "gpu" if r["gpu_use"] >= r["host_use"] else "host"
 
     def note(r):
-        return (f"; k={r['offload_every']}, host inputs {r['host_needed_gib']:.1f} of {r['host_budget_gib']:.1f} GiB "
-                f"({r['host_use']:.0%}), GPU {r['gpu_use']:.0%} of cap: {r['bound']}-bound" if "bound" in r else "")
+        return (
+            f"; k={r['offload_every']}, host inputs {r['host_needed_gib']:.1f} of {r['host_budget_gib']:.1f} GiB "
+            f"({r['host_use']:.0%}), GPU {r['gpu_use']:.0%} of cap: {r['bound']}-bound"
+            if "bound" in r
+            else ""
+        )
 
     def one_step(length):
         step, _, opt, _ = common.training_step(model, 1, length, device)
@@ -101,12 +123,17 @@ def worker(args) -> dict:
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() if cuda else None
         del step, opt
-        r = {"seq": length, "s": dt, "tokens_per_s": length / dt, "peak_gib": peak / 2**30 if peak else None,
-             "loss": loss}
+        r = {
+            "seq": length,
+            "s": dt,
+            "tokens_per_s": length / dt,
+            "peak_gib": peak / 2**30 if peak else None,
+            "loss": loss,
+        }
         bounds(r)
         return r
 
-    one_step(args.probes[0])                      # warm-up: kernels compiled, buffers allocated
+    one_step(args.probes[0])  # warm-up: kernels compiled, buffers allocated
     for length in args.probes:
         try:
             r = one_step(length)
@@ -115,8 +142,12 @@ def worker(args) -> dict:
             _free_cached()
             break
         out["probes"].append(r)
-        print(f"  [{args.impl}] probe {length:>7}: {r['s']:.2f} s, {r['tokens_per_s']:.0f} tok/s"
-              + (f", peak {r['peak_gib']:.2f} GiB" if cuda else "") + note(r), flush=True)
+        print(
+            f"  [{args.impl}] probe {length:>7}: {r['s']:.2f} s, {r['tokens_per_s']:.0f} tok/s"
+            + (f", peak {r['peak_gib']:.2f} GiB" if cuda else "")
+            + note(r),
+            flush=True,
+        )
     if not cuda or len(out["probes"]) < 2:
         return out
     lengths = torch.tensor([p["seq"] for p in out["probes"]], dtype=torch.float64)
@@ -125,23 +156,33 @@ def worker(args) -> dict:
     slope = float(((lengths - lengths.mean()) * (peaks - peaks.mean())).sum() / ((lengths - lengths.mean()) ** 2).sum())
     intercept = float(peaks.mean() - slope * lengths.mean())
     limits = {"gpu": (cap - intercept) / slope}
-    if stats is not None:   # every layer's input (every k-th: --offload-every) waits in host memory
+    if stats is not None:  # every layer's input (every k-th: --offload-every) waits in host memory
         every = memory["offload_every"]
         kept = 1 if every == "auto" else -(-cfg.num_hidden_layers // every)
         per_token = kept * cfg.hidden_size * torch.finfo(dtype).bits // 8
-        limits["host"] = (memory["host_memory_budget"] or _host_available_bytes() * args.host_share - 16 * 2**30
-                          ) / per_token
-    basis = torch.stack([torch.ones_like(lengths), lengths, lengths ** 2][:len(lengths)], 1)
+        limits["host"] = (
+            memory["host_memory_budget"] or _host_available_bytes() * args.host_share - 16 * 2**30
+        ) / per_token
+    basis = torch.stack([torch.ones_like(lengths), lengths, lengths**2][: len(lengths)], 1)
     coef = torch.linalg.lstsq(basis, times[:, None]).solution[:, 0].tolist()
 
     def predicted_s(length):
-        return sum(c * length ** i for i, c in enumerate(coef))
+        return sum(c * length**i for i, c in enumerate(coef))
 
-    length = int(min(limits.values()) * 0.95) // 1024 * 1024   # allocator fragmentation near a full card
-    out.update(bytes_per_token=slope, intercept_gib=intercept / 2**30, limits={k: int(v) for k, v in limits.items()},
-               bound_by=min(limits, key=limits.get), time_boxed=False)
-    print(f"  [{args.impl}] fit: {slope / 1024:.1f} KiB/token + {intercept / 2**30:.2f} GiB; limits "
-          + ", ".join(f"{k} {int(v)}" for k, v in limits.items()) + f" tokens -> try {length}", flush=True)
+    length = int(min(limits.values()) * 0.95) // 1024 * 1024  # allocator fragmentation near a full card
+    out.update(
+        bytes_per_token=slope,
+        intercept_gib=intercept / 2**30,
+        limits={k: int(v) for k, v in limits.items()},
+        bound_by=min(limits, key=limits.get),
+        time_boxed=False,
+    )
+    print(
+        f"  [{args.impl}] fit: {slope / 1024:.1f} KiB/token + {intercept / 2**30:.2f} GiB; limits "
+        + ", ".join(f"{k} {int(v)}" for k, v in limits.items())
+        + f" tokens -> try {length}",
+        flush=True,
+    )
     for _ in range(4):
         left = deadline - time.time() - 30
         while length > out["probes"][-1]["seq"] and predicted_s(length) > left:
@@ -160,8 +201,11 @@ def worker(args) -> dict:
             continue
         out["verify"].append(r)
         out.update(max_seq=length, tokens_per_s=r["tokens_per_s"], peak_gib=r["peak_gib"])
-        print(f"  [{args.impl}] verify {length}: ok, {r['s']:.0f} s, {r['tokens_per_s']:.0f} tok/s, "
-              f"peak {r['peak_gib']:.2f} GiB" + note(r), flush=True)
+        print(
+            f"  [{args.impl}] verify {length}: ok, {r['s']:.0f} s, {r['tokens_per_s']:.0f} tok/s, "
+            f"peak {r['peak_gib']:.2f} GiB" + note(r),
+            flush=True,
+        )
         break
     return out
 
@@ -169,7 +213,7 @@ def worker(args) -> dict:
 def run_lanes(args, argv: list[str]) -> list[dict]:
     """Each contender in its own process; --gpus N: N lanes side by side (one GPU each), filled
     round-robin; every lane ends within --time-box of the start."""
-    queues = [args.impls[i::args.gpus] for i in range(args.gpus)]
+    queues = [args.impls[i :: args.gpus] for i in range(args.gpus)]
     order = [impl for q in queues for impl in q]
     results: list[dict] = []
     lane_deadline = time.time() + args.time_box
@@ -184,12 +228,23 @@ def run_lanes(args, argv: list[str]) -> list[dict]:
             if box < 60:
                 print(f"[gpu{gpu}] {impl}: skipped, lane time box spent", flush=True)
                 continue
-            cmd = [sys.executable, __file__, "--worker", impl, *argv, "--time-box", str(box),
-                   "--probes", *map(str, probes), "--host-share", str(args.host_share or 1.0 / len(queues))]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                impl,
+                *argv,
+                "--time-box",
+                str(box),
+                "--probes",
+                *map(str, probes),
+                "--host-share",
+                str(args.host_share or 1.0 / len(queues)),
+            ]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for line in proc.stdout:
                 if line.startswith("RESULT "):
-                    results.append(json.loads(line[len("RESULT "):]))
+                    results.append(json.loads(line[len("RESULT ") :]))
                 elif "warn" not in line.lower():
                     print(f"[gpu{gpu}] {line}", end="", flush=True)
             proc.wait()
@@ -211,8 +266,12 @@ def main() -> int:
     ap.add_argument("--probes", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--card-gib", type=float, default=0.0, help="cap the allocator at this many GiB (0: whole card)")
     ap.add_argument("--gpus", type=int, default=1, help="contenders side by side, one GPU each")
-    ap.add_argument("--host-share", type=float, default=0.0,
-                    help="share of the host RAM each contender may pin (default: 1 / lanes)")
+    ap.add_argument(
+        "--host-share",
+        type=float,
+        default=0.0,
+        help="share of the host RAM each contender may pin (default: 1 / lanes)",
+    )
     ap.add_argument("--time-box", type=float, default=480.0, help="seconds per lane")
     ap.add_argument("--stock-time-box", type=float, default=120.0, help="seconds per stock contender")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -229,10 +288,14 @@ def main() -> int:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
 
-    print(f"{common.card(args.device)}  commit {args.commit}  shape {args.shape}"
-          + (f"  allocator capped at {args.card_gib:g} GiB" if args.card_gib else ""), flush=True)
+    print(
+        f"{common.card(args.device)}  commit {args.commit}  shape {args.shape}"
+        + (f"  allocator capped at {args.card_gib:g} GiB" if args.card_gib else ""),
+        flush=True,
+    )
     argv = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype, *common.model_argv(args)] + (
-        ["--offload-embedding"] if args.offload_embedding else [])
+        ["--offload-embedding"] if args.offload_embedding else []
+    )
     if args.card_gib:
         argv += ["--card-gib", str(args.card_gib)]
     results = run_lanes(args, argv)
@@ -240,16 +303,37 @@ def main() -> int:
     rows = []
     for c in results:
         if "max_seq" in c:
-            print(f"  {c['impl']:<15} {c['max_seq']:>8} tokens trained, {c['tokens_per_s']:.0f} tok/s, peak "
-                  f"{c['peak_gib']:.1f} GiB; bound by {c['bound_by']}{' (time-boxed)' if c['time_boxed'] else ''}; "
-                  f"fit {c['bytes_per_token'] / 1024:.1f} KiB/token", flush=True)
-            rows.append({k: c.get(k) for k in ("impl", "max_seq", "tokens_per_s", "peak_gib", "bound_by", "time_boxed",
-                                               "bytes_per_token", "intercept_gib", "limits", "cap_gib")})
+            print(
+                f"  {c['impl']:<15} {c['max_seq']:>8} tokens trained, {c['tokens_per_s']:.0f} tok/s, peak "
+                f"{c['peak_gib']:.1f} GiB; bound by {c['bound_by']}{' (time-boxed)' if c['time_boxed'] else ''}; "
+                f"fit {c['bytes_per_token'] / 1024:.1f} KiB/token",
+                flush=True,
+            )
+            rows.append(
+                {
+                    k: c.get(k)
+                    for k in (
+                        "impl",
+                        "max_seq",
+                        "tokens_per_s",
+                        "peak_gib",
+                        "bound_by",
+                        "time_boxed",
+                        "bytes_per_token",
+                        "intercept_gib",
+                        "limits",
+                        "cap_gib",
+                    )
+                }
+            )
         for r in c.get("probes", []) + [v for v in c.get("verify", []) if "bound" in v]:
-            if "bound" in r:   # per length: which bound holds
-                print(f"    {r['seq']:>8} tokens: k={r['offload_every']}, GPU {r['peak_gib'] or 0:.1f} GiB "
-                      f"({r['gpu_use']:.0%} of cap), host inputs {r['host_needed_gib']:.1f} of "
-                      f"{r['host_budget_gib']:.1f} GiB ({r['host_use']:.0%}): {r['bound']}-bound", flush=True)
+            if "bound" in r:  # per length: which bound holds
+                print(
+                    f"    {r['seq']:>8} tokens: k={r['offload_every']}, GPU {r['peak_gib'] or 0:.1f} GiB "
+                    f"({r['gpu_use']:.0%} of cap), host inputs {r['host_needed_gib']:.1f} of "
+                    f"{r['host_budget_gib']:.1f} GiB ({r['host_use']:.0%}): {r['bound']}-bound",
+                    flush=True,
+                )
         if rows and rows[-1]["impl"] == c["impl"]:
             rows[-1]["probes"] = c.get("probes")
         else:

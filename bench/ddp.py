@@ -9,6 +9,7 @@ of --batch rows; N processes take one micro-batch each. Losses are normalised by
 count, so the updates are the same up to reduction order. Model shapes, LoRA settings and the
 velotune model come from bench/common.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,13 @@ def worker(args) -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     shape = args.shape if args.mode == "lora" else args.fsdp_shape
     if args.mode == "lora":
-        model = common.build("velotune-lora", common.config(shape), device, dtype, args.seq,
-                             {"use_gradient_checkpointing": True})
+        model = common.build(
+            "velotune-lora", common.config(shape), device, dtype, args.seq, {"use_gradient_checkpointing": True}
+        )
         if world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[local] if args.device == "cuda" else None)
+                model, device_ids=[local] if args.device == "cuda" else None
+            )
     else:
         from transformers import AutoModelForCausalLM
 
@@ -71,7 +74,7 @@ def worker(args) -> None:
         total = torch.zeros((), device=device)
         for m in range(micro):
             r = (rank * micro + m) * args.batch
-            mb = ids[r:r + args.batch]
+            mb = ids[r : r + args.batch]
             loss = model(input_ids=mb, labels=mb, num_items_in_batch=n_global).loss
             (loss * world).backward()  # DDP/FSDP average over processes; the loss is a global-token sum
             total += loss.detach()
@@ -95,17 +98,34 @@ def worker(args) -> None:
     losses += [t.item() for t in timed]
     if rank == 0:
         tokens = args.gpus * args.batch * args.seq * args.steps
-        out = {"mode": args.mode, "shape": shape, "world": world, "losses": losses,
-               "tokens_per_s_total": tokens / elapsed, "tokens_per_s_per_gpu": tokens / elapsed / world,
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None}
+        out = {
+            "mode": args.mode,
+            "shape": shape,
+            "world": world,
+            "losses": losses,
+            "tokens_per_s_total": tokens / elapsed,
+            "tokens_per_s_per_gpu": tokens / elapsed / world,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+        }
         Path(args.out).write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
 def _launch(args, mode: str, nproc: int) -> dict:
     out = Path(args.outdir) / f"{mode}-{nproc}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           __file__, "--worker", "--mode", mode, "--out", str(out)] + args.passthrough
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        __file__,
+        "--worker",
+        "--mode",
+        mode,
+        "--out",
+        str(out),
+    ] + args.passthrough
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -130,27 +150,46 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
-    args.passthrough = [f"--gpus={args.gpus}", f"--shape={args.shape}", f"--fsdp-shape={args.fsdp_shape}",
-                        f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
-                        f"--warmup={args.warmup}", f"--device={args.device}"]
+    args.passthrough = [
+        f"--gpus={args.gpus}",
+        f"--shape={args.shape}",
+        f"--fsdp-shape={args.fsdp_shape}",
+        f"--batch={args.batch}",
+        f"--seq={args.seq}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--device={args.device}",
+    ]
     rows, results = [], []
     for mode in args.modes:
         one, many = _launch(args, mode, 1), _launch(args, mode, args.gpus)
         diff = max(abs(a - b) / abs(a) for a, b in zip(one["losses"], many["losses"]))
         rows.append((mode, one, many, diff))
         print(json.dumps({"mode": mode, "single": one, "multi": many}), flush=True)
-    print(f"\n{'mode':6} {'shape':5} {'1-GPU tok/s':>12} {str(args.gpus) + '-GPU tok/s':>12} {'per-GPU ratio':>14} "
-          f"{'max rel loss diff':>18} {'peak GiB 1/N':>14}")
+    print(
+        f"\n{'mode':6} {'shape':5} {'1-GPU tok/s':>12} {str(args.gpus) + '-GPU tok/s':>12} {'per-GPU ratio':>14} "
+        f"{'max rel loss diff':>18} {'peak GiB 1/N':>14}"
+    )
     for mode, one, many, diff in rows:
         ratio = many["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
         peaks = f"{one['peak_gib'] or 0:.1f}/{many['peak_gib'] or 0:.1f}"
-        print(f"{mode:6} {one['shape']:5} {one['tokens_per_s_total']:12.0f} {many['tokens_per_s_total']:12.0f} "
-              f"{ratio:14.3f} {diff:18.2e} {peaks:>14}")
-        results.append({"mode": mode, "shape": one["shape"], "gpus": args.gpus,
-                        "tokens_per_s_1gpu": one["tokens_per_s_total"],
-                        "tokens_per_s_total": many["tokens_per_s_total"],
-                        "per_gpu_ratio": ratio, "max_rel_loss_diff": diff, "peak_gib_1gpu": one["peak_gib"],
-                        "peak_gib_per_gpu": many["peak_gib"]})
+        print(
+            f"{mode:6} {one['shape']:5} {one['tokens_per_s_total']:12.0f} {many['tokens_per_s_total']:12.0f} "
+            f"{ratio:14.3f} {diff:18.2e} {peaks:>14}"
+        )
+        results.append(
+            {
+                "mode": mode,
+                "shape": one["shape"],
+                "gpus": args.gpus,
+                "tokens_per_s_1gpu": one["tokens_per_s_total"],
+                "tokens_per_s_total": many["tokens_per_s_total"],
+                "per_gpu_ratio": ratio,
+                "max_rel_loss_diff": diff,
+                "peak_gib_1gpu": one["peak_gib"],
+                "peak_gib_per_gpu": many["peak_gib"],
+            }
+        )
     common.write_rows(args.jsonl, "ddp", results, args.commit, args.device)
     return 0
 

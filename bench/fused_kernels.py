@@ -13,6 +13,7 @@
    allocated before (inputs excluded).
 Prints a compact table at the end; --out writes all numbers as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,12 @@ DEV = "cuda"
 # cases: inputs(dtype, tokens) -> (leaves, extras); each contender fn(leaves, extras) -> outputs
 # ----------------------------------------------------------------------------------------------------
 class Case:
-    def __init__(self, name, inputs, stock, ours, liger_fn=None, compile_ok=True, time_it=True, variants=None,
-                 graphs=True):
+    def __init__(
+        self, name, inputs, stock, ours, liger_fn=None, compile_ok=True, time_it=True, variants=None, graphs=True
+    ):
         self.name, self.inputs, self.stock, self.ours, self.graphs = name, inputs, stock, ours, graphs
         self.liger, self.compile_ok, self.time_it = liger_fn, compile_ok, time_it
-        self.variants = variants or {}   # extra velotune paths, timed and logged (not in the table)
+        self.variants = variants or {}  # extra velotune paths, timed and logged (not in the table)
 
 
 def rand(*shape, dtype, scale=1.0, grad=True):
@@ -60,22 +62,36 @@ def rand(*shape, dtype, scale=1.0, grad=True):
 def rms_inputs(H):
     def make(dtype, n):
         return [rand(n, H, dtype=dtype), rand(H, dtype=dtype, scale=0.1)], {}
+
     return make
 
 
 def rope_inputs(dtype, n, B=4, Hq=32, Hk=8, D=128):
     from transformers import LlamaConfig
     from velotune.kernels.rope import rope_cos_sin
+
     T = n // B
-    cfg = LlamaConfig(hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hk,
-                      max_position_embeddings=131072,
-                      rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-                                       "rope_theta": 500000.0})
+    cfg = LlamaConfig(
+        hidden_size=Hq * D,
+        num_attention_heads=Hq,
+        num_key_value_heads=Hk,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_theta": 500000.0,
+        },
+    )
     pos = torch.arange(T, device=DEV)[None].expand(B, T)
     cos, sin = rope_cos_sin(cfg, pos, DEV, dtype=dtype)
-    return [rand(B, T, Hq * D, dtype=dtype), rand(B, T, Hk * D, dtype=dtype)], \
-        {"cos": cos, "sin": sin, "shape": (B, T, Hq, Hk, D)}
+    return [rand(B, T, Hq * D, dtype=dtype), rand(B, T, Hk * D, dtype=dtype)], {
+        "cos": cos,
+        "sin": sin,
+        "shape": (B, T, Hq, Hk, D),
+    }
 
 
 def _qk(leaves, ex):
@@ -96,6 +112,7 @@ def _rope_in_place(leaves, ex):
 def glu_inputs(I):
     def make(dtype, n):
         return [rand(n, I, dtype=dtype, scale=2.0), rand(n, I, dtype=dtype)], {}
+
     return make
 
 
@@ -104,6 +121,7 @@ def ce_inputs(V):
         labels = torch.randint(0, V, (n,), device=DEV)
         labels[torch.rand(n, device=DEV) < 0.1] = -100
         return [rand(n, V, dtype=dtype, scale=2.0)], {"labels": labels}
+
     return make
 
 
@@ -111,8 +129,8 @@ def flce_inputs(H, V, train_w):
     def make(dtype, n):
         labels = torch.randint(0, V, (n,), device=DEV)
         labels[torch.rand(n, device=DEV) < 0.1] = -100
-        return [rand(n, H, dtype=dtype), rand(V, H, dtype=dtype, scale=H ** -0.5, grad=train_w)], \
-            {"labels": labels}
+        return [rand(n, H, dtype=dtype), rand(V, H, dtype=dtype, scale=H**-0.5, grad=train_w)], {"labels": labels}
+
     return make
 
 
@@ -126,56 +144,93 @@ def stock_ce(logits, labels, softcap=None):
 def build_cases(args):
     H, I, V = args.hidden, args.intermediate, args.vocab
     cases = [
-        Case("rmsnorm", rms_inputs(H),
-             lambda L, e: rms_norm_reference(L[0], L[1], 1e-5),
-             lambda L, e: rms_norm(L[0], L[1], 1e-5),
-             (lambda L, e: liger.liger_rms_norm(L[0], L[1], 1e-5)) if liger else None),
-        Case("rmsnorm_gemma", rms_inputs(H),
-             lambda L, e: rms_norm_reference(L[0], L[1], 1e-6, offset=1.0),
-             lambda L, e: rms_norm(L[0], L[1], 1e-6, offset=1.0),
-             (lambda L, e: liger.liger_rms_norm(L[0], L[1], 1e-6, offset=1.0, casting_mode="gemma"))
-             if liger else None, time_it=False),
-        Case("rope", rope_inputs,
-             lambda L, e: apply_rope_reference(*_qk(L, e), e["cos"], e["sin"]),
-             _rope_in_place,
-             (lambda L, e: liger.liger_rope(*_qk(L, e), e["cos"], e["sin"])) if liger else None,
-             variants={"ours_out_of_place": lambda L, e: apply_rope(*_qk(L, e), e["cos"], e["sin"])}),
-        Case("swiglu", glu_inputs(I),
-             lambda L, e: glu_reference(L[0], L[1], "silu"),
-             lambda L, e: swiglu(L[0], L[1]),
-             (lambda L, e: liger.liger_swiglu(L[0], L[1])) if liger else None),
-        Case("geglu_tanh", glu_inputs(I),
-             lambda L, e: glu_reference(L[0], L[1], "gelu_tanh"),
-             lambda L, e: geglu(L[0], L[1], "tanh"),
-             (lambda L, e: liger.liger_geglu(L[0], L[1])) if liger else None),
-        Case("geglu_erf", glu_inputs(I),
-             lambda L, e: glu_reference(L[0], L[1], "gelu"),
-             lambda L, e: geglu(L[0], L[1]), None, time_it=False),
-        Case("cross_entropy", ce_inputs(V),
-             lambda L, e: stock_ce(L[0], e["labels"]),
-             lambda L, e: cross_entropy(L[0], e["labels"]),
-             (lambda L, e: liger.liger_cross_entropy(L[0], e["labels"])) if liger else None, graphs=False),
-        Case("ce_softcap30", ce_inputs(V),
-             lambda L, e: stock_ce(L[0], e["labels"], softcap=30.0),
-             lambda L, e: cross_entropy(L[0], e["labels"], softcap=30.0), None, time_it=False),
-        Case("flce_frozenW", flce_inputs(H, V, False),
-             lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
-             # ours = the training forward's path: the 10% ignored rows dropped before the matmuls
-             # (KeptRows inside the timed call, with its wait for the count; in training it is made
-             # before the decoder layers); the variant runs every row through the matmuls
-             lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"], kept_rows=KeptRows(e["labels"]).rows()),
-             (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
-             compile_ok=False, graphs=False,
-             variants={"ours_all_rows": lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"])}),
-        Case("flce_trainW", flce_inputs(H, V, True),
-             lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
-             # ours = the training forward's path: the 10% ignored rows dropped before the matmuls
-             # (KeptRows inside the timed call, with its wait for the count; in training it is made
-             # before the decoder layers); the variant runs every row through the matmuls
-             lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"], kept_rows=KeptRows(e["labels"]).rows()),
-             (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
-             compile_ok=False, graphs=False,
-             variants={"ours_all_rows": lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"])}),
+        Case(
+            "rmsnorm",
+            rms_inputs(H),
+            lambda L, e: rms_norm_reference(L[0], L[1], 1e-5),
+            lambda L, e: rms_norm(L[0], L[1], 1e-5),
+            (lambda L, e: liger.liger_rms_norm(L[0], L[1], 1e-5)) if liger else None,
+        ),
+        Case(
+            "rmsnorm_gemma",
+            rms_inputs(H),
+            lambda L, e: rms_norm_reference(L[0], L[1], 1e-6, offset=1.0),
+            lambda L, e: rms_norm(L[0], L[1], 1e-6, offset=1.0),
+            (lambda L, e: liger.liger_rms_norm(L[0], L[1], 1e-6, offset=1.0, casting_mode="gemma")) if liger else None,
+            time_it=False,
+        ),
+        Case(
+            "rope",
+            rope_inputs,
+            lambda L, e: apply_rope_reference(*_qk(L, e), e["cos"], e["sin"]),
+            _rope_in_place,
+            (lambda L, e: liger.liger_rope(*_qk(L, e), e["cos"], e["sin"])) if liger else None,
+            variants={"ours_out_of_place": lambda L, e: apply_rope(*_qk(L, e), e["cos"], e["sin"])},
+        ),
+        Case(
+            "swiglu",
+            glu_inputs(I),
+            lambda L, e: glu_reference(L[0], L[1], "silu"),
+            lambda L, e: swiglu(L[0], L[1]),
+            (lambda L, e: liger.liger_swiglu(L[0], L[1])) if liger else None,
+        ),
+        Case(
+            "geglu_tanh",
+            glu_inputs(I),
+            lambda L, e: glu_reference(L[0], L[1], "gelu_tanh"),
+            lambda L, e: geglu(L[0], L[1], "tanh"),
+            (lambda L, e: liger.liger_geglu(L[0], L[1])) if liger else None,
+        ),
+        Case(
+            "geglu_erf",
+            glu_inputs(I),
+            lambda L, e: glu_reference(L[0], L[1], "gelu"),
+            lambda L, e: geglu(L[0], L[1]),
+            None,
+            time_it=False,
+        ),
+        Case(
+            "cross_entropy",
+            ce_inputs(V),
+            lambda L, e: stock_ce(L[0], e["labels"]),
+            lambda L, e: cross_entropy(L[0], e["labels"]),
+            (lambda L, e: liger.liger_cross_entropy(L[0], e["labels"])) if liger else None,
+            graphs=False,
+        ),
+        Case(
+            "ce_softcap30",
+            ce_inputs(V),
+            lambda L, e: stock_ce(L[0], e["labels"], softcap=30.0),
+            lambda L, e: cross_entropy(L[0], e["labels"], softcap=30.0),
+            None,
+            time_it=False,
+        ),
+        Case(
+            "flce_frozenW",
+            flce_inputs(H, V, False),
+            lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
+            # ours = the training forward's path: the 10% ignored rows dropped before the matmuls
+            # (KeptRows inside the timed call, with its wait for the count; in training it is made
+            # before the decoder layers); the variant runs every row through the matmuls
+            lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"], kept_rows=KeptRows(e["labels"]).rows()),
+            (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
+            compile_ok=False,
+            graphs=False,
+            variants={"ours_all_rows": lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"])},
+        ),
+        Case(
+            "flce_trainW",
+            flce_inputs(H, V, True),
+            lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
+            # ours = the training forward's path: the 10% ignored rows dropped before the matmuls
+            # (KeptRows inside the timed call, with its wait for the count; in training it is made
+            # before the decoder layers); the variant runs every row through the matmuls
+            lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"], kept_rows=KeptRows(e["labels"]).rows()),
+            (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
+            compile_ok=False,
+            graphs=False,
+            variants={"ours_all_rows": lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"])},
+        ),
     ]
     if args.only:
         cases = [c for c in cases if c.name in args.only.split(",")]
@@ -188,8 +243,7 @@ def fwd_bwd(fn, leaves, extras, gouts=None):
     outs = fn(leaves, extras)
     outs = outs if isinstance(outs, tuple) else (outs,)
     if gouts is None:
-        gouts = [torch.randn_like(o) if o.dim() else torch.tensor(0.7, device=DEV, dtype=o.dtype)
-                 for o in outs]
+        gouts = [torch.randn_like(o) if o.dim() else torch.tensor(0.7, device=DEV, dtype=o.dtype) for o in outs]
     wanted = [x for x in leaves if x.requires_grad]
     grads = torch.autograd.grad(outs, wanted, [g.to(o.dtype) for g, o in zip(gouts, outs)])
     return [o.detach() for o in outs] + list(grads), gouts
@@ -215,12 +269,11 @@ def check(case, dtype, n):
     stock, _ = fwd_bwd(case.stock, fresh(leaves), ex, gouts)
     e_stock = max(rel(a, r) for a, r in zip(stock, ref))
     e_ours = 0.0
-    for fn in (case.ours, *case.variants.values()):   # every velotune path must pass
+    for fn in (case.ours, *case.variants.values()):  # every velotune path must pass
         ours, _ = fwd_bwd(fn, fresh(leaves), ex, gouts)
         e_ours = max(e_ours, max(rel(a, r) for a, r in zip(ours, ref)))
     ok = e_ours <= 1.5 * e_stock or e_ours <= 1e-6
-    return {"case": case.name, "dtype": str(dtype).split(".")[-1], "err_stock": e_stock,
-            "err_ours": e_ours, "ok": ok}
+    return {"case": case.name, "dtype": str(dtype).split(".")[-1], "err_stock": e_stock, "err_ours": e_ours, "ok": ok}
 
 
 def bench(fn, leaves, ex, rep_ms, graphs=True):
@@ -238,8 +291,9 @@ def bench(fn, leaves, ex, rep_ms, graphs=True):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     ms = triton.testing.do_bench(step, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
-    fwd = triton.testing.do_bench(lambda: fn(leaves, ex), warmup=max(25, rep_ms // 4), rep=rep_ms // 2,
-                                  return_mode="median")
+    fwd = triton.testing.do_bench(
+        lambda: fn(leaves, ex), warmup=max(25, rep_ms // 4), rep=rep_ms // 2, return_mode="median"
+    )
     graph = float("nan")
     if graphs:  # GPU time alone: fwd+bwd captured in a CUDA graph, replayed (no host overhead)
         try:
@@ -266,16 +320,25 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
     cases = build_cases(args)
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": triton.__version__, "args": vars(args), "checks": [], "timings": []}
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "args": vars(args),
+        "checks": [],
+        "timings": [],
+    }
 
     if not args.skip_check:
         for case in cases:
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 r = check(case, dtype, args.check_tokens)
                 results["checks"].append(r)
-                print(f"check {r['case']:14s} {r['dtype']:9s} stock {r['err_stock']:.2e} ours "
-                      f"{r['err_ours']:.2e} {'ok' if r['ok'] else 'FAIL'}", flush=True)
+                print(
+                    f"check {r['case']:14s} {r['dtype']:9s} stock {r['err_stock']:.2e} ours "
+                    f"{r['err_ours']:.2e} {'ok' if r['ok'] else 'FAIL'}",
+                    flush=True,
+                )
                 torch.cuda.empty_cache()
         print(f"[checks done in {time.time() - t0:.0f}s]", flush=True)
 
@@ -308,17 +371,29 @@ def main():
                 print(f"  {case.name}/compile failed: {e!r}", flush=True)
             compile_spent += time.time() - t
         results["timings"].append(row)
-        print(f"time {case.name}: " + ", ".join(f"{k} {v[0]:.3f} ms (fwd {v[2]:.3f}, graph {v[3]:.3f}) {v[1]:.2f} GiB"
-                                                 for k, v in row.items() if k != "case"), flush=True)
+        print(
+            f"time {case.name}: "
+            + ", ".join(
+                f"{k} {v[0]:.3f} ms (fwd {v[2]:.3f}, graph {v[3]:.3f}) {v[1]:.2f} GiB"
+                for k, v in row.items()
+                if k != "case"
+            ),
+            flush=True,
+        )
         del leaves, ex
         torch.cuda.empty_cache()
 
-    print(f"\n{results['device']}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"tokens {args.tokens}, {time.time() - t0:.0f}s")
-    print("| kernel | stock ms | compile ms | liger ms | velotune ms | vs stock | vs liger "
-          "| graph ms stock/compile/liger/ours | peak GiB stock/liger/ours |")
+    print(
+        f"\n{results['device']}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"tokens {args.tokens}, {time.time() - t0:.0f}s"
+    )
+    print(
+        "| kernel | stock ms | compile ms | liger ms | velotune ms | vs stock | vs liger "
+        "| graph ms stock/compile/liger/ours | peak GiB stock/liger/ours |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results["timings"]:
+
         def ms(k):
             return f"{r[k][0]:.3f}" if k in r else "-"
 
@@ -327,25 +402,46 @@ def main():
 
         def gms(k):
             return f"{r[k][3]:.3f}" if k in r and r[k][3] == r[k][3] else "-"
+
         vs = f"{r['ours'][0] / r['stock'][0]:.2f}x" if "ours" in r and "stock" in r else "-"
         vl = f"{r['ours'][0] / r['liger'][0]:.2f}x" if "ours" in r and "liger" in r else "-"
-        print(f"| {r['case']} | {ms('stock')} | {ms('compile')} | {ms('liger')} | {ms('ours')} | {vs} | {vl} | "
-              f"{gms('stock')}/{gms('compile')}/{gms('liger')}/{gms('ours')} | "
-              f"{gib('stock')}/{gib('liger')}/{gib('ours')} |")
+        print(
+            f"| {r['case']} | {ms('stock')} | {ms('compile')} | {ms('liger')} | {ms('ours')} | {vs} | {vl} | "
+            f"{gms('stock')}/{gms('compile')}/{gms('liger')}/{gms('ours')} | "
+            f"{gib('stock')}/{gib('liger')}/{gib('ours')} |"
+        )
     bad = [c for c in results["checks"] if not c["ok"]]
-    print(f"correctness: {len(results['checks']) - len(bad)}/{len(results['checks'])} ok"
-          + ("".join(f"\n  FAIL {c['case']} {c['dtype']}: ours {c['err_ours']:.2e} stock {c['err_stock']:.2e}"
-                     for c in bad)))
+    print(
+        f"correctness: {len(results['checks']) - len(bad)}/{len(results['checks'])} ok"
+        + (
+            "".join(
+                f"\n  FAIL {c['case']} {c['dtype']}: ours {c['err_ours']:.2e} stock {c['err_stock']:.2e}" for c in bad
+            )
+        )
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     # one row per timed kernel: (median ms, peak GiB, forward ms, graph ms) per contender
-    common.write_rows(args.jsonl, "fused_kernels", [
-        {"kernel": r["case"], "tokens": args.tokens, "dtype": "bf16",
-         **{k: {"ms": v[0], "peak_gib": v[1], "graph_ms": v[3] if v[3] == v[3] else None}
-            for k, v in r.items() if k != "case"},
-         "checks_ok": f"{len(results['checks']) - len(bad)}/{len(results['checks'])}"}
-        for r in results["timings"]], args.commit)
+    common.write_rows(
+        args.jsonl,
+        "fused_kernels",
+        [
+            {
+                "kernel": r["case"],
+                "tokens": args.tokens,
+                "dtype": "bf16",
+                **{
+                    k: {"ms": v[0], "peak_gib": v[1], "graph_ms": v[3] if v[3] == v[3] else None}
+                    for k, v in r.items()
+                    if k != "case"
+                },
+                "checks_ok": f"{len(results['checks']) - len(bad)}/{len(results['checks'])}",
+            }
+            for r in results["timings"]
+        ],
+        args.commit,
+    )
 
 
 if __name__ == "__main__":

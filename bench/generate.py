@@ -13,6 +13,7 @@ Correctness, same run (bf16, batch 1): the greedy tokens of both paths are compa
 agreeing prefix), and on the stock path's continuation, teacher-forced, the logits of velotune's
 decode steps and of stock's forward are compared against an fp32 copy of the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,31 @@ def sync():
 def llama31_8b_config(layers: int, tiny: bool = False):
     from transformers import LlamaConfig
 
-    size = dict(vocab_size=512, hidden_size=128, intermediate_size=256) if tiny else dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336)
-    return LlamaConfig(**size, num_hidden_layers=layers, num_attention_heads=32 if not tiny else 4,
-                       num_key_value_heads=8 if not tiny else 2, max_position_embeddings=131072,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=None,
-                       pad_token_id=0,
-                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                        "original_max_position_embeddings": 8192})
+    size = (
+        dict(vocab_size=512, hidden_size=128, intermediate_size=256)
+        if tiny
+        else dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336)
+    )
+    return LlamaConfig(
+        **size,
+        num_hidden_layers=layers,
+        num_attention_heads=32 if not tiny else 4,
+        num_key_value_heads=8 if not tiny else 2,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=None,
+        pad_token_id=0,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
 
 
 def build_model(layers: int, tiny: bool = False):
@@ -73,10 +90,18 @@ def quantise_nf4(model) -> None:
             for name, child in list(parent.named_children()):
                 if type(child) is not torch.nn.Linear:
                     continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                      compress_statistics=True, quant_type="nf4", device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4").to(DEVICE)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=False,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                ).to(DEVICE)
                 setattr(parent, name, q)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -92,7 +117,7 @@ def timed_generate(model, ids, new_tokens):
     sync()
     dt = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
-    return out[:, ids.shape[1]:], ids.shape[0] * new_tokens / dt
+    return out[:, ids.shape[1] :], ids.shape[0] * new_tokens / dt
 
 
 def agreeing_prefix(a: torch.Tensor, b: torch.Tensor) -> list[int]:
@@ -105,9 +130,9 @@ def reference_logits(model, prompt, continuation):
     """fp32 and stock bf16 logits predicting each continuation token (teacher forced). -> 2 x [1, N, V]"""
     full = torch.cat([prompt, continuation], dim=1)
     T = prompt.shape[1]
-    stock = model(full).logits[:, T - 1:-1].float()
+    stock = model(full).logits[:, T - 1 : -1].float()
     ref_model = copy.deepcopy(model).float()
-    ref = ref_model(full).logits[:, T - 1:-1].float()
+    ref = ref_model(full).logits[:, T - 1 : -1].float()
     del ref_model
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -127,8 +152,12 @@ def velotune_logits(engine, prompt, continuation):
 def run(args) -> dict:
     from velotune.infer import _STATE, for_inference, for_training
 
-    results = {"card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
-               "torch": torch.__version__, "rows": [], "checks": {}}
+    results = {
+        "card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+        "rows": [],
+        "checks": {},
+    }
     import transformers
 
     results["transformers"] = transformers.__version__
@@ -137,8 +166,9 @@ def run(args) -> dict:
     model = build_model(args.layers, args.tiny)
     vocab = model.config.vocab_size
     g = torch.Generator(device=DEVICE).manual_seed(1)
-    prompts = {b: torch.randint(vocab // 100, vocab - 1, (b, args.prompt), device=DEVICE, generator=g)
-               for b in args.batches}
+    prompts = {
+        b: torch.randint(vocab // 100, vocab - 1, (b, args.prompt), device=DEVICE, generator=g) for b in args.batches
+    }
 
     def bench(label, m, batches):
         for b in batches:
@@ -148,18 +178,21 @@ def run(args) -> dict:
             stock_tokens, stock_tps = timed_generate(m, prompts[b], args.new)
             check = label == "bf16" and b == 1 and args.check
             if check:
-                ref, stock = reference_logits(m, prompts[1], stock_tokens[:, :args.check])
+                ref, stock = reference_logits(m, prompts[1], stock_tokens[:, : args.check])
             for_inference(m)
             engine = m.__dict__[_STATE]["engine"]
             fast_tokens, fast_tps = timed_generate(m, prompts[b], args.new)
             graphs = bool(engine.cuda_graphs)
             if check:
-                ours = velotune_logits(engine, prompts[1], stock_tokens[:, :args.check])
+                ours = velotune_logits(engine, prompts[1], stock_tokens[:, : args.check])
                 rel = lambda x: float((x - ref).norm() / ref.norm())  # noqa: E731
                 results["checks"]["bf16_batch1_teacher_forced_logits"] = {
-                    "tokens": args.check, "stock_rel_err_vs_fp32": rel(stock), "velotune_rel_err_vs_fp32": rel(ours),
+                    "tokens": args.check,
+                    "stock_rel_err_vs_fp32": rel(stock),
+                    "velotune_rel_err_vs_fp32": rel(ours),
                     "max_abs_diff_velotune_vs_stock": float((ours - stock).abs().max()),
-                    "argmax_agree": float((ours.argmax(-1) == stock.argmax(-1)).float().mean())}
+                    "argmax_agree": float((ours.argmax(-1) == stock.argmax(-1)).float().mean()),
+                }
                 print(json.dumps(results["checks"]), flush=True)
             for_training(m, use_gradient_checkpointing=False)
             extra = {}
@@ -170,10 +203,19 @@ def run(args) -> dict:
             m.eval()
             m.config.use_cache = True
             agree = agreeing_prefix(stock_tokens, fast_tokens)
-            row = dict(model=label, batch=b, stock_tps=round(stock_tps, 1), velotune_tps=round(fast_tps, 1),
-                       speedup=round(fast_tps / stock_tps, 2), cuda_graphs=graphs, fused=bool(engine.fused), **extra,
-                       agree_prefix_min=min(agree), agree_prefix_mean=round(sum(agree) / len(agree), 1),
-                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEVICE == "cuda" else 0)
+            row = dict(
+                model=label,
+                batch=b,
+                stock_tps=round(stock_tps, 1),
+                velotune_tps=round(fast_tps, 1),
+                speedup=round(fast_tps / stock_tps, 2),
+                cuda_graphs=graphs,
+                fused=bool(engine.fused),
+                **extra,
+                agree_prefix_min=min(agree),
+                agree_prefix_mean=round(sum(agree) / len(agree), 1),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEVICE == "cuda" else 0,
+            )
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
 
@@ -185,8 +227,14 @@ def run(args) -> dict:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(2)
-        pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        pm = get_peft_model(
+            model,
+            LoraConfig(
+                r=16,
+                lora_alpha=16,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ),
+        )
         with torch.no_grad():
             for n, p in pm.named_parameters():
                 if "lora_" in n:
@@ -220,18 +268,27 @@ def main() -> int:
         return 2
     results = run(args)
     results["python"] = platform.python_version()
-    print("\n| model | batch | stock tok/s | velotune tok/s | speed-up | graphs | greedy agree (min/mean of %d) |"
-          % args.new)
+    print(
+        "\n| model | batch | stock tok/s | velotune tok/s | speed-up | graphs | greedy agree (min/mean of %d) |"
+        % args.new
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['model']} | {r['batch']} | {r['stock_tps']} | {r['velotune_tps']} | {r['speedup']}x | "
-              f"{r['cuda_graphs']} | {r['agree_prefix_min']}/{r['agree_prefix_mean']} |")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['stock_tps']} | {r['velotune_tps']} | {r['speedup']}x | "
+            f"{r['cuda_graphs']} | {r['agree_prefix_min']}/{r['agree_prefix_mean']} |"
+        )
     print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    common.write_rows(args.jsonl, "generate", [{**r, "prompt": args.prompt, "new_tokens": args.new}
-                                               for r in results["rows"]], args.commit, DEVICE)
+    common.write_rows(
+        args.jsonl,
+        "generate",
+        [{**r, "prompt": args.prompt, "new_tokens": args.new} for r in results["rows"]],
+        args.commit,
+        DEVICE,
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ For each contender (8B shape, 2 x 2048 tokens, as bench/qlora.py builds it), aft
     streams excluded), and the kernel count per step;
   * the host functions that take the time (cProfile of one step, by own time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ def measure(impl: str, args) -> None:
     velotune = impl.startswith("velotune")
     memory = dict(recompute=args.recompute, cuda_graphs=args.cuda_graphs, offload_embedding=args.offload_embedding)
     model = common.build(impl, common.config("8b"), "cuda", torch.bfloat16, args.seq, memory if velotune else None)
-    step, _, opt, batch = common.training_step(model, args.batch, args.seq, "cuda",
-                                               optimizer=args.optimizer if velotune else "adamw")
+    step, _, opt, batch = common.training_step(
+        model, args.batch, args.seq, "cuda", optimizer=args.optimizer if velotune else "adamw"
+    )
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -42,7 +44,7 @@ def measure(impl: str, args) -> None:
         t2 = time.perf_counter()
         enq.append(t1 - t0)
         wall.append(t2 - t0)
-    t0 = time.perf_counter()           # as bench/qlora.py times: no synchronize between the steps
+    t0 = time.perf_counter()  # as bench/qlora.py times: no synchronize between the steps
     for _ in range(args.steps):
         step()
     torch.cuda.synchronize()
@@ -55,9 +57,12 @@ def measure(impl: str, args) -> None:
             print(f"  gaps failed: {type(e).__name__}: {e}", flush=True)
     graphs = getattr(model, "velotune_layer_graphs", None)
     tag = f" [layer graphs {graphs.stats}]" if graphs is not None else ""
-    print(f"{impl}{tag}: enqueue {1e3 * sum(enq) / len(enq):.1f} ms, wall {1e3 * sum(wall) / len(wall):.1f} ms/step "
-          f"({n_tok * len(wall) / sum(wall):.0f} tok/s); back to back {1e3 * back_to_back:.1f} ms/step "
-          f"({n_tok / back_to_back:.0f} tok/s)", flush=True)
+    print(
+        f"{impl}{tag}: enqueue {1e3 * sum(enq) / len(enq):.1f} ms, wall {1e3 * sum(wall) / len(wall):.1f} ms/step "
+        f"({n_tok * len(wall) / sum(wall):.0f} tok/s); back to back {1e3 * back_to_back:.1f} ms/step "
+        f"({n_tok / back_to_back:.0f} tok/s)",
+        flush=True,
+    )
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -77,9 +82,12 @@ def measure(impl: str, args) -> None:
             busy += us
             n += e.count
             top.append((us, e.count, e.key))
-    print(f"  GPU kernels on the compute stream: {busy / 1e3:.1f} ms, {n} launches/step; "
-          f"offload copies (side streams) {copies / 1e3:.1f} ms", flush=True)
-    for us, count, key in sorted(top, reverse=True)[:args.kernels]:
+    print(
+        f"  GPU kernels on the compute stream: {busy / 1e3:.1f} ms, {n} launches/step; "
+        f"offload copies (side streams) {copies / 1e3:.1f} ms",
+        flush=True,
+    )
+    for us, count, key in sorted(top, reverse=True)[: args.kernels]:
         print(f"    {us / 1e3:8.2f} ms  {count:5d}x  {key[:100]}", flush=True)
     if args.no_cprofile:
         del model, step
@@ -124,7 +132,7 @@ def gaps(model, opt, batch, args) -> None:
     norm = model.get_base_model().model.norm if hasattr(model, "get_base_model") else model.model.norm
     hook = norm.register_forward_pre_hook(lambda *a: phase("loss") if torch.is_grad_enabled() else None)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):             # two steps back to back: the second one's start shows the boundary
+        for _ in range(2):  # two steps back to back: the second one's start shows the boundary
             phase("layers")
             loss = model(**batch).loss
             phase("backward")
@@ -136,12 +144,19 @@ def gaps(model, opt, batch, args) -> None:
         phase(None)
     hook.remove()
     evs = list(prof.profiler.kineto_results.events())
-    ranges = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()[6:]) for e in evs
-                    if e.name().startswith("phase:"))
-    launch_at = {e.correlation_id(): e.start_ns() for e in evs
-                 if e.device_type() == torch.autograd.DeviceType.CPU and e.name().startswith("cuda")}
-    kernels = [e for e in evs if e.device_type() == torch.autograd.DeviceType.CUDA and "emcpy" not in e.name()
-               and "emset" not in e.name()]
+    ranges = sorted(
+        (e.start_ns(), e.start_ns() + e.duration_ns(), e.name()[6:]) for e in evs if e.name().startswith("phase:")
+    )
+    launch_at = {
+        e.correlation_id(): e.start_ns()
+        for e in evs
+        if e.device_type() == torch.autograd.DeviceType.CPU and e.name().startswith("cuda")
+    }
+    kernels = [
+        e
+        for e in evs
+        if e.device_type() == torch.autograd.DeviceType.CUDA and "emcpy" not in e.name() and "emset" not in e.name()
+    ]
     by_stream = {}
     for e in kernels:
         by_stream.setdefault(e.device_resource_id(), []).append(e)
@@ -172,15 +187,19 @@ def gaps(model, opt, batch, args) -> None:
         if prev_end is None or k.start_ns() + k.duration_ns() > prev_end:
             prev_end, prev_name = k.start_ns() + k.duration_ns(), k.name()
     for a, b, name in ranges:
-        print(f"  phase {name:<10} wall {(b - a) / 1e6:8.1f} ms | kernels launched in it "
-              f"{busy.get(name, 0) / 1e6:8.1f} ms"
-              f" | stream idle before them {idle.get(name, 0) / 1e6:7.1f} ms", flush=True)
-    print(f"  stream idle in all {sum(idle.values()) / 1e6:.1f} ms over {len(main)} kernels; most waited-for:",
-          flush=True)
-    for key, (c, t) in sorted(waited.items(), key=lambda kv: -kv[1][1])[:args.gaps]:
+        print(
+            f"  phase {name:<10} wall {(b - a) / 1e6:8.1f} ms | kernels launched in it "
+            f"{busy.get(name, 0) / 1e6:8.1f} ms"
+            f" | stream idle before them {idle.get(name, 0) / 1e6:7.1f} ms",
+            flush=True,
+        )
+    print(
+        f"  stream idle in all {sum(idle.values()) / 1e6:.1f} ms over {len(main)} kernels; most waited-for:", flush=True
+    )
+    for key, (c, t) in sorted(waited.items(), key=lambda kv: -kv[1][1])[: args.gaps]:
         print(f"    {t / 1e6:7.2f} ms  {c:5d}x  {key}", flush=True)
     print("  the same idle by the kernel that ran before it (two steps, so a per-step figure is half):", flush=True)
-    for key, (c, t) in sorted(after.items(), key=lambda kv: -kv[1][1])[:args.gaps]:
+    for key, (c, t) in sorted(after.items(), key=lambda kv: -kv[1][1])[: args.gaps]:
         print(f"    {t / 1e6:7.2f} ms  {c:5d}x  {key}", flush=True)
 
 
@@ -193,10 +212,12 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--kernels", type=int, default=0, help="list this many GPU kernels by time")
     ap.add_argument("--no-cprofile", action="store_true")
-    ap.add_argument("--gaps", type=int, default=0,
-                    help="profile one step's idle GPU time by phase; list this many kernels")
-    ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"],
-                    help="velotune: get_peft_model(recompute=)")
+    ap.add_argument(
+        "--gaps", type=int, default=0, help="profile one step's idle GPU time by phase; list this many kernels"
+    )
+    ap.add_argument(
+        "--recompute", default="layer", choices=["layer", "mlp"], help="velotune: get_peft_model(recompute=)"
+    )
     ap.add_argument("--cuda-graphs", action="store_true", help="velotune: get_peft_model(cuda_graphs=True)")
     ap.add_argument("--offload-embedding", action="store_true", help="velotune: get_peft_model(offload_embedding=True)")
     ap.add_argument("--optimizer", default="adamw", choices=common.OPTIMIZERS, help="velotune contenders' optimizer")

@@ -18,6 +18,7 @@ figure is anonymous memory, sampled every millisecond in a thread, with glibc to
 allocation over 64 KiB by mmap so that freed tensors leave the RSS at once (MALLOC_MMAP_THRESHOLD_,
 set by re-executing the script).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,9 +84,13 @@ def checkpoint_facts(folder: Path) -> dict:
     h, i = text["hidden_size"], text["intermediate_size"]
     nh, nkv = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
     d = text.get("head_dim") or h // nh
-    layer0 = 2 * (h * nh * d * 2 + 2 * h * nkv * d + 3 * h * i + 2 * h)   # q, o, k, v, gate, up, down, norms
-    return {"shards": len(shards), "largest_shard": max(p.stat().st_size for p in shards),
-            "total_bytes": sum(p.stat().st_size for p in shards), "layer_bytes_16bit": layer0}
+    layer0 = 2 * (h * nh * d * 2 + 2 * h * nkv * d + 3 * h * i + 2 * h)  # q, o, k, v, gate, up, down, norms
+    return {
+        "shards": len(shards),
+        "largest_shard": max(p.stat().st_size for p in shards),
+        "total_bytes": sum(p.stat().st_size for p in shards),
+        "layer_bytes_16bit": layer0,
+    }
 
 
 def measure(folder: Path, load_in_4bit: bool, device: str, stock: bool, control: bool, cap_gib: float) -> dict:
@@ -110,7 +115,7 @@ def measure(folder: Path, load_in_4bit: bool, device: str, stock: bool, control:
         before_dev = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     with AnonPeak() as host:
-        if control:       # the unbounded way: every shard read into memory, then each matrix quantised
+        if control:  # the unbounded way: every shard read into memory, then each matrix quantised
             state = {}
             for p in sorted(folder.glob("*.safetensors")):
                 state.update({k: v.clone() for k, v in load_file(str(p)).items()})
@@ -122,23 +127,35 @@ def measure(folder: Path, load_in_4bit: bool, device: str, stock: bool, control:
                 kw["device_map"] = {"": 0}
             if load_in_4bit and "quantization_config" not in json.loads((folder / "config.json").read_text()):
                 kw["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch.bfloat16)
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16,
+                )
             model = AutoModelForCausalLM.from_pretrained(folder, **kw)
         else:
-            model, _ = FastLanguageModel.from_pretrained(folder, dtype=torch.bfloat16, load_in_4bit=load_in_4bit,
-                                                         memory_cap=f"{cap_gib}GiB" if cap_gib else None)
+            model, _ = FastLanguageModel.from_pretrained(
+                folder, dtype=torch.bfloat16, load_in_4bit=load_in_4bit, memory_cap=f"{cap_gib}GiB" if cap_gib else None
+            )
     seconds = time.perf_counter() - t0
-    out = {**facts, "load_s": seconds, "host_peak": host.peak_delta, "host_end": host.end_delta,
-           "host_bound": int(1.5 * facts["largest_shard"])}
+    out = {
+        **facts,
+        "load_s": seconds,
+        "host_peak": host.peak_delta,
+        "host_end": host.end_delta,
+        "host_bound": int(1.5 * facts["largest_shard"]),
+    }
     # On CPU the loaded model lives in host memory: what the load adds beyond it must stay bounded.
     out["host_transient"] = host.peak_delta - (host.end_delta if not cuda else 0)
     out["host_ok"] = out["host_transient"] <= out["host_bound"]
     if cuda:
         torch.cuda.synchronize()
         end = torch.cuda.memory_allocated() - before_dev
-        out.update(device_peak=torch.cuda.max_memory_allocated() - before_dev, device_end=end,
-                   device_bound=end + facts["layer_bytes_16bit"])
+        out.update(
+            device_peak=torch.cuda.max_memory_allocated() - before_dev,
+            device_end=end,
+            device_bound=end + facts["layer_bytes_16bit"],
+        )
         out["device_ok"] = out["device_peak"] <= out["device_bound"]
     del model
     return out
@@ -157,8 +174,9 @@ def main() -> int:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_ENV["MALLOC_MMAP_THRESHOLD_"]:
         return subprocess.call([sys.executable, *sys.argv], env={**os.environ, **MMAP_ENV})
     out = measure(args.folder, args.load_in_4bit, args.device, args.stock, args.control, args.cap_gib)
-    line = " ".join(f"{k}={v / 2**20:.1f}MiB" if type(v) is int and k != "shards" else f"{k}={v}"
-                    for k, v in out.items())
+    line = " ".join(
+        f"{k}={v / 2**20:.1f}MiB" if type(v) is int and k != "shards" else f"{k}={v}" for k, v in out.items()
+    )
     print(line, flush=True)
     print("RESULT " + json.dumps(out), flush=True)
     if args.json:

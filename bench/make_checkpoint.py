@@ -24,6 +24,7 @@ device: the real names and shapes of the family), in the model's own order:
 Host memory: one shard (--shard-gib) plus one tensor's quantisation; the device holds one tensor's.
 Shards are written to a temporary name and renamed; the index last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,35 +39,124 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 SHAPES = {
-    "70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                          rope_parameters=_LLAMA3_ROPE, tie_word_embeddings=False)),
-    "34b": ("llama", dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
-                          num_key_value_heads=8, vocab_size=32000, max_position_embeddings=16384,
-                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False)),
-    "27b": ("gemma2", dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
-                           num_key_value_heads=16, head_dim=128, vocab_size=256000, max_position_embeddings=8192,
-                           query_pre_attn_scalar=144, sliding_window=4096, attn_logit_softcapping=50.0,
-                           final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
-                           tie_word_embeddings=True)),
-    "12b": ("mistral", dict(hidden_size=5120, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
-                            num_key_value_heads=8, head_dim=128, vocab_size=131072, max_position_embeddings=1024000,
-                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None,
-                            tie_word_embeddings=False)),
-    "8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                         rope_parameters=_LLAMA3_ROPE, tie_word_embeddings=False)),
-    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=384, max_position_embeddings=256,
-                                 tie_word_embeddings=False)),
-    "tiny-gemma2": ("gemma2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=16, vocab_size=384, max_position_embeddings=256,
-                                   query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=50.0,
-                                   final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
-                                   tie_word_embeddings=True)),
+    "70b": (
+        "llama",
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_parameters=_LLAMA3_ROPE,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "34b": (
+        "llama",
+        dict(
+            hidden_size=8192,
+            intermediate_size=22016,
+            num_hidden_layers=48,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=16384,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            tie_word_embeddings=False,
+        ),
+    ),
+    "27b": (
+        "gemma2",
+        dict(
+            hidden_size=4608,
+            intermediate_size=36864,
+            num_hidden_layers=46,
+            num_attention_heads=32,
+            num_key_value_heads=16,
+            head_dim=128,
+            vocab_size=256000,
+            max_position_embeddings=8192,
+            query_pre_attn_scalar=144,
+            sliding_window=4096,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        ),
+    ),
+    "12b": (
+        "mistral",
+        dict(
+            hidden_size=5120,
+            intermediate_size=14336,
+            num_hidden_layers=40,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=131072,
+            max_position_embeddings=1024000,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            sliding_window=None,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_parameters=_LLAMA3_ROPE,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "tiny-llama": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=384,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "tiny-gemma2": (
+        "gemma2",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=384,
+            max_position_embeddings=256,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 STD = 0.02
 
@@ -82,8 +172,13 @@ def make_config(shape: str):
 def quantization_config() -> dict:
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8).to_dict()
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.uint8,
+    ).to_dict()
 
 
 def nf4_tensors(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,14 +186,24 @@ def nf4_tensors(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     from velotune.quant.nf4 import nf4_code, quantize_nf4
 
     q = quantize_nf4(w, blocksize=64, double_quant=True)
-    state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
-             "shape": list(q.shape), "nested_blocksize": q.blocksize2, "nested_dtype": "float32",
-             "nested_offset": q.offset.item()}
+    state = {
+        "quant_type": "nf4",
+        "blocksize": q.blocksize,
+        "dtype": str(q.dtype).removeprefix("torch."),
+        "shape": list(q.shape),
+        "nested_blocksize": q.blocksize2,
+        "nested_dtype": "float32",
+        "nested_offset": q.offset.item(),
+    }
     packed_state = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
-    return {name: q.packed.reshape(-1, 1).cpu(), f"{name}.absmax": q.absmax.cpu(),
-            f"{name}.nested_absmax": q.absmax2.cpu(), f"{name}.nested_quant_map": q.code2.cpu(),
-            f"{name}.quant_map": nf4_code("cpu").clone(),
-            f"{name}.quant_state.bitsandbytes__nf4": packed_state}
+    return {
+        name: q.packed.reshape(-1, 1).cpu(),
+        f"{name}.absmax": q.absmax.cpu(),
+        f"{name}.nested_absmax": q.absmax2.cpu(),
+        f"{name}.nested_quant_map": q.code2.cpu(),
+        f"{name}.quant_map": nf4_code("cpu").clone(),
+        f"{name}.quant_state.bitsandbytes__nf4": packed_state,
+    }
 
 
 def _tokenizer():
@@ -109,8 +214,12 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. 0123456789"] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -159,8 +268,9 @@ class ShardWriter:
         os.replace(tmp, self.out / "model.safetensors.index.json")
 
 
-def make_checkpoint(shape: str, out: Path, fmt: str = "nf4", device: str = "cpu", shard_gib: float = 4.0,
-                    seed: int = 0, log=print) -> dict:
+def make_checkpoint(
+    shape: str, out: Path, fmt: str = "nf4", device: str = "cpu", shard_gib: float = 4.0, seed: int = 0, log=print
+) -> dict:
     """Write the checkpoint; returns {"bytes": on disk, "seconds": ..., "tensors": n}."""
     from transformers import AutoModelForCausalLM
 
@@ -172,14 +282,17 @@ def make_checkpoint(shape: str, out: Path, fmt: str = "nf4", device: str = "cpu"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     out_emb = model.get_output_embeddings()
-    quantised = {f"{n}.weight" for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and m is not out_emb} if fmt == "nf4" else set()
+    quantised = (
+        {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out_emb}
+        if fmt == "nf4"
+        else set()
+    )
     zero_centred_norms = config.model_type.startswith("gemma")
     writer = ShardWriter(out, int(shard_gib * 2**30))
     gen = torch.Generator(device=device)
     n, seen = 0, set()
     for i, (name, p) in enumerate(model.state_dict(keep_vars=True).items()):
-        if "rotary_emb" in name or id(p) in seen:      # tied embeddings: written once
+        if "rotary_emb" in name or id(p) in seen:  # tied embeddings: written once
             continue
         seen.add(id(p))
         gen.manual_seed(seed * 1_000_003 + i)
@@ -215,8 +328,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     r = make_checkpoint(args.shape, args.out, args.format, args.device, args.shard_gib, args.seed)
-    print(f"{args.shape} ({args.format}) -> {args.out}: {r['bytes'] / 2**30:.2f} GiB in {r['shards']} shards, "
-          f"{r['tensors']} tensors, {r['seconds']:.0f} s", flush=True)
+    print(
+        f"{args.shape} ({args.format}) -> {args.out}: {r['bytes'] / 2**30:.2f} GiB in {r['shards']} shards, "
+        f"{r['tensors']} tensors, {r['seconds']:.0f} s",
+        flush=True,
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ and the same GEMM with the dequantisation in front (the overhead a separate dequ
     python bench/nf4.py
     python bench/nf4.py --cpu-smoke        # small shapes on the CPU: the bit-exactness check only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-GPU_SHAPES = {"q/o [4096,4096]": (4096, 4096), "k/v [1024,4096]": (1024, 4096),
-              "gate/up [14336,4096]": (14336, 4096), "down [4096,14336]": (4096, 14336)}
+GPU_SHAPES = {
+    "q/o [4096,4096]": (4096, 4096),
+    "k/v [1024,4096]": (1024, 4096),
+    "gate/up [14336,4096]": (14336, 4096),
+    "down [4096,14336]": (4096, 14336),
+}
 CPU_SHAPES = {"[128,192]": (128, 192), "[64,256]": (64, 256)}
 
 
@@ -36,12 +41,14 @@ def run(device: str) -> list[dict]:
         from triton.testing import do_bench
 
         def bench(fn):
-            return do_bench(fn, warmup=25, rep=100, return_mode="median")   # ms
+            return do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
     else:
+
         def bench(fn):
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1000
+
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for label, shape in shapes.items():
@@ -51,9 +58,12 @@ def run(device: str) -> list[dict]:
             nf4 = NF4Weight.from_bnb(q, st)
             ref = bnbF.dequantize_4bit(q, st)
             ours = dequantize_nf4(nf4)
-            row = {"dtype": str(dtype).split(".")[-1], "weight": label,
-                   "bit_exact": torch.equal(ours, ref) and torch.equal(ours, dequantize_nf4_reference(nf4)),
-                   "mismatches": int((ours != ref).sum())}
+            row = {
+                "dtype": str(dtype).split(".")[-1],
+                "weight": label,
+                "bit_exact": torch.equal(ours, ref) and torch.equal(ours, dequantize_nf4_reference(nf4)),
+                "mismatches": int((ours != ref).sum()),
+            }
             if dtype != torch.float32:
                 buf = torch.empty_like(ours)
                 t_ours = bench(lambda: dequantize_nf4(nf4, out=buf))
@@ -62,9 +72,14 @@ def run(device: str) -> list[dict]:
                 t_mm = bench(lambda: x @ buf.t())
                 t_both = bench(lambda: x @ dequantize_nf4(nf4, out=buf).t())
                 moved = w.numel() // 2 + w.numel() * buf.element_size() + st.absmax.numel()
-                row.update(ours_us=1000 * t_ours, bnb_us=1000 * t_bnb, ours_GBps=moved / (t_ours * 1e6),
-                           matmul_us=1000 * t_mm, dequant_plus_matmul_us=1000 * t_both,
-                           overhead_pct=100 * (t_both - t_mm) / t_mm)
+                row.update(
+                    ours_us=1000 * t_ours,
+                    bnb_us=1000 * t_bnb,
+                    ours_GBps=moved / (t_ours * 1e6),
+                    matmul_us=1000 * t_mm,
+                    dequant_plus_matmul_us=1000 * t_both,
+                    overhead_pct=100 * (t_both - t_mm) / t_mm,
+                )
             rows.append(row)
     return rows
 
@@ -79,11 +94,19 @@ def main() -> int:
         args.device = "cpu"
     rows = run(args.device)
     print(f"NF4 dequantisation, {common.card(args.device)}: velotune Triton vs bitsandbytes")
-    print(f"{'dtype':<9}{'weight':<22}{'bit-exact':<11}{'ours us':>9}{'bnb us':>9}{'GB/s':>8}"
-          f"{'matmul us':>11}{'deq+mm us':>11}{'overhead':>10}")
+    print(
+        f"{'dtype':<9}{'weight':<22}{'bit-exact':<11}{'ours us':>9}{'bnb us':>9}{'GB/s':>8}"
+        f"{'matmul us':>11}{'deq+mm us':>11}{'overhead':>10}"
+    )
     for r in rows:
-        t = (f"{r['ours_us']:>9.1f}{r['bnb_us']:>9.1f}{r['ours_GBps']:>8.0f}{r['matmul_us']:>11.1f}"
-             f"{r['dequant_plus_matmul_us']:>11.1f}{r['overhead_pct']:>9.1f}%") if "ours_us" in r else ""
+        t = (
+            (
+                f"{r['ours_us']:>9.1f}{r['bnb_us']:>9.1f}{r['ours_GBps']:>8.0f}{r['matmul_us']:>11.1f}"
+                f"{r['dequant_plus_matmul_us']:>11.1f}{r['overhead_pct']:>9.1f}%"
+            )
+            if "ours_us" in r
+            else ""
+        )
         exact = str(r["bit_exact"]) + ("" if r["bit_exact"] else f" ({r['mismatches']})")
         print(f"{r['dtype']:<9}{r['weight']:<22}{exact:<11}{t}")
     common.write_rows(args.jsonl, "nf4", rows, args.commit, args.device)

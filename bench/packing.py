@@ -14,6 +14,7 @@ Modes (all at most --tokens-per-step tokens per step, pads included):
 Reported: real (non-pad) tokens/s and speed-up vs padded. Paste the markdown table into BENCHMARKS.md
 with the card, date, commit and command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,38 @@ import torch  # noqa: E402
 
 from velotune.data.packing import PaddingFreeCollator, pack_indices  # noqa: E402
 
-LLAMA_32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                   rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
-                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 8192})
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True)
+LLAMA_32_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 
 
 def parse_args(argv=None):
@@ -52,8 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--row-len", type=int, default=4096, help="packed row capacity")
     p.add_argument("--tokens-per-step", type=int, default=12288, help="budget per step, pads included")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per mode (not timed)")
-    p.add_argument("--max-seconds", type=float, default=100.0,
-                   help="skip the remaining modes once this much time has passed since the start")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=100.0,
+        help="skip the remaining modes once this much time has passed since the start",
+    )
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA r=16")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flex_attention, ...)")
     p.add_argument("--velotune", action="store_true", help="apply velotune's fast path (models.prepare_model)")
@@ -120,11 +149,17 @@ def build_batches(mode: str, pool: list[dict], args) -> list[dict]:
         return [padded_batch([pool[i] for i in b]) for b in batches]
     rows = pack_indices([len(s["input_ids"]) for s in pool], args.row_len)
     rows = [[pool[i] for i in sorted(r)] for r in rows]
-    features = [{"input_ids": [t for s in r for t in s["input_ids"]], "labels": [t for s in r for t in s["labels"]],
-                 "seq_lengths": [len(s["input_ids"]) for s in r]} for r in rows]
+    features = [
+        {
+            "input_ids": [t for s in r for t in s["input_ids"]],
+            "labels": [t for s in r for t in s["labels"]],
+            "seq_lengths": [len(s["input_ids"]) for s in r],
+        }
+        for r in rows
+    ]
     per_step = max(1, args.tokens_per_step // args.row_len)
     collate = PaddingFreeCollator(keep_rows=(mode == "packed-rows"))
-    return [collate(features[k:k + per_step]) for k in range(0, len(features), per_step)]
+    return [collate(features[k : k + per_step]) for k in range(0, len(features), per_step)]
 
 
 def build_model(args, device, dtype):
@@ -143,8 +178,13 @@ def build_model(args, device, dtype):
         return model
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = get_peft_model(model, lora)
     for p in model.parameters():  # adapters in the compute dtype, as velotune's get_peft_model does
         if p.requires_grad:
@@ -158,6 +198,7 @@ def build_model(args, device, dtype):
 
 def run_mode(model, batches, device, warmup: int):
     """Forward+backward over every batch; returns (seconds for the timed part, summed token loss, tokens)."""
+
     def step(batch):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the loss averages over
@@ -190,19 +231,24 @@ def main(argv=None) -> int:
             print("no CUDA device: run with --cpu-smoke to check the code path", file=sys.stderr)
             return 2
         device, dtype = torch.device("cuda"), torch.bfloat16
-    lengths = draw_lengths(args.samples, args.median_len, args.sigma, 32 if not args.cpu_smoke else 4,
-                           args.max_len, args.seed)
+    lengths = draw_lengths(
+        args.samples, args.median_len, args.sigma, 32 if not args.cpu_smoke else 4, args.max_len, args.seed
+    )
     vocab = (TINY if args.cpu_smoke else LLAMA_32_1B)["vocab_size"]
     pool = make_pool(lengths, vocab, args.seed)
     s = sorted(lengths)
     real = sum(lengths)
-    print(f"pool: {len(s)} samples, {real} tokens; length median {s[len(s) // 2]}, mean {real / len(s):.0f}, "
-          f"p90 {s[int(0.9 * len(s))]}, max {s[-1]}")
+    print(
+        f"pool: {len(s)} samples, {real} tokens; length median {s[len(s) // 2]}, mean {real / len(s):.0f}, "
+        f"p90 {s[int(0.9 * len(s))]}, max {s[-1]}"
+    )
     t1 = time.perf_counter()
     model = build_model(args, device, dtype)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"model built in {time.perf_counter() - t1:.1f}s ({'full' if args.full else 'LoRA r=16'}, {dtype}, "
-          f"attn={args.attn}, velotune={args.velotune}, device={card}, torch {torch.__version__})")
+    print(
+        f"model built in {time.perf_counter() - t1:.1f}s ({'full' if args.full else 'LoRA r=16'}, {dtype}, "
+        f"attn={args.attn}, velotune={args.velotune}, device={card}, torch {torch.__version__})"
+    )
     results = []
     for mode in args.modes.split(","):
         if time.perf_counter() - t0 > args.max_seconds:
@@ -214,12 +260,25 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         secs, loss_sum, n_loss = run_mode(model, batches, device, args.warmup)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        results.append(dict(mode=mode, steps=len(batches), real_tokens=real, processed_tokens=processed,
-                            pad_fraction=1 - real / processed, seconds=secs, tokens_per_s=real / secs,
-                            pool_loss=loss_sum / n_loss, loss_tokens=n_loss, peak_gib=peak))
-        print(f"  {mode:15s} {len(batches):4d} steps  {secs:7.2f}s  {real / secs:10.0f} real tok/s  "
-              f"pad {100 * (1 - real / processed):5.1f}%  loss {loss_sum / n_loss:.5f}  peak {peak:.1f} GiB",
-              flush=True)
+        results.append(
+            dict(
+                mode=mode,
+                steps=len(batches),
+                real_tokens=real,
+                processed_tokens=processed,
+                pad_fraction=1 - real / processed,
+                seconds=secs,
+                tokens_per_s=real / secs,
+                pool_loss=loss_sum / n_loss,
+                loss_tokens=n_loss,
+                peak_gib=peak,
+            )
+        )
+        print(
+            f"  {mode:15s} {len(batches):4d} steps  {secs:7.2f}s  {real / secs:10.0f} real tok/s  "
+            f"pad {100 * (1 - real / processed):5.1f}%  loss {loss_sum / n_loss:.5f}  peak {peak:.1f} GiB",
+            flush=True,
+        )
     if not results:
         print("no mode ran", file=sys.stderr)
         return 1
@@ -228,16 +287,23 @@ def main(argv=None) -> int:
     print("\n| mode | steps | pad tokens | real tokens/s | speed-up vs padded | pool loss | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['steps']} | {100 * r['pad_fraction']:.1f}% | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['pool_loss']:.5f} | {r['peak_gib']:.1f} |")
+        print(
+            f"| {r['mode']} | {r['steps']} | {100 * r['pad_fraction']:.1f}% | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['pool_loss']:.5f} | {r['peak_gib']:.1f} |"
+        )
     worst = max(abs(r["pool_loss"] - ref_loss) / abs(ref_loss) for r in results)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert all(r["loss_tokens"] == results[0]["loss_tokens"] for r in results), "modes disagree on trained tokens"
     print(f"\npool loss agrees across modes to {worst:.2e} relative (limit {tol:.0e})")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(args=vars(args), results=results), indent=2, default=str))
-    common.write_rows(args.jsonl, "packing", [{**r, "speedup_vs_padded": r["tokens_per_s"] / base["tokens_per_s"]}
-                                              for r in results], args.commit, device.type)
+    common.write_rows(
+        args.jsonl,
+        "packing",
+        [{**r, "speedup_vs_padded": r["tokens_per_s"] / base["tokens_per_s"]} for r in results],
+        args.commit,
+        device.type,
+    )
     if worst > tol:
         print("FAIL: packed and padded modes disagree on the loss", file=sys.stderr)
         return 1

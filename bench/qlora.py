@@ -28,6 +28,7 @@ Peak memory: torch.cuda.max_memory_allocated over the timed steps (reset after b
 a graphed contender after the capturing warm-up), plus the CUDA-graph pool, which replays use without
 allocating it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,17 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora", "velotune-qlora@base", "velotune-lora@base")
-quantize_linears_ = common.quantize_linears_   # as bench/sft.py imports it from here
+quantize_linears_ = common.quantize_linears_  # as bench/sft.py imports it from here
 
 
 def memory_options(args) -> dict:
-    return dict(recompute=args.recompute, cuda_graphs=args.cuda_graphs, offload_embedding=args.offload_embedding,
-                mlp_row_blocks=args.mlp_row_blocks, **common.offload_options(args))
+    return dict(
+        recompute=args.recompute,
+        cuda_graphs=args.cuda_graphs,
+        offload_embedding=args.offload_embedding,
+        mlp_row_blocks=args.mlp_row_blocks,
+        **common.offload_options(args),
+    )
 
 
 def worker(args) -> dict:
@@ -56,29 +62,41 @@ def worker(args) -> dict:
     cfg = common.config(args.shape, args.checkpoint)
     velotune = args.impl.startswith("velotune")
     impl = args.impl
-    if impl.endswith("@base"):    # the same contender on the --base-src tree (velotune is not imported yet)
+    if impl.endswith("@base"):  # the same contender on the --base-src tree (velotune is not imported yet)
         if not args.base_src:
             raise SystemExit(f"{impl} needs --base-src")
         sys.path.insert(0, str(Path(args.base_src).resolve()))
-        impl = impl[:-len("@base")]
-    model = common.build(impl, cfg, device, dtype, args.seq, memory_options(args) if velotune else None,
-                         args.checkpoint)
-    step, params, _, _ = common.training_step(model, args.batch, args.seq, device,
-                                              optimizer=args.optimizer if velotune else "adamw")
+        impl = impl[: -len("@base")]
+    model = common.build(
+        impl, cfg, device, dtype, args.seq, memory_options(args) if velotune else None, args.checkpoint
+    )
+    step, params, _, _ = common.training_step(
+        model, args.batch, args.seq, device, optimizer=args.optimizer if velotune else "adamw"
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     graphed = cuda and velotune and args.cuda_graphs
-    try:   # a graphed contender captures in the warm-up: its timed steps' own peak, plus the pool below
-        t = common.timed_steps(step, args.warmup, args.steps, device,
-                               before_timed=torch.cuda.reset_peak_memory_stats if graphed else None)
+    try:  # a graphed contender captures in the warm-up: its timed steps' own peak, plus the pool below
+        t = common.timed_steps(
+            step, args.warmup, args.steps, device, before_timed=torch.cuda.reset_peak_memory_stats if graphed else None
+        )
     except torch.OutOfMemoryError:
         return {"impl": args.impl, "oom": True}
     tokens = args.batch * args.seq * args.steps
-    out = {"impl": args.impl, "shape": args.shape, "batch": args.batch, "seq": args.seq, "oom": False,
-           "tokens_per_s": tokens / t["seconds"], "ms_per_step": t["ms_per_step"], "first_loss": t["first_loss"],
-           "last_loss": t["last_loss"], "n_trainable": sum(p.numel() for p in params),
-           "peak_gib": (torch.cuda.max_memory_allocated() + common.graph_pool_bytes()) / 2**30 if cuda else None,
-           "graph_pool_gib": common.graph_pool_bytes() / 2**30 if graphed else None}
+    out = {
+        "impl": args.impl,
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq": args.seq,
+        "oom": False,
+        "tokens_per_s": tokens / t["seconds"],
+        "ms_per_step": t["ms_per_step"],
+        "first_loss": t["first_loss"],
+        "last_loss": t["last_loss"],
+        "n_trainable": sum(p.numel() for p in params),
+        "peak_gib": (torch.cuda.max_memory_allocated() + common.graph_pool_bytes()) / 2**30 if cuda else None,
+        "graph_pool_gib": common.graph_pool_bytes() / 2**30 if graphed else None,
+    }
     if velotune:
         out["memory"] = {**common.MEMORY_DEFAULTS, **memory_options(args), "optimizer": args.optimizer}
         out["embeddings_offloaded"] = common.embeddings_offloaded(model)
@@ -96,16 +114,27 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=1, help="run the contenders this many times, interleaved; "
-                                                          "report each one's median run")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the contenders this many times, interleaved; report each one's median run",
+    )
     ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="get_peft_model(recompute=)")
     ap.add_argument("--cuda-graphs", action="store_true", help="get_peft_model(cuda_graphs=True)")
     ap.add_argument("--offload-embedding", action="store_true", help="get_peft_model(offload_embedding=True)")
     ap.add_argument("--mlp-row-blocks", type=int, default=1, help="get_peft_model(mlp_row_blocks=), recompute='mlp'")
-    ap.add_argument("--optimizer", default="adamw", choices=common.OPTIMIZERS,
-                    help="velotune contenders: torch AdamW, velotune.OffloadedAdamW, or it updating in backward")
-    ap.add_argument("--cublas-workspace", default=None,
-                    help="CUBLAS_WORKSPACE_CONFIG for the velotune contenders (':0:0': no cuBLAS workspace memsets)")
+    ap.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=common.OPTIMIZERS,
+        help="velotune contenders: torch AdamW, velotune.OffloadedAdamW, or it updating in backward",
+    )
+    ap.add_argument(
+        "--cublas-workspace",
+        default=None,
+        help="CUBLAS_WORKSPACE_CONFIG for the velotune contenders (':0:0': no cuBLAS workspace memsets)",
+    )
     ap.add_argument("--profile", action="store_true", help="GPU ms per step by kernel category (3 profiled steps)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -124,12 +153,35 @@ def main() -> int:
 
     card = common.card(args.device)
     print(f"{card}  commit {args.commit}  shape {args.shape}  batch {args.batch} x {args.seq}", flush=True)
-    argv = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
-            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--recompute", args.recompute, "--mlp-row-blocks", str(args.mlp_row_blocks),
-            "--optimizer", args.optimizer] + (["--cuda-graphs"] if args.cuda_graphs else []) + (
-        ["--offload-embedding"] if args.offload_embedding else []) + (["--profile"] if args.profile else []) + (
-        ["--base-src", str(args.base_src)] if args.base_src else []) + common.model_argv(args)
+    argv = (
+        [
+            "--shape",
+            args.shape,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--recompute",
+            args.recompute,
+            "--mlp-row-blocks",
+            str(args.mlp_row_blocks),
+            "--optimizer",
+            args.optimizer,
+        ]
+        + (["--cuda-graphs"] if args.cuda_graphs else [])
+        + (["--offload-embedding"] if args.offload_embedding else [])
+        + (["--profile"] if args.profile else [])
+        + (["--base-src", str(args.base_src)] if args.base_src else [])
+        + common.model_argv(args)
+    )
     runs: dict[str, list[dict]] = {}
     for impl in [impl for _ in range(args.rounds) for impl in args.impls]:
         env = None
@@ -141,10 +193,13 @@ def main() -> int:
             print(f"{impl}: {'OOM' if r else 'failed'}", flush=True)
             continue
         runs.setdefault(impl, []).append(r)
-        print(f"  {impl:<20} {r['tokens_per_s']:>8.0f} tok/s {r['ms_per_step']:>7.1f} ms/step"
-              + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "")
-              + f"  first loss {r['first_loss']:.5f}"
-              + ("  [embeddings in host memory]" if r.get("embeddings_offloaded") else ""), flush=True)
+        print(
+            f"  {impl:<20} {r['tokens_per_s']:>8.0f} tok/s {r['ms_per_step']:>7.1f} ms/step"
+            + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "")
+            + f"  first loss {r['first_loss']:.5f}"
+            + ("  [embeddings in host memory]" if r.get("embeddings_offloaded") else ""),
+            flush=True,
+        )
     res = {impl: common.median_run(rs) for impl, rs in runs.items()}
     for impl, r in res.items():
         if r.get("profile"):
@@ -163,8 +218,13 @@ def main() -> int:
             mem = v["peak_gib"] / s["peak_gib"] if v["peak_gib"] and s["peak_gib"] else None
             v.setdefault("memory_vs", {})[base] = mem
             print(f"{name} / {base}: {speed:.3f}x tokens/s" + (f", {mem:.3f}x peak memory" if mem else ""), flush=True)
-    common.write_rows(args.jsonl, "qlora", [{k: v for k, v in r.items() if k != "profile"} for r in res.values()],
-                      args.commit, args.device)
+    common.write_rows(
+        args.jsonl,
+        "qlora",
+        [{k: v for k, v in r.items() if k != "profile"} for r in res.values()],
+        args.commit,
+        args.device,
+    )
     return 0
 
 

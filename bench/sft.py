@@ -26,6 +26,7 @@ last step (CUDA synchronised). Unsloth's patched config may use gradient accumul
 are counted per micro-batch, so its figure is comparable. Peak memory: max_memory_allocated over
 the whole run (weights included). JSON lines go to --out; a table is printed last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("stock", "unsloth", "velotune")
-MIXES = {"short": dict(median=350, sigma=0.8, lo=64, hi=2048), "long": dict(median=350, sigma=1.2, lo=64, hi=8192),
-         "quick": dict(median=24, sigma=0.6, lo=8, hi=64)}     # quick: the CPU smoke test
-WORDS = 4000          # word-level vocabulary of the generated tokenizer (ids 0..WORDS+3)
-QUICK_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=WORDS + 8, max_position_embeddings=8192,
-                   tie_word_embeddings=False)
+MIXES = {
+    "short": dict(median=350, sigma=0.8, lo=64, hi=2048),
+    "long": dict(median=350, sigma=1.2, lo=64, hi=8192),
+    "quick": dict(median=24, sigma=0.6, lo=8, hi=64),
+}  # quick: the CPU smoke test
+WORDS = 4000  # word-level vocabulary of the generated tokenizer (ids 0..WORDS+3)
+QUICK_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=WORDS + 8,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+)
 
 
 # ------------------------------------------------------------------ data
@@ -54,8 +65,9 @@ def lengths(mix: str, n: int, seed: int = 0) -> list[int]:
 
     m = MIXES[mix]
     rng = random.Random(seed)
-    return [int(min(m["hi"], max(m["lo"], round(rng.lognormvariate(math.log(m["median"]), m["sigma"])))))
-            for _ in range(n)]
+    return [
+        int(min(m["hi"], max(m["lo"], round(rng.lognormvariate(math.log(m["median"]), m["sigma"]))))) for _ in range(n)
+    ]
 
 
 def _words(rng, n: int) -> str:
@@ -96,8 +108,9 @@ def tokenizer():
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     out.model_max_length = 1 << 20
     return out
 
@@ -115,8 +128,9 @@ def model_config(shape: str):
     if shape == "quick":
         from transformers import LlamaConfig
 
-        return LlamaConfig(**QUICK_SHAPE, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                           use_cache=False)
+        return LlamaConfig(
+            **QUICK_SHAPE, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False
+        )
     config = _common().config(shape)
     config.pad_token_id = 0
     return config
@@ -150,10 +164,19 @@ def build(impl: str, mode: str, shape: str, device: str, model_dir: Path, max_le
     if impl == "unsloth":
         from unsloth import FastLanguageModel as Unsloth
 
-        model, _ = Unsloth.from_pretrained(str(model_dir), max_seq_length=max_len, dtype=dtype,
-                                           load_in_4bit=mode == "qlora")
-        model = Unsloth.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
-                                       bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
+        model, _ = Unsloth.from_pretrained(
+            str(model_dir), max_seq_length=max_len, dtype=dtype, load_in_4bit=mode == "qlora"
+        )
+        model = Unsloth.get_peft_model(
+            model,
+            r=16,
+            lora_alpha=16,
+            target_modules=TARGETS,
+            lora_dropout=0.0,
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=3407,
+        )
         return model, dict(gradient_checkpointing=False)
     model = random_model(shape, device, dtype)
     if mode == "qlora":
@@ -167,10 +190,11 @@ def build(impl: str, mode: str, shape: str, device: str, model_dir: Path, max_le
         model.velotune_compute_dtype = dtype
         model.max_seq_length = max_len
         prepare_model(model, max_seq_length=max_len)
-        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS), \
-            dict(gradient_checkpointing=False)
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS), dict(
+            gradient_checkpointing=False
+        )
     model = common.stock_peft(model, TARGETS, quantized=mode == "qlora")
-    return model, dict(gradient_checkpointing=False)   # enabled above, non-reentrant, as PEFT users do
+    return model, dict(gradient_checkpointing=False)  # enabled above, non-reentrant, as PEFT users do
 
 
 def batch_tokens(inputs) -> int:
@@ -192,7 +216,7 @@ def real_tokens(inputs) -> int:
 
 # ------------------------------------------------------------------ one contender, in its own process
 def worker(args) -> dict:
-    if args.impl == "unsloth":   # first, before trl / transformers (it patches them on import)
+    if args.impl == "unsloth":  # first, before trl / transformers (it patches them on import)
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         import unsloth  # noqa: F401
     import torch
@@ -203,23 +227,40 @@ def worker(args) -> dict:
     steps = args.warmup + args.steps
     model, overrides = build(args.impl, args.mode, args.shape, device, Path(args.model_dir), max_len)
     tok = tokenizer()
-    common = dict(output_dir=str(Path(args.model_dir) / f"run-{args.impl}"), per_device_train_batch_size=args.batch,
-                  gradient_accumulation_steps=1, max_steps=steps, learning_rate=2e-4, logging_steps=1,
-                  save_strategy="no", report_to="none", seed=3407, bf16=cuda, use_cpu=not cuda,
-                  dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused" if cuda else "adamw_torch",
-                  **overrides)
+    common = dict(
+        output_dir=str(Path(args.model_dir) / f"run-{args.impl}"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=2e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=3407,
+        bf16=cuda,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        **overrides,
+    )
     if args.dpo:
         from trl import DPOConfig, DPOTrainer
 
         data = dpo_dataset(args.mix, args.batch * steps)
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, max_length=None, beta=0.1),
-                             train_dataset=data, processing_class=tok)
+        trainer = DPOTrainer(
+            model=model, args=DPOConfig(**common, max_length=None, beta=0.1), train_dataset=data, processing_class=tok
+        )
     else:
         from trl import SFTConfig, SFTTrainer
 
         data = sft_dataset(args.mix, args.batch * steps * 2)  # * 2: room for gradient accumulation 2 (Unsloth)
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=max_len, packing=False),
-                             train_dataset=data, processing_class=tok)
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common, max_length=max_len, packing=False),
+            train_dataset=data,
+            processing_class=tok,
+        )
     marks: list[tuple[float, int, int, int]] = []  # (time, optimizer step, real, batch tokens) per micro-batch
     plain_step = trainer.training_step
 
@@ -243,14 +284,27 @@ def worker(args) -> dict:
     tokens = sum(m[2] for m in timed)
     elapsed = end - timed[0][0] if timed else float("nan")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    out = {"impl": args.impl, "mode": args.mode, "shape": args.shape, "mix": args.mix, "dpo": args.dpo,
-           "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "oom": False,
-           "micro_batches": len(timed), "real_tokens": tokens, "seconds": elapsed,
-           "tokens_per_s": tokens / elapsed if timed else None,
-           "batch_tokens": sum(m[3] for m in timed),
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-           "losses": losses, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    out = {
+        "impl": args.impl,
+        "mode": args.mode,
+        "shape": args.shape,
+        "mix": args.mix,
+        "dpo": args.dpo,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "oom": False,
+        "micro_batches": len(timed),
+        "real_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed if timed else None,
+        "batch_tokens": sum(m[3] for m in timed),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
     if args.impl == "velotune":
         from velotune.models import report
 
@@ -265,8 +319,10 @@ def worker(args) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'shape':<6}{'mode':<7}{'mix':<7}{'task':<5}{'impl':<10}{'real tok/s':>12}{'peak GiB':>10}"
-             f"{'first loss':>12}{'last loss':>11}  vs stock  vs unsloth"]
+    lines = [
+        f"{'shape':<6}{'mode':<7}{'mix':<7}{'task':<5}{'impl':<10}{'real tok/s':>12}{'peak GiB':>10}"
+        f"{'first loss':>12}{'last loss':>11}  vs stock  vs unsloth"
+    ]
     base: dict = {}
     for r in rows:
         if r.get("tokens_per_s"):
@@ -276,15 +332,19 @@ def _table(rows: list[dict]) -> str:
         tps = r.get("tokens_per_s")
         if not tps:
             status = "OOM" if r.get("oom") else "timeout" if r.get("timeout") else "failed"
-            lines.append(f"{key[0]!s:<6}{key[1]!s:<7}{key[2]!s:<7}{'dpo' if key[3] else 'sft':<5}"
-                         f"{r.get('impl')!s:<10}{status:>12}")
+            lines.append(
+                f"{key[0]!s:<6}{key[1]!s:<7}{key[2]!s:<7}{'dpo' if key[3] else 'sft':<5}"
+                f"{r.get('impl')!s:<10}{status:>12}"
+            )
             continue
         ratios = [f"{tps / base[(*key, o)]:.2f}x" if base.get((*key, o)) else "-" for o in ("stock", "unsloth")]
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         fl = f"{r['first_loss']:.4f}" if r.get("first_loss") is not None else "-"
         ll = f"{r['last_loss']:.4f}" if r.get("last_loss") is not None else "-"
-        lines.append(f"{key[0]:<6}{key[1]:<7}{key[2]:<7}{'dpo' if key[3] else 'sft':<5}{r['impl']:<10}"
-                     f"{tps:>12,.0f}{peak:>10}{fl:>12}{ll:>11}  {ratios[0]:>8}  {ratios[1]:>9}")
+        lines.append(
+            f"{key[0]:<6}{key[1]:<7}{key[2]:<7}{'dpo' if key[3] else 'sft':<5}{r['impl']:<10}"
+            f"{tps:>12,.0f}{peak:>10}{fl:>12}{ll:>11}  {ratios[0]:>8}  {ratios[1]:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -317,8 +377,9 @@ def main() -> int:
     if args.save:
         import torch
 
-        save_random_model(args.shape, Path(args.model_dir), "cuda" if torch.cuda.is_available() and not args.quick
-                          else "cpu")
+        save_random_model(
+            args.shape, Path(args.model_dir), "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+        )
         return 0
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -329,21 +390,48 @@ def main() -> int:
         folder = Path(args.model_dir) / shape
         if "unsloth" in args.impls and not (folder / "config.json").exists():
             print(f"saving random {shape} weights to {folder} for Unsloth", flush=True)
-            subprocess.run([sys.executable, __file__, "--save", "--shape", shape, "--model-dir", str(folder)]
-                           + (["--quick"] if args.quick else []), check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--save", "--shape", shape, "--model-dir", str(folder)]
+                + (["--quick"] if args.quick else []),
+                check=True,
+            )
         for mode in args.modes:
             for mix in args.mixes:
                 for impl in args.impls:
-                    argv = ["--worker", "--impl", impl, "--shape", shape, "--mode", mode, "--mix", mix,
-                            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                            "--model-dir", str(folder)] + (["--dpo"] if args.dpo else []) \
+                    argv = (
+                        [
+                            "--worker",
+                            "--impl",
+                            impl,
+                            "--shape",
+                            shape,
+                            "--mode",
+                            mode,
+                            "--mix",
+                            mix,
+                            "--batch",
+                            str(args.batch),
+                            "--steps",
+                            str(args.steps),
+                            "--warmup",
+                            str(args.warmup),
+                            "--model-dir",
+                            str(folder),
+                        ]
+                        + (["--dpo"] if args.dpo else [])
                         + (["--quick"] if args.quick else [])
+                    )
                     r = _common().run_worker(__file__, argv, args.timeout) or {}
                     r = {"impl": impl, "shape": shape, "mode": mode, "mix": mix, "dpo": args.dpo, **r}
                     rows.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "report")}), flush=True)
-                    _common().write_rows(Path(args.out) if args.out else None, "dpo" if args.dpo else "sft", [r],
-                                         args.commit, device="cpu" if args.quick else "cuda")
+                    _common().write_rows(
+                        Path(args.out) if args.out else None,
+                        "dpo" if args.dpo else "sft",
+                        [r],
+                        args.commit,
+                        device="cpu" if args.quick else "cuda",
+                    )
     print(_table(rows))
     return 0
 

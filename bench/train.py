@@ -18,6 +18,7 @@ Reported per contender: tokens/s over the timed steps, peak torch.cuda.max_memor
 (flops_per_token in bench/common.py against the card's bf16 matmul rate measured in the same run) and
 the first step's loss (must agree to bf16 precision).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,8 @@ import torch  # noqa: E402
 
 # velotune: transformers' checkpointing like the others; velotune_offload: offloaded checkpointing (the default
 # memory settings of bench/common.py)
-IMPLS = {"velotune": "velotune-lora", "velotune_offload": "velotune-lora", "stock": "stock-lora",
-         "liger": "liger-lora"}
-TARGETS, _config = common.TARGETS, common.config   # as bench/sft.py imports them from here
+IMPLS = {"velotune": "velotune-lora", "velotune_offload": "velotune-lora", "stock": "stock-lora", "liger": "liger-lora"}
+TARGETS, _config = common.TARGETS, common.config  # as bench/sft.py imports them from here
 
 
 def worker(args) -> dict:
@@ -47,11 +47,19 @@ def worker(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = common.timed_steps(step, args.warmup, args.steps, device)
-    out = {"impl": args.impl, "shape": args.shape, "batch": args.batch, "seq": args.seq,
-           "tokens_per_s": args.batch * args.seq * args.steps / t["seconds"], "ms_per_step": t["ms_per_step"],
-           "first_loss": t["first_loss"], "last_loss": t["last_loss"],
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "flops_per_token": common.flops_per_token(cfg, args.seq), "n_trainable": sum(p.numel() for p in params)}
+    out = {
+        "impl": args.impl,
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq": args.seq,
+        "tokens_per_s": args.batch * args.seq * args.steps / t["seconds"],
+        "ms_per_step": t["ms_per_step"],
+        "first_loss": t["first_loss"],
+        "last_loss": t["last_loss"],
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "flops_per_token": common.flops_per_token(cfg, args.seq),
+        "n_trainable": sum(p.numel() for p in params),
+    }
     if args.profile and cuda:
         out["profile"] = common.profile(step, 3)
     return out
@@ -89,10 +97,17 @@ def check(device: str) -> dict:
     from velotune.models import prepare_model
 
     small = device == "cpu"  # the CPU run only smoke-tests this code
-    cfg = LlamaConfig(hidden_size=64 if small else 1024, intermediate_size=96 if small else 2816, num_hidden_layers=4,
-                      num_attention_heads=4 if small else 16, num_key_value_heads=2 if small else 4,
-                      vocab_size=512 if small else 32000, max_position_embeddings=4096, use_cache=False,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=64 if small else 1024,
+        intermediate_size=96 if small else 2816,
+        num_hidden_layers=4,
+        num_attention_heads=4 if small else 16,
+        num_key_value_heads=2 if small else 4,
+        vocab_size=512 if small else 32000,
+        max_position_embeddings=4096,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         ref_base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -101,20 +116,24 @@ def check(device: str) -> dict:
     g = torch.Generator(device=device).manual_seed(2)
     ids = torch.randint(3, cfg.vocab_size, (B, T), device=device, generator=g)
     mask = torch.ones(B, T, dtype=torch.long, device=device)
-    mask[1, -T // 5:] = 0
+    mask[1, -T // 5 :] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :T // 16] = -100
+    labels[:, : T // 16] = -100
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     fast = copy.deepcopy(ref_base)
     fast.velotune_compute_dtype = torch.bfloat16
     prepare_model(fast, max_seq_length=T)
-    fast = FastLanguageModel.get_peft_model(fast, r=16, lora_alpha=16, target_modules=common.TARGETS,
-                                            use_gradient_checkpointing=True)
+    fast = FastLanguageModel.get_peft_model(
+        fast, r=16, lora_alpha=16, target_modules=common.TARGETS, use_gradient_checkpointing=True
+    )
     lora_cfg = copy.deepcopy(fast.peft_config["default"])
     gen = torch.Generator(device=device).manual_seed(3)
-    lora_values = {n: (torch.randn(p.shape, device=device, generator=gen) * 0.02).to(torch.bfloat16)
-                   for n, p in fast.named_parameters() if "lora_" in n}
+    lora_values = {
+        n: (torch.randn(p.shape, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+        for n, p in fast.named_parameters()
+        if "lora_" in n
+    }
     models = {"velotune_bf16": fast}
     stock = get_peft_model(copy.deepcopy(ref_base), copy.deepcopy(lora_cfg))
     stock.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -133,13 +152,21 @@ def check(device: str) -> dict:
     ref_loss, ref_grads = grads.pop("reference_fp32")
     for name, (loss, gs) in grads.items():
         errs = [((gs[n] - r).norm() / r.norm()).item() for n, r in ref_grads.items()]
-        results[name] = {"loss": loss, "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
-                         "grad_rel_err_max": max(errs), "grad_rel_err_mean": sum(errs) / len(errs),
-                         "n_grads": len(errs)}
+        results[name] = {
+            "loss": loss,
+            "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
+            "grad_rel_err_max": max(errs),
+            "grad_rel_err_mean": sum(errs) / len(errs),
+            "n_grads": len(errs),
+        }
     ours, theirs = results["velotune_bf16"], results["stock_bf16"]
-    results["verdict"] = ("PASS" if ours["grad_rel_err_max"] <= 1.5 * theirs["grad_rel_err_max"]
-                          and ours["grad_rel_err_mean"] <= 1.5 * theirs["grad_rel_err_mean"]
-                          and ours["loss_rel_err"] <= 1.5 * theirs["loss_rel_err"] + 1e-3 else "FAIL")
+    results["verdict"] = (
+        "PASS"
+        if ours["grad_rel_err_max"] <= 1.5 * theirs["grad_rel_err_max"]
+        and ours["grad_rel_err_mean"] <= 1.5 * theirs["grad_rel_err_mean"]
+        and ours["loss_rel_err"] <= 1.5 * theirs["loss_rel_err"] + 1e-3
+        else "FAIL"
+    )
     results["reference_loss"] = ref_loss
     return results
 
@@ -147,6 +174,7 @@ def check(device: str) -> dict:
 def _liger_importable() -> bool:
     try:
         import liger_kernel.transformers  # noqa: F401
+
         return True
     except Exception:  # noqa: BLE001 - an optional contender
         return False
@@ -181,8 +209,10 @@ def main() -> int:
         print("bf16 check (errors vs fp32 reference on identical weights):")
         for k in ("velotune_bf16", "stock_bf16"):
             r = res[k]
-            print(f"  {k:<14} loss {r['loss']:.5f} rel {r['loss_rel_err']:.2e}  grad rel err max "
-                  f"{r['grad_rel_err_max']:.3e} mean {r['grad_rel_err_mean']:.3e} ({r['n_grads']} LoRA grads)")
+            print(
+                f"  {k:<14} loss {r['loss']:.5f} rel {r['loss_rel_err']:.2e}  grad rel err max "
+                f"{r['grad_rel_err_max']:.3e} mean {r['grad_rel_err_mean']:.3e} ({r['n_grads']} LoRA grads)"
+            )
         print(f"  verdict: {res['verdict']} (ours <= 1.5x stock's own error)", flush=True)
 
     impls = [i for i in args.impls if i != "liger" or _liger_importable()]
@@ -194,8 +224,18 @@ def main() -> int:
         r = common.run_worker(__file__, ["--peak-worker"])
         peak = r and r["tflops"]
         print(f"{card}: measured bf16 matmul {peak:.0f} TFLOP/s" if peak else "peak measurement failed")
-    argv = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-            "--seq", str(args.seq), "--device", args.device] + (["--profile"] if args.profile else [])
+    argv = [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--device",
+        args.device,
+    ] + (["--profile"] if args.profile else [])
     rows = []
     for shape in args.shapes:
         res = {}
@@ -206,10 +246,13 @@ def main() -> int:
             res[impl] = r
             r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / (peak * 1e12) if peak else None
             r["matmul_tflops"] = peak
-            print(f"[{shape}] {impl:<9} {r['tokens_per_s']:>9.0f} tok/s  {r['ms_per_step']:>7.1f} ms/step"
-                  + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "")
-                  + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "")
-                  + f"  first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}", flush=True)
+            print(
+                f"[{shape}] {impl:<9} {r['tokens_per_s']:>9.0f} tok/s  {r['ms_per_step']:>7.1f} ms/step"
+                + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "")
+                + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "")
+                + f"  first loss {r['first_loss']:.5f}  last {r['last_loss']:.5f}",
+                flush=True,
+            )
             if "profile" in r:
                 common.print_profile(f"{impl}, {shape}", r.pop("profile"))
         for name, v in res.items():
@@ -218,8 +261,11 @@ def main() -> int:
             s = res["stock"]
             v["speedup_vs_stock"] = v["tokens_per_s"] / s["tokens_per_s"]
             v["memory_vs_stock"] = v["peak_gib"] / s["peak_gib"] if v["peak_gib"] and s["peak_gib"] else None
-            print(f"[{shape}] {name} / stock: {v['speedup_vs_stock']:.2f}x tokens/s"
-                  + (f", {v['memory_vs_stock']:.2f}x peak memory" if v["memory_vs_stock"] else ""), flush=True)
+            print(
+                f"[{shape}] {name} / stock: {v['speedup_vs_stock']:.2f}x tokens/s"
+                + (f", {v['memory_vs_stock']:.2f}x peak memory" if v["memory_vs_stock"] else ""),
+                flush=True,
+            )
         rows += res.values()
     common.write_rows(args.jsonl, "train", rows, args.commit, args.device)
     return 0

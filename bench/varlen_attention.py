@@ -15,6 +15,7 @@ window (Mistral-style; flash as window_size=(W - 1, 0)).
 
     PYTHONPATH=.devsite:src python bench/varlen_attention.py [--mix short long] [--window 256] [--out r.jsonl]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,21 @@ HQ, HK, D = 32, 8, 128
 
 def block_mask_sdpa(q, k, v, varlen, *, scaling, n_rep, window=None):
     n = q.shape[0]
-    seg = torch.repeat_interleave(torch.arange(len(varlen.lengths), device=q.device),
-                                  torch.tensor(varlen.lengths, device=q.device))
+    seg = torch.repeat_interleave(
+        torch.arange(len(varlen.lengths), device=q.device), torch.tensor(varlen.lengths, device=q.device)
+    )
     i = torch.arange(n, device=q.device)
     mask = (seg[:, None] == seg[None, :]) & (i[None, :] <= i[:, None])
     if window is not None:
         mask &= i[None, :] > i[:, None] - window
     rep = lambda x: x[:, :, None].expand(n, HK, n_rep, D).reshape(n, HK * n_rep, D)  # noqa: E731
-    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], rep(k).transpose(0, 1)[None],
-                                                         rep(v).transpose(0, 1)[None], attn_mask=mask, scale=scaling)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        rep(k).transpose(0, 1)[None],
+        rep(v).transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=scaling,
+    )
     return o[0].transpose(0, 1)
 
 
@@ -57,16 +64,23 @@ def flex(q, k, v, varlen, *, scaling, n_rep, window=None):
     if "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     n = q.shape[0]
-    seg = torch.repeat_interleave(torch.arange(len(varlen.lengths), device=q.device),
-                                  torch.tensor(varlen.lengths, device=q.device))
+    seg = torch.repeat_interleave(
+        torch.arange(len(varlen.lengths), device=q.device), torch.tensor(varlen.lengths, device=q.device)
+    )
 
     def doc(b, h, qi, ki):
         ok = (seg[qi] == seg[ki]) & (ki <= qi)
         return ok & (ki > qi - window) if window is not None else ok
 
     bm = create_block_mask(doc, None, None, n, n, device=q.device)
-    o = _FLEX["fn"](q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm,
-                    scale=scaling, enable_gqa=True)
+    o = _FLEX["fn"](
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        block_mask=bm,
+        scale=scaling,
+        enable_gqa=True,
+    )
     return o[0].transpose(0, 1)
 
 
@@ -85,10 +99,11 @@ def padded_sdpa(q, k, v, varlen, *, scaling, n_rep, window=None):
     mask = (i[None, :] <= i[:, None])[None, None] & valid.view(B, 1, 1, T)
     if window is not None:
         mask = mask & (i[None, :] > i[:, None] - window)
-    mask = mask | ~valid.view(B, 1, T, 1)          # padding query rows attend to everything (no NaN)
+    mask = mask | ~valid.view(B, 1, T, 1)  # padding query rows attend to everything (no NaN)
     rep = lambda x: x[:, :, None].expand(B, HK, n_rep, T, D).reshape(B, HK * n_rep, T, D)  # noqa: E731
-    o = torch.nn.functional.scaled_dot_product_attention(pad(q, HQ), rep(pad(k, HK)), rep(pad(v, HK)),
-                                                         attn_mask=mask, scale=scaling)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        pad(q, HQ), rep(pad(k, HK)), rep(pad(v, HK)), attn_mask=mask, scale=scaling
+    )
     return o.transpose(1, 2).reshape(B * T, HQ, D).index_select(0, idx)
 
 
@@ -120,7 +135,7 @@ def run(mix: str, window, iters: int, seed: int) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(n, h, D, device="cuda", dtype=torch.bfloat16, generator=g) for h in (HQ, HK, HK))
     do = torch.randn(n, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    scaling, n_rep = D ** -0.5, HQ // HK
+    scaling, n_rep = D**-0.5, HQ // HK
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
     ref_o = per_sample(*ref_in, varlen, scaling=scaling, n_rep=n_rep, window=window)
@@ -153,8 +168,11 @@ def main() -> int:
     p.add_argument("--out")
     args = p.parse_args()
     fn, params = flash_capabilities()
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, varlen_attn: "
-          f"{'yes ' + str(sorted(params)) if fn else 'no'}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.cuda.get_device_name()}, varlen_attn: "
+        f"{'yes ' + str(sorted(params)) if fn else 'no'}",
+        flush=True,
+    )
     rows = []
     for mix in args.mix:
         for window in [None, *args.window]:

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any `@triton.jit` decorator runs, so it is set here, first.
 Kernel tests then opt in to the Triton path on CPU with `velotune.kernels.force_triton()`.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

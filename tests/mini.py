@@ -6,6 +6,7 @@
 Shapes are tiny (hidden 64, 2 layers) so everything, the Triton interpreter included, runs on CPU.
 Sliding windows are shorter than the test sequences so that masking is really exercised.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,14 +14,35 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "qwen3", "gemma3_text", "ministral", "granite", "smollm3",
-            "olmo2")
+FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "phi3",
+    "gemma2",
+    "qwen3",
+    "gemma3_text",
+    "ministral",
+    "granite",
+    "smollm3",
+    "olmo2",
+)
 VOCAB = 384
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-               pad_token_id=0)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def mini_config(family: str, **overrides):
@@ -30,9 +52,16 @@ def mini_config(family: str, **overrides):
     kw = dict(_COMMON)
     if family == "llama":
         cls = tf.LlamaConfig
-        kw.update(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 64})
+        kw.update(
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        )
     elif family == "mistral":
         cls = tf.MistralConfig
         kw.update(sliding_window=8, head_dim=16)
@@ -44,29 +73,48 @@ def mini_config(family: str, **overrides):
         kw.update(num_key_value_heads=4)
     elif family == "gemma2":
         cls = tf.Gemma2Config
-        kw.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=30.0,
-                  attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+        kw.update(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        )
     elif family == "qwen3":  # head_dim != hidden / heads, GQA, tied embeddings, a sliding upper layer
         cls = tf.Qwen3Config
-        kw.update(head_dim=24, tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
-                  max_window_layers=1)
+        kw.update(head_dim=24, tie_word_embeddings=True, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     elif family == "gemma3_text":  # local (window 4, base 1e4) then global (base 1e6, linear x8) layer;
-        cls = tf.Gemma3TextConfig    # attention scale from query_pre_attn_scalar != head_dim; tied embeddings
-        kw.update(head_dim=16, query_pre_attn_scalar=24, sliding_window=4, hidden_activation="gelu_pytorch_tanh",
-                  tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"],
-                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                   "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+        cls = tf.Gemma3TextConfig  # attention scale from query_pre_attn_scalar != head_dim; tied embeddings
+        kw.update(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+        )
     elif family == "ministral":  # head_dim != hidden / heads, GQA, a sliding then a full-attention layer
         cls = tf.MinistralConfig
         kw.update(head_dim=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-    elif family == "granite":     # Granite 3's four scalars, attention scale 1 / head_dim, tied embeddings
+    elif family == "granite":  # Granite 3's four scalars, attention scale 1 / head_dim, tied embeddings
         cls = tf.GraniteConfig
-        kw.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 16,
-                  logits_scaling=8.0, tie_word_embeddings=True)
-    elif family == "smollm3":     # NoPE on every 2nd layer here (layer 1 of 2; SmolLM3-3B: every 4th), tied
+        kw.update(
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=1 / 16,
+            logits_scaling=8.0,
+            tie_word_embeddings=True,
+        )
+    elif family == "smollm3":  # NoPE on every 2nd layer here (layer 1 of 2; SmolLM3-3B: every 4th), tied
         cls = tf.SmolLM3Config
         kw.update(no_rope_layer_interval=2, tie_word_embeddings=True)
-    elif family == "olmo2":       # post-norms, q/k norm over the whole projection, GQA
+    elif family == "olmo2":  # post-norms, q/k norm over the whole projection, GQA
         cls = tf.Olmo2Config
         kw.update(initializer_range=0.05)
     else:
@@ -84,11 +132,19 @@ def _tokenizer_json() -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = ["The quick brown fox jumps over the lazy dog.", "Hello world! How are you today?",
-            "velotune fine-tunes language models fast and exactly.", "0123456789 + - * / = ( ) [ ] { }",
-            "Question: what is two plus two? Answer: four."] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Hello world! How are you today?",
+        "velotune fine-tunes language models fast and exactly.",
+        "0123456789 + - * / = ( ) [ ] { }",
+        "Question: what is two plus two? Answer: four.",
+    ] * 20
     tok.train_from_iterator(text, trainer)
     return tok.to_str()
 
@@ -104,8 +160,12 @@ CHAT_TEMPLATE = (
 def mini_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer.from_str(_tokenizer_json()),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=__import__("tokenizers").Tokenizer.from_str(_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

@@ -2,6 +2,7 @@
 
 Also: dtypes are honoured, bad model paths give clear errors, `velotune --help` lists the commands.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -128,8 +129,7 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
 
 
 def test_cli_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "velotune.cli", "--help"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-m", "velotune.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for command in ("demo", "train", "export", "chat"):
         assert command in out.stdout

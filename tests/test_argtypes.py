@@ -1,4 +1,5 @@
 """argparse number and size types: values in, one-line messages out."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,12 +11,15 @@ from velotune.errors import ConfigError
 from velotune.export.safetensors_io import parse_size
 
 
-@pytest.mark.parametrize("fn,good,bad", [
-    (positive_int, {"1": 1, "256": 256}, ["0", "-5", "1.5", "x", ""]),
-    (non_negative_float, {"0": 0.0, "0.7": 0.7}, ["-0.1", "nan", "inf", "hot"]),
-    (positive_float, {"1": 1.0, "1.1": 1.1}, ["0", "-1", "nan"]),
-    (probability, {"1": 1.0, "0.9": 0.9}, ["0", "1.01", "-0.5", "nan"]),
-])
+@pytest.mark.parametrize(
+    "fn,good,bad",
+    [
+        (positive_int, {"1": 1, "256": 256}, ["0", "-5", "1.5", "x", ""]),
+        (non_negative_float, {"0": 0.0, "0.7": 0.7}, ["-0.1", "nan", "inf", "hot"]),
+        (positive_float, {"1": 1.0, "1.1": 1.1}, ["0", "-1", "nan"]),
+        (probability, {"1": 1.0, "0.9": 0.9}, ["0", "1.01", "-0.5", "nan"]),
+    ],
+)
 def test_number_types(fn, good, bad):
     for text, value in good.items():
         assert fn(text) == value

@@ -1,5 +1,6 @@
 """velotune.fit: the training-memory estimate from a config, and from_pretrained's refusal before
 anything is loaded when it exceeds the card (here an explicit `memory_cap`, as CPU has no card)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,15 @@ from velotune import FastLanguageModel
 from velotune.errors import ModelLoadError
 from velotune.fit import GiB, check_fit, estimate_memory, nf4_bytes, parse_bytes
 
-LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+LLAMA_70B = dict(
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
 
 
 def _state_bytes(model) -> int:
@@ -49,8 +57,11 @@ def test_70b_shape_numbers():
     q = estimate_memory(config, torch.bfloat16, load_in_4bit=True, seq_len=8192)
     assert 70.5e9 < q.n_params < 70.6e9
     linears = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
-    assert q.weights == 80 * (2 * nf4_bytes(8192 * 8192) + 2 * nf4_bytes(8192 * 1024) + 3 * nf4_bytes(8192 * 28672)) \
+    assert (
+        q.weights
+        == 80 * (2 * nf4_bytes(8192 * 8192) + 2 * nf4_bytes(8192 * 1024) + 3 * nf4_bytes(8192 * 28672))
         + (q.n_params - linears) * 2
+    )
     assert 36 * GiB < q.weights < 38 * GiB
     assert q.dequant_buffers == 2 * 28672 * 8192 * 2
     assert q.per_token_host == 80 * 8192 * 2 and q.host_offload == 8192 * q.per_token_host
@@ -87,7 +98,7 @@ def test_refused_before_loading(tmp_path):
         FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap=est.gpu_bytes - 1)
     with pytest.raises(ModelLoadError, match="memory_cap"):
         FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap="lots")
-    with pytest.raises(ModelLoadError, match="lack") as e:   # under the cap: on to the weights (missing here)
+    with pytest.raises(ModelLoadError, match="lack") as e:  # under the cap: on to the weights (missing here)
         FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap=est.gpu_bytes)
     assert "does not fit" not in str(e.value)
 
@@ -102,7 +113,7 @@ def test_prequantised_config_counts_as_4bit(tmp_path):
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (path / "config.json").write_text(json.dumps(cfg))
     _weights_replaced(path)
-    with pytest.raises(ModelLoadError, match="NF4"):   # described as the 4-bit model it is
+    with pytest.raises(ModelLoadError, match="NF4"):  # described as the 4-bit model it is
         FastLanguageModel.from_pretrained(path, dtype=torch.bfloat16, memory_cap=est4.gpu_bytes - 1)
 
 

@@ -4,6 +4,7 @@
 * no import cycles between modules (imports inside functions count: hiding one there is no fix);
 * no module imports another module's private names (`from x import _name`).
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,8 +16,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # itself). The CLI commands
 # (`*.command`) sit on top with the CLI: they drive the public API (loader) of the layers below.
 LAYERS = [
-    ["velotune.errors", "velotune.device", "velotune.distributed", "velotune.fsio", "velotune.safetensors_check",
-     "velotune.fit"],
+    [
+        "velotune.errors",
+        "velotune.device",
+        "velotune.distributed",
+        "velotune.fsio",
+        "velotune.safetensors_check",
+        "velotune.fit",
+    ],
     ["velotune.kernels"],
     ["velotune.quant"],
     ["velotune.lora"],
@@ -24,10 +31,16 @@ LAYERS = [
     ["velotune.memory"],
     ["velotune.data"],
     ["velotune.infer", "velotune.export"],
-    ["velotune", "velotune.loader"],          # "velotune" alone: the package's __init__ (the public API)
+    ["velotune", "velotune.loader"],  # "velotune" alone: the package's __init__ (the public API)
     ["velotune.train", "velotune.demo"],
-    ["velotune.cli", "velotune.argtypes", "velotune.infer.command", "velotune.export.command", "velotune.train.command",
-     "velotune.demo.command"],
+    [
+        "velotune.cli",
+        "velotune.argtypes",
+        "velotune.infer.command",
+        "velotune.export.command",
+        "velotune.train.command",
+        "velotune.demo.command",
+    ],
 ]
 
 
@@ -94,8 +107,12 @@ def test_every_module_is_in_a_layer():
 
 
 def test_no_module_imports_a_higher_layer():
-    bad = [f"{name}:{line} imports {target} (layer {_layer(target)} > {_layer(name)})"
-           for name in MODULES for target, _, line in _imports(name) if _layer(target) > _layer(name)]
+    bad = [
+        f"{name}:{line} imports {target} (layer {_layer(target)} > {_layer(name)})"
+        for name in MODULES
+        for target, _, line in _imports(name)
+        if _layer(target) > _layer(name)
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -110,7 +127,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()
@@ -126,7 +143,12 @@ def test_no_import_cycles():
 
 
 def test_no_private_names_imported_from_another_module():
-    bad = [f"{name}:{line} imports {n} from {target}"
-           for name in MODULES for target, names, line in _imports(name) if target != name
-           for n in names if n.startswith("_") and not n.startswith("__")]
+    bad = [
+        f"{name}:{line} imports {n} from {target}"
+        for name in MODULES
+        for target, names, line in _imports(name)
+        if target != name
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not bad, "\n".join(bad)

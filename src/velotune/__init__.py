@@ -7,6 +7,7 @@
 Heavy submodules are imported lazily so `import velotune` stays cheap and a user's import order
 never matters.
 """
+
 from __future__ import annotations
 
 import importlib

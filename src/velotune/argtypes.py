@@ -6,6 +6,7 @@
 Each raises argparse.ArgumentTypeError, whose message argparse prints as it is (other exceptions turn
 into a bare "invalid value").
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ Errors: a `velotune.errors.VelotuneError` (bad config, model folder, data, paths
 as one line, `velotune COMMAND: error: MESSAGE`, and the exit code is 2; `--traceback` (anywhere on the
 command line) prints its traceback too. Any other exception is a bug in velotune and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,10 @@ import sys
 COMMANDS = {
     "demo": ("velotune.demo.command", "fine-tune the shipped mini model on the shipped data set (no network, CPU ok)"),
     "train": ("velotune.train.command", "train from a YAML config (SFT, DPO, ORPO)"),
-    "export": ("velotune.export.command",
-               "export a training output: LoRA, merged safetensors, GGUF + Ollama Modelfile"),
+    "export": (
+        "velotune.export.command",
+        "export a training output: LoRA, merged safetensors, GGUF + Ollama Modelfile",
+    ),
     "chat": ("velotune.infer.command", "chat with a model in the terminal (streaming)"),
 }
 
@@ -27,12 +30,16 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velotune", description="Fast, exact LLM fine-tuning.")
     parser.add_argument("--version", action="version", version=f"velotune {_version()}")
-    parser.add_argument("--traceback", action="store_true",
-                        help="on an error, show the Python traceback too (may also follow the command)")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error, show the Python traceback too (may also follow the command)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.set_defaults(_module=module)
         # Arguments are added lazily only for the command being run or asked about.
         p.set_defaults(_name=name)

@@ -1,4 +1,5 @@
 """Device and dtype choices, stated once."""
+
 from __future__ import annotations
 
 import torch
@@ -22,9 +23,16 @@ def resolve_dtype(dtype) -> torch.dtype:
         return default_dtype()
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-             "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
-             "float32": torch.float32, "float": torch.float32}
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
+    }
     try:
         return names[str(dtype).lower()]
     except KeyError:

@@ -10,6 +10,7 @@ model in DDP itself. What lives here is what PyTorch leaves to the user:
   through `torch.distributed.checkpoint` (DCP); DCP reshards on load, so a checkpoint saved on N
   processes resumes on M. Saves are atomic: written to `path.tmp-*`, renamed when every rank is done.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,13 +47,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def fsdp_shard(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True,
-               mp_policy=None) -> nn.Module:
+def fsdp_shard(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
     """Shard `model` with FSDP2: each decoder layer is its own unit, the rest goes with the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
-              mp_policy=mp_policy or MixedPrecisionPolicy())
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)

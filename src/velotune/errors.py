@@ -10,6 +10,7 @@ and keeps its traceback. Library calls raise the same types with the same messag
     OutputError      an output folder that cannot be written: not writable, not a folder, another
                      run's folder, locked by another run, too little disk, disk full during a save
 """
+
 from __future__ import annotations
 
 import errno
@@ -48,8 +49,17 @@ def is_disk_full(exc: BaseException) -> bool:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(exc)
-        if any(m in text for m in ("No space left on device", "os error 28)", "code: 28,", "StorageFull",
-                                   "Disk quota exceeded", "os error 122)")):
+        if any(
+            m in text
+            for m in (
+                "No space left on device",
+                "os error 28)",
+                "code: 28,",
+                "StorageFull",
+                "Disk quota exceeded",
+                "os error 122)",
+            )
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -32,6 +32,7 @@ so nothing is allocated and every family's real module tree is used):
 The estimate is an upper-bound style model, not a measurement; `bench/qlora.py --max-context`
 measures the real limits.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,7 @@ from velotune.errors import ModelLoadError
 # differentiated under offloaded checkpointing, per unit of hidden and of intermediate size.
 ACT_HIDDEN = 15
 ACT_INTERMEDIATE = 3
-WORKSPACE_BYTES = 2**30            # cuBLAS workspace, attention kernels' scratch, allocator slack
+WORKSPACE_BYTES = 2**30  # cuBLAS workspace, attention kernels' scratch, allocator slack
 NF4_BLOCK, NF4_BLOCK2 = 64, 256
 GiB = 2**30
 
@@ -90,12 +91,14 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         kind = "NF4" if self.quantised else "16-bit"
-        return (f"~{self.gpu_bytes / GiB:.1f} GiB of GPU memory ({self.n_params / 1e9:.2f}B parameters: "
-                f"weights {self.weights / GiB:.1f} GiB {kind}"
-                + (f" + dequant buffers {self.dequant_buffers / GiB:.2f}" if self.dequant_buffers else "")
-                + f", adapters+grads+AdamW {self.trainable / GiB:.2f}, activations {self.activations / GiB:.1f} "
-                f"for {self.tokens} tokens, workspace {self.workspace / GiB:.1f}) and "
-                f"~{self.host_offload / GiB:.1f} GiB of host memory for offloaded layer inputs")
+        return (
+            f"~{self.gpu_bytes / GiB:.1f} GiB of GPU memory ({self.n_params / 1e9:.2f}B parameters: "
+            f"weights {self.weights / GiB:.1f} GiB {kind}"
+            + (f" + dequant buffers {self.dequant_buffers / GiB:.2f}" if self.dequant_buffers else "")
+            + f", adapters+grads+AdamW {self.trainable / GiB:.2f}, activations {self.activations / GiB:.1f} "
+            f"for {self.tokens} tokens, workspace {self.workspace / GiB:.1f}) and "
+            f"~{self.host_offload / GiB:.1f} GiB of host memory for offloaded layer inputs"
+        )
 
 
 def _meta_model(config):
@@ -105,9 +108,16 @@ def _meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def estimate_memory(config, compute_dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
-                    seq_len: int = 2048, batch_size: int = 1, lora_rank: int = 16,
-                    full_finetuning: bool = False, offload_every: int = 1) -> MemoryEstimate:
+def estimate_memory(
+    config,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    load_in_4bit: bool = False,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    lora_rank: int = 16,
+    full_finetuning: bool = False,
+    offload_every: int = 1,
+) -> MemoryEstimate:
     """Training-memory estimate for `config`'s model (see the module docstring)."""
     if seq_len < 1 or batch_size < 1 or offload_every < 1 or lora_rank < 0:
         raise ValueError("seq_len, batch_size and offload_every must be >= 1 and lora_rank >= 0")
@@ -146,10 +156,19 @@ def estimate_memory(config, compute_dtype: torch.dtype = torch.bfloat16, load_in
     # offload_every = k: up to k - 1 recomputed layer inputs wait on the device (memory/sparse_offload.py)
     per_token_gpu = db * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter + (offload_every - 1) * hidden)
     per_token_host = db * hidden * math.ceil(layers / offload_every)
-    return MemoryEstimate(tokens=tokens, weights=weights, dequant_buffers=2 * largest * db, trainable=trainable,
-                          activations=per_token_gpu * tokens, workspace=WORKSPACE_BYTES,
-                          host_offload=per_token_host * tokens, per_token_gpu=per_token_gpu,
-                          per_token_host=per_token_host, quantised=load_in_4bit, n_params=n_params)
+    return MemoryEstimate(
+        tokens=tokens,
+        weights=weights,
+        dequant_buffers=2 * largest * db,
+        trainable=trainable,
+        activations=per_token_gpu * tokens,
+        workspace=WORKSPACE_BYTES,
+        host_offload=per_token_host * tokens,
+        per_token_gpu=per_token_gpu,
+        per_token_host=per_token_host,
+        quantised=load_in_4bit,
+        n_params=n_params,
+    )
 
 
 def parse_bytes(value) -> int:
@@ -161,8 +180,17 @@ def parse_bytes(value) -> int:
             raise ValueError(f"memory size {value!r} must be positive")
         return int(value)
     s = str(value).strip().upper().replace(" ", "")
-    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,
-             "KB": 10**3, "B": 1}
+    units = {
+        "TIB": 2**40,
+        "GIB": 2**30,
+        "MIB": 2**20,
+        "KIB": 2**10,
+        "TB": 10**12,
+        "GB": 10**9,
+        "MB": 10**6,
+        "KB": 10**3,
+        "B": 1,
+    }
     for unit, mult in units.items():
         if s.endswith(unit):
             try:
@@ -174,12 +202,18 @@ def parse_bytes(value) -> int:
     raise ValueError(f"memory size {value!r}: give bytes or a string like '16GiB'")
 
 
-def check_fit(config, cap_bytes: int, compute_dtype: torch.dtype, load_in_4bit: bool, seq_len: int,
-              full_finetuning: bool = False, batch_size: int = 1) -> MemoryEstimate:
+def check_fit(
+    config,
+    cap_bytes: int,
+    compute_dtype: torch.dtype,
+    load_in_4bit: bool,
+    seq_len: int,
+    full_finetuning: bool = False,
+    batch_size: int = 1,
+) -> MemoryEstimate:
     """The estimate, or ModelLoadError when it exceeds `cap_bytes`, naming what would fit: 4-bit
     loading, a shorter context (the most tokens that fit), or offloading the weights."""
-    est = estimate_memory(config, compute_dtype, load_in_4bit, seq_len, batch_size,
-                          full_finetuning=full_finetuning)
+    est = estimate_memory(config, compute_dtype, load_in_4bit, seq_len, batch_size, full_finetuning=full_finetuning)
     if est.gpu_bytes <= cap_bytes:
         return est
     options = []
@@ -197,8 +231,10 @@ def check_fit(config, cap_bytes: int, compute_dtype: torch.dtype, load_in_4bit: 
     if fit_tokens >= 256:
         options.append(f"a shorter context: max_seq_length <= {fit_tokens // batch_size}")
     options.append("offloading the weights to host memory (device_map='auto', max_memory=...) or a larger card")
-    raise ModelLoadError(f"this model does not fit: it needs {est.describe()}, but only {cap_bytes / GiB:.1f} GiB "
-                         f"of GPU memory is available. What would fit: {'; '.join(options)}")
+    raise ModelLoadError(
+        f"this model does not fit: it needs {est.describe()}, but only {cap_bytes / GiB:.1f} GiB "
+        f"of GPU memory is available. What would fit: {'; '.join(options)}"
+    )
 
 
 def gpu_cap_bytes(device: int | None = None) -> int | None:

@@ -9,6 +9,7 @@ writability checks, stale-temp cleanup and an atomic exchange of two folders.
 Temp names carry the creating process id (`.NAME.tmp-<pid>-...`, `.NAME.old-<pid>`, `.save-<pid>-...`),
 so a later run can tell a killed run's leftovers from a live run's work in progress.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -125,8 +126,9 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"{what}: cannot write in {anc} ({describe_os_error(e)}); choose a writable folder "
-                          "or fix its permissions") from e
+        raise OutputError(
+            f"{what}: cannot write in {anc} ({describe_os_error(e)}); choose a writable folder or fix its permissions"
+        ) from e
 
 
 def free_bytes(path: Path) -> int:

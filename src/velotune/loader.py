@@ -4,6 +4,7 @@ The objects returned are real transformers / PEFT objects. Fast paths (fused ker
 offloaded checkpointing, export and inference helpers) are attached per instance by the modules
 that own them, so `unpatch(model)` can always return stock behaviour.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,13 @@ log = logging.getLogger("velotune")
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Families that fuse projections under other names (Phi-3: qkv_proj, gate_up_proj).
-_FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-                "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_FUSED_NAMES = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
 _UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -50,8 +56,10 @@ def check_local_folder(path: Path) -> None:
         raise ModelLoadError(f"{path} has no *.safetensors weights{hint}; velotune loads only safetensors")
     check_weight_files(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelLoadError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them "
-                             "from the base model's folder (tokenizer.save_pretrained(folder))")
+        raise ModelLoadError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them "
+            "from the base model's folder (tokenizer.save_pretrained(folder))"
+        )
 
 
 def check_adapter_folder(path: Path) -> dict:
@@ -68,9 +76,12 @@ def check_adapter_folder(path: Path) -> dict:
         raise ModelLoadError(f"{cfg_path} is not a JSON object; re-save the adapter")
     if not (path / "adapter_model.safetensors").is_file():
         pickled = [p.name for p in path.iterdir() if p.suffix in _UNSAFE_WEIGHT_SUFFIXES]
-        hint = (f"it holds pickled weights {pickled}, which velotune never unpickles: convert them to "
-                "safetensors (load them in a trusted environment and save with safe_serialization=True)"
-                if pickled else "re-save the adapter (model.save_pretrained(folder))")
+        hint = (
+            f"it holds pickled weights {pickled}, which velotune never unpickles: convert them to "
+            "safetensors (load them in a trusted environment and save with safe_serialization=True)"
+            if pickled
+            else "re-save the adapter (model.save_pretrained(folder))"
+        )
         raise ModelLoadError(f"{path} has no adapter_model.safetensors; {hint}")
     check_weight_files(path, names=["adapter_model.safetensors"])
     return cfg
@@ -88,17 +99,22 @@ def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revisi
         from huggingface_hub import snapshot_download
 
         # Fetch only what we load: config, tokenizer and safetensors weights.
-        return snapshot_download(name, token=token, revision=revision,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
-                                                 "*.tiktoken"])
+        return snapshot_download(
+            name,
+            token=token,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+        )
     except Exception as e:  # network errors, offline mode, missing repo, gated repo
         raise ModelLoadError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Without network access, pass a local model folder instead.") from None
+            "Without network access, pass a local model folder instead."
+        ) from None
 
 
-def _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit: bool, max_seq_length: int,
-               full_finetuning: bool):
+def _check_fit(
+    config, memory_cap, device_map, compute_dtype, load_in_4bit: bool, max_seq_length: int, full_finetuning: bool
+):
     """fit.check_fit against `memory_cap` (or the free CUDA memory): the estimate, or ModelLoadError."""
     from velotune.fit import check_fit, gpu_cap_bytes, parse_bytes
 
@@ -110,10 +126,10 @@ def _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit: bool
     elif device_map is None:
         cap = gpu_cap_bytes()
     else:
-        cap = None          # the caller places the model (possibly across devices and the host)
+        cap = None  # the caller places the model (possibly across devices and the host)
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
-    four_bit = load_in_4bit or bool(qc and qc.get("load_in_4bit"))   # a *-bnb-4bit checkpoint loads in 4 bits
+    four_bit = load_in_4bit or bool(qc and qc.get("load_in_4bit"))  # a *-bnb-4bit checkpoint loads in 4 bits
     try:
         if cap is None:
             from velotune.fit import estimate_memory
@@ -143,14 +159,16 @@ def load_config(auto_config, path: str, trust_remote_code: bool):
             raise ModelLoadError(
                 f"{path}: this model needs its own Python code (auto_map in config.json), which velotune does not "
                 "run by default; use a model whose architecture transformers ships, or, if you trust its code, "
-                "pass trust_remote_code=True from Python") from e
+                "pass trust_remote_code=True from Python"
+            ) from e
         model_type = _config_value(path, "model_type")
         if model_type is not None and ("model type" in text or "Unrecognized" in text):
             import transformers
 
             raise ModelLoadError(
                 f"{path}/config.json: model_type {model_type!r} is not known to transformers "
-                f"{transformers.__version__}: fix model_type, upgrade transformers, or use a supported model") from e
+                f"{transformers.__version__}: fix model_type, upgrade transformers, or use a supported model"
+            ) from e
         raise ModelLoadError(f"{path}/config.json: {_first_line(e)}") from e
 
 
@@ -171,8 +189,10 @@ def check_coverage(path: Path, config) -> None:
 
 def _missing_message(path, missing: list[str]) -> str:
     shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-    return (f"{path}: the safetensors files lack {len(missing)} weight(s) the model needs ({shown}); "
-            "the folder is incomplete: re-download or re-export the model")
+    return (
+        f"{path}: the safetensors files lack {len(missing)} weight(s) the model needs ({shown}); "
+        "the folder is incomplete: re-download or re-export the model"
+    )
 
 
 def _load_weights(auto_model, path: str, config, load_kwargs: dict):
@@ -183,8 +203,9 @@ def _load_weights(auto_model, path: str, config, load_kwargs: dict):
     try:
         model, info = auto_model.from_pretrained(path, config=config, output_loading_info=True, **load_kwargs)
     except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"{path}: the weights do not load ({_first_line(e)}); re-download or re-export "
-                             "the model") from e
+        raise ModelLoadError(
+            f"{path}: the weights do not load ({_first_line(e)}); re-download or re-export the model"
+        ) from e
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise ModelLoadError(_missing_message(path, missing))
@@ -236,12 +257,14 @@ class FastLanguageModel:
         compute_dtype = resolve_dtype(dtype)
         path = _resolve_model_path(model_name, token, revision)
         config = load_config(AutoConfig, path, trust_remote_code)
-        estimate = _check_fit(config, memory_cap, device_map, compute_dtype, load_in_4bit, max_seq_length,
-                              full_finetuning)
+        estimate = _check_fit(
+            config, memory_cap, device_map, compute_dtype, load_in_4bit, max_seq_length, full_finetuning
+        )
         if Path(path).is_dir():
             check_coverage(Path(path), config)
-        load_kwargs: dict[str, Any] = dict(dtype=compute_dtype, use_safetensors=True,
-                                           trust_remote_code=trust_remote_code, **kwargs)
+        load_kwargs: dict[str, Any] = dict(
+            dtype=compute_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+        )
         if attn_implementation is not None:  # None: transformers picks (SDPA where the family allows it)
             load_kwargs["attn_implementation"] = attn_implementation
         if device_map is not None:
@@ -256,8 +279,10 @@ class FastLanguageModel:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError) as e:
-            raise ModelLoadError(f"{path}: the tokenizer files do not load ({type(e).__name__}: "
-                                 f"{_first_line(e)}); copy them from the base model's folder") from e
+            raise ModelLoadError(
+                f"{path}: the tokenizer files do not load ({type(e).__name__}: "
+                f"{_first_line(e)}); copy them from the base model's folder"
+            ) from e
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.max_seq_length = max_seq_length
@@ -343,14 +368,23 @@ class FastLanguageModel:
         """
         from velotune.memory.checkpointing import check_recompute
 
-        if recompute is None:   # offload_every recomputes whole layers
-            recompute = "mlp" if use_gradient_checkpointing in ("unsloth", "offload") and offload_every == 1 \
-                and host_memory_budget is None else "layer"
+        if recompute is None:  # offload_every recomputes whole layers
+            recompute = (
+                "mlp"
+                if use_gradient_checkpointing in ("unsloth", "offload")
+                and offload_every == 1
+                and host_memory_budget is None
+                else "layer"
+            )
         check_recompute(recompute, mlp_row_blocks)
         if (offload_every != 1 or host_memory_budget is not None) and use_gradient_checkpointing not in (
-                "unsloth", "offload"):
-            raise ValueError(f"offload_every={offload_every!r} needs use_gradient_checkpointing='unsloth' "
-                             f"(or 'offload'): got {use_gradient_checkpointing!r}")
+            "unsloth",
+            "offload",
+        ):
+            raise ValueError(
+                f"offload_every={offload_every!r} needs use_gradient_checkpointing='unsloth' "
+                f"(or 'offload'): got {use_gradient_checkpointing!r}"
+            )
         if host_memory_budget is not None:
             from velotune.fit import parse_bytes
 
@@ -360,11 +394,15 @@ class FastLanguageModel:
         if padding_free is not None and not isinstance(padding_free, bool):
             raise ValueError(f"padding_free={padding_free!r}: use True, False or None")
         if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
-            raise ValueError(f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
-                             f"got {use_gradient_checkpointing!r}")
+            raise ValueError(
+                f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
+                f"got {use_gradient_checkpointing!r}"
+            )
         if cuda_graphs and use_gradient_checkpointing not in ("unsloth", "offload"):
-            raise ValueError("cuda_graphs=True needs use_gradient_checkpointing='unsloth' (or 'offload'): "
-                             f"got {use_gradient_checkpointing!r}")
+            raise ValueError(
+                "cuda_graphs=True needs use_gradient_checkpointing='unsloth' (or 'offload'): "
+                f"got {use_gradient_checkpointing!r}"
+            )
         from peft import LoraConfig, get_peft_model
 
         if max_seq_length is not None:
@@ -375,22 +413,38 @@ class FastLanguageModel:
         if loftq_config:
             init_lora_weights = "loftq"
         config = LoraConfig(
-            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=targets,
-            use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights,
-            loftq_config=loftq_config or {}, modules_to_save=list(modules_to_save) if modules_to_save else None,
-            task_type="CAUSAL_LM", **kwargs)
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            target_modules=targets,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            init_lora_weights=init_lora_weights,
+            loftq_config=loftq_config or {},
+            modules_to_save=list(modules_to_save) if modules_to_save else None,
+            task_type="CAUSAL_LM",
+            **kwargs,
+        )
         # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         peft_model = get_peft_model(model, config)
-        from velotune.memory.checkpointing import enable_checkpointing   # here: `import velotune` stays cheap
+        from velotune.memory.checkpointing import enable_checkpointing  # here: `import velotune` stays cheap
 
-        enable_checkpointing(peft_model, use_gradient_checkpointing, cuda_graphs, recompute, mlp_row_blocks,
-                             offload_every, host_memory_budget)
+        enable_checkpointing(
+            peft_model,
+            use_gradient_checkpointing,
+            cuda_graphs,
+            recompute,
+            mlp_row_blocks,
+            offload_every,
+            host_memory_budget,
+        )
         from velotune.models import prepare_peft_model
 
         prepare_peft_model(peft_model)
         if padding_free is None and cuda_graphs:
-            padding_free = False      # graphs replay fixed shapes; padding-free batches change shape every step
+            padding_free = False  # graphs replay fixed shapes; padding-free batches change shape every step
         if padding_free is not None:
             from velotune.models.padding_free import set_padding_free
 
@@ -430,8 +484,10 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
         if name not in leaf_names and _FUSED_NAMES.get(name) in leaf_names:
             name = _FUSED_NAMES[name]
         if name not in leaf_names:
-            raise ValueError(f"target module {name!r} not found in {type(model).__name__}; "
-                             f"linear layers there: {sorted(n for n in leaf_names if n.endswith('proj'))}")
+            raise ValueError(
+                f"target module {name!r} not found in {type(model).__name__}; "
+                f"linear layers there: {sorted(n for n in leaf_names if n.endswith('proj'))}"
+            )
         if name not in resolved:
             resolved.append(name)
     return resolved
@@ -444,13 +500,16 @@ def _offload_embedding_where_safe(model) -> bool:
     weight = getattr(emb, "weight", None)
     if weight is None or weight.device.type != "cuda" or weight.requires_grad:
         return False
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         return False
     from velotune.memory.embedding_offload import offload_input_embeddings
 
     try:
-        offload_input_embeddings(model)      # refuses (and changes nothing) for tied or unusual tables
+        offload_input_embeddings(model)  # refuses (and changes nothing) for tied or unusual tables
     except ValueError as e:
         log.info("velotune: input embeddings stay on the GPU (%s)", e)
         return False

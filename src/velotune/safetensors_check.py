@@ -9,6 +9,7 @@ the file must be exactly 8 + N + max(end) bytes long. A truncated download, an e
 file of other bytes fails one of these checks (what safetensors itself would report as a
 SafetensorError deep inside transformers, or not at all until a tensor is read).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from velotune.errors import ModelLoadError
 
-MAX_HEADER = 100 * 2**20     # safetensors' own limit on the JSON header
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 def read_header(path: Path) -> dict:
@@ -62,12 +63,15 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            raise ModelLoadError(f"{index} is not a valid safetensors index (no weight_map); "
-                                 "re-download or re-export the model") from None
+            raise ModelLoadError(
+                f"{index} is not a valid safetensors index (no weight_map); re-download or re-export the model"
+            ) from None
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise ModelLoadError(f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing; "
-                                 "re-download the model (all shards)")
+            raise ModelLoadError(
+                f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing; "
+                "re-download the model (all shards)"
+            )
         return [folder / s for s in shards]
     return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
 

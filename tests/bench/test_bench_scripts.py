@@ -1,6 +1,7 @@
 """The benchmark scripts' code paths on a tiny model on the CPU (each in its own process, as on the GPU
 machine), so a device call does not spend its time on a bench bug; and the rows they append to a
 JSON-lines file carry what BENCHMARKS.md needs (card, commit, command) and the settings that ran."""
+
 import json
 import subprocess
 import sys
@@ -10,8 +11,12 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _run(script: str, *argv: str, jsonl: Path) -> tuple[str, list[dict]]:
-    proc = subprocess.run([sys.executable, str(BENCH / script), *argv, "--jsonl", str(jsonl), "--commit", "abc1234"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *argv, "--jsonl", str(jsonl), "--commit", "abc1234"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     for row in rows:
@@ -21,23 +26,34 @@ def _run(script: str, *argv: str, jsonl: Path) -> tuple[str, list[dict]]:
 
 
 def test_qlora_bench_memory_options_reach_the_worker(tmp_path):
-    out, rows = _run("qlora.py", "--cpu-smoke", "--impls", "stock-qlora", "velotune-qlora", "--recompute", "mlp",
-                     "--offload-embedding", "--optimizer", "offloaded-in-backward", jsonl=tmp_path / "q.jsonl")
+    out, rows = _run(
+        "qlora.py",
+        "--cpu-smoke",
+        "--impls",
+        "stock-qlora",
+        "velotune-qlora",
+        "--recompute",
+        "mlp",
+        "--offload-embedding",
+        "--optimizer",
+        "offloaded-in-backward",
+        jsonl=tmp_path / "q.jsonl",
+    )
     by_impl = {r["impl"]: r for r in rows}
     assert set(by_impl) == {"stock-qlora", "velotune-qlora"} and all(r["subject"] == "qlora" for r in rows)
     v = by_impl["velotune-qlora"]
     assert v["memory"]["recompute"] == "mlp" and v["memory"]["optimizer"] == "offloaded-in-backward"
-    assert v["embeddings_offloaded"] is True                       # get_peft_model(offload_embedding=True) ran
-    assert "memory" not in by_impl["stock-qlora"]                  # the options are velotune's only
+    assert v["embeddings_offloaded"] is True  # get_peft_model(offload_embedding=True) ran
+    assert "memory" not in by_impl["stock-qlora"]  # the options are velotune's only
     assert v["speedup_vs"]["stock-qlora"] > 0 and v["tokens_per_s_rounds"] == [v["tokens_per_s"]]
-    assert abs(v["first_loss"] - by_impl["stock-qlora"]["first_loss"]) < 1e-3   # the same model and batch
+    assert abs(v["first_loss"] - by_impl["stock-qlora"]["first_loss"]) < 1e-3  # the same model and batch
     assert "velotune-qlora / stock-qlora:" in out
 
 
 def test_context_bench_probes(tmp_path):
     out, rows = _run("context.py", "--cpu-smoke", "--impls", "velotune-qlora", jsonl=tmp_path / "c.jsonl")
-    assert "[velotune-qlora] probe      64:" in out      # the worker ran its probes (no fit on the CPU)
-    assert rows == []                                   # nothing verified on the CPU: no row
+    assert "[velotune-qlora] probe      64:" in out  # the worker ran its probes (no fit on the CPU)
+    assert rows == []  # nothing verified on the CPU: no row
 
 
 def test_nf4_bench_bit_exact(tmp_path):
@@ -47,8 +63,25 @@ def test_nf4_bench_bit_exact(tmp_path):
 
 
 def test_train_bench(tmp_path):
-    out, rows = _run("train.py", "--shapes", "tiny", "--device", "cpu", "--impls", "velotune", "stock", "--steps", "1",
-                     "--warmup", "1", "--batch", "1", "--seq", "32", jsonl=tmp_path / "t.jsonl")
+    out, rows = _run(
+        "train.py",
+        "--shapes",
+        "tiny",
+        "--device",
+        "cpu",
+        "--impls",
+        "velotune",
+        "stock",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--batch",
+        "1",
+        "--seq",
+        "32",
+        jsonl=tmp_path / "t.jsonl",
+    )
     by_impl = {r["impl"]: r for r in rows}
     assert set(by_impl) == {"velotune", "stock"} and by_impl["velotune"]["speedup_vs_stock"] > 0
     assert abs(by_impl["velotune"]["first_loss"] - by_impl["stock"]["first_loss"]) < 1e-3
@@ -72,14 +105,48 @@ def test_benches_from_a_checkpoint_with_offload_every(tmp_path):
     context.py with --offload-every auto under a host budget smaller than one layer input: k = layers,
     reported host-bound at every probe."""
     ckpt = tmp_path / "tiny"
-    subprocess.run([sys.executable, str(BENCH / "make_checkpoint.py"), "--shape", "tiny-llama", "--out", str(ckpt),
-                    "--device", "cpu"], check=True, capture_output=True, timeout=300)
-    out, rows = _run("qlora.py", "--cpu-smoke", "--checkpoint", str(ckpt), "--impls", "stock-qlora", "velotune-qlora",
-                     "--offload-every", "2", jsonl=tmp_path / "q.jsonl")
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "make_checkpoint.py"),
+            "--shape",
+            "tiny-llama",
+            "--out",
+            str(ckpt),
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    out, rows = _run(
+        "qlora.py",
+        "--cpu-smoke",
+        "--checkpoint",
+        str(ckpt),
+        "--impls",
+        "stock-qlora",
+        "velotune-qlora",
+        "--offload-every",
+        "2",
+        jsonl=tmp_path / "q.jsonl",
+    )
     by_impl = {r["impl"]: r for r in rows}
     assert set(by_impl) == {"stock-qlora", "velotune-qlora"}
     assert by_impl["velotune-qlora"]["memory"]["offload_every"] == 2
     assert abs(by_impl["velotune-qlora"]["first_loss"] - by_impl["stock-qlora"]["first_loss"]) < 1e-3
-    out, _ = _run("context.py", "--cpu-smoke", "--checkpoint", str(ckpt), "--impls", "velotune-qlora",
-                  "--offload-every", "auto", "--host-budget-gib", "1e-7", jsonl=tmp_path / "c.jsonl")
+    out, _ = _run(
+        "context.py",
+        "--cpu-smoke",
+        "--checkpoint",
+        str(ckpt),
+        "--impls",
+        "velotune-qlora",
+        "--offload-every",
+        "auto",
+        "--host-budget-gib",
+        "1e-7",
+        jsonl=tmp_path / "c.jsonl",
+    )
     assert "[velotune-qlora] probe      64:" in out and "k=2," in out and "host-bound" in out

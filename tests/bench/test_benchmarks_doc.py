@@ -2,6 +2,7 @@
 number in a table cell must be a value of the subject's rows (bench/results/<script>.jsonl, the
 script named in the section's heading), a percentage or KiB of one, or a ratio of two of them,
 rounded as the cell shows it; and every commit a table names has rows."""
+
 import json
 import re
 from pathlib import Path
@@ -30,9 +31,13 @@ def _sections(text: str):
         if not m:
             continue
         lines = part.splitlines()
-        rows = [[c.strip() for c in line.strip().strip("|").split("|")] for i, line in enumerate(lines)
-                if line.startswith("|") and not line.startswith("|---")
-                and not (i + 1 < len(lines) and lines[i + 1].startswith("|---"))]   # not a header
+        rows = [
+            [c.strip() for c in line.strip().strip("|").split("|")]
+            for i, line in enumerate(lines)
+            if line.startswith("|")
+            and not line.startswith("|---")
+            and not (i + 1 < len(lines) and lines[i + 1].startswith("|---"))
+        ]  # not a header
         yield m.group(1), rows
 
 
@@ -45,7 +50,7 @@ def _explained(shown: str, unit: str, values: list[float], ratios: list[float]) 
         cands = [x / 1024 for x in values]
     else:
         cands = values + ratios
-    return any(abs(round(c, decimals) - v) < 1e-9 or abs(c - v) < 0.5 * 10 ** -decimals for c in cands)
+    return any(abs(round(c, decimals) - v) < 1e-9 or abs(c - v) < 0.5 * 10**-decimals for c in cands)
 
 
 def test_benchmarks_md_small_and_every_table_figure_in_the_results():

@@ -1,5 +1,6 @@
 """Response-only labels: found by token ids, equal to the template's exact assistant mask, on real
 TRL SFTTrainer data sets; rows left without trainable tokens are reported with the reason."""
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,11 @@ def mistral_sentencepiece(request, tmp_path_factory):
     from transformers import AutoTokenizer, LlamaTokenizer
 
     cache_plugin = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
-    cache = Path(cache_plugin.mkdir("velotune-mistral-v1-tokenizer") if cache_plugin
-                 else tmp_path_factory.mktemp("mistral-v1-tokenizer"))
+    cache = Path(
+        cache_plugin.mkdir("velotune-mistral-v1-tokenizer")
+        if cache_plugin
+        else tmp_path_factory.mktemp("mistral-v1-tokenizer")
+    )
     if not (cache / "tokenizer.json").exists():
         src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
         (cache / "tokenizer.model").write_bytes(src.read_bytes())
@@ -70,15 +74,18 @@ def test_auto_parts_on_a_real_sentencepiece_tokenizer(mistral_sentencepiece):
     assert len(mistral_sentencepiece) == 32000
     # the formats whose markers are plain text (SentencePiece merges spaces into words there). One tokenizer
     # takes them in turn (a copy costs seconds): the eos-based formats first, llama-3 (which remaps eos) last.
-    _check_templates(lambda: mistral_sentencepiece,
-                     ["mistral", "alpaca", "vicuna", "zephyr", "default", "llama-3"])
+    _check_templates(lambda: mistral_sentencepiece, ["mistral", "alpaca", "vicuna", "zephyr", "default", "llama-3"])
 
 
 def test_explicit_parts_unsloth_style():
     tok = _quiet(get_chat_template, mini_tokenizer(), "llama-3")
     ids, expected = _exact_labels(tok, MULTI_TURN[1:5])
-    labels = response_labels(ids, tok, instruction_part="<|start_header_id|>user<|end_header_id|>\n\n",
-                             response_part="<|start_header_id|>assistant<|end_header_id|>\n\n")
+    labels = response_labels(
+        ids,
+        tok,
+        instruction_part="<|start_header_id|>user<|end_header_id|>\n\n",
+        response_part="<|start_header_id|>assistant<|end_header_id|>\n\n",
+    )
     assert labels == expected
     with pytest.raises(DataError, match="response_part is required"):
         response_labels(ids, tok, instruction_part="<|start_header_id|>user")
@@ -97,15 +104,24 @@ def _sft_trainer(tmp_path, rows, max_length=64):
 
     model = mini_model("llama")
     tok = _quiet(get_chat_template, mini_tokenizer(), "chatml", model=model)
-    args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, use_cpu=True, report_to=[],
-                     per_device_train_batch_size=2, dataset_num_proc=None, save_strategy="no")
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_length=max_length,
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=2,
+        dataset_num_proc=None,
+        save_strategy="no",
+    )
     ds = datasets.Dataset.from_list([{"messages": r} for r in rows])
     return SFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds, processing_class=tok), tok
 
 
 def test_sft_trainer_labels_and_empty_rows(tmp_path, caplog):
-    long_prompt = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6},
-                   {"role": "assistant", "content": "ok"}]
+    long_prompt = [
+        {"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6},
+        {"role": "assistant", "content": "ok"},
+    ]
     rows = [MULTI_TURN, MULTI_TURN[1:3], long_prompt, MULTI_TURN[3:5]]
     trainer, tok = _sft_trainer(tmp_path, rows, max_length=40)
     assert len(trainer.train_dataset) == 4  # TRL kept every row (all labels = input_ids before masking)
@@ -126,8 +142,12 @@ def test_sft_trainer_labels_and_empty_rows(tmp_path, caplog):
 
 
 def test_all_rows_empty_is_an_error_and_batches_are_guarded(tmp_path, caplog):
-    rows = [[{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6},
-             {"role": "assistant", "content": "ok"}]] * 2
+    rows = [
+        [
+            {"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6},
+            {"role": "assistant", "content": "ok"},
+        ]
+    ] * 2
     trainer, _ = _sft_trainer(tmp_path, rows, max_length=30)
     with pytest.raises(DataError, match="2 of 2 train rows have no trainable token.*No row is left"):
         train_on_responses_only(trainer)

@@ -1,4 +1,5 @@
 """Packed (padding-free) batches give the same loss and gradients as the same samples padded."""
+
 from __future__ import annotations
 
 import pytest
@@ -90,8 +91,9 @@ def test_packed_equals_padded_velotune_model(tmp_path, family):
     samples = _samples(seed=3)
     _assert_same(model, PaddingFreeCollator()(samples), _padded(samples))
 
-    peft_model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
-                                                  init_lora_weights=False)
+    peft_model = FastLanguageModel.get_peft_model(
+        model, r=4, lora_alpha=8, use_gradient_checkpointing=False, init_lora_weights=False
+    )
     peft_model.float()
     _assert_same(peft_model, PaddingFreeCollator()(samples), _padded(samples))
 
@@ -120,9 +122,14 @@ def test_pack_dataset_rows_and_collation():
 def test_keep_rows_equals_padded():
     model = mini_model("mistral")  # sliding window 8: windows must stay inside each segment
     samples = _samples(seed=5)
-    rows = [{"input_ids": samples[0]["input_ids"] + samples[1]["input_ids"],
-             "labels": samples[0]["labels"] + samples[1]["labels"], "seq_lengths": [13, 5]},
-            {"input_ids": samples[2]["input_ids"], "labels": samples[2]["labels"]}]
+    rows = [
+        {
+            "input_ids": samples[0]["input_ids"] + samples[1]["input_ids"],
+            "labels": samples[0]["labels"] + samples[1]["labels"],
+            "seq_lengths": [13, 5],
+        },
+        {"input_ids": samples[2]["input_ids"], "labels": samples[2]["labels"]},
+    ]
     batch = PaddingFreeCollator(keep_rows=True)(rows)
     assert batch["input_ids"].shape == (2, 21)
     assert batch["position_ids"][0].tolist() == list(range(13)) + list(range(5)) + [0, 1, 2]
@@ -133,7 +140,7 @@ def test_keep_rows_equals_padded():
 def _split(row):
     out, start = [], 0
     for n in row["seq_lengths"]:
-        out.append({"input_ids": row["input_ids"][start:start + n], "labels": row["labels"][start:start + n]})
+        out.append({"input_ids": row["input_ids"][start : start + n], "labels": row["labels"][start : start + n]})
         start += n
     return out
 

@@ -1,4 +1,5 @@
 """Loaders, ShareGPT/alpaca conversion, and the counted report for every kind of bad row."""
+
 from __future__ import annotations
 
 import json
@@ -23,21 +24,25 @@ def tok(chatml_tok):
 
 def test_each_bad_row_kind_is_counted_and_named(tok):
     rows = [
-        {"messages": GOOD},                                                          # 0 ok
-        {"messages": [{"role": "user", "content": "Hi"}]},                           # 1 no reply -> missing_field
-        {"messages": [{"role": "alien", "content": "x"}, GOOD[1]]},                  # 2 unknown_role
-        {"messages": []},                                                            # 3 empty
+        {"messages": GOOD},  # 0 ok
+        {"messages": [{"role": "user", "content": "Hi"}]},  # 1 no reply -> missing_field
+        {"messages": [{"role": "alien", "content": "x"}, GOOD[1]]},  # 2 unknown_role
+        {"messages": []},  # 3 empty
         {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}]},  # 4 empty
-        {"messages": GOOD * 10},                                                     # 5 too long -> truncated
+        {"messages": GOOD * 10},  # 5 too long -> truncated
         {"messages": [{"role": "user", "content": "The quick brown fox. " * 20}, GOOD[1]]},  # 6 reply cut away
-        {"messages": [{"role": "user"}, GOOD[1]]},                                   # 7 missing content
+        {"messages": [{"role": "user"}, GOOD[1]]},  # 7 missing content
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   "}]},  # 8 blank reply
-        {"messages": GOOD},                                                          # 9 ok
+        {"messages": GOOD},  # 9 ok
     ]
     ds, report = tokenize_conversations(rows, tok, max_seq_length=48, on_long="truncate", progress=False)
     assert report.total == 10 and len(ds) == report.num_kept == 3
-    assert report.skipped == {"missing_field": [1, 7], "unknown_role": [2], "empty": [3, 4, 8],
-                              "no_trainable_tokens": [6]}
+    assert report.skipped == {
+        "missing_field": [1, 7],
+        "unknown_role": [2],
+        "empty": [3, 4, 8],
+        "no_trainable_tokens": [6],
+    }
     assert report.truncated == {"too_long": [5]}
     text = report.summary()
     assert "10 rows: 3 kept (1 truncated), 7 skipped" in text
@@ -56,12 +61,13 @@ def test_rows_the_template_rejects_are_counted():
     finally:
         logging.disable(logging.NOTSET)
     # a template that refuses some content (the turn order is checked before any template sees a row)
-    tok.chat_template = ("{% for m in messages %}{% if 'FORBIDDEN' in m['content'] %}"
-                         "{{ raise_exception('no forbidden words') }}{% endif %}"
-                         "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
-                         "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
-    rows = [{"messages": GOOD}, {"messages": [{"role": "user", "content": "FORBIDDEN"}, GOOD[1]]},
-            {"messages": GOOD}]
+    tok.chat_template = (
+        "{% for m in messages %}{% if 'FORBIDDEN' in m['content'] %}"
+        "{{ raise_exception('no forbidden words') }}{% endif %}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
+        "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    rows = [{"messages": GOOD}, {"messages": [{"role": "user", "content": "FORBIDDEN"}, GOOD[1]]}, {"messages": GOOD}]
     ds, report = tokenize_conversations(rows, tok, max_seq_length=64, progress=False)
     assert len(ds) == 2 and report.skipped == {"template_error": [1]}
     assert "no forbidden words" in report.summary()
@@ -93,19 +99,18 @@ def test_options_and_empty_results_are_clear_errors(tok):
 
 def test_preference_rows(tok):
     rows = [
-        {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."},               # 0 ok
-        {"prompt": "Say hi", "chosen": "Hi!", "rejected": None},                # 1 missing rejected
-        {"prompt": "Say hi", "chosen": "", "rejected": "No."},                  # 2 empty
-        {"prompt": "Say hi", "chosen": "Same", "rejected": "Same"},             # 3 identical
+        {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."},  # 0 ok
+        {"prompt": "Say hi", "chosen": "Hi!", "rejected": None},  # 1 missing rejected
+        {"prompt": "Say hi", "chosen": "", "rejected": "No."},  # 2 empty
+        {"prompt": "Say hi", "chosen": "Same", "rejected": "Same"},  # 3 identical
         {"prompt": "The quick brown fox. " * 20, "chosen": "a", "rejected": "b"},  # 4 too long
-        {"prompt": None, "chosen": "Hi!", "rejected": "No."},                   # 5 no prompt, plain text
-        {"prompt": "Hey", "chosen": "Hello!", "rejected": "Go away."},          # 6 ok
+        {"prompt": None, "chosen": "Hi!", "rejected": "No."},  # 5 no prompt, plain text
+        {"prompt": "Hey", "chosen": "Hello!", "rejected": "Go away."},  # 6 ok
     ]
     ds, report = validate_preference_rows(rows, max_seq_length=40, on_long="skip", tokenizer=tok, progress=False)
     assert report.skipped == {"missing_field": [1, 5], "empty": [2], "identical_pair": [3], "too_long": [4]}
     assert ds["chosen"] == ["Hi!", "Hello!"]
-    ds, report = validate_preference_rows(rows, max_seq_length=40, on_long="truncate", tokenizer=tok,
-                                          progress=False)
+    ds, report = validate_preference_rows(rows, max_seq_length=40, on_long="truncate", tokenizer=tok, progress=False)
     assert report.truncated == {"too_long": [4]} and len(ds) == 3
     conversational = [
         {"chosen": [GOOD[0], GOOD[1]], "rejected": [GOOD[0], {"role": "assistant", "content": "Bye"}]},  # implicit
@@ -119,11 +124,17 @@ def test_preference_rows(tok):
 
 def test_to_messages_detects_formats():
     assert to_messages({"messages": GOOD}) == GOOD
-    assert to_messages({"conversations": [{"from": "human", "value": "Hi there"},
-                                          {"from": "gpt", "value": "Hello! How are you?"}]}) == GOOD
+    assert (
+        to_messages(
+            {"conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello! How are you?"}]}
+        )
+        == GOOD
+    )
     assert to_messages({"instruction": "Add", "input": "2 and 2", "output": "4", "system": "Be exact."}) == [
-        {"role": "system", "content": "Be exact."}, {"role": "user", "content": "Add\n\n2 and 2"},
-        {"role": "assistant", "content": "4"}]
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "Add\n\n2 and 2"},
+        {"role": "assistant", "content": "4"},
+    ]
     assert to_messages({"instruction": "Hi there", "input": "", "output": "Hello! How are you?"}) == GOOD
     assert to_messages({"prompt": "Hi there", "completion": "Hello! How are you?"}) == GOOD
     with pytest.raises(DataError, match="no conversation found.*row has \\['text'\\]"):
@@ -131,24 +142,42 @@ def test_to_messages_detects_formats():
 
 
 def test_standardize_sharegpt_and_to_sharegpt():
-    ds = datasets.Dataset.from_list([
-        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
-                           {"from": "gpt", "value": "A"}]},
-        {"conversations": [{"from": "HUMAN", "value": "Q2"}, {"from": "narrator", "value": "?"}]},
-    ])
+    ds = datasets.Dataset.from_list(
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "S"},
+                    {"from": "human", "value": "Q"},
+                    {"from": "gpt", "value": "A"},
+                ]
+            },
+            {"conversations": [{"from": "HUMAN", "value": "Q2"}, {"from": "narrator", "value": "?"}]},
+        ]
+    )
     out = standardize_sharegpt(ds)
-    assert out[0]["conversations"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                       {"role": "assistant", "content": "A"}]
+    assert out[0]["conversations"] == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
     assert out[1]["conversations"][1]["role"] == "narrator"  # kept, so tokenize_conversations reports it
 
-    alpaca = datasets.Dataset.from_list([{"instruction": "Add", "input": "2 and 2", "output": "4"},
-                                         {"instruction": "Greet", "input": "", "output": "Hi"}])
+    alpaca = datasets.Dataset.from_list(
+        [
+            {"instruction": "Add", "input": "2 and 2", "output": "4"},
+            {"instruction": "Greet", "input": "", "output": "Hi"},
+        ]
+    )
     conv = to_sharegpt(alpaca, merged_prompt="{instruction}[[\nInput: {input}]]", output_column_name="output")
-    assert conv[0]["conversations"] == [{"from": "human", "value": "Add\nInput: 2 and 2"},
-                                        {"from": "gpt", "value": "4"}]
+    assert conv[0]["conversations"] == [
+        {"from": "human", "value": "Add\nInput: 2 and 2"},
+        {"from": "gpt", "value": "4"},
+    ]
     assert conv[1]["conversations"][0]["value"] == "Greet"  # the optional block vanished with its empty field
-    assert to_messages(standardize_sharegpt(conv)[1]) == [{"role": "user", "content": "Greet"},
-                                                         {"role": "assistant", "content": "Hi"}]
+    assert to_messages(standardize_sharegpt(conv)[1]) == [
+        {"role": "user", "content": "Greet"},
+        {"role": "assistant", "content": "Hi"},
+    ]
     assert len(to_sharegpt(alpaca, conversation_extension=2)[0]["conversations"]) == 4
     with pytest.raises(DataError, match="columns \\['question'\\] not in the data set"):
         to_sharegpt(alpaca, merged_prompt="{question}")

@@ -3,6 +3,7 @@
 Every unusable row is counted with its row number and reason, left out of the tokenized data with
 on_bad="skip", and named in a one-line DataError with on_bad="raise": never trained.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ ORDER_CASES = [
     ([U, A], None),
     ([S, U, A], None),
     ([S, U, A, U, A], None),
-    ([U, A, U], None),                                    # ends on the user's side: context, not trained
+    ([U, A, U], None),  # ends on the user's side: context, not trained
     ([A, U, A], "starts with an assistant turn"),
     ([S, A], "starts with an assistant turn"),
     ([U, U, A], "both user turns"),
@@ -60,12 +61,14 @@ def test_check_role_order(msgs, problem):
 
 
 def test_role_order_violations_are_counted_and_never_trained(tok):
-    rows = [{"messages": [U, A]},              # 0 ok
-            {"messages": [A, U, A]},           # 1 assistant first
-            {"messages": [U, U, A]},           # 2 two user turns in a row
-            {"messages": [U, A, S, U, A]},     # 3 system mid-conversation
-            {"messages": [U, {"role": "tool", "content": "x"}, A]},   # 4 unknown role
-            {"messages": [S, U, A]}]           # 5 ok
+    rows = [
+        {"messages": [U, A]},  # 0 ok
+        {"messages": [A, U, A]},  # 1 assistant first
+        {"messages": [U, U, A]},  # 2 two user turns in a row
+        {"messages": [U, A, S, U, A]},  # 3 system mid-conversation
+        {"messages": [U, {"role": "tool", "content": "x"}, A]},  # 4 unknown role
+        {"messages": [S, U, A]},
+    ]  # 5 ok
     ds, report = tokenize_conversations(rows, tok, max_seq_length=64, progress=False)
     assert report.skipped == {"role_order": [1, 2, 3], "unknown_role": [4]}
     assert len(ds) == report.num_kept == 2
@@ -87,8 +90,10 @@ def test_non_utf8_jsonl_rows_are_counted_with_their_line(tok, tmp_path):
     # the blank line is not a row: rows 1 and 3 are lines 2 and 5
     assert report.total == 5 and report.skipped == {"not_utf8": [1, 3]}
     assert len(ds) == 3
-    assert report.details_for("not_utf8") == [f"row 1: not UTF-8 (byte 0xe9 at column {col1} of line 2)",
-                                              f"row 3: not UTF-8 (byte 0xff at column {col2} of line 5)"]
+    assert report.details_for("not_utf8") == [
+        f"row 1: not UTF-8 (byte 0xe9 at column {col1} of line 2)",
+        f"row 3: not UTF-8 (byte 0xff at column {col2} of line 5)",
+    ]
     with pytest.raises(DataError, match=r"train.jsonl: 2 of 5 rows unusable: not_utf8 \(2\): rows 1, 3"):
         tokenize_conversations(str(path), tok, max_seq_length=64, on_bad="raise", progress=False)
     # a plain load (no report to count into) names the rows instead of returning undecodable text
@@ -120,11 +125,13 @@ def test_a_file_with_no_utf8_row_at_all(tok, tmp_path):
 
 
 def test_preference_rows_keep_the_turn_order(tok):
-    rows = [{"prompt": [U], "chosen": [A], "rejected": [{"role": "assistant", "content": "No."}]},   # 0 ok
-            {"prompt": [U], "chosen": [U, A], "rejected": [A]},                                      # 1 two users
-            {"chosen": [A, U], "rejected": [A]},                                                     # 2 assistant 1st
-            {"prompt": [S, U], "chosen": [A], "rejected": [{"role": "assistant", "content": "Go."}]},  # 3 ok
-            {"prompt": [U, A], "chosen": [A], "rejected": [{"role": "assistant", "content": "Go."}]}]  # 4 A, A
+    rows = [
+        {"prompt": [U], "chosen": [A], "rejected": [{"role": "assistant", "content": "No."}]},  # 0 ok
+        {"prompt": [U], "chosen": [U, A], "rejected": [A]},  # 1 two users
+        {"chosen": [A, U], "rejected": [A]},  # 2 assistant 1st
+        {"prompt": [S, U], "chosen": [A], "rejected": [{"role": "assistant", "content": "Go."}]},  # 3 ok
+        {"prompt": [U, A], "chosen": [A], "rejected": [{"role": "assistant", "content": "Go."}]},
+    ]  # 4 A, A
     ds, report = validate_preference_rows(rows, max_seq_length=64, progress=False)
     assert report.skipped == {"role_order": [1, 2, 4]} and len(ds) == 2
     with pytest.raises(DataError, match=r"role_order \(3\): rows 1, 2, 4"):

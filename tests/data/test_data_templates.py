@@ -1,5 +1,6 @@
 """Chat templates render each family's official format, end turns with the right stop token, and mark
 exactly the assistant's reply (plus its stop token) as assistant tokens."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,25 +20,49 @@ CONV = [
 
 # (bos, eos) of each family's own tokenizer, set on the mini tokenizer before applying the template
 FAMILY_TOKENS = {
-    "llama-3": ("<|begin_of_text|>", "<|end_of_text|>"), "llama-3.1": ("<|begin_of_text|>", "<|end_of_text|>"),
-    "chatml": (None, "<|endoftext|>"), "qwen-2.5": (None, "<|endoftext|>"), "qwen-3": (None, "<|endoftext|>"),
-    "mistral": ("<s>", "</s>"), "zephyr": ("<s>", "</s>"), "alpaca": ("<s>", "</s>"), "vicuna": ("<s>", "</s>"),
-    "gemma": ("<bos>", "<eos>"), "phi-3": ("<s>", "<|endoftext|>"), "default": ("<s>", "</s>"),
+    "llama-3": ("<|begin_of_text|>", "<|end_of_text|>"),
+    "llama-3.1": ("<|begin_of_text|>", "<|end_of_text|>"),
+    "chatml": (None, "<|endoftext|>"),
+    "qwen-2.5": (None, "<|endoftext|>"),
+    "qwen-3": (None, "<|endoftext|>"),
+    "mistral": ("<s>", "</s>"),
+    "zephyr": ("<s>", "</s>"),
+    "alpaca": ("<s>", "</s>"),
+    "vicuna": ("<s>", "</s>"),
+    "gemma": ("<bos>", "<eos>"),
+    "phi-3": ("<s>", "<|endoftext|>"),
+    "default": ("<s>", "</s>"),
     "granite": (None, "<|end_of_text|>"),
 }
-STOP = {"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>",
-        "qwen-3": "<|im_end|>",
-        "mistral": "</s>", "zephyr": "</s>", "alpaca": "</s>", "vicuna": "</s>", "gemma": "<end_of_turn>",
-        "phi-3": "<|end|>", "default": "</s>", "granite": "<|end_of_text|>"}
+STOP = {
+    "llama-3": "<|eot_id|>",
+    "llama-3.1": "<|eot_id|>",
+    "chatml": "<|im_end|>",
+    "qwen-2.5": "<|im_end|>",
+    "qwen-3": "<|im_end|>",
+    "mistral": "</s>",
+    "zephyr": "</s>",
+    "alpaca": "</s>",
+    "vicuna": "</s>",
+    "gemma": "<end_of_turn>",
+    "phi-3": "<|end|>",
+    "default": "</s>",
+    "granite": "<|end_of_text|>",
+}
 
-_L3_TURNS = ("<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
-             "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
-             "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
-             "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>")
-_CHATML_TURNS = ("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
-                 "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n")
-_L31_SYSTEM = ("<|start_header_id|>system<|end_header_id|>\n\n"
-               "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+_L3_TURNS = (
+    "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>"
+)
+_CHATML_TURNS = (
+    "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+)
+_L31_SYSTEM = (
+    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+)
 
 # Written from each family's published format (model cards / tokenizer_config chat templates / FastChat).
 REFERENCE = {
@@ -46,45 +71,64 @@ REFERENCE = {
     "chatml": "<|im_start|>system\nYou are helpful.<|im_end|>\n" + _CHATML_TURNS,
     "qwen-2.5": "<|im_start|>system\nYou are helpful.<|im_end|>\n" + _CHATML_TURNS,
     # Qwen3: the last assistant turn (after the last user message) opens with its (here empty) think block
-    "qwen-3": "<|im_start|>system\nYou are helpful.<|im_end|>\n" + _CHATML_TURNS.replace(
-        "assistant\n4", "assistant\n<think>\n\n</think>\n\n4"),
+    "qwen-3": "<|im_start|>system\nYou are helpful.<|im_end|>\n"
+    + _CHATML_TURNS.replace("assistant\n4", "assistant\n<think>\n\n</think>\n\n4"),
     "mistral": "<s>[INST] You are helpful.\n\nHi! [/INST]Hello.</s>[INST] What is 2+2? [/INST]4</s>",
-    "zephyr": ("<|system|>\nYou are helpful.</s>\n<|user|>\nHi!</s>\n<|assistant|>\nHello.</s>\n"
-               "<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4</s>\n"),
-    "alpaca": ("<s>You are helpful.\n\n### Instruction:\nHi!\n\n### Response:\nHello.</s>\n\n"
-               "### Instruction:\nWhat is 2+2?\n\n### Response:\n4</s>\n\n"),
+    "zephyr": (
+        "<|system|>\nYou are helpful.</s>\n<|user|>\nHi!</s>\n<|assistant|>\nHello.</s>\n"
+        "<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4</s>\n"
+    ),
+    "alpaca": (
+        "<s>You are helpful.\n\n### Instruction:\nHi!\n\n### Response:\nHello.</s>\n\n"
+        "### Instruction:\nWhat is 2+2?\n\n### Response:\n4</s>\n\n"
+    ),
     "vicuna": "<s>You are helpful. USER: Hi! ASSISTANT: Hello.</s>USER: What is 2+2? ASSISTANT: 4</s>",
-    "gemma": ("<bos><start_of_turn>user\nYou are helpful.\n\nHi!<end_of_turn>\n"
-              "<start_of_turn>model\nHello.<end_of_turn>\n"
-              "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n"),
-    "phi-3": ("<|system|>\nYou are helpful.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\nHello.<|end|>\n"
-              "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4<|end|>\n"),
-    "default": ("<s>You are helpful.\n>>> User: Hi!\n>>> Assistant: Hello.</s>\n"
-                ">>> User: What is 2+2?\n>>> Assistant: 4</s>\n"),
-    "granite": ("<|start_of_role|>system<|end_of_role|>You are helpful.<|end_of_text|>\n"
-                "<|start_of_role|>user<|end_of_role|>Hi!<|end_of_text|>\n"
-                "<|start_of_role|>assistant<|end_of_role|>Hello.<|end_of_text|>\n"
-                "<|start_of_role|>user<|end_of_role|>What is 2+2?<|end_of_text|>\n"
-                "<|start_of_role|>assistant<|end_of_role|>4<|end_of_text|>\n"),
+    "gemma": (
+        "<bos><start_of_turn>user\nYou are helpful.\n\nHi!<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n"
+    ),
+    "phi-3": (
+        "<|system|>\nYou are helpful.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\nHello.<|end|>\n"
+        "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4<|end|>\n"
+    ),
+    "default": (
+        "<s>You are helpful.\n>>> User: Hi!\n>>> Assistant: Hello.</s>\n>>> User: What is 2+2?\n>>> Assistant: 4</s>\n"
+    ),
+    "granite": (
+        "<|start_of_role|>system<|end_of_role|>You are helpful.<|end_of_text|>\n"
+        "<|start_of_role|>user<|end_of_role|>Hi!<|end_of_text|>\n"
+        "<|start_of_role|>assistant<|end_of_role|>Hello.<|end_of_text|>\n"
+        "<|start_of_role|>user<|end_of_role|>What is 2+2?<|end_of_text|>\n"
+        "<|start_of_role|>assistant<|end_of_role|>4<|end_of_text|>\n"
+    ),
 }
 
 # [user "Hi!"] with add_generation_prompt=True: what the model sees before it answers (default system messages too)
 PROMPT = {
     "llama-3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "llama-3.1": ("<|begin_of_text|>" + _L31_SYSTEM + "<|eot_id|>"
-                  "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "llama-3.1": (
+        "<|begin_of_text|>" + _L31_SYSTEM + "<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
     "chatml": "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
-    "qwen-2.5": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-                 "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen-2.5": (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    ),
     "qwen-3": "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
     "mistral": "<s>[INST] Hi! [/INST]",
     "zephyr": "<|user|>\nHi!</s>\n<|assistant|>\n",
-    "alpaca": ("<s>Below is an instruction that describes a task. Write a response that appropriately completes "
-               "the request.\n\n### Instruction:\nHi!\n\n### Response:\n"),
-    "vicuna": ("<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-               "helpful, detailed, and polite answers to the user's questions. USER: Hi! ASSISTANT:"),
+    "alpaca": (
+        "<s>Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nHi!\n\n### Response:\n"
+    ),
+    "vicuna": (
+        "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: Hi! ASSISTANT:"
+    ),
     "gemma": "<bos><start_of_turn>user\nHi!<end_of_turn>\n<start_of_turn>model\n",
     "phi-3": "<|user|>\nHi!<|end|>\n<|assistant|>\n",
     "default": "<s>>>> User: Hi!\n>>> Assistant: ",
@@ -126,15 +170,17 @@ def test_stop_token_and_assistant_tokens(name):
     assert ids.count(stop_id) >= 2
     # each assistant turn ends with the stop token as a single special token, and only replies are marked
     assistant = [t for t, m in zip(ids, mask) if m]
-    think = "<think>\n\n</think>\n\n" if name == "qwen-3" else ""   # Qwen3's last reply opens with its think block
+    think = "<think>\n\n</think>\n\n" if name == "qwen-3" else ""  # Qwen3's last reply opens with its think block
     assert tok.decode(assistant).replace(" ", "") == f"Hello.{stop}{think}4{stop}"
     ends = [i for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
     assert [ids[i] for i in ends] == [stop_id, stop_id]
 
 
 def test_mapping_sharegpt_keys_and_roles():
-    sharegpt = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
-                for m in CONV]
+    sharegpt = [
+        {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+        for m in CONV
+    ]
     tok = family_tokenizer("llama-3", mapping={"role": "from", "content": "value", "user": "human", "assistant": "gpt"})
     assert tok.apply_chat_template(sharegpt, tokenize=False) == REFERENCE["llama-3"]
     assert tok.apply_chat_template(CONV, tokenize=False) == REFERENCE["llama-3"]  # canonical messages still work
@@ -157,8 +203,9 @@ def test_aliases_system_message_and_custom_jinja():
     assert tok.velotune_chat_template == "llama-3"
     tok = get_chat_template(mini_tokenizer(), "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert tok.apply_chat_template(CONV[1:3], tokenize=False) == "Hi!Hello."
-    tok = get_chat_template(mini_tokenizer(), ("{% for m in messages %}{{ m['content'] }}<|stop|>{% endfor %}",
-                                               "<|stop|>"))  # Unsloth's (template, stop token) form
+    tok = get_chat_template(
+        mini_tokenizer(), ("{% for m in messages %}{{ m['content'] }}<|stop|>{% endfor %}", "<|stop|>")
+    )  # Unsloth's (template, stop token) form
     assert tok.eos_token == "<|stop|>" and tok.velotune_added_tokens == ["<|stop|>"]
 
 
@@ -188,8 +235,9 @@ def test_map_eos_token_false_keeps_eos():
 def test_template_survives_save_and_load(tmp_path):
     from transformers import AutoTokenizer
 
-    tok = family_tokenizer("llama-3.1", mapping={"role": "from", "content": "value", "user": "human",
-                                                 "assistant": "gpt"})
+    tok = family_tokenizer(
+        "llama-3.1", mapping={"role": "from", "content": "value", "user": "human", "assistant": "gpt"}
+    )
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again.apply_chat_template(CONV, tokenize=False) == REFERENCE["llama-3.1"]
@@ -201,13 +249,17 @@ def test_qwen3_think_blocks():
     earlier replies; enable_thinking=False ends the prompt in an empty think block; the think block is
     part of what the model learns to produce (inside the assistant mask)."""
     tok = family_tokenizer("qwen-3")
-    conv = [{"role": "user", "content": "Hi!"},
-            {"role": "assistant", "content": "<think>\ngreet back\n</think>\n\nHello."},
-            {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
+    conv = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "<think>\ngreet back\n</think>\n\nHello."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+    ]
     text = tok.apply_chat_template(conv, tokenize=False)
-    assert text == ("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
-                    "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nadd\n</think>\n\n4<|im_end|>\n")
+    assert text == (
+        "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nadd\n</think>\n\n4<|im_end|>\n"
+    )
     out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     marked = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
     assert marked.replace(" ", "") == "Hello.<|im_end|><think>\nadd\n</think>\n\n4<|im_end|>"
@@ -242,8 +294,9 @@ def test_ensure_template_tokens_adds_chatml_and_grows_the_embeddings():
     assert model.get_input_embeddings().weight.shape[0] == len(tok) > rows
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
     get_chat_template(tok, "chatml", model=model)
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     assert int(ids["input_ids"].max()) >= rows  # the new ids are used, and the forward takes them
     with torch.no_grad():
         assert torch.isfinite(model(**ids).logits).all()
@@ -266,8 +319,11 @@ def test_quantized_embeddings_that_must_grow_are_a_clear_error():
     tok, model = mini_tokenizer(), mini_model("llama")
     _quantize_input_embeddings(model)
     n = len(tok)
-    with pytest.raises(ConfigError, match=r"chat template chatml: .* Embedding4bit table is quantized, so it "
-                                          r"cannot grow; load the model unquantized") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"chat template chatml: .* Embedding4bit table is quantized, so it "
+        r"cannot grow; load the model unquantized",
+    ) as e:
         ensure_template_tokens(tok, model, "chatml")
     assert "\n" not in str(e.value)
     assert len(tok) == n and "<|im_start|>" not in tok.get_vocab()  # nothing changed

@@ -1,4 +1,5 @@
 """The shipped demo model, tokenizer and data load and make sense."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,13 @@ def _tokenizer():
 
 def test_asset_files_are_safetensors_only():
     names = {p.name for p in assets_dir().iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     with safe_open(str(assets_dir() / "model.safetensors"), "pt") as f:
         assert len(list(f.keys())) > 10
@@ -32,7 +38,7 @@ def test_tokenizer_round_trip_and_special_tokens():
     text = "The capital of France is Paris. Ünïcödé and emoji 🙂 survive too!\n"
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text  # byte-level: any text round-trips
-    assert len(ids) < len(text)     # and common words are single tokens
+    assert len(ids) < len(text)  # and common words are single tokens
     config = json.loads((assets_dir() / "config.json").read_text())
     gen = json.loads((assets_dir() / "generation_config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == len(tok)
@@ -42,8 +48,10 @@ def test_tokenizer_round_trip_and_special_tokens():
 
 def test_chat_template_renders_and_marks_the_assistant_turn():
     tok = _tokenizer()
-    messages = [{"role": "user", "content": "What is the capital of France?"},
-                {"role": "assistant", "content": "The capital of France is Paris."}]
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False)
     assert text == "<s><|user|>What is the capital of France?</s><|assistant|>The capital of France is Paris.</s>"
     prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
@@ -92,7 +100,7 @@ def _recall(model, tok, rows) -> float:
         want = tok.encode(" " + target, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=len(want), do_sample=False, pad_token_id=tok.pad_token_id)
-        hits += out[0, ids.shape[1]:].tolist() == want
+        hits += out[0, ids.shape[1] :].tolist() == want
     return hits / len(rows)
 
 

@@ -1,5 +1,6 @@
 """`velotune demo` end to end with fewer steps: it trains, answers better than before, exports,
 and leaves its outputs behind."""
+
 from __future__ import annotations
 
 import json

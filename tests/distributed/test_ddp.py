@@ -4,6 +4,7 @@ Each rank gets half of the global batch. The loss is normalised by the GLOBAL co
 tokens (as transformers' Trainer does with `num_items_in_batch` and average_tokens_across_devices),
 times the world size to undo DDP's gradient averaging, so the update is exactly the single-process one.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,15 @@ def _build(path, checkpointing=False):
 
     model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
     # init_lora_weights=False: random A and B, so gradients reach every LoRA weight from step 1.
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
-                                             use_gradient_checkpointing=checkpointing != "mlp" and checkpointing,
-                                             random_state=7)
-    if checkpointing == "mlp":   # recompute="mlp" with every saved tensor offloaded (the toy ones are tiny)
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        use_gradient_checkpointing=checkpointing != "mlp" and checkpointing,
+        random_state=7,
+    )
+    if checkpointing == "mlp":  # recompute="mlp" with every saved tensor offloaded (the toy ones are tiny)
         from velotune.memory.checkpointing import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
@@ -82,7 +88,7 @@ def _worker(rank: int, world: int, path: str, port: int, out: str, checkpointing
         if rank == 0:
             lora = {k: v.detach() for k, v in model.named_parameters() if "lora_" in k}
             torch.save({"losses": torch.stack(losses), "lora": lora}, out)
-        dist.barrier()   # no collective still in flight when the group is torn down (gloo aborted there)
+        dist.barrier()  # no collective still in flight when the group is torn down (gloo aborted there)
     finally:
         dist.destroy_process_group()
     _exit_now()
@@ -111,8 +117,9 @@ def _free_port() -> int:
 def test_ddp_two_processes_equal_single_process(tmp_path, checkpointing):
     path = save_mini_model("llama", tmp_path)
     out = tmp_path / "ddp.pt"
-    mp.start_processes(_worker, args=(2, str(path), _free_port(), str(out), checkpointing), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, str(path), _free_port(), str(out), checkpointing), nprocs=2, join=True, start_method="spawn"
+    )
     ddp = torch.load(out, weights_only=True)
 
     model = _build(path, checkpointing)

@@ -1,5 +1,6 @@
 """FSDP2 (`fully_shard`) full fine-tuning on CPU with gloo: same losses and weights as one process;
 a sharded safetensors checkpoint saved by 2 processes loads into 1."""
+
 from __future__ import annotations
 
 import os
@@ -52,7 +53,7 @@ def _worker(rank, world, path, port, out):
         full = full_state_dict(model)
         if rank == 0:
             torch.save({"losses": losses, "state": full}, out)
-        dist.barrier()   # no collective still in flight when the group is torn down (gloo aborted there)
+        dist.barrier()  # no collective still in flight when the group is torn down (gloo aborted there)
     finally:
         dist.destroy_process_group()
     _exit_now()
@@ -63,8 +64,7 @@ def test_fsdp2_full_finetune_equals_single_process_and_reshards(tmp_path):
 
     path = save_mini_model("llama", tmp_path)
     out = tmp_path / "fsdp.pt"
-    mp.start_processes(_worker, args=(2, str(path), _free_port(), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(path), _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
     res = torch.load(out, weights_only=True)
 
     model = _build(path)

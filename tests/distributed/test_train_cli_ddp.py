@@ -1,6 +1,7 @@
 """`velotune train CONFIG --nproc 2` (torchrun) and `accelerate launch -m velotune.cli train CONFIG` (2 gloo
 processes on CPU) through TRL's SFTTrainer equal one process on the same global batch: same losses, same
 adapter, outputs written once by rank 0."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,15 @@ def _config(folder: Path, model: Path, data: Path, batch_size: int) -> Path:
         "data": {"path": str(data)},
         "method": "sft",
         "lora": {"r": 8, "alpha": 16, "gradient_checkpointing": False},
-        "training": {"max_steps": 3, "batch_size": batch_size, "gradient_accumulation_steps": 2,
-                     "learning_rate": 1e-2, "lr_scheduler": "constant", "seed": 0, "logging_steps": 1},
+        "training": {
+            "max_steps": 3,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 1e-2,
+            "lr_scheduler": "constant",
+            "seed": 0,
+            "logging_steps": 1,
+        },
         "output_dir": str(folder / "out"),
     }
     path = folder / "config.yaml"
@@ -45,13 +53,28 @@ def _train(folder: Path, model: Path, data: Path, *, nproc: int | None, launcher
     elif nproc and launcher == "accelerate":
         # accelerate's --multi_gpu launcher is torchrun underneath; on a CPU-only machine velotune's
         # Trainer arguments (use_cpu for a model on the CPU) make it gloo DDP.
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", *cmd[2:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            *cmd[2:],
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONFAULTHANDLER"] = "1"
     # Own process group: on a timeout the launcher and both workers are killed, none is left running.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:

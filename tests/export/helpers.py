@@ -1,4 +1,5 @@
 """Shared builders for the export tests: a mini model with non-trivial LoRA adapters."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ def lora_model(family: str = "llama", r: int = 4, seed: int = 0, **overrides):
     from velotune import FastLanguageModel
 
     model = mini_model(family, seed=seed, **overrides)
-    peft_model = FastLanguageModel.get_peft_model(model, r=r, lora_alpha=8, use_gradient_checkpointing=False,
-                                                  random_state=seed)
+    peft_model = FastLanguageModel.get_peft_model(
+        model, r=r, lora_alpha=8, use_gradient_checkpointing=False, random_state=seed
+    )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -1,4 +1,5 @@
 """`velotune export` from a training output folder, push_to_hub up to the network call, the demo export."""
+
 from __future__ import annotations
 
 import json
@@ -104,11 +105,15 @@ def test_export_demo(tmp_path):
     result = export_demo(model, tok, tmp_path)
     assert (result["merged_dir"] / "model.safetensors").exists()
     assert result["gguf_path"].name == "model.Q8_0.gguf" and result["modelfile"].exists()
-    ids = tok.apply_chat_template([{"role": "user", "content": result["question"]}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": result["question"]}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
-    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert expected and result["answer"].startswith(expected)
 
 
@@ -131,8 +136,24 @@ def test_export_cli_push_to_hub(run_dir, monkeypatch, tmp_path):
     sent = []
     monkeypatch.setattr(hub, "_network", lambda plan, token: sent.append((plan, token)) or "https://hub/x")
     run, _ = run_dir
-    assert main(["export", str(run), "--to", "lora", "gguf", "-o", str(tmp_path / "o"),
-                 "--push-to-hub", "me/run1", "--token", "t"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--to",
+                "lora",
+                "gguf",
+                "-o",
+                str(tmp_path / "o"),
+                "--push-to-hub",
+                "me/run1",
+                "--token",
+                "t",
+            ]
+        )
+        == 0
+    )
     assert sorted(p["path_in_repo"] for p, _ in sent) == ["gguf", "lora"]
     assert {t for _, t in sent} == {"t"}
     assert main(["export", str(run), "--push-to-hub", "bad id!"]) == 2  # refused before any work

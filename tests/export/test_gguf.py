@@ -9,6 +9,7 @@ Bounds (stated, with the measured values on these toys in brackets):
       q8_0: max|dlogit| <= 0.05 * max|logit|, top-1 >= 90% of positions             [0.018, 96%]
       q4_k_m: max|dlogit| <= 0.30 * max|logit|, top-1 >= 60%                          [0.16, 79%]
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,21 +30,28 @@ from velotune.export.modelfile import parse_modelfile  # noqa: E402
 # and qwen3 graphs have no sliding window (the exporter warns): give those toys no window shorter than the
 # prompts. llama.cpp skips RoPE on every 4th SmolLM3 layer (hard-coded): the smollm3 toy gets 4 layers,
 # NoPE on the last.
-OVERRIDES = {"mistral": {"sliding_window": 64}, "ministral": {"sliding_window": 64},
-             "qwen3": {"use_sliding_window": False},
-             # llama.cpp's Gemma 3: 5 local : 1 global layers, attention scale from head_dim (window 4 kept)
-             "gemma3_text": {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 16},
-             "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4}}
+OVERRIDES = {
+    "mistral": {"sliding_window": 64},
+    "ministral": {"sliding_window": 64},
+    "qwen3": {"use_sliding_window": False},
+    # llama.cpp's Gemma 3: 5 local : 1 global layers, attention scale from head_dim (window 4 kept)
+    "gemma3_text": {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 16},
+    "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4},
+}
 
 
 def prompts(tok) -> list[list[int]]:
-    chat = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                    {"role": "user", "content": "Hello world! How are you today?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world! How are you today?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     g = torch.Generator().manual_seed(5)
-    return [tok(chat, add_special_tokens=False)["input_ids"],
-            tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"],
-            torch.randint(7, VOCAB, (20,), generator=g).tolist()]
+    return [
+        tok(chat, add_special_tokens=False)["input_ids"],
+        tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"],
+        torch.randint(7, VOCAB, (20,), generator=g).tolist(),
+    ]
 
 
 def llama_cpp_logits(path, ids, **kw) -> np.ndarray:
@@ -113,8 +121,10 @@ def test_quantized_within_bounds(tmp_path):
     assert errors["model.Q8_0.gguf"] < errors["model.Q4_K_M.gguf"]
 
 
-MIXED = ("<|system|>Be brief.<|end|><|user|>Hello world!  Two  spaces,\ttab\n\nnew lines; "
-         "ünïcödé 日本語 🚀 1234567 don't<|end|><|assistant|>4</s><s>x<pad>")
+MIXED = (
+    "<|system|>Be brief.<|end|><|user|>Hello world!  Two  spaces,\ttab\n\nnew lines; "
+    "ünïcödé 日本語 🚀 1234567 don't<|end|><|assistant|>4</s><s>x<pad>"
+)
 
 
 def test_bpe_tokenizer_round_trip(tmp_path):
@@ -149,8 +159,9 @@ def test_sentencepiece_tokenizer_round_trip(tmp_path):
     tok = LlamaTokenizer.from_pretrained(tmp_path, legacy=True)
     model = attach_export_methods(mini_model("llama", vocab_size=32000))  # a plain transformers model
     (path,) = model.save_pretrained_gguf(tmp_path / "gguf", tok, "q8_0", quiet=True, modelfile=False)
-    text = ("<s>[INST] Hello world!  Two  spaces,\ttab\n\nnew lines; ünïcödé 日本語 🚀 1234567 don't</s>"
-            "x<unk>y   [/INST]")
+    text = (
+        "<s>[INST] Hello world!  Two  spaces,\ttab\n\nnew lines; ünïcödé 日本語 🚀 1234567 don't</s>x<unk>y   [/INST]"
+    )
     llm = open_gguf(path, n_ctx=64, vocab_only=True)
     try:
         for add in (False, True):
@@ -188,15 +199,23 @@ def _regex_bpe_tokenizer(regex: str):
     from mini import CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. I'm sure you've 1234567 apples."] * 20,
-                            trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(
+        ["The quick brown fox jumps over the lazy dog. I'm sure you've 1234567 apples."] * 20, trainer
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -263,6 +282,6 @@ def test_gemma3_layout_llama_cpp_cannot_express_is_refused(tmp_path):
 def test_smollm3_nope_pattern_llama_cpp_cannot_run_is_refused(tmp_path):
     """llama.cpp hard-codes NoPE on every 4th SmolLM3 layer; the mini model's NoPE on every 2nd would load
     and answer wrongly, so the exporter refuses it with a clear error."""
-    model, tok = lora_model("smollm3")                       # no_rope_layers [1, 0]
+    model, tok = lora_model("smollm3")  # no_rope_layers [1, 0]
     with pytest.raises(ExportError, match="NoPE on every 4th layer"):
         model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)

@@ -1,5 +1,6 @@
 """save_pretrained_merged: adapters load in stock PEFT, merged weights load in stock transformers,
 both reproduce the training model's logits; saves are atomic."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """`velotune chat`: a scripted conversation through stdin, replies checked against stock generate."""
+
 import io
 import os
 import subprocess
@@ -17,9 +18,15 @@ from velotune.infer.command import run
 def expected_reply(model, tok, messages, max_new_tokens):
     """What greedy stock generate answers to `messages` (stop tokens as the chat command sets them)."""
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = type(model).generate(model, **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                               eos_token_id=stop_token_ids(tok, model), pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = type(model).generate(
+        model,
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_token_ids(tok, model),
+        pad_token_id=tok.pad_token_id,
+    )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_stop_tokens_include_the_template_end_of_turn():
@@ -36,12 +43,28 @@ def test_chat_merged_folder_keeps_history(tmp_path, monkeypatch, capsys):
     path = save_mini_model("gemma2", tmp_path)
     tok, model = mini_tokenizer(), mini_model("gemma2").eval()
     first = expected_reply(model, tok, [{"role": "user", "content": "Hello there"}], 6)
-    second = expected_reply(model, tok, [{"role": "user", "content": "Hello there"},
-                                         {"role": "assistant", "content": first},
-                                         {"role": "user", "content": "And then?"}], 6)
+    second = expected_reply(
+        model,
+        tok,
+        [
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And then?"},
+        ],
+        6,
+    )
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nAnd then?\n/exit\nnever read\n"))
-    args = Namespace(model_dir=str(path), max_new_tokens=6, temperature=0.0, top_p=0.9, repetition_penalty=1.0,
-                     system=None, load_in_4bit=False, dtype="float32", max_seq_length=256)
+    args = Namespace(
+        model_dir=str(path),
+        max_new_tokens=6,
+        temperature=0.0,
+        top_p=0.9,
+        repetition_penalty=1.0,
+        system=None,
+        load_in_4bit=False,
+        dtype="float32",
+        max_seq_length=256,
+    )
     assert run(args) == 0
     out = capsys.readouterr().out
     assert first.strip() and first.strip() in out
@@ -57,15 +80,34 @@ def test_chat_adapter_folder_through_the_cli(tmp_path):
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     (adapter / "adapter_config.json").write_text(
-        (adapter / "adapter_config.json").read_text().replace('"base_model_name_or_path": null',
-                                                              f'"base_model_name_or_path": "{base}"'))
+        (adapter / "adapter_config.json")
+        .read_text()
+        .replace('"base_model_name_or_path": null', f'"base_model_name_or_path": "{base}"')
+    )
     tok = mini_tokenizer()
     reply = expected_reply(peft_model, tok, [{"role": "user", "content": "Hi"}], 8)
     script = "Hi\n/reset\nHi\n/exit\n"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "velotune.cli", "chat", str(adapter), "--max-new-tokens", "8",
-                           "--temperature", "0", "--dtype", "float32"], input=script, capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "velotune.cli",
+            "chat",
+            str(adapter),
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--dtype",
+            "float32",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(conversation reset)" in proc.stdout
     assert reply.strip() and proc.stdout.count(reply.strip()) == 2, (reply, proc.stdout)

@@ -4,6 +4,7 @@ Float32 on CPU, mini models of every family: greedy tokens must be identical, to
 for batched left-padded prompts, with and without (non-zero) LoRA adapters; the logits of the
 prefill and decode steps must match stock forward to 1e-5 relative.
 """
+
 import pytest
 import torch
 
@@ -28,8 +29,10 @@ def add_lora(model, seed=5):
     from peft import LoraConfig, get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = sorted(names & {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
-                              "gate_up_proj", "down_proj"})
+    targets = sorted(
+        names
+        & {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"}
+    )
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -58,10 +61,10 @@ def test_greedy_equals_stock(family, lora):
     engine = model.__dict__[_STATE]["engine"]
     assert engine is not None, f"{family} should take the fast path"
     got = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-    assert torch.equal(got, expected), (got[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+    assert torch.equal(got, expected), (got[:, ids.shape[1] :], expected[:, ids.shape[1] :])
 
     # Logits of prefill and of each decode step == stock forward over the whole sequence (fp32).
-    full_mask = torch.cat([mask, torch.ones_like(expected[:, ids.shape[1]:])], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(expected[:, ids.shape[1] :])], dim=1)
     with torch.no_grad():
         ref = type(model).forward(model, input_ids=expected, attention_mask=full_mask).logits
     T = ids.shape[1]
@@ -69,7 +72,7 @@ def test_greedy_equals_stock(family, lora):
     for j in range(4):
         steps.append(engine.decode(expected[:, T + j]))
     ours = torch.stack(steps, dim=1)
-    want = ref[:, T - 1:T + 4]
+    want = ref[:, T - 1 : T + 4]
     rel = (ours - want).norm() / want.norm()
     assert rel < 1e-5, f"relative logit error {rel:.2e}"
     for_training(model)
@@ -79,8 +82,17 @@ def test_sampling_processors_and_eos_match_stock():
     """Sampling (temperature, top-k, top-p), repetition penalty and eos stop: same RNG -> same tokens."""
     model = mini_model("llama").eval()
     ids, mask = left_padded()
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.7, top_k=40,
-              top_p=0.9, repetition_penalty=1.3, pad_token_id=0)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=0.7,
+        top_k=40,
+        top_p=0.9,
+        repetition_penalty=1.3,
+        pad_token_id=0,
+    )
     torch.manual_seed(11)
     expected = stock_generate(model, **kw)
     # an eos that some row produces mid-way: rows stop and are padded exactly as stock does
@@ -93,7 +105,7 @@ def test_sampling_processors_and_eos_match_stock():
     torch.manual_seed(11)
     got_eos = model.generate(eos_token_id=eos, **kw)
     assert torch.equal(got_eos, expected_eos)
-    assert (got_eos[:, ids.shape[1]:] == 0).any(), "the eos tokens should have stopped a row early"
+    assert (got_eos[:, ids.shape[1] :] == 0).any(), "the eos tokens should have stopped a row early"
 
 
 class Collect:
@@ -116,23 +128,31 @@ def test_streamer_and_growth_in_chunks(capsys):
 
     model = mini_model("mistral").eval()  # sliding window 8 < sequence length
     ids, mask = left_padded(batch=1, pads=(0,))
-    expected = stock_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
-                              pad_token_id=0)
+    expected = stock_generate(
+        model, input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0
+    )
     for_inference(model)
     engine = model.__dict__[_STATE]["engine"]
     engine.chunk, engine.reserve_ahead = 8, 0  # 16 slots for the prompt, then 8 more at a time
     stream = Collect()
-    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0,
-                         streamer=stream)
+    got = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0, streamer=stream
+    )
     assert torch.equal(got, expected)
     assert engine.cache.capacity == 40 and engine.growths >= 3
     assert stream.ended and torch.equal(torch.cat([c.view(1, -1) for c in stream.chunks], dim=1), expected)
 
     tok = mini_tokenizer()
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0,
-                   streamer=TextStreamer(tok, skip_prompt=True))
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=30,
+        do_sample=False,
+        pad_token_id=0,
+        streamer=TextStreamer(tok, skip_prompt=True),
+    )
     printed = capsys.readouterr().out
-    assert printed.strip() == tok.decode(expected[0, ids.shape[1]:]).strip()
+    assert printed.strip() == tok.decode(expected[0, ids.shape[1] :]).strip()
 
 
 def test_disabled_and_rescaled_adapters_are_honoured():
@@ -197,8 +217,9 @@ def test_fused_triton_decode_path_equals_stock(family):
 
     model = mini_model(family).eval()
     ids, mask = left_padded(batch=2, seq=8, pads=(0, 3))
-    expected = stock_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                              pad_token_id=0)
+    expected = stock_generate(
+        model, input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+    )
     for_inference(model, fused=True)
     with force_triton():
         got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)

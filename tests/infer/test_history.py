@@ -1,4 +1,5 @@
 """What `velotune chat` reads and sends: UTF-8 checks on stdin lines, history trimmed to the context."""
+
 from __future__ import annotations
 
 import io
@@ -7,8 +8,6 @@ import pytest
 from mini import mini_tokenizer
 
 from velotune.infer.history import MessageTooLong, fit_history, read_user_line
-
-
 
 
 def test_read_user_line_bytes_and_text():
@@ -41,9 +40,13 @@ def test_fit_history_drops_the_oldest_exchanges_and_keeps_the_system_prompt():
     text = tok.decode(enc["input_ids"][0])
     assert text.count("Be brief.") == 1 and "question 0 " not in text
     # one more dropped exchange would not have been needed: the previous one did not fit
-    longer = _history(30)[2 * (dropped - 1):]
-    n_longer = tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + longer,
-                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    longer = _history(30)[2 * (dropped - 1) :]
+    n_longer = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}] + longer,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     assert n_longer["input_ids"].shape[1] + 40 > 128
 
 

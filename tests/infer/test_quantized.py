@@ -1,4 +1,5 @@
 """4-bit (bitsandbytes NF4, CPU) models on the decode path: against the dequantised stock model."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Helpers for the kernel tests: normwise relative error and float64 twins of inputs."""
+
 import torch
 
 TOL = 1e-5  # fp32 relative error bound of the issue

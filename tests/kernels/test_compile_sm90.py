@@ -4,6 +4,7 @@ The interpreter runs kernels as Python, so it accepts code the compiler rejects 
 helper with two `return`s under a constexpr `if` passed every CPU test and failed to compile on the
 H200: the compiler types both branches). Compiling here, front end to cubin, catches that class
 of error before any device time is spent. Signatures follow each kernel's launch site."""
+
 import json
 import os
 import subprocess
@@ -84,7 +85,7 @@ def test_every_kernel_compiles_for_sm90():
     proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     if set(result.values()) == {"no ptxas"}:
         pytest.skip("this triton build has no ptxas")
     assert len(result) == 17

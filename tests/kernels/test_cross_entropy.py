@@ -1,4 +1,5 @@
 """Cross-entropy and fused linear cross-entropy Triton paths (interpreter) vs torch and float64."""
+
 import math
 
 import pytest
@@ -37,12 +38,12 @@ def _check_all(got, ref, ref64, names):
 
 
 CE_CASES = [  # (rows, ignored rows, kwargs, non-contiguous)
-    (1, [], {}, False),                                                   # batch 1
-    (5, [1, 3], {"softcap": 3.0}, True),                                  # Gemma 2 softcap, strided rows
+    (1, [], {}, False),  # batch 1
+    (5, [1, 3], {"softcap": 3.0}, True),  # Gemma 2 softcap, strided rows
     (4, [0], {"logit_scale": 0.25, "softcap": 2.0, "reduction": "sum"}, False),
-    (4, [2], {"num_items_in_batch": 9}, False),                           # gradient-accumulation count
-    (3, [0, 1, 2], {}, False),                                            # all ignored, mean: NaN loss
-    (3, [0, 1, 2], {"num_items_in_batch": 4}, False),                     # all ignored, sum: zero loss
+    (4, [2], {"num_items_in_batch": 9}, False),  # gradient-accumulation count
+    (3, [0, 1, 2], {}, False),  # all ignored, mean: NaN loss
+    (3, [0, 1, 2], {"num_items_in_batch": 4}, False),  # all ignored, sum: zero loss
 ]
 
 
@@ -62,16 +63,20 @@ def test_cross_entropy_kernel(n, ignored, kw, noncontig):
     with force_triton():
         got = run(cross_entropy, torch.float32)
     assert got[0].dtype == torch.float32
-    _check_all(got, run(cross_entropy_reference, torch.float32), run(cross_entropy_reference, torch.float64),
-               ("loss", "dlogits"))
+    _check_all(
+        got,
+        run(cross_entropy_reference, torch.float32),
+        run(cross_entropy_reference, torch.float64),
+        ("loss", "dlogits"),
+    )
 
 
 FLCE_CASES = [  # (rows, ignored, kwargs, weight trainable, bias)
     (9, [0, 4], {}, True, False),
     (7, [6], {"softcap": 2.5, "logit_scale": 1.5, "num_items_in_batch": 10}, False, True),
     (1, [], {"reduction": "sum"}, True, True),
-    (5, [0, 1, 2, 3, 4], {"num_items_in_batch": 3}, True, False),   # all rows ignored
-    (5, [0, 1, 2, 3, 4], {}, False, False),                         # all ignored, mean: NaN like torch
+    (5, [0, 1, 2, 3, 4], {"num_items_in_batch": 3}, True, False),  # all rows ignored
+    (5, [0, 1, 2, 3, 4], {}, False, False),  # all ignored, mean: NaN like torch
 ]
 
 
@@ -98,13 +103,14 @@ def test_fused_linear_cross_entropy(n, ignored, kw, train_w, with_bias):
     ref64 = run(fused_linear_cross_entropy_reference, torch.float64)
     names = ("loss", "dhidden", "dweight", "dbias")
     _check_all(got, ref, ref64, names)
-    _check_all(cpu, ref, ref64, names)      # the CPU chunked path too
+    _check_all(cpu, ref, ref64, names)  # the CPU chunked path too
     _check_all(dropped, ref, ref64, names)  # ignored rows gathered out before the matmuls
 
 
 def test_fused_linear_ce_never_builds_full_logits(monkeypatch):
     """Every matmul output the fused path creates is at most one budget-sized chunk."""
     import velotune.kernels.fused_linear_ce as fl
+
     seen = []
     real = fl._chunk_loss_and_grad
 
@@ -123,10 +129,12 @@ def test_fused_linear_ce_never_builds_full_logits(monkeypatch):
 def test_fused_linear_ce_drop_ignored_skips_rows(monkeypatch):
     """drop_ignored=True feeds only the non-ignored rows to the chunk matmuls."""
     import velotune.kernels.fused_linear_ce as fl
+
     seen = []
     real = fl._chunk_loss_and_grad
-    monkeypatch.setattr(fl, "_chunk_loss_and_grad",
-                        lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
+    monkeypatch.setattr(
+        fl, "_chunk_loss_and_grad", lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k)
+    )
     labels = torch.randint(0, V, (10,))
     labels[::2] = -100
     h = torch.randn(10, 4, requires_grad=True)
@@ -146,13 +154,14 @@ def test_kept_rows_drop_ignored_rows_like_drop_ignored(monkeypatch):
     labels[[0, 3, 4, 10]] = -100
     kept = KeptRows(labels)
     assert kept.rows().tolist() == [1, 2, 5, 6, 7, 8, 9]
-    assert KeptRows(torch.randint(0, V, (5,))).rows() is None           # nothing to drop
+    assert KeptRows(torch.randint(0, V, (5,))).rows() is None  # nothing to drop
     assert KeptRows(torch.full((3,), -100)).rows().numel() == 0
     h0, w0 = torch.randn(11, 6, generator=g), torch.randn(V, 6, generator=g)
     seen = []
     real = fl._chunk_loss_and_grad
-    monkeypatch.setattr(fl, "_chunk_loss_and_grad",
-                        lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
+    monkeypatch.setattr(
+        fl, "_chunk_loss_and_grad", lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k)
+    )
 
     def run(**kw):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
@@ -209,13 +218,13 @@ def test_fused_linear_ce_16bit_trainable_weight_in_place_fp32_accumulator(monkey
         (gw,) = torch.autograd.grad(loss, [w], dloss.to(loss.dtype))
         return gw
 
-    budget = 4 * V * 2                                    # 4 rows of 16-bit logits: 12 chunks
+    budget = 4 * V * 2  # 4 rows of 16-bit logits: 12 chunks
     seen = []
     real = fl._dw_in_place
     monkeypatch.setattr(fl, "_dw_in_place", lambda *a: seen.append(real(*a)) or seen[-1])
     with force_triton():
         ours = dw(fused_linear_cross_entropy, dtype, memory_budget_bytes=budget)
-        monkeypatch.setattr(fl, "_dw_in_place", lambda *a: False)   # same chunk gradients, plain fp32 sum
+        monkeypatch.setattr(fl, "_dw_in_place", lambda *a: False)  # same chunk gradients, plain fp32 sum
         fp32acc = dw(fused_linear_cross_entropy, dtype, memory_budget_bytes=budget)
     assert seen == [True]
     stock = dw(fused_linear_cross_entropy_reference, dtype)
@@ -223,7 +232,7 @@ def test_fused_linear_ce_16bit_trainable_weight_in_place_fp32_accumulator(monkey
     assert ours.dtype == dtype
     ulp = 2.0 ** (torch.frexp(fp32acc.float())[1].float() - {torch.bfloat16: 8, torch.float16: 11}[dtype])
     assert ((ours.float() - fp32acc.float()).abs() <= ulp).all()
-    err = lambda g: ((g.double() - exact).norm() / exact.norm()).item()   # noqa: E731
+    err = lambda g: ((g.double() - exact).norm() / exact.norm()).item()  # noqa: E731
     assert err(ours) <= 1.5 * err(stock), (err(ours), err(stock))
 
 

@@ -1,4 +1,5 @@
 """SwiGLU / GeGLU Triton kernels (interpreter) vs the torch reference and a float64 reference."""
+
 import pytest
 import torch
 
@@ -58,7 +59,7 @@ def test_glu_forward_writes_over_gate_when_asked(triton):
         assert h.data_ptr() == buf.data_ptr() and torch.equal(h, want)
         gu = torch.cat((gate, up), dim=-1)
         g_half, u_half = gu.chunk(2, dim=-1)
-        want2 = glu_forward(g_half, u_half, "silu")      # (CPU elementwise rounding may follow the layout)
+        want2 = glu_forward(g_half, u_half, "silu")  # (CPU elementwise rounding may follow the layout)
         h2 = glu_forward(g_half, u_half, "silu", out=g_half)
         assert torch.equal(h2, want2)
 
@@ -97,7 +98,7 @@ def test_lora_a_grad_kernel_makes_no_h(act, N, I, r, strided, split, monkeypatch
     gate, up, _, dhA, _ = _lora_case(N, I, r, strided)
     with force_triton():
         got = glu_lora_a_grad(dhA, gate, up, act)
-    ref = glu_lora_a_grad(dhA, gate, up, act)                     # CPU path: h made, then the GEMM
+    ref = glu_lora_a_grad(dhA, gate, up, act)  # CPU path: h made, then the GEMM
     ref64 = dhA.double().t() @ glu_reference(gate.double(), up.double(), act)
     assert got.dtype == torch.float32 and got.shape == (r, I)
     assert_close(got, ref, what="vs torch")
@@ -115,9 +116,9 @@ def test_lora_project_kernel_makes_no_h(act, N, I, r, strided):
     gate, up, _, _, A = _lora_case(N, I, r, strided, seed=2)
     with force_triton():
         got = glu_lora_project(gate, up, A, act)
-    ref = glu_lora_project(gate, up, A, act)                       # CPU path: h made, then the GEMM
+    ref = glu_lora_project(gate, up, A, act)  # CPU path: h made, then the GEMM
     h = glu_forward(gate, up, act)
-    assert torch.equal(glu_lora_project(gate, up, A, act, h=h), ref)   # a given h is used as it is
+    assert torch.equal(glu_lora_project(gate, up, A, act, h=h), ref)  # a given h is used as it is
     ref64 = glu_reference(gate.double(), up.double(), act) @ A.double().t()
     assert got.dtype == gate.dtype and got.shape == (N, r)
     assert_close(got, ref, what="vs torch")
@@ -134,8 +135,11 @@ def test_float64_takes_the_torch_path():
     want = (glu_lora_project(gate, up, A, "silu"), glu_lora_a_grad(dhA, gate, up, "silu"))
     want += (glu_forward(gate, up, "silu"),)
     with force_triton():
-        got = (glu_lora_project(gate, up, A, "silu"), glu_lora_a_grad(dhA, gate, up, "silu"),
-               glu_forward(gate, up, "silu"))
+        got = (
+            glu_lora_project(gate, up, A, "silu"),
+            glu_lora_a_grad(dhA, gate, up, "silu"),
+            glu_forward(gate, up, "silu"),
+        )
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 
@@ -148,7 +152,7 @@ def test_glu_backward_folds_the_rank_r_gradient_in(act, N, I, r, strided):
     gate, up, dh, dhA, A = _lora_case(N, I, r, strided, seed=1)
     g64, u64 = leaf(gate, torch.float64), leaf(up, torch.float64)
     ref64 = torch.autograd.grad(glu_reference(g64, u64, act), [g64, u64], (dh + dhA @ A).double())
-    ref = glu_backward(dh, gate.clone(), up.clone(), act, lora=(dhA, A))     # CPU: addmm, then the torch backward
+    ref = glu_backward(dh, gate.clone(), up.clone(), act, lora=(dhA, A))  # CPU: addmm, then the torch backward
     gbuf, ubuf = gate.clone(), up.clone()
     if strided:
         buf = torch.cat((gate, up), dim=-1)

@@ -1,5 +1,6 @@
 """On a CUDA GPU (skipped elsewhere): each kernel's bf16 error vs float64 is within 1.5x of the stock
 path's, forward and gradients. bench/fused_kernels.py runs the same check at Llama-3-8B sizes."""
+
 import pytest
 import torch
 
@@ -15,9 +16,9 @@ def _compare(stock, ours, leaves, extra=()):
         xs = [x.detach().to(dtype).requires_grad_(x.requires_grad) for x in leaves]
         out = fn(*xs, *extra)
         outs = out if isinstance(out, tuple) else (out,)
-        g = torch.autograd.grad(outs, [x for x in xs if x.requires_grad],
-                                [torch.ones_like(o) * 0.3 for o in outs])
+        g = torch.autograd.grad(outs, [x for x in xs if x.requires_grad], [torch.ones_like(o) * 0.3 for o in outs])
         return [o.detach() for o in outs] + list(g)
+
     ref = run(stock, torch.float64)
     s = run(stock, torch.bfloat16)
     o = run(ours, torch.bfloat16)
@@ -31,26 +32,35 @@ def test_gpu_kernels_bf16():
     from velotune.kernels.glu import glu_reference, swiglu
     from velotune.kernels.rmsnorm import rms_norm, rms_norm_reference
     from velotune.kernels.rope import apply_rope, apply_rope_reference
+
     dev = "cuda"
     x, w = torch.randn(64, 1000, device=dev), torch.randn(1000, device=dev)
-    _compare(lambda a, b: rms_norm_reference(a, b, 1e-6), lambda a, b: rms_norm(a, b, 1e-6),
-             [x.requires_grad_(), w.requires_grad_()])
+    _compare(
+        lambda a, b: rms_norm_reference(a, b, 1e-6),
+        lambda a, b: rms_norm(a, b, 1e-6),
+        [x.requires_grad_(), w.requires_grad_()],
+    )
     g, u = torch.randn(64, 1000, device=dev), torch.randn(64, 1000, device=dev)
     _compare(lambda a, b: glu_reference(a, b, "silu"), swiglu, [g.requires_grad_(), u.requires_grad_()])
     q, k = torch.randn(2, 4, 16, 64, device=dev), torch.randn(2, 2, 16, 64, device=dev)
     cos, sin = torch.randn(2, 16, 64, device=dev).cos(), torch.randn(2, 16, 64, device=dev).sin()
-    _compare(lambda a, b: apply_rope_reference(a, b, cos.to(a.dtype), sin.to(a.dtype)),
-             lambda a, b: apply_rope(a, b, cos.to(a.dtype), sin.to(a.dtype)),
-             [q.requires_grad_(), k.requires_grad_()])
+    _compare(
+        lambda a, b: apply_rope_reference(a, b, cos.to(a.dtype), sin.to(a.dtype)),
+        lambda a, b: apply_rope(a, b, cos.to(a.dtype), sin.to(a.dtype)),
+        [q.requires_grad_(), k.requires_grad_()],
+    )
     labels = torch.randint(0, 5000, (64,), device=dev)
     labels[:5] = -100
-    _compare(lambda a: cross_entropy_reference(a, labels, softcap=30.0),
-             lambda a: cross_entropy(a, labels, softcap=30.0),
-             [torch.randn(64, 5000, device=dev).requires_grad_()])
-    _compare(lambda h, W: fused_linear_cross_entropy_reference(h, W, labels),
-             lambda h, W: fused_linear_cross_entropy(h, W, labels, memory_budget_bytes=16 * 5000 * 2),
-             [torch.randn(64, 256, device=dev).requires_grad_(),
-              (torch.randn(5000, 256, device=dev) / 16).requires_grad_()])
+    _compare(
+        lambda a: cross_entropy_reference(a, labels, softcap=30.0),
+        lambda a: cross_entropy(a, labels, softcap=30.0),
+        [torch.randn(64, 5000, device=dev).requires_grad_()],
+    )
+    _compare(
+        lambda h, W: fused_linear_cross_entropy_reference(h, W, labels),
+        lambda h, W: fused_linear_cross_entropy(h, W, labels, memory_budget_bytes=16 * 5000 * 2),
+        [torch.randn(64, 256, device=dev).requires_grad_(), (torch.randn(5000, 256, device=dev) / 16).requires_grad_()],
+    )
 
 
 def test_gpu_halves_accumulator_in_place_cast_at_lm_head_size():
@@ -114,12 +124,16 @@ def test_gpu_rope_launch_plans_replay_exactly():
     ang = torch.cat([pos[:, None] * inv[None]] * 2, -1)
     cos, sin = ang.cos()[None].bfloat16(), ang.sin()[None].bfloat16()
 
-    def run(q_src, k_src):      # fresh, contiguous, not views: rotated in place (one launch)
+    def run(q_src, k_src):  # fresh, contiguous, not views: rotated in place (one launch)
         return apply_rope_(q_src.clone(), k_src.clone(), cos, sin, D)
 
     first = run(q0, k0)
-    ref_q, ref_k = apply_rope_reference(q0.view(B, T, Hq, D).transpose(1, 2).float(),
-                                        k0.view(B, T, Hk, D).transpose(1, 2).float(), cos.float(), sin.float())
+    ref_q, ref_k = apply_rope_reference(
+        q0.view(B, T, Hq, D).transpose(1, 2).float(),
+        k0.view(B, T, Hk, D).transpose(1, 2).float(),
+        cos.float(),
+        sin.float(),
+    )
     assert (first[0].float().view(B, T, Hq, D).transpose(1, 2) - ref_q).abs().max() < 0.05
     for _ in range(3):
         again = run(q0, k0)
@@ -157,9 +171,12 @@ def test_gpu_launch_plans_of_norm_and_glu_replay_exactly(which):
     g = torch.Generator("cuda").manual_seed(1)
     a0 = torch.randn(300, 1000, device="cuda", generator=g).bfloat16()
     b0 = torch.randn(300, 1000, device="cuda", generator=g).bfloat16()
-    fn = {"rmsnorm": lambda a, b: rms_norm(a, b[0], 1e-6),
-          "gemma_rmsnorm": lambda a, b: rms_norm(a, b[0], 1e-6, offset=1.0),
-          "swiglu": swiglu, "geglu_tanh": lambda a, b: geglu(a, b, "tanh")}[which]
+    fn = {
+        "rmsnorm": lambda a, b: rms_norm(a, b[0], 1e-6),
+        "gemma_rmsnorm": lambda a, b: rms_norm(a, b[0], 1e-6, offset=1.0),
+        "swiglu": swiglu,
+        "geglu_tanh": lambda a, b: geglu(a, b, "tanh"),
+    }[which]
     runs = []
     for _ in range(3):
         a = a0.clone().requires_grad_(True)
@@ -195,13 +212,13 @@ def test_gpu_mlp_lora_backward_pieces_bf16(strided, monkeypatch):
     if strided:
         gate, up = torch.cat((gate, up), dim=-1).chunk(2, dim=-1)
     dh, dhA, A = bf(dh64), bf(dhA64), bf(A64)
-    g64, u64 = gate.double(), up.double()                 # the bf16 inputs, exactly, in float64
+    g64, u64 = gate.double(), up.double()  # the bf16 inputs, exactly, in float64
 
     want = dhA.double().t() @ glu_reference(g64, u64, "silu")
     unfused = (dhA.t() @ glu_forward(gate, up, "silu")).float()
     glu_mod._PLANS.clear()
     got = glu_lora_a_grad(dhA, gate, up, "silu")
-    again = glu_lora_a_grad(dhA, gate, up, "silu")        # from its launch plan
+    again = glu_lora_a_grad(dhA, gate, up, "silu")  # from its launch plan
     assert torch.equal(got, again)
     assert _err(got, want) <= 1.5 * _err(unfused, want) + 1e-6
 

@@ -1,4 +1,5 @@
 """kernels/launch.py: plans replay a compiled kernel; the key decides when the JIT runs again."""
+
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +42,7 @@ def test_launch_named_orders_the_arguments_by_the_kernel_signature(monkeypatch):
     monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: seen.append(a) or real(*a, **k))
     launch_named({}, _axpy, (1,), dict(n=10, BLOCK=16, a=3.0, Y=y, X=x))
     assert torch.equal(y, torch.full((10,), 3.0))
-    (plans, key, fn, grid, args, consts, slots), = seen
+    ((plans, key, fn, grid, args, consts, slots),) = seen
     assert args == (x, y, 3.0, 10) and consts == {"BLOCK": 16} and slots == (0, 1)
     assert key == (_axpy, -1, (1,), (torch.float32, torch.float32, 3.0, 10), (16,), ())
     with pytest.raises(ValueError, match=r"missing \['a'\]"):
@@ -50,12 +51,12 @@ def test_launch_named_orders_the_arguments_by_the_kernel_signature(monkeypatch):
         launch_named({}, _axpy, (1,), dict(X=x, Y=y, a=1.0, b=2, n=10, BLOCK=16))
 
 
-class _Compiled(triton.compiler.CompiledKernel):     # what the JIT returns on a GPU
+class _Compiled(triton.compiler.CompiledKernel):  # what the JIT returns on a GPU
     def __init__(self):
         pass
 
 
-class _GpuTensor:                                     # a CUDA tensor's address, as far as launch() looks
+class _GpuTensor:  # a CUDA tensor's address, as far as launch() looks
     is_cuda = True
 
     def __init__(self, ptr):
@@ -75,6 +76,7 @@ class _Fn:
         def run(*a, **k):
             self.jit_calls += 1
             return _Compiled()
+
         return run
 
 
@@ -106,7 +108,7 @@ def test_empty_launch_hook_chains_are_passed_as_none():
     from velotune.kernels.launch import launch_hooks
 
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    if not hasattr(enter, "calls"):                  # an older Triton: plain None-or-callable hooks
+    if not hasattr(enter, "calls"):  # an older Triton: plain None-or-callable hooks
         assert launch_hooks() == (enter, leave)
         return
     assert not enter.calls and not leave.calls and launch_hooks() == (None, None)

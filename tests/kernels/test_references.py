@@ -1,5 +1,6 @@
 """Each torch reference equals the transformers implementation it stands for (so "exact" = "stock"),
 and the public functions on CPU (reference dispatch) give the same values and gradients."""
+
 import pytest
 import torch
 import transformers as tf
@@ -38,16 +39,30 @@ def _rope_config(kind):
     if kind == "dynamic":
         return tf.LlamaConfig(**base, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     if kind == "llama3":
-        return tf.LlamaConfig(**base, rope_parameters={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16, "rope_theta": 500000.0})
+        return tf.LlamaConfig(
+            **base,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 500000.0,
+            },
+        )
     if kind == "longrope":
         half = 8  # head_dim 16 * partial 1.0 / 2
-        return tf.Phi3Config(**{**base, "max_position_embeddings": 128}, original_max_position_embeddings=32,
-                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                              "short_factor": [1.0 + 0.1 * i for i in range(half)],
-                                              "long_factor": [1.5 + 0.2 * i for i in range(half)],
-                                              "original_max_position_embeddings": 32})
+        return tf.Phi3Config(
+            **{**base, "max_position_embeddings": 128},
+            original_max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                "long_factor": [1.5 + 0.2 * i for i in range(half)],
+                "original_max_position_embeddings": 32,
+            },
+        )
     raise ValueError(kind)
 
 
@@ -102,9 +117,16 @@ def test_cross_entropy_reference_is_for_causal_lm_loss(num_items):
 
 
 def test_cross_entropy_softcap_is_gemma2():
-    cfg = tf.Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                          final_logit_softcapping=3.0)
+    cfg = tf.Gemma2Config(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=3.0,
+    )
     model = tf.Gemma2ForCausalLM(cfg).eval()
     ids = torch.randint(0, 50, (2, 9))
     out = model(ids, labels=ids, output_hidden_states=True)
@@ -112,6 +134,7 @@ def test_cross_entropy_softcap_is_gemma2():
     labels = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:].reshape(-1)
     ours = cross_entropy_reference(model.lm_head(hidden).reshape(-1, 50), labels, softcap=3.0)
     torch.testing.assert_close(ours, out.loss, rtol=1e-6, atol=0)
-    fused = fused_linear_cross_entropy(hidden.reshape(-1, 16), model.lm_head.weight, labels, softcap=3.0,
-                                       memory_budget_bytes=5 * 50 * 4)
+    fused = fused_linear_cross_entropy(
+        hidden.reshape(-1, 16), model.lm_head.weight, labels, softcap=3.0, memory_budget_bytes=5 * 50 * 4
+    )
     torch.testing.assert_close(fused, out.loss, rtol=1e-5, atol=0)

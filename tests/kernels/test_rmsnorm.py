@@ -1,4 +1,5 @@
 """RMSNorm Triton kernel (interpreter) vs the torch reference and a float64 reference."""
+
 import pytest
 import torch
 
@@ -14,11 +15,11 @@ def _run(x, w, offset, dy, fn):
 
 
 CASES = [  # (shape of x, offset, weight trainable, non-contiguous, max block)
-    ((1, 1, 7), 0.0, True, False, None),          # batch 1, odd hidden
-    ((3, 5, 33), 1.0, True, False, None),         # Gemma style, odd hidden
-    ((4, 3, 32), 0.0, False, True, None),         # frozen weight, transposed (non-contiguous) input
-    ((2, 37), 1.0, True, False, 16),              # row longer than one block: chunked path
-    ((2, 16385), 0.0, True, False, None),         # > 16384, odd: chunked at the default block cap
+    ((1, 1, 7), 0.0, True, False, None),  # batch 1, odd hidden
+    ((3, 5, 33), 1.0, True, False, None),  # Gemma style, odd hidden
+    ((4, 3, 32), 0.0, False, True, None),  # frozen weight, transposed (non-contiguous) input
+    ((2, 37), 1.0, True, False, 16),  # row longer than one block: chunked path
+    ((2, 16385), 0.0, True, False, None),  # > 16384, odd: chunked at the default block cap
 ]
 
 

@@ -1,4 +1,5 @@
 """RoPE Triton kernel (interpreter) vs the torch reference and a float64 reference."""
+
 import pytest
 import torch
 import transformers as tf
@@ -9,15 +10,26 @@ from velotune.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 
 
 def _cos_sin(head_dim, positions, rotary=None):
-    cfg = tf.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
-                         max_position_embeddings=64,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "partial_rotary_factor": (rotary or head_dim) / head_dim})
+    cfg = tf.LlamaConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": (rotary or head_dim) / head_dim,
+        },
+    )
     if rotary:  # Phi-style partial rotary: only the default init reads partial_rotary_factor here
-        cfg = tf.Phi3Config(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=64, partial_rotary_factor=rotary / head_dim,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                             "partial_rotary_factor": rotary / head_dim})
+        cfg = tf.Phi3Config(
+            hidden_size=4 * head_dim,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            partial_rotary_factor=rotary / head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary / head_dim},
+        )
     return rope_cos_sin(cfg, positions, "cpu")
 
 
@@ -29,7 +41,7 @@ def _projections(B, T, H, D):
 def _rotate(fn, qp, kp, cos, sin, dq, dk, dtype, shape):
     B, T, Hq, Hk, D = shape
     qp, kp = leaf(qp, dtype), leaf(kp, dtype)
-    q = qp.clone().view(B, T, Hq, D).transpose(1, 2)   # non-leaf, non-contiguous
+    q = qp.clone().view(B, T, Hq, D).transpose(1, 2)  # non-leaf, non-contiguous
     k = kp.clone().view(B, T, Hk, D).transpose(1, 2)
     q_ptr = q.data_ptr()
     qr, kr = fn(q, k, cos.to(dtype), sin.to(dtype))
@@ -37,13 +49,16 @@ def _rotate(fn, qp, kp, cos, sin, dq, dk, dtype, shape):
     return (qr, kr, gq, gk), qr.data_ptr() == q_ptr
 
 
-@pytest.mark.parametrize("D,B,T,Hq,Hk,rotary,cos2d", [
-    (64, 1, 3, 4, 2, None, False),     # batch 1, GQA
-    (96, 2, 3, 3, 1, None, False),     # head_dim 96 (half = 48, not a power of two)
-    (128, 1, 2, 2, 2, None, True),     # cos/sin [T, D]
-    (256, 1, 2, 2, 1, None, False),    # Gemma head_dim
-    (32, 2, 4, 2, 1, 16, False),       # partial rotary (Phi-style)
-])
+@pytest.mark.parametrize(
+    "D,B,T,Hq,Hk,rotary,cos2d",
+    [
+        (64, 1, 3, 4, 2, None, False),  # batch 1, GQA
+        (96, 2, 3, 3, 1, None, False),  # head_dim 96 (half = 48, not a power of two)
+        (128, 1, 2, 2, 2, None, True),  # cos/sin [T, D]
+        (256, 1, 2, 2, 1, None, False),  # Gemma head_dim
+        (32, 2, 4, 2, 1, 16, False),  # partial rotary (Phi-style)
+    ],
+)
 def test_rope_kernel(D, B, T, Hq, Hk, rotary, cos2d):
     # packed sequences: positions restart inside a row
     pos = torch.tensor([[0, 1, 0, 1][:T], [2, 0, 1, 2][:T]][:B])
@@ -87,6 +102,7 @@ def test_rope_rejects_bad_shapes():
 def test_rope_raw_in_place_pair():
     """rope_forward_ / rope_backward_ rotate caller-owned buffers in place; backward inverts forward."""
     from velotune.kernels.rope import rope_backward_, rope_forward_
+
     cos, sin = _cos_sin(16, torch.tensor([[3, 0, 1]]))
     q0, k0 = torch.randn(1, 2, 3, 16), torch.randn(1, 1, 3, 16)
     q, k = q0.clone(), k0.clone()
@@ -104,6 +120,7 @@ def test_rope_raw_in_place_pair():
 def test_rope_in_place_token_major(B, T, Hq, Hk, D, flat):
     """apply_rope_ rotates fresh projection outputs in place (autograd-aware) and equals stock."""
     from velotune.kernels.rope import apply_rope_
+
     pos = torch.tensor([[0, 1, 0, 1][:T], [2, 0, 1, 2][:T]][:B])
     cos, sin = _cos_sin(D, pos)
     shape_q = (B * T, Hq * D) if flat else (B, T, Hq * D)
@@ -113,7 +130,7 @@ def test_rope_in_place_token_major(B, T, Hq, Hk, D, flat):
 
     def run(fn, dtype):
         a, b = leaf(qp, dtype), leaf(kp, dtype)
-        q, k = a * 1, b * 1          # non-leaf, not views: what a projection returns
+        q, k = a * 1, b * 1  # non-leaf, not views: what a projection returns
         ptr = q.data_ptr()
         qr, kr = fn(q, k, cos.to(dtype), sin.to(dtype))
         ga, gb = torch.autograd.grad([qr, kr], [a, b], [dq.to(dtype), dk.to(dtype)])
@@ -138,10 +155,11 @@ def test_rope_in_place_token_major(B, T, Hq, Hk, D, flat):
 def test_rope_in_place_falls_back_for_views_and_leaves():
     """Slices of a fused QKV output (views) and leaves get new tensors; the input is untouched."""
     from velotune.kernels.rope import apply_rope_
+
     B, T, H, D = 1, 3, 2, 16
     cos, sin = _cos_sin(D, torch.arange(T)[None])
     qkv = torch.randn(B * T, 3 * H * D)
-    q, k = qkv[:, :H * D], qkv[:, H * D:2 * H * D]
+    q, k = qkv[:, : H * D], qkv[:, H * D : 2 * H * D]
     before = qkv.clone()
     with force_triton():
         qr, kr = apply_rope_(q, k, cos, sin, D)
@@ -149,8 +167,9 @@ def test_rope_in_place_falls_back_for_views_and_leaves():
         qr2, _ = apply_rope_(leaf_q, k.clone(), cos, sin, D)
     assert torch.equal(qkv, before) and qr.data_ptr() != q.data_ptr()
     assert qr2.data_ptr() != leaf_q.data_ptr()
-    ref_q, ref_k = apply_rope_reference(q.reshape(B, T, H, D).transpose(1, 2), k.reshape(B, T, H, D).transpose(1, 2),
-                                        cos, sin)
+    ref_q, ref_k = apply_rope_reference(
+        q.reshape(B, T, H, D).transpose(1, 2), k.reshape(B, T, H, D).transpose(1, 2), cos, sin
+    )
     assert_close(qr, ref_q.transpose(1, 2).reshape(B * T, H * D))
     assert_close(kr, ref_k.transpose(1, 2).reshape(B * T, H * D))
     with pytest.raises(ValueError, match="token-major"):

@@ -1,4 +1,5 @@
 """The fused LoRA functions against autograd on the plain formula, and against PEFT's own layers."""
+
 import pytest
 import torch
 from torch import nn
@@ -33,8 +34,11 @@ def _leaves(projs):
 
 @pytest.mark.parametrize("train_w", [False, True])
 def test_projections_match_autograd(train_w):
-    projs = [_proj(12, 8, 3, bias=True, train_w=train_w), _proj(12, 4, 5, train_w=train_w),
-             _proj(12, 4, 1, lora=False, train_w=train_w)]
+    projs = [
+        _proj(12, 8, 3, bias=True, train_w=train_w),
+        _proj(12, 4, 5, train_w=train_w),
+        _proj(12, 4, 1, lora=False, train_w=train_w),
+    ]
     X = torch.randn(10, 12, dtype=torch.float64, requires_grad=True)
     outs = lora_projections(X, projs)
     ref = [_reference(X, p) for p in projs]
@@ -132,8 +136,9 @@ def test_checkpoint_recompute_skips_the_down_projection(monkeypatch):
     out = checkpoint(lambda x: lora_mlp(x, gate_up, down, "silu") * 2, X, use_reentrant=False)
     out.sum().backward()
     assert len(calls) == 1  # forward only; the recomputation never reached it
-    ref = torch.autograd.grad(_reference(nn.functional.silu(_reference(X, gate_up[0])) * _reference(X, gate_up[1]),
-                                         down).sum() * 2, down.A)[0]
+    ref = torch.autograd.grad(
+        _reference(nn.functional.silu(_reference(X, gate_up[0])) * _reference(X, gate_up[1]), down).sum() * 2, down.A
+    )[0]
     torch.testing.assert_close(down.A.grad, ref, rtol=1e-5, atol=1e-7)
 
 
@@ -224,15 +229,18 @@ def test_adapter_casts_in_one_buffer_equal_per_tensor_casts(monkeypatch):
 
     def _cat(projs, dtype, extra=()):
         As = [p.A.to(dtype) for p in projs if p.A is not None]
-        return (torch.cat(As, 0) if As else None, [None if p.A is None else p.B.to(dtype) for p in projs],
-                [t.to(dtype) for t in extra])
+        return (
+            torch.cat(As, 0) if As else None,
+            [None if p.A is None else p.B.to(dtype) for p in projs],
+            [t.to(dtype) for t in extra],
+        )
 
     monkeypatch.setattr(fused, "_group_casts", _cat)
     monkeypatch.setattr(fused, "_cast_together", _per_tensor)
     want = run()
     for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1])):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    assert got[1][1].dtype == torch.float32      # adapter gradients in the adapters' dtype
+    assert got[1][1].dtype == torch.float32  # adapter gradients in the adapters' dtype
 
 
 def test_joined_halves_are_their_buffer_and_others_are_concatenated():
@@ -244,10 +252,10 @@ def test_joined_halves_are_their_buffer_and_others_are_concatenated():
     a, b = buf.chunk(2, dim=-1)
     whole = joined(a, b)
     assert whole.data_ptr() == buf.data_ptr() and torch.equal(whole, buf)
-    swapped = joined(b, a)                                     # halves the other way round: a real cat
+    swapped = joined(b, a)  # halves the other way round: a real cat
     assert swapped.data_ptr() != buf.data_ptr() and torch.equal(swapped, torch.cat((b, a), -1))
     x, y = torch.randn(5, 4), torch.randn(5, 4)
     assert torch.equal(joined(x, y), torch.cat((x, y), -1))
-    rows = torch.randn(6, 8)[1:]                                # a buffer view with an offset
+    rows = torch.randn(6, 8)[1:]  # a buffer view with an offset
     c, d = rows.chunk(2, dim=-1)
     assert joined(c, d).data_ptr() == rows.data_ptr() and torch.equal(joined(c, d), rows)

@@ -1,5 +1,6 @@
 """lora/recomputed_mlp.py: the LoRA MLP that saves only its input, against a torch checkpoint of
 lora_mlp (the path it replaces under recompute="mlp") and float64."""
+
 import pytest
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ def _proj(n_in, n_out, r, *, lora=True, bias=False, dtype=torch.float32, s=0.7, 
 
 
 def _mlp(kind, H=16, I=40, dtype=torch.float32):
-    if kind == "fused":          # Phi-3: one [gate | up] projection
+    if kind == "fused":  # Phi-3: one [gate | up] projection
         gate_up = [_proj(H, 2 * I, 4, dtype=dtype, seed=1)]
     else:
         gate_up = [_proj(H, I, 4, dtype=dtype, seed=1), _proj(H, I, 2, lora=kind != "up_frozen", dtype=dtype, seed=2)]
@@ -75,12 +76,12 @@ def test_row_blocks_give_the_same_gradients(kind, chunks, monkeypatch):
     monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda Xc, *a: rows.append(Xc.shape[0]) or real_in(Xc, *a))
     got = _run(lambda x: lora_mlp_recomputed(x, gate_up, down, "gelu_tanh", chunks=chunks), X, gate_up, down, g)
     step = -(-11 // chunks)
-    half = len(rows) // 2                               # the forward's blocks, then the backward's
+    half = len(rows) // 2  # the forward's blocks, then the backward's
     assert rows[:half] == rows[half:] and sum(rows[:half]) == 11 and max(rows) == step
     gate_up64, down64 = _mlp(kind, dtype=torch.float64)
     want64 = _run(lambda x: lora_mlp(x, gate_up64, down64, "gelu_tanh"), X.double(), gate_up64, down64, g.double())
     assert _rel(got[0], want64[0]) <= 1e-6 and _rel(got[0], want64[0]) <= 1.5 * _rel(one[0], want64[0]) + 1e-8
-    for a, b, c in zip(got[1], one[1], want64[1]):       # norm-relative, as the parity tests measure
+    for a, b, c in zip(got[1], one[1], want64[1]):  # norm-relative, as the parity tests measure
         assert _rel(a, c) <= 1e-5 and _rel(a, c) <= 1.5 * _rel(b, c) + 1e-8, (_rel(a, c), _rel(b, c))
 
 
@@ -92,8 +93,7 @@ def test_with_the_triton_kernels():
     gate_up, down = _mlp("two", H=16, I=48)
     X, g = torch.randn(20, 16), torch.randn(20, 16)
     with force_triton():
-        want = _run(lambda x: checkpoint(lora_mlp, x, gate_up, down, "silu", use_reentrant=False),
-                    X, gate_up, down, g)
+        want = _run(lambda x: checkpoint(lora_mlp, x, gate_up, down, "silu", use_reentrant=False), X, gate_up, down, g)
         one = _run(lambda x: lora_mlp_recomputed(x, gate_up, down, "silu"), X, gate_up, down, g)
         three = _run(lambda x: lora_mlp_recomputed(x, gate_up, down, "silu", chunks=3), X, gate_up, down, g)
     assert torch.equal(one[0], want[0]) and _rel(three[0], want[0]) <= 1e-6
@@ -104,17 +104,26 @@ def test_with_the_triton_kernels():
 
 def _copy(gate_up, down, base_dtype, adapter_dtype, device):
     """New Projs with the same values: base weights in base_dtype, adapters (new leaves) in adapter_dtype."""
+
     def one(p):
-        base = nn.Linear(p.base.in_features, p.base.out_features, bias=p.bias is not None,
-                         dtype=base_dtype, device=device)
+        base = nn.Linear(
+            p.base.in_features, p.base.out_features, bias=p.bias is not None, dtype=base_dtype, device=device
+        )
         with torch.no_grad():
             base.weight.copy_(p.base.weight)
             if p.bias is not None:
                 base.bias.copy_(p.bias)
         base.requires_grad_(False)
-        A, B = (None, None) if p.A is None else (
-            nn.Parameter(p.A.detach().to(device, adapter_dtype)), nn.Parameter(p.B.detach().to(device, adapter_dtype)))
+        A, B = (
+            (None, None)
+            if p.A is None
+            else (
+                nn.Parameter(p.A.detach().to(device, adapter_dtype)),
+                nn.Parameter(p.B.detach().to(device, adapter_dtype)),
+            )
+        )
         return Proj(base, base.bias, A, B, p.scaling)
+
     return [one(p) for p in gate_up], one(down)
 
 

@@ -1,4 +1,5 @@
 """Frozen input embeddings kept in host memory (velotune.memory.embedding_offload)."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,15 +8,20 @@ import torch
 from mini import fixed_batch, mini_model
 from velotune import FastLanguageModel
 from velotune.models import prepare_model
-from velotune.memory.embedding_offload import (_offloaded_forward, embeddings_offloaded, offload_input_embeddings,
-                                              restore_input_embeddings)
+from velotune.memory.embedding_offload import (
+    _offloaded_forward,
+    embeddings_offloaded,
+    offload_input_embeddings,
+    restore_input_embeddings,
+)
 
 
 def _lora(offload: bool, checkpointing="unsloth", **overrides):
     model = mini_model("llama", **overrides)
     prepare_model(model, max_seq_length=64)
-    return FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=checkpointing,
-                                            random_state=5, offload_embedding=offload)
+    return FastLanguageModel.get_peft_model(
+        model, r=8, lora_alpha=16, use_gradient_checkpointing=checkpointing, random_state=5, offload_embedding=offload
+    )
 
 
 def _loss_and_grads(model):
@@ -49,7 +55,7 @@ def test_restore_gives_the_stock_module_back():
     restore_input_embeddings(model)
     assert not embeddings_offloaded(model) and "forward" not in emb.__dict__ and emb.weight is weight
     assert torch.equal(emb(ids), offloaded)
-    offload_input_embeddings(model)                         # and again (idempotent re-offload)
+    offload_input_embeddings(model)  # and again (idempotent re-offload)
     assert torch.equal(emb(ids), offloaded)
 
 
@@ -58,15 +64,15 @@ def test_refused_for_tied_trainable_or_unusual_tables():
     tied.requires_grad_(False)
     with pytest.raises(ValueError, match="tied to the output layer"):
         offload_input_embeddings(tied)
-    assert "forward" not in tied.get_input_embeddings().__dict__         # nothing changed
+    assert "forward" not in tied.get_input_embeddings().__dict__  # nothing changed
     trainable = mini_model("llama")
     with pytest.raises(ValueError, match="trainable"):
-        offload_input_embeddings(trainable)                  # a stock model's table requires grad
+        offload_input_embeddings(trainable)  # a stock model's table requires grad
     trainable.get_input_embeddings().weight.requires_grad_(False)
     trainable.get_input_embeddings().max_norm = 1.0
     with pytest.raises(ValueError, match="max_norm"):
         offload_input_embeddings(trainable)
-    with pytest.raises(ValueError, match="trainable"):       # PEFT's modules_to_save copy trains it
+    with pytest.raises(ValueError, match="trainable"):  # PEFT's modules_to_save copy trains it
         model = mini_model("llama")
         prepare_model(model, max_seq_length=64)
         FastLanguageModel.get_peft_model(model, r=8, modules_to_save=["embed_tokens"], offload_embedding=True)
@@ -80,19 +86,20 @@ def test_chat_template_growing_the_vocabulary_keeps_the_table_on_the_host():
     model.requires_grad_(False)
     offload_input_embeddings(model)
     tok = mini_tokenizer()
-    get_chat_template(tok, "llama-3.1", model=model)        # adds 3 tokens: the embeddings are resized
+    get_chat_template(tok, "llama-3.1", model=model)  # adds 3 tokens: the embeddings are resized
     emb = model.get_input_embeddings()
     assert emb.weight.shape[0] >= len(tok) and embeddings_offloaded(model)
     assert emb.forward.__func__ is _offloaded_forward
-    ids = torch.tensor([[len(tok) - 1, 5, 7]])              # a new token's id embeds
+    ids = torch.tensor([[len(tok) - 1, 5, 7]])  # a new token's id embeds
     assert model(input_ids=ids).logits.shape[-1] >= len(tok)
 
 
 def _cuda_lora(offload: bool):
     model = mini_model("llama").cuda()
     prepare_model(model, max_seq_length=64)
-    return FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                            random_state=5, offload_embedding=offload)
+    return FastLanguageModel.get_peft_model(
+        model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth", random_state=5, offload_embedding=offload
+    )
 
 
 @pytest.mark.gpu

@@ -5,6 +5,7 @@ the plumbing (static inputs and outputs shared by layers, rotary/mask kwargs, th
 layer input, LoRA gradients handed to autograd, re-capture and fall-backs) for exactness against
 offloaded checkpointing without graphs. The GPU test (tests/kernels/test_gpu.py) checks real graphs.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,11 +21,18 @@ N_LAYERS = 2
 def _lora(cuda_graphs: bool, dropout: float = 0.0, family: str = "llama"):
     model = mini_model(family, num_hidden_layers=N_LAYERS)
     prepare_model(model, max_seq_length=64)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=dropout,
-                                             use_gradient_checkpointing="unsloth", random_state=5,
-                                             cuda_graphs=cuda_graphs, padding_free=False,
-                                             recompute="layer")
-    with torch.no_grad():   # non-zero B: every adapter gets a gradient
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=8,
+        lora_alpha=16,
+        lora_dropout=dropout,
+        use_gradient_checkpointing="unsloth",
+        random_state=5,
+        cuda_graphs=cuda_graphs,
+        padding_free=False,
+        recompute="layer",
+    )
+    with torch.no_grad():  # non-zero B: every adapter gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
@@ -38,7 +46,7 @@ def _train(model, steps: int, batches):
         loss = model(**batches[i % len(batches)]).loss
         loss.backward()
         out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-        opt.step()                        # adapters change in place: the graphs must read the new values
+        opt.step()  # adapters change in place: the graphs must read the new values
         opt.zero_grad(set_to_none=True)
     return out
 
@@ -63,10 +71,10 @@ def test_graphed_layers_train_bit_identically(family):
     # the fresh leaves used inside the graphs are swapped out again: the modules hold the real parameters
     assert all(p is before[n] for n, p in model.named_parameters())
     stats = model.velotune_layer_graphs.stats
-    assert stats["captured"] == N_LAYERS                        # step 2 captures, steps 3-4 replay
+    assert stats["captured"] == N_LAYERS  # step 2 captures, steps 3-4 replay
     assert stats["replayed"] == 3 * N_LAYERS and stats["eager"] == N_LAYERS
     offload = model.velotune_offload_stats
-    assert offload.packed == 4 * N_LAYERS and offload.unpacked == 4 * N_LAYERS   # the input still goes to host
+    assert offload.packed == 4 * N_LAYERS and offload.unpacked == 4 * N_LAYERS  # the input still goes to host
     for (loss_g, grads_g), (loss_r, grads_r) in zip(got, ref):
         assert torch.equal(loss_g, loss_r)
         assert grads_g.keys() == grads_r.keys() and len(grads_g) == 2 * 7 * N_LAYERS
@@ -79,8 +87,8 @@ def test_gradient_accumulation_adds_into_existing_grads():
     results = []
     for graphs in (False, True):
         model = _lora(graphs)
-        _train(model, 2, batches)                               # warm-up + capture
-        for b in batches:                                       # two micro-batches, one .grad
+        _train(model, 2, batches)  # warm-up + capture
+        for b in batches:  # two micro-batches, one .grad
             model(**b).loss.backward()
         results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert all(torch.equal(results[1][n], results[0][n]) for n in results[0])
@@ -94,7 +102,7 @@ def test_second_shape_recaptures_and_other_states_fall_back():
     _train(ref, 2, [batch])
     graphs = model.velotune_layer_graphs
     assert graphs.stats["captured"] == N_LAYERS
-    longer = fixed_batch(seq=20)                                 # a second shape: its own warm-up and capture
+    longer = fixed_batch(seq=20)  # a second shape: its own warm-up and capture
     for _ in range(3):
         a, b = model(**longer).loss, ref(**longer).loss
         assert torch.equal(a, b)
@@ -104,8 +112,8 @@ def test_second_shape_recaptures_and_other_states_fall_back():
         if p.requires_grad:
             assert torch.equal(p.grad, dict(ref.named_parameters())[name].grad), name
     eager = graphs.stats["eager"]
-    with model.disable_adapter(), ref.disable_adapter():        # another PEFT state: over MAX_SIGNATURES
-        loss, want = model(**batch).loss, ref(**batch).loss    # per layer, so it runs eagerly
+    with model.disable_adapter(), ref.disable_adapter():  # another PEFT state: over MAX_SIGNATURES
+        loss, want = model(**batch).loss, ref(**batch).loss  # per layer, so it runs eagerly
     assert torch.equal(loss, want) and graphs.stats["eager"] == eager + N_LAYERS
     assert graphs.stats["captured"] == 2 * N_LAYERS
 
@@ -132,9 +140,16 @@ def test_cuda_graphs_on_gpu_are_bit_identical(dtype):
     for graphs in (False, True):
         model = mini_model("llama", num_hidden_layers=N_LAYERS, dtype=dtype).cuda()
         prepare_model(model, max_seq_length=64)
-        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                                 random_state=5, cuda_graphs=graphs, padding_free=False,
-                                                 recompute="layer")
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=8,
+            lora_alpha=16,
+            use_gradient_checkpointing="unsloth",
+            random_state=5,
+            cuda_graphs=graphs,
+            padding_free=False,
+            recompute="layer",
+        )
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:

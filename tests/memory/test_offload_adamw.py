@@ -1,4 +1,5 @@
 """memory/offload_adamw.py: AdamW with its moments in host memory, against torch.optim.AdamW."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,7 +45,7 @@ def test_same_bits_as_torch_adamw_in_chunks(foreach):
     ours, ref = _params(), _params()
     opt = OffloadedAdamW(ours, chunk_bytes=2000, **kw)
     ref_opt = torch.optim.AdamW(ref, **kw)
-    assert [len(c) for c in _chunks(ours, 2000)] == [1, 1, 2, 1]     # 300 x 8 B > 2000: on its own
+    assert [len(c) for c in _chunks(ours, 2000)] == [1, 1, 2, 1]  # 300 x 8 B > 2000: on its own
     _run(opt, ours, 5)
     _run(ref_opt, ref, 5)
     _assert_same(ours, opt, ref, ref_opt)
@@ -91,7 +92,7 @@ def test_gpu_same_bits_as_torch_adamw_with_moments_in_pinned_host_memory(fused):
     opt, ref_opt = OffloadedAdamW(ours, chunk_bytes=4096, **kw), torch.optim.AdamW(ref, **kw)
     _run(opt, ours, 4)
     _run(ref_opt, ref, 4)
-    opt.state_dict()                                  # waits for the last copies out
+    opt.state_dict()  # waits for the last copies out
     _assert_same(ours, opt, ref, ref_opt)
     assert all(opt.state[p]["exp_avg"].is_pinned() for p in ours)
 
@@ -134,14 +135,14 @@ def test_update_in_backward_same_bits_as_torch_adamw(foreach):
     _assert_same(ours, opt, ref, ref_opt)
     before = [p.detach().clone() for p in ours]
     _chain_loss(ours, 9).backward()
-    assert all(p.grad is None for p in ours)                 # updated in backward, gradients dropped
+    assert all(p.grad is None for p in ours)  # updated in backward, gradients dropped
     assert not any(torch.equal(p, b) for p, b in zip(ours, before))
     opt.step()
 
 
 def test_update_in_backward_refuses_gradient_accumulation():
     ours = _params(seed=4)
-    _opt = OffloadedAdamW(ours, chunk_bytes=2000, update_in_backward=True)   # alive: its hooks update in backward
+    _opt = OffloadedAdamW(ours, chunk_bytes=2000, update_in_backward=True)  # alive: its hooks update in backward
     _chain_loss(ours, 0).backward()
     with pytest.raises(RuntimeError, match="gradient accumulation"):
         _chain_loss(ours, 1).backward()
@@ -167,5 +168,5 @@ def test_update_in_backward_hooks_do_not_keep_the_optimizer_alive():
     del opt
     gc.collect()
     assert gone() is None
-    _chain_loss(ours, 0).backward()                 # the orphaned hooks do nothing
+    _chain_loss(ours, 0).backward()  # the orphaned hooks do nothing
     assert all(p.grad is not None for p in ours)

@@ -6,6 +6,7 @@ graphs depend on: every tensor backward reads is refilled before a replay (adapt
 steps, kwargs change between batches, the sets alternate between layers and come back from host
 memory), and nothing of the capture-time values is read again. The GPU test checks real graphs.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -18,17 +19,31 @@ from test_layer_graphs import _train, _two_batches
 from velotune import FastLanguageModel
 from velotune.models import prepare_model
 
-N_LAYERS = 3          # layer 0's set is overwritten by layer 2's: backward must bring it back from host memory
+N_LAYERS = 3  # layer 0's set is overwritten by layer 2's: backward must bring it back from host memory
 
 
-def _lora(graphs: bool, family: str = "llama", device: str = "cpu", dtype=torch.float32, layers: int = N_LAYERS,
-          row_blocks: int = 1):
+def _lora(
+    graphs: bool,
+    family: str = "llama",
+    device: str = "cpu",
+    dtype=torch.float32,
+    layers: int = N_LAYERS,
+    row_blocks: int = 1,
+):
     model = mini_model(family, num_hidden_layers=layers, dtype=dtype).to(device)
     prepare_model(model, max_seq_length=64)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                             random_state=5, cuda_graphs=graphs, padding_free=False, recompute="mlp",
-                                             mlp_row_blocks=row_blocks)
-    with torch.no_grad():   # non-zero B: every adapter gets a gradient that depends on the activations
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=8,
+        lora_alpha=16,
+        use_gradient_checkpointing="unsloth",
+        random_state=5,
+        cuda_graphs=graphs,
+        padding_free=False,
+        recompute="mlp",
+        mlp_row_blocks=row_blocks,
+    )
+    with torch.no_grad():  # non-zero B: every adapter gets a gradient that depends on the activations
         g = torch.Generator(device).manual_seed(3)
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -55,9 +70,9 @@ def test_mlp_graphs_with_row_blocks_train_bit_identically_to_eager(monkeypatch):
     monkeypatch.setattr(recomputed_mlp, "mlp_in", lambda X, *a: rows.append(X.shape[0]) or real_in(X, *a))
     ref = _train(_lora(False, row_blocks=3), 3, batches)
     n = batches[0]["input_ids"].numel()
-    assert set(rows) == {n // 3} and len(rows) == 2 * 3 * 3 * N_LAYERS   # forward and backward, 3 blocks,
+    assert set(rows) == {n // 3} and len(rows) == 2 * 3 * 3 * N_LAYERS  # forward and backward, 3 blocks,
     _assert_same(_train(_lora(True, row_blocks=3), 3, batches), ref, 2 * 7 * N_LAYERS)  # 3 steps, the layers
-    assert abs(ref[0][0] - one[0][0]) <= 1e-6 * abs(one[0][0])              # the first loss
+    assert abs(ref[0][0] - one[0][0]) <= 1e-6 * abs(one[0][0])  # the first loss
     for name, g in one[0][1].items():
         assert ((ref[0][1][name] - g).norm() / g.norm()).item() <= 1e-5, name
 
@@ -69,17 +84,17 @@ def test_mlp_graphs_train_bit_identically_to_eager_recompute_mlp(family):
     model = _lora(True, family)
     before = {n: p for n, p in model.named_parameters()}
     got = _train(model, 4, batches)
-    assert all(p is before[n] for n, p in model.named_parameters())   # the build's fresh leaves are swapped out
+    assert all(p is before[n] for n, p in model.named_parameters())  # the build's fresh leaves are swapped out
     graphs = model.velotune_layer_graphs
     assert graphs.stats == {"captured": N_LAYERS, "replayed": 3 * N_LAYERS, "eager": N_LAYERS}
     from velotune.memory.saved_graphs import SavedEntry
 
     entries = list(graphs.entries.values())
     assert all(isinstance(e, SavedEntry) for e in entries) and [e.parity for e in entries] == [0, 1, 0]
-    assert entries[0].P is entries[2].P and entries[0].P is not entries[1].P        # two sets, shared
+    assert entries[0].P is entries[2].P and entries[0].P is not entries[1].P  # two sets, shared
     # per replayed layer one set to host memory; in backward the last two layers' sets are still in place
     offload = model.velotune_offload_stats
-    assert offload.packed == 3 * N_LAYERS and offload.prefetched == 3    # layer 0's set, once per replayed step
+    assert offload.packed == 3 * N_LAYERS and offload.prefetched == 3  # layer 0's set, once per replayed step
     n_grads = 2 * (7 if family != "phi3" else 4) * N_LAYERS
     _assert_same(got, ref, n_grads)
 
@@ -92,7 +107,7 @@ def test_six_layers_bring_back_every_set_but_the_last_two():
     model = _lora(True, layers=6)
     got = _train(model, 4, batches)
     assert model.velotune_layer_graphs.stats["captured"] == 6
-    assert model.velotune_offload_stats.prefetched == 3 * 4              # 4 loads per replayed step
+    assert model.velotune_offload_stats.prefetched == 3 * 4  # 4 loads per replayed step
     _assert_same(got, ref, 2 * 7 * 6)
 
 
@@ -109,7 +124,7 @@ def test_a_set_not_brought_back_changes_the_result(monkeypatch):
 
     monkeypatch.setattr(saved_graphs.SavedGraphRuns, "load", skip_copy)
     got = _train(_lora(True), 4, batches)
-    assert torch.equal(got[0][0], ref[0][0])                             # eager steps are unaffected
+    assert torch.equal(got[0][0], ref[0][0])  # eager steps are unaffected
     assert not all(torch.equal(got[2][1][n], ref[2][1][n]) for n in ref[2][1])
 
 
@@ -121,6 +136,7 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
     blocks the blocks after the first reuse them too."""
     import velotune.quant.weights as weights
     from mini import save_mini_model
+
     blocks = 2 if recompute == "mlp-2-blocks" else 1
     recompute = recompute.removesuffix("-2-blocks")
 
@@ -131,10 +147,18 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
     runs = []
     for graphs in (False, True):
         model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
-        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                                 random_state=5, cuda_graphs=graphs, padding_free=False,
-                                                 recompute=recompute, mlp_row_blocks=blocks)
-        model.train()                        # from_pretrained hands out eval mode: no checkpointing
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=8,
+            lora_alpha=16,
+            use_gradient_checkpointing="unsloth",
+            random_state=5,
+            cuda_graphs=graphs,
+            padding_free=False,
+            recompute=recompute,
+            mlp_row_blocks=blocks,
+        )
+        model.train()  # from_pretrained hands out eval mode: no checkpointing
         with torch.no_grad():
             g = torch.Generator().manual_seed(3)
             for n, p in model.named_parameters():
@@ -144,7 +168,7 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
         if graphs:
             assert model.velotune_layer_graphs.stats["captured"] == N_LAYERS
             dequants.clear()
-            _train(model, 1, _two_batches())                             # one replayed step
+            _train(model, 1, _two_batches())  # one replayed step
             # the graphs dequantise into their own (pool) buffers: the persistent ones were let go
             assert weights.WEIGHT_BUFFERS.nbytes() == 0
             # per layer, "mlp": forward 7; backward down, the MLP recompute's gate and up (reused by
@@ -173,8 +197,8 @@ def test_gradient_accumulation_and_a_second_shape():
     results = []
     for graphs in (False, True):
         model = _lora(graphs)
-        _train(model, 2, batches)                                        # warm-up + capture
-        for b in batches + [fixed_batch(seq=20)]:                        # micro-batches, one .grad; a new shape
+        _train(model, 2, batches)  # warm-up + capture
+        for b in batches + [fixed_batch(seq=20)]:  # micro-batches, one .grad; a new shape
             model(**b).loss.backward()
         results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert all(torch.equal(results[1][n], results[0][n]) for n in results[0])
@@ -233,14 +257,14 @@ def test_host_copies_are_released_by_backward_and_a_second_backward_is_refused(r
     # the decoder's output, not the loss: the fused lm_head loss itself refuses a second backward
     decoder = model.get_base_model().model
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    for _ in range(2):                                                   # its own kwargs: warm-up + capture
+    for _ in range(2):  # its own kwargs: warm-up + capture
         decoder(**inputs).last_hidden_state.sum().backward()
     loss = decoder(**inputs).last_hidden_state.sum()
     ctxs = []
     node = loss.grad_fn
     seen = set()
     stack = [node]
-    while stack:                                                         # the graphed layers' autograd nodes
+    while stack:  # the graphed layers' autograd nodes
         n = stack.pop()
         if n is None or id(n) in seen:
             continue
@@ -252,7 +276,7 @@ def test_host_copies_are_released_by_backward_and_a_second_backward_is_refused(r
     field = "rec" if recompute == "mlp" else "saved"
     assert all(getattr(c, field) is not None for c in ctxs)
     loss.backward(retain_graph=True)
-    assert all(getattr(c, field) is None for c in ctxs)                 # released, though `loss` lives on
+    assert all(getattr(c, field) is None for c in ctxs)  # released, though `loss` lives on
     with pytest.raises(RuntimeError, match="differentiated a second time"):
         loss.backward()
 
@@ -270,9 +294,9 @@ def test_an_eager_layer_between_graphed_ones():
         runs.append(_train(model, 4, batches))
         if graphs:
             stats = model.velotune_layer_graphs.stats
-            assert stats["captured"] == 3 and stats["eager"] == 4 + 3          # layer 1 always eager
+            assert stats["captured"] == 3 and stats["eager"] == 4 + 3  # layer 1 always eager
             parities = sorted(e.parity for e in model.velotune_layer_graphs.entries.values())
-            assert parities == [0, 0, 1]                                        # layers 0, 2 and 3
+            assert parities == [0, 0, 1]  # layers 0, 2 and 3
     _assert_same(runs[1], runs[0], 2 * 7 * 4)
 
 
@@ -282,11 +306,18 @@ def test_a_replayed_layer_hands_its_gradients_over_in_one_copy(recompute):
     buffer (autograd keeps them: no copy per parameter), a separate copy per layer."""
     model = mini_model("llama", num_hidden_layers=2).to("cpu")
     prepare_model(model, max_seq_length=64)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth",
-                                             random_state=5, cuda_graphs=True, recompute=recompute)
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=8,
+        lora_alpha=16,
+        use_gradient_checkpointing="unsloth",
+        random_state=5,
+        cuda_graphs=True,
+        recompute=recompute,
+    )
     batch = fixed_batch(seed=1)
     storages = []
-    for _ in range(3):                   # the first step runs eagerly, the second captures, the third replays
+    for _ in range(3):  # the first step runs eagerly, the second captures, the third replays
         model(**batch).loss.backward()
         per_layer = {}
         for n, p in model.named_parameters():
@@ -296,7 +327,7 @@ def test_a_replayed_layer_hands_its_gradients_over_in_one_copy(recompute):
         storages.append(per_layer)
         model.zero_grad(set_to_none=True)
     assert model.velotune_layer_graphs.stats["replayed"] == 2 * 2
-    assert all(len(ptrs) > 1 for ptrs in storages[0].values())       # eager: a tensor per gradient
+    assert all(len(ptrs) > 1 for ptrs in storages[0].values())  # eager: a tensor per gradient
     last = storages[-1]
     assert all(len(ptrs) == 1 for ptrs in last.values()), last
     assert len({next(iter(ptrs)) for ptrs in last.values()}) == 2
@@ -307,7 +338,7 @@ def test_graphed_layers_pass_hidden_states_and_gradients_through_two_buffers():
     (no copy in, no clone out), in forward and in backward, and layers alternate between the two."""
     model = _lora(True, layers=4)
     batches = _two_batches()
-    _train(model, 2, batches)                                            # warm-up, capture
+    _train(model, 2, batches)  # warm-up, capture
     graphs = model.velotune_layer_graphs
     (statics,) = graphs.statics.values()
     z = [b.data_ptr() for b in statics.z]
@@ -316,7 +347,7 @@ def test_graphed_layers_pass_hidden_states_and_gradients_through_two_buffers():
 
     def seen(module, args, y):
         outs.append(y.data_ptr())
-        y.register_hook(lambda g: grads.append(g.data_ptr()))           # dy of this layer: the next one's dx
+        y.register_hook(lambda g: grads.append(g.data_ptr()))  # dy of this layer: the next one's dx
 
     hooks = [layer.register_forward_hook(seen) for layer in layers]
     try:
@@ -324,9 +355,9 @@ def test_graphed_layers_pass_hidden_states_and_gradients_through_two_buffers():
     finally:
         for h in hooks:
             h.remove()
-    assert outs == [z[0], z[1], z[0], z[1]]                              # layer i writes y to z[i % 2]
-    assert grads[1:] == [z[0], z[1], z[0]]                               # and reads dy there: dx of layers 3, 2, 1
-    assert grads[0] not in z                                             # the final norm's dx: copied in
+    assert outs == [z[0], z[1], z[0], z[1]]  # layer i writes y to z[i % 2]
+    assert grads[1:] == [z[0], z[1], z[0]]  # and reads dy there: dx of layers 3, 2, 1
+    assert grads[0] not in z  # the final norm's dx: copied in
 
 
 def test_hidden_states_a_caller_keeps_are_not_overwritten(monkeypatch):
@@ -362,7 +393,7 @@ def test_two_forwards_then_one_backward(monkeypatch):
 
     def run(graphs):
         model = _lora(graphs, layers=4)
-        for _ in range(3):                                               # eager, capture, replay
+        for _ in range(3):  # eager, capture, replay
             (model(**batches[0]).loss + model(**batches[1]).loss).backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
             model.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ Same loss and gradients as plain checkpointing, bit for bit, on every family's f
 CPU: min_offload_bytes=0 so that the toy tensors take the offload path (a CPU "host" copy); the GPU
 test runs the streams with the default threshold.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,9 +20,10 @@ from velotune.memory.checkpointing import enable_offloaded_checkpointing
 def _lora(family, checkpointing, device="cpu", dropout=0.0, **overrides):
     model = mini_model(family, **overrides).to(device)
     prepare_model(model, max_seq_length=64)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=checkpointing,
-                                             random_state=5, lora_dropout=dropout)
-    with torch.no_grad():   # non-zero B: every adapter gets a gradient that depends on the activations
+    model = FastLanguageModel.get_peft_model(
+        model, r=8, lora_alpha=16, use_gradient_checkpointing=checkpointing, random_state=5, lora_dropout=dropout
+    )
+    with torch.no_grad():  # non-zero B: every adapter gets a gradient that depends on the activations
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
@@ -52,9 +54,9 @@ def test_recompute_mlp_is_bit_identical_to_plain_checkpointing(family):
     got = _loss_and_grads(model, batch)
     _assert_same(got, plain)
     n_layers = model.config.num_hidden_layers
-    if family == "gemma2":   # softcapped attention scores: those layers fall back to recompute="layer"
+    if family == "gemma2":  # softcapped attention scores: those layers fall back to recompute="layer"
         assert stats.recomputed_norms == 0 and stats.packed == n_layers
-        plain = _loss_and_grads(_lora(family, True, attn_logit_softcapping=None), batch)   # without: "mlp"
+        plain = _loss_and_grads(_lora(family, True, attn_logit_softcapping=None), batch)  # without: "mlp"
         model = _lora(family, False, attn_logit_softcapping=None)
         stats = enable_offloaded_checkpointing(model, recompute="mlp", min_offload_bytes=0)
         got = _loss_and_grads(model, batch)
@@ -62,10 +64,10 @@ def test_recompute_mlp_is_bit_identical_to_plain_checkpointing(family):
     # per layer at least: the input, q, k, v, the attention output, the residual after attention
     assert stats.packed >= 6 * n_layers and stats.bytes_offloaded > 0
     assert stats.unpacked >= stats.packed
-    if family == "olmo2":     # no norm before attention or MLP: their inputs are the residual stream itself
+    if family == "olmo2":  # no norm before attention or MLP: their inputs are the residual stream itself
         assert stats.recomputed_norms == 0
     else:
-        assert stats.recomputed_norms >= 2 * n_layers     # the attention and the MLP inputs
+        assert stats.recomputed_norms >= 2 * n_layers  # the attention and the MLP inputs
     # and a second step on the same model (nothing stale from the first)
     _assert_same(_loss_and_grads(model, batch), plain)
 
@@ -82,7 +84,7 @@ def test_lora_dropout_masks_are_the_same_as_with_plain_checkpointing():
         out[mode] = _loss_and_grads(model, batch)
     _assert_same(out["mlp"], out["plain"])
     assert models["mlp"].velotune_offload_stats.packed > 0
-    torch.manual_seed(12)                                    # other masks, another loss: they are not a no-op
+    torch.manual_seed(12)  # other masks, another loss: they are not a no-op
     assert not torch.equal(_loss_and_grads(models["none"], batch)[0], out["none"][0])
 
 
@@ -113,8 +115,10 @@ def test_only_the_mlp_is_recomputed(monkeypatch):
     monkeypatch.setattr(fused.LoRAProjections, "forward", staticmethod(proj))
     monkeypatch.setattr(recomputed_mlp, "mlp_in", in_rows)
     n = 2
-    expect = {"layer": {"mlp_in": 2 * n, "proj": 4 * n, "recomputed": 0},      # q/k/v and o per layer
-              "mlp": {"mlp_in": 0, "proj": 2 * n, "recomputed": 2 * n}}
+    expect = {
+        "layer": {"mlp_in": 2 * n, "proj": 4 * n, "recomputed": 0},  # q/k/v and o per layer
+        "mlp": {"mlp_in": 0, "proj": 2 * n, "recomputed": 2 * n},
+    }
     for mode in ("layer", "mlp"):
         runs.update(mlp_in=0, proj=0, recomputed=0)
         h_unused.clear()
@@ -173,8 +177,9 @@ def test_refusals():
     # row blocks: checked before anything is wrapped (the model is left as it was)
     for blocks, recompute, match in [(2, "layer", "needs recompute='mlp'"), (0, "mlp", ">= 1"), (1.5, "mlp", ">= 1")]:
         with pytest.raises(ValueError, match=f"mlp_row_blocks={blocks!r}.*{match}"):
-            FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing="unsloth", recompute=recompute,
-                                             mlp_row_blocks=blocks)
+            FastLanguageModel.get_peft_model(
+                base, r=4, use_gradient_checkpointing="unsloth", recompute=recompute, mlp_row_blocks=blocks
+            )
     assert not any("lora_" in n for n, _ in base.named_parameters())
 
 
@@ -192,7 +197,7 @@ def test_recompute_mlp_streams_on_gpu():
         got = _loss_and_grads(model, batch)
     _assert_same(got, plain)
     n = model.config.num_hidden_layers
-    assert stats.recomputed_norms >= 2 * n and stats.packed >= 6 * n   # the "mlp" path really ran
+    assert stats.recomputed_norms >= 2 * n and stats.packed >= 6 * n  # the "mlp" path really ran
     assert stats.prefetched > 0
     # pinned buffers come back to the pool when backward is done with them, and the next step
     # reuses them instead of pinning more

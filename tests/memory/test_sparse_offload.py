@@ -1,6 +1,7 @@
 """offload_every=k (memory/sparse_offload.py): only every k-th layer input goes to host memory, the
 layers between are recomputed from it in backward; losses and every gradient are the same bits (fp32)
 as offloading every input, dropout included; "auto" picks k from a host budget."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,10 @@ N_LAYERS = 5
 
 def _peft(dropout=0.0):
     model = mini_model("llama", num_hidden_layers=N_LAYERS)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    peft = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+    )
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "lora_B" in n:
@@ -59,7 +62,7 @@ def test_same_bits_as_offloading_every_input(every, dropout):
     assert stats.recomputed_layers == N_LAYERS - kept
     per_layer = batch["input_ids"].numel() * 64 * 4
     assert stats.bytes_offloaded == kept * per_layer and stats.host_needed == kept * per_layer
-    _same(_step(model, batch), ref)               # a second step: nothing stale
+    _same(_step(model, batch), ref)  # a second step: nothing stale
 
 
 def test_two_forwards_before_one_backward():
@@ -85,7 +88,7 @@ def test_auto_picks_k_from_the_host_budget():
         assert stats.offload_every == k and stats.host_budget == budget
         assert stats.packed == math.ceil(N_LAYERS / k)
     model = _peft()
-    stats = enable_offloaded_checkpointing(model, offload_every="auto")       # the host's own memory
+    stats = enable_offloaded_checkpointing(model, offload_every="auto")  # the host's own memory
     _same(_step(model, batch), ref)
     assert stats.offload_every == 1 and stats.host_budget > 0
 
@@ -111,8 +114,9 @@ def test_velotune_model_same_bits(tmp_path):
     out = {}
     for every in (1, 2):
         model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
-        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth",
-                                                 recompute="layer", offload_every=every)
+        model = FastLanguageModel.get_peft_model(
+            model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth", recompute="layer", offload_every=every
+        )
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -122,8 +126,11 @@ def test_velotune_model_same_bits(tmp_path):
         assert model.velotune_offload_stats.packed == math.ceil(N_LAYERS / every)
     _same(out[2], out[1])
     with pytest.raises(ValueError, match="offload_every"):
-        FastLanguageModel.get_peft_model(FastLanguageModel.from_pretrained(path, dtype=torch.float32)[0],
-                                         use_gradient_checkpointing=True, offload_every=2)
+        FastLanguageModel.get_peft_model(
+            FastLanguageModel.from_pretrained(path, dtype=torch.float32)[0],
+            use_gradient_checkpointing=True,
+            offload_every=2,
+        )
 
 
 @pytest.mark.gpu
@@ -134,8 +141,10 @@ def test_same_bits_on_gpu():
     out = {}
     for every in (1, 2, 3):
         model = mini_model("llama", num_hidden_layers=N_LAYERS, attn_implementation="eager").cuda()
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                 target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+        )
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:

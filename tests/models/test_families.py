@@ -1,4 +1,5 @@
 """The family registry: one FamilySpec per family, read by training, inference and GGUF export."""
+
 import math
 
 import pytest
@@ -19,8 +20,9 @@ def test_every_registered_family_has_a_mini_config_and_back():
 
 def test_spec_fields_are_validated():
     with pytest.raises(ValueError, match="sliding_window"):
-        FamilySpec(name="x", model_types=("x",), causal_lm="A", attention="B", mlp="C", norm="D",
-                   sliding_window="alternate")
+        FamilySpec(
+            name="x", model_types=("x",), causal_lm="A", attention="B", mlp="C", norm="D", sliding_window="alternate"
+        )
     with pytest.raises(ValueError, match="qk_norm"):
         FamilySpec(name="x", model_types=("x",), causal_lm="A", attention="B", mlp="C", norm="D", qk_norm="yes")
 
@@ -39,7 +41,8 @@ def test_window_of_matches_what_transformers_masks(family):
         want = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
         assert spec.window_of(config, i) == want, (family, i)
     assert any(spec.window_of(config, i) for i in range(config.num_hidden_layers)) == (
-        family in ("mistral", "gemma2", "qwen3", "gemma3_text", "ministral"))  # the minis whose windows are exercised
+        family in ("mistral", "gemma2", "qwen3", "gemma3_text", "ministral")
+    )  # the minis whose windows are exercised
 
 
 def test_one_activation_table():
@@ -71,8 +74,10 @@ def test_new_families_on_the_gpu_match_stock(family, tmp_path):
     path = save_mini_model(family, tmp_path)
     fast, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=128, device_map="cuda")
     fast = FastLanguageModel.get_peft_model(fast, r=8, lora_alpha=16, use_gradient_checkpointing=False)
-    stock = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda(),
-                           copy.deepcopy(fast.peft_config["default"]))
+    stock = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda(),
+        copy.deepcopy(fast.peft_config["default"]),
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in stock.named_parameters():

@@ -4,6 +4,7 @@ parallel residual) and Cohere (parallel block, mean-centred LayerNorm the RMSNor
 logits multiplied by logit_scale, which the fused CE folds in); Mixtral for mixture-of-experts (stock
 experts, fast everything else). Same bars as the family parity tests: fp32, 1e-5, against float64 stock.
 """
+
 import copy
 import logging
 
@@ -17,24 +18,36 @@ from velotune.models import report, unpatch
 from velotune.models.generic import generic_plan, probe_lora, probe_norm
 from velotune.models.patch import is_patched
 
-_SIZE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-TARGETS = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-           "cohere": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-           "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+_SIZE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+TARGETS = {
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "cohere": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
 
 
 def generic_config(kind: str, **overrides):
     import transformers as tf
 
     kw = dict(_SIZE)
-    if kind == "gpt_neox":        # Pythia: partial rotary, parallel residual, biases everywhere
+    if kind == "gpt_neox":  # Pythia: partial rotary, parallel residual, biases everywhere
         cls = tf.GPTNeoXConfig
         kw.update(rotary_pct=0.5, use_parallel_residual=True)
-    elif kind == "cohere":        # Command-R: GQA, logit_scale, mean-centred LayerNorm, tied embeddings
+    elif kind == "cohere":  # Command-R: GQA, logit_scale, mean-centred LayerNorm, tied embeddings
         cls = tf.CohereConfig
         kw.update(num_key_value_heads=2, logit_scale=0.0625, tie_word_embeddings=True)
-    elif kind == "mixtral":       # MoE: 4 experts, top 2, GQA, sliding window off
+    elif kind == "mixtral":  # MoE: 4 experts, top 2, GQA, sliding window off
         cls = tf.MixtralConfig
         kw.update(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     else:
@@ -80,12 +93,27 @@ def _pair(kind, tmp_path, *, lora=True, seed=1, overrides=None, **peft_kw):
     return fast, stock.to(torch.float64)
 
 
-@pytest.mark.parametrize("kind,want", [
-    ("gpt_neox", ["lm_head    fast  fused linear cross-entropy", "norm       stock LayerNorm",
-                  "lora       8 layer(s) fused, 0 on the stock PEFT path"]),
-    ("cohere", ["lm_head    fast  fused linear cross-entropy (logits x 0.0625 folded in)",
-                "norm       stock CohereLayerNorm (not an RMSNorm", "lora       14 layer(s) fused, 0 on"]),
-])
+@pytest.mark.parametrize(
+    "kind,want",
+    [
+        (
+            "gpt_neox",
+            [
+                "lm_head    fast  fused linear cross-entropy",
+                "norm       stock LayerNorm",
+                "lora       8 layer(s) fused, 0 on the stock PEFT path",
+            ],
+        ),
+        (
+            "cohere",
+            [
+                "lm_head    fast  fused linear cross-entropy (logits x 0.0625 folded in)",
+                "norm       stock CohereLayerNorm (not an RMSNorm",
+                "lora       14 layer(s) fused, 0 on",
+            ],
+        ),
+    ],
+)
 def test_generic_lora_training_matches_stock(kind, want, tmp_path):
     fast, stock = _pair(kind, tmp_path)
     text = report(fast)
@@ -245,14 +273,16 @@ def test_gpu_generic_path_bf16(kind):
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        base = AutoModelForCausalLM.from_config(generic_config(kind, hidden_size=256, intermediate_size=512),
-                                                dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_config(
+            generic_config(kind, hidden_size=256, intermediate_size=512), dtype=torch.bfloat16
+        )
     stock_base = copy.deepcopy(base)
     from velotune.models import prepare_model
 
     assert prepare_model(base, max_seq_length=128)
-    fast = FastLanguageModel.get_peft_model(base, r=8, lora_alpha=16, target_modules=TARGETS[kind],
-                                            use_gradient_checkpointing="unsloth")
+    fast = FastLanguageModel.get_peft_model(
+        base, r=8, lora_alpha=16, target_modules=TARGETS[kind], use_gradient_checkpointing="unsloth"
+    )
     text = report(fast)
     assert "lm_head    fast" in text and "0 on the stock PEFT path" in text, text
     if kind == "mixtral":

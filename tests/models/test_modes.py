@@ -1,4 +1,5 @@
 """models/modes.py: a decoder layer's modes live on its patched modules, set for a block and restored."""
+
 import pytest
 import torch
 from mini import fixed_batch, mini_model

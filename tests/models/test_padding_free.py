@@ -2,6 +2,7 @@
 padding, rows of different lengths) runs on its real tokens only and gives stock's loss, every LoRA
 gradient and the logits at real positions, to 1e-5 in float32, on all five families; the same as
 velotune with padding_free=False; and under TRL's SFTTrainer and DPOTrainer."""
+
 import pytest
 import torch
 from mini import FAMILIES, VOCAB, save_mini_model
@@ -10,7 +11,7 @@ from test_parity import TOL, _assert_same_training, _load_pair, _rel, _train_pai
 from velotune import FastLanguageModel
 from velotune.models.padding_free import padding_free_stats, set_padding_free
 
-LENGTHS = (14, 9, 5, 11)      # longer than the mini sliding windows (8): windows are exercised
+LENGTHS = (14, 9, 5, 11)  # longer than the mini sliding windows (8): windows are exercised
 
 
 def ragged(side: str = "right", seed: int = 5, lengths=LENGTHS, prompt: int = 2):
@@ -97,7 +98,7 @@ def test_logits_at_real_positions_match_stock(family, tmp_path):
         assert _rel(out.logits[real].double(), ref.logits[real]) <= TOL
         assert abs(out.loss.item() - ref.loss.item()) <= TOL * abs(ref.loss.item())
         n = padding_free_stats(fast)["forwards"]
-        fast(**inputs)                   # eval, use_cache from the config (True): a cache is built, stock path
+        fast(**inputs)  # eval, use_cache from the config (True): a cache is built, stock path
         assert padding_free_stats(fast)["forwards"] == n
 
 
@@ -130,7 +131,7 @@ def test_offloaded_checkpointing_with_padding_free(recompute, tmp_path):
     fast.train()
     _assert_same_training(_train_pair(fast, stock, 2, [ragged("right", seed=3)]))
     assert padding_free_stats(fast)["forwards"] == 2
-    if recompute == "layer":    # (recompute="mlp" offloads tensors of >= 1 MiB only: none at this size)
+    if recompute == "layer":  # (recompute="mlp" offloads tensors of >= 1 MiB only: none at this size)
         assert fast.velotune_offload_stats.packed > 0
 
 
@@ -139,7 +140,7 @@ def test_opt_out_arguments(tmp_path):
     model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, padding_free=False)
     assert model.model._velotune_padding_free is False
     peft = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
-    assert peft.get_base_model().model._velotune_padding_free is False      # None keeps the loaded choice
+    assert peft.get_base_model().model._velotune_padding_free is False  # None keeps the loaded choice
     peft = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, padding_free=True)
     assert peft.get_base_model().model._velotune_padding_free is True
     with pytest.raises(ValueError, match="padding_free"):
@@ -150,8 +151,10 @@ def test_opt_out_arguments(tmp_path):
 def _texts(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     words = ["fox", "dog", "quick", "lazy", "hello", "world", "answer", "four", "model", "fast"]
-    return [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(k),), generator=g))
-            for k in torch.randint(3, 24, (n,), generator=g)]
+    return [
+        " ".join(words[int(i)] for i in torch.randint(0, len(words), (int(k),), generator=g))
+        for k in torch.randint(3, 24, (n,), generator=g)
+    ]
 
 
 def _sft_losses(path, padding_free: bool, out):
@@ -160,11 +163,23 @@ def _sft_losses(path, padding_free: bool, out):
 
     model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, padding_free=padding_free)
     model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False, random_state=1)
-    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
-                     logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0,
-                     gradient_checkpointing=False, disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": _texts(12)}),
-                         processing_class=tok)
+    args = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"text": _texts(12)}), processing_class=tok
+    )
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], padding_free_stats(model)
 
@@ -185,15 +200,27 @@ def _dpo_losses(path, padding_free: bool, out):
 
     model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, padding_free=padding_free)
     model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False, random_state=1)
-    with torch.no_grad():   # non-zero B: the policy differs from the reference (adapters off) from step 1
+    with torch.no_grad():  # non-zero B: the policy differs from the reference (adapters off) from step 1
         for i, (n, p) in enumerate(model.named_parameters()):
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     t = _texts(18, seed=4)
     data = Dataset.from_dict({"prompt": t[0::3], "chosen": t[1::3], "rejected": t[2::3]})
-    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=3, max_steps=2, learning_rate=1e-2,
-                     logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0,
-                     gradient_checkpointing=False, disable_tqdm=True, beta=0.1)
+    args = DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=3,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        beta=0.1,
+    )
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], padding_free_stats(model)

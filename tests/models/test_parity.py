@@ -7,6 +7,7 @@ full-size updates): free-running, stock SDPA and stock eager attention drift apa
 norm after 20 rsLoRA steps. So gradients are compared step by step at the same weights (after each
 step the fast model takes the stock model's weights), and the free-running loss curves separately.
 """
+
 import copy
 
 import pytest
@@ -23,8 +24,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _load_pair(family, tmp_path, *, full_finetuning=False, lora=True, attn_implementation=None, seed=1,
-               ref_dtype=torch.float64, **peft_kw):
+def _load_pair(
+    family,
+    tmp_path,
+    *,
+    full_finetuning=False,
+    lora=True,
+    attn_implementation=None,
+    seed=1,
+    ref_dtype=torch.float64,
+    **peft_kw,
+):
     """(fast, stock) with identical weights; with lora, identical non-zero adapters.
 
     fast runs in float32. stock (transformers + PEFT) is the reference, run in `ref_dtype`: float64 by
@@ -33,8 +43,9 @@ def _load_pair(family, tmp_path, *, full_finetuning=False, lora=True, attn_imple
     from transformers import AutoModelForCausalLM
 
     path = save_mini_model(family, tmp_path)
-    fast, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=128,
-                                                full_finetuning=full_finetuning)
+    fast, _ = FastLanguageModel.from_pretrained(
+        path, dtype=torch.float32, max_seq_length=128, full_finetuning=full_finetuning
+    )
     if family == "gemma2" and attn_implementation is None:
         # Gemma 2's attention softcapping exists only in stock's eager attention: transformers 5.17 defaults
         # Gemma 2 to SDPA, which silently drops the softcap (velotune applies it; newer releases pick eager).
@@ -76,8 +87,19 @@ def _trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _train_pair(fast, stock, steps, fast_batches, stock_batches=None, *, seed=None, lr=1e-3, fast_items=None,
-                stock_items=None, resync=True):
+def _train_pair(
+    fast,
+    stock,
+    steps,
+    fast_batches,
+    stock_batches=None,
+    *,
+    seed=None,
+    lr=1e-3,
+    fast_items=None,
+    stock_items=None,
+    resync=True,
+):
     """AdamW steps on fast and stock. Returns {"fast": (losses, grads), "stock": ..., "stock32": ...} per step.
 
     resync=True: after every step the fast model's trainable weights are set to the stock model's, so
@@ -131,8 +153,10 @@ def _assert_same_training(runs, tol=TOL):
             err = _rel(ga[name], g)
             if err > tol and g32 is not None:
                 own = _rel(g32[step][name], g)
-                assert err <= 1.5 * own, (f"step {step}: grad {name} rel err {err:.2e} vs float64 stock; "
-                                          f"stock's own float32 error there {own:.2e}")
+                assert err <= 1.5 * own, (
+                    f"step {step}: grad {name} rel err {err:.2e} vs float64 stock; "
+                    f"stock's own float32 error there {own:.2e}"
+                )
             else:
                 assert err <= tol, f"step {step}: grad {name} rel err {err:.2e}"
 
@@ -193,8 +217,13 @@ def test_dora_falls_back_correctly(tmp_path):
 
 
 def test_target_subset_rank_and_modules_to_save(tmp_path):
-    fast, stock = _load_pair("mistral", tmp_path, r=3, target_modules=["q_proj", "v_proj", "down_proj"],
-                             modules_to_save=["lm_head", "embed_tokens"])
+    fast, stock = _load_pair(
+        "mistral",
+        tmp_path,
+        r=3,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        modules_to_save=["lm_head", "embed_tokens"],
+    )
     batch = fixed_batch()
     _assert_same_training(_train_pair(fast, stock, 3, [batch]))
     names = list(_train(fast, [batch], 1)[1][0])
@@ -205,7 +234,7 @@ def test_gradient_accumulation_4x1_equals_1x4(tmp_path):
     fast, stock = _load_pair("llama", tmp_path)
     big = fixed_batch(batch=4, seq=12, seed=3, pad_last=4)
     n_items = int((big["labels"][:, 1:] != -100).sum())
-    rows = [{k: v[i:i + 1] for k, v in big.items()} for i in range(4)]
+    rows = [{k: v[i : i + 1] for k, v in big.items()} for i in range(4)]
     _assert_same_training(_train_pair(fast, stock, 3, rows, [big], fast_items=n_items))
 
 
@@ -265,8 +294,9 @@ def test_triton_path_matches_stock(hook_q, recompute, tmp_path, monkeypatch):
         fast.train()
     h_given = []
     real_project = glu.glu_lora_project
-    monkeypatch.setattr(glu, "glu_lora_project",
-                        lambda *a, h=None: h_given.append(h is not None) or real_project(*a, h=h))
+    monkeypatch.setattr(
+        glu, "glu_lora_project", lambda *a, h=None: h_given.append(h is not None) or real_project(*a, h=h)
+    )
     batch = fixed_batch()
     held = []
     if hook_q:

@@ -1,4 +1,5 @@
 """Patching machinery: per-instance, revertible, reported; generation; RoPE scaling; unsupported models."""
+
 import logging
 
 import pytest
@@ -33,7 +34,7 @@ def test_patch_is_per_instance_and_unpatch_restores_stock(tmp_path):
     batch = fixed_batch()
     fused_loss = model(**batch).loss
     n = unpatch(model)
-    assert n == 1 + 1 + 2 + 2 + 5 and "stock" in report(model)   # causal LM, body (padding-free), attn, mlp, norms
+    assert n == 1 + 1 + 2 + 2 + 5 and "stock" in report(model)  # causal LM, body (padding-free), attn, mlp, norms
     assert not any("forward" in m.__dict__ for m in model.modules())
     stock_loss = model(**batch).loss
     torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=0)
@@ -110,7 +111,7 @@ def test_training_loss_drops_ignored_rows_before_the_lm_head(monkeypatch):
     import velotune.kernels.fused_linear_ce as fl
 
     batch = fixed_batch()
-    batch["labels"][:, :5] = -100                               # a masked prompt
+    batch["labels"][:, :5] = -100  # a masked prompt
     stock = mini_model("llama")
     want = stock(**batch).loss
     want.backward()
@@ -118,11 +119,12 @@ def test_training_loss_drops_ignored_rows_before_the_lm_head(monkeypatch):
     prepare_model(model, max_seq_length=64)
     seen = []
     real = fl._chunk_loss_and_grad
-    monkeypatch.setattr(fl, "_chunk_loss_and_grad",
-                        lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k))
+    monkeypatch.setattr(
+        fl, "_chunk_loss_and_grad", lambda logits, *a, **k: seen.append(len(logits)) or real(logits, *a, **k)
+    )
     loss = model(**batch).loss
     loss.backward()
-    n_kept = int((batch["labels"][:, 1:] != -100).sum())       # shifted: the last position of each row predicts nothing
+    n_kept = int((batch["labels"][:, 1:] != -100).sum())  # shifted: the last position of each row predicts nothing
     assert sum(seen) == n_kept < batch["labels"].numel()
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
     for (name, p), q in zip(model.named_parameters(), stock.parameters()):
@@ -135,7 +137,7 @@ def test_autocast_to_another_dtype_runs_the_stock_path(tmp_path, monkeypatch):
     functions would mix the two dtypes. A bf16 model under bf16 autocast stays fused."""
     import importlib
 
-    patch_mod = importlib.import_module("velotune.models.patch")   # (velotune.models.patch is also a function)
+    patch_mod = importlib.import_module("velotune.models.patch")  # (velotune.models.patch is also a function)
     monkeypatch.setattr(patch_mod, "_WARNED_AUTOCAST", [False])
     path = save_mini_model("llama", tmp_path)
     batch = fixed_batch()
@@ -167,8 +169,11 @@ def test_autocast_to_another_dtype_runs_the_stock_path(tmp_path, monkeypatch):
     calls = []
     real = patch_mod.FUSED_FORWARDS["mlp"]
     monkeypatch.setitem(patch_mod.FUSED_FORWARDS, "mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(patch_mod, "BOUND_FORWARDS", {r: patch_mod._stock_under_foreign_autocast(f, r)
-                                                      for r, f in patch_mod.FUSED_FORWARDS.items()})
+    monkeypatch.setattr(
+        patch_mod,
+        "BOUND_FORWARDS",
+        {r: patch_mod._stock_under_foreign_autocast(f, r) for r, f in patch_mod.FUSED_FORWARDS.items()},
+    )
     bf16 = lora(torch.bfloat16)
     run(bf16)
-    assert calls                                    # fused under autocast to its own dtype
+    assert calls  # fused under autocast to its own dtype

@@ -1,6 +1,7 @@
 """Attention over a packed row (models/varlen_attention.py) against the dense definition: one
 [N, N] score matrix per head, masked block-diagonally (causal inside each sample, optional sliding
 window kv > q - W), optional softcap. CPU: the per-sample path; GPU: torch's flash varlen kernel."""
+
 import pytest
 import torch
 
@@ -62,11 +63,11 @@ def test_flash_varlen_matches_per_sample_on_gpu(window):
         pytest.skip("this torch's varlen_attn takes no window_size (per_sample runs instead)")
     q, k, v = _inputs("cuda", torch.bfloat16, hq=8, hk=2, d=64)
     varlen = _varlen(LENGTHS, "cuda")
-    scaling = 64 ** -0.5
+    scaling = 64**-0.5
     flash = flash_varlen(q, k, v, varlen, scaling=scaling, n_rep=4, window=window)
     ref = dense_reference(q, k, v, LENGTHS, scaling=scaling, n_rep=4, window=window)
     mine = per_sample(q, k, v, varlen, scaling=scaling, n_rep=4, window=window)
-    assert _err(flash, ref) <= max(2 * _err(mine, ref), 1e-2)      # bf16: as close to float64 as the SDPA path
+    assert _err(flash, ref) <= max(2 * _err(mine, ref), 1e-2)  # bf16: as close to float64 as the SDPA path
     do = torch.randn_like(flash)
     gf = torch.autograd.grad(flash, (q, k, v), do)
     gr = torch.autograd.grad(ref, (q, k, v), do.double())

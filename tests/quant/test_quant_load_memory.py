@@ -1,6 +1,7 @@
 """Loading a sharded 16-bit checkpoint with load_in_4bit=True keeps the host memory the load adds,
 beyond the loaded 4-bit model, under 1.5 x one shard (bench/load_memory.py measures it); the same
 instrument reports a violation for a loader that reads every shard first (so the check can fail)."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ def sharded(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("sharded") / "llama"
-    config = mini_config("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=24,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = mini_config(
+        "llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size="8MB")
     mini_tokenizer().save_pretrained(path)
@@ -33,8 +40,13 @@ def sharded(tmp_path_factory):
 
 
 def _measure(path, *flags) -> dict:
-    proc = subprocess.run([sys.executable, str(BENCH), str(path), *flags], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(BENCH.parents[1] / "src")})
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), str(path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(BENCH.parents[1] / "src")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
 

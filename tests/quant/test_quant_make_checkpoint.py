@@ -1,6 +1,7 @@
 """bench/make_checkpoint.py: a random-weight pre-quantised (bitsandbytes NF4) checkpoint written tensor
 by tensor loads with stock transformers + bitsandbytes and with FastLanguageModel, every tensor used
 (no missing or unexpected keys), the stored codes as written, and both give the same logits."""
+
 from __future__ import annotations
 
 import sys
@@ -27,9 +28,10 @@ def test_checkpoint_loads_in_stock_and_velotune(tmp_path, shape):
     assert r["shards"] >= 2 and len(list(out.glob("*.safetensors"))) == r["shards"]
     config = AutoConfig.from_pretrained(out)
     assert config.quantization_config["bnb_4bit_compute_dtype"] == "bfloat16"
-    config.quantization_config["bnb_4bit_compute_dtype"] = "float32"     # as velotune's fp32 load sets it
-    stock, info = AutoModelForCausalLM.from_pretrained(out, config=config, dtype=torch.float32,
-                                                       output_loading_info=True)
+    config.quantization_config["bnb_4bit_compute_dtype"] = "float32"  # as velotune's fp32 load sets it
+    stock, info = AutoModelForCausalLM.from_pretrained(
+        out, config=config, dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     # fast=False: the same stock forward on velotune's load (the fused path's parity with stock is
     # tests/quant/test_quant_qlora.py's); embeddings, norms and lm_head stay bf16 as stored
@@ -41,7 +43,7 @@ def test_checkpoint_loads_in_stock_and_velotune(tmp_path, shape):
         layer = model.get_submodule(down)
         assert is_4bit(layer) and torch.equal(layer.weight.data.view(torch.uint8).reshape(-1), stored.reshape(-1))
         w = dequantize_weight(layer)
-        assert 0.01 < w.std().item() < 0.03           # N(0, 0.02^2) through NF4
+        assert 0.01 < w.std().item() < 0.03  # N(0, 0.02^2) through NF4
     assert torch.equal(dequantize_weight(stock.get_submodule(down)), dequantize_weight(ours.get_submodule(down)))
     ids = tok("The quick brown fox", return_tensors="pt")["input_ids"]
     # train mode with autograd on: bitsandbytes' CPU eval path repacks 4-bit weights into its own

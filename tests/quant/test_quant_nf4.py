@@ -3,6 +3,7 @@
 Bit-exact everywhere: against bitsandbytes' own CPU implementation, and against a float64
 evaluation of the code book rounded to fp32 after each operation (what the format defines).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,14 @@ import torch
 
 from velotune.kernels import force_triton
 from velotune.quant.nf4_code import NF4_LEVELS
-from velotune.quant.nf4 import (NF4Weight, absmax_reference, dequantize_nf4,
-                                dequantize_nf4_reference, dynamic_map, quantize_nf4)
+from velotune.quant.nf4 import (
+    NF4Weight,
+    absmax_reference,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    dynamic_map,
+    quantize_nf4,
+)
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
@@ -101,7 +108,7 @@ def test_quantize_is_nearest_code_float64(dtype):
         x = w.reshape(-1).double()
         absmax = nf4.absmax.double().repeat_interleave(bs)[: x.numel()]
         scaled = x / absmax
-        d = (scaled[:, None] - code[None, :]).abs()                  # [n, 16]
+        d = (scaled[:, None] - code[None, :]).abs()  # [n, 16]
         q = torch.stack([nf4.packed >> 4, nf4.packed & 15], 1).reshape(-1)[: x.numel()].long()
         best = d.min(1).values
         assert (d.gather(1, q[:, None])[:, 0] <= best + 1e-6).all()  # nearest, up to fp32 rounding of ties
@@ -119,12 +126,13 @@ def test_dequantize_reference_bit_exact(dtype):
         for double_quant in (True, False):
             q, state = bnbF.quantize_4bit(w, blocksize=bs, compress_statistics=double_quant, quant_type="nf4")
             nf4 = NF4Weight.from_bnb(q, state)
-            ours = dequantize_nf4(nf4)                    # CPU tensors: the reference path
+            ours = dequantize_nf4(nf4)  # CPU tensors: the reference path
             assert ours.dtype == dtype and ours.shape == w.shape
             assert torch.equal(ours, bnbF.dequantize_4bit(q, state)), shape
             assert torch.equal(ours, _float64_dequant(nf4, dtype)), shape
-            theirs = (bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant
-                      else state.absmax)
+            theirs = (
+                bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+            )
             assert torch.equal(absmax_reference(nf4), theirs)
 
 
@@ -137,8 +145,9 @@ def test_dequantize_matches_bitsandbytes_pytorch_backend():
             w = _weight(shape, dtype, seed=40 + i)
             q, state = bnbF.quantize_4bit(w, blocksize=bs, compress_statistics=True, quant_type="nf4")
             nf4 = NF4Weight.from_bnb(q, state)
-            theirs = reference(q.reshape(-1), absmax_reference(nf4), bnbF.get_4bit_type("nf4", device="cpu"),
-                               bs, tuple(shape), dtype)
+            theirs = reference(
+                q.reshape(-1), absmax_reference(nf4), bnbF.get_4bit_type("nf4", device="cpu"), bs, tuple(shape), dtype
+            )
             assert torch.equal(dequantize_nf4(nf4), theirs), (shape, dtype)
             assert torch.equal(dequantize_nf4(nf4), _float64_dequant(nf4, dtype)), (shape, dtype)
 
@@ -156,7 +165,7 @@ def test_triton_kernel_bit_exact_under_interpreter(dtype):
                 got = dequantize_nf4(nf4, out=out)
             assert got.data_ptr() == out.data_ptr() and got.shape == w.shape
             assert torch.equal(got, ref), (shape, double_quant)
-            assert torch.isnan(out[w.numel():]).all()  # nothing written past the weight
+            assert torch.isnan(out[w.numel() :]).all()  # nothing written past the weight
 
 
 def test_triton_kernel_matches_bitsandbytes_on_its_own_states():
@@ -202,13 +211,13 @@ def test_triton_kernel_bit_exact_vs_bitsandbytes_cuda(dtype):
         again = dequantize_nf4_triton(nf4, torch.empty_like(ours).view(-1))
         assert torch.equal(again.view(ours.shape), ours), (shape, dtype)
         buf = torch.empty(ours.numel() + 8, dtype=ours.dtype, device=ours.device)
-        for _ in range(2):   # the second call replays the launch plan made by the first
+        for _ in range(2):  # the second call replays the launch plan made by the first
             buf.fill_(float("nan"))
-            odd = dequantize_nf4_triton(nf4, buf[1:1 + ours.numel()])
+            odd = dequantize_nf4_triton(nf4, buf[1 : 1 + ours.numel()])
             assert torch.equal(odd.view(ours.shape), ours), (shape, dtype)
-            assert torch.isnan(buf[0]) and torch.isnan(buf[1 + ours.numel():]).all()
-        with pytest.raises(AssertionError):   # same address, wrong size: no replay, the check fires
-            dequantize_nf4_triton(nf4, buf[1:ours.numel()])
+            assert torch.isnan(buf[0]) and torch.isnan(buf[1 + ours.numel() :]).all()
+        with pytest.raises(AssertionError):  # same address, wrong size: no replay, the check fires
+            dequantize_nf4_triton(nf4, buf[1 : ours.numel()])
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -216,13 +225,13 @@ def test_row_blocks_dequantise_to_the_rows_of_the_whole(nested):
     """NF4Weight.rows(a, b): views of the same storage whose dequantisation is exactly rows a:b of the
     whole (reference and Triton kernel), including the last, partial nested absmax group; rows that
     do not start a quantisation block are refused."""
-    w = _weight((160, 256), torch.bfloat16, seed=4)          # 640 blocks of 64: nested groups 256, 256, 128
+    w = _weight((160, 256), torch.bfloat16, seed=4)  # 640 blocks of 64: nested groups 256, 256, 128
     nf4 = quantize_nf4(w, 64, double_quant=nested)
     whole = dequantize_nf4(nf4)
-    cuts = [0, 64, 128, 160] if nested else [0, 1, 64, 97, 160]   # nested: 64 rows = one group of 256 blocks
+    cuts = [0, 64, 128, 160] if nested else [0, 1, 64, 97, 160]  # nested: 64 rows = one group of 256 blocks
     for a, b in zip(cuts, cuts[1:]):
         part = nf4.rows(a, b)
-        assert part.packed.data_ptr() == nf4.packed.data_ptr() + a * 256 // 2    # a view, no copy
+        assert part.packed.data_ptr() == nf4.packed.data_ptr() + a * 256 // 2  # a view, no copy
         assert torch.equal(dequantize_nf4(part), whole[a:b])
         with force_triton():
             assert torch.equal(dequantize_nf4(part), whole[a:b])

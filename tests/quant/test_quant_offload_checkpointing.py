@@ -3,6 +3,7 @@ no checkpointing; the offload path really runs (counters), and it can be switche
 
 CPU: the same code runs with a CPU copy as the "host" target. The GPU test exercises the streams.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,9 @@ N_LAYERS = 3
 
 def _peft(device="cpu", dropout=0.0, **model_kw):
     model = mini_model("llama", num_hidden_layers=N_LAYERS, **model_kw).to(device)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]
+    )
     peft = get_peft_model(model, config)
     with torch.no_grad():  # non-zero B so every adapter gets gradients
         for n, p in peft.named_parameters():
@@ -87,12 +89,12 @@ def test_offload_in_host_chunks_is_exact(monkeypatch):
 
     batch = fixed_batch()
     ref = _step(_peft(), "plain", batch)
-    monkeypatch.setattr(host_copies, "HOST_CHUNK_BYTES", 1000)   # not a multiple of the row size either
+    monkeypatch.setattr(host_copies, "HOST_CHUNK_BYTES", 1000)  # not a multiple of the row size either
     model = _peft()
     loss, grads = _step(model, "offload", batch)
     assert model.velotune_offload_stats.unpacked == N_LAYERS
     assert torch.equal(loss, ref[0]) and all(torch.equal(grads[k], ref[1][k]) for k in ref[1])
-    assert host_copies._chunks(torch.arange(600.0)) == [(0, 250), (250, 500), (500, 600)]   # 1000 B / 4 B
+    assert host_copies._chunks(torch.arange(600.0)) == [(0, 250), (250, 500), (500, 600)]  # 1000 B / 4 B
 
 
 def test_offloaded_layer_inputs_are_released_after_forward():
@@ -106,15 +108,17 @@ def test_offloaded_layer_inputs_are_released_after_forward():
     model = _peft()
     enable_offloaded_checkpointing(model)
     inputs = []
-    hooks = [layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
-             for layer in model.base_model.model.model.layers]
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+        for layer in model.base_model.model.model.layers
+    ]
     loss = model(**batch).loss
     for h in hooks:
         h.remove()
     gc.collect()
     assert len(inputs) == N_LAYERS and model.velotune_offload_stats.packed == N_LAYERS
     assert [r() is None for r in inputs] == [True] * N_LAYERS
-    loss.backward()   # and backward still finds every input (restored from the host copies)
+    loss.backward()  # and backward still finds every input (restored from the host copies)
     assert model.velotune_offload_stats.unpacked == N_LAYERS
 
 
@@ -146,14 +150,14 @@ def test_host_pool_reuses_buffers_and_refuses_clearly_when_the_host_is_full():
         return torch.empty(n, dtype=dtype)
 
     pool = HostPool(alloc=alloc, available=lambda: 64 * 2**30)
-    a = pool.get(1000, torch.bfloat16, None)                # rounded up to one MiB
+    a = pool.get(1000, torch.bfloat16, None)  # rounded up to one MiB
     assert a.numel() == 1000 and made == [2**19] and pool.in_use == 2**20
     pool.put([a], None)
-    b = pool.get(5000, torch.bfloat16, None)                # same size class: the same buffer again
+    b = pool.get(5000, torch.bfloat16, None)  # same size class: the same buffer again
     assert made == [2**19] and b.data_ptr() == a.data_ptr() and pool.high_water == 2**20
     small = HostPool(alloc=alloc, available=lambda: 3 * 2**30)
     with pytest.raises(MemoryError, match="recompute='layer'"):
-        small.get(2**30 // 2 + 1, torch.bfloat16, None)     # 1 GiB + 2 GiB headroom > 3 GiB
+        small.get(2**30 // 2 + 1, torch.bfloat16, None)  # 1 GiB + 2 GiB headroom > 3 GiB
     assert small.in_use == 0
 
     def failing(n, dtype):

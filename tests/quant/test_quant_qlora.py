@@ -2,6 +2,7 @@
 checkpoints, get_base_weight's buffers, dequantise-for-merge, and QLoRA parity with stock
 transformers + PEFT run on the same dequantised weights.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,13 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from velotune import FastLanguageModel  # noqa: E402
 from velotune.errors import ModelLoadError  # noqa: E402
-from velotune.quant import (dequantize_model_weights, dequantize_weight, get_base_weight, is_4bit,  # noqa: E402
-                            quantization_config_for)
+from velotune.quant import (  # noqa: E402
+    dequantize_model_weights,
+    dequantize_weight,
+    get_base_weight,
+    is_4bit,
+    quantization_config_for,
+)
 from velotune.quant.weights import BUFFER_SLOTS, WEIGHT_BUFFERS  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,8 +63,9 @@ def test_prequantised_checkpoint_loads(llama_dir, tmp_path):
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     for load_in_4bit in (True, False):  # the checkpoint's own quantization_config is honoured either way
-        again, _ = FastLanguageModel.from_pretrained(tmp_path / "mini-bnb-4bit", dtype=torch.bfloat16,
-                                                     load_in_4bit=load_in_4bit)
+        again, _ = FastLanguageModel.from_pretrained(
+            tmp_path / "mini-bnb-4bit", dtype=torch.bfloat16, load_in_4bit=load_in_4bit
+        )
         q0, q1 = model.model.layers[1].mlp.down_proj, again.model.layers[1].mlp.down_proj
         assert is_4bit(q1) and q1.compute_dtype == torch.bfloat16
         assert torch.equal(q0.weight.data, q1.weight.data)
@@ -82,7 +89,7 @@ def test_get_base_weight_buffers_and_dequantize_for_merge(llama_dir):
     model, _ = _load4(llama_dir, dtype=torch.bfloat16)
     q = model.model.layers[0].self_attn.q_proj
     expected = bnbF.dequantize_4bit(q.weight.data, q.weight.quant_state)
-    others = [model.model.layers[i].self_attn.k_proj for i in (0, 1)]   # same shape as each other
+    others = [model.model.layers[i].self_attn.k_proj for i in (0, 1)]  # same shape as each other
     WEIGHT_BUFFERS.clear()
     first = get_base_weight(q)
     assert torch.equal(first, expected) and first.dtype == torch.bfloat16 and not first.requires_grad
@@ -96,19 +103,20 @@ def test_get_base_weight_buffers_and_dequantize_for_merge(llama_dir):
     version = views[-1]._version
     again = get_base_weight(q)
     assert again.data_ptr() == views[-1].data_ptr() and again._version == version and torch.equal(again, expected)
-    k1 = get_base_weight(others[1])                              # still in the other slot: a hit too
+    k1 = get_base_weight(others[1])  # still in the other slot: a hit too
     assert k1.data_ptr() == views[1].data_ptr() and torch.equal(
-        k1, bnbF.dequantize_4bit(others[1].weight.data, others[1].weight.quant_state))
+        k1, bnbF.dequantize_4bit(others[1].weight.data, others[1].weight.quant_state)
+    )
     before = k1._version
-    with WEIGHT_BUFFERS.graph_local():                           # e.g. a CUDA-graph capture: buffers of its own
+    with WEIGHT_BUFFERS.graph_local():  # e.g. a CUDA-graph capture: buffers of its own
         local = get_base_weight(q)
         assert local.data_ptr() not in ptrs and torch.equal(local, expected)
-        assert get_base_weight(q).data_ptr() == local.data_ptr()                 # reuse within it
-        assert WEIGHT_BUFFERS.nbytes() == expected.numel() * 2                    # only its own, so far
-        WEIGHT_BUFFERS.drop_local()                  # what nothing reads again leaves the graph's pool
-        assert WEIGHT_BUFFERS.nbytes() == 0 and torch.equal(local, expected)     # a held view stays valid
-        assert get_base_weight(q).data_ptr() != local.data_ptr()                 # a miss: dequantised anew
-    WEIGHT_BUFFERS.drop_local()                      # outside graph_local: nothing happens
+        assert get_base_weight(q).data_ptr() == local.data_ptr()  # reuse within it
+        assert WEIGHT_BUFFERS.nbytes() == expected.numel() * 2  # only its own, so far
+        WEIGHT_BUFFERS.drop_local()  # what nothing reads again leaves the graph's pool
+        assert WEIGHT_BUFFERS.nbytes() == 0 and torch.equal(local, expected)  # a held view stays valid
+        assert get_base_weight(q).data_ptr() != local.data_ptr()  # a miss: dequantised anew
+    WEIGHT_BUFFERS.drop_local()  # outside graph_local: nothing happens
     # outside again: the persistent slots, and what they hold, untouched
     assert WEIGHT_BUFFERS.nbytes() == BUFFER_SLOTS * expected.numel() * 2
     back = get_base_weight(others[1])
@@ -136,13 +144,13 @@ def test_get_base_weight_follows_changes_to_the_weight(llama_dir):
     model, _ = _load4(llama_dir, dtype=torch.bfloat16)
     q = model.model.layers[0].self_attn.q_proj
     first = get_base_weight(q).clone()
-    assert torch.equal(get_base_weight(q), first)          # the cached view gives the same values
-    qs = copy.copy(q.weight.quant_state)                   # a new state: every absmax shifted
+    assert torch.equal(get_base_weight(q), first)  # the cached view gives the same values
+    qs = copy.copy(q.weight.quant_state)  # a new state: every absmax shifted
     qs.offset = q.weight.quant_state.offset + 0.25
     q.weight.quant_state = qs
     changed = get_base_weight(q)
     assert torch.equal(changed, bnbF.dequantize_4bit(q.weight.data, qs)) and not torch.equal(changed, first)
-    other = model.model.layers[1].self_attn.q_proj          # a different weight object on this layer
+    other = model.model.layers[1].self_attn.q_proj  # a different weight object on this layer
     q.weight = other.weight
     assert torch.equal(get_base_weight(q), bnbF.dequantize_4bit(other.weight.data, other.weight.quant_state))
 
@@ -169,9 +177,15 @@ def test_qlora_matches_stock_peft_on_dequantised_weights(llama_dir, checkpointin
 
     model4, _ = _load4(llama_dir)
     mode = "unsloth" if checkpointing == "mlp" else checkpointing
-    peft4 = FastLanguageModel.get_peft_model(model4, r=8, lora_alpha=16, target_modules=TARGETS,
-                                             use_gradient_checkpointing=mode, random_state=0,
-                                             recompute="mlp" if checkpointing == "mlp" else "layer")
+    peft4 = FastLanguageModel.get_peft_model(
+        model4,
+        r=8,
+        lora_alpha=16,
+        target_modules=TARGETS,
+        use_gradient_checkpointing=mode,
+        random_state=0,
+        recompute="mlp" if checkpointing == "mlp" else "layer",
+    )
     dequants = []
     real = weights.dequantize_nf4
     monkeypatch.setattr(weights, "dequantize_nf4", lambda *a, **k: dequants.append(1) or real(*a, **k))
@@ -193,7 +207,7 @@ def test_qlora_matches_stock_peft_on_dequantised_weights(llama_dir, checkpointin
     losses, grads = [], []
     for m in (peft4, stock):
         m.train()
-        WEIGHT_BUFFERS.clear()          # no reuse of what the other model dequantised
+        WEIGHT_BUFFERS.clear()  # no reuse of what the other model dequantised
         loss = m(**batch).loss
         loss.backward()
         losses.append(loss.detach())
@@ -214,7 +228,7 @@ def test_nf4_view_is_cached_per_weight_and_follows_its_storage(llama_dir):
     model, _ = _load4(llama_dir, dtype=torch.bfloat16)
     q = model.model.layers[0].self_attn.q_proj
     first = nf4_weight(q)
-    assert nf4_weight(q) is first                       # no re-wrapping per training-step read
+    assert nf4_weight(q) is first  # no re-wrapping per training-step read
     before = get_base_weight(q).clone()
     # New packed data (as after moving the weight): the cache notices and the values follow it.
     flipped = (q.weight.data ^ 0x11).clone()

@@ -1,5 +1,6 @@
 """Helpers for the bad-input cases (test_bad_data.py, test_bad_arguments.py): the CLI with bytes on stdin and
 without TRITON_INTERPRET (as a user runs it), the one-line refusal check, a one-step config, toy rows."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from cli_harness import ASSETS, ROOT, cli_env
 
-MINI = ASSETS   # the shipped mini model (256 positions)
+MINI = ASSETS  # the shipped mini model (256 positions)
 TOY = ROOT / "examples" / "data"
 
 
@@ -17,8 +18,13 @@ def run_cli(*args: str, stdin: bytes | str | None = None, timeout: int = 600) ->
     The result carries `.out` / `.err`: stdout / stderr decoded (undecodable bytes replaced)."""
     env = {k: v for k, v in cli_env().items() if k != "TRITON_INTERPRET"}
     data = stdin.encode() if isinstance(stdin, str) else stdin
-    r = subprocess.run([sys.executable, "-m", "velotune.cli", *map(str, args)], input=data, capture_output=True,
-                       env=env, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "velotune.cli", *map(str, args)],
+        input=data,
+        capture_output=True,
+        env=env,
+        timeout=timeout,
+    )
     r.out, r.err = r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
     return r
 
@@ -38,11 +44,13 @@ def write_config(folder: Path, data: Path, **data_keys) -> Path:
     """A one-step CPU SFT config on the mini model; `data_keys` go into the data section."""
     extra = "".join(f", {k}: {v}" for k, v in data_keys.items())
     cfg = folder / "cfg.yaml"
-    cfg.write_text(f"model: {{name: {MINI}, dtype: float32, max_seq_length: 96}}\n"
-                   f"data: {{path: {data}{extra}}}\n"
-                   "lora: {r: 4, alpha: 8, gradient_checkpointing: false}\n"
-                   "training: {max_steps: 1, batch_size: 2, gradient_accumulation_steps: 1, use_cpu: true}\n"
-                   f"output_dir: {folder / 'run'}\n")
+    cfg.write_text(
+        f"model: {{name: {MINI}, dtype: float32, max_seq_length: 96}}\n"
+        f"data: {{path: {data}{extra}}}\n"
+        "lora: {r: 4, alpha: 8, gradient_checkpointing: false}\n"
+        "training: {max_steps: 1, batch_size: 2, gradient_accumulation_steps: 1, use_cpu: true}\n"
+        f"output_dir: {folder / 'run'}\n"
+    )
     return cfg
 
 

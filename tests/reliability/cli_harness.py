@@ -1,5 +1,6 @@
 """Helpers for the fault-injection tests: the `velotune` CLI in a subprocess, the one-line error check,
 tiny training configs on the shipped mini model, small tmpfs mounts (a real ENOSPC), and kill -9 loops."""
+
 from __future__ import annotations
 
 import json
@@ -22,19 +23,37 @@ DEMO_DATA = ROOT / "src" / "velotune" / "demo" / "data" / "train.jsonl"
 def cli_env() -> dict:
     src = str(ROOT / "src")
     path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=src + (os.pathsep + path if path else ""), OMP_NUM_THREADS="1",
-                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return dict(
+        os.environ,
+        PYTHONPATH=src + (os.pathsep + path if path else ""),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
 
 
 def velotune(*args, input: str | None = None, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     """`velotune ARGS...` in a subprocess (this checkout's sources)."""
-    return subprocess.run([sys.executable, "-m", "velotune.cli", *map(str, args)], input=input, capture_output=True,
-                          text=True, env=cli_env(), timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "velotune.cli", *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout,
+        **kw,
+    )
 
 
 def start_velotune(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "velotune.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(), **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "velotune.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        **kw,
+    )
 
 
 def assert_one_line(proc, *fragments: str, command: str | None = None) -> str:
@@ -61,12 +80,21 @@ def train_config(folder: Path, out: Path, model: Path = ASSETS, **training) -> P
     import yaml
 
     data = data_slice(folder)
-    cfg = {"model": {"name": str(model), "dtype": "float32", "max_seq_length": 64},
-           "data": {"path": str(data)},
-           "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": False},
-           "training": {"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "use_cpu": True,
-                        "logging_steps": 1, "seed": 0, **training},
-           "output_dir": str(out)}
+    cfg = {
+        "model": {"name": str(model), "dtype": "float32", "max_seq_length": 64},
+        "data": {"path": str(data)},
+        "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": False},
+        "training": {
+            "max_steps": 2,
+            "batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "use_cpu": True,
+            "logging_steps": 1,
+            "seed": 0,
+            **training,
+        },
+        "output_dir": str(out),
+    }
     path = folder / f"config-{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -76,8 +104,11 @@ def snapshot(folder: Path, hidden: bool = False) -> dict[str, bytes]:
     """{relative path: bytes} of the files under `folder` (hidden entries left out unless `hidden`)."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and (hidden or not any(part.startswith(".") for part in p.relative_to(folder).parts))}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and (hidden or not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    }
 
 
 def hidden_entries(folder: Path) -> list[str]:
@@ -86,11 +117,13 @@ def hidden_entries(folder: Path) -> list[str]:
 
 # -- a real full disk: a small tmpfs ------------------------------------------------------------------------
 
+
 def _can_mount() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
 
 
 # -- kill -9 at random moments -------------------------------------------------------------------------------
+
 
 def _fork_run(action) -> int:
     pid = os.fork()

@@ -1,4 +1,5 @@
 """Fixtures of the fault-injection tests (helpers live in cli_harness.py)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -19,8 +20,9 @@ def small_tmpfs(tmp_path):
             pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
         point = tmp_path / name
         point.mkdir()
-        rc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(point)],
-                            capture_output=True, text=True)
+        rc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(point)], capture_output=True, text=True
+        )
         if rc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {rc.stderr.strip()}")
         mounts.append(point)

@@ -1,5 +1,6 @@
 """Bad model folders, adapters, checkpoints and paths: one line naming the file and what to do, exit code 2,
 no traceback, in `velotune chat`, `train` and `export`; `--traceback` shows it; a bug keeps its traceback."""
+
 from __future__ import annotations
 
 import json
@@ -53,9 +54,17 @@ def broken_model(tmp_path, case: str):
         (m / "pytorch_model.bin").write_bytes(pickle.dumps({"x": 1}))
         return m, "convert them to safetensors"
     if case == "missing-shard":
-        (m / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
-                                            "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+        (m / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "metadata": {},
+                    "weight_map": {
+                        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                        "lm_head.weight": "model-00002-of-00002.safetensors",
+                    },
+                }
+            )
+        )
         weights.rename(m / "model-00001-of-00002.safetensors")
         return m, "model-00002-of-00002.safetensors named in model.safetensors.index.json are missing"
     if case == "bad-config-json":
@@ -64,8 +73,19 @@ def broken_model(tmp_path, case: str):
     raise ValueError(case)
 
 
-CASES = ["truncated", "empty", "garbage", "bad-json-header", "no-tokenizer", "unknown-model-type", "remote-code",
-         "missing-layer", "pickle-only", "missing-shard", "bad-config-json"]
+CASES = [
+    "truncated",
+    "empty",
+    "garbage",
+    "bad-json-header",
+    "no-tokenizer",
+    "unknown-model-type",
+    "remote-code",
+    "missing-layer",
+    "pickle-only",
+    "missing-shard",
+    "bad-config-json",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -88,8 +108,9 @@ def test_truncated_model_in_train_and_export_subprocesses(tmp_path, trained_run)
 
     run = copy_run(trained_run, tmp_path / "run")
     exp = tmp_path / "exp"
-    line = assert_one_line(velotune("export", run, "--to", "merged_16bit", "--base", folder, "-o", exp), fragment,
-                           command="export")
+    line = assert_one_line(
+        velotune("export", run, "--to", "merged_16bit", "--base", folder, "-o", exp), fragment, command="export"
+    )
     assert not exp.exists()
 
 

@@ -1,6 +1,7 @@
 """The output folder of `velotune train`: another run's folder refused (or moved aside with --overwrite),
 one run per folder (an OS lock, stale-safe after kill -9), unwritable folders and too little disk refused
 before any training step."""
+
 from __future__ import annotations
 
 import os
@@ -11,15 +12,16 @@ import time
 
 import pytest
 
-from cli_harness import (ROOT, assert_one_line, cli_env, copy_run, read_json, snapshot, train_config, velotune)
+from cli_harness import ROOT, assert_one_line, cli_env, copy_run, read_json, snapshot, train_config, velotune
 
 
 def test_another_runs_folder_is_refused_and_overwrite_moves_it_aside(tmp_path, trained_run):
     run = copy_run(trained_run, tmp_path / "run")
     before = snapshot(run)
     cfg = train_config(tmp_path, run, save_steps=1)
-    line = assert_one_line(velotune("train", cfg), "already holds another run", "--overwrite", "--resume",
-                           command="train")
+    line = assert_one_line(
+        velotune("train", cfg), "already holds another run", "--overwrite", "--resume", command="train"
+    )
     assert "adapter_config.json" in line
     assert snapshot(run) == before  # nothing touched
 
@@ -48,15 +50,28 @@ def test_two_runs_on_one_folder_the_second_is_refused(tmp_path):
     """A run holding the lock (here: a process that took it); the second `velotune train` is refused at once."""
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from velotune.train.run_lock import RunLock; "
-        f"RunLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True, env=cli_env())
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from velotune.train.run_lock import RunLock; "
+                f"RunLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(120)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         cfg = train_config(tmp_path, out)
-        line = assert_one_line(velotune("train", cfg), f"output_dir {out} is in use by another velotune train run",
-                               f"(pid {holder.pid})", command="train")
+        line = assert_one_line(
+            velotune("train", cfg),
+            f"output_dir {out} is in use by another velotune train run",
+            f"(pid {holder.pid})",
+            command="train",
+        )
         assert "choose another output_dir" in line
 
         # kill -9 of the holder: the kernel drops the lock; the next run is not refused by a stale lock
@@ -87,8 +102,16 @@ def test_two_cli_runs_started_together(tmp_path):
     out = tmp_path / "out"
     cfg = train_config(tmp_path, out, max_steps=3)
     env = cli_env()
-    procs = [subprocess.Popen([sys.executable, "-m", "velotune.cli", "train", str(cfg), "--no-progress"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "velotune.cli", "train", str(cfg), "--no-progress"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(rc for rc, _ in results)
     assert codes == [0, 2], results
@@ -101,16 +124,18 @@ def test_two_cli_runs_started_together(tmp_path):
 def test_unwritable_output_folder_is_refused_before_training(tmp_path, small_tmpfs):
     """A read-only file system (a real one: a tmpfs mounted ro) and a path under a file."""
     ro = small_tmpfs(2**20, "ro", ",ro")
-    line = assert_one_line(velotune("train", train_config(tmp_path, ro / "out")), "read-only file system",
-                           command="train")
+    line = assert_one_line(
+        velotune("train", train_config(tmp_path, ro / "out")), "read-only file system", command="train"
+    )
     assert f"output_dir {ro / 'out'}: cannot write in {ro}" in line
 
 
 def test_output_dir_under_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    line = assert_one_line(velotune("train", train_config(tmp_path, f / "out")), "is a file, not a folder",
-                           command="train")
+    line = assert_one_line(
+        velotune("train", train_config(tmp_path, f / "out")), "is a file, not a folder", command="train"
+    )
     assert str(f) in line
 
 
@@ -118,8 +143,9 @@ def test_output_dir_under_a_file(tmp_path):
 def test_permission_denied_folder(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    line = assert_one_line(velotune("train", train_config(tmp_path, locked / "out")), "permission denied",
-                           command="train")
+    line = assert_one_line(
+        velotune("train", train_config(tmp_path, locked / "out")), "permission denied", command="train"
+    )
     assert str(locked) in line
 
 
@@ -129,10 +155,12 @@ def test_too_little_disk_for_the_planned_checkpoints(tmp_path):
     from velotune.train.config import load_config
     from velotune.train.preflight import preflight
 
-    cfg = load_config(train_config(tmp_path, tmp_path / "out", save_steps=1, max_steps=10**7,
-                                   save_total_limit=10**7))
-    with pytest.raises(OutputError, match=r"needed \(10000000 checkpoint\(s\) of ~.*only .* free there: free some "
-                                          r"space, lower training.save_total_limit"):
+    cfg = load_config(train_config(tmp_path, tmp_path / "out", save_steps=1, max_steps=10**7, save_total_limit=10**7))
+    with pytest.raises(
+        OutputError,
+        match=r"needed \(10000000 checkpoint\(s\) of ~.*only .* free there: free some "
+        r"space, lower training.save_total_limit",
+    ):
         preflight(cfg)
     cfg.training.save_total_limit = 2
     report = preflight(cfg)
@@ -156,8 +184,12 @@ def test_kill_9_during_training_then_resume(tmp_path):
 
     out = tmp_path / "out"
     cfg = train_config(tmp_path, out, save_steps=1, max_steps=6, save_total_limit=2)
-    proc = subprocess.Popen([sys.executable, "-m", "velotune.cli", "train", str(cfg), "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "velotune.cli", "train", str(cfg), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(),
+    )
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-1" / "trainer_state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -177,6 +209,7 @@ def test_resuming_from_another_folders_checkpoint_does_not_claim_this_one(tmp_pa
     assert resumes_here(run, True) and resumes_here(run, str(run / "checkpoint-1"))
     assert not resumes_here(run, str(trained_run / "checkpoint-1")) and not resumes_here(run, None)
     cfg = train_config(tmp_path, run)
-    line = assert_one_line(velotune("train", cfg, "--resume", trained_run / "checkpoint-1"),
-                           "already holds another run", command="train")
+    line = assert_one_line(
+        velotune("train", cfg, "--resume", trained_run / "checkpoint-1"), "already holds another run", command="train"
+    )
     assert str(run) in line

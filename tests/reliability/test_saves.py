@@ -1,6 +1,7 @@
 """Saves under faults: kill -9 at random moments of train's final save, of a checkpoint save and of
 exports (merged safetensors, GGUF, the CLI); a real full disk (a small tmpfs) during training and export;
 stale temp files of killed exports removed; outputs created with the user's umask."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,17 @@ import time
 import pytest
 import torch
 
-from cli_harness import (assert_one_line, cli_env, copy_run, hidden_entries, kill_loop, read_json, snapshot,
-                         train_config, velotune)
+from cli_harness import (
+    assert_one_line,
+    cli_env,
+    copy_run,
+    hidden_entries,
+    kill_loop,
+    read_json,
+    snapshot,
+    train_config,
+    velotune,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +112,7 @@ def test_kill_during_checkpoint_save_resume_takes_newest_complete(tmp_path, trai
         last, torn = newest_complete(out)
         assert last == (ckpt if why is None else out / "checkpoint-1") and not torn
         hidden = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".velotune.lock"]
-        assert all(TEMP_NAME.match(n) for n in hidden), hidden     # leftovers are named as temps
+        assert all(TEMP_NAME.match(n) for n in hidden), hidden  # leftovers are named as temps
 
     def restore():
         shutil.rmtree(out / f"checkpoint-{step[0]}", ignore_errors=True)
@@ -110,7 +120,7 @@ def test_kill_during_checkpoint_save_resume_takes_newest_complete(tmp_path, trai
 
     counts = kill_loop(save, check, kills=16, seed=2, restore=restore)
     assert counts["killed"] >= 5 and outcomes.count("absent") >= 2, (counts, outcomes)
-    remove_stale_temps(out)           # the killed children's staging folders (their processes are gone)
+    remove_stale_temps(out)  # the killed children's staging folders (their processes are gone)
     assert not [p for p in out.iterdir() if TEMP_NAME.match(p.name)]
 
     # A torn newest checkpoint on disk: --resume skips and removes it with one line, and resumes from the last.
@@ -142,8 +152,15 @@ def test_kill_during_merged_and_gguf_export(tmp_path, loaded_run):
     def check(key, folder):
         def run():
             assert snapshot(folder) in (old[key], new[key])
-            assert not [p for p in out.rglob("*") if not any(s.startswith(".") for s in p.relative_to(out).parts)
-                        and p.parent.name not in ("merged_16bit", "gguf", "exp") and p != merged and p != gguf_dir]
+            assert not [
+                p
+                for p in out.rglob("*")
+                if not any(s.startswith(".") for s in p.relative_to(out).parts)
+                and p.parent.name not in ("merged_16bit", "gguf", "exp")
+                and p != merged
+                and p != gguf_dir
+            ]
+
         return run
 
     def restore_m():
@@ -152,9 +169,13 @@ def test_kill_during_merged_and_gguf_export(tmp_path, loaded_run):
             shutil.copytree(tmp_path / "old-m", merged)
 
     shutil.copytree(merged, tmp_path / "old-m")
-    c1 = kill_loop(lambda: model.save_pretrained_merged(merged, tok, "merged_16bit", max_shard_size="2MB",
-                                                        quiet=True), check("m", merged), kills=14, seed=3,
-                   restore=restore_m)
+    c1 = kill_loop(
+        lambda: model.save_pretrained_merged(merged, tok, "merged_16bit", max_shard_size="2MB", quiet=True),
+        check("m", merged),
+        kills=14,
+        seed=3,
+        restore=restore_m,
+    )
     shutil.copytree(gguf_dir, tmp_path / "old-g")
 
     def restore_g():
@@ -162,8 +183,13 @@ def test_kill_during_merged_and_gguf_export(tmp_path, loaded_run):
             shutil.rmtree(gguf_dir)
             shutil.copytree(tmp_path / "old-g", gguf_dir)
 
-    c2 = kill_loop(lambda: model.save_pretrained_gguf(gguf_dir, tok, "q8_0", quiet=True), check("g", gguf_dir),
-                   kills=10, seed=4, restore=restore_g)
+    c2 = kill_loop(
+        lambda: model.save_pretrained_gguf(gguf_dir, tok, "q8_0", quiet=True),
+        check("g", gguf_dir),
+        kills=10,
+        seed=4,
+        restore=restore_g,
+    )
     assert c1["killed"] >= 4 and c2["killed"] >= 3, (c1, c2)
     # Stale temps of the killed exports (hidden, named by their dead pids) go at the next export.
     model.save_pretrained_merged(merged, tok, "merged_16bit", max_shard_size="2MB", quiet=True)
@@ -182,12 +208,26 @@ def test_cli_export_killed_at_random_moments(tmp_path, trained_run):
     before = snapshot(exp)
     rng = random.Random(5)
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "velotune.cli", "export", str(run), "--to", "merged_16bit",
-                                 "--max-shard-size", "2MB", "-o", str(exp)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=cli_env())
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "velotune.cli",
+                "export",
+                str(run),
+                "--to",
+                "merged_16bit",
+                "--max-shard-size",
+                "2MB",
+                "-o",
+                str(exp),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=cli_env(),
+        )
         deadline = time.monotonic() + 300
-        while not any(".tmp-" in p.name for p in exp.iterdir()) and proc.poll() is None \
-                and time.monotonic() < deadline:
+        while not any(".tmp-" in p.name for p in exp.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.05))
         proc.send_signal(signal.SIGKILL)
@@ -203,12 +243,19 @@ def test_disk_full_during_export_is_one_line_and_leaves_nothing(tmp_path, traine
     exp = disk / "exp"
     assert velotune("export", run, "--to", "lora", "-o", exp).returncode == 0
     lora = snapshot(exp / "lora")
-    line = assert_one_line(velotune("export", run, "--to", "merged_16bit", "-o", exp), "the disk is full (ENOSPC)",
-                           "nothing was written there", command="export")
+    line = assert_one_line(
+        velotune("export", run, "--to", "merged_16bit", "-o", exp),
+        "the disk is full (ENOSPC)",
+        "nothing was written there",
+        command="export",
+    )
     assert str(exp / "merged_16bit") in line
     assert sorted(p.name for p in exp.iterdir()) == ["lora"] and snapshot(exp / "lora") == lora
-    line = assert_one_line(velotune("export", run, "--to", "gguf", "--quant", "f32", "-o", exp),
-                           "the disk is full (ENOSPC)", command="export")
+    line = assert_one_line(
+        velotune("export", run, "--to", "gguf", "--quant", "f32", "-o", exp),
+        "the disk is full (ENOSPC)",
+        command="export",
+    )
     assert sorted(p.name for p in exp.iterdir()) == ["gguf", "lora"] and list((exp / "gguf").iterdir()) == []
 
 
@@ -217,10 +264,14 @@ def test_disk_full_during_a_training_checkpoint(tmp_path, small_tmpfs):
     and --resume finishes once there is space again."""
     disk = small_tmpfs(24 * 2**20)
     out = disk / "out"
-    cfg = train_config(tmp_path, out, save_steps=2, max_steps=8, gradient_accumulation_steps=4,
-                       save_total_limit=3)
-    proc = subprocess.Popen([sys.executable, "-m", "velotune.cli", "train", str(cfg), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    cfg = train_config(tmp_path, out, save_steps=2, max_steps=8, gradient_accumulation_steps=4, save_total_limit=3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "velotune.cli", "train", str(cfg), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-2" / "trainer_state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -234,8 +285,14 @@ def test_disk_full_during_a_training_checkpoint(tmp_path, small_tmpfs):
             pass
     _, err = proc.communicate(timeout=300)
     proc.stderr = err
-    assert_one_line(proc, "the disk filled up while saving a checkpoint", "the disk is full (ENOSPC)",
-                    "the incomplete checkpoint was removed", "--resume", command="train")
+    assert_one_line(
+        proc,
+        "the disk filled up while saving a checkpoint",
+        "the disk is full (ENOSPC)",
+        "the incomplete checkpoint was removed",
+        "--resume",
+        command="train",
+    )
     from velotune.train.resume import checkpoints, why_incomplete
 
     kept = checkpoints(out)
@@ -258,14 +315,23 @@ def test_outputs_honour_the_umask(tmp_path, trained_run, loaded_run):
         out = save_final(model, tok, copy_run(trained_run, tmp_path / "run"))
     finally:
         os.umask(old)
-    for p in [folder / "model.safetensors", folder / "config.json", gguf, tmp_path / "g" / "Modelfile",
-              out / "adapter_model.safetensors", out / "adapter_config.json"]:
+    for p in [
+        folder / "model.safetensors",
+        folder / "config.json",
+        gguf,
+        tmp_path / "g" / "Modelfile",
+        out / "adapter_model.safetensors",
+        out / "adapter_config.json",
+    ]:
         assert p.stat().st_mode & 0o777 == 0o640, (p, oct(p.stat().st_mode))
     for d in (folder, out):
         assert d.stat().st_mode & 0o777 == 0o750, (d, oct(d.stat().st_mode))
     # checkpoints and final files of a real run (default umask 022 of the test process, or the caller's)
     mask = os.umask(0)
     os.umask(mask)
-    for p in [trained_run / "checkpoint-2" / "adapter_model.safetensors", trained_run / "summary.json",
-              trained_run / "loss_curve.png"]:
+    for p in [
+        trained_run / "checkpoint-2" / "adapter_model.safetensors",
+        trained_run / "summary.json",
+        trained_run / "loss_curve.png",
+    ]:
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask, (p, oct(p.stat().st_mode))

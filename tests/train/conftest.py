@@ -1,4 +1,5 @@
 """Fixtures for the training tests: a saved mini Llama and small slices of the shipped toy data."""
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,15 @@ def make_config(model: Path, data: Path, out: Path, method: str = "sft", *, lora
         data={"path": str(data), **data_kw},
         method=method,
         lora={"r": 8, "alpha": 16, "gradient_checkpointing": False, **(lora or {})},
-        training={"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-                  "lr_scheduler": "constant", "use_cpu": True, "seed": 0, **(training or {})},
-        output_dir=str(out))
+        training={
+            "max_steps": 4,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-2,
+            "lr_scheduler": "constant",
+            "use_cpu": True,
+            "seed": 0,
+            **(training or {}),
+        },
+        output_dir=str(out),
+    )

@@ -1,4 +1,5 @@
 """Config errors are one readable line naming the bad key; the CLI prints them and exits with 2."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,11 @@ def write(tmp_path: Path, cfg: dict) -> Path:
 
 
 def good(tmp_path) -> dict:
-    return {"model": {"name": "some-org/some-model"}, "data": {"path": str(TOY / "sft.jsonl")},
-            "output_dir": str(tmp_path / "out")}
+    return {
+        "model": {"name": "some-org/some-model"},
+        "data": {"path": str(TOY / "sft.jsonl")},
+        "output_dir": str(tmp_path / "out"),
+    }
 
 
 def error_of(tmp_path, cfg) -> str:
@@ -68,20 +72,22 @@ def test_missing_keys_and_inconsistent_settings(tmp_path):
     cfg["data"]["format"] = "alpaca"
     assert "run.yaml: data.format: method dpo needs preference data" in error_of(tmp_path, cfg)
     cfg = good(tmp_path)
-    lora = load_config(write(tmp_path, cfg)).lora          # the defaults are the library's
+    lora = load_config(write(tmp_path, cfg)).lora  # the defaults are the library's
     assert (lora.gradient_checkpointing, lora.recompute, lora.offload_embedding) == ("unsloth", None, "auto")
     assert load_config(write(tmp_path, cfg)).model.padding_free is True
     cfg["lora"] = {"recompute": "mlp", "gradient_checkpointing": True}
-    assert error_of(tmp_path, cfg) == ("run.yaml: lora.recompute: 'mlp' needs lora.gradient_checkpointing: unsloth "
-                                       "(or offload), not True")
+    assert error_of(tmp_path, cfg) == (
+        "run.yaml: lora.recompute: 'mlp' needs lora.gradient_checkpointing: unsloth (or offload), not True"
+    )
     cfg["lora"]["gradient_checkpointing"] = "unsloth"
     assert load_config(write(tmp_path, cfg)).lora.recompute == "mlp"
     cfg["lora"]["recompute"] = "attention"
     assert error_of(tmp_path, cfg).startswith("run.yaml: lora.recompute: should be 'layer' or 'mlp'")
     cfg = good(tmp_path)
     cfg["lora"] = {"cuda_graphs": True, "gradient_checkpointing": True}
-    assert error_of(tmp_path, cfg) == ("run.yaml: lora.cuda_graphs: true needs lora.gradient_checkpointing: unsloth "
-                                       "(or offload), not True")
+    assert error_of(tmp_path, cfg) == (
+        "run.yaml: lora.cuda_graphs: true needs lora.gradient_checkpointing: unsloth (or offload), not True"
+    )
     cfg["lora"].update(gradient_checkpointing="unsloth", recompute="mlp")
     assert load_config(write(tmp_path, cfg)).lora.cuda_graphs is True
     cfg = good(tmp_path)
@@ -99,8 +105,9 @@ def test_missing_keys_and_inconsistent_settings(tmp_path):
 def test_missing_files(tmp_path):
     cfg = good(tmp_path)
     cfg["data"]["path"] = "nowhere/train.jsonl"  # relative to the YAML's folder
-    assert error_of(tmp_path, cfg) == (f"run.yaml: data.path: data file {tmp_path / 'nowhere/train.jsonl'} "
-                                       "does not exist")
+    assert error_of(tmp_path, cfg) == (
+        f"run.yaml: data.path: data file {tmp_path / 'nowhere/train.jsonl'} does not exist"
+    )
     cfg = good(tmp_path)
     cfg["model"]["name"] = "./no-model-here"
     assert error_of(tmp_path, cfg) == f"run.yaml: model.name: model folder {tmp_path / 'no-model-here'} does not exist"

@@ -1,5 +1,6 @@
 """Gradient accumulation equals one large batch (loss normalised by the real count of trainable
 tokens), and a resumed run continues exactly like an uninterrupted one."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,15 +31,25 @@ def rows_dataset():
     rows = []
     for n, k in ROWS:
         ids = torch.randint(7, VOCAB, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (n - k) + ids[n - k:]})
+        rows.append({"input_ids": ids, "labels": [-100] * (n - k) + ids[n - k :]})
     return Dataset.from_list(rows)
 
 
 def config(mini_llama, tmp_path, batch_size=4, accumulation=1):
-    return make_config(mini_llama, toy_slice("sft.jsonl", 1, tmp_path), tmp_path / f"out{batch_size}",
-                       lora={"random_state": 1},
-                       training={"max_steps": 1, "batch_size": batch_size, "gradient_accumulation_steps": accumulation,
-                                 "optimizer": "sgd", "max_grad_norm": 0.0, "learning_rate": 0.5})
+    return make_config(
+        mini_llama,
+        toy_slice("sft.jsonl", 1, tmp_path),
+        tmp_path / f"out{batch_size}",
+        lora={"random_state": 1},
+        training={
+            "max_steps": 1,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "optimizer": "sgd",
+            "max_grad_norm": 0.0,
+            "learning_rate": 0.5,
+        },
+    )
 
 
 def adapted_model(cfg):
@@ -69,8 +80,9 @@ def per_row_sums(model):
         model.zero_grad()
         logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[:, :-1]
         target = torch.tensor([row["labels"]])[:, 1:]
-        total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                                  ignore_index=-100, reduction="sum")
+        total = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         out.append((total.item(), int((target != -100).sum()), grads))
@@ -115,13 +127,25 @@ def test_gradient_accumulation_equals_one_big_batch(mini_llama, tmp_path):
 def test_resume_gives_the_same_next_steps(mini_llama, tmp_path, optimizer):
     """adamw_offload: its moments saved with the checkpoint and loaded back into host memory."""
     data = toy_slice("sft.jsonl", 10, tmp_path)
-    training = {"max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 2,
-                "learning_rate": 5e-3, "lr_scheduler": "linear", "save_total_limit": None, "optimizer": optimizer}
+    training = {
+        "max_steps": 4,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "save_steps": 2,
+        "learning_rate": 5e-3,
+        "lr_scheduler": "linear",
+        "save_total_limit": None,
+        "optimizer": optimizer,
+    }
     full = run_training(make_config(mini_llama, data, tmp_path / "full", training=training), progress=False)
     assert (tmp_path / "full" / "checkpoint-2").is_dir()
 
-    resumed_cfg = make_config(mini_llama, data, tmp_path / "resumed", training={
-        **training, "resume_from_checkpoint": str(tmp_path / "full" / "checkpoint-2")})
+    resumed_cfg = make_config(
+        mini_llama,
+        data,
+        tmp_path / "resumed",
+        training={**training, "resume_from_checkpoint": str(tmp_path / "full" / "checkpoint-2")},
+    )
     resumed = run_training(resumed_cfg, progress=False)
     # The resumed run restores the history of steps 1-2 and recomputes steps 3-4 (which cross an epoch:
     # 10 rows / (2 x 2) per step), data order, RNG and optimizer state included.

@@ -1,5 +1,6 @@
 """SFT, DPO, ORPO and continued pretraining each train a few steps on the shipped toy data and lower
 their loss; the run leaves a PEFT adapter, a loss-curve PNG and a summary JSON."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,13 @@ def test_sft_lowers_loss_and_saves_a_stock_peft_adapter(mini_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     tensorboard = importlib.util.find_spec("tensorboard") is not None  # the [tensorboard] extra
-    cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out",
-                      eval_path=str(toy_slice("sft.jsonl", 2, tmp_path)),
-                      training={"eval_steps": 4, "report_to": "tensorboard" if tensorboard else "none"})
+    cfg = make_config(
+        mini_llama,
+        toy_slice("sft.jsonl", 4, tmp_path),
+        tmp_path / "out",
+        eval_path=str(toy_slice("sft.jsonl", 2, tmp_path)),
+        training={"eval_steps": 4, "report_to": "tensorboard" if tensorboard else "none"},
+    )
     result = run_training(cfg, progress=False)
     assert decreasing(result.losses), result.losses
     assert result.steps == [1, 2, 3, 4]
@@ -50,14 +55,18 @@ def test_sft_lowers_loss_and_saves_a_stock_peft_adapter(mini_llama, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(mini_llama, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, out).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_preference_methods_lower_loss(mini_llama, tmp_path, method):
-    cfg = make_config(mini_llama, toy_slice("preferences.jsonl", 4, tmp_path), tmp_path / "out", method,
-                      training={"beta": 0.5, "learning_rate": 2e-2 if method == "dpo" else 5e-3})
+    cfg = make_config(
+        mini_llama,
+        toy_slice("preferences.jsonl", 4, tmp_path),
+        tmp_path / "out",
+        method,
+        training={"beta": 0.5, "learning_rate": 2e-2 if method == "dpo" else 5e-3},
+    )
     result = run_training(cfg, progress=False)
     assert decreasing(result.losses), result.losses
     if method == "dpo":  # the policy starts equal to the reference (adapter off): loss = log 2
@@ -68,9 +77,15 @@ def test_preference_methods_lower_loss(mini_llama, tmp_path, method):
 
 
 def test_continued_pretraining_trains_embeddings_with_their_own_lr(mini_llama, tmp_path):
-    cfg = make_config(mini_llama, toy_slice("corpus.jsonl", 6, tmp_path), tmp_path / "out",
-                      lora={"modules_to_save": ["embed_tokens", "lm_head"]},
-                      training={"embedding_learning_rate": 1e-3}, format="text", train_on="all")
+    cfg = make_config(
+        mini_llama,
+        toy_slice("corpus.jsonl", 6, tmp_path),
+        tmp_path / "out",
+        lora={"modules_to_save": ["embed_tokens", "lm_head"]},
+        training={"embedding_learning_rate": 1e-3},
+        format="text",
+        train_on="all",
+    )
     result = run_training(cfg, progress=False)
     assert decreasing(result.losses), result.losses
 
@@ -100,11 +115,17 @@ def test_cli_trains_with_overrides_and_reports_missing_checkpoints(mini_llama, t
 
     data = toy_slice("sft.jsonl", 2, tmp_path)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": str(mini_llama), "dtype": "float32", "max_seq_length": 64},
-        "data": {"path": data.name, "packing": True}, "lora": {"r": 4, "gradient_checkpointing": False},
-        "training": {"max_steps": 50, "batch_size": 2, "gradient_accumulation_steps": 1, "use_cpu": True},
-        "output_dir": "from-yaml"}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(mini_llama), "dtype": "float32", "max_seq_length": 64},
+                "data": {"path": data.name, "packing": True},
+                "lora": {"r": 4, "gradient_checkpointing": False},
+                "training": {"max_steps": 50, "batch_size": 2, "gradient_accumulation_steps": 1, "use_cpu": True},
+                "output_dir": "from-yaml",
+            }
+        )
+    )
     out = tmp_path / "from-cli"
     assert main(["train", str(path), "--max-steps", "2", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -122,8 +143,12 @@ def test_lora_settings_the_model_cannot_take_are_a_config_error(mini_llama, tmp_
     from velotune.errors import ConfigError
     from velotune.train.runner import add_adapters, load_model
 
-    cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out",
-                      lora={"offload_embedding": True, "modules_to_save": ["embed_tokens"]})
+    cfg = make_config(
+        mini_llama,
+        toy_slice("sft.jsonl", 4, tmp_path),
+        tmp_path / "out",
+        lora={"offload_embedding": True, "modules_to_save": ["embed_tokens"]},
+    )
     model, _ = load_model(cfg)
     with pytest.raises(ConfigError, match="^lora: offload_embedding: the input embeddings are trainable"):
         add_adapters(model, cfg)
@@ -137,9 +162,17 @@ def test_yaml_lora_settings_reach_the_model(mini_llama, tmp_path):
     from velotune.memory.saved_offload import SavedOffloader
 
     for graphs in (False, True):
-        cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / "out",
-                          lora={"gradient_checkpointing": "unsloth", "recompute": "mlp", "cuda_graphs": graphs,
-                                "mlp_row_blocks": 1 + 3 * graphs})
+        cfg = make_config(
+            mini_llama,
+            toy_slice("sft.jsonl", 4, tmp_path),
+            tmp_path / "out",
+            lora={
+                "gradient_checkpointing": "unsloth",
+                "recompute": "mlp",
+                "cuda_graphs": graphs,
+                "mlp_row_blocks": 1 + 3 * graphs,
+            },
+        )
         model, _ = load_model(cfg)
         model = add_adapters(model, cfg)
         layer = model.base_model.model.model.layers[0]
@@ -156,11 +189,15 @@ def test_offloaded_optimizer_trains_the_same_bits(mini_llama, tmp_path):
 
     runs = {}
     for name in ("adamw_torch", "adamw_offload"):
-        cfg = make_config(mini_llama, toy_slice("sft.jsonl", 4, tmp_path), tmp_path / name,
-                          training={"optimizer": name, "weight_decay": 0.1, "lr_scheduler": "cosine"})
+        cfg = make_config(
+            mini_llama,
+            toy_slice("sft.jsonl", 4, tmp_path),
+            tmp_path / name,
+            training={"optimizer": name, "weight_decay": 0.1, "lr_scheduler": "cosine"},
+        )
         runs[name] = run_training(cfg, progress=False)
     opt = runs["adamw_offload"].trainer.optimizer
-    assert isinstance(getattr(opt, "optimizer", opt), OffloadedAdamW)      # under accelerate's wrapper
+    assert isinstance(getattr(opt, "optimizer", opt), OffloadedAdamW)  # under accelerate's wrapper
     assert runs["adamw_offload"].losses == runs["adamw_torch"].losses and len(runs["adamw_torch"].losses) == 4
     a = dict(runs["adamw_torch"].model.named_parameters())
     b = dict(runs["adamw_offload"].model.named_parameters())

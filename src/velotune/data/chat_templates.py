@@ -13,6 +13,7 @@ The final template is `header + _prelude.jinja + <format>.jinja`: the header hol
 message as Jinja `set` statements; the prelude normalises messages to canonical roles and splits off a
 leading system message. So a mapping never edits template text.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ class ChatTemplate:
     format needs as single special tokens (added to the tokenizer when missing). default_system: the
     system message used when a conversation has none (None: no system block).
     """
+
     file: str
     stop: str | None = None
     special_tokens: tuple[str, ...] = ()
@@ -48,33 +50,70 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     "llama-3": ChatTemplate("llama-3.jinja", stop="<|eot_id|>", special_tokens=_LLAMA3),
     "llama-3.1": ChatTemplate("llama-3.1.jinja", stop="<|eot_id|>", special_tokens=_LLAMA3),
     "chatml": ChatTemplate("chatml.jinja", stop="<|im_end|>", special_tokens=_CHATML),
-    "qwen-2.5": ChatTemplate("chatml.jinja", stop="<|im_end|>", special_tokens=_CHATML,
-                             default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    "qwen-2.5": ChatTemplate(
+        "chatml.jinja",
+        stop="<|im_end|>",
+        special_tokens=_CHATML,
+        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    ),
     "qwen-3": ChatTemplate("qwen-3.jinja", stop="<|im_end|>", special_tokens=_CHATML + ("<think>", "</think>")),
     "mistral": ChatTemplate("mistral.jinja"),
     "zephyr": ChatTemplate("zephyr.jinja"),
-    "alpaca": ChatTemplate("alpaca.jinja", default_system=(
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.")),
-    "vicuna": ChatTemplate("vicuna.jinja", default_system=(
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions.")),
+    "alpaca": ChatTemplate(
+        "alpaca.jinja",
+        default_system=(
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        ),
+    ),
+    "vicuna": ChatTemplate(
+        "vicuna.jinja",
+        default_system=(
+            "A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions."
+        ),
+    ),
     "gemma": ChatTemplate("gemma.jinja", stop="<end_of_turn>", special_tokens=("<start_of_turn>", "<end_of_turn>")),
-    "phi-3": ChatTemplate("phi-3.jinja", stop="<|end|>",
-                          special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
-    "granite": ChatTemplate("granite.jinja", stop="<|end_of_text|>",
-                            special_tokens=("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>")),
+    "phi-3": ChatTemplate(
+        "phi-3.jinja", stop="<|end|>", special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    ),
+    "granite": ChatTemplate(
+        "granite.jinja",
+        stop="<|end_of_text|>",
+        special_tokens=("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"),
+    ),
     "default": ChatTemplate("default.jinja"),
 }
 
 ALIASES = {
-    "llama3": "llama-3", "llama-3.0": "llama-3", "llama3.1": "llama-3.1", "llama-31": "llama-3.1",
-    "llama-3.2": "llama-3.1", "llama3.2": "llama-3.1", "llama-3.3": "llama-3.1",
-    "qwen2.5": "qwen-2.5", "qwen-2": "qwen-2.5", "qwen2": "qwen-2.5", "qwen25": "qwen-2.5",
-    "qwen3": "qwen-3", "gemma2": "gemma", "gemma-2": "gemma", "gemma3": "gemma", "gemma-3": "gemma",
-    "phi3": "phi-3", "phi-3.5": "phi-3", "phi35": "phi-3",
-    "unsloth": "default", "plain": "default", "mistral-instruct": "mistral",
-    "granite-3": "granite", "granite3": "granite", "granite-3.1": "granite", "granite-3.2": "granite",
-    "granite-3.3": "granite", "smollm3": "chatml", "smollm-3": "chatml",
+    "llama3": "llama-3",
+    "llama-3.0": "llama-3",
+    "llama3.1": "llama-3.1",
+    "llama-31": "llama-3.1",
+    "llama-3.2": "llama-3.1",
+    "llama3.2": "llama-3.1",
+    "llama-3.3": "llama-3.1",
+    "qwen2.5": "qwen-2.5",
+    "qwen-2": "qwen-2.5",
+    "qwen2": "qwen-2.5",
+    "qwen25": "qwen-2.5",
+    "qwen3": "qwen-3",
+    "gemma2": "gemma",
+    "gemma-2": "gemma",
+    "gemma3": "gemma",
+    "gemma-3": "gemma",
+    "phi3": "phi-3",
+    "phi-3.5": "phi-3",
+    "phi35": "phi-3",
+    "unsloth": "default",
+    "plain": "default",
+    "mistral-instruct": "mistral",
+    "granite-3": "granite",
+    "granite3": "granite",
+    "granite-3.1": "granite",
+    "granite-3.2": "granite",
+    "granite-3.3": "granite",
+    "smollm3": "chatml",
+    "smollm-3": "chatml",
 }
 
 # mapping keys understood by get_chat_template: which message keys hold role/content, and the data's
@@ -86,8 +125,10 @@ def resolve_name(name: str) -> str:
     key = name.strip().lower().replace("_", "-")
     key = ALIASES.get(key, key)
     if key not in CHAT_TEMPLATES:
-        raise ConfigError(f"unknown chat_template {name!r}; choose from {sorted(CHAT_TEMPLATES)} "
-                          f"(aliases: {sorted(ALIASES)}) or pass a Jinja template string")
+        raise ConfigError(
+            f"unknown chat_template {name!r}; choose from {sorted(CHAT_TEMPLATES)} "
+            f"(aliases: {sorted(ALIASES)}) or pass a Jinja template string"
+        )
     return key
 
 
@@ -107,8 +148,10 @@ def render_template_source(name: str, mapping: dict | None = None, system_messag
     mapping = dict(mapping or {})
     unknown = set(mapping) - set(_MAPPING_KEYS)
     if unknown:
-        raise ConfigError(f"mapping keys {sorted(unknown)} not understood; use {list(_MAPPING_KEYS)} "
-                          "(e.g. {'role': 'from', 'content': 'value', 'user': 'human', 'assistant': 'gpt'})")
+        raise ConfigError(
+            f"mapping keys {sorted(unknown)} not understood; use {list(_MAPPING_KEYS)} "
+            "(e.g. {'role': 'from', 'content': 'value', 'user': 'human', 'assistant': 'gpt'})"
+        )
     role_names = {r: r for r in ("user", "assistant", "system")}
     for canonical in ("user", "assistant", "system"):
         if canonical in mapping:
@@ -129,8 +172,15 @@ def stop_token(tokenizer, chat_template: str) -> str:
     return CHAT_TEMPLATES[resolve_name(chat_template)].stop or tokenizer.eos_token
 
 
-def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | None = None,
-                      map_eos_token: bool = True, system_message: str | None = None, *, model=None):
+def get_chat_template(
+    tokenizer,
+    chat_template: str = "chatml",
+    mapping: dict | None = None,
+    map_eos_token: bool = True,
+    system_message: str | None = None,
+    *,
+    model=None,
+):
     """Set `tokenizer.chat_template` to a known format (or a Jinja string) and make generation stop right.
 
     - Special tokens the format needs (e.g. <|eot_id|>) are added to the tokenizer when missing. The
@@ -150,19 +200,25 @@ def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | 
     if isinstance(chat_template, (tuple, list)) and len(chat_template) == 2:  # Unsloth's (jinja, stop token)
         chat_template, stop_for_custom = chat_template
     if not isinstance(chat_template, str):
-        raise ConfigError(f"chat_template must be a name, a Jinja string or (Jinja string, stop token), got "
-                          f"{type(chat_template).__name__}")
+        raise ConfigError(
+            f"chat_template must be a name, a Jinja string or (Jinja string, stop token), got "
+            f"{type(chat_template).__name__}"
+        )
     if "{%" in chat_template or "{{" in chat_template:  # a user-written Jinja template
         if mapping or system_message is not None:
-            raise ConfigError("mapping/system_message only apply to velotune's named templates; "
-                              "write them into your own Jinja template instead")
+            raise ConfigError(
+                "mapping/system_message only apply to velotune's named templates; "
+                "write them into your own Jinja template instead"
+            )
         return _set_custom(tokenizer, chat_template, stop_for_custom, map_eos_token, model)
     name = resolve_name(chat_template)
     spec = CHAT_TEMPLATES[name]
     stop = spec.stop or tokenizer.eos_token
     if stop is None:
-        raise ConfigError(f"template {name!r} ends turns with the tokenizer's eos_token, but this tokenizer has none; "
-                          "set tokenizer.eos_token first")
+        raise ConfigError(
+            f"template {name!r} ends turns with the tokenizer's eos_token, but this tokenizer has none; "
+            "set tokenizer.eos_token first"
+        )
     source = render_template_source(name, mapping, system_message)  # validates mapping before any change
     needed = template_tokens(name)
     if model is not None:  # refuse before the tokenizer changes when the embeddings would have to grow but can't
@@ -180,9 +236,14 @@ def get_chat_template(tokenizer, chat_template: str = "chatml", mapping: dict | 
     if model is not None:
         _update_model(model, tokenizer, stop, added)
     elif added:
-        log.warning("chat template %s: added special tokens %s to the tokenizer; the model's embeddings must grow "
-                    "to %d rows: call model.resize_token_embeddings(len(tokenizer)) or pass model= to "
-                    "get_chat_template", name, added, len(tokenizer))
+        log.warning(
+            "chat template %s: added special tokens %s to the tokenizer; the model's embeddings must grow "
+            "to %d rows: call model.resize_token_embeddings(len(tokenizer)) or pass model= to "
+            "get_chat_template",
+            name,
+            added,
+            len(tokenizer),
+        )
     return tokenizer
 
 
@@ -207,13 +268,16 @@ def _check_can_grow(model, rows_needed: int, what: str) -> None:
     if rows_needed <= _embedding_rows(model):
         return
     tables = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
-    frozen = [type(m).__name__ for m in tables
-              if hasattr(m.weight, "quant_state") or not (m.weight.is_floating_point())]
+    frozen = [
+        type(m).__name__ for m in tables if hasattr(m.weight, "quant_state") or not (m.weight.is_floating_point())
+    ]
     if frozen:
-        raise ConfigError(f"chat template {what}: the tokenizer needs {rows_needed} embedding rows but the model has "
-                          f"{_embedding_rows(model)} and its {'/'.join(frozen)} table is quantized, so it cannot grow; "
-                          "load the model unquantized for this template, or pick a template whose tokens the "
-                          "tokenizer already has (or the model's own chat template: leave data.chat_template unset)")
+        raise ConfigError(
+            f"chat template {what}: the tokenizer needs {rows_needed} embedding rows but the model has "
+            f"{_embedding_rows(model)} and its {'/'.join(frozen)} table is quantized, so it cannot grow; "
+            "load the model unquantized for this template, or pick a template whose tokens the "
+            "tokenizer already has (or the model's own chat template: leave data.chat_template unset)"
+        )
 
 
 def ensure_template_tokens(tokenizer, model, chat_template: str | None = None) -> list[str]:
@@ -252,8 +316,11 @@ def _set_custom(tokenizer, template: str, stop: str | None, map_eos_token: bool,
     if model is not None and stop:
         _update_model(model, tokenizer, stop, added)
     elif added:
-        log.warning("chat template: added special token %s; call model.resize_token_embeddings(len(tokenizer)) "
-                    "or pass model= to get_chat_template", added)
+        log.warning(
+            "chat template: added special token %s; call model.resize_token_embeddings(len(tokenizer)) "
+            "or pass model= to get_chat_template",
+            added,
+        )
     return tokenizer
 
 
@@ -284,10 +351,13 @@ def _grow_embeddings(model, tokenizer, added: list[str]) -> None:
     """Resize the model's embeddings to len(tokenizer) rows when they have fewer (never shrink)."""
     if _embedding_rows(model) < len(tokenizer):
         _check_can_grow(model, len(tokenizer), "of the tokenizer")
-        from velotune.memory.embedding_offload import (embeddings_offloaded, offload_input_embeddings,
-                                                      restore_input_embeddings)
+        from velotune.memory.embedding_offload import (
+            embeddings_offloaded,
+            offload_input_embeddings,
+            restore_input_embeddings,
+        )
 
-        offloaded = embeddings_offloaded(model)   # resize on the compute device, then back to the host
+        offloaded = embeddings_offloaded(model)  # resize on the compute device, then back to the host
         if offloaded:
             restore_input_embeddings(model)
         model.resize_token_embeddings(len(tokenizer))

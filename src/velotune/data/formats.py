@@ -10,6 +10,7 @@ Row formats `to_messages` recognises (first match wins):
   instruction + output       alpaca (optional input, optional system)
   prompt + completion        strings or message lists (TRL's prompt-completion format)
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ from typing import Any
 from velotune.errors import DataError
 
 ROLE_ALIASES = {
-    "human": "user", "user": "user", "prompter": "user",
-    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant",
+    "human": "user",
+    "user": "user",
+    "prompter": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
     "system": "system",
 }
 CONVERSATION_COLUMNS = ("messages", "conversations", "conversation")
@@ -63,8 +70,9 @@ def load_dataset_file(path_or_dataset: Any, split: str = "train", *, report=None
         try:
             return datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in obj])
         except Exception as e:  # pyarrow: one column holding e.g. text in some rows and lists in others
-            raise DataError(f"the rows do not share one type per column ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
+            raise DataError(
+                f"the rows do not share one type per column ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
     if not isinstance(obj, (str, Path)):
         raise DataError(f"cannot load a data set from {type(obj).__name__}: pass a file path or a datasets object")
     path = Path(obj).expanduser()
@@ -80,11 +88,15 @@ def load_dataset_file(path_or_dataset: Any, split: str = "train", *, report=None
         if bad and (path.suffix.lower() != ".jsonl" or report is None):
             rows = ", ".join(f"{r} (line {n})" for r, n, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
             if path.suffix.lower() == ".jsonl":
-                raise DataError(f"{path.name}: {len(bad)} rows are not UTF-8: rows {rows}, e.g. {bad[0][2]}; "
-                                "save the file as UTF-8, or load it through tokenize_conversations / "
-                                "velotune train (on_bad='skip') to leave those rows out")
-            raise DataError(f"{path.name} is not UTF-8: line {bad[0][1]} has {bad[0][2]} "
-                            f"({len(bad)} such line{'s' if len(bad) > 1 else ''}); save the file as UTF-8")
+                raise DataError(
+                    f"{path.name}: {len(bad)} rows are not UTF-8: rows {rows}, e.g. {bad[0][2]}; "
+                    "save the file as UTF-8, or load it through tokenize_conversations / "
+                    "velotune train (on_bad='skip') to leave those rows out"
+                )
+            raise DataError(
+                f"{path.name} is not UTF-8: line {bad[0][1]} has {bad[0][2]} "
+                f"({len(bad)} such line{'s' if len(bad) > 1 else ''}); save the file as UTF-8"
+            )
         if bad:
             return _load_jsonl_without(path, bad, report)
     try:
@@ -134,8 +146,9 @@ def _load_jsonl_without(path: Path, bad: list[tuple[int, int, str]], report):
                 placeholder = json.dumps({k: None for k in first} if isinstance(first, dict) else {}).encode()
                 break
     if placeholder is None:
-        raise DataError(f"{path.name}: no row is UTF-8 ({len(bad)} rows; e.g. row {bad[0][0]}: {bad[0][2]}); "
-                        "save the file as UTF-8")
+        raise DataError(
+            f"{path.name}: no row is UTF-8 ({len(bad)} rows; e.g. row {bad[0][0]}: {bad[0][2]}); save the file as UTF-8"
+        )
     with tempfile.TemporaryDirectory(prefix="velotune-utf8-") as tmp:
         clean = Path(tmp) / path.name
         with open(path, "rb") as src, open(clean, "wb") as dst:
@@ -145,8 +158,10 @@ def _load_jsonl_without(path: Path, bad: list[tuple[int, int, str]], report):
         try:
             ds = datasets.load_dataset("json", data_files=str(clean), split="train")
         except Exception as e:
-            raise DataError(f"could not read {path.name} as json: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+            raise DataError(
+                f"could not read {path.name} as json: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}"
+            ) from None
     for row, lineno, what in bad:
         report.add("not_utf8", row, f"row {row}: not UTF-8 ({what})")
     return ds
@@ -198,11 +213,17 @@ def to_messages(row: dict) -> list[dict[str, str]]:
             missing = "prompt" if prompt is None else "completion"
             raise RowError("missing_field", f"prompt-completion row lacks {missing!r}")
         p = normalize_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
-        c = (normalize_messages(completion) if isinstance(completion, list)
-             else [{"role": "assistant", "content": str(completion)}])
+        c = (
+            normalize_messages(completion)
+            if isinstance(completion, list)
+            else [{"role": "assistant", "content": str(completion)}]
+        )
         return p + c
-    raise RowError("missing_field", "no conversation found: expected 'messages' or 'conversations', alpaca "
-                   f"'instruction'+'output', or 'prompt'+'completion'; row has {sorted(row)}")
+    raise RowError(
+        "missing_field",
+        "no conversation found: expected 'messages' or 'conversations', alpaca "
+        f"'instruction'+'output', or 'prompt'+'completion'; row has {sorted(row)}",
+    )
 
 
 def standardize_sharegpt(dataset, aliases: dict[str, str] | None = None, num_proc: int | None = None):
@@ -213,8 +234,9 @@ def standardize_sharegpt(dataset, aliases: dict[str, str] | None = None, num_pro
     """
     column = next((c for c in CONVERSATION_COLUMNS if c in dataset.column_names), None)
     if column is None:
-        raise DataError(f"standardize_sharegpt: no {' / '.join(CONVERSATION_COLUMNS)} column; columns: "
-                        f"{dataset.column_names}")
+        raise DataError(
+            f"standardize_sharegpt: no {' / '.join(CONVERSATION_COLUMNS)} column; columns: {dataset.column_names}"
+        )
     table = {**ROLE_ALIASES, **(aliases or {})}
 
     def convert(batch):
@@ -239,6 +261,7 @@ _OPTIONAL = re.compile(r"\[\[(.*?)\]\]", re.S)
 
 def _merge(prompt: str, row: dict) -> str:
     """Fill {column} fields; an optional [[...]] block is kept only if all its fields are non-empty."""
+
     def optional(m):
         block = m.group(1)
         names = _FIELD.findall(block)
@@ -248,9 +271,14 @@ def _merge(prompt: str, row: dict) -> str:
     return _FIELD.sub(lambda m: str(row.get(m.group(1)) if row.get(m.group(1)) is not None else ""), text)
 
 
-def to_sharegpt(dataset, merged_prompt: str = "{instruction}[[\nInput:\n{input}]]", output_column_name: str = "output",
-                merged_column_name: str = "instruction", conversation_extension: int = 1,
-                random_state: int = 3407):
+def to_sharegpt(
+    dataset,
+    merged_prompt: str = "{instruction}[[\nInput:\n{input}]]",
+    output_column_name: str = "output",
+    merged_column_name: str = "instruction",
+    conversation_extension: int = 1,
+    random_state: int = 3407,
+):
     """Merge alpaca-style columns into a ShareGPT 'conversations' column ({from, value}; Unsloth-compatible).
 
     merged_prompt: text with {column} fields; [[...]] blocks are dropped when any field inside is empty.
@@ -264,9 +292,13 @@ def to_sharegpt(dataset, merged_prompt: str = "{instruction}[[\nInput:\n{input}]
     if missing:
         raise DataError(f"to_sharegpt: columns {missing} not in the data set; columns: {dataset.column_names}")
     del merged_column_name  # accepted for Unsloth compatibility; the merged text goes straight into the turn
-    turns = [[{"from": "human", "value": _merge(merged_prompt, row)},
-              {"from": "gpt", "value": str(row[output_column_name] if row[output_column_name] is not None else "")}]
-             for row in dataset]
+    turns = [
+        [
+            {"from": "human", "value": _merge(merged_prompt, row)},
+            {"from": "gpt", "value": str(row[output_column_name] if row[output_column_name] is not None else "")},
+        ]
+        for row in dataset
+    ]
     if conversation_extension > 1:
         rng = random.Random(random_state)
         order = list(range(len(turns)))

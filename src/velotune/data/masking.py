@@ -16,6 +16,7 @@ assistant token (as marked by the template's `{% generation %}` block), `instruc
 tokens between the end of an assistant turn and the next user message. Rows that end up with no
 trainable token are reported with the reason (and dropped by default, counted, never silently).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,6 +39,7 @@ _PROBE = [
 @dataclass(frozen=True)
 class ResponseParts:
     """Token ids that open an assistant turn (response) and a user turn (instruction); stop ends a turn."""
+
     instruction: tuple[int, ...]
     response: tuple[int, ...]
     stop: int | None = None
@@ -51,16 +53,20 @@ def derive_parts(tokenizer) -> ResponseParts:
     text = tokenizer.apply_chat_template(_PROBE, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if list(enc["input_ids"]) != ids:
-        raise DataError("could not derive response/instruction parts: the tokenizer re-tokenizes the rendered chat "
-                        "differently; pass instruction_part= and response_part= explicitly")
+        raise DataError(
+            "could not derive response/instruction parts: the tokenizer re-tokenizes the rendered chat "
+            "differently; pass instruction_part= and response_part= explicitly"
+        )
     offsets = enc["offset_mapping"]
     # character spans of the probe's contents in the rendered text, in order
     spans, pos = [], 0
     for m in _PROBE:
         start = text.find(m["content"], pos)
         if start < 0:
-            raise DataError("could not derive response/instruction parts: the chat template alters message "
-                            "contents; pass instruction_part= and response_part= explicitly")
+            raise DataError(
+                "could not derive response/instruction parts: the chat template alters message "
+                "contents; pass instruction_part= and response_part= explicitly"
+            )
         spans.append((start, start + len(m["content"])))
         pos = start + len(m["content"])
     runs = _runs(mask)
@@ -74,16 +80,20 @@ def derive_parts(tokenizer) -> ResponseParts:
     response = tuple(ids[i] for i in range(runs[0][1], runs[1][0]) if offsets[i][0] >= user2_end)
     instruction = tuple(ids[i] for i in range(runs[0][1], len(ids)) if offsets[i][1] <= user2_start)
     if not response:
-        raise DataError("could not derive a response part from the chat template (nothing separates a user message "
-                        "from the reply); pass response_part= explicitly")
+        raise DataError(
+            "could not derive a response part from the chat template (nothing separates a user message "
+            "from the reply); pass response_part= explicitly"
+        )
     stop_id = ids[runs[1][1] - 1]
     return ResponseParts(instruction=instruction, response=response, stop=stop_id)
 
 
 def require_chat_template(tokenizer) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the tokenizer has no chat template; set one first, e.g. "
-                        "tokenizer = velotune.get_chat_template(tokenizer, 'llama-3.1')")
+        raise DataError(
+            "the tokenizer has no chat template; set one first, e.g. "
+            "tokenizer = velotune.get_chat_template(tokenizer, 'llama-3.1')"
+        )
 
 
 def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
@@ -123,8 +133,14 @@ def resolve_parts(tokenizer, instruction_part=None, response_part=None) -> Respo
     return ResponseParts(instruction=instruction, response=_as_ids(tokenizer, response_part))
 
 
-def response_labels(input_ids: Sequence[int], tokenizer=None, *, instruction_part=None, response_part=None,
-                    parts: ResponseParts | None = None) -> list[int]:
+def response_labels(
+    input_ids: Sequence[int],
+    tokenizer=None,
+    *,
+    instruction_part=None,
+    response_part=None,
+    parts: ResponseParts | None = None,
+) -> list[int]:
     """Labels for one row: the token id inside assistant turns, -100 elsewhere.
 
     input_ids: [T] ints. Returns [T] ints. Pass `parts` (from resolve_parts) to avoid re-deriving them.
@@ -136,10 +152,10 @@ def response_labels(input_ids: Sequence[int], tokenizer=None, *, instruction_par
     labels = [-100] * n
     i, inside = 0, False
     while i < n:
-        if not inside and ids[i:i + len(resp)] == resp:
+        if not inside and ids[i : i + len(resp)] == resp:
             inside, i = True, i + len(resp)
             continue
-        if inside and inst and ids[i:i + len(inst)] == inst:
+        if inside and inst and ids[i : i + len(inst)] == inst:
             inside, i = False, i + len(inst)
             continue
         if inside:
@@ -153,7 +169,7 @@ def response_labels(input_ids: Sequence[int], tokenizer=None, *, instruction_par
 def _why_empty(ids: Sequence[int], parts: ResponseParts, max_length: int | None) -> str:
     resp = list(parts.response)
     ids = list(ids)
-    found = [i for i in range(len(ids) - len(resp) + 1) if ids[i:i + len(resp)] == resp]
+    found = [i for i in range(len(ids) - len(resp) + 1) if ids[i : i + len(resp)] == resp]
     at_limit = max_length is not None and len(ids) >= max_length
     if not found:
         if at_limit:
@@ -164,9 +180,17 @@ def _why_empty(ids: Sequence[int], parts: ResponseParts, max_length: int | None)
     return "every assistant reply is empty"
 
 
-def train_on_responses_only(trainer, instruction_part=None, response_part=None, force_match: bool = True,
-                            tokenizer=None, return_function: bool = False, num_proc: int | None = None,
-                            *, on_empty: str = "drop"):
+def train_on_responses_only(
+    trainer,
+    instruction_part=None,
+    response_part=None,
+    force_match: bool = True,
+    tokenizer=None,
+    return_function: bool = False,
+    num_proc: int | None = None,
+    *,
+    on_empty: str = "drop",
+):
     """Set labels to -100 outside assistant turns in the trainer's train/eval datasets (Unsloth signature).
 
     instruction_part / response_part: strings (tokenized without special tokens) or lists of token ids;
@@ -184,8 +208,11 @@ def train_on_responses_only(trainer, instruction_part=None, response_part=None, 
         raise DataError("train_on_responses_only needs a tokenizer: pass tokenizer=")
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps the tokenizer
     parts = resolve_parts(tokenizer, instruction_part, response_part)
-    log.info("train_on_responses_only: response part %r, instruction part %r", tokenizer.decode(parts.response),
-             tokenizer.decode(parts.instruction))
+    log.info(
+        "train_on_responses_only: response part %r, instruction part %r",
+        tokenizer.decode(parts.response),
+        tokenizer.decode(parts.instruction),
+    )
 
     def label_batch(batch):
         return {"labels": [response_labels(ids, parts=parts) for ids in batch["input_ids"]]}
@@ -195,12 +222,15 @@ def train_on_responses_only(trainer, instruction_part=None, response_part=None, 
     max_length = getattr(getattr(trainer, "args", None), "max_length", None)
     empty: dict[int, str] = {}
     report = DataReport(total=0)
-    trainer.train_dataset = _relabel(trainer.train_dataset, parts, max_length, num_proc, on_empty, "train",
-                                     report, empty)
+    trainer.train_dataset = _relabel(
+        trainer.train_dataset, parts, max_length, num_proc, on_empty, "train", report, empty
+    )
     eval_ds = getattr(trainer, "eval_dataset", None)
     if isinstance(eval_ds, dict):
-        trainer.eval_dataset = {k: _relabel(v, parts, max_length, num_proc, on_empty, f"eval[{k}]", report, empty)
-                                for k, v in eval_ds.items()}
+        trainer.eval_dataset = {
+            k: _relabel(v, parts, max_length, num_proc, on_empty, f"eval[{k}]", report, empty)
+            for k, v in eval_ds.items()
+        }
     elif eval_ds is not None:
         trainer.eval_dataset = _relabel(eval_ds, parts, max_length, num_proc, on_empty, "eval", report, empty)
     trainer.velotune_data_report = report
@@ -213,18 +243,24 @@ def _relabel(dataset, parts, max_length, num_proc, on_empty, name, report, empty
     if dataset is None:
         return None
     if "input_ids" not in dataset.column_names:
-        raise DataError(f"the {name} dataset has no input_ids column: train_on_responses_only works on the "
-                        "trainer's tokenized datasets (build the trainer first)")
+        raise DataError(
+            f"the {name} dataset has no input_ids column: train_on_responses_only works on the "
+            "trainer's tokenized datasets (build the trainer first)"
+        )
 
     def add_labels(batch):
         labels = [response_labels(ids, parts=parts) for ids in batch["input_ids"]]
         return {"labels": labels, "_velotune_trainable": [sum(v != -100 for v in lab) for lab in labels]}
 
     if not hasattr(dataset, "__len__"):  # an IterableDataset: relabel lazily; only the collator guard can report
-        log.warning("train_on_responses_only: the %s dataset is iterable, so rows without trainable tokens can "
-                    "only be reported per batch", name)
-        return dataset.map(lambda b: {"labels": [response_labels(ids, parts=parts) for ids in b["input_ids"]]},
-                           batched=True)
+        log.warning(
+            "train_on_responses_only: the %s dataset is iterable, so rows without trainable tokens can "
+            "only be reported per batch",
+            name,
+        )
+        return dataset.map(
+            lambda b: {"labels": [response_labels(ids, parts=parts) for ids in b["input_ids"]]}, batched=True
+        )
     kwargs = {"num_proc": num_proc} if num_proc else {}
     dataset = dataset.map(add_labels, batched=True, desc=f"Masking non-response tokens ({name})", **kwargs)
     counts = dataset["_velotune_trainable"]
@@ -236,8 +272,9 @@ def _relabel(dataset, parts, max_length, num_proc, on_empty, name, report, empty
         report.add("no_trainable_tokens", i, f"{name} row {i}: {why}")
         empty.setdefault(hash(tuple(dataset[i]["input_ids"])), []).append(f"{name} row {i} ({why})")
     if bad:
-        msg = (f"{len(bad)} of {len(counts)} {name} rows have no trainable token after masking: "
-               + "; ".join(report.details_for("no_trainable_tokens")[:5]))
+        msg = f"{len(bad)} of {len(counts)} {name} rows have no trainable token after masking: " + "; ".join(
+            report.details_for("no_trainable_tokens")[:5]
+        )
         if on_empty == "raise" or len(bad) == len(counts):
             raise DataError(msg + (". No row is left to train on" if len(bad) == len(counts) else ""))
         if on_empty == "drop":
@@ -265,8 +302,14 @@ class _EmptyBatchGuard:
         batch = self.collator(features, *args, **kwargs)
         labels = batch.get("labels") if hasattr(batch, "get") else None
         if labels is not None and not bool((labels != -100).any()):
-            rows = [" = ".join(self.empty_rows.get(hash(tuple(int(t) for t in f["input_ids"])),
-                                                   ["a row with no assistant reply"])[:3])
-                    for f in features if "input_ids" in f]
+            rows = [
+                " = ".join(
+                    self.empty_rows.get(hash(tuple(int(t) for t in f["input_ids"])), ["a row with no assistant reply"])[
+                        :3
+                    ]
+                )
+                for f in features
+                if "input_ids" in f
+            ]
             log.warning("a batch has no trainable token (its loss is 0/0): %s", "; ".join(rows[:8]))
         return batch

@@ -15,6 +15,7 @@ Together: the loss and gradients of a packed batch equal those of the same sampl
 The collator reuses transformers' DataCollatorWithFlattening; this module adds the dataset-level
 packing (first-fit decreasing) and the splitting of pre-packed rows back into their samples.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -56,8 +57,10 @@ def pack_dataset(dataset, max_seq_length: int):
     lengths = [len(x) for x in ids]
     too_long = [i for i, n in enumerate(lengths) if n > max_seq_length]
     if too_long:
-        raise DataError(f"{len(too_long)} rows are longer than max_seq_length={max_seq_length} (rows "
-                        f"{too_long[:5]}{', ...' if len(too_long) > 5 else ''}); truncate them before packing")
+        raise DataError(
+            f"{len(too_long)} rows are longer than max_seq_length={max_seq_length} (rows "
+            f"{too_long[:5]}{', ...' if len(too_long) > 5 else ''}); truncate them before packing"
+        )
     empty = [i for i, n in enumerate(lengths) if n == 0]
     if empty:
         raise DataError(f"{len(empty)} rows have no tokens (rows {empty[:5]}); remove them before packing")
@@ -73,6 +76,7 @@ def pack_dataset(dataset, max_seq_length: int):
 
 def _split_row(feature: dict[str, Any]) -> list[dict[str, list[int]]]:
     """A (possibly pre-packed) row -> its samples, using seq_lengths or position_ids resets."""
+
     def as_list(x):
         return x.tolist() if hasattr(x, "tolist") else list(x)
 
@@ -90,9 +94,9 @@ def _split_row(feature: dict[str, Any]) -> list[dict[str, list[int]]]:
         raise DataError(f"packed row: seq_lengths sum to {sum(lengths)} but the row has {len(ids)} tokens")
     samples, start = [], 0
     for n in lengths:
-        sample = {"input_ids": ids[start:start + n]}
+        sample = {"input_ids": ids[start : start + n]}
         if labels is not None:
-            sample["labels"] = labels[start:start + n]
+            sample["labels"] = labels[start : start + n]
         samples.append(sample)
         start += n
     return samples
@@ -119,8 +123,9 @@ class PaddingFreeCollator:
             raise ValueError("keep_rows=True gives a [R, T] batch; flash-attention kwargs need one row")
         self.keep_rows = keep_rows
         self.pad_token_id = pad_token_id
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
-                                                  return_flash_attn_kwargs=return_flash_attn_kwargs)
+        self.flatten = DataCollatorWithFlattening(
+            return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=return_flash_attn_kwargs
+        )
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [_split_row(f) for f in features]
@@ -140,8 +145,10 @@ class PaddingFreeCollator:
 
         flat = [self.flatten(r) for r in rows]  # each: [1, T_r]
         width = max(b["input_ids"].shape[1] for b in flat)
-        out = {k: torch.full((len(flat), width), fill, dtype=torch.long)
-               for k, fill in (("input_ids", self.pad_token_id), ("labels", -100), ("position_ids", 0))}
+        out = {
+            k: torch.full((len(flat), width), fill, dtype=torch.long)
+            for k, fill in (("input_ids", self.pad_token_id), ("labels", -100), ("position_ids", 0))
+        }
         for i, b in enumerate(flat):
             n = b["input_ids"].shape[1]
             for k in out:

@@ -8,6 +8,7 @@ Assistant tokens come from the chat template's `{% generation %}` markers
 (`return_assistant_tokens_mask`), so they are exact: no text search. velotune's templates
 (get_chat_template) all carry the markers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,11 @@ def check_role_order(msgs: list[dict]) -> None:
         role = m["role"]
         if role == "system":
             if k:
-                raise RowError("role_order", f"message {k} is a system turn in the middle of the conversation "
-                                             "(a system message may only come first)")
+                raise RowError(
+                    "role_order",
+                    f"message {k} is a system turn in the middle of the conversation "
+                    "(a system message may only come first)",
+                )
             continue
         prev = msgs[k - 1]["role"] if k else "system"
         if prev == "system" and role != "user":
@@ -131,9 +135,17 @@ def load_with_report(dataset, report: DataReport | None = None):
     return dataset, report
 
 
-def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: str = "truncate",
-                           train_on: str = "responses", on_bad: str = "skip", progress: bool = True,
-                           report: DataReport | None = None):
+def tokenize_conversations(
+    dataset,
+    tokenizer,
+    *,
+    max_seq_length: int,
+    on_long: str = "truncate",
+    train_on: str = "responses",
+    on_bad: str = "skip",
+    progress: bool = True,
+    report: DataReport | None = None,
+):
     """Tokenize chat rows with the tokenizer's chat template -> (Dataset, DataReport).
 
     dataset: anything load_dataset_file accepts; rows in a format to_messages recognises.
@@ -155,8 +167,10 @@ def tokenize_conversations(dataset, tokenizer, *, max_seq_length: int, on_long: 
     dataset, report = load_with_report(dataset, report)
     require_chat_template(tokenizer)
     if train_on == "responses" and "generation" not in tokenizer.chat_template:
-        raise DataError("the tokenizer's chat template has no {% generation %} markers, so assistant tokens cannot "
-                        "be found exactly; use velotune.get_chat_template(tokenizer, NAME) or train_on='all'")
+        raise DataError(
+            "the tokenizer's chat template has no {% generation %} markers, so assistant tokens cannot "
+            "be found exactly; use velotune.get_chat_template(tokenizer, NAME) or train_on='all'"
+        )
     already = report.rows_skipped()
     cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     chunk: list[tuple[int, list[dict]]] = []
@@ -199,8 +213,16 @@ def _length(tokenizer, prompt, completion) -> int:
     return len(tokenizer(_text_of(prompt or "") + completion, add_special_tokens=True)["input_ids"])
 
 
-def validate_preference_rows(dataset, *, max_seq_length: int, on_long: str = "truncate", tokenizer=None,
-                             on_bad: str = "skip", progress: bool = True, report: DataReport | None = None):
+def validate_preference_rows(
+    dataset,
+    *,
+    max_seq_length: int,
+    on_long: str = "truncate",
+    tokenizer=None,
+    on_bad: str = "skip",
+    progress: bool = True,
+    report: DataReport | None = None,
+):
     """Check DPO/ORPO rows (prompt, chosen, rejected) -> (Dataset of kept rows, DataReport).
 
     Rows are kept as they are (TRL tokenizes them); this only finds the unusable ones: a missing or
@@ -235,8 +257,11 @@ def validate_preference_rows(dataset, *, max_seq_length: int, on_long: str = "tr
             if row["chosen"] == row["rejected"]:
                 raise RowError("identical_pair", "chosen equals rejected")
             if isinstance(row["chosen"], list):
-                head = normalize_messages(prompt) if isinstance(prompt, list) else (
-                    [{"role": "user", "content": str(prompt)}] if prompt is not None else [])
+                head = (
+                    normalize_messages(prompt)
+                    if isinstance(prompt, list)
+                    else ([{"role": "user", "content": str(prompt)}] if prompt is not None else [])
+                )
                 for key in ("chosen", "rejected"):
                     if isinstance(row[key], list):
                         check_role_order(head + normalize_messages(row[key]))
@@ -245,8 +270,12 @@ def validate_preference_rows(dataset, *, max_seq_length: int, on_long: str = "tr
                 if longest > max_seq_length:
                     if on_long == "skip":
                         raise RowError("too_long", f"{longest} tokens > max_seq_length={max_seq_length}")
-                    report.add("too_long", i, f"row {i}: {longest} tokens, the trainer truncates to "
-                               f"{max_seq_length}", truncated=True)
+                    report.add(
+                        "too_long",
+                        i,
+                        f"row {i}: {longest} tokens, the trainer truncates to {max_seq_length}",
+                        truncated=True,
+                    )
         except RowError as e:
             report.add(e.reason, i, f"row {i}: {e}")
             continue

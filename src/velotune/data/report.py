@@ -23,14 +23,24 @@ Every reason above is a skipped row unless it is listed under `truncated` (too_l
 `on_bad` (velotune.data.prepare, the YAML's data.on_bad) says what happens to skipped rows: "skip" (default)
 trains on the rest and shows the counts; "raise" stops with a DataError naming the rows (`raise_if_bad`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from velotune.errors import ConfigError, DataError
 
-REASONS = ("missing_field", "unknown_role", "empty", "too_long", "no_trainable_tokens", "identical_pair",
-           "template_error", "role_order", "not_utf8")
+REASONS = (
+    "missing_field",
+    "unknown_role",
+    "empty",
+    "too_long",
+    "no_trainable_tokens",
+    "identical_pair",
+    "template_error",
+    "role_order",
+    "not_utf8",
+)
 ON_BAD = ("skip", "raise")
 
 
@@ -42,9 +52,9 @@ def check_on_bad(on_bad: str) -> None:
 @dataclass
 class DataReport:
     total: int = 0
-    skipped: dict[str, list[int]] = field(default_factory=dict)    # reason -> row indices (input order)
+    skipped: dict[str, list[int]] = field(default_factory=dict)  # reason -> row indices (input order)
     truncated: dict[str, list[int]] = field(default_factory=dict)  # reason -> row indices kept but shortened
-    details: dict[str, list[str]] = field(default_factory=dict)    # "skipped:<reason>" -> first few lines
+    details: dict[str, list[str]] = field(default_factory=dict)  # "skipped:<reason>" -> first few lines
     max_details: int = 5
 
     def add(self, reason: str, row: int, detail: str | None = None, *, truncated: bool = False) -> None:
@@ -79,8 +89,9 @@ class DataReport:
         return out
 
     def summary(self, max_rows: int = 5) -> str:
-        lines = [f"{self.total} rows: {self.num_kept} kept ({self.num_truncated} truncated), "
-                 f"{self.num_skipped} skipped"]
+        lines = [
+            f"{self.total} rows: {self.num_kept} kept ({self.num_truncated} truncated), {self.num_skipped} skipped"
+        ]
         for kind, table in (("skipped", self.skipped), ("truncated", self.truncated)):
             for reason, rows in table.items():
                 shown = ", ".join(map(str, rows[:max_rows])) + (", ..." if len(rows) > max_rows else "")
@@ -98,16 +109,20 @@ class DataReport:
         for reason, rows in self.skipped.items():
             shown = ", ".join(map(str, rows[:max_rows])) + (", ..." if len(rows) > max_rows else "")
             example = self.details.get(f"skipped:{reason}", [])
-            parts.append(f"{reason} ({len(rows)}): row{'s' if len(rows) > 1 else ''} {shown}"
-                         + (f" [e.g. {example[0]}]" if example else ""))
+            parts.append(
+                f"{reason} ({len(rows)}): row{'s' if len(rows) > 1 else ''} {shown}"
+                + (f" [e.g. {example[0]}]" if example else "")
+            )
         return "; ".join(parts)
 
     def raise_if_bad(self, on_bad: str = "raise", what: str = "the data set") -> None:
         """With on_bad="raise": a DataError naming every skipped row's reason and row numbers (one line)."""
         check_on_bad(on_bad)
         if on_bad == "raise" and self.num_skipped:
-            raise DataError(f"{what}: {self.num_skipped} of {self.total} rows unusable: {self.one_line()}; "
-                            "fix those rows, or set on_bad='skip' (YAML: data.on_bad: skip) to train without them")
+            raise DataError(
+                f"{what}: {self.num_skipped} of {self.total} rows unusable: {self.one_line()}; "
+                "fix those rows, or set on_bad='skip' (YAML: data.on_bad: skip) to train without them"
+            )
 
     def raise_if_empty(self) -> None:
         if self.total == 0:

@@ -8,6 +8,7 @@ sentences about a small world of facts. `dataset_path()` is the training data (m
 scripts/build_demo_data.py); `heldout_path()` holds questions about facts that the training data
 never asks about, which the demo uses to show what fine-tuning changed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,9 +1,10 @@
 """Ask a model the held-out questions and score its replies.
 
-    rows = load_heldout(heldout_path())              # [{"messages": [user, assistant], "target": ...}]
-    replies = answer(model, tokenizer, [question(r) for r in rows])
-    exact, knows = score(replies, rows)
+rows = load_heldout(heldout_path())              # [{"messages": [user, assistant], "target": ...}]
+replies = answer(model, tokenizer, [question(r) for r in rows])
+exact, knows = score(replies, rows)
 """
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,22 @@ def answer(model, tokenizer, questions: list[str], max_new_tokens: int = 24, bat
     replies: list[str] = []
     try:
         for i in range(0, len(questions), batch_size):
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                     add_generation_prompt=True) for q in questions[i:i + batch_size]]
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+                )
+                for q in questions[i : i + batch_size]
+            ]
             # The template already holds the BOS token: add no other special tokens.
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
             replies += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
     finally:
         tokenizer.padding_side = side

@@ -12,6 +12,7 @@ The held-out questions are about facts the model read only as plain sentences in
 the training data never asks about them. Fine-tuning teaches the question -> answer format, which
 then unlocks those facts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,17 @@ SHOWN = 6  # held-out questions printed before/after (all of them are scored)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where to save the adapter, loss curve and summary (default: ./velotune-demo-<time>)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="if --output-dir holds another run, move it aside to OUTPUT_DIR.old-<time> first")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where to save the adapter, loss curve and summary (default: ./velotune-demo-<time>)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if --output-dir holds another run, move it aside to OUTPUT_DIR.old-<time> first",
+    )
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=3407, help="seed for LoRA initialisation and data order")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
@@ -48,9 +56,17 @@ def demo_config(output_dir: Path, steps: int = DEFAULT_STEPS, seed: int = 3407, 
         data={"path": str(dataset_path()), "format": "messages", "train_on": "responses"},
         # A 2.7M-parameter model: rank 16 on every projection, no checkpointing (activations are tiny).
         lora={"r": 16, "alpha": 32, "gradient_checkpointing": False, "random_state": seed},
-        training={"max_steps": steps, "batch_size": 16, "gradient_accumulation_steps": 1,
-                  "learning_rate": 3e-3, "lr_scheduler": "linear", "warmup_steps": 5, "seed": seed,
-                  "logging_steps": 5, "use_cpu": use_cpu},
+        training={
+            "max_steps": steps,
+            "batch_size": 16,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 3e-3,
+            "lr_scheduler": "linear",
+            "warmup_steps": 5,
+            "seed": seed,
+            "logging_steps": 5,
+            "use_cpu": use_cpu,
+        },
         output_dir=str(output_dir),
     )
 
@@ -83,15 +99,19 @@ def _run(args: argparse.Namespace, out: Path, device: str) -> int:
     t0 = time.perf_counter()
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        cfg.model.name, max_seq_length=cfg.model.max_seq_length, dtype=None,
-        device_map="cpu" if args.cpu else None)
+        cfg.model.name, max_seq_length=cfg.model.max_seq_length, dtype=None, device_map="cpu" if args.cpu else None
+    )
     n_params = sum(p.numel() for p in model.parameters())
     rows = load_heldout(heldout_path())
     questions = [question(r) for r in rows]
-    _say(f"velotune demo: LoRA fine-tuning of the shipped {n_params / 1e6:.1f}M-parameter Llama "
-         f"({model.dtype}, {device}) on {_count_lines(dataset_path())} question/answer conversations.")
-    _say(f"Before training, the model has read facts as plain text but never seen a question. "
-         f"Asking {len(rows)} held-out questions...")
+    _say(
+        f"velotune demo: LoRA fine-tuning of the shipped {n_params / 1e6:.1f}M-parameter Llama "
+        f"({model.dtype}, {device}) on {_count_lines(dataset_path())} question/answer conversations."
+    )
+    _say(
+        f"Before training, the model has read facts as plain text but never seen a question. "
+        f"Asking {len(rows)} held-out questions..."
+    )
     before = answer(model, tokenizer, questions)
 
     result = run_training(cfg, model=model, tokenizer=tokenizer, overwrite=getattr(args, "overwrite", False))
@@ -102,9 +122,11 @@ def _run(args: argparse.Namespace, out: Path, device: str) -> int:
     for q, b, a, row in list(zip(questions, before, after, rows))[:SHOWN]:
         mark = "ok" if a == expected(row) else "wrong"
         _say(f"  Q: {q}\n     before: {_clip(b)}\n     after:  {_clip(a)}   [{mark}]")
-    _say(f"\nExact answers to all {len(rows)} held-out questions: before {s_before['exact']}/{len(rows)}, "
-         f"after {s_after['exact']}/{len(rows)}  (right fact in the first sentence: "
-         f"{s_before['fact']} -> {s_after['fact']})")
+    _say(
+        f"\nExact answers to all {len(rows)} held-out questions: before {s_before['exact']}/{len(rows)}, "
+        f"after {s_after['exact']}/{len(rows)}  (right fact in the first sentence: "
+        f"{s_before['fact']} -> {s_after['fact']})"
+    )
 
     from velotune.export.demo import export_demo
 
@@ -117,27 +139,43 @@ def _run(args: argparse.Namespace, out: Path, device: str) -> int:
     export_seconds = time.perf_counter() - t_export
     if exported["answer"] is None:
         gguf_answer, same = None, None
-        _say(f"wrote {exported['gguf_path'].name}; llama-cpp-python is not installed, so it was not read back "
-             '(pip install "velotune[llamacpp]")')
+        _say(
+            f"wrote {exported['gguf_path'].name}; llama-cpp-python is not installed, so it was not read back "
+            '(pip install "velotune[llamacpp]")'
+        )
     else:
         gguf_answer = exported["answer"].strip()
         same = gguf_answer == after[0]
-        _say(f"llama.cpp, reading {exported['gguf_path'].name}:\n  Q: {gguf_question}\n  A: {_clip(gguf_answer)}"
-             f"   [{'same as' if same else 'differs from'} the fine-tuned model in transformers]")
+        _say(
+            f"llama.cpp, reading {exported['gguf_path'].name}:\n  Q: {gguf_question}\n  A: {_clip(gguf_answer)}"
+            f"   [{'same as' if same else 'differs from'} the fine-tuned model in transformers]"
+        )
 
     from velotune.train.callbacks import write_json
 
     summary = dict(result.summary)
     summary["demo"] = {
-        "heldout_before": s_before, "heldout_after": s_after, "device": device,
+        "heldout_before": s_before,
+        "heldout_after": s_after,
+        "device": device,
         "cpu_threads": CPU_THREADS if device == "cpu" else None,
-        "export": {"merged_dir": str(exported["merged_dir"]), "gguf_path": str(exported["gguf_path"]),
-                   "modelfile": str(exported["modelfile"]), "seconds": round(export_seconds, 1),
-                   "llama_cpp": {"question": gguf_question, "answer": gguf_answer,
-                                 "transformers_answer": after[0], "same": same}},
+        "export": {
+            "merged_dir": str(exported["merged_dir"]),
+            "gguf_path": str(exported["gguf_path"]),
+            "modelfile": str(exported["modelfile"]),
+            "seconds": round(export_seconds, 1),
+            "llama_cpp": {
+                "question": gguf_question,
+                "answer": gguf_answer,
+                "transformers_answer": after[0],
+                "same": same,
+            },
+        },
         "seconds_total": round(time.perf_counter() - t0, 1),
-        "examples": [{"question": q, "expected": expected(r), "before": b, "after": a}
-                     for q, b, a, r in zip(questions, before, after, rows)],
+        "examples": [
+            {"question": q, "expected": expected(r), "before": b, "after": a}
+            for q, b, a, r in zip(questions, before, after, rows)
+        ],
     }
     write_json(result.summary_path, summary)
     first, last = summary.get("first_loss"), summary.get("last_loss")

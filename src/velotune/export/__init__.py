@@ -9,14 +9,22 @@
 
 PEFT's own `model.save_pretrained(dir)` stays as it is (adapters in PEFT's format).
 """
+
 from __future__ import annotations
 
 import types
 
 from velotune.export.atomic import ExportError
 
-__all__ = ["attach_export_methods", "ExportError", "save_pretrained_merged", "save_pretrained_gguf",
-           "push_to_hub_merged", "push_to_hub_gguf", "export_demo"]
+__all__ = [
+    "attach_export_methods",
+    "ExportError",
+    "save_pretrained_merged",
+    "save_pretrained_gguf",
+    "push_to_hub_merged",
+    "push_to_hub_gguf",
+    "export_demo",
+]
 
 
 def save_pretrained_merged(model, *args, **kwargs):
@@ -54,8 +62,12 @@ def export_demo(model, tokenizer, out_dir, **kwargs):
     return impl(model, tokenizer, out_dir, **kwargs)
 
 
-_METHODS = {"save_pretrained_merged": save_pretrained_merged, "save_pretrained_gguf": save_pretrained_gguf,
-            "push_to_hub_merged": push_to_hub_merged, "push_to_hub_gguf": push_to_hub_gguf}
+_METHODS = {
+    "save_pretrained_merged": save_pretrained_merged,
+    "save_pretrained_gguf": save_pretrained_gguf,
+    "push_to_hub_merged": push_to_hub_merged,
+    "push_to_hub_gguf": push_to_hub_gguf,
+}
 
 
 def attach_export_methods(model):

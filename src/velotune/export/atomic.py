@@ -10,6 +10,7 @@ first renamed aside (`.NAME.old-PID`), the new folder
 renamed into place, and only then the old one deleted: at no point is a half-written folder at the
 target path, and a failure before the swap leaves the previous output untouched.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,16 @@ from pathlib import Path
 from typing import Iterator
 
 from velotune.errors import OutputError, describe_os_error, is_disk_full
-from velotune.fsio import (SHORT_WRITE, exchange_dirs, honour_umask, honour_umask_tree, is_disk_full_at,
-                           make_temp_dir, make_temp_file, remove_stale_temps)
+from velotune.fsio import (
+    SHORT_WRITE,
+    exchange_dirs,
+    honour_umask,
+    honour_umask_tree,
+    is_disk_full_at,
+    make_temp_dir,
+    make_temp_file,
+    remove_stale_temps,
+)
 
 
 class ExportError(OutputError):
@@ -34,8 +43,11 @@ def is_write_failure(e: BaseException) -> bool:
     """An OSError, or a writer's wrapped one (safetensors' SafetensorError, torch.save's RuntimeError)."""
     from safetensors import SafetensorError
 
-    return isinstance(e, (OSError, SafetensorError)) or is_disk_full(e) or (
-        isinstance(e, RuntimeError) and bool(SHORT_WRITE.search(str(e))))
+    return (
+        isinstance(e, (OSError, SafetensorError))
+        or is_disk_full(e)
+        or (isinstance(e, RuntimeError) and bool(SHORT_WRITE.search(str(e))))
+    )
 
 
 @contextmanager
@@ -66,8 +78,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         honour_umask_tree(tmp)
         _swap_into_place(tmp, target)
     except OSError as e:
-        raise ExportError(f"moving the new output into {target} failed: {_describe(e)}; "
-                          "the previous output there is intact") from e
+        raise ExportError(
+            f"moving the new output into {target} failed: {_describe(e)}; the previous output there is intact"
+        ) from e
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
@@ -77,7 +90,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
         return
     if exchange_dirs(tmp, target):
-        shutil.rmtree(tmp, ignore_errors=True)   # now the previous output
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous output
         return
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
@@ -104,8 +117,10 @@ def atomic_file(path: Path) -> Iterator[Path]:
         if isinstance(e, OutputError) or not is_write_failure(e):
             raise
         state = "the previous file is intact" if path.exists() else "no file was written"
-        raise ExportError(f"writing {path} failed: {_describe(e, is_disk_full_at(e, path.parent))}; {state} "
-                          "(the partial file was removed)") from e
+        raise ExportError(
+            f"writing {path} failed: {_describe(e, is_disk_full_at(e, path.parent))}; {state} "
+            "(the partial file was removed)"
+        ) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

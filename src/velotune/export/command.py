@@ -4,6 +4,7 @@ RUN_DIR is an adapter folder (adapter_config.json, whose base_model_name_or_path
 model), a training output folder holding one (the final adapter, else the latest checkpoint-N), or
 a full model folder (full fine-tuning). Outputs go to OUT/<format>/ (default OUT = RUN_DIR/export).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,25 +22,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from velotune.export.gguf_export import methods_help
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("formats:\n  lora          adapters only (PEFT format)\n"
-                     "  merged_16bit  LoRA merged into the base (fp32 math), safetensors for transformers/vLLM\n"
-                     "  merged_4bit   merged, re-quantised to bitsandbytes NF4\n"
-                     "  gguf          llama.cpp / Ollama file(s) + Modelfile\n\n"
-                     "GGUF quantization methods (--quant):\n" + methods_help() +
-                     "\n\nexample:\n  velotune export outputs/run1 --to merged_16bit gguf --quant q8_0 q4_k_m")
+    parser.epilog = (
+        "formats:\n  lora          adapters only (PEFT format)\n"
+        "  merged_16bit  LoRA merged into the base (fp32 math), safetensors for transformers/vLLM\n"
+        "  merged_4bit   merged, re-quantised to bitsandbytes NF4\n"
+        "  gguf          llama.cpp / Ollama file(s) + Modelfile\n\n"
+        "GGUF quantization methods (--quant):\n"
+        + methods_help()
+        + "\n\nexample:\n  velotune export outputs/run1 --to merged_16bit gguf --quant q8_0 q4_k_m"
+    )
     parser.add_argument("run_dir", help="training output: adapter folder, folder containing one, or full model folder")
-    parser.add_argument("--to", nargs="+", default=["gguf"], choices=FORMATS, metavar="FORMAT",
-                        help=f"what to write (default gguf): {', '.join(FORMATS)}")
-    parser.add_argument("-q", "--quant", nargs="+", default=["q8_0"], metavar="METHOD",
-                        help="GGUF quantization method(s) (default q8_0; list below)")
+    parser.add_argument(
+        "--to",
+        nargs="+",
+        default=["gguf"],
+        choices=FORMATS,
+        metavar="FORMAT",
+        help=f"what to write (default gguf): {', '.join(FORMATS)}",
+    )
+    parser.add_argument(
+        "-q",
+        "--quant",
+        nargs="+",
+        default=["q8_0"],
+        metavar="METHOD",
+        help="GGUF quantization method(s) (default q8_0; list below)",
+    )
     parser.add_argument("-o", "--out", default=None, help="output folder (default RUN_DIR/export)")
     parser.add_argument("--base", default=None, help="base model folder or hub id (default: from adapter_config.json)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="dtype of merged weights (default: the base model's stored dtype)")
-    parser.add_argument("--max-shard-size", default="5GB", type=byte_size,
-                        help="safetensors shard size: bytes, or a number with KB/MB/GB/KiB/MiB/GiB (default 5GB)")
-    parser.add_argument("--push-to-hub", default=None, metavar="OWNER/REPO",
-                        help="also upload each output to this hub repo (needs a token)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of merged weights (default: the base model's stored dtype)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        type=byte_size,
+        help="safetensors shard size: bytes, or a number with KB/MB/GB/KiB/MiB/GiB (default 5GB)",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="OWNER/REPO",
+        help="also upload each output to this hub repo (needs a token)",
+    )
     parser.add_argument("--token", default=None, help="hugging face token for --push-to-hub")
 
 
@@ -53,14 +81,17 @@ def find_model_dir(run_dir: Path) -> tuple[Path, str]:
         return run_dir, "full"
     candidates = [p.parent for p in run_dir.glob("*/adapter_config.json")]
     if not candidates:
-        raise ModelLoadError(f"{run_dir} has no adapter_config.json or config.json (nor a subfolder with one): "
-                             "point to the training output folder")
+        raise ModelLoadError(
+            f"{run_dir} has no adapter_config.json or config.json (nor a subfolder with one): "
+            "point to the training output folder"
+        )
     finals = [c for c in candidates if not c.name.startswith("checkpoint-")]
     if len(finals) == 1:
         return finals[0], "adapter"
     if finals:
-        raise ModelLoadError(f"{run_dir} holds several adapters ({', '.join(sorted(c.name for c in finals))}): "
-                             "pass one of them")
+        raise ModelLoadError(
+            f"{run_dir} holds several adapters ({', '.join(sorted(c.name for c in finals))}): pass one of them"
+        )
     step = lambda p: int(m.group(1)) if (m := re.search(r"checkpoint-(\d+)$", p.name)) else -1  # noqa: E731
     return max(candidates, key=step), "adapter"
 
@@ -150,15 +181,20 @@ def run(args) -> int:
         else:
             if fmt == "lora" and not hasattr(model, "peft_config"):
                 raise ConfigError(f"{run_dir} is a full model: there is no adapter to export as 'lora'")
-            written.append((fmt, model.save_pretrained_merged(out / fmt, tok, fmt, dtype=dtype,
-                                                              max_shard_size=args.max_shard_size)))
+            written.append(
+                (
+                    fmt,
+                    model.save_pretrained_merged(out / fmt, tok, fmt, dtype=dtype, max_shard_size=args.max_shard_size),
+                )
+            )
     if args.push_to_hub:
         from velotune.export.hub import upload_folder
 
         folders = sorted({p if p.is_dir() else p.parent for _, p in written})
         for sub in folders:  # one format: the repo root; several: one subfolder each (lora/, gguf/, ...)
-            plan = upload_folder(sub, args.push_to_hub, token=args.token,
-                                 path_in_repo=sub.name if len(folders) > 1 else None)
+            plan = upload_folder(
+                sub, args.push_to_hub, token=args.token, path_in_repo=sub.name if len(folders) > 1 else None
+            )
             print(f"velotune export: uploaded {len(plan['files'])} files from {sub} to {plan['url']}")
     print("\nvelotune export: done")
     for label, path in written:

@@ -1,4 +1,5 @@
 """The demo's last step: merged safetensors + q8_0 GGUF, then llama.cpp answers one prompt from the GGUF."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,9 @@ def answer_with_llama_cpp(gguf_path: Path, tokenizer, question: str = DEMO_QUEST
     """Greedy answer from the GGUF through llama-cpp-python, prompted with the model's chat template."""
     from velotune.export.llama_cpp_io import open_gguf
 
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     llm = open_gguf(gguf_path, n_ctx=256)
     try:
         # the rendered template may already start with BOS (then llama.cpp must not add another)
@@ -44,5 +46,10 @@ def export_demo(model, tokenizer, out_dir, question: str = DEMO_QUESTION) -> dic
     merged = save_pretrained_merged(model, out_dir / "merged", tokenizer, "merged_16bit", quiet=True)
     (gguf_path,) = save_pretrained_gguf(model, out_dir / "gguf", tokenizer, "q8_0", quiet=True)
     answer = answer_with_llama_cpp(gguf_path, tokenizer, question) if llama_cpp_available() else None
-    return {"merged_dir": merged, "gguf_path": gguf_path, "modelfile": out_dir / "gguf" / "Modelfile",
-            "question": question, "answer": answer}
+    return {
+        "merged_dir": merged,
+        "gguf_path": gguf_path,
+        "modelfile": out_dir / "gguf" / "Modelfile",
+        "question": question,
+        "answer": answer,
+    }

@@ -8,6 +8,7 @@ Gemma-style norms (`FamilySpec.norm_offset`). This module keeps no list of famil
 
 Tensor names come from the gguf package's own HF->GGUF table (gguf.get_tensor_name_map).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,10 @@ def family_of(config) -> FamilySpec:
     spec = spec_for(config)
     if spec is None or spec.gguf is None:
         known = ", ".join(s.name for s in SPECS if s.gguf is not None)
-        raise ExportError(f"GGUF export supports {known}; this model is {config.model_type!r} "
-                          "(save merged safetensors and convert with llama.cpp's convert_hf_to_gguf.py)")
+        raise ExportError(
+            f"GGUF export supports {known}; this model is {config.model_type!r} "
+            "(save merged safetensors and convert with llama.cpp's convert_hf_to_gguf.py)"
+        )
     return spec
 
 
@@ -45,9 +48,7 @@ def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     HF Llama rotates pairs (i, i + d/2) (rotate_half); llama.cpp's LLAMA rope rotates (2i, 2i+1).
     Permuting the rows of W_q / W_k turns one into the other (convert_hf_to_gguf LlamaModel.permute).
     """
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-             .swapaxes(1, 2)
-             .reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _rope(config) -> dict:
@@ -82,8 +83,9 @@ def add_metadata(w: gguf.GGUFWriter, config, family: FamilySpec, file_type: int)
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rp["factor"])
         w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
-    elif rope_type not in ("default", "llama3") and not ("longrope_factors" in family.gguf.features
-                                                         and rope_type in ("longrope", "su")):
+    elif rope_type not in ("default", "llama3") and not (
+        "longrope_factors" in family.gguf.features and rope_type in ("longrope", "su")
+    ):
         raise ExportError(f"rope_type {rope_type!r} has no GGUF equivalent in velotune's exporter")
     if getattr(c, "head_dim", None) is not None:
         w.add_key_length(c.head_dim)
@@ -96,8 +98,11 @@ def add_metadata(w: gguf.GGUFWriter, config, family: FamilySpec, file_type: int)
 def _warn_no_swa(w, c, rp) -> None:
     window = getattr(c, "sliding_window", None)
     if window and window < c.max_position_embeddings:
-        log.warning("llama.cpp runs %s without a sliding window: outputs differ from transformers beyond "
-                    "%d tokens of context", c.model_type, window)
+        log.warning(
+            "llama.cpp runs %s without a sliding window: outputs differ from transformers beyond %d tokens of context",
+            c.model_type,
+            window,
+        )
 
 
 def _partial_rope_dims(w, c, rp) -> None:
@@ -106,10 +111,12 @@ def _partial_rope_dims(w, c, rp) -> None:
 
 def _check_gemma2(w, c, rp) -> None:
     """llama.cpp hard-codes Gemma 2's attention scale and SWA layout: refuse configs it would misread."""
-    expected = (c.hidden_size // c.num_attention_heads if c.num_hidden_layers == 46 else c.head_dim)
+    expected = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == 46 else c.head_dim
     if c.query_pre_attn_scalar != expected:
-        raise ExportError(f"Gemma 2 with query_pre_attn_scalar={c.query_pre_attn_scalar} cannot be expressed in "
-                          f"GGUF (llama.cpp uses {expected} for a {c.num_hidden_layers}-layer model)")
+        raise ExportError(
+            f"Gemma 2 with query_pre_attn_scalar={c.query_pre_attn_scalar} cannot be expressed in "
+            f"GGUF (llama.cpp uses {expected} for a {c.num_hidden_layers}-layer model)"
+        )
     types = getattr(c, "layer_types", None)
     if types and any((t == "sliding_attention") != (i % 2 == 0) for i, t in enumerate(types)):
         raise ExportError("Gemma 2 GGUF needs sliding attention on even layers and full attention on odd ones")
@@ -121,16 +128,21 @@ def _check_gemma3(w, c, rp) -> None:
     the 62-layer 27B), no final-logit softcap. Refuse configs it would misread."""
     types = getattr(c, "layer_types", None) or []
     if any((t == "sliding_attention") != bool((i + 1) % 6) for i, t in enumerate(types)):
-        raise ExportError("Gemma 3 GGUF needs 5 sliding layers then 1 full-attention layer, repeated "
-                          "(llama.cpp's fixed pattern)")
+        raise ExportError(
+            "Gemma 3 GGUF needs 5 sliding layers then 1 full-attention layer, repeated (llama.cpp's fixed pattern)"
+        )
     local = (getattr(c, "rope_parameters", None) or {}).get("sliding_attention") or {}
     if float(local.get("rope_theta", 10000.0)) != 10000.0 or local.get("rope_type", "default") != "default":
-        raise ExportError("Gemma 3 GGUF needs the sliding layers' RoPE at base 10000 without scaling "
-                          f"(llama.cpp's fixed values); this model has {local}")
+        raise ExportError(
+            "Gemma 3 GGUF needs the sliding layers' RoPE at base 10000 without scaling "
+            f"(llama.cpp's fixed values); this model has {local}"
+        )
     expected = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == 62 else c.head_dim
     if c.query_pre_attn_scalar != expected:
-        raise ExportError(f"Gemma 3 with query_pre_attn_scalar={c.query_pre_attn_scalar} cannot be expressed in "
-                          f"GGUF (llama.cpp uses {expected} for a {c.num_hidden_layers}-layer model)")
+        raise ExportError(
+            f"Gemma 3 with query_pre_attn_scalar={c.query_pre_attn_scalar} cannot be expressed in "
+            f"GGUF (llama.cpp uses {expected} for a {c.num_hidden_layers}-layer model)"
+        )
     if getattr(c, "final_logit_softcapping", None) is not None:
         raise ExportError("Gemma 3 GGUF: llama.cpp's Gemma 3 graph has no final-logit softcap")
 
@@ -140,8 +152,10 @@ def _check_smollm3(w, c, rp) -> None:
     and has no sliding window: refuse configs it would run differently."""
     want = [int((i + 1) % 4 != 0) for i in range(c.num_hidden_layers)]
     if list(c.no_rope_layers) != want:
-        raise ExportError(f"SmolLM3 GGUF needs NoPE on every 4th layer (llama.cpp hard-codes it); this model's "
-                          f"no_rope_layers is {list(c.no_rope_layers)}")
+        raise ExportError(
+            f"SmolLM3 GGUF needs NoPE on every 4th layer (llama.cpp hard-codes it); this model's "
+            f"no_rope_layers is {list(c.no_rope_layers)}"
+        )
     if getattr(c, "use_sliding_window", False) and "sliding_attention" in (getattr(c, "layer_types", None) or ()):
         raise ExportError("SmolLM3 GGUF: llama.cpp's SmolLM3 graph has no sliding window")
 
@@ -196,22 +210,26 @@ class Feature:
     """One named piece of an architecture's GGUF layout: metadata(writer, config, rope) writes keys;
     tensors(config, rope) yields extra (name, array) pairs; drop(name) skips an HF tensor."""
 
-    def __init__(self, metadata: Callable = _nothing, tensors: Callable | None = None,
-                 drop: Callable[[str], bool] | None = None):
+    def __init__(
+        self, metadata: Callable = _nothing, tensors: Callable | None = None, drop: Callable[[str], bool] | None = None
+    ):
         self.metadata, self.tensors, self.drop = metadata, tensors, drop
 
 
 FEATURES: dict[str, Feature] = {
     "vocab_size": Feature(lambda w, c, rp: w.add_vocab_size(c.vocab_size)),
     "rope_dims": Feature(lambda w, c, rp: w.add_rope_dimension_count(head_dim(c))),
-    "no_swa_warning": Feature(_warn_no_swa),       # the architecture's graph has no sliding window
+    "no_swa_warning": Feature(_warn_no_swa),  # the architecture's graph has no sliding window
     "partial_rope_dims": Feature(_partial_rope_dims),
-    "orig_ctx": Feature(lambda w, c, rp: w.add_rope_scaling_orig_ctx_len(
-        getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings)),
+    "orig_ctx": Feature(
+        lambda w, c, rp: w.add_rope_scaling_orig_ctx_len(
+            getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings
+        )
+    ),
     "sliding_window_key": Feature(lambda w, c, rp: w.add_sliding_window(getattr(c, "sliding_window", None) or 0)),
     "gemma2_layout": Feature(_check_gemma2),
     "gemma3_layout": Feature(_check_gemma3),
-    "smollm3_layout": Feature(_check_smollm3),     # NoPE every 4th layer, no sliding window
+    "smollm3_layout": Feature(_check_smollm3),  # NoPE every 4th layer, no sliding window
     "granite_scales": Feature(_granite_scales),
     "softcaps": Feature(_softcaps),
     "llama3_rope_freqs": Feature(tensors=_llama3_rope_freqs),
@@ -228,8 +246,9 @@ def extra_tensors(config, family: FamilySpec) -> Iterator[tuple[str, np.ndarray]
             yield from FEATURES[feature].tensors(config, rp)
 
 
-def gguf_tensors(config, family: FamilySpec, tensors: Iterable[tuple[str, torch.Tensor]]
-                 ) -> Iterator[tuple[str, np.ndarray]]:
+def gguf_tensors(
+    config, family: FamilySpec, tensors: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, np.ndarray]]:
     """HF `(name, tensor)` -> GGUF `(name, float32 array)` with permutations and norm offsets applied."""
     tmap = gguf.get_tensor_name_map(arch_of(family), config.num_hidden_layers)
     n_head = config.num_attention_heads

@@ -5,6 +5,7 @@ k-quants are made from a 16-bit GGUF by llama.cpp's own quantiser, as exposed by
 (`llama_cpp.llama_model_quantize`). Every file is written to a temporary name in the target folder
 and renamed when complete, and an Ollama `Modelfile` is written beside it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,9 @@ def methods_help() -> str:
 def normalise_method(method: str) -> str:
     m = ALIASES.get(method.lower(), method.lower())
     if m not in METHODS:
-        raise ConfigError(f"quantization_method={method!r}: choose one of {', '.join(METHODS)} "
-                          f"(or {', '.join(ALIASES)})")
+        raise ConfigError(
+            f"quantization_method={method!r}: choose one of {', '.join(METHODS)} (or {', '.join(ALIASES)})"
+        )
     return m
 
 
@@ -107,8 +109,9 @@ def write_gguf(model, tokenizer, path: Path, method: str, *, name: str | None = 
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for tname, arr, ttype in tqdm(converted(), total=n, desc=f"writing {method} GGUF", unit="tensor",
-                                  disable=quiet, leave=False):
+    for tname, arr, ttype in tqdm(
+        converted(), total=n, desc=f"writing {method} GGUF", unit="tensor", disable=quiet, leave=False
+    ):
         w.write_tensor_data(arr.astype(np.float32) if ttype == Q.F32 else gguf.quants.quantize(arr, ttype))
     w.close()
     return path
@@ -119,8 +122,10 @@ def llama_cpp_quantize(src: Path, dst: Path, method: str) -> None:
     try:
         import llama_cpp
     except ImportError:
-        raise ExportError(f"{method} needs llama.cpp's quantiser: pip install llama-cpp-python "
-                          "(or choose q8_0 / q4_0, written without it)") from None
+        raise ExportError(
+            f"{method} needs llama.cpp's quantiser: pip install llama-cpp-python "
+            "(or choose q8_0 / q4_0, written without it)"
+        ) from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(K_METHODS[method][0])
     params.nthread = max(1, (os.cpu_count() or 2))
@@ -129,9 +134,16 @@ def llama_cpp_quantize(src: Path, dst: Path, method: str) -> None:
         raise ExportError(f"llama.cpp's quantiser failed on {src.name} -> {method} (return code {rc})")
 
 
-def save_pretrained_gguf(model, save_directory: str | os.PathLike, tokenizer=None,
-                         quantization_method: str | Sequence[str] = "q8_0", *, name: str | None = None,
-                         modelfile: bool = True, quiet: bool = False) -> list[Path]:
+def save_pretrained_gguf(
+    model,
+    save_directory: str | os.PathLike,
+    tokenizer=None,
+    quantization_method: str | Sequence[str] = "q8_0",
+    *,
+    name: str | None = None,
+    modelfile: bool = True,
+    quiet: bool = False,
+) -> list[Path]:
     """Write one GGUF per method into `save_directory` (plus an Ollama Modelfile); returns the GGUF paths.
 
     Files are named `model.<METHOD>.gguf`. LoRA adapters are merged (fp32) on the way; the training

@@ -12,6 +12,7 @@ Two tokenizer kinds cover the five families:
 
 Special tokens and add_bos/add_eos are taken from what the tokenizer actually does when encoding.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ T = gguf.TokenType
 
 # Split regexes of the byte-level BPE tokenizers in use -> llama.cpp's pre-tokenizer name
 # (llama.cpp src/llama-vocab.cpp implements each of these natively).
-_LLAMA3_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-              "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_LLAMA3_RE = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 _QWEN2_RE = _LLAMA3_RE.replace("\\p{N}{1,3}", "\\p{N}")
 _PRE_BY_REGEX = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2"}
 
@@ -52,14 +55,19 @@ def bpe_pre_tokenizer(tok_json: dict) -> str:
         return "gpt-2"
     if len(regexes) == 1 and regexes[0] in _PRE_BY_REGEX:
         return _PRE_BY_REGEX[regexes[0]]
-    raise ExportError(f"unknown BPE pre-tokenizer {steps!r}: llama.cpp would tokenize differently; "
-                      "export merged safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
+    raise ExportError(
+        f"unknown BPE pre-tokenizer {steps!r}: llama.cpp would tokenize differently; "
+        "export merged safetensors and convert with llama.cpp's convert_hf_to_gguf.py"
+    )
 
 
 def _looks_special(text: str) -> bool:
     """convert_hf_to_gguf's does_token_look_special: added tokens that are control tokens in practice."""
-    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<unused") and text.endswith(">")))
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
 
 
 def _added_type(tokenizer, i: int, text: str) -> int:
@@ -118,8 +126,11 @@ def _adds_space_prefix(tok_json: dict) -> bool:
     for s in steps:
         if s.get("type") == "Prepend" and s.get("prepend") == "\u2581":
             return True
-        if (s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never"
-                and s.get("add_prefix_space", True)):
+        if (
+            s.get("type") == "Metaspace"
+            and s.get("prepend_scheme", "always") != "never"
+            and s.get("add_prefix_space", True)
+        ):
             return True
     return False
 
@@ -137,8 +148,10 @@ def adds_bos_eos(tokenizer) -> tuple[bool, bool]:
 def add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:
     """Write the tokenizer into `w`; returns "gpt2" or "llama" (the GGUF tokenizer model)."""
     if len(tokenizer) > n_vocab:
-        raise ExportError(f"the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings; "
-                          "resize the model's embeddings before exporting")
+        raise ExportError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings; "
+            "resize the model's embeddings before exporting"
+        )
     with tempfile.TemporaryDirectory(prefix="velotune-tok-") as d:
         tokenizer.save_pretrained(d)
         path = Path(d) / "tokenizer.json"
@@ -146,8 +159,9 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:
             raise ExportError("GGUF export needs a fast tokenizer (tokenizer.json)")
         tok_json = json.loads(path.read_text(encoding="utf-8"))
         model = tok_json["model"]
-        decoder_types = ({s.get("type") for s in _flatten(tok_json.get("decoder"))}
-                         | {(tok_json.get("decoder") or {}).get("type")})
+        decoder_types = {s.get("type") for s in _flatten(tok_json.get("decoder"))} | {
+            (tok_json.get("decoder") or {}).get("type")
+        }
         if model["type"] == "BPE" and model.get("byte_fallback"):
             kind = "llama"
             tokens, scores, types = _spm_vocab(tokenizer, tok_json, n_vocab)
@@ -165,8 +179,10 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:
             w.add_token_list(tokens)
             w.add_token_types(types)
         else:
-            raise ExportError(f"tokenizer model {model['type']!r} is not supported for GGUF "
-                              "(byte-level BPE and SentencePiece BPE are)")
+            raise ExportError(
+                f"tokenizer model {model['type']!r} is not supported for GGUF "
+                "(byte-level BPE and SentencePiece BPE are)"
+            )
         special = gguf.SpecialVocab(d, load_merges=kind == "gpt2", n_vocab=n_vocab)
         special.add_special_token["bos"], special.add_special_token["eos"] = adds_bos_eos(tokenizer)
         for typ in ("bos", "eos", "unk", "pad"):

@@ -5,6 +5,7 @@ Supported: literal text, `{{ range .Messages }} ... {{ end }}`, `{{ if eq .Role 
 `{{ "text" }}`. Anything else raises ValueError, so a template using more than this subset is caught
 instead of silently rendered wrong. Trim markers (`{{-`) are not used by velotune and not supported.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ def _tokens(template: str) -> list[tuple[str, str]]:
     out, pos = [], 0
     for m in _ACTION.finditer(template):
         if m.start() > pos:
-            out.append(("text", template[pos:m.start()]))
+            out.append(("text", template[pos : m.start()]))
         out.append(("action", m.group(1).strip()))
         pos = m.end()
     if pos < len(template):

@@ -7,6 +7,7 @@ reads small outputs back, so the portable kernels are the right choice. `Llama` 
 this, so the default-params factory it calls is wrapped for the duration of that one constructor
 call and restored afterwards.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,15 +17,28 @@ from pathlib import Path
 _LOCK = threading.Lock()
 
 
-def open_gguf(path: str | os.PathLike, *, n_ctx: int = 256, logits_all: bool = False,
-              extra_buffer_types: bool = False, f32_kv_cache: bool = False, n_threads: int | None = None,
-              vocab_only: bool = False):
+def open_gguf(
+    path: str | os.PathLike,
+    *,
+    n_ctx: int = 256,
+    logits_all: bool = False,
+    extra_buffer_types: bool = False,
+    f32_kv_cache: bool = False,
+    n_threads: int | None = None,
+    vocab_only: bool = False,
+):
     """A `llama_cpp.Llama` for `path` (close it with `.close()`)."""
     import llama_cpp
     import llama_cpp.llama as llama_module
 
-    kwargs = dict(model_path=str(Path(path)), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                  n_threads=n_threads or min(4, os.cpu_count() or 1), vocab_only=vocab_only)
+    kwargs = dict(
+        model_path=str(Path(path)),
+        n_ctx=n_ctx,
+        logits_all=logits_all,
+        verbose=False,
+        n_threads=n_threads or min(4, os.cpu_count() or 1),
+        vocab_only=vocab_only,
+    )
     if f32_kv_cache:  # transformers keeps K/V in the compute dtype; llama.cpp defaults to f16
         kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     with _LOCK:

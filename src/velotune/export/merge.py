@@ -10,6 +10,7 @@ model is never modified: every merged weight is a fresh float32 tensor.
     lora_B          [out, r]
     scaling         lora_alpha / r   (or lora_alpha / sqrt(r) with rsLoRA; PEFT stores it per adapter)
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -47,18 +48,18 @@ def _merged_lora_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
         if adapter in getattr(layer, "lora_A", {}):
             a = layer.lora_A[adapter].weight.detach().float()
             b = layer.lora_B[adapter].weight.detach().float()
-            delta = b @ a                                             # [out, in]
+            delta = b @ a  # [out, in]
             if getattr(layer, "fan_in_fan_out", False):
                 delta = delta.T
             weight += scale * delta.to(weight.device)
             b_bias = getattr(layer.lora_B[adapter], "bias", None)
-            if b_bias is not None:                                    # PEFT's lora_bias=True
-                bias = (torch.zeros(weight.shape[0], device=weight.device) if bias is None else bias)
+            if b_bias is not None:  # PEFT's lora_bias=True
+                bias = torch.zeros(weight.shape[0], device=weight.device) if bias is None else bias
                 bias += scale * b_bias.detach().float()
         elif adapter in getattr(layer, "lora_embedding_A", {}):
-            a = layer.lora_embedding_A[adapter].detach().float()      # [r, num_embeddings]
-            b = layer.lora_embedding_B[adapter].detach().float()      # [embedding_dim, r]
-            weight += scale * (b @ a).T.to(weight.device)             # [num_embeddings, embedding_dim]
+            a = layer.lora_embedding_A[adapter].detach().float()  # [r, num_embeddings]
+            b = layer.lora_embedding_B[adapter].detach().float()  # [embedding_dim, r]
+            weight += scale * (b @ a).T.to(weight.device)  # [num_embeddings, embedding_dim]
     return weight, bias
 
 

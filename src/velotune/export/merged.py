@@ -1,11 +1,12 @@
 """`model.save_pretrained_merged(dir, tokenizer, save_method=...)`.
 
-    "lora"          the adapters only, in PEFT's own format (adapter_config.json + adapter_model.safetensors)
-    "merged_16bit"  LoRA folded into the base weights (fp32 math), saved in the model's dtype
-                    (bf16/fp16 for 16-bit models; an fp32 model stays fp32) as sharded safetensors
-    "merged_4bit"   the merged model re-quantised to bitsandbytes NF4 (for transformers/vLLM 4-bit
-                    inference; not a format to fine-tune further from)
+"lora"          the adapters only, in PEFT's own format (adapter_config.json + adapter_model.safetensors)
+"merged_16bit"  LoRA folded into the base weights (fp32 math), saved in the model's dtype
+                (bf16/fp16 for 16-bit models; an fp32 model stays fp32) as sharded safetensors
+"merged_4bit"   the merged model re-quantised to bitsandbytes NF4 (for transformers/vLLM 4-bit
+                inference; not a format to fine-tune further from)
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,14 @@ SAVE_METHODS = {
 def export_dtype(model, dtype: torch.dtype | str | None = None) -> torch.dtype:
     """The dtype merged weights are saved in: explicit, else the model's compute/weight dtype."""
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype)
+        dtype = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+        }.get(dtype)
         if dtype is None:
             raise ConfigError("dtype must be one of float32, float16, bfloat16")
     if dtype is not None:
@@ -50,9 +57,16 @@ def export_dtype(model, dtype: torch.dtype | str | None = None) -> torch.dtype:
     return torch.float16
 
 
-def save_pretrained_merged(model, save_directory: str | os.PathLike, tokenizer=None,
-                           save_method: str = "merged_16bit", *, dtype: torch.dtype | str | None = None,
-                           max_shard_size: int | str = "5GB", quiet: bool = False) -> Path:
+def save_pretrained_merged(
+    model,
+    save_directory: str | os.PathLike,
+    tokenizer=None,
+    save_method: str = "merged_16bit",
+    *,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "5GB",
+    quiet: bool = False,
+) -> Path:
     """Save adapters or the merged model to `save_directory` (atomically) and return its path."""
     if save_method not in SAVE_METHODS:
         raise ConfigError(f"save_method={save_method!r}: choose one of {', '.join(SAVE_METHODS)}")
@@ -63,8 +77,10 @@ def save_pretrained_merged(model, save_directory: str | os.PathLike, tokenizer=N
     with atomic_dir(target) as tmp:
         if save_method == "lora":
             if not is_peft_model(model):
-                raise ExportError("save_method='lora' needs a PEFT model (FastLanguageModel.get_peft_model); "
-                                  "this model has no adapters: use 'merged_16bit'")
+                raise ExportError(
+                    "save_method='lora' needs a PEFT model (FastLanguageModel.get_peft_model); "
+                    "this model has no adapters: use 'merged_16bit'"
+                )
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -95,10 +111,12 @@ def _write_merged_4bit(model, folder: Path, tokenizer, dtype, max_shard_size, qu
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".merge16-{os.getpid()}-") as tmp16:
         _write_merged(model, Path(tmp16), None, dtype, max_shard_size, quiet)
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-        m4 = AutoModelForCausalLM.from_pretrained(tmp16, quantization_config=q, dtype=dtype,
-                                                  device_map="cuda" if torch.cuda.is_available() else "cpu")
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        m4 = AutoModelForCausalLM.from_pretrained(
+            tmp16, quantization_config=q, dtype=dtype, device_map="cuda" if torch.cuda.is_available() else "cpu"
+        )
         m4.generation_config = base_model_of(model).generation_config
         m4.save_pretrained(folder, max_shard_size=max_shard_size)
         del m4

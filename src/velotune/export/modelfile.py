@@ -11,6 +11,7 @@ The result is written as a Go template over `.Messages` and checked by rendering
 probe conversation; a chat template that is not a per-role concatenation (e.g. one that moves the
 system prompt into a user turn) gets no TEMPLATE line and a warning instead of a wrong one.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,10 @@ _S = ["\u27e6velotune-sentinel-%d\u27e7" % i for i in range(6)]
 
 @dataclass
 class ChatFormat:
-    head: str                   # before the first turn (e.g. BOS text)
-    prefix: dict[str, str]      # role -> text before its content
-    suffix: dict[str, str]      # role -> text after its content
-    generation: str             # appended to prompt the assistant
+    head: str  # before the first turn (e.g. BOS text)
+    prefix: dict[str, str]  # role -> text before its content
+    suffix: dict[str, str]  # role -> text after its content
+    generation: str  # appended to prompt the assistant
 
 
 def _render(tokenizer, messages, gen: bool) -> str:
@@ -49,25 +50,28 @@ def derive_chat_format(tokenizer) -> ChatFormat:
     """Per-role prefix/suffix of the tokenizer's chat template (raises ValueError if it has none)."""
     if not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat template")
-    u, a, u2 = ({"role": "user", "content": _S[0]}, {"role": "assistant", "content": _S[1]},
-                {"role": "user", "content": _S[2]})
+    u, a, u2 = (
+        {"role": "user", "content": _S[0]},
+        {"role": "assistant", "content": _S[1]},
+        {"role": "user", "content": _S[2]},
+    )
     three = _render(tokenizer, [u, a, u2], False)
     suf_u = _between(three, _S[2], None)
     suf_a = _between(_render(tokenizer, [u, a], False), _S[1], None)
     pre_a = _between(three, _S[0], _S[1])
     if not pre_a.startswith(suf_u):
         raise ValueError("user turns do not end the same way")
-    pre_a = pre_a[len(suf_u):]
+    pre_a = pre_a[len(suf_u) :]
     pre_u = _between(three, _S[1], _S[2])
     if not pre_u.startswith(suf_a):
         raise ValueError("assistant turns do not end the same way")
-    pre_u = pre_u[len(suf_a):]
+    pre_u = pre_u[len(suf_a) :]
     before = _between(three, None, _S[0])
     if not before.endswith(pre_u):
         raise ValueError("the first user turn starts differently from later ones")
     head = before[: len(before) - len(pre_u)]
     one = _render(tokenizer, [u], False)
-    generation = _render(tokenizer, [u], True)[len(one):]
+    generation = _render(tokenizer, [u], True)[len(one) :]
     prefix, suffix = {"user": pre_u, "assistant": pre_a}, {"user": suf_u, "assistant": suf_a}
     try:
         with_sys = _render(tokenizer, [{"role": "system", "content": _S[3]}, u], False)
@@ -75,7 +79,7 @@ def derive_chat_format(tokenizer) -> ChatFormat:
             pre_s = _between(with_sys, None, _S[3])
             mid = _between(with_sys, _S[3], _S[0])
             if pre_s.startswith(head) and mid.endswith(pre_u):
-                prefix["system"], suffix["system"] = pre_s[len(head):], mid[: len(mid) - len(pre_u)]
+                prefix["system"], suffix["system"] = pre_s[len(head) :], mid[: len(mid) - len(pre_u)]
     except Exception:  # templates that reject a system role (Gemma) simply get none
         pass
     return ChatFormat(head, prefix, suffix, generation)
@@ -115,8 +119,11 @@ def modelfile_text(tokenizer, gguf_name: str) -> str:
         fmt = derive_chat_format(tokenizer)
         template = go_template(fmt, include_head=not _bos_added_by_runtime(fmt, tokenizer))
         probe = [{"role": "system", "content": "Be brief."}] if "system" in fmt.prefix else []
-        probe += [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-                  {"role": "user", "content": "2+2?"}]
+        probe += [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"},
+        ]
         expected = _render(tokenizer, probe, True)
         if not _bos_added_by_runtime(fmt, tokenizer):
             got = gotemplate.render(template, probe)
@@ -154,5 +161,5 @@ def parse_modelfile(text: str) -> dict:
         if line.startswith("FROM "):
             out["from"] = line[5:].strip()
         elif line.startswith("PARAMETER stop "):
-            out["stop"].append(json.loads(line[len("PARAMETER stop "):]))
+            out["stop"].append(json.loads(line[len("PARAMETER stop ") :]))
     return out

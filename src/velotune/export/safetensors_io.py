@@ -3,6 +3,7 @@
 Shards are written as they fill (at most one shard of tensors is held in memory besides the
 model), then renamed to transformers' `model-0000i-of-0000N.safetensors` scheme once N is known.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,9 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
-                      max_shard_size: int | str = "5GB") -> list[Path]:
+def write_safetensors(
+    tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, max_shard_size: int | str = "5GB"
+) -> list[Path]:
     """Write `tensors` as one `model.safetensors` or N shards + `model.safetensors.index.json`."""
     from safetensors.torch import save_file
 
@@ -92,8 +94,14 @@ def clean_config(config, dtype: torch.dtype):
     return cfg
 
 
-def write_model_folder(model_base, tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, dtype: torch.dtype,
-                       tokenizer=None, max_shard_size: int | str = "5GB") -> list[Path]:
+def write_model_folder(
+    model_base,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    folder: Path,
+    dtype: torch.dtype,
+    tokenizer=None,
+    max_shard_size: int | str = "5GB",
+) -> list[Path]:
     """Weights + config.json + generation_config.json + tokenizer files into `folder`."""
     files = write_safetensors(tensors, folder, max_shard_size)
     clean_config(model_base.config, dtype).save_pretrained(folder)

@@ -9,6 +9,7 @@
 Nothing global is touched, and the training forward (stock or velotune's fused one) is never
 used by the decode path, which reads the weights itself (engine.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,9 +43,11 @@ def for_inference(model, *, cuda_graphs: bool = True, fused: bool | None = None)
     from velotune.infer.spec import build_spec
 
     config = _config_of(model)
-    state = {"training": {name: m.training for name, m in model.named_modules()},
-             "use_cache": getattr(config, "use_cache", None),
-             "generate": model.__dict__.get("generate")}
+    state = {
+        "training": {name: m.training for name, m in model.named_modules()},
+        "use_cache": getattr(config, "use_cache", None),
+        "generate": model.__dict__.get("generate"),
+    }
     model.eval()
     if config is not None:
         config.use_cache = True

@@ -10,6 +10,7 @@ the cache is reallocated `chunk` slots larger and the old contents copied (graph
     offset       [B] long        position id = slot index - offset (per row, from the prompt)
     cos, sin     {key: [S, R]}   RoPE tables for positions 0..S-1 per rope key (None for length-dependent RoPE)
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,16 @@ def round_up(n: int, chunk: int = CHUNK) -> int:
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         shape = (batch, n_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]

@@ -11,6 +11,7 @@ instead of hundreds, which is what bounds stock generation at batch 1. On CPU it
 
 The layer arithmetic mirrors transformers' modules operation for operation (see ops.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,8 +74,9 @@ class DecodeEngine:
             return
         self.release()
         s = self.spec
-        self.cache = KVCache(len(s.layers), batch, s.n_kv_heads, s.head_dim, round_up(length, self.chunk), s.dtype,
-                             s.device)
+        self.cache = KVCache(
+            len(s.layers), batch, s.n_kv_heads, s.head_dim, round_up(length, self.chunk), s.dtype, s.device
+        )
         self._fill_rope_table(self.cache)
 
     def release(self) -> None:
@@ -143,7 +145,7 @@ class DecodeEngine:
         if layer.qkv is not None:
             qkv = self._proj(layer, "qkv", x)
             nq, nk = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+            q, k, v = qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
         else:
             q, k, v = self._proj(layer, "q", x), self._proj(layer, "k", x), self._proj(layer, "v", x)
         if layer.qk_norm == "projection":  # OLMo 2: over the whole projection, before RoPE
@@ -197,8 +199,12 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids [B, T] (left padded) -> logits [B, V] of the last position; fills slots 0..T-1."""
         c = self.cache
         B, T = input_ids.shape
@@ -316,8 +322,11 @@ class DecodeEngine:
             self.graph_failures += 1
             torch.cuda.synchronize()
             if self.fused:  # try again with plain torch ops
-                log.warning("velotune: CUDA graph capture failed with fused kernels (%s: %s); retrying unfused",
-                            type(e).__name__, e)
+                log.warning(
+                    "velotune: CUDA graph capture failed with fused kernels (%s: %s); retrying unfused",
+                    type(e).__name__,
+                    e,
+                )
                 self.fused = False
                 return self._capture(ids, t)
             self.cuda_graphs = False

@@ -9,6 +9,7 @@ which is stock `_sample` with the model forward replaced by the engine's prefill
 Modes the loop does not implement (beam search, assisted decoding, returning scores, attentions
 or hidden states, a cache passed in by the caller, `inputs_embeds`) go to stock generate untouched.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,10 +17,26 @@ import functools
 import torch
 
 # generate() arguments that the fast loop leaves to stock transformers.
-_STOCK_ONLY = ("assistant_model", "custom_generate", "prefix_allowed_tokens_fn", "negative_prompt_ids",
-               "inputs_embeds", "past_key_values", "cache", "synced_gpus", "prompt_lookup_num_tokens",
-               "assistant_early_exit", "penalty_alpha", "dola_layers", "prefill_chunk_size", "output_attentions",
-               "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate")
+_STOCK_ONLY = (
+    "assistant_model",
+    "custom_generate",
+    "prefix_allowed_tokens_fn",
+    "negative_prompt_ids",
+    "inputs_embeds",
+    "past_key_values",
+    "cache",
+    "synced_gpus",
+    "prompt_lookup_num_tokens",
+    "assistant_early_exit",
+    "penalty_alpha",
+    "dola_layers",
+    "prefill_chunk_size",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+)
 
 
 def _needs_stock(model, kwargs: dict) -> bool:
@@ -46,8 +63,19 @@ def fast_generate(model, engine, stock_generate, *args, **kwargs):
     return stock_generate(*args, custom_generate=loop, **kwargs)
 
 
-def decode_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                streamer=None, *, engine, velotune_streamer=None, **model_kwargs):
+def decode_loop(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus=False,
+    streamer=None,
+    *,
+    engine,
+    velotune_streamer=None,
+    **model_kwargs,
+):
     """transformers' `_sample` (greedy or multinomial) with the engine in place of the forward.
 
     input_ids [B, T] left padded; model_kwargs carries attention_mask [B, T] (None when all ones)

@@ -6,6 +6,7 @@
 The model sees at most `limit` positions (its max_position_embeddings, or --max-seq-length when lower):
 prompt + reply must fit, or the reply degenerates past the positions the model was trained on.
 """
+
 from __future__ import annotations
 
 
@@ -30,8 +31,10 @@ def read_user_line(stream) -> tuple[str | None, str | None]:
     except UnicodeError as e:
         data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")
         start = e.start if isinstance(raw, bytes) else len(raw[: e.start].encode("utf-8", "surrogateescape"))
-        return "", (f"(that line is not UTF-8 text: byte 0x{data[start]:02x} at column {start + 1}; "
-                    "nothing was sent, type it again)")
+        return "", (
+            f"(that line is not UTF-8 text: byte 0x{data[start]:02x} at column {start + 1}; "
+            "nothing was sent, type it again)"
+        )
 
 
 def context_limit(model, max_seq_length: int | None) -> int:
@@ -52,8 +55,7 @@ def fit_history(tokenizer, system: str | None, history: list[dict], *, limit: in
     dropped = 0
     while True:
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         n = enc["input_ids"].shape[1]
         if n + reserve <= limit or len(history) <= 1:
             break

@@ -9,6 +9,7 @@ patched for training.
 Shapes: B batch, T new tokens, S cache length, H hidden, Hq / Hk query / key-value heads,
 G = Hq // Hk query heads per key-value head, D head dim.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,6 +22,7 @@ from velotune.quant import is_4bit
 # ---------------------------------------------------------------------------------------------
 # Projections
 # ---------------------------------------------------------------------------------------------
+
 
 def _base(module, x: torch.Tensor) -> torch.Tensor:
     """A base layer: plain nn.Linear and bitsandbytes 4-bit read directly; anything else via its forward."""
@@ -85,8 +87,10 @@ def linear(module, x: torch.Tensor, plan=None) -> torch.Tensor:
 # Attention
 # ---------------------------------------------------------------------------------------------
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float,
-              softcap: float | None) -> torch.Tensor:
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None
+) -> torch.Tensor:
     """Grouped-query attention without repeating K/V.
 
     q [B, Hq, T, D]; k, v [B, Hk, S, D]; allowed [B, T, S] bool -> out [B, T, Hq * D].
@@ -112,6 +116,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 def sdpa_attention(q, k, v, allowed, scaling: float) -> torch.Tensor:
     """Prefill without softcap: PyTorch SDPA with `enable_gqa` (no repeated K/V). Same shapes as `attention`."""
     B, Hq, T, D = q.shape
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), scale=scaling,
-                                         enable_gqa=k.shape[1] != Hq)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed.unsqueeze(1), scale=scaling, enable_gqa=k.shape[1] != Hq
+    )
     return out.transpose(1, 2).reshape(B, T, Hq * D)

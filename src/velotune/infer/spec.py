@@ -8,6 +8,7 @@ has is read from the modules themselves (q/k/v or fused qkv, gate/up or fused ga
 no norm before attention (OLMo 2)), and so are the scalars stock's own modules apply (Granite's
 embedding_multiplier on the decoder stack and residual_multiplier on each layer).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,7 +30,7 @@ class Norm:
 @dataclass
 class LayerSpec:
     input_norm: Norm | None  # None: OLMo 2 (no norm before attention)
-    post_attn_norm: Norm     # after attention's output (norm_after_attn) or before the MLP
+    post_attn_norm: Norm  # after attention's output (norm_after_attn) or before the MLP
     q: object = None
     k: object = None
     v: object = None
@@ -42,10 +43,10 @@ class LayerSpec:
     act: object = None
     q_norm: Norm | None = None  # RMSNorm on q and k before RoPE, as FamilySpec.qk_norm says:
     k_norm: Norm | None = None  # per head over head_dim (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
-    qk_norm: str = "none"       # "none" | "head" | "projection" (the family's FamilySpec.qk_norm)
+    qk_norm: str = "none"  # "none" | "head" | "projection" (the family's FamilySpec.qk_norm)
     pre_ffn_norm: Norm | None = None  # Gemma 2 sandwich norms
     post_ffn_norm: Norm | None = None
-    norm_after_attn: bool = False     # post_attn_norm applies to attention's output (Gemma 2/3, OLMo 2)
+    norm_after_attn: bool = False  # post_attn_norm applies to attention's output (Gemma 2/3, OLMo 2)
     sliding_window: int | None = None
     rope_key: str | None = None  # which RoPE table: None (the model's one) or a layer type (Gemma 3)
     rope: bool = True  # False: a NoPE layer (SmolLM3)
@@ -71,9 +72,9 @@ class DecoderSpec:
     dtype: torch.dtype
     vocab_size: int
     act_name: str | None  # for the fused GLU kernel (None: use the module's activation)
-    embed_multiplier: float | None = None     # Granite: embeddings * m
+    embed_multiplier: float | None = None  # Granite: embeddings * m
     residual_multiplier: float | None = None  # Granite: h + branch * m
-    logits_divisor: float | None = None       # Granite: logits / d
+    logits_divisor: float | None = None  # Granite: logits / d
 
 
 def causal_lm_of(model):
@@ -85,8 +86,12 @@ def causal_lm_of(model):
 
 def _norm(module, family) -> Norm:
     """A norm module read with its family's rules: eps attribute, the (1 + w) offset, fp32 weight product."""
-    return Norm(module.weight, float(getattr(module, family.norm_eps_attr)), offset=family.norm_offset != 0,
-                fp32_weight=family.norm_weight_in_fp32)
+    return Norm(
+        module.weight,
+        float(getattr(module, family.norm_eps_attr)),
+        offset=family.norm_offset != 0,
+        fp32_weight=family.norm_weight_in_fp32,
+    )
 
 
 def build_spec(model) -> DecoderSpec | None:
@@ -109,13 +114,17 @@ def build_spec(model) -> DecoderSpec | None:
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
         pre = getattr(layer, "input_layernorm", None)
-        spec = LayerSpec(input_norm=None if pre is None else _norm(pre, family),
-                         post_attn_norm=_norm(layer.post_attention_layernorm, family),
-                         o=attn.o_proj, down=mlp.down_proj,
-                         act=getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn"),
-                         norm_after_attn=family.sandwich_norms, sliding_window=family.window_of(config, i),
-                         rope_key=config.layer_types[i] if family.rope_by_layer_type else None,
-                         rope=family.rope_flag_attr is None or bool(getattr(attn, family.rope_flag_attr)))
+        spec = LayerSpec(
+            input_norm=None if pre is None else _norm(pre, family),
+            post_attn_norm=_norm(layer.post_attention_layernorm, family),
+            o=attn.o_proj,
+            down=mlp.down_proj,
+            act=getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn"),
+            norm_after_attn=family.sandwich_norms,
+            sliding_window=family.window_of(config, i),
+            rope_key=config.layer_types[i] if family.rope_by_layer_type else None,
+            rope=family.rope_flag_attr is None or bool(getattr(attn, family.rope_flag_attr)),
+        )
         if hasattr(attn, "qkv_proj"):
             spec.qkv = attn.qkv_proj
         else:
@@ -140,15 +149,27 @@ def build_spec(model) -> DecoderSpec | None:
     rope_type = _rope_type(config)
     dtype = body.embed_tokens.weight.dtype
     return DecoderSpec(
-        family=family.name, embed=body.embed_tokens, layers=layers, final_norm=_norm(body.norm, family),
-        lm_head=lm.lm_head, rotary=body.rotary_emb, rope_type=rope_type,
-        n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
-        scaling=float(attn0.scaling), attn_softcap=_config_value(config, family.attn_softcap_attr),
-        final_softcap=_config_value(config, family.final_softcap_attr), device=next(iter(devices)),
-        dtype=dtype, vocab_size=config.vocab_size, act_name=family.activation(config),
+        family=family.name,
+        embed=body.embed_tokens,
+        layers=layers,
+        final_norm=_norm(body.norm, family),
+        lm_head=lm.lm_head,
+        rotary=body.rotary_emb,
+        rope_type=rope_type,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        scaling=float(attn0.scaling),
+        attn_softcap=_config_value(config, family.attn_softcap_attr),
+        final_softcap=_config_value(config, family.final_softcap_attr),
+        device=next(iter(devices)),
+        dtype=dtype,
+        vocab_size=config.vocab_size,
+        act_name=family.activation(config),
         embed_multiplier=getattr(body, "embedding_multiplier", None),
         residual_multiplier=getattr(body.layers[0], "residual_multiplier", None),
-        logits_divisor=_config_value(config, family.logits_divisor_attr))
+        logits_divisor=_config_value(config, family.logits_divisor_attr),
+    )
 
 
 def _rope_type(config) -> str:

@@ -1,7 +1,8 @@
 """The token ids that end an assistant turn: pass them to `generate(eos_token_id=...)`.
 
-    out = model.generate(**inputs, eos_token_id=stop_token_ids(tokenizer, model))
+out = model.generate(**inputs, eos_token_id=stop_token_ids(tokenizer, model))
 """
+
 from __future__ import annotations
 
 # End-of-turn tokens of common chat templates (Llama 3, ChatML, Gemma, Phi-3, Mistral).
@@ -24,7 +25,7 @@ def stop_token_ids(tokenizer, model) -> list[int]:
         marker = "velotune-marker"
         turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
         text = tokenizer.apply_chat_template(turns, tokenize=False)
-        after = text[text.index(marker) + len(marker):]
+        after = text[text.index(marker) + len(marker) :]
         first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
         if first and first[0] in tokenizer.all_special_ids + [vocab.get(t) for t in tokenizer.get_added_vocab()]:
             ids.append(first[0])

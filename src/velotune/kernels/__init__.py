@@ -8,6 +8,7 @@ plain-PyTorch reference. Dispatch is explicit and stated here once:
   unless `force_triton()` is active -- tests use it together with `TRITON_INTERPRET=1`
   (set before triton is imported, in tests/conftest.py) to run the Triton code on CPU.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -21,6 +21,7 @@ The same two kernels, run in place on a chunk of logits, are the core of fused_l
 Labels outside [0, V) other than ignore_index are not checked on the GPU (no host sync); they give
 a meaningless loss instead of an error. The CPU path (F.cross_entropy) raises for them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ MAX_BLOCK = 8192
 
 def _check(logits, labels, reduction):
     if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"cross_entropy: need logits [N, V] and labels [N], got {tuple(logits.shape)} "
-                         f"and {tuple(labels.shape)}")
+        raise ValueError(
+            f"cross_entropy: need logits [N, V] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
 
@@ -52,8 +54,9 @@ def transform_logits_reference(logits, softcap=None, logit_scale=None):
     return z
 
 
-def cross_entropy_reference(logits, labels, *, ignore_index=-100, softcap=None, logit_scale=None,
-                            reduction="mean", num_items_in_batch=None):
+def cross_entropy_reference(
+    logits, labels, *, ignore_index=-100, softcap=None, logit_scale=None, reduction="mean", num_items_in_batch=None
+):
     """Plain PyTorch, matching transformers' ForCausalLMLoss / fixed_cross_entropy on shifted labels."""
     _check(logits, labels, reduction)
     z = transform_logits_reference(logits, softcap, logit_scale)
@@ -65,16 +68,22 @@ def cross_entropy_reference(logits, labels, *, ignore_index=-100, softcap=None, 
     return F.cross_entropy(z, labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def cross_entropy(logits, labels, *, ignore_index=-100, softcap=None, logit_scale=None,
-                  reduction="mean", num_items_in_batch=None):
+def cross_entropy(
+    logits, labels, *, ignore_index=-100, softcap=None, logit_scale=None, reduction="mean", num_items_in_batch=None
+):
     """Scalar fp32 loss (see module docstring). CUDA -> Triton, CPU -> reference."""
     _check(logits, labels, reduction)
     if not triton_enabled(logits):
-        return cross_entropy_reference(logits, labels, ignore_index=ignore_index, softcap=softcap,
-                                       logit_scale=logit_scale, reduction=reduction,
-                                       num_items_in_batch=num_items_in_batch)
-    return _CrossEntropy.apply(logits, labels, ignore_index, softcap, logit_scale, reduction,
-                               num_items_in_batch)
+        return cross_entropy_reference(
+            logits,
+            labels,
+            ignore_index=ignore_index,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+        )
+    return _CrossEntropy.apply(logits, labels, ignore_index, softcap, logit_scale, reduction, num_items_in_batch)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,8 +118,20 @@ def _transform(x, scale, cap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _ce_fwd_kernel(L, sl, LABELS, LOSS, LSE, V, ignore_index, scale, cap,
-                   HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_fwd_kernel(
+    L,
+    sl,
+    LABELS,
+    LOSS,
+    LSE,
+    V,
+    ignore_index,
+    scale,
+    cap,
+    HAS_SCALE: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """LOSS[row] = lse - z[label] (0 if ignored), LSE[row] = logsumexp(z), online over vocab chunks."""
     row = tl.program_id(0).to(tl.int64)
     L += row * sl
@@ -134,8 +155,22 @@ def _ce_fwd_kernel(L, sl, LABELS, LOSS, LSE, V, ignore_index, scale, cap,
 
 
 @triton.jit
-def _ce_bwd_kernel(L, sl, G, sg, LABELS, LSE, COEF, V, ignore_index, scale, cap,
-                   HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_bwd_kernel(
+    L,
+    sl,
+    G,
+    sg,
+    LABELS,
+    LSE,
+    COEF,
+    V,
+    ignore_index,
+    scale,
+    cap,
+    HAS_SCALE: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """G[row] = coef * (softmax(z) - onehot(label)) * dz/dx; zero rows for ignored labels.
     G may alias L (in place): each element is read before it is written, by the same program."""
     row = tl.program_id(0).to(tl.int64)
@@ -152,7 +187,7 @@ def _ce_bwd_kernel(L, sl, G, sg, LABELS, LSE, COEF, V, ignore_index, scale, cap,
         z, dz = _transform(x, scale, cap, HAS_SCALE, HAS_CAP)
         p = tl.exp(z - lse)
         p = tl.where(start + cols == label, p - 1.0, p)
-        g = tl.where(coef == 0.0, 0.0, coef * p * dz)   # ignored rows: exact zeros, even if coef = inf
+        g = tl.where(coef == 0.0, 0.0, coef * p * dz)  # ignored rows: exact zeros, even if coef = inf
         tl.store(G + start + cols, g.to(G.dtype.element_ty), mask=mask)
 
 
@@ -171,11 +206,21 @@ def ce_forward_rows(logits, labels, ignore_index, softcap, logit_scale):
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
         block = _block(V)
-        _ce_fwd_kernel[(N,)](logits, logits.stride(0), labels, loss, lse, V, ignore_index,
-                             1.0 if logit_scale is None else float(logit_scale),
-                             1.0 if softcap is None else float(softcap),
-                             HAS_SCALE=logit_scale is not None, HAS_CAP=softcap is not None,
-                             BLOCK=block, num_warps=_num_warps(block))
+        _ce_fwd_kernel[(N,)](
+            logits,
+            logits.stride(0),
+            labels,
+            loss,
+            lse,
+            V,
+            ignore_index,
+            1.0 if logit_scale is None else float(logit_scale),
+            1.0 if softcap is None else float(softcap),
+            HAS_SCALE=logit_scale is not None,
+            HAS_CAP=softcap is not None,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
     return loss, lse
 
 
@@ -184,12 +229,23 @@ def ce_backward_rows(logits, labels, lse, coef, ignore_index, softcap, logit_sca
     N, V = logits.shape
     if N:
         block = _block(V)
-        _ce_bwd_kernel[(N,)](logits, logits.stride(0), out, out.stride(0), labels, lse, coef, V,
-                             ignore_index,
-                             1.0 if logit_scale is None else float(logit_scale),
-                             1.0 if softcap is None else float(softcap),
-                             HAS_SCALE=logit_scale is not None, HAS_CAP=softcap is not None,
-                             BLOCK=block, num_warps=_num_warps(block))
+        _ce_bwd_kernel[(N,)](
+            logits,
+            logits.stride(0),
+            out,
+            out.stride(0),
+            labels,
+            lse,
+            coef,
+            V,
+            ignore_index,
+            1.0 if logit_scale is None else float(logit_scale),
+            1.0 if softcap is None else float(softcap),
+            HAS_SCALE=logit_scale is not None,
+            HAS_CAP=softcap is not None,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
     return out
 
 

@@ -14,13 +14,14 @@ but queued on the compute stream like any other kernel: nothing waits on the hos
 Exact: a gather copies bits (the reference is `index_select`). Ids outside [0, V) trip a device
 assertion (as `nn.Embedding` on CUDA does); the loads are masked so that such a row reads nothing.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024          # elements of a row per program (bf16: 2 KiB, 16-byte loads per thread)
+BLOCK = 1024  # elements of a row per program (bf16: 2 KiB, 16-byte loads per thread)
 
 
 def gather_rows_reference(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -33,8 +34,9 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     that device's memory); ids [...] integer on a CUDA device (or CPU under the Triton interpreter)
     -> [..., H] in table.dtype on ids' device."""
     if table.dim() != 2 or table.stride(1) != 1:
-        raise ValueError(f"gather_rows: table must be [V, H] with contiguous rows, got {tuple(table.shape)} "
-                         f"strides {table.stride()}")
+        raise ValueError(
+            f"gather_rows: table must be [V, H] with contiguous rows, got {tuple(table.shape)} strides {table.stride()}"
+        )
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"gather_rows: ids must be int32 or int64, got {ids.dtype}")
     flat = ids.reshape(-1)
@@ -46,7 +48,7 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return out.view(*ids.shape, h)
 
 
-@triton.jit(debug=True)      # debug: the bounds assertion below is compiled in (it is otherwise dropped)
+@triton.jit(debug=True)  # debug: the bounds assertion below is compiled in (it is otherwise dropped)
 def _gather_rows_kernel(TABLE, IDS, OUT, V, H, stride_t, BLOCK: tl.constexpr):
     """Program (row, block): OUT[row, block*BLOCK : +BLOCK] = TABLE[IDS[row], same columns]."""
     row = tl.program_id(0)

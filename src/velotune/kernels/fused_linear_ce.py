@@ -32,13 +32,19 @@ the training forward (models/loss.py) makes them with `KeptRows`, which launches
 device->host copy before the decoder layers run, so reading it at the loss never stalls the GPU.
 `drop_ignored=True` finds them here, with one sync; by default every row goes through the matmuls.
 """
+
 from __future__ import annotations
 
 import torch
 
 from velotune.kernels import halves_accumulator, triton_enabled
-from velotune.kernels.cross_entropy import (ce_backward_rows, ce_forward_rows, cross_entropy_reference,
-                                            loss_denominator, transform_logits_reference)
+from velotune.kernels.cross_entropy import (
+    ce_backward_rows,
+    ce_forward_rows,
+    cross_entropy_reference,
+    loss_denominator,
+    transform_logits_reference,
+)
 
 # At most 256 MiB of logits per chunk (1046 rows at a 128256 vocab). With a trainable bf16 lm_head
 # the fp32 dW accumulator (4 bytes per element, 1.96 GiB at Llama-3's shape) plus this chunk and dX
@@ -47,19 +53,47 @@ from velotune.kernels.cross_entropy import (ce_backward_rows, ce_forward_rows, c
 DEFAULT_BUDGET = 256 * 2**20
 
 
-def fused_linear_cross_entropy_reference(hidden, weight, labels, *, bias=None, softcap=None,
-                                         logit_scale=None, ignore_index=-100, reduction="mean",
-                                         num_items_in_batch=None, memory_budget_bytes=DEFAULT_BUDGET):
+def fused_linear_cross_entropy_reference(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    softcap=None,
+    logit_scale=None,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
+    memory_budget_bytes=DEFAULT_BUDGET,
+):
     """Stock path: full logits from F.linear, then the cross-entropy reference (materialises [N, V])."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return cross_entropy_reference(logits, labels, ignore_index=ignore_index, softcap=softcap,
-                                   logit_scale=logit_scale, reduction=reduction,
-                                   num_items_in_batch=num_items_in_batch)
+    return cross_entropy_reference(
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=None,
-                               ignore_index=-100, reduction="mean", num_items_in_batch=None,
-                               memory_budget_bytes=DEFAULT_BUDGET, drop_ignored=False, kept_rows=None):
+def fused_linear_cross_entropy(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    softcap=None,
+    logit_scale=None,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
+    memory_budget_bytes=DEFAULT_BUDGET,
+    drop_ignored=False,
+    kept_rows=None,
+):
     """Scalar fp32 loss; grads for hidden, and for weight / bias only when they require grad.
 
     Ignored rows can be dropped before the matmuls (they add nothing to the loss or the gradients):
@@ -69,8 +103,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=Non
     (the row count). Default: every row goes through the matmuls, sync-free.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_cross_entropy: need hidden [N, H] and weight [V, H], got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: need hidden [N, H] and weight [V, H], got "
+            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"fused_linear_cross_entropy: labels {tuple(labels.shape)} != [N={hidden.shape[0]}]")
     if reduction not in ("mean", "sum"):
@@ -80,11 +116,24 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=Non
     if memory_budget_bytes <= 0:
         raise ValueError("fused_linear_cross_entropy: memory_budget_bytes must be positive")
     if kept_rows is not None and (kept_rows.dim() != 1 or kept_rows.numel() > hidden.shape[0]):
-        raise ValueError(f"fused_linear_cross_entropy: kept_rows must be [n <= N={hidden.shape[0]}] indices, "
-                         f"got {tuple(kept_rows.shape)}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: kept_rows must be [n <= N={hidden.shape[0]}] indices, "
+            f"got {tuple(kept_rows.shape)}"
+        )
     rows = kept_rows if kept_rows is not None else bool(drop_ignored)
-    return _FusedLinearCE.apply(hidden, weight, labels, bias, softcap, logit_scale, ignore_index,
-                                reduction, num_items_in_batch, int(memory_budget_bytes), rows)
+    return _FusedLinearCE.apply(
+        hidden,
+        weight,
+        labels,
+        bias,
+        softcap,
+        logit_scale,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        int(memory_budget_bytes),
+        rows,
+    )
 
 
 class KeptRows:
@@ -102,7 +151,7 @@ class KeptRows:
     def __init__(self, labels: torch.Tensor, ignore_index: int = -100):
         keep = labels.reshape(-1) != ignore_index
         self.n_rows = keep.numel()
-        self.order = torch.argsort((~keep).to(torch.int8), stable=True)   # kept rows first, in order
+        self.order = torch.argsort((~keep).to(torch.int8), stable=True)  # kept rows first, in order
         count = keep.sum()
         self.event = None
         if count.is_cuda:
@@ -202,8 +251,9 @@ def _new_dw(V: int, H: int, device, zero: bool):
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, softcap, logit_scale, ignore_index, reduction,
-                num_items, budget, drop):
+    def forward(
+        ctx, hidden, weight, labels, bias, softcap, logit_scale, ignore_index, reduction, num_items, budget, drop
+    ):
         N, H = hidden.shape
         V = weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -213,12 +263,12 @@ class _FusedLinearCE(torch.autograd.Function):
         denom = loss_denominator(labels, ignore_index, reduction, num_items)
         coef = (1.0 / denom).reshape(())
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        rows = None        # drop: kept-row indices (host-known length), or True: find them here
+        rows = None  # drop: kept-row indices (host-known length), or True: find them here
         if isinstance(drop, torch.Tensor):
             rows = drop
-        elif drop:         # the one host sync of this option: nonzero() needs the count
+        elif drop:  # the one host sync of this option: nonzero() needs the count
             rows = (labels != ignore_index).nonzero().squeeze(1)
-        if rows is not None:   # chunks gather their rows (no [n, H] copy); labels are small
+        if rows is not None:  # chunks gather their rows (no [n, H] copy); labels are small
             rows = rows.to(hidden.device)
             labels = labels.index_select(0, rows)
         M = N if rows is None else rows.numel()
@@ -229,7 +279,7 @@ class _FusedLinearCE(torch.autograd.Function):
         # whose result is written in place (see _dw_in_place), else a plain fp32 one
         in_place = need_dw and _dw_in_place(hidden, weight, dtype)
         d_weight = None
-        if in_place:   # uninitialised: the first chunk's GEMM writes every element (zeros if no chunk runs)
+        if in_place:  # uninitialised: the first chunk's GEMM writes every element (zeros if no chunk runs)
             d_weight = _new_dw(V, H, weight.device, zero=M == 0)
         elif need_dw:
             d_weight = torch.zeros((V, H), dtype=torch.float32, device=weight.device)
@@ -242,30 +292,31 @@ class _FusedLinearCE(torch.autograd.Function):
             idx = None if rows is None else rows[s:e]
             h = (hidden[s:e] if idx is None else hidden.index_select(0, idx)).to(dtype)
             logits = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else h @ w.t()
-            loss_rows[s:e] = _chunk_loss_and_grad(logits, labels[s:e], coef, ignore_index, softcap,
-                                                  logit_scale, want_grad)
+            loss_rows[s:e] = _chunk_loss_and_grad(
+                logits, labels[s:e], coef, ignore_index, softcap, logit_scale, want_grad
+            )
             side = None
             if in_place and need_dh and logits.is_cuda:
                 main = torch.cuda.current_stream(logits.device)
                 side = _side_stream(logits.device)
-                side.wait_stream(main)                      # the CE kernel has written logits_c
+                side.wait_stream(main)  # the CE kernel has written logits_c
             if need_dh and idx is not None:
                 d_hidden.index_copy_(0, idx, (logits @ w).to(d_hidden.dtype))
-            elif need_dh and d_hidden.dtype == dtype:      # rows s:e of a contiguous tensor: no copy
+            elif need_dh and d_hidden.dtype == dtype:  # rows s:e of a contiguous tensor: no copy
                 torch.mm(logits, w, out=d_hidden[s:e])
             elif need_dh:
                 d_hidden[s:e] = logits @ w
             if side is not None:
                 with torch.cuda.stream(side):
                     halves_accumulator.accumulate_(d_weight, logits, h, first=s == 0)
-                main.wait_stream(side)   # before logits_c is freed and its memory reused (no record_stream)
+                main.wait_stream(side)  # before logits_c is freed and its memory reused (no record_stream)
             elif in_place:
                 halves_accumulator.accumulate_(d_weight, logits, h, first=s == 0)
             elif need_dw:
                 _accumulate_fp32(d_weight, logits.t(), h)
             if need_db:
                 d_bias += logits.float().sum(0)
-            del logits   # before the next chunk's logits exist: one [C, V] buffer alive, not two
+            del logits  # before the next chunk's logits exist: one [C, V] buffer alive, not two
         parts = d_weight if in_place else (d_weight, None)
         ctx.save_for_backward(d_hidden, *parts, d_bias)
         ctx.in_place = in_place
@@ -283,7 +334,7 @@ class _FusedLinearCE(torch.autograd.Function):
         d_hidden, d_weight, d_weight_2, d_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         dh = d_hidden.mul_(grad.to(d_hidden.dtype)) if d_hidden is not None else None
-        if ctx.in_place:                # dtype(fp32 sum * grad) written over the top half's storage
+        if ctx.in_place:  # dtype(fp32 sum * grad) written over the top half's storage
             dw = halves_accumulator.finalize_((d_weight, d_weight_2), grad, w_dtype)
         else:
             dw = d_weight.mul_(grad).to(w_dtype) if d_weight is not None else None

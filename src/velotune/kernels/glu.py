@@ -20,6 +20,7 @@ Derivations (a = act(g), h = a * u):  dup = dh * a,  dgate = dh * u * a'(g)
                a' = S + g * 2 * S * (1 - S) * sqrt(2/pi) * (1 + 3 * 0.044715 g^2)
 All math is fp32 and rounds once to the input dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,14 @@ from velotune.kernels.launch import launch_named
 
 # The one activation table: accepted name (the kernels' own and transformers' ACT2FN names) -> the
 # kernels' name. An activation not listed here is not one these kernels compute exactly.
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
-               "gelu_pytorch_tanh": "gelu_tanh"}
-_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}   # kernels' name -> the Triton kernels' ACT constant
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # kernels' name -> the Triton kernels' ACT constant
 BLOCK = 1024
 
 
@@ -144,8 +150,13 @@ def _fwd_triton(gate, up, act, out=None):
     h = out if usable else torch.empty_like(g, dtype=dtype)
     n = g.numel()
     if n:
-        launch_named(_PLANS, _glu_fwd_kernel, (triton.cdiv(n, BLOCK),),
-                     dict(G=g, U=u, Hout=h, n=n, ACT=_act_id(act), BLOCK=BLOCK), num_warps=4)
+        launch_named(
+            _PLANS,
+            _glu_fwd_kernel,
+            (triton.cdiv(n, BLOCK),),
+            dict(G=g, U=u, Hout=h, n=n, ACT=_act_id(act), BLOCK=BLOCK),
+            num_warps=4,
+        )
     return h
 
 
@@ -153,14 +164,35 @@ def _bwd_triton(dh, gate, up, act, dgate, dup):
     n = gate.numel()
     if n:
         dh = dh.contiguous()
-        launch_named(_PLANS, _glu_bwd_kernel, (triton.cdiv(n, BLOCK),),
-                     dict(DH=dh, G=gate, U=up, DG=dgate, DU=dup, n=n, ACT=_act_id(act), BLOCK=BLOCK), num_warps=4)
+        launch_named(
+            _PLANS,
+            _glu_bwd_kernel,
+            (triton.cdiv(n, BLOCK),),
+            dict(DH=dh, G=gate, U=up, DG=dgate, DU=dup, n=n, ACT=_act_id(act), BLOCK=BLOCK),
+            num_warps=4,
+        )
     return dgate, dup
 
 
 @triton.jit
-def _glu_lora_a_grad_kernel(DHA, G, U, OUT, N, I, R, CHUNK, s_dha, s_g, s_u, ACT: tl.constexpr, IEEE: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
+def _glu_lora_a_grad_kernel(
+    DHA,
+    G,
+    U,
+    OUT,
+    N,
+    I,
+    R,
+    CHUNK,
+    s_dha,
+    s_g,
+    s_u,
+    ACT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     # OUT[s, R, I] (fp32) = DHA[rows_s, R]^T @ h[rows_s], h = act(G) * U rounded to G's dtype as
     # glu_forward rounds it, for the s-th CHUNK of the N rows (a multiple of BLOCK_N): the rows of h
     # are made block by block and never stored. Program (column block, s) walks its chunk (fp32
@@ -188,8 +220,28 @@ def _glu_lora_a_grad_kernel(DHA, G, U, OUT, N, I, R, CHUNK, s_dha, s_g, s_u, ACT
 
 
 @triton.jit
-def _glu_bwd_lora_kernel(DH, DHA, A, G, U, DG, DU, N, I, R, s_dh, s_dha, s_a, s_g, s_u, ACT: tl.constexpr,
-                         IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
+def _glu_bwd_lora_kernel(
+    DH,
+    DHA,
+    A,
+    G,
+    U,
+    DG,
+    DU,
+    N,
+    I,
+    R,
+    s_dh,
+    s_dha,
+    s_a,
+    s_g,
+    s_u,
+    ACT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     # _glu_bwd_kernel for dh + DHA @ A (the down adapter's rank-r term, [N, r] @ [r, I]), added in
     # fp32 per tile instead of first making that [N, I] sum. DG / DU may alias G / U (same strides):
     # every element is read before it is written, by the same program.
@@ -213,8 +265,24 @@ def _glu_bwd_lora_kernel(DH, DHA, A, G, U, DG, DU, N, I, R, s_dh, s_dha, s_a, s_
 
 
 @triton.jit
-def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, CHUNK, s_g, s_u, s_a, ACT: tl.constexpr, IEEE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
+def _glu_lora_project_kernel(
+    G,
+    U,
+    A,
+    OUT,
+    N,
+    I,
+    R,
+    CHUNK,
+    s_g,
+    s_u,
+    s_a,
+    ACT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     # OUT[s, N, R] (fp32) = h[:, cols_s] @ A[:, cols_s]^T for the s-th CHUNK of the I columns (a
     # multiple of BLOCK_I), h = act(G) * U rounded to G's dtype as glu_forward rounds it. Program
     # (row block, s) walks its chunk making h a [BLOCK_N, BLOCK_I] tile at a time in registers (never
@@ -234,7 +302,7 @@ def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, CHUNK, s_g, s_u, s_a, ACT: t
         u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
         a, _ = _act_and_grad(g, ACT)
         h = (a * u).to(A.dtype.element_ty)
-        a_t = tl.load(A + rr[None, :] * s_a + cols[:, None], mask=cm[:, None] & km[None, :], other=0.0)   # A^T tile
+        a_t = tl.load(A + rr[None, :] * s_a + cols[:, None], mask=cm[:, None] & km[None, :], other=0.0)  # A^T tile
         if IEEE:
             acc += tl.dot(h, a_t, input_precision="ieee")
         else:
@@ -244,26 +312,30 @@ def _glu_lora_project_kernel(G, U, A, OUT, N, I, R, CHUNK, s_g, s_u, s_a, ACT: t
 
 # Tiles and warps of the three rank-r kernels above (lora/fused.py's MLP): the fastest of
 # bench/glu_tune.py's sweep at the 8B shape (N 4096, I 14336, r 16, bf16; docs/perf-notes.md).
-LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I = 128, 64   # glu_lora_project: rows per program, columns per step
-LORA_PROJECT_SPLIT = 8   # and at most this many programs per row block, each over its chunk of the columns
+LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I = 128, 64  # glu_lora_project: rows per program, columns per step
+LORA_PROJECT_SPLIT = 8  # and at most this many programs per row block, each over its chunk of the columns
 LORA_PROJECT_WARPS = 8
 
-LORA_A_BLOCK_I = 64      # glu_lora_a_grad: columns per program
-LORA_A_BLOCK_N = 64      # rows per step
-LORA_A_SPLIT = 8         # and at most this many programs per column block, each over its chunk of the rows
+LORA_A_BLOCK_I = 64  # glu_lora_a_grad: columns per program
+LORA_A_BLOCK_N = 64  # rows per step
+LORA_A_SPLIT = 8  # and at most this many programs per column block, each over its chunk of the rows
 LORA_A_WARPS = 8
 LORA_BLOCK_N, LORA_BLOCK_I = 32, 128  # glu_backward(lora=...): one [rows, columns] tile per program
 LORA_BWD_WARPS = 8
 
 
-_PLANS: dict = {}   # launch plans (kernels/launch.py), forward and backward
+_PLANS: dict = {}  # launch plans (kernels/launch.py), forward and backward
 
 
 def _rank_r_fused(r: int, *ts: torch.Tensor) -> bool:
     """The fused rank-r kernels apply: Triton, [rows, columns] tensors whose rows may be strided
     but whose columns are contiguous, one dtype, r <= 128 (the rank is padded to BLOCK_R)."""
-    return (triton_enabled(ts[0]) and r <= 128 and len({t.dtype for t in ts}) == 1
-            and all(t.dim() == 2 and t.stride(1) == 1 for t in ts))
+    return (
+        triton_enabled(ts[0])
+        and r <= 128
+        and len({t.dtype for t in ts}) == 1
+        and all(t.dim() == 2 and t.stride(1) == 1 for t in ts)
+    )
 
 
 def _chunks(n: int, most: int, block: int) -> tuple[int, int]:
@@ -308,14 +380,34 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
     r = dhA.shape[1]
     if not _rank_r_fused(r, dhA, gate, up):
         return (dhA.t() @ glu_forward(gate, up, act)).float()
-    return _split_sum(_glu_lora_a_grad_kernel, triton.cdiv(I, LORA_A_BLOCK_I), N, LORA_A_SPLIT, LORA_A_BLOCK_N,
-                      (r, I), dict(DHA=dhA, G=gate, U=up, N=N, I=I, R=r, s_dha=dhA.stride(0), s_g=gate.stride(0),
-                                   s_u=up.stride(0), **_rank_r_consts(act, gate.dtype, r), BLOCK_N=LORA_A_BLOCK_N,
-                                   BLOCK_I=LORA_A_BLOCK_I), LORA_A_WARPS)
+    return _split_sum(
+        _glu_lora_a_grad_kernel,
+        triton.cdiv(I, LORA_A_BLOCK_I),
+        N,
+        LORA_A_SPLIT,
+        LORA_A_BLOCK_N,
+        (r, I),
+        dict(
+            DHA=dhA,
+            G=gate,
+            U=up,
+            N=N,
+            I=I,
+            R=r,
+            s_dha=dhA.stride(0),
+            s_g=gate.stride(0),
+            s_u=up.stride(0),
+            **_rank_r_consts(act, gate.dtype, r),
+            BLOCK_N=LORA_A_BLOCK_N,
+            BLOCK_I=LORA_A_BLOCK_I,
+        ),
+        LORA_A_WARPS,
+    )
 
 
-def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act: str,
-                     h: torch.Tensor | None = None) -> torch.Tensor:
+def glu_lora_project(
+    gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act: str, h: torch.Tensor | None = None
+) -> torch.Tensor:
     """h @ A^T for h = act(gate) * up (in h's dtype, as glu_forward gives it), without making h.
 
     gate / up [N, I] (rows may be strided, as glu_lora_a_grad), A [r, I] in their dtype -> [N, r] in
@@ -329,11 +421,29 @@ def glu_lora_project(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, act:
     r = A.shape[0]
     if not (A.shape[1] == I and _rank_r_fused(r, gate, up, A)):
         return (glu_forward(gate, up, act) if h is None else h) @ A.t()
-    return _split_sum(_glu_lora_project_kernel, triton.cdiv(N, LORA_PROJECT_BLOCK_N), I, LORA_PROJECT_SPLIT,
-                      LORA_PROJECT_BLOCK_I, (N, r),
-                      dict(G=gate, U=up, A=A, N=N, I=I, R=r, s_g=gate.stride(0), s_u=up.stride(0), s_a=A.stride(0),
-                           **_rank_r_consts(act, gate.dtype, r), BLOCK_N=LORA_PROJECT_BLOCK_N,
-                           BLOCK_I=LORA_PROJECT_BLOCK_I), LORA_PROJECT_WARPS).to(gate.dtype)
+    return _split_sum(
+        _glu_lora_project_kernel,
+        triton.cdiv(N, LORA_PROJECT_BLOCK_N),
+        I,
+        LORA_PROJECT_SPLIT,
+        LORA_PROJECT_BLOCK_I,
+        (N, r),
+        dict(
+            G=gate,
+            U=up,
+            A=A,
+            N=N,
+            I=I,
+            R=r,
+            s_g=gate.stride(0),
+            s_u=up.stride(0),
+            s_a=A.stride(0),
+            **_rank_r_consts(act, gate.dtype, r),
+            BLOCK_N=LORA_PROJECT_BLOCK_N,
+            BLOCK_I=LORA_PROJECT_BLOCK_I,
+        ),
+        LORA_PROJECT_WARPS,
+    ).to(gate.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,11 +477,32 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
             N, I = gate.shape
             r = dhA.shape[1]
             if gate.numel():
-                launch_named(_PLANS, _glu_bwd_lora_kernel, (triton.cdiv(N, LORA_BLOCK_N), triton.cdiv(I, LORA_BLOCK_I)),
-                             dict(DH=dh, DHA=dhA, A=A, G=gate, U=up, DG=gate, DU=up, N=N, I=I, R=r, s_dh=dh.stride(0),
-                                  s_dha=dhA.stride(0), s_a=A.stride(0), s_g=gate.stride(0), s_u=up.stride(0),
-                                  **_rank_r_consts(act, gate.dtype, r), BLOCK_N=LORA_BLOCK_N, BLOCK_I=LORA_BLOCK_I),
-                             num_warps=LORA_BWD_WARPS)
+                launch_named(
+                    _PLANS,
+                    _glu_bwd_lora_kernel,
+                    (triton.cdiv(N, LORA_BLOCK_N), triton.cdiv(I, LORA_BLOCK_I)),
+                    dict(
+                        DH=dh,
+                        DHA=dhA,
+                        A=A,
+                        G=gate,
+                        U=up,
+                        DG=gate,
+                        DU=up,
+                        N=N,
+                        I=I,
+                        R=r,
+                        s_dh=dh.stride(0),
+                        s_dha=dhA.stride(0),
+                        s_a=A.stride(0),
+                        s_g=gate.stride(0),
+                        s_u=up.stride(0),
+                        **_rank_r_consts(act, gate.dtype, r),
+                        BLOCK_N=LORA_BLOCK_N,
+                        BLOCK_I=LORA_BLOCK_I,
+                    ),
+                    num_warps=LORA_BWD_WARPS,
+                )
             return gate, up
         dh = torch.addmm(dh, dhA, A)
     if triton_enabled(gate):

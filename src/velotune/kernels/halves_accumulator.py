@@ -26,6 +26,7 @@ About log2(n_top / PREFIX) + 2 launches of a bandwidth-bound kernel (14 at Llama
     accumulate_(acc, a, b)                            # acc += a^T @ b     fp32 sum
     dW = finalize_(acc, scale, torch.bfloat16)        # [V, H] = dtype(acc * scale), a view of top
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from velotune.kernels import triton_enabled
 
-PREFIX = 1 << 16          # elements of top copied aside before the in-place phases (256 KiB)
+PREFIX = 1 << 16  # elements of top copied aside before the in-place phases (256 KiB)
 BLOCK = 4096
 
 
@@ -42,8 +43,10 @@ def new_accumulator(v: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor]
     """(top fp32 [ceil(v/2), h], bottom fp32 [v - ceil(v/2), h]), uninitialised: the first
     `accumulate_(..., first=True)` writes every element; `zero_` them when no chunk will run."""
     vt = (v + 1) // 2
-    return (torch.empty((vt, h), dtype=torch.float32, device=device),
-            torch.empty((v - vt, h), dtype=torch.float32, device=device))
+    return (
+        torch.empty((vt, h), dtype=torch.float32, device=device),
+        torch.empty((v - vt, h), dtype=torch.float32, device=device),
+    )
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -58,8 +61,7 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: boo
         acc.addmm_(a.float(), b.float())
 
 
-def accumulate_(acc: tuple[torch.Tensor, torch.Tensor], a: torch.Tensor, b: torch.Tensor,
-                first: bool = False) -> None:
+def accumulate_(acc: tuple[torch.Tensor, torch.Tensor], a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
     """acc [V, H] (+)= a^T @ b, a [K, V] and b [K, H] (16-bit); first=True: overwrite."""
     top, bottom = acc
     vt = top.shape[0]
@@ -95,8 +97,9 @@ def _scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor) -> No
     if n == 0:
         return
     bf16 = dst.dtype == torch.bfloat16
-    _scale_cast_kernel[(triton.cdiv(n, BLOCK),)](src, dst.view(torch.int16) if bf16 else dst, scale, n,
-                                                 BLOCK=BLOCK, OUT_BF16=bf16, num_warps=8)
+    _scale_cast_kernel[(triton.cdiv(n, BLOCK),)](
+        src, dst.view(torch.int16) if bf16 else dst, scale, n, BLOCK=BLOCK, OUT_BF16=bf16, num_warps=8
+    )
 
 
 def finalize_(acc: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -105,17 +108,17 @@ def finalize_(acc: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor, dtype
     top, bottom = acc
     v, h = top.shape[0] + bottom.shape[0], top.shape[1]
     scale = scale.float().reshape(1)
-    out = top.view(-1).view(dtype)[: v * h]                 # top's storage as 16-bit elements
+    out = top.view(-1).view(dtype)[: v * h]  # top's storage as 16-bit elements
     if not triton_enabled(top):
-        out.copy_(finalize_reference(acc, scale, dtype).view(-1))   # out of place: a full-size temp
+        out.copy_(finalize_reference(acc, scale, dtype).view(-1))  # out of place: a full-size temp
         return out.view(v, h)
     src = top.view(-1)
     n_top = src.numel()
     p = min(PREFIX, n_top)
-    _scale_cast(src[:p].clone(), out[:p], scale)            # output of the prefix overlaps its input
-    for a, b in phases(n_top, p):                           # reads [a, b), writes over fp32 [a/2, b/2)
+    _scale_cast(src[:p].clone(), out[:p], scale)  # output of the prefix overlaps its input
+    for a, b in phases(n_top, p):  # reads [a, b), writes over fp32 [a/2, b/2)
         _scale_cast(src[a:b], out[a:b], scale)
-    _scale_cast(bottom.view(-1), out[n_top:], scale)        # over fp32 elements every phase has read
+    _scale_cast(bottom.view(-1), out[n_top:], scale)  # over fp32 elements every phase has read
     return out.view(v, h)
 
 

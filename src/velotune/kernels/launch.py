@@ -24,6 +24,7 @@ the slot tensors on, 16-byte alignment of the address, is checked here: plans se
 only. Plans hold no tensors (the slots are emptied), are only made for CUDA launches (the
 interpreter runs the JIT path), and a dict past MAX_PLANS is cleared.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -53,7 +54,7 @@ class LaunchPlan:
         self.grid = (tuple(grid) + (1, 1))[:3]
         # the launcher takes every parameter in signature order, constexprs included (as the JIT passes them)
         self.values = [args[i] if i < len(args) else consts[name] for i, name in enumerate(fn.arg_names)]
-        for i in slots:          # never hold a tensor: it may be a view of a buffer since replaced
+        for i in slots:  # never hold a tensor: it may be a view of a buffer since replaced
             self.values[i] = None
         self.slots = tuple(slots)
         self.device = torch.cuda.current_device()
@@ -102,7 +103,7 @@ def launch(plans: dict, key, fn, grid, args, consts: dict, slots, **options) -> 
         plans[key] = LaunchPlan(compiled, fn, grid, args, consts, slots)
 
 
-_CONSTEXPRS: dict = {}   # kernel -> (names of its runtime parameters, names of its constexprs), in order
+_CONSTEXPRS: dict = {}  # kernel -> (names of its runtime parameters, names of its constexprs), in order
 
 
 def _split_params(fn) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -117,8 +118,10 @@ def _split_params(fn) -> tuple[tuple[str, ...], tuple[str, ...]]:
             sig = inspect.signature(fn.fn)
             flags = ["constexpr" in str(sig.parameters[name].annotation) for name in fn.arg_names]
         names = list(fn.arg_names)
-        split = _CONSTEXPRS[fn] = (tuple(n for n, c in zip(names, flags) if not c),
-                                   tuple(n for n, c in zip(names, flags) if c))
+        split = _CONSTEXPRS[fn] = (
+            tuple(n for n, c in zip(names, flags) if not c),
+            tuple(n for n, c in zip(names, flags) if c),
+        )
     return split
 
 
@@ -130,12 +133,18 @@ def launch_named(plans: dict, fn, grid, named: dict, **options) -> None:
     runtime, constexprs = _split_params(fn)
     if len(named) != len(runtime) + len(constexprs) or any(n not in named for n in runtime + constexprs):
         want = set(runtime + constexprs)
-        raise ValueError(f"{getattr(fn, '__name__', fn)}: missing {sorted(want - set(named))}, "
-                         f"unknown {sorted(set(named) - want)}")
+        raise ValueError(
+            f"{getattr(fn, '__name__', fn)}: missing {sorted(want - set(named))}, unknown {sorted(set(named) - want)}"
+        )
     args = tuple(named[n] for n in runtime)
     consts = {n: named[n] for n in constexprs}
     slots = tuple(i for i, v in enumerate(args) if isinstance(v, torch.Tensor))
-    key = (fn, args[slots[0]].get_device(), tuple(grid),
-           tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in args),
-           tuple(consts.values()), tuple(sorted(options.items())))
+    key = (
+        fn,
+        args[slots[0]].get_device(),
+        tuple(grid),
+        tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in args),
+        tuple(consts.values()),
+        tuple(sorted(options.items())),
+    )
     launch(plans, key, fn, grid, args, consts, slots, **options)

@@ -16,6 +16,7 @@ Derivation (per row, in fp32; n = x * r, r = (mean(x^2) + eps)^-1/2, H = row len
     dw = sum over rows of dy * n   (Llama: n rounded to x.dtype first, exactly as the forward used it)
 The cast `.to(x.dtype)` in the Llama forward is treated as identity by autograd, and so here.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,9 @@ from velotune.kernels.launch import launch_named
 MAX_BLOCK = 16384
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
-                       weight_in_fp32: bool = False):
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0, weight_in_fp32: bool = False
+):
     """Plain PyTorch, op for op what LlamaRMSNorm (offset=0) / Gemma2RMSNorm (offset=1) /
     Olmo2RMSNorm (weight_in_fp32) compute (float64 inputs stay float64, for references)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -44,8 +46,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, *, off
     return (n * (offset + weight.to(xf.dtype))).to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
-             weight_in_fp32: bool = False) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0, weight_in_fp32: bool = False
+) -> torch.Tensor:
     """RMSNorm over the last dim. x [..., H], weight [H] -> [..., H].
 
     Output dtype: Llama style (offset=0) follows torch promotion of (weight, x) like LlamaRMSNorm;
@@ -63,8 +66,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _rms_fwd_kernel(X, sx, Y, sy, W, RSTD, H, eps, offset,
-                     GEMMA: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+def _rms_fwd_kernel(
+    X, sx, Y, sy, W, RSTD, H, eps, offset, GEMMA: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     X += row * sx
     Y += row * sy
@@ -79,7 +83,7 @@ def _rms_fwd_kernel(X, sx, Y, sy, W, RSTD, H, eps, offset,
         if GEMMA:
             y = n * (offset + w)
         else:
-            y = n.to(X.dtype.element_ty).to(tl.float32) * w   # Llama: round n to x.dtype first
+            y = n.to(X.dtype.element_ty).to(tl.float32) * w  # Llama: round n to x.dtype first
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -101,9 +105,25 @@ def _rms_fwd_kernel(X, sx, Y, sy, W, RSTD, H, eps, offset,
 
 
 @triton.jit
-def _rms_bwd_kernel(DY, sdy, X, sx, DX, sdx, W, RSTD, DWP, M, H, rows_per_prog, offset,
-                     GEMMA: tl.constexpr, HAS_DW: tl.constexpr, BLOCK: tl.constexpr,
-                     SINGLE: tl.constexpr):
+def _rms_bwd_kernel(
+    DY,
+    sdy,
+    X,
+    sx,
+    DX,
+    sdx,
+    W,
+    RSTD,
+    DWP,
+    M,
+    H,
+    rows_per_prog,
+    offset,
+    GEMMA: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
     # One program handles `rows_per_prog` consecutive rows and keeps a private fp32 partial dW row
     # (registers when the row fits one block, else its own row of DWP in global memory); the
     # partials are summed over programs afterwards -- deterministic, no atomics.
@@ -203,16 +223,32 @@ class _RMSNorm(torch.autograd.Function):
         shape = x.shape
         x2 = _rows(x)
         M, H = x2.shape
-        gemma = offset != 0.0 or weight_in_fp32        # the kernels' fp32 (offset + w) * n path
+        gemma = offset != 0.0 or weight_in_fp32  # the kernels' fp32 (offset + w) * n path
         out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty((M, H), dtype=out_dtype, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block, single = _block(H)
         if M > 0:
-            launch_named(_FWD_PLANS, _rms_fwd_kernel, (M,),
-                         dict(X=x2, sx=x2.stride(0), Y=y, sy=y.stride(0), W=weight, RSTD=rstd, H=H, eps=eps,
-                              offset=offset, GEMMA=gemma, BLOCK=block, SINGLE=single),
-                         num_warps=_num_warps(block))
+            launch_named(
+                _FWD_PLANS,
+                _rms_fwd_kernel,
+                (M,),
+                dict(
+                    X=x2,
+                    sx=x2.stride(0),
+                    Y=y,
+                    sy=y.stride(0),
+                    W=weight,
+                    RSTD=rstd,
+                    H=H,
+                    eps=eps,
+                    offset=offset,
+                    GEMMA=gemma,
+                    BLOCK=block,
+                    SINGLE=single,
+                ),
+                num_warps=_num_warps(block),
+            )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape, ctx.gemma = offset, shape, gemma
         return y.view(shape)
@@ -236,10 +272,30 @@ class _RMSNorm(torch.autograd.Function):
         alloc = torch.empty if single and M > 0 else torch.zeros
         dwp = alloc((max(progs, 1), H) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
         if M > 0:
-            launch_named(_BWD_PLANS, _rms_bwd_kernel, (progs,),
-                         dict(DY=dy2, sdy=dy2.stride(0), X=x2, sx=x2.stride(0), DX=dx, sdx=dx.stride(0), W=weight,
-                              RSTD=rstd, DWP=dwp, M=M, H=H, rows_per_prog=rows_per_prog, offset=ctx.offset,
-                              GEMMA=ctx.gemma, HAS_DW=has_dw, BLOCK=block, SINGLE=single),
-                         num_warps=_num_warps(block))
+            launch_named(
+                _BWD_PLANS,
+                _rms_bwd_kernel,
+                (progs,),
+                dict(
+                    DY=dy2,
+                    sdy=dy2.stride(0),
+                    X=x2,
+                    sx=x2.stride(0),
+                    DX=dx,
+                    sdx=dx.stride(0),
+                    W=weight,
+                    RSTD=rstd,
+                    DWP=dwp,
+                    M=M,
+                    H=H,
+                    rows_per_prog=rows_per_prog,
+                    offset=ctx.offset,
+                    GEMMA=ctx.gemma,
+                    HAS_DW=has_dw,
+                    BLOCK=block,
+                    SINGLE=single,
+                ),
+                num_warps=_num_warps(block),
+            )
         dw = dwp.sum(0).to(weight.dtype) if has_dw else None
         return dx.view(ctx.shape), dw, None, None, None

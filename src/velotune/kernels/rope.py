@@ -19,6 +19,7 @@ Derivation. Per token and head, with x1 = x[:R/2], x2 = x[R/2:R], c = cos, s = s
     dx2 = dy2 * c2 - dy1 * s1
   Backward therefore needs nothing but cos/sin and rewrites dq/dk in place.
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,7 +87,7 @@ def rope_cos_sin(config, position_ids: torch.Tensor, device=None, dtype=torch.fl
 # reference
 # ----------------------------------------------------------------------------------------------------
 def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
@@ -144,9 +145,24 @@ def _check_rope(q, k, cos, sin):
 # arguments: the launch cost matters at ~0.1 ms kernels).
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _rotate_heads(X, Y, sb, sh, st, b, t, c1, c2, s1, s2,
-                  N_HEADS: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+def _rotate_heads(
+    X,
+    Y,
+    sb,
+    sh,
+    st,
+    b,
+    t,
+    c1,
+    c2,
+    s1,
+    s2,
+    N_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     base = b * sb + t * st
@@ -155,7 +171,7 @@ def _rotate_heads(X, Y, sb, sh, st, b, t, c1, c2, s1, s2,
         off = base + (h0 + heads) * sh + dims
         x1 = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(X + off + HALF, mask=mask, other=0.0).to(tl.float32)
-        if BACKWARD:   # transpose of the forward map (see module docstring)
+        if BACKWARD:  # transpose of the forward map (see module docstring)
             y1 = x1 * c1 + x2 * s2
             y2 = x2 * c2 - x1 * s1
         else:
@@ -166,9 +182,30 @@ def _rotate_heads(X, Y, sb, sh, st, b, t, c1, c2, s1, s2,
 
 
 @triton.jit
-def _rope_kernel(Q, QO, sqb, sqh, sqt, K, KO, skb, skh, skt, C, S, scb, sct, T,
-                 HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, BACKWARD: tl.constexpr,
-                 BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope_kernel(
+    Q,
+    QO,
+    sqb,
+    sqh,
+    sqt,
+    K,
+    KO,
+    skb,
+    skh,
+    skt,
+    C,
+    S,
+    scb,
+    sct,
+    T,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    HALF: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
@@ -197,8 +234,21 @@ def _launch(q, k, cos, sin, backward, q_out=None, k_out=None):
             raise ValueError("rope: an output must have its input's strides")
     qq, qo = (q, q_out) if q is not None else (x, x)
     kk, ko = (k, k_out) if k is not None else (x, x)
-    _launch_raw(qq, qo, qq.stride()[:3], q.shape[1] if q is not None else 0,
-                kk, ko, kk.stride()[:3], k.shape[1] if k is not None else 0, cos, sin, B, T, backward)
+    _launch_raw(
+        qq,
+        qo,
+        qq.stride()[:3],
+        q.shape[1] if q is not None else 0,
+        kk,
+        ko,
+        kk.stride()[:3],
+        k.shape[1] if k is not None else 0,
+        cos,
+        sin,
+        B,
+        T,
+        backward,
+    )
 
 
 def _launch_raw(q, qo, q_strides, hq, k, ko, k_strides, hk, cos, sin, B, T, backward):
@@ -218,13 +268,39 @@ def _launch_raw(q, qo, q_strides, hq, k, ko, k_strides, hk, cos, sin, B, T, back
     bhq = min(triton.next_power_of_2(max(hq, 1)), max(1, 2048 // block_d))
     bhk = min(triton.next_power_of_2(max(hk, 1)), max(1, 2048 // block_d))
     (sqb, sqh, sqt), (skb, skh, skt) = q_strides, k_strides
-    launch_named(_PLANS, _rope_kernel, (B * T,),
-                 dict(Q=q, QO=qo, sqb=sqb, sqh=sqh, sqt=sqt, K=k, KO=ko, skb=skb, skh=skh, skt=skt, C=cos, S=sin,
-                      scb=scb, sct=sct, T=T, HQ=hq, HK=hk, HALF=half, BACKWARD=backward, BLOCK_HQ=bhq, BLOCK_HK=bhk,
-                      BLOCK_D=block_d), num_warps=4)
+    launch_named(
+        _PLANS,
+        _rope_kernel,
+        (B * T,),
+        dict(
+            Q=q,
+            QO=qo,
+            sqb=sqb,
+            sqh=sqh,
+            sqt=sqt,
+            K=k,
+            KO=ko,
+            skb=skb,
+            skh=skh,
+            skt=skt,
+            C=cos,
+            S=sin,
+            scb=scb,
+            sct=sct,
+            T=T,
+            HQ=hq,
+            HK=hk,
+            HALF=half,
+            BACKWARD=backward,
+            BLOCK_HQ=bhq,
+            BLOCK_HK=bhk,
+            BLOCK_D=block_d,
+        ),
+        num_warps=4,
+    )
 
 
-_PLANS: dict = {}   # launch plans (kernels/launch.py)
+_PLANS: dict = {}  # launch plans (kernels/launch.py)
 
 
 def _like(x: torch.Tensor | None):
@@ -247,7 +323,7 @@ def _rotated(q, k, cos, sin, backward):
     k, ko = _like(k)
     R = cos.shape[-1]
     for x, o in ((q, qo), (k, ko)):
-        if x is not None and R < x.shape[-1]:   # pass-through dims of partial rotary
+        if x is not None and R < x.shape[-1]:  # pass-through dims of partial rotary
             o[..., R:] = x[..., R:]
     if q is not None or k is not None:
         _launch(q, k, cos, sin, backward, q_out=qo, k_out=ko)
@@ -349,16 +425,27 @@ def apply_rope_(q, k, cos, sin, head_dim: int, in_place: bool = True):
     T, D = cos.shape[-2], head_dim
     nq, nk = q.shape[-1], k.shape[-1]
     if nq % D or nk % D or q.numel() % (T * nq) or k.numel() != q.numel() // nq * nk:
-        raise ValueError(f"apply_rope_: q {tuple(q.shape)} / k {tuple(k.shape)} are not token-major "
-                         f"with T={T} tokens per row and head_dim {head_dim}")
+        raise ValueError(
+            f"apply_rope_: q {tuple(q.shape)} / k {tuple(k.shape)} are not token-major "
+            f"with T={T} tokens per row and head_dim {head_dim}"
+        )
     B = q.numel() // (T * nq)
     R = cos.shape[-1]
-    if (in_place and triton_enabled(q) and q._base is None and k._base is None and q.is_contiguous()
-            and k.is_contiguous()
-            and not ((q.is_leaf and q.requires_grad) or (k.is_leaf and k.requires_grad))
-            and R % 2 == 0 and R <= D and cos.shape == sin.shape and cos.dim() in (2, 3)
-            and (cos.dim() == 2 or cos.shape[0] in (1, B))):
+    if (
+        in_place
+        and triton_enabled(q)
+        and q._base is None
+        and k._base is None
+        and q.is_contiguous()
+        and k.is_contiguous()
+        and not ((q.is_leaf and q.requires_grad) or (k.is_leaf and k.requires_grad))
+        and R % 2 == 0
+        and R <= D
+        and cos.shape == sin.shape
+        and cos.dim() in (2, 3)
+        and (cos.dim() == 2 or cos.shape[0] in (1, B))
+    ):
         return _RoPEInPlace.apply(q, k, cos, sin, B, T, D)
     q4, k4 = q.reshape(B, T, -1, D).transpose(1, 2), k.reshape(B, T, -1, D).transpose(1, 2)
-    qr, kr = apply_rope(q4, k4, cos, sin)   # validates shapes and raises the clear errors
+    qr, kr = apply_rope(q4, k4, cos, sin)  # validates shapes and raises the clear errors
     return _tokens(qr, q.shape), _tokens(kr, k.shape)

@@ -24,6 +24,7 @@ in backward instead of saving it (one elementwise pass, saves N x I). It is spli
 functions ordered so that checkpoint recomputation can skip the down projection (see lora_mlp).
 Everything runs in X's dtype (the compute dtype): no fp32 casts of the LoRA branch.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -71,7 +72,7 @@ def _cast_together(tensors: Sequence[torch.Tensor], dtype: torch.dtype):
     flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
     out, off = [], 0
     for t in tensors:
-        out.append(flat[off:off + t.numel()].view(t.shape))
+        out.append(flat[off : off + t.numel()].view(t.shape))
         off += t.numel()
     return out, flat
 
@@ -88,12 +89,12 @@ def _group_casts(projs: Sequence[Proj], dtype: torch.dtype, extra: Sequence[torc
         A = None
     elif nA == 1:
         A = casts[0]
-    elif flat is None:                                      # no cast needed: concatenate (a copy)
+    elif flat is None:  # no cast needed: concatenate (a copy)
         A = torch.cat(casts[:nA], 0)
-    else:                                                   # consecutive rows of the flat buffer
-        A = flat[:sum(a.numel() for a in As)].view(-1, As[0].shape[1])
-    Bi = iter(casts[nA:nA + nB])
-    return A, [next(Bi) if p.A is not None else None for p in projs], casts[nA + nB:]
+    else:  # consecutive rows of the flat buffer
+        A = flat[: sum(a.numel() for a in As)].view(-1, As[0].shape[1])
+    Bi = iter(casts[nA : nA + nB])
+    return A, [next(Bi) if p.A is not None else None for p in projs], casts[nA + nB :]
 
 
 def _cat_A(projs: Sequence[Proj], dtype: torch.dtype) -> torch.Tensor | None:
@@ -116,7 +117,7 @@ def group_forward(X: torch.Tensor, projs: Sequence[Proj], extra: Sequence[torch.
         Y = F.linear(X, weight_in(p, X.dtype), bias)
         if p.A is not None:
             r = p.A.shape[0]
-            Y.addmm_(XA[:, off:off + r], B.t(), alpha=p.scaling)
+            Y.addmm_(XA[:, off : off + r], B.t(), alpha=p.scaling)
             off += r
         outs.append(Y)
     if extra:
@@ -129,8 +130,9 @@ def _as(t: torch.Tensor | None, param: torch.Tensor, dtype: torch.dtype) -> torc
     return t if t is not None and t.dtype == dtype else param.to(dtype)
 
 
-def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], need_dX: bool = True,
-                   casts: Sequence | None = None):
+def group_backward(
+    X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], need_dX: bool = True, casts: Sequence | None = None
+):
     """Gradients of `group_forward`. needs: 4 flags per projection (W, b, A, B); casts: what
     group_forward returned as such (optional).
 
@@ -141,7 +143,7 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
     dX = None
     dXAs = []
     for i, (p, dY) in enumerate(zip(projs, dYs)):
-        need_W, need_b, need_A, need_B = needs[4 * i: 4 * i + 4]
+        need_W, need_b, need_A, need_B = needs[4 * i : 4 * i + 4]
         if need_dX:
             W = weight_in(p, dY.dtype)
             dX = dY @ W if dX is None else dX.addmm_(dY, W)
@@ -152,17 +154,17 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
             r = p.A.shape[0]
             off = sum(q.A.shape[0] for q in projs[:i] if q.A is not None)
             if need_B:
-                dB = _mm_to(dY.t(), XA[:, off:off + r], p.B.dtype, p.scaling)
+                dB = _mm_to(dY.t(), XA[:, off : off + r], p.B.dtype, p.scaling)
             dXAs.append(scale_in_place(dY @ _as(casts[1 + i], p.B, dY.dtype), p.scaling))
         grads += [dW, db, None, dB]
     if dXAs:
-        dXA = dXAs[0] if len(dXAs) == 1 else torch.cat(dXAs, 1)          # [N, sum r]
+        dXA = dXAs[0] if len(dXAs) == 1 else torch.cat(dXAs, 1)  # [N, sum r]
         A = casts[0] if casts[0] is not None and casts[0].dtype == X.dtype else _cat_A(projs, X.dtype)
         if need_dX:
             dX.addmm_(dXA, A)
         a_dtypes = {p.A.dtype for p in projs if p.A is not None}
-        if len(a_dtypes) == 1:                    # one GEMM (and cast) for the group; each dA_i is a row slice
-            dA = _mm_to(dXA.t(), X, a_dtypes.pop(), 1.0)                   # [sum r, in]
+        if len(a_dtypes) == 1:  # one GEMM (and cast) for the group; each dA_i is a row slice
+            dA = _mm_to(dXA.t(), X, a_dtypes.pop(), 1.0)  # [sum r, in]
         else:
             dA = dXA.t() @ X
         off = 0
@@ -170,7 +172,7 @@ def group_backward(X, XA, projs: Sequence[Proj], dYs, needs: Sequence[bool], nee
             if p.A is not None:
                 r = p.A.shape[0]
                 if needs[4 * i + 2]:
-                    grads[4 * i + 2] = dA[off:off + r].to(p.A.dtype)
+                    grads[4 * i + 2] = dA[off : off + r].to(p.A.dtype)
                 off += r
     return dX, grads
 
@@ -196,8 +198,7 @@ class LoRAProjections(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dYs):
         X, XA, *casts = ctx.saved_tensors
-        dX, grads = group_backward(X, XA, ctx.projs, dYs, ctx.needs_input_grad[2:], ctx.needs_input_grad[0],
-                                   casts)
+        dX, grads = group_backward(X, XA, ctx.projs, dYs, ctx.needs_input_grad[2:], ctx.needs_input_grad[0], casts)
         return (dX, None, *grads)
 
 
@@ -236,7 +237,7 @@ class _MLPIn(torch.autograd.Function):
         gate, up, XA, casts, A = mlp_in(X, gate_up, A_down)
         h = None if h_unused else glu_forward(gate, up, act)
         hA = None if A is None else glu_lora_project(gate, up, A, act, h=h)
-        if h is None:     # [N, I] of one element: checkpoint's recompute compares shapes and dtypes only
+        if h is None:  # [N, I] of one element: checkpoint's recompute compares shapes and dtypes only
             h = gate.new_empty(1).expand(gate.shape)
         ctx.gate_up, ctx.act = gate_up, act
         ctx.a_dtype = None if A_down is None else A_down.dtype
@@ -247,18 +248,17 @@ class _MLPIn(torch.autograd.Function):
     def backward(ctx, dh, dhA):
         from velotune.kernels.glu import glu_backward, glu_lora_a_grad
 
-        X, XA, gate, up, A_down, *casts = ctx.saved_tensors       # A_down: in the compute dtype
+        X, XA, gate, up, A_down, *casts = ctx.saved_tensors  # A_down: in the compute dtype
         dA_down, lora = None, None
         if A_down is not None and dhA is not None:
-            if ctx.needs_input_grad[3]:                            # [r, I] = dhA^T @ h, h recomputed on the fly
+            if ctx.needs_input_grad[3]:  # [r, I] = dhA^T @ h, h recomputed on the fly
                 dA_down = glu_lora_a_grad(dhA, gate, up, ctx.act).to(ctx.a_dtype)
-            lora = (dhA, A_down.to(dh.dtype))                      # dh += dhA @ A_down (.to: no-op usually)
+            lora = (dhA, A_down.to(dh.dtype))  # dh += dhA @ A_down (.to: no-op usually)
         # gate / up (and, on the GPU, dh + dhA @ A_down) become dgate / dup in place: at this, the MLP
         # backward's memory peak, the only [N, I] tensors alive are gate, up and dh
         dgate, dup = glu_backward(dh, gate, up, ctx.act, lora=lora)
         dYs = (dgate, dup) if len(ctx.gate_up) == 2 else (joined(dgate, dup),)
-        dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[5:], ctx.needs_input_grad[0],
-                                   casts)
+        dX, grads = group_backward(X, XA, ctx.gate_up, dYs, ctx.needs_input_grad[5:], ctx.needs_input_grad[0], casts)
         return (dX, None, None, dA_down, None, *grads)
 
 
@@ -266,9 +266,13 @@ def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cat((a, b), -1) for [N, I] x2; when a and b are the two halves of one [N, 2I] buffer (Phi-3's
     gate_up output, whose halves the GLU backward overwrote in place) that buffer, not a copy."""
     n, i = a.shape
-    if (b.shape == a.shape and a.stride() == b.stride() == (2 * i, 1) and a.dtype == b.dtype
-            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and b.storage_offset() == a.storage_offset() + i):
+    if (
+        b.shape == a.shape
+        and a.stride() == b.stride() == (2 * i, 1)
+        and a.dtype == b.dtype
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.storage_offset() == a.storage_offset() + i
+    ):
         return a.as_strided((n, 2 * i), (2 * i, 1), a.storage_offset())
     return torch.cat((a, b), dim=-1)
 
@@ -280,7 +284,7 @@ class _LoRAUp(torch.autograd.Function):
     def forward(ctx, hA, B, scaling):
         ctx.scaling, ctx.b_dtype = scaling, B.dtype
         B = B.to(hA.dtype)
-        ctx.save_for_backward(hA, B)                               # B in the compute dtype
+        ctx.save_for_backward(hA, B)  # B in the compute dtype
         return scale_in_place(torch.mm(hA, B.t()), scaling)
 
     @staticmethod
@@ -302,7 +306,7 @@ class _BaseDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, c, down, weight, bias, values_unused=False):
-        if values_unused:   # a recompute for gradients only: nothing reads Y's values (see lora_mlp)
+        if values_unused:  # a recompute for gradients only: nothing reads Y's values (see lora_mlp)
             Y = torch.empty((h.shape[0], down.base.out_features), dtype=h.dtype, device=h.device)
         else:
             W = weight_in(down, h.dtype)
@@ -329,8 +333,9 @@ class _BaseDown(torch.autograd.Function):
         return dh, (dY if ctx.has_c else None), None, dW, db, None
 
 
-def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str,
-             values_unused: bool = False) -> torch.Tensor:
+def lora_mlp(
+    X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str, values_unused: bool = False
+) -> torch.Tensor:
     """X [N, H] -> [N, H]: down(act(gate(X)) * up(X)) with adapters on any of the three.
 
     gate_up: two projections (gate, up), or one fused projection whose output is [gate | up]
@@ -345,8 +350,9 @@ def lora_mlp(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str,
     (memory/layer_graphs.py uses it for the captured recompute).
     """
     # nothing reads h's values when the MLP's output values are unused and the down weight is frozen
-    h_unused = values_unused and not (down.base.weight.requires_grad or (down.bias is not None
-                                                                        and down.bias.requires_grad))
+    h_unused = values_unused and not (
+        down.base.weight.requires_grad or (down.bias is not None and down.bias.requires_grad)
+    )
     h, hA = _MLPIn.apply(X, tuple(gate_up), act, down.A, h_unused, *flat_params(gate_up))
     c = _LoRAUp.apply(hA, down.B, down.scaling) if down.A is not None else None
     return _BaseDown.apply(h, c, down, down.base.weight, down.bias, values_unused)

@@ -7,6 +7,7 @@ DoRA or another LoRA variant, several active adapters, `lora_bias`, hooks...). T
 every call, so `disable_adapter()`, `merge_adapter()` and `set_adapter()` keep working: the fused
 path always computes exactly what the module's own forward would.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,8 +55,9 @@ def _lora_linear_class() -> type | tuple:
 
 
 def is_lora_layer(m: nn.Module) -> bool:
-    return isinstance(m, _lora_linear_class()) or ("lora_A" in m._modules and "base_layer" in m._modules
-                                                  and hasattr(m, "scaling"))
+    return isinstance(m, _lora_linear_class()) or (
+        "lora_A" in m._modules and "base_layer" in m._modules and hasattr(m, "scaling")
+    )
 
 
 def _dropout_is_identity(d: nn.Module) -> bool:
@@ -99,12 +101,19 @@ def read_lora(module: nn.Module) -> tuple[str, list[Adapter] | None]:
     for name in names:
         if name not in lora_A_mods:
             continue
-        if name in d.get("lora_variant", ()) or d.get("use_dora", {}).get(name, False) \
-                or d.get("lora_bias", {}).get(name, False):
-            return ("module", None)   # DoRA and other variants, lora_bias: stock PEFT path
+        if (
+            name in d.get("lora_variant", ())
+            or d.get("use_dora", {}).get(name, False)
+            or d.get("lora_bias", {}).get(name, False)
+        ):
+            return ("module", None)  # DoRA and other variants, lora_bias: stock PEFT path
         lora_A, lora_B = lora_A_mods[name], lora_B_mods[name]
-        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None \
-                or lora_B.bias is not None:
+        if (
+            type(lora_A) is not nn.Linear
+            or type(lora_B) is not nn.Linear
+            or lora_A.bias is not None
+            or lora_B.bias is not None
+        ):
             return ("module", None)
         adapters.append(Adapter(name, lora_A, lora_B, float(d["scaling"][name]), mods["lora_dropout"]._modules[name]))
     return ("lora", adapters)
@@ -129,7 +138,7 @@ def resolve(module: nn.Module) -> Proj | None:
     kind, adapters = read_lora(module)
     if kind == "module" or (adapters and len(adapters) > 1):
         return None
-    if not adapters:   # disabled, merged, or no active adapter in this layer
+    if not adapters:  # disabled, merged, or no active adapter in this layer
         return Proj(base, base.bias, None, None, 0.0)
     a = adapters[0]
     if not _dropout_is_identity(a.dropout):

@@ -32,6 +32,7 @@ may round differently from the whole's, so chunks > 1 is not bit-identical to ch
 exact; the backward's blocks recompute gate and up exactly as the forward's blocks made them.
 Only for frozen base weights and biases (LoRA / QLoRA); full fine-tuning keeps lora_mlp.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -52,14 +53,14 @@ class _RecomputedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, gate_up, down, act, chunks, *params):
         h, hA = _hidden(X, gate_up, down, act, _blocks(X.shape[0], chunks))
-        WEIGHT_BUFFERS.drop_local()      # in a graph capture: Wg / Wu leave the pool before Wd comes
-        W = weight_in(down, h.dtype)                                             # as _LoRAUp, _BaseDown
+        WEIGHT_BUFFERS.drop_local()  # in a graph capture: Wg / Wu leave the pool before Wd comes
+        W = weight_in(down, h.dtype)  # as _LoRAUp, _BaseDown
         b = None if down.bias is None else down.bias.to(h.dtype)
         if hA is None:
             Y = torch.nn.functional.linear(h, W, b)
         else:
             c = scale_in_place(torch.mm(hA, down.B.to(hA.dtype).t()), down.scaling)
-            Y = c.addmm_(h, W.t())       # as torch.addmm(c, h, W^T), the same GEMM, without a second [N, H]
+            Y = c.addmm_(h, W.t())  # as torch.addmm(c, h, W^T), the same GEMM, without a second [N, H]
             if b is not None:
                 Y.add_(b)
         ctx.save_for_backward(X)
@@ -77,18 +78,29 @@ class _RecomputedMLP(torch.autograd.Function):
         dhA = None if down.A is None else scale_in_place(dY @ down.B.to(dY.dtype), down.scaling)
         blocks = _blocks(X.shape[0], ctx.chunks)
         if len(blocks) == 1:
-            dX, grads = _block_backward(X, dY, dh, dhA, gate_up, down, act, needs[:n_gu], need_dA, need_dB,
-                                        ctx.needs_input_grad[0])
+            dX, grads = _block_backward(
+                X, dY, dh, dhA, gate_up, down, act, needs[:n_gu], need_dA, need_dB, ctx.needs_input_grad[0]
+            )
         else:
             dX = torch.empty_like(X) if ctx.needs_input_grad[0] else None
-            grads = [None] * (n_gu + 2)                # fp32 sums over the row blocks
+            grads = [None] * (n_gu + 2)  # fp32 sums over the row blocks
             for rows in blocks:
-                dXc, out = _block_backward(X[rows], dY[rows], dh[rows], None if dhA is None else dhA[rows],
-                                           gate_up, down, act, needs[:n_gu], need_dA, need_dB,
-                                           ctx.needs_input_grad[0])
+                dXc, out = _block_backward(
+                    X[rows],
+                    dY[rows],
+                    dh[rows],
+                    None if dhA is None else dhA[rows],
+                    gate_up,
+                    down,
+                    act,
+                    needs[:n_gu],
+                    need_dA,
+                    need_dB,
+                    ctx.needs_input_grad[0],
+                )
                 if dX is not None:
                     dX[rows] = dXc
-                del dXc                                # this block's tensors go before the next block's
+                del dXc  # this block's tensors go before the next block's
                 for i, g in enumerate(out):
                     if g is not None:
                         grads[i] = g.float() if grads[i] is None else grads[i].add_(g)
@@ -111,8 +123,8 @@ def _hidden(X, gate_up, down, act, blocks):
 
     if len(blocks) == 1:
         gate, up, _, _, A = mlp_in(X, gate_up, down.A)
-        hA = None if A is None else glu_lora_project(gate, up, A, act)        # as _MLPIn: from gate, up
-        return glu_forward(gate, up, act, out=gate), hA                       # gate's last reader was hA
+        hA = None if A is None else glu_lora_project(gate, up, A, act)  # as _MLPIn: from gate, up
+        return glu_forward(gate, up, act, out=gate), hA  # gate's last reader was hA
     h = hA = None
     for rows in blocks:
         gate, up, _, _, A = mlp_in(X[rows], gate_up, down.A)
@@ -149,8 +161,9 @@ def _block_backward(X, dY, dh, dhA, gate_up, down, act, needs_gu, need_dA, need_
     return dX, [*grads, dA, dB]
 
 
-def lora_mlp_recomputed(X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str,
-                        chunks: int = 1) -> torch.Tensor:
+def lora_mlp_recomputed(
+    X: torch.Tensor, gate_up: Sequence[Proj], down: Proj, act: str, chunks: int = 1
+) -> torch.Tensor:
     """X [N, H] -> [N, H] through _RecomputedMLP (see the module docstring). Base weights and biases
     must be frozen."""
     return _RecomputedMLP.apply(X, tuple(gate_up), down, act, chunks, *_params(gate_up, down))

@@ -18,6 +18,7 @@ Modules, lowest first (each imports only those before it):
     offload_adamw.py      AdamW with its moments in host memory
 Each module's docstring states its contract and data path.
 """
+
 from __future__ import annotations
 
 from velotune.memory.checkpointing import (
@@ -30,6 +31,12 @@ from velotune.memory.embedding_offload import embeddings_offloaded, offload_inpu
 from velotune.memory.offload_adamw import OffloadedAdamW
 
 __all__ = [
-    "OffloadedAdamW", "check_recompute", "disable_offloaded_checkpointing", "embeddings_offloaded",
-    "enable_checkpointing", "enable_offloaded_checkpointing", "offload_input_embeddings", "restore_input_embeddings",
+    "OffloadedAdamW",
+    "check_recompute",
+    "disable_offloaded_checkpointing",
+    "embeddings_offloaded",
+    "enable_checkpointing",
+    "enable_offloaded_checkpointing",
+    "offload_input_embeddings",
+    "restore_input_embeddings",
 ]

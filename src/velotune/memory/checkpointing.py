@@ -35,6 +35,7 @@ How (PyTorch's own mechanisms only, per model instance, nothing global):
 * Pinned host buffers come from a per-model `HostPool` (reused from step to step; a clear
   MemoryError instead of an OOM kill when the host runs out).
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,8 +61,9 @@ def _suits_mlp_recompute(fn) -> bool:
     saved [B, H, T, T] scores would be far more to copy to the host than to recompute."""
     layer = layer_of(fn)
     mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
-    if not (isinstance(mlp, torch.nn.Module) and is_patched(mlp) and isinstance(attn, torch.nn.Module)
-            and is_patched(attn)):
+    if not (
+        isinstance(mlp, torch.nn.Module) and is_patched(mlp) and isinstance(attn, torch.nn.Module) and is_patched(attn)
+    ):
         return False
     cap = attn._velotune_spec.attn_softcap_attr
     return not (cap and getattr(attn.config, cap, None))
@@ -76,7 +78,7 @@ def _offloaded_checkpoint(offloader: Offloader, fn, *args, graphs=None, saved=No
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     graphable = graphs is not None and len(args) == 1 and not kwargs
     if graphs is not None and not graphable:
-        graphs.unchain(args[0])      # a graphed layer's output may alias a static buffer (layer_graphs.py)
+        graphs.unchain(args[0])  # a graphed layer's output may alias a static buffer (layer_graphs.py)
     if saved is not None and _suits_mlp_recompute(fn):
         keep = tensors_in(args[1:]) + tensors_in(kwargs) + tensors_in(getattr(fn, "keywords", {}))
         eager = functools.partial(saved.run_layer, fn, args, kwargs, keep)
@@ -86,10 +88,12 @@ def _offloaded_checkpoint(offloader: Offloader, fn, *args, graphs=None, saved=No
     if every is not None:
         index = every.index.get(id(layer_of(fn)))
         if index is not None:
+
             def call(pack, unpack):
                 with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-                    return checkpoint(recomputes_without_mlp_values(fn, modes_for(fn)), *args,
-                                      use_reentrant=False, **kwargs)
+                    return checkpoint(
+                        recomputes_without_mlp_values(fn, modes_for(fn)), *args, use_reentrant=False, **kwargs
+                    )
 
             return every.run(offloader, fn, args, kwargs, index, call)
     # Identify the hidden states by value, never by reference: the pack hook outlives this call
@@ -129,9 +133,15 @@ def check_recompute(recompute: str, mlp_row_blocks: int = 1) -> None:
         raise ValueError(f"mlp_row_blocks={mlp_row_blocks!r} needs recompute='mlp' (got {recompute!r})")
 
 
-def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = False, recompute: str = "layer",
-                                   min_offload_bytes: int = 2**20, mlp_row_blocks: int = 1,
-                                   offload_every: int | str = 1, host_budget: int | None = None) -> OffloadStats:
+def enable_offloaded_checkpointing(
+    model: torch.nn.Module,
+    cuda_graphs: bool = False,
+    recompute: str = "layer",
+    min_offload_bytes: int = 2**20,
+    mlp_row_blocks: int = 1,
+    offload_every: int | str = 1,
+    host_budget: int | None = None,
+) -> OffloadStats:
     """Checkpoint every decoder layer of `model` (a transformers or PEFT model), offloading the
     saved layer inputs to pinned host memory. Per instance, idempotent; returns the live counters
     (also at `model.velotune_offload_stats`). cuda_graphs: replay each layer's forward and its
@@ -151,8 +161,9 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     check_recompute(recompute, mlp_row_blocks)
     layers = _decoder_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no transformers decoder layers "
-                         "(GradientCheckpointingLayer) to checkpoint")
+        raise ValueError(
+            f"{type(model).__name__} has no transformers decoder layers (GradientCheckpointingLayer) to checkpoint"
+        )
     check_offload_every(offload_every)
     every = None
     if offload_every != 1 or host_budget is not None:
@@ -172,7 +183,7 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     if cuda_graphs:
         graphs = model.velotune_layer_graphs = LayerGraphs()
     fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs, saved=saved, every=every)
-    fn.velotune_offloaded = True      # what a report reads (models/generic.py): no import of this module
+    fn.velotune_offloaded = True  # what a report reads (models/generic.py): no import of this module
     for layer in layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = fn
@@ -186,18 +197,29 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, cuda_graphs: bool = F
     return offloader.stats
 
 
-def enable_checkpointing(model: torch.nn.Module, mode: bool | str, cuda_graphs: bool = False,
-                         recompute: str = "layer", mlp_row_blocks: int = 1, offload_every: int | str = 1,
-                         host_budget: int | None = None) -> None:
+def enable_checkpointing(
+    model: torch.nn.Module,
+    mode: bool | str,
+    cuda_graphs: bool = False,
+    recompute: str = "layer",
+    mlp_row_blocks: int = 1,
+    offload_every: int | str = 1,
+    host_budget: int | None = None,
+) -> None:
     """`use_gradient_checkpointing=mode` of get_peft_model: False / None / "none" / "false": nothing;
     "unsloth" / "offload": `enable_offloaded_checkpointing` (with the other arguments); True / "true":
     transformers' non-reentrant gradient checkpointing (and no KV cache). Else a ValueError."""
     if mode in (False, None, "none", "false"):
         return
     if mode in ("unsloth", "offload"):
-        enable_offloaded_checkpointing(model, cuda_graphs=cuda_graphs, recompute=recompute,
-                                       mlp_row_blocks=mlp_row_blocks, offload_every=offload_every,
-                                       host_budget=host_budget)
+        enable_offloaded_checkpointing(
+            model,
+            cuda_graphs=cuda_graphs,
+            recompute=recompute,
+            mlp_row_blocks=mlp_row_blocks,
+            offload_every=offload_every,
+            host_budget=host_budget,
+        )
         _keep_offloaded_checkpointing(model)
         return
     if mode is not True and mode != "true":

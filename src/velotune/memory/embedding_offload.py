@@ -26,6 +26,7 @@ fine-tuning, `modules_to_save`), a table tied to the output layer (lm_head reads
 step), `max_norm` (renormalises rows in place), or a module that is not a plain `nn.Embedding`
 (subclasses such as Gemma 3's scaled embedding change the forward).
 """
+
 from __future__ import annotations
 
 import types
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from velotune.kernels.embedding_gather import gather_rows
+
 
 def _input_embedding(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
@@ -47,14 +49,14 @@ def _offloaded_forward(self: nn.Embedding, input_ids: torch.Tensor) -> torch.Ten
     """input_ids [...] (any device) -> [..., H] on the compute device: gathered by the GPU from the
     pinned table when the ids are on a CUDA device, else on the host."""
     weight = self.weight
-    if weight.device.type != "cpu":                 # moved back by model.to(...): the stock lookup
+    if weight.device.type != "cpu":  # moved back by model.to(...): the stock lookup
         return nn.Embedding.forward(self, input_ids)
     device = self._velotune_embedding_device
     if device.type == "cuda" and input_ids.is_cuda and weight.is_pinned():
         with torch.cuda.device(input_ids.device):
             return gather_rows(weight, input_ids).to(device)
     ids = input_ids.to("cpu").reshape(-1)
-    if device.type != "cuda":                        # a fresh tensor: on the CPU .to() would not copy
+    if device.type != "cuda":  # a fresh tensor: on the CPU .to() would not copy
         rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype)
         torch.index_select(weight, 0, ids, out=rows)
         return rows.view(*input_ids.shape, weight.shape[1]).to(device)
@@ -76,7 +78,7 @@ def _pinned_rows(emb: nn.Embedding, n: int, weight: torch.Tensor) -> torch.Tenso
     if buf is None or buf.numel() < n * weight.shape[1] or buf.dtype != weight.dtype:
         buf = torch.empty(n * weight.shape[1], dtype=weight.dtype, pin_memory=True)
     emb._velotune_rows = (buf, None)
-    return buf[:n * weight.shape[1]].view(n, weight.shape[1])
+    return buf[: n * weight.shape[1]].view(n, weight.shape[1])
 
 
 def offload_input_embeddings(model: nn.Module) -> nn.Embedding:
@@ -86,19 +88,28 @@ def offload_input_embeddings(model: nn.Module) -> nn.Embedding:
     if "_velotune_embedding_device" in emb.__dict__:
         return emb
     if any(p.requires_grad for p in emb.parameters()):
-        raise ValueError("offload_embedding: the input embeddings are trainable (full fine-tuning or "
-                         "modules_to_save); only a frozen table can live in host memory")
+        raise ValueError(
+            "offload_embedding: the input embeddings are trainable (full fine-tuning or "
+            "modules_to_save); only a frozen table can live in host memory"
+        )
     if type(emb) is not nn.Embedding:
-        raise ValueError(f"offload_embedding: {type(emb).__name__} is not a plain nn.Embedding (its forward "
-                         "may do more than a row lookup); keep it on the GPU")
+        raise ValueError(
+            f"offload_embedding: {type(emb).__name__} is not a plain nn.Embedding (its forward "
+            "may do more than a row lookup); keep it on the GPU"
+        )
     if emb.max_norm is not None:
         raise ValueError("offload_embedding: nn.Embedding(max_norm=...) renormalises rows in place; not supported")
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if get_out is not None else None
-    if out is not None and getattr(out, "weight", None) is not None and (
-            out.weight is emb.weight or out.weight.data_ptr() == emb.weight.data_ptr()):
-        raise ValueError("offload_embedding: the input embeddings are tied to the output layer (lm_head "
-                         "uses them on the GPU every step); keep them on the GPU")
+    if (
+        out is not None
+        and getattr(out, "weight", None) is not None
+        and (out.weight is emb.weight or out.weight.data_ptr() == emb.weight.data_ptr())
+    ):
+        raise ValueError(
+            "offload_embedding: the input embeddings are tied to the output layer (lm_head "
+            "uses them on the GPU every step); keep them on the GPU"
+        )
     device = emb.weight.device
     host = emb.weight.data.to("cpu")
     if torch.cuda.is_available():

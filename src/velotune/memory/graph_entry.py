@@ -1,6 +1,7 @@
 """One graphed decoder layer and signature (Entry): its static buffers (Statics), its two CUDA graphs
 (Graph) and the kwargs they take; shared by memory/layer_graphs.py and memory/saved_graphs.py
 (layer_graphs.py describes the whole path)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -49,9 +50,14 @@ def peft_state(mods) -> tuple:
     out = []
     for m in mods:
         d = m.__dict__
-        out.append((d.get("_disable_adapters", False), bool(d.get("merged_adapters")),
-                    str(d.get("_active_adapter", "default")),
-                    tuple(sorted((k, float(v)) for k, v in d.get("scaling", {}).items()))))  # baked into graphs
+        out.append(
+            (
+                d.get("_disable_adapters", False),
+                bool(d.get("merged_adapters")),
+                str(d.get("_active_adapter", "default")),
+                tuple(sorted((k, float(v)) for k, v in d.get("scaling", {}).items())),
+            )
+        )  # baked into graphs
     return tuple(out)
 
 
@@ -90,7 +96,7 @@ class Graph:
 
     def capture(self, fn, side=None) -> None:
         if not self.cuda:
-            with WEIGHT_BUFFERS.graph_local():   # the warm-up run as on the GPU (a failing closure fails here)
+            with WEIGHT_BUFFERS.graph_local():  # the warm-up run as on the GPU (a failing closure fails here)
                 fn()
             self.fn = fn
             return
@@ -109,7 +115,7 @@ class Graph:
         if self.cuda:
             self.graph.replay()
         else:
-            with WEIGHT_BUFFERS.graph_local():   # the same operations as a captured graph
+            with WEIGHT_BUFFERS.graph_local():  # the same operations as a captured graph
                 self.fn()
 
 
@@ -117,7 +123,7 @@ class Statics:
     """Input/output buffers shared by every layer of one signature."""
 
     def __init__(self, x: torch.Tensor, kw_tensors, n_grad: int, grad_dtype, dy_is_x: bool = False):
-        self.x = torch.empty_like(x)                   # forward input, and recompute input in backward
+        self.x = torch.empty_like(x)  # forward input, and recompute input in backward
         # y is F's output, cloned right after each F replay; dx is B's, cloned right after each B
         # replay: one buffer serves both. dy_is_x (recompute="mlp": B reads the saved set, never x):
         # dy shares x's buffer too. 8B, 2 x 2048: 64 MiB instead of 128 MiB.
@@ -125,29 +131,34 @@ class Statics:
         self.dy = self.x if dy_is_x else torch.empty_like(x)
         self.dx = self.y
         self.kw = [torch.empty_like(t) for t in kw_tensors]
-        self.kw_src: list = [None] * len(kw_tensors)   # the tensor each kw buffer was last filled from
+        self.kw_src: list = [None] * len(kw_tensors)  # the tensor each kw buffer was last filled from
         self.grads = torch.empty(n_grad, dtype=grad_dtype, device=x.device)
-        self.sets: list = [None, None]   # recompute="mlp": the two saved-tensor sets, by layer parity (saved_graphs.py)
+        self.sets: list = [None, None]  # recompute="mlp": the two saved-tensor sets, by layer parity (saved_graphs.py)
         # recompute="mlp" chains its layers through these two buffers (saved_graphs.py): a layer of
         # parity p reads x from z[1 - p] and writes y to z[p], and in backward reads dy from z[p] and
         # writes dx to z[1 - p]; what it returns are aliases of them, not copies
         self.z = (self.x, self.y)
-        self._aliases: list = [None, None]             # weak reference to the alias handed out of z[i]
+        self._aliases: list = [None, None]  # weak reference to the alias handed out of z[i]
 
     def hand_out(self, i: int) -> torch.Tensor:
         """z[i] as a tensor of its own (own version counter: a replay never bumps versions either),
         remembered weakly so that a later write to z[i] can first give a live one its own copy."""
         buf = self.z[i]
         alias = torch.empty(0, dtype=buf.dtype, device=buf.device).set_(
-            buf.untyped_storage(), buf.storage_offset(), buf.shape, buf.stride())
+            buf.untyped_storage(), buf.storage_offset(), buf.shape, buf.stride()
+        )
         self._aliases[i] = weakref.ref(alias)
         return alias
 
     def fill(self, i: int, t: torch.Tensor) -> None:
         """t's values into z[i], unless they are z[i] already (the previous graphed layer's output)."""
         buf = self.z[i]
-        if not (t.data_ptr() == buf.data_ptr() and t.dtype == buf.dtype and t.shape == buf.shape
-                and t.stride() == buf.stride()):
+        if not (
+            t.data_ptr() == buf.data_ptr()
+            and t.dtype == buf.dtype
+            and t.shape == buf.shape
+            and t.stride() == buf.stride()
+        ):
             self.before_write(i)
             buf.copy_(t)
 
@@ -170,7 +181,7 @@ class Statics:
 
     def load_kwargs(self, tensors) -> None:
         for i, t in enumerate(tensors):
-            if self.kw_src[i] is not t:                # the same rotary tables serve all layers of a step
+            if self.kw_src[i] is not t:  # the same rotary tables serve all layers of a step
                 self.kw[i].copy_(t)
                 self.kw_src[i] = t
 
@@ -182,19 +193,19 @@ class Entry:
         params = [p for _, _, p in slots]
         self.s, self.slots, self.params, self.names, self.static_kw = statics, slots, params, names, static_kw
         self.calls = 0
-        self.graphable = True            # False once the layer's output turned out not to be one tensor like x
+        self.graphable = True  # False once the layer's output turned out not to be one tensor like x
         self.fwd = self.bwd = None
         self.param_ptrs = tuple(p.data_ptr() for p in params)
         self.fn = fn.func
         self.fn_args, self.fn_keywords = fn.args, fn.keywords
-        self.modes = modes_for(fn)       # the layer's LayerModes (models/modes.py)
+        self.modes = modes_for(fn)  # the layer's LayerModes (models/modes.py)
         off, views, self.grad_spans = 0, [], []
         for p in params:
-            views.append(statics.grads[off:off + p.numel()].view(p.shape))
+            views.append(statics.grads[off : off + p.numel()].view(p.shape))
             self.grad_spans.append((off, off + p.numel(), p.shape))
             off += p.numel()
         self.grad_views = views
-        self.dx_out = statics.dx         # where backward stores dx (recompute="mlp": its z buffer)
+        self.dx_out = statics.dx  # where backward stores dx (recompute="mlp": its z buffer)
 
     def grads_out(self) -> list[torch.Tensor]:
         """The LoRA gradients of the last backward replay, as views of one copy of the static buffer.
@@ -252,5 +263,7 @@ class Entry:
         self.fwd.capture(forward, side)
 
 
-TWICE = ("velotune: a CUDA-graphed decoder layer was differentiated a second time (retain_graph=True): "
-          "what it saved is released after the first backward; use cuda_graphs=False for that")
+TWICE = (
+    "velotune: a CUDA-graphed decoder layer was differentiated a second time (retain_graph=True): "
+    "what it saved is released after the first backward; use cuda_graphs=False for that"
+)

@@ -1,6 +1,7 @@
 """Host copies of saved tensors: pinned buffers (HostPool), one tensor's copy and its events
 (HostCopy), the offloader that moves saved tensors to the host and back on side streams, and the
 helpers the memory engine's modules share (memory/checkpointing.py describes the whole path)."""
+
 from __future__ import annotations
 
 import threading
@@ -16,11 +17,11 @@ from velotune.models.modes import LayerModes, layer_modes
 class OffloadStats:
     """Counters, per model (tests use them to check the offload path really ran)."""
 
-    packed: int = 0          # layer inputs moved to host memory
-    unpacked: int = 0        # layer inputs brought back for a recompute
-    prefetched: int = 0      # ... of which the copy had been started one layer ahead
+    packed: int = 0  # layer inputs moved to host memory
+    unpacked: int = 0  # layer inputs brought back for a recompute
+    prefetched: int = 0  # ... of which the copy had been started one layer ahead
     bytes_offloaded: int = 0
-    recomputed_norms: int = 0    # recompute="mlp": saved RMSNorm outputs recomputed instead of copied
+    recomputed_norms: int = 0  # recompute="mlp": saved RMSNorm outputs recomputed instead of copied
     # offload_every (memory/sparse_offload.py): the k of the last forward, the host budget it was chosen
     # for ("auto"), the bytes of layer inputs that forward kept in host memory, extra layer forwards run
     offload_every: int = 1
@@ -43,7 +44,7 @@ class HostPool:
     """
 
     GRAIN = 2**20
-    HEADROOM = 2 * 2**30        # host memory a new buffer must leave to the rest of the machine
+    HEADROOM = 2 * 2**30  # host memory a new buffer must leave to the rest of the machine
 
     def __init__(self, alloc=None, available=None):
         self._free: dict[tuple, list] = {}
@@ -56,16 +57,21 @@ class HostPool:
         """A fresh pinned buffer, or a clear error instead of the kernel's OOM killer or CUDA's
         "out of memory" (nothing is lost: the step stops before its backward)."""
         free = self._available()
-        hint = (f"offloaded checkpointing: {size / 2**20:.0f} MiB more pinned host memory needed "
-                f"({self.in_use / 2**30:.1f} GiB in use by this model's offloaded activations")
+        hint = (
+            f"offloaded checkpointing: {size / 2**20:.0f} MiB more pinned host memory needed "
+            f"({self.in_use / 2**30:.1f} GiB in use by this model's offloaded activations"
+        )
         if free is not None and size + self.HEADROOM > free:
-            raise MemoryError(f"{hint}, {free / 2**30:.1f} GiB available on the host); use recompute='layer' "
-                              "(about 4.5x less host memory), a shorter sequence or a smaller batch")
+            raise MemoryError(
+                f"{hint}, {free / 2**30:.1f} GiB available on the host); use recompute='layer' "
+                "(about 4.5x less host memory), a shorter sequence or a smaller batch"
+            )
         try:
             return self._alloc(size // dtype.itemsize, dtype)
         except RuntimeError as e:
-            raise MemoryError(f"{hint}): pinning failed ({e}); use recompute='layer', a shorter sequence "
-                              "or a smaller batch") from e
+            raise MemoryError(
+                f"{hint}): pinning failed ({e}); use recompute='layer', a shorter sequence or a smaller batch"
+            ) from e
 
     def get(self, numel: int, dtype: torch.dtype, stream) -> torch.Tensor:
         size = -(-numel * dtype.itemsize // self.GRAIN) * self.GRAIN
@@ -84,7 +90,7 @@ class HostPool:
                     self.in_use -= size
                 raise
         elif ready is not None:
-            stream.wait_event(ready)        # the last host->device copy out of it has read it
+            stream.wait_event(ready)  # the last host->device copy out of it has read it
         return buf[:numel]
 
     def put(self, views: list[torch.Tensor], ready) -> None:
@@ -117,13 +123,13 @@ class HostCopy:
     __slots__ = ("host", "numel", "dtype", "device", "d2h_done", "gpu", "h2d_done", "pool")
 
     def __init__(self, host, numel, dtype, device, d2h_done, pool):
-        self.host = host                  # flat CPU chunks (pinned when the source is on CUDA), see _chunks
+        self.host = host  # flat CPU chunks (pinned when the source is on CUDA), see _chunks
         self.numel, self.dtype = numel, dtype
-        self.device = device              # where the tensor lives during compute
-        self.d2h_done = d2h_done          # event: host copy complete (None on CPU)
-        self.gpu = None                   # device copy (flat), once a host->device copy started
+        self.device = device  # where the tensor lives during compute
+        self.d2h_done = d2h_done  # event: host copy complete (None on CPU)
+        self.gpu = None  # device copy (flat), once a host->device copy started
         self.h2d_done = None
-        self.pool = pool                  # the HostPool the chunks go back to (None on CPU)
+        self.pool = pool  # the HostPool the chunks go back to (None on CPU)
 
     def __del__(self):
         pool = getattr(self, "pool", None)
@@ -138,8 +144,8 @@ class SavedCopy(HostCopy):
 
     def __init__(self, host, device, d2h_done, prev, shape, dtype, pool=None):
         super().__init__(host, shape.numel(), dtype, device, d2h_done, pool)
-        self.shape = shape                # the tensor's shape (contiguous layout when it comes back)
-        self.prev = prev                  # weakref to the input saved just before (previous layer)
+        self.shape = shape  # the tensor's shape (contiguous layout when it comes back)
+        self.prev = prev  # weakref to the input saved just before (previous layer)
 
 
 @dataclass
@@ -208,7 +214,7 @@ class Offloader:
         """c's data back on its device, flat, usable on the current stream (prefetched or copied now).
         The caller decides when to let go of `c.gpu`."""
         if c.device.type != "cuda":
-            flat = torch.empty(c.numel, dtype=c.dtype)      # CPU target: reassemble
+            flat = torch.empty(c.numel, dtype=c.dtype)  # CPU target: reassemble
             copy_back(c.host, flat)
             return flat
         if c.gpu is not None:
@@ -221,11 +227,11 @@ class Offloader:
 
     def restore(self, saved: SavedCopy) -> torch.Tensor:
         out = self.take(saved).view(saved.shape)
-        saved.gpu = None                             # hand it over; a second backward copies again
+        saved.gpu = None  # hand it over; a second backward copies again
         self.stats.unpacked += 1
         prev = saved.prev() if saved.prev is not None else None
         if prev is not None:
-            self.to_device([prev])                   # one layer ahead: overlaps this layer's backward
+            self.to_device([prev])  # one layer ahead: overlaps this layer's backward
         return out
 
 
@@ -244,7 +250,7 @@ def _chunks(flat: torch.Tensor) -> list[tuple[int, int]]:
 def copy_back(host: list[torch.Tensor], out: torch.Tensor, non_blocking: bool = False) -> None:
     flat, a = out.view(-1), 0
     for chunk in host:
-        flat[a:a + chunk.numel()].copy_(chunk, non_blocking=non_blocking)
+        flat[a : a + chunk.numel()].copy_(chunk, non_blocking=non_blocking)
         a += chunk.numel()
 
 

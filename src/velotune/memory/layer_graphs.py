@@ -47,6 +47,7 @@ parameters moved (FSDP, `.to()`), a changed PEFT state (adapter disabled/merged/
 with p > 0 in training, autocast, kwargs other than tensors/None/bools/ints, non-tensor outputs,
 a distributed run (kept simple), more than MAX_SIGNATURES shapes per layer.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,8 +61,8 @@ from velotune.memory.graph_entry import TWICE, Entry, Statics, flatten_kwargs, p
 from velotune.memory.host_copies import layer_of
 from velotune.memory.saved_graphs import GraphedSavedLayer, SavedEntry, SavedGraphRuns
 
-WARMUP = 1             # eager calls per layer and signature before capture
-MAX_SIGNATURES = 2     # graphed input signatures per layer (e.g. two sequence-length buckets)
+WARMUP = 1  # eager calls per layer and signature before capture
+MAX_SIGNATURES = 2  # graphed input signatures per layer (e.g. two sequence-length buckets)
 
 
 class _GraphedLayer(torch.autograd.Function):
@@ -82,7 +83,7 @@ class _GraphedLayer(torch.autograd.Function):
         if ctx.saved is None:
             raise RuntimeError(TWICE)
         x = ctx.offloader.restore(ctx.saved)
-        ctx.saved = None     # the host copy goes back to the pool now, not when the caller drops the graph
+        ctx.saved = None  # the host copy goes back to the pool now, not when the caller drops the graph
         s.load_kwargs(ctx.kw_tensors)
         s.x.copy_(x)
         s.dy.copy_(dy)
@@ -95,12 +96,12 @@ class LayerGraphs:
 
     def __init__(self):
         self.pool = None
-        self.disabled = False            # set when a capture failed
+        self.disabled = False  # set when a capture failed
         self._streams: dict = {}
-        self.entries: dict = {}          # (id(layer), signature) -> Entry
-        self.statics: dict = {}          # signature -> Statics
+        self.entries: dict = {}  # (id(layer), signature) -> Entry
+        self.statics: dict = {}  # signature -> Statics
         self.stats = {"captured": 0, "replayed": 0, "eager": 0}
-        self.saved_runs = None           # recompute="mlp": saved_graphs.SavedGraphRuns
+        self.saved_runs = None  # recompute="mlp": saved_graphs.SavedGraphRuns
 
     def _stream(self, device: torch.device):
         """The side stream captures warm up on (cuBLAS workspaces are per stream), one per device."""
@@ -136,22 +137,30 @@ class LayerGraphs:
         saved: the layer runs under recompute="mlp" (its graphs are saved_graphs.SavedEntry's)."""
         run_eager = eager
 
-        def eager():        # x may be a graphed layer's output, an alias of a static buffer
+        def eager():  # x may be a graphed layer's output, an alias of a static buffer
             self.unchain(x)
             return run_eager()
 
         layer = layer_of(fn) if isinstance(fn, functools.partial) and not self.disabled else None
         flat = flatten_kwargs(fn.keywords) if layer is not None else None
         scan = self._scan(layer) if flat is not None and self._eligible(layer) else None
-        if scan is None or scan[2]:                  # not graphable, or a dropout would be baked in
+        if scan is None or scan[2]:  # not graphable, or a dropout would be baked in
             self.stats["eager"] += 1
             return eager()
         slots, lora_mods, _ = scan
         names, kw_tensors, static_kw = flat
         params = [p for _, _, p in slots]
-        sig = (saved, tuple(x.shape), x.dtype, x.device, tuple(names),
-               tuple((t.shape, t.dtype, t.device) for t in kw_tensors), static_kw,
-               tuple(p.shape for p in params), peft_state(lora_mods))
+        sig = (
+            saved,
+            tuple(x.shape),
+            x.dtype,
+            x.device,
+            tuple(names),
+            tuple((t.shape, t.dtype, t.device) for t in kw_tensors),
+            static_kw,
+            tuple(p.shape for p in params),
+            peft_state(lora_mods),
+        )
         entry = self.entries.get((id(layer), sig))
         if entry is None:
             if sum(1 for key in self.entries if key[0] == id(layer)) >= MAX_SIGNATURES:
@@ -163,8 +172,9 @@ class LayerGraphs:
                 return eager()
             statics = self.statics.get(sig)
             if statics is None:
-                statics = self.statics[sig] = Statics(x, kw_tensors, sum(p.numel() for p in params), grad_dtype,
-                                                       dy_is_x=saved)
+                statics = self.statics[sig] = Statics(
+                    x, kw_tensors, sum(p.numel() for p in params), grad_dtype, dy_is_x=saved
+                )
             if saved:
                 # consecutive layers take the sets in turn: by index where the layer has one
                 idx = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
@@ -186,12 +196,12 @@ class LayerGraphs:
                 return y
             if x.is_cuda and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            s = entry.s      # capture (and its warm-up run) on this call's real values
+            s = entry.s  # capture (and its warm-up run) on this call's real values
             self.unchain(x)  # the warm-up runs write both z buffers: no alias may see that
             s.before_write(0)
             s.before_write(1)
             s.load_kwargs(kw_tensors)
-            if saved:        # B is captured first and writes dx where F reads x: F's warm-up reads junk
+            if saved:  # B is captured first and writes dx where F reads x: F's warm-up reads junk
                 entry.zout.zero_()
                 entry.zin.copy_(x)
             else:
@@ -200,8 +210,11 @@ class LayerGraphs:
             try:
                 entry.capture(self.pool, self._stream(x.device))
             except Exception as e:  # noqa: BLE001 - an op that cannot be captured: train on, eagerly
-                warnings.warn(f"velotune: CUDA-graph capture of a decoder layer failed, layers run eagerly "
-                              f"from now on ({type(e).__name__}: {e})", stacklevel=2)
+                warnings.warn(
+                    f"velotune: CUDA-graph capture of a decoder layer failed, layers run eagerly "
+                    f"from now on ({type(e).__name__}: {e})",
+                    stacklevel=2,
+                )
                 self.disabled = True
                 entry.graphable = False
                 self.stats["eager"] += 1
@@ -211,14 +224,14 @@ class LayerGraphs:
             # until eager code needs them again (an uncaptured layer, a new shape's warm-up)
             WEIGHT_BUFFERS.clear()
         elif tuple(p.data_ptr() for p in params) != entry.param_ptrs:
-            del self.entries[(id(layer), sig)]       # parameters moved: capture again
+            del self.entries[(id(layer), sig)]  # parameters moved: capture again
             return self.run(offloader, fn, x, eager, saved)
         self.stats["replayed"] += 1
         if saved:
             if self.saved_runs is None:
                 self.saved_runs = SavedGraphRuns(offloader)
             return GraphedSavedLayer.apply(entry, self.saved_runs, kw_tensors, x, *params)
-        self.unchain(x)      # _GraphedLayer copies x to the host on a side stream
+        self.unchain(x)  # _GraphedLayer copies x to the host on a side stream
         return _GraphedLayer.apply(entry, offloader, kw_tensors, x, *params)
 
     def unchain(self, x: torch.Tensor) -> None:

@@ -30,6 +30,7 @@ GPU memory for a little time, the compute stream waiting for the copies in (`ben
 With update_in_backward=True (see the class) those copies overlap the rest of backward, and
 gradients go as soon as they are used. Figures: BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -55,27 +56,42 @@ class OffloadedAdamW(torch.optim.Optimizer):
     second backward before step() raises), no DDP/FSDP (their reduction comes after the hooks).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, foreach: bool | None = None, fused: bool | None = None,
-                 chunk_bytes: int = 16 * 2**20, update_in_backward: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        chunk_bytes: int = 16 * 2**20,
+        update_in_backward: bool = False,
+    ):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes={chunk_bytes}: must be positive")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
         self.chunk_bytes = chunk_bytes
-        self._plans: dict[int, list[_Chunk]] = {}        # per param group: its chunks
-        self._chunk_of: dict = {}                         # parameter -> index of its chunk in its group's plan
+        self._plans: dict[int, list[_Chunk]] = {}  # per param group: its chunks
+        self._chunk_of: dict = {}  # parameter -> index of its chunk in its group's plan
         self._staging: dict[torch.device, _Staging] = {}
-        self._max_chunk = 0                               # numel of the largest chunk's moments, all groups
-        self._backward_started = False                    # update_in_backward: a hook ran since the last step()
+        self._max_chunk = 0  # numel of the largest chunk's moments, all groups
+        self._backward_started = False  # update_in_backward: a hook ran since the last step()
         self.update_in_backward = update_in_backward
         self._hooks: list = []
         if update_in_backward:
-            if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                    and torch.distributed.get_world_size() > 1:
-                raise ValueError("OffloadedAdamW(update_in_backward=True) cannot run under DDP/FSDP: the "
-                                 "gradients are reduced after the hooks that would update from them")
-            me = weakref.ref(self)      # the parameters' hooks do not keep the optimizer (and its buffers) alive
+            if (
+                torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1
+            ):
+                raise ValueError(
+                    "OffloadedAdamW(update_in_backward=True) cannot run under DDP/FSDP: the "
+                    "gradients are reduced after the hooks that would update from them"
+                )
+            me = weakref.ref(self)  # the parameters' hooks do not keep the optimizer (and its buffers) alive
 
             def ready(p, gi):
                 opt = me()
@@ -100,14 +116,15 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     raise TypeError(f"OffloadedAdamW updates fp32 parameters (PEFT's adapters are), got {p.dtype}")
             plan = self._plans[gi] = [_Chunk(c, k) for k, c in enumerate(_chunks(group["params"], self.chunk_bytes))]
             self._max_chunk = max([self._max_chunk, *(c.host.numel() for c in plan)])
-            on_device = bool(group["fused"])    # as torch.optim.AdamW: fused keeps its step on the device
+            on_device = bool(group["fused"])  # as torch.optim.AdamW: fused keeps its step on the device
             for chunk in plan:
                 for p, views in zip(chunk.params, chunk.moment_views()):
                     self._chunk_of[p] = chunk.index
                     state = self.state[p]
                     step = state.get("step")
                     state["step"] = (torch.zeros((), dtype=torch.float32) if step is None else step.float()).to(
-                        p.device if on_device else "cpu")
+                        p.device if on_device else "cpu"
+                    )
                     for name, view in zip(_MOMENTS, views):
                         if name in state:
                             view.copy_(state[name])
@@ -127,9 +144,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         self._wait_for_host()
-        super().load_state_dict(state_dict)     # torch moves the moments to the parameters' device...
-        self._plans = {}                        # ... and the next step copies them into host chunks
-        self._staging = {}                      # (its copies out are done: nothing fetched for old chunks stays)
+        super().load_state_dict(state_dict)  # torch moves the moments to the parameters' device...
+        self._plans = {}  # ... and the next step copies them into host chunks
+        self._staging = {}  # (its copies out are done: nothing fetched for old chunks stays)
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -159,13 +176,15 @@ class OffloadedAdamW(torch.optim.Optimizer):
         """update_in_backward: p's gradient is final; update its chunk once all of the chunk's are."""
         plan = self._plan(gi)
         chunk = plan[self._chunk_of[p]]
-        if not self._backward_started:      # the step's first final gradient: the last layers' chunks come in
+        if not self._backward_started:  # the step's first final gradient: the last layers' chunks come in
             self._backward_started = True
             # backward ends with the first layers
             self._staging_for(p.device).expect([c for c in reversed(plan) if not c.updated])
         if chunk.updated:
-            raise RuntimeError("OffloadedAdamW(update_in_backward=True): a second backward before step() (gradient "
-                               "accumulation is not supported: the first backward already updated the parameters)")
+            raise RuntimeError(
+                "OffloadedAdamW(update_in_backward=True): a second backward before step() (gradient "
+                "accumulation is not supported: the first backward already updated the parameters)"
+            )
         chunk.ready += 1
         if chunk.ready < chunk.n_trainable:
             return
@@ -182,17 +201,30 @@ class OffloadedAdamW(torch.optim.Optimizer):
         buf = staging.take(chunk)
         live = [(p, v) for p, v in zip(chunk.params, chunk.moment_views(buf)) if p.grad is not None]
         beta1, beta2 = group["betas"]
-        adamw([p for p, _ in live], [p.grad for p, _ in live], [v[0] for _, v in live],
-              [v[1] for _, v in live], [], [self.state[p]["step"] for p, _ in live],
-              foreach=group["foreach"], fused=group["fused"], amsgrad=False, beta1=beta1, beta2=beta2,
-              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        adamw(
+            [p for p, _ in live],
+            [p.grad for p, _ in live],
+            [v[0] for _, v in live],
+            [v[1] for _, v in live],
+            [],
+            [self.state[p]["step"] for p, _ in live],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
         staging.give_back(chunk, buf)
         staging.prefetch()
 
     def _staging_for(self, device: torch.device) -> "_Staging":
         staging = self._staging.get(device)
         if staging is None:
-            for gi in range(len(self.param_groups)):      # sized for every group's chunks: made once
+            for gi in range(len(self.param_groups)):  # sized for every group's chunks: made once
                 self._plan(gi)
         if staging is None or staging.numel < self._max_chunk:
             if staging is not None:
@@ -211,9 +243,9 @@ class _Staging:
         self.device, self.numel = device, numel
         self.cuda = device.type == "cuda"
         self.bufs = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
-        self.freed: list = [None, None]          # per buffer: event of its last copy out
-        self.holds: list = [None, None]          # per buffer: the chunk fetched into it, not yet updated
-        self.came: dict = {}                     # chunk index -> event: its moments are in
+        self.freed: list = [None, None]  # per buffer: event of its last copy out
+        self.holds: list = [None, None]  # per buffer: the chunk fetched into it, not yet updated
+        self.came: dict = {}  # chunk index -> event: its moments are in
         self.expected: list = []
 
     def expect(self, chunks: list) -> None:
@@ -221,15 +253,15 @@ class _Staging:
         self.prefetch()
 
     def _fetch(self, chunk, i: int) -> None:
-        buf = self.bufs[i][:chunk.host.numel()]
+        buf = self.bufs[i][: chunk.host.numel()]
         if self.cuda:
             h2d, _ = _streams(self.device)
             with torch.cuda.stream(h2d):
                 if self.freed[i] is not None:
-                    h2d.wait_event(self.freed[i])           # the buffer's last chunk went out
+                    h2d.wait_event(self.freed[i])  # the buffer's last chunk went out
                 if chunk.gone is not None:
-                    h2d.wait_event(chunk.gone)              # this chunk's host moments are written
-                buf.copy_(chunk.host, non_blocking=True)    # one copy per chunk
+                    h2d.wait_event(chunk.gone)  # this chunk's host moments are written
+                buf.copy_(chunk.host, non_blocking=True)  # one copy per chunk
                 came = torch.cuda.Event()
                 came.record(h2d)
             self.came[chunk.index] = came
@@ -250,13 +282,13 @@ class _Staging:
             self.expected.remove(chunk)
         if chunk not in self.holds:
             i = self.holds.index(None) if None in self.holds else 0
-            if self.holds[i] is not None:               # taken by a fetch ahead that guessed wrong
+            if self.holds[i] is not None:  # taken by a fetch ahead that guessed wrong
                 self.expected.insert(0, self.holds[i])
             self._fetch(chunk, i)
         i = self.holds.index(chunk)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.came.pop(chunk.index))
-        return self.bufs[i][:chunk.host.numel()]
+        return self.bufs[i][: chunk.host.numel()]
 
     def give_back(self, chunk, buf: torch.Tensor) -> None:
         """After the update: the moments out, the buffer free once they are."""
@@ -301,7 +333,7 @@ class _Chunk:
         out, off = [], 0
         for p in self.params:
             n = p.numel()
-            out.append((flat[off:off + n].view(p.shape), flat[off + n:off + 2 * n].view(p.shape)))
+            out.append((flat[off : off + n].view(p.shape), flat[off + n : off + 2 * n].view(p.shape)))
             off += 2 * n
         return out
 

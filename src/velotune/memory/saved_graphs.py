@@ -45,6 +45,7 @@ The graphs dequantise NF4 weights into their pool, so the persistent dequantisat
 go (layer_graphs.py); host memory as eager "mlp". GPU tests and the 8B-shape check with the math
 SDPA backend: bit-identical to eager. Speed and memory: BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,7 @@ from velotune.models.norm import norm_forward
 from velotune.quant.weights import WEIGHT_BUFFERS
 from velotune.memory.host_copies import copy_back, HostCopy
 from velotune.memory.graph_entry import TWICE, Entry, fresh_leaves
-from velotune.memory.saved_offload import storage_elements, NormOf, storage_span   # NormOf.inp: a _Ref here
+from velotune.memory.saved_offload import storage_elements, NormOf, storage_span  # NormOf.inp: a _Ref here
 
 
 # A forward graph copies each saved span into its set as the layer saves it, except spans under this
@@ -104,16 +105,16 @@ class _Slots:
             offsets.append(start)
             end = start + n * dtype.itemsize
         self.raw = torch.empty(end, dtype=torch.uint8, device=device)
-        self.flat = [self.raw[o:o + n * dtype.itemsize].view(dtype) for (n, dtype), o in zip(self.layout, offsets)]
+        self.flat = [self.raw[o : o + n * dtype.itemsize].view(dtype) for (n, dtype), o in zip(self.layout, offsets)]
         self.holds: weakref.ref | None = None
         self.free_at = None
-        self.ready = None      # event: the host->device copy into it is done
+        self.ready = None  # event: the host->device copy into it is done
 
     def holds_copy(self, rec) -> bool:
         return self.holds is not None and self.holds() is rec
 
     def view(self, ref: _Ref) -> torch.Tensor:
-        flat = self.flat[ref.slot]       # as_strided's offset counts from the storage's start, not the view's
+        flat = self.flat[ref.slot]  # as_strided's offset counts from the storage's start, not the view's
         return flat.as_strided(ref.size, ref.stride, flat.storage_offset() + ref.offset)
 
     def nbytes(self) -> int:
@@ -122,8 +123,13 @@ class _Slots:
 
 def _static(t: torch.Tensor, device, kept: set) -> bool:
     """Saved as it is: parameters (live values), kwarg buffers (refilled), empties, other devices."""
-    return (isinstance(t, nn.Parameter) or t.numel() == 0 or t.layout != torch.strided or t.device != device
-            or t.untyped_storage().data_ptr() in kept)
+    return (
+        isinstance(t, nn.Parameter)
+        or t.numel() == 0
+        or t.layout != torch.strided
+        or t.device != device
+        or t.untyped_storage().data_ptr() in kept
+    )
 
 
 class SavedEntry(Entry):
@@ -133,10 +139,10 @@ class SavedEntry(Entry):
     def __init__(self, statics, slots, names, static_kw, fn, parity: int):
         super().__init__(statics, slots, names, static_kw, fn)
         self.parity = parity
-        self.zin, self.zout = statics.z[1 - parity], statics.z[parity]     # x in, y out; dy in, dx out
+        self.zin, self.zout = statics.z[1 - parity], statics.z[parity]  # x in, y out; dy in, dx out
         self.dx_out = self.zin
         self.P: _Slots | None = None
-        self.y = self.x = self.leaves = None    # the build's output, input leaf and LoRA leaves
+        self.y = self.x = self.leaves = None  # the build's output, input leaf and LoRA leaves
 
     def _kept(self) -> set:
         return {t.untyped_storage().data_ptr() for t in self.s.kw}
@@ -155,7 +161,7 @@ class SavedEntry(Entry):
                 hit = spans[key] = (len(plan.layout), a, b)
                 plan.layout.append((b - a, t.dtype))
                 copies.append(hit)
-            held.append(t)                 # its address stays its own until the build is done
+            held.append(t)  # its address stays its own until the build is done
             return _Ref(hit[0], t.shape, t.stride(), t.storage_offset() - hit[1]), copies
 
         def pack(t: torch.Tensor):
@@ -171,15 +177,19 @@ class SavedEntry(Entry):
             plan.calls.append((False, copies))
             return ref
 
-        entry = weakref.ref(self)          # the hooks live with the graph, which the entry holds
+        entry = weakref.ref(self)  # the hooks live with the graph, which the entry holds
 
         def unpack(obj):
             return entry()._unpack(obj)
 
         x = self.zin.detach().requires_grad_(True)
         with fresh_leaves(self.slots) as leaves:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
-                    self.modes.set(norm_outputs=norms, checkpointed_mlp=True), WEIGHT_BUFFERS.graph_local():
+            with (
+                torch.enable_grad(),
+                torch.autograd.graph.saved_tensors_hooks(pack, unpack),
+                self.modes.set(norm_outputs=norms, checkpointed_mlp=True),
+                WEIGHT_BUFFERS.graph_local(),
+            ):
                 y = self._call(x)
         held.clear()
         norms.clear()
@@ -198,26 +208,26 @@ class SavedEntry(Entry):
         e, s = self, self.s
         stream = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
         if side is not None:
-            for P in s.sets:        # the warm-up runs write a set: not while it is still being copied out
+            for P in s.sets:  # the warm-up runs write a set: not while it is still being copied out
                 if P is not None and P.free_at is not None:
                     torch.cuda.current_stream().wait_event(P.free_at)
             side.wait_stream(torch.cuda.current_stream())
-        with stream:        # backward runs each node on its forward's stream: the capture stream
+        with stream:  # backward runs each node on its forward's stream: the capture stream
             self._build()
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         device = s.x.device
-        if s.sets[self.parity] is None:       # the signature's first layer of this parity
+        if s.sets[self.parity] is None:  # the signature's first layer of this parity
             s.sets[self.parity] = _Slots(self.plan.layout, device)
         if s.sets[self.parity].layout != self.plan.layout:
             raise _PlanMismatch("this layer saves other tensors than the signature's first layer")
         self.P = s.sets[self.parity]
-        self.P.holds = None                   # the warm-up runs below overwrite it
+        self.P.holds = None  # the warm-up runs below overwrite it
 
         def forward():
             calls = iter(e.plan.calls)
             norms: dict = {}
-            later: tuple[list, list] = ([], [])     # small spans: copied together at the end
+            later: tuple[list, list] = ([], [])  # small spans: copied together at the end
 
             def pack(t: torch.Tensor):
                 is_norm, copies = next(calls, (None, None))
@@ -229,7 +239,7 @@ class SavedEntry(Entry):
                         raise _PlanMismatch("a saved tensor's layout differs from the build's")
                     dst, span = e.P.flat[slot], storage_elements(src, a, b)
                     if dst.numel() * dst.element_size() < SMALL_SPAN:
-                        later[0].append(dst)          # the view keeps the storage: no reuse before the copy
+                        later[0].append(dst)  # the view keeps the storage: no reuse before the copy
                         later[1].append(span)
                     else:
                         dst.copy_(span)
@@ -237,8 +247,11 @@ class SavedEntry(Entry):
 
             x = e.zin.detach().requires_grad_(True)
             with fresh_leaves(e.slots):
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never), \
-                        e.modes.set(norm_outputs=norms, checkpointed_mlp=True):
+                with (
+                    torch.enable_grad(),
+                    torch.autograd.graph.saved_tensors_hooks(pack, _never),
+                    e.modes.set(norm_outputs=norms, checkpointed_mlp=True),
+                ):
                     y = e._call(x)
                 e.zout.copy_(y.detach())
             if later[0]:
@@ -252,7 +265,7 @@ class SavedEntry(Entry):
             e._store_grads(grads)
 
         self._capture_pair(forward, backward, pool, side)
-        if side is not None:       # the kernels are recorded: the build's graph is no longer needed
+        if side is not None:  # the kernels are recorded: the build's graph is no longer needed
             self.y = self.x = None
 
 
@@ -307,7 +320,7 @@ class SavedGraphRuns:
                 done = torch.cuda.Event()
                 done.record(h2d)
             c.h2d_done = done
-            P.ready = P.free_at = done      # a later write waits for this one (it waited for the readers)
+            P.ready = P.free_at = done  # a later write waits for this one (it waited for the readers)
         P.holds = weakref.ref(rec)
         self.offloader.stats.prefetched += 1
 
@@ -324,7 +337,7 @@ class GraphedSavedLayer(torch.autograd.Function):
         s.load_kwargs(kw_tensors)
         s.fill(1 - i, x)
         if x.is_cuda and P.free_at is not None:
-            torch.cuda.current_stream().wait_event(P.free_at)    # the set's previous copy to the host
+            torch.cuda.current_stream().wait_event(P.free_at)  # the set's previous copy to the host
         P.ready = None
         s.before_write(i)
         entry.fwd.replay()
@@ -337,7 +350,7 @@ class GraphedSavedLayer(torch.autograd.Function):
         rec, runs = ctx.rec, ctx.runs
         if rec is None:
             raise RuntimeError(TWICE)
-        ctx.rec = None                       # its host buffers go back to the pool when backward is done
+        ctx.rec = None  # its host buffers go back to the pool when backward is done
         entry = rec.entry
         s, P, i = entry.s, entry.P, entry.parity
         runs.load(rec)
@@ -354,5 +367,5 @@ class GraphedSavedLayer(torch.autograd.Function):
         runs.offloader.stats.unpacked += 1
         prev = rec.prev() if rec.prev is not None else None
         if prev is not None:
-            runs.load(prev)                  # one layer ahead: overlaps the next replay
+            runs.load(prev)  # one layer ahead: overlaps the next replay
         return (None, None, None, s.hand_out(1 - i), *entry.grads_out())

@@ -26,6 +26,7 @@ attention output saved by SDPA and by o_proj, are copied once). Tensors handed t
 other arguments (RoPE tables, masks: shared by all layers), parameters and anything under
 `min_bytes` stay where they are.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -43,9 +44,9 @@ class _Stored(HostCopy):
     __slots__ = ("refs", "taken")
 
     def __init__(self, host, numel, dtype, device, d2h_done, pool):
-        super().__init__(host, numel, dtype, device, d2h_done, pool)   # .gpu: while backward needs it
-        self.refs = 0            # saved views of this span (a view inside a NormOf counts)
-        self.taken = 0           # ... of which backward has unpacked so far
+        super().__init__(host, numel, dtype, device, d2h_done, pool)  # .gpu: while backward needs it
+        self.refs = 0  # saved views of this span (a view inside a NormOf counts)
+        self.taken = 0  # ... of which backward has unpacked so far
 
 
 class _View:
@@ -106,10 +107,10 @@ class SavedOffloader:
         layer = _LayerSet(self._last)
         self._last = weakref.ref(layer)
         kept = {t.untyped_storage().data_ptr() for t in keep if isinstance(t, torch.Tensor)}
-        spans: dict[tuple, tuple[_Stored, int, int]] = {}   # (storage ptr, dtype) -> span stored
-        held: list[tuple[torch.Tensor, int]] = []            # packed tensors (and their versions)
-        norms: dict[int, tuple] = {}                         # filled by models/norm.py
-        pending: list = []                                   # (_Stored, flat source): copied at the end
+        spans: dict[tuple, tuple[_Stored, int, int]] = {}  # (storage ptr, dtype) -> span stored
+        held: list[tuple[torch.Tensor, int]] = []  # packed tensors (and their versions)
+        norms: dict[int, tuple] = {}  # filled by models/norm.py
+        pending: list = []  # (_Stored, flat source): copied at the end
 
         def store(t: torch.Tensor) -> _View:
             key = (t.untyped_storage().data_ptr(), t.dtype)
@@ -118,12 +119,16 @@ class SavedOffloader:
             if hit is None or not (hit[1] <= a and b <= hit[2]):
                 hit = spans[key] = (self._offload(t, a, b, pending), a, b)
                 layer.stored.append(hit[0])
-            held.append((t, t._version))      # alive until the layer returns: its address stays its own
+            held.append((t, t._version))  # alive until the layer returns: its address stays its own
             return _View(hit[0], t.shape, t.stride(), t.storage_offset() - hit[1])
 
         def pack(t: torch.Tensor):
-            if (isinstance(t, nn.Parameter) or t.numel() == 0 or t.layout != torch.strided
-                    or t.numel() * t.element_size() < self.min_bytes):
+            if (
+                isinstance(t, nn.Parameter)
+                or t.numel() == 0
+                or t.layout != torch.strided
+                or t.numel() * t.element_size() < self.min_bytes
+            ):
                 return t
             ptr = t.untyped_storage().data_ptr()
             if ptr in kept:
@@ -134,7 +139,7 @@ class SavedOffloader:
                 return NormOf(module, store(x), t.shape, t.stride(), t.storage_offset())
             return store(t)
 
-        def unpack(obj):   # holds `layer` for as long as autograd holds the hooks (the layer's graph)
+        def unpack(obj):  # holds `layer` for as long as autograd holds the hooks (the layer's graph)
             if isinstance(obj, _View):
                 return self._restore(obj, layer)
             if isinstance(obj, NormOf):
@@ -142,15 +147,19 @@ class SavedOffloader:
             return obj
 
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
-                    modes.set(norm_outputs=norms, checkpointed_mlp=True):
+            with (
+                torch.autograd.graph.saved_tensors_hooks(pack, unpack),
+                modes.set(norm_outputs=norms, checkpointed_mlp=True),
+            ):
                 out = fn(*args, **kwargs)
             for t, version in held:
                 if t._version != version:
-                    raise RuntimeError("recompute='mlp': a tensor saved for backward was modified in place later "
-                                       "in the same decoder layer; use recompute='layer' for this model")
+                    raise RuntimeError(
+                        "recompute='mlp': a tensor saved for backward was modified in place later "
+                        "in the same decoder layer; use recompute='layer' for this model"
+                    )
             self._flush(pending)
-        finally:   # the hooks outlive this call (autograd keeps them): let go of the tensors now
+        finally:  # the hooks outlive this call (autograd keeps them): let go of the tensors now
             held.clear()
             pending.clear()
             norms.clear()
@@ -189,7 +198,7 @@ class SavedOffloader:
         """The span on the device; the last of its views to be unpacked lets go of it."""
         flat = self.offloader.take(s)
         s.taken += 1
-        if s.taken >= s.refs:     # a later (second) backward copies again
+        if s.taken >= s.refs:  # a later (second) backward copies again
             s.gpu, s.taken = None, 0
         self.stats.unpacked += 1
         return flat
@@ -204,4 +213,3 @@ class SavedOffloader:
             y = norm_forward(n.module, x)
         self.stats.recomputed_norms += 1
         return y.as_strided(n.size, n.stride, n.offset)
-

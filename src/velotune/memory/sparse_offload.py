@@ -35,6 +35,7 @@ How (per model; `OffloadEvery` below, called by checkpointing._offloaded_checkpo
   measured then. The choice and its numbers are kept in OffloadStats (offload_every, host_budget,
   host_needed: bytes of inputs kept per forward).
 """
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,8 @@ class _Group:
     __slots__ = ("anchor", "calls", "cache", "__weakref__")
 
     def __init__(self):
-        self.anchor = None       # weakref to the anchor's checkpointing.SavedCopy (autograd holds it)
-        self.calls: list[tuple] = []     # (fn, other args, kwargs, input requires_grad, rng state)
+        self.anchor = None  # weakref to the anchor's checkpointing.SavedCopy (autograd holds it)
+        self.calls: list[tuple] = []  # (fn, other args, kwargs, input requires_grad, rng state)
         self.cache: dict[int, torch.Tensor] = {}
 
 
@@ -99,7 +100,7 @@ class OffloadEvery:
         self.every, self.host_budget = every, host_budget
         self.k = every if every != "auto" else 1
         self._group: _Group | None = None
-        self._first = 0                  # layer index of the current group's anchor
+        self._first = 0  # layer index of the current group's anchor
         self._prev_out: tuple | None = None
 
     def _budget(self, offloader) -> int:
@@ -128,8 +129,11 @@ class OffloadEvery:
         if layer_index == 0:
             self._start_forward(x, offloader)
         group = self._group
-        chained = (group is not None and self._prev_out == (x.data_ptr(), x.shape, x.dtype)
-                   and layer_index == self._first + len(group.calls))
+        chained = (
+            group is not None
+            and self._prev_out == (x.data_ptr(), x.shape, x.dtype)
+            and layer_index == self._first + len(group.calls)
+        )
         anchor = not chained or layer_index % self.k == 0
         key = (x.data_ptr(), x.shape, x.dtype)
         if anchor:
@@ -158,7 +162,7 @@ class OffloadEvery:
         h = out[0] if isinstance(out, (tuple, list)) else out
         self._prev_out = (h.data_ptr(), h.shape, h.dtype) if isinstance(h, torch.Tensor) else None
         if layer_index == self.n_layers - 1:
-            self._group = None      # the tokens hold the groups now; nothing outlives the graph
+            self._group = None  # the tokens hold the groups now; nothing outlives the graph
         return out
 
     def _recomputed(self, offloader, token: _Recompute) -> torch.Tensor:
@@ -166,10 +170,12 @@ class OffloadEvery:
         if token.pos not in group.cache:
             saved = group.anchor() if group.anchor is not None else None
             if saved is None:
-                raise RuntimeError("offload_every: the anchor layer's input is gone before the layers after it "
-                                   "were differentiated (a second backward through the same graph?)")
+                raise RuntimeError(
+                    "offload_every: the anchor layer's input is gone before the layers after it "
+                    "were differentiated (a second backward through the same graph?)"
+                )
             h = offloader.take(saved).view(saved.shape)
-            n = len(group.calls) - 1           # positions 1 .. n are recomputed
+            n = len(group.calls) - 1  # positions 1 .. n are recomputed
             for p in range(1, n + 1):
                 fn, rest, kwargs, requires_grad, (cpu_rng, dev_rng) = group.calls[p - 1]
                 inp = h.detach().requires_grad_(requires_grad)

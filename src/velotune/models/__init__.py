@@ -3,6 +3,7 @@
 `prepare_model` is called by `FastLanguageModel.from_pretrained`; `prepare_peft_model` by
 `get_peft_model`. Both patch module instances only (see patch.py); `unpatch(model)` reverts.
 """
+
 from __future__ import annotations
 
 import logging

@@ -14,6 +14,7 @@ keyword VARLEN_KW instead of a mask: attention stays inside each sample (models/
 Falls back to the stock forward for anything this path does not cover: a KV cache (generation),
 output_attentions, attention dropout in training, or a non-SDPA/eager attention implementation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,11 +55,13 @@ def attend(q, k, v, mask, *, scaling: float, n_rep: int, softcap: float | None =
     """q [B, Hq, T, D], k/v [B, Hk, S, D], mask None | bool | additive float -> [B, Hq, T, D]."""
     if softcap is None:
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scaling,
-                                                  enable_gqa=n_rep > 1)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=q.shape[2] > 1, scale=scaling, enable_gqa=n_rep > 1
+            )
         # Masked SDPA: the CUDA mem-efficient backend lacks GQA, so K/V are repeated (as stock does).
-        return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
-                                              scale=scaling)
+        return F.scaled_dot_product_attention(
+            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, scale=scaling
+        )
     # Softcapped scores: explicit math (matches transformers' eager Gemma 2 attention op for op).
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling
@@ -106,13 +109,21 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     impl = getattr(self.config, "_attn_implementation", None)
     varlen = kwargs.pop(VARLEN_KW, None)
-    if (cache is not None or kwargs.get("output_attentions") or impl not in _OWN_IMPLEMENTATIONS
-            or (self.training and self.attention_dropout > 0) or position_embeddings is None):
+    if (
+        cache is not None
+        or kwargs.get("output_attentions")
+        or impl not in _OWN_IMPLEMENTATIONS
+        or (self.training and self.attention_dropout > 0)
+        or position_embeddings is None
+    ):
         if varlen is not None:
-            raise RuntimeError(f"velotune: a padding-free batch reached {type(self).__name__}, which cannot run "
-                               "velotune's attention for this call; pass padding_free=False")
-        return self._velotune_stock_forward(hidden_states, position_embeddings=position_embeddings,
-                                            attention_mask=attention_mask, **kwargs)
+            raise RuntimeError(
+                f"velotune: a padding-free batch reached {type(self).__name__}, which cannot run "
+                "velotune's attention for this call; pass padding_free=False"
+            )
+        return self._velotune_stock_forward(
+            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
+        )
     from velotune.kernels.rope import apply_rope_
 
     spec = self._velotune_spec
@@ -122,29 +133,36 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if spec.qkv == "fused":
         (qkv,), _ = _project(X, [self.qkv_proj])
         nq, nk = self.config.num_attention_heads * D, self.config.num_key_value_heads * D
-        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]   # views: rotated out of place
+        q, k, v = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]  # views: rotated out of place
         owned = False
     else:
         (q, k, v), (own_q, own_k, _) = _project(X, [self.q_proj, self.k_proj, self.v_proj])
         owned = own_q and own_k
-    if spec.qk_norm == "head":           # Qwen3, Gemma 3: RMSNorm over head_dim of every head, before RoPE
+    if spec.qk_norm == "head":  # Qwen3, Gemma 3: RMSNorm over head_dim of every head, before RoPE
         q, k = _head_norms(self, spec, q, k, D)
-        owned = True                                                   # the norms' fresh outputs
-    elif spec.qk_norm == "projection":   # OLMo 2: RMSNorm over all heads of q and of k, before RoPE
+        owned = True  # the norms' fresh outputs
+    elif spec.qk_norm == "projection":  # OLMo 2: RMSNorm over all heads of q and of k, before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
-        owned = False    # norm outputs: memory/saved_offload may recompute them from their inputs; not in place
+        owned = False  # norm outputs: memory/saved_offload may recompute them from their inputs; not in place
     cos, sin = position_embeddings
     # In place only on our own fresh outputs: a stock module's output may be held elsewhere (by a
     # forward hook, say), and must not change under it.
-    if spec.rope_flag_attr is None or getattr(self, spec.rope_flag_attr):   # else a NoPE layer (SmolLM3)
+    if spec.rope_flag_attr is None or getattr(self, spec.rope_flag_attr):  # else a NoPE layer (SmolLM3)
         q, k = apply_rope_(q, k, cos, sin, D, in_place=owned)
     softcap = getattr(self.config, spec.attn_softcap_attr) if spec.attn_softcap_attr else None
-    if varlen is not None:   # a packed row of samples [1, N] (models/padding_free.py)
+    if varlen is not None:  # a packed row of samples [1, N] (models/padding_free.py)
         from velotune.models.varlen_attention import varlen_attention
 
-        o = varlen_attention(q.view(B * T, -1, D), k.view(B * T, -1, D), v.view(B * T, -1, D), varlen,
-                             scaling=self.scaling, n_rep=self.num_key_value_groups, softcap=softcap,
-                             window=sliding_window(self))
+        o = varlen_attention(
+            q.view(B * T, -1, D),
+            k.view(B * T, -1, D),
+            v.view(B * T, -1, D),
+            varlen,
+            scaling=self.scaling,
+            n_rep=self.num_key_value_groups,
+            softcap=softcap,
+            window=sliding_window(self),
+        )
         (out,), _ = _project(o.reshape(B * T, -1), [self.o_proj])
         return out.view(B, T, -1), None
     q = q.view(B, T, -1, D).transpose(1, 2)

@@ -3,6 +3,7 @@
 Adding a family: write models/<family>.py with its `SPEC` (see spec.py for every field) and add it
 to REGISTERED below. Nothing else keeps a list of families.
 """
+
 from __future__ import annotations
 
 from velotune.models import gemma2, gemma3, granite, llama, ministral, mistral, olmo2, phi3, qwen2, qwen3, smollm3

@@ -30,6 +30,7 @@ piece stays stock and the report says why. No source is read or rewritten: a pro
 Attention and MLP stay stock (their wiring differs per model). Mixture-of-experts blocks stay stock
 and the report names them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,10 +46,10 @@ from velotune.models.spec import FamilySpec
 
 log = logging.getLogger("velotune")
 
-PROBE_SHAPE = (2, 8)      # tokens of the head probe
-PROBE_VOCAB = 4096        # rows of the lm_head weight the fp32 kernel check uses
-TOL = 1e-5                # fp32 bar, as for the family paths
-TOL_16BIT = 1e-2          # patched-vs-stock loss in a bf16/fp16 model (plumbing check; numerics in fp32)
+PROBE_SHAPE = (2, 8)  # tokens of the head probe
+PROBE_VOCAB = 4096  # rows of the lm_head weight the fp32 kernel check uses
+TOL = 1e-5  # fp32 bar, as for the family paths
+TOL_16BIT = 1e-2  # patched-vs-stock loss in a bf16/fp16 model (plumbing check; numerics in fp32)
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 
 
@@ -56,7 +57,7 @@ EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 class GenericSpec(FamilySpec):
     """A FamilySpec made at load time from probes: the one the generic path's fused forwards read."""
 
-    logit_scale: float | None = None      # logits = lm_head(h) * logit_scale (None: 1)
+    logit_scale: float | None = None  # logits = lm_head(h) * logit_scale (None: 1)
 
     def logits_multiplier(self, config) -> float | None:
         return self.logit_scale
@@ -118,8 +119,11 @@ def generic_plan(model: nn.Module) -> GenericPlan | None:
 
 def is_decoder_only(model: nn.Module) -> bool:
     config = model.config
-    return not getattr(config, "is_encoder_decoder", False) and model.get_output_embeddings() is not None \
+    return (
+        not getattr(config, "is_encoder_decoder", False)
+        and model.get_output_embeddings() is not None
         and hasattr(model, getattr(model, "base_model_prefix", "") or "\0")
+    )
 
 
 # ---------------------------------------------------------------------------------------- lm_head
@@ -152,14 +156,22 @@ def probe_head(model: nn.Module, spec_kw: dict) -> tuple[Piece, GenericSpec | No
     if not torch.equal(z, logits):
         c = ((z * logits).sum() / (z * z).sum()).item()
         if _rel(z * c, logits) > torch.finfo(out.logits.dtype).eps:
-            return Piece("lm_head", "cross-entropy", False,
-                         f"logits are not lm_head(h) times one number (rel err {_rel(z * c, logits):.1e})"), None
+            return Piece(
+                "lm_head",
+                "cross-entropy",
+                False,
+                f"logits are not lm_head(h) times one number (rel err {_rel(z * c, logits):.1e})",
+            ), None
         scale = c
     shift = _shifted(ids)
     want = F.cross_entropy(out.logits.float().reshape(-1, vocab), shift, ignore_index=-100)
     if _rel(out.loss.detach().float(), want) > TOL:
-        return Piece("lm_head", "cross-entropy", False,
-                     "the loss is not the shifted cross-entropy of the logits (an auxiliary loss?)"), None
+        return Piece(
+            "lm_head",
+            "cross-entropy",
+            False,
+            "the loss is not the shifted cross-entropy of the logits (an auxiliary loss?)",
+        ), None
     err = _check_fused_ce(seen["h"], head, shift, scale)
     if err > TOL:
         return Piece("lm_head", "cross-entropy", False, f"fused CE differs in fp32 (rel err {err:.1e})"), None
@@ -264,7 +276,7 @@ def probe_norm(module: nn.Module) -> tuple[tuple[float, bool] | None, str]:
         ys = ref(xs)
         (ys * dy).sum().backward()
         m16 = None
-        if dtype in (torch.float16, torch.bfloat16):    # random weights too: ones would hide the rounding
+        if dtype in (torch.float16, torch.bfloat16):  # random weights too: ones would hide the rounding
             m16 = copy.deepcopy(module)
             with torch.no_grad():
                 m16.weight.copy_(w.to(dtype))
@@ -304,8 +316,13 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
 
 def _signature(m: nn.Module) -> tuple:
     base = m.base_layer
-    return (type(m).__name__, type(base).__name__, getattr(base, "in_features", None),
-            getattr(base, "out_features", None), getattr(base, "bias", None) is not None)
+    return (
+        type(m).__name__,
+        type(base).__name__,
+        getattr(base, "in_features", None),
+        getattr(base, "out_features", None),
+        getattr(base, "bias", None) is not None,
+    )
 
 
 def probe_lora(module: nn.Module) -> str | None:
@@ -333,8 +350,11 @@ def probe_lora(module: nn.Module) -> str | None:
     for fused in (False, True):
         proj.A.grad = proj.B.grad = None
         xi = x.clone().requires_grad_()
-        y = lora_projections(xi.reshape(-1, x.shape[-1]), [proj])[0].view(*x.shape[:-1], -1) if fused \
+        y = (
+            lora_projections(xi.reshape(-1, x.shape[-1]), [proj])[0].view(*x.shape[:-1], -1)
+            if fused
             else type(c).forward(c, xi)
+        )
         (y * dy).sum().backward()
         results.append((y.detach(), xi.grad, proj.A.grad.clone(), proj.B.grad.clone()))
     err = max(_rel(a, b) for a, b in zip(results[1], results[0]))
@@ -360,8 +380,11 @@ def prepare_generic(model: nn.Module) -> bool:
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     model_type = getattr(model.config, "model_type", None) or "?"
     if not is_decoder_only(model):
-        log.warning("velotune: %s (model_type=%r) is not supported by the fused path; using stock transformers",
-                    arch, model_type)
+        log.warning(
+            "velotune: %s (model_type=%r) is not supported by the fused path; using stock transformers",
+            arch,
+            model_type,
+        )
         return False
     plan = GenericPlan(model_type=model_type, arch=arch, moe_blocks=_moe_blocks(model))
     was_training = model.training
@@ -375,16 +398,25 @@ def prepare_generic(model: nn.Module) -> bool:
             if style is None:
                 plan.pieces.append(Piece("norm", cls.__name__, False, note, len(modules)))
                 continue
-            nspec = GenericSpec(causal_lm="", norm_offset=style[0], norm_weight_in_fp32=style[1],
-                                norm_eps_attr=_eps_attr(modules[0]), **{**spec_kw, "norm": cls.__name__})
+            nspec = GenericSpec(
+                causal_lm="",
+                norm_offset=style[0],
+                norm_weight_in_fp32=style[1],
+                norm_eps_attr=_eps_attr(modules[0]),
+                **{**spec_kw, "norm": cls.__name__},
+            )
             for m in modules:
                 bind_forward(m, "norm", nspec)
             plan.pieces.append(Piece("norm", cls.__name__, True, f"x{len(modules)}, {note}", len(modules)))
     finally:
         model.train(was_training)
     model.__dict__["_velotune_generic"] = plan
-    log.warning("velotune: %s (model_type=%r) has no family file: generic path, each piece probed against "
-                "stock -- %s", arch, model_type, plan.summary())
+    log.warning(
+        "velotune: %s (model_type=%r) has no family file: generic path, each piece probed against stock -- %s",
+        arch,
+        model_type,
+        plan.summary(),
+    )
     return True
 
 
@@ -411,8 +443,12 @@ def prepare_generic_peft(peft_model) -> bool:
     lora = [p for p in plan.pieces if p.kind == "lora"]
     if lora:
         stock = "".join(f"; {p.name} stock: {p.note}" for p in lora if not p.fast)
-        log.warning("velotune: LoRA on the generic path: %d of %d layer(s) fused%s",
-                    sum(p.count for p in lora if p.fast), sum(p.count for p in lora), stock)
+        log.warning(
+            "velotune: LoRA on the generic path: %d of %d layer(s) fused%s",
+            sum(p.count for p in lora if p.fast),
+            sum(p.count for p in lora),
+            stock,
+        )
     return True
 
 
@@ -424,7 +460,7 @@ def _checkpointing(model: nn.Module) -> str:
         return "not available (no GradientCheckpointingLayer)"
     on = [m for m in layers if m.__dict__.get("gradient_checkpointing")]
     fn = [m.__dict__.get("_gradient_checkpointing_func") for m in on]
-    if on and all(getattr(f, "velotune_offloaded", False) for f in fn):   # memory/checkpointing.py marks it
+    if on and all(getattr(f, "velotune_offloaded", False) for f in fn):  # memory/checkpointing.py marks it
         return f"offloaded, {len(on)} decoder layer(s)"
     if on:
         return f"transformers' checkpointing, {len(on)} decoder layer(s)"
@@ -437,8 +473,10 @@ def report_lines(model: nn.Module) -> list[str]:
     from velotune.models.patch import is_patched
 
     plan = generic_plan(model)
-    lines = [f"velotune generic path ({plan.arch}, model_type={plan.model_type!r}: no family file; "
-             "each piece probed against stock at load)"]
+    lines = [
+        f"velotune generic path ({plan.arch}, model_type={plan.model_type!r}: no family file; "
+        "each piece probed against stock at load)"
+    ]
     for p in plan.pieces:
         if p.kind == "lora":
             continue
@@ -448,9 +486,13 @@ def report_lines(model: nn.Module) -> list[str]:
     if lora:
         layers = _lora_layers(model)
         fused = sum(1 for m in layers if is_patched(m) and resolve(m) is not None)
-        lines.append(f"  lora       {fused} layer(s) fused, {len(layers) - fused} on the stock PEFT path"
-                     + "".join(f"; {p.name}: {p.note}" for p in lora if not p.fast))
+        lines.append(
+            f"  lora       {fused} layer(s) fused, {len(layers) - fused} on the stock PEFT path"
+            + "".join(f"; {p.name}: {p.note}" for p in lora if not p.fast)
+        )
     lines.append(f"  layers     checkpointing: {_checkpointing(model)}")
-    lines.append("  attention  stock;  mlp  stock" + (f";  experts  stock ({len(plan.moe_blocks)} MoE block(s), "
-                                                      f"{plan.moe_blocks[0]})" if plan.moe_blocks else ""))
+    lines.append(
+        "  attention  stock;  mlp  stock"
+        + (f";  experts  stock ({len(plan.moe_blocks)} MoE block(s), {plan.moe_blocks[0]})" if plan.moe_blocks else "")
+    )
     return lines

@@ -9,6 +9,7 @@ backward is the hand-written one. Saved: x and x @ A^T (N x r), as PEFT's own gr
 Falls back to the module's stock forward whenever `resolve` says the layer cannot take the fused path
 right now (dropout in training, DoRA, several adapters, merged, hooks...), or for extra arguments.
 """
+
 from __future__ import annotations
 
 from velotune.lora import lora_projections, resolve

@@ -10,6 +10,7 @@ Labels are shifted exactly as ForCausalLMLoss does: pad one -100 on the right, d
 A padded batch runs padding-free (models/padding_free.py): the same loss and gradients from the real
 tokens only, unless a padding position predicts a label (then stock's padded computation runs).
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,17 @@ def _pads_predict_labels(shift_labels, attention_mask) -> bool:
     return bool(((shift_labels != -100) & (attention_mask.to(shift_labels.device) == 0)).any())
 
 
-def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                      labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def causal_lm_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
     """Replacement for `<Family>ForCausalLM.forward`.
 
     A padded batch runs padding-free (models/padding_free.py) where the decoder stack allows it and
@@ -68,9 +78,16 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
             shifted = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=-100)[..., 1:]
             if _pads_predict_labels(shifted, attention_mask):
                 kwargs[pf.ALLOW_KW] = False
-        return self._velotune_stock_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
-                                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        return self._velotune_stock_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
     from velotune.kernels.fused_linear_ce import KeptRows, fused_linear_cross_entropy
     from velotune.models.positions import host_positions
 
@@ -78,14 +95,14 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("return_dict", None)
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]        # token t predicts t + 1
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]  # token t predicts t + 1
     like = input_ids if input_ids is not None else inputs_embeds
-    body = getattr(self, self.base_model_prefix)                        # LlamaModel, GPTNeoXModel, ...
+    body = getattr(self, self.base_model_prefix)  # LlamaModel, GPTNeoXModel, ...
     packed = None
     if like is not None and pf.applies(body, {**kwargs, "use_cache": False}):
         packed = pf.pack(like, attention_mask, position_ids)
         if packed is not None and attention_mask is not None and _pads_predict_labels(shift_labels, attention_mask):
-            packed, kwargs[pf.ALLOW_KW] = None, False                    # stock's padded loss, exactly
+            packed, kwargs[pf.ALLOW_KW] = None, False  # stock's padded loss, exactly
     shift_labels = shift_labels.reshape(-1).to(head.weight.device)
     if packed is not None:
         pf.record(body, packed)
@@ -100,26 +117,45 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     kept = KeptRows(shift_labels)
     if packed is None:
         position_ids = host_positions(body, like, position_ids, attention_mask)
-    outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
-    hidden = outputs.last_hidden_state                                   # [B, T, H], or [1, N, H] packed
+    outputs = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        use_cache=False,
+        **kwargs,
+    )
+    hidden = outputs.last_hidden_state  # [B, T, H], or [1, N, H] packed
     shift_labels = shift_labels.to(hidden.device)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     spec = self._velotune_spec
     softcap = getattr(self.config, spec.final_softcap_attr, None) if spec.final_softcap_attr else None
-    logit_scale = spec.logits_multiplier(self.config)                   # Granite; the generic path's probe
-    loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels,
-                                      bias=head.bias, softcap=softcap, logit_scale=logit_scale, ignore_index=-100,
-                                      num_items_in_batch=num_items_in_batch, memory_budget_bytes=CE_MEMORY_BUDGET,
-                                      kept_rows=kept.rows())
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
-                                  attentions=outputs.attentions)
+    logit_scale = spec.logits_multiplier(self.config)  # Granite; the generic path's probe
+    loss = fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head.weight,
+        shift_labels,
+        bias=head.bias,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        ignore_index=-100,
+        num_items_in_batch=num_items_in_batch,
+        memory_budget_bytes=CE_MEMORY_BUDGET,
+        kept_rows=kept.rows(),
+    )
+    return CausalLMOutputWithPast(
+        loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+    )
 
 
 def _padding_free_may_run(model, attention_mask) -> bool:
     """The decoder stack would run this call padding-free if nothing stopped it (cheap checks only)."""
     body = getattr(model, "model", None)
-    return body is not None and getattr(body, "_velotune_role", None) == "body" \
-        and body.__dict__.get("_velotune_padding_free", True) and torch.is_tensor(attention_mask) \
+    return (
+        body is not None
+        and getattr(body, "_velotune_role", None) == "body"
+        and body.__dict__.get("_velotune_padding_free", True)
+        and torch.is_tensor(attention_mask)
         and attention_mask.dim() == 2
+    )

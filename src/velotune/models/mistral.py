@@ -1,7 +1,15 @@
 """Mistral: Llama plus a sliding attention window on every layer (when config.sliding_window is set)."""
+
 from velotune.models.spec import FamilySpec, GGUFLayout
 
-SPEC = FamilySpec(name="mistral", model_types=("mistral",), causal_lm="MistralForCausalLM", body="MistralModel",
-                  attention="MistralAttention", mlp="MistralMLP", norm="MistralRMSNorm",
-                  sliding_window="all",
-                  gguf=GGUFLayout("LLAMA", permute_qk=True, features=("vocab_size", "rope_dims", "no_swa_warning")))
+SPEC = FamilySpec(
+    name="mistral",
+    model_types=("mistral",),
+    causal_lm="MistralForCausalLM",
+    body="MistralModel",
+    attention="MistralAttention",
+    mlp="MistralMLP",
+    norm="MistralRMSNorm",
+    sliding_window="all",
+    gguf=GGUFLayout("LLAMA", permute_qk=True, features=("vocab_size", "rope_dims", "no_swa_warning")),
+)

@@ -3,6 +3,7 @@
 Falls back to the stock forward when a projection cannot be fused (LoRA dropout in training, DoRA,
 several active adapters...) or the activation is not one the GLU kernels implement exactly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,7 +50,7 @@ def mlp_forward(self, x):
     plan = _plan(self)
     modes = modes_of(self)
     if modes.checkpointed_mlp and torch.is_grad_enabled():
-        if plan is not None and _frozen_bases(plan):   # saves x only, recomputes in backward
+        if plan is not None and _frozen_bases(plan):  # saves x only, recomputes in backward
             gate_up, down, act = plan
             shape = x.shape
             blocks = getattr(self, "_velotune_row_blocks", 1)
@@ -58,7 +59,7 @@ def mlp_forward(self, x):
         # recompute needs no RNG state saved and restored (host time per layer and step)
         calls = [0]
 
-        def forward_then_recompute(module, plan, x):   # the checkpoint's recomputes: values unused
+        def forward_then_recompute(module, plan, x):  # the checkpoint's recomputes: values unused
             calls[0] += 1
             return _mlp_forward(module, plan, x, values_unused=calls[0] > 1 or modes.mlp_values_unused)
 

@@ -16,6 +16,7 @@ Fields (all off by default, and outside any `set` block):
 The state lives on the layer's modules, never in a module global: two layers, or two models, never
 see each other's modes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,7 @@ class LayerModes:
                 setattr(self, name, value)
 
 
-OFF = LayerModes()   # what a patched module outside any memory-engine layer reads (never set)
+OFF = LayerModes()  # what a patched module outside any memory-engine layer reads (never set)
 
 
 def modes_of(module: nn.Module) -> LayerModes:
@@ -61,6 +62,6 @@ def layer_modes(layer: nn.Module) -> LayerModes:
     if modes is None:
         modes = LayerModes()
         for m in layer.modules():
-            if "_velotune_role" in m.__dict__ or m is layer:   # models/patch.py marks what it patched
+            if "_velotune_role" in m.__dict__ or m is layer:  # models/patch.py marks what it patched
                 m.__dict__["_velotune_modes"] = modes
     return modes

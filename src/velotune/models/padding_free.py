@@ -27,6 +27,7 @@ returns a prepared 4-D mask unchanged, so it builds no [N, N] mask) and the boun
 keyword `VARLEN_KW`, which its decoder layers hand to each attention module. Any attention that
 would not run velotune's path fails loudly on that mask instead of attending across samples.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 VARLEN_KW = "velotune_varlen"
-ALLOW_KW = "velotune_padding_free"     # False from the CausalLM forward: this call runs padded (models/loss.py)
+ALLOW_KW = "velotune_padding_free"  # False from the CausalLM forward: this call runs padded (models/loss.py)
 # TRL's padding-free collator adds these for flash-attention models; the packed path finds the same
 # boundaries from the position ids, so they are dropped there.
 _TRL_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
@@ -59,10 +60,10 @@ class Packed:
 
     batch: int
     seq: int
-    index: torch.Tensor            # int64 [N] on the device, ascending
-    position_ids: torch.Tensor     # [1, N] on the device
+    index: torch.Tensor  # int64 [N] on the device, ascending
+    position_ids: torch.Tensor  # [1, N] on the device
     varlen: Varlen
-    keeps_layout: bool             # already one row without padding (TRL padding-free): nothing to scatter
+    keeps_layout: bool  # already one row without padding (TRL padding-free): nothing to scatter
 
     @property
     def tokens(self) -> int:
@@ -111,7 +112,7 @@ def pack(like: torch.Tensor, attention_mask, position_ids) -> Packed | None:
     if attention_mask is not None:
         if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, T):
             return None
-        mask = attention_mask.detach().to("cpu", torch.bool)             # the one device->host read
+        mask = attention_mask.detach().to("cpu", torch.bool)  # the one device->host read
         if bool(mask.all()):
             return None
         counts = mask.sum(1).tolist()
@@ -127,16 +128,22 @@ def pack(like: torch.Tensor, attention_mask, position_ids) -> Packed | None:
         return Packed(B, T, _to_device(index, device), pos_d, _varlen(lengths, device), keeps_layout=False)
     if position_ids is None or not torch.is_tensor(position_ids) or position_ids.dim() != 2:
         return None
-    pos = position_ids.detach().to("cpu").expand(B, T)                    # the one device->host read
+    pos = position_ids.detach().to("cpu").expand(B, T)  # the one device->host read
     starts = torch.ones(B, T, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1                         # transformers' packed-sequence rule
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1  # transformers' packed-sequence rule
     if int(starts.sum()) == B:
-        return None                                                       # one sample per row: dense path
+        return None  # one sample per row: dense path
     bounds = starts.reshape(-1).nonzero().squeeze(1).tolist() + [B * T]
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     index = torch.arange(B * T)
-    return Packed(B, T, _to_device(index, device), position_ids.to(device).expand(B, T).reshape(1, -1),
-                  _varlen(lengths, device), keeps_layout=B == 1)
+    return Packed(
+        B,
+        T,
+        _to_device(index, device),
+        position_ids.to(device).expand(B, T).reshape(1, -1),
+        _varlen(lengths, device),
+        keeps_layout=B == 1,
+    )
 
 
 def wants_cache(module, kwargs: dict) -> bool:
@@ -144,7 +151,7 @@ def wants_cache(module, kwargs: dict) -> bool:
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return True
     use_cache = kwargs.get("use_cache")
-    if use_cache is None:   # transformers takes the config's value; a cache in training is never read
+    if use_cache is None:  # transformers takes the config's value; a cache in training is never read
         return bool(getattr(module.config, "use_cache", False)) and not module.training
     return bool(use_cache)
 
@@ -175,7 +182,7 @@ def applies(stack, kwargs: dict) -> bool:
     """Padding-free may run for this forward of the decoder stack `stack` (a `<Family>Model`)."""
     if not stack.__dict__.get("_velotune_padding_free", True) or wants_cache(stack, kwargs):
         return False
-    for flag in ("output_hidden_states", "output_attentions"):   # per-layer outputs keep stock's layout
+    for flag in ("output_hidden_states", "output_attentions"):  # per-layer outputs keep stock's layout
         if kwargs.get(flag) or (kwargs.get(flag) is None and getattr(stack.config, flag, False)):
             return False
     return attention_takes_varlen(stack)
@@ -187,8 +194,9 @@ def drop_trl_varlen_keys(kwargs: dict) -> dict:
 
 def record(stack, packed: Packed) -> None:
     """Counters on the stack instance (benchmarks and tests read them: `padding_free_stats(model)`)."""
-    stats = stack.__dict__.setdefault("velotune_padding_free_stats", {"forwards": 0, "real_tokens": 0,
-                                                                        "batch_tokens": 0})
+    stats = stack.__dict__.setdefault(
+        "velotune_padding_free_stats", {"forwards": 0, "real_tokens": 0, "batch_tokens": 0}
+    )
     stats["forwards"] += 1
     stats["real_tokens"] += packed.tokens
     stats["batch_tokens"] += packed.batch * packed.seq
@@ -224,14 +232,23 @@ def stack_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     if allowed and kwargs.get(VARLEN_KW) is None and like is not None and like.dim() >= 2 and applies(self, kwargs):
         packed = pack(like, attention_mask, position_ids)
     if packed is None:
-        return self._velotune_stock_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return self._velotune_stock_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
     record(self, packed)
     kwargs = drop_trl_varlen_keys(kwargs)
     kwargs[VARLEN_KW] = packed.varlen
-    kwargs["use_cache"] = False        # (None in training: transformers would build a cache nobody reads)
-    out = self._velotune_stock_forward(input_ids=packed.gather(input_ids), attention_mask=packed.marker(like.device),
-                                       position_ids=packed.position_ids, inputs_embeds=packed.gather(inputs_embeds),
-                                       **kwargs)
+    kwargs["use_cache"] = False  # (None in training: transformers would build a cache nobody reads)
+    out = self._velotune_stock_forward(
+        input_ids=packed.gather(input_ids),
+        attention_mask=packed.marker(like.device),
+        position_ids=packed.position_ids,
+        inputs_embeds=packed.gather(inputs_embeds),
+        **kwargs,
+    )
     out.last_hidden_state = packed.scatter(out.last_hidden_state)
     return out

@@ -7,6 +7,7 @@
 Nothing global changes: other instances of the same transformers classes stay stock.
 Modules carrying an accelerate hook (device_map) get `_old_forward` replaced, so the hook still runs.
 """
+
 from __future__ import annotations
 
 import collections
@@ -32,7 +33,7 @@ FUSED_FORWARDS = {
     "attention": attention_forward,
     "mlp": mlp_forward,
     "norm": norm_forward,
-    "lora": lora_linear_forward,     # a PEFT LoRA Linear on its own (the generic path, models/generic.py)
+    "lora": lora_linear_forward,  # a PEFT LoRA Linear on its own (the generic path, models/generic.py)
 }
 
 
@@ -68,9 +69,12 @@ def _stock_under_foreign_autocast(fused, role: str):
         if dtype is not None and _autocast_to_other_dtype(dtype):
             if not _WARNED_AUTOCAST[0]:
                 _WARNED_AUTOCAST[0] = True
-                warnings.warn(f"velotune: autocast to another dtype than the model's ({dtype}): running the stock "
-                              "transformers path (correct, not fused). Load the model in the dtype you train in "
-                              "(e.g. dtype=torch.bfloat16 with bf16=True) for velotune's kernels.", stacklevel=2)
+                warnings.warn(
+                    f"velotune: autocast to another dtype than the model's ({dtype}): running the stock "
+                    "transformers path (correct, not fused). Load the model in the dtype you train in "
+                    "(e.g. dtype=torch.bfloat16 with bf16=True) for velotune's kernels.",
+                    stacklevel=2,
+                )
             return self._velotune_stock_forward(*args, **kwargs)
         return fused(self, *args, **kwargs)
 
@@ -103,8 +107,13 @@ def release_forward(module: nn.Module) -> None:
         else:
             module.__dict__.pop(attr, None)
     # else: someone wrapped our forward after us (e.g. TRL's add_fused_lm_head); leave their wrapper in place.
-    for name in ("_velotune_saved", "_velotune_stock_forward", "_velotune_spec", "_velotune_role",
-                 "_velotune_padding_free"):
+    for name in (
+        "_velotune_saved",
+        "_velotune_stock_forward",
+        "_velotune_spec",
+        "_velotune_role",
+        "_velotune_padding_free",
+    ):
         module.__dict__.pop(name, None)
 
 
@@ -116,7 +125,7 @@ def patch(model: nn.Module, spec: FamilySpec) -> int:
     """Bind fused forwards onto every module of `model` whose class the spec names. Idempotent."""
     n = 0
     for module in model.modules():
-        module.__dict__.pop("_velotune_modes", None)     # models/modes.py: handed out again on next use
+        module.__dict__.pop("_velotune_modes", None)  # models/modes.py: handed out again on next use
         role = spec.role_of(type(module).__name__)
         if role is not None and not is_patched(module):
             bind_forward(module, role, spec)
@@ -176,10 +185,15 @@ def report(model: nn.Module) -> str:
             lines.append(f"  {role:<9} {counts[role]:>4} module(s) fused")
     fused, stock = _lora_status(model)
     if fused or stock:
-        lines.append(f"  lora      {fused:>4} layer(s) fused, {len(stock)} on the stock PEFT path"
-                     + (f" (e.g. {stock[0]}: dropout in training, DoRA or several adapters)" if stock else ""))
+        lines.append(
+            f"  lora      {fused:>4} layer(s) fused, {len(stock)} on the stock PEFT path"
+            + (f" (e.g. {stock[0]}: dropout in training, DoRA or several adapters)" if stock else "")
+        )
     for module in model.modules():
-        if is_patched(module) and module._velotune_role == "causal_lm" \
-                and resolve_lm_head(module.get_output_embeddings()) is None:
+        if (
+            is_patched(module)
+            and module._velotune_role == "causal_lm"
+            and resolve_lm_head(module.get_output_embeddings()) is None
+        ):
             lines.append("  lm_head   not a plain Linear: loss computed from full logits (stock)")
     return "\n".join(lines)

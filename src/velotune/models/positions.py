@@ -13,6 +13,7 @@ instance, which swaps in a cached device copy), and the decoder layers pass them
 attention reads the rotary tables; transformers' SDPA and eager attention take no position ids).
 Only with those two attention implementations, and only where the model has a `rotary_emb` module.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,12 @@ def host_positions(body: nn.Module, like: torch.Tensor, position_ids, attention_
     the given ones, or, where transformers would make 0..T-1 itself, the same ids as a cached host
     tensor [1, T] (see the module docstring)."""
     rotary = body.__dict__.get("_modules", {}).get("rotary_emb")
-    if position_ids is not None or attention_mask is not None or rotary is None \
-            or getattr(body.config, "_attn_implementation", None) not in _ATTN:
+    if (
+        position_ids is not None
+        or attention_mask is not None
+        or rotary is None
+        or getattr(body.config, "_attn_implementation", None) not in _ATTN
+    ):
         return position_ids
     cache = rotary.__dict__.get("_velotune_positions")
     if cache is None:

@@ -1,9 +1,18 @@
 """Qwen3 (dense): Llama plus an RMSNorm over head_dim on every query and key head, after the
 projection and before RoPE (q_norm / k_norm); head_dim is set in the config (128, not hidden / heads);
 no q/k/v bias; optional sliding window on the upper layers (per config.layer_types)."""
+
 from velotune.models.spec import FamilySpec, GGUFLayout
 
-SPEC = FamilySpec(name="qwen3", model_types=("qwen3",), causal_lm="Qwen3ForCausalLM", body="Qwen3Model",
-                  attention="Qwen3Attention", mlp="Qwen3MLP", norm="Qwen3RMSNorm",
-                  qk_norm="head", sliding_window="layer_types",
-                  gguf=GGUFLayout("QWEN3", features=("no_swa_warning",)))
+SPEC = FamilySpec(
+    name="qwen3",
+    model_types=("qwen3",),
+    causal_lm="Qwen3ForCausalLM",
+    body="Qwen3Model",
+    attention="Qwen3Attention",
+    mlp="Qwen3MLP",
+    norm="Qwen3RMSNorm",
+    qk_norm="head",
+    sliding_window="layer_types",
+    gguf=GGUFLayout("QWEN3", features=("no_swa_warning",)),
+)

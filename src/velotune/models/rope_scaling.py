@@ -5,6 +5,7 @@ multiplied. Types that already encode long context (llama3, longrope, yarn, dyna
 warning says so. The rotary module is rebuilt from the updated config with transformers' own class;
 `restore_context` (called by `unpatch`) puts the original module and config back.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,9 +32,12 @@ def extend_context(model: nn.Module, max_seq_length: int) -> str | None:
         return None
     params = dict(getattr(config, "rope_parameters", None) or {})
     if params and all(isinstance(v, dict) for v in params.values()):  # one table per layer type (Gemma 3)
-        log.warning("velotune: max_seq_length %d exceeds max_position_embeddings %d; the model has one RoPE "
-                    "table per layer type, which velotune does not rescale (kept as configured)",
-                    max_seq_length, native)
+        log.warning(
+            "velotune: max_seq_length %d exceeds max_position_embeddings %d; the model has one RoPE "
+            "table per layer type, which velotune does not rescale (kept as configured)",
+            max_seq_length,
+            native,
+        )
         return None
     rope_type = params.get("rope_type", "default")
     factor = max_seq_length / native
@@ -42,8 +46,12 @@ def extend_context(model: nn.Module, max_seq_length: int) -> str | None:
     elif rope_type == "linear":
         params["factor"] = float(params.get("factor", 1.0)) * factor
     else:
-        log.warning("velotune: max_seq_length %d exceeds max_position_embeddings %d; keeping the model's own "
-                    "%r RoPE scaling", max_seq_length, native, rope_type)
+        log.warning(
+            "velotune: max_seq_length %d exceeds max_position_embeddings %d; keeping the model's own %r RoPE scaling",
+            max_seq_length,
+            native,
+            rope_type,
+        )
         return None
     owner, rotary = _rotary_owner(model)
     if rotary is None:

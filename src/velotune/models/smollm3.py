@@ -3,10 +3,20 @@
 optional sliding windows per `config.layer_types` (masks built by transformers).
 GGUF: llama.cpp's smollm3 graph, which hard-codes NoPE on every 4th layer and has no sliding window
 (other configs are refused)."""
+
 from velotune.models.spec import FamilySpec, GGUFLayout
 
-SPEC = FamilySpec(name="smollm3", model_types=("smollm3",), causal_lm="SmolLM3ForCausalLM", body="SmolLM3Model",
-                  attention="SmolLM3Attention", mlp="SmolLM3MLP", norm="SmolLM3RMSNorm",
-                  sliding_window="layer_types", rope_flag_attr="use_rope",
-                  gguf=GGUFLayout("SMOLLM3", permute_qk=True,
-                                  features=("vocab_size", "rope_dims", "no_swa_warning", "smollm3_layout")))
+SPEC = FamilySpec(
+    name="smollm3",
+    model_types=("smollm3",),
+    causal_lm="SmolLM3ForCausalLM",
+    body="SmolLM3Model",
+    attention="SmolLM3Attention",
+    mlp="SmolLM3MLP",
+    norm="SmolLM3RMSNorm",
+    sliding_window="layer_types",
+    rope_flag_attr="use_rope",
+    gguf=GGUFLayout(
+        "SMOLLM3", permute_qk=True, features=("vocab_size", "rope_dims", "no_swa_warning", "smollm3_layout")
+    ),
+)

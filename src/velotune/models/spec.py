@@ -40,6 +40,7 @@ Fields, by reader:
   export                gguf: a `GGUFLayout` (llama.cpp architecture and per-feature metadata) or None
                         when llama.cpp has no architecture for the family (GGUF export then refuses).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class GGUFLayout:
     Gemma-style norms (FamilySpec.norm_offset). features: names of the metadata/tensor writers in
     export/gguf_arch.py's FEATURES table this architecture needs (e.g. "softcaps", "tied_output").
     """
+
     arch: str
     permute_qk: bool = False
     features: tuple[str, ...] = ()
@@ -68,29 +70,29 @@ class GGUFLayout:
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
-    model_types: tuple[str, ...]          # config.model_type values this spec handles
-    causal_lm: str                        # transformers class names bound to fused forwards
+    model_types: tuple[str, ...]  # config.model_type values this spec handles
+    causal_lm: str  # transformers class names bound to fused forwards
     attention: str
     mlp: str
     norm: str
-    body: str = ""                        # the decoder stack (e.g. LlamaModel): padding-free batches
-    norm_offset: float = 0.0              # RMSNorm multiplies by (offset + w): Gemma uses 1.0
+    body: str = ""  # the decoder stack (e.g. LlamaModel): padding-free batches
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + w): Gemma uses 1.0
     norm_eps_attr: str = "variance_epsilon"
-    norm_weight_in_fp32: bool = False     # (w * n) in fp32, rounded once (OLMo 2), instead of w * n.to(dtype)
-    activation_attr: str = "hidden_act"   # config attribute naming the MLP activation
-    qkv: str = "separate"                 # "separate": q_proj/k_proj/v_proj; "fused": qkv_proj = [q|k|v]
-    gate_up: str = "separate"             # "separate": gate_proj/up_proj; "fused": gate_up_proj = [gate|up]
-    qkv_bias: bool = False                # informational: the bias is read from the layer itself
-    qk_norm: str = "none"                 # "none" | "head" | "projection": q_norm/k_norm before RoPE
+    norm_weight_in_fp32: bool = False  # (w * n) in fp32, rounded once (OLMo 2), instead of w * n.to(dtype)
+    activation_attr: str = "hidden_act"  # config attribute naming the MLP activation
+    qkv: str = "separate"  # "separate": q_proj/k_proj/v_proj; "fused": qkv_proj = [q|k|v]
+    gate_up: str = "separate"  # "separate": gate_proj/up_proj; "fused": gate_up_proj = [gate|up]
+    qkv_bias: bool = False  # informational: the bias is read from the layer itself
+    qk_norm: str = "none"  # "none" | "head" | "projection": q_norm/k_norm before RoPE
     attn_softcap_attr: str | None = None  # config attribute: scores -> t * tanh(scores / t)
-    final_softcap_attr: str | None = None # config attribute: logits -> t * tanh(logits / t)
+    final_softcap_attr: str | None = None  # config attribute: logits -> t * tanh(logits / t)
     logits_divisor_attr: str | None = None  # config attribute: logits -> logits / d (Granite's logits_scaling)
-    sliding_window: str = "none"          # "none" | "all" | "layer_types" (see the module docstring)
-    rope_by_layer_type: bool = False      # rotary_emb(x, positions, layer_type): one table per layer type
-    rope_flag_attr: str | None = None     # attention-module attribute; falsy: a NoPE layer (SmolLM3's use_rope)
-    embedding_scale: bool = False         # hidden *= sqrt(hidden_size) after the embedding (stock code)
-    sandwich_norms: bool = False          # extra norms after attention and MLP (stock decoder layer)
-    gguf: GGUFLayout | None = None        # llama.cpp layout; None: no GGUF export
+    sliding_window: str = "none"  # "none" | "all" | "layer_types" (see the module docstring)
+    rope_by_layer_type: bool = False  # rotary_emb(x, positions, layer_type): one table per layer type
+    rope_flag_attr: str | None = None  # attention-module attribute; falsy: a NoPE layer (SmolLM3's use_rope)
+    embedding_scale: bool = False  # hidden *= sqrt(hidden_size) after the embedding (stock code)
+    sandwich_norms: bool = False  # extra norms after attention and MLP (stock decoder layer)
+    gguf: GGUFLayout | None = None  # llama.cpp layout; None: no GGUF export
 
     def __post_init__(self):
         if self.sliding_window not in SLIDING:
@@ -126,13 +128,24 @@ class FamilySpec:
         return window if types is not None and types[layer] == "sliding_attention" else None
 
     def describe(self) -> str:
-        diffs = [f"{k}={v}" for k, v in (
-            ("norm_offset", self.norm_offset), ("norm_weight_in_fp32", self.norm_weight_in_fp32),
-            ("qk_norm", self.qk_norm), ("qkv", self.qkv), ("gate_up", self.gate_up),
-            ("qkv_bias", self.qkv_bias), ("attn_softcap", self.attn_softcap_attr),
-            ("final_softcap", self.final_softcap_attr), ("logits_divisor", self.logits_divisor_attr),
-            ("sliding_window", self.sliding_window), ("rope_by_layer_type", self.rope_by_layer_type),
-            ("nope_layers_flag", self.rope_flag_attr),
-            ("embedding_scale", self.embedding_scale), ("sandwich_norms", self.sandwich_norms))
-            if v not in (0.0, "separate", False, None, "none")]
+        diffs = [
+            f"{k}={v}"
+            for k, v in (
+                ("norm_offset", self.norm_offset),
+                ("norm_weight_in_fp32", self.norm_weight_in_fp32),
+                ("qk_norm", self.qk_norm),
+                ("qkv", self.qkv),
+                ("gate_up", self.gate_up),
+                ("qkv_bias", self.qkv_bias),
+                ("attn_softcap", self.attn_softcap_attr),
+                ("final_softcap", self.final_softcap_attr),
+                ("logits_divisor", self.logits_divisor_attr),
+                ("sliding_window", self.sliding_window),
+                ("rope_by_layer_type", self.rope_by_layer_type),
+                ("nope_layers_flag", self.rope_flag_attr),
+                ("embedding_scale", self.embedding_scale),
+                ("sandwich_norms", self.sandwich_norms),
+            )
+            if v not in (0.0, "separate", False, None, "none")
+        ]
         return f"{self.name}: " + (", ".join(diffs) if diffs else "Llama layout")

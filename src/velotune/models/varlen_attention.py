@@ -17,6 +17,7 @@ Two implementations of the same function:
   torch's signature takes what the layer needs (`flash_capabilities`); otherwise per_sample.
 bench/varlen_attention.py times both (and a block-diagonal-mask SDPA) and checks they agree.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,7 @@ def _flash_ok(q, head_dim: int, scaling: float, softcap, window) -> bool:
         return False
     if window is not None and "window_size" not in params:
         return False
-    if "scale" not in params and abs(scaling - head_dim ** -0.5) > 1e-12:
+    if "scale" not in params and abs(scaling - head_dim**-0.5) > 1e-12:
         return False
     return "window_size" in params or "is_causal" in params
 
@@ -60,7 +61,7 @@ def per_sample(q, k, v, varlen, *, scaling: float, n_rep: int, softcap=None, win
     """The reference: each sample's slice through models/attention.attend (see the module docstring)."""
     outs = []
     for a, n in zip(varlen.starts, varlen.lengths):
-        qs, ks, vs = (x[a:a + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))   # [1, H, n, D]
+        qs, ks, vs = (x[a : a + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, n, D]
         mask = _window_mask(n, window, q.device) if window is not None and n > window else None
         outs.append(attend(qs, ks, vs, mask, scaling=scaling, n_rep=n_rep, softcap=softcap)[0].transpose(0, 1))
     return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
@@ -79,7 +80,7 @@ def flash_varlen(q, k, v, varlen, *, scaling: float, n_rep: int, window=None):
     if n_rep > 1:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
-        else:   # older signature: give every query head its K/V head (exact: a copy)
+        else:  # older signature: give every query head its K/V head (exact: a copy)
             n, h, d = k.shape
             k = k[:, :, None].expand(n, h, n_rep, d).reshape(n, h * n_rep, d)
             v = v[:, :, None].expand(n, h, n_rep, d).reshape(n, h * n_rep, d)
@@ -89,7 +90,7 @@ def flash_varlen(q, k, v, varlen, *, scaling: float, n_rep: int, window=None):
 def varlen_attention(q, k, v, varlen, *, scaling: float, n_rep: int, softcap=None, window=None):
     """[N, Hq, D] attention of a packed row (see the module docstring): flash where it applies."""
     if window is not None and window >= varlen.max_len:
-        window = None                      # no sample is longer than the window: plain causal
+        window = None  # no sample is longer than the window: plain causal
     if _flash_ok(q, q.shape[-1], scaling, softcap, window):
         return flash_varlen(q, k, v, varlen, scaling=scaling, n_rep=n_rep, window=window)
     return per_sample(q, k, v, varlen, scaling=scaling, n_rep=n_rep, softcap=softcap, window=window)

@@ -10,6 +10,7 @@ Files: `nf4_code.py` (the code book), `nf4.py` (format, quantise, reference dequ
 `dequant_kernel.py` (Triton), `weights.py` (accessors, buffers), `loading.py` (transformers/bitsandbytes
 loading config).
 """
+
 from __future__ import annotations
 
 from velotune.quant.loading import quantization_config_for
@@ -25,7 +26,16 @@ from velotune.quant.weights import (
 )
 
 __all__ = [
-    "NF4Weight", "base_layer", "dequantize_model_weights", "dequantize_nf4", "dequantize_nf4_reference",
-    "dequantize_weight", "get_base_weight", "is_4bit", "iter_dequantized_weights", "nf4_weight",
-    "quantization_config_for", "quantize_nf4",
+    "NF4Weight",
+    "base_layer",
+    "dequantize_model_weights",
+    "dequantize_nf4",
+    "dequantize_nf4_reference",
+    "dequantize_weight",
+    "get_base_weight",
+    "is_4bit",
+    "iter_dequantized_weights",
+    "nf4_weight",
+    "quantization_config_for",
+    "quantize_nf4",
 ]

@@ -22,6 +22,7 @@ multiply-add.
 A launch is replayed from a per-weight plan once the JIT has compiled it (kernels/launch.py: a QLoRA
 step dequantises ~640 times, and the JIT's per-call host time added up).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,17 +36,18 @@ from velotune.quant.nf4_code import nf4_code
 
 
 @triton.jit
-def nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask,
-               BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+def nf4_absmax(
+    absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr
+):
     """fp32 absmax of blocks `blk` (any shape): code2[qa] * absmax2, then + offset, two roundings."""
     if NESTED:
         qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
         absmax = tl.load(code2_ptr + qa, mask=mask, other=0.0) * scale2
-        absmax = absmax + tl.load(offset_ptr)                # separate rounding (no FMA, see above)
+        absmax = absmax + tl.load(offset_ptr)  # separate rounding (no FMA, see above)
     else:
         absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
-    return absmax                                            # one return: the compiler types both branches
+    return absmax  # one return: the compiler types both branches
 
 
 @triton.jit
@@ -63,22 +65,32 @@ def to_out_dtype(vals, OUT_TY: tl.constexpr, OUT_BF16: tl.constexpr):
 
 @triton.jit
 def _nf4_dequant_rows_kernel(
-    packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, pairs_ptr, out_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code2_ptr,
+    absmax2_ptr,
+    offset_ptr,
+    pairs_ptr,
+    out_ptr,
     n_elements,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    ROWS: tl.constexpr,
     OUT_BF16: tl.constexpr,
 ):
-    HB: tl.constexpr = BLOCKSIZE // 2                       # packed bytes per absmax block
+    HB: tl.constexpr = BLOCKSIZE // 2  # packed bytes per absmax block
     pid = tl.program_id(0).to(tl.int64)
-    blk = pid * ROWS + tl.arange(0, ROWS)                    # [ROWS] absmax blocks of this program
-    absmax = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, blk * BLOCKSIZE < n_elements,
-                        BLOCKSIZE2, NESTED)
-    i = blk[:, None] * HB + tl.arange(0, HB)[None, :]        # [ROWS, HB] byte indices
+    blk = pid * ROWS + tl.arange(0, ROWS)  # [ROWS] absmax blocks of this program
+    absmax = nf4_absmax(
+        absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, blk * BLOCKSIZE < n_elements, BLOCKSIZE2, NESTED
+    )
+    i = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [ROWS, HB] byte indices
     byte = tl.load(packed_ptr + i, mask=2 * i < n_elements, other=0).to(tl.int32)
-    pair = tl.load(pairs_ptr + byte)                         # int64: NF4[hi nibble] bits | NF4[lo] << 32
+    pair = tl.load(pairs_ptr + byte)  # int64: NF4[hi nibble] bits | NF4[lo] << 32
     hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
     lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-    vals = tl.interleave(hi, lo)                             # [ROWS, BLOCKSIZE], element order
+    vals = tl.interleave(hi, lo)  # [ROWS, BLOCKSIZE], element order
     e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + e, to_out_dtype(vals, out_ptr.dtype.element_ty, OUT_BF16), mask=e < n_elements)
 
@@ -88,7 +100,7 @@ def _pair_table(device: torch.device) -> torch.Tensor:
     """int64 [256]: for byte b, the fp32 bits of NF4[b >> 4] in the low word, of NF4[b & 15] in the high."""
     bits = nf4_code("cpu").view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     b = torch.arange(256)
-    pairs = bits[b >> 4] | (bits[b & 15] << 32)              # may set bit 63: wraps to a negative int64
+    pairs = bits[b >> 4] | (bits[b & 15] << 32)  # may set bit 63: wraps to a negative int64
     return pairs.to(device)
 
 
@@ -113,8 +125,12 @@ def dequantize_nf4_triton(nf4, out: torch.Tensor) -> torch.Tensor:
     """Write the dequantised weight of `nf4` (a quant.nf4.NF4Weight) into `out` (contiguous,
     nf4.numel elements, fp32/bf16/fp16)."""
     plan = nf4.__dict__.get("_launch_plans", {}).get((out.data_ptr(), out.dtype))
-    if (plan is not None and out.numel() == nf4.numel and out.is_contiguous()
-            and plan.device == torch.cuda.current_device()):
+    if (
+        plan is not None
+        and out.numel() == nf4.numel
+        and out.is_contiguous()
+        and plan.device == torch.cuda.current_device()
+    ):
         plan(out)
         return out
     n = nf4.numel
@@ -126,12 +142,17 @@ def dequantize_nf4_triton(nf4, out: torch.Tensor) -> torch.Tensor:
     rows = max(1, 2048 // nf4.blocksize)
     grid = (triton.cdiv(triton.cdiv(n, nf4.blocksize), rows),)
     args = (nf4.packed, absmax, code2, absmax2, offset, _pair_table(nf4.device), out, n)
-    consts = dict(BLOCKSIZE=nf4.blocksize, BLOCKSIZE2=nf4.blocksize2, NESTED=nf4.nested, ROWS=rows,
-                  OUT_BF16=out.dtype == torch.bfloat16)
+    consts = dict(
+        BLOCKSIZE=nf4.blocksize,
+        BLOCKSIZE2=nf4.blocksize2,
+        NESTED=nf4.nested,
+        ROWS=rows,
+        OUT_BF16=out.dtype == torch.bfloat16,
+    )
     compiled = fn[grid](*args, **consts, num_warps=4, enable_fp_fusion=False)
     if out.is_cuda and isinstance(compiled, triton.compiler.CompiledKernel):
         plans = nf4.__dict__.setdefault("_launch_plans", {})
-        if len(plans) >= PLANS_PER_WEIGHT:    # outputs at ever new addresses (not the training buffers)
+        if len(plans) >= PLANS_PER_WEIGHT:  # outputs at ever new addresses (not the training buffers)
             plans.clear()
         # the output is the only argument that varies for this weight (same address and dtype: same
         # specialisation), so its plan replays the compiled kernel's launcher directly (launch.py)

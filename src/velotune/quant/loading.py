@@ -14,6 +14,7 @@ holds the 16-bit model; a pre-quantised checkpoint's tensors go to the device as
 by bench/load_memory.py (tests/quant/test_quant_load_memory.py on CPU). velotune adds nothing to
 this path but the device placement below and the fit check before it (velotune.fit).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ def _require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ModelLoadError("load_in_4bit=True needs bitsandbytes: pip install 'velotune[bnb]' "
-                             "(or pip install bitsandbytes)") from None
+        raise ModelLoadError(
+            "load_in_4bit=True needs bitsandbytes: pip install 'velotune[bnb]' (or pip install bitsandbytes)"
+        ) from None
 
 
 def _existing_quantization(config) -> dict | None:
@@ -58,10 +60,12 @@ def quantization_config_for(compute_dtype: torch.dtype, config) -> dict:
             raise ModelLoadError(
                 f"this checkpoint is already quantised ({method}, "
                 f"{'4' if existing.get('load_in_4bit') else '8' if existing.get('load_in_8bit') else '?'}-bit); "
-                "velotune's load_in_4bit loads bitsandbytes 4-bit checkpoints or quantises 16-bit ones")
+                "velotune's load_in_4bit loads bitsandbytes 4-bit checkpoints or quantises 16-bit ones"
+            )
         if existing.get("bnb_4bit_quant_type", "nf4") != "nf4":
-            raise ModelLoadError(f"4-bit checkpoint uses {existing.get('bnb_4bit_quant_type')!r}; "
-                                 "velotune trains NF4 checkpoints")
+            raise ModelLoadError(
+                f"4-bit checkpoint uses {existing.get('bnb_4bit_quant_type')!r}; velotune trains NF4 checkpoints"
+            )
         qc = config.quantization_config
         name = _DTYPE_NAMES[compute_dtype]
         if isinstance(qc, dict):
@@ -72,6 +76,10 @@ def quantization_config_for(compute_dtype: torch.dtype, config) -> dict:
     from transformers import BitsAndBytesConfig
 
     kwargs["quantization_config"] = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
     return kwargs

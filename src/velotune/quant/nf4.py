@@ -19,6 +19,7 @@ evaluation rounded to fp32 after each operation gives the same bits, and so do w
 The CPU path is the plain-PyTorch reference below; CUDA tensors (or `velotune.kernels.force_triton()`)
 use the Triton kernel in `quant/dequant_kernel.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,11 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     for i in range(max_exponent_bits):
-        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        fraction_items = int(
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
         boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
@@ -104,8 +108,10 @@ class NF4Weight:
         if getattr(quant_state, "packing_format_for_cpu", False):
             # bitsandbytes' CPU inference (eval mode, no grad, AVX512-BF16 CPUs) repacks the weight in
             # place into its own layout with a bf16 absmax; that is no longer the NF4 format.
-            raise ValueError("this 4-bit weight was repacked by bitsandbytes' CPU inference path (an eval-mode "
-                             "forward without gradients); reload the model, or run it in train mode")
+            raise ValueError(
+                "this 4-bit weight was repacked by bitsandbytes' CPU inference path (an eval-mode "
+                "forward without gradients); reload the model, or run it in train mode"
+            )
         if quant_state.quant_type != "nf4":
             raise ValueError(f"velotune dequantises NF4 only, got quant_type={quant_state.quant_type!r}")
         packed = data.reshape(-1)
@@ -113,11 +119,17 @@ class NF4Weight:
             packed = packed.view(torch.uint8)
         nested = bool(quant_state.nested)
         s2 = quant_state.state2 if nested else None
-        return cls(packed=packed, absmax=quant_state.absmax, shape=torch.Size(quant_state.shape),
-                   dtype=quant_state.dtype, blocksize=int(quant_state.blocksize),
-                   code2=s2.code if nested else None, absmax2=s2.absmax if nested else None,
-                   offset=quant_state.offset if nested else None,
-                   blocksize2=int(s2.blocksize) if nested else 256)
+        return cls(
+            packed=packed,
+            absmax=quant_state.absmax,
+            shape=torch.Size(quant_state.shape),
+            dtype=quant_state.dtype,
+            blocksize=int(quant_state.blocksize),
+            code2=s2.code if nested else None,
+            absmax2=s2.absmax if nested else None,
+            offset=quant_state.offset if nested else None,
+            blocksize2=int(s2.blocksize) if nested else 256,
+        )
 
     def rows(self, start: int, stop: int) -> "NF4Weight":
         """Rows start:stop of a 2-D weight as an NF4Weight of their own, sharing this one's storage
@@ -133,15 +145,22 @@ class NF4Weight:
         unit = self.blocksize * (self.blocksize2 if self.nested else 1)
         for r in (start, stop):
             if r != n_rows and (r * cols) % unit:
-                raise ValueError(f"rows {start}:{stop}: row {r} does not start a quantisation block "
-                                 f"(row * {cols} must be a multiple of {unit})")
+                raise ValueError(
+                    f"rows {start}:{stop}: row {r} does not start a quantisation block "
+                    f"(row * {cols} must be a multiple of {unit})"
+                )
         a, b = start * cols, stop * cols
         blocks = slice(a // self.blocksize, -(-b // self.blocksize))
         absmax2 = None
         if self.nested:
-            absmax2 = self.absmax2[blocks.start // self.blocksize2: -(-blocks.stop // self.blocksize2)]
-        return dataclasses.replace(self, packed=self.packed[a // 2: -(-b // 2)], absmax=self.absmax[blocks],
-                                   absmax2=absmax2, shape=torch.Size((stop - start, cols)))
+            absmax2 = self.absmax2[blocks.start // self.blocksize2 : -(-blocks.stop // self.blocksize2)]
+        return dataclasses.replace(
+            self,
+            packed=self.packed[a // 2 : -(-b // 2)],
+            absmax=self.absmax[blocks],
+            absmax2=absmax2,
+            shape=torch.Size((stop - start, cols)),
+        )
 
     def to_bnb(self):
         """(packed [ceil(n/2), 1], QuantState) as bitsandbytes builds them (needs bitsandbytes)."""
@@ -149,17 +168,24 @@ class NF4Weight:
 
         state2 = None
         if self.nested:
-            state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2,
-                                dtype=torch.float32)
-        qs = QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=nf4_code(self.device),
-                        blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
-                        offset=self.offset, state2=state2)
+            state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2, dtype=torch.float32)
+        qs = QuantState(
+            absmax=self.absmax,
+            shape=torch.Size(self.shape),
+            code=nf4_code(self.device),
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=state2,
+        )
         return self.packed.reshape(-1, 1), qs
 
 
 # ----------------------------------------------------------------------------------------------
 # Quantisation (plain PyTorch; the same arithmetic as bitsandbytes' default backend)
 # ----------------------------------------------------------------------------------------------
+
 
 def _blockwise_absmax_and_scaled(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x fp32 [n] -> absmax fp32 [nblocks], x scaled into [-1, 1] fp32 [n] (last block may be short)."""
@@ -178,8 +204,7 @@ def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                 blocksize2: int = 256) -> NF4Weight:
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, blocksize2: int = 256) -> NF4Weight:
     """Quantise `w` (fp32/bf16/fp16, any shape) to NF4 in the bitsandbytes layout.
 
     Bit-identical to `bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=
@@ -208,6 +233,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 # ----------------------------------------------------------------------------------------------
 # Dequantisation: reference (the CPU path) and dispatch
 # ----------------------------------------------------------------------------------------------
+
 
 def absmax_reference(nf4: NF4Weight) -> torch.Tensor:
     """The per-block absmax, fp32 [nblocks]: for nested states, product then sum (two roundings)."""

@@ -10,6 +10,7 @@ or a PEFT LoRA layer wrapping one. The values are bit-for-bit what bitsandbytes'
 dequantised to `quant_state.dtype` (the dtype the weight was quantised from), then cast to the
 requested dtype if that differs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,7 +90,7 @@ class _WeightBuffers:
         self._views: dict[tuple[torch.device, torch.dtype], list[dict]] = {}
         self._tags: dict[tuple[torch.device, torch.dtype], list[tuple | None]] = {}
         self._next: dict[tuple[torch.device, torch.dtype], int] = {}
-        self._local = 0          # inside graph_local(): every take allocates
+        self._local = 0  # inside graph_local(): every take allocates
         self._lock = threading.Lock()
 
     def _slot(self, numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
@@ -132,8 +133,9 @@ class _WeightBuffers:
             view = views[shape] = buf[:numel].view(shape)
         return view
 
-    def lookup(self, tag: tuple, shape: torch.Size, numel: int, device: torch.device,
-               dtype: torch.dtype) -> torch.Tensor | None:
+    def lookup(
+        self, tag: tuple, shape: torch.Size, numel: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """The slot still holding what `take_view(..., tag)` was written with, or None. A hit counts
         as a use of that slot for the round-robin (the other slot is the next to be overwritten)."""
         key = (device, dtype)
@@ -213,13 +215,13 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     weight = layer.weight
     if getattr(weight, "quant_state", None) is None:
         return weight
-    nf4 = nf4_weight(weight)                                   # cached on the weight, validated per call
-    tag = (nf4, weight._version)                               # a new NF4 view or an in-place change: a miss
+    nf4 = nf4_weight(weight)  # cached on the weight, validated per call
+    tag = (nf4, weight._version)  # a new NF4 view or an in-place change: a miss
     out = WEIGHT_BUFFERS.lookup(tag, nf4.shape, nf4.numel, nf4.device, nf4.dtype)
     if out is None:
         out = WEIGHT_BUFFERS.take_view(nf4.shape, nf4.numel, nf4.device, nf4.dtype)
         if triton_enabled(nf4.packed):
-            dequantize_nf4_triton(nf4, out)                    # replays its launch plan for this buffer
+            dequantize_nf4_triton(nf4, out)  # replays its launch plan for this buffer
         else:
             dequantize_nf4(nf4, nf4.dtype, out=out)
         WEIGHT_BUFFERS.remember(out, tag)
@@ -243,8 +245,9 @@ def dequantize_weight(module_or_weight, dtype: torch.dtype = torch.float32) -> t
     return dequantize_nf4(nf4, nf4.dtype).to(dtype)
 
 
-def iter_dequantized_weights(model: torch.nn.Module, dtype: torch.dtype = torch.float32
-                             ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_dequantized_weights(
+    model: torch.nn.Module, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(parameter name as in `model.state_dict()`, fresh dequantised weight) for each 4-bit layer.
 
     One weight at a time (an 8B model never needs all of them in fp32 at once). The name is that

@@ -8,6 +8,7 @@ a loss-curve PNG and a summary JSON.
 The curve and the summary are built from `state.log_history`, which a resumed run restores from its
 checkpoint, so they cover the whole run, not only the part after the resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,14 @@ from typing import Any
 from transformers import TrainerCallback
 
 # log key -> label in the one-line log
-_SHOWN = (("loss", "loss", "{:.4f}"), ("learning_rate", "lr", "{:.3g}"), ("grad_norm", "grad-norm", "{:.3f}"),
-          ("tokens_per_second", "tok/s", "{:,.0f}"), ("rewards/accuracies", "reward-acc", "{:.2f}"),
-          ("eval_loss", "eval-loss", "{:.4f}"))
+_SHOWN = (
+    ("loss", "loss", "{:.4f}"),
+    ("learning_rate", "lr", "{:.3g}"),
+    ("grad_norm", "grad-norm", "{:.3f}"),
+    ("tokens_per_second", "tok/s", "{:,.0f}"),
+    ("rewards/accuracies", "reward-acc", "{:.2f}"),
+    ("eval_loss", "eval-loss", "{:.4f}"),
+)
 
 
 def format_log_line(step: int, max_steps: int, logs: dict) -> str:
@@ -48,8 +54,9 @@ class ProgressCallback(TrainerCallback):
         from tqdm.auto import tqdm
 
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step", dynamic_ncols=True
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

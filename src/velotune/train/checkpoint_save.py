@@ -11,6 +11,7 @@ Runs where transformers' own bookkeeping needs the final path while it writes ke
 in-place save (`save_in_place`): distributed runs (every rank writes its part), best-model tracking
 (`load_best_model_at_end` / `metric_for_best_model`) and hub pushes from checkpoints.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,13 @@ from velotune.fsio import honour_umask_tree
 def stages_atomically(trainer) -> bool:
     """Whether `save` below applies to this trainer's run (see the module docstring)."""
     a = trainer.args
-    return (a.world_size <= 1 and not a.load_best_model_at_end and a.metric_for_best_model is None
-            and not a.push_to_hub and getattr(trainer, "hp_search_backend", None) is None)
+    return (
+        a.world_size <= 1
+        and not a.load_best_model_at_end
+        and a.metric_for_best_model is None
+        and not a.push_to_hub
+        and getattr(trainer, "hp_search_backend", None) is None
+    )
 
 
 def save(trainer, stock_save, model, trial) -> None:
@@ -34,14 +40,14 @@ def save(trainer, stock_save, model, trial) -> None:
     stage_root = run_dir / f".checkpoint.tmp-{os.getpid()}"
     shutil.rmtree(stage_root, ignore_errors=True)
     stage_root.mkdir(parents=True)
-    trainer._get_output_dir = lambda trial=None: str(stage_root)     # this call only (instance attribute)
+    trainer._get_output_dir = lambda trial=None: str(stage_root)  # this call only (instance attribute)
     try:
         stock_save(model, trial)
     finally:
         del trainer._get_output_dir
     name = f"checkpoint-{trainer.state.global_step}"
     final = run_dir / name
-    if final.exists():           # the same step saved again (transformers overwrites in place)
+    if final.exists():  # the same step saved again (transformers overwrites in place)
         shutil.rmtree(final)
     honour_umask_tree(stage_root / name)
     os.replace(stage_root / name, final)
@@ -61,8 +67,11 @@ def rotate(run_dir: Path, limit: int | None) -> list[Path]:
     """Remove the oldest `checkpoint-<N>` folders of `run_dir` beyond `limit` (by N); returns them."""
     if not limit:
         return []
-    found = sorted((int(p.name.split("-", 1)[1]), p) for p in run_dir.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-", 1)[1].isdigit())
+    found = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in run_dir.glob("checkpoint-*")
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+    )
     removed = [p for _, p in found[:-limit]]
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)

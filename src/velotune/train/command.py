@@ -2,6 +2,7 @@
 
 Bad configs raise ConfigError, which the CLI router prints as one line (exit code 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,15 +25,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG.yaml", help="training config (see examples/*.yaml)")
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--max-steps", type=int, help="override training.max_steps")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                        help="resume from the latest checkpoint in output_dir, or from CHECKPOINT")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="if output_dir holds another run, move it aside to OUTPUT_DIR.old-<time> first "
-                             "(without this flag such a folder is refused)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from the latest checkpoint in output_dir, or from CHECKPOINT",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if output_dir holds another run, move it aside to OUTPUT_DIR.old-<time> first "
+        "(without this flag such a folder is refused)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
-    parser.add_argument("--nproc", type=int, default=None, metavar="N",
-                        help="data-parallel (DDP) training in N processes on this machine, one per GPU "
-                             "(launches torchrun --standalone --nproc-per-node N; CPU-only: N gloo processes)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel (DDP) training in N processes on this machine, one per GPU "
+        "(launches torchrun --standalone --nproc-per-node N; CPU-only: N gloo processes)",
+    )
 
 
 def apply_overrides(cfg, args: argparse.Namespace):
@@ -61,8 +76,17 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be at least 1 (got {args.nproc})")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "velotune.cli", "train", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "velotune.cli",
+        "train",
+        *argv,
+    ]
     return subprocess.call(cmd)
 
 

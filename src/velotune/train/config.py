@@ -16,6 +16,7 @@ Layout (every section but `model` and `data` has defaults):
 
 Relative paths in a YAML file are read relative to the folder of that file.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -40,8 +41,11 @@ class ModelSection(_Section):
     load_in_4bit: bool = False
     full_finetuning: bool = False
     fast: bool = Field(True, description="use velotune's fused kernels (False: the stock transformers forward)")
-    padding_free: bool = Field(True, description="padded batches run on their real tokens only, packed into one "
-                                                 "row (same loss and gradients); false: as padded")
+    padding_free: bool = Field(
+        True,
+        description="padded batches run on their real tokens only, packed into one "
+        "row (same loss and gradients); false: as padded",
+    )
 
 
 class LoraSection(_Section):
@@ -52,21 +56,33 @@ class LoraSection(_Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     use_dora: bool = False
-    modules_to_save: list[str] = Field(default_factory=list,
-                                       description="modules trained in full, e.g. [embed_tokens, lm_head]")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full, e.g. [embed_tokens, lm_head]"
+    )
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = "unsloth"
     offload_embedding: Union[bool, Literal["auto"]] = Field(
-        "auto", description="frozen input embeddings in host memory (~1 GiB less GPU memory for Llama-3); auto: "
-                            "where the table is frozen, untied and on a GPU")
+        "auto",
+        description="frozen input embeddings in host memory (~1 GiB less GPU memory for Llama-3); auto: "
+        "where the table is frozen, untied and on a GPU",
+    )
     recompute: Union[Literal["layer", "mlp"], None] = Field(
-        None, description="with unsloth/offload checkpointing: 'mlp' (the default there) also offloads attention "
-                          "activations to host memory and recomputes only the MLP (faster, ~4.5x host memory); "
-                          "'layer' recomputes whole layers")
-    cuda_graphs: bool = Field(False, description="with unsloth/offload checkpointing: decoder layers replayed "
-                                                 "as CUDA graphs (for fixed-shape batches; padding-free batches "
-                                                 "change shape every step and run eagerly)")
-    mlp_row_blocks: int = Field(1, ge=1, description="with recompute 'mlp': each MLP forward and backward in "
-                                                      "this many row blocks (less GPU memory, a little slower)")
+        None,
+        description="with unsloth/offload checkpointing: 'mlp' (the default there) also offloads attention "
+        "activations to host memory and recomputes only the MLP (faster, ~4.5x host memory); "
+        "'layer' recomputes whole layers",
+    )
+    cuda_graphs: bool = Field(
+        False,
+        description="with unsloth/offload checkpointing: decoder layers replayed "
+        "as CUDA graphs (for fixed-shape batches; padding-free batches "
+        "change shape every step and run eagerly)",
+    )
+    mlp_row_blocks: int = Field(
+        1,
+        ge=1,
+        description="with recompute 'mlp': each MLP forward and backward in "
+        "this many row blocks (less GPU memory, a little slower)",
+    )
     random_state: int = 3407
 
 
@@ -76,8 +92,9 @@ class DataSection(_Section):
     chat_template: str | None = Field(None, description="a velotune template name; None keeps the tokenizer's")
     train_on: Literal["responses", "all"] = "responses"
     on_long: Literal["truncate", "skip"] = "truncate"
-    on_bad: Literal["skip", "raise"] = Field("skip", description="unusable rows (not UTF-8, turns out of order, "
-                                                                "empty, ...): skip and count them, or stop")
+    on_bad: Literal["skip", "raise"] = Field(
+        "skip", description="unusable rows (not UTF-8, turns out of order, empty, ...): skip and count them, or stop"
+    )
     packing: bool = False
     eval_path: str | None = None
     text_field: str = Field("text", description="column holding the raw text (format: text)")
@@ -90,16 +107,21 @@ class TrainingSection(_Section):
     gradient_accumulation_steps: int = Field(4, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     embedding_learning_rate: float | None = Field(
-        None, gt=0, description="learning rate of trainable embed_tokens / lm_head (continued pretraining)")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
-                          "polynomial", "inverse_sqrt"] = "linear"
+        None, gt=0, description="learning rate of trainable embed_tokens / lm_head (continued pretraining)"
+    )
+    lr_scheduler: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+    ] = "linear"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warmup as a fraction of all steps")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
-    optimizer: str = Field("adamw_torch", description="a transformers `optim` name, e.g. adamw_8bit, sgd; or "
-                                                      "adamw_offload: velotune's AdamW with its moments in host "
-                                                      "memory (the same bits as adamw_torch)")
+    optimizer: str = Field(
+        "adamw_torch",
+        description="a transformers `optim` name, e.g. adamw_8bit, sgd; or "
+        "adamw_offload: velotune's AdamW with its moments in host "
+        "memory (the same bits as adamw_torch)",
+    )
     seed: int = 3407
     logging_steps: int = Field(1, gt=0)
     save_steps: int | None = Field(None, gt=0, description="save a resumable checkpoint every N steps")
@@ -107,7 +129,8 @@ class TrainingSection(_Section):
     eval_steps: int | None = Field(None, gt=0)
     report_to: Union[list[Literal["tensorboard", "wandb", "none"]], Literal["tensorboard", "wandb", "none"]] = "none"
     resume_from_checkpoint: Union[bool, str, None] = Field(
-        None, description="true: the latest checkpoint in output_dir; or a checkpoint folder")
+        None, description="true: the latest checkpoint in output_dir; or a checkpoint folder"
+    )
     beta: float = Field(0.1, gt=0, description="DPO beta / ORPO lambda")
     use_cpu: bool = Field(False, description="train on the CPU even when a GPU is present")
 
@@ -124,29 +147,38 @@ class TrainConfig(_Section):
     def _consistent(self) -> "TrainConfig":
         fmt = self.data.format
         if self.method in ("dpo", "orpo") and fmt not in ("auto", "preference"):
-            raise ValueError(f"data.format: method {self.method} needs preference data (prompt/chosen/rejected), "
-                             f"not format {fmt!r}")
+            raise ValueError(
+                f"data.format: method {self.method} needs preference data (prompt/chosen/rejected), not format {fmt!r}"
+            )
         if self.method == "sft" and fmt == "preference":
             raise ValueError("data.format: 'preference' data needs method dpo or orpo, not sft")
         if self.method != "sft" and self.data.packing:
             raise ValueError(f"data.packing: packing is supported for sft only, not {self.method}")
         offloaded = self.lora.gradient_checkpointing in ("unsloth", "offload")
-        recompute = self.lora.recompute or ("mlp" if offloaded else "layer")     # None: the library's default
+        recompute = self.lora.recompute or ("mlp" if offloaded else "layer")  # None: the library's default
         if recompute != "layer" and not offloaded:
-            raise ValueError(f"lora.recompute: {self.lora.recompute!r} needs lora.gradient_checkpointing: unsloth "
-                             f"(or offload), not {self.lora.gradient_checkpointing!r}")
+            raise ValueError(
+                f"lora.recompute: {self.lora.recompute!r} needs lora.gradient_checkpointing: unsloth "
+                f"(or offload), not {self.lora.gradient_checkpointing!r}"
+            )
         if self.lora.mlp_row_blocks != 1 and recompute != "mlp":
-            raise ValueError(f"lora.mlp_row_blocks: {self.lora.mlp_row_blocks} needs lora.recompute: mlp, "
-                             f"not {recompute!r}")
+            raise ValueError(
+                f"lora.mlp_row_blocks: {self.lora.mlp_row_blocks} needs lora.recompute: mlp, not {recompute!r}"
+            )
         if self.lora.cuda_graphs and self.lora.gradient_checkpointing not in ("unsloth", "offload"):
-            raise ValueError(f"lora.cuda_graphs: true needs lora.gradient_checkpointing: unsloth (or offload), "
-                             f"not {self.lora.gradient_checkpointing!r}")
+            raise ValueError(
+                f"lora.cuda_graphs: true needs lora.gradient_checkpointing: unsloth (or offload), "
+                f"not {self.lora.gradient_checkpointing!r}"
+            )
         if self.training.warmup_steps and self.training.warmup_ratio:
             raise ValueError("training.warmup_ratio: set warmup_steps or warmup_ratio, not both")
         if self.training.embedding_learning_rate is not None and not (
-                self.model.full_finetuning or self.lora.modules_to_save):
-            raise ValueError("training.embedding_learning_rate: set lora.modules_to_save (e.g. [embed_tokens, "
-                             "lm_head]) or model.full_finetuning so that embeddings are trained")
+            self.model.full_finetuning or self.lora.modules_to_save
+        ):
+            raise ValueError(
+                "training.embedding_learning_rate: set lora.modules_to_save (e.g. [embed_tokens, "
+                "lm_head]) or model.full_finetuning so that embeddings are trained"
+            )
         return self
 
 
@@ -192,8 +224,9 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
             msg = e["msg"].removeprefix("Input should be ")
         problems.setdefault(where, [])
         if msg not in problems[where]:
-            problems[where].append((msg, e.get("input")) if kind not in ("extra_forbidden", "missing", "value_error")
-                                   else msg)
+            problems[where].append(
+                (msg, e.get("input")) if kind not in ("extra_forbidden", "missing", "value_error") else msg
+            )
     lines = []
     for where, msgs in problems.items():
         plain = [m for m in msgs if isinstance(m, str)]
@@ -209,8 +242,9 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
 def parse_config(data: Any, source: str = "config", base_dir: str | Path | None = None) -> TrainConfig:
     """Validate a dict (e.g. parsed YAML); relative paths are resolved against `base_dir`."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (model, data, lora, training, ...), "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of sections (model, data, lora, training, ...), got {type(data).__name__}"
+        )
     try:
         cfg = TrainConfig.model_validate(data)
     except ValidationError as e:

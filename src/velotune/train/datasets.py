@@ -10,6 +10,7 @@
 
 The format is detected from the columns when `data.format` is auto.
 """
+
 from __future__ import annotations
 
 from velotune.errors import ConfigError, DataError
@@ -17,8 +18,10 @@ from velotune.errors import ConfigError, DataError
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 CONVERSATION_COLUMNS = ("messages", "conversations", "conversation")
 _NEEDS = {  # format -> (column sets, any of which is enough; what to tell the user)
-    "messages": ([{c} for c in CONVERSATION_COLUMNS] + [{"prompt", "completion"}],
-                 "'messages' / 'conversations', or 'prompt' + 'completion'"),
+    "messages": (
+        [{c} for c in CONVERSATION_COLUMNS] + [{"prompt", "completion"}],
+        "'messages' / 'conversations', or 'prompt' + 'completion'",
+    ),
     "sharegpt": ([{c} for c in CONVERSATION_COLUMNS], "'conversations' (from/value) or 'messages'"),
     "alpaca": ([{"instruction", "output"}], "'instruction' and 'output' (and optionally 'input')"),
     "preference": ([{"chosen", "rejected"}], "'prompt', 'chosen' and 'rejected'"),
@@ -34,9 +37,11 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
         return "alpaca"
     if text_field in columns:
         return "text"
-    raise DataError(f"cannot tell the data format from the columns {columns}: expected messages / conversations "
-                    f"(chat), instruction/input/output (alpaca), prompt/chosen/rejected (preference) or "
-                    f"{text_field!r} (raw text); set data.format")
+    raise DataError(
+        f"cannot tell the data format from the columns {columns}: expected messages / conversations "
+        f"(chat), instruction/input/output (alpaca), prompt/chosen/rejected (preference) or "
+        f"{text_field!r} (raw text); set data.format"
+    )
 
 
 def check_format(fmt: str, columns: list[str], path: str, text_field: str = "text") -> None:
@@ -46,8 +51,9 @@ def check_format(fmt: str, columns: list[str], path: str, text_field: str = "tex
         raise DataError(f"data.format is {fmt!r} but {path} has columns {columns}; {fmt} data needs {wanted}")
 
 
-def tokenize_text(dataset, tokenizer, *, max_seq_length: int, text_field: str = "text", on_bad: str = "skip",
-                  report=None):
+def tokenize_text(
+    dataset, tokenizer, *, max_seq_length: int, text_field: str = "text", on_bad: str = "skip", report=None
+):
     """Continued pretraining: concatenate `text + eos` of all rows, cut into max_seq_length blocks.
 
     Returns (Dataset with input_ids and labels [= input_ids], DataReport). Rows without a text string
@@ -78,7 +84,7 @@ def tokenize_text(dataset, tokenizer, *, max_seq_length: int, text_field: str = 
         stream.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
         if eos is not None:
             stream.append(eos)
-    blocks = [stream[i:i + max_seq_length] for i in range(0, len(stream), max_seq_length)]
+    blocks = [stream[i : i + max_seq_length] for i in range(0, len(stream), max_seq_length)]
     blocks = [b for b in blocks if len(b) > 1]
     report.raise_if_bad(on_bad)
     report.raise_if_empty()
@@ -98,24 +104,38 @@ def _prepare_one(cfg, tokenizer, path: str, progress: bool):
     check_format(fmt, columns, path, data.text_field)
     if cfg.method in ("dpo", "orpo"):
         if fmt != "preference":
-            raise ConfigError(f"data.path: method {cfg.method} needs prompt/chosen/rejected columns; "
-                              f"{path} has {list(raw.column_names)}")
+            raise ConfigError(
+                f"data.path: method {cfg.method} needs prompt/chosen/rejected columns; "
+                f"{path} has {list(raw.column_names)}"
+            )
         from velotune.data.prepare import validate_preference_rows
 
-        ds, report = validate_preference_rows(raw, max_seq_length=cfg.model.max_seq_length, on_long=data.on_long,
-                                              tokenizer=tokenizer, progress=progress, report=loaded)
+        ds, report = validate_preference_rows(
+            raw,
+            max_seq_length=cfg.model.max_seq_length,
+            on_long=data.on_long,
+            tokenizer=tokenizer,
+            progress=progress,
+            report=loaded,
+        )
     elif fmt == "preference":
-        raise ConfigError(f"data.path: {path} holds preference pairs (prompt/chosen/rejected): "
-                          "use method dpo or orpo")
+        raise ConfigError(f"data.path: {path} holds preference pairs (prompt/chosen/rejected): use method dpo or orpo")
     elif fmt == "text":
-        ds, report = tokenize_text(raw, tokenizer, max_seq_length=cfg.model.max_seq_length,
-                                   text_field=data.text_field, report=loaded)
+        ds, report = tokenize_text(
+            raw, tokenizer, max_seq_length=cfg.model.max_seq_length, text_field=data.text_field, report=loaded
+        )
     else:
         from velotune.data.prepare import tokenize_conversations
 
-        ds, report = tokenize_conversations(raw, tokenizer, max_seq_length=cfg.model.max_seq_length,
-                                            on_long=data.on_long, train_on=data.train_on, progress=progress,
-                                            report=loaded)
+        ds, report = tokenize_conversations(
+            raw,
+            tokenizer,
+            max_seq_length=cfg.model.max_seq_length,
+            on_long=data.on_long,
+            train_on=data.train_on,
+            progress=progress,
+            report=loaded,
+        )
     report.raise_if_bad(data.on_bad, what=f"data file {path}")  # the rows were counted with on_bad="skip"
     report.raise_if_empty()
     return ds, report, fmt

@@ -15,6 +15,7 @@ the stage (copied where links are not allowed), and the stage and `out` swap nam
 `out` as it was before the save or as it is after it, never a mix of the two; a killed save's stage is
 a hidden `.NAME.save-<pid>-...` folder that the next run removes.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,9 +60,11 @@ def moved_aside_name(out: Path) -> Path:
 
 def _refuse_foreign(out: Path, entries: list[str]) -> None:
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    raise OutputError(f"output_dir {out} already holds another run ({shown}): choose another output_dir, "
-                      "pass --resume to continue that run, or --overwrite to move it aside to "
-                      f"{out.name}.old-<time>")
+    raise OutputError(
+        f"output_dir {out} already holds another run ({shown}): choose another output_dir, "
+        "pass --resume to continue that run, or --overwrite to move it aside to "
+        f"{out.name}.old-<time>"
+    )
 
 
 def check_early(out: Path, *, resuming: bool, overwrite: bool) -> None:
@@ -131,7 +134,7 @@ def commit_final(out: Path, write: Callable[[Path], None]) -> Path:
         if out.is_dir():
             _link_tree(out, stage, {p.name for p in stage.iterdir()})
             if exchange_dirs(stage, out):
-                shutil.rmtree(stage, ignore_errors=True)   # the previous `out` now
+                shutil.rmtree(stage, ignore_errors=True)  # the previous `out` now
                 return out
             old = make_temp_dir(out.parent, out.name, "old")
             os.rmdir(old)

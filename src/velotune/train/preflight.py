@@ -15,6 +15,7 @@
 Ownership of the output folder (another run's folder refused) and the run lock are in
 train/output_dir.py and train/run_lock.py; run_training applies them after this.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,17 +25,17 @@ from pathlib import Path
 from velotune.errors import OutputError
 from velotune.fsio import check_writable_folder, free_bytes
 
-MARGIN = 1.2            # the estimate times this must fit (tokenizer files, trainer state, logs)
+MARGIN = 1.2  # the estimate times this must fit (tokenizer files, trainer state, logs)
 
 
 @dataclass
 class PreflightReport:
-    model_dir: Path | None        # the local model folder checked (None: a hub id, checked when fetched)
-    trainable: int | None         # parameters the run trains (None: unknown before the hub fetch)
-    total: int | None             # parameters of the model
+    model_dir: Path | None  # the local model folder checked (None: a hub id, checked when fetched)
+    trainable: int | None  # parameters the run trains (None: unknown before the hub fetch)
+    total: int | None  # parameters of the model
     checkpoint_bytes: int | None  # one checkpoint, estimated
-    final_bytes: int | None       # the final save, estimated
-    checkpoints: int              # checkpoints kept at once
+    final_bytes: int | None  # the final save, estimated
+    checkpoints: int  # checkpoints kept at once
     needed_bytes: int | None
     free_bytes: int
 
@@ -59,8 +60,11 @@ def parameter_counts(config, cfg) -> tuple[int, int]:
     trainable = 0
     for name, m in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        listed = (leaf in targets or _fused(leaf, targets)) if isinstance(targets, list) else \
-            targets != "all-linear" and re.fullmatch(targets, name) is not None  # PEFT's regex form
+        listed = (
+            (leaf in targets or _fused(leaf, targets))
+            if isinstance(targets, list)
+            else targets != "all-linear" and re.fullmatch(targets, name) is not None
+        )  # PEFT's regex form
         if isinstance(m, torch.nn.Linear) and (targets == "all-linear" or listed):
             if targets == "all-linear" and m is model.get_output_embeddings():
                 continue
@@ -71,8 +75,9 @@ def parameter_counts(config, cfg) -> tuple[int, int]:
 
 
 def _fused(leaf: str, targets: list[str]) -> bool:
-    return (leaf == "qkv_proj" and bool({"q_proj", "k_proj", "v_proj"} & set(targets))) or \
-           (leaf == "gate_up_proj" and bool({"gate_proj", "up_proj"} & set(targets)))
+    return (leaf == "qkv_proj" and bool({"q_proj", "k_proj", "v_proj"} & set(targets))) or (
+        leaf == "gate_up_proj" and bool({"gate_proj", "up_proj"} & set(targets))
+    )
 
 
 def planned_checkpoints(cfg) -> int:
@@ -112,7 +117,8 @@ def preflight(cfg, *, check_output: bool = True) -> PreflightReport:
         raise OutputError(
             f"output_dir {out}: about {_size(needed)} needed ({n_ckpt} checkpoint(s) of ~{_size(ckpt)} + the final "
             f"save of ~{_size(final)}), only {_size(free)} free there: free some space, lower "
-            "training.save_total_limit, or save less often (training.save_steps)")
+            "training.save_total_limit, or save less often (training.save_steps)"
+        )
     return PreflightReport(model_dir, trainable, total, ckpt, final, n_ckpt, needed, free)
 
 

@@ -12,6 +12,7 @@ leaves a torn folder under the final name. A checkpoint counts as complete when
 `newest_complete(out)` returns it and the torn ones newer than it; `resume_checkpoint` removes those
 (a later save of the same step would otherwise write over their leftovers) with a line saying so.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ _TORCH_FILES = ("optimizer.pt", "scheduler.pt")
 
 def checkpoints(out: Path) -> list[Path]:
     """checkpoint-N folders of `out`, oldest step first."""
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))] \
-        if out.is_dir() else []
+    found = (
+        [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
+        if out.is_dir()
+        else []
+    )
     return [p for _, p in sorted(found)]
 
 
@@ -44,8 +48,13 @@ def why_incomplete(ckpt: Path) -> str | None:
             return "trainer_state.json names no global_step"
     except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         return "no readable trainer_state.json"
-    weights = [ckpt / "adapter_model.safetensors"] if (ckpt / "adapter_model.safetensors").exists() \
-        else weight_files(ckpt) if any(ckpt.glob("*.safetensors*")) else []
+    weights = (
+        [ckpt / "adapter_model.safetensors"]
+        if (ckpt / "adapter_model.safetensors").exists()
+        else weight_files(ckpt)
+        if any(ckpt.glob("*.safetensors*"))
+        else []
+    )
     if not weights:
         return "no weights (adapter_model.safetensors / model.safetensors)"
     for w in weights:
@@ -73,6 +82,9 @@ def newest_complete(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
 def remove_torn(torn: list[tuple[Path, str]], chosen: Path | None) -> None:
     for ckpt, why in torn:
         then = f"resuming from {chosen.name}" if chosen else "no complete checkpoint before it"
-        print(f"velotune: {ckpt.name} is incomplete ({why}; its save was interrupted): removed, {then}",
-              file=sys.stderr, flush=True)
+        print(
+            f"velotune: {ckpt.name} is incomplete ({why}; its save was interrupted): removed, {then}",
+            file=sys.stderr,
+            flush=True,
+        )
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -7,6 +7,7 @@ The lock is `fcntl.flock` on an open file: the kernel drops it when the process 
 (kill -9 included), so a killed run never leaves a stale lock; the file stays (deleting it would let
 two processes lock two different files of one name). It holds the owner's pid for the message.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -29,16 +30,19 @@ class RunLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise OutputError(f"output_dir: cannot create {self.path} ({describe_os_error(e)}); choose a writable "
-                              "output folder") from e
+            raise OutputError(
+                f"output_dir: cannot create {self.path} ({describe_os_error(e)}); choose a writable output folder"
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
             who = f" (pid {owner})" if owner.isdigit() else ""
-            raise OutputError(f"output_dir {self.folder} is in use by another velotune train run{who}: wait for it "
-                              "to finish, or choose another output_dir") from None
+            raise OutputError(
+                f"output_dir {self.folder} is in use by another velotune train run{who}: wait for it "
+                "to finish, or choose another output_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -14,6 +14,7 @@ The trainers are TRL's (SFTTrainer, DPOTrainer, ORPOTrainer) with velotune's glu
     loss_curve.png, summary.json                     the curve and the run summary
     checkpoint-N/                                    resumable checkpoints (training.save_steps)
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,7 @@ from velotune.train.callbacks import ProgressCallback, loss_points, summarize, w
 from velotune.train.config import TrainConfig, check_paths
 from velotune.train.trl_glue import orpo_classes, velotune_trainer_class
 
-OFFLOAD_OPTIMIZER = "adamw_offload"     # training.optimizer: memory/offload_adamw.OffloadedAdamW
+OFFLOAD_OPTIMIZER = "adamw_offload"  # training.optimizer: memory/offload_adamw.OffloadedAdamW
 
 log = logging.getLogger("velotune")
 
@@ -39,14 +40,14 @@ _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "
 @dataclass
 class RunResult:
     output_dir: Path
-    adapter_path: Path           # the folder holding the adapter (or the full model) and the tokenizer
+    adapter_path: Path  # the folder holding the adapter (or the full model) and the tokenizer
     summary_path: Path
     png_path: Path
-    steps: list[int]             # logged optimizer steps
-    losses: list[float]          # training loss at those steps
+    steps: list[int]  # logged optimizer steps
+    losses: list[float]  # training loss at those steps
     summary: dict
-    data_report: Any = None      # velotune.data.report.DataReport of the training file
-    model: Any = field(default=None, repr=False)      # the trained model (PEFT model for LoRA)
+    data_report: Any = None  # velotune.data.report.DataReport of the training file
+    model: Any = field(default=None, repr=False)  # the trained model (PEFT model for LoRA)
     tokenizer: Any = field(default=None, repr=False)
     trainer: Any = field(default=None, repr=False)
 
@@ -57,8 +58,14 @@ def load_model(cfg: TrainConfig):
 
     m = cfg.model
     model, tokenizer = FastLanguageModel.from_pretrained(
-        m.name, max_seq_length=m.max_seq_length, dtype=_DTYPES[m.dtype], load_in_4bit=m.load_in_4bit,
-        full_finetuning=m.full_finetuning, fast=m.fast, padding_free=m.padding_free)
+        m.name,
+        max_seq_length=m.max_seq_length,
+        dtype=_DTYPES[m.dtype],
+        load_in_4bit=m.load_in_4bit,
+        full_finetuning=m.full_finetuning,
+        fast=m.fast,
+        padding_free=m.padding_free,
+    )
     from velotune.data.chat_templates import ensure_template_tokens, get_chat_template
 
     if cfg.data.chat_template:  # the template's special tokens are added and the embeddings grow with them
@@ -78,12 +85,24 @@ def add_adapters(model, cfg: TrainConfig):
     lo = cfg.lora
     try:
         return FastLanguageModel.get_peft_model(
-            model, r=lo.r, target_modules=lo.target_modules, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-            bias=lo.bias, use_gradient_checkpointing=lo.gradient_checkpointing, random_state=lo.random_state,
-            max_seq_length=cfg.model.max_seq_length, use_rslora=lo.use_rslora, use_dora=lo.use_dora,
-            modules_to_save=lo.modules_to_save or None, offload_embedding=lo.offload_embedding,
-            recompute=lo.recompute, cuda_graphs=lo.cuda_graphs, mlp_row_blocks=lo.mlp_row_blocks)
-    except ValueError as e:   # settings this model cannot take (e.g. offload_embedding on tied tables)
+            model,
+            r=lo.r,
+            target_modules=lo.target_modules,
+            lora_alpha=lo.alpha,
+            lora_dropout=lo.dropout,
+            bias=lo.bias,
+            use_gradient_checkpointing=lo.gradient_checkpointing,
+            random_state=lo.random_state,
+            max_seq_length=cfg.model.max_seq_length,
+            use_rslora=lo.use_rslora,
+            use_dora=lo.use_dora,
+            modules_to_save=lo.modules_to_save or None,
+            offload_embedding=lo.offload_embedding,
+            recompute=lo.recompute,
+            cuda_graphs=lo.cuda_graphs,
+            mlp_row_blocks=lo.mlp_row_blocks,
+        )
+    except ValueError as e:  # settings this model cannot take (e.g. offload_embedding on tied tables)
         raise ConfigError(f"lora: {e}") from e
 
 
@@ -155,15 +174,22 @@ def _check_loggers(report_to) -> None:
 def make_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, *, callbacks: Sequence = ()):
     """The TRL trainer for cfg.method, with velotune's glue (exact token normalisation, embedding lr, tok/s)."""
     common = training_arguments(cfg, model, has_eval=eval_ds is not None)
-    kwargs = dict(model=model, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                  callbacks=list(callbacks), embedding_learning_rate=cfg.training.embedding_learning_rate,
-                  offload_optimizer=cfg.training.optimizer == OFFLOAD_OPTIMIZER)
+    kwargs = dict(
+        model=model,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        embedding_learning_rate=cfg.training.embedding_learning_rate,
+        offload_optimizer=cfg.training.optimizer == OFFLOAD_OPTIMIZER,
+    )
     if cfg.method == "sft":
         from trl import SFTConfig, SFTTrainer
 
         # velotune.data already tokenized, labelled (and packed) every row and reported the bad ones
-        args = SFTConfig(**common, max_length=cfg.model.max_seq_length, packing=False,
-                         dataset_kwargs={"skip_prepare_dataset": True})
+        args = SFTConfig(
+            **common, max_length=cfg.model.max_seq_length, packing=False, dataset_kwargs={"skip_prepare_dataset": True}
+        )
         if cfg.data.packing:  # padding-free rows: position ids restart per sample, no attention mask
             from velotune.data.packing import PaddingFreeCollator
 
@@ -190,14 +216,18 @@ def _resume_arg(cfg: TrainConfig):
         last, torn = newest_complete(out)
         remove_torn(torn, last)
         if last is None:
-            raise ConfigError(f"training.resume_from_checkpoint: no complete checkpoint-N folder in {out} to resume "
-                              "from (checkpoints are written every training.save_steps steps)")
+            raise ConfigError(
+                f"training.resume_from_checkpoint: no complete checkpoint-N folder in {out} to resume "
+                "from (checkpoints are written every training.save_steps steps)"
+            )
         return str(last)
     if resume:
         why = why_incomplete(Path(resume))
         if why is not None:
-            raise ConfigError(f"training.resume_from_checkpoint: {resume} is not a complete checkpoint ({why}); "
-                              "pass another one, or --resume alone for the newest complete one")
+            raise ConfigError(
+                f"training.resume_from_checkpoint: {resume} is not a complete checkpoint ({why}); "
+                "pass another one, or --resume alone for the newest complete one"
+            )
     return resume or None
 
 
@@ -228,14 +258,23 @@ def save_final(model, tokenizer, output_dir: Path, extra: Callable[[Path], None]
             raise
         from velotune.fsio import is_disk_full_at
 
-        raise OutputError(f"output_dir {output_dir}: the final save failed "
-                          f"({describe_os_error(e, is_disk_full_at(e, output_dir))}); nothing in "
-                          "the folder was changed (the checkpoints are intact): free space and resume with "
-                          "--resume") from e
+        raise OutputError(
+            f"output_dir {output_dir}: the final save failed "
+            f"({describe_os_error(e, is_disk_full_at(e, output_dir))}); nothing in "
+            "the folder was changed (the checkpoints are intact): free space and resume with "
+            "--resume"
+        ) from e
 
 
-def run_training(cfg: TrainConfig, *, progress: bool = True, model=None, tokenizer=None,
-                 callbacks: Sequence = (), overwrite: bool = False) -> RunResult:
+def run_training(
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    model=None,
+    tokenizer=None,
+    callbacks: Sequence = (),
+    overwrite: bool = False,
+) -> RunResult:
     """Train as `cfg` says and save adapter, tokenizer, loss curve and summary into cfg.output_dir.
 
     `model`/`tokenizer`: an already loaded pair from FastLanguageModel.from_pretrained (e.g. the demo,
@@ -307,12 +346,28 @@ def _run_training(cfg: TrainConfig, out: Path, *, progress: bool, model, tokeniz
     history = trainer.state.log_history
     png = out / "loss_curve.png"
     summary = summarize(
-        history, global_step=trainer.state.global_step, train_seconds=seconds, method=cfg.method,
-        model=cfg.model.name, data_path=cfg.data.path, data_format=fmt, rows_used=len(train_ds),
-        data_report={"summary": report.summary(), "counts": report.counts, "total": report.total,
-                     "kept": report.num_kept},
-        resumed_from=str(resume) if resume else None, output_dir=str(out), adapter_path=str(out),
-        loss_curve=str(png), world_size=trainer.args.world_size, config=cfg.model_dump(), versions=_versions())
+        history,
+        global_step=trainer.state.global_step,
+        train_seconds=seconds,
+        method=cfg.method,
+        model=cfg.model.name,
+        data_path=cfg.data.path,
+        data_format=fmt,
+        rows_used=len(train_ds),
+        data_report={
+            "summary": report.summary(),
+            "counts": report.counts,
+            "total": report.total,
+            "kept": report.num_kept,
+        },
+        resumed_from=str(resume) if resume else None,
+        output_dir=str(out),
+        adapter_path=str(out),
+        loss_curve=str(png),
+        world_size=trainer.args.world_size,
+        config=cfg.model_dump(),
+        versions=_versions(),
+    )
     summary_path = out / "summary.json"
     title = f"{cfg.method} loss - {Path(cfg.model.name).name}"
 
@@ -328,9 +383,19 @@ def _run_training(cfg: TrainConfig, out: Path, *, progress: bool, model, tokeniz
         first, last = summary["first_loss"], summary["last_loss"]
         loss_s = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no loss logged"
         print(f"done: {summary['steps']} steps in {seconds:.1f} s, {loss_s}; saved to {out}")
-    return RunResult(output_dir=out, adapter_path=out, summary_path=summary_path, png_path=png, steps=steps,
-                     losses=losses, summary=summary, data_report=report, model=trainer.model,
-                     tokenizer=tokenizer, trainer=trainer)
+    return RunResult(
+        output_dir=out,
+        adapter_path=out,
+        summary_path=summary_path,
+        png_path=png,
+        steps=steps,
+        losses=losses,
+        summary=summary,
+        data_report=report,
+        model=trainer.model,
+        tokenizer=tokenizer,
+        trainer=trainer,
+    )
 
 
 def _train(trainer, resume, out: Path) -> None:
@@ -343,9 +408,11 @@ def _train(trainer, resume, out: Path) -> None:
     try:
         trainer.train(resume_from_checkpoint=resume)
     except pickle.UnpicklingError as e:
-        raise ModelLoadError(f"{resume}: a file in this checkpoint holds pickled objects beyond plain tensors, which "
-                             "velotune refuses to load (it never unpickles code); delete that checkpoint (or resume "
-                             "from another) if you did not write it") from e
+        raise ModelLoadError(
+            f"{resume}: a file in this checkpoint holds pickled objects beyond plain tensors, which "
+            "velotune refuses to load (it never unpickles code); delete that checkpoint (or resume "
+            "from another) if you did not write it"
+        ) from e
     except Exception as e:
         if not is_disk_full_at(e, out):
             raise
@@ -354,10 +421,12 @@ def _train(trainer, resume, out: Path) -> None:
         last, torn = newest_complete(out)
         remove_torn(torn, last)
         then = f"run again with --resume to continue from {last.name}" if last else "run again"
-        raise OutputError(f"output_dir {out}: the disk filled up while saving a checkpoint "
-                          f"({describe_os_error(e, True)}); "
-                          f"the incomplete checkpoint was removed: free some space (or lower "
-                          f"training.save_total_limit) and {then}") from e
+        raise OutputError(
+            f"output_dir {out}: the disk filled up while saving a checkpoint "
+            f"({describe_os_error(e, True)}); "
+            f"the incomplete checkpoint was removed: free some space (or lower "
+            f"training.save_total_limit) and {then}"
+        ) from e
 
 
 def _versions() -> dict:
@@ -367,5 +436,10 @@ def _versions() -> dict:
 
     from velotune import __version__
 
-    return {"velotune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "trl": trl.__version__}
+    return {
+        "velotune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+    }

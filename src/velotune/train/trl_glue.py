@@ -27,6 +27,7 @@ What the glue adds, per trainer instance, without touching TRL or transformers g
 `PatchDPOTrainer()` exists for scripts written for other libraries: TRL's DPOTrainer works with
 velotune models as they are, so it patches nothing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -104,16 +105,17 @@ class VelotuneTrainerMixin:
 
     velotune_embedding_learning_rate: float | None = None
 
-    def __init__(self, *args, embedding_learning_rate: float | None = None, offload_optimizer: bool = False,
-                 **kwargs):
+    def __init__(self, *args, embedding_learning_rate: float | None = None, offload_optimizer: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.velotune_embedding_learning_rate = embedding_learning_rate
-        if offload_optimizer:   # transformers' create_optimizer builds its parameter groups, then this class
+        if offload_optimizer:  # transformers' create_optimizer builds its parameter groups, then this class
             from velotune.memory.offload_adamw import OffloadedAdamW
 
             a = self.args
-            self.optimizer_cls_and_kwargs = (OffloadedAdamW, dict(lr=a.learning_rate, eps=a.adam_epsilon,
-                                                                  betas=(a.adam_beta1, a.adam_beta2)))
+            self.optimizer_cls_and_kwargs = (
+                OffloadedAdamW,
+                dict(lr=a.learning_rate, eps=a.adam_epsilon, betas=(a.adam_beta1, a.adam_beta2)),
+            )
         self._vt_tokens = 0
         self._vt_clock = None
         exact_token_normalisation(self)
@@ -127,16 +129,19 @@ class VelotuneTrainerMixin:
             if not params:
                 from velotune.errors import ConfigError
 
-                raise ConfigError("embedding_learning_rate is set but no embedding parameter is trainable: "
-                                  "add embed_tokens / lm_head to lora.modules_to_save")
+                raise ConfigError(
+                    "embedding_learning_rate is set but no embedding parameter is trainable: "
+                    "add embed_tokens / lm_head to lora.modules_to_save"
+                )
             split_embedding_groups(optimizer, params, lr)
             log.info("embedding learning rate %.3g for %d tensors", lr, len(params))
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not _needs_torch_sft_loss(self, model):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         return sft_loss_in_torch(self, model, inputs, return_outputs, num_items_in_batch)
 
     def _save_checkpoint(self, model, trial):
@@ -172,9 +177,12 @@ def _needs_torch_sft_loss(trainer, model) -> bool:
     """SFT with TRL's plain loss on a device where TRL's fused LM-head kernel may not run (see point 4)."""
     from trl import SFTTrainer
 
-    return (isinstance(trainer, SFTTrainer) and trainer.compute_loss_func is None
-            and getattr(trainer, "label_smoother", None) is None
-            and _head_device(model).type not in ("cuda", "xpu"))
+    return (
+        isinstance(trainer, SFTTrainer)
+        and trainer.compute_loss_func is None
+        and getattr(trainer, "label_smoother", None) is None
+        and _head_device(model).type not in ("cuda", "xpu")
+    )
 
 
 def sft_loss_in_torch(trainer, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -196,8 +204,7 @@ def sft_loss_in_torch(trainer, model, inputs, return_outputs: bool = False, num_
     logits = outputs.logits[:, :-1].float()
     targets = labels[:, 1:].to(logits.device)
     mask = targets != -100
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                          reduction="sum")
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
     count = mask.sum() if num_items_in_batch is None else num_items_in_batch
     loss = nll / torch.as_tensor(count, device=nll.device).clamp(min=1)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
