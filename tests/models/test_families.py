@@ -20,11 +20,23 @@ def test_every_registered_family_has_a_mini_config_and_back():
 
 def test_spec_fields_are_validated():
     with pytest.raises(ValueError, match="sliding_window"):
-        FamilySpec(
-            name="x", model_types=("x",), causal_lm="A", attention="B", mlp="C", norm="D", sliding_window="alternate"
-        )
+        FamilySpec(name="x", classes="X", sliding_window="alternate")
     with pytest.raises(ValueError, match="qk_norm"):
-        FamilySpec(name="x", model_types=("x",), causal_lm="A", attention="B", mlp="C", norm="D", qk_norm="yes")
+        FamilySpec(name="x", classes="X", qk_norm="yes")
+    with pytest.raises(ValueError, match="classes"):
+        FamilySpec(name="x", causal_lm="A", attention="B", mlp="C", norm="D")  # no body and no prefix
+
+
+def test_class_names_derive_from_the_prefix_unless_given():
+    spec = FamilySpec(name="x", classes="X", body="XTextModel")
+    assert (spec.model_types, spec.causal_lm, spec.body, spec.attention, spec.mlp, spec.norm) == (
+        ("x",),
+        "XForCausalLM",
+        "XTextModel",
+        "XAttention",
+        "XMLP",
+        "XRMSNorm",
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -199,28 +199,25 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
+def _transform_args(softcap, logit_scale, V):
+    """Both kernels' trailing arguments: the (scale, cap) values, then their constexpr flags, the
+    vocab block and the warp count."""
+    block = _block(V)
+    values = (1.0 if logit_scale is None else float(logit_scale), 1.0 if softcap is None else float(softcap))
+    meta = dict(
+        HAS_SCALE=logit_scale is not None, HAS_CAP=softcap is not None, BLOCK=block, num_warps=_num_warps(block)
+    )
+    return values, meta
+
+
 def ce_forward_rows(logits, labels, ignore_index, softcap, logit_scale):
     """Per-row (loss [N], lse [N]) fp32 via the Triton kernel. logits [N, V] with unit column stride."""
     N, V = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
-        block = _block(V)
-        _ce_fwd_kernel[(N,)](
-            logits,
-            logits.stride(0),
-            labels,
-            loss,
-            lse,
-            V,
-            ignore_index,
-            1.0 if logit_scale is None else float(logit_scale),
-            1.0 if softcap is None else float(softcap),
-            HAS_SCALE=logit_scale is not None,
-            HAS_CAP=softcap is not None,
-            BLOCK=block,
-            num_warps=_num_warps(block),
-        )
+        values, meta = _transform_args(softcap, logit_scale, V)
+        _ce_fwd_kernel[(N,)](logits, logits.stride(0), labels, loss, lse, V, ignore_index, *values, **meta)
     return loss, lse
 
 
@@ -228,23 +225,9 @@ def ce_backward_rows(logits, labels, lse, coef, ignore_index, softcap, logit_sca
     """out [N, V] = dloss/dlogits scaled by the 0-dim fp32 tensor `coef`; `out` may be `logits`."""
     N, V = logits.shape
     if N:
-        block = _block(V)
+        values, meta = _transform_args(softcap, logit_scale, V)
         _ce_bwd_kernel[(N,)](
-            logits,
-            logits.stride(0),
-            out,
-            out.stride(0),
-            labels,
-            lse,
-            coef,
-            V,
-            ignore_index,
-            1.0 if logit_scale is None else float(logit_scale),
-            1.0 if softcap is None else float(softcap),
-            HAS_SCALE=logit_scale is not None,
-            HAS_CAP=softcap is not None,
-            BLOCK=block,
-            num_warps=_num_warps(block),
+            logits, logits.stride(0), out, out.stride(0), labels, lse, coef, V, ignore_index, *values, **meta
         )
     return out
 

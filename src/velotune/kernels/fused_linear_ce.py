@@ -54,29 +54,12 @@ DEFAULT_BUDGET = 256 * 2**20
 
 
 def fused_linear_cross_entropy_reference(
-    hidden,
-    weight,
-    labels,
-    *,
-    bias=None,
-    softcap=None,
-    logit_scale=None,
-    ignore_index=-100,
-    reduction="mean",
-    num_items_in_batch=None,
-    memory_budget_bytes=DEFAULT_BUDGET,
+    hidden, weight, labels, *, bias=None, memory_budget_bytes=DEFAULT_BUDGET, **ce_options
 ):
-    """Stock path: full logits from F.linear, then the cross-entropy reference (materialises [N, V])."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return cross_entropy_reference(
-        logits,
-        labels,
-        ignore_index=ignore_index,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-    )
+    """Stock path: full logits [N, V] from F.linear, then cross_entropy_reference(logits, labels,
+    **ce_options) (ignore_index, softcap, logit_scale, reduction, num_items_in_batch).
+    memory_budget_bytes is accepted so that both functions take the same arguments; unused here."""
+    return cross_entropy_reference(torch.nn.functional.linear(hidden, weight, bias), labels, **ce_options)
 
 
 def fused_linear_cross_entropy(

@@ -6,24 +6,15 @@ base and scaling), attention scale query_pre_attn_scalar ** -0.5 (read from the 
 attention-score softcap is gone (stock attention ignores the config value); the final-logit softcap
 stays available."""
 
+from velotune.models.gemma2 import GEMMA_LAYOUT
 from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="gemma3_text",
-    model_types=("gemma3_text",),
-    causal_lm="Gemma3ForCausalLM",
+    classes="Gemma3",
     body="Gemma3TextModel",
-    attention="Gemma3Attention",
-    mlp="Gemma3MLP",
-    norm="Gemma3RMSNorm",
-    norm_offset=1.0,
-    norm_eps_attr="eps",
-    activation_attr="hidden_activation",
     qk_norm="head",
-    final_softcap_attr="final_logit_softcapping",
-    sliding_window="layer_types",
     rope_by_layer_type=True,
-    embedding_scale=True,
-    sandwich_norms=True,
+    **GEMMA_LAYOUT,
     gguf=GGUFLayout("GEMMA3", features=("gemma3_layout", "sliding_window_key", "tied_output")),
 )

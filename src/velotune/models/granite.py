@@ -9,12 +9,7 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="granite",
-    model_types=("granite",),
-    causal_lm="GraniteForCausalLM",
-    body="GraniteModel",
-    attention="GraniteAttention",
-    mlp="GraniteMLP",
-    norm="GraniteRMSNorm",
+    classes="Granite",
     logits_divisor_attr="logits_scaling",
     gguf=GGUFLayout(
         "GRANITE", permute_qk=True, features=("vocab_size", "rope_dims", "no_swa_warning", "granite_scales")

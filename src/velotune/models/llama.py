@@ -4,11 +4,6 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="llama",
-    model_types=("llama",),
-    causal_lm="LlamaForCausalLM",
-    body="LlamaModel",
-    attention="LlamaAttention",
-    mlp="LlamaMLP",
-    norm="LlamaRMSNorm",
+    classes="Llama",
     gguf=GGUFLayout("LLAMA", permute_qk=True, features=("vocab_size", "rope_dims", "llama3_rope_freqs")),
 )

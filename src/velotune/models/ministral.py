@@ -8,12 +8,7 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="ministral",
-    model_types=("ministral",),
-    causal_lm="MinistralForCausalLM",
-    body="MinistralModel",
-    attention="MinistralAttention",
-    mlp="MinistralMLP",
-    norm="MinistralRMSNorm",
+    classes="Ministral",
     sliding_window="layer_types",
     gguf=GGUFLayout("LLAMA", permute_qk=True, features=("vocab_size", "rope_dims", "no_swa_warning")),
 )

@@ -4,12 +4,7 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="mistral",
-    model_types=("mistral",),
-    causal_lm="MistralForCausalLM",
-    body="MistralModel",
-    attention="MistralAttention",
-    mlp="MistralMLP",
-    norm="MistralRMSNorm",
+    classes="Mistral",
     sliding_window="all",
     gguf=GGUFLayout("LLAMA", permute_qk=True, features=("vocab_size", "rope_dims", "no_swa_warning")),
 )

@@ -7,12 +7,7 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="olmo2",
-    model_types=("olmo2",),
-    causal_lm="Olmo2ForCausalLM",
-    body="Olmo2Model",
-    attention="Olmo2Attention",
-    mlp="Olmo2MLP",
-    norm="Olmo2RMSNorm",
+    classes="Olmo2",
     norm_weight_in_fp32=True,
     qk_norm="projection",
     sandwich_norms=True,

@@ -4,12 +4,7 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="phi3",
-    model_types=("phi3",),
-    causal_lm="Phi3ForCausalLM",
-    body="Phi3Model",
-    attention="Phi3Attention",
-    mlp="Phi3MLP",
-    norm="Phi3RMSNorm",
+    classes="Phi3",
     qkv="fused",
     gate_up="fused",
     sliding_window="all",

@@ -2,15 +2,4 @@
 
 from velotune.models.spec import FamilySpec, GGUFLayout
 
-SPEC = FamilySpec(
-    name="qwen2",
-    model_types=("qwen2",),
-    causal_lm="Qwen2ForCausalLM",
-    body="Qwen2Model",
-    attention="Qwen2Attention",
-    mlp="Qwen2MLP",
-    norm="Qwen2RMSNorm",
-    qkv_bias=True,
-    sliding_window="layer_types",
-    gguf=GGUFLayout("QWEN2"),
-)
+SPEC = FamilySpec(name="qwen2", classes="Qwen2", qkv_bias=True, sliding_window="layer_types", gguf=GGUFLayout("QWEN2"))

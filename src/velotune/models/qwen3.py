@@ -6,12 +6,7 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="qwen3",
-    model_types=("qwen3",),
-    causal_lm="Qwen3ForCausalLM",
-    body="Qwen3Model",
-    attention="Qwen3Attention",
-    mlp="Qwen3MLP",
-    norm="Qwen3RMSNorm",
+    classes="Qwen3",
     qk_norm="head",
     sliding_window="layer_types",
     gguf=GGUFLayout("QWEN3", features=("no_swa_warning",)),

@@ -8,12 +8,7 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="smollm3",
-    model_types=("smollm3",),
-    causal_lm="SmolLM3ForCausalLM",
-    body="SmolLM3Model",
-    attention="SmolLM3Attention",
-    mlp="SmolLM3MLP",
-    norm="SmolLM3RMSNorm",
+    classes="SmolLM3",
     sliding_window="layer_types",
     rope_flag_attr="use_rope",
     gguf=GGUFLayout(

@@ -8,8 +8,9 @@ all look the family up there; none keeps a table of its own.
 Fields, by reader:
   patching (patch.py)   causal_lm, attention, mlp, norm: transformers class names whose INSTANCES get
                         velotune's fused forwards (per instance, revertible); body: the decoder stack
-                        (<Family>Model) that runs padded batches padding-free (models/padding_free.py),
-                        "" for none.
+                        that runs padded batches padding-free (models/padding_free.py). Each one not
+                        given is <classes> + ForCausalLM / Model / Attention / MLP / RMSNorm (classes:
+                        transformers' prefix, e.g. "Qwen2"). model_types defaults to (name,).
   norms                 norm_offset: RMSNorm scales by (norm_offset + w) -- 0 Llama, 1 Gemma;
                         norm_eps_attr: the norm module's attribute holding eps;
                         norm_weight_in_fp32: (w * n) in fp32, rounded once (OLMo 2), instead of
@@ -49,6 +50,14 @@ from velotune.kernels.glu import canonical_activation
 
 SLIDING = ("none", "all", "layer_types")
 QK_NORMS = ("none", "head", "projection")
+# role -> the suffix of its transformers class name after the family's prefix (FamilySpec.classes)
+CLASS_SUFFIXES = {
+    "causal_lm": "ForCausalLM",
+    "body": "Model",
+    "attention": "Attention",
+    "mlp": "MLP",
+    "norm": "RMSNorm",
+}
 
 
 @dataclass(frozen=True)
@@ -70,11 +79,12 @@ class GGUFLayout:
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
-    model_types: tuple[str, ...]  # config.model_type values this spec handles
-    causal_lm: str  # transformers class names bound to fused forwards
-    attention: str
-    mlp: str
-    norm: str
+    classes: str = ""  # transformers' class-name prefix: <classes>ForCausalLM, Model, Attention, MLP, RMSNorm
+    model_types: tuple[str, ...] = ()  # config.model_type values this spec handles; () -> (name,)
+    causal_lm: str = ""  # transformers class names bound to fused forwards ("" -> from `classes`)
+    attention: str = ""
+    mlp: str = ""
+    norm: str = ""
     body: str = ""  # the decoder stack (e.g. LlamaModel): padding-free batches
     norm_offset: float = 0.0  # RMSNorm multiplies by (offset + w): Gemma uses 1.0
     norm_eps_attr: str = "variance_epsilon"
@@ -99,6 +109,13 @@ class FamilySpec:
             raise ValueError(f"FamilySpec {self.name}: sliding_window={self.sliding_window!r}, expected {SLIDING}")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"FamilySpec {self.name}: qk_norm={self.qk_norm!r}, expected {QK_NORMS}")
+        if not self.model_types:
+            object.__setattr__(self, "model_types", (self.name,))
+        for role, suffix in CLASS_SUFFIXES.items():
+            if not getattr(self, role):
+                if not self.classes:
+                    raise ValueError(f"FamilySpec {self.name}: give `classes` (the class-name prefix) or {role}")
+                object.__setattr__(self, role, self.classes + suffix)
 
     def role_of(self, class_name: str) -> str | None:
         """Which fused forward a module of this class name gets ("causal_lm", "attention", ...)."""
