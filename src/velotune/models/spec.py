@@ -112,9 +112,7 @@ class FamilySpec:
         if not self.model_types:
             object.__setattr__(self, "model_types", (self.name,))
         for role, suffix in CLASS_SUFFIXES.items():
-            if not getattr(self, role):
-                if not self.classes:
-                    raise ValueError(f"FamilySpec {self.name}: give `classes` (the class-name prefix) or {role}")
+            if self.classes and not getattr(self, role):  # no prefix: names as given ("": no such module)
                 object.__setattr__(self, role, self.classes + suffix)
 
     def role_of(self, class_name: str) -> str | None:
