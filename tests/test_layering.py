@@ -31,7 +31,7 @@ LAYERS = [
     ["velotune.memory"],
     ["velotune.data"],
     ["velotune.infer", "velotune.export"],
-    ["velotune", "velotune.loader"],  # "velotune" alone: the package's __init__ (the public API)
+    ["velotune", "velotune.loader", "velotune.trl_compat"],  # "velotune" alone: the package's __init__ (the public API)
     ["velotune.train", "velotune.demo"],
     [
         "velotune.cli",

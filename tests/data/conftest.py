@@ -12,15 +12,16 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def chatml_tok():
-    """The mini tokenizer with velotune's chatml template (module scope: built once per file)."""
+    """The mini tokenizer with velotune's chatml template, its markers single tokens (added with model=, as
+    `velotune train` does; module scope: built once per file)."""
     import logging
 
-    from mini import mini_tokenizer
+    from mini import mini_model, mini_tokenizer
 
     from velotune.data.chat_templates import get_chat_template
 
     logging.disable(logging.WARNING)
     try:
-        return get_chat_template(mini_tokenizer(), "chatml")
+        return get_chat_template(mini_tokenizer(), "chatml", model=mini_model("llama"))
     finally:
         logging.disable(logging.NOTSET)

@@ -33,6 +33,11 @@ FAMILY_TOKENS = {
     "phi-3": ("<s>", "<|endoftext|>"),
     "default": ("<s>", "</s>"),
     "granite": (None, "<|end_of_text|>"),
+    "unsloth": ("<s>", "</s>"),
+    "phi-4": (None, "<|endoftext|>"),
+    "llama-2": ("<s>", "</s>"),
+    "vicuna-old": ("<s>", "</s>"),
+    "starling": ("<s>", "</s>"),
 }
 STOP = {
     "llama-3": "<|eot_id|>",
@@ -48,6 +53,11 @@ STOP = {
     "phi-3": "<|end|>",
     "default": "</s>",
     "granite": "<|end_of_text|>",
+    "unsloth": "</s>",
+    "phi-4": "<|im_end|>",
+    "llama-2": "</s>",
+    "vicuna-old": "</s>",
+    "starling": "<|end_of_turn|>",
 }
 
 _L3_TURNS = (
@@ -102,6 +112,26 @@ REFERENCE = {
         "<|start_of_role|>user<|end_of_role|>What is 2+2?<|end_of_text|>\n"
         "<|start_of_role|>assistant<|end_of_role|>4<|end_of_text|>\n"
     ),
+    "unsloth": (
+        "<s>You are helpful.\n>>> User: Hi!\n>>> Assistant: Hello.</s>\n>>> User: What is 2+2?\n>>> Assistant: 4</s>\n"
+    ),
+    "phi-4": (
+        "<|im_start|>system<|im_sep|>You are helpful.<|im_end|><|im_start|>user<|im_sep|>Hi!<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>Hello.<|im_end|><|im_start|>user<|im_sep|>What is 2+2?<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>4<|im_end|>"
+    ),
+    "llama-2": (
+        "<s>[INST] <<SYS>>\nYou are helpful.\n<</SYS>>\n\nHi! [/INST] Hello. </s><s>[INST] What is 2+2? [/INST] 4 </s>"
+    ),
+    "vicuna-old": (
+        "<s>You are helpful.\n### Human: Hi!\n### Assistant: Hello.</s>\n"
+        "### Human: What is 2+2?\n### Assistant: 4</s>\n"
+    ),
+    "starling": (
+        "<s>GPT4 Correct System: You are helpful.<|end_of_turn|>GPT4 Correct User: Hi!<|end_of_turn|>"
+        "GPT4 Correct Assistant: Hello.<|end_of_turn|>GPT4 Correct User: What is 2+2?<|end_of_turn|>"
+        "GPT4 Correct Assistant: 4<|end_of_turn|>"
+    ),
 }
 
 # [user "Hi!"] with add_generation_prompt=True: what the model sees before it answers (default system messages too)
@@ -134,6 +164,14 @@ PROMPT = {
     "default": "<s>>>> User: Hi!\n>>> Assistant: ",
     # Granite 3.1+ fill in a dated default system message (strftime_now); velotune's template writes none
     "granite": "<|start_of_role|>user<|end_of_role|>Hi!<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>",
+    "unsloth": "<s>You are a helpful assistant to the user\n>>> User: Hi!\n>>> Assistant: ",
+    "phi-4": "<|im_start|>user<|im_sep|>Hi!<|im_end|><|im_start|>assistant<|im_sep|>",
+    "llama-2": "<s>[INST] Hi! [/INST]",
+    "vicuna-old": (
+        "<s>A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the human's questions.\n### Human: Hi!\n### Assistant:"
+    ),
+    "starling": "<s>GPT4 Correct User: Hi!<|end_of_turn|>GPT4 Correct Assistant:",
 }
 
 
@@ -205,8 +243,14 @@ def test_aliases_system_message_and_custom_jinja():
     assert tok.apply_chat_template(CONV[1:3], tokenize=False) == "Hi!Hello."
     tok = get_chat_template(
         mini_tokenizer(), ("{% for m in messages %}{{ m['content'] }}<|stop|>{% endfor %}", "<|stop|>")
-    )  # Unsloth's (template, stop token) form
-    assert tok.eos_token == "<|stop|>" and tok.velotune_added_tokens == ["<|stop|>"]
+    )  # Unsloth's (template, stop token) form: without model= the stop token takes eos's id
+    assert tok.eos_token == "<|stop|>" and tok.eos_token_id == 2 and tok.velotune_added_tokens == []
+    model = mini_model("llama")
+    tok = get_chat_template(
+        mini_tokenizer(), ("{% for m in messages %}{{ m['content'] }}<|stop|>{% endfor %}", "<|stop|>"), model=model
+    )  # with model= it is a new token and the embeddings grow
+    assert tok.velotune_added_tokens == ["<|stop|>"] and tok.eos_token_id == len(tok) - 1
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
 
 
 def test_missing_tokens_grow_the_model_and_generation_stops():
@@ -247,8 +291,9 @@ def test_template_survives_save_and_load(tmp_path):
 def test_qwen3_think_blocks():
     """Qwen3's own rendering: reasoning kept on the reply after the last user message, dropped from
     earlier replies; enable_thinking=False ends the prompt in an empty think block; the think block is
-    part of what the model learns to produce (inside the assistant mask)."""
-    tok = family_tokenizer("qwen-3")
+    part of what the model learns to produce (inside the assistant mask). With model= the think markers are
+    single tokens."""
+    tok = family_tokenizer("qwen-3", model=mini_model("llama"))
     conv = [
         {"role": "user", "content": "Hi!"},
         {"role": "assistant", "content": "<think>\ngreet back\n</think>\n\nHello."},
@@ -332,3 +377,63 @@ def test_quantized_embeddings_that_must_grow_are_a_clear_error():
     assert len(tok) == n
     # a template whose tokens are all there needs no growth, quantized or not
     assert ensure_template_tokens(tok, model, "default") == []
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_without_model_no_token_is_added(name):
+    """Unsloth's call (no model=): the tokenizer keeps its size whatever the template needs; a stop token
+    the vocabulary lacks takes eos's id."""
+    tok = mini_tokenizer()
+    n, eos_id = len(tok), tok.eos_token_id
+    vocab = set(tok.get_vocab())
+    get_chat_template(tok, name)
+    assert len(tok) == n and tok.velotune_added_tokens == []
+    ids = tok.apply_chat_template(CONV, tokenize=True, return_dict=True)["input_ids"]
+    assert max(ids) < n
+    assert tok.eos_token == STOP[name]
+    if STOP[name] not in vocab:
+        assert tok.eos_token_id == eos_id  # renamed in place: same row of the embeddings
+
+
+def test_without_model_a_training_step_runs(tmp_path):
+    """get_chat_template(tokenizer, "chatml") on a vocabulary without <|im_start|> / <|im_end|>, then TRL's
+    SFTTrainer on a velotune model: no id falls past the embeddings (this was an IndexError)."""
+    import math
+
+    import torch
+    from datasets import Dataset
+    from mini import save_mini_model
+    from trl import SFTConfig, SFTTrainer
+
+    from velotune import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(
+        str(save_mini_model("llama", tmp_path)), max_seq_length=128, dtype=torch.float32
+    )
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert len(tok) == rows  # a full vocabulary: any added token would index past the table
+    tok = get_chat_template(tok, "chatml")
+    assert len(tok) == rows and tok.eos_token == "<|im_end|>" and tok.eos_token_id < rows
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in (CONV, CONV[1:3], CONV[3:])]
+    assert all("<|im_start|>assistant\n" in t for t in texts)
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tok,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "out"),
+            dataset_text_field="text",
+            max_length=128,
+            per_device_train_batch_size=3,
+            max_steps=1,
+            logging_steps=1,
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            save_strategy="no",
+        ),
+    )
+    assert max(max(r["input_ids"]) for r in trainer.train_dataset) < rows
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])

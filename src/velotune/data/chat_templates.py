@@ -82,6 +82,19 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
         special_tokens=("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"),
     ),
     "default": ChatTemplate("default.jinja"),
+    "unsloth": ChatTemplate("default.jinja", default_system="You are a helpful assistant to the user"),
+    "phi-4": ChatTemplate(
+        "phi-4.jinja", stop="<|im_end|>", special_tokens=("<|im_start|>", "<|im_sep|>", "<|im_end|>")
+    ),
+    "llama-2": ChatTemplate("llama-2.jinja"),
+    "vicuna-old": ChatTemplate(
+        "vicuna-old.jinja",
+        default_system=(
+            "A chat between a curious human and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the human's questions."
+        ),
+    ),
+    "starling": ChatTemplate("starling.jinja", stop="<|end_of_turn|>", special_tokens=("<|end_of_turn|>",)),
 }
 
 ALIASES = {
@@ -92,19 +105,32 @@ ALIASES = {
     "llama-3.2": "llama-3.1",
     "llama3.2": "llama-3.1",
     "llama-3.3": "llama-3.1",
+    "llama-32": "llama-3.1",
+    "llama-33": "llama-3.1",
+    "llama": "llama-2",
+    "llama2": "llama-2",
     "qwen2.5": "qwen-2.5",
     "qwen-2": "qwen-2.5",
     "qwen2": "qwen-2.5",
     "qwen25": "qwen-2.5",
+    "qwen-25": "qwen-2.5",
     "qwen3": "qwen-3",
+    "qwen3-instruct": "chatml",  # Qwen3 2507 instruct: ChatML without the empty think block
+    "qwen-3-instruct": "chatml",
     "gemma2": "gemma",
     "gemma-2": "gemma",
     "gemma3": "gemma",
     "gemma-3": "gemma",
+    "gemma3n": "gemma",
+    "gemma-3n": "gemma",
     "phi3": "phi-3",
     "phi-3.5": "phi-3",
     "phi35": "phi-3",
-    "unsloth": "default",
+    "phi-35": "phi-3",
+    "phi4": "phi-4",
+    "vicuna old": "vicuna-old",
+    "starling-lm": "starling",
+    "openchat": "starling",
     "plain": "default",
     "mistral-instruct": "mistral",
     "granite-3": "granite",
@@ -137,7 +163,7 @@ def _read(file: str) -> str:
     return resources.files("velotune.data").joinpath("templates", file).read_text(encoding="utf-8")
 
 
-def _jinja_str(value) -> str:
+def jinja_str(value) -> str:
     """A Python str/None as a Jinja literal (Jinja reads string escapes like Python's)."""
     return "none" if value is None else json.dumps(value)
 
@@ -145,6 +171,14 @@ def _jinja_str(value) -> str:
 def render_template_source(name: str, mapping: dict | None = None, system_message: str | None = None) -> str:
     """The full Jinja source for table entry `name` with `mapping` and the default system message."""
     spec = CHAT_TEMPLATES[resolve_name(name)]
+    default_system = system_message if system_message is not None else spec.default_system
+    return template_prelude(mapping, default_system) + _read(spec.file)
+
+
+def template_prelude(mapping: dict | None = None, default_system: str | None = None) -> str:
+    """The Jinja that opens every velotune template: the mapping header and the shared prelude, which leave
+    `loop_messages` (canonical {'role', 'content'} messages without a leading system one) and `system_message`
+    (that message, else `default_system`, else none) for the format's body."""
     mapping = dict(mapping or {})
     unknown = set(mapping) - set(_MAPPING_KEYS)
     if unknown:
@@ -156,15 +190,14 @@ def render_template_source(name: str, mapping: dict | None = None, system_messag
     for canonical in ("user", "assistant", "system"):
         if canonical in mapping:
             role_names[mapping[canonical]] = canonical
-    default_system = system_message if system_message is not None else spec.default_system
-    names = "{" + ", ".join(f"{_jinja_str(k)}: {_jinja_str(v)}" for k, v in role_names.items()) + "}"
+    names = "{" + ", ".join(f"{jinja_str(k)}: {jinja_str(v)}" for k, v in role_names.items()) + "}"
     header = (
-        f"{{%- set role_key = {_jinja_str(mapping.get('role', 'role'))} -%}}\n"
-        f"{{%- set content_key = {_jinja_str(mapping.get('content', 'content'))} -%}}\n"
+        f"{{%- set role_key = {jinja_str(mapping.get('role', 'role'))} -%}}\n"
+        f"{{%- set content_key = {jinja_str(mapping.get('content', 'content'))} -%}}\n"
         f"{{%- set role_names = {names} -%}}\n"
-        f"{{%- set default_system = {_jinja_str(default_system)} -%}}\n"
+        f"{{%- set default_system = {jinja_str(default_system)} -%}}\n"
     )
-    return header + _read("_prelude.jinja") + _read(spec.file)
+    return header + _read("_prelude.jinja")
 
 
 def stop_token(tokenizer, chat_template: str) -> str:
@@ -183,14 +216,20 @@ def get_chat_template(
 ):
     """Set `tokenizer.chat_template` to a known format (or a Jinja string) and make generation stop right.
 
-    - Special tokens the format needs (e.g. <|eot_id|>) are added to the tokenizer when missing. The
-      model's embeddings must then grow: pass `model=` and velotune resizes them
-      (`model.resize_token_embeddings(len(tokenizer))`), otherwise a warning says so and
-      `tokenizer.velotune_added_tokens` lists them.
+    - Without `model=` (how Unsloth code calls it) no token is ever added, so the tokenizer never
+      outgrows the model's embeddings: a stop token the vocabulary lacks takes the place of the eos
+      token (same id; `tokenizer.eos_token` becomes the stop token, as Unsloth does), and the format's
+      other markers the vocabulary lacks (e.g. <|im_start|>) are written as plain text (several ordinary
+      tokens). With `map_eos_token=False` a missing stop token is written as plain text too (a warning
+      says generation will not stop at it).
+    - With `model=`: the special tokens the format needs (e.g. <|eot_id|>) are added to the tokenizer when
+      missing and the model's embeddings grow with them (`model.resize_token_embeddings(len(tokenizer))`;
+      quantized tables that cannot grow: ConfigError, nothing changed); the stop token is also added to
+      `model.generation_config.eos_token_id`. `tokenizer.velotune_added_tokens` lists what was added.
     - `map_eos_token=True`: `tokenizer.eos_token` becomes the format's stop token, so generation and
-      EOS-appending code stop where the assistant turn ends; with `model=` the stop token is also added
-      to `model.generation_config.eos_token_id`. A pad token equal to the stop token is replaced (a
-      collator that masks pad ids would otherwise hide the stop token from the loss).
+      EOS-appending code stop where the assistant turn ends. A pad token equal to the stop token is
+      replaced by another token of the vocabulary (a collator that masks pad ids would otherwise hide the
+      stop token from the loss); only with `model=` may a pad token be added for that.
     - `mapping`: keys/roles used by the data, e.g. ShareGPT {"role": "from", "content": "value",
       "user": "human", "assistant": "gpt"}; canonical role/content messages keep working too.
     - `system_message`: the default system message when a conversation has none.
@@ -221,30 +260,105 @@ def get_chat_template(
         )
     source = render_template_source(name, mapping, system_message)  # validates mapping before any change
     needed = template_tokens(name)
+    old_eos = tokenizer.eos_token
     if model is not None:  # refuse before the tokenizer changes when the embeddings would have to grow but can't
         _check_can_grow(model, len(tokenizer) + len(_missing(tokenizer, needed)), name)
-    added = _add_missing_special_tokens(tokenizer, needed)
+        added = _add_missing_special_tokens(tokenizer, needed)
+    else:
+        added = []
+        if _use_existing_tokens(tokenizer, name, spec.stop, map_eos_token, _missing(tokenizer, needed)):
+            old_eos = None  # renamed: no longer in the vocabulary
     tokenizer.chat_template = source
     tokenizer.velotune_chat_template = name
-    old_eos = tokenizer.eos_token
     if map_eos_token and spec.stop and tokenizer.eos_token != spec.stop:
-        tokenizer.eos_token = spec.stop
         log.info("chat template %s: eos_token %r -> %r (the end of an assistant turn)", name, old_eos, spec.stop)
+        tokenizer.eos_token = spec.stop
     if tokenizer.pad_token is None or tokenizer.pad_token == stop:
-        _pick_pad_token(tokenizer, stop, old_eos)
+        _pick_pad_token(tokenizer, stop, old_eos, may_add=model is not None)
     tokenizer.velotune_added_tokens = added
     if model is not None:
         _update_model(model, tokenizer, stop, added)
-    elif added:
-        log.warning(
-            "chat template %s: added special tokens %s to the tokenizer; the model's embeddings must grow "
-            "to %d rows: call model.resize_token_embeddings(len(tokenizer)) or pass model= to "
-            "get_chat_template",
-            name,
-            added,
-            len(tokenizer),
-        )
     return tokenizer
+
+
+def _use_existing_tokens(tokenizer, what: str, stop: str | None, map_eos_token: bool, missing: list[str]) -> bool:
+    """No model to grow: add no token (get_chat_template's docstring). Returns True when the eos token was
+    renamed to `stop` (same id)."""
+    renamed = False
+    if stop is not None and stop in missing:
+        eos = tokenizer.eos_token
+        if map_eos_token and eos is not None and rename_token(tokenizer, eos, stop):
+            renamed = True
+            log.info(
+                "chat template %s: %r is not in the vocabulary: it takes the place of eos %r (id %d), so the "
+                "embeddings keep their size (pass model= to add it as a new token instead)",
+                what,
+                stop,
+                eos,
+                tokenizer.convert_tokens_to_ids(stop),
+            )
+        else:
+            log.warning(
+                "chat template %s: the stop token %r is not in the vocabulary and is written as plain text, so "
+                "generation will not stop at it; use map_eos_token=True (it then takes eos's place) or pass "
+                "model= (it is added as a token and the embeddings grow)",
+                what,
+                stop,
+            )
+    text = [t for t in missing if not (renamed and t == stop)]
+    if text:
+        log.info(
+            "chat template %s: %s not in the vocabulary, written as plain text (pass model= to add them as "
+            "tokens; the embeddings then grow)",
+            what,
+            ", ".join(text),
+        )
+    return renamed
+
+
+def rename_token(tokenizer, old: str, new: str) -> bool:
+    """Give the vocabulary entry `old` (an added/special token) the text `new`, keeping its id.
+
+    Changes the fast tokenizer's backend (its added tokens, model vocabulary, post-processor and padding)
+    and every special-token attribute that named `old`. `new` must not be in the vocabulary. Returns False,
+    changing nothing, when the tokenizer has no fast backend or `old` is not an added token.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str") or new in tokenizer.get_vocab():
+        return False
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    entries = [t for t in data.get("added_tokens", []) if t.get("content") == old]
+    if not entries:
+        return False
+    for t in entries:
+        t["content"] = new
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict) and old in vocab:
+        vocab[new] = vocab.pop(old)
+    elif isinstance(vocab, list):  # Unigram: [piece, score] pairs
+        for pair in vocab:
+            if pair and pair[0] == old:
+                pair[0] = new
+    if data.get("post_processor"):
+        data["post_processor"] = _renamed(data["post_processor"], old, new)
+    if isinstance(data.get("padding"), dict) and data["padding"].get("pad_token") == old:
+        data["padding"]["pad_token"] = new
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(data))
+    for attr in getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ()):
+        if str(getattr(tokenizer, attr, None)) == old:
+            setattr(tokenizer, attr, new)
+    return True
+
+
+def _renamed(node, old: str, new: str):
+    """`node` (parsed JSON) with every string and dict key equal to `old` replaced by `new`."""
+    if isinstance(node, dict):
+        return {(new if k == old else k): _renamed(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_renamed(v, old, new) for v in node]
+    return new if node == old else node
 
 
 def template_tokens(chat_template: str) -> tuple[str, ...]:
@@ -301,26 +415,23 @@ def ensure_template_tokens(tokenizer, model, chat_template: str | None = None) -
 
 
 def _set_custom(tokenizer, template: str, stop: str | None, map_eos_token: bool, model):
+    old_eos = tokenizer.eos_token
+    added = []
     if model is not None and stop:
         _check_can_grow(model, len(tokenizer) + len(_missing(tokenizer, [stop])), "(custom)")
-    added = _add_missing_special_tokens(tokenizer, [stop]) if stop else []
+        added = _add_missing_special_tokens(tokenizer, [stop])
+    elif stop and _use_existing_tokens(tokenizer, "(custom)", stop, map_eos_token, _missing(tokenizer, [stop])):
+        old_eos = None  # renamed: no longer in the vocabulary
     tokenizer.chat_template = template
     tokenizer.velotune_chat_template = None
     tokenizer.velotune_added_tokens = added
-    old_eos = tokenizer.eos_token
     if stop and map_eos_token and tokenizer.eos_token != stop:
         tokenizer.eos_token = stop
     stop = stop or tokenizer.eos_token
     if stop and (tokenizer.pad_token is None or tokenizer.pad_token == stop):
-        _pick_pad_token(tokenizer, stop, old_eos)
+        _pick_pad_token(tokenizer, stop, old_eos, may_add=model is not None)
     if model is not None and stop:
         _update_model(model, tokenizer, stop, added)
-    elif added:
-        log.warning(
-            "chat template: added special token %s; call model.resize_token_embeddings(len(tokenizer)) "
-            "or pass model= to get_chat_template",
-            added,
-        )
     return tokenizer
 
 
@@ -333,18 +444,27 @@ def _add_missing_special_tokens(tokenizer, tokens) -> list[str]:
     return missing
 
 
-def _pick_pad_token(tokenizer, stop: str, old_eos: str | None) -> None:
-    """A pad token distinct from the stop token (reusing one the vocabulary has where possible)."""
+def _pick_pad_token(tokenizer, stop: str, old_eos: str | None, *, may_add: bool = True) -> None:
+    """A pad token distinct from the stop token (reusing one the vocabulary has where possible; a new one
+    only when `may_add`, i.e. the caller grows the embeddings)."""
     vocab = tokenizer.get_vocab()
     for candidate in ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>", tokenizer.unk_token):
         if candidate and candidate in vocab and candidate != stop:
             tokenizer.pad_token = candidate
             return
-    if old_eos and old_eos != stop:
+    if old_eos and old_eos != stop and old_eos in vocab:
         tokenizer.pad_token = old_eos
-    else:
+    elif may_add:
         _add_missing_special_tokens(tokenizer, ["<|velotune_pad|>"])
         tokenizer.pad_token = "<|velotune_pad|>"
+    else:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = stop
+        log.warning(
+            "chat template: the pad token is the stop token %r (the vocabulary has no other pad token and no "
+            "model= was given to add one): a collator that masks pad ids also masks the stop token",
+            stop,
+        )
 
 
 def _grow_embeddings(model, tokenizer, added: list[str]) -> None:

@@ -3,6 +3,7 @@
     ds = load_dataset_file("data/train.jsonl")                     # json / jsonl / parquet / csv / a datasets object
     ds = to_sharegpt(ds, merged_prompt="{instruction}[[\\nInput: {input}]]", output_column_name="output")
     ds = standardize_sharegpt(ds)                                  # from/value -> role/content
+    ds = standardize_data_formats(ds)                              # any key/role spelling (Unsloth's helper)
     messages = to_messages(ds[0])                                  # [{'role': 'user', 'content': ...}, ...]
 
 Row formats `to_messages` recognises (first match wins):
@@ -309,3 +310,95 @@ def to_sharegpt(
     else:
         convs = turns
     return datasets.Dataset.from_dict({"conversations": convs})
+
+
+def standardize_data_formats(
+    dataset,
+    tokenizer=None,
+    aliases_for_system=("system",),
+    aliases_for_user=("user", "human", "input"),
+    aliases_for_assistant=("gpt", "assistant", "output"),
+    batch_size: int = 1000,
+    num_proc: int | None = None,
+):
+    """Conversations in any common key/role spelling -> Hugging Face role/content messages (Unsloth's helper).
+
+    Works on the 'conversations' column (else 'messages' / 'conversation'); a data set with none of these
+    is returned unchanged. The message keys are role/content, ShareGPT from/value, or any other pair of
+    text keys (the one with fewer distinct values, over the first 10 rows, holds the role). Roles map
+    through the alias lists to system / user / assistant (exact names first, then case-insensitive); a
+    role in no list is a DataError naming the row. With a multimodal processor as `tokenizer` (it has a
+    `.tokenizer`), each content becomes [{"type": "text", "text": ...}].
+    """
+    import itertools
+
+    first = next(iter(dataset), None)
+    column = next((c for c in CONVERSATION_COLUMNS if first is not None and c in first), None)
+    if column is None:
+        return dataset
+    role_key, content_key = _message_keys(itertools.islice(dataset, 10), column)
+    aliases = {}
+    for canonical, names in (
+        ("system", aliases_for_system),
+        ("user", aliases_for_user),
+        ("assistant", aliases_for_assistant),
+    ):
+        for name in [names] if isinstance(names, str) else names:
+            aliases.setdefault(str(name), canonical)
+    folded = {k.strip().lower(): v for k, v in aliases.items()}
+    multimodal = tokenizer is not None and hasattr(tokenizer, "tokenizer")
+
+    def role_of(value, row: int) -> str:
+        role = aliases.get(value) or folded.get(str(value).strip().lower())
+        if role is None:
+            raise DataError(
+                f"standardize_data_formats: row {row} has role {value!r}, which is in no alias list "
+                f"(system {list(aliases_for_system)}, user {list(aliases_for_user)}, assistant "
+                f"{list(aliases_for_assistant)}); add it to aliases_for_system / aliases_for_user / "
+                "aliases_for_assistant"
+            )
+        return role
+
+    def convert(batch, indices):
+        out = []
+        for row, conv in zip(indices, batch[column]):
+            msgs = []
+            for m in conv or []:
+                text = m.get(content_key)
+                msgs.append(
+                    {
+                        "role": role_of(m.get(role_key), row),
+                        "content": [{"type": "text", "text": text}] if multimodal else text,
+                    }
+                )
+            out.append(msgs)
+        return {column: out}
+
+    import datasets
+
+    kwargs = dict(batched=True, batch_size=batch_size, with_indices=True)
+    if not isinstance(dataset, datasets.IterableDataset):
+        kwargs.update(num_proc=num_proc, desc="Standardizing formats")
+    return dataset.map(convert, **kwargs)
+
+
+def _message_keys(rows, column: str) -> tuple[str, str]:
+    """(role key, content key) of the messages in `rows` (standardize_data_formats' docstring)."""
+    values: dict[str, list] = {}
+    for row in rows:
+        for m in row[column] or []:
+            if not isinstance(m, dict):
+                raise DataError(f"standardize_data_formats: a message is a {type(m).__name__}, not a dict")
+            for k, v in m.items():
+                values.setdefault(k, []).append(v)
+    for pair in (("role", "content"), ("from", "value")):
+        if all(k in values for k in pair):
+            return pair
+    text = [k for k, vs in values.items() if all(isinstance(v, str) for v in vs)]
+    if len(text) != 2:
+        raise DataError(
+            f"standardize_data_formats: cannot tell the role and content keys of the messages (keys {sorted(values)}, "
+            f"text keys {sorted(text)}); rename them to role/content"
+        )
+    a, b = text
+    return (a, b) if len(set(values[a])) <= len(set(values[b])) else (b, a)

@@ -28,7 +28,8 @@ import torch
 from velotune.errors import ConfigError, ModelLoadError, OutputError, VelotuneError, describe_os_error
 from velotune.train.callbacks import ProgressCallback, loss_points, summarize, write_json, write_loss_curve
 from velotune.train.config import TrainConfig, check_paths
-from velotune.train.trl_glue import orpo_classes, velotune_trainer_class
+from velotune.train.trl_glue import velotune_trainer_class
+from velotune.trl_compat import orpo_classes
 
 OFFLOAD_OPTIMIZER = "adamw_offload"  # training.optimizer: memory/offload_adamw.OffloadedAdamW
 

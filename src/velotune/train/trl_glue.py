@@ -50,15 +50,6 @@ def PatchDPOTrainer() -> None:  # noqa: N802 (the name users know)
     from trl import DPOTrainer  # noqa: F401  (an ImportError here says TRL is missing or too old)
 
 
-def orpo_classes():
-    """(ORPOConfig, ORPOTrainer): TRL 1.x keeps ORPO in `trl.experimental.orpo` (1.15 and 1.16 alike)."""
-    try:
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    except ImportError:  # older TRL: top-level
-        from trl import ORPOConfig, ORPOTrainer
-    return ORPOConfig, ORPOTrainer
-
-
 def embedding_parameters(model) -> list[torch.nn.Parameter]:
     """Trainable parameters of the input and output embeddings (also inside PEFT's modules_to_save copies)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
