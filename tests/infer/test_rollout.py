@@ -18,7 +18,7 @@ def _lora_model(tmp_path, dropout=0.0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     return model.train()
 
 
@@ -62,3 +62,20 @@ def test_dropout_in_training_mode_goes_to_stock_and_for_inference_composes(tmp_p
     model.eval()
     model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert fast_generate_calls(model) == 1  # eval mode: no dropout active
+
+
+def test_bound_before_get_peft_model_reads_the_injected_lora_layers(tmp_path):
+    """Bound on the loaded model, then LoRA injected: PEFT's generate reaches the base model's bound generate,
+    whose engine is rebuilt on the LoRA layers (greedy tokens equal stock PEFT generate with non-zero B)."""
+    model, _ = FastLanguageModel.from_pretrained(save_mini_model("llama", tmp_path), dtype=torch.float32)
+    ids, mask = (t.to(model.device) for t in left_padded())
+    assert enable_fast_generate(model)
+    base_out = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    expected = type(model).generate(model, input_ids=ids, attention_mask=mask, **GREEDY)  # stock, through PEFT's layers
+    got = peft_model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    assert fast_generate_calls(model) == 2 and torch.equal(got, expected) and not torch.equal(got, base_out)

@@ -124,7 +124,7 @@ def _nudge(model, seed: int = 11) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 g = torch.Generator().manual_seed(seed + sum(map(ord, name)))
-                p.add_((0.05 * torch.randn(p.shape, generator=g)).to(p.dtype))
+                p.add_((0.05 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype))
 
 
 def _rel(a, b) -> float:

@@ -46,18 +46,41 @@ def dropout_active(model) -> bool:
     return False
 
 
+def _stale(spec, model) -> bool:
+    """Whether modules the spec read were replaced since (PEFT's get_peft_model injects LoRA layers
+    into a model whose generate was bound before): the decoder layers and lm_head are compared."""
+    from velotune.infer.spec import causal_lm_of
+
+    lm = causal_lm_of(model)
+    if lm.lm_head is not spec.lm_head or len(lm.model.layers) != len(spec.layers):
+        return True
+    for layer, ls in zip(lm.model.layers, spec.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "o_proj", None) is not ls.o or getattr(mlp, "down_proj", None) is not ls.down:
+            return True
+        if getattr(attn, "q_proj", ls.q) is not ls.q or getattr(mlp, "up_proj", ls.up) is not ls.up:
+            return True
+    return False
+
+
 def _engine(model, state):
-    if state["engine"] is None and not state["unsupported"]:
+    """The rollout engine of `model`, built at the first call and again when its modules were replaced."""
+    engine = state["engine"]
+    if engine is not None and _stale(engine.spec, model):
+        engine.release()
+        engine = state["engine"] = None
+    if engine is None:
         from velotune.infer.engine import DecodeEngine
         from velotune.infer.spec import build_spec
 
         spec = build_spec(model)
         if spec is None:
-            state["unsupported"] = True
-            log.info("velotune: %s is not on the fast decode path; generate stays stock", type(model).__name__)
-        else:
-            state["engine"] = DecodeEngine(spec)
-    return state["engine"]
+            if not state.get("logged"):
+                state["logged"] = True
+                log.info("velotune: %s is not on the fast decode path; generate stays stock", type(model).__name__)
+            return None
+        engine = state["engine"] = DecodeEngine(spec)
+    return engine
 
 
 def _without_cache_implementation(kwargs: dict) -> dict:
@@ -86,21 +109,24 @@ def _generate(model, *args, **kwargs):
 def enable_fast_generate(model) -> bool:
     """Bind `model.generate` (this instance) to the decode engine, whatever the model's mode; idempotent.
     Returns whether the model is on the fast decode path (the binding is made either way: calls the
-    engine cannot take go to the generate bound before)."""
+    engine cannot take go to the generate bound before). The engine is built at the first call, and
+    again when the model's projections were replaced since (LoRA injected by get_peft_model after the
+    binding: PEFT's generate reaches this instance's generate, the engine reads the LoRA layers)."""
+    from velotune.infer.spec import build_spec
+
     state = model.__dict__.get(_STATE)
     if state is None:
         state = {
             "saved": model.__dict__.get("generate"),
             "stock": model.__dict__.get("generate") or type(model).generate.__get__(model),
             "engine": None,
-            "unsupported": False,
             "calls": 0,
         }
         bound = functools.partial(_generate, model)
         state["bound"] = bound
         model.__dict__[_STATE] = state
         model.generate = bound
-    return _engine(model, state) is not None
+    return build_spec(model) is not None
 
 
 def disable_fast_generate(model) -> bool:

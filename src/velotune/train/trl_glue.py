@@ -165,7 +165,8 @@ class VelotuneTrainerMixin:
         return super().training_step(model, inputs, *args, **kwargs)
 
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self._vt_clock is not None:
+        # (GRPO's batches are prompt rows, tokenised later by the trainer: nothing counted, no entry)
+        if "loss" in logs and self._vt_clock is not None and self._vt_tokens:
             now = time.perf_counter()
             logs["tokens_per_second"] = round(self._vt_tokens / max(now - self._vt_clock, 1e-9), 1)
             logs["tokens"] = self._vt_tokens
