@@ -87,6 +87,18 @@ def test_train_bench(tmp_path):
     assert abs(by_impl["velotune"]["first_loss"] - by_impl["stock"]["first_loss"]) < 1e-3
 
 
+def test_grpo_bench(tmp_path):
+    """One GRPO step per contender (TRL's GRPOTrainer): velotune's glue installed and its engine used."""
+    out, rows = _run("grpo.py", "--cpu-smoke", "--impls", "velotune-lora", "stock-lora", jsonl=tmp_path / "g.jsonl")
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"velotune-lora", "stock-lora"} and all(r["subject"] == "grpo" for r in rows)
+    v = by_impl["velotune-lora"]
+    assert v["glue"] == {"rollouts": True, "logprob_head": True} and v["engine_generate_calls"] == 2
+    assert v["padding_free"]["real_tokens"] < v["padding_free"]["batch_tokens"]  # left-padded prompts
+    assert 0 < v["generate_ms"] < v["ms_per_step"] and v["speedup_vs"]["stock-lora"] > 0
+    assert v["completion_len"] == 6 and "velotune-lora / stock-lora:" in out
+
+
 def test_results_rows_name_card_commit_and_command():
     """Every row under bench/results (the rows BENCHMARKS.md cites) says where it came from."""
     files = sorted((BENCH / "results").glob("*.jsonl"))

@@ -52,6 +52,11 @@ def _needs_stock(model, kwargs: dict) -> bool:
     return False
 
 
+def engine_takes(model, kwargs: dict) -> bool:
+    """Whether `fast_generate` hands a call with these generate() keyword arguments to the engine's loop."""
+    return not _needs_stock(model, kwargs)
+
+
 def fast_generate(model, engine, stock_generate, *args, **kwargs):
     """The per-instance `generate`: the engine's loop where it applies, stock generate otherwise."""
     if engine is None or _needs_stock(model, kwargs):

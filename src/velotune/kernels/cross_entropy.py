@@ -260,3 +260,7 @@ class _CrossEntropy(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         ce_backward_rows(x, labels, lse, coef, ignore_index, softcap, logit_scale, out)
         return out, None, None, None, None, None, None
+
+
+# (z, dz/dx) of one fp32 block of logits (scale, then softcap): shared with fused_linear_logprob.py's kernel.
+logit_transform = _transform

@@ -184,17 +184,25 @@ def enable_offloaded_checkpointing(
         graphs = model.velotune_layer_graphs = LayerGraphs()
     fn = functools.partial(_offloaded_checkpoint, offloader, graphs=graphs, saved=saved, every=every)
     fn.velotune_offloaded = True  # what a report reads (models/generic.py): no import of this module
+    _arm(model, layers, fn)
+    model.__dict__[_OFFLOADED_FN] = fn  # re-armed by the trainer's gradient_checkpointing_enable (below)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = False
+    model.velotune_offload_stats = offloader.stats
+    return offloader.stats
+
+
+_OFFLOADED_FN = "_velotune_offloaded_checkpoint_fn"
+
+
+def _arm(model: torch.nn.Module, layers: list[torch.nn.Module], fn) -> None:
     for layer in layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = fn
     for m in model.modules():  # model-level flags (LlamaModel.gradient_checkpointing), as transformers sets them
         if m not in layers and isinstance(getattr(m, "gradient_checkpointing", None), bool):
             m.gradient_checkpointing = True
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.use_cache = False
-    model.velotune_offload_stats = offloader.stats
-    return offloader.stats
 
 
 def enable_checkpointing(
@@ -233,10 +241,18 @@ def _keep_offloaded_checkpointing(model) -> None:
     gradient_checkpointing=True), which would replace the offloaded one on every layer: this
     instance's `gradient_checkpointing_enable` / `activation_checkpointing_enable` keep velotune's
     (it already checkpoints every decoder layer) and only turn the KV cache off, as transformers does.
-    `gradient_checkpointing_disable` still turns checkpointing off."""
+    `gradient_checkpointing_disable` still turns checkpointing off (transformers' own: every layer's
+    flag off and its function replaced), and the next enable arms velotune's offloaded checkpointing
+    again on every layer: TRL's GRPO / DPO trainers disable and re-enable around each generation and
+    scoring pass, which would otherwise leave the model without checkpointing after the first."""
 
     def keep(self, *args, **kwargs):
-        log.info("velotune: offloaded checkpointing stays on (the trainer asked for transformers' own)")
+        if not self.__dict__.get("_velotune_kept_logged"):
+            self.__dict__["_velotune_kept_logged"] = True
+            log.info("velotune: offloaded checkpointing stays on (the trainer asked for transformers' own)")
+        fn = self.__dict__.get(_OFFLOADED_FN)
+        if fn is not None:
+            _arm(self, _decoder_layers(self), fn)
         base = self.get_base_model() if hasattr(self, "get_base_model") else self
         if getattr(base, "config", None) is not None:
             base.config.use_cache = False
@@ -256,6 +272,7 @@ def disable_offloaded_checkpointing(model: torch.nn.Module) -> None:
             del m._gradient_checkpointing_func
         elif m not in layers and isinstance(getattr(m, "gradient_checkpointing", None), bool):
             m.gradient_checkpointing = False
+    model.__dict__.pop(_OFFLOADED_FN, None)
     for name in ("velotune_offload_stats", "velotune_layer_graphs"):
         if hasattr(model, name):
             delattr(model, name)

@@ -24,6 +24,9 @@ What the glue adds, per trainer instance, without touching TRL or transformers g
    with TRL's `entropy`, `mean_token_accuracy` and `num_tokens` metrics. A custom `compute_loss_func` or
    label smoothing keeps TRL's own path.
 
+5. GRPO (TRL's GRPOTrainer): rollouts on velotune's decode engine and the policy's log-probs through
+   velotune's per-token head, bound on the trainer's model (train/grpo.py `install`).
+
 `PatchDPOTrainer()` exists for scripts written for other libraries: TRL's DPOTrainer works with
 velotune models as they are, so it patches nothing.
 """
@@ -110,6 +113,10 @@ class VelotuneTrainerMixin:
         self._vt_tokens = 0
         self._vt_clock = None
         exact_token_normalisation(self)
+        from velotune.train import grpo
+
+        if grpo.is_grpo_trainer(self):  # rollouts on the decode engine, velotune's log-prob head (train/grpo.py)
+            grpo.install(self)
 
     def create_optimizer(self, *args, **kwargs):
         fresh = self.optimizer is None
@@ -149,7 +156,8 @@ class VelotuneTrainerMixin:
         return super().training_step(model, inputs, *args, **kwargs)
 
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self._vt_clock is not None:
+        # (GRPO's batches are prompt rows, tokenised later by the trainer: nothing counted, no entry)
+        if "loss" in logs and self._vt_clock is not None and self._vt_tokens:
             now = time.perf_counter()
             logs["tokens_per_second"] = round(self._vt_tokens / max(now - self._vt_clock, 1e-9), 1)
             logs["tokens"] = self._vt_tokens
