@@ -26,7 +26,7 @@ _LAZY = {
     "train_on_responses_only": "velotune.data.masking",
     "PatchDPOTrainer": "velotune.train.trl_glue",
     "OffloadedAdamW": "velotune.memory.offload_adamw",
-    "report": "velotune.models.patch",
+    "report": "velotune.models.report",
     "unpatch": "velotune.models.patch",
 }
 
