@@ -1,7 +1,7 @@
 """Fused self-attention forward (bound per instance onto the family's attention module).
 
     x [B, T, H] --LoRA-QKV--> q [B, Hq, T, D], k, v [B, Hk, T, D] (--q/k norms-->) --RoPE-->
-      attention --LoRA-O--> [B, T, H]
+      (q * temperature(position) -->) attention --LoRA-O--> [B, T, H]
 
 The mask is the one transformers' own model forward built for this layer (padding, sliding window,
 packed sequences as a block-diagonal causal mask), so masking semantics are exactly stock:
@@ -20,6 +20,7 @@ from __future__ import annotations
 from velotune.lora import lora_projections, resolve
 from velotune.models.attend import attend
 from velotune.models.padding_free import VARLEN_KW
+from velotune.models.spec import query_temperature
 from velotune.models.varlen_attention import varlen_attention
 
 _OWN_IMPLEMENTATIONS = ("sdpa", "eager", None)
@@ -74,12 +75,15 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     impl = getattr(self.config, "_attn_implementation", None)
     varlen = kwargs.pop(VARLEN_KW, None)
+    spec = self._velotune_spec
+    temperature = spec.temperature_of(self.config) if spec.q_temperature else None
     if (
         cache is not None
         or kwargs.get("output_attentions")
         or impl not in _OWN_IMPLEMENTATIONS
         or (self.training and self.attention_dropout > 0)
         or position_embeddings is None
+        or (spec.q_temperature and (temperature is None or kwargs.get("position_ids") is None))
     ):
         if varlen is not None:
             raise RuntimeError(
@@ -91,7 +95,6 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         )
     from velotune.kernels.rope import apply_rope_
 
-    spec = self._velotune_spec
     B, T, H = hidden_states.shape
     D = self.head_dim
     X = hidden_states.reshape(B * T, H)
@@ -114,6 +117,9 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     # forward hook, say), and must not change under it.
     if spec.rope_flag_attr is None or getattr(self, spec.rope_flag_attr):  # else a NoPE layer (SmolLM3)
         q, k = apply_rope_(q, k, cos, sin, D, in_place=owned)
+    if temperature is not None:  # Ministral 3: q *= 1 + beta * log(1 + floor(pos / period)), in q's dtype
+        scale = query_temperature(kwargs["position_ids"].to(q.device), *temperature).to(q.dtype)
+        q = (q.view(B, T, -1) * scale.expand(B, T)[..., None]).view(B * T, -1)
     softcap = getattr(self.config, spec.attn_softcap_attr) if spec.attn_softcap_attr else None
     if varlen is not None:  # a packed row of samples [1, N] (models/padding_free.py)
         o = varlen_attention(

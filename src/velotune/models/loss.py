@@ -116,7 +116,7 @@ def causal_lm_forward(
     # Ignored positions (prompt tokens, padding) are dropped before the lm_head matmuls; their count
     # is fetched now, while the decoder layers run, so reading it later does not stall the GPU.
     kept = KeptRows(shift_labels)
-    if packed is None:
+    if packed is None and self._velotune_spec.q_temperature is None:  # (else attention reads the ids)
         position_ids = host_positions(body, like, position_ids, attention_mask)
     outputs = body(
         input_ids=input_ids,
