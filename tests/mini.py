@@ -26,6 +26,7 @@ FAMILIES = (
     "granite",
     "smollm3",
     "olmo2",
+    "ministral3",
 )
 VOCAB = 384
 
@@ -117,10 +118,39 @@ def mini_config(family: str, **overrides):
     elif family == "olmo2":  # post-norms, q/k norm over the whole projection, GQA
         cls = tf.Olmo2Config
         kw.update(initializer_range=0.05)
+    elif family == "ministral3":  # head_dim != hidden / heads, GQA, tied, YaRN, a window on every layer, and
+        cls = _ministral3_config()  # the query temperature from position 4 on (period 4: in every test batch)
+        kw.update(
+            head_dim=24,
+            sliding_window=8,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 1e6,
+                "factor": 64.0,
+                "original_max_position_embeddings": 4,
+                "max_position_embeddings": 256,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "llama_4_scaling_beta": 0.5,
+            },
+        )
     else:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     kw.update(overrides)
     return cls(**kw)
+
+
+def _ministral3_config():
+    """transformers' Ministral3Config, or a skip where the installed release has none."""
+    import pytest
+    import transformers as tf
+
+    if not hasattr(tf, "Ministral3Config"):
+        pytest.skip(f"transformers {tf.__version__} has no Ministral 3 (model_type ministral3)")
+    return tf.Ministral3Config
 
 
 @functools.lru_cache(maxsize=1)

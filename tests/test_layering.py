@@ -44,16 +44,6 @@ LAYERS = [
 ]
 
 
-# Cycles that came with the generic path and padding-free attention (models/generic.py, padding_free.py,
-# varlen_attention.py), still hidden behind in-function imports there: listed so that any other cycle
-# fails, to be removed (and this set emptied) by moving what both sides need into a lower module.
-KNOWN_CYCLES = {
-    "velotune.models.patch -> velotune.models.attention -> velotune.models.padding_free -> velotune.models.patch",
-    "velotune.models.attention -> velotune.models.varlen_attention -> velotune.models.attention",
-    "velotune.models.patch -> velotune.models.generic -> velotune.models.patch",
-}
-
-
 def _modules() -> dict[str, Path]:
     out = {}
     for path in (SRC / "velotune").rglob("*.py"):
@@ -136,10 +126,7 @@ def test_no_import_cycles():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
-    new = [c for c in cycles if c not in KNOWN_CYCLES]
-    assert not new, "\n".join(new)
-    gone = KNOWN_CYCLES - set(cycles)
-    assert not gone, f"no longer cycles, remove from KNOWN_CYCLES: {sorted(gone)}"
+    assert not cycles, "\n".join(cycles)
 
 
 def test_no_private_names_imported_from_another_module():

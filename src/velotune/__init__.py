@@ -30,7 +30,7 @@ _LAZY = {
     "UnslothTrainer": "velotune.train.unsloth_trainer",
     "UnslothTrainingArguments": "velotune.train.unsloth_trainer",
     "OffloadedAdamW": "velotune.memory.offload_adamw",
-    "report": "velotune.models.patch",
+    "report": "velotune.models.report",
     "unpatch": "velotune.models.patch",
 }
 

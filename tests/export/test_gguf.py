@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import lora_model
-from mini import FAMILIES, VOCAB
+from mini import FAMILIES, VOCAB, mini_config
 
 pytest.importorskip("llama_cpp")
 import gguf  # noqa: E402
@@ -33,6 +33,7 @@ from velotune.export.modelfile import parse_modelfile  # noqa: E402
 OVERRIDES = {
     "mistral": {"sliding_window": 64},
     "ministral": {"sliding_window": 64},
+    "ministral3": {"sliding_window": 64},
     "qwen3": {"use_sliding_window": False},
     # llama.cpp's Gemma 3: 5 local : 1 global layers, attention scale from head_dim (window 4 kept)
     "gemma3_text": {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 16},
@@ -285,3 +286,25 @@ def test_smollm3_nope_pattern_llama_cpp_cannot_run_is_refused(tmp_path):
     model, tok = lora_model("smollm3")  # no_rope_layers [1, 0]
     with pytest.raises(ExportError, match="NoPE on every 4th layer"):
         model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)
+
+
+def test_ministral3_yarn_llama_cpp_cannot_express_is_refused(tmp_path):
+    """llama.cpp's mistral3 graph takes the temperature's period from YaRN's original context and assumes
+    YaRN mscale 1: other configs would load and answer differently, so the exporter refuses them."""
+    rope = dict(mini_config("ministral3").rope_parameters)
+    for bad, match in (
+        ({**rope, "mscale": 2.0}, "assuming mscale 1"),
+        (
+            {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "llama_4_scaling_beta": 0.5,
+                "original_max_position_embeddings": 4,
+            },
+            "needs YaRN",
+        ),
+    ):
+        model, tok = lora_model("ministral3", sliding_window=64, rope_parameters=bad)
+        with pytest.raises(ExportError, match=match):
+            model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)
+        assert not list(tmp_path.glob("*.gguf"))

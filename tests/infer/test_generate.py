@@ -63,10 +63,13 @@ def test_greedy_equals_stock(family, lora):
     got = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(got, expected), (got[:, ids.shape[1] :], expected[:, ids.shape[1] :])
 
-    # Logits of prefill and of each decode step == stock forward over the whole sequence (fp32).
+    # Logits of prefill and of each decode step == stock forward over the whole sequence (fp32), at the
+    # positions generate gives a left-padded row (counted from its first real token: absolute positions
+    # matter to Ministral 3's query temperature, not only to RoPE's differences).
     full_mask = torch.cat([mask, torch.ones_like(expected[:, ids.shape[1] :])], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        ref = type(model).forward(model, input_ids=expected, attention_mask=full_mask).logits
+        ref = type(model).forward(model, input_ids=expected, attention_mask=full_mask, position_ids=positions).logits
     T = ids.shape[1]
     steps = [engine.prefill(ids, mask)]
     for j in range(4):

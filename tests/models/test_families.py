@@ -51,7 +51,7 @@ def test_window_of_matches_what_transformers_masks(family):
         want = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
         assert spec.window_of(config, i) == want, (family, i)
     assert any(spec.window_of(config, i) for i in range(config.num_hidden_layers)) == (
-        family in ("mistral", "gemma2", "qwen3", "gemma3_text", "ministral")
+        family in ("mistral", "gemma2", "qwen3", "gemma3_text", "ministral", "ministral3")
     )  # the minis whose windows are exercised
 
 
@@ -66,7 +66,7 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "ministral"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "ministral", "ministral3"])
 def test_new_families_on_the_gpu_match_stock(family, tmp_path):
     """The real Triton kernels on a CUDA device, float32 (TF32 off): loss and every LoRA gradient against
     float64 stock transformers + PEFT on the same weights, within 1e-5 or within 1.5x of stock's own
@@ -118,3 +118,31 @@ def test_new_families_on_the_gpu_match_stock(family, tmp_path):
         opt.zero_grad(set_to_none=True)
         seen.append(loss.item())
     assert all(math.isfinite(x) for x in seen) and seen[-1] < seen[0]
+
+
+def test_ministral3_query_temperature_is_stocks_and_live_in_the_mini():
+    """models/spec.query_temperature is transformers' own multiplier bit for bit, and the mini config
+    (period 4, beta 0.5) changes the logits from position 4 on (and not before): the parity, padding-free,
+    decode and GGUF tests of ministral3 fail where the temperature is missing or wrong."""
+    import torch
+    from mini import mini_model
+
+    from velotune.models.spec import query_temperature
+
+    stock = pytest.importorskip("transformers.models.ministral3.modeling_ministral3")
+    pos = torch.tensor([[0, 1, 3, 4, 7, 8, 100, 16383, 16384, 40000]])
+    for beta, period in ((0.1, 16384), (0.5, 4)):
+        assert torch.equal(
+            query_temperature(pos, beta, period), stock.get_llama_4_attn_scale(pos, beta, period)[:, 0, :, 0]
+        )
+    assert torch.equal(query_temperature(pos[:, :3], 0.1, 4), torch.ones(1, 3))
+
+    ids = torch.randint(7, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    hot = mini_model("ministral3")
+    cold = mini_model("ministral3")
+    cold.config.rope_parameters["llama_4_scaling_beta"] = 0.0
+    with torch.no_grad():
+        a, b = hot(input_ids=ids).logits, cold(input_ids=ids).logits
+    assert torch.equal(a[:, :4], b[:, :4])
+    assert ((a[:, 4:] - b[:, 4:]).norm() / a[:, 4:].norm()).item() > 1e-3  # 100x the parity tests' bar
+    assert spec_for(hot.config).temperature_of(hot.config) == (0.5, 4)

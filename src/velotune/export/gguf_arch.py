@@ -160,6 +160,35 @@ def _check_smollm3(w, c, rp) -> None:
         raise ExportError("SmolLM3 GGUF: llama.cpp's SmolLM3 graph has no sliding window")
 
 
+def _ministral3_temperature(w, c, rp) -> None:
+    """Ministral 3 (convert_hf_to_gguf's Ministral3Model): llama.cpp's mistral3 graph multiplies q by the
+    attention temperature with beta from attention.temperature_scale and the period taken from the YaRN
+    original context, and YaRN's attention factor from yarn_log_multiplier (= mscale_all_dim, with mscale
+    taken as 1). Refuse what it would run differently."""
+    if rp.get("rope_type") != "yarn":
+        raise ExportError(
+            "Ministral 3 GGUF needs YaRN RoPE (llama.cpp takes the attention temperature's period from "
+            f"YaRN's original context); this model has rope_type {rp.get('rope_type')!r}"
+        )
+    if rp.get("llama_4_scaling_beta") is None:
+        raise ExportError("Ministral 3 GGUF: rope_parameters has no llama_4_scaling_beta (the attention temperature)")
+    mscale, mscale_all_dim = rp.get("mscale"), rp.get("mscale_all_dim")
+    if rp.get("attention_factor") is not None or (mscale and mscale_all_dim and float(mscale) != 1.0):
+        raise ExportError(
+            "Ministral 3 GGUF: llama.cpp's mistral3 graph derives YaRN's attention factor assuming mscale 1; "
+            f"this model has mscale={mscale}, attention_factor={rp.get('attention_factor')}"
+        )
+    if mscale and mscale_all_dim:  # transformers: factor get_mscale(f, 1) / get_mscale(f, mscale_all_dim)
+        w.add_rope_scaling_yarn_log_mul(float(mscale_all_dim))
+    for key, add in (
+        ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+        ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
+    ):
+        if rp.get(key) is not None:
+            add(float(rp[key]))
+    w.add_attn_temperature_scale(float(rp["llama_4_scaling_beta"]))
+
+
 def _granite_scales(w, c, rp) -> None:
     """Granite's four scalars (convert_hf_to_gguf's GraniteModel); llama.cpp divides the logits by logit_scale."""
     w.add_embedding_scale(c.embedding_multiplier)
@@ -231,6 +260,7 @@ FEATURES: dict[str, Feature] = {
     "gemma3_layout": Feature(_check_gemma3),
     "smollm3_layout": Feature(_check_smollm3),  # NoPE every 4th layer, no sliding window
     "granite_scales": Feature(_granite_scales),
+    "ministral3_temperature": Feature(_ministral3_temperature),  # YaRN + Llama 4-style query temperature
     "softcaps": Feature(_softcaps),
     "llama3_rope_freqs": Feature(tensors=_llama3_rope_freqs),
     "longrope_factors": Feature(tensors=_longrope_factors),

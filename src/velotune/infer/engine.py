@@ -25,6 +25,7 @@ from velotune.kernels.glu import glu_forward
 from velotune.kernels.rmsnorm import rms_norm as fused_rms_norm
 from velotune.kernels.rmsnorm import rms_norm_reference
 from velotune.kernels.rope import apply_rope_reference, rope_forward_
+from velotune.models.spec import query_temperature
 
 log = logging.getLogger("velotune")
 
@@ -117,6 +118,12 @@ class DecodeEngine:
             return {key: (c.cos[key][positions], c.sin[key][positions]) for key in c.cos}
         return {key: self._rotary(h, positions, key) for key in self._rope_keys()}
 
+    def _temperature(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """positions [B, T] -> the query multiplier [B, 1, T, 1] (float32), or None (FamilySpec.q_temperature)."""
+        if self.spec.q_temperature is None:
+            return None
+        return query_temperature(positions, *self.spec.q_temperature)[:, None, :, None]
+
     # ------------------------------------------------------------------ the model
     def _norm(self, x, n):
         if self.fused:
@@ -136,8 +143,9 @@ class DecodeEngine:
     def _proj(self, layer, name, x):
         return ops.linear(getattr(layer, name), x, layer.plans[name])
 
-    def _layer(self, i: int, layer, h, ropes, allowed, write):
-        """One decoder layer. h [B, T, H]; `write(cache_tensor, new)` stores K or V for these tokens."""
+    def _layer(self, i: int, layer, h, ropes, allowed, write, temperature=None):
+        """One decoder layer. h [B, T, H]; `write(cache_tensor, new)` stores K or V for these tokens;
+        temperature: None or the query multiplier of these positions (`_temperature`)."""
         s, c = self.spec, self.cache
         cos, sin = ropes[layer.rope_key]
         B, T, _ = h.shape
@@ -158,6 +166,8 @@ class DecodeEngine:
         v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
         if layer.rope:
             q, k = self._rotate(q, k, cos, sin)
+        if temperature is not None:
+            q = q * temperature.to(q.dtype)
         keys, values = write(c.k[i], k), write(c.v[i], v)
         mask = allowed[layer.sliding_window]
         if T > 1 and s.attn_softcap is None:
@@ -239,9 +249,9 @@ class DecodeEngine:
             return buf[:, :, :T]
 
         h = self._embed(input_ids)
-        ropes = self._rope(h, position_ids)
+        ropes, temperature = self._rope(h, position_ids), self._temperature(position_ids)
         for i, layer in enumerate(self.spec.layers):
-            h = self._layer(i, layer, h, ropes, allowed, write)
+            h = self._layer(i, layer, h, ropes, allowed, write, temperature)
         c.length = T
         return self._head(h[:, -1])
 
@@ -267,9 +277,9 @@ class DecodeEngine:
             return buf[:, :, :S]
 
         h = self._embed(ids)
-        ropes = self._rope(h, positions)
+        ropes, temperature = self._rope(h, positions), self._temperature(positions)
         for i, layer in enumerate(self.spec.layers):
-            h = self._layer(i, layer, h, ropes, allowed, write)
+            h = self._layer(i, layer, h, ropes, allowed, write, temperature)
         return self._head(h[:, -1])
 
     @torch.no_grad()

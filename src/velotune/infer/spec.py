@@ -75,6 +75,7 @@ class DecoderSpec:
     embed_multiplier: float | None = None  # Granite: embeddings * m
     residual_multiplier: float | None = None  # Granite: h + branch * m
     logits_divisor: float | None = None  # Granite: logits / d
+    q_temperature: tuple[float, int] | None = None  # Ministral 3: (beta, period), models/spec.query_temperature
 
 
 def causal_lm_of(model):
@@ -110,6 +111,8 @@ def build_spec(model) -> DecoderSpec | None:
     body = lm.model
     if family.rope_by_layer_type and "layer_type" not in inspect.signature(body.rotary_emb.forward).parameters:
         return None  # a transformers release whose rotary module has no per-layer-type tables
+    if family.q_temperature is not None and family.temperature_of(config) is None:
+        return None  # a config without its temperature parameters: stock generate (which says why)
     layers = []
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -169,6 +172,7 @@ def build_spec(model) -> DecoderSpec | None:
         embed_multiplier=getattr(body, "embedding_multiplier", None),
         residual_multiplier=getattr(body.layers[0], "residual_multiplier", None),
         logits_divisor=_config_value(config, family.logits_divisor_attr),
+        q_temperature=family.temperature_of(config),
     )
 
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import logging
 
+from velotune.models.binding import is_patched
 from velotune.models.families import SPECS, spec_for
-from velotune.models.patch import is_patched, patch, report, unpatch
+from velotune.models.generic import generic_plan, prepare_generic, prepare_generic_peft
+from velotune.models.patch import patch, unpatch
+from velotune.models.report import report
+from velotune.models.rope_scaling import extend_context
 from velotune.models.spec import FamilySpec
 
 log = logging.getLogger("velotune")
@@ -28,11 +32,7 @@ def prepare_model(model, *, max_seq_length: int, full_finetuning: bool = False) 
     """
     spec = spec_for(model.config)
     if spec is None:
-        from velotune.models.generic import prepare_generic
-
         return prepare_generic(model)
-    from velotune.models.rope_scaling import extend_context
-
     if max_seq_length:
         extend_context(model, max_seq_length)
     patch(model, spec)
@@ -45,8 +45,6 @@ def prepare_peft_model(peft_model) -> bool:
     base = peft_model.get_base_model()
     if getattr(base, "velotune_fast", True) is False:
         return False
-    from velotune.models.generic import generic_plan, prepare_generic_peft
-
     if generic_plan(base) is not None:
         return prepare_generic_peft(peft_model)
     if any(is_patched(m) for m in base.modules()):

@@ -1,7 +1,7 @@
 """Fused self-attention forward (bound per instance onto the family's attention module).
 
     x [B, T, H] --LoRA-QKV--> q [B, Hq, T, D], k, v [B, Hk, T, D] (--q/k norms-->) --RoPE-->
-      attention --LoRA-O--> [B, T, H]
+      (q * temperature(position) -->) attention --LoRA-O--> [B, T, H]
 
 The mask is the one transformers' own model forward built for this layer (padding, sliding window,
 packed sequences as a block-diagonal causal mask), so masking semantics are exactly stock:
@@ -17,11 +17,11 @@ output_attentions, attention dropout in training, or a non-SDPA/eager attention 
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from velotune.lora import lora_projections, resolve
+from velotune.models.attend import attend
 from velotune.models.padding_free import VARLEN_KW
+from velotune.models.spec import query_temperature
+from velotune.models.varlen_attention import varlen_attention
 
 _OWN_IMPLEMENTATIONS = ("sdpa", "eager", None)
 
@@ -41,40 +41,6 @@ def _project(X, modules):
         if p is None:
             outs[i] = modules[i](X)
     return outs, [p is not None for p in projs]
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, Hk, S, D] -> [B, Hk * n_rep, S, D] (each K/V head serves n_rep query heads)."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
-def attend(q, k, v, mask, *, scaling: float, n_rep: int, softcap: float | None = None):
-    """q [B, Hq, T, D], k/v [B, Hk, S, D], mask None | bool | additive float -> [B, Hq, T, D]."""
-    if softcap is None:
-        if mask is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=q.shape[2] > 1, scale=scaling, enable_gqa=n_rep > 1
-            )
-        # Masked SDPA: the CUDA mem-efficient backend lacks GQA, so K/V are repeated (as stock does).
-        return F.scaled_dot_product_attention(
-            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, scale=scaling
-        )
-    # Softcapped scores: explicit math (matches transformers' eager Gemma 2 attention op for op).
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
-    scores = torch.tanh(scores / softcap) * softcap
-    if mask is None:
-        t, s = q.shape[2], k.shape[2]
-        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-    if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
 
 
 def _head_norms(self, spec, q, k, D: int):
@@ -109,12 +75,15 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     impl = getattr(self.config, "_attn_implementation", None)
     varlen = kwargs.pop(VARLEN_KW, None)
+    spec = self._velotune_spec
+    temperature = spec.temperature_of(self.config) if spec.q_temperature else None
     if (
         cache is not None
         or kwargs.get("output_attentions")
         or impl not in _OWN_IMPLEMENTATIONS
         or (self.training and self.attention_dropout > 0)
         or position_embeddings is None
+        or (spec.q_temperature and (temperature is None or kwargs.get("position_ids") is None))
     ):
         if varlen is not None:
             raise RuntimeError(
@@ -126,7 +95,6 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         )
     from velotune.kernels.rope import apply_rope_
 
-    spec = self._velotune_spec
     B, T, H = hidden_states.shape
     D = self.head_dim
     X = hidden_states.reshape(B * T, H)
@@ -149,10 +117,11 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     # forward hook, say), and must not change under it.
     if spec.rope_flag_attr is None or getattr(self, spec.rope_flag_attr):  # else a NoPE layer (SmolLM3)
         q, k = apply_rope_(q, k, cos, sin, D, in_place=owned)
+    if temperature is not None:  # Ministral 3: q *= 1 + beta * log(1 + floor(pos / period)), in q's dtype
+        scale = query_temperature(kwargs["position_ids"].to(q.device), *temperature).to(q.dtype)
+        q = (q.view(B, T, -1) * scale.expand(B, T)[..., None]).view(B * T, -1)
     softcap = getattr(self.config, spec.attn_softcap_attr) if spec.attn_softcap_attr else None
     if varlen is not None:  # a packed row of samples [1, N] (models/padding_free.py)
-        from velotune.models.varlen_attention import varlen_attention
-
         o = varlen_attention(
             q.view(B * T, -1, D),
             k.view(B * T, -1, D),

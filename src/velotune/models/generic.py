@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from velotune.models.binding import is_patched
 from velotune.models.loss import resolve_lm_head
+from velotune.models.patch import bind_forward, release_forward
 from velotune.models.spec import FamilySpec
 
 log = logging.getLogger("velotune")
@@ -133,8 +135,6 @@ def _shifted(labels: torch.Tensor) -> torch.Tensor:
 
 def probe_head(model: nn.Module, spec_kw: dict) -> tuple[Piece, GenericSpec | None]:
     """Run the lm_head probe (module docstring) and bind the fused loss when it passes."""
-    from velotune.models.patch import bind_forward, release_forward
-
     head = resolve_lm_head(model.get_output_embeddings())
     if head is None:
         return Piece("lm_head", type(model.get_output_embeddings()).__name__, False, "not a plain nn.Linear"), None
@@ -375,8 +375,6 @@ def _moe_blocks(model: nn.Module) -> list[str]:
 def prepare_generic(model: nn.Module) -> bool:
     """Probe and bind the generic pieces on a freshly loaded model (no family file). Returns True when
     the generic path applies (a decoder-only causal LM); the one-line log says which pieces are fast."""
-    from velotune.models.patch import bind_forward
-
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     model_type = getattr(model.config, "model_type", None) or "?"
     if not is_decoder_only(model):
@@ -422,8 +420,6 @@ def prepare_generic(model: nn.Module) -> bool:
 
 def prepare_generic_peft(peft_model) -> bool:
     """Probe and bind fused LoRA on the LoRA layers of a PeftModel whose base took the generic path."""
-    from velotune.models.patch import bind_forward, is_patched
-
     plan = generic_plan(peft_model)
     if plan is None:
         return False
@@ -470,7 +466,6 @@ def _checkpointing(model: nn.Module) -> str:
 def report_lines(model: nn.Module) -> list[str]:
     """`velotune.report(model)` for a model on the generic path."""
     from velotune.lora import resolve
-    from velotune.models.patch import is_patched
 
     plan = generic_plan(model)
     lines = [

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from velotune.models import padding_free as pf
+from velotune.models.binding import role_of
+
 # Bytes of logits one chunk of the fused linear cross-entropy may hold (its peak-memory share).
 # 64 MiB = 261 rows of a 128k vocabulary in bf16: the chunk GEMMs stay large enough to run at speed
 # (within the run-to-run spread of 256 MiB at 8B QLoRA, docs/perf-notes.md), and where the loss is
@@ -66,8 +69,6 @@ def causal_lm_forward(
     no padding position predicts a label: the loss is then taken over the real tokens, with each
     sample's labels shifted inside the sample (the shifted labels are gathered at the real tokens),
     normalised as the padded batch would be (mean over the valid labels, or num_items_in_batch)."""
-    from velotune.models import padding_free as pf
-
     return_logits = kwargs.pop("return_logits", False) or getattr(self, "velotune_return_logits", False)
     shift_labels = kwargs.get("shift_labels")
     head = resolve_lm_head(self.get_output_embeddings())
@@ -115,7 +116,7 @@ def causal_lm_forward(
     # Ignored positions (prompt tokens, padding) are dropped before the lm_head matmuls; their count
     # is fetched now, while the decoder layers run, so reading it later does not stall the GPU.
     kept = KeptRows(shift_labels)
-    if packed is None:
+    if packed is None and self._velotune_spec.q_temperature is None:  # (else attention reads the ids)
         position_ids = host_positions(body, like, position_ids, attention_mask)
     outputs = body(
         input_ids=input_ids,
@@ -154,7 +155,7 @@ def _padding_free_may_run(model, attention_mask) -> bool:
     body = getattr(model, "model", None)
     return (
         body is not None
-        and getattr(body, "_velotune_role", None) == "body"
+        and role_of(body) == "body"
         and body.__dict__.get("_velotune_padding_free", True)
         and torch.is_tensor(attention_mask)
         and attention_mask.dim() == 2

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from velotune.models.binding import is_patched
+
 
 @dataclass
 class LayerModes:
@@ -62,6 +64,6 @@ def layer_modes(layer: nn.Module) -> LayerModes:
     if modes is None:
         modes = LayerModes()
         for m in layer.modules():
-            if "_velotune_role" in m.__dict__ or m is layer:  # models/patch.py marks what it patched
+            if is_patched(m) or m is layer:
                 m.__dict__["_velotune_modes"] = modes
     return modes

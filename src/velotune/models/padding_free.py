@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from velotune.models.binding import is_patched, role_of
+
 VARLEN_KW = "velotune_varlen"
 ALLOW_KW = "velotune_padding_free"  # False from the CausalLM forward: this call runs padded (models/loss.py)
 # TRL's padding-free collator adds these for flash-attention models; the packed path finds the same
@@ -162,8 +164,6 @@ def attention_takes_varlen(stack) -> bool:
     dropout mask drawn over [1, N] instead of [B, T] would take other random numbers than the padded
     batch's under the same seed (LoRA dropout: same distribution, not the same bits), so training with
     dropout runs padded."""
-    from velotune.models.patch import is_patched
-
     impl = getattr(stack.config, "_attn_implementation", None)
     if impl not in ("sdpa", "eager", None):
         return False
@@ -171,7 +171,7 @@ def attention_takes_varlen(stack) -> bool:
     for m in stack.modules():
         if m.training and isinstance(m, torch.nn.Dropout) and m.p > 0:
             return False
-        if getattr(m, "_velotune_role", None) == "attention" or type(m).__name__.endswith("Attention"):
+        if role_of(m) == "attention" or type(m).__name__.endswith("Attention"):
             if not is_patched(m) or (m.training and getattr(m, "attention_dropout", 0.0) > 0):
                 return False
             n += 1
@@ -217,7 +217,7 @@ def set_padding_free(model, on: bool) -> int:
         raise ValueError(f"padding_free={on!r}: use True or False")
     n = 0
     for m in model.modules():
-        if getattr(m, "_velotune_role", None) == "body":
+        if role_of(m) == "body":
             m._velotune_padding_free = on
             n += 1
     return n

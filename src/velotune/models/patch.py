@@ -2,29 +2,29 @@
 
     patch(model, spec)  -> number of modules bound    (each keeps its stock forward for fallbacks)
     unpatch(model)      -> stock behaviour everywhere (class forwards, or whatever was there before)
-    report(model)       -> which modules run fused right now, and which LoRA layers would fall back
 
-Nothing global changes: other instances of the same transformers classes stay stock.
-Modules carrying an accelerate hook (device_map) get `_old_forward` replaced, so the hook still runs.
+FUSED_FORWARDS is the one table of fused forwards by role; binding itself (and the marks it leaves on
+an instance) is models/binding.py. Nothing global changes: other instances of the same transformers
+classes stay stock. What runs fused is summarised by models/report.py.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import types
 import warnings
 
 import torch
 from torch import nn
 
-from velotune.models.attention import attention_forward
-from velotune.models.loss import causal_lm_forward, resolve_lm_head
 from velotune.models import positions
+from velotune.models.attention import attention_forward
+from velotune.models.binding import bind, is_patched, release
 from velotune.models.lora_linear import lora_linear_forward
+from velotune.models.loss import causal_lm_forward
 from velotune.models.mlp import mlp_forward
 from velotune.models.norm import norm_forward
 from velotune.models.padding_free import stack_forward
+from velotune.models.rope_scaling import restore_context
 from velotune.models.spec import FamilySpec
 
 FUSED_FORWARDS = {
@@ -84,41 +84,14 @@ def _stock_under_foreign_autocast(fused, role: str):
 BOUND_FORWARDS = {role: _stock_under_foreign_autocast(fn, role) for role, fn in FUSED_FORWARDS.items()}
 
 
-def _forward_attr(module: nn.Module) -> str:
-    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
-
-
 def bind_forward(module: nn.Module, role: str, spec: FamilySpec) -> None:
-    attr = _forward_attr(module)
-    had_instance = attr in module.__dict__
-    module._velotune_saved = (attr, module.__dict__.get(attr) if had_instance else None, had_instance)
-    module._velotune_stock_forward = getattr(module, attr)
-    module._velotune_spec = spec
-    module._velotune_role = role
-    setattr(module, attr, types.MethodType(BOUND_FORWARDS[role], module))
+    """Bind the fused forward of `role` onto this instance (models/binding.py)."""
+    bind(module, role, spec, BOUND_FORWARDS[role])
 
 
 def release_forward(module: nn.Module) -> None:
-    attr, saved, had_instance = module._velotune_saved
-    current = module.__dict__.get(attr)
-    if getattr(current, "__func__", None) is BOUND_FORWARDS[module._velotune_role]:
-        if had_instance:
-            setattr(module, attr, saved)
-        else:
-            module.__dict__.pop(attr, None)
-    # else: someone wrapped our forward after us (e.g. TRL's add_fused_lm_head); leave their wrapper in place.
-    for name in (
-        "_velotune_saved",
-        "_velotune_stock_forward",
-        "_velotune_spec",
-        "_velotune_role",
-        "_velotune_padding_free",
-    ):
-        module.__dict__.pop(name, None)
-
-
-def is_patched(module: nn.Module) -> bool:
-    return "_velotune_role" in module.__dict__
+    """Undo `bind_forward`; the decoder stack's padding-free switch goes with it."""
+    release(module, extra_marks=("_velotune_padding_free",))
 
 
 def patch(model: nn.Module, spec: FamilySpec) -> int:
@@ -144,56 +117,6 @@ def unpatch(model: nn.Module) -> int:
     positions.release(model)
     for module in model.modules():
         module.__dict__.pop("_velotune_generic", None)
-    rotary = model.__dict__.get("_velotune_stock_rotary")
-    if rotary is not None:
-        from velotune.models.rope_scaling import restore_context
-
+    if model.__dict__.get("_velotune_stock_rotary") is not None:
         restore_context(model)
     return n
-
-
-def _lora_status(model: nn.Module) -> tuple[int, list[str]]:
-    from velotune.lora.layers import is_lora_layer, resolve
-
-    fused, stock = 0, []
-    for name, module in model.named_modules():
-        if is_lora_layer(module):
-            if resolve(module) is None:
-                stock.append(name)
-            else:
-                fused += 1
-    return fused, stock
-
-
-def report(model: nn.Module) -> str:
-    """A short human-readable summary of what runs fused."""
-    from velotune.models.generic import generic_plan, report_lines
-
-    if generic_plan(model) is not None:
-        return "\n".join(report_lines(model))
-    counts: dict[str, int] = collections.Counter()
-    spec = None
-    for module in model.modules():
-        if is_patched(module):
-            counts[module._velotune_role] += 1
-            spec = module._velotune_spec
-    if not counts:
-        return f"velotune: {type(model).__name__} runs entirely on the stock transformers path"
-    lines = [f"velotune fused path ({spec.describe()})"]
-    for role in FUSED_FORWARDS:
-        if counts.get(role):
-            lines.append(f"  {role:<9} {counts[role]:>4} module(s) fused")
-    fused, stock = _lora_status(model)
-    if fused or stock:
-        lines.append(
-            f"  lora      {fused:>4} layer(s) fused, {len(stock)} on the stock PEFT path"
-            + (f" (e.g. {stock[0]}: dropout in training, DoRA or several adapters)" if stock else "")
-        )
-    for module in model.modules():
-        if (
-            is_patched(module)
-            and module._velotune_role == "causal_lm"
-            and resolve_lm_head(module.get_output_embeddings()) is None
-        ):
-            lines.append("  lm_head   not a plain Linear: loss computed from full logits (stock)")
-    return "\n".join(lines)

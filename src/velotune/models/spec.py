@@ -27,6 +27,9 @@ Fields, by reader:
                         on attention scores / final logits (None or a None value: no softcap);
                         rope_flag_attr: attention-module attribute; falsy on a NoPE layer (no RoPE:
                         SmolLM3's use_rope).
+                        q_temperature: keys (beta, period) of config.rope_parameters for Llama 4-style
+                        attention temperature: after RoPE, q *= 1 + beta * log(1 + floor(pos / period))
+                        per token position (Ministral 3); None: no temperature.
   logits                logits_divisor_attr: config attribute d of logits / d (Granite's
                         logits_scaling), folded into the fused cross-entropy's logit scale.
   masks & layers        sliding_window: which layers attend within config.sliding_window --
@@ -45,6 +48,8 @@ Fields, by reader:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from velotune.kernels.glu import canonical_activation
 
@@ -100,6 +105,7 @@ class FamilySpec:
     sliding_window: str = "none"  # "none" | "all" | "layer_types" (see the module docstring)
     rope_by_layer_type: bool = False  # rotary_emb(x, positions, layer_type): one table per layer type
     rope_flag_attr: str | None = None  # attention-module attribute; falsy: a NoPE layer (SmolLM3's use_rope)
+    q_temperature: tuple[str, str] | None = None  # rope_parameters keys (beta, period); see query_temperature
     embedding_scale: bool = False  # hidden *= sqrt(hidden_size) after the embedding (stock code)
     sandwich_norms: bool = False  # extra norms after attention and MLP (stock decoder layer)
     gguf: GGUFLayout | None = None  # llama.cpp layout; None: no GGUF export
@@ -127,6 +133,15 @@ class FamilySpec:
         if self.logits_divisor_attr is None:
             return None
         return 1.0 / float(getattr(config, self.logits_divisor_attr))
+
+    def temperature_of(self, config) -> tuple[float, int] | None:
+        """(beta, period) of the family's query temperature read from config.rope_parameters, or None.
+        Missing keys: None as well (stock's forward cannot run such a config either)."""
+        if self.q_temperature is None:
+            return None
+        params = getattr(config, "rope_parameters", None) or {}
+        beta, period = (params.get(key) for key in self.q_temperature)
+        return None if beta is None or period is None else (beta, period)
 
     def activation(self, config) -> str | None:
         """The GLU kernels' name of the config's activation, or None (not one they implement)."""
@@ -158,9 +173,18 @@ class FamilySpec:
                 ("sliding_window", self.sliding_window),
                 ("rope_by_layer_type", self.rope_by_layer_type),
                 ("nope_layers_flag", self.rope_flag_attr),
+                ("q_temperature", self.q_temperature and self.q_temperature[0]),
                 ("embedding_scale", self.embedding_scale),
                 ("sandwich_norms", self.sandwich_norms),
             )
             if v not in (0.0, "separate", False, None, "none")
         ]
         return f"{self.name}: " + (", ".join(diffs) if diffs else "Llama layout")
+
+
+def query_temperature(position_ids: torch.Tensor, beta: float, period: int) -> torch.Tensor:
+    """Llama 4-style attention temperature (FamilySpec.q_temperature): int positions [B, T] -> float32
+    [B, T] = 1 + beta * log(1 + floor(pos / period)), the operations transformers' Ministral 3 attention
+    uses (get_llama_4_attn_scale), in its order, so the multiplier is bit-identical; exactly 1 below
+    `period`. Callers cast it to q's dtype and multiply q (after RoPE) by it, as stock does."""
+    return 1 + beta * torch.log(1 + torch.floor(position_ids / period))

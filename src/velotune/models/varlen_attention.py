@@ -10,7 +10,7 @@ the padded batch.
 
 Two implementations of the same function:
 * `per_sample` (the reference, and the path on CPU, for softcapped scores, fp32, or where the
-  flash kernel is missing): models/attention.attend on each sample's slice, causal (SDPA is_causal)
+  flash kernel is missing): models/attend.attend on each sample's slice, causal (SDPA is_causal)
   or with the window's boolean mask, softcap by explicit math.
 * `flash_varlen` (CUDA, 16-bit): torch.nn.attention.varlen.varlen_attn, one flash-attention launch
   for all samples (cu_seqlens), native GQA, window_size=(W - 1, 0). Used only where the installed
@@ -25,7 +25,7 @@ import inspect
 
 import torch
 
-from velotune.models.attention import attend
+from velotune.models.attend import attend
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,7 +58,7 @@ def _window_mask(n: int, window: int, device) -> torch.Tensor:
 
 
 def per_sample(q, k, v, varlen, *, scaling: float, n_rep: int, softcap=None, window=None):
-    """The reference: each sample's slice through models/attention.attend (see the module docstring)."""
+    """The reference: each sample's slice through models/attend.attend (see the module docstring)."""
     outs = []
     for a, n in zip(varlen.starts, varlen.lengths):
         qs, ks, vs = (x[a : a + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, n, D]
