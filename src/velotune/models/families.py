@@ -6,20 +6,8 @@ to REGISTERED below. Nothing else keeps a list of families.
 
 from __future__ import annotations
 
-from velotune.models import (
-    gemma2,
-    gemma3,
-    granite,
-    llama,
-    ministral,
-    ministral3,
-    mistral,
-    olmo2,
-    phi3,
-    qwen2,
-    qwen3,
-    smollm3,
-)
+from velotune.models import gemma2, gemma3, granite, llama, ministral, ministral3, mistral
+from velotune.models import olmo2, phi3, qwen2, qwen3, smollm3
 from velotune.models.spec import FamilySpec
 
 REGISTERED = (llama, mistral, qwen2, phi3, gemma2, qwen3, gemma3, ministral, granite, smollm3, olmo2, ministral3)

@@ -11,12 +11,7 @@ from velotune.models.spec import FamilySpec, GGUFLayout
 
 SPEC = FamilySpec(
     name="ministral3",
-    model_types=("ministral3",),
-    causal_lm="Ministral3ForCausalLM",
-    body="Ministral3Model",
-    attention="Ministral3Attention",
-    mlp="Ministral3MLP",
-    norm="Ministral3RMSNorm",
+    classes="Ministral3",
     sliding_window="all",
     q_temperature=("llama_4_scaling_beta", "original_max_position_embeddings"),
     gguf=GGUFLayout(
