@@ -23,6 +23,7 @@ LAYERS = [
         "velotune.fsio",
         "velotune.safetensors_check",
         "velotune.fit",
+        "velotune.log",
     ],
     ["velotune.kernels"],
     ["velotune.quant"],
@@ -31,7 +32,8 @@ LAYERS = [
     ["velotune.memory"],
     ["velotune.data"],
     ["velotune.infer", "velotune.export"],
-    ["velotune", "velotune.loader", "velotune.trl_compat"],  # "velotune" alone: the package's __init__ (the public API)
+    # "velotune" alone: the package's __init__ (the public API)
+    ["velotune", "velotune.loader", "velotune.loader_options", "velotune.trl_compat"],
     ["velotune.train", "velotune.demo"],
     [
         "velotune.cli",

@@ -1,7 +1,7 @@
 """velotune: fast, exact LLM fine-tuning.
 
     from velotune import FastLanguageModel
-    model, tokenizer = FastLanguageModel.from_pretrained("path/or/hub-id", max_seq_length=2048)
+    model, tokenizer = FastLanguageModel.from_pretrained("path/or/hub-id")   # or FastModel (the same loader)
     model = FastLanguageModel.get_peft_model(model, r=16)
 
 Heavy submodules are imported lazily so `import velotune` stays cheap and a user's import order
@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 
 from velotune.device import is_bfloat16_supported
-from velotune.loader import FastLanguageModel
+from velotune.loader import FastLanguageModel, FastModel, FastVisionModel
+from velotune.log import install_handler
+
+install_handler()  # velotune's notices (RoPE, memory estimate, ...) are printed: velotune/log.py
 
 __version__ = "0.1.0"
 
@@ -34,7 +37,7 @@ _LAZY = {
     "unpatch": "velotune.models.patch",
 }
 
-__all__ = ["FastLanguageModel", "is_bfloat16_supported", "__version__", *_LAZY]
+__all__ = ["FastLanguageModel", "FastModel", "FastVisionModel", "is_bfloat16_supported", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from velotune.device import resolve_dtype
-from velotune.errors import ModelLoadError
+from velotune.errors import ConfigError, ModelLoadError
+from velotune.log import quiet_deprecations
 
 log = logging.getLogger("velotune")
 
@@ -90,7 +91,8 @@ def check_adapter_folder(path: Path) -> dict:
 def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revision: str | None) -> str:
     path = Path(model_name).expanduser()
     if path.exists():
-        check_local_folder(path)
+        if _adapter_folder(path) is None:  # an adapter folder is checked by check_adapter_folder
+            check_local_folder(path)
         return str(path)
     name = str(model_name)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
@@ -212,16 +214,97 @@ def _load_weights(auto_model, path: str, config, load_kwargs: dict):
     return model
 
 
+def _adapter_folder(path: Path) -> Path | None:
+    """`path` when it is a LoRA adapter folder (adapter_config.json), else None."""
+    return path if path.is_dir() and (path / "adapter_config.json").is_file() else None
+
+
+def _native_context(config) -> int | None:
+    """The positions the model was trained on: max_position_embeddings (or n_positions), also
+    looked up in a text_config; None when the config names none."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in ("max_position_embeddings", "n_positions"):
+            n = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(n, int) and n > 0:
+                return n
+    return None
+
+
+def _rope_factor(rope_scaling, max_seq_length: int | None, native: int | None, config) -> float | None:
+    """The linear RoPE factor the caller asked for (None: RoPE stays as trained), checked before
+    any weight is loaded. Without a request, a max_seq_length past the native context only warns."""
+    if rope_scaling is None:
+        if max_seq_length and native and max_seq_length > native:
+            log.warning(
+                "velotune: max_seq_length %d is more than the %d positions the model was trained on; RoPE is "
+                "left as trained (positions past %d are new to the model). To stretch RoPE over %d positions, "
+                "pass rope_scaling='linear'",
+                max_seq_length,
+                native,
+                native,
+                max_seq_length,
+            )
+        return None
+    if rope_scaling == "linear":
+        if not native or not max_seq_length or max_seq_length <= native:
+            raise ConfigError(
+                f"rope_scaling='linear' stretches RoPE over max_seq_length positions: give a max_seq_length "
+                f"above the model's native context ({native}); got {max_seq_length}"
+            )
+        factor = max_seq_length / native
+    elif isinstance(rope_scaling, dict):
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+        factor = rope_scaling.get("factor")
+        if kind != "linear" or not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1:
+            raise ConfigError(
+                f"rope_scaling={rope_scaling!r}: velotune scales RoPE linearly: use 'linear' or "
+                "{'type': 'linear', 'factor': f} with f > 1 (other scalings: set rope_parameters in config.json)"
+            )
+        factor = float(factor)
+    else:
+        raise ConfigError(f"rope_scaling={rope_scaling!r}: use None (default: RoPE as trained), 'linear' or a dict")
+    from velotune.models.rope_scaling import scaling_problem
+
+    problem = scaling_problem(config)
+    if problem is not None:
+        raise ConfigError(f"rope_scaling={rope_scaling!r}: this model cannot be rescaled: {problem}")
+    return factor
+
+
+def _quantization(config, load_in_4bit: bool, load_in_8bit: bool, load_in_16bit: bool, full_finetuning: bool) -> int:
+    """Bits the weights load in (4, 8 or 16), from the arguments and a bitsandbytes checkpoint's own config."""
+    from velotune.quant import checkpoint_bits
+
+    if load_in_4bit and load_in_8bit:
+        raise ConfigError("load_in_4bit=True and load_in_8bit=True: choose one")
+    if load_in_16bit and (load_in_4bit or load_in_8bit):
+        raise ConfigError("load_in_16bit=True asks for unquantised weights: drop load_in_4bit / load_in_8bit")
+    saved = checkpoint_bits(config)
+    if full_finetuning and (load_in_4bit or load_in_8bit):
+        log.warning(
+            "velotune: full_finetuning=True trains every weight, which 4/8-bit weights cannot be: "
+            "loading unquantised instead (load_in_4bit / load_in_8bit ignored)"
+        )
+        load_in_4bit = load_in_8bit = False
+    if load_in_4bit:
+        return 4
+    if load_in_8bit or saved == 8:
+        return 8
+    return 16
+
+
 class FastLanguageModel:
     """Namespace of static constructors, as in the libraries users switch from."""
 
     @staticmethod
     def from_pretrained(
         model_name: str | os.PathLike,
-        max_seq_length: int = 2048,
+        max_seq_length: int | None = None,
         dtype: Any = None,
         load_in_4bit: bool = False,
         *,
+        load_in_8bit: bool = False,
+        load_in_16bit: bool = False,
         full_finetuning: bool = False,
         fast: bool = True,
         device_map: Any = None,
@@ -231,6 +314,9 @@ class FastLanguageModel:
         trust_remote_code: bool = False,
         memory_cap: int | str | None = None,
         padding_free: bool = True,
+        rope_scaling: str | dict | None = None,
+        fast_inference: bool = False,
+        resize_model_vocab: int | None = None,
         **kwargs,
     ):
         """Load a causal LM and its tokenizer.
@@ -239,67 +325,80 @@ class FastLanguageModel:
         and float32 on CPU; an explicit dtype is honoured everywhere. `fast=False` keeps the stock
         transformers forward (useful for A/B checks).
 
+        `model_name` is a model folder or hub id, or a LoRA adapter folder (adapter_config.json +
+        adapter_model.safetensors): then the base model its `base_model_name_or_path` names is loaded
+        with the same arguments, the adapter on top (trainable, as PEFT's is_trainable=True), the
+        adapter folder's tokenizer where it has one, and a `peft.PeftModel` on velotune's fast path
+        is returned (checkpointing as get_peft_model's `use_gradient_checkpointing`, which
+        from_pretrained then takes too; default "unsloth").
+
+        Positions are never changed unless asked: `max_seq_length=None` (default) is the model's
+        native context (`config.max_position_embeddings`), kept as `model.max_seq_length`. A larger
+        `max_seq_length` leaves RoPE as trained and logs a warning (positions past the native
+        context are ones the model never saw). `rope_scaling="linear"` stretches RoPE linearly over
+        `max_seq_length` (factor max_seq_length / native); `rope_scaling={"type": "linear", "factor": f}`
+        by `f`. Scaling is logged (velotune's notices are printed: velotune.log) and undone by
+        `unpatch`; models whose RoPE is not default or linear (llama3, yarn, per-layer tables) refuse it.
+
+        Quantisation: `load_in_4bit` (NF4, velotune's fused 4-bit paths) or `load_in_8bit`
+        (bitsandbytes LLM.int8(); its layers run bitsandbytes' own forward, so the decoder stays on
+        the stock transformers forward, as with fast=False). `load_in_16bit=True` asks for neither.
+        With `full_finetuning=True` the weights load unquantised (4/8-bit weights cannot be trained),
+        with a notice. `resize_model_vocab=n` resizes the embeddings (and an untied LM head) to n rows.
+
+        Unsloth's keywords are accepted: `fast_inference=True` means velotune's own decode path
+        (FastLanguageModel.for_inference; no vLLM), noted in one line; vLLM engine settings
+        (`gpu_memory_utilization`, `max_lora_rank`, ...) and Unsloth internals are accepted and
+        named in one line each; features velotune lacks (`load_in_fp8`, `qat_scheme`) raise
+        ConfigError (velotune.loader_options). Other keywords go to transformers' from_pretrained.
+        Vision-language models (a vision_config) raise ModelLoadError.
+
         Before anything is allocated, the training memory is estimated from the config
-        (velotune.fit: weights, adapters + AdamW, activations for `max_seq_length` tokens under
-        offloaded checkpointing) and ModelLoadError names the estimate and what would fit when it
-        exceeds `memory_cap` (bytes or e.g. "16GiB"; default: the free memory of the current CUDA
-        device; no check on CPU unless given, nor with an explicit `device_map`). The estimate is
-        kept at `model.velotune_memory_estimate`.
+        (velotune.fit: weights, adapters + AdamW, activations for `max_seq_length` tokens (None:
+        the native context, at most 2048) under offloaded checkpointing) and ModelLoadError names
+        the estimate and what would fit when it exceeds `memory_cap` (bytes or e.g. "16GiB";
+        default: the free memory of the current CUDA device; no check on CPU unless given, nor with
+        an explicit `device_map`). The estimate is kept at `model.velotune_memory_estimate`.
         `padding_free` (with fast=True): a padded batch in a forward without a KV cache (training,
         TRL's trainers, scoring) runs on its real tokens only, packed into one row with attention
         kept inside each sample (velotune.models.padding_free): the same loss, gradients and logits
         at real positions as the padded batch; False runs padded batches as they come.
         """
-        if not isinstance(padding_free, bool):
-            raise ValueError(f"padding_free={padding_free!r}: use True or False")
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from velotune.loader_options import take_unsloth_options
 
-        compute_dtype = resolve_dtype(dtype)
+        options = take_unsloth_options(kwargs)
+        args = dict(
+            max_seq_length=max_seq_length,
+            dtype=dtype,
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+            load_in_16bit=load_in_16bit,
+            full_finetuning=full_finetuning,
+            fast=fast,
+            device_map=device_map,
+            token=token,
+            revision=revision,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            memory_cap=memory_cap,
+            padding_free=padding_free,
+            rope_scaling=rope_scaling,
+            resize_model_vocab=resize_model_vocab,
+            **kwargs,
+        )
         path = _resolve_model_path(model_name, token, revision)
-        config = load_config(AutoConfig, path, trust_remote_code)
-        estimate = _check_fit(
-            config, memory_cap, device_map, compute_dtype, load_in_4bit, max_seq_length, full_finetuning
-        )
-        if Path(path).is_dir():
-            check_coverage(Path(path), config)
-        load_kwargs: dict[str, Any] = dict(
-            dtype=compute_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
-        )
-        if attn_implementation is not None:  # None: transformers picks (SDPA where the family allows it)
-            load_kwargs["attn_implementation"] = attn_implementation
-        if device_map is not None:
-            load_kwargs["device_map"] = device_map
-        if load_in_4bit:
-            from velotune.quant import quantization_config_for
-
-            load_kwargs = {**quantization_config_for(compute_dtype, config), **load_kwargs}  # caller's win
-        model = _load_weights(AutoModelForCausalLM, path, config, load_kwargs)
-        if device_map is None and not load_in_4bit and torch.cuda.is_available():
-            model = model.to("cuda")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, TypeError) as e:
-            raise ModelLoadError(
-                f"{path}: the tokenizer files do not load ({type(e).__name__}: "
-                f"{_first_line(e)}); copy them from the base model's folder"
-            ) from e
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model.max_seq_length = max_seq_length
-        model.velotune_compute_dtype = compute_dtype
-        model.velotune_memory_estimate = estimate
-        model.velotune_fast = fast
-        if fast:
-            from velotune.models import prepare_model
-
-            prepare_model(model, max_seq_length=max_seq_length, full_finetuning=full_finetuning)
-            from velotune.models.padding_free import set_padding_free
-
-            set_padding_free(model, padding_free)
-        if full_finetuning:
-            model.requires_grad_(True)
-        _attach_methods(model)
-        return model, tokenizer
+        adapter = _adapter_folder(Path(path))
+        # An adapter folder's LoRA layers are set up here, so Unsloth's checkpointing keyword applies to them.
+        checkpointing = options.no_effect.pop("use_gradient_checkpointing", "unsloth") if adapter else None
+        options.report()
+        if fast_inference:
+            log.info(
+                "velotune: fast_inference=True: generation runs on velotune's own decode path "
+                "(FastLanguageModel.for_inference, then model.generate); vLLM is not used"
+            )
+        if adapter is not None:
+            return _load_adapter(adapter, args, checkpointing)
+        return _load_model(path, **args)
 
     @staticmethod
     def get_peft_model(
@@ -365,51 +464,52 @@ class FastLanguageModel:
         eagerly with a warning. Graphs are captured per input shape, and padding-free batches change
         shape every step (their packed layers run eagerly), so it pays off for fixed-shape batches
         (packing to a fixed length, own loops): docs/perf-notes.md.
+        `target_modules` naming `embed_tokens` or `lm_head`: those are trained in full (added to
+        PEFT's `modules_to_save`), not given LoRA, as Unsloth does. Unsloth's FastModel switches
+        `finetune_attention_modules` / `finetune_mlp_modules` / `finetune_language_layers` /
+        `finetune_vision_layers` pick the targets when `target_modules` is left at its default (a
+        text-only model has no vision layers). A model that already is a PeftModel (an adapter folder
+        loaded by from_pretrained) is returned as it is, with a warning.
         """
-        from velotune.memory.checkpointing import check_recompute
+        with quiet_deprecations():  # importing PEFT's dependencies
+            from peft import LoraConfig, PeftModel, get_peft_model
+        from velotune.loader_options import FINETUNE_FLAGS, targets_from_finetune_flags
 
-        if recompute is None:  # offload_every recomputes whole layers
-            recompute = (
-                "mlp"
-                if use_gradient_checkpointing in ("unsloth", "offload")
-                and offload_every == 1
-                and host_memory_budget is None
-                else "layer"
+        flags = {k: kwargs.pop(k) for k in FINETUNE_FLAGS if k in kwargs}
+        kwargs.pop("temporary_location", None)  # Unsloth's scratch folder: nothing to put there
+        qat = kwargs.pop("qat_scheme", None)
+        if qat is not None:
+            raise ConfigError(f"qat_scheme={qat!r}: velotune has no quantisation-aware training")
+        if isinstance(model, PeftModel):
+            log.warning(
+                "velotune: the model already has LoRA adapters (e.g. loaded from an adapter folder): "
+                "returned as it is, no new adapters added"
             )
-        check_recompute(recompute, mlp_row_blocks)
-        if (offload_every != 1 or host_memory_budget is not None) and use_gradient_checkpointing not in (
-            "unsloth",
-            "offload",
-        ):
-            raise ValueError(
-                f"offload_every={offload_every!r} needs use_gradient_checkpointing='unsloth' "
-                f"(or 'offload'): got {use_gradient_checkpointing!r}"
-            )
-        if host_memory_budget is not None:
-            from velotune.fit import parse_bytes
-
-            host_memory_budget = parse_bytes(host_memory_budget)
-        if offload_embedding not in (True, False, "auto"):
-            raise ValueError(f"offload_embedding={offload_embedding!r}: use 'auto', True or False")
-        if padding_free is not None and not isinstance(padding_free, bool):
-            raise ValueError(f"padding_free={padding_free!r}: use True, False or None")
-        if recompute != "layer" and use_gradient_checkpointing not in ("unsloth", "offload"):
-            raise ValueError(
-                f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
-                f"got {use_gradient_checkpointing!r}"
-            )
-        if cuda_graphs and use_gradient_checkpointing not in ("unsloth", "offload"):
-            raise ValueError(
-                "cuda_graphs=True needs use_gradient_checkpointing='unsloth' (or 'offload'): "
-                f"got {use_gradient_checkpointing!r}"
-            )
-        from peft import LoraConfig, get_peft_model
-
+            return model
+        derived = targets_from_finetune_flags(flags)
+        if derived is not None and (target_modules is None or target_modules is DEFAULT_TARGET_MODULES):
+            target_modules = derived
+        _check_peft_options(
+            use_gradient_checkpointing,
+            recompute,
+            mlp_row_blocks,
+            offload_every,
+            host_memory_budget,
+            offload_embedding,
+            padding_free,
+            cuda_graphs,
+        )
         if max_seq_length is not None:
             model.max_seq_length = max_seq_length
         torch.manual_seed(random_state)
         random.seed(random_state)
-        targets = _resolve_target_modules(model, target_modules)
+        targets, full = _resolve_target_modules(model, target_modules)
+        if full:
+            log.info(
+                "velotune: %s in target_modules: trained in full (PEFT modules_to_save), not with LoRA",
+                ", ".join(full),
+            )
+        to_save = list(modules_to_save or []) + [m for m in full if m not in (modules_to_save or [])]
         if loftq_config:
             init_lora_weights = "loftq"
         config = LoraConfig(
@@ -422,16 +522,15 @@ class FastLanguageModel:
             use_dora=use_dora,
             init_lora_weights=init_lora_weights,
             loftq_config=loftq_config or {},
-            modules_to_save=list(modules_to_save) if modules_to_save else None,
+            modules_to_save=to_save or None,
             task_type="CAUSAL_LM",
             **kwargs,
         )
         # PEFT keeps the adapter weights in fp32 (master weights: AdamW updates of bf16 weights would
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
-        peft_model = get_peft_model(model, config)
-        from velotune.memory.checkpointing import enable_checkpointing  # here: `import velotune` stays cheap
-
-        enable_checkpointing(
+        with quiet_deprecations():  # PEFT reads transformers' renamed checkpointing attributes
+            peft_model = get_peft_model(model, config)
+        _finish_peft_model(
             peft_model,
             use_gradient_checkpointing,
             cuda_graphs,
@@ -439,23 +538,9 @@ class FastLanguageModel:
             mlp_row_blocks,
             offload_every,
             host_memory_budget,
+            padding_free,
+            offload_embedding,
         )
-        from velotune.models import prepare_peft_model
-
-        prepare_peft_model(peft_model)
-        if padding_free is None and cuda_graphs:
-            padding_free = False  # graphs replay fixed shapes; padding-free batches change shape every step
-        if padding_free is not None:
-            from velotune.models.padding_free import set_padding_free
-
-            set_padding_free(peft_model, padding_free)
-        if offload_embedding == "auto":
-            _offload_embedding_where_safe(peft_model)
-        elif offload_embedding:
-            from velotune.memory.embedding_offload import offload_input_embeddings
-
-            offload_input_embeddings(peft_model)
-        _attach_methods(peft_model)
         return peft_model
 
     @staticmethod
@@ -473,14 +558,288 @@ class FastLanguageModel:
         return for_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
 
 
-def _resolve_target_modules(model, target_modules) -> list[str] | str:
+class FastModel(FastLanguageModel):
+    """Unsloth's current entry point: the same loader as FastLanguageModel (from_pretrained,
+    get_peft_model, for_inference, for_training) for any supported causal language model.
+    Vision-language models (a vision_config, or a type transformers lists as image-text-to-text)
+    raise ModelLoadError in one line until velotune supports them."""
+
+
+class FastVisionModel(FastModel):
+    """Unsloth's name for its multimodal loader. velotune trains text-only causal language models
+    for now: a vision-language model raises ModelLoadError in one line; a text-only model loads
+    as with FastModel (Unsloth's FastVisionModel loads those too)."""
+
+
+def _load_model(
+    path: str,
+    *,
+    max_seq_length: int | None,
+    dtype: Any,
+    load_in_4bit: bool,
+    load_in_8bit: bool,
+    load_in_16bit: bool,
+    full_finetuning: bool,
+    fast: bool,
+    device_map: Any,
+    token: str | None,
+    revision: str | None,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+    memory_cap: int | str | None,
+    padding_free: bool,
+    rope_scaling: str | dict | None,
+    resize_model_vocab: int | None,
+    **kwargs,
+):
+    """from_pretrained for a model folder (already resolved to a local path): (model, tokenizer)."""
+    if not isinstance(padding_free, bool):
+        raise ValueError(f"padding_free={padding_free!r}: use True or False")
+    if max_seq_length is not None and (
+        isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1
+    ):
+        raise ConfigError(
+            f"max_seq_length={max_seq_length!r}: use a positive whole number, or None for the native context"
+        )
+    if resize_model_vocab is not None and (
+        isinstance(resize_model_vocab, bool) or not isinstance(resize_model_vocab, int) or resize_model_vocab < 1
+    ):
+        raise ConfigError(f"resize_model_vocab={resize_model_vocab!r}: use a positive whole number of rows")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from velotune.loader_options import vision_problem
+
+    compute_dtype = resolve_dtype(dtype)
+    config = load_config(AutoConfig, path, trust_remote_code)
+    problem = vision_problem(config)
+    if problem is not None:
+        raise ModelLoadError(
+            f"{path}: {getattr(config, 'model_type', 'this model')} is a vision/audio-language model ({problem}); "
+            "velotune trains text-only causal language models for now: use a text-only checkpoint"
+        )
+    native = _native_context(config)
+    factor = _rope_factor(rope_scaling, max_seq_length, native, config)
+    bits = _quantization(config, load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning)
+    fit_tokens = max_seq_length or min(native or 2048, 2048)
+    estimate = _check_fit(config, memory_cap, device_map, compute_dtype, bits == 4, fit_tokens, full_finetuning)
+    if Path(path).is_dir():
+        check_coverage(Path(path), config)
+    load_kwargs: dict[str, Any] = dict(
+        dtype=compute_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+    )
+    if attn_implementation is not None:  # None: transformers picks (SDPA where the family allows it)
+        load_kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    if bits == 4:
+        from velotune.quant import quantization_config_for
+
+        load_kwargs = {**quantization_config_for(compute_dtype, config), **load_kwargs}  # caller's win
+    elif bits == 8:
+        from velotune.quant import quantization_config_8bit
+
+        load_kwargs = {**quantization_config_8bit(config), **load_kwargs}
+        if fast:
+            log.info(
+                "velotune: 8-bit weights run bitsandbytes' own forward: the decoder keeps the stock "
+                "transformers forward (velotune's fused paths take 16-bit and 4-bit weights)"
+            )
+            fast = False
+    model = _load_weights(AutoModelForCausalLM, path, config, load_kwargs)
+    if device_map is None and bits == 16 and torch.cuda.is_available():
+        model = model.to("cuda")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(
+            f"{path}: the tokenizer files do not load ({type(e).__name__}: "
+            f"{_first_line(e)}); copy them from the base model's folder"
+        ) from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if resize_model_vocab is not None:
+        model.resize_token_embeddings(resize_model_vocab)
+    if factor is not None:
+        from velotune.models.rope_scaling import scale_rope
+
+        scale_rope(model, factor)
+    model.max_seq_length = max_seq_length or native
+    model.velotune_compute_dtype = compute_dtype
+    model.velotune_memory_estimate = estimate
+    model.velotune_fast = fast
+    if fast:
+        from velotune.models import prepare_model
+
+        prepare_model(model, full_finetuning=full_finetuning)
+        from velotune.models.padding_free import set_padding_free
+
+        set_padding_free(model, padding_free)
+    if full_finetuning:
+        model.requires_grad_(True)
+    _attach_methods(model)
+    return model, tokenizer
+
+
+def _load_adapter(adapter: Path, args: dict, use_gradient_checkpointing: bool | str = "unsloth"):
+    """from_pretrained for a LoRA adapter folder: its base model (loaded with `args`), the adapter's
+    tokenizer where it has one, the adapter (trainable) on top, velotune's PEFT fast path with
+    `use_gradient_checkpointing` as get_peft_model takes it."""
+    with quiet_deprecations():  # importing PEFT's dependencies
+        from peft import PeftModel
+
+    cfg = check_adapter_folder(adapter)
+    base = cfg.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(
+            f"{adapter / 'adapter_config.json'} names no base model (base_model_name_or_path); "
+            "set it to the base model's folder or hub id"
+        )
+    if not Path(base).is_absolute() and (adapter / base).exists():
+        base = str(adapter / base)
+    base_path = _resolve_model_path(base, args["token"], None)
+    if _adapter_folder(Path(base_path)) is not None:
+        raise ModelLoadError(
+            f"{adapter}: its base model {base} is itself an adapter folder; point base_model_name_or_path "
+            "at a full model (or merge the first adapter: save_pretrained_merged)"
+        )
+    model, tokenizer = _load_model(base_path, **args)
+    if any(
+        p.suffix in (".json", ".model", ".jinja") and p.name.startswith(("tokenizer", "chat_template"))
+        for p in adapter.iterdir()
+    ):
+        from transformers import AutoTokenizer
+
+        from velotune.data.chat_templates import ensure_template_tokens
+
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=args["trust_remote_code"])
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        ensure_template_tokens(tokenizer, model)  # a run may have added template tokens (the adapter has their rows)
+    try:
+        with quiet_deprecations():  # PEFT reads transformers' renamed checkpointing attributes
+            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that do not match the base
+        raise ModelLoadError(f"{adapter}: the adapter does not fit its base model {base} ({_first_line(e)})") from e
+    log.info("velotune: loaded LoRA adapter %s on base model %s", adapter, base)
+    _finish_peft_model(peft_model, use_gradient_checkpointing)
+    return peft_model, tokenizer
+
+
+def _check_peft_options(
+    use_gradient_checkpointing,
+    recompute,
+    mlp_row_blocks,
+    offload_every,
+    host_memory_budget,
+    offload_embedding,
+    padding_free,
+    cuda_graphs,
+) -> None:
+    """ValueError for get_peft_model settings that do not go together (before PEFT changes the model)."""
+    from velotune.memory.checkpointing import check_recompute
+
+    offloaded = use_gradient_checkpointing in ("unsloth", "offload")
+    mode = _recompute_mode(use_gradient_checkpointing, recompute, offload_every, host_memory_budget)
+    check_recompute(mode, mlp_row_blocks)
+    if (offload_every != 1 or host_memory_budget is not None) and not offloaded:
+        raise ValueError(
+            f"offload_every={offload_every!r} needs use_gradient_checkpointing='unsloth' "
+            f"(or 'offload'): got {use_gradient_checkpointing!r}"
+        )
+    if host_memory_budget is not None:
+        from velotune.fit import parse_bytes
+
+        parse_bytes(host_memory_budget)
+    if offload_embedding not in (True, False, "auto"):
+        raise ValueError(f"offload_embedding={offload_embedding!r}: use 'auto', True or False")
+    if padding_free is not None and not isinstance(padding_free, bool):
+        raise ValueError(f"padding_free={padding_free!r}: use True, False or None")
+    if recompute not in (None, "layer") and not offloaded:
+        raise ValueError(
+            f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
+            f"got {use_gradient_checkpointing!r}"
+        )
+    if cuda_graphs and not offloaded:
+        raise ValueError(
+            "cuda_graphs=True needs use_gradient_checkpointing='unsloth' (or 'offload'): "
+            f"got {use_gradient_checkpointing!r}"
+        )
+
+
+def _recompute_mode(use_gradient_checkpointing, recompute, offload_every, host_memory_budget) -> str:
+    """recompute=None: "mlp" with offloaded checkpointing of every layer, else "layer"."""
+    if recompute is not None:
+        return recompute
+    return (
+        "mlp"
+        if use_gradient_checkpointing in ("unsloth", "offload") and offload_every == 1 and host_memory_budget is None
+        else "layer"
+    )
+
+
+def _finish_peft_model(
+    peft_model,
+    use_gradient_checkpointing: bool | str = "unsloth",
+    cuda_graphs: bool = False,
+    recompute: str | None = None,
+    mlp_row_blocks: int = 1,
+    offload_every: int | str = 1,
+    host_memory_budget: int | str | None = None,
+    padding_free: bool | None = None,
+    offload_embedding: bool | str = "auto",
+) -> None:
+    """Checkpointing, the fused PEFT path, padding-free batches, embedding offload and the export
+    methods on a fresh PeftModel (get_peft_model's, or an adapter folder's); settings as get_peft_model's."""
+    from velotune.memory.checkpointing import enable_checkpointing  # here: `import velotune` stays cheap
+
+    if host_memory_budget is not None:
+        from velotune.fit import parse_bytes
+
+        host_memory_budget = parse_bytes(host_memory_budget)
+    enable_checkpointing(
+        peft_model,
+        use_gradient_checkpointing,
+        cuda_graphs,
+        _recompute_mode(use_gradient_checkpointing, recompute, offload_every, host_memory_budget),
+        mlp_row_blocks,
+        offload_every,
+        host_memory_budget,
+    )
+    from velotune.models import prepare_peft_model
+
+    prepare_peft_model(peft_model)
+    if padding_free is None and cuda_graphs:
+        padding_free = False  # graphs replay fixed shapes; padding-free batches change shape every step
+    if padding_free is not None:
+        from velotune.models.padding_free import set_padding_free
+
+        set_padding_free(peft_model, padding_free)
+    if offload_embedding == "auto":
+        _offload_embedding_where_safe(peft_model)
+    elif offload_embedding:
+        from velotune.memory.embedding_offload import offload_input_embeddings
+
+        offload_input_embeddings(peft_model)
+    _attach_methods(peft_model)
+
+
+FULL_TRAIN_MODULES = ("embed_tokens", "lm_head")  # named in target_modules: trained in full, as in Unsloth
+
+
+def _resolve_target_modules(model, target_modules) -> tuple[list[str] | str, list[str]]:
+    """(LoRA targets, modules to train in full): `embed_tokens` / `lm_head` move to the second list."""
     if target_modules is None:
         target_modules = DEFAULT_TARGET_MODULES
     if isinstance(target_modules, str):
-        return target_modules  # "all-linear" or a regex: PEFT interprets it
+        return target_modules, []  # "all-linear" or a regex: PEFT interprets it
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     resolved: list[str] = []
+    full: list[str] = []
     for name in target_modules:
+        if name in FULL_TRAIN_MODULES and name in leaf_names:
+            if name not in full:
+                full.append(name)
+            continue
         if name not in leaf_names and _FUSED_NAMES.get(name) in leaf_names:
             name = _FUSED_NAMES[name]
         if name not in leaf_names:
@@ -490,7 +849,12 @@ def _resolve_target_modules(model, target_modules) -> list[str] | str:
             )
         if name not in resolved:
             resolved.append(name)
-    return resolved
+    if not resolved:
+        raise ValueError(
+            f"target_modules={list(target_modules)!r} leaves no layer for LoRA ({', '.join(full)} train in full): "
+            "add projections (e.g. q_proj, v_proj)"
+        )
+    return resolved, full
 
 
 def _offload_embedding_where_safe(model) -> bool:

@@ -1,14 +1,17 @@
 """`velotune demo` end to end with fewer steps: it trains, answers better than before, exports,
-and leaves its outputs behind."""
+and leaves its outputs behind; `velotune chat` on the exported model, with its defaults, answers the
+held-out questions as the demo's evaluation did."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 from velotune.cli import main
 
 
-def test_demo_runs_learns_exports_and_saves_everything(tmp_path, capsys):
+def test_demo_runs_learns_exports_and_saves_everything(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo-out"
     assert main(["demo", "--output-dir", str(out), "--steps", "60", "--cpu"]) == 0
     printed = capsys.readouterr().out
@@ -45,6 +48,19 @@ def test_demo_runs_learns_exports_and_saves_everything(tmp_path, capsys):
     # q8_0 rounding may change a token, but llama.cpp answers from the fine-tuned weights, not the base
     assert llama_cpp["answer"].split()[:2] == llama_cpp["transformers_answer"].split()[:2]
     assert str(gguf) in printed and str(out / "merged") in printed
+
+    # `velotune chat` on the merged model with its default settings (greedy, the model's native context,
+    # RoPE as trained) gives the demo's answers; only --max-new-tokens matches the demo's evaluation.
+    # Ten questions (chat decodes one conversation at a time: ~1 s each on a busy CI core).
+    examples = demo["examples"][:10]
+    script = "".join(f"{e['question']}\n/reset\n" for e in examples) + "/exit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main(["chat", str(out / "merged"), "--max-new-tokens", "24"]) == 0
+    chat = capsys.readouterr()
+    assert "greedy" in chat.out.splitlines()[0] and "RoPE" not in chat.err
+    replies = [line[4:].strip() for line in chat.out.splitlines() if line.startswith(">>> ")]
+    replies = [r for r in replies if r and r != "(conversation reset)"]
+    assert replies == [e["after"] for e in examples]
 
 
 def test_demo_rejects_bad_steps(tmp_path, capsys):

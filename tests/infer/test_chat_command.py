@@ -12,7 +12,7 @@ import torch
 from mini import mini_model, save_mini_model
 from test_generate import add_lora
 from velotune.infer import stop_token_ids
-from velotune.infer.command import run
+from velotune.infer.command import decoding, run
 
 
 def expected_reply(model, tok, messages, max_new_tokens):
@@ -127,3 +127,41 @@ def test_chat_bad_folder_is_a_clear_error(tmp_path, capsys):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert main(["chat", str(tmp_path / "adapter")]) == 2
     assert "base_model_name_or_path" in capsys.readouterr().err
+
+
+def test_chat_is_greedy_unless_sampling_is_asked_for():
+    from transformers import GenerationConfig
+
+    model = mini_model("llama")
+    model.generation_config = GenerationConfig(do_sample=False)
+    assert decoding(model, None, None) == (dict(do_sample=False), "greedy")
+    assert decoding(model, 0.0, 0.5)[0] == dict(do_sample=False)
+    assert decoding(model, 0.7, None) == (
+        dict(do_sample=True, temperature=0.7, top_p=1.0),
+        "sampling at temperature 0.7, top-p 1.0",
+    )
+    assert decoding(model, None, 0.9)[0] == dict(do_sample=True, temperature=1.0, top_p=0.9)
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95)
+    assert decoding(model, None, None) == (
+        dict(do_sample=True),  # generate reads the model's own temperature and top_p
+        "sampling at temperature 0.6, top-p 0.95 (the model's generation_config)",
+    )
+    assert decoding(model, 0.0, None)[0] == dict(do_sample=False)
+    assert decoding(model, 1.2, None)[0] == dict(do_sample=True, temperature=1.2)
+
+
+def test_chat_defaults_are_greedy_at_the_native_context(tmp_path, monkeypatch, capsys):
+    """No --temperature, no --max-seq-length: the stock greedy reply, RoPE as trained, and the start line says so."""
+    from mini import mini_tokenizer
+
+    from velotune.cli import main
+
+    path = save_mini_model("mistral", tmp_path)  # default RoPE, 256 positions
+    tok, model = mini_tokenizer(), mini_model("mistral").eval()
+    want = expected_reply(model, tok, [{"role": "user", "content": "Hello there"}], 6)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/exit\n"))
+    assert main(["chat", str(path), "--max-new-tokens", "6", "--dtype", "float32"]) == 0
+    out = capsys.readouterr()
+    assert "greedy, 256 positions" in out.out.splitlines()[0]
+    assert want.strip() and want.strip() in out.out
+    assert "RoPE" not in out.err

@@ -79,9 +79,9 @@ def test_generate_matches_stock(family, tmp_path):
     assert torch.equal(out_fast, out_stock)
 
 
-def test_rope_scaled_beyond_native_context(tmp_path):
+def test_rope_scaled_beyond_native_context_when_asked(tmp_path):
     path = save_mini_model("mistral", tmp_path)  # max_position_embeddings 256, default RoPE
-    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=1024)
+    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=1024, rope_scaling="linear")
     rp = model.config.rope_parameters
     assert rp["rope_type"] == "linear" and rp["factor"] == pytest.approx(4.0)
     native, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=128)

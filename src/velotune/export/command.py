@@ -133,7 +133,10 @@ def load_for_export(run_dir: Path, base: str | None = None):
 
         tok = AutoTokenizer.from_pretrained(folder)
         ensure_template_tokens(tok, model)  # tokens the run added: the adapter holds their embedding rows
-    model = PeftModel.from_pretrained(model, folder)
+    from velotune.log import quiet_deprecations
+
+    with quiet_deprecations():  # PEFT reads transformers' renamed checkpointing attributes
+        model = PeftModel.from_pretrained(model, folder)
     from velotune.export import attach_export_methods
 
     attach_export_methods(model)

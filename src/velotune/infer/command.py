@@ -1,14 +1,17 @@
 """`velotune chat MODEL_DIR`: talk to a model in the terminal, tokens streamed as they come.
 
 MODEL_DIR is a merged model folder (config.json + safetensors) or a LoRA adapter folder
-(adapter_config.json: its base model is loaded first, then the adapter on top, unmerged).
-The conversation goes through the tokenizer's chat template; generation stops at the end-of-
-sequence token and at the template's end-of-turn token. Commands: /exit (or Ctrl-D), /reset.
+(adapter_config.json: its base model is loaded first, then the adapter on top, unmerged), both
+through FastLanguageModel.from_pretrained. The conversation goes through the tokenizer's chat
+template; generation stops at the end-of-sequence token and at the template's end-of-turn token.
+Decoding is greedy unless sampling is asked for (--temperature > 0 or --top-p) or the model's
+generation_config says do_sample. The context is the model's native one (max_position_embeddings)
+unless --max-seq-length says otherwise; RoPE is stretched only with --rope-scaling linear.
+Commands: /exit (or Ctrl-D), /reset.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -29,9 +32,18 @@ def add_arguments(parser) -> None:
         help="longest reply in tokens (default 256; less when the context is full)",
     )
     parser.add_argument(
-        "--temperature", type=non_negative_float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)"
+        "--temperature",
+        type=non_negative_float,
+        default=None,
+        help="sample at this temperature; 0 = greedy (default: greedy, or the model's generation_config "
+        "when it samples)",
     )
-    parser.add_argument("--top-p", type=probability, default=0.9, help="nucleus sampling, in (0, 1] (default 0.9)")
+    parser.add_argument(
+        "--top-p",
+        type=probability,
+        default=None,
+        help="nucleus sampling, in (0, 1]; asks for sampling (default: the model's generation_config, else 1)",
+    )
     parser.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     parser.add_argument("--system", default=None, help="system message for every conversation")
     parser.add_argument("--load-in-4bit", action="store_true", help="load the weights in NF4 (bitsandbytes)")
@@ -40,63 +52,28 @@ def add_arguments(parser) -> None:
         "--max-seq-length",
         type=positive_int,
         default=None,
-        help="most positions per conversation (default: the model's own max_position_embeddings; "
-        "more scales RoPE); the oldest turns are left out when a conversation grows past it",
+        help="most positions per conversation (default: the model's own max_position_embeddings); the "
+        "oldest turns are left out when a conversation grows past it",
+    )
+    parser.add_argument(
+        "--rope-scaling",
+        choices=["linear"],
+        default=None,
+        help="stretch RoPE linearly over --max-seq-length positions when that is more than the model's "
+        "native context (default: RoPE as trained, the context capped at the native one)",
     )
 
 
-def native_positions(model_dir: str | Path, default: int = 4096) -> int:
-    """max_position_embeddings from a local model folder's config.json (`default` when it has none)."""
-    path = Path(model_dir).expanduser() / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
-    return int(
-        cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings") or default
-    )
-
-
-def load_for_chat(model_dir: str, *, dtype=None, load_in_4bit=False, max_seq_length=None):
+def load_for_chat(model_dir: str, *, dtype=None, load_in_4bit=False, max_seq_length=None, rope_scaling=None):
     """(model, tokenizer) in inference mode from a merged folder or an adapter folder.
 
-    max_seq_length None: the model's own context (no RoPE scaling); more than that scales RoPE."""
+    max_seq_length None: the model's own context; RoPE is changed only with rope_scaling="linear"."""
     from velotune.loader import FastLanguageModel
 
     path = Path(model_dir).expanduser()
-    adapter_cfg = path / "adapter_config.json"
-    if not adapter_cfg.exists():
-        model, tok = FastLanguageModel.from_pretrained(
-            str(path), max_seq_length=max_seq_length or native_positions(path), dtype=dtype, load_in_4bit=load_in_4bit
-        )
-    else:
-        from velotune.loader import check_adapter_folder
-
-        base = check_adapter_folder(path).get("base_model_name_or_path")
-        if not isinstance(base, str) or not base:
-            raise ModelLoadError(
-                f"{adapter_cfg} names no base model (base_model_name_or_path); set it to the base model's folder"
-            )
-        if base and not Path(base).is_absolute() and (path / base).exists():
-            base = str(path / base)
-        model, tok = FastLanguageModel.from_pretrained(
-            base, max_seq_length=max_seq_length or native_positions(base), dtype=dtype, load_in_4bit=load_in_4bit
-        )
-        from peft import PeftModel
-
-        if any(
-            p.suffix in (".json", ".model", ".jinja") and p.name.startswith(("tokenizer", "chat_template"))
-            for p in path.iterdir()
-        ):
-            from transformers import AutoTokenizer
-
-            from velotune.data.chat_templates import ensure_template_tokens
-
-            tok = AutoTokenizer.from_pretrained(str(path))
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            ensure_template_tokens(tok, model)  # the run may have added template tokens (its adapter holds the rows)
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    model, tok = FastLanguageModel.from_pretrained(
+        str(path), max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, rope_scaling=rope_scaling
+    )
     if not getattr(tok, "chat_template", None):
         raise ModelLoadError(
             f"the tokenizer in {model_dir} has no chat template; set one "
@@ -104,6 +81,31 @@ def load_for_chat(model_dir: str, *, dtype=None, load_in_4bit=False, max_seq_len
         )
     FastLanguageModel.for_inference(model)
     return model, tok
+
+
+def decoding(model, temperature: float | None, top_p: float | None) -> tuple[dict, str]:
+    """generate() settings and a phrase describing them: greedy unless sampling is asked for
+    (temperature > 0, or a top_p) or the model's generation_config has do_sample=True, in which case
+    its own temperature / top_p / top_k apply where none is given."""
+    gc = getattr(model, "generation_config", None)
+    if temperature == 0:
+        return dict(do_sample=False), "greedy"
+    model_samples = bool(getattr(gc, "do_sample", False))
+    if temperature is None and top_p is None and not model_samples:
+        return dict(do_sample=False), "greedy"
+    settings: dict = dict(do_sample=True)
+    if temperature is not None:
+        settings["temperature"] = temperature
+    elif not model_samples:
+        settings["temperature"] = 1.0
+    if top_p is not None:
+        settings["top_p"] = top_p
+    elif not model_samples:
+        settings["top_p"] = 1.0
+    t = settings.get("temperature", getattr(gc, "temperature", None))
+    p = settings.get("top_p", getattr(gc, "top_p", None))
+    source = " (the model's generation_config)" if model_samples and temperature is None else ""
+    return settings, f"sampling at temperature {t}, top-p {p}{source}"
 
 
 def run(args) -> int:
@@ -119,17 +121,17 @@ def run(args) -> int:
         except UnicodeError:
             raise ConfigError("--system: the text is not UTF-8") from None
     model, tok = load_for_chat(
-        args.model_dir, dtype=args.dtype, load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length
+        args.model_dir,
+        dtype=args.dtype,
+        load_in_4bit=args.load_in_4bit,
+        max_seq_length=args.max_seq_length,
+        rope_scaling=getattr(args, "rope_scaling", None),
     )
     stops = stop_token_ids(tok, model)
     device = next(model.parameters()).device
     limit = context_limit(model, args.max_seq_length)
-    sampling = (
-        dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
-        if args.temperature > 0
-        else dict(do_sample=False)
-    )
-    print(f"velotune chat: {args.model_dir}  ({HELP})", flush=True)
+    sampling, described = decoding(model, args.temperature, args.top_p)
+    print(f"velotune chat: {args.model_dir}, {described}, {limit} positions  ({HELP})", flush=True)
     history: list[dict] = []
     while True:
         print(">>> ", end="", flush=True)

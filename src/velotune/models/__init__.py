@@ -13,7 +13,6 @@ from velotune.models.families import SPECS, spec_for
 from velotune.models.generic import generic_plan, prepare_generic, prepare_generic_peft
 from velotune.models.patch import patch, unpatch
 from velotune.models.report import report
-from velotune.models.rope_scaling import extend_context
 from velotune.models.spec import FamilySpec
 
 log = logging.getLogger("velotune")
@@ -21,20 +20,22 @@ log = logging.getLogger("velotune")
 __all__ = ["FamilySpec", "SPECS", "prepare_model", "prepare_peft_model", "report", "spec_for", "unpatch"]
 
 
-def prepare_model(model, *, max_seq_length: int, full_finetuning: bool = False) -> bool:
+def prepare_model(model, *, max_seq_length: int | None = None, full_finetuning: bool = False) -> bool:
     """Bind velotune's fused forwards onto a freshly loaded transformers model (per instance).
 
     Returns True when a fast path is active: the family's, or for a decoder-only model without a
     family file the generic one (models/generic.py: each piece probed against stock, a one-line log
     says which are fast). False otherwise (stock path, with a one-line warning naming it).
     full_finetuning needs nothing special here: the fused functions produce dW whenever a base
-    weight requires grad.
+    weight requires grad. `max_seq_length`, when given, is recorded as `model.max_seq_length`; the
+    model's positions are never changed here (RoPE scaling is the loader's, on request only:
+    models/rope_scaling.py).
     """
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
     spec = spec_for(model.config)
     if spec is None:
         return prepare_generic(model)
-    if max_seq_length:
-        extend_context(model, max_seq_length)
     patch(model, spec)
     return True
 

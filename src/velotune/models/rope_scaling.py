@@ -1,9 +1,11 @@
-"""Automatic RoPE scaling when max_seq_length exceeds the model's native context.
+"""Linear RoPE scaling, applied only when the user asks for it (`from_pretrained(rope_scaling=...)`).
 
-Default RoPE becomes linear scaling with factor max_seq_length / native; an existing linear factor is
-multiplied. Types that already encode long context (llama3, longrope, yarn, dynamic) are kept and a
-warning says so. The rotary module is rebuilt from the updated config with transformers' own class;
-`restore_context` (called by `unpatch`) puts the original module and config back.
+A model's positions are never changed implicitly: the loader calls `scale_rope` only for an
+explicit request. Default RoPE becomes linear scaling with the given factor; an existing linear
+factor is multiplied. Other types (llama3, yarn, longrope, dynamic, one table per layer type) are
+refused by `scaling_problem` before any weight is loaded. The rotary module is rebuilt from the
+updated config with transformers' own class; `restore_context` (called by `unpatch`) puts the
+original module and config back.
 """
 
 from __future__ import annotations
@@ -24,45 +26,46 @@ def _rotary_owner(model: nn.Module):
     return None, None
 
 
-def extend_context(model: nn.Module, max_seq_length: int) -> str | None:
-    """Scale RoPE so positions up to max_seq_length stay in the trained range. Returns a note or None."""
-    config = model.config
-    native = getattr(config, "max_position_embeddings", None)
-    if not native or not max_seq_length or max_seq_length <= native:
-        return None
+def scaling_problem(config) -> str | None:
+    """Why linear scaling cannot be applied to a model with `config` (None: it can)."""
+    if not getattr(config, "max_position_embeddings", None):
+        return "its config has no max_position_embeddings"
     params = dict(getattr(config, "rope_parameters", None) or {})
-    if params and all(isinstance(v, dict) for v in params.values()):  # one table per layer type (Gemma 3)
-        log.warning(
-            "velotune: max_seq_length %d exceeds max_position_embeddings %d; the model has one RoPE "
-            "table per layer type, which velotune does not rescale (kept as configured)",
-            max_seq_length,
-            native,
-        )
-        return None
-    rope_type = params.get("rope_type", "default")
-    factor = max_seq_length / native
-    if rope_type == "default":
-        params.update(rope_type="linear", factor=factor)
-    elif rope_type == "linear":
-        params["factor"] = float(params.get("factor", 1.0)) * factor
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return "it has one RoPE table per layer type, which velotune does not rescale"
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        return f"it already uses {rope_type!r} RoPE scaling (velotune rescales only default or linear RoPE)"
+    return None
+
+
+def scale_rope(model: nn.Module, factor: float) -> str:
+    """Stretch RoPE linearly by `factor` (> 1): positions up to factor x max_position_embeddings map
+    into the trained range. Updates `config.rope_parameters` and `config.max_position_embeddings`
+    and rebuilds the rotary module. Returns the notice (also logged at INFO). ValueError where
+    `scaling_problem` names a reason or the model has no rotary module."""
+    config = model.config
+    problem = scaling_problem(config)
+    if problem is None and _rotary_owner(model)[1] is None:
+        problem = "no rotary embedding module was found"
+    if problem is not None:
+        raise ValueError(f"RoPE scaling cannot be applied: {problem}")
+    native = config.max_position_embeddings
+    params = dict(config.rope_parameters or {})
+    params.pop("type", None)
+    if params.get("rope_type", "default") == "default":
+        params.update(rope_type="linear", factor=float(factor))
     else:
-        log.warning(
-            "velotune: max_seq_length %d exceeds max_position_embeddings %d; keeping the model's own %r RoPE scaling",
-            max_seq_length,
-            native,
-            rope_type,
-        )
-        return None
+        params["factor"] = float(params.get("factor", 1.0)) * factor
     owner, rotary = _rotary_owner(model)
-    if rotary is None:
-        log.warning("velotune: no rotary embedding module found; RoPE scaling not applied")
-        return None
     model._velotune_stock_rotary = (owner, rotary, copy.deepcopy(config.rope_parameters), native)
     config.rope_parameters = params
-    config.max_position_embeddings = max_seq_length
-    device = rotary.inv_freq.device
-    owner.rotary_emb = type(rotary)(config=config).to(device)
-    note = f"RoPE: linear scaling x{params['factor']:.3g} for max_seq_length {max_seq_length} (native {native})"
+    config.max_position_embeddings = int(round(native * factor))
+    owner.rotary_emb = type(rotary)(config=config).to(rotary.inv_freq.device)
+    note = (
+        f"RoPE scaled linearly x{factor:.3g} as asked: {config.max_position_embeddings} positions "
+        f"(the model was trained on {native})"
+    )
     log.info("velotune: %s", note)
     return note
 

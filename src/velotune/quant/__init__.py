@@ -5,6 +5,7 @@
     dequantize_weight(layer, dtype)   -> fresh copy (for merging in fp32)
     dequantize_model_weights(model)   -> {name: weight} for every 4-bit layer
     quantization_config_for(...)      -> from_pretrained kwargs for load_in_4bit=True
+    quantization_config_8bit(config)  -> from_pretrained kwargs for load_in_8bit=True (bitsandbytes int8)
 
 Files: `nf4_code.py` (the code book), `nf4.py` (format, quantise, reference dequantise, dispatch),
 `dequant_kernel.py` (Triton), `weights.py` (accessors, buffers), `loading.py` (transformers/bitsandbytes
@@ -13,7 +14,7 @@ loading config).
 
 from __future__ import annotations
 
-from velotune.quant.loading import quantization_config_for
+from velotune.quant.loading import checkpoint_bits, quantization_config_8bit, quantization_config_for
 from velotune.quant.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 from velotune.quant.weights import (
     base_layer,
@@ -36,6 +37,8 @@ __all__ = [
     "is_4bit",
     "iter_dequantized_weights",
     "nf4_weight",
+    "checkpoint_bits",
+    "quantization_config_8bit",
     "quantization_config_for",
     "quantize_nf4",
 ]

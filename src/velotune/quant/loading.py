@@ -24,12 +24,12 @@ from velotune.errors import ModelLoadError
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def _require_bitsandbytes() -> None:
+def _require_bitsandbytes(option: str = "load_in_4bit") -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ModelLoadError(
-            "load_in_4bit=True needs bitsandbytes: pip install 'velotune[bnb]' (or pip install bitsandbytes)"
+            f"{option}=True needs bitsandbytes: pip install 'velotune[bnb]' (or pip install bitsandbytes)"
         ) from None
 
 
@@ -83,3 +83,38 @@ def quantization_config_for(compute_dtype: torch.dtype, config) -> dict:
         bnb_4bit_quant_storage=torch.uint8,
     )
     return kwargs
+
+
+def quantization_config_8bit(config) -> dict:
+    """`from_pretrained` kwargs for load_in_8bit=True: bitsandbytes' LLM.int8() through transformers'
+    `BitsAndBytesConfig(load_in_8bit=True)` (decoder linear layers in int8, `lm_head` kept).
+
+    A bitsandbytes 8-bit checkpoint loads as saved (no new config); one quantised otherwise raises
+    ModelLoadError. On CUDA the model is placed on the current device (`device_map`), which the
+    caller may override. The 8-bit layers run bitsandbytes' own forward.
+    """
+    _require_bitsandbytes("load_in_8bit")
+    kwargs: dict = {}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    existing = _existing_quantization(config)
+    if existing is not None:
+        if existing.get("quant_method") != "bitsandbytes" or not existing.get("load_in_8bit"):
+            raise ModelLoadError(
+                f"this checkpoint is already quantised ({existing.get('quant_method')}, "
+                f"{'4' if existing.get('load_in_4bit') else '8' if existing.get('load_in_8bit') else '?'}-bit); "
+                "load_in_8bit loads bitsandbytes 8-bit checkpoints or quantises 16-bit ones"
+            )
+        return kwargs
+    from transformers import BitsAndBytesConfig
+
+    kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    return kwargs
+
+
+def checkpoint_bits(config) -> int | None:
+    """4 or 8 for a bitsandbytes-quantised checkpoint (config.quantization_config), else None."""
+    existing = _existing_quantization(config)
+    if not existing or existing.get("quant_method") != "bitsandbytes":
+        return None
+    return 4 if existing.get("load_in_4bit") else 8 if existing.get("load_in_8bit") else None

@@ -158,8 +158,19 @@ def training_arguments(cfg: TrainConfig, model, *, has_eval: bool) -> dict:
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         # Checkpointing is set up by get_peft_model (lora.gradient_checkpointing), not by the trainer.
-        gradient_checkpointing=False,
+        **_no_trainer_checkpointing(),
     )
+
+
+def _no_trainer_checkpointing() -> dict:
+    """The trainer's own checkpointing off, under the name this transformers uses (transformers 5.2x
+    renamed `gradient_checkpointing` to `activation_checkpointing` and warns about the old name)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing"
+    return {name if name in {f.name for f in fields(TrainingArguments)} else "gradient_checkpointing": False}
 
 
 def _check_loggers(report_to) -> None:
