@@ -167,3 +167,26 @@ def test_resize_model_vocab_and_full_finetuning_over_4bit(llama, caplog):
     assert "loading unquantised instead" in caplog.text
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_loading_installs_the_trl_compat_layer_and_fast_inference_binds_generate(llama):
+    """from_pretrained is the entry point that installs velotune.trl_compat (Unsloth code passes
+    SFTTrainer(tokenizer=..., max_seq_length=...)); fast_inference=True puts model.generate on the decode
+    engine in training mode too (GRPO rollouts), greedy tokens equal to stock generate's."""
+    import trl
+
+    from velotune import trl_compat
+
+    trl_compat.uninstall()
+    try:
+        model, _ = FastLanguageModel.from_pretrained(llama, dtype=torch.float32, fast_inference=True)
+        assert hasattr(trl, "ORPOTrainer")  # only the layer puts it there on TRL 1.x
+        assert "generate" in model.__dict__  # bound on this instance
+        ids = fixed_batch()["input_ids"][:1, :5]
+        model.train()
+        got = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        want = type(model).generate(model, input_ids=ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(got, want)
+    finally:
+        trl_compat.uninstall()
+    assert not hasattr(trl, "ORPOTrainer")

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from velotune import trl_compat
 from velotune.device import resolve_dtype
 from velotune.errors import ConfigError, ModelLoadError
 from velotune.log import quiet_deprecations
@@ -391,14 +392,20 @@ class FastLanguageModel:
         # An adapter folder's LoRA layers are set up here, so Unsloth's checkpointing keyword applies to them.
         checkpointing = options.no_effect.pop("use_gradient_checkpointing", "unsloth") if adapter else None
         options.report()
-        if fast_inference:
-            log.info(
-                "velotune: fast_inference=True: generation runs on velotune's own decode path "
-                "(FastLanguageModel.for_inference, then model.generate); vLLM is not used"
-            )
+        trl_compat.install()  # older TRL spellings (tokenizer=, max_seq_length=, ...) in Unsloth-style code
         if adapter is not None:
-            return _load_adapter(adapter, args, checkpointing)
-        return _load_model(path, **args)
+            model, tokenizer = _load_adapter(adapter, args, checkpointing)
+        else:
+            model, tokenizer = _load_model(path, **args)
+        if fast_inference:
+            from velotune.infer.rollout import enable_fast_generate
+
+            enable_fast_generate(model)  # model.generate on the decode engine, in training mode too (GRPO)
+            log.info(
+                "velotune: fast_inference=True: model.generate runs on velotune's own decode engine "
+                "(batched, in training mode too, e.g. GRPO rollouts); vLLM is not used"
+            )
+        return model, tokenizer
 
     @staticmethod
     def get_peft_model(
