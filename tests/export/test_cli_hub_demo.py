@@ -1,4 +1,4 @@
-"""`velotune export` from a training output folder, push_to_hub up to the network call, the demo export."""
+"""`velotune export` from a training output folder (and its --push-to-hub, up to the network), the demo export."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from helpers import logits, rel_err
 from mini import VOCAB, save_mini_model
 
 from velotune.cli import main
-from velotune.errors import ConfigError
 
 IDS = torch.randint(7, VOCAB, (1, 12), generator=torch.Generator().manual_seed(9))
 
@@ -72,26 +71,6 @@ def test_export_help_lists_methods(capsys):
         assert f"  {method} " in text
 
 
-def test_push_to_hub_everything_but_the_network(monkeypatch):
-    from helpers import lora_model
-
-    from velotune.export import hub
-
-    sent = []
-    monkeypatch.setattr(hub, "_network", lambda plan, token: sent.append((plan, token)) or "https://hub/x")
-    model, tok = lora_model("llama")
-    plan = model.push_to_hub_merged("me/merged", tok, token="t0k")
-    assert plan["url"] == "https://hub/x" and sent[0][1] == "t0k"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(plan["files"])
-    plan = model.push_to_hub_merged("me/adapter", tok, save_method="lora")
-    assert "adapter_model.safetensors" in plan["files"] and "model.safetensors" not in plan["files"]
-    plan = model.push_to_hub_gguf("me/gguf", tok, quantization_method="q8_0")
-    assert plan["files"] == ["Modelfile", "model.Q8_0.gguf"]
-    with pytest.raises(ConfigError, match="owner"):
-        model.push_to_hub_gguf("no-owner", tok)
-    assert len(sent) == 3
-
-
 def test_export_demo(tmp_path):
     """The demo's export step on the shipped demo model: llama.cpp's greedy answer from the q8_0 GGUF
     starts with the same tokens as transformers' greedy answer from the model in memory."""
@@ -131,10 +110,14 @@ def test_export_demo_without_llama_cpp_still_exports(tmp_path, monkeypatch):
 
 
 def test_export_cli_push_to_hub(run_dir, monkeypatch, tmp_path):
+    from helpers import RecordingHfApi
+
     from velotune.export import hub
 
-    sent = []
-    monkeypatch.setattr(hub, "_network", lambda plan, token: sent.append((plan, token)) or "https://hub/x")
+    apis = []
+    monkeypatch.setattr(
+        hub, "default_api", lambda token: apis.append(RecordingHfApi(tmp_path / f"hub{len(apis)}")) or apis[-1]
+    )
     run, _ = run_dir
     assert (
         main(
@@ -154,8 +137,9 @@ def test_export_cli_push_to_hub(run_dir, monkeypatch, tmp_path):
         )
         == 0
     )
-    assert sorted(p["path_in_repo"] for p, _ in sent) == ["gguf", "lora"]
-    assert {t for _, t in sent} == {"t"}
+    uploads = [call for api in apis for name, call in api.calls if name == "upload_folder"]
+    assert sorted(u["path_in_repo"] for u in uploads) == ["gguf", "lora"]
+    assert {u["token"] for u in uploads} == {"t"} and {u["repo_id"] for u in uploads} == {"me/run1"}
     assert main(["export", str(run), "--push-to-hub", "bad id!"]) == 2  # refused before any work
 
 

@@ -12,6 +12,9 @@ Bounds (stated, with the measured values on these toys in brackets):
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -120,6 +123,32 @@ def test_quantized_within_bounds(tmp_path):
         assert errors[path.name] <= bound
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= top1
     assert errors["model.Q8_0.gguf"] < errors["model.Q4_K_M.gguf"]
+
+
+def test_quantiser_log_only_when_asked_or_failed(tmp_path, capfd, monkeypatch):
+    """llama.cpp's quantiser logs every tensor it converts: kept back unless verbose=True, and quoted
+    in the error when it fails."""
+    import logging
+
+    from velotune.export.gguf_export import llama_cpp_quantize
+
+    # As in a fresh process (llama_cpp.Llama(verbose=False), e.g. open_gguf, raises this level for good).
+    monkeypatch.setattr(logging.getLogger("llama-cpp-python"), "level", logging.NOTSET)
+    model, tok = lora_model("llama")
+    capfd.readouterr()
+    model.save_pretrained_gguf(tmp_path / "quiet", tok, "q4_k_m", quiet=True)
+    assert capfd.readouterr().err == ""
+    model.save_pretrained_gguf(tmp_path / "verbose", tok, "q4_k_m", quiet=True, verbose=True)
+    err = capfd.readouterr().err
+    assert "llama_model_quantize" in err and "blk.0.attn_q.weight" in err
+    assert (tmp_path / "quiet" / "model.Q4_K_M.gguf").stat().st_size == (
+        tmp_path / "verbose" / "model.Q4_K_M.gguf"
+    ).stat().st_size
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ExportError, match=r"(?s)quantiser failed on not.gguf.*its log ends:\n.*not\.gguf"):
+        llama_cpp_quantize(bad, tmp_path / "out.gguf", "q4_k_m")
+    assert capfd.readouterr().err == ""
 
 
 MIXED = (
@@ -256,8 +285,12 @@ def test_failed_gguf_write_keeps_previous_file(tmp_path, monkeypatch):
         return real(self, tensor, *args, **kwargs)
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
-    with pytest.raises(ExportError, match="disk is full.*previous file is intact"):
-        model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(ExportError, match="disk is full.*previous file is intact"):
+            model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # the half-written file was closed
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "model.Q8_0.gguf"]
 

@@ -125,6 +125,46 @@ def test_4bit_base_is_dequantised_before_merging(qlora_model, tmp_path):
     assert rel_err(logits(merged, IDS), expected) <= 1e-5
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], None])
+def test_4bit_layers_without_lora_merge(targets, tmp_path, caplog):
+    """Any mix of LoRA and plain 4-bit layers merges (each 4-bit weight a fresh dequantised copy, not
+    a shared buffer); a 4-bit model with no LoRA at all saves its dequantised base, with a warning."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mini import mini_tokenizer, save_mini_model
+
+    from velotune import FastLanguageModel
+
+    base = save_mini_model("llama", tmp_path / "base", intermediate_size=128)
+    model, _ = FastLanguageModel.from_pretrained(base, dtype=torch.float32, load_in_4bit=True, fast=False)
+    if targets is not None:
+        model = FastLanguageModel.get_peft_model(
+            model, r=4, lora_alpha=8, target_modules=targets, use_gradient_checkpointing=False
+        )
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    model.train()  # dropout is 0; bitsandbytes' CPU eval path would repack the NF4 weights in place
+    expected = logits(model, IDS)
+    with caplog.at_level("WARNING", logger="velotune"):
+        out = model.save_pretrained_merged(tmp_path / "m", mini_tokenizer(), quiet=True)
+    assert ("no LoRA adapters" in caplog.text) == (targets is None)
+    saved = load_file(out / "model.safetensors")
+    root = model.get_base_model() if targets else model
+    plain = {  # 4-bit layers no LoRA wraps (a wrapped one is named ...base_layer)
+        n: m.weight for n, m in root.named_modules() if isinstance(m, bnb.nn.Linear4bit) and "base_layer" not in n
+    }
+    assert len(plain) == (2 * 5 if targets else 2 * 7)
+    for name, w in plain.items():  # each is the weight bitsandbytes itself dequantises
+        assert torch.equal(saved[f"{name}.weight"], bnbF.dequantize_4bit(w.data, w.quant_state).float()), name
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert rel_err(logits(merged, IDS), expected) <= 1e-5
+
+
 def test_merged_4bit_loads_as_nf4(qlora_model, tmp_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM

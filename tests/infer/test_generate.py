@@ -158,6 +158,27 @@ def test_streamer_and_growth_in_chunks(capsys):
     assert printed.strip() == tok.decode(expected[0, ids.shape[1] :]).strip()
 
 
+def test_generate_in_and_out_of_inference_mode():
+    """A generate() under torch.inference_mode() allocates the KV cache and RoPE tables; the next
+    generate() outside it (and one growing the cache, and one back inside) reuses them in place."""
+    model = mini_model("llama").eval()
+    ids, mask = left_padded()
+    expected = stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
+    longer = stock_generate(model, input_ids=ids, attention_mask=mask, **{**GREEDY, "max_new_tokens": 20})
+    for_inference(model)
+    engine = model.__dict__[_STATE]["engine"]
+    engine.chunk, engine.reserve_ahead = 16, 0  # the cache grows within the longer run
+    with torch.inference_mode():
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+    assert not engine.cache.k[0].is_inference()
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **{**GREEDY, "max_new_tokens": 20}), longer)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+    assert engine.growths >= 1
+    for_training(model)
+
+
 def test_disabled_and_rescaled_adapters_are_honoured():
     model = mini_model("phi3").eval()
     ids, mask = left_padded()
@@ -175,6 +196,22 @@ def test_disabled_and_rescaled_adapters_are_honoured():
     rescaled = stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), rescaled)
     assert not torch.equal(rescaled, with_lora)
+
+
+def test_for_training_turns_checkpointing_off_without_deprecation_warnings():
+    import warnings
+
+    from velotune.memory import enable_checkpointing
+
+    model = add_lora(mini_model("qwen2"))
+    enable_checkpointing(model.get_base_model(), True)
+    assert model.is_activation_checkpointing
+    for_inference(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        for_training(model, use_gradient_checkpointing=False)
+    assert not model.is_activation_checkpointing and model.training
 
 
 def test_for_training_restores_everything():

@@ -81,3 +81,54 @@ def test_velotune_loader_with_fast_training_patches(tmp_path):
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
     FastLanguageModel.for_training(model)
     assert model.training
+
+
+@pytest.mark.parametrize("modules", [["lm_head"], ["embed_tokens"], ["embed_tokens", "lm_head"]])
+def test_modules_to_save_cast_to_bf16_decode_in_their_dtype(tmp_path, modules):
+    """A float32 4-bit model with LoRA and fully trained copies (`modules_to_save`), every trainable
+    tensor cast to bf16 as TRL's SFTTrainer does for quantised models: the decode path runs each bf16
+    copy on a bf16 input and casts its output back to float32 (activations and KV cache stay float32).
+    Reference: stock PEFT generate with exactly those casts around each copy (hooks on the stock run)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import ModulesToSaveWrapper
+
+    from velotune import FastLanguageModel
+
+    path = save_mini_model("qwen2", tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True, fast=False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=modules))
+    g = torch.Generator().manual_seed(5)
+    copies = [m.modules_to_save["default"] for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert len(copies) == len(modules)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:  # trained: not the initial values
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for p in model.parameters():  # trl SFTTrainer.__init__, for quantised models
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    assert all(c.weight.dtype == torch.bfloat16 for c in copies)
+    ids, mask = left_padded()
+    model.train()  # no dropout; bitsandbytes' CPU eval forward would repack the NF4 weights
+    if "lm_head" in modules:  # stock itself cannot run it: a float32 hidden state meets a bf16 head
+        with pytest.raises(RuntimeError, match="dtype"):
+            stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
+    hooks = []
+    for c in copies:
+        hooks.append(
+            c.register_forward_pre_hook(lambda m, a: (a[0].to(torch.bfloat16),) if a[0].is_floating_point() else a)
+        )
+        hooks.append(c.register_forward_hook(lambda m, a, out: out.float()))
+    expected = stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    for h in hooks:
+        h.remove()
+    FastLanguageModel.for_inference(model)
+    engine = model.__dict__[_STATE]["engine"]
+    assert engine is not None and engine.spec.dtype == torch.float32
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+    logits = engine.prefill(ids, mask)
+    assert logits.dtype == torch.float32
+    assert (logits - ref_logits).norm() / ref_logits.norm() < 1e-5  # fp32 reordering only (as test_generate)

@@ -237,3 +237,43 @@ def test_nf4_view_is_cached_per_weight_and_follows_its_storage(llama_dir):
     assert again is not first and again.packed.data_ptr() == flipped.data_ptr()
     assert not torch.equal(get_base_weight(q), before)
     assert torch.equal(get_base_weight(q), bnbF.dequantize_4bit(q.weight.data, q.weight.quant_state))
+
+
+def test_first_forward_in_inference_mode_then_training(llama_dir):
+    """A QLoRA model's first forward under torch.inference_mode() (e.g. a generation before training)
+    must leave nothing behind that training cannot use: the weight buffers and the cached NF4 views
+    are made as normal tensors. The model then trains exactly as one whose first forward was a
+    training step."""
+    batch = fixed_batch()
+    results = []
+    for first_in_inference_mode in (True, False):
+        model4, _ = _load4(llama_dir)
+        peft4 = FastLanguageModel.get_peft_model(
+            model4, r=8, lora_alpha=16, target_modules=TARGETS, use_gradient_checkpointing=False, random_state=0
+        )
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for n, p in peft4.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        peft4.train()  # dropout 0; bitsandbytes' CPU eval path would repack the NF4 weights in place
+        WEIGHT_BUFFERS.clear()  # the slots are made by the first forward of this model
+        if first_in_inference_mode:
+            with torch.inference_mode():
+                inference_logits = peft4(input_ids=batch["input_ids"]).logits
+            assert WEIGHT_BUFFERS.nbytes() > 0
+        loss = peft4(**batch).loss
+        loss.backward()
+        with torch.inference_mode():  # and back again after training
+            after = peft4(input_ids=batch["input_ids"]).logits
+        with torch.no_grad():
+            plain = peft4(input_ids=batch["input_ids"]).logits
+        grads = {n: p.grad for n, p in peft4.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+        assert torch.equal(after, plain)
+        if first_in_inference_mode:
+            assert torch.equal(inference_logits, plain)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and set(grads_a) == set(grads_b) and len(grads_a) == 2 * 2 * 7
+    for n, g in grads_b.items():
+        assert g.abs().sum() > 0 and torch.equal(grads_a[n], g), n

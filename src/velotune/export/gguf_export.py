@@ -8,6 +8,7 @@ and renamed when complete, and an Ollama `Modelfile` is written beside it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from velotune.export.atomic import ExportError, atomic_file
 from velotune.fsio import remove_stale_temps
 from velotune.export.gguf_arch import add_metadata, arch_of, family_of, gguf_tensors
 from velotune.export.gguf_vocab import add_tokenizer
+from velotune.export.llama_cpp_io import llama_log
 from velotune.export.merge import base_model_of, iter_merged_tensors
 from velotune.export.merged import export_dtype
 from velotune.export.modelfile import write_modelfile
@@ -45,6 +47,7 @@ K_METHODS = {
     "q3_k_m": (F.MOSTLY_Q3_K_M, "3-bit k-quant mix: small, noticeable quality loss"),
     "q2_k": (F.MOSTLY_Q2_K, "2-bit k-quant: smallest, large quality loss; last resort"),
 }
+LOG_TAIL = 40  # lines of llama.cpp's log quoted when its quantiser fails
 ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m"}
 METHODS = {**{k: v[2] for k, v in PY_METHODS.items()}, **{k: v[1] for k, v in K_METHODS.items()}}
 
@@ -96,29 +99,38 @@ def write_gguf(model, tokenizer, path: Path, method: str, *, name: str | None = 
                 yield tname, arr, _tensor_type(tname, arr, qtype)
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch_of(family)])
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name or Path(getattr(config, "_name_or_path", "") or "model").name or "model")
-    add_metadata(w, config, family, int(file_type))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tokenizer(w, tokenizer, config.vocab_size)
-    n = 0
-    for tname, arr, ttype in converted():
-        block, type_size = gguf.GGML_QUANT_SIZES[ttype]
-        w.add_tensor_info(tname, arr.shape, np.dtype(np.float32), arr.size // block * type_size, raw_dtype=ttype)
-        n += 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for tname, arr, ttype in tqdm(
-        converted(), total=n, desc=f"writing {method} GGUF", unit="tensor", disable=quiet, leave=False
-    ):
-        w.write_tensor_data(arr.astype(np.float32) if ttype == Q.F32 else gguf.quants.quantize(arr, ttype))
+    try:
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(name or Path(getattr(config, "_name_or_path", "") or "model").name or "model")
+        add_metadata(w, config, family, int(file_type))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(w, tokenizer, config.vocab_size)
+        n = 0
+        for tname, arr, ttype in converted():
+            block, type_size = gguf.GGML_QUANT_SIZES[ttype]
+            w.add_tensor_info(tname, arr.shape, np.dtype(np.float32), arr.size // block * type_size, raw_dtype=ttype)
+            n += 1
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for tname, arr, ttype in tqdm(
+            converted(), total=n, desc=f"writing {method} GGUF", unit="tensor", disable=quiet, leave=False
+        ):
+            w.write_tensor_data(arr.astype(np.float32) if ttype == Q.F32 else gguf.quants.quantize(arr, ttype))
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk may fail the final flush too: the error above is the one
+            w.close()
+        raise
     w.close()
     return path
 
 
-def llama_cpp_quantize(src: Path, dst: Path, method: str) -> None:
-    """k-quantise `src` (a 16/32-bit GGUF) into `dst` with llama.cpp's quantiser."""
+def llama_cpp_quantize(src: Path, dst: Path, method: str, *, verbose: bool = False) -> None:
+    """k-quantise `src` (a 16/32-bit GGUF) into `dst` with llama.cpp's quantiser.
+
+    llama.cpp's log (a line per tensor) is kept back: printed to stderr as it comes if `verbose`,
+    else only inside the ExportError raised when quantisation fails (its last LOG_TAIL lines).
+    """
     try:
         import llama_cpp
     except ImportError:
@@ -129,9 +141,13 @@ def llama_cpp_quantize(src: Path, dst: Path, method: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(K_METHODS[method][0])
     params.nthread = max(1, (os.cpu_count() or 2))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with llama_log(verbose) as lines:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        raise ExportError(f"llama.cpp's quantiser failed on {src.name} -> {method} (return code {rc})")
+        tail = "".join(lines[-LOG_TAIL:]).rstrip() or "(llama.cpp logged nothing)"
+        raise ExportError(
+            f"llama.cpp's quantiser failed on {src.name} -> {method} (return code {rc}); its log ends:\n{tail}"
+        )
 
 
 def save_pretrained_gguf(
@@ -143,11 +159,13 @@ def save_pretrained_gguf(
     name: str | None = None,
     modelfile: bool = True,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> list[Path]:
     """Write one GGUF per method into `save_directory` (plus an Ollama Modelfile); returns the GGUF paths.
 
     Files are named `model.<METHOD>.gguf`. LoRA adapters are merged (fp32) on the way; the training
-    model is not modified.
+    model is not modified. `quiet`: no progress bars or summary lines. `verbose`: show llama.cpp's
+    own log while it k-quantises (otherwise shown only if it fails).
     """
     if tokenizer is None:
         raise ConfigError("save_pretrained_gguf needs the tokenizer: GGUF files carry their vocabulary")
@@ -177,7 +195,7 @@ def save_pretrained_gguf(
                     with atomic_file(intermediate) as tmp:
                         write_gguf(model, tokenizer, tmp, sixteen, name=name, quiet=quiet)
                 with atomic_file(target) as tmp:
-                    llama_cpp_quantize(intermediate, tmp, m)
+                    llama_cpp_quantize(intermediate, tmp, m, verbose=verbose)
             out.append(target)
             if not quiet:
                 print(f"velotune: wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, {m})")

@@ -1,7 +1,14 @@
 """push_to_hub variants: save to a temporary folder exactly as the local save does, then upload it.
 
-Everything up to the upload (saving, repo id checks, the file list) is shared with the local path
-and tested; `_network` is the only code that talks to the Hugging Face hub.
+    model.push_to_hub_merged("me/model", tokenizer, save_method="merged_16bit", token=..., private=True)
+    model.push_to_hub_gguf("me/model-gguf", tokenizer, quantization_method="q4_k_m", token=...)
+
+The names and keywords are Unsloth's (`repo_id`, `tokenizer`, `save_method` / `quantization_method`,
+`token`, `private`, `commit_message`, `commit_description`, `create_pr`, `revision`); the remaining
+keywords go to the local saver. The upload is huggingface_hub's own: `HfApi.create_repo` (model repo,
+`exist_ok=True`) then `HfApi.upload_folder`. `api=` takes the `HfApi` (or subclass) instance to use;
+by default one is made with `token`. An empty `token` ("", as Unsloth's notebooks leave it) means
+none: huggingface_hub then uses the saved login (`hf auth login`) or HF_TOKEN.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from velotune.errors import ConfigError
 def check_repo_id(repo_id: str) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if not isinstance(repo_id, str):
+        raise ConfigError(f"hub repo id must be a string like 'user/model', got {type(repo_id).__name__}")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -25,6 +34,13 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def default_api(token: str | None):
+    """A huggingface_hub `HfApi` for `token` (None: the saved login)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
 def upload_folder(
     folder: Path,
     repo_id: str,
@@ -32,14 +48,20 @@ def upload_folder(
     token: str | None = None,
     private: bool | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     path_in_repo: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    api=None,
 ) -> dict:
     """Upload every file under `folder` to the model repo `repo_id` (into `path_in_repo`, default the
-    repo root); returns what was sent."""
+    repo root), creating the repo if needed (`private` applies only then); returns what was sent:
+    {repo_id, folder, files (relative paths, sorted), private, path_in_repo, commit_message, url}."""
     check_repo_id(repo_id)
-    files = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+    files = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
     if not files:
         raise ConfigError(f"nothing to upload in {folder}")
+    token = token or None
     plan = {
         "repo_id": repo_id,
         "folder": str(folder),
@@ -48,23 +70,21 @@ def upload_folder(
         "path_in_repo": path_in_repo,
         "commit_message": commit_message or f"velotune export ({len(files)} files)",
     }
-    plan["url"] = _network(plan, token)
-    return plan
-
-
-def _network(plan: dict, token: str | None) -> str:  # the only untested code: it needs the hub
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(plan["repo_id"], private=plan["private"], exist_ok=True, repo_type="model")
-    return str(
-        api.upload_folder(
-            folder_path=plan["folder"],
-            repo_id=plan["repo_id"],
-            path_in_repo=plan["path_in_repo"],
-            commit_message=plan["commit_message"],
-        )
+    api = default_api(token) if api is None else api
+    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        path_in_repo=path_in_repo,
+        commit_message=plan["commit_message"],
+        commit_description=commit_description,
+        token=token,
+        repo_type="model",
+        revision=revision,
+        create_pr=create_pr,
     )
+    plan["url"] = str(getattr(commit, "pr_url", None) or getattr(commit, "commit_url", None) or commit)
+    return plan
 
 
 def push_to_hub_merged(
@@ -76,15 +96,30 @@ def push_to_hub_merged(
     token: str | None = None,
     private: bool | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    api=None,
     **save_kwargs,
 ) -> dict:
-    """Save adapters / merged weights as `save_pretrained_merged` does and upload them to `repo_id`."""
+    """Save adapters / merged weights as `save_pretrained_merged(..., save_method, **save_kwargs)`
+    does, into a temporary folder, and upload that folder to the root of `repo_id` (see `upload_folder`)."""
     from velotune.export.merged import save_pretrained_merged
 
     check_repo_id(repo_id)
     with tempfile.TemporaryDirectory(prefix="velotune-push-") as d:
         folder = save_pretrained_merged(model, Path(d) / "upload", tokenizer, save_method, quiet=True, **save_kwargs)
-        return upload_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
+        return upload_folder(
+            folder,
+            repo_id,
+            token=token,
+            private=private,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+            api=api,
+        )
 
 
 def push_to_hub_gguf(
@@ -96,12 +131,27 @@ def push_to_hub_gguf(
     token: str | None = None,
     private: bool | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    api=None,
     **gguf_kwargs,
 ) -> dict:
-    """Write GGUF file(s) + Modelfile as `save_pretrained_gguf` does and upload them to `repo_id`."""
+    """Write the GGUF file(s) (`model.<METHOD>.gguf`, one per method) and the Ollama Modelfile as
+    `save_pretrained_gguf` does, into a temporary folder, and upload them to the root of `repo_id`."""
     from velotune.export.gguf_export import save_pretrained_gguf
 
     check_repo_id(repo_id)
     with tempfile.TemporaryDirectory(prefix="velotune-push-") as d:
         save_pretrained_gguf(model, Path(d), tokenizer, quantization_method, quiet=True, **gguf_kwargs)
-        return upload_folder(Path(d), repo_id, token=token, private=private, commit_message=commit_message)
+        return upload_folder(
+            Path(d),
+            repo_id,
+            token=token,
+            private=private,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+            api=api,
+        )

@@ -1,4 +1,7 @@
-"""Open a GGUF with llama-cpp-python for velotune's checks and demo (reading back what we wrote).
+"""llama-cpp-python for velotune: open a GGUF (reading back what we wrote), and llama.cpp's log.
+
+`llama_log()` collects llama.cpp's log (its quantiser prints every tensor it converts) instead of
+letting it reach stderr, so that a caller shows it only when something failed or when asked.
 
 `extra_buffer_types=False` (the default here) turns off llama.cpp's repacked CPU weight buffers
 (AMX / AVX-512 repacks of quantised tensors). Some virtual machines advertise AMX without letting a
@@ -10,11 +13,44 @@ call and restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 _LOCK = threading.Lock()
+_LOG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def llama_log(verbose: bool = False) -> Iterator[list[str]]:
+    """Inside: llama.cpp's log lines are appended to the yielded list (each with its newline), and
+    written to stderr as they come only if `verbose`. llama.cpp has one process-wide log callback:
+    the one set before is restored on exit (one `llama_log` at a time; others wait)."""
+    import ctypes
+
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data) -> None:
+        line = text.decode("utf-8", "replace")
+        lines.append(line)
+        if verbose:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    with _LOG_LOCK:
+        previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
+        llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+        try:
+            yield lines
+        finally:
+            llama_cpp.llama_log_set(previous, user_data)
 
 
 def open_gguf(

@@ -5,7 +5,8 @@ transformers model of the same class uses (`model.layers.0.self_attn.q_proj.weig
 result loads with `AutoModelForCausalLM.from_pretrained` and maps onto GGUF names. The training
 model is never modified: every merged weight is a fresh float32 tensor.
 
-    base weight W   [out, in]   (bitsandbytes 4-bit: dequantised by velotune.quant.get_base_weight)
+    base weight W   [out, in]   (bitsandbytes 4-bit: a fresh copy from velotune.quant.dequantize_weight,
+                                 never get_base_weight's reused buffer)
     lora_A          [r, in]
     lora_B          [out, r]
     scaling         lora_alpha / r   (or lora_alpha / sqrt(r) with rsLoRA; PEFT stores it per adapter)
@@ -30,15 +31,21 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
 
+def has_adapters(model) -> bool:
+    """Whether the model has anything for a merge to fold in: a PEFT LoRA layer or a trained copy
+    (`modules_to_save`)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return any(isinstance(m, (LoraLayer, ModulesToSaveWrapper)) for m in model.modules())
+
+
 def _merged_lora_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 (weight, bias) of one PEFT LoRA layer with its active adapters folded in."""
-    from velotune.quant import get_base_weight
+    """fp32 (weight, bias) of one PEFT LoRA layer with its active adapters folded in (fresh tensors)."""
+    from velotune.quant import dequantize_weight
 
     base = layer.get_base_layer()
-    if isinstance(base, torch.nn.Embedding):
-        weight = base.weight.detach().to(torch.float32, copy=True)
-    else:
-        weight = get_base_weight(base).detach().to(torch.float32, copy=True)
+    weight = dequantize_weight(base, torch.float32)  # a copy; 4-bit: dequantised exactly
     bias = getattr(base, "bias", None)
     bias = None if bias is None else bias.detach().to(torch.float32, copy=True)
     for adapter in layer.active_adapters:
@@ -73,7 +80,7 @@ def iter_merged_tensors(model, dtype: torch.dtype | None = torch.float32) -> Ite
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    from velotune.quant import get_base_weight
+    from velotune.quant import dequantize_weight
 
     base = base_model_of(model)
     seen: set[int] = set()
@@ -107,8 +114,8 @@ def iter_merged_tensors(model, dtype: torch.dtype | None = torch.float32) -> Ite
             if id(p) in seen:
                 continue  # tied weight
             seen.add(id(p))
-            if key == "weight" and getattr(p, "quant_state", None) is not None:
-                yield emit(prefix + key, get_base_weight(module).float())
+            if key == "weight" and getattr(p, "quant_state", None) is not None:  # a 4-bit layer without LoRA
+                yield emit(prefix + key, dequantize_weight(p, torch.float32))
             else:
                 yield emit(prefix + key, p.float() if p.is_floating_point() else p)
         for key, b in module.named_buffers(recurse=False):

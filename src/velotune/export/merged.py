@@ -5,6 +5,10 @@
                 (bf16/fp16 for 16-bit models; an fp32 model stays fp32) as sharded safetensors
 "merged_4bit"   the merged model re-quantised to bitsandbytes NF4 (for transformers/vLLM 4-bit
                 inference; not a format to fine-tune further from)
+
+Any mix of LoRA and plain layers merges: a layer without LoRA (4-bit or not) is saved as its base
+weight (4-bit: dequantised). A model with no adapters at all (no LoRA, no modules_to_save) is
+saved that way too, with a warning (nothing was merged), as Unsloth does.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from velotune.errors import ConfigError
 from velotune.export.atomic import ExportError, atomic_dir
-from velotune.export.merge import base_model_of, is_peft_model, iter_merged_tensors
+from velotune.export.merge import base_model_of, has_adapters, is_peft_model, iter_merged_tensors
 from velotune.export.safetensors_io import parse_size, write_model_folder
 
 log = logging.getLogger("velotune")
@@ -84,10 +88,15 @@ def save_pretrained_merged(
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        elif save_method == "merged_16bit":
-            _write_merged(model, tmp, tokenizer, export_dtype(model, dtype), max_shard_size, quiet)
         else:
-            _write_merged_4bit(model, tmp, tokenizer, export_dtype(model, dtype), max_shard_size, quiet)
+            if not has_adapters(model):
+                log.warning(
+                    "save_pretrained_merged: the model has no LoRA adapters (nor modules_to_save), so there "
+                    "is nothing to merge; saving the base model as %s",
+                    save_method,
+                )
+            write = _write_merged if save_method == "merged_16bit" else _write_merged_4bit
+            write(model, tmp, tokenizer, export_dtype(model, dtype), max_shard_size, quiet)
     if not quiet:
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
         print(f"velotune: saved {save_method} to {target} ({size / 2**20:.1f} MiB)")

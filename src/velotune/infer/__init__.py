@@ -96,12 +96,15 @@ def for_training(model, use_gradient_checkpointing=True):
 
 def _set_checkpointing(model, mode) -> None:
     """True: keep checkpointing as it was configured; False: off; "unsloth"/"offload": on (offloaded)."""
-    enabled = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x name
+    enabled = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x names; the old ones warn
     if enabled is None:
         enabled = getattr(model, "is_gradient_checkpointing", False)
     if mode in (False, None, "none", "false"):
-        if enabled and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
+        disable = getattr(model, "activation_checkpointing_disable", None) or getattr(
+            model, "gradient_checkpointing_disable", None
+        )
+        if enabled and disable is not None:
+            disable()
         return
     if mode in ("unsloth", "offload") and not enabled:
         enable_checkpointing(model, mode)

@@ -34,11 +34,14 @@ class KVCache:
         device: torch.device,
     ):
         shape = (batch, n_kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)
-        self.offset = torch.zeros(batch, dtype=torch.long, device=device)
-        self.arange = torch.arange(capacity, device=device)
+        # Normal tensors even when allocated under torch.inference_mode(): a generate() in inference
+        # mode and the next one outside it write the same buffers in place.
+        with torch.inference_mode(False):
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+            self.valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+            self.offset = torch.zeros(batch, dtype=torch.long, device=device)
+            self.arange = torch.arange(capacity, device=device)
         self.cos = self.sin = None
         self.batch, self.capacity, self.length = batch, capacity, 0
 

@@ -98,11 +98,12 @@ class DecodeEngine:
         if not self.static_rope:
             return
         # The model's own rotary module at positions 0..S-1: identical values to its per-step call.
-        dummy = torch.empty(1, dtype=self.spec.dtype, device=self.spec.device)
-        cache.cos, cache.sin = {}, {}
-        for key in self._rope_keys():
-            cos, sin = self._rotary(dummy, cache.arange.unsqueeze(0), key)
-            cache.cos[key], cache.sin[key] = cos[0], sin[0]
+        with torch.no_grad(), torch.inference_mode(False):  # normal tensors, as the cache's (cache.py)
+            dummy = torch.empty(1, dtype=self.spec.dtype, device=self.spec.device)
+            cache.cos, cache.sin = {}, {}
+            for key in self._rope_keys():
+                cos, sin = self._rotary(dummy, cache.arange.unsqueeze(0), key)
+                cache.cos[key], cache.sin[key] = cos[0], sin[0]
 
     def _rope_keys(self):
         return {layer.rope_key for layer in self.spec.layers}
@@ -191,7 +192,7 @@ class DecodeEngine:
         return h + (m if s.residual_multiplier is None else m * s.residual_multiplier)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.spec.embed(ids)
+        h = self.spec.embed(ids).to(self.spec.dtype)  # a trainable copy in another dtype: cast once, here
         return h if self.spec.embed_multiplier is None else h * self.spec.embed_multiplier
 
     def _head(self, h_last: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,22 @@ from velotune.quant import is_4bit
 
 
 def _base(module, x: torch.Tensor) -> torch.Tensor:
-    """A base layer: plain nn.Linear and bitsandbytes 4-bit read directly; anything else via its forward."""
+    """A base layer: plain nn.Linear and bitsandbytes 4-bit read directly; anything else via its forward.
+
+    A layer whose weight is in another floating dtype than x (a trainable copy cast to bf16 by TRL,
+    e.g. `modules_to_save=["lm_head"]` on a float32 4-bit model) gets x cast to its weight's dtype,
+    and its output cast back to x's dtype: the decode path's activations keep one dtype.
+    """
     if type(module) is torch.nn.Linear:
-        return F.linear(x, module.weight, module.bias)
+        w = module.weight
+        if w.dtype == x.dtype:
+            return F.linear(x, w, module.bias)
+        return F.linear(x.to(w.dtype), w, module.bias).to(x.dtype)
     if is_4bit(module):
         return _nf4_linear(module, x)
+    w = getattr(module, "weight", None)  # PEFT's ModulesToSaveWrapper: the active copy's weight
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype != x.dtype:
+        return module(x.to(w.dtype)).to(x.dtype)
     return module(x)
 
 

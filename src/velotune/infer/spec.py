@@ -69,7 +69,7 @@ class DecoderSpec:
     attn_softcap: float | None
     final_softcap: float | None
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # activations and KV cache (a module in another dtype: ops._base casts around it)
     vocab_size: int
     act_name: str | None  # for the fused GLU kernel (None: use the module's activation)
     embed_multiplier: float | None = None  # Granite: embeddings * m
@@ -150,7 +150,9 @@ def build_spec(model) -> DecoderSpec | None:
     attn0 = body.layers[0].self_attn
     head_dim = attn0.head_dim
     rope_type = _rope_type(config)
-    dtype = body.embed_tokens.weight.dtype
+    # the activations' and the KV cache's dtype: the frozen embedding's (PEFT's ModulesToSaveWrapper
+    # reports its trainable copy's weight, which TRL may have cast to bf16)
+    dtype = getattr(body.embed_tokens, "original_module", body.embed_tokens).weight.dtype
     return DecoderSpec(
         family=family.name,
         embed=body.embed_tokens,

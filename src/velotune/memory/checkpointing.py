@@ -232,7 +232,7 @@ def enable_checkpointing(
         return
     if mode is not True and mode != "true":
         raise ValueError(f"use_gradient_checkpointing={mode!r}: use True, False, 'unsloth' or 'offload'")
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -58,7 +58,8 @@ def nf4_weight(module_or_weight) -> NF4Weight:
     cached = getattr(w, "_velotune_nf4", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    nf4 = NF4Weight.from_bnb(w.data, qs)
+    with torch.inference_mode(False):  # cached views must serve forwards in and out of inference mode
+        nf4 = NF4Weight.from_bnb(w.data, qs)
     try:
         w._velotune_nf4 = (key, nf4)
     except AttributeError:  # a weight type that takes no attributes: just do not cache
@@ -107,7 +108,8 @@ class _WeightBuffers:
             if buf is None or buf.numel() < numel or self._local:
                 views.clear()
                 slots[i] = buf = None  # free the smaller one before allocating
-                slots[i] = buf = torch.empty(numel, device=device, dtype=dtype)
+                with torch.inference_mode(False):  # a normal tensor even when taken in inference mode
+                    slots[i] = buf = torch.empty(numel, device=device, dtype=dtype)
             torch.autograd.graph.increment_version(buf)
             self._tags[key][i] = None
         return buf, views
@@ -130,7 +132,8 @@ class _WeightBuffers:
     def _view(buf, views, shape, numel):
         view = views.get(shape)
         if view is None:
-            view = views[shape] = buf[:numel].view(shape)
+            with torch.inference_mode(False):  # a view made in inference mode could not be written outside it
+                view = views[shape] = buf[:numel].view(shape)
         return view
 
     def lookup(
@@ -210,6 +213,8 @@ def get_base_weight(linear: torch.nn.Module) -> torch.Tensor:
     again (see `_WeightBuffers.lookup`). Use it within one autograd Function's forward or backward and let it go: never
     save it for backward (`ctx.save_for_backward`) or keep it across calls; call again in backward.
     It does not require grad. Plain autograd ops that save it are caught (see `_WeightBuffers`).
+    Valid in and out of `torch.inference_mode()`: the buffers and cached views are normal tensors
+    whichever mode first made them.
     """
     layer = base_layer(linear)
     weight = layer.weight
