@@ -87,71 +87,43 @@ def upload_folder(
     return plan
 
 
-def push_to_hub_merged(
-    model,
-    repo_id: str,
-    tokenizer=None,
-    save_method: str = "merged_16bit",
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    create_pr: bool = False,
-    revision: str | None = None,
-    api=None,
-    **save_kwargs,
-) -> dict:
-    """Save adapters / merged weights as `save_pretrained_merged(..., save_method, **save_kwargs)`
-    does, into a temporary folder, and upload that folder to the root of `repo_id` (see `upload_folder`)."""
+# upload_folder's keywords that the push_to_hub_* functions take (everything else goes to the saver)
+UPLOAD_KEYWORDS = ("token", "private", "commit_message", "commit_description", "create_pr", "revision", "api")
+
+
+def _push(repo_id: str, options: dict, save) -> dict:
+    """check repo_id, then save(folder, **saver keywords) into a temporary folder and upload it with
+    options' UPLOAD_KEYWORDS."""
+    check_repo_id(repo_id)
+    upload = {k: options.pop(k) for k in UPLOAD_KEYWORDS if k in options}
+    with tempfile.TemporaryDirectory(prefix="velotune-push-") as d:
+        folder = save(Path(d) / "upload", **options)
+        return upload_folder(folder, repo_id, **upload)
+
+
+def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit", **options) -> dict:
+    """Save adapters / merged weights as `save_pretrained_merged(..., save_method, **saver keywords)`
+    does, into a temporary folder, and upload that folder to the root of `repo_id`. options: the
+    upload's keywords (UPLOAD_KEYWORDS: token, private, commit_message, commit_description, create_pr,
+    revision, api; see `upload_folder`), the rest the saver's."""
     from velotune.export.merged import save_pretrained_merged
 
-    check_repo_id(repo_id)
-    with tempfile.TemporaryDirectory(prefix="velotune-push-") as d:
-        folder = save_pretrained_merged(model, Path(d) / "upload", tokenizer, save_method, quiet=True, **save_kwargs)
-        return upload_folder(
-            folder,
-            repo_id,
-            token=token,
-            private=private,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-            api=api,
-        )
+    def save(folder, **kw):
+        return save_pretrained_merged(model, folder, tokenizer, save_method, quiet=True, **kw)
+
+    return _push(repo_id, dict(options), save)
 
 
 def push_to_hub_gguf(
-    model,
-    repo_id: str,
-    tokenizer=None,
-    quantization_method: str | Sequence[str] = "q8_0",
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    create_pr: bool = False,
-    revision: str | None = None,
-    api=None,
-    **gguf_kwargs,
+    model, repo_id: str, tokenizer=None, quantization_method: str | Sequence[str] = "q8_0", **options
 ) -> dict:
     """Write the GGUF file(s) (`model.<METHOD>.gguf`, one per method) and the Ollama Modelfile as
-    `save_pretrained_gguf` does, into a temporary folder, and upload them to the root of `repo_id`."""
+    `save_pretrained_gguf` does, into a temporary folder, and upload them to the root of `repo_id`.
+    options: as push_to_hub_merged's (upload keywords, the rest save_pretrained_gguf's)."""
     from velotune.export.gguf_export import save_pretrained_gguf
 
-    check_repo_id(repo_id)
-    with tempfile.TemporaryDirectory(prefix="velotune-push-") as d:
-        save_pretrained_gguf(model, Path(d), tokenizer, quantization_method, quiet=True, **gguf_kwargs)
-        return upload_folder(
-            Path(d),
-            repo_id,
-            token=token,
-            private=private,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-            api=api,
-        )
+    def save(folder, **kw):
+        save_pretrained_gguf(model, folder, tokenizer, quantization_method, quiet=True, **kw)
+        return folder
+
+    return _push(repo_id, dict(options), save)
