@@ -95,11 +95,11 @@ def test_refused_before_loading(tmp_path):
     _weights_replaced(path)
     est = estimate_memory(mini_config("llama"), torch.float32, seq_len=2048)
     with pytest.raises(ModelLoadError, match=r"does not fit: it needs ~.* GiB .* What would fit: .*max_seq_length <="):
-        FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap=est.gpu_bytes - 1)
+        FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=2048, memory_cap=est.gpu_bytes - 1)
     with pytest.raises(ModelLoadError, match="memory_cap"):
-        FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap="lots")
+        FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=2048, memory_cap="lots")
     with pytest.raises(ModelLoadError, match="lack") as e:  # under the cap: on to the weights (missing here)
-        FastLanguageModel.from_pretrained(path, dtype=torch.float32, memory_cap=est.gpu_bytes)
+        FastLanguageModel.from_pretrained(path, dtype=torch.float32, max_seq_length=2048, memory_cap=est.gpu_bytes)
     assert "does not fit" not in str(e.value)
 
 
@@ -114,7 +114,9 @@ def test_prequantised_config_counts_as_4bit(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     _weights_replaced(path)
     with pytest.raises(ModelLoadError, match="NF4"):  # described as the 4-bit model it is
-        FastLanguageModel.from_pretrained(path, dtype=torch.bfloat16, memory_cap=est4.gpu_bytes - 1)
+        FastLanguageModel.from_pretrained(
+            path, dtype=torch.bfloat16, max_seq_length=2048, memory_cap=est4.gpu_bytes - 1
+        )
 
 
 def test_parse_bytes():
