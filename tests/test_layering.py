@@ -33,7 +33,7 @@ LAYERS = [
     ["velotune.data"],
     ["velotune.infer", "velotune.export"],
     # "velotune" alone: the package's __init__ (the public API)
-    ["velotune", "velotune.loader", "velotune.loader_options", "velotune.trl_compat"],
+    ["velotune", "velotune.loader", "velotune.loader_options", "velotune.trl_compat", "velotune.chat_templates"],
     ["velotune.train", "velotune.demo"],
     [
         "velotune.cli",

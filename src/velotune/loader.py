@@ -815,6 +815,9 @@ def _finish_peft_model(
     from velotune.models import prepare_peft_model
 
     prepare_peft_model(peft_model)
+    from velotune.models.trained_copies import keep_io_dtype
+
+    keep_io_dtype(peft_model)  # full copies (modules_to_save) that a trainer may cast to bf16
     if padding_free is None and cuda_graphs:
         padding_free = False  # graphs replay fixed shapes; padding-free batches change shape every step
     if padding_free is not None:

@@ -204,6 +204,7 @@ def test_sentencepiece_tokenizer_round_trip(tmp_path):
 def test_modelfile_beside_gguf(tmp_path):
     model, tok = lora_model("llama")
     model.save_pretrained_gguf(tmp_path, tok, "q8_0", quiet=True)
+    assert tok._ollama_modelfile == (tmp_path / "Modelfile").read_text()  # Unsloth's attribute: the same text
     mf = parse_modelfile((tmp_path / "Modelfile").read_text())
     assert mf["from"] == "./model.Q8_0.gguf" and "<|assistant|>" in mf["template"]
     assert mf["stop"] == ["<|end|>", "<|user|>", "</s>"]

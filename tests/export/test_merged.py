@@ -165,12 +165,13 @@ def test_4bit_layers_without_lora_merge(targets, tmp_path, caplog):
     assert rel_err(logits(merged, IDS), expected) <= 1e-5
 
 
-def test_merged_4bit_loads_as_nf4(qlora_model, tmp_path):
+@pytest.mark.parametrize("method", ["merged_4bit", "merged_4bit_forced"])  # (the second: Unsloth's name)
+def test_merged_4bit_loads_as_nf4(qlora_model, tmp_path, method):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
     model, tok, expected = qlora_model
-    out = model.save_pretrained_merged(tmp_path / "m4", tok, save_method="merged_4bit", quiet=True)
+    out = model.save_pretrained_merged(tmp_path / "m4", tok, save_method=method, quiet=True)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     m4 = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(m4.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)

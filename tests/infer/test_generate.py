@@ -276,3 +276,24 @@ def test_cuda_graph_decode_matches_eager():
     got = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert model.__dict__[_STATE]["engine"].cuda_graphs
     assert torch.equal(got, expected)
+
+
+def test_a_tokenizer_encoding_as_the_prompt():
+    """transformers 5's apply_chat_template(..., return_tensors="pt") returns a BatchEncoding; scripts written for
+    transformers 4 pass it where the ids go. It is read as its input_ids and attention_mask."""
+    from transformers import BatchEncoding
+
+    model = mini_model("llama").eval()
+    ids, mask = left_padded(batch=2, pads=(0, 3))
+    expected = stock_generate(model, input_ids=ids, attention_mask=mask, **GREEDY)
+    for_inference(model)
+    encoding = BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    assert torch.equal(model.generate(encoding, **GREEDY), expected)
+    assert torch.equal(model.generate(input_ids=encoding, **GREEDY), expected)
+    assert torch.equal(model.generate(inputs=dict(encoding), **GREEDY), expected)
+    # an attention_mask given by the caller wins over the encoding's
+    ones = torch.ones_like(mask)
+    assert torch.equal(
+        model.generate(encoding, attention_mask=ones, **GREEDY),
+        stock_generate(model, input_ids=ids, attention_mask=ones, **GREEDY),
+    )

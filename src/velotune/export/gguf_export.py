@@ -163,7 +163,9 @@ def save_pretrained_gguf(
 ) -> list[Path]:
     """Write one GGUF per method into `save_directory` (plus an Ollama Modelfile); returns the GGUF paths.
 
-    Files are named `model.<METHOD>.gguf`. LoRA adapters are merged (fp32) on the way; the training
+    Files are named `model.<METHOD>.gguf`. The Modelfile (FROM the first GGUF) is `save_directory/Modelfile`,
+    and its text is also left in `tokenizer._ollama_modelfile` (Unsloth's attribute, which its Ollama
+    notebook prints). LoRA adapters are merged (fp32) on the way; the training
     model is not modified. `quiet`: no progress bars or summary lines. `verbose`: show llama.cpp's
     own log while it k-quantises (otherwise shown only if it fails).
     """
@@ -203,7 +205,8 @@ def save_pretrained_gguf(
         if intermediate is not None:
             intermediate.unlink(missing_ok=True)
     if modelfile:
-        write_modelfile(folder / "Modelfile", tokenizer, out[0].name)
+        path = write_modelfile(folder / "Modelfile", tokenizer, out[0].name)
+        tokenizer._ollama_modelfile = path.read_text(encoding="utf-8")  # where Unsloth scripts print it from
     return out
 
 

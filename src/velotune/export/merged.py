@@ -4,7 +4,8 @@
 "merged_16bit"  LoRA folded into the base weights (fp32 math), saved in the model's dtype
                 (bf16/fp16 for 16-bit models; an fp32 model stays fp32) as sharded safetensors
 "merged_4bit"   the merged model re-quantised to bitsandbytes NF4 (for transformers/vLLM 4-bit
-                inference; not a format to fine-tune further from)
+                inference; not a format to fine-tune further from). "merged_4bit_forced", the name
+                Unsloth asks for, is the same method.
 
 Any mix of LoRA and plain layers merges: a layer without LoRA (4-bit or not) is saved as its base
 weight (4-bit: dequantised). A model with no adapters at all (no LoRA, no modules_to_save) is
@@ -27,6 +28,7 @@ from velotune.export.safetensors_io import parse_size, write_model_folder
 
 log = logging.getLogger("velotune")
 
+ALIASES = {"merged_4bit_forced": "merged_4bit"}  # Unsloth's spelling -> velotune's method
 SAVE_METHODS = {
     "lora": "adapters only (small; load with peft on top of the same base model)",
     "merged_16bit": "LoRA merged into the base weights, 16-bit safetensors (transformers, vLLM, TGI)",
@@ -72,6 +74,7 @@ def save_pretrained_merged(
     quiet: bool = False,
 ) -> Path:
     """Save adapters or the merged model to `save_directory` (atomically) and return its path."""
+    save_method = ALIASES.get(save_method, save_method)
     if save_method not in SAVE_METHODS:
         raise ConfigError(f"save_method={save_method!r}: choose one of {', '.join(SAVE_METHODS)}")
     max_shard_size = parse_size(max_shard_size)  # a bad size is refused before any work

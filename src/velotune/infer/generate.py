@@ -57,8 +57,35 @@ def engine_takes(model, kwargs: dict) -> bool:
     return not _needs_stock(model, kwargs)
 
 
+def unpack_encoding(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A tokenizer's output (BatchEncoding or dict with "input_ids") given as the prompt (positionally, or as
+    `input_ids=` / `inputs=`) is replaced, in the same place, by its "input_ids" tensor, and its "attention_mask"
+    is passed as `attention_mask=` unless one is given.
+
+    transformers 5's `tokenizer.apply_chat_template(..., return_tensors="pt")` returns such an encoding where
+    transformers 4 returned the ids tensor; scripts written for 4 (Unsloth's notebooks) pass it straight to
+    `generate`. Anything else is returned unchanged."""
+    from collections.abc import Mapping
+
+    def is_encoding(x) -> bool:
+        return isinstance(x, Mapping) and "input_ids" in x
+
+    if args and is_encoding(args[0]):
+        encoding, args = args[0], (args[0]["input_ids"], *args[1:])
+    elif key := next((k for k in ("input_ids", "inputs") if is_encoding(kwargs.get(k))), None):
+        encoding = kwargs[key]
+        kwargs = {**kwargs, key: encoding["input_ids"]}
+    else:
+        return args, kwargs
+    if encoding.get("attention_mask") is not None and kwargs.get("attention_mask") is None:
+        kwargs = {**kwargs, "attention_mask": encoding["attention_mask"]}
+    return args, kwargs
+
+
 def fast_generate(model, engine, stock_generate, *args, **kwargs):
-    """The per-instance `generate`: the engine's loop where it applies, stock generate otherwise."""
+    """The per-instance `generate`: the engine's loop where it applies, stock generate otherwise. The prompt
+    may also be a tokenizer's encoding (`unpack_encoding`)."""
+    args, kwargs = unpack_encoding(args, kwargs)
     if engine is None or _needs_stock(model, kwargs):
         return stock_generate(*args, **kwargs)
     # transformers passes a callable decoding method only the arguments it names beyond `_sample`'s,
