@@ -74,7 +74,10 @@ def test_auto_parts_on_a_real_sentencepiece_tokenizer(mistral_sentencepiece):
     assert len(mistral_sentencepiece) == 32000
     # the formats whose markers are plain text (SentencePiece merges spaces into words there). One tokenizer
     # takes them in turn (a copy costs seconds): the eos-based formats first, llama-3 (which remaps eos) last.
-    _check_templates(lambda: mistral_sentencepiece, ["mistral", "alpaca", "vicuna", "zephyr", "default", "llama-3"])
+    _check_templates(
+        lambda: mistral_sentencepiece,
+        ["mistral", "alpaca", "vicuna", "zephyr", "default", "olmo-2", "mistral-v7-tekken", "llama-3"],
+    )
 
 
 def test_explicit_parts_unsloth_style():

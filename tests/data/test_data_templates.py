@@ -38,6 +38,8 @@ FAMILY_TOKENS = {
     "llama-2": ("<s>", "</s>"),
     "vicuna-old": ("<s>", "</s>"),
     "starling": ("<s>", "</s>"),
+    "olmo-2": ("<|endoftext|>", "<|endoftext|>"),  # OLMo 2's bos and eos are the same token
+    "mistral-v7-tekken": ("<s>", "</s>"),
 }
 STOP = {
     "llama-3": "<|eot_id|>",
@@ -58,6 +60,8 @@ STOP = {
     "llama-2": "</s>",
     "vicuna-old": "</s>",
     "starling": "<|end_of_turn|>",
+    "olmo-2": "<|endoftext|>",
+    "mistral-v7-tekken": "</s>",
 }
 
 _L3_TURNS = (
@@ -132,6 +136,14 @@ REFERENCE = {
         "GPT4 Correct Assistant: Hello.<|end_of_turn|>GPT4 Correct User: What is 2+2?<|end_of_turn|>"
         "GPT4 Correct Assistant: 4<|end_of_turn|>"
     ),
+    # OLMo 2 Instruct: '\n' after an assistant's eos only when another turn follows
+    "olmo-2": (
+        "<|endoftext|><|system|>\nYou are helpful.\n<|user|>\nHi!\n<|assistant|>\nHello.<|endoftext|>\n"
+        "<|user|>\nWhat is 2+2?\n<|assistant|>\n4<|endoftext|>"
+    ),
+    "mistral-v7-tekken": (
+        "<s>[SYSTEM_PROMPT]You are helpful.[/SYSTEM_PROMPT][INST]Hi![/INST]Hello.</s>[INST]What is 2+2?[/INST]4</s>"
+    ),
 }
 
 # [user "Hi!"] with add_generation_prompt=True: what the model sees before it answers (default system messages too)
@@ -172,6 +184,9 @@ PROMPT = {
         "helpful, detailed, and polite answers to the human's questions.\n### Human: Hi!\n### Assistant:"
     ),
     "starling": "<s>GPT4 Correct User: Hi!<|end_of_turn|>GPT4 Correct Assistant:",
+    "olmo-2": "<|endoftext|><|user|>\nHi!\n<|assistant|>\n",
+    # Mistral Small 3.x / Ministral 3 fill in a dated default system message; velotune's template writes none
+    "mistral-v7-tekken": "<s>[INST]Hi![/INST]",
 }
 
 
@@ -315,6 +330,89 @@ def test_qwen3_think_blocks():
     assert tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True).endswith("assistant\n")
 
 
+def _reply_labels(tok, conv):
+    """(labels from the template's assistant mask, labels found by velotune.data.masking from token ids) and
+    the text the model is trained on, for one conversation."""
+    from velotune.data.masking import derive_parts, response_labels
+
+    out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = out["input_ids"]
+    exact = [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
+    found = response_labels(ids, parts=derive_parts(tok))
+    return exact, found, tok.decode([t for t in found if t != -100])
+
+
+def test_olmo2_turns_as_olmo2_writes_them():
+    """OLMo 2 Instruct's own template (Tulu 3's turns after bos): '\\n' follows an assistant's eos only when
+    another turn comes, the generation prompt follows the last message (a system one too), a later system
+    message is written in place. The role tags are text: nothing is added, even with
+    model=. Response-only labels cover exactly each reply and its eos."""
+    tok = family_tokenizer("olmo-2", model=mini_model("llama"))
+    assert tok.velotune_added_tokens == [] and tok.eos_token == "<|endoftext|>"
+    assert tok.apply_chat_template(CONV[1:4], tokenize=False, add_generation_prompt=True) == (
+        "<|endoftext|><|user|>\nHi!\n<|assistant|>\nHello.<|endoftext|>\n<|user|>\nWhat is 2+2?\n<|assistant|>\n"
+    )
+    later_system = [CONV[1], CONV[2], {"role": "system", "content": "Be brief."}, CONV[3], CONV[4]]
+    assert tok.apply_chat_template(later_system, tokenize=False) == (
+        "<|endoftext|><|user|>\nHi!\n<|assistant|>\nHello.<|endoftext|>\n<|system|>\nBe brief.\n"
+        "<|user|>\nWhat is 2+2?\n<|assistant|>\n4<|endoftext|>"
+    )
+    assert tok.apply_chat_template(CONV[:1], tokenize=False, add_generation_prompt=True) == (
+        "<|endoftext|><|system|>\nYou are helpful.\n<|assistant|>\n"
+    )
+    for conv in (CONV, later_system):
+        exact, found, text = _reply_labels(tok, conv)
+        assert found == exact
+        assert text.replace(" ", "") == "Hello.<|endoftext|>4<|endoftext|>"
+    for alias in ("olmo2", "OLMo-2", "tulu", "tulu-3"):
+        assert get_chat_template(mini_tokenizer(), alias).velotune_chat_template == "olmo-2"
+
+
+def test_mistral_v7_tekken_control_tokens_and_system_turns():
+    """Mistral v7 tekken (Mistral-Small 3.x, Ministral 3): [INST], [/INST], [SYSTEM_PROMPT], [/SYSTEM_PROMPT]
+    are single tokens (control tokens of the Tekken vocabulary; added here with model=), written without
+    spaces; no system block without a system message; a later system message is written in place; the reply
+    follows [/INST] directly (no generation prompt). Response-only labels cover exactly each reply and </s>."""
+    tok = family_tokenizer("mistral-v7-tekken", model=mini_model("llama"))
+    controls = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    assert tok.velotune_added_tokens == controls
+    for t in controls:
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+    later_system = [CONV[1], CONV[2], {"role": "system", "content": "Be brief."}, CONV[3], CONV[4]]
+    assert tok.apply_chat_template(later_system, tokenize=False) == (
+        "<s>[INST]Hi![/INST]Hello.</s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]What is 2+2?[/INST]4</s>"
+    )
+    prompt = "<s>[SYSTEM_PROMPT]You are helpful.[/SYSTEM_PROMPT][INST]Hi![/INST]"
+    assert tok.apply_chat_template(CONV[:2], tokenize=False, add_generation_prompt=True) == prompt
+    assert tok.apply_chat_template(CONV[:2], tokenize=False) == prompt
+    for conv in (CONV, later_system):
+        exact, found, text = _reply_labels(tok, conv)
+        assert found == exact
+        assert text.replace(" ", "") == "Hello.</s>4</s>"
+    for alias in ("ministral3", "Ministral-3", "mistral-small-3", "mistral_small_3.1", "mistral-small-32"):
+        assert get_chat_template(mini_tokenizer(), alias).velotune_chat_template == "mistral-v7-tekken"
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_modelfile_renders_like_the_template(name):
+    """The Ollama Modelfile derived from each named template renders prompts exactly as the template does."""
+    from velotune.export import gotemplate
+    from velotune.export.modelfile import derive_chat_format, modelfile_text, parse_modelfile
+
+    tok = family_tokenizer(name)
+    mf = parse_modelfile(modelfile_text(tok, "model.gguf"))
+    assert mf["template"] is not None
+    assert STOP[name] in mf["stop"]
+    has_system = "system" in derive_chat_format(tok).prefix
+    if name in ("olmo-2", "mistral-v7-tekken"):
+        assert has_system
+    convs = [CONV[1:2], CONV[1:4]] + ([CONV[:4], CONV[:2]] if has_system else [])
+    for conv in convs:
+        assert gotemplate.render(mf["template"], conv) == tok.apply_chat_template(
+            conv, tokenize=False, add_generation_prompt=True
+        ), conv
+
+
 def _quantize_input_embeddings(model):
     """Swap in a real bitsandbytes 4-bit embedding table (same rows), as a quantized model would hold."""
     import torch
@@ -390,7 +488,8 @@ def test_without_model_no_token_is_added(name):
     assert len(tok) == n and tok.velotune_added_tokens == []
     ids = tok.apply_chat_template(CONV, tokenize=True, return_dict=True)["input_ids"]
     assert max(ids) < n
-    assert tok.eos_token == STOP[name]
+    # the format's own stop token, or (formats that end turns with eos) the tokenizer's unchanged eos
+    assert tok.eos_token == (STOP[name] if CHAT_TEMPLATES[name].stop else "</s>")
     if STOP[name] not in vocab:
         assert tok.eos_token_id == eos_id  # renamed in place: same row of the embeddings
 

@@ -34,6 +34,13 @@ TEMPLATES = {
         "message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + "
         "eos_token }}{% endif %}{% endfor %}"
     ),
+    # OLMo 2 / Tulu 3 turns: '\n' after an assistant's eos only when another turn follows
+    "olmo2": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+        "{{ '<|assistant|>\n' + message['content'] + eos_token }}{% if not loop.last %}{{ '\n' }}{% endif %}"
+        "{% else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
 }
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello {{ .Content }} world"}],

@@ -95,6 +95,10 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
         ),
     ),
     "starling": ChatTemplate("starling.jinja", stop="<|end_of_turn|>", special_tokens=("<|end_of_turn|>",)),
+    "olmo-2": ChatTemplate("olmo-2.jinja"),  # role tags written as text (as Tulu 3 trains them); stop: eos
+    "mistral-v7-tekken": ChatTemplate(
+        "mistral-v7-tekken.jinja", special_tokens=("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+    ),
 }
 
 ALIASES = {
@@ -140,6 +144,21 @@ ALIASES = {
     "granite-3.3": "granite",
     "smollm3": "chatml",
     "smollm-3": "chatml",
+    "olmo2": "olmo-2",
+    "olmo-2-instruct": "olmo-2",
+    "tulu": "olmo-2",  # Tulu 3 (Llama 3.1 based): the same turns; this template writes the bos token first
+    "tulu-3": "olmo-2",
+    "tulu3": "olmo-2",
+    "ministral3": "mistral-v7-tekken",
+    "ministral-3": "mistral-v7-tekken",
+    "mistral-small-3": "mistral-v7-tekken",
+    "mistral-small3": "mistral-v7-tekken",
+    "mistral-small-3.1": "mistral-v7-tekken",
+    "mistral-small3.1": "mistral-v7-tekken",
+    "mistral-small-31": "mistral-v7-tekken",
+    "mistral-small-3.2": "mistral-v7-tekken",
+    "mistral-small3.2": "mistral-v7-tekken",
+    "mistral-small-32": "mistral-v7-tekken",
 }
 
 # mapping keys understood by get_chat_template: which message keys hold role/content, and the data's

@@ -7,6 +7,8 @@ turn (usually BOS) and the generation prompt:
     [user U1, assistant A2, user U3]  ->  HEAD + pre_u U1 suf_u + pre_a A2 suf_a + pre_u U3 suf_u
     [user U1] (+ generation prompt)   ->  ... + GEN
 
+Text that follows an assistant turn only when another turn comes after it (OLMo 2's '\n' after eos) is
+taken as part of the assistant's suffix, since an inference prompt never ends with an assistant turn.
 The result is written as a Go template over `.Messages` and checked by rendering both templates on a
 probe conversation; a chat template that is not a per-role concatenation (e.g. one that moves the
 system prompt into a user turn) gets no TEMPLATE line and a warning instead of a wrong one.
@@ -68,7 +70,13 @@ def derive_chat_format(tokenizer) -> ChatFormat:
     pre_u = pre_u[len(suf_a) :]
     before = _between(three, None, _S[0])
     if not before.endswith(pre_u):
-        raise ValueError("the first user turn starts differently from later ones")
+        # text written after an assistant turn only when another turn follows (OLMo 2 / Tulu 3: eos + '\n'
+        # between turns, eos alone at the end) belongs to the assistant's suffix: a prompt for the model
+        # never ends with an assistant turn, so the Go template may always write it
+        sep = next((pre_u[:i] for i in range(1, len(pre_u)) if before.endswith(pre_u[i:])), None)
+        if sep is None:
+            raise ValueError("the first user turn starts differently from later ones")
+        suf_a, pre_u = suf_a + sep, pre_u[len(sep) :]
     head = before[: len(before) - len(pre_u)]
     one = _render(tokenizer, [u], False)
     generation = _render(tokenizer, [u], True)[len(one) :]
