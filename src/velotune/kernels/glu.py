@@ -346,10 +346,23 @@ def _chunks(n: int, most: int, block: int) -> tuple[int, int]:
     return triton.cdiv(n, chunk), chunk
 
 
-def _rank_r_consts(act: str, dtype: torch.dtype, r: int) -> dict:
-    """The constexprs the three rank-r kernels share: the activation, IEEE fp32 dots for fp32 inputs,
-    the rank padded to a power of two (at least 16, tl.dot's minimum)."""
-    return dict(ACT=_act_id(act), IEEE=dtype == torch.float32, BLOCK_R=max(16, triton.next_power_of_2(r)))
+def _rank_r_args(gate: torch.Tensor, up: torch.Tensor, act: str, r: int) -> dict:
+    """The arguments the three rank-r kernels share: gate / up [N, I] with their row strides, the
+    sizes, and the constexprs (the activation, IEEE fp32 dots for fp32 inputs, the rank padded to a
+    power of two, at least 16: tl.dot's minimum)."""
+    N, I = gate.shape
+    return dict(
+        G=gate,
+        U=up,
+        N=N,
+        I=I,
+        R=r,
+        s_g=gate.stride(0),
+        s_u=up.stride(0),
+        ACT=_act_id(act),
+        IEEE=gate.dtype == torch.float32,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+    )
 
 
 def _split_sum(kernel, blocks: int, n: int, most: int, block: int, shape: tuple, named: dict, warps: int):
@@ -389,17 +402,10 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
         (r, I),
         dict(
             DHA=dhA,
-            G=gate,
-            U=up,
-            N=N,
-            I=I,
-            R=r,
             s_dha=dhA.stride(0),
-            s_g=gate.stride(0),
-            s_u=up.stride(0),
-            **_rank_r_consts(act, gate.dtype, r),
             BLOCK_N=LORA_A_BLOCK_N,
             BLOCK_I=LORA_A_BLOCK_I,
+            **_rank_r_args(gate, up, act, r),
         ),
         LORA_A_WARPS,
     )
@@ -429,18 +435,11 @@ def glu_lora_project(
         LORA_PROJECT_BLOCK_I,
         (N, r),
         dict(
-            G=gate,
-            U=up,
             A=A,
-            N=N,
-            I=I,
-            R=r,
-            s_g=gate.stride(0),
-            s_u=up.stride(0),
             s_a=A.stride(0),
-            **_rank_r_consts(act, gate.dtype, r),
             BLOCK_N=LORA_PROJECT_BLOCK_N,
             BLOCK_I=LORA_PROJECT_BLOCK_I,
+            **_rank_r_args(gate, up, act, r),
         ),
         LORA_PROJECT_WARPS,
     ).to(gate.dtype)
@@ -485,21 +484,14 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
                         DH=dh,
                         DHA=dhA,
                         A=A,
-                        G=gate,
-                        U=up,
                         DG=gate,
                         DU=up,
-                        N=N,
-                        I=I,
-                        R=r,
                         s_dh=dh.stride(0),
                         s_dha=dhA.stride(0),
                         s_a=A.stride(0),
-                        s_g=gate.stride(0),
-                        s_u=up.stride(0),
-                        **_rank_r_consts(act, gate.dtype, r),
                         BLOCK_N=LORA_BLOCK_N,
                         BLOCK_I=LORA_BLOCK_I,
+                        **_rank_r_args(gate, up, act, r),
                     ),
                     num_warps=LORA_BWD_WARPS,
                 )
