@@ -104,8 +104,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _transform(x, scale, cap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr):
-    """(z, dz/dx) for fp32 logits x."""
+def logit_transform(x, scale, cap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr):
+    """(z, dz/dx) for fp32 logits x: scale, then softcap (the row kernels here and in fused_linear_logprob.py)."""
     d = tl.full(x.shape, 1.0, tl.float32)
     if HAS_SCALE:
         x = x * scale
@@ -143,7 +143,7 @@ def _ce_fwd_kernel(
     for start in range(0, V, BLOCK):
         mask = start + cols < V
         x = tl.load(L + start + cols, mask=mask, other=0.0).to(tl.float32)
-        z, _ = _transform(x, scale, cap, HAS_SCALE, HAS_CAP)
+        z, _ = logit_transform(x, scale, cap, HAS_SCALE, HAS_CAP)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -184,7 +184,7 @@ def _ce_bwd_kernel(
     for start in range(0, V, BLOCK):
         mask = start + cols < V
         x = tl.load(L + start + cols, mask=mask, other=0.0).to(tl.float32)
-        z, dz = _transform(x, scale, cap, HAS_SCALE, HAS_CAP)
+        z, dz = logit_transform(x, scale, cap, HAS_SCALE, HAS_CAP)
         p = tl.exp(z - lse)
         p = tl.where(start + cols == label, p - 1.0, p)
         g = tl.where(coef == 0.0, 0.0, coef * p * dz)  # ignored rows: exact zeros, even if coef = inf
@@ -199,9 +199,9 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def _transform_args(softcap, logit_scale, V):
-    """Both kernels' trailing arguments: the (scale, cap) values, then their constexpr flags, the
-    vocab block and the warp count."""
+def transform_args(softcap, logit_scale, V):
+    """The trailing arguments of a row kernel over the vocab (both here, fused_linear_logprob.py's): the
+    (scale, cap) values, then their constexpr flags, the vocab block and the warp count."""
     block = _block(V)
     values = (1.0 if logit_scale is None else float(logit_scale), 1.0 if softcap is None else float(softcap))
     meta = dict(
@@ -216,7 +216,7 @@ def ce_forward_rows(logits, labels, ignore_index, softcap, logit_scale):
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
-        values, meta = _transform_args(softcap, logit_scale, V)
+        values, meta = transform_args(softcap, logit_scale, V)
         _ce_fwd_kernel[(N,)](logits, logits.stride(0), labels, loss, lse, V, ignore_index, *values, **meta)
     return loss, lse
 
@@ -225,7 +225,7 @@ def ce_backward_rows(logits, labels, lse, coef, ignore_index, softcap, logit_sca
     """out [N, V] = dloss/dlogits scaled by the 0-dim fp32 tensor `coef`; `out` may be `logits`."""
     N, V = logits.shape
     if N:
-        values, meta = _transform_args(softcap, logit_scale, V)
+        values, meta = transform_args(softcap, logit_scale, V)
         _ce_bwd_kernel[(N,)](
             logits, logits.stride(0), out, out.stride(0), labels, lse, coef, V, ignore_index, *values, **meta
         )
@@ -260,7 +260,3 @@ class _CrossEntropy(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         ce_backward_rows(x, labels, lse, coef, ignore_index, softcap, logit_scale, out)
         return out, None, None, None, None, None, None
-
-
-# (z, dz/dx) of one fp32 block of logits (scale, then softcap): shared with fused_linear_logprob.py's kernel.
-logit_transform = _transform

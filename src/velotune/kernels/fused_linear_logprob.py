@@ -37,11 +37,10 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.cross_entropy import logit_transform, transform_logits_reference
+from velotune.kernels.cross_entropy import logit_transform, transform_args, transform_logits_reference
 from velotune.kernels.fused_linear_ce import chunk_rows
 
 DEFAULT_BUDGET = 64 * 2**20  # bytes of logits one chunk may hold
-MAX_BLOCK = 8192
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,14 +103,6 @@ def _logprob_rows_kernel(
             tl.store(L + start + cols, g.to(L.dtype.element_ty), mask=mask)
 
 
-def _block(V: int) -> int:
-    return min(triton.next_power_of_2(V), MAX_BLOCK)
-
-
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
-
-
 def _z_and_slope(y: torch.Tensor, inv_t: float, softcap, logit_scale):
     """(z, dz/dy) in fp32 for a logits chunk y, as the kernel computes them."""
     z = transform_logits_reference(y, softcap, logit_scale)
@@ -148,7 +139,7 @@ def logprob_rows(y, targets, inv_t, softcap, logit_scale, want_ent, want_grad):
     lse = torch.empty(C, dtype=torch.float32, device=y.device)
     ent = torch.empty(C, dtype=torch.float32, device=y.device) if want_ent else lse
     if C:
-        block = _block(V)
+        values, meta = transform_args(softcap, logit_scale, V)
         _logprob_rows_kernel[(C,)](
             y,
             y.stride(0),
@@ -157,15 +148,11 @@ def logprob_rows(y, targets, inv_t, softcap, logit_scale, want_ent, want_grad):
             ent,
             lse,
             V,
-            1.0 if logit_scale is None else float(logit_scale),
-            1.0 if softcap is None else float(softcap),
+            *values,
             float(inv_t),
-            HAS_SCALE=logit_scale is not None,
-            HAS_CAP=softcap is not None,
             WANT_ENT=want_ent,
             WANT_GRAD=want_grad,
-            BLOCK=block,
-            num_warps=_num_warps(block),
+            **meta,
         )
     return logp, ent if want_ent else None, lse
 
