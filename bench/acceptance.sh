@@ -6,7 +6,7 @@
 #
 #   bash bench/acceptance.sh tests    # every @pytest.mark.gpu test, then the varlen attention A/B (22: keep the winner)
 #   bash bench/acceptance.sh sft8     # 22: TRL SFTTrainer, variable lengths, 8B bf16 LoRA + QLoRA: velotune, Unsloth
-#   bash bench/acceptance.sh sft1     # 22: the 1B shape (+ stock), and velotune's own fixed 2 x 2048 on the same card
+#   bash bench/acceptance.sh sft1     # 22: the 1B shape (+ stock), and velotune's own fixed 2 x 2048 (library defaults)
 #   bash bench/acceptance.sh dpo      # 22: DPOTrainer on pairs of different lengths, velotune vs stock
 #   bash bench/acceptance.sh ab       # 23: fixed-shape 8B QLoRA/LoRA, this tree vs e659ab6 (interleaved rounds)
 #   bash bench/acceptance.sh families # 24: qwen3-8b, gemma3-4b, gemma3-12b: bf16 LoRA + QLoRA vs stock
@@ -43,8 +43,9 @@ case "$mode" in
     ;;
   ab)
     rm -rf ab/base && mkdir -p ab/base && git archive e659ab6 src | tar -x -C ab/base --exclude='src/velotune/demo/assets'
+    # the same explicit settings on both trees (the defaults changed in between; e659ab6 lacks offload_every)
     timeout 560 python bench/qlora.py --impls velotune-qlora velotune-qlora@base velotune-lora velotune-lora@base \
-      --rounds 2 --base-src ab/base/src --commit "$commit" --jsonl "$(jsonl qlora)"
+      --recompute mlp --offload-embedding --rounds 2 --base-src ab/base/src --commit "$commit" --jsonl "$(jsonl qlora)"
     ;;
   families)
     for shape in qwen3-8b gemma3-4b gemma3-12b; do

@@ -39,10 +39,21 @@ _LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
-_GEMMA3_ROPE = {
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-}
+# What Gemma 3's published text checkpoints (4B, 12B) share
+_GEMMA3 = dict(
+    model_type="gemma3_text",
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    vocab_size=262208,
+    max_position_embeddings=131072,
+    sliding_window=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    },
+)
 SHAPES = {
     "8b": dict(
         hidden_size=4096,
@@ -94,36 +105,20 @@ SHAPES = {
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     ),
     "gemma3-4b": dict(
-        model_type="gemma3_text",
+        _GEMMA3,
         hidden_size=2560,
         intermediate_size=10240,
         num_hidden_layers=34,
         num_attention_heads=8,
         num_key_value_heads=4,
-        head_dim=256,
-        query_pre_attn_scalar=256,
-        vocab_size=262208,
-        max_position_embeddings=131072,
-        sliding_window=1024,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        rope_parameters=_GEMMA3_ROPE,
     ),
     "gemma3-12b": dict(
-        model_type="gemma3_text",
+        _GEMMA3,
         hidden_size=3840,
         intermediate_size=15360,
         num_hidden_layers=48,
         num_attention_heads=16,
         num_key_value_heads=8,
-        head_dim=256,
-        query_pre_attn_scalar=256,
-        vocab_size=262208,
-        max_position_embeddings=131072,
-        sliding_window=1024,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        rope_parameters=_GEMMA3_ROPE,
     ),
     "ministral-8b": dict(
         model_type="ministral",
@@ -190,16 +185,6 @@ SHAPES = {
 }
 # LoRA targets of model types whose projections are not the 7 Llama names
 MODEL_TARGETS = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
-# The memory settings of a velotune contender: get_peft_model's keywords.
-MEMORY_DEFAULTS = dict(
-    use_gradient_checkpointing="unsloth",
-    recompute="layer",
-    cuda_graphs=False,
-    offload_embedding=False,
-    mlp_row_blocks=1,
-    offload_every=1,
-    host_memory_budget=None,
-)
 OPTIMIZERS = ("adamw", "offloaded", "offloaded-in-backward")
 
 
@@ -274,8 +259,9 @@ def add_model_args(ap) -> None:
     )
     ap.add_argument(
         "--offload-every",
-        default="1",
-        help="velotune: get_peft_model(offload_every=): a whole number or 'auto' (memory/sparse_offload.py)",
+        default=None,
+        help="velotune: get_peft_model(offload_every=): a whole number or 'auto' (memory/sparse_offload.py); "
+        "default: the library's",
     )
     ap.add_argument(
         "--host-budget-gib",
@@ -287,17 +273,34 @@ def add_model_args(ap) -> None:
 
 def model_argv(args) -> list[str]:
     return (
-        ["--offload-every", args.offload_every]
+        (["--offload-every", args.offload_every] if args.offload_every is not None else [])
         + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else [])
         + (["--host-budget-gib", str(args.host_budget_gib)] if args.host_budget_gib else [])
     )
 
 
-def offload_options(args) -> dict:
-    every = args.offload_every if args.offload_every == "auto" else int(args.offload_every)
-    return dict(
-        offload_every=every, host_memory_budget=int(args.host_budget_gib * 2**30) if args.host_budget_gib else None
+def memory_options(args) -> dict:
+    """The get_peft_model memory keywords given on a bench script's command line (--recompute,
+    --cuda-graphs, --offload-embedding, --mlp-row-blocks, --offload-every, --host-budget-gib, those the
+    script has); the library's defaults for the rest."""
+    given = dict(
+        recompute=getattr(args, "recompute", None),
+        cuda_graphs=getattr(args, "cuda_graphs", False) or None,
+        offload_embedding=getattr(args, "offload_embedding", False) or None,
+        mlp_row_blocks=getattr(args, "mlp_row_blocks", None),
     )
+    out = {k: v for k, v in given.items() if v is not None}
+    return {**out, **offload_options(args)} if hasattr(args, "offload_every") else out
+
+
+def offload_options(args) -> dict:
+    """get_peft_model's offload_every / host_memory_budget where given (else the library's defaults)."""
+    out = {}
+    if args.offload_every is not None:
+        out["offload_every"] = args.offload_every if args.offload_every == "auto" else int(args.offload_every)
+    if args.host_budget_gib:
+        out["host_memory_budget"] = int(args.host_budget_gib * 2**30)
+    return out
 
 
 def n_matmul(cfg) -> int:
@@ -375,7 +378,7 @@ def build(
                                        prepare_model_for_kbit_training)
       liger-lora                       stock-lora with Liger-Kernel's Llama kernels patched in
 
-    `memory`: get_peft_model keywords of the velotune contenders (MEMORY_DEFAULTS when None).
+    `memory`: get_peft_model keywords of the velotune contenders; the library's defaults for the rest.
     `checkpoint`: the model is loaded from that folder (`load`) instead of made from `cfg`."""
     from transformers import AutoModelForCausalLM
 
@@ -403,7 +406,7 @@ def build(
             lora_alpha=16,
             target_modules=targets(cfg),
             random_state=3407,
-            **{**MEMORY_DEFAULTS, **(memory or {})},
+            **(memory or {}),
         )
     if impl == "liger-lora":
         if cfg.model_type != "llama":

@@ -67,12 +67,10 @@ def worker(args) -> dict:
         if args.card_gib
         else (torch.cuda.get_device_properties(device).total_memory if cuda else None)
     )
-    memory = common.offload_options(args)
-    if memory["offload_every"] == "auto" and memory["host_memory_budget"] is None:
+    memory = common.memory_options(args)
+    if memory.get("offload_every") == "auto" and "host_memory_budget" not in memory:
         # this worker's share of the host (side-by-side workers split it), as the host limit below
         memory["host_memory_budget"] = int(_host_available_bytes() * args.host_share - 16 * 2**30)
-    if args.offload_embedding:
-        memory["offload_embedding"] = True
     model = common.build(
         args.impl,
         cfg,
@@ -90,7 +88,7 @@ def worker(args) -> dict:
             return
         budget = (
             stats.host_budget
-            or memory["host_memory_budget"]
+            or memory.get("host_memory_budget")
             or int(_host_available_bytes() * args.host_share - 16 * 2**30)
         )
         k = stats.offload_every  # the last step's (offload_every=1: every input kept)
@@ -157,11 +155,11 @@ def worker(args) -> dict:
     intercept = float(peaks.mean() - slope * lengths.mean())
     limits = {"gpu": (cap - intercept) / slope}
     if stats is not None:  # every layer's input (every k-th: --offload-every) waits in host memory
-        every = memory["offload_every"]
+        every = memory.get("offload_every", 1)  # the library's default: every layer input
         kept = 1 if every == "auto" else -(-cfg.num_hidden_layers // every)
         per_token = kept * cfg.hidden_size * torch.finfo(dtype).bits // 8
         limits["host"] = (
-            memory["host_memory_budget"] or _host_available_bytes() * args.host_share - 16 * 2**30
+            memory.get("host_memory_budget") or _host_available_bytes() * args.host_share - 16 * 2**30
         ) / per_token
     basis = torch.stack([torch.ones_like(lengths), lengths, lengths**2][: len(lengths)], 1)
     coef = torch.linalg.lstsq(basis, times[:, None]).solution[:, 0].tolist()

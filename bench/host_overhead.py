@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 def measure(impl: str, args) -> None:
     velotune = impl.startswith("velotune")
-    memory = dict(recompute=args.recompute, cuda_graphs=args.cuda_graphs, offload_embedding=args.offload_embedding)
-    model = common.build(impl, common.config("8b"), "cuda", torch.bfloat16, args.seq, memory if velotune else None)
+    memory = common.memory_options(args) if velotune else None
+    model = common.build(impl, common.config("8b"), "cuda", torch.bfloat16, args.seq, memory)
     step, _, opt, batch = common.training_step(
         model, args.batch, args.seq, "cuda", optimizer=args.optimizer if velotune else "adamw"
     )
@@ -216,7 +216,7 @@ def main() -> None:
         "--gaps", type=int, default=0, help="profile one step's idle GPU time by phase; list this many kernels"
     )
     ap.add_argument(
-        "--recompute", default="layer", choices=["layer", "mlp"], help="velotune: get_peft_model(recompute=)"
+        "--recompute", choices=["layer", "mlp"], help="velotune: get_peft_model(recompute=); default: the library's"
     )
     ap.add_argument("--cuda-graphs", action="store_true", help="velotune: get_peft_model(cuda_graphs=True)")
     ap.add_argument("--offload-embedding", action="store_true", help="velotune: get_peft_model(offload_embedding=True)")

@@ -13,7 +13,8 @@ one's median run.
   stock-lora       bf16 model + PEFT get_peft_model + non-reentrant checkpointing
 
 The memory options are get_peft_model's keywords (--recompute, --cuda-graphs, --offload-embedding,
---mlp-row-blocks) and the optimizer (--optimizer); they apply to the velotune contenders only.
+--mlp-row-blocks) and the optimizer (--optimizer); they apply to the velotune contenders only, and
+those not given are the library's defaults (what users get).
 A/B of two trees in one call: `--base-src DIR` (another checkout's src/, e.g. from `git archive`) adds
 the contenders `velotune-qlora@base` / `velotune-lora@base`, the same contender on that code.
 
@@ -45,16 +46,6 @@ IMPLS = ("velotune-qlora", "velotune-lora", "stock-qlora", "stock-lora", "velotu
 quantize_linears_ = common.quantize_linears_  # as bench/sft.py imports it from here
 
 
-def memory_options(args) -> dict:
-    return dict(
-        recompute=args.recompute,
-        cuda_graphs=args.cuda_graphs,
-        offload_embedding=args.offload_embedding,
-        mlp_row_blocks=args.mlp_row_blocks,
-        **common.offload_options(args),
-    )
-
-
 def worker(args) -> dict:
     """One contender in this process: build, warm up, time; the result row."""
     device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -68,7 +59,7 @@ def worker(args) -> dict:
         sys.path.insert(0, str(Path(args.base_src).resolve()))
         impl = impl[: -len("@base")]
     model = common.build(
-        impl, cfg, device, dtype, args.seq, memory_options(args) if velotune else None, args.checkpoint
+        impl, cfg, device, dtype, args.seq, common.memory_options(args) if velotune else None, args.checkpoint
     )
     step, params, _, _ = common.training_step(
         model, args.batch, args.seq, device, optimizer=args.optimizer if velotune else "adamw"
@@ -98,7 +89,7 @@ def worker(args) -> dict:
         "graph_pool_gib": common.graph_pool_bytes() / 2**30 if graphed else None,
     }
     if velotune:
-        out["memory"] = {**common.MEMORY_DEFAULTS, **memory_options(args), "optimizer": args.optimizer}
+        out["memory"] = {**common.memory_options(args), "optimizer": args.optimizer}  # unnamed: the library's defaults
         out["embeddings_offloaded"] = common.embeddings_offloaded(model)
     if args.profile and cuda:
         out["profile"] = common.profile(step, 3)
@@ -120,10 +111,10 @@ def main() -> int:
         default=1,
         help="run the contenders this many times, interleaved; report each one's median run",
     )
-    ap.add_argument("--recompute", default="layer", choices=["layer", "mlp"], help="get_peft_model(recompute=)")
+    ap.add_argument("--recompute", choices=["layer", "mlp"], help="get_peft_model(recompute=); default: the library's")
     ap.add_argument("--cuda-graphs", action="store_true", help="get_peft_model(cuda_graphs=True)")
     ap.add_argument("--offload-embedding", action="store_true", help="get_peft_model(offload_embedding=True)")
-    ap.add_argument("--mlp-row-blocks", type=int, default=1, help="get_peft_model(mlp_row_blocks=), recompute='mlp'")
+    ap.add_argument("--mlp-row-blocks", type=int, help="get_peft_model(mlp_row_blocks=), recompute='mlp'")
     ap.add_argument(
         "--optimizer",
         default="adamw",
@@ -169,13 +160,11 @@ def main() -> int:
             str(args.steps),
             "--warmup",
             str(args.warmup),
-            "--recompute",
-            args.recompute,
-            "--mlp-row-blocks",
-            str(args.mlp_row_blocks),
             "--optimizer",
             args.optimizer,
         ]
+        + (["--recompute", args.recompute] if args.recompute else [])
+        + (["--mlp-row-blocks", str(args.mlp_row_blocks)] if args.mlp_row_blocks is not None else [])
         + (["--cuda-graphs"] if args.cuda_graphs else [])
         + (["--offload-embedding"] if args.offload_embedding else [])
         + (["--profile"] if args.profile else [])
