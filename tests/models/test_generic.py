@@ -267,7 +267,8 @@ def test_generic_generation_equals_stock(tmp_path):
 @pytest.mark.parametrize("kind", ["gpt_neox", "cohere", "mixtral"])
 def test_gpu_generic_path_bf16(kind):
     """On the GPU (Triton kernels, bf16 model): the probes pass where they do on CPU, and a LoRA step's
-    loss and gradients stay within bf16 rounding of stock transformers + PEFT (same weights)."""
+    loss and gradients are as close to an fp32 reference (stock transformers + PEFT, same weights) as
+    stock's own bf16 step is: error at most 1.5x stock's."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -277,6 +278,7 @@ def test_gpu_generic_path_bf16(kind):
             generic_config(kind, hidden_size=256, intermediate_size=512), dtype=torch.bfloat16
         )
     stock_base = copy.deepcopy(base)
+    ref_base = copy.deepcopy(base).float()
     from velotune.models import prepare_model
 
     assert prepare_model(base, max_seq_length=128)
@@ -289,22 +291,24 @@ def test_gpu_generic_path_bf16(kind):
         assert "norm       fast  MixtralRMSNorm" in text, text
     stock = get_peft_model(stock_base, copy.deepcopy(fast.peft_config["default"]))
     stock.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = get_peft_model(ref_base, copy.deepcopy(fast.peft_config["default"]))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for (n, p), (_, q) in zip(fast.named_parameters(), stock.named_parameters()):
+        for (n, p), (_, q), (_, r) in zip(fast.named_parameters(), stock.named_parameters(), ref.named_parameters()):
             if "lora_" in n:
                 v = torch.randn(p.shape, generator=g) * 0.05
                 p.copy_(v)
                 q.copy_(v)
+                r.copy_(v)
     batch = {k: v.cuda() for k, v in fixed_batch(batch=2, seq=64, pad_last=5).items()}
-    fast.train(), stock.train()
+    fast.train(), stock.train(), ref.train()
     losses, grads = [], []
-    for m in (fast, stock):
+    for m in (fast, stock, ref):
         loss = m(**batch).loss
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
-    assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[1])
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for n in grads[1]:
-        assert _rel(grads[0][n], grads[1][n]) <= 5e-2, n
+    assert abs(losses[0] - losses[2]) <= 1.5 * abs(losses[1] - losses[2]) + 1e-3 * abs(losses[2])
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and grads[0]
+    for n in grads[2]:
+        assert _rel(grads[0][n], grads[2][n]) <= 1.5 * _rel(grads[1][n], grads[2][n]), n

@@ -15,9 +15,9 @@ def dense_reference(q, k, v, lengths, *, scaling, n_rep, softcap=None, window=No
     """q [N, Hq, D], k/v [N, Hk, D]: the textbook computation in float64."""
     q, k, v = (x.double() for x in (q, k, v))
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    n = q.shape[0]
-    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    i = torch.arange(n)
+    n, device = q.shape[0], q.device
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    i = torch.arange(n, device=device)
     allowed = (seg[:, None] == seg[None, :]) & (i[None, :] <= i[:, None])
     if window is not None:
         allowed &= i[None, :] > i[:, None] - window

@@ -114,7 +114,7 @@ def _act_and_grad(g, ACT: tl.constexpr):
     return a, da
 
 
-@triton.jit
+@triton.jit  # n = N * I: a multiple of 16 for every I in use, so its specialisation never changes
 def _glu_fwd_kernel(G, U, Hout, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -174,7 +174,9 @@ def _bwd_triton(dh, gate, up, act, dgate, dup):
     return dgate, dup
 
 
-@triton.jit
+# The token count N (and the row chunk derived from it) changes every step when batches are packed
+# (padding-free): not specialised on, so one compiled kernel serves every length (no compile mid-run).
+@triton.jit(do_not_specialize=["N", "CHUNK"])
 def _glu_lora_a_grad_kernel(
     DHA,
     G,
@@ -219,7 +221,7 @@ def _glu_lora_a_grad_kernel(
     tl.store(OUT + (s * R + rr[:, None]) * I + cols[None, :], acc, mask=rmask_r[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _glu_bwd_lora_kernel(
     DH,
     DHA,
@@ -264,7 +266,7 @@ def _glu_bwd_lora_kernel(
     tl.store(DU + rows[:, None] * s_u + cols[None, :], (dh * a).to(DU.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _glu_lora_project_kernel(
     G,
     U,

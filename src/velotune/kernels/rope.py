@@ -181,7 +181,7 @@ def _rotate_heads(
         tl.store(Y + off + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # T changes every packed batch: one compiled kernel for all
 def _rope_kernel(
     Q,
     QO,
