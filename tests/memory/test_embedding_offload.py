@@ -10,6 +10,8 @@ from velotune import FastLanguageModel
 from velotune.models import prepare_model
 from velotune.memory.embedding_offload import (
     _offloaded_forward,
+    _report_device,
+    _unreport_device,
     embeddings_offloaded,
     offload_input_embeddings,
     restore_input_embeddings,
@@ -57,6 +59,22 @@ def test_restore_gives_the_stock_module_back():
     assert torch.equal(emb(ids), offloaded)
     offload_input_embeddings(model)  # and again (idempotent re-offload)
     assert torch.equal(emb(ids), offloaded)
+
+
+def test_model_device_names_the_compute_device_not_the_host_table():
+    """transformers' `model.device` is the first parameter's device (the table): while offloaded, the
+    instance answers the compute device instead, under the same class name; restoring undoes it."""
+    from transformers import LlamaForCausalLM
+
+    model = _lora(False)
+    base = model.get_base_model()
+    cls = type(base)
+    _report_device(model, torch.device("cuda", 0))  # (a device object only: nothing is allocated)
+    assert model.device == torch.device("cuda", 0) and base.device == torch.device("cuda", 0)
+    assert isinstance(base, LlamaForCausalLM) and type(base).__name__ == cls.__name__ and type(base) is not cls
+    assert next(base.parameters()).device.type == "cpu"
+    _unreport_device(model)
+    assert type(base) is cls and model.device.type == "cpu" and "_velotune_class" not in base.__dict__
 
 
 def test_refused_for_tied_trainable_or_unusual_tables():
@@ -114,6 +132,7 @@ def test_gpu_reads_the_rows_from_the_pinned_table():
     model = _cuda_lora(True)
     emb = model.get_input_embeddings()
     assert emb.weight.device.type == "cpu" and emb.weight.is_pinned()
+    assert model.device.type == "cuda"  # the compute device, as with the table on the GPU
     ids = torch.randint(0, table.shape[0], (2, 64), device="cuda")
     out = emb(ids)
     assert out.is_cuda and torch.equal(out, table[ids]) and "_velotune_rows" not in emb.__dict__

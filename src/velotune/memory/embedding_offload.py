@@ -19,6 +19,9 @@ How (per instance, revertible, nothing global):
   result is copied to the compute device without blocking. Either way the rows are the ones
   `nn.Embedding` returns (its forward is a gather).
   Forward hooks (PEFT's `enable_input_require_grads`) still run: they wrap `__call__`.
+* `model.device` keeps naming the compute device: transformers reads it from the first parameter,
+  which is this table, so the model's class is swapped (on the instance, for a subclass of the same
+  name that answers the table's former device) and swapped back by `restore_input_embeddings`.
 * If the weight is moved back to an accelerator (`model.to("cuda")`), the stock forward runs.
 
 Refused with a ValueError, losing nothing (the model is left as it was): a trainable table (full
@@ -81,6 +84,37 @@ def _pinned_rows(emb: nn.Embedding, n: int, weight: torch.Tensor) -> torch.Tenso
     return buf[: n * weight.shape[1]].view(n, weight.shape[1])
 
 
+_DEVICE_CLASSES: dict[type, type] = {}
+
+
+def _pretrained(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT's wrappers (they forward `.device` to it)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if get is not None else model
+
+
+def _report_device(model: nn.Module, device: torch.device) -> None:
+    """`model.device` answers `device` (the instance's class becomes a same-named subclass)."""
+    base = _pretrained(model)
+    cls = type(base)
+    if not isinstance(getattr(cls, "device", None), property) or "_velotune_class" in base.__dict__:
+        return
+    sub = _DEVICE_CLASSES.get(cls)
+    if sub is None:
+        attrs = {"device": property(lambda self: self.__dict__["_velotune_compute_device"])}
+        sub = _DEVICE_CLASSES[cls] = type(cls.__name__, (cls,), {**attrs, "__qualname__": cls.__qualname__})
+    base._velotune_class, base._velotune_compute_device = cls, device
+    base.__class__ = sub
+
+
+def _unreport_device(model: nn.Module) -> None:
+    base = _pretrained(model)
+    cls = base.__dict__.pop("_velotune_class", None)
+    if cls is not None:
+        base.__dict__.pop("_velotune_compute_device", None)
+        base.__class__ = cls
+
+
 def offload_input_embeddings(model: nn.Module) -> nn.Embedding:
     """Keep `model`'s frozen input-embedding table in host memory (see the module docstring).
     Idempotent; returns the embedding module."""
@@ -117,6 +151,8 @@ def offload_input_embeddings(model: nn.Module) -> nn.Embedding:
     emb._velotune_embedding_device = device
     emb.weight.data = host
     emb.forward = types.MethodType(_offloaded_forward, emb)
+    if device.type != "cpu":
+        _report_device(model, device)
     return emb
 
 
@@ -129,6 +165,7 @@ def restore_input_embeddings(model: nn.Module) -> None:
     emb.weight.data = emb.weight.data.to(device)
     emb.__dict__.pop("forward", None)
     emb.__dict__.pop("_velotune_rows", None)
+    _unreport_device(model)
 
 
 def embeddings_offloaded(model: nn.Module) -> bool:
