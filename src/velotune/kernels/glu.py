@@ -348,12 +348,18 @@ def _chunks(n: int, most: int, block: int) -> tuple[int, int]:
     return triton.cdiv(n, chunk), chunk
 
 
-def _rank_r_args(gate: torch.Tensor, up: torch.Tensor, act: str, r: int) -> dict:
-    """The arguments the three rank-r kernels share: gate / up [N, I] with their row strides, the
-    sizes, and the constexprs (the activation, IEEE fp32 dots for fp32 inputs, the rank padded to a
-    power of two, at least 16: tl.dot's minimum)."""
+def _rank_r_args(
+    gate: torch.Tensor, up: torch.Tensor, act: str, r: int, block_n: int, block_i: int, **operands: torch.Tensor
+) -> dict:
+    """The arguments of a rank-r kernel: gate / up [N, I] and its other `operands` (parameter name ->
+    tensor, e.g. DHA=dhA), each with its row stride (s_g, s_u, s_<name in lower case>), the sizes,
+    and the constexprs: the activation, IEEE fp32 dots for fp32 inputs, the tiles (BLOCK_N rows,
+    BLOCK_I columns) and the rank padded to a power of two, at least 16 (tl.dot's minimum)."""
     N, I = gate.shape
+    strides = {f"s_{name.lower()}": t.stride(0) for name, t in operands.items()}
     return dict(
+        operands,
+        **strides,
         G=gate,
         U=up,
         N=N,
@@ -363,15 +369,22 @@ def _rank_r_args(gate: torch.Tensor, up: torch.Tensor, act: str, r: int) -> dict
         s_u=up.stride(0),
         ACT=_act_id(act),
         IEEE=gate.dtype == torch.float32,
+        BLOCK_N=block_n,
+        BLOCK_I=block_i,
         BLOCK_R=max(16, triton.next_power_of_2(r)),
     )
 
 
-def _split_sum(kernel, blocks: int, n: int, most: int, block: int, shape: tuple, named: dict, warps: int):
-    """fp32 `shape`: `kernel` over a (blocks, chunks) grid, its reduction dimension of length n split
-    into at most `most` chunks (`_chunks`), each program writing its chunk's partial sum to OUT[chunk]
-    (named: the kernel's other arguments, CHUNK and OUT added here); the partials are summed in a fixed
-    order (deterministic). Zeros when there is nothing to sum or no output."""
+def _split_sum(kernel, named: dict, over: str, most: int, shape: tuple, warps: int):
+    """fp32 `shape`: `kernel` with the arguments `named` (`_rank_r_args`; CHUNK and OUT added here)
+    over a (blocks, chunks) grid: its reduction dimension `over` ("N", the rows, walked BLOCK_N at a
+    time, or "I", the columns, BLOCK_I at a time) split into at most `most` chunks (`_chunks`), one
+    program per tile of the other dimension and chunk, each writing its chunk's partial sum to
+    OUT[chunk]; the partials are summed in a fixed order (deterministic). Zeros when there is
+    nothing to sum or no output."""
+    other = "I" if over == "N" else "N"
+    n, block = named[over], named[f"BLOCK_{over}"]
+    blocks = triton.cdiv(named[other], named[f"BLOCK_{other}"])
     device = named["G"].device
     if not (n and blocks and all(shape)):
         return torch.zeros(shape, dtype=torch.float32, device=device)
@@ -395,22 +408,8 @@ def glu_lora_a_grad(dhA: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act
     r = dhA.shape[1]
     if not _rank_r_fused(r, dhA, gate, up):
         return (dhA.t() @ glu_forward(gate, up, act)).float()
-    return _split_sum(
-        _glu_lora_a_grad_kernel,
-        triton.cdiv(I, LORA_A_BLOCK_I),
-        N,
-        LORA_A_SPLIT,
-        LORA_A_BLOCK_N,
-        (r, I),
-        dict(
-            DHA=dhA,
-            s_dha=dhA.stride(0),
-            BLOCK_N=LORA_A_BLOCK_N,
-            BLOCK_I=LORA_A_BLOCK_I,
-            **_rank_r_args(gate, up, act, r),
-        ),
-        LORA_A_WARPS,
-    )
+    named = _rank_r_args(gate, up, act, r, LORA_A_BLOCK_N, LORA_A_BLOCK_I, DHA=dhA)
+    return _split_sum(_glu_lora_a_grad_kernel, named, "N", LORA_A_SPLIT, (r, I), LORA_A_WARPS)
 
 
 def glu_lora_project(
@@ -429,22 +428,9 @@ def glu_lora_project(
     r = A.shape[0]
     if not (A.shape[1] == I and _rank_r_fused(r, gate, up, A)):
         return (glu_forward(gate, up, act) if h is None else h) @ A.t()
-    return _split_sum(
-        _glu_lora_project_kernel,
-        triton.cdiv(N, LORA_PROJECT_BLOCK_N),
-        I,
-        LORA_PROJECT_SPLIT,
-        LORA_PROJECT_BLOCK_I,
-        (N, r),
-        dict(
-            A=A,
-            s_a=A.stride(0),
-            BLOCK_N=LORA_PROJECT_BLOCK_N,
-            BLOCK_I=LORA_PROJECT_BLOCK_I,
-            **_rank_r_args(gate, up, act, r),
-        ),
-        LORA_PROJECT_WARPS,
-    ).to(gate.dtype)
+    named = _rank_r_args(gate, up, act, r, LORA_PROJECT_BLOCK_N, LORA_PROJECT_BLOCK_I, A=A)
+    hA = _split_sum(_glu_lora_project_kernel, named, "I", LORA_PROJECT_SPLIT, (N, r), LORA_PROJECT_WARPS)
+    return hA.to(gate.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,25 +462,14 @@ def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: st
         dhA, A = lora
         if dh.shape == gate.shape and _rank_r_fused(dhA.shape[1], dh, gate, up, dhA, A):
             N, I = gate.shape
-            r = dhA.shape[1]
             if gate.numel():
+                # DG / DU: the grads written over gate / up, with their row strides (s_g / s_u)
+                named = _rank_r_args(gate, up, act, dhA.shape[1], LORA_BLOCK_N, LORA_BLOCK_I, DH=dh, DHA=dhA, A=A)
                 launch_named(
                     _PLANS,
                     _glu_bwd_lora_kernel,
                     (triton.cdiv(N, LORA_BLOCK_N), triton.cdiv(I, LORA_BLOCK_I)),
-                    dict(
-                        DH=dh,
-                        DHA=dhA,
-                        A=A,
-                        DG=gate,
-                        DU=up,
-                        s_dh=dh.stride(0),
-                        s_dha=dhA.stride(0),
-                        s_a=A.stride(0),
-                        BLOCK_N=LORA_BLOCK_N,
-                        BLOCK_I=LORA_BLOCK_I,
-                        **_rank_r_args(gate, up, act, r),
-                    ),
+                    dict(named, DG=gate, DU=up),
                     num_warps=LORA_BWD_WARPS,
                 )
             return gate, up

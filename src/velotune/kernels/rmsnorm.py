@@ -217,6 +217,21 @@ _FWD_PLANS: dict = {}
 _BWD_PLANS: dict = {}
 
 
+def _launch(plans, kernel, progs, x2, weight, rstd, offset, gemma, **named) -> None:
+    """`kernel` (forward: a program per row; backward: a chunk of rows each) over `progs` programs,
+    none when progs is 0, with the arguments both kernels take: x2 [M, H] and its row stride, the
+    weight, rstd [M] (fp32), offset, H, and the constexprs GEMMA and BLOCK / SINGLE (the row block
+    `_block` gives, launched with its warps). named: the kernel's own other arguments."""
+    if not progs:
+        return
+    H = x2.shape[1]
+    block, single = _block(H)
+    shared = dict(
+        X=x2, sx=x2.stride(0), W=weight, RSTD=rstd, H=H, offset=offset, GEMMA=gemma, BLOCK=block, SINGLE=single
+    )
+    launch_named(plans, kernel, (progs,), dict(named, **shared), num_warps=_num_warps(block))
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset, weight_in_fp32=False):
@@ -227,28 +242,7 @@ class _RMSNorm(torch.autograd.Function):
         out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty((M, H), dtype=out_dtype, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-        block, single = _block(H)
-        if M > 0:
-            launch_named(
-                _FWD_PLANS,
-                _rms_fwd_kernel,
-                (M,),
-                dict(
-                    X=x2,
-                    sx=x2.stride(0),
-                    Y=y,
-                    sy=y.stride(0),
-                    W=weight,
-                    RSTD=rstd,
-                    H=H,
-                    eps=eps,
-                    offset=offset,
-                    GEMMA=gemma,
-                    BLOCK=block,
-                    SINGLE=single,
-                ),
-                num_warps=_num_warps(block),
-            )
+        _launch(_FWD_PLANS, _rms_fwd_kernel, M, x2, weight, rstd, offset, gemma, Y=y, sy=y.stride(0), eps=eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape, ctx.gemma = offset, shape, gemma
         return y.view(shape)
@@ -260,7 +254,7 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = _rows(dy)
         dx = torch.empty((M, H), dtype=x2.dtype, device=x2.device)
         has_dw = ctx.needs_input_grad[1]
-        block, single = _block(H)
+        _, single = _block(H)
         if x2.is_cuda:  # enough programs in flight to hide each row's load -> reduce -> store latency
             progs = _sm_count(x2.get_device()) * 8
         else:
@@ -271,31 +265,23 @@ class _RMSNorm(torch.autograd.Function):
         # single-block rows: every program stores its whole partial row, so no zero-fill is needed
         alloc = torch.empty if single and M > 0 else torch.zeros
         dwp = alloc((max(progs, 1), H) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
-        if M > 0:
-            launch_named(
-                _BWD_PLANS,
-                _rms_bwd_kernel,
-                (progs,),
-                dict(
-                    DY=dy2,
-                    sdy=dy2.stride(0),
-                    X=x2,
-                    sx=x2.stride(0),
-                    DX=dx,
-                    sdx=dx.stride(0),
-                    W=weight,
-                    RSTD=rstd,
-                    DWP=dwp,
-                    M=M,
-                    H=H,
-                    rows_per_prog=rows_per_prog,
-                    offset=ctx.offset,
-                    GEMMA=ctx.gemma,
-                    HAS_DW=has_dw,
-                    BLOCK=block,
-                    SINGLE=single,
-                ),
-                num_warps=_num_warps(block),
-            )
+        _launch(
+            _BWD_PLANS,
+            _rms_bwd_kernel,
+            progs,
+            x2,
+            weight,
+            rstd,
+            ctx.offset,
+            ctx.gemma,
+            DY=dy2,
+            sdy=dy2.stride(0),
+            DX=dx,
+            sdx=dx.stride(0),
+            DWP=dwp,
+            M=M,
+            rows_per_prog=rows_per_prog,
+            HAS_DW=has_dw,
+        )
         dw = dwp.sum(0).to(weight.dtype) if has_dw else None
         return dx.view(ctx.shape), dw, None, None, None
