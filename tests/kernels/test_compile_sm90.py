@@ -21,10 +21,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from velotune.kernels import cross_entropy, glu, halves_accumulator, rmsnorm, rope
-from velotune.kernels import embedding_gather
+from velotune.kernels import embedding_gather, fused_linear_logprob
 from velotune.quant import dequant_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
+CE_ROWS = ["*bf16", "i32", "*bf16", "i32", "*i64", "*fp32", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"]
 NF4 = ["*u8", "*u8", "*fp32", "*fp32", "*fp32"]   # packed, absmax (nested codes), code2, absmax2, offset
 CASES = [
     (rmsnorm._rms_fwd_kernel, ["*bf16", "i32", "*bf16", "i32", "*bf16", "*fp32", "i32", "fp32", "fp32"],
@@ -48,10 +49,13 @@ CASES = [
      dict(ACT=0, IEEE=False, BLOCK_N=64, BLOCK_I=64, BLOCK_R=16), 4),
     (glu._glu_bwd_lora_kernel, ["*fp32"] * 7 + ["i32"] * 8,
      dict(ACT=1, IEEE=True, BLOCK_N=64, BLOCK_I=64, BLOCK_R=16), 4),
-    (cross_entropy._ce_fwd_kernel, ["*bf16", "i32", "*i64", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],
-     dict(HAS_SCALE=True, HAS_CAP=True, BLOCK=4096), 8),
-    (cross_entropy._ce_bwd_kernel, ["*bf16", "i32", "*bf16", "i32", "*i64", "*fp32", "*fp32", "i32", "i32", "fp32",
-                                    "fp32"], dict(HAS_SCALE=False, HAS_CAP=True, BLOCK=4096), 8),
+    (cross_entropy._ce_rows_kernel, CE_ROWS, dict(HAS_SCALE=True, HAS_CAP=True, FORWARD=True, BACKWARD=False,
+                                                  BLOCK=4096), 8),
+    (cross_entropy._ce_rows_kernel, CE_ROWS, dict(HAS_SCALE=False, HAS_CAP=True, FORWARD=False, BACKWARD=True,
+                                                  BLOCK=4096), 8),
+    (fused_linear_logprob._logprob_rows_kernel, ["*bf16", "i32", "*i64", "*fp32", "*fp32", "*fp32", "i32", "fp32",
+                                                 "fp32", "fp32"],
+     dict(HAS_SCALE=False, HAS_CAP=True, WANT_ENT=True, WANT_GRAD=True, BLOCK=4096), 8),
     (dequant_kernel._nf4_dequant_rows_kernel, NF4 + ["*i64", "*bf16", "i64"],
      dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, ROWS=32, OUT_BF16=True), 4),
     (embedding_gather._gather_rows_kernel, ["*bf16", "*i64", "*bf16", "i32", "i32", "i32"],
@@ -88,6 +92,6 @@ def test_every_kernel_compiles_for_sm90():
     result = json.loads(lines[-1][len("RESULT ") :])
     if set(result.values()) == {"no ptxas"}:
         pytest.skip("this triton build has no ptxas")
-    assert len(result) == 17
+    assert len(result) == 18
     bad = {k: v for k, v in result.items() if v not in ("ok", "no ptxas")}
     assert not bad, bad

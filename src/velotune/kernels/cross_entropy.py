@@ -17,7 +17,8 @@ Derivation of the backward (p = softmax(z), y = onehot(label)):
     dlogits = coef * (p - y) * dz/du * du/dx,   coef = grad_output / denominator, 0 on ignored rows.
 The forward saves only lse [N] (fp32); the backward recomputes p = exp(z - lse) chunk by chunk.
 Kernels loop over the vocab in BLOCK-wide chunks with an online max/sum, so any V works (262144+).
-The same two kernels, run in place on a chunk of logits, are the core of fused_linear_ce.
+One kernel, launched once per pass (FORWARD, then BACKWARD), run in place on a chunk of logits, is the
+core of fused_linear_ce.
 Labels outside [0, V) other than ignore_index are not checked on the GPU (no host sync); they give
 a meaningless loss instead of an error. The CPU path (F.cross_entropy) raises for them.
 """
@@ -118,49 +119,51 @@ def logit_transform(x, scale, cap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexp
 
 
 @triton.jit
-def _ce_fwd_kernel(
+def row_logsumexp(
     L,
-    sl,
-    LABELS,
-    LOSS,
-    LSE,
     V,
-    ignore_index,
+    target,
     scale,
     cap,
+    inv_t,
     HAS_SCALE: tl.constexpr,
     HAS_CAP: tl.constexpr,
+    WANT_PZ: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """LOSS[row] = lse - z[label] (0 if ignored), LSE[row] = logsumexp(z), online over vocab chunks."""
-    row = tl.program_id(0).to(tl.int64)
-    L += row * sl
-    label = tl.load(LABELS + row)
+    """One pass over the row L[0:V] in BLOCK-wide chunks with an online max / sum, z = logit_transform(L) * inv_t
+    in fp32. Returns (lse = logsumexp(z), z[target] (-inf for target in [V, V rounded up to BLOCK), 0 outside),
+    sum(softmax(z) * z) with WANT_PZ, else 0.0). The row kernels here and in fused_linear_logprob.py share it."""
     cols = tl.arange(0, BLOCK)
     m = float("-inf")
     s = 0.0
-    zl = 0.0
+    sz = 0.0
+    zt = 0.0
     for start in range(0, V, BLOCK):
         mask = start + cols < V
         x = tl.load(L + start + cols, mask=mask, other=0.0).to(tl.float32)
         z, _ = logit_transform(x, scale, cap, HAS_SCALE, HAS_CAP)
-        z = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        z = z * inv_t
+        zm = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, axis=0))
+        r = tl.exp(m - m_new)
+        e = tl.exp(zm - m_new)
+        s = s * r + tl.sum(e, axis=0)
+        if WANT_PZ:
+            sz = sz * r + tl.sum(tl.where(mask, e * z, 0.0), axis=0)
         m = m_new
-        zl += tl.sum(tl.where(start + cols == label, z, 0.0), axis=0)
-    lse = m + tl.log(s)
-    tl.store(LSE + row, lse)
-    tl.store(LOSS + row, tl.where(label == ignore_index, 0.0, lse - zl))
+        zt += tl.sum(tl.where(start + cols == target, zm, 0.0), axis=0)
+    return m + tl.log(s), zt, sz / s
 
 
 @triton.jit
-def _ce_bwd_kernel(
+def _ce_rows_kernel(
     L,
     sl,
     G,
     sg,
     LABELS,
+    LOSS,
     LSE,
     COEF,
     V,
@@ -169,26 +172,36 @@ def _ce_bwd_kernel(
     cap,
     HAS_SCALE: tl.constexpr,
     HAS_CAP: tl.constexpr,
+    FORWARD: tl.constexpr,
+    BACKWARD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """G[row] = coef * (softmax(z) - onehot(label)) * dz/dx; zero rows for ignored labels.
-    G may alias L (in place): each element is read before it is written, by the same program."""
+    """FORWARD: LOSS[row] = lse - z[label] (0 if ignored), LSE[row] = lse = logsumexp(z), online over vocab
+    chunks; else lse is read from LSE[row]. BACKWARD: G[row] = coef * (softmax(z) - onehot(label)) * dz/dx,
+    zero rows for ignored labels. G may alias L (in place): each element is read before it is written, by
+    the same program. Pointers a phase does not use may be any tensor of the right dtype."""
     row = tl.program_id(0).to(tl.int64)
     L += row * sl
-    G += row * sg
     label = tl.load(LABELS + row)
-    lse = tl.load(LSE + row)
-    coef = tl.load(COEF)
-    coef = tl.where(label == ignore_index, 0.0, coef)
-    cols = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
-        mask = start + cols < V
-        x = tl.load(L + start + cols, mask=mask, other=0.0).to(tl.float32)
-        z, dz = logit_transform(x, scale, cap, HAS_SCALE, HAS_CAP)
-        p = tl.exp(z - lse)
-        p = tl.where(start + cols == label, p - 1.0, p)
-        g = tl.where(coef == 0.0, 0.0, coef * p * dz)  # ignored rows: exact zeros, even if coef = inf
-        tl.store(G + start + cols, g.to(G.dtype.element_ty), mask=mask)
+    if FORWARD:
+        lse, zl, _ = row_logsumexp(L, V, label, scale, cap, 1.0, HAS_SCALE, HAS_CAP, False, BLOCK)
+        tl.store(LSE + row, lse)
+        tl.store(LOSS + row, tl.where(label == ignore_index, 0.0, lse - zl))
+    else:
+        lse = tl.load(LSE + row)
+    if BACKWARD:
+        G += row * sg
+        coef = tl.load(COEF)
+        coef = tl.where(label == ignore_index, 0.0, coef)
+        cols = tl.arange(0, BLOCK)
+        for start in range(0, V, BLOCK):
+            mask = start + cols < V
+            x = tl.load(L + start + cols, mask=mask, other=0.0).to(tl.float32)
+            z, dz = logit_transform(x, scale, cap, HAS_SCALE, HAS_CAP)
+            p = tl.exp(z - lse)
+            p = tl.where(start + cols == label, p - 1.0, p)
+            g = tl.where(coef == 0.0, 0.0, coef * p * dz)  # ignored rows: exact zeros, even if coef = inf
+            tl.store(G + start + cols, g.to(G.dtype.element_ty), mask=mask)
 
 
 def _block(V: int) -> int:
@@ -210,25 +223,41 @@ def transform_args(softcap, logit_scale, V):
     return values, meta
 
 
-def ce_forward_rows(logits, labels, ignore_index, softcap, logit_scale):
-    """Per-row (loss [N], lse [N]) fp32 via the Triton kernel. logits [N, V] with unit column stride."""
+def _launch_rows(logits, out, labels, loss, lse, coef, ignore_index, softcap, logit_scale, forward):
+    """_ce_rows_kernel over the N rows of logits, its forward phase or (forward=False) its backward one."""
     N, V = logits.shape
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
         values, meta = transform_args(softcap, logit_scale, V)
-        _ce_fwd_kernel[(N,)](logits, logits.stride(0), labels, loss, lse, V, ignore_index, *values, **meta)
+        _ce_rows_kernel[(N,)](
+            logits,
+            logits.stride(0),
+            out,
+            out.stride(0),
+            labels,
+            loss,
+            lse,
+            coef,
+            V,
+            ignore_index,
+            *values,
+            FORWARD=forward,
+            BACKWARD=not forward,
+            **meta,
+        )
+
+
+def ce_forward_rows(logits, labels, ignore_index, softcap, logit_scale):
+    """Per-row (loss [N], lse [N]) fp32 via the Triton kernel. logits [N, V] with unit column stride."""
+    N = logits.shape[0]
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    _launch_rows(logits, logits, labels, loss, lse, lse, ignore_index, softcap, logit_scale, forward=True)
     return loss, lse
 
 
 def ce_backward_rows(logits, labels, lse, coef, ignore_index, softcap, logit_scale, out):
     """out [N, V] = dloss/dlogits scaled by the 0-dim fp32 tensor `coef`; `out` may be `logits`."""
-    N, V = logits.shape
-    if N:
-        values, meta = transform_args(softcap, logit_scale, V)
-        _ce_bwd_kernel[(N,)](
-            logits, logits.stride(0), out, out.stride(0), labels, lse, coef, V, ignore_index, *values, **meta
-        )
+    _launch_rows(logits, out, labels, lse, lse, coef, ignore_index, softcap, logit_scale, forward=False)
     return out
 
 

@@ -62,6 +62,22 @@ def fused_linear_cross_entropy_reference(
     return cross_entropy_reference(torch.nn.functional.linear(hidden, weight, bias), labels, **ce_options)
 
 
+def check_head_args(fn, hidden, weight, bias, per_row, memory_budget_bytes):
+    """ValueError, prefixed with the caller's name `fn`, unless hidden is [N, H], weight [V, H], bias [V]
+    or None, the per-row tensor (name, tensor) [N] and the chunk budget positive (the fused lm_head heads)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{fn}: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    name, rows = per_row
+    if rows.shape != hidden.shape[:1]:
+        raise ValueError(f"{fn}: {name} {tuple(rows.shape)} != [N={hidden.shape[0]}]")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"{fn}: bias {tuple(bias.shape)} != [V={weight.shape[0]}]")
+    if memory_budget_bytes <= 0:
+        raise ValueError(f"{fn}: memory_budget_bytes must be positive")
+
+
 def fused_linear_cross_entropy(
     hidden,
     weight,
@@ -85,19 +101,9 @@ def fused_linear_cross_entropy(
     layers run); or drop_ignored=True: computed here, at the price of ONE device->host sync per call
     (the row count). Default: every row goes through the matmuls, sync-free.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"fused_linear_cross_entropy: need hidden [N, H] and weight [V, H], got "
-            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if labels.shape != hidden.shape[:1]:
-        raise ValueError(f"fused_linear_cross_entropy: labels {tuple(labels.shape)} != [N={hidden.shape[0]}]")
+    check_head_args("fused_linear_cross_entropy", hidden, weight, bias, ("labels", labels), memory_budget_bytes)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"fused_linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"fused_linear_cross_entropy: bias {tuple(bias.shape)} != [V={weight.shape[0]}]")
-    if memory_budget_bytes <= 0:
-        raise ValueError("fused_linear_cross_entropy: memory_budget_bytes must be positive")
     if kept_rows is not None and (kept_rows.dim() != 1 or kept_rows.numel() > hidden.shape[0]):
         raise ValueError(
             f"fused_linear_cross_entropy: kept_rows must be [n <= N={hidden.shape[0]}] indices, "

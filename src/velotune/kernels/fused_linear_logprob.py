@@ -37,8 +37,13 @@ import triton
 import triton.language as tl
 
 from velotune.kernels import triton_enabled
-from velotune.kernels.cross_entropy import logit_transform, transform_args, transform_logits_reference
-from velotune.kernels.fused_linear_ce import chunk_rows
+from velotune.kernels.cross_entropy import (
+    logit_transform,
+    row_logsumexp,
+    transform_args,
+    transform_logits_reference,
+)
+from velotune.kernels.fused_linear_ce import check_head_args, chunk_rows
 
 DEFAULT_BUDGET = 64 * 2**20  # bytes of logits one chunk may hold
 
@@ -69,31 +74,13 @@ def _logprob_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     L += row * sl
     target = tl.load(TARGETS + row)
-    cols = tl.arange(0, BLOCK)
-    m = float("-inf")
-    s = 0.0
-    sz = 0.0
-    zt = 0.0
-    for start in range(0, V, BLOCK):
-        mask = start + cols < V
-        x = tl.load(L + start + cols, mask=mask, other=0.0).to(tl.float32)
-        z, _ = logit_transform(x, scale, cap, HAS_SCALE, HAS_CAP)
-        z = z * inv_t
-        zm = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(zm, axis=0))
-        r = tl.exp(m - m_new)
-        e = tl.exp(zm - m_new)
-        s = s * r + tl.sum(e, axis=0)
-        if WANT_ENT:
-            sz = sz * r + tl.sum(tl.where(mask, e * z, 0.0), axis=0)
-        m = m_new
-        zt += tl.sum(tl.where(start + cols == target, z, 0.0), axis=0)
-    lse = m + tl.log(s)
+    lse, zt, pz = row_logsumexp(L, V, target, scale, cap, inv_t, HAS_SCALE, HAS_CAP, WANT_ENT, BLOCK)
     tl.store(LOGP + row, zt - lse)
     tl.store(LSE + row, lse)
     if WANT_ENT:
-        tl.store(ENT + row, lse - sz / s)
+        tl.store(ENT + row, lse - pz)
     if WANT_GRAD:
+        cols = tl.arange(0, BLOCK)
         for start in range(0, V, BLOCK):
             mask = start + cols < V
             x = tl.load(L + start + cols, mask=mask, other=0.0).to(tl.float32)
@@ -254,19 +241,9 @@ def fused_linear_logprobs(
     memory_budget_bytes: int = DEFAULT_BUDGET,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp [N] fp32, entropy [N] fp32 or None): see the module docstring."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"fused_linear_logprobs: need hidden [N, H] and weight [V, H], got "
-            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"fused_linear_logprobs: targets {tuple(targets.shape)} != [N={hidden.shape[0]}]")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"fused_linear_logprobs: bias {tuple(bias.shape)} != [V={weight.shape[0]}]")
+    check_head_args("fused_linear_logprobs", hidden, weight, bias, ("targets", targets), memory_budget_bytes)
     if not temperature > 0:
         raise ValueError(f"fused_linear_logprobs: temperature must be positive, got {temperature!r}")
-    if memory_budget_bytes <= 0:
-        raise ValueError("fused_linear_logprobs: memory_budget_bytes must be positive")
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError(
             "fused_linear_logprobs: lm_head's weight/bias require grad; this head computes gradients for "
