@@ -174,6 +174,24 @@ def _bwd_triton(dh, gate, up, act, dgate, dup):
     return dgate, dup
 
 
+@triton.jit
+def _gate_up_tile(G, U, rows, cols, s_g, s_u, m, ACT: tl.constexpr):
+    """The [rows, cols] tiles of G and U in fp32 (0 outside mask m): (act(g), act'(g), u)."""
+    g = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    return a, da, u
+
+
+@triton.jit
+def _dot(x, y, IEEE: tl.constexpr):
+    """x @ y accumulated in fp32; IEEE: full fp32 products (no TF32), for fp32 inputs."""
+    if IEEE:
+        return tl.dot(x, y, input_precision="ieee")
+    else:
+        return tl.dot(x, y)
+
+
 # The token count N (and the row chunk derived from it) changes every step when batches are packed
 # (padding-free): not specialised on, so one compiled kernel serves every length (no compile mid-run).
 @triton.jit(do_not_specialize=["N", "CHUNK"])
@@ -209,15 +227,10 @@ def _glu_lora_a_grad_kernel(
     for n0 in range(s * CHUNK, tl.minimum(s * CHUNK + CHUNK, N), BLOCK_N):
         rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m = (rows < N)[:, None] & cmask[None, :]
-        g = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        a, _ = _act_and_grad(g, ACT)
+        a, _, u = _gate_up_tile(G, U, rows, cols, s_g, s_u, m, ACT)
         h = (a * u).to(DHA.dtype.element_ty)
         d = tl.load(DHA + rows[:, None] * s_dha + rr[None, :], mask=(rows < N)[:, None] & rmask_r[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(tl.trans(d), h, input_precision="ieee")
-        else:
-            acc += tl.dot(tl.trans(d), h)
+        acc += _dot(tl.trans(d), h, IEEE)
     tl.store(OUT + (s * R + rr[:, None]) * I + cols[None, :], acc, mask=rmask_r[:, None] & cmask[None, :])
 
 
@@ -254,14 +267,9 @@ def _glu_bwd_lora_kernel(
     m = rm[:, None] & cm[None, :]
     d = tl.load(DHA + rows[:, None] * s_dha + rr[None, :], mask=rm[:, None] & km[None, :], other=0.0)
     a_t = tl.load(A + rr[:, None] * s_a + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-    if IEEE:
-        dh = tl.dot(d, a_t, input_precision="ieee")
-    else:
-        dh = tl.dot(d, a_t)
+    dh = _dot(d, a_t, IEEE)
     dh += tl.load(DH + rows[:, None] * s_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    g = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    a, da = _act_and_grad(g, ACT)
+    a, da, u = _gate_up_tile(G, U, rows, cols, s_g, s_u, m, ACT)
     tl.store(DG + rows[:, None] * s_g + cols[None, :], (dh * u * da).to(DG.dtype.element_ty), mask=m)
     tl.store(DU + rows[:, None] * s_u + cols[None, :], (dh * a).to(DU.dtype.element_ty), mask=m)
 
@@ -300,15 +308,10 @@ def _glu_lora_project_kernel(
         cols = i0 + tl.arange(0, BLOCK_I)
         cm = cols < I
         m = rm[:, None] & cm[None, :]
-        g = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * s_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        a, _ = _act_and_grad(g, ACT)
+        a, _, u = _gate_up_tile(G, U, rows, cols, s_g, s_u, m, ACT)
         h = (a * u).to(A.dtype.element_ty)
         a_t = tl.load(A + rr[None, :] * s_a + cols[:, None], mask=cm[:, None] & km[None, :], other=0.0)  # A^T tile
-        if IEEE:
-            acc += tl.dot(h, a_t, input_precision="ieee")
-        else:
-            acc += tl.dot(h, a_t)
+        acc += _dot(h, a_t, IEEE)
     tl.store(OUT + (s * N + rows[:, None]) * R + rr[None, :], acc, mask=rm[:, None] & km[None, :])
 
 
