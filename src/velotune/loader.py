@@ -7,10 +7,12 @@ that own them, so `unpatch(model)` can always return stock behaviour.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -87,6 +89,14 @@ def check_adapter_folder(path: Path) -> dict:
         raise ModelLoadError(f"{path} has no adapter_model.safetensors; {hint}")
     check_weight_files(path, names=["adapter_model.safetensors"])
     return cfg
+
+
+def _arguments_for(target, arguments: dict) -> dict:
+    """The entries of `arguments` (a caller's locals()) that `target` (a function, or a dataclass with
+    kw_only=True) takes as keyword-only parameters: a public signature passes its arguments on to
+    `target` by name without listing them again."""
+    params = inspect.signature(target).parameters.values()
+    return {p.name: arguments[p.name] for p in params if p.kind is p.KEYWORD_ONLY}
 
 
 def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revision: str | None) -> str:
@@ -365,28 +375,11 @@ class FastLanguageModel:
         kept inside each sample (velotune.models.padding_free): the same loss, gradients and logits
         at real positions as the padded batch; False runs padded batches as they come.
         """
+        args = _arguments_for(_load_model, locals())  # first: locals() holds the arguments as given
         from velotune.loader_options import take_unsloth_options
 
         options = take_unsloth_options(kwargs)
-        args = dict(
-            max_seq_length=max_seq_length,
-            dtype=dtype,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-            load_in_16bit=load_in_16bit,
-            full_finetuning=full_finetuning,
-            fast=fast,
-            device_map=device_map,
-            token=token,
-            revision=revision,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            memory_cap=memory_cap,
-            padding_free=padding_free,
-            rope_scaling=rope_scaling,
-            resize_model_vocab=resize_model_vocab,
-            **kwargs,
-        )
+        args.update(kwargs)  # what is left once Unsloth's keywords are taken
         path = _resolve_model_path(model_name, token, revision)
         adapter = _adapter_folder(Path(path))
         # An adapter folder's LoRA layers are set up here, so Unsloth's checkpointing keyword applies to them.
@@ -478,6 +471,7 @@ class FastLanguageModel:
         text-only model has no vision layers). A model that already is a PeftModel (an adapter folder
         loaded by from_pretrained) is returned as it is, with a warning.
         """
+        settings = _PeftSettings(**_arguments_for(_PeftSettings, locals()))  # first: locals() holds the arguments
         with quiet_deprecations():  # importing PEFT's dependencies
             from peft import LoraConfig, PeftModel, get_peft_model
         from velotune.loader_options import FINETUNE_FLAGS, targets_from_finetune_flags
@@ -496,16 +490,7 @@ class FastLanguageModel:
         derived = targets_from_finetune_flags(flags)
         if derived is not None and (target_modules is None or target_modules is DEFAULT_TARGET_MODULES):
             target_modules = derived
-        _check_peft_options(
-            use_gradient_checkpointing,
-            recompute,
-            mlp_row_blocks,
-            offload_every,
-            host_memory_budget,
-            offload_embedding,
-            padding_free,
-            cuda_graphs,
-        )
+        settings.check()
         if max_seq_length is not None:
             model.max_seq_length = max_seq_length
         torch.manual_seed(random_state)
@@ -537,17 +522,7 @@ class FastLanguageModel:
         # round away); the fused LoRA functions cast A and B (r x d, tiny) to the compute dtype at use.
         with quiet_deprecations():  # PEFT reads transformers' renamed checkpointing attributes
             peft_model = get_peft_model(model, config)
-        _finish_peft_model(
-            peft_model,
-            use_gradient_checkpointing,
-            cuda_graphs,
-            recompute,
-            mlp_row_blocks,
-            offload_every,
-            host_memory_budget,
-            padding_free,
-            offload_embedding,
-        )
+        _finish_peft_model(peft_model, settings)
         return peft_model
 
     @staticmethod
@@ -728,88 +703,75 @@ def _load_adapter(adapter: Path, args: dict, use_gradient_checkpointing: bool | 
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that do not match the base
         raise ModelLoadError(f"{adapter}: the adapter does not fit its base model {base} ({_first_line(e)})") from e
     log.info("velotune: loaded LoRA adapter %s on base model %s", adapter, base)
-    _finish_peft_model(peft_model, use_gradient_checkpointing)
+    _finish_peft_model(peft_model, _PeftSettings(use_gradient_checkpointing=use_gradient_checkpointing))
     return peft_model, tokenizer
 
 
-def _check_peft_options(
-    use_gradient_checkpointing,
-    recompute,
-    mlp_row_blocks,
-    offload_every,
-    host_memory_budget,
-    offload_embedding,
-    padding_free,
-    cuda_graphs,
-) -> None:
-    """ValueError for get_peft_model settings that do not go together (before PEFT changes the model)."""
-    from velotune.memory.checkpointing import check_recompute
+@dataclass(frozen=True, kw_only=True)
+class _PeftSettings:
+    """get_peft_model's checkpointing and fast-path settings (its docstring says what each does; the
+    defaults are its own), checked together before PEFT changes the model and applied after."""
 
-    offloaded = use_gradient_checkpointing in ("unsloth", "offload")
-    mode = _recompute_mode(use_gradient_checkpointing, recompute, offload_every, host_memory_budget)
-    check_recompute(mode, mlp_row_blocks)
-    if (offload_every != 1 or host_memory_budget is not None) and not offloaded:
-        raise ValueError(
-            f"offload_every={offload_every!r} needs use_gradient_checkpointing='unsloth' "
-            f"(or 'offload'): got {use_gradient_checkpointing!r}"
+    use_gradient_checkpointing: bool | str = "unsloth"
+    offload_embedding: bool | str = "auto"
+    cuda_graphs: bool = False
+    recompute: str | None = None
+    mlp_row_blocks: int = 1
+    offload_every: int | str = 1
+    host_memory_budget: int | str | None = None
+    padding_free: bool | None = None
+
+    @property
+    def offloaded(self) -> bool:
+        return self.use_gradient_checkpointing in ("unsloth", "offload")
+
+    def recompute_mode(self) -> str:
+        """recompute=None: "mlp" with offloaded checkpointing of every layer, else "layer"."""
+        if self.recompute is not None:
+            return self.recompute
+        return "mlp" if self.offloaded and self.offload_every == 1 and self.host_memory_budget is None else "layer"
+
+    def check(self) -> None:
+        """ValueError for settings that do not go together."""
+        from velotune.memory.checkpointing import check_recompute
+
+        check_recompute(self.recompute_mode(), self.mlp_row_blocks)
+        needs_offload = (
+            f"needs use_gradient_checkpointing='unsloth' (or 'offload'): got {self.use_gradient_checkpointing!r}"
         )
-    if host_memory_budget is not None:
-        from velotune.fit import parse_bytes
+        if (self.offload_every != 1 or self.host_memory_budget is not None) and not self.offloaded:
+            raise ValueError(f"offload_every={self.offload_every!r} {needs_offload}")
+        if self.host_memory_budget is not None:
+            from velotune.fit import parse_bytes
 
-        parse_bytes(host_memory_budget)
-    if offload_embedding not in (True, False, "auto"):
-        raise ValueError(f"offload_embedding={offload_embedding!r}: use 'auto', True or False")
-    if padding_free is not None and not isinstance(padding_free, bool):
-        raise ValueError(f"padding_free={padding_free!r}: use True, False or None")
-    if recompute not in (None, "layer") and not offloaded:
-        raise ValueError(
-            f"recompute={recompute!r} needs use_gradient_checkpointing='unsloth' (or 'offload'): "
-            f"got {use_gradient_checkpointing!r}"
-        )
-    if cuda_graphs and not offloaded:
-        raise ValueError(
-            "cuda_graphs=True needs use_gradient_checkpointing='unsloth' (or 'offload'): "
-            f"got {use_gradient_checkpointing!r}"
-        )
+            parse_bytes(self.host_memory_budget)
+        if self.offload_embedding not in (True, False, "auto"):
+            raise ValueError(f"offload_embedding={self.offload_embedding!r}: use 'auto', True or False")
+        if self.padding_free is not None and not isinstance(self.padding_free, bool):
+            raise ValueError(f"padding_free={self.padding_free!r}: use True, False or None")
+        if self.recompute not in (None, "layer") and not self.offloaded:
+            raise ValueError(f"recompute={self.recompute!r} {needs_offload}")
+        if self.cuda_graphs and not self.offloaded:
+            raise ValueError(f"cuda_graphs=True {needs_offload}")
 
 
-def _recompute_mode(use_gradient_checkpointing, recompute, offload_every, host_memory_budget) -> str:
-    """recompute=None: "mlp" with offloaded checkpointing of every layer, else "layer"."""
-    if recompute is not None:
-        return recompute
-    return (
-        "mlp"
-        if use_gradient_checkpointing in ("unsloth", "offload") and offload_every == 1 and host_memory_budget is None
-        else "layer"
-    )
-
-
-def _finish_peft_model(
-    peft_model,
-    use_gradient_checkpointing: bool | str = "unsloth",
-    cuda_graphs: bool = False,
-    recompute: str | None = None,
-    mlp_row_blocks: int = 1,
-    offload_every: int | str = 1,
-    host_memory_budget: int | str | None = None,
-    padding_free: bool | None = None,
-    offload_embedding: bool | str = "auto",
-) -> None:
+def _finish_peft_model(peft_model, settings: _PeftSettings) -> None:
     """Checkpointing, the fused PEFT path, padding-free batches, embedding offload and the export
-    methods on a fresh PeftModel (get_peft_model's, or an adapter folder's); settings as get_peft_model's."""
+    methods on a fresh PeftModel (get_peft_model's, or an adapter folder's)."""
     from velotune.memory.checkpointing import enable_checkpointing  # here: `import velotune` stays cheap
 
+    host_memory_budget = settings.host_memory_budget
     if host_memory_budget is not None:
         from velotune.fit import parse_bytes
 
         host_memory_budget = parse_bytes(host_memory_budget)
     enable_checkpointing(
         peft_model,
-        use_gradient_checkpointing,
-        cuda_graphs,
-        _recompute_mode(use_gradient_checkpointing, recompute, offload_every, host_memory_budget),
-        mlp_row_blocks,
-        offload_every,
+        settings.use_gradient_checkpointing,
+        settings.cuda_graphs,
+        settings.recompute_mode(),
+        settings.mlp_row_blocks,
+        settings.offload_every,
         host_memory_budget,
     )
     from velotune.models import prepare_peft_model
@@ -818,15 +780,16 @@ def _finish_peft_model(
     from velotune.models.trained_copies import keep_io_dtype
 
     keep_io_dtype(peft_model)  # full copies (modules_to_save) that a trainer may cast to bf16
-    if padding_free is None and cuda_graphs:
+    padding_free = settings.padding_free
+    if padding_free is None and settings.cuda_graphs:
         padding_free = False  # graphs replay fixed shapes; padding-free batches change shape every step
     if padding_free is not None:
         from velotune.models.padding_free import set_padding_free
 
         set_padding_free(peft_model, padding_free)
-    if offload_embedding == "auto":
+    if settings.offload_embedding == "auto":
         _offload_embedding_where_safe(peft_model)
-    elif offload_embedding:
+    elif settings.offload_embedding:
         from velotune.memory.embedding_offload import offload_input_embeddings
 
         offload_input_embeddings(peft_model)

@@ -54,13 +54,13 @@ def _pads_predict_labels(shift_labels, attention_mask) -> bool:
 
 def causal_lm_forward(
     self,
-    input_ids=None,
-    attention_mask=None,
-    position_ids=None,
-    inputs_embeds=None,
-    labels=None,
-    use_cache=None,
-    logits_to_keep=0,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    inputs_embeds: torch.FloatTensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
     **kwargs,
 ):
     """Replacement for `<Family>ForCausalLM.forward`.
@@ -95,12 +95,13 @@ def causal_lm_forward(
     kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("return_dict", None)
+    kwargs["use_cache"] = False  # the decoder stack runs without a KV cache (the stock path took cached calls)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]  # token t predicts t + 1
     like = input_ids if input_ids is not None else inputs_embeds
     body = getattr(self, self.base_model_prefix)  # LlamaModel, GPTNeoXModel, ...
     packed = None
-    if like is not None and pf.applies(body, {**kwargs, "use_cache": False}):
+    if like is not None and pf.applies(body, kwargs):
         packed = pf.pack(like, attention_mask, position_ids)
         if packed is not None and attention_mask is not None and _pads_predict_labels(shift_labels, attention_mask):
             packed, kwargs[pf.ALLOW_KW] = None, False  # stock's padded loss, exactly
@@ -123,7 +124,6 @@ def causal_lm_forward(
         attention_mask=attention_mask,
         position_ids=position_ids,
         inputs_embeds=inputs_embeds,
-        use_cache=False,
         **kwargs,
     )
     hidden = outputs.last_hidden_state  # [B, T, H], or [1, N, H] packed

@@ -64,6 +64,13 @@ CLASS_SUFFIXES = {
     "norm": "RMSNorm",
 }
 
+# The fields FamilySpec.describe() shows, in its order, when they differ from the Llama layout.
+_DESCRIBED = (
+    "norm_offset norm_weight_in_fp32 qk_norm qkv gate_up qkv_bias attn_softcap_attr final_softcap_attr "
+    "logits_divisor_attr sliding_window rope_by_layer_type rope_flag_attr q_temperature embedding_scale "
+    "sandwich_norms"
+).split()
+
 
 @dataclass(frozen=True)
 class GGUFLayout:
@@ -158,25 +165,14 @@ class FamilySpec:
         return window if types is not None and types[layer] == "sliding_attention" else None
 
     def describe(self) -> str:
+        """`<name>: label=value, ...` for the fields in _DESCRIBED that differ from the Llama layout, labelled
+        by their names less `_attr` (rope_flag_attr: nope_layers_flag; q_temperature: its beta key)."""
+        values = {field: getattr(self, field) for field in _DESCRIBED}
+        values["q_temperature"] = self.q_temperature and self.q_temperature[0]
+        labels = {"rope_flag_attr": "nope_layers_flag"}
         diffs = [
-            f"{k}={v}"
-            for k, v in (
-                ("norm_offset", self.norm_offset),
-                ("norm_weight_in_fp32", self.norm_weight_in_fp32),
-                ("qk_norm", self.qk_norm),
-                ("qkv", self.qkv),
-                ("gate_up", self.gate_up),
-                ("qkv_bias", self.qkv_bias),
-                ("attn_softcap", self.attn_softcap_attr),
-                ("final_softcap", self.final_softcap_attr),
-                ("logits_divisor", self.logits_divisor_attr),
-                ("sliding_window", self.sliding_window),
-                ("rope_by_layer_type", self.rope_by_layer_type),
-                ("nope_layers_flag", self.rope_flag_attr),
-                ("q_temperature", self.q_temperature and self.q_temperature[0]),
-                ("embedding_scale", self.embedding_scale),
-                ("sandwich_norms", self.sandwich_norms),
-            )
+            f"{labels.get(field, field.removesuffix('_attr'))}={v}"
+            for field, v in values.items()
             if v not in (0.0, "separate", False, None, "none")
         ]
         return f"{self.name}: " + (", ".join(diffs) if diffs else "Llama layout")

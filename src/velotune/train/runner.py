@@ -76,6 +76,21 @@ def load_model(cfg: TrainConfig):
     return model, tokenizer
 
 
+# The lora section's settings that get_peft_model takes under the same names.
+_SAME_NAMED_LORA = (
+    "r",
+    "target_modules",
+    "bias",
+    "random_state",
+    "use_rslora",
+    "use_dora",
+    "offload_embedding",
+    "recompute",
+    "cuda_graphs",
+    "mlp_row_blocks",
+)
+
+
 def add_adapters(model, cfg: TrainConfig):
     """LoRA adapters (a real peft.PeftModel), unless the config asks for full fine-tuning."""
     from velotune import FastLanguageModel
@@ -87,21 +102,12 @@ def add_adapters(model, cfg: TrainConfig):
     try:
         return FastLanguageModel.get_peft_model(
             model,
-            r=lo.r,
-            target_modules=lo.target_modules,
             lora_alpha=lo.alpha,
             lora_dropout=lo.dropout,
-            bias=lo.bias,
             use_gradient_checkpointing=lo.gradient_checkpointing,
-            random_state=lo.random_state,
             max_seq_length=cfg.model.max_seq_length,
-            use_rslora=lo.use_rslora,
-            use_dora=lo.use_dora,
             modules_to_save=lo.modules_to_save or None,
-            offload_embedding=lo.offload_embedding,
-            recompute=lo.recompute,
-            cuda_graphs=lo.cuda_graphs,
-            mlp_row_blocks=lo.mlp_row_blocks,
+            **{name: getattr(lo, name) for name in _SAME_NAMED_LORA},
         )
     except ValueError as e:  # settings this model cannot take (e.g. offload_embedding on tied tables)
         raise ConfigError(f"lora: {e}") from e
@@ -395,19 +401,7 @@ def _run_training(cfg: TrainConfig, out: Path, *, progress: bool, model, tokeniz
         first, last = summary["first_loss"], summary["last_loss"]
         loss_s = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no loss logged"
         print(f"done: {summary['steps']} steps in {seconds:.1f} s, {loss_s}; saved to {out}")
-    return RunResult(
-        output_dir=out,
-        adapter_path=out,
-        summary_path=summary_path,
-        png_path=png,
-        steps=steps,
-        losses=losses,
-        summary=summary,
-        data_report=report,
-        model=trainer.model,
-        tokenizer=tokenizer,
-        trainer=trainer,
-    )
+    return RunResult(out, out, summary_path, png, steps, losses, summary, report, trainer.model, tokenizer, trainer)
 
 
 def _train(trainer, resume, out: Path) -> None:
