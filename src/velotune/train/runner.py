@@ -401,7 +401,19 @@ def _run_training(cfg: TrainConfig, out: Path, *, progress: bool, model, tokeniz
         first, last = summary["first_loss"], summary["last_loss"]
         loss_s = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no loss logged"
         print(f"done: {summary['steps']} steps in {seconds:.1f} s, {loss_s}; saved to {out}")
-    return RunResult(out, out, summary_path, png, steps, losses, summary, report, trainer.model, tokenizer, trainer)
+    return RunResult(
+        output_dir=out,
+        adapter_path=out,
+        summary_path=summary_path,
+        png_path=png,
+        steps=steps,
+        losses=losses,
+        summary=summary,
+        data_report=report,
+        model=trainer.model,
+        tokenizer=tokenizer,
+        trainer=trainer,
+    )
 
 
 def _train(trainer, resume, out: Path) -> None:
