@@ -204,13 +204,14 @@ def batch_tokens(inputs) -> int:
     return int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
 
 
-def real_tokens(inputs) -> int:
-    """Non-padding tokens of one micro-batch (padded: mask sums; padding-free [1, N]: N; DPO: both halves)."""
+def real_tokens(inputs):
+    """Non-padding tokens of one micro-batch (padded: mask sums; padding-free [1, N]: N; DPO: both halves):
+    an int, or a 0-dim tensor on the batch's device (read once the run is over: no sync per step)."""
     import torch
 
     masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
     if masks:
-        return int(sum(int(m.sum()) for m in masks))
+        return sum(m.sum() for m in masks)
     return int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
 
 
@@ -261,13 +262,20 @@ def worker(args) -> dict:
             train_dataset=data,
             processing_class=tok,
         )
-    marks: list[tuple[float, int, int, int]] = []  # (time, optimizer step, real, batch tokens) per micro-batch
+    # Per micro-batch: (optimizer step, real tokens, batch tokens). The GPU is synchronised once, where the
+    # timed window starts (the first micro-batch after the warm-up steps), and once at the end: nothing in
+    # between waits for it that the trainer itself does not.
+    marks: list[tuple[int, object, int]] = []
+    start: list[float] = []
     plain_step = trainer.training_step
 
     def timed_step(model, inputs, *a, **kw):
-        if cuda:
-            torch.cuda.synchronize()
-        marks.append((time.perf_counter(), trainer.state.global_step, real_tokens(inputs), batch_tokens(inputs)))
+        step = trainer.state.global_step
+        if step >= args.warmup and not start:
+            if cuda:
+                torch.cuda.synchronize()
+            start.append(time.perf_counter())
+        marks.append((step, real_tokens(inputs), batch_tokens(inputs)))
         return plain_step(model, inputs, *a, **kw)
 
     trainer.training_step = timed_step
@@ -280,9 +288,9 @@ def worker(args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     end = time.perf_counter()
-    timed = [m for m in marks if m[1] >= args.warmup]
-    tokens = sum(m[2] for m in timed)
-    elapsed = end - timed[0][0] if timed else float("nan")
+    timed = [m for m in marks if m[0] >= args.warmup]
+    tokens = int(sum(int(m[1]) for m in timed))
+    elapsed = end - start[0] if timed else float("nan")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out = {
         "impl": args.impl,
@@ -298,7 +306,7 @@ def worker(args) -> dict:
         "real_tokens": tokens,
         "seconds": elapsed,
         "tokens_per_s": tokens / elapsed if timed else None,
-        "batch_tokens": sum(m[3] for m in timed),
+        "batch_tokens": sum(m[2] for m in timed),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

@@ -87,6 +87,30 @@ def test_train_bench(tmp_path):
     assert abs(by_impl["velotune"]["first_loss"] - by_impl["stock"]["first_loss"]) < 1e-3
 
 
+def test_sft_bench(tmp_path):
+    """TRL's SFTTrainer on variable-length rows, stock and velotune: the same rows, the same real-token
+    count and losses (fp32), velotune padding-free (no padding reaches its model), stock padded."""
+    out = tmp_path / "s.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "sft.py"), "--quick", "--impls", "stock", "velotune"]
+        + ["--out", str(out), "--commit", "abc1234"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines())}
+    stock, fast = rows["stock"], rows["velotune"]
+    assert fast["commit"] == stock["commit"] == "abc1234" and fast["card"] == "cpu"
+    assert fast["real_tokens"] == stock["real_tokens"] > 0 and stock["batch_tokens"] > stock["real_tokens"]
+    assert fast["micro_batches"] == stock["micro_batches"] == 2
+    pf = fast["padding_free"]
+    assert pf["forwards"] == 3 and pf["real_tokens"] < pf["batch_tokens"]  # warm-up + timed micro-batches packed
+    for a, b in zip(fast["losses"], stock["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    assert "vs stock" in proc.stdout
+
+
 def test_grpo_bench(tmp_path):
     """One GRPO step per contender (TRL's GRPOTrainer): velotune's glue installed and its engine used."""
     out, rows = _run("grpo.py", "--cpu-smoke", "--impls", "velotune-lora", "stock-lora", jsonl=tmp_path / "g.jsonl")
