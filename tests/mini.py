@@ -27,6 +27,7 @@ FAMILIES = (
     "smollm3",
     "olmo2",
     "ministral3",
+    "olmo3",
 )
 VOCAB = 384
 
@@ -118,6 +119,24 @@ def mini_config(family: str, **overrides):
     elif family == "olmo2":  # post-norms, q/k norm over the whole projection, GQA
         cls = tf.Olmo2Config
         kw.update(initializer_range=0.05)
+    elif family == "olmo3":  # OLMo 2's post-norms and whole-projection q/k norm, GQA, a sliding (window 4,
+        cls = tf.Olmo3Config  # plain RoPE base 1e4) then a full-attention layer (base 5e5, YaRN as OLMo 3 7B)
+        kw.update(
+            initializer_range=0.05,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 32,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                },
+            },
+        )
     elif family == "ministral3":  # head_dim != hidden / heads, GQA, tied, YaRN, a window on every layer, and
         cls = _ministral3_config()  # the query temperature from position 4 on (period 4: in every test batch)
         kw.update(

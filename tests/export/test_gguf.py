@@ -41,6 +41,15 @@ OVERRIDES = {
     # llama.cpp's Gemma 3: 5 local : 1 global layers, attention scale from head_dim (window 4 kept)
     "gemma3_text": {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 16},
     "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4},
+    # llama.cpp's OLMo 3 (olmo2 graph): one RoPE base, the sliding layers unscaled (the full layer's YaRN
+    # and the (sliding, full) pattern with window 4 kept: without the pattern array llama.cpp assumes
+    # 3 sliding : 1 full and these logits are off by ~70%)
+    "olmo3": {
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            "full_attention": mini_config("olmo3").rope_parameters["full_attention"],
+        }
+    },
 }
 
 
@@ -320,6 +329,21 @@ def test_smollm3_nope_pattern_llama_cpp_cannot_run_is_refused(tmp_path):
     model, tok = lora_model("smollm3")  # no_rope_layers [1, 0]
     with pytest.raises(ExportError, match="NoPE on every 4th layer"):
         model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)
+
+
+def test_olmo3_rope_llama_cpp_cannot_express_is_refused(tmp_path):
+    """llama.cpp's OLMo 3 has one RoPE base and derives YaRN's attention factor: the mini's sliding base
+    (1e4 vs the full layer's 5e5) and a non-default attention factor would load and answer wrongly."""
+    model, tok = lora_model("olmo3")
+    with pytest.raises(ExportError, match="sliding layers' RoPE unscaled"):
+        model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)
+    rope = OVERRIDES["olmo3"]["rope_parameters"]
+    model, tok = lora_model(
+        "olmo3", rope_parameters={**rope, "full_attention": {**rope["full_attention"], "attention_factor": 1.5}}
+    )
+    with pytest.raises(ExportError, match="attention_factor=1.5"):
+        model.save_pretrained_gguf(tmp_path, tok, "f16", quiet=True)
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_ministral3_yarn_llama_cpp_cannot_express_is_refused(tmp_path):

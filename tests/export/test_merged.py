@@ -14,7 +14,7 @@ IDS = torch.randint(7, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3
 
 
 @pytest.mark.parametrize(
-    "family", ["llama", "phi3", "gemma2", "qwen3", "gemma3_text", "granite", "smollm3", "olmo2", "ministral3"]
+    "family", ["llama", "phi3", "gemma2", "qwen3", "gemma3_text", "granite", "smollm3", "olmo2", "ministral3", "olmo3"]
 )
 def test_merged_matches_unmerged_in_stock_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

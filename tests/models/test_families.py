@@ -51,7 +51,7 @@ def test_window_of_matches_what_transformers_masks(family):
         want = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
         assert spec.window_of(config, i) == want, (family, i)
     assert any(spec.window_of(config, i) for i in range(config.num_hidden_layers)) == (
-        family in ("mistral", "gemma2", "qwen3", "gemma3_text", "ministral", "ministral3")
+        family in ("mistral", "gemma2", "qwen3", "gemma3_text", "ministral", "ministral3", "olmo3")
     )  # the minis whose windows are exercised
 
 
@@ -66,7 +66,7 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "ministral", "ministral3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "ministral", "ministral3", "olmo3"])
 def test_new_families_on_the_gpu_match_stock(family, tmp_path):
     """The real Triton kernels on a CUDA device, float32 (TF32 off): loss and every LoRA gradient against
     float64 stock transformers + PEFT on the same weights, within 1e-5 or within 1.5x of stock's own

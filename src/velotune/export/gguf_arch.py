@@ -160,6 +160,35 @@ def _check_smollm3(w, c, rp) -> None:
         raise ExportError("SmolLM3 GGUF: llama.cpp's SmolLM3 graph has no sliding window")
 
 
+def _sliding_window_pattern(w, c, rp) -> None:
+    """The window and which layers use it, one bool per layer from config.layer_types (the
+    `attention.sliding_window_pattern` array); without the array llama.cpp assumes its own fixed pattern."""
+    window = getattr(c, "sliding_window", None) or 0
+    w.add_sliding_window(window)
+    if window:
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
+
+
+def _check_olmo3_rope(w, c, rp) -> None:
+    """llama.cpp runs OLMo 3 as olmo2 with one RoPE base (the full-attention layers') for every layer,
+    the sliding layers unscaled, and YaRN's attention factor derived from the factor (0.1 ln f + 1).
+    Refuse configs it would run differently."""
+    local = (getattr(c, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default" or local.get("rope_theta") != rp.get("rope_theta"):
+        raise ExportError(
+            "OLMo 3 GGUF needs the sliding layers' RoPE unscaled at the full-attention layers' base "
+            f"{rp.get('rope_theta')} (llama.cpp has one base); this model has {local}"
+        )
+    attention = rp.get("attention_factor")
+    if rp.get("rope_type") == "yarn" and attention is not None:
+        derived = 0.1 * math.log(rp["factor"]) + 1
+        if not math.isclose(attention, derived, rel_tol=1e-6):
+            raise ExportError(
+                f"OLMo 3 GGUF: llama.cpp derives YaRN's attention factor from the factor ({derived:.6g}); "
+                f"this model has attention_factor={attention}"
+            )
+
+
 def _ministral3_temperature(w, c, rp) -> None:
     """Ministral 3 (convert_hf_to_gguf's Ministral3Model): llama.cpp's mistral3 graph multiplies q by the
     attention temperature with beta from attention.temperature_scale and the period taken from the YaRN
@@ -256,9 +285,11 @@ FEATURES: dict[str, Feature] = {
         )
     ),
     "sliding_window_key": Feature(lambda w, c, rp: w.add_sliding_window(getattr(c, "sliding_window", None) or 0)),
+    "sliding_window_pattern": Feature(_sliding_window_pattern),  # the window + config.layer_types as an array
     "gemma2_layout": Feature(_check_gemma2),
     "gemma3_layout": Feature(_check_gemma3),
     "smollm3_layout": Feature(_check_smollm3),  # NoPE every 4th layer, no sliding window
+    "olmo3_rope": Feature(_check_olmo3_rope),  # one RoPE base, unscaled sliding layers
     "granite_scales": Feature(_granite_scales),
     "ministral3_temperature": Feature(_ministral3_temperature),  # YaRN + Llama 4-style query temperature
     "softcaps": Feature(_softcaps),

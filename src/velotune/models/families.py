@@ -7,10 +7,10 @@ to REGISTERED below. Nothing else keeps a list of families.
 from __future__ import annotations
 
 from velotune.models import gemma2, gemma3, granite, llama, ministral, ministral3, mistral
-from velotune.models import olmo2, phi3, qwen2, qwen3, smollm3
+from velotune.models import olmo2, olmo3, phi3, qwen2, qwen3, smollm3
 from velotune.models.spec import FamilySpec
 
-REGISTERED = (llama, mistral, qwen2, phi3, gemma2, qwen3, gemma3, ministral, granite, smollm3, olmo2, ministral3)
+REGISTERED = (llama, mistral, qwen2, phi3, gemma2, qwen3, gemma3, ministral, granite, smollm3, olmo2, ministral3, olmo3)
 
 SPECS: tuple[FamilySpec, ...] = tuple(m.SPEC for m in REGISTERED)
 BY_MODEL_TYPE = {t: s for s in SPECS for t in s.model_types}
