@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -72,6 +74,8 @@ def test_model_device_names_the_compute_device_not_the_host_table():
     _report_device(model, torch.device("cuda", 0))  # (a device object only: nothing is allocated)
     assert model.device == torch.device("cuda", 0) and base.device == torch.device("cuda", 0)
     assert isinstance(base, LlamaForCausalLM) and type(base).__name__ == cls.__name__ and type(base) is not cls
+    assert type(base).__module__ == cls.__module__  # (transformers finds the modeling file by it)
+    assert copy.deepcopy(model).device == torch.device("cuda", 0)  # TRL deep-copies models (reference models)
     assert next(base.parameters()).device.type == "cpu"
     _unreport_device(model)
     assert type(base) is cls and model.device.type == "cpu" and "_velotune_class" not in base.__dict__
@@ -161,3 +165,17 @@ def test_gpu_host_gather_reuses_one_pinned_buffer(monkeypatch):
     torch.cuda.synchronize()
     assert emb._velotune_rows[0].data_ptr() == buf.data_ptr() and buf.is_pinned()
     assert torch.equal(out1, table[ids1.cuda()]) and torch.equal(out2, table[ids2.cuda()])
+
+
+def test_a_deep_copied_model_trains_on_its_own_parameters():
+    """`copy.deepcopy` of a velotune LoRA model (offloaded checkpointing: its host-buffer pool is not
+    copyable, so a copy gets its own): the copy's step gives the same loss and fills the copy's
+    gradients only."""
+    model = _lora(False)
+    twin = copy.deepcopy(model)
+    loss, grads = _loss_and_grads(twin)
+    assert all(p.grad is None for p in model.parameters())
+    ref_loss, ref_grads = _loss_and_grads(model)
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name

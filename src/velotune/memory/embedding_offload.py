@@ -101,8 +101,12 @@ def _report_device(model: nn.Module, device: torch.device) -> None:
         return
     sub = _DEVICE_CLASSES.get(cls)
     if sub is None:
-        attrs = {"device": property(lambda self: self.__dict__["_velotune_compute_device"])}
-        sub = _DEVICE_CLASSES[cls] = type(cls.__name__, (cls,), {**attrs, "__qualname__": cls.__qualname__})
+        attrs = {
+            "device": property(lambda self: self.__dict__["_velotune_compute_device"]),
+            "__module__": cls.__module__,  # transformers reads the class's module file (attention support checks)
+            "__qualname__": cls.__qualname__,
+        }
+        sub = _DEVICE_CLASSES[cls] = type(cls.__name__, (cls,), attrs)
     base._velotune_class, base._velotune_compute_device = cls, device
     base.__class__ = sub
 

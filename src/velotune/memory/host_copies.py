@@ -53,6 +53,11 @@ class HostPool:
         self._alloc = alloc or (lambda n, dtype: torch.empty(n, dtype=dtype, pin_memory=True))
         self._available = available or host_available
 
+    def __deepcopy__(self, memo) -> HostPool:
+        """A copied model (`copy.deepcopy`) gets its own empty pool: the buffers are a cache, and a lock
+        cannot be copied."""
+        return type(self)(self._alloc, self._available)
+
     def _new(self, size: int, dtype: torch.dtype) -> torch.Tensor:
         """A fresh pinned buffer, or a clear error instead of the kernel's OOM killer or CUDA's
         "out of memory" (nothing is lost: the step stops before its backward)."""
