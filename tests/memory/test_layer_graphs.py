@@ -16,21 +16,15 @@ from velotune import FastLanguageModel
 from velotune.models import prepare_model
 
 N_LAYERS = 2
+# get_peft_model settings of every graphed-vs-eager pair here and in test_saved_graphs.py (fixed shapes)
+GRAPHED_LORA = dict(r=8, lora_alpha=16, use_gradient_checkpointing="unsloth", random_state=5, padding_free=False)
 
 
 def _lora(cuda_graphs: bool, dropout: float = 0.0, family: str = "llama"):
     model = mini_model(family, num_hidden_layers=N_LAYERS)
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(
-        model,
-        r=8,
-        lora_alpha=16,
-        lora_dropout=dropout,
-        use_gradient_checkpointing="unsloth",
-        random_state=5,
-        cuda_graphs=cuda_graphs,
-        padding_free=False,
-        recompute="layer",
+        model, lora_dropout=dropout, cuda_graphs=cuda_graphs, recompute="layer", **GRAPHED_LORA
     )
     with torch.no_grad():  # non-zero B: every adapter gets a gradient
         for n, p in model.named_parameters():
@@ -140,16 +134,7 @@ def test_cuda_graphs_on_gpu_are_bit_identical(dtype):
     for graphs in (False, True):
         model = mini_model("llama", num_hidden_layers=N_LAYERS, dtype=dtype).cuda()
         prepare_model(model, max_seq_length=64)
-        model = FastLanguageModel.get_peft_model(
-            model,
-            r=8,
-            lora_alpha=16,
-            use_gradient_checkpointing="unsloth",
-            random_state=5,
-            cuda_graphs=graphs,
-            padding_free=False,
-            recompute="layer",
-        )
+        model = FastLanguageModel.get_peft_model(model, cuda_graphs=graphs, recompute="layer", **GRAPHED_LORA)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mini import fixed_batch, mini_model
-from test_layer_graphs import _train, _two_batches
+from test_layer_graphs import GRAPHED_LORA, _train, _two_batches
 from velotune import FastLanguageModel
 from velotune.models import prepare_model
 
@@ -33,15 +33,7 @@ def _lora(
     model = mini_model(family, num_hidden_layers=layers, dtype=dtype).to(device)
     prepare_model(model, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(
-        model,
-        r=8,
-        lora_alpha=16,
-        use_gradient_checkpointing="unsloth",
-        random_state=5,
-        cuda_graphs=graphs,
-        padding_free=False,
-        recompute="mlp",
-        mlp_row_blocks=row_blocks,
+        model, cuda_graphs=graphs, recompute="mlp", mlp_row_blocks=row_blocks, **GRAPHED_LORA
     )
     with torch.no_grad():  # non-zero B: every adapter gets a gradient that depends on the activations
         g = torch.Generator(device).manual_seed(3)
@@ -148,15 +140,7 @@ def test_qlora_graphs_train_bit_identically_and_reuse_dequantisations(tmp_path, 
     for graphs in (False, True):
         model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(
-            model,
-            r=8,
-            lora_alpha=16,
-            use_gradient_checkpointing="unsloth",
-            random_state=5,
-            cuda_graphs=graphs,
-            padding_free=False,
-            recompute=recompute,
-            mlp_row_blocks=blocks,
+            model, cuda_graphs=graphs, recompute=recompute, mlp_row_blocks=blocks, **GRAPHED_LORA
         )
         model.train()  # from_pretrained hands out eval mode: no checkpointing
         with torch.no_grad():

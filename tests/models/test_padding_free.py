@@ -157,26 +157,31 @@ def _texts(n: int, seed: int = 0):
     ]
 
 
+# TRL trainer settings of the padded-vs-padding-free runs: fp32 on the CPU, a loss logged every step
+CPU_TRAINING = dict(
+    learning_rate=1e-2,
+    logging_steps=1,
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    save_strategy="no",
+    seed=0,
+    gradient_checkpointing=False,
+    disable_tqdm=True,
+)
+
+
+def _lora_model(path, padding_free: bool):
+    model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, padding_free=padding_free)
+    return FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False, random_state=1), tok
+
+
 def _sft_losses(path, padding_free: bool, out):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, padding_free=padding_free)
-    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False, random_state=1)
-    args = SFTConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-    )
+    model, tok = _lora_model(path, padding_free)
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, **CPU_TRAINING)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict({"text": _texts(12)}), processing_class=tok
     )
@@ -198,29 +203,14 @@ def _dpo_losses(path, padding_free: bool, out):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, padding_free=padding_free)
-    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False, random_state=1)
+    model, tok = _lora_model(path, padding_free)
     with torch.no_grad():  # non-zero B: the policy differs from the reference (adapters off) from step 1
         for i, (n, p) in enumerate(model.named_parameters()):
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     t = _texts(18, seed=4)
     data = Dataset.from_dict({"prompt": t[0::3], "chosen": t[1::3], "rejected": t[2::3]})
-    args = DPOConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=3,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        beta=0.1,
-    )
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=3, max_steps=2, beta=0.1, **CPU_TRAINING)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], padding_free_stats(model)
