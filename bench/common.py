@@ -89,6 +89,89 @@ SHAPES = {
         max_position_embeddings=1 << 20,
         tie_word_embeddings=False,
     ),
+    # Larger than one card holds in bf16 (bench/make_checkpoint.py writes them to disk, --checkpoint loads them)
+    "70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        rope_parameters={**_LLAMA3_ROPE, "factor": 8.0},
+    ),
+    "34b": dict(  # CodeLlama-34B
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=48,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=16384,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    "27b": dict(  # Gemma-2-27B
+        model_type="gemma2",
+        hidden_size=4608,
+        intermediate_size=36864,
+        num_hidden_layers=46,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        vocab_size=256000,
+        max_position_embeddings=8192,
+        query_pre_attn_scalar=144,
+        sliding_window=4096,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    ),
+    "12b": dict(  # Mistral-Nemo-12B
+        model_type="mistral",
+        hidden_size=5120,
+        intermediate_size=14336,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=131072,
+        max_position_embeddings=1024000,
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    # CPU tests of bench/make_checkpoint.py (a vocabulary its small tokenizer covers)
+    "tiny-llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=384,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+    "tiny-gemma2": dict(
+        model_type="gemma2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=384,
+        max_position_embeddings=256,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    ),
     # Other families (model_type: the transformers config), at the published checkpoints' shapes
     "qwen3-8b": dict(
         model_type="qwen3",
@@ -189,36 +272,22 @@ OPTIMIZERS = ("adamw", "offloaded", "offloaded-in-backward")
 
 
 def config(shape: str, checkpoint: Path | None = None):
-    """The config of `shape` (SHAPES, or bench/make_checkpoint.py's BIG_SHAPES), or of a checkpoint folder."""
+    """The config of `shape` (SHAPES; model_type llama unless named), or of a checkpoint folder."""
     from transformers import AutoConfig, LlamaConfig
 
     if checkpoint is not None:
         cfg = AutoConfig.from_pretrained(checkpoint)
-    elif shape in SHAPES:
-        kw = dict(SHAPES[shape])
-        model_type = kw.pop("model_type", "llama")
-        if model_type != "llama":
-            return AutoConfig.for_model(model_type, **kw, bos_token_id=1, eos_token_id=2, use_cache=False)
-        return LlamaConfig(**kw, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
-    else:
-        from make_checkpoint import make_config
-
-        cfg = make_config(shape)
-    cfg.use_cache = False
-    return cfg
+        cfg.use_cache = False
+        return cfg
+    kw = dict(SHAPES[shape])
+    model_type = kw.pop("model_type", "llama")
+    if model_type != "llama":
+        return AutoConfig.for_model(model_type, **kw, bos_token_id=1, eos_token_id=2, use_cache=False)
+    return LlamaConfig(**kw, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
 
 
 def targets(cfg) -> list[str]:
     return MODEL_TARGETS.get(cfg.model_type, TARGETS)
-
-
-def _big_shapes() -> list[str]:
-    from make_checkpoint import SHAPES as CKPT
-
-    return [s for s in CKPT if s not in SHAPES and not s.startswith("tiny")]
-
-
-BIG_SHAPES = _big_shapes()  # 70b, 34b, 27b, 12b: built on the GPU in bf16 where that fits, else --checkpoint
 
 
 def load(impl: str, checkpoint: Path, device: str, dtype: torch.dtype, seq: int):

@@ -258,7 +258,7 @@ def run_lanes(args, argv: list[str]) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    ap.add_argument("--shape", default="8b", choices=[*common.SHAPES, *common.BIG_SHAPES])
+    ap.add_argument("--shape", default="8b", choices=list(common.SHAPES))
     common.add_model_args(ap)
     ap.add_argument("--offload-embedding", action="store_true", help="velotune: get_peft_model(offload_embedding=True)")
     ap.add_argument("--probes", type=int, nargs="+", default=[8192, 16384, 32768])

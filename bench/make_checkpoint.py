@@ -5,10 +5,10 @@ the model: pre-quantised bitsandbytes NF4 (what `...-bnb-4bit` repositories hold
     python bench/make_checkpoint.py --shape 12b --format bf16 --out /tmp/ckpt/12b-bf16  # ~23 GiB on disk
     python bench/make_checkpoint.py --shape tiny-llama --out DIR --device cpu           # tests
 
-Shapes: 70b (Llama-3.1-70B), 34b (CodeLlama-34B), 27b (Gemma-2-27B), 12b (Mistral-Nemo-12B), 8b
-(Llama-3.1-8B), and tiny-llama / tiny-gemma2 for CPU tests. The folder holds config.json (with the
-`quantization_config` transformers writes for a bitsandbytes 4-bit model), sharded safetensors with
-an index, and a small byte-level BPE tokenizer (its vocabulary is smaller than the model's: the
+Shapes: bench/common.py's SHAPES, e.g. 70b (Llama-3.1-70B), 34b (CodeLlama-34B), 27b (Gemma-2-27B), 12b
+(Mistral-Nemo-12B), 8b (Llama-3.1-8B), and tiny-llama / tiny-gemma2 for CPU tests. The folder holds
+config.json (with the `quantization_config` transformers writes for a bitsandbytes 4-bit model),
+sharded safetensors with an index, and a small byte-level BPE tokenizer (its vocabulary is smaller than the model's: the
 benchmarks feed random token ids). Both `FastLanguageModel.from_pretrained(folder, load_in_4bit=True)`
 and stock `AutoModelForCausalLM.from_pretrained(folder)` (transformers + bitsandbytes) load it.
 
@@ -36,137 +36,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (the shapes; puts src/ on sys.path)
 
-_LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-SHAPES = {
-    "70b": (
-        "llama",
-        dict(
-            hidden_size=8192,
-            intermediate_size=28672,
-            num_hidden_layers=80,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=131072,
-            rope_parameters=_LLAMA3_ROPE,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "34b": (
-        "llama",
-        dict(
-            hidden_size=8192,
-            intermediate_size=22016,
-            num_hidden_layers=48,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            vocab_size=32000,
-            max_position_embeddings=16384,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            tie_word_embeddings=False,
-        ),
-    ),
-    "27b": (
-        "gemma2",
-        dict(
-            hidden_size=4608,
-            intermediate_size=36864,
-            num_hidden_layers=46,
-            num_attention_heads=32,
-            num_key_value_heads=16,
-            head_dim=128,
-            vocab_size=256000,
-            max_position_embeddings=8192,
-            query_pre_attn_scalar=144,
-            sliding_window=4096,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0,
-            hidden_activation="gelu_pytorch_tanh",
-            tie_word_embeddings=True,
-        ),
-    ),
-    "12b": (
-        "mistral",
-        dict(
-            hidden_size=5120,
-            intermediate_size=14336,
-            num_hidden_layers=40,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=131072,
-            max_position_embeddings=1024000,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            sliding_window=None,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "8b": (
-        "llama",
-        dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=131072,
-            rope_parameters=_LLAMA3_ROPE,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "tiny-llama": (
-        "llama",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=384,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "tiny-gemma2": (
-        "gemma2",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            vocab_size=384,
-            max_position_embeddings=256,
-            query_pre_attn_scalar=16,
-            sliding_window=8,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0,
-            hidden_activation="gelu_pytorch_tanh",
-            tie_word_embeddings=True,
-        ),
-    ),
-}
 STD = 0.02
 
 
 def make_config(shape: str):
-    import transformers as tf
-
-    family, kw = SHAPES[shape]
-    cls = {"llama": tf.LlamaConfig, "gemma2": tf.Gemma2Config, "mistral": tf.MistralConfig}[family]
-    return cls(**kw, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=True)
+    """bench/common.py's config of `shape`, as a checkpoint's config.json states it (pad id, KV cache on)."""
+    cfg = common.config(shape)
+    cfg.pad_token_id, cfg.use_cache = 0, True
+    return cfg
 
 
 def quantization_config() -> dict:
@@ -320,7 +200,7 @@ def make_checkpoint(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", required=True, choices=list(SHAPES))
+    ap.add_argument("--shape", required=True, choices=list(common.SHAPES))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--format", default="nf4", choices=["nf4", "bf16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -99,7 +99,7 @@ def worker(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", nargs="+", default=["stock-qlora", "velotune-qlora", "velotune-lora"], choices=IMPLS)
-    ap.add_argument("--shape", default="8b", choices=[*common.SHAPES, *common.BIG_SHAPES])
+    ap.add_argument("--shape", default="8b", choices=list(common.SHAPES))
     common.add_model_args(ap)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
