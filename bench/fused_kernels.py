@@ -205,32 +205,24 @@ def build_cases(args):
             None,
             time_it=False,
         ),
-        Case(
-            "flce_frozenW",
-            flce_inputs(H, V, False),
-            lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
-            # ours = the training forward's path: the 10% ignored rows dropped before the matmuls
-            # (KeptRows inside the timed call, with its wait for the count; in training it is made
-            # before the decoder layers); the variant runs every row through the matmuls
-            lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"], kept_rows=KeptRows(e["labels"]).rows()),
-            (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
-            compile_ok=False,
-            graphs=False,
-            variants={"ours_all_rows": lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"])},
-        ),
-        Case(
-            "flce_trainW",
-            flce_inputs(H, V, True),
-            lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
-            # ours = the training forward's path: the 10% ignored rows dropped before the matmuls
-            # (KeptRows inside the timed call, with its wait for the count; in training it is made
-            # before the decoder layers); the variant runs every row through the matmuls
-            lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"], kept_rows=KeptRows(e["labels"]).rows()),
-            (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
-            compile_ok=False,
-            graphs=False,
-            variants={"ours_all_rows": lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"])},
-        ),
+        *[
+            Case(
+                f"flce_{name}",
+                flce_inputs(H, V, trainable),
+                lambda L, e: stock_ce(F.linear(L[0], L[1]), e["labels"]),
+                # ours = the training forward's path: the 10% ignored rows dropped before the matmuls
+                # (KeptRows inside the timed call, with its wait for the count; in training it is made
+                # before the decoder layers); the variant runs every row through the matmuls
+                lambda L, e: fused_linear_cross_entropy(
+                    L[0], L[1], e["labels"], kept_rows=KeptRows(e["labels"]).rows()
+                ),
+                (lambda L, e: liger.liger_fused_linear_cross_entropy(L[0], L[1], e["labels"])) if liger else None,
+                compile_ok=False,
+                graphs=False,
+                variants={"ours_all_rows": lambda L, e: fused_linear_cross_entropy(L[0], L[1], e["labels"])},
+            )
+            for name, trainable in (("frozenW", False), ("trainW", True))
+        ],
     ]
     if args.only:
         cases = [c for c in cases if c.name in args.only.split(",")]

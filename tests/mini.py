@@ -254,3 +254,16 @@ def fixed_batch(batch: int = 2, seq: int = 12, seed: int = 1, pad_last: int = 3)
     labels[mask == 0] = -100
     labels[:, :2] = -100  # an ignored "prompt"
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def same_trainables(ours, stock) -> None:
+    """Give `ours` non-zero LoRA B (so every gradient is exercised) and copy each of its trainable
+    parameters into `stock`'s parameter of the same name (both PEFT models of the same base)."""
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.1 * torch.randn_like(p))
+        stock_params = dict(stock.named_parameters())
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                stock_params[name].copy_(p)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mini import fixed_batch, save_mini_model
+from mini import fixed_batch, same_trainables, save_mini_model
 
 from velotune import FastLanguageModel, FastModel
 from velotune.errors import ConfigError
@@ -44,14 +44,7 @@ def test_embeddings_and_head_in_target_modules_train_in_full_like_stock_modules_
             task_type="CAUSAL_LM",
         ),
     )
-    with torch.no_grad():  # the same adapters in both (B non-zero, so every gradient is exercised)
-        for name, p in ours.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(0.1 * torch.randn_like(p))
-        stock_params = dict(stock.named_parameters())
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                stock_params[name].copy_(p)
+    same_trainables(ours, stock)
     batch = fixed_batch()
     ours.train()
     stock.train()

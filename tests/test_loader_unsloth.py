@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from mini import fixed_batch, save_mini_model
+from mini import fixed_batch, same_trainables, save_mini_model
 
 from velotune import FastLanguageModel, FastModel, FastVisionModel
 from velotune.errors import ConfigError, ModelLoadError
@@ -130,14 +130,7 @@ def test_load_in_8bit_is_bitsandbytes_int8_and_trains_like_stock_peft(llama):
     targets = ["q_proj", "v_proj", "down_proj"]
     ours = FastLanguageModel.get_peft_model(model, r=4, target_modules=targets)
     stock = get_peft_model(stock, LoraConfig(r=4, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(0.1 * torch.randn_like(p))
-        stock_params = dict(stock.named_parameters())
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                stock_params[name].copy_(p)
+    same_trainables(ours, stock)
     ours.train()
     stock.train()
     loss, want = ours(**batch).loss, stock(**batch).loss
