@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_LLAMA3_ROPE = {
+LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
     "low_freq_factor": 1.0,
@@ -64,7 +64,7 @@ SHAPES = {
         vocab_size=128256,
         max_position_embeddings=131072,
         tie_word_embeddings=False,
-        rope_parameters={**_LLAMA3_ROPE, "factor": 8.0},
+        rope_parameters={**LLAMA3_ROPE, "factor": 8.0},
     ),
     "1b": dict(
         hidden_size=2048,
@@ -76,7 +76,7 @@ SHAPES = {
         vocab_size=128256,
         max_position_embeddings=131072,
         tie_word_embeddings=True,
-        rope_parameters={**_LLAMA3_ROPE, "factor": 32.0},
+        rope_parameters={**LLAMA3_ROPE, "factor": 32.0},
     ),
     # CPU smoke runs: a multiple of 64 in every NF4-quantised dimension (bitsandbytes' block size)
     "tiny": dict(
@@ -99,7 +99,7 @@ SHAPES = {
         vocab_size=128256,
         max_position_embeddings=131072,
         tie_word_embeddings=False,
-        rope_parameters={**_LLAMA3_ROPE, "factor": 8.0},
+        rope_parameters={**LLAMA3_ROPE, "factor": 8.0},
     ),
     "34b": dict(  # CodeLlama-34B
         hidden_size=8192,
@@ -284,6 +284,22 @@ def config(shape: str, checkpoint: Path | None = None):
     if model_type != "llama":
         return AutoConfig.for_model(model_type, **kw, bos_token_id=1, eos_token_id=2, use_cache=False)
     return LlamaConfig(**kw, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, use_cache=False)
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the whole vocabulary: "w17" <-> id 21; <pad>=0, <s>=1, </s>=2, <unk>=3
+    (every id a model can sample decodes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(vocab_size - 4)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    out.model_max_length = 1 << 20
+    return out
 
 
 def targets(cfg) -> list[str]:

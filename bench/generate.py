@@ -55,14 +55,7 @@ def llama31_8b_config(layers: int, tiny: bool = False):
         bos_token_id=128000,
         eos_token_id=None,
         pad_token_id=0,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_parameters={**common.LLAMA3_ROPE, "factor": 8.0},
     )
 
 

@@ -51,22 +51,6 @@ IMPLS = (
 )
 
 
-def tokenizer(vocab_size: int):
-    """A word-level tokenizer over the whole vocabulary: "w17" <-> id 21; <pad>=0, <s>=1, </s>=2, <unk>=3
-    (every id a model can sample decodes)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(vocab_size - 4)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    out.model_max_length = 1 << 20
-    return out
-
-
 def prompts(n: int, max_len: int, words: int, seed: int = 0):
     import random
 
@@ -100,7 +84,7 @@ def worker(args) -> dict:
     model = common.build(impl, cfg, device, dtype, seq)
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
-    tok = tokenizer(cfg.vocab_size)
+    tok = common.word_tokenizer(cfg.vocab_size)
     steps = args.warmup + args.steps
     data = prompts(args.batch // args.generations * steps, args.prompt_len, cfg.vocab_size - 4)
     out_dir = tempfile.mkdtemp(prefix="velotune-grpo-bench-")

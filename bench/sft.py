@@ -101,18 +101,8 @@ def dpo_dataset(mix: str, n: int, seed: int = 0):
 
 
 def tokenizer():
-    """A word-level tokenizer: "w17" -> one token; <pad>=0, <s>=1, </s>=2, <unk>=3."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    out.model_max_length = 1 << 20
-    return out
+    """A word-level tokenizer: "w17" -> one token; <pad>=0, <s>=1, </s>=2, <unk>=3 (bench/common.py's)."""
+    return _common().word_tokenizer(WORDS + 4)
 
 
 # ------------------------------------------------------------------ models
