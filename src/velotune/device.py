@@ -37,7 +37,3 @@ def resolve_dtype(dtype) -> torch.dtype:
         return names[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype") from None
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -84,11 +84,6 @@ def orpo_classes():
     return ORPOConfig, ORPOTrainer
 
 
-def is_installed() -> bool:
-    """Whether `install` is in effect."""
-    return bool(_patches)
-
-
 def install() -> bool:
     """Install the layer (module docstring). Returns True when it was installed now, False when it already was
     (or TRL is not importable). Logs one line on the "velotune" logger when it installs."""

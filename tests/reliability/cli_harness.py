@@ -37,21 +37,11 @@ def velotune(*args, input: str | None = None, timeout: int = 300, **kw) -> subpr
     return subprocess.run(
         [sys.executable, "-m", "velotune.cli", *map(str, args)],
         input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
         capture_output=True,
         text=True,
         env=cli_env(),
         timeout=timeout,
-        **kw,
-    )
-
-
-def start_velotune(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "velotune.cli", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
         **kw,
     )
 

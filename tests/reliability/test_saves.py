@@ -222,6 +222,7 @@ def test_cli_export_killed_at_random_moments(tmp_path, trained_run):
                 "-o",
                 str(exp),
             ],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=cli_env(),
@@ -231,7 +232,7 @@ def test_cli_export_killed_at_random_moments(tmp_path, trained_run):
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.05))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.wait(timeout=120)
         assert snapshot(exp) == before
     done = velotune("export", run, "--to", "merged_16bit", "--max-shard-size", "2MB", "-o", exp)
     assert done.returncode == 0 and snapshot(exp) == before and hidden_entries(exp) == []

@@ -219,11 +219,6 @@ def template_prelude(mapping: dict | None = None, default_system: str | None = N
     return header + _read("_prelude.jinja")
 
 
-def stop_token(tokenizer, chat_template: str) -> str:
-    """The token string that ends an assistant turn for this format on this tokenizer."""
-    return CHAT_TEMPLATES[resolve_name(chat_template)].stop or tokenizer.eos_token
-
-
 def get_chat_template(
     tokenizer,
     chat_template: str = "chatml",
