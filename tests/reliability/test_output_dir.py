@@ -5,14 +5,23 @@ before any training step."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from cli_harness import ROOT, assert_one_line, cli_env, copy_run, read_json, snapshot, train_config, velotune
+from cli_harness import (
+    ROOT,
+    assert_one_line,
+    cli_env,
+    copy_run,
+    kill_and_reap,
+    read_json,
+    snapshot,
+    train_config,
+    velotune,
+)
 
 
 def test_another_runs_folder_is_refused_and_overwrite_moves_it_aside(tmp_path, trained_run):
@@ -75,8 +84,7 @@ def test_two_runs_on_one_folder_the_second_is_refused(tmp_path):
         assert "choose another output_dir" in line
 
         # kill -9 of the holder: the kernel drops the lock; the next run is not refused by a stale lock
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        kill_and_reap(holder)
         from velotune.train.run_lock import RunLock
 
         with RunLock(out) as lock:
@@ -194,8 +202,7 @@ def test_kill_9_during_training_then_resume(tmp_path):
     while not (out / "checkpoint-1" / "trainer_state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(random.Random(7).uniform(0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_and_reap(proc)
     done = velotune("train", cfg, "--resume", "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = read_json(out / "summary.json")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from cli_harness import (
     cli_env,
     copy_run,
     hidden_entries,
+    kill_and_reap,
     kill_loop,
     read_json,
     snapshot,
@@ -231,8 +231,7 @@ def test_cli_export_killed_at_random_moments(tmp_path, trained_run):
         while not any(".tmp-" in p.name for p in exp.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.05))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=120)
+        kill_and_reap(proc)
         assert snapshot(exp) == before
     done = velotune("export", run, "--to", "merged_16bit", "--max-shard-size", "2MB", "-o", exp)
     assert done.returncode == 0 and snapshot(exp) == before and hidden_entries(exp) == []
