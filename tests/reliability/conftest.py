@@ -21,7 +21,10 @@ def small_tmpfs(tmp_path):
         point = tmp_path / name
         point.mkdir()
         rc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(point)], capture_output=True, text=True
+            ["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if rc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {rc.stderr.strip()}")
@@ -30,7 +33,7 @@ def small_tmpfs(tmp_path):
 
     yield mount
     for point in reversed(mounts):
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="session")
