@@ -22,6 +22,7 @@ LAYERS = [
         "velotune.distributed",
         "velotune.fsio",
         "velotune.safetensors_check",
+        "velotune.model_folder",
         "velotune.fit",
         "velotune.log",
     ],

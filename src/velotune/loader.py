@@ -8,7 +8,6 @@ that own them, so `unpatch(model)` can always return stock behaviour.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import random
@@ -22,6 +21,15 @@ from velotune import trl_compat
 from velotune.device import resolve_dtype
 from velotune.errors import ConfigError, ModelLoadError
 from velotune.log import quiet_deprecations
+from velotune.model_folder import (
+    adapter_folder,
+    check_adapter_folder,
+    check_coverage,
+    first_line,
+    load_config,
+    load_weights,
+    resolve_model_path,
+)
 
 log = logging.getLogger("velotune")
 
@@ -34,61 +42,6 @@ _FUSED_NAMES = {
     "gate_proj": "gate_up_proj",
     "up_proj": "gate_up_proj",
 }
-_UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.tiktoken")
-
-
-def check_local_folder(path: Path) -> None:
-    """Refuse model folders that cannot load, before anything is read into memory: no config.json,
-    only pickled weights (we load safetensors and never unpickle), torn or garbage safetensors files,
-    shards named by the index but missing, no tokenizer files."""
-    from velotune.safetensors_check import check_weight_files
-
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a folder")
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path} has no config.json: is it a transformers model folder?")
-    try:
-        json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({e}); re-download or re-export the model")
-    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
-        pickled = [p.name for p in path.iterdir() if p.suffix in _UNSAFE_WEIGHT_SUFFIXES]
-        hint = f" (found pickled files {pickled}; convert them to safetensors first)" if pickled else ""
-        raise ModelLoadError(f"{path} has no *.safetensors weights{hint}; velotune loads only safetensors")
-    check_weight_files(path)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them "
-            "from the base model's folder (tokenizer.save_pretrained(folder))"
-        )
-
-
-def check_adapter_folder(path: Path) -> dict:
-    """A LoRA adapter folder velotune can load: readable adapter_config.json and safetensors weights
-    (a pickled adapter_model.bin is refused: it is never unpickled). Returns the adapter config."""
-    from velotune.safetensors_check import check_weight_files
-
-    cfg_path = path / "adapter_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{cfg_path} is not readable JSON ({type(e).__name__}); re-save the adapter") from None
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{cfg_path} is not a JSON object; re-save the adapter")
-    if not (path / "adapter_model.safetensors").is_file():
-        pickled = [p.name for p in path.iterdir() if p.suffix in _UNSAFE_WEIGHT_SUFFIXES]
-        hint = (
-            f"it holds pickled weights {pickled}, which velotune never unpickles: convert them to "
-            "safetensors (load them in a trusted environment and save with safe_serialization=True)"
-            if pickled
-            else "re-save the adapter (model.save_pretrained(folder))"
-        )
-        raise ModelLoadError(f"{path} has no adapter_model.safetensors; {hint}")
-    check_weight_files(path, names=["adapter_model.safetensors"])
-    return cfg
 
 
 def _arguments_for(target, arguments: dict) -> dict:
@@ -97,32 +50,6 @@ def _arguments_for(target, arguments: dict) -> dict:
     `target` by name without listing them again."""
     params = inspect.signature(target).parameters.values()
     return {p.name: arguments[p.name] for p in params if p.kind is p.KEYWORD_ONLY}
-
-
-def _resolve_model_path(model_name: str | os.PathLike, token: str | None, revision: str | None) -> str:
-    path = Path(model_name).expanduser()
-    if path.exists():
-        if _adapter_folder(path) is None:  # an adapter folder is checked by check_adapter_folder
-            check_local_folder(path)
-        return str(path)
-    name = str(model_name)
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
-        raise ModelLoadError(f"model folder {name!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        # Fetch only what we load: config, tokenizer and safetensors weights.
-        return snapshot_download(
-            name,
-            token=token,
-            revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
-        )
-    except Exception as e:  # network errors, offline mode, missing repo, gated repo
-        raise ModelLoadError(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Without network access, pass a local model folder instead."
-        ) from None
 
 
 def _check_fit(
@@ -156,78 +83,6 @@ def _check_fit(
         return None
     log.info("velotune: training memory estimate %s", est.describe())
     return est
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def load_config(auto_config, path: str, trust_remote_code: bool):
-    """AutoConfig, with transformers' refusals (remote code, unknown model_type) as one-line ModelLoadErrors."""
-    try:
-        return auto_config.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        text = str(e)
-        if "trust_remote_code" in text:
-            raise ModelLoadError(
-                f"{path}: this model needs its own Python code (auto_map in config.json), which velotune does not "
-                "run by default; use a model whose architecture transformers ships, or, if you trust its code, "
-                "pass trust_remote_code=True from Python"
-            ) from e
-        model_type = _config_value(path, "model_type")
-        if model_type is not None and ("model type" in text or "Unrecognized" in text):
-            import transformers
-
-            raise ModelLoadError(
-                f"{path}/config.json: model_type {model_type!r} is not known to transformers "
-                f"{transformers.__version__}: fix model_type, upgrade transformers, or use a supported model"
-            ) from e
-        raise ModelLoadError(f"{path}/config.json: {_first_line(e)}") from e
-
-
-def _config_value(path: str, key: str):
-    try:
-        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def check_coverage(path: Path, config) -> None:
-    from velotune.safetensors_check import missing_weights
-
-    missing = missing_weights(path, config)
-    if missing:
-        raise ModelLoadError(_missing_message(path, missing))
-
-
-def _missing_message(path, missing: list[str]) -> str:
-    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-    return (
-        f"{path}: the safetensors files lack {len(missing)} weight(s) the model needs ({shown}); "
-        "the folder is incomplete: re-download or re-export the model"
-    )
-
-
-def _load_weights(auto_model, path: str, config, load_kwargs: dict):
-    """The model, refusing weights the files do not cover (transformers would leave them random with
-    only a warning) and reporting unreadable files as one line."""
-    from safetensors import SafetensorError
-
-    try:
-        model, info = auto_model.from_pretrained(path, config=config, output_loading_info=True, **load_kwargs)
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(
-            f"{path}: the weights do not load ({_first_line(e)}); re-download or re-export the model"
-        ) from e
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        raise ModelLoadError(_missing_message(path, missing))
-    return model
-
-
-def _adapter_folder(path: Path) -> Path | None:
-    """`path` when it is a LoRA adapter folder (adapter_config.json), else None."""
-    return path if path.is_dir() and (path / "adapter_config.json").is_file() else None
 
 
 def _native_context(config) -> int | None:
@@ -380,8 +235,8 @@ class FastLanguageModel:
 
         options = take_unsloth_options(kwargs)
         args.update(kwargs)  # what is left once Unsloth's keywords are taken
-        path = _resolve_model_path(model_name, token, revision)
-        adapter = _adapter_folder(Path(path))
+        path = resolve_model_path(model_name, token, revision)
+        adapter = adapter_folder(Path(path))
         # An adapter folder's LoRA layers are set up here, so Unsloth's checkpointing keyword applies to them.
         checkpointing = options.no_effect.pop("use_gradient_checkpointing", "unsloth") if adapter else None
         options.report()
@@ -627,7 +482,7 @@ def _load_model(
                 "transformers forward (velotune's fused paths take 16-bit and 4-bit weights)"
             )
             fast = False
-    model = _load_weights(AutoModelForCausalLM, path, config, load_kwargs)
+    model = load_weights(AutoModelForCausalLM, path, config, load_kwargs)
     if device_map is None and bits == 16 and torch.cuda.is_available():
         model = model.to("cuda")
     try:
@@ -635,7 +490,7 @@ def _load_model(
     except (OSError, ValueError, TypeError) as e:
         raise ModelLoadError(
             f"{path}: the tokenizer files do not load ({type(e).__name__}: "
-            f"{_first_line(e)}); copy them from the base model's folder"
+            f"{first_line(e)}); copy them from the base model's folder"
         ) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -678,8 +533,8 @@ def _load_adapter(adapter: Path, args: dict, use_gradient_checkpointing: bool | 
         )
     if not Path(base).is_absolute() and (adapter / base).exists():
         base = str(adapter / base)
-    base_path = _resolve_model_path(base, args["token"], None)
-    if _adapter_folder(Path(base_path)) is not None:
+    base_path = resolve_model_path(base, args["token"], None)
+    if adapter_folder(Path(base_path)) is not None:
         raise ModelLoadError(
             f"{adapter}: its base model {base} is itself an adapter folder; point base_model_name_or_path "
             "at a full model (or merge the first adapter: save_pretrained_merged)"
@@ -701,7 +556,7 @@ def _load_adapter(adapter: Path, args: dict, use_gradient_checkpointing: bool | 
         with quiet_deprecations():  # PEFT reads transformers' renamed checkpointing attributes
             peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that do not match the base
-        raise ModelLoadError(f"{adapter}: the adapter does not fit its base model {base} ({_first_line(e)})") from e
+        raise ModelLoadError(f"{adapter}: the adapter does not fit its base model {base} ({first_line(e)})") from e
     log.info("velotune: loaded LoRA adapter %s on base model %s", adapter, base)
     _finish_peft_model(peft_model, _PeftSettings(use_gradient_checkpointing=use_gradient_checkpointing))
     return peft_model, tokenizer

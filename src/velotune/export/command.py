@@ -118,7 +118,7 @@ def load_for_export(run_dir: Path, base: str | None = None):
         stored = _stored_dtype(str(folder))
         model, tok = FastLanguageModel.from_pretrained(folder, dtype=_torch_dtype(stored), fast=False)
         return model, tok, f"full model {folder}", stored
-    from velotune.loader import check_adapter_folder
+    from velotune.model_folder import check_adapter_folder
 
     adapter_cfg = check_adapter_folder(folder)
     base = base or adapter_cfg.get("base_model_name_or_path")

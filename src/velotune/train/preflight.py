@@ -91,7 +91,7 @@ def planned_checkpoints(cfg) -> int:
 
 def preflight(cfg, *, check_output: bool = True) -> PreflightReport:
     """Model folder, output folder and disk checks for TrainConfig `cfg` (see the module docstring)."""
-    from velotune.loader import check_coverage, check_local_folder, load_config
+    from velotune.model_folder import check_coverage, check_local_folder, load_config
 
     out = Path(cfg.output_dir)
     if check_output:
