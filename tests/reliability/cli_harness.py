@@ -115,11 +115,31 @@ def _can_mount() -> bool:
 # -- kill -9 at random moments -------------------------------------------------------------------------------
 
 
-def _fork_run(action) -> int:
+def _own_tqdm_lock() -> None:
+    """A fresh progress-bar lock for tqdm and every subclass holding one (transformers', hub's, ...)."""
+    import threading
+
+    from tqdm.std import tqdm
+
+    lock = threading.RLock()
+    classes = [tqdm]
+    while classes:
+        cls = classes.pop()
+        if cls is tqdm or "_lock" in vars(cls):
+            cls._lock = lock
+        classes += cls.__subclasses__()
+
+
+def fork_run(action) -> int:
     pid = os.fork()
     if pid == 0:  # the child: do the work, never return into pytest
         code = 0
         try:
+            # tqdm's write lock holds a multiprocessing semaphore that a forked child shares with pytest
+            # (and a thread lock a parent thread may have held at the fork): a child SIGKILLed inside a
+            # progress bar's lock (even a disabled bar takes it) would leave it held and hang pytest at
+            # its next progress bar. The child gets a lock of its own.
+            _own_tqdm_lock()
             action()
         except BaseException:  # noqa: BLE001
             import traceback
@@ -141,10 +161,8 @@ def _state(pid: int) -> str:
 
 
 def kill_and_reap(proc: "subprocess.Popen | int", within: float = 120) -> int:
-    """SIGKILL a process of this test (a Popen or a forked pid) and reap it; returns its wait status
-    (a Popen's returncode). A process the kernel keeps more than `within` seconds after SIGKILL (stuck
-    in an uninterruptible wait of the OS, e.g. a sandbox's file system) skips the test with its state:
-    the kill-at-a-random-moment scenario cannot be staged there, and waiting would only hang the suite."""
+    """SIGKILL a process of this test (a Popen or a forked pid) and reap it within `within` seconds;
+    returns its wait status (a Popen's returncode). Fails with the process's kernel state otherwise."""
     pid = proc if isinstance(proc, int) else proc.pid
     try:
         os.kill(pid, signal.SIGKILL)
@@ -159,9 +177,7 @@ def kill_and_reap(proc: "subprocess.Popen | int", within: float = 120) -> int:
         elif proc.poll() is not None:
             return proc.returncode
         time.sleep(0.002)
-    import pytest
-
-    pytest.skip(f"pid {pid} was still there {within:.0f} s after SIGKILL ({_state(pid)}); not a velotune failure")
+    raise AssertionError(f"pid {pid} was still there {within:.0f} s after SIGKILL ({_state(pid)})")
 
 
 def _wait(pid: int, timeout: float = 60) -> int:
@@ -185,7 +201,7 @@ def kill_loop(action, check, kills: int, seed: int, restore=None) -> dict:
     durations = []
     for _ in range(2):  # the second, warm run sets the window (the first one pays for lazy imports)
         start = time.monotonic()
-        assert os.waitstatus_to_exitcode(_wait(_fork_run(action))) == 0, "the uninterrupted save failed"
+        assert os.waitstatus_to_exitcode(_wait(fork_run(action))) == 0, "the uninterrupted save failed"
         durations.append(time.monotonic() - start)
         check()
         if restore:
@@ -194,7 +210,7 @@ def kill_loop(action, check, kills: int, seed: int, restore=None) -> dict:
     rng = random.Random(seed)
     killed = finished = 0
     for _ in range(kills):
-        pid = _fork_run(action)
+        pid = fork_run(action)
         time.sleep(rng.uniform(0, duration))
         status = kill_and_reap(pid)
         if os.WIFSIGNALED(status):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cli_harness import (
+    fork_run,
     assert_one_line,
     cli_env,
     copy_run,
@@ -335,3 +336,23 @@ def test_outputs_honour_the_umask(tmp_path, trained_run, loaded_run):
         trained_run / "loss_curve.png",
     ]:
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask, (p, oct(p.stat().st_mode))
+
+
+def test_a_fork_killed_inside_a_progress_bar_lock_leaves_this_process_free():
+    """The kill loops' forked children take tqdm's write lock (every bar does, even a disabled one); a
+    child SIGKILLed while holding it must not leave it held here (it did: the next bar hung pytest)."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    def hold_the_lock():
+        with tqdm.get_lock():
+            time.sleep(60)
+
+    tqdm.get_lock()  # made here first (as earlier bars of this process do), so the child inherits it
+    pid = fork_run(hold_the_lock)
+    time.sleep(1.0)  # the child is inside the lock by now
+    kill_and_reap(pid)
+    made = threading.Event()
+    threading.Thread(target=lambda: (tqdm(total=1, disable=True).close(), made.set()), daemon=True).start()
+    assert made.wait(20), "a progress bar here waits for a lock the killed child held"

@@ -10,7 +10,7 @@ import yaml
 from velotune.errors import ConfigError
 from velotune.train.config import TrainConfig, load_config
 
-from conftest import EXAMPLES, TOY
+from train_setup import EXAMPLES, TOY
 
 
 def write(tmp_path: Path, cfg: dict) -> Path:

@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 from velotune.train.runner import add_adapters, load_model, make_trainer, run_training
 
-from conftest import make_config, toy_slice
+from train_setup import make_config, toy_slice
 
 # (length, trainable tokens at the end): very unequal counts, so that any split into two micro-batches
 # gives a per-micro-batch mean that differs from the mean over all tokens.

@@ -10,7 +10,7 @@ import torch
 
 from velotune.train.runner import run_training
 
-from conftest import make_config, toy_slice
+from train_setup import make_config, toy_slice
 
 
 def decreasing(losses):

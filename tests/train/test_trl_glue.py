@@ -14,7 +14,7 @@ from trl import SFTTrainer
 from velotune.train.runner import add_adapters, load_model, make_trainer
 from velotune.train.trl_glue import _needs_torch_sft_loss, sft_loss_in_torch
 
-from conftest import make_config, toy_slice
+from train_setup import make_config, toy_slice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
