@@ -91,7 +91,7 @@ def resolve_model_path(model_name: str | os.PathLike, token: str | None, revisio
         )
     except Exception as e:  # network errors, offline mode, missing repo, gated repo
         raise ModelLoadError(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {first_line(e)[:200]}). "
             "Without network access, pass a local model folder instead."
         ) from None
 

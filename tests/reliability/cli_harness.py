@@ -160,6 +160,21 @@ def _state(pid: int) -> str:
     return f"state {stat}, waiting in {wchan}"
 
 
+def _exit_status(proc: "subprocess.Popen | int", within: float) -> int | None:
+    """The wait status of a child (a Popen's returncode) once it has ended, polled for `within` seconds;
+    None if it is still running then."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if isinstance(proc, int):
+            done, status = os.waitpid(proc, os.WNOHANG)
+            if done:
+                return status
+        elif proc.poll() is not None:
+            return proc.returncode
+        time.sleep(0.002)
+    return None
+
+
 def kill_and_reap(proc: "subprocess.Popen | int", within: float = 120) -> int:
     """SIGKILL a process of this test (a Popen or a forked pid) and reap it within `within` seconds;
     returns its wait status (a Popen's returncode). Fails with the process's kernel state otherwise."""
@@ -168,27 +183,18 @@ def kill_and_reap(proc: "subprocess.Popen | int", within: float = 120) -> int:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if isinstance(proc, int):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return status
-        elif proc.poll() is not None:
-            return proc.returncode
-        time.sleep(0.002)
-    raise AssertionError(f"pid {pid} was still there {within:.0f} s after SIGKILL ({_state(pid)})")
+    status = _exit_status(proc, within)
+    if status is None:
+        raise AssertionError(f"pid {pid} was still there {within:.0f} s after SIGKILL ({_state(pid)})")
+    return status
 
 
 def _wait(pid: int, timeout: float = 60) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.002)
-    kill_and_reap(pid)
-    raise AssertionError("the forked save did not finish")
+    status = _exit_status(pid, timeout)
+    if status is None:
+        kill_and_reap(pid)
+        raise AssertionError("the forked save did not finish")
+    return status
 
 
 def kill_loop(action, check, kills: int, seed: int, restore=None) -> dict:

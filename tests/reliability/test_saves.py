@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from cli_harness import (
-    fork_run,
     assert_one_line,
     cli_env,
     copy_run,
+    fork_run,
     hidden_entries,
     kill_and_reap,
     kill_loop,
